@@ -1,0 +1,51 @@
+"""`mmts` command line: one subcommand per stage, each in `mmts_jax/commands/<name>.py`.
+
+Subcommand modules are imported lazily so that `mmts train` never pays for transformers or
+scikit-learn, and `mmts cluster` never initialises an accelerator it does not use.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "synthetic": ("mmts_jax.commands.synthetic",
+                  "the built-in synthetic long-tail benchmark (cluster, train CLIP vs MM-TS, eval)"),
+    "demo": ("mmts_jax.commands.demo", "print MM-TS temperatures along a schedule and batch losses"),
+    "cluster": ("mmts_jax.commands.cluster", "build a cluster table (captions, labels or embeddings)"),
+    "train": ("mmts_jax.commands.train", "train a dual encoder with MM-TS from a config"),
+    "eval": ("mmts_jax.commands.eval", "retrieval R@K / EK-100 MIR metrics from embeddings"),
+    "prepare": ("mmts_jax.commands.prepare", "convert image-text data to ArrayRecord"),
+}
+
+
+def _usage() -> str:
+  lines = ["usage: mmts COMMAND [ARGS...]", "", "commands:"]
+  lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+  lines += ["", "`mmts COMMAND --help` describes a command."]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"mmts: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module_name = COMMANDS[name][0]
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name == module_name:
+      print(f"mmts: command {name!r} is not available in this build", file=sys.stderr)
+      return 2
+    raise
+  return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
