@@ -1,0 +1,13 @@
+"""Input data for mmts_jax: ArrayRecord datasets, conversion, grain pipelines, features.
+
+Submodules are imported on use (`from mmts_jax.data import pipeline`), so reading data never
+imports TFDS or transformers, and nothing here imports TensorFlow.
+
+  fingerprint  `dataset_fingerprint(captions)`: the sha256 a cluster table is checked against
+  records      ArrayRecord writer/reader (`RecordWriter`, `RecordSource`) and the manifest
+  convert      CSV/TSV + images, webdataset tars, TFDS by name -> records
+  image_ops    decode, random resized crop, resize + centre crop, CLIP normalisation
+  tokenize     `TextTokenizer`: fixed-length int32 ids from a tokenizer directory
+  pipeline     grain pipelines: seeded shuffling, per-host sharding, resumable loader, prefetch
+  features     precomputed embeddings (npz) + index, for feature-level fine-tuning
+"""

@@ -1,0 +1,338 @@
+"""One-off conversion of image-caption data to an ArrayRecord dataset (`records.py` layout).
+
+Sources:
+  * `convert_table`: a CSV/TSV of (image path, caption[, label]) plus an image folder;
+  * `convert_webdataset`: webdataset tar shards (`key.jpg` + `key.txt` [+ `key.cls`]), the way
+    img2dataset stores CC3M/CC12M;
+  * `convert_tfds`: a TFDS dataset by name and `data_dir`, read through `tfds.data_source`, which
+    needs the dataset prepared in the `array_record` file format but no TensorFlow.
+
+Images are checked by decoding them; undecodable or missing ones are skipped (or raise, with
+`on_error="raise"`) and counted in the manifest. They are stored as found (JPEG/PNG), or
+re-encoded as JPEG when `shorter_side` shrinks them or their format is another one. Record
+numbers are assigned in source order after skipping, so a dataset's `index` is stable as long
+as the converted directory is.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import io
+import itertools
+import os
+import pathlib
+import re
+import tarfile
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from mmts_jax.data import image_ops
+from mmts_jax.data.records import Manifest, RecordWriter
+
+__all__ = ["convert_table", "convert_webdataset", "convert_tfds", "expand_shards",
+           "encode_for_storage"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+_KEEP_FORMATS = ("JPEG", "PNG")
+
+
+class _Skip(Exception):
+  """A sample that cannot be converted (missing or undecodable image, no caption)."""
+
+
+def encode_for_storage(data: bytes, shorter_side: int | None = None, quality: int = 95) -> bytes:
+  """Checks that `data` decodes; returns it unchanged, or re-encoded as JPEG when resized/foreign.
+
+  Raises `_Skip` (a `ValueError`-like skip reason) for data PIL cannot decode.
+  """
+  from PIL import Image
+  try:
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format
+    img.load()
+  except Exception as e:  # PIL raises many types for corrupt files
+    raise _Skip(f"undecodable image ({type(e).__name__}: {e})") from None
+  if shorter_side is not None and min(img.size) > shorter_side:
+    return image_ops.encode_jpeg(image_ops.shrink_shorter_side(image_ops.decode_image(img),
+                                                               shorter_side), quality)
+  if fmt not in _KEEP_FORMATS:
+    return image_ops.encode_jpeg(image_ops.decode_image(img), quality)
+  return data
+
+
+def _parallel_ordered(fn: Callable, items: Iterable, threads: int, chunk: int = 512) -> Iterator:
+  """`map(fn, items)` on a thread pool, in order, holding at most `chunk` items in flight."""
+  if threads <= 1:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    it = iter(items)
+    while block := list(itertools.islice(it, chunk)):
+      yield from pool.map(fn, block)
+
+
+def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int | None,
+           on_error: str, threads: int, records_per_shard: int, overwrite: bool,
+           log: Callable[[str], None] | None) -> Manifest:
+  """Writes samples (dicts whose `image` is raw bytes or a `_Skip`) as records."""
+  if on_error not in ("skip", "raise"):
+    raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+
+  def prepare(sample: dict):
+    try:
+      if isinstance(sample.get("image"), _Skip):
+        raise sample["image"]
+      return {**sample, "image": encode_for_storage(sample["image"], shorter_side)}
+    except _Skip as e:
+      return _Skip(f"{sample.get('key')}: {e}")
+
+  skipped, reasons = 0, collections.Counter()
+  first: list[str] = []
+  t0 = time.perf_counter()
+  writer = RecordWriter(out_dir, records_per_shard=records_per_shard, overwrite=overwrite,
+                        source=source)
+  try:
+    for n, result in enumerate(_parallel_ordered(prepare, samples, threads), 1):
+      if isinstance(result, _Skip):
+        if on_error == "raise":
+          raise ValueError(f"cannot convert sample {result}")
+        skipped += 1
+        reasons[str(result).split(": ", 1)[-1].split(" (")[0]] += 1
+        if len(first) < 5:
+          first.append(str(result))
+      else:
+        writer.write(result)
+      if log is not None and n % 10_000 == 0:
+        log(f"  {n} samples, {writer.num_records} written, {skipped} skipped, "
+            f"{n / (time.perf_counter() - t0):.0f} samples/s")
+    writer.update_source(skipped=skipped, skip_reasons=dict(reasons), first_skipped=first)
+    return writer.close()
+  except BaseException:
+    writer.abort()
+    raise
+
+
+def _column(header: Sequence[str] | None, col: str | int | None, what: str) -> int | None:
+  if col is None:
+    return None
+  if isinstance(col, int) or (isinstance(col, str) and col.isdigit()):
+    return int(col)
+  if header is None:
+    raise ValueError(f"{what} column {col!r} is a name but the table has no header; "
+                     "give its position (0-based)")
+  if col not in header:
+    raise ValueError(f"{what} column {col!r} not in the table header {list(header)}")
+  return header.index(col)
+
+
+def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_dir, *,
+                  image_column: str | int = "image", caption_column: str | int = "caption",
+                  label_column: str | int | None = None, delimiter: str | None = None,
+                  header: bool = True, shorter_side: int | None = None, on_error: str = "skip",
+                  threads: int = 8, records_per_shard: int = 50_000, overwrite: bool = False,
+                  log: Callable[[str], None] | None = None) -> Manifest:
+  """CSV/TSV rows (image path relative to `image_dir`, caption[, int label]) -> records.
+
+  The delimiter defaults to a tab for `.tsv`/`.tab` files, else a comma. Columns are header names
+  or 0-based positions (`header=False` for headerless files such as CC3M's TSV).
+
+  Example:
+    >>> m = convert_table("pairs.csv", "images/", "data/pairs")   # doctest: +SKIP
+    >>> m.num_records, m.fingerprint[:8]                          # doctest: +SKIP
+    (1000, '3f2a9c01')
+  """
+  table, image_dir = pathlib.Path(table), pathlib.Path(image_dir)
+  if not table.is_file():
+    raise FileNotFoundError(f"table {table} does not exist")
+  if not image_dir.is_dir():
+    raise FileNotFoundError(f"image folder {image_dir} does not exist")
+  if delimiter is None:
+    delimiter = "\t" if table.suffix.lower() in (".tsv", ".tab") else ","
+
+  def samples() -> Iterator[dict]:
+    with open(table, newline="", encoding="utf-8") as f:
+      rows = csv.reader(f, delimiter=delimiter)
+      head = next(rows) if header else None
+      ci = _column(head, image_column, "image")
+      cc = _column(head, caption_column, "caption")
+      cl = _column(head, label_column, "label")
+      for line, row in enumerate(rows, 2 if header else 1):
+        if not row:
+          continue
+        rel = row[ci]
+        path = image_dir / rel
+        try:
+          data = path.read_bytes()
+        except OSError as e:
+          data = _Skip(f"missing image {rel} ({type(e).__name__})")
+        sample = {"key": rel, "image": data, "caption": row[cc]}
+        if cl is not None:
+          try:
+            sample["label"] = int(row[cl])
+          except ValueError:
+            raise ValueError(f"{table}:{line}: label {row[cl]!r} is not an int") from None
+        yield sample
+
+  source = {"kind": "table", "table": str(table), "image_dir": str(image_dir),
+            "shorter_side": shorter_side}
+  return _write(out_dir, samples(), source=source, shorter_side=shorter_side, on_error=on_error,
+                threads=threads, records_per_shard=records_per_shard, overwrite=overwrite,
+                log=log)
+
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shards(patterns: str | Sequence[str]) -> list[str]:
+  """webdataset shard specs -> paths: `{000..012}` ranges (zero padding kept) and globs.
+
+  Example:
+    >>> expand_shards("cc3m-{00..02}.tar")
+    ['cc3m-00.tar', 'cc3m-01.tar', 'cc3m-02.tar']
+  """
+  import glob
+  out: list[str] = []
+  for pat in [patterns] if isinstance(patterns, str) else patterns:
+    m = _BRACES.search(pat)
+    if m:
+      lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+      if lo > hi:
+        raise ValueError(f"empty shard range {m.group(0)} in {pat!r}")
+      out += expand_shards([pat[:m.start()] + f"{i:0{width}d}" + pat[m.end():]
+                            for i in range(lo, hi + 1)])
+    elif any(ch in pat for ch in "*?["):
+      found = sorted(glob.glob(pat))
+      if not found:
+        raise FileNotFoundError(f"no shard matches {pat!r}")
+      out += found
+    else:
+      out.append(pat)
+  return out
+
+
+def _split_key(name: str) -> tuple[str, str]:
+  """webdataset naming: `dir/abc.seg.jpg` -> key `dir/abc`, field `seg.jpg` (lower case)."""
+  d, _, base = name.rpartition("/")
+  stem, dot, ext = base.partition(".")
+  return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None
+                 ) -> Iterator[dict]:
+  for path in paths:
+    with tarfile.open(path, "r|*") as tar:  # streaming: shards may be large
+      key, fields = None, {}
+      for member in itertools.chain(tar, [None]):
+        if member is not None and not member.isfile():
+          continue
+        k, ext = _split_key(member.name) if member is not None else (None, None)
+        if k != key and key is not None:
+          yield _wds_sample(path, key, fields, caption_ext, label_ext)
+          fields = {}
+        if member is None:
+          break
+        key = k
+        fields[ext] = tar.extractfile(member).read()
+
+
+def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: str | None):
+  image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+  sample = {"key": key}
+  if image is None:
+    sample["image"] = _Skip(f"no image among {sorted(fields)} in {os.path.basename(path)}")
+  elif caption_ext not in fields:
+    sample["image"] = _Skip(f"no .{caption_ext} caption in {os.path.basename(path)}")
+  else:
+    sample["image"] = image
+  sample["caption"] = fields.get(caption_ext, b"").decode("utf-8").strip()
+  if label_ext is not None:
+    if label_ext not in fields:
+      sample["image"] = _Skip(f"no .{label_ext} label")
+    else:
+      sample["label"] = int(fields[label_ext].decode().strip())
+  return sample
+
+
+def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str = "txt",
+                       label_ext: str | None = None, shorter_side: int | None = None,
+                       on_error: str = "skip", threads: int = 8,
+                       records_per_shard: int = 50_000, overwrite: bool = False,
+                       log: Callable[[str], None] | None = None) -> Manifest:
+  """webdataset tar shards (`key.jpg`/`.png`/`.webp` + `key.txt` [+ `key.cls`]) -> records.
+
+  Shards are read in the given order (after `expand_shards`), samples in tar order.
+
+  Example:
+    >>> convert_webdataset("cc3m/{00000..00331}.tar", "data/cc3m", shorter_side=256)  # doctest: +SKIP
+  """
+  paths = expand_shards(shards)
+  for p in paths:
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"shard {p} does not exist")
+  source = {"kind": "webdataset", "shards": [os.path.basename(p) for p in paths],
+            "shorter_side": shorter_side}
+  return _write(out_dir, _tar_samples(paths, caption_ext.lower(), label_ext), source=source,
+                shorter_side=shorter_side, on_error=on_error, threads=threads,
+                records_per_shard=records_per_shard, overwrite=overwrite, log=log)
+
+
+def _lookup(example: dict, path: str):
+  value = example
+  for part in path.split("/") if path not in example else [path]:
+    if not isinstance(value, dict) or part not in value:
+      raise KeyError(f"feature {path!r} not found; the example has {sorted(example)}")
+    value = value[part]
+  return value
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def convert_tfds(name: str, out_dir, *, split: str = "train", data_dir: str | None = None,
+                 image_key: str = "image", caption_key: str | None = "captions/text",
+                 label_key: str | None = None, all_captions: bool = True,
+                 shorter_side: int | None = None, on_error: str = "skip", threads: int = 8,
+                 records_per_shard: int = 50_000, overwrite: bool = False,
+                 log: Callable[[str], None] | None = None) -> Manifest:
+  """A TFDS dataset (prepared with `file_format="array_record"`) -> records, without TensorFlow.
+
+  Images are read still encoded (`tfds.decode.SkipDecoding`). Nested features are addressed with
+  `/` (`captions/text` for `coco_captions`). A list of captions gives one record per caption
+  (`all_captions=True`, keys `id/j`) or one record with the first caption.
+
+  Example:
+    >>> convert_tfds("coco_captions", "data/coco", split="train",          # doctest: +SKIP
+    ...              data_dir="~/tensorflow_datasets")
+  """
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=data_dir)
+  if image_key not in builder.info.features:
+    raise KeyError(f"{name} has no image feature {image_key!r}; features: "
+                   f"{sorted(builder.info.features)}")
+  ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+
+  def samples() -> Iterator[dict]:
+    for i in range(len(ds)):
+      ex = ds[i]
+      base = {"image": ex[image_key]}
+      if label_key is not None:
+        base["label"] = int(_lookup(ex, label_key))
+      if caption_key is None:
+        yield {**base, "key": str(i)}
+        continue
+      caps = _lookup(ex, caption_key)
+      if isinstance(caps, (str, bytes)):
+        caps = [caps]
+      caps = [_text(c) for c in caps] if all_captions else [_text(c) for c in caps[:1]]
+      for j, c in enumerate(caps):
+        yield {**base, "key": f"{i}/{j}", "caption": c}
+
+  source = {"kind": "tfds", "name": builder.info.full_name, "split": split,
+            "data_dir": str(builder.data_dir), "image_key": image_key,
+            "caption_key": caption_key, "label_key": label_key, "all_captions": all_captions,
+            "shorter_side": shorter_side}
+  return _write(out_dir, samples(), source=source, shorter_side=shorter_side, on_error=on_error,
+                threads=threads, records_per_shard=records_per_shard, overwrite=overwrite,
+                log=log)

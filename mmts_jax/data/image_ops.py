@@ -1,0 +1,140 @@
+"""Host-side image ops for the input pipeline: decode, resize, crops, normalise (numpy + Pillow).
+
+Training uses CLIP/OpenCLIP's augmentation, a random resized crop (area fraction `scale`, aspect
+ratio `ratio`, log-uniform) resized to `size x size` with bicubic filtering; evaluation resizes
+the shorter side to `size` and takes the centre crop. Pixels are then normalised per channel:
+`x = (p / 255 - mean) / std` with the CLIP mean and std.
+
+Every random choice comes from the `np.random.Generator` passed in, so the pipeline (which seeds
+one generator per example from the dataset seed and the example's position) is reproducible.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
+           "random_resized_crop", "resize_center_crop", "normalize", "encode_jpeg",
+           "shrink_shorter_side"]
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def decode_image(data: bytes | np.ndarray | Image.Image, *, draft: int | None = None
+                 ) -> Image.Image:
+  """Encoded bytes (JPEG, PNG, ...), a uint8 array (H, W[, C]) or a PIL image -> RGB PIL image.
+
+  `draft`: for JPEG, let libjpeg decode at a reduced scale whose both sides are still >= `draft`
+  (DCT scaling, much cheaper than decoding full size and resizing).
+  """
+  if isinstance(data, (bytes, bytearray, memoryview)):
+    img = Image.open(io.BytesIO(data))
+    if draft is not None and img.format == "JPEG":
+      img.draft("RGB", (draft, draft))
+  elif isinstance(data, np.ndarray):
+    if data.dtype != np.uint8 or data.ndim not in (2, 3):
+      raise ValueError(f"image arrays must be uint8 (H, W[, C]), got {data.dtype} {data.shape}")
+    img = Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data)
+  elif isinstance(data, Image.Image):
+    img = data
+  else:
+    raise TypeError(f"cannot decode an image from {type(data).__name__}")
+  if img.mode != "RGB":
+    # Palette/alpha images: composite on white, as viewers show them, rather than on black.
+    if img.mode in ("RGBA", "LA", "P"):
+      img = img.convert("RGBA")
+      bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+      img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB")
+  return img
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *,
+                            scale: tuple[float, float] = (0.9, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                            ) -> tuple[int, int, int, int]:
+  """The (left, top, right, bottom) box of a random resized crop, torchvision's algorithm.
+
+  Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); up to 10 tries for a box inside the
+  image, else the centre crop clamped to `ratio`.
+
+  Example:
+    >>> random_resized_crop_box(100, 80, np.random.default_rng(0))
+    (0, 1, 100, 80)
+  """
+  if not 0 < scale[0] <= scale[1] <= 1:
+    raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+  if not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+  area = width * height
+  log_r = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    r = math.exp(rng.uniform(*log_r))
+    w = int(round(math.sqrt(target * r)))
+    h = int(round(math.sqrt(target / r)))
+    if 0 < w <= width and 0 < h <= height:
+      left = int(rng.integers(0, width - w + 1))
+      top = int(rng.integers(0, height - h + 1))
+      return left, top, left + w, top + h
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    w, h = int(round(height * ratio[1])), height
+  else:
+    w, h = width, height
+  left, top = (width - w) // 2, (height - h) // 2
+  return left, top, left + w, top + h
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, *,
+                        scale: tuple[float, float] = (0.9, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+  """Random box (see `random_resized_crop_box`) resized to `size x size`, bicubic, in one pass."""
+  box = random_resized_crop_box(img.width, img.height, rng, scale=scale, ratio=ratio)
+  return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+  """Shorter side -> `size` (bicubic), then the central `size x size` square."""
+  w, h = img.size
+  s = size / min(w, h)
+  nw, nh = max(size, round(w * s)), max(size, round(h * s))
+  img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  return img.crop((left, top, left + size, top + size))
+
+
+def normalize(img: Image.Image | np.ndarray, mean: np.ndarray = CLIP_MEAN,
+              std: np.ndarray = CLIP_STD) -> np.ndarray:
+  """uint8 RGB -> float32 (H, W, 3), `(p / 255 - mean) / std`."""
+  x = np.asarray(img, dtype=np.float32)
+  if x.ndim != 3 or x.shape[-1] != 3:
+    raise ValueError(f"normalize expects an RGB image (H, W, 3), got shape {x.shape}")
+  # One fused multiply-add per pixel: (p/255 - m)/s = p * (1/(255 s)) - m/s.
+  return x * (1.0 / (255.0 * std)).astype(np.float32) - (mean / std).astype(np.float32)
+
+
+def shrink_shorter_side(img: Image.Image, side: int) -> Image.Image:
+  """Downscales (never upscales) so that the shorter side is at most `side`, keeping the aspect.
+
+  This is img2dataset's `keep_ratio` mode, how CC3M/CC12M are usually stored (side 256-512).
+  """
+  if side < 1:
+    raise ValueError(f"side must be >= 1, got {side}")
+  w, h = img.size
+  if min(w, h) <= side:
+    return img
+  s = side / min(w, h)
+  return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()

@@ -1,0 +1,337 @@
+"""grain input pipelines: deterministic shuffling, per-host sharding, resumable loaders, prefetch.
+
+The global order is fixed by the dataset and the seed alone: the records are shuffled per epoch
+with grain's index shuffle (O(1) memory, a new permutation each epoch), every position `q` of that
+stream gets its own augmentation generator (grain `random_map`, seeded by `(seed, q)`), and global
+batch `b` is positions `[b*G, (b+1)*G)`. Host `p` of `P` reads rows `[p*G/P, (p+1)*G/P)` of every
+global batch, which is how `jax.make_array_from_process_local_data` lays out a batch sharded over
+a mesh whose batch axis spans processes. So the global batches are the same for any number of
+hosts, and a loader is resumed by one int, the number of batches consumed.
+
+Every example keeps `index`, its record number, so the trainer gathers per-sample MM-TS shifts
+on device (`shift = table[index]`) without host work per step.
+
+Nothing here imports TensorFlow.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from mmts_jax.data import image_ops
+
+__all__ = ["ImageTextTransform", "Pipeline", "Loader", "DeviceIterator", "make_pipeline",
+           "image_text_pipeline", "to_global_arrays", "host_slice"]
+
+
+class ImageTextTransform:
+  """Record -> example: `image` (S, S, 3) float32 CLIP-normalised, `text` (L,) int32, `index`.
+
+  Train: random resized crop (`crop_scale`, aspect 3/4..4/3); eval: resize + centre crop.
+  Optionally keeps `caption` (str) and `label` (int32); `mask` is passed through.
+  Picklable, so grain worker processes can run it.
+
+  Example:
+    >>> t = ImageTextTransform(tokenizer, image_size=224)             # doctest: +SKIP
+    >>> t(source[0], np.random.default_rng(0))["image"].shape          # doctest: +SKIP
+    (224, 224, 3)
+  """
+
+  def __init__(self, tokenizer: Callable[[str], np.ndarray] | None, *, image_size: int = 224,
+               train: bool = True, crop_scale: tuple[float, float] = (0.9, 1.0),
+               keep_caption: bool = False, keep_label: bool = False):
+    if not isinstance(image_size, int) or image_size < 1:
+      raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+      raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+    self.tokenizer, self.image_size, self.train = tokenizer, image_size, train
+    self.crop_scale = tuple(crop_scale)
+    self.keep_caption, self.keep_label = keep_caption, keep_label
+    # A crop of area fraction s of a side-D image has side ~ sqrt(s) D; decoding JPEGs at the
+    # scale where that is still >= image_size loses nothing the resize keeps.
+    self._draft = (math.ceil(image_size / math.sqrt(crop_scale[0])) if train else image_size)
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None
+               ) -> dict[str, Any]:
+    img = image_ops.decode_image(record["image"], draft=self._draft)
+    if self.train:
+      if rng is None:
+        raise ValueError("a train transform needs a generator (use it through grain random_map)")
+      img = image_ops.random_resized_crop(img, self.image_size, rng, scale=self.crop_scale)
+    else:
+      img = image_ops.resize_center_crop(img, self.image_size)
+    out = {"image": image_ops.normalize(img), "index": np.int32(record["index"])}
+    if self.tokenizer is not None:
+      if "caption" not in record:
+        raise KeyError(f"record {record.get('index')} has no caption to tokenise")
+      out["text"] = self.tokenizer(record["caption"])
+    if self.keep_caption:
+      out["caption"] = record["caption"]
+    if self.keep_label:
+      out["label"] = np.int32(record["label"])
+    if "mask" in record:
+      out["mask"] = np.bool_(record["mask"])
+    return out
+
+
+class _RandomApply(grain.transforms.RandomMap):
+  def __init__(self, fn):
+    self.fn = fn
+
+  def random_map(self, element, rng):
+    return self.fn(element, rng)
+
+
+class _Apply(grain.transforms.Map):
+  def __init__(self, fn):
+    self.fn = fn
+
+  def map(self, element):
+    return self.fn(element, None)
+
+
+class _Padded(Sequence):
+  """`source` followed by copies of its last record, with `mask` False on the copies."""
+
+  def __init__(self, source, length: int):
+    self.source, self.length = source, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, i: int):
+    n = len(self.source)
+    return {**self.source[min(int(i), n - 1)], "mask": int(i) < n}
+
+
+class _HostRows(grain.MapDataset):
+  """Element `i` of host `p`: global position `(i // L) * G + p * L + i % L` (L = G / P)."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int,
+               process_index: int, num_batches: int):
+    super().__init__(parent)
+    self._g, self._l, self._p, self._n = global_batch, local_batch, process_index, num_batches
+
+  def __len__(self) -> int:
+    return self._n * self._l
+
+  def _position(self, i: int) -> int:
+    b, j = divmod(int(i), self._l)
+    return b * self._g + self._p * self._l + j
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"element {index} out of range [0, {len(self)})")
+    return self._parent[self._position(index)]
+
+  def __str__(self) -> str:
+    return f"_HostRows(G={self._g}, L={self._l}, p={self._p})"
+
+
+def host_slice(global_batch_size: int, process_index: int | None = None,
+               process_count: int | None = None) -> tuple[int, int, int]:
+  """(process_index, process_count, local batch size); defaults from `jax.process_*`."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}")
+  return process_index, process_count, global_batch_size // process_count
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """This host's stream of examples, `local_batch_size` per batch, `num_batches` (None: endless).
+
+  `loader(position)` iterates over batches `position, position + 1, ...`.
+  """
+  elements: grain.MapDataset
+  local_batch_size: int
+  global_batch_size: int
+  num_batches: int | None
+  num_records: int
+
+  def loader(self, position: int = 0, **kwargs) -> "Loader":
+    return Loader(self, position=position, **kwargs)
+
+
+def make_pipeline(source, transform: Callable[[Mapping[str, Any], Any], Mapping[str, Any]],
+                  *, global_batch_size: int, seed: int = 0, train: bool = True,
+                  num_epochs: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> Pipeline:
+  """Builds the per-host pipeline over any random-access `source` of record dicts.
+
+  train: shuffle each epoch (seeded), `transform(record, rng)` with a per-position generator,
+    `num_epochs` passes (None: endless), incomplete last global batch dropped.
+  eval (`train=False`): one pass in record order, `transform(record, None)`, the last global batch
+    padded with copies of the last record whose `mask` is False (every record is seen once).
+  """
+  n = len(source)
+  if n == 0:
+    raise ValueError("the source is empty")
+  if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+    raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
+  p, _, local = host_slice(global_batch_size, process_index, process_count)
+  g = global_batch_size
+  if train:
+    shuffle_seed, aug_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
+    ds = ds.random_map(_RandomApply(transform), seed=aug_seed)
+    num_batches = None if num_epochs is None else (n * num_epochs) // g
+    if num_batches == 0:
+      raise ValueError(f"{n} records x {num_epochs} epochs make no global batch of {g}")
+  else:
+    num_batches = -(-n // g)
+    ds = grain.MapDataset.source(_Padded(source, num_batches * g)).map(_Apply(transform))
+  rows = _HostRows(ds, g, local, p, num_batches if num_batches is not None else
+                   (len(ds) // g))
+  return Pipeline(rows, local, g, num_batches, n)
+
+
+def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batch_size: int,
+                        seed: int = 0, train: bool = True, num_epochs: int | None = None,
+                        crop_scale: tuple[float, float] = (0.9, 1.0), keep_caption: bool = False,
+                        keep_label: bool = False, process_index: int | None = None,
+                        process_count: int | None = None) -> Pipeline:
+  """`make_pipeline` with `ImageTextTransform`; `source` is a `RecordSource` or a dataset dir.
+
+  Example:
+    >>> pipe = image_text_pipeline("data/cc3m", TextTokenizer(tok_dir, 77),   # doctest: +SKIP
+    ...                            global_batch_size=1024, seed=0)
+    >>> batch = next(iter(pipe.loader()))                                    # doctest: +SKIP
+    >>> batch["image"].shape, batch["text"].shape, batch["index"].dtype       # doctest: +SKIP
+    ((1024, 224, 224, 3), (1024, 77), dtype('int32'))
+  """
+  if not hasattr(source, "__getitem__"):
+    from mmts_jax.data.records import RecordSource
+    source = RecordSource(source)
+  transform = ImageTextTransform(tokenizer, image_size=image_size, train=train,
+                                 crop_scale=crop_scale, keep_caption=keep_caption,
+                                 keep_label=keep_label)
+  return make_pipeline(source, transform, global_batch_size=global_batch_size, seed=seed,
+                       train=train, num_epochs=num_epochs, process_index=process_index,
+                       process_count=process_count)
+
+
+def _stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class Loader:
+  """Iterates over a `Pipeline`'s host-local batches (dicts of numpy arrays), resumably.
+
+  `get_state()` is `{"position": batches handed out so far}` (plain ints, checkpointable);
+  `set_state` (or `position=` at construction) restarts exactly at that batch. `num_threads`
+  and `prefetch` are grain's `ReadOptions` (threads decode and augment ahead of the consumer);
+  `worker_count > 0` moves that work to grain worker processes. Neither changes the batches.
+  """
+
+  def __init__(self, pipeline: Pipeline, *, position: int = 0, num_threads: int = 8,
+               prefetch: int = 256, worker_count: int = 0):
+    if num_threads < 0 or prefetch < 0 or worker_count < 0:
+      raise ValueError(f"num_threads={num_threads}, prefetch={prefetch}, "
+                       f"worker_count={worker_count} must be >= 0")
+    self.pipeline = pipeline
+    self._read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    self._workers = worker_count
+    self._it = None
+    self.set_state({"position": position})
+
+  def get_state(self) -> dict[str, int]:
+    return {"position": self.position}
+
+  def set_state(self, state: Mapping[str, int]) -> None:
+    position = state["position"]
+    if not isinstance(position, (int, np.integer)) or position < 0:
+      raise ValueError(f"position must be an int >= 0, got {position!r}")
+    n = self.pipeline.num_batches
+    if n is not None and position > n:
+      raise ValueError(f"position {position} is past the end ({n} batches)")
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self.position = int(position)
+    local = self.pipeline.local_batch_size
+    ds = self.pipeline.elements[self.position * local:].to_iter_dataset(self._read)
+    ds = ds.batch(local, drop_remainder=True, batch_fn=_stack)
+    if self._workers:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+    self._it = iter(ds)
+
+  def __iter__(self) -> "Loader":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.position += 1
+    return batch
+
+  def __len__(self) -> int:
+    if self.pipeline.num_batches is None:
+      raise TypeError("an endless (num_epochs=None) loader has no length")
+    return self.pipeline.num_batches - self.position
+
+
+def to_global_arrays(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
+  """Host-local numpy batch -> global `jax.Array`s sharded by `sharding` along the batch axis.
+
+  Non-numeric fields (captions) stay on the host and are dropped. `sharding` is one
+  `jax.sharding.Sharding` for every field or a mapping field -> sharding.
+  """
+  import jax
+  out = {}
+  for k, v in batch.items():
+    if not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
+      continue
+    s = sharding[k] if isinstance(sharding, Mapping) else sharding
+    out[k] = jax.make_array_from_process_local_data(s, v)
+  return out
+
+
+class DeviceIterator:
+  """Keeps `size` batches in flight to the devices (transfers are asynchronous).
+
+  Yields dicts of global `jax.Array`s; `get_state()` counts the batches *yielded*, not the ones
+  in flight, so restoring it replays nothing and skips nothing.
+
+  Example:
+    >>> sharding = NamedSharding(mesh, PartitionSpec("data"))          # doctest: +SKIP
+    >>> it = DeviceIterator(pipe.loader(), sharding)                   # doctest: +SKIP
+    >>> state = it.get_state()   # {"position": 12}, save with the checkpoint
+  """
+
+  def __init__(self, loader: Loader, sharding, *, size: int = 2):
+    if size < 1:
+      raise ValueError(f"size must be >= 1, got {size}")
+    self.loader, self.sharding, self.size = loader, sharding, size
+    self._queue: collections.deque = collections.deque()
+
+  def __iter__(self) -> "DeviceIterator":
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    while len(self._queue) < self.size:
+      try:
+        self._queue.append(to_global_arrays(next(self.loader), self.sharding))
+      except StopIteration:
+        break
+    if not self._queue:
+      raise StopIteration
+    return self._queue.popleft()
+
+  def get_state(self) -> dict[str, int]:
+    return {"position": self.loader.position - len(self._queue)}
+
+  def set_state(self, state: Mapping[str, int]) -> None:
+    self._queue.clear()
+    self.loader.set_state(state)

@@ -1,0 +1,309 @@
+"""ArrayRecord datasets of serialized image-text examples, with a manifest.
+
+Layout of a converted dataset directory::
+
+  manifest.json                 num_records, fingerprint, fields, shards (written last)
+  data-00000.array_record ...   one msgpack map per record, `group_size:1` for random access
+  captions.jsonl                line i = JSON string of record i's caption (when captions exist)
+
+A record is a msgpack map with `index` (int, its record number, the stable position every
+training example carries), `key` (str, its id in the source: file name, tar key, TFDS id),
+`image` (bytes, the encoded JPEG/PNG as found in the source) and optionally `caption` (str) and
+`label` (int). Images stay encoded so a dataset costs its JPEG size on disk; decoding happens in
+the input pipeline.
+
+Everything is written atomically: shards and side files are written under temporary names in the
+same directory and renamed when complete, and the manifest is renamed into place last. A
+directory without `manifest.json` is not a dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterator, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+from mmts_jax.data.fingerprint import Fingerprinter
+
+__all__ = ["Manifest", "RecordWriter", "RecordSource", "write_records", "read_manifest",
+           "read_captions", "atomic_write_bytes", "MANIFEST", "FORMAT"]
+
+MANIFEST = "manifest.json"
+CAPTIONS = "captions.jsonl"
+FORMAT = "mmts_records/1"
+_SHARD = "data-{:05d}.array_record"
+# Field types a record may carry; `index` and `key` are always there.
+_FIELD_TYPES = {"index": int, "key": str, "image": bytes, "caption": str, "label": int}
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """What a converted dataset holds; `num_records` and `fingerprint` identify it.
+
+  `fingerprint` is `dataset_fingerprint` over the captions in record order, or over the keys when
+  the records have no captions (`fingerprint_of` says which).
+  """
+  num_records: int
+  fingerprint: str
+  fingerprint_of: str
+  fields: dict[str, str]
+  shards: tuple[str, ...]
+  shard_lengths: tuple[int, ...]
+  source: dict[str, Any] = dataclasses.field(default_factory=dict)
+  format: str = FORMAT
+
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    d["shards"], d["shard_lengths"] = list(self.shards), list(self.shard_lengths)
+    return json.dumps(d, indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Manifest":
+    d = json.loads(text)
+    if d.get("format") != FORMAT:
+      raise ValueError(f"not an {FORMAT} manifest: format={d.get('format')!r}")
+    d["shards"], d["shard_lengths"] = tuple(d["shards"]), tuple(d["shard_lengths"])
+    m = cls(**d)
+    if sum(m.shard_lengths) != m.num_records or len(m.shards) != len(m.shard_lengths):
+      raise ValueError(f"inconsistent manifest: num_records={m.num_records}, "
+                       f"shard_lengths={list(m.shard_lengths)}")
+    return m
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to a temporary file next to `path`, fsyncs it, then `os.replace`s it."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _check_example(ex: Mapping[str, Any]) -> None:
+  for name, value in ex.items():
+    want = _FIELD_TYPES.get(name)
+    if want is None:
+      raise ValueError(f"unknown record field {name!r}; allowed: {sorted(_FIELD_TYPES)}")
+    if want is int:
+      ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    else:
+      ok = isinstance(value, want)
+    if not ok:
+      raise TypeError(f"record field {name!r} must be {want.__name__}, got "
+                      f"{type(value).__name__}")
+  if "image" not in ex:
+    raise ValueError(f"a record needs an 'image' field, got fields {sorted(ex)}")
+
+
+class RecordWriter:
+  """Streams examples into ArrayRecord shards; `close()` writes the manifest and returns it.
+
+  Each example is a dict with `image` (encoded bytes) and optionally `key`, `caption`, `label`;
+  the writer assigns `index` (0, 1, ...) in write order. All examples must have the same fields.
+
+  Example:
+    >>> with RecordWriter(out_dir) as w:                       # doctest: +SKIP
+    ...   w.write({"image": jpeg_bytes, "caption": "a dog", "key": "0001"})
+    >>> w.manifest.num_records                                 # doctest: +SKIP
+    1
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, *, records_per_shard: int = 50_000,
+               overwrite: bool = False, source: Mapping[str, Any] | None = None):
+    if not isinstance(records_per_shard, int) or records_per_shard < 1:
+      raise ValueError(f"records_per_shard must be a positive int, got {records_per_shard!r}")
+    self.out_dir = pathlib.Path(out_dir)
+    if (self.out_dir / MANIFEST).exists() and not overwrite:
+      raise FileExistsError(f"{self.out_dir} already holds a dataset ({MANIFEST}); "
+                            "pass overwrite=True to replace it")
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and (self.out_dir / MANIFEST).exists():
+      # The old manifest goes first: a half-rewritten directory must not look complete.
+      os.unlink(self.out_dir / MANIFEST)
+    self._per_shard = records_per_shard
+    self._source = dict(source or {})
+    self._fields: tuple[str, ...] | None = None
+    self._shards: list[str] = []
+    self._lengths: list[int] = []
+    self._writer = None
+    self._tmp_shard: str | None = None
+    self._caption_fp, self._key_fp = Fingerprinter(), Fingerprinter()
+    fd, self._tmp_captions = tempfile.mkstemp(prefix=f".{CAPTIONS}.", suffix=".tmp",
+                                              dir=self.out_dir)
+    self._captions = os.fdopen(fd, "w", encoding="utf-8")
+    self.num_records = 0
+    self.manifest: Manifest | None = None
+
+  def __enter__(self) -> "RecordWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+  def _open_shard(self) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    name = _SHARD.format(len(self._shards))
+    self._tmp_shard = str(self.out_dir / f".{name}.tmp")
+    self._writer = ArrayRecordWriter(self._tmp_shard, "group_size:1")
+    self._shards.append(name)
+    self._lengths.append(0)
+
+  def _close_shard(self) -> None:
+    self._writer.close()
+    os.replace(self._tmp_shard, self.out_dir / self._shards[-1])
+    self._writer = self._tmp_shard = None
+
+  def write(self, example: Mapping[str, Any]) -> int:
+    """Appends one example and returns its index (record number)."""
+    if self.manifest is not None:
+      raise ValueError("write() after close()")
+    ex = {k: v for k, v in example.items() if v is not None}
+    ex.setdefault("key", str(self.num_records))
+    ex["index"] = self.num_records
+    _check_example(ex)
+    fields = tuple(sorted(ex))
+    if self._fields is None:
+      self._fields = fields
+    elif fields != self._fields:
+      raise ValueError(f"record {self.num_records} has fields {list(fields)}, earlier records "
+                       f"have {list(self._fields)}")
+    if self._writer is None or self._lengths[-1] >= self._per_shard:
+      if self._writer is not None:
+        self._close_shard()
+      self._open_shard()
+    ex = {k: (int(v) if k in ("index", "label") else v) for k, v in ex.items()}
+    self._writer.write(msgpack.packb(ex, use_bin_type=True))
+    self._lengths[-1] += 1
+    self._key_fp.update(ex["key"])
+    if "caption" in ex:
+      self._caption_fp.update(ex["caption"])
+      self._captions.write(json.dumps(ex["caption"], ensure_ascii=False) + "\n")
+    self.num_records += 1
+    return ex["index"]
+
+  def update_source(self, **info: Any) -> None:
+    """Adds provenance (e.g. skip counts) to the manifest's `source` before `close()`."""
+    self._source.update(info)
+
+  def close(self) -> Manifest:
+    if self.manifest is not None:
+      return self.manifest
+    if self.num_records == 0:
+      self.abort()
+      raise ValueError(f"no records were written to {self.out_dir}")
+    self._close_shard()
+    self._captions.close()
+    has_captions = "caption" in self._fields
+    if has_captions:
+      os.replace(self._tmp_captions, self.out_dir / CAPTIONS)
+    else:
+      os.unlink(self._tmp_captions)
+    types = {"index": "int64", "key": "str", "image": "bytes (encoded JPEG/PNG)",
+             "caption": "str", "label": "int64"}
+    self.manifest = Manifest(
+        num_records=self.num_records,
+        fingerprint=(self._caption_fp if has_captions else self._key_fp).hexdigest(),
+        fingerprint_of="caption" if has_captions else "key",
+        fields={k: types[k] for k in self._fields},
+        shards=tuple(self._shards), shard_lengths=tuple(self._lengths), source=self._source)
+    atomic_write_bytes(self.out_dir / MANIFEST, self.manifest.to_json().encode())
+    return self.manifest
+
+  def abort(self) -> None:
+    """Drops temporary files; the directory keeps no manifest, so it is not a dataset."""
+    if self._writer is not None:
+      self._writer.close()
+      os.unlink(self._tmp_shard)
+      self._writer = None
+    if not self._captions.closed:
+      self._captions.close()
+    if os.path.exists(self._tmp_captions):
+      os.unlink(self._tmp_captions)
+
+
+def write_records(out_dir: str | os.PathLike, examples, **kwargs) -> Manifest:
+  """Writes an iterable of example dicts with a `RecordWriter`; returns the manifest."""
+  with RecordWriter(out_dir, **kwargs) as w:
+    for ex in examples:
+      w.write(ex)
+  return w.manifest
+
+
+def read_manifest(data_dir: str | os.PathLike) -> Manifest:
+  path = pathlib.Path(data_dir) / MANIFEST
+  if not path.is_file():
+    raise FileNotFoundError(f"{data_dir} is not a converted dataset: {MANIFEST} is missing "
+                            "(run `mmts prepare`)")
+  return Manifest.from_json(path.read_text())
+
+
+def read_captions(data_dir: str | os.PathLike) -> list[str]:
+  """The captions in record order (from `captions.jsonl`, without touching the images)."""
+  m = read_manifest(data_dir)
+  if m.fingerprint_of != "caption":
+    raise ValueError(f"{data_dir} has no captions (fields: {sorted(m.fields)})")
+  with open(pathlib.Path(data_dir) / CAPTIONS, encoding="utf-8") as f:
+    captions = [json.loads(line) for line in f]
+  if len(captions) != m.num_records:
+    raise ValueError(f"{CAPTIONS} has {len(captions)} lines, manifest says {m.num_records}")
+  return captions
+
+
+class RecordSource(Sequence):
+  """Random access to a converted dataset: `source[i]` is record i as a dict.
+
+  Implements grain's `RandomAccessDataSource` protocol (`__len__`, `__getitem__`) and pickles
+  cheaply (the reader opens lazily), so grain worker processes can use it.
+  """
+
+  def __init__(self, data_dir: str | os.PathLike):
+    self.data_dir = pathlib.Path(data_dir)
+    self.manifest = read_manifest(self.data_dir)
+    for name in self.manifest.shards:
+      if not (self.data_dir / name).is_file():
+        raise FileNotFoundError(f"shard {name} listed in the manifest is missing from "
+                                f"{self.data_dir}")
+    self._reader = None
+
+  def _source(self):
+    if self._reader is None:
+      from array_record.python.array_record_data_source import ArrayRecordDataSource
+      self._reader = ArrayRecordDataSource([str(self.data_dir / s) for s in self.manifest.shards])
+    return self._reader
+
+  def __getstate__(self):
+    return {"data_dir": self.data_dir, "manifest": self.manifest, "_reader": None}
+
+  def __len__(self) -> int:
+    return self.manifest.num_records
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"record {i} out of range [0, {len(self)})")
+    return msgpack.unpackb(self._source()[i], raw=False)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [msgpack.unpackb(r, raw=False) for r in self._source().__getitems__(list(indices))]
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    for i in range(len(self)):
+      yield self[i]
+
+  def __repr__(self) -> str:
+    return f"RecordSource({str(self.data_dir)!r}, num_records={len(self)})"
