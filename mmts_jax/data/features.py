@@ -1,0 +1,100 @@
+"""Precomputed embeddings (npz) + `index`, for feature-level fine-tuning with the same pipeline.
+
+File layout (`np.savez`, written atomically): `image_features` (N, Di) and `text_features`
+(N, Dt) floats, `index` (N,) int (the record numbers of the dataset the features came from, so
+the cluster table's shifts still apply), optional `label` (N,) int, and the provenance of that
+dataset as 0-d arrays `num_records` and `fingerprint` (see `records.Manifest`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mmts_jax.data.pipeline import Pipeline, make_pipeline
+from mmts_jax.data.records import atomic_write_bytes
+
+__all__ = ["save_features", "FeatureSource", "feature_pipeline"]
+
+_REQUIRED = ("image_features", "text_features", "index")
+
+
+def save_features(path: str | os.PathLike, *, image_features, text_features, index,
+                  label=None, num_records: int | None = None, fingerprint: str | None = None
+                  ) -> None:
+  """Validates and writes a features file (see the module docstring).
+
+  Example:
+    >>> save_features("feats.npz", image_features=img, text_features=txt,   # doctest: +SKIP
+    ...               index=np.arange(len(img)), fingerprint=manifest.fingerprint)
+  """
+  arrays = {"image_features": np.asarray(image_features), "text_features": np.asarray(text_features),
+            "index": np.asarray(index)}
+  if label is not None:
+    arrays["label"] = np.asarray(label)
+  n = len(arrays["index"])
+  for name in ("image_features", "text_features"):
+    a = arrays[name]
+    if a.ndim != 2 or a.shape[0] != n or not np.issubdtype(a.dtype, np.floating):
+      raise ValueError(f"{name} must be a float (N={n}, D) array, got {a.dtype} {a.shape}")
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"{name} has non-finite values")
+  for name in ("index", "label"):
+    if name in arrays:
+      a = arrays[name]
+      if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be an int (N={n},) array, got {a.dtype} {a.shape}")
+  idx = arrays["index"]
+  if n == 0 or idx.min() < 0 or len(np.unique(idx)) != n:
+    raise ValueError("index must be non-empty, >= 0 and without duplicates")
+  if num_records is not None:
+    if idx.max() >= num_records:
+      raise ValueError(f"index max {idx.max()} >= num_records {num_records}")
+    arrays["num_records"] = np.asarray(num_records, np.int64)
+  if fingerprint is not None:
+    arrays["fingerprint"] = np.asarray(str(fingerprint))
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write_bytes(path, buf.getvalue())
+
+
+class FeatureSource(Sequence):
+  """Random access to a features file: `source[i]` = {image_features, text_features, index[, label]}."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    with np.load(self.path, allow_pickle=False) as z:
+      missing = [k for k in _REQUIRED if k not in z.files]
+      if missing:
+        raise ValueError(f"{self.path} lacks {missing}; it has {z.files}")
+      self.arrays = {k: z[k] for k in (*_REQUIRED, "label") if k in z.files}
+      self.num_records = int(z["num_records"]) if "num_records" in z.files else None
+      self.fingerprint = str(z["fingerprint"]) if "fingerprint" in z.files else None
+    self.arrays["index"] = self.arrays["index"].astype(np.int32)
+    if "label" in self.arrays:
+      self.arrays["label"] = self.arrays["label"].astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self.arrays["index"])
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[int(i)] for k, v in self.arrays.items()}
+
+
+def _identity(record: Mapping[str, Any], rng) -> Mapping[str, Any]:
+  return record
+
+
+def feature_pipeline(source: FeatureSource | str | os.PathLike, *, global_batch_size: int,
+                     seed: int = 0, train: bool = True, num_epochs: int | None = None,
+                     process_index: int | None = None, process_count: int | None = None
+                     ) -> Pipeline:
+  """`make_pipeline` over a features file: same shuffling, sharding and resume as images."""
+  if not isinstance(source, FeatureSource):
+    source = FeatureSource(source)
+  return make_pipeline(source, _identity, global_batch_size=global_batch_size, seed=seed,
+                       train=train, num_epochs=num_epochs, process_index=process_index,
+                       process_count=process_count)
