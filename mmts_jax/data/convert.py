@@ -165,7 +165,7 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
         try:
           data = path.read_bytes()
         except OSError as e:
-          data = _Skip(f"missing image {rel} ({type(e).__name__})")
+          data = _Skip(f"missing image ({type(e).__name__})")
         sample = {"key": rel, "image": data, "caption": row[cc]}
         if cl is not None:
           try:
@@ -240,15 +240,15 @@ def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: 
   image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
   sample = {"key": key}
   if image is None:
-    sample["image"] = _Skip(f"no image among {sorted(fields)} in {os.path.basename(path)}")
+    sample["image"] = _Skip(f"no image file (has {sorted(fields)} in {os.path.basename(path)})")
   elif caption_ext not in fields:
-    sample["image"] = _Skip(f"no .{caption_ext} caption in {os.path.basename(path)}")
+    sample["image"] = _Skip(f"no .{caption_ext} caption (in {os.path.basename(path)})")
   else:
     sample["image"] = image
   sample["caption"] = fields.get(caption_ext, b"").decode("utf-8").strip()
   if label_ext is not None:
     if label_ext not in fields:
-      sample["image"] = _Skip(f"no .{label_ext} label")
+      sample["image"] = _Skip(f"no .{label_ext} label (in {os.path.basename(path)})")
     else:
       sample["label"] = int(fields[label_ext].decode().strip())
   return sample
