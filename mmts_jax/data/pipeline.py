@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
@@ -213,7 +214,7 @@ def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batc
     >>> batch["image"].shape, batch["text"].shape, batch["index"].dtype       # doctest: +SKIP
     ((1024, 224, 224, 3), (1024, 77), dtype('int32'))
   """
-  if not hasattr(source, "__getitem__"):
+  if isinstance(source, (str, os.PathLike)):
     from mmts_jax.data.records import RecordSource
     source = RecordSource(source)
   transform = ImageTextTransform(tokenizer, image_size=image_size, train=train,
@@ -228,17 +229,27 @@ def _stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def _absl_flags_parsed() -> None:
+  """grain workers read absl flags; outside `absl.app.run` (pytest, notebooks) take defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 class Loader:
   """Iterates over a `Pipeline`'s host-local batches (dicts of numpy arrays), resumably.
 
   `get_state()` is `{"position": batches handed out so far}` (plain ints, checkpointable);
   `set_state` (or `position=` at construction) restarts exactly at that batch. `num_threads`
-  and `prefetch` are grain's `ReadOptions` (threads decode and augment ahead of the consumer);
-  `worker_count > 0` moves that work to grain worker processes. Neither changes the batches.
+  and `prefetch` (examples; default one batch, at least 32) are grain's `ReadOptions`: threads
+  decode and augment ahead of the consumer. `worker_count > 0` moves the work to grain worker
+  processes, one batch per task. None of them changes the batches.
   """
 
   def __init__(self, pipeline: Pipeline, *, position: int = 0, num_threads: int = 8,
-               prefetch: int = 256, worker_count: int = 0):
+               prefetch: int | None = None, worker_count: int = 0):
+    if prefetch is None:  # one batch ahead keeps every thread busy without hoarding memory
+      prefetch = max(32, pipeline.local_batch_size)
     if num_threads < 0 or prefetch < 0 or worker_count < 0:
       raise ValueError(f"num_threads={num_threads}, prefetch={prefetch}, "
                        f"worker_count={worker_count} must be >= 0")
@@ -262,10 +273,19 @@ class Loader:
       self._it.close()
     self.position = int(position)
     local = self.pipeline.local_batch_size
-    ds = self.pipeline.elements[self.position * local:].to_iter_dataset(self._read)
-    ds = ds.batch(local, drop_remainder=True, batch_fn=_stack)
     if self._workers:
+      # grain hands whole elements of the map dataset to workers round-robin and interleaves
+      # their outputs in order, so the unit of work must be the batch: batching inside a
+      # worker would mix rows of different batches and change them with the worker count.
+      _absl_flags_parsed()
+      ds = self.pipeline.elements.batch(local, drop_remainder=True, batch_fn=_stack)
+      ds = ds[self.position:].to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                                prefetch_buffer_size=1))
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+    else:
+      # Threads work element by element, so a batch is ready as soon as its rows are.
+      ds = self.pipeline.elements[self.position * local:].to_iter_dataset(self._read)
+      ds = ds.batch(local, drop_remainder=True, batch_fn=_stack)
     self._it = iter(ds)
 
   def __iter__(self) -> "Loader":

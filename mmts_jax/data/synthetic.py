@@ -29,6 +29,7 @@ def color_of(i: int) -> tuple[int, int, int]:
 
 def caption_of(i: int) -> str:
   """A caption with a long-tail word (word `k` for about 1/2^k of the indices) and the index."""
+  i = int(i)
   k = min(len(_WORDS) - 1, (i & -i).bit_length() - 1) if i else 0
   return f"a photo of a {_WORDS[k]} number {i}"
 
