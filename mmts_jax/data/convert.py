@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmts_jax.data import image_ops
 from mmts_jax.data.records import Manifest, RecordWriter
+from mmts_jax.data.tfds_source import as_text, lookup_feature, open_tfds
 
 __all__ = ["convert_table", "convert_webdataset", "convert_tfds", "expand_shards",
            "encode_for_storage"]
@@ -277,19 +278,6 @@ def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str
                 records_per_shard=records_per_shard, overwrite=overwrite, log=log)
 
 
-def _lookup(example: dict, path: str):
-  value = example
-  for part in path.split("/") if path not in example else [path]:
-    if not isinstance(value, dict) or part not in value:
-      raise KeyError(f"feature {path!r} not found; the example has {sorted(example)}")
-    value = value[part]
-  return value
-
-
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def convert_tfds(name: str, out_dir, *, split: str = "train", data_dir: str | None = None,
                  image_key: str = "image", caption_key: str | None = "captions/text",
                  label_key: str | None = None, all_captions: bool = True,
@@ -306,26 +294,21 @@ def convert_tfds(name: str, out_dir, *, split: str = "train", data_dir: str | No
     >>> convert_tfds("coco_captions", "data/coco", split="train",          # doctest: +SKIP
     ...              data_dir="~/tensorflow_datasets")
   """
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=data_dir)
-  if image_key not in builder.info.features:
-    raise KeyError(f"{name} has no image feature {image_key!r}; features: "
-                   f"{sorted(builder.info.features)}")
-  ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+  builder, ds = open_tfds(name, split=split, data_dir=data_dir, image_key=image_key)
 
   def samples() -> Iterator[dict]:
     for i in range(len(ds)):
       ex = ds[i]
       base = {"image": ex[image_key]}
       if label_key is not None:
-        base["label"] = int(_lookup(ex, label_key))
+        base["label"] = int(lookup_feature(ex, label_key))
       if caption_key is None:
         yield {**base, "key": str(i)}
         continue
-      caps = _lookup(ex, caption_key)
+      caps = lookup_feature(ex, caption_key)
       if isinstance(caps, (str, bytes)):
         caps = [caps]
-      caps = [_text(c) for c in caps] if all_captions else [_text(c) for c in caps[:1]]
+      caps = [as_text(c) for c in caps] if all_captions else [as_text(c) for c in caps[:1]]
       for j, c in enumerate(caps):
         yield {**base, "key": f"{i}/{j}", "caption": c}
 

@@ -34,7 +34,9 @@ class ImageTextTransform:
   """Record -> example: `image` (S, S, 3) float32 CLIP-normalised, `text` (L,) int32, `index`.
 
   Train: random resized crop (`crop_scale`, aspect 3/4..4/3); eval: resize + centre crop.
-  Optionally keeps `caption` (str) and `label` (int32); `mask` is passed through.
+  Optionally keeps `caption` (str) and `label` (int32); `mask` is passed through. With
+  `uint8=True` the image stays uint8 (normalise it on device with
+  `image_ops.normalize_on_device`: 4x less to transfer, no float work on the host).
   Picklable, so grain worker processes can run it.
 
   Example:
@@ -45,14 +47,14 @@ class ImageTextTransform:
 
   def __init__(self, tokenizer: Callable[[str], np.ndarray] | None, *, image_size: int = 224,
                train: bool = True, crop_scale: tuple[float, float] = (0.9, 1.0),
-               keep_caption: bool = False, keep_label: bool = False):
+               keep_caption: bool = False, keep_label: bool = False, uint8: bool = False):
     if not isinstance(image_size, int) or image_size < 1:
       raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
       raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
     self.tokenizer, self.image_size, self.train = tokenizer, image_size, train
     self.crop_scale = tuple(crop_scale)
-    self.keep_caption, self.keep_label = keep_caption, keep_label
+    self.keep_caption, self.keep_label, self.uint8 = keep_caption, keep_label, uint8
     # A crop of area fraction s of a side-D image has side ~ sqrt(s) D; decoding JPEGs at the
     # scale where that is still >= image_size loses nothing the resize keeps.
     self._draft = (math.ceil(image_size / math.sqrt(crop_scale[0])) if train else image_size)
@@ -66,7 +68,8 @@ class ImageTextTransform:
       img = image_ops.random_resized_crop(img, self.image_size, rng, scale=self.crop_scale)
     else:
       img = image_ops.resize_center_crop(img, self.image_size)
-    out = {"image": image_ops.normalize(img), "index": np.int32(record["index"])}
+    pixels = np.asarray(img, np.uint8) if self.uint8 else image_ops.normalize(img)
+    out = {"image": pixels, "index": np.int32(record["index"])}
     if self.tokenizer is not None:
       if "caption" not in record:
         raise KeyError(f"record {record.get('index')} has no caption to tokenise")
@@ -203,7 +206,8 @@ def make_pipeline(source, transform: Callable[[Mapping[str, Any], Any], Mapping[
 def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batch_size: int,
                         seed: int = 0, train: bool = True, num_epochs: int | None = None,
                         crop_scale: tuple[float, float] = (0.9, 1.0), keep_caption: bool = False,
-                        keep_label: bool = False, process_index: int | None = None,
+                        keep_label: bool = False, uint8: bool = False,
+                        process_index: int | None = None,
                         process_count: int | None = None) -> Pipeline:
   """`make_pipeline` with `ImageTextTransform`; `source` is a `RecordSource` or a dataset dir.
 
@@ -219,7 +223,7 @@ def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batc
     source = RecordSource(source)
   transform = ImageTextTransform(tokenizer, image_size=image_size, train=train,
                                  crop_scale=crop_scale, keep_caption=keep_caption,
-                                 keep_label=keep_label)
+                                 keep_label=keep_label, uint8=uint8)
   return make_pipeline(source, transform, global_batch_size=global_batch_size, seed=seed,
                        train=train, num_epochs=num_epochs, process_index=process_index,
                        process_count=process_count)
