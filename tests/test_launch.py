@@ -1,0 +1,126 @@
+"""Dry runs of the launch scripts: the exact commands they would execute, parsed as a shell would.
+
+Each script prints every command as `+ <shell-quoted argv>`; the tests split those lines with
+`shlex` (so quoting bugs fail here) and assert on the argv: every TPU worker runs the trainer
+(`--worker=all`), jax.distributed gets its coordinator, GPUs are selected, arguments pass through.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+# No SLURM / coordinator variables leak in from the machine running the tests.
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
+
+
+def dry_run(script: str, *args: str, expect_rc: int = 0) -> tuple[list[list[str]], str]:
+  proc = subprocess.run(["bash", str(LAUNCH / script), "--dry-run", *args], cwd=ROOT,
+                        env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == expect_rc, (proc.stdout, proc.stderr)
+  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  return commands, proc.stdout + proc.stderr
+
+
+def option(argv: list[str], name: str) -> str:
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+def test_tpu_pod_runs_on_all_workers_with_a_coordinator():
+  cmds, _ = dry_run("tpu_pod.sh", "--tpu", "pod-1", "--zone", "us-central2-b", "--project", "p",
+                    "--config", "configs/synthetic.py", "--workdir", "gs://bucket/run",
+                    "--setup", "--repo", "https://example.org/mmts_jax.git",
+                    "--", "--extra", "it's quoted")
+  assert [c[:5] for c in cmds] == [["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+                                   ["gcloud", "compute", "tpus", "tpu-vm", "describe"],
+                                   ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+  setup, describe, train = cmds
+  for c in (setup, train):
+    assert c[5] == "pod-1" and "--worker=all" in c
+    assert option(c, "--zone") == "us-central2-b" and option(c, "--project") == "p"
+  assert "networkEndpoints[0].ipAddress" in option(describe, "--format")
+  setup_sh = option(setup, "--command")
+  assert "git clone --branch main https://example.org/mmts_jax.git" in setup_sh
+  assert "pip install" in setup_sh and "jax[tpu]" in setup_sh
+  remote = shlex.split(option(train, "--command"))
+  assert remote[:3] == ["cd", "~/mmts_jax", "&&"]
+  assert remote[3] == "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476"
+  assert remote[4:] == ["python3", "-m", "mmts_jax.cli", "train", "--config",
+                        "configs/synthetic.py", "--workdir", "gs://bucket/run", "--extra",
+                        "it's quoted"]
+
+
+def test_tpu_pod_explicit_coordinator_skips_the_lookup():
+  cmds, _ = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--config", "c.py",
+                    "--workdir", "gs://w", "--coordinator", "10.0.0.2", "--port", "1234")
+  assert len(cmds) == 1 and "--project" not in " ".join(cmds[0])
+  assert "JAX_COORDINATOR_ADDRESS=10.0.0.2:1234" in shlex.split(option(cmds[0], "--command"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--zone", "z", "--config", "c", "--workdir", "w"), "--tpu NAME is required"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "w", "--setup"),
+     "--setup needs --repo"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "w", "--port", "x"),
+     "--port must be a number"),
+    (("--tpu", "t", "--bogus"), "unknown argument '--bogus'"),
+])
+def test_tpu_pod_rejects_bad_arguments(args, message):
+  cmds, out = dry_run("tpu_pod.sh", *args, expect_rc=2)
+  assert cmds == [] and message in out
+
+
+def test_gpu_single_host_one_process_over_the_selected_gpus():
+  cmds, _ = dry_run("gpu_single_host.sh", "--config", "configs/tiny.py", "--workdir", "/tmp/w",
+                    "--gpus", "4", "--", "--flag", "v")
+  assert len(cmds) == 1
+  argv = cmds[0]
+  assert argv[:5] == ["env", "-u", "JAX_COORDINATOR_ADDRESS", "-u", "SLURM_NTASKS"]
+  assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in argv
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in argv
+  i = argv.index("python3")
+  assert argv[i:] == ["python3", "-m", "mmts_jax.cli", "train", "--config", "configs/tiny.py",
+                      "--workdir", "/tmp/w", "--flag", "v"]
+  cmds, _ = dry_run("gpu_single_host.sh", "--config", "c", "--workdir", "w", "--gpus", "2,5")
+  assert "CUDA_VISIBLE_DEVICES=2,5" in cmds[0]
+  _, out = dry_run("gpu_single_host.sh", "--config", "c", "--workdir", "w", "--gpus", "0",
+                   expect_rc=2)
+  assert "--gpus must be >= 1" in out
+
+
+def test_slurm_multinode_submission_and_job_commands():
+  cmds, out = dry_run("slurm_multinode.sbatch", "--nodes", "3", "--gpus-per-node", "4",
+                      "--config", "configs/tiny.py", "--workdir", "/shared/run", "--", "--x", "y")
+  submit, export, srun = cmds
+  assert submit[0] == "sbatch"
+  assert {"--nodes=3", "--ntasks-per-node=4", "--gpus-per-node=4"} <= set(submit)
+  assert submit[-7:] == ["--config", "configs/tiny.py", "--workdir", "/shared/run", "--", "--x",
+                         "y"]
+  # The coordinator is the first node, on a port derived from the job id; 3 x 4 processes.
+  assert export[:2] == ["export", "JAX_COORDINATOR_ADDRESS=node-0:32345"]
+  assert "12 processes on 3 nodes" in out
+  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--export=ALL"]
+  assert srun[3:] == ["python3", "-m", "mmts_jax.cli", "train", "--config", "configs/tiny.py",
+                      "--workdir", "/shared/run", "--x", "y"]
+
+
+def test_slurm_refuses_to_run_outside_a_job_without_dry_run():
+  proc = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "--config", "c",
+                         "--workdir", "w"], cwd=ROOT, env=CLEAN_ENV, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr
+
+
+def test_sbatch_header_requests_one_task_per_gpu():
+  header = [l for l in (LAUNCH / "slurm_multinode.sbatch").read_text().splitlines()
+            if l.startswith("#SBATCH")]
+  opts = dict(l.split(None, 1)[1].lstrip("-").split("=", 1) for l in header)
+  assert opts["ntasks-per-node"] == opts["gpus-per-node"]
