@@ -5,7 +5,8 @@ stores them), converts it from a TSV + folder and from webdataset tars, and time
   * conversion (records/s);
   * random-access reads of encoded records (records/s);
   * one example through decode -> random resized crop -> normalise, with and without JPEG draft;
-  * the grain train pipeline (examples/s) for several thread / worker-process counts;
+  * the grain train pipeline (examples/s) for several thread / worker-process counts, and with
+    uint8 images (normalised on device instead);
   * the device iterator (global jax.Arrays on the local CPU devices).
 
   python benchmarks/input_bench.py [--num-images 512] [--image-size 224] [--batch 64]
@@ -132,6 +133,12 @@ def main(argv=None) -> int:
 
     for th in (int(x) for x in args.threads.split(",")):
       res[f"pipeline_examples_per_s_threads_{th}"] = consume(pipe.loader(num_threads=th))
+    th_max = max(int(x) for x in args.threads.split(","))
+    pipe_u8 = pipeline.image_text_pipeline(src, tok, image_size=size, global_batch_size=batch,
+                                           seed=0, num_epochs=None, uint8=True,
+                                           process_index=0, process_count=1)
+    res[f"pipeline_uint8_examples_per_s_threads_{th_max}"] = consume(
+        pipe_u8.loader(num_threads=th_max))
     for w in (int(x) for x in args.workers.split(",") if x.strip() and int(x) > 0):
       res[f"pipeline_examples_per_s_workers_{w}"] = consume(pipe.loader(worker_count=w))
 

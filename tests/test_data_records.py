@@ -79,8 +79,10 @@ def test_refuses_existing_dataset_and_overwrites_on_request(tmp_path):
   records.write_records(out, _examples(3))
   with pytest.raises(FileExistsError, match="overwrite"):
     records.write_records(out, _examples(3))
+  records.write_records(out, _examples(9), records_per_shard=3, overwrite=True)
   m = records.write_records(out, _examples(4), overwrite=True)
   assert records.read_manifest(out).num_records == 4 == m.num_records
+  assert sorted(p.name for p in out.glob("*.array_record")) == ["data-00000.array_record"]
 
 
 def test_failed_write_leaves_no_dataset(tmp_path):

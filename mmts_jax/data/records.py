@@ -222,6 +222,10 @@ class RecordWriter:
         fields={k: types[k] for k in self._fields},
         shards=tuple(self._shards), shard_lengths=tuple(self._lengths), source=self._source)
     atomic_write_bytes(self.out_dir / MANIFEST, self.manifest.to_json().encode())
+    # Shards of an overwritten, larger dataset are no longer listed anywhere: reclaim the space.
+    for stale in self.out_dir.glob("data-*.array_record"):
+      if stale.name not in self.manifest.shards:
+        stale.unlink()
     return self.manifest
 
   def abort(self) -> None:
