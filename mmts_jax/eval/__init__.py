@@ -1,0 +1,18 @@
+"""Evaluation: EK-100 multi-instance retrieval (mAP, nDCG) and image-text retrieval (R@K).
+
+`mir_map`, `mir_ndcg` and `mir_metrics` reproduce the official EPIC-KITCHENS-100 MIR evaluation;
+`ek100_relevancy` builds its relevancy matrix from the annotation CSVs. The MIR metrics and the
+relevancy are numpy only (they run on the host, like the official code); the retrieval metrics
+run blockwise under `jax.jit`.
+"""
+from __future__ import annotations
+
+from mmts_jax.eval.ek100_mir import MirScore, mir_map, mir_metrics, mir_ndcg
+from mmts_jax.eval.relevancy import (Ek100MirAnnotations, class_relevancy, ek100_relevancy,
+                                     read_ek100_mir)
+from mmts_jax.eval.retrieval import (RetrievalRanks, recall_metrics, retrieval_metrics,
+                                     retrieval_ranks)
+
+__all__ = ["MirScore", "mir_map", "mir_metrics", "mir_ndcg", "Ek100MirAnnotations",
+           "class_relevancy", "ek100_relevancy", "read_ek100_mir", "RetrievalRanks",
+           "recall_metrics", "retrieval_metrics", "retrieval_ranks"]

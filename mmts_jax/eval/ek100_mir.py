@@ -1,0 +1,347 @@
+"""EPIC-KITCHENS-100 multi-instance retrieval (MIR): mAP and nDCG, as the official evaluation.
+
+The official evaluation (EPIC-KITCHENS-100 MIR challenge, JPoSE / MI-MM `mAP.py`, `nDCG.py`) ranks
+every item of the other modality for every query with a full `argsort` of the similarity matrix.
+This module computes the same numbers from one 64-bit key sort per query block, in parallel
+threads, and touches only the relevant items after that:
+
+* mAP (per query, items ranked by descending similarity, rank `k` from 1):
+  :math:`AP = \\frac{1}{|\\{j: r_j = 1\\}|}\\sum_{k:\\, r_{(k)} = 1} \\frac{1}{k}\\sum_{l \\le k} r_{(l)}`.
+  Only items with relevancy exactly 1 are "relevant" positions, but the running sum in the
+  numerator adds the *relevancy values* of every item ranked so far, partial ones included: this
+  is what the official code computes (`cumsum` of the ranked relevancy, masked by `== 1`).
+* nDCG: :math:`DCG = \\sum_{k \\le K} r_{(k)} / \\log_2(k + 1)` with `K = |\\{j: r_j > 0\\}|` (the
+  official "k-counts": only the first K retrieved items count), divided by the same sum over the
+  relevancy sorted in descending order (IDCG).
+* Both are computed for video->text (rows of the similarity matrix), text->video (columns), and
+  their average.
+
+Ties (equal similarities) are ordered as the official expressions order them under a stable sort:
+mAP ranks `argsort(-s)`, so tied items come by ascending index; nDCG ranks `argsort(s)[::-1]`, so
+tied items come by *descending* index. (The official code uses numpy's default, unstable sort, so
+its order among ties is an implementation detail of numpy; without ties the numbers agree.)
+
+Example:
+  >>> s = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]], np.float32)
+  >>> r = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]], np.float32)
+  >>> mir_map(s, r).average  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["MirScore", "mir_map", "mir_ndcg", "mir_metrics"]
+
+# Rows per work item. Bounds the working set (8 bytes x rows x items of the other modality) and
+# gives each thread several items, so that uneven rows balance out.
+_BLOCK_ROWS = 256
+
+
+class MirScore(NamedTuple):
+  """One metric in both directions and their mean (a 3-tuple, as the official code reports)."""
+  video_to_text: float
+  text_to_video: float
+  average: float
+
+
+class _Direction(NamedTuple):
+  """Per-query sums of one direction (rows of the matrix it was computed on)."""
+  ap: np.ndarray  # (n,) average precision
+  ndcg: np.ndarray  # (n,) DCG / IDCG
+
+
+def _check_inputs(similarity, relevancy, fn: str) -> tuple[np.ndarray, np.ndarray]:
+  """Validates shapes and values before any work; returns float32 similarity and the relevancy."""
+  for name, x in (("similarity", similarity), ("relevancy", relevancy)):
+    if not hasattr(x, "shape"):
+      raise TypeError(f"{fn}: {name} must be an array, got {type(x).__name__}")
+  sim = np.asarray(similarity)
+  rel = np.asarray(relevancy)
+  if sim.ndim != 2:
+    raise ValueError(f"{fn}: similarity must be (videos, captions), got shape {sim.shape}")
+  if rel.shape != sim.shape:
+    raise ValueError(
+        f"{fn}: similarity and relevancy must have the same shape (videos, captions), got "
+        f"{sim.shape} and {rel.shape}")
+  if min(sim.shape) < 1:
+    raise ValueError(f"{fn}: empty similarity matrix, shape {sim.shape}")
+  if max(sim.shape) > _MAX_ITEMS:
+    raise ValueError(f"{fn}: at most {_MAX_ITEMS} items per side, got shape {sim.shape}")
+  for name, x in (("similarity", sim), ("relevancy", rel)):
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+            or x.dtype == bool):
+      raise TypeError(f"{fn}: {name} must be numeric, got dtype {x.dtype}")
+  if np.issubdtype(sim.dtype, np.floating) and sim.dtype.itemsize > 4:
+    as32 = sim.astype(np.float32)
+    # The 64-bit sort key holds a float32 score; a float64 matrix is accepted when that is
+    # lossless for its order (every value representable), otherwise ranks could change.
+    if not np.array_equal(as32, sim, equal_nan=True):
+      raise TypeError(
+          f"{fn}: similarity of dtype {sim.dtype} is not exactly representable in float32; "
+          "pass float32 similarities (what an embedding dot product gives)")
+    sim = as32
+  else:
+    sim = sim.astype(np.float32, copy=False)
+  nan = np.isnan(sim)
+  if nan.any():
+    where = np.argwhere(nan)
+    raise ValueError(
+        f"{fn}: similarity has {len(where)} NaN value(s), first at (video, caption) "
+        f"{[tuple(int(i) for i in w) for w in where[:5]]}")
+  if not np.issubdtype(rel.dtype, np.floating):
+    rel = rel.astype(np.float32)
+  bad = ~np.isfinite(rel) | (rel < 0)
+  if bad.any():
+    where = np.argwhere(bad)
+    raise ValueError(
+        f"{fn}: relevancy must be finite and >= 0, got {len(where)} bad value(s), first at "
+        f"(video, caption) {[tuple(int(i) for i in w) for w in where[:5]]}")
+  return np.ascontiguousarray(sim), np.ascontiguousarray(rel)
+
+
+def _check_queries(rel: np.ndarray, fn: str, need_map: bool, need_ndcg: bool) -> None:
+  """Queries for which the official code returns NaN (0/0) are reported, by direction."""
+  problems = []
+  for axis, query, other in ((1, "video", "caption"), (0, "caption", "video")):
+    if need_map:
+      empty = np.flatnonzero(~(rel == 1).any(axis=axis))
+      if len(empty):
+        problems.append(
+            f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
+            f"with relevancy == 1 (mAP undefined), {query} indices {empty[:10].tolist()}"
+            f"{' ...' if len(empty) > 10 else ''}")
+    if need_ndcg:
+      empty = np.flatnonzero(~(rel > 0).any(axis=axis))
+      if len(empty):
+        problems.append(
+            f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
+            f"with relevancy > 0 (nDCG undefined), {query} indices {empty[:10].tolist()}"
+            f"{' ...' if len(empty) > 10 else ''}")
+  if problems:
+    raise ValueError(f"{fn}: " + "; ".join(problems) +
+                     " (the official code silently returns NaN for these; drop them first)")
+
+
+# The sort key of an item is its negated score as float64 (exact: float32 -> float64 leaves the
+# low 29 mantissa bits zero) with `(index << 1) | relevant` written into those zero bits. The
+# payload never changes the order of distinct scores, so one float64 sort ranks by descending
+# score, and the flag marks the relevant items without another pass over the relevancy.
+_PAYLOAD_BITS = 29
+_MAX_ITEMS = 1 << (_PAYLOAD_BITS - 1)
+
+
+def _sorted_keys(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+  """(b, m) int64 keys, sorted per row by descending score; see `_PAYLOAD_BITS`."""
+  b, m = scores.shape
+  key = np.empty((b, m), np.int64)
+  as_float = key.view(np.float64)
+  # 0 - s is exact, and maps -0.0 and 0.0 to the same +0.0 (they compare equal, so they tie).
+  np.subtract(0.0, scores, out=as_float, dtype=np.float64)
+  key |= np.arange(0, 2 * m, 2, dtype=np.int64)
+  key |= relevant
+  as_float.sort(axis=1)
+  return key
+
+
+def _tie_groups(flat_key: np.ndarray, at: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+  """First and last flat positions of the group of equal scores around each position in `at`.
+
+  `flat_key` is a block of sorted keys, row after row (`m` per row). Equal scores are equal keys
+  once the payload bits are dropped; groups never cross rows. Groups are usually pairs, so they
+  are grown one neighbour at a time; long runs of ties fall back to one pass over the block.
+  """
+  score = flat_key[at] >> _PAYLOAD_BITS
+  row_start = at - at % m
+  bounds = []
+  for step, limit in ((-1, row_start), (1, row_start + m - 1)):
+    edge = at.copy()
+    active = np.flatnonzero(edge != limit)
+    for _ in range(8):
+      nxt = edge[active] + step
+      grow = flat_key[nxt] >> _PAYLOAD_BITS == score[active]
+      edge[active[grow]] = nxt[grow]
+      active = active[grow]
+      active = active[edge[active] != limit[active]]
+      if len(active) == 0:
+        break
+    else:
+      edge[active] = _run_ends(flat_key, edge[active], m, step)
+    bounds.append(edge)
+  return bounds[0], bounds[1]
+
+
+def _run_ends(flat_key: np.ndarray, at: np.ndarray, m: int, step: int) -> np.ndarray:
+  """Ends (first if step < 0, else last) of the groups of equal scores through positions `at`."""
+  same = (flat_key[1:] ^ flat_key[:-1]).view(np.uint64) < np.uint64(1 << _PAYLOAD_BITS)
+  same[m - 1::m] = False  # the first item of a row starts a group
+  # Group starts (items not equal to their predecessor), ascending; then the group of `at`.
+  starts = np.concatenate([[0], np.flatnonzero(~same) + 1])
+  g = np.searchsorted(starts, at, side="right") - 1
+  if step < 0:
+    return starts[g]
+  return np.append(starts[1:], len(flat_key))[g] - 1
+
+
+def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpose: bool,
+                     need_map: bool, need_ndcg: bool) -> _Direction:
+  """AP and nDCG of queries `lo:hi`: rows of the matrices, or columns if `transpose`."""
+  if transpose:
+    s, r = sim[:, lo:hi].T, rel[:, lo:hi].T
+  else:
+    s, r = sim[lo:hi], rel[lo:hi]
+  b, m = s.shape
+  key = _sorted_keys(s, r > 0)
+  flat_key = key.reshape(-1)
+  # The flag is bit 0 of the lowest byte of each little-endian int64; 0/1 bytes are valid bools,
+  # and nonzero on bools is numpy's fast path.
+  flag = (key.view(np.uint8)[:, ::8] & 1).view(bool)
+  rows, pos = np.nonzero(flag)  # row-major: queries ascending, then ranks ascending
+  at = rows * m + pos
+  payload = flat_key[at]
+  item = (payload & (2 * _MAX_ITEMS - 1)) >> 1
+  # Relevancy values of the ranked relevant items, read from the caller's (contiguous) matrix.
+  if transpose:
+    vals = rel.reshape(-1)[item * rel.shape[1] + (rows + lo)]
+  else:
+    vals = rel.reshape(-1)[(rows + lo) * rel.shape[1] + item]
+  vals = vals.astype(np.float64)
+  counts = np.bincount(rows, minlength=b)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  # Running relevancy of everything ranked so far, in key order; irrelevant items add 0, so the
+  # running sum over the relevant items alone is the official cumsum at their ranks.
+  running = np.cumsum(vals)
+  running -= np.repeat(running[starts] - vals[starts], counts)
+  map_pos = ndcg_pos = pos
+  # Ties: within a group of equal scores the key orders items by ascending index where the
+  # score is <= 0 (its negation, the float key, is >= 0) and by descending index where it is
+  # > 0. mAP wants ascending and nDCG descending index, so one of the two sees the group
+  # mirrored: position p in [first, last] becomes first + last - p.
+  score = payload >> _PAYLOAD_BITS
+  tied = (pos > 0) & (flat_key[np.maximum(at - 1, 0)] >> _PAYLOAD_BITS == score)
+  tied |= (pos < m - 1) & (flat_key[np.minimum(at + 1, b * m - 1)] >> _PAYLOAD_BITS == score)
+  if tied.any():
+    t = np.flatnonzero(tied)
+    first, last = _tie_groups(flat_key, at[t], m)
+    mirrored = first + last - at[t] - rows[t] * m
+    descending = payload[t] < 0  # sign bit of the float key: score > 0
+    map_pos, ndcg_pos = pos.copy(), pos.copy()
+    map_pos[t] = np.where(descending, mirrored, pos[t])
+    ndcg_pos[t] = np.where(descending, pos[t], mirrored)
+    # In a mirrored group the items ranked before an item (in mAP order) are the group's items
+    # after it in key order: running = before the group + the group's total - the part of the
+    # group before the item in key order.
+    flip = t[descending]
+    k_first = np.searchsorted(at, first[descending], side="left")
+    k_last = np.searchsorted(at, last[descending], side="right") - 1
+    before = running[k_first] - vals[k_first]
+    running[flip] = before + running[k_last] - running[flip] + vals[flip]
+  ap = ndcg = np.zeros(b)
+  if need_map:
+    full = vals == 1
+    ap = (np.bincount(rows[full], weights=running[full] / (map_pos[full] + 1), minlength=b)
+          / np.bincount(rows[full], minlength=b))
+  if need_ndcg:
+    discount = 1.0 / np.log2(np.arange(m, dtype=np.float64) + 2.0)
+    in_top = ndcg_pos < counts[rows]
+    dcg = np.bincount(rows[in_top], weights=vals[in_top] * discount[ndcg_pos[in_top]],
+                      minlength=b)
+    # Ideal DCG: the relevant values of each row sorted in descending order, in a (b, max K)
+    # table padded with zeros (which add nothing), in the relevancy's own dtype (sorts faster).
+    table = np.zeros((b, int(counts.max())), rel.dtype)
+    table[rows, np.arange(len(rows)) - starts[rows]] = -vals
+    table.sort(axis=1)
+    ndcg = -dcg / (table @ discount[:table.shape[1]])
+  return _Direction(ap, ndcg)
+
+
+def _direction(sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool,
+               need_ndcg: bool, pool) -> _Direction:
+  """Per-query AP / nDCG of rows (or columns, `transpose=True`) of the matrices."""
+  n = sim.shape[1] if transpose else sim.shape[0]
+  parts = list(pool.map(
+      lambda lo: _direction_block(sim, rel, lo, min(lo + _BLOCK_ROWS, n), transpose, need_map,
+                                  need_ndcg),
+      range(0, n, _BLOCK_ROWS)))
+  return _Direction(np.concatenate([p.ap for p in parts]),
+                    np.concatenate([p.ndcg for p in parts]))
+
+
+def _num_threads(num_threads: int | None) -> int:
+  if num_threads is None:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+  if not isinstance(num_threads, int) or num_threads < 1:
+    raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+  return num_threads
+
+
+def _score(v2t: np.ndarray, t2v: np.ndarray) -> MirScore:
+  a, b = float(np.mean(v2t)), float(np.mean(t2v))
+  return MirScore(a, b, (a + b) / 2)
+
+
+def mir_metrics(similarity, relevancy, *, num_threads: int | None = None,
+                _fn: str = "mir_metrics", _which: tuple[bool, bool] = (True, True)) -> dict:
+  """Both EK-100 MIR metrics from one ranking per direction.
+
+  Args:
+    similarity: (videos, captions) predicted similarities, float32 (or float64 values that are
+      exactly float32). NaN is rejected.
+    relevancy: (videos, captions) semantic relevancy in [0, 1] (see `ek100_relevancy`).
+    num_threads: worker threads (numpy's sort releases the GIL); default: the usable CPUs.
+
+  Returns:
+    `{"mAP": MirScore, "nDCG": MirScore}`, each (video->text, text->video, average) in [0, 1].
+
+  Raises:
+    ValueError: shape mismatch, NaN similarity, negative / non-finite relevancy, or queries the
+      official code would turn into NaN (no item with relevancy == 1 for mAP, none > 0 for nDCG),
+      naming how many and which.
+
+  Example:
+    >>> m = mir_metrics(sim, rel)  # doctest: +SKIP
+    >>> m["mAP"].average, m["nDCG"].average  # doctest: +SKIP
+  """
+  need_map, need_ndcg = _which
+  sim, rel = _check_inputs(similarity, relevancy, _fn)
+  _check_queries(rel, _fn, need_map, need_ndcg)
+  with concurrent.futures.ThreadPoolExecutor(_num_threads(num_threads)) as pool:
+    rows = _direction(sim, rel, False, need_map, need_ndcg, pool)
+    cols = _direction(sim, rel, True, need_map, need_ndcg, pool)
+  out = {}
+  if need_map:
+    out["mAP"] = _score(rows.ap, cols.ap)
+  if need_ndcg:
+    out["nDCG"] = _score(rows.ndcg, cols.ndcg)
+  return out
+
+
+def mir_map(similarity, relevancy, *, num_threads: int | None = None) -> MirScore:
+  """EK-100 MIR mean average precision: (video->text, text->video, average).
+
+  See the module docstring for the formula (official `relevancy == 1` rule, partial relevancies
+  in the running sum) and `mir_metrics` for arguments and errors.
+
+  Example:
+    >>> s = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    >>> mir_map(s, np.eye(2, dtype=np.float32))
+    MirScore(video_to_text=1.0, text_to_video=1.0, average=1.0)
+  """
+  return mir_metrics(similarity, relevancy, num_threads=num_threads, _fn="mir_map",
+                     _which=(True, False))["mAP"]
+
+
+def mir_ndcg(similarity, relevancy, *, num_threads: int | None = None) -> MirScore:
+  """EK-100 MIR normalised DCG with the official k-counts: (video->text, text->video, average).
+
+  Example:
+    >>> s = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    >>> mir_ndcg(s, np.eye(2, dtype=np.float32))
+    MirScore(video_to_text=1.0, text_to_video=1.0, average=1.0)
+  """
+  return mir_metrics(similarity, relevancy, num_threads=num_threads, _fn="mir_ndcg",
+                     _which=(False, True))["nDCG"]

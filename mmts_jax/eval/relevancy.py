@@ -1,0 +1,186 @@
+"""EK-100 MIR relevancy: `0.5 * [verb classes equal] + 0.5 * IoU(noun class sets)`.
+
+The relevancy of a (video, caption) pair compares the classes of the video segment with the
+classes of the caption. The validation ("test") split has two files:
+
+* `EPIC_100_retrieval_test.csv`: the 9,668 video segments, with `verb_class` and
+  `all_noun_classes` (a list, e.g. `[2, 10]`);
+* `EPIC_100_retrieval_test_sentence.csv`: the 3,842 captions, each with the `narration_id` of a
+  video segment. A caption's classes are those of that segment.
+
+Going by the `narration_id` (not by matching the caption text) is what reproduces the official
+relevancy: 14 narrations (e.g. "stir") occur with several class sets, and the sentence file lists
+such a narration once per class set, each time with a segment that carries that class set. (In
+its last 7 rows the text column is shifted by one row against the ids; the ids are consistent
+with the classes, the text is not.) `tests/test_eval_mir.py` checks the result against the
+official relevancy slice in `shared/reference/ek100_mir_small.npz`.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy"]
+
+VIDEO_CSV = "EPIC_100_retrieval_test.csv"
+SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ek100MirAnnotations:
+  """Videos (rows of the similarity matrix) and captions (columns), with their classes."""
+  video_ids: tuple[str, ...]
+  video_verbs: np.ndarray  # (V,) int
+  video_nouns: tuple[tuple[int, ...], ...]
+  caption_ids: tuple[str, ...]  # the segment whose classes the caption takes
+  captions: tuple[str, ...]
+  caption_verbs: np.ndarray  # (C,) int
+  caption_nouns: tuple[tuple[int, ...], ...]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """(videos, captions): the shape of the similarity and relevancy matrices."""
+    return len(self.video_ids), len(self.caption_ids)
+
+
+def _read_rows(path: str, required: Sequence[str]) -> list[dict[str, str]]:
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+    return list(reader)
+
+
+def _noun_list(text: str, where: str) -> tuple[int, ...]:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"{where}: all_noun_classes must be a list of ints, got {text!r}") from e
+  if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+    raise ValueError(f"{where}: all_noun_classes must be a list of ints, got {text!r}")
+  return tuple(value)
+
+
+def read_ek100_mir(directory: str | os.PathLike | None = None, *,
+                   video_csv: str | os.PathLike | None = None,
+                   sentence_csv: str | os.PathLike | None = None) -> Ek100MirAnnotations:
+  """Reads the EK-100 MIR validation annotations (videos, captions and their classes).
+
+  Args:
+    directory: folder holding `EPIC_100_retrieval_test.csv` and
+      `EPIC_100_retrieval_test_sentence.csv`; or give both paths explicitly.
+
+  Raises:
+    ValueError: a missing column, a malformed class list, or a caption whose `narration_id`
+      is not a video segment.
+
+  Example:
+    >>> ann = read_ek100_mir("../shared/data/ek100")  # doctest: +SKIP
+    >>> ann.shape  # doctest: +SKIP
+    (9668, 3842)
+  """
+  if directory is not None:
+    video_csv = video_csv or os.path.join(directory, VIDEO_CSV)
+    sentence_csv = sentence_csv or os.path.join(directory, SENTENCE_CSV)
+  if video_csv is None or sentence_csv is None:
+    raise ValueError("read_ek100_mir: give a directory, or both video_csv and sentence_csv")
+  videos = _read_rows(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"))
+  sentences = _read_rows(os.fspath(sentence_csv), ("narration_id", "narration"))
+  index = {row["narration_id"]: i for i, row in enumerate(videos)}
+  verbs = np.array([int(row["verb_class"]) for row in videos], np.int64)
+  nouns = tuple(_noun_list(row["all_noun_classes"], f"{video_csv}:{i + 2}")
+                for i, row in enumerate(videos))
+  unknown = [row["narration_id"] for row in sentences if row["narration_id"] not in index]
+  if unknown:
+    raise ValueError(
+        f"{sentence_csv}: {len(unknown)} caption narration_id(s) are not video segments of "
+        f"{video_csv}, e.g. {unknown[:5]}")
+  source = [index[row["narration_id"]] for row in sentences]
+  return Ek100MirAnnotations(
+      video_ids=tuple(row["narration_id"] for row in videos),
+      video_verbs=verbs,
+      video_nouns=nouns,
+      caption_ids=tuple(row["narration_id"] for row in sentences),
+      captions=tuple(row["narration"] for row in sentences),
+      caption_verbs=verbs[source],
+      caption_nouns=tuple(nouns[i] for i in source))
+
+
+def _multi_hot(sets: Sequence[Sequence[int]], width: int) -> np.ndarray:
+  out = np.zeros((len(sets), width), np.float32)
+  rows = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+  cols = np.fromiter((c for s in sets for c in s), np.int64, count=len(rows))
+  out[rows, cols] = 1.0
+  return out
+
+
+def _unique_classes(verbs: np.ndarray, nouns: Sequence[Sequence[int]]):
+  """Distinct (verb, noun set) pairs and, for each item, the index of its pair."""
+  index: dict[tuple[int, tuple[int, ...]], int] = {}
+  inverse = np.fromiter(
+      (index.setdefault((int(v), tuple(sorted(set(n)))), len(index)) for v, n in zip(verbs, nouns)),
+      np.int64, count=len(verbs))
+  keys = list(index)
+  return np.array([k[0] for k in keys], np.int64), [k[1] for k in keys], inverse
+
+
+def class_relevancy(verbs_a, nouns_a: Sequence[Sequence[int]], verbs_b,
+                    nouns_b: Sequence[Sequence[int]]) -> np.ndarray:
+  r"""`0.5 * [verb_a == verb_b] + 0.5 * |N_a \cap N_b| / |N_a \cup N_b|` for every pair.
+
+  Args:
+    verbs_a, nouns_a: verb class and noun class set of each of A items (videos).
+    verbs_b, nouns_b: the same for B items (captions).
+
+  Returns:
+    (A, B) float32, computed in float64 (so 1/3 etc. round once); two empty noun sets have IoU 0.
+    Duplicate classes in one list count once. Only distinct (verb, noun set) pairs are compared
+    (EK-100 validation: about a tenth of the items), then expanded.
+
+  Example:
+    >>> class_relevancy([0, 1], [[2], [2, 3]], [0], [[2, 3]])
+    array([[0.75],
+           [0.5 ]], dtype=float32)
+  """
+  verbs_a = np.asarray(verbs_a)
+  verbs_b = np.asarray(verbs_b)
+  if verbs_a.shape != (len(nouns_a),) or verbs_b.shape != (len(nouns_b),):
+    raise ValueError(
+        f"class_relevancy: one verb per noun set needed, got {verbs_a.shape} verbs for "
+        f"{len(nouns_a)} noun sets and {verbs_b.shape} for {len(nouns_b)}")
+  negative = [c for s in list(nouns_a) + list(nouns_b) for c in s if c < 0]
+  if negative:
+    raise ValueError(f"class_relevancy: noun classes must be >= 0, got {negative[:5]}")
+  va, na, inv_a = _unique_classes(verbs_a, nouns_a)
+  vb, nb, inv_b = _unique_classes(verbs_b, nouns_b)
+  width = 1 + max((c for s in na + nb for c in s), default=0)
+  hot_a, hot_b = _multi_hot(na, width), _multi_hot(nb, width)
+  # Products of 0/1 summed over <= 2^24 classes are exact in float32.
+  inter = (hot_a @ hot_b.T).astype(np.float64)
+  union = hot_a.sum(1, dtype=np.float64)[:, None] + hot_b.sum(1, dtype=np.float64)[None] - inter
+  iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+  table = (0.5 * (va[:, None] == vb[None, :]) + 0.5 * iou).astype(np.float32)
+  return table[inv_a[:, None], inv_b[None, :]]
+
+
+def ek100_relevancy(annotations: Ek100MirAnnotations | str | os.PathLike) -> np.ndarray:
+  """The (videos, captions) relevancy of the EK-100 MIR validation split, float32.
+
+  Args:
+    annotations: `read_ek100_mir(...)` output, or the directory holding the two CSVs.
+
+  Example:
+    >>> rel = ek100_relevancy("../shared/data/ek100")  # doctest: +SKIP
+    >>> rel.shape, float(rel.max())  # doctest: +SKIP
+    ((9668, 3842), 1.0)
+  """
+  if not isinstance(annotations, Ek100MirAnnotations):
+    annotations = read_ek100_mir(annotations)
+  return class_relevancy(annotations.video_verbs, annotations.video_nouns,
+                         annotations.caption_verbs, annotations.caption_nouns)
