@@ -25,20 +25,27 @@ def _examples(n, with_caption=True, seed=0):
 
 def test_fingerprint_matches_independent_sha256():
   caps = ["a dog", "", "un chat \u00e9t\u00e9", "a dog"]
-  h = hashlib.sha256()
+  h = hashlib.sha256(b"mmts-dataset-v1\n4\n")
   for c in caps:
     b = c.encode("utf-8")
     h.update(struct.pack("<Q", len(b)) + b)
-  assert dataset_fingerprint(caps) == h.hexdigest()
+  assert dataset_fingerprint(caps) == "sha256:" + h.hexdigest()
+  # The value the cluster-table stage documents for the same function.
+  assert dataset_fingerprint(["open door", "take cup"])[:15] == "sha256:569530f4"
   assert dataset_fingerprint(["ab", "c"]) != dataset_fingerprint(["a", "bc"])
   assert dataset_fingerprint(caps) != dataset_fingerprint(caps[::-1])
+  assert dataset_fingerprint(caps) != dataset_fingerprint(caps[:3])
   assert dataset_fingerprint([1, 2]) == dataset_fingerprint(["1", "2"])
-  f = Fingerprinter()
+  f = Fingerprinter(4)
   for c in caps:
     f.update(c)
   assert f.hexdigest() == dataset_fingerprint(caps) and f.count == 4
   with pytest.raises(TypeError, match="float"):
     dataset_fingerprint([1.5])
+  short = Fingerprinter(5)
+  short.update("x")
+  with pytest.raises(ValueError, match="announced 5 keys but got 1"):
+    short.hexdigest()
 
 
 def test_roundtrip_shards_manifest_and_captions(tmp_path):
@@ -53,7 +60,7 @@ def test_roundtrip_shards_manifest_and_captions(tmp_path):
   # No temporary file survives a completed write.
   assert sorted(os.listdir(out)) == ["captions.jsonl", "data-00000.array_record",
                                      "data-00001.array_record", "data-00002.array_record",
-                                     "manifest.json"]
+                                     "keys.jsonl", "manifest.json"]
   src = records.RecordSource(out)
   assert len(src) == 23
   for i in (0, 9, 10, 22):
@@ -61,6 +68,7 @@ def test_roundtrip_shards_manifest_and_captions(tmp_path):
     assert r == {**exs[i], "index": i}
   assert [r["index"] for r in src.__getitems__([22, 3, 10])] == [22, 3, 10]
   assert records.read_captions(out) == [caption_of(i) for i in range(23)]
+  assert records.read_keys(out) == [f"k{i}" for i in range(23)]
   with pytest.raises(IndexError, match="23"):
     src[23]
 
@@ -70,6 +78,7 @@ def test_fingerprint_over_keys_without_captions(tmp_path):
   assert m.fingerprint_of == "key"
   assert m.fingerprint == dataset_fingerprint([f"k{i}" for i in range(5)])
   assert not (tmp_path / "ds" / "captions.jsonl").exists()
+  assert records.read_keys(tmp_path / "ds") == [f"k{i}" for i in range(5)]
   with pytest.raises(ValueError, match="no captions"):
     records.read_captions(tmp_path / "ds")
 

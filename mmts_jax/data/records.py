@@ -5,6 +5,7 @@ Layout of a converted dataset directory::
   manifest.json                 num_records, fingerprint, fields, shards (written last)
   data-00000.array_record ...   one msgpack map per record, `group_size:1` for random access
   captions.jsonl                line i = JSON string of record i's caption (when captions exist)
+  keys.jsonl                    line i = JSON string of record i's key (its id in the source)
 
 A record is a msgpack map with `index` (int, its record number, the stable position every
 training example carries), `key` (str, its id in the source: file name, tar key, TFDS id),
@@ -31,10 +32,10 @@ import numpy as np
 from mmts_jax.data.fingerprint import Fingerprinter
 
 __all__ = ["Manifest", "RecordWriter", "RecordSource", "write_records", "read_manifest",
-           "read_captions", "atomic_write_bytes", "MANIFEST", "FORMAT"]
+           "read_captions", "read_keys", "atomic_write_bytes", "MANIFEST", "FORMAT"]
 
 MANIFEST = "manifest.json"
-CAPTIONS = "captions.jsonl"
+SIDE_FILES = {"caption": "captions.jsonl", "key": "keys.jsonl"}
 FORMAT = "mmts_records/1"
 _SHARD = "data-{:05d}.array_record"
 # Field types a record may carry; `index` and `key` are always there.
@@ -45,8 +46,8 @@ _FIELD_TYPES = {"index": int, "key": str, "image": bytes, "caption": str, "label
 class Manifest:
   """What a converted dataset holds; `num_records` and `fingerprint` identify it.
 
-  `fingerprint` is `dataset_fingerprint` over the captions in record order, or over the keys when
-  the records have no captions (`fingerprint_of` says which).
+  `fingerprint` is `dataset_fingerprint` (`"sha256:..."`) over the captions in record order, or
+  over the keys when the records have no captions (`fingerprint_of` says which).
   """
   num_records: int
   fingerprint: str
@@ -139,10 +140,13 @@ class RecordWriter:
     self._lengths: list[int] = []
     self._writer = None
     self._tmp_shard: str | None = None
-    self._caption_fp, self._key_fp = Fingerprinter(), Fingerprinter()
-    fd, self._tmp_captions = tempfile.mkstemp(prefix=f".{CAPTIONS}.", suffix=".tmp",
-                                              dir=self.out_dir)
-    self._captions = os.fdopen(fd, "w", encoding="utf-8")
+    # Captions and keys also go to JSON-lines side files: the cluster-table stage reads them
+    # without touching images, and the fingerprint (whose header holds N) is hashed from them.
+    self._side, self._side_tmp = {}, {}
+    for field, name in SIDE_FILES.items():
+      fd, self._side_tmp[field] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp",
+                                                   dir=self.out_dir)
+      self._side[field] = os.fdopen(fd, "w", encoding="utf-8")
     self.num_records = 0
     self.manifest: Manifest | None = None
 
@@ -189,10 +193,9 @@ class RecordWriter:
     ex = {k: (int(v) if k in ("index", "label") else v) for k, v in ex.items()}
     self._writer.write(msgpack.packb(ex, use_bin_type=True))
     self._lengths[-1] += 1
-    self._key_fp.update(ex["key"])
-    if "caption" in ex:
-      self._caption_fp.update(ex["caption"])
-      self._captions.write(json.dumps(ex["caption"], ensure_ascii=False) + "\n")
+    for field, f in self._side.items():
+      if field in ex:
+        f.write(json.dumps(ex[field], ensure_ascii=False) + "\n")
     self.num_records += 1
     return ex["index"]
 
@@ -207,18 +210,20 @@ class RecordWriter:
       self.abort()
       raise ValueError(f"no records were written to {self.out_dir}")
     self._close_shard()
-    self._captions.close()
     has_captions = "caption" in self._fields
-    if has_captions:
-      os.replace(self._tmp_captions, self.out_dir / CAPTIONS)
-    else:
-      os.unlink(self._tmp_captions)
+    fingerprint_of = "caption" if has_captions else "key"
+    for field, f in self._side.items():
+      f.close()
+      if field in self._fields:
+        os.replace(self._side_tmp[field], self.out_dir / SIDE_FILES[field])
+      else:
+        os.unlink(self._side_tmp[field])
+    fingerprint = _fingerprint_file(self.out_dir / SIDE_FILES[fingerprint_of], self.num_records)
     types = {"index": "int64", "key": "str", "image": "bytes (encoded JPEG/PNG)",
              "caption": "str", "label": "int64"}
     self.manifest = Manifest(
         num_records=self.num_records,
-        fingerprint=(self._caption_fp if has_captions else self._key_fp).hexdigest(),
-        fingerprint_of="caption" if has_captions else "key",
+        fingerprint=fingerprint, fingerprint_of=fingerprint_of,
         fields={k: types[k] for k in self._fields},
         shards=tuple(self._shards), shard_lengths=tuple(self._lengths), source=self._source)
     atomic_write_bytes(self.out_dir / MANIFEST, self.manifest.to_json().encode())
@@ -234,10 +239,10 @@ class RecordWriter:
       self._writer.close()
       os.unlink(self._tmp_shard)
       self._writer = None
-    if not self._captions.closed:
-      self._captions.close()
-    if os.path.exists(self._tmp_captions):
-      os.unlink(self._tmp_captions)
+    for field, f in self._side.items():
+      f.close()
+      if os.path.exists(self._side_tmp[field]):
+        os.unlink(self._side_tmp[field])
 
 
 def write_records(out_dir: str | os.PathLike, examples, **kwargs) -> Manifest:
@@ -256,16 +261,41 @@ def read_manifest(data_dir: str | os.PathLike) -> Manifest:
   return Manifest.from_json(path.read_text())
 
 
-def read_captions(data_dir: str | os.PathLike) -> list[str]:
-  """The captions in record order (from `captions.jsonl`, without touching the images)."""
+def _json_lines(path: pathlib.Path) -> Iterator[Any]:
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      yield json.loads(line)
+
+
+def _fingerprint_file(path: pathlib.Path, n: int) -> str:
+  f = Fingerprinter(n)
+  for key in _json_lines(path):
+    f.update(key)
+  return f.hexdigest()
+
+
+def _read_side(data_dir, field: str) -> list:
   m = read_manifest(data_dir)
-  if m.fingerprint_of != "caption":
-    raise ValueError(f"{data_dir} has no captions (fields: {sorted(m.fields)})")
-  with open(pathlib.Path(data_dir) / CAPTIONS, encoding="utf-8") as f:
-    captions = [json.loads(line) for line in f]
-  if len(captions) != m.num_records:
-    raise ValueError(f"{CAPTIONS} has {len(captions)} lines, manifest says {m.num_records}")
-  return captions
+  if field not in m.fields:
+    raise ValueError(f"{data_dir} has no {field}s (fields: {sorted(m.fields)})")
+  name = SIDE_FILES[field]
+  values = list(_json_lines(pathlib.Path(data_dir) / name))
+  if len(values) != m.num_records:
+    raise ValueError(f"{name} has {len(values)} lines, manifest says {m.num_records}")
+  return values
+
+
+def read_captions(data_dir: str | os.PathLike) -> list[str]:
+  """The captions in record order (from `captions.jsonl`, without touching the images).
+
+  `dataset_fingerprint(read_captions(d)) == read_manifest(d).fingerprint`.
+  """
+  return _read_side(data_dir, "caption")
+
+
+def read_keys(data_dir: str | os.PathLike) -> list[str]:
+  """The source ids of the records in order (file names, tar keys, TFDS positions)."""
+  return _read_side(data_dir, "key")
 
 
 class RecordSource(Sequence):
