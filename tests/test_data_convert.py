@@ -179,9 +179,11 @@ def test_prepare_cli_prints_summary(folder, tmp_path, capsys):
   assert prepare.main(["inspect", str(out), "--num", "2"]) == 0
   text = capsys.readouterr().out
   assert "12 records in 1 shard(s)" in text and "key='images/000001.jpg'" in text
-  with pytest.raises(FileExistsError):
-    prepare.main(["table", str(tsv), "--images", str(root), "--out", str(out)])
+  assert prepare.main(["table", str(tsv), "--images", str(root), "--out", str(out)]) == 2
+  assert "already holds a dataset" in capsys.readouterr().err
   assert os.path.exists(out / "manifest.json")
+  assert prepare.main(["inspect", str(tmp_path / "nothing")]) == 2
+  assert "manifest.json is missing" in capsys.readouterr().err
 
 
 def test_tfds_source_reads_directly_through_the_pipeline(tfds_dir, tmp_path):

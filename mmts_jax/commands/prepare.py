@@ -81,10 +81,21 @@ def _inspect(args) -> int:
   return 0
 
 
+# Problems with the user's input: reported in one line (exit status 2), not as a traceback.
+_USER_ERRORS = (FileExistsError, FileNotFoundError, ValueError, KeyError, NotImplementedError)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  if args.source == "inspect":
-    return _inspect(args)
+  try:
+    return _inspect(args) if args.source == "inspect" else _convert(args)
+  except _USER_ERRORS as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"mmts prepare: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _convert(args) -> int:
   from mmts_jax.data import convert
   common = dict(shorter_side=args.shorter_side, on_error=args.on_error, threads=args.threads,
                 records_per_shard=args.records_per_shard, overwrite=args.overwrite,

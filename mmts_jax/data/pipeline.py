@@ -331,7 +331,7 @@ class DeviceIterator:
   Example:
     >>> sharding = NamedSharding(mesh, PartitionSpec("data"))          # doctest: +SKIP
     >>> it = DeviceIterator(pipe.loader(), sharding)                   # doctest: +SKIP
-    >>> state = it.get_state()   # {"position": 12}, save with the checkpoint
+    >>> state = it.get_state()   # {"position": 12}: save it with the checkpoint  # doctest: +SKIP
   """
 
   def __init__(self, loader: Loader, sharding, *, size: int = 2):
