@@ -176,7 +176,8 @@ def test_prepare_cli_prints_summary(folder, tmp_path, capsys):
   fp = dataset_fingerprint(caption_of(i) for i in range(12))
   assert "wrote 12 records" in text and "2 skipped" in text
   assert f"fingerprint: {fp}" in text
-  assert prepare.main(["inspect", str(out), "--num", "2"]) == 0
+  from mmts_jax import cli
+  assert cli.main(["prepare", "inspect", str(out), "--num", "2"]) == 0  # through `mmts`
   text = capsys.readouterr().out
   assert "12 records in 1 shard(s)" in text and "key='images/000001.jpg'" in text
   assert prepare.main(["table", str(tsv), "--images", str(root), "--out", str(out)]) == 2

@@ -148,7 +148,8 @@ def host_slice(global_batch_size: int, process_index: int | None = None,
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-  if global_batch_size < 1 or global_batch_size % process_count:
+  if (isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer))
+      or global_batch_size < 1 or global_batch_size % process_count):
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                      f"process_count={process_count}")
   return process_index, process_count, global_batch_size // process_count
