@@ -10,4 +10,7 @@ imports TFDS or transformers, and nothing here imports TensorFlow.
   tokenize     `TextTokenizer`: fixed-length int32 ids from a tokenizer directory
   pipeline     grain pipelines: seeded shuffling, per-host sharding, resumable loader, prefetch
   features     precomputed embeddings (npz) + index, for feature-level fine-tuning
+  tfds_source  a TFDS split read in place (`TfdsSource`), no conversion, no TensorFlow
+  trainer_source  `config.data.name = "mmts_jax.data.trainer_source:records"` for `mmts train`
+  synthetic    small real JPEG/PNG folders and webdataset tars, for tests and trying things
 """

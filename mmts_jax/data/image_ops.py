@@ -116,8 +116,12 @@ def normalize(img: Image.Image | np.ndarray, mean: np.ndarray = CLIP_MEAN,
   x = np.asarray(img, dtype=np.float32)
   if x.ndim != 3 or x.shape[-1] != 3:
     raise ValueError(f"normalize expects an RGB image (H, W, 3), got shape {x.shape}")
-  # One fused multiply-add per pixel: (p/255 - m)/s = p * (1/(255 s)) - m/s.
-  return x * (1.0 / (255.0 * std)).astype(np.float32) - (mean / std).astype(np.float32)
+  # (p/255 - m)/s = p * (1/(255 s)) - m/s, in place on the fresh float copy (no temporaries).
+  if x is img:
+    x = x.copy()
+  np.multiply(x, (1.0 / (255.0 * std)).astype(np.float32), out=x)
+  np.subtract(x, (mean / std).astype(np.float32), out=x)
+  return x
 
 
 def normalize_on_device(images, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD,
