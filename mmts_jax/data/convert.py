@@ -135,8 +135,9 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
                   log: Callable[[str], None] | None = None) -> Manifest:
   """CSV/TSV rows (image path relative to `image_dir`, caption[, int label]) -> records.
 
-  The delimiter defaults to a tab for `.tsv`/`.tab` files, else a comma. Columns are header names
-  or 0-based positions (`header=False` for headerless files such as CC3M's TSV).
+  The delimiter defaults to a tab for `.tsv`/`.tab` files (read without quoting, as TSV has
+  none), else a comma (RFC 4180 quoting). Columns are header names or 0-based positions
+  (`header=False` for headerless files such as CC3M's TSV).
 
   Example:
     >>> m = convert_table("pairs.csv", "images/", "data/pairs")   # doctest: +SKIP
@@ -153,7 +154,9 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
 
   def samples() -> Iterator[dict]:
     with open(table, newline="", encoding="utf-8") as f:
-      rows = csv.reader(f, delimiter=delimiter)
+      # TSV has no quoting (captions such as `the "best" cat` are literal); CSV has RFC 4180's.
+      quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+      rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
       head = next(rows) if header else None
       ci = _column(head, image_column, "image")
       cc = _column(head, caption_column, "caption")
