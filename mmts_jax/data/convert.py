@@ -39,13 +39,21 @@ _KEEP_FORMATS = ("JPEG", "PNG")
 
 
 class _Skip(Exception):
-  """A sample that cannot be converted (missing or undecodable image, no caption)."""
+  """A sample that cannot be converted: `reason` (counted in the manifest) and `detail`."""
+
+  def __init__(self, reason: str, detail: str = "", key: str | None = None):
+    super().__init__(reason, detail, key)
+    self.reason, self.detail, self.key = reason, detail, key
+
+  def __str__(self) -> str:
+    where = f"{self.key}: " if self.key is not None else ""
+    return f"{where}{self.reason}" + (f" ({self.detail})" if self.detail else "")
 
 
 def encode_for_storage(data: bytes, shorter_side: int | None = None, quality: int = 95) -> bytes:
   """Checks that `data` decodes; returns it unchanged, or re-encoded as JPEG when resized/foreign.
 
-  Raises `_Skip` (a `ValueError`-like skip reason) for data PIL cannot decode.
+  Raises `_Skip` (the reason a sample is skipped) for data PIL cannot decode.
   """
   from PIL import Image
   try:
@@ -53,7 +61,7 @@ def encode_for_storage(data: bytes, shorter_side: int | None = None, quality: in
     fmt = img.format
     img.load()
   except Exception as e:  # PIL raises many types for corrupt files
-    raise _Skip(f"undecodable image ({type(e).__name__}: {e})") from None
+    raise _Skip("undecodable image", f"{type(e).__name__}: {e}") from None
   if shorter_side is not None and min(img.size) > shorter_side:
     return image_ops.encode_jpeg(image_ops.shrink_shorter_side(image_ops.decode_image(img),
                                                                shorter_side), quality)
@@ -86,7 +94,7 @@ def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int 
         raise sample["image"]
       return {**sample, "image": encode_for_storage(sample["image"], shorter_side)}
     except _Skip as e:
-      return _Skip(f"{sample.get('key')}: {e}")
+      return _Skip(e.reason, e.detail, sample.get("key"))
 
   skipped, reasons = 0, collections.Counter()
   first: list[str] = []
@@ -99,7 +107,7 @@ def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int 
         if on_error == "raise":
           raise ValueError(f"cannot convert sample {result}")
         skipped += 1
-        reasons[str(result).split(": ", 1)[-1].split(" (")[0]] += 1
+        reasons[result.reason] += 1
         if len(first) < 5:
           first.append(str(result))
       else:
@@ -169,7 +177,7 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
         try:
           data = path.read_bytes()
         except OSError as e:
-          data = _Skip(f"missing image ({type(e).__name__})")
+          data = _Skip("missing image", type(e).__name__)
         sample = {"key": rel, "image": data, "caption": row[cc]}
         if cl is not None:
           try:
@@ -244,15 +252,15 @@ def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: 
   image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
   sample = {"key": key}
   if image is None:
-    sample["image"] = _Skip(f"no image file (has {sorted(fields)} in {os.path.basename(path)})")
+    sample["image"] = _Skip("no image file", f"has {sorted(fields)} in {os.path.basename(path)}")
   elif caption_ext not in fields:
-    sample["image"] = _Skip(f"no .{caption_ext} caption (in {os.path.basename(path)})")
+    sample["image"] = _Skip(f"no .{caption_ext} caption", f"in {os.path.basename(path)}")
   else:
     sample["image"] = image
   sample["caption"] = fields.get(caption_ext, b"").decode("utf-8").strip()
   if label_ext is not None:
     if label_ext not in fields:
-      sample["image"] = _Skip(f"no .{label_ext} label (in {os.path.basename(path)})")
+      sample["image"] = _Skip(f"no .{label_ext} label", f"in {os.path.basename(path)}")
     else:
       sample["label"] = int(fields[label_ext].decode().strip())
   return sample
