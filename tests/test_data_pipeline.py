@@ -93,6 +93,22 @@ def test_seeded_shuffle_covers_each_epoch_once(data_dir, tok):
   assert not np.array_equal(other, idx)
 
 
+def test_augmentation_changes_per_epoch_and_replays_exactly(tmp_path, tok):
+  import io
+
+  from PIL import Image
+  ramp = np.add.outer(np.arange(48), np.arange(64)).astype(np.uint8)  # non-flat: crops differ
+  buf = io.BytesIO()
+  Image.fromarray(np.stack([ramp, ramp[::-1], 255 - ramp], -1)).save(buf, format="PNG")
+  records.write_records(tmp_path / "one", [{"image": buf.getvalue(), "caption": "a ramp"}])
+  pipe = _pipe(tmp_path / "one", tok, global_batch_size=1, num_epochs=4, crop_scale=(0.3, 0.6))
+  images = [b["image"][0] for b in pipe.loader(num_threads=1)]
+  assert len(images) == 4
+  assert all(not np.allclose(images[a], images[b]) for a in range(4) for b in range(a))
+  again = [b["image"][0] for b in pipe.loader(position=2, num_threads=1)]
+  np.testing.assert_array_equal(again[0], images[2])
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_hosts_read_disjoint_rows_of_the_same_global_batches(data_dir, tok, process_count):
   whole = _all(_pipe(data_dir, tok, num_epochs=1).loader(num_threads=2))
