@@ -53,4 +53,4 @@ def max_margin_gathered(image, text, margin, axis_name, precision=None):
   h1 = jax.nn.relu(m[:, None] - pos[:, None] + similarity(image, all_text, precision))
   h2 = jax.nn.relu(m[:, None] - pos[:, None] + similarity(text, all_image, precision))
   part = jnp.sum(jnp.where(off, h1 + h2, 0))
-  return jax.lax.psum(part, axis_name) / (2 * n * (n - 1))
+  return jax.lax.psum(part, axis_name) / float(2 * n * (n - 1))

@@ -88,4 +88,4 @@ def max_margin_ring(image, text, margin, axis_name, *, block_size=None, precisio
     raise ValueError("max_margin: needs a global batch of at least 2")
   blocks = blockwise.resolve_blocks(block_size, b, b, "max_margin")
   part = blockwise.max_margin_partial_sum(image, text, margin, blocks, precision, axis_name)
-  return lax.psum(part, axis_name) / (2 * total * (total - 1))
+  return lax.psum(part, axis_name) / float(2 * total * (total - 1))

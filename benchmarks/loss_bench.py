@@ -1,0 +1,274 @@
+"""MM-TS InfoNCE (and max-margin) forward+backward on GPU: mmts_jax's dense, blockwise and ring
+losses beside the peers of ../shared/peers/peer_loss_bench.py, in one run.
+
+Every measurement runs in its own process (a clean peak-memory counter, an OOM kills only
+itself) and prints one JSON line; `sweep` runs a plan, writes all lines to one json file
+(atomically) and prints a markdown table.
+
+  # one measurement
+  python benchmarks/loss_bench.py one --impl blockwise --B 131072 --dtype f32
+  # the benchmark of benchmarks/BENCHMARKS_losses.md (one H100)
+  python benchmarks/loss_bench.py sweep --plan h100 --peers ../shared/peers/peer_loss_bench.py \
+      --out benchmarks/results/loss_h100.json
+  # the ring on all local GPUs against one of them, global B=262,144
+  python benchmarks/loss_bench.py sweep --plan ring --out benchmarks/results/loss_ring.json
+  # the table again from saved results
+  python benchmarks/loss_bench.py table benchmarks/results/loss_h100.json
+
+Inputs: L2-normalised Gaussian embeddings (f32, or those cast to bf16), per-anchor temperatures
+`0.05 + 0.05 * U(0, 1)`, as the peers. Time: median of `--rep` timed calls of the jitted
+`value_and_grad` w.r.t. both embeddings after `--warm` calls; memory: the device allocator's
+`peak_bytes_in_use` of the process (inputs, gradients and temporaries).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+GIB = 2 ** 30
+
+
+def _timeit(fn, warm, rep):
+  for _ in range(warm):
+    fn()
+  ts = []
+  for _ in range(rep):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  ts.sort()
+  return ts[len(ts) // 2]
+
+
+def _inputs(b, d, dtype, n_dev=1):
+  import jax
+  import jax.numpy as jnp
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+
+  def norm(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  img = norm(jax.random.normal(k1, (b, d)))
+  txt = norm(jax.random.normal(k2, (b, d)))
+  tau = 0.05 + 0.05 * jax.random.uniform(k3, (b,))
+  dt = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
+  return img.astype(dt), txt.astype(dt), tau
+
+
+def run_one(args) -> dict:
+  """One (impl, loss, B, dtype) measurement in this process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mmts_jax import losses
+  from mmts_jax.losses import blockwise
+  res = {"impl": args.impl, "loss": args.loss, "B": args.B, "D": args.D, "dtype": args.dtype,
+         "block": args.block, "devices": 1, "tiles": args.tiles}
+  if args.tiles != "auto":
+    blockwise.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
+  if args.triton:
+    blockwise._SUB, blockwise._SUB_K, warps, stages = args.triton
+    blockwise._TRITON.update(num_warps=warps, num_stages=stages)
+    res["triton"] = args.triton
+  try:
+    img, txt, tau = _inputs(args.B, args.D, args.dtype)
+    fn = losses.infonce if args.loss == "infonce" else losses.max_margin
+    block = tuple(args.block) if args.block else None
+    if args.impl in ("dense", "blockwise"):
+      def loss(x, y):
+        return fn(x, y, tau, impl=args.impl, block_size=block)
+    elif args.impl in ("ring", "gather"):
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      devs = jax.devices()
+      res["devices"] = len(devs)
+      mesh = Mesh(np.array(devs), ("batch",))
+      sharded = losses.make_sharded_loss(mesh, args.loss, sharded=args.impl, block_size=block)
+      shard = NamedSharding(mesh, P("batch"))
+      img, txt, tau = (jax.device_put(a, shard) for a in (img, txt, tau))
+
+      def loss(x, y):
+        return sharded(x, y, tau)
+    else:
+      raise ValueError(f"unknown impl {args.impl!r}")
+    g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(g(img, txt))
+    res["first_call_s"] = round(time.perf_counter() - t0, 2)
+    t = _timeit(lambda: jax.block_until_ready(g(img, txt)), args.warm, args.rep)
+    res["ms"] = round(t * 1e3, 2)
+    res["loss_value"] = float(out[0])
+    res["grad_finite"] = bool(jnp.all(jnp.isfinite(out[1][0].astype(jnp.float32))))
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", -1) for d in jax.devices()]
+    res["peak_gib"] = round(max(peaks) / GIB, 3)
+    res["device_kind"] = jax.devices()[0].device_kind
+  except Exception as e:  # OOM and friends are results too
+    res["error"] = type(e).__name__ + ": " + str(e).splitlines()[0][:200]
+  return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: lists of measurements, each a command line run in a fresh process.
+
+def _ours(impl, b, dtype, block=None, loss="infonce", warm=2, rep=5, env=None, tiles="auto",
+          triton=None):
+  cmd = [sys.executable, os.path.abspath(__file__), "one", "--impl", impl, "--B", str(b),
+         "--dtype", dtype, "--loss", loss, "--warm", str(warm), "--rep", str(rep),
+         "--tiles", tiles]
+  if block:
+    cmd += ["--block", str(block[0]), str(block[1])]
+  if triton:
+    cmd += ["--triton"] + [str(v) for v in triton]
+  return {"cmd": cmd, "env": env or {}}
+
+
+def _peer(peers, mode, b, d=512):
+  return {"cmd": [sys.executable, peers, mode, str(b), str(d)], "env": {}, "peer": True}
+
+
+def plan(name, peers):
+  sizes = [8192, 32768, 65536, 131072, 262144, 524288, 1048576]
+  p = []
+  if name == "explore":
+    for blk in [(4096, 4096), (8192, 8192), (16384, 4096), (4096, 16384), (16384, 16384)]:
+      p.append(_ours("blockwise", 32768, "f32", blk))
+    for blk in [(8192, 8192), (16384, 16384)]:
+      p.append(_ours("blockwise", 131072, "f32", blk))
+      p.append(_ours("blockwise", 131072, "bf16", blk))
+    p.append(_ours("dense", 32768, "f32"))
+    return p
+  if name == "explore2":
+    for b in (32768, 131072):
+      for blk in [(8192, 8192), (4096, 16384)]:
+        p.append(_ours("blockwise", b, "f32", blk))
+    p.append(_ours("blockwise", 131072, "bf16", (8192, 8192)))
+    for tr in [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 16, 8, 4)]:
+      p.append(_ours("blockwise", 32768, "f32", (8192, 8192), triton=tr))
+    p.append(_ours("blockwise", 32768, "bf16", (8192, 8192), triton=(128, 64, 8, 3)))
+    return p
+  if name == "h100":
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+      for b in (8192, 32768):
+        for mode in ("torch_naive", "jax_naive", "infcl"):
+          p.append(_peer(peers, mode, b))
+    for b in (8192, 32768, 65536):
+      p.append(_ours("dense", b, "f32"))
+    for b in sizes:
+      big = b >= 524288
+      for dtype in ("f32", "bf16"):
+        p.append(_ours("blockwise", b, dtype, warm=0 if big else 2, rep=2 if big else 5))
+    # The other tile kernel of each dtype, to show why the default is what it is.
+    p.append(_ours("blockwise", 131072, "f32", tiles="fused"))
+    p.append(_ours("blockwise", 131072, "bf16", tiles="xla"))
+    for b in (32768, 131072):
+      p.append(_ours("blockwise", b, "f32", loss="max_margin"))
+    return p
+  if name == "ring":
+    one = {"CUDA_VISIBLE_DEVICES": "0"}
+    for b in (131072, 262144):
+      p.append(_ours("blockwise", b, "f32", env=one, rep=3))
+      p.append(_ours("ring", b, "f32", rep=3))
+    p.append(_ours("blockwise", 262144, "bf16", env=one, rep=3))
+    p.append(_ours("ring", 262144, "bf16", rep=3))
+    p.append(_ours("gather", 32768, "f32"))
+    return p
+  raise ValueError(f"unknown plan {name!r}")
+
+
+def _run(item, timeout):
+  env = dict(os.environ, **item["env"])
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  try:
+    out = subprocess.run(item["cmd"], env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"cmd": " ".join(item["cmd"][2:]), "error": f"timeout after {timeout} s"}
+  lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+  if not lines:
+    return {"cmd": " ".join(item["cmd"][2:]), "error": (out.stderr.strip().splitlines() or
+                                                        ["no output"])[-1][:300]}
+  res = json.loads(lines[-1])
+  if item.get("peer"):
+    res["source"] = "peer script, this run"
+    res.setdefault("impl", "peer:" + res.get("mode", "?"))
+  return res
+
+
+def write_json(path, obj):
+  """Atomic write: a temp file in the same directory, then `os.replace`."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def table(results) -> str:
+  rows = ["| impl | tiles | loss | B | dtype | devices | ms (median) | peak GiB | loss value |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in results:
+    if "fp32_tflops" in r:
+      continue
+    ms = r.get("ms", r.get("error", "")[:60])
+    tiles = r.get("tiles", "") if r.get("impl") in ("blockwise", "ring") else ""
+    lv = f"{r['loss_value']:.6f}" if "loss_value" in r else ""
+    rows.append(f"| {r.get('impl', r.get('mode'))} | {tiles} | {r.get('loss', 'infonce')} | "
+                f"{r.get('B')} | {r.get('dtype', 'f32')} | {r.get('devices', 1)} | {ms} | "
+                f"{r.get('peak_gib', '')} | {lv} |")
+  return "\n".join(rows)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  one = sub.add_parser("one", help="one measurement in this process (one JSON line)")
+  one.add_argument("--impl", default="blockwise",
+                   choices=["dense", "blockwise", "ring", "gather"])
+  one.add_argument("--loss", default="infonce", choices=["infonce", "max_margin"])
+  one.add_argument("--B", type=int, default=8192)
+  one.add_argument("--D", type=int, default=512)
+  one.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+  one.add_argument("--block", type=int, nargs=2, default=None)
+  one.add_argument("--tiles", default="auto", choices=["auto", "xla", "fused"],
+                   help="xla: the XLA tiles; fused: the Pallas tiles (auto: fused for bf16 on GPU)")
+  one.add_argument("--triton", type=int, nargs=4, default=None,
+                   metavar=("SUB", "SUB_K", "WARPS", "STAGES"), help="fused-tile parameters")
+  one.add_argument("--warm", type=int, default=2)
+  one.add_argument("--rep", type=int, default=5)
+  sw = sub.add_parser("sweep", help="run a plan, one process per measurement")
+  sw.add_argument("--plan", required=True, choices=["explore", "explore2", "h100", "ring"])
+  sw.add_argument("--peers", default=None, help="path of peer_loss_bench.py (optional)")
+  sw.add_argument("--out", required=True)
+  sw.add_argument("--timeout", type=int, default=240)
+  tb = sub.add_parser("table", help="markdown table of saved results")
+  tb.add_argument("paths", nargs="+")
+  args = ap.parse_args(argv)
+  if args.cmd == "one":
+    print(json.dumps(run_one(args)), flush=True)
+    return 0
+  if args.cmd == "table":
+    results = []
+    for p in args.paths:
+      with open(p) as f:
+        results += json.load(f)["results"]
+    print(table(results))
+    return 0
+  results = []
+  meta = {"plan": args.plan, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "command": " ".join(sys.argv)}
+  for item in plan(args.plan, args.peers):
+    r = _run(item, args.timeout)
+    results.append(r)
+    print(json.dumps(r), flush=True)
+    write_json(args.out, {"meta": meta, "results": results})  # partial results survive a kill
+  print(table(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
