@@ -1,7 +1,7 @@
 """`mmts synthetic`: the built-in synthetic long-tail benchmark, end to end on a CPU.
 
 Draws a long-tailed image-caption dataset (40 Zipf classes, imbalance 100), builds the cluster
-table (MiniLM caption embeddings + K-Means), trains CLIP (fixed temperature), TS, ICS and TS&ICS
+table (MiniLM caption embeddings + K-Means), trains a fixed temperature, TS, ICS and TS&ICS
 (MM-TS) with the same budget and seeds, and prints test R@1/5/10 overall / head / tail. Writes
 `WORKDIR/results.json` and `WORKDIR/plots/*.png`. The defaults finish in about 6 minutes on 2
 CPU cores.
@@ -21,21 +21,25 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300)")
   p.add_argument("--batch-size", type=int, default=None, help="global batch (default 256)")
   p.add_argument("--rows", default=None,
-                 help="comma-separated ablation rows among clip,ts,ics,mmts,learnable "
-                      "(default clip,ts,ics,mmts)")
+                 help="comma-separated ablation rows among fixed,clip,ts,ics,mmts (clip: "
+                      "learnable temperature; default fixed,ts,ics,mmts)")
   p.add_argument("--clusters", type=int, default=None, help="K-Means k (default 30)")
   p.add_argument("--num-classes", type=int, default=None, help="classes (default 40)")
   p.add_argument("--head-size", type=int, default=None, help="largest class (default 1000)")
   p.add_argument("--imbalance", type=float, default=None, help="largest / smallest (default 100)")
   p.add_argument("--eval-every", type=int, default=None, help="test R@K every N steps (default 50)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="use the first N local devices for the encoder and training (default: all)")
   p.add_argument("--no-plots", action="store_true", help="skip the figures")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the runs of an earlier benchmark in WORKDIR")
   return p
 
 
 def build_config(args):
-  """The `configs/synthetic.py` configuration with the command-line overrides applied."""
-  from configs import synthetic as synthetic_config
-  c = synthetic_config.get_config()
+  """The `mmts_jax.synthetic.config` configuration with the command-line overrides applied."""
+  from mmts_jax.synthetic.config import get_config
+  c = get_config()
   if args.steps is not None:
     c.total_steps = args.steps
     c.optim.warmup_steps = min(c.optim.warmup_steps, max(args.steps // 10, 0))
@@ -48,12 +52,13 @@ def build_config(args):
     c.synthetic.seeds = args.seeds
   if args.rows is not None:
     c.synthetic.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+  if args.devices is not None:
+    c.synthetic.num_devices = args.devices
   if args.clusters is not None:
     c.synthetic.num_clusters = args.clusters
-  gen = c.synthetic.generator
   for name in ("num_classes", "head_size", "imbalance"):
     if getattr(args, name) is not None:
-      gen[name] = type(gen[name])(getattr(args, name))
+      c.data[name] = type(c.data[name])(getattr(args, name))
   return c
 
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
   from mmts_jax.synthetic import benchmark
   try:
     config = build_config(args)
-    benchmark.run(config, args.workdir, plot=not args.no_plots)
+    benchmark.run(config, args.workdir, plot=not args.no_plots, overwrite=args.overwrite)
   except (ValueError, TypeError) as e:
     print(f"mmts synthetic: {e}", file=sys.stderr)
     return 2

@@ -2,85 +2,69 @@
 
 1. `generator.make_dataset`: long-tailed train split, balanced test split, head/tail classes.
 2. Cluster table: the training captions through the MiniLM sentence encoder, K-Means with
-   `k = config.synthetic.num_clusters`; each sample's shift is Eq. 6 of its cluster size.
-3. Every ablation row (`configs/synthetic.py`: CLIP, TS, ICS, TS&ICS) is trained by the real
+   `k = config.synthetic.num_clusters`, saved as a `ClusterTable`; the trainer loads it
+   (`config.mmts.cluster_table`), checks its fingerprint and gathers each sample's Eq. 6 shift.
+3. Every ablation row (`mmts_jax.synthetic.config`: fixed, TS, ICS, TS&ICS) is trained by the real
    trainer (`mmts_jax.train.train_and_evaluate`) with the same budget, batch order and seeds.
 4. Test retrieval R@1/5/10 (image->text and text->image, averaged), overall and for head / tail
    queries, every `config.eval.every_steps` steps (learning curves) and at the end.
 5. `results.json`, a printed table (mean +- std over seeds) and the plots of `plots.py`.
 
 Example:
-  >>> from configs import synthetic  # doctest: +SKIP
-  >>> results = run(synthetic.get_config(), "/tmp/mmts_synthetic")  # doctest: +SKIP
+  >>> from mmts_jax.synthetic.config import get_config  # doctest: +SKIP
+  >>> results = run(get_config(), "/tmp/mmts_synthetic")  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import pathlib
-import tempfile
+import shutil
 import time
-from typing import Any, Callable
-
 import numpy as np
 
 from mmts_jax import shifts
 from mmts_jax.synthetic import generator, metrics
 
-__all__ = ["run", "make_generator_config", "cluster_captions", "evaluate", "summarize",
+__all__ = ["run", "cluster_captions", "evaluate", "summarize",
            "format_table", "RECALL_KS"]
 
 RECALL_KS = (1, 5, 10)
 GROUPS = ("all", "head", "tail")
 
 
-def make_generator_config(cfg) -> generator.GeneratorConfig:
-  """`config.synthetic.generator` -> a validated `GeneratorConfig`."""
-  fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  return generator.GeneratorConfig(**fields)
-
-
-def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "w") -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def write_json(path, obj) -> None:
-  _atomic_write(pathlib.Path(path), lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+  from mmts_jax.cluster_table import atomic_write
+  text = json.dumps(obj, indent=2, sort_keys=True)
+  atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def write_npz(path, **arrays) -> None:
-  _atomic_write(pathlib.Path(path), lambda f: np.savez(f, **arrays), mode="wb")
+def cluster_captions(captions, k: int, seed: int, *, devices=None, log=print):
+  """The preprocessing stage on the training captions: MiniLM embeddings -> K-Means -> table.
 
-
-def cluster_captions(captions, k: int, seed: int, log=print) -> dict:
-  """MiniLM caption embeddings -> K-Means; returns `cluster` (N,), `sizes` (k,), provenance.
-
-  Each distinct caption is encoded once (head classes repeat captions), then every sample gets
-  its caption's embedding, so K-Means still weighs duplicates by their count.
+  Each distinct caption is encoded once (head classes repeat captions) and every sample gets its
+  caption's embedding, so K-Means still weighs duplicates by their count. Returns a
+  `ClusterTable` fingerprinted with the captions in index order.
   """
-  from mmts_jax.text.encoder import SentenceEncoder
-  from sklearn.cluster import KMeans  # TODO: mmts_jax.clustering once it lands
+  from mmts_jax.cluster_table import ClusterTable, dataset_fingerprint
+  from mmts_jax.clustering import kmeans
+  from mmts_jax.text import SentenceEncoder
   captions = list(captions)
   unique, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
   t0 = time.perf_counter()
-  encoder = SentenceEncoder.load(None)
+  encoder = SentenceEncoder.load(None, devices=devices)
   emb = np.asarray(encoder.encode([str(u) for u in unique]))[inverse]
   t1 = time.perf_counter()
-  cluster = KMeans(k, n_init=3, random_state=seed).fit(emb).labels_.astype(np.int32)
+  # The JAX back-end: no scikit-learn import (seconds on a small CPU), same devices as the rest.
+  result = kmeans(emb, k, seed=seed, backend="jax", n_init=3, devices=devices)
   t2 = time.perf_counter()
-  log(f"cluster table: {len(unique)} distinct captions encoded in {t1 - t0:.1f}s, K-Means "
-      f"k={k} in {t2 - t1:.1f}s")
-  return {"cluster": cluster, "sizes": np.bincount(cluster, minlength=k),
-          "provenance": {"source": "captions", "model": encoder.name, "k": k, "seed": seed,
-                         "num_examples": len(captions)}}
+  log(f"cluster table: {len(unique)} distinct captions encoded by {encoder.name} in "
+      f"{t1 - t0:.1f}s, K-Means k={k} in {t2 - t1:.1f}s")
+  return ClusterTable.from_assignments(
+      result.labels, k, source="text", fingerprint=dataset_fingerprint(captions),
+      fingerprint_keys="captions", k=k, seed=seed, backend="jax", n_init=3,
+      inertia=float(result.inertia), embed_seconds=round(t1 - t0, 3),
+      cluster_seconds=round(t2 - t1, 3), **encoder.provenance())
 
 
 def _embed_split(embed, variables, split: generator.Split) -> tuple[np.ndarray, np.ndarray]:
@@ -106,10 +90,9 @@ def evaluate(image: np.ndarray, text: np.ndarray, split: generator.Split,
 
 
 def _row_config(base, row: str, seed: int):
-  from configs import synthetic as synthetic_config  # the row table lives with the config
-  cfg = copy.deepcopy(base)
+  from mmts_jax.train import with_row
+  cfg = with_row(copy.deepcopy(base), row)
   cfg.seed = int(seed)
-  cfg.temperature.update(synthetic_config.row_temperature(row))
   return cfg
 
 
@@ -139,56 +122,64 @@ def format_table(summary: dict, labels: dict[str, str] | None = None) -> str:
   return "\n".join(lines)
 
 
-def run(config, workdir, *, log=print, plot: bool = True) -> dict:
-  """Runs the whole benchmark of `config` (see `configs/synthetic.py`) in `workdir`.
+def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = False) -> dict:
+  """Runs the whole benchmark of `config` (`mmts_jax.synthetic.config`) in `workdir`.
 
-  Writes `workdir/{data/train.npz, cluster_table.npz, results.json, plots/*.png}` and one trainer
-  workdir per row and seed under `workdir/runs/<row>/seed_<s>/`. Returns the results dict.
+  Writes `workdir/{cluster_table.npz, results.json, plots/*.png}` and one trainer workdir per row
+  and seed, `workdir/runs/<row>/seed_<s>/` (metrics.jsonl, final checkpoint). Returns the
+  results dict. Refuses a workdir that already holds runs unless `overwrite`.
   """
   from mmts_jax import train
+  from mmts_jax.cluster_table import dataset_fingerprint
   from mmts_jax.metrics_log import read_metrics
-  from configs import synthetic as synthetic_config
+  from mmts_jax.synthetic import config as config_lib, source
 
   syn = config.synthetic
   seeds = int(syn.seeds)
   if seeds < 1:
     raise ValueError(f"synthetic.seeds must be >= 1, got {seeds}")
   rows = tuple(syn.rows)
+  if not rows:
+    raise ValueError("synthetic.rows is empty: name at least one ablation row")
   for row in rows:
-    synthetic_config.row_temperature(row)   # unknown rows fail before any work
+    train.with_row(copy.deepcopy(config), row)   # an unknown row fails before any work
   shifts.validate_positive(float(config.mmts.alpha), float(config.mmts.sh_min),
                            float(config.mmts.sh_max))
+  gen_cfg = source.generator_config(config.data)
   k = int(syn.num_clusters)
-  gen_cfg = make_generator_config(syn.generator)
   if not 2 <= k <= gen_cfg.head_size:
     raise ValueError(f"synthetic.num_clusters must be in [2, {gen_cfg.head_size}], got {k}")
-
+  devices = _devices(int(syn.get("num_devices", 0) or 0))
   workdir = pathlib.Path(workdir).absolute()
-  (workdir / "data").mkdir(parents=True, exist_ok=True)
+  runs_dir = workdir / "runs"
+  if runs_dir.exists():
+    if not overwrite:
+      raise ValueError(f"{runs_dir} already holds runs: choose another workdir or overwrite")
+    shutil.rmtree(runs_dir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
   t_start = time.perf_counter()
   ds = generator.make_dataset(gen_cfg)
   log(f"data: {len(ds.train)} train pairs in {gen_cfg.num_classes} classes (sizes "
       f"{ds.class_sizes.max()}..{ds.class_sizes.min()}, imbalance {ds.imbalance:.0f}; "
       f"{int(ds.head_classes.sum())} head, {int(ds.tail_classes.sum())} tail classes), "
       f"{len(ds.test)} balanced test pairs")
-  data_path = workdir / "data" / "train.npz"
-  write_npz(data_path, image_features=ds.train.image, text=ds.train.tokens, index=ds.train.index)
 
-  table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), log=log)
-  sample_sizes = table["sizes"][table["cluster"]]
-  shift_table = shifts.cluster_shift(sample_sizes, float(config.mmts.sh_min),
-                                     float(config.mmts.sh_max)).astype(np.float32)
-  write_npz(workdir / "cluster_table.npz", cluster=table["cluster"], sizes=table["sizes"],
-            shift=shift_table, provenance=json.dumps(table["provenance"]),
-            fingerprint=ds.fingerprint())
+  table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), devices=devices,
+                           log=log)
+  table_path = workdir / "cluster_table.npz"
+  table.save(table_path)
+  shift_table = table.shift_table(float(config.mmts.sh_min), float(config.mmts.sh_max))
 
+  # The trainer loads the table itself and checks it against the source's fingerprint.
   base = copy.deepcopy(config)
-  base.data.name, base.data.path = "npz", str(data_path)
+  base.mmts.cluster_table = str(table_path)
+  base.mesh.num_devices = len(devices)
   runs = []
   for seed in range(seeds):
     for row in rows:
       cfg = _row_config(base, row, seed)
-      run_dir = workdir / "runs" / row / f"seed_{seed}"
+      run_dir = runs_dir / row / f"seed_{seed}"
       curve: list[dict] = []
 
       def eval_fn(step, embed, variables, curve=curve):
@@ -197,10 +188,10 @@ def run(config, workdir, *, log=print, plot: bool = True) -> dict:
         return {f"test/{k}": v for k, v in result.items() if not k.startswith(("i2t", "t2i"))}
 
       t0 = time.perf_counter()
-      result = train.train_and_evaluate(cfg, run_dir, shift_table=shift_table, eval_fn=eval_fn)
+      result = train.train_and_evaluate(cfg, run_dir, eval_fn=eval_fn)
       final = curve[-1]
-      runs.append({"row": row, "seed": seed, "final": {k: v for k, v in final.items()
-                                                        if k != "step"},
+      runs.append({"row": row, "seed": seed,
+                   "final": {k: v for k, v in final.items() if k != "step"},
                    "curve": curve, "train_log": read_metrics(run_dir),
                    "seconds": time.perf_counter() - t0, "status": result.status})
       log(f"  {row:<6} seed {seed}: R@1 all {100 * final['all/R@1']:.1f} head "
@@ -210,16 +201,16 @@ def run(config, workdir, *, log=print, plot: bool = True) -> dict:
   summary = summarize(runs)
   results = {
       "summary": summary, "runs": runs, "rows": list(rows), "seeds": seeds,
-      "labels": {r: synthetic_config.ROW_LABELS.get(r, r) for r in rows},
+      "labels": {r: config_lib.ROW_LABELS.get(r, r) for r in rows},
       "config": config.to_dict(),
       "data": {"num_train": len(ds.train), "num_test": len(ds.test),
                "class_sizes": ds.class_sizes.tolist(), "imbalance": ds.imbalance,
                "head_classes": np.flatnonzero(ds.head_classes).tolist(),
                "tail_classes": np.flatnonzero(ds.tail_classes).tolist(),
-               "fingerprint": ds.fingerprint()},
-      "clusters": {"sizes": table["sizes"].tolist(), "provenance": table["provenance"],
+               "fingerprint": dataset_fingerprint(ds.train.captions)},
+      "clusters": {"sizes": table.sizes.tolist(), "provenance": dict(table.provenance),
                    "shift_min": float(shift_table.min()), "shift_max": float(shift_table.max()),
-                   "class_cluster_nmi": _nmi(ds.train.label, table["cluster"])},
+                   "class_cluster_nmi": _nmi(ds.train.label, table.cluster_ids)},
       "seconds": time.perf_counter() - t_start,
   }
   write_json(workdir / "results.json", results)
@@ -228,8 +219,18 @@ def run(config, workdir, *, log=print, plot: bool = True) -> dict:
     results["plots"] = plots.write_all(results, workdir / "plots", config)
     write_json(workdir / "results.json", results)
   log("\n" + format_table(summary, results["labels"]))
-  log(f"\nR@K in %, mean +- std over {seeds} seed(s); results in {workdir / 'results.json'}")
+  log(f"\nR@K in %, mean +- std over {seeds} seed(s), {time.perf_counter() - t_start:.0f}s; "
+      f"results in {workdir / 'results.json'}")
   return results
+
+
+def _devices(num_devices: int) -> list:
+  """The first `num_devices` local devices (0: all) for the encoder and the trainer's mesh."""
+  import jax
+  devices = jax.local_devices()
+  if not 0 <= num_devices <= len(devices):
+    raise ValueError(f"synthetic.num_devices must be in [0, {len(devices)}], got {num_devices}")
+  return devices[:num_devices] if num_devices else devices
 
 
 def _nmi(a: np.ndarray, b: np.ndarray) -> float:

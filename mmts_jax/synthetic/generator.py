@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 import statistics
@@ -167,11 +166,9 @@ class SyntheticDataset:
             "tail": self.tail_classes[label]}
 
   def fingerprint(self) -> str:
-    """sha256 of the training captions and labels in index order: identifies the dataset."""
-    h = hashlib.sha256()
-    h.update(self.train.label.tobytes())
-    h.update("\n".join(self.train.captions).encode())
-    return h.hexdigest()
+    """The cluster table's dataset fingerprint of the training captions in index order."""
+    from mmts_jax.cluster_table import dataset_fingerprint
+    return dataset_fingerprint(self.train.captions)
 
 
 def zipf_class_sizes(num_classes: int, head_size: int, imbalance: float) -> np.ndarray:

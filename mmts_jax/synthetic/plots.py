@@ -1,16 +1,14 @@
 """Figures of the synthetic benchmark (matplotlib, Agg backend, written atomically as PNG).
 
 - `temperature_per_cluster.png`: the temperature of each K-Means cluster along training, coloured
-  by cluster size (the paper's Fig. 3), next to the CLIP and TS rows.
+  by cluster size (the paper's Fig. 3), next to the fixed and TS rows.
 - `cluster_distribution.png`: cluster sizes (sorted, log scale) with their Eq. 6 shift, and the
   class sizes of the generator.
 - `learning_curves.png`: training loss and test R@1 (overall / head / tail) against the step.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
@@ -27,22 +25,17 @@ def _pyplot():
 
 
 def _save(fig, path: pathlib.Path) -> str:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-  os.close(fd)
+  from mmts_jax.cluster_table import atomic_write
   try:
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
   finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
     _pyplot().close(fig)
   return str(path)
 
 
 def _spec(config, row: str) -> temperature_lib.TemperatureSpec:
-  from configs import synthetic as synthetic_config
-  temperature = dict(config["temperature"])
-  temperature.update(synthetic_config.row_temperature(row))
+  from mmts_jax.train import ABLATION_ROWS
+  temperature = dict(config["temperature"], mode=ABLATION_ROWS[row])
   return temperature_lib.from_config(temperature, config["mmts"],
                                      total_steps=int(config["total_steps"]))
 
@@ -68,7 +61,7 @@ def temperature_per_cluster(results: dict, config, path: pathlib.Path) -> str:
     bar.set_ticks(np.log(ticks))
     bar.set_ticklabels([f"{t:.0f}" for t in ticks])
     bar.set_label("cluster size (MM-TS, one line per cluster)")
-  for row, style in (("clip", "k--"), ("ts", "r:")):
+  for row, style in (("fixed", "k--"), ("ts", "r:")):
     if row in rows:
       spec = _spec(config, row)
       ax.plot(steps, np.broadcast_to(np.asarray(spec.base(steps)), steps.shape), style, lw=1.5,
