@@ -73,6 +73,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                              suffix=".tmp")
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an artifact gets the usual mode
     with os.fdopen(fd, "wb") as f:
       write(f)
       f.flush()

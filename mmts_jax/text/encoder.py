@@ -167,8 +167,7 @@ class SentenceEncoder:
   def num_devices(self) -> int:
     return self._mesh.devices.size
 
-  def _padded(self, ids: list[np.ndarray], rows: int):
-    length = bucket_length(max(len(x) for x in ids), self.max_seq_length)
+  def _padded(self, ids: list[np.ndarray], rows: int, length: int):
     tokens = np.full((rows, length), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
     for r, x in enumerate(ids):
@@ -176,26 +175,46 @@ class SentenceEncoder:
       mask[r, :len(x)] = 1
     return tokens, mask
 
-  def _rows_for(self, count: int, batch_size: int) -> int:
-    # A full batch, or the next power of two (a few shapes only), in multiples of the devices.
-    rows = batch_size if count == batch_size else min(batch_size, 1 << (count - 1).bit_length())
+  def _round_rows(self, rows: int) -> int:
     n = self.num_devices
     return -(-rows // n) * n
 
+  def _batches(self, lengths: np.ndarray, batch_size: int, max_tokens: int):
+    """Yields (positions, rows, bucket length): longest first, at most `max_tokens` per batch.
+
+    Short captions fill `batch_size` rows; long sequences get fewer rows, so one 256-token
+    sentence does not pad a whole batch to 256. A partial batch is padded to the next power of
+    two, so only a few row counts are compiled per length bucket.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    b = 0
+    while b < order.size:
+      length = bucket_length(int(lengths[order[b]]), self.max_seq_length)
+      full = max(1, min(batch_size, max_tokens // length))
+      chunk = order[b:b + full]
+      rows = full if chunk.size == full else min(full, 1 << (chunk.size - 1).bit_length())
+      yield chunk, self._round_rows(rows), length
+      b += chunk.size
+
   def encode(self, sentences: Sequence[str], batch_size: int = 256, *, progress: bool = False,
-             window: int | None = None) -> np.ndarray:
+             max_tokens: int | None = None, window: int | None = None) -> np.ndarray:
     """Embeds `sentences` -> `(N, D)` float32 numpy array (unit rows if `normalize`).
 
     Args:
       sentences: a sequence of str; empty strings are valid (they embed [CLS][SEP]).
-      batch_size: sentences per device step, over all local devices.
+      batch_size: most sentences per device step, over all local devices.
       progress: show a tqdm bar over sentences.
+      max_tokens: most padded tokens per step (default `32 * batch_size`): long sentences go in
+        smaller batches.
       window: sentences tokenised and length-sorted together (default `64 * batch_size`).
     """
     if isinstance(sentences, str):
       raise TypeError("encode() takes a sequence of sentences, got a single str; wrap it in a list")
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    max_tokens = max_tokens or 32 * batch_size
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     sentences = list(sentences)
     n = len(sentences)
     out = np.zeros((n, self.dim), np.float32)
@@ -215,11 +234,9 @@ class SentenceEncoder:
 
     for start in range(0, n, window):
       ids = self.tokenizer(sentences[start:start + window])
-      order = np.argsort([-len(x) for x in ids], kind="stable")
-      for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
-        tokens, mask = self._padded([ids[i] for i in chunk],
-                                    self._rows_for(len(chunk), batch_size))
+      lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+      for chunk, rows, length in self._batches(lengths, batch_size, max_tokens):
+        tokens, mask = self._padded([ids[i] for i in chunk], rows, length)
         tokens, mask = jax.device_put((tokens, mask), self._rows)
         pending.append((start + chunk, self._forward(self.params, tokens, mask)))
         drain(keep=4)  # a few batches in flight: the host tokenises while devices compute
