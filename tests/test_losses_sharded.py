@@ -118,3 +118,16 @@ def test_bad_arguments_name_the_value():
   x, y, tau = _inputs(3, 16, 12)
   with pytest.raises(ValueError, match="-0.5"):
     losses.make_sharded_loss(mesh, "max_margin")(x, y, -0.5)
+
+
+@pytest.mark.parametrize("sharded", ["ring", "gather"])
+def test_large_global_batches_trace_without_overflow(sharded):
+  # The global normaliser 2B(B-1) passes int32 at B = 32,769 (see the blockwise test).
+  mesh = _mesh()
+  b = 131072
+  x = jax.ShapeDtypeStruct((b, 8), jnp.float32)
+  t = jax.ShapeDtypeStruct((b,), jnp.float32)
+  for loss in ("infonce", "max_margin"):
+    fn = losses.make_sharded_loss(mesh, loss, sharded=sharded)
+    out = jax.eval_shape(jax.value_and_grad(fn, argnums=(0, 1)), x, x, t)
+    assert out[0].shape == () and out[1][0].shape == (b, 8)
