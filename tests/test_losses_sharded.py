@@ -13,13 +13,41 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmts_jax import losses
 from mmts_jax.losses import dense
-# Inputs, the float64 dense reference and the error measure are the blockwise tests' (pytest puts
-# tests/ on the path).
-from test_losses_blockwise import _assert_close, _f64_dense, _inputs, _rel
 
 TOL = 1e-4
 N_DEV = 8
 LOCAL = 5  # rows per device; tiles of 3 leave a partly padded last tile on every device
+
+
+def _rel(got, want):
+  """max |got - want| / max |want|, in float64; non-finite output fails."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.all(np.isfinite(got)), "non-finite output"
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _inputs(key, b, d):
+  """Unit-norm, correlated pairs (some hinges active) and per-anchor values in [0.03, 0.13]."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(key), 3)
+  x = jax.random.normal(k1, (b, d))
+  y = x[::-1] * 0.5 + jax.random.normal(k2, (b, d))
+  unit = lambda a: a / jnp.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+  return unit(x), unit(y), 0.03 + 0.1 * jax.random.uniform(k3, (b,))
+
+
+def _f64_dense(fn, x, y, v):
+  """Value and gradients w.r.t. (x, y, v) of a dense loss of the global batch, in float64."""
+  with jax.enable_x64(True):
+    args = [jnp.asarray(np.asarray(a, np.float64)) for a in (x, y, v)]
+    val, grads = jax.value_and_grad(fn, argnums=(0, 1, 2))(*args)
+    return np.asarray(val), [np.asarray(g) for g in grads]
+
+
+def _assert_close(got, want, tol, what):
+  (v, g), (v0, g0) = got, want
+  assert _rel(v, v0) <= tol, (what, float(v), float(v0))
+  for name, a, b in zip(("image", "text", "value"), g, g0):
+    assert _rel(a, b) <= tol, (what, name, _rel(a, b))
 
 
 def _mesh(shape=(N_DEV,), names=("batch",)):
