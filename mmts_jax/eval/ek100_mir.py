@@ -52,6 +52,8 @@ class _Direction(NamedTuple):
   """Per-query sums of one direction (rows of the matrix it was computed on)."""
   ap: np.ndarray  # (n,) average precision
   ndcg: np.ndarray  # (n,) DCG / IDCG
+  num_full: np.ndarray  # (n,) items with relevancy == 1 (0: AP undefined)
+  num_relevant: np.ndarray  # (n,) items with relevancy > 0 (0: nDCG undefined)
 
 
 def _check_inputs(similarity, relevancy, fn: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,40 +88,35 @@ def _check_inputs(similarity, relevancy, fn: str) -> tuple[np.ndarray, np.ndarra
     sim = as32
   else:
     sim = sim.astype(np.float32, copy=False)
-  nan = np.isnan(sim)
-  if nan.any():
-    where = np.argwhere(nan)
+  # Reductions first (no temporaries); positions only when something is wrong.
+  if sim.size and np.isnan(sim.min()):
+    where = np.argwhere(np.isnan(sim))
     raise ValueError(
         f"{fn}: similarity has {len(where)} NaN value(s), first at (video, caption) "
         f"{[tuple(int(i) for i in w) for w in where[:5]]}")
   if not np.issubdtype(rel.dtype, np.floating):
     rel = rel.astype(np.float32)
-  bad = ~np.isfinite(rel) | (rel < 0)
-  if bad.any():
-    where = np.argwhere(bad)
+  lo, hi = rel.min(), rel.max()
+  if not (lo >= 0 and hi < np.inf):  # also catches NaN, which min/max propagate
+    where = np.argwhere(~np.isfinite(rel) | (rel < 0))
     raise ValueError(
         f"{fn}: relevancy must be finite and >= 0, got {len(where)} bad value(s), first at "
         f"(video, caption) {[tuple(int(i) for i in w) for w in where[:5]]}")
   return np.ascontiguousarray(sim), np.ascontiguousarray(rel)
 
 
-def _check_queries(rel: np.ndarray, fn: str, need_map: bool, need_ndcg: bool) -> None:
+def _check_queries(rows: _Direction, cols: _Direction, fn: str, need_map: bool,
+                   need_ndcg: bool) -> None:
   """Queries for which the official code returns NaN (0/0) are reported, by direction."""
   problems = []
-  for axis, query, other in ((1, "video", "caption"), (0, "caption", "video")):
-    if need_map:
-      empty = np.flatnonzero(~(rel == 1).any(axis=axis))
+  for d, query, other in ((rows, "video", "caption"), (cols, "caption", "video")):
+    for needed, counts, rule, metric in ((need_map, d.num_full, "== 1", "mAP"),
+                                         (need_ndcg, d.num_relevant, "> 0", "nDCG")):
+      empty = np.flatnonzero(counts == 0) if needed else []
       if len(empty):
         problems.append(
             f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
-            f"with relevancy == 1 (mAP undefined), {query} indices {empty[:10].tolist()}"
-            f"{' ...' if len(empty) > 10 else ''}")
-    if need_ndcg:
-      empty = np.flatnonzero(~(rel > 0).any(axis=axis))
-      if len(empty):
-        problems.append(
-            f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
-            f"with relevancy > 0 (nDCG undefined), {query} indices {empty[:10].tolist()}"
+            f"with relevancy {rule} ({metric} undefined), {query} indices {empty[:10].tolist()}"
             f"{' ...' if len(empty) > 10 else ''}")
   if problems:
     raise ValueError(f"{fn}: " + "; ".join(problems) +
@@ -214,7 +211,7 @@ def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpo
   # Running relevancy of everything ranked so far, in key order; irrelevant items add 0, so the
   # running sum over the relevant items alone is the official cumsum at their ranks.
   running = np.cumsum(vals)
-  running -= np.repeat(running[starts] - vals[starts], counts)
+  running -= np.repeat(np.concatenate([[0.0], running])[starts], counts)  # restart per row
   map_pos = ndcg_pos = pos
   # Ties: within a group of equal scores the key orders items by ascending index where the
   # score is <= 0 (its negation, the float key, is >= 0) and by descending index where it is
@@ -239,11 +236,13 @@ def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpo
     k_last = np.searchsorted(at, last[descending], side="right") - 1
     before = running[k_first] - vals[k_first]
     running[flip] = before + running[k_last] - running[flip] + vals[flip]
+  full = vals == 1
+  num_full = np.bincount(rows[full], minlength=b)
   ap = ndcg = np.zeros(b)
   if need_map:
-    full = vals == 1
-    ap = (np.bincount(rows[full], weights=running[full] / (map_pos[full] + 1), minlength=b)
-          / np.bincount(rows[full], minlength=b))
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 is reported by _check_queries
+      ap = np.bincount(rows[full], weights=running[full] / (map_pos[full] + 1),
+                       minlength=b) / num_full
   if need_ndcg:
     discount = 1.0 / np.log2(np.arange(m, dtype=np.float64) + 2.0)
     in_top = ndcg_pos < counts[rows]
@@ -251,11 +250,12 @@ def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpo
                       minlength=b)
     # Ideal DCG: the relevant values of each row sorted in descending order, in a (b, max K)
     # table padded with zeros (which add nothing), in the relevancy's own dtype (sorts faster).
-    table = np.zeros((b, int(counts.max())), rel.dtype)
+    table = np.zeros((b, int(counts.max(initial=0))), rel.dtype)
     table[rows, np.arange(len(rows)) - starts[rows]] = -vals
     table.sort(axis=1)
-    ndcg = -dcg / (table @ discount[:table.shape[1]])
-  return _Direction(ap, ndcg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      ndcg = -dcg / (table @ discount[:table.shape[1]])
+  return _Direction(ap, ndcg, num_full, counts)
 
 
 def _direction(sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool,
@@ -266,8 +266,7 @@ def _direction(sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool
       lambda lo: _direction_block(sim, rel, lo, min(lo + _BLOCK_ROWS, n), transpose, need_map,
                                   need_ndcg),
       range(0, n, _BLOCK_ROWS)))
-  return _Direction(np.concatenate([p.ap for p in parts]),
-                    np.concatenate([p.ndcg for p in parts]))
+  return _Direction(*(np.concatenate(field) for field in zip(*parts)))
 
 
 def _num_threads(num_threads: int | None) -> int:
@@ -308,10 +307,10 @@ def mir_metrics(similarity, relevancy, *, num_threads: int | None = None,
   """
   need_map, need_ndcg = _which
   sim, rel = _check_inputs(similarity, relevancy, _fn)
-  _check_queries(rel, _fn, need_map, need_ndcg)
   with concurrent.futures.ThreadPoolExecutor(_num_threads(num_threads)) as pool:
     rows = _direction(sim, rel, False, need_map, need_ndcg, pool)
     cols = _direction(sim, rel, True, need_map, need_ndcg, pool)
+  _check_queries(rows, cols, _fn, need_map, need_ndcg)
   out = {}
   if need_map:
     out["mAP"] = _score(rows.ap, cols.ap)
