@@ -64,4 +64,5 @@ def max_margin_dense(image, text, margin, precision=None):
   hinge_i2t = jax.nn.relu(m[:, None] - pos[:, None] + s)
   hinge_t2i = jax.nn.relu(m[:, None] - pos[:, None] + s.T)
   total = jnp.sum(jnp.where(off, hinge_i2t + hinge_t2i, 0))
-  return total / (2 * b * (b - 1))
+  # A Python float: 2B(B-1) overflows int32 for B > 32,768.
+  return total / float(2 * b * (b - 1))
