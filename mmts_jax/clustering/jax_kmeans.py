@@ -37,20 +37,30 @@ def _sq_dist(x, x2, c, precision):
   return jnp.maximum(x2[:, None] - 2.0 * xc + jnp.sum(c * c, axis=1)[None, :], 0.0)
 
 
+def _draw(key, mass, num: int, n_real):
+  """`num` indices drawn with probability proportional to `mass`, by inverse CDF.
+
+  The cumulative sum ignores the zero-mass padding rows at the end, so the draw does not depend
+  on how many devices the rows were padded for (a seed gives the same init on 1 or 8 devices).
+  """
+  cdf = jnp.cumsum(mass)
+  u = jax.random.uniform(key, (num,), mass.dtype) * cdf[-1]
+  return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), n_real - 1)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "n_trials", "precision"))
 def _kmeans_plus_plus(key, x, x2, w, k: int, n_trials: int, precision):
   n, d = x.shape
+  n_real = jnp.sum(w > 0)  # real rows come first, weight-0 padding after
   key, sub = jax.random.split(key)
-  first = jax.random.categorical(sub, jnp.log(w))  # padded rows (w = 0) are never drawn
+  first = jax.random.randint(sub, (), 0, n_real)
   closest = _sq_dist(x, x2, x[first][None], precision)[:, 0]
   centers = jnp.zeros((k, d), x.dtype).at[0].set(x[first])
 
   def body(i, carry):
     centers, closest, key = carry
     key, sub = jax.random.split(key)
-    mass = w * closest
-    logits = jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1.0)), -jnp.inf)
-    cand = jax.random.categorical(sub, logits, shape=(n_trials,))
+    cand = _draw(sub, w * closest, n_trials, n_real)
     cx = x[cand]
     new = jnp.minimum(closest[:, None], _sq_dist(x, x2, cx, precision))  # (N, trials)
     best = jnp.argmin(jnp.sum(w[:, None] * new, axis=0))  # the candidate that lowers D^2 most
