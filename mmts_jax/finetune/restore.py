@@ -1,0 +1,84 @@
+"""A trained model back from a training workdir: its config, the model and the variables.
+
+`mmts_jax.train.train_and_evaluate` writes `WORKDIR/config.json` and orbax checkpoints under
+`WORKDIR/checkpoints/<step>/`. For evaluation only the parameters (and BatchNorm statistics)
+are needed, so they are restored as saved, without rebuilding the optimizer state.
+
+Example:
+  >>> trained = load_trained_model("runs/ek100")  # doctest: +SKIP
+  >>> embed = make_embed_fn(trained.model)  # doctest: +SKIP
+  >>> emb = embed(trained.variables, {"image_features": x})["image"]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+__all__ = ["TrainedModel", "load_config", "load_trained_model"]
+
+
+class TrainedModel(NamedTuple):
+  config: Any          # ml_collections.ConfigDict of the run
+  model: Any           # the DualEncoder
+  variables: dict      # {"params": ...[, "batch_stats": ...]}
+  step: int
+
+
+def load_config(workdir: str | os.PathLike):
+  """`WORKDIR/config.json` as a ConfigDict (lists back to tuples, as configs write them)."""
+  import ml_collections
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{str(path)!r} does not exist: not a training workdir")
+  with open(path) as f:
+    raw = json.load(f)
+
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+  return ml_collections.ConfigDict(tuples(raw))
+
+
+def load_trained_model(workdir: str | os.PathLike, step: int | None = None) -> TrainedModel:
+  """The model of a run and its variables at `step` (default: the latest checkpoint).
+
+  Raises:
+    FileNotFoundError: no config.json, or no checkpoint (at `step`).
+  """
+  import orbax.checkpoint as ocp
+
+  from mmts_jax import temperature as temperature_lib
+  from mmts_jax.checkpointing import Checkpointer
+  from mmts_jax.models import build_model
+
+  config = load_config(workdir)
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint directory {str(directory)!r}")
+  ckpt = Checkpointer(directory, every_steps=1, keep=1 << 30,
+                      async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    if step is None:
+      step = max(steps)
+    elif int(step) not in steps:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory} "
+                              f"(have {sorted(steps)})")
+    restored = ckpt.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  finally:
+    ckpt.close()
+  spec = temperature_lib.from_config(config.temperature, config.mmts,
+                                     total_steps=int(config.total_steps),
+                                     loss=config.loss.name)
+  model = build_model(config.model, learnable_temperature=spec.learnable,
+                      init_temperature=spec.value)
+  variables = {"params": restored["params"]}
+  if restored.get("batch_stats"):
+    variables["batch_stats"] = restored["batch_stats"]
+  return TrainedModel(config, model, variables, int(step))
