@@ -96,15 +96,25 @@ def test_small_random_cases_with_ties_blocks_and_threads(monkeypatch):
       np.testing.assert_allclose(m["nDCG"], want["nDCG"], rtol=0, atol=1e-12)
 
 
-def test_long_tie_runs_use_the_block_pass(monkeypatch):
-  # Runs of more than 8 equal scores take the whole-block path of `_tie_groups`.
+@pytest.mark.parametrize("run", [30, 2])
+def test_tie_runs_long_and_short(run):
+  # A run of 30 equal scores per row outgrows the neighbour-by-neighbour search (8 steps) and
+  # finishes with the one-pass search; when most items tie, the one-pass search runs directly.
   rng = np.random.default_rng(1)
-  sim = rng.integers(0, 2, size=(20, 60)).astype(np.float32)
-  rel = (rng.random((20, 60)) < 0.3) * 0.5
+  sim = rng.standard_normal((20, 400)).astype(np.float32)
+  sim[:, 50:50 + run] = 0.5
+  sim[:, 200:200 + run] = -0.25
+  rel = (rng.random((20, 400)) < 0.3) * 0.5
   rel[:, 0] = rel[0, :] = 1.0
+  rel[:, 55] = 1.0
   rel = rel.astype(np.float32)
   m = mir_metrics(sim, rel)
   want = _stable_official(sim, rel)
+  np.testing.assert_allclose(m["mAP"], want["mAP"], rtol=0, atol=1e-12)
+  np.testing.assert_allclose(m["nDCG"], want["nDCG"], rtol=0, atol=1e-12)
+  quantized = np.round(sim)  # nearly everything ties
+  m = mir_metrics(quantized, rel)
+  want = _stable_official(quantized, rel)
   np.testing.assert_allclose(m["mAP"], want["mAP"], rtol=0, atol=1e-12)
   np.testing.assert_allclose(m["nDCG"], want["nDCG"], rtol=0, atol=1e-12)
 

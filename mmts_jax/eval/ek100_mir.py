@@ -148,9 +148,11 @@ def _tie_groups(flat_key: np.ndarray, at: np.ndarray, m: int) -> tuple[np.ndarra
   """First and last flat positions of the group of equal scores around each position in `at`.
 
   `flat_key` is a block of sorted keys, row after row (`m` per row). Equal scores are equal keys
-  once the payload bits are dropped; groups never cross rows. Groups are usually pairs, so they
-  are grown one neighbour at a time; long runs of ties fall back to one pass over the block.
+  once the payload bits are dropped; groups never cross rows. A few tied items (pairs, mostly)
+  grow their groups one neighbour at a time; many, or long runs, take one pass over the block.
   """
+  if 16 * len(at) > len(flat_key):
+    return _group_bounds(flat_key, m, at)
   score = flat_key[at] >> _PAYLOAD_BITS
   row_start = at - at % m
   bounds = []
@@ -166,21 +168,18 @@ def _tie_groups(flat_key: np.ndarray, at: np.ndarray, m: int) -> tuple[np.ndarra
       if len(active) == 0:
         break
     else:
-      edge[active] = _run_ends(flat_key, edge[active], m, step)
+      edge[active] = _group_bounds(flat_key, m, edge[active])[0 if step < 0 else 1]
     bounds.append(edge)
   return bounds[0], bounds[1]
 
 
-def _run_ends(flat_key: np.ndarray, at: np.ndarray, m: int, step: int) -> np.ndarray:
-  """Ends (first if step < 0, else last) of the groups of equal scores through positions `at`."""
+def _group_bounds(flat_key: np.ndarray, m: int, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`_tie_groups` by one pass: the starts of all groups, then a binary search per position."""
   same = (flat_key[1:] ^ flat_key[:-1]).view(np.uint64) < np.uint64(1 << _PAYLOAD_BITS)
   same[m - 1::m] = False  # the first item of a row starts a group
-  # Group starts (items not equal to their predecessor), ascending; then the group of `at`.
   starts = np.concatenate([[0], np.flatnonzero(~same) + 1])
   g = np.searchsorted(starts, at, side="right") - 1
-  if step < 0:
-    return starts[g]
-  return np.append(starts[1:], len(flat_key))[g] - 1
+  return starts[g], np.append(starts[1:], len(flat_key))[g] - 1
 
 
 def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpose: bool,
