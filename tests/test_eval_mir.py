@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmts_jax.eval import (MirScore, class_relevancy, ek100_mir, ek100_relevancy, mir_map,
-                           mir_metrics, mir_ndcg, read_ek100_mir)
+                           mir_metrics, mir_ndcg, mir_per_query, read_ek100_mir)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -117,6 +117,25 @@ def test_tie_runs_long_and_short(run):
   want = _stable_official(quantized, rel)
   np.testing.assert_allclose(m["mAP"], want["mAP"], rtol=0, atol=1e-12)
   np.testing.assert_allclose(m["nDCG"], want["nDCG"], rtol=0, atol=1e-12)
+
+
+def test_per_query_and_subsets(ref):
+  sim, rel = ref["noisy_oracle/similarity"], ref["relevancy"]
+  per = mir_per_query(sim, rel)
+  assert per.map_videos.shape == (599,) and per.ndcg_captions.shape == (309,)
+  assert per.scores() == mir_metrics(sim, rel)
+  videos, captions = np.arange(599) % 3 == 0, np.arange(309) < 100
+  # Per-query official values from the transcription, on the selected queries only.
+  want_v = official.official_map(sim[videos].astype(np.float64), rel[videos].astype(np.float64))
+  want_c = official.official_ndcg(sim.T[captions].astype(np.float64),
+                                  rel.T[captions].astype(np.float64))
+  got = per.scores(video_mask=videos, caption_mask=captions)
+  assert got["mAP"].video_to_text == pytest.approx(want_v, abs=1e-9)
+  assert got["nDCG"].text_to_video == pytest.approx(want_c, abs=1e-9)
+  with pytest.raises(ValueError, match=r"video_mask must be a bool mask of shape \(599,\)"):
+    per.scores(video_mask=np.ones(598, bool))
+  with pytest.raises(ValueError, match="caption_mask selects no query"):
+    per.scores(caption_mask=np.zeros(309, bool))
 
 
 def test_perfect_and_reversed_rankings():

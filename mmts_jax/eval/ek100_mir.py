@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["MirScore", "mir_map", "mir_ndcg", "mir_metrics"]
+__all__ = ["MirScore", "MirPerQuery", "mir_map", "mir_ndcg", "mir_metrics", "mir_per_query"]
 
 # Rows per work item. Bounds the working set (8 bytes x rows x items of the other modality) and
 # gives each thread several items, so that uneven rows balance out.
@@ -277,13 +277,61 @@ def _num_threads(num_threads: int | None) -> int:
   return num_threads
 
 
-def _score(v2t: np.ndarray, t2v: np.ndarray) -> MirScore:
-  a, b = float(np.mean(v2t)), float(np.mean(t2v))
-  return MirScore(a, b, (a + b) / 2)
+def _mean(values: np.ndarray, mask, what: str) -> float:
+  if mask is None:
+    return float(np.mean(values))
+  mask = np.asarray(mask)
+  if mask.dtype != bool or mask.shape != values.shape:
+    raise ValueError(f"{what} must be a bool mask of shape {values.shape}, got dtype "
+                     f"{mask.dtype} shape {mask.shape}")
+  if not mask.any():
+    raise ValueError(f"{what} selects no query")
+  return float(np.mean(values[mask]))
 
 
-def mir_metrics(similarity, relevancy, *, num_threads: int | None = None,
-                _fn: str = "mir_metrics", _which: tuple[bool, bool] = (True, True)) -> dict:
+class MirPerQuery(NamedTuple):
+  """Per-query AP and nDCG: the official metrics are their means (`scores()`)."""
+  map_videos: np.ndarray  # (V,) AP of each video query (video->text)
+  map_captions: np.ndarray  # (C,) AP of each caption query (text->video)
+  ndcg_videos: np.ndarray  # (V,)
+  ndcg_captions: np.ndarray  # (C,)
+
+  def scores(self, video_mask=None, caption_mask=None) -> dict:
+    """`{"mAP": MirScore, "nDCG": MirScore}` over all queries, or over the masked ones.
+
+    The masks select *queries* (e.g. videos and captions of tail classes); every query is still
+    ranked against all items of the other modality.
+    """
+    out = {}
+    for name, videos, captions in (("mAP", self.map_videos, self.map_captions),
+                                   ("nDCG", self.ndcg_videos, self.ndcg_captions)):
+      a = _mean(videos, video_mask, "video_mask")
+      b = _mean(captions, caption_mask, "caption_mask")
+      out[name] = MirScore(a, b, (a + b) / 2)
+    return out
+
+
+def _per_query(similarity, relevancy, num_threads, fn: str, need_map: bool,
+               need_ndcg: bool) -> MirPerQuery:
+  sim, rel = _check_inputs(similarity, relevancy, fn)
+  with concurrent.futures.ThreadPoolExecutor(_num_threads(num_threads)) as pool:
+    rows = _direction(sim, rel, False, need_map, need_ndcg, pool)
+    cols = _direction(sim, rel, True, need_map, need_ndcg, pool)
+  _check_queries(rows, cols, fn, need_map, need_ndcg)
+  return MirPerQuery(rows.ap, cols.ap, rows.ndcg, cols.ndcg)
+
+
+def mir_per_query(similarity, relevancy, *, num_threads: int | None = None) -> MirPerQuery:
+  """AP and nDCG of every video and every caption query (arguments as `mir_metrics`).
+
+  Example:
+    >>> per = mir_per_query(sim, rel)  # doctest: +SKIP
+    >>> per.scores(video_mask=tail_videos, caption_mask=tail_captions)["mAP"]  # doctest: +SKIP
+  """
+  return _per_query(similarity, relevancy, num_threads, "mir_per_query", True, True)
+
+
+def mir_metrics(similarity, relevancy, *, num_threads: int | None = None) -> dict:
   """Both EK-100 MIR metrics from one ranking per direction.
 
   Args:
@@ -294,6 +342,7 @@ def mir_metrics(similarity, relevancy, *, num_threads: int | None = None,
 
   Returns:
     `{"mAP": MirScore, "nDCG": MirScore}`, each (video->text, text->video, average) in [0, 1].
+    For subsets of queries use `mir_per_query(...).scores(video_mask, caption_mask)`.
 
   Raises:
     ValueError: shape mismatch, NaN similarity, negative / non-finite relevancy, or queries the
@@ -304,18 +353,7 @@ def mir_metrics(similarity, relevancy, *, num_threads: int | None = None,
     >>> m = mir_metrics(sim, rel)  # doctest: +SKIP
     >>> m["mAP"].average, m["nDCG"].average  # doctest: +SKIP
   """
-  need_map, need_ndcg = _which
-  sim, rel = _check_inputs(similarity, relevancy, _fn)
-  with concurrent.futures.ThreadPoolExecutor(_num_threads(num_threads)) as pool:
-    rows = _direction(sim, rel, False, need_map, need_ndcg, pool)
-    cols = _direction(sim, rel, True, need_map, need_ndcg, pool)
-  _check_queries(rows, cols, _fn, need_map, need_ndcg)
-  out = {}
-  if need_map:
-    out["mAP"] = _score(rows.ap, cols.ap)
-  if need_ndcg:
-    out["nDCG"] = _score(rows.ndcg, cols.ndcg)
-  return out
+  return _per_query(similarity, relevancy, num_threads, "mir_metrics", True, True).scores()
 
 
 def mir_map(similarity, relevancy, *, num_threads: int | None = None) -> MirScore:
@@ -329,8 +367,9 @@ def mir_map(similarity, relevancy, *, num_threads: int | None = None) -> MirScor
     >>> mir_map(s, np.eye(2, dtype=np.float32))
     MirScore(video_to_text=1.0, text_to_video=1.0, average=1.0)
   """
-  return mir_metrics(similarity, relevancy, num_threads=num_threads, _fn="mir_map",
-                     _which=(True, False))["mAP"]
+  per = _per_query(similarity, relevancy, num_threads, "mir_map", True, False)
+  a, b = float(np.mean(per.map_videos)), float(np.mean(per.map_captions))
+  return MirScore(a, b, (a + b) / 2)
 
 
 def mir_ndcg(similarity, relevancy, *, num_threads: int | None = None) -> MirScore:
@@ -341,5 +380,6 @@ def mir_ndcg(similarity, relevancy, *, num_threads: int | None = None) -> MirSco
     >>> mir_ndcg(s, np.eye(2, dtype=np.float32))
     MirScore(video_to_text=1.0, text_to_video=1.0, average=1.0)
   """
-  return mir_metrics(similarity, relevancy, num_threads=num_threads, _fn="mir_ndcg",
-                     _which=(False, True))["nDCG"]
+  per = _per_query(similarity, relevancy, num_threads, "mir_ndcg", False, True)
+  a, b = float(np.mean(per.ndcg_videos)), float(np.mean(per.ndcg_captions))
+  return MirScore(a, b, (a + b) / 2)
