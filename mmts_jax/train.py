@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 from mmts_jax import losses, shifts
 from mmts_jax import mesh as mesh_lib
@@ -49,7 +48,8 @@ from mmts_jax.checkpointing import Checkpointer, PreemptionWatcher
 from mmts_jax.metrics_log import MetricsWriter, truncate_metrics
 from mmts_jax.models import build_model
 
-__all__ = ["default_config", "TrainState", "LossSpec", "create_train_state", "train_step",
+__all__ = ["default_config", "with_row", "TrainState", "LossSpec", "create_train_state",
+           "init_train_state", "train_step",
            "eval_step", "make_embed_fn", "compile_train_step", "make_optimizer", "make_source",
            "ArraySource", "synthetic_source", "npz_source", "resolve_shift_table",
            "train_and_evaluate", "TrainResult", "NonFiniteLossError"]
@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
       image=dict(name="features", hidden_dims=(128,), dropout=0.0),
       text=dict(name="transformer", vocab_size=256, max_len=16, width=64, depth=2, num_heads=2,
                 mlp_dim=128, pool="mean", causal=False, pad_id=0)))
-  c.loss = ml_collections.ConfigDict(dict(name="infonce", impl="dense"))
+  c.loss = ml_collections.ConfigDict(dict(name="infonce", impl="auto", block_size=None))
   # For loss "max_margin" every value below is a margin instead of a temperature.
   c.temperature = ml_collections.ConfigDict(dict(mode="mmts", value=0.07, tau_min=0.07,
                                                  tau_max=1.0))
@@ -92,6 +92,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(skip_nonfinite=True))
   c.eval = ml_collections.ConfigDict(dict(every_steps=0))
   return c
+
+
+ABLATION_ROWS = {"fixed": "fixed", "clip": "learnable", "learnable": "learnable", "ts": "ts",
+                 "ics": "ics", "mmts": "mmts", "ts_ics": "mmts"}
+
+
+def with_row(config: ml_collections.ConfigDict, row: str = "") -> ml_collections.ConfigDict:
+  """Selects one row of the paper's ablation: "fixed" (fixed temperature / margin), "clip"
+  (CLIP's learnable temperature), "ts" (uni-modal schedule), "ics" (per-sample shifts only),
+  "mmts" (TS&ICS, the default when `row` is empty). Used as `configs/x.py:ROW`.
+
+  Example:
+    >>> with_row(default_config(), "ics").temperature.mode
+    'ics'
+  """
+  row = (row or "mmts").lower()
+  if row not in ABLATION_ROWS:
+    raise ValueError(f"ablation row must be one of {sorted(ABLATION_ROWS)}, got {row!r}")
+  config.temperature.mode = ABLATION_ROWS[row]
+  return config
 
 
 def _positive_int(name: str, value) -> int:
@@ -124,6 +144,10 @@ class ArraySource:
     self.shuffle = bool(shuffle)
     self.cluster_sizes = cluster_sizes
     self.steps_per_epoch = self.num_examples // self.batch_size
+    self.fingerprint = None   # in-memory data has no stable identity to check a table against
+
+  def __len__(self) -> int:
+    return self.num_examples
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
@@ -258,8 +282,8 @@ def resolve_shift_table(config, source, spec: temperature_lib.TemperatureSpec,
   if shift_table is None and m.get("cluster_table"):
     from mmts_jax import cluster_table as ct  # built by the preprocessing stage
     table = ct.ClusterTable.load(m.cluster_table)
-    if hasattr(table, "validate"):
-      table.validate(num_examples=n)
+    # Raises ClusterTableMismatch (a ValueError) for a table of another dataset.
+    table.validate(num_samples=n, fingerprint=getattr(source, "fingerprint", None))
     shift_table = table.shift_table(sh_min, sh_max)
   elif shift_table is None and m.get("shift_table_path"):
     arr = np.load(m.shift_table_path)
@@ -285,36 +309,35 @@ def fingerprint(table: np.ndarray | None) -> str:
 # ----------------------------------------------------------------------------- loss
 
 
-def _shard_map():
-  sm = getattr(jax, "shard_map", None)
-  if sm is None:  # jax < 0.6
-    from jax.experimental.shard_map import shard_map as sm
-  return sm
+LOSS_IMPLS = ("auto", "dense", "blockwise", "gather", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-  """`name` in {"infonce", "max_margin"}; `impl` "dense" lets XLA partition the dense loss over
-  the sharded batch; "shard_map" runs the all-gather loss per device with `axis_name`; any other
-  value is passed to `mmts_jax.losses` as `impl=` (e.g. blockwise variants)."""
+  """`name` in {"infonce", "max_margin"}. `impl`: "auto" / "dense" / "blockwise" call the loss
+  on the global batch and let XLA partition it over the sharded batch; "gather" / "ring" run the
+  sharded loss per device under `shard_map` (`mmts_jax.losses.make_sharded_loss`: all-gather, or
+  blocks passed round the ring with no (B, B) logits anywhere). `block_size`: blockwise/ring tile."""
   name: str = "infonce"
-  impl: str = "dense"
+  impl: str = "auto"
+  block_size: Any = None
   mesh: Any = None
 
   def __post_init__(self):
     if self.name not in ("infonce", "max_margin"):
       raise ValueError(f"loss.name must be 'infonce' or 'max_margin', got {self.name!r}")
-    if self.impl == "shard_map" and self.mesh is None:
-      raise ValueError("loss.impl 'shard_map' needs the mesh")
+    if self.impl not in LOSS_IMPLS:
+      raise ValueError(f"loss.impl must be one of {LOSS_IMPLS}, got {self.impl!r}")
+    if self.impl in ("gather", "ring") and self.mesh is None:
+      raise ValueError(f"loss.impl {self.impl!r} needs the mesh")
 
   def __call__(self, image, text, values):
+    if self.impl in ("gather", "ring"):
+      fn = losses.make_sharded_loss(self.mesh, self.name, axis_name=mesh_lib.DATA_AXIS,
+                                    sharded=self.impl, block_size=self.block_size)
+      return fn(image, text, values)
     fn = losses.infonce if self.name == "infonce" else losses.max_margin
-    if self.impl != "shard_map":
-      return fn(image, text, values, impl=self.impl)
-    spec = P(mesh_lib.DATA_AXIS)
-    local = lambda i, t, v: fn(i, t, v, axis_name=mesh_lib.DATA_AXIS)
-    return _shard_map()(local, mesh=self.mesh, in_specs=(spec, spec, spec),
-                        out_specs=P())(image, text, values)
+    return fn(image, text, values, impl=self.impl, block_size=self.block_size)
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -411,6 +434,11 @@ def _forward(state: TrainState, params, batch, train: bool, rng=None):
   return state.model.apply(variables, batch, train=train, **kw), state.batch_stats
 
 
+def _global_norm(tree):
+  tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+  return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
+
+
 def _batch_metrics(loss, values) -> dict:
   return {"loss": loss, "temperature_mean": jnp.mean(values),
           "temperature_min": jnp.min(values), "temperature_max": jnp.max(values)}
@@ -431,7 +459,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
     return state.loss(out["image"], out["text"], values), (values, batch_stats)
 
   (loss, (values, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = _global_norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                       opt_state=opt_state, batch_stats=batch_stats)
@@ -530,6 +558,27 @@ def _init_state(rng, sample_batch, shift_table, *, model, tx, spec, loss, skip_n
                             lr_schedule=lr_schedule)
 
 
+def init_train_state(model, tx, spec, loss: LossSpec, *, rng, sample_batch, shift_table=None,
+                     mesh=None, param_sharding: str = "replicated", skip_nonfinite: bool = True,
+                     lr_schedule: Callable | None = None) -> tuple[TrainState, Any]:
+  """`create_train_state` compiled once, created directly with its shardings over `mesh`.
+
+  Returns `(state, shardings)`; `shardings` is None without a mesh. Only the per-example shapes
+  of `sample_batch` matter.
+  """
+  statics = dict(model=model, tx=tx, spec=spec, loss=loss, lr_schedule=lr_schedule,
+                 skip_nonfinite=bool(skip_nonfinite))
+  args = (rng, _sample_batch(sample_batch),
+          np.zeros((1,), np.float32) if shift_table is None else np.asarray(shift_table))
+  shardings = None
+  if mesh is not None:
+    abstract = jax.eval_shape(functools.partial(_init_state, **statics), *args)
+    shardings = state_shardings(abstract, mesh, param_sharding)
+  state = jax.jit(_init_state, static_argnames=tuple(statics), out_shardings=shardings)(
+      *args, **statics)
+  return state, shardings
+
+
 def _sample_batch(local: Mapping[str, np.ndarray]) -> dict:
   """A 2-example batch with the per-example shapes and dtypes: enough to initialise the model."""
   return {k: np.zeros((2,) + np.shape(v)[1:], np.asarray(v).dtype) for k, v in local.items()}
@@ -571,7 +620,9 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
   model = build_model(config.model, learnable_temperature=spec.learnable,
                       init_temperature=spec.value)
   tx, lr_schedule = make_optimizer(config.optim, total)
-  loss = LossSpec(config.loss.name, config.loss.get("impl", "dense"), mesh)
+  block = config.loss.get("block_size", None)
+  loss = LossSpec(config.loss.name, config.loss.get("impl", "auto"),
+                  tuple(block) if isinstance(block, (list, tuple)) else block, mesh)
 
   primary = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
@@ -593,14 +644,10 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     raise ValueError(f"the source yielded {first['index'].shape[0]} examples per process, "
                      f"expected batch_size / process_count = {local_bs}")
 
-  statics = dict(model=model, tx=tx, spec=spec, loss=loss, lr_schedule=lr_schedule,
-                 skip_nonfinite=bool(config.train.get("skip_nonfinite", True)))
-  init_args = (jax.random.PRNGKey(int(config.seed)), _sample_batch(first),
-               np.zeros((1,), np.float32) if table is None else table)
-  shardings = state_shardings(jax.eval_shape(functools.partial(_init_state, **statics),
-                                             *init_args), mesh, config.mesh.param_sharding)
-  state = jax.jit(_init_state, static_argnames=tuple(statics), out_shardings=shardings)(
-      *init_args, **statics)
+  state, shardings = init_train_state(
+      model, tx, spec, loss, rng=jax.random.PRNGKey(int(config.seed)), sample_batch=first,
+      shift_table=table, mesh=mesh, param_sharding=config.mesh.param_sharding,
+      skip_nonfinite=bool(config.train.get("skip_nonfinite", True)), lr_schedule=lr_schedule)
 
   if start:
     tree, meta = ckpt.restore(start, state.checkpoint_tree())
