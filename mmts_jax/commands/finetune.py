@@ -1,0 +1,188 @@
+"""`mmts finetune`: feature-level EK-100 fine-tuning with MIR evaluation, and zero-shot retrieval.
+
+  mmts finetune prepare --annotations ../shared/data/ek100 --out data/ek100
+  mmts finetune train --data data/ek100 --annotations ../shared/data/ek100 --workdir runs/ek100 \\
+      [--config configs/ek100_features_mimm.py[:ROW]] [--config.KEY=VALUE ...] [--val-videos N]
+  mmts finetune eval --data data/ek100 --annotations ../shared/data/ek100 --workdir runs/ek100
+  mmts finetune zero-shot --workdir runs/cc3m --test-set flickr30k.npz --test-set coco.npz
+
+`prepare` writes class-derived train / validation features (synthetic stand-ins for frozen
+AVION features, from the real annotations) and the noun-class cluster table (official
+frequencies). `train` trains projection heads with `mmts_jax.train`, logs MIR mAP / nDCG every
+`config.eval.every_steps` steps, and writes `val_embeddings.npz` and `mir_metrics.json` into the
+workdir (rerunning resumes). `eval` scores a checkpoint. `zero-shot` prints the paper's Table 1
+columns (IR@1/5/10, TR@1/5/10, RSUM) of a run's checkpoint on Flickr30K / COCO-style test sets
+(`.npz` of model inputs, see `mmts_jax.finetune.zero_shot`).
+
+Exit status: 0 done; 2 bad arguments, configuration or input files; 3 the loss became NaN/inf.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "ek100_features_mimm.py"
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mmts finetune", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="action", required=True)
+  pr = sub.add_parser("prepare", help="EK-100 features + noun-class cluster table")
+  pr.add_argument("--annotations", required=True, help="the EK-100 annotation folder")
+  pr.add_argument("--out", required=True, help="output folder")
+  pr.add_argument("--video-dim", type=int, default=64)
+  pr.add_argument("--text-dim", type=int, default=48)
+  pr.add_argument("--latent-dim", type=int, default=32)
+  pr.add_argument("--noise", type=float, default=1.0, help="noise std per feature")
+  pr.add_argument("--seed", type=int, default=0)
+  for name, help_ in (("train", "train projection heads, MIR during and after"),
+                      ("eval", "MIR metrics of a checkpoint")):
+    a = sub.add_parser(name, help=help_)
+    a.add_argument("--data", required=True, help="folder written by `mmts finetune prepare`")
+    a.add_argument("--annotations", required=True, help="the EK-100 annotation folder")
+    a.add_argument("--workdir", required=True)
+    a.add_argument("--val-videos", type=int, default=None,
+                   help="validate on the first N videos only (default: all 9,668)")
+    a.add_argument("--out", help="also write the metrics json here")
+  t = sub.choices["train"]
+  t.add_argument("--config", default=str(_DEFAULT_CONFIG), help="path/to/config.py[:ROW]")
+  t.add_argument("--stop-at-step", type=int, default=None)
+  t.add_argument("--no-progress", action="store_true")
+  sub.choices["eval"].add_argument("--step", type=int, default=None,
+                                   help="checkpoint step (default: the latest)")
+  z = sub.add_parser("zero-shot", help="Table 1 retrieval metrics of a checkpoint")
+  z.add_argument("--workdir", required=True)
+  z.add_argument("--test-set", action="append", required=True, metavar="[NAME=]FILE.npz",
+                 help="test set of model inputs (repeatable); NAME defaults to the file stem")
+  z.add_argument("--captions-per-image", type=int, default=None,
+                 help="caption j describes image j // K when the npz has no text_to_image")
+  z.add_argument("--step", type=int, default=None)
+  z.add_argument("--out", help="metrics json")
+  return p
+
+
+def _write_json(path: str, record: dict) -> None:
+  from mmts_jax.cluster_table import atomic_write
+  atomic_write(path, lambda f: f.write((json.dumps(record, indent=2, sort_keys=True)
+                                        + "\n").encode()))
+  print(f"wrote {path}")
+
+
+def _prepare(args) -> int:
+  from mmts_jax.cluster_table import ClusterTable
+  from mmts_jax.finetune.driver import prepare
+  from mmts_jax.finetune.ek100_features import FeatureSpec
+  spec = FeatureSpec(video_dim=args.video_dim, text_dim=args.text_dim,
+                     latent_dim=args.latent_dim, noise=args.noise, seed=args.seed)
+  files = prepare(args.annotations, args.out, spec)
+  table = ClusterTable.load(files.table)
+  s = table.summary()
+  print(f"train: {table.num_samples} pairs, video {spec.video_dim}-d, text {spec.text_dim}-d "
+        f"-> {files.train}")
+  import numpy as np
+  with np.load(files.val) as z:
+    print(f"val:   {len(z['video_features'])} videos x {len(z['text_features'])} captions "
+          f"-> {files.val}")
+  print(f"cluster table: {s['num_clusters']} noun classes, K_c {s['size_min']}..{s['size_max']} "
+        f"(official frequencies), fingerprint {table.fingerprint[:23]}... -> {files.table}")
+  return 0
+
+
+def _load_config(args, overrides):
+  from mmts_jax.commands.train import apply_override, load_config
+  config = load_config(args.config)
+  for key, value in overrides:
+    apply_override(config, key, value)
+  if args.no_progress:
+    config.progress_bar = False
+  return config
+
+
+def _train(args, overrides) -> int:
+  from mmts_jax import train
+  from mmts_jax.finetune.driver import finetune
+  from mmts_jax.finetune.mir_eval import format_mir
+  config = _load_config(args, overrides)
+  try:
+    out = finetune(config, args.workdir, args.data, args.annotations,
+                   max_val_videos=args.val_videos, stop_at_step=args.stop_at_step)
+  except train.NonFiniteLossError as e:
+    print(f"mmts finetune train: error: {e}", file=sys.stderr)
+    return EXIT_NONFINITE
+  m = out.train.last_metrics
+  print(f"step {out.train.step}/{config.total_steps} ({out.train.status})"
+        + (f"  loss {m['loss']:.4f}" if m else ""))
+  with open(out.metrics) as f:
+    shape = json.load(f)
+  print(f"EK-100 MIR ({shape['videos']} videos x {shape['captions']} captions):")
+  print(format_mir(out.scores))
+  print(f"embeddings: {out.embeddings}")
+  print(f"metrics: {out.metrics}")
+  if args.out:
+    _write_json(args.out, {"step": out.train.step, "metrics": out.scores})
+  return 0
+
+
+def _eval(args) -> int:
+  from mmts_jax.finetune.driver import evaluate
+  from mmts_jax.finetune.mir_eval import format_mir
+  step, scores = evaluate(args.workdir, args.data, args.annotations, step=args.step,
+                          max_val_videos=args.val_videos)
+  print(f"EK-100 MIR of {args.workdir} at step {step}:")
+  print(format_mir(scores))
+  if args.out:
+    _write_json(args.out, {"step": step, "metrics": scores})
+  return 0
+
+
+def _zero_shot(args) -> int:
+  from mmts_jax.finetune.restore import load_config
+  from mmts_jax.finetune.zero_shot import RetrievalTestSet, evaluate_checkpoint, format_table1
+  from mmts_jax.models import build_model
+  model = build_model(load_config(args.workdir).model)   # the input keys of its towers
+  test_sets = []
+  for spec in args.test_set:
+    name, sep, path = spec.rpartition("=")
+    test_sets.append(RetrievalTestSet.from_npz(
+        path, image_key=model.image_key, text_key=model.text_key, name=name if sep else None,
+        captions_per_image=args.captions_per_image))
+  results = evaluate_checkpoint(args.workdir, test_sets, step=args.step)
+  print(format_table1(results))
+  if args.out:
+    _write_json(args.out, results)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  from mmts_jax.commands.train import split_overrides
+  try:
+    rest, overrides = split_overrides(argv)
+  except ValueError as e:
+    print(f"mmts finetune: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  args = _parser().parse_args(rest)
+  if overrides and args.action != "train":
+    print(f"mmts finetune {args.action}: --config.* overrides apply to `train` only",
+          file=sys.stderr)
+    return EXIT_BAD_INPUT
+  try:
+    if args.action == "prepare":
+      return _prepare(args)
+    if args.action == "train":
+      return _train(args, overrides)
+    if args.action == "eval":
+      return _eval(args)
+    return _zero_shot(args)
+  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    print(f"mmts finetune {args.action}: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,203 @@
+"""Zero-shot retrieval on Flickr30K / COCO-style test sets, as the paper's Table 1 reports it.
+
+MM-TS Table 1 (CLIP pre-trained on CC3M, evaluated zero-shot on Flickr30K and MSCOCO) lists,
+per test set, **IR@K** (image retrieval: a caption queries the images, a hit if its own image is
+in the top K) and **TR@K** (text retrieval: an image queries the captions, a hit if *any* of its
+captions, 5 per image, is in the top K), in percent; the headline columns are IR@1 and TR@1.
+Here every test set gets IR@1/5/10, TR@1/5/10 and RSUM (their sum), computed blockwise on the
+device by `mmts_jax.eval.retrieval_metrics` on cosine similarities.
+
+Two ways in:
+* during training: `ZeroShotEval(test_sets, image_key=..., text_key=...)` is the trainer's
+  `eval_fn` (`train_and_evaluate(..., eval_fn=zs)`), logged as `zs/<name>/IR@1` etc. every
+  `config.eval.every_steps` steps and at the end;
+* after training: `evaluate_checkpoint(workdir, test_sets)` restores a checkpoint of a run
+  (`finetune.restore`) and returns the same numbers.
+
+A test set is a `.npz` of model inputs (`RetrievalTestSet.from_npz`): the image-tower input
+under the model's image key (`image` pixels, or `image_features`), the text-tower input under
+its text key (`text` token ids, or `text_features`), and either `text_to_image` (M,) or the
+COCO / Flickr30K layout where caption `j` describes image `j // captions_per_image`.
+
+Example:
+  >>> flickr = RetrievalTestSet.from_npz("flickr30k_test.npz", image_key="image",  # doctest: +SKIP
+  ...                                    text_key="text")
+  >>> results = evaluate_checkpoint("runs/cc3m", [flickr])  # doctest: +SKIP
+  >>> print(format_table1(results))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
+
+__all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
+           "evaluate_checkpoint", "format_table1"]
+
+TABLE1_COLUMNS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "RSUM")
+_KS = (1, 5, 10)
+
+
+def table1_metrics(image_emb, text_emb, text_to_image, *, block_size=None) -> dict[str, float]:
+  """IR@1/5/10, TR@1/5/10 (percent) and RSUM of one test set.
+
+  Args:
+    image_emb: (N, D) image embeddings. text_emb: (M, D) caption embeddings.
+    text_to_image: (M,) int, the image of each caption.
+
+  Example:
+    >>> img = np.eye(3, dtype=np.float32)
+    >>> table1_metrics(img, img[[0, 0, 1, 1, 2, 2]], np.repeat(np.arange(3), 2))["IR@1"]
+    100.0
+  """
+  from mmts_jax.eval import retrieval_metrics
+  m = retrieval_metrics(image_emb, text_emb, text_to_image, ks=_KS, block_size=block_size)
+  out = {f"IR@{k}": 100.0 * m[f"t2i/R@{k}"] for k in _KS}
+  out.update({f"TR@{k}": 100.0 * m[f"i2t/R@{k}"] for k in _KS})
+  out["RSUM"] = sum(out[c] for c in TABLE1_COLUMNS[:-1])
+  return out
+
+
+def _mapping(text_to_image, num_texts: int, num_images: int,
+             captions_per_image: int | None) -> np.ndarray:
+  if text_to_image is None:
+    if captions_per_image is None:
+      raise ValueError("give text_to_image (the image of each caption) or captions_per_image")
+    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) \
+        or captions_per_image <= 0:
+      raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+    if num_texts != captions_per_image * num_images:
+      raise ValueError(f"captions_per_image={captions_per_image} needs "
+                       f"{captions_per_image * num_images} captions for {num_images} images, "
+                       f"got {num_texts}")
+    return np.arange(num_texts, dtype=np.int32) // captions_per_image
+  mapping = np.asarray(text_to_image)
+  if mapping.shape != (num_texts,) or not np.issubdtype(mapping.dtype, np.integer):
+    raise ValueError(f"text_to_image must be ({num_texts},) ints, got {mapping.dtype} "
+                     f"{mapping.shape}")
+  if mapping.min() < 0 or mapping.max() >= num_images:
+    raise ValueError(f"text_to_image must index the {num_images} images, got range "
+                     f"[{mapping.min()}, {mapping.max()}]")
+  return mapping.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalTestSet:
+  """A zero-shot test set of model inputs: (N, ...) images, (M, ...) captions, caption->image."""
+  name: str
+  images: np.ndarray
+  texts: np.ndarray
+  text_to_image: np.ndarray
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name or "/" in self.name:
+      raise ValueError(f"test set name must be a non-empty string without '/', got "
+                       f"{self.name!r}")
+    for field in ("images", "texts"):
+      a = np.asarray(getattr(self, field))
+      if a.ndim < 1 or a.shape[0] == 0:
+        raise ValueError(f"test set {self.name!r}: {field} must be a non-empty (n, ...) array, "
+                         f"got shape {a.shape}")
+    object.__setattr__(self, "text_to_image", _mapping(
+        self.text_to_image, len(self.texts), len(self.images), None))
+
+  @classmethod
+  def from_arrays(cls, name: str, images, texts, *, text_to_image=None,
+                  captions_per_image: int | None = None) -> "RetrievalTestSet":
+    """From model inputs and either `text_to_image` or `captions_per_image` (COCO layout)."""
+    images, texts = np.asarray(images), np.asarray(texts)
+    return cls(name, images, texts,
+               _mapping(text_to_image, len(texts), len(images), captions_per_image))
+
+  @classmethod
+  def from_npz(cls, path: str | os.PathLike, *, image_key: str = "image",
+               text_key: str = "text", name: str | None = None,
+               captions_per_image: int | None = None) -> "RetrievalTestSet":
+    """Reads `path` (see the module docstring); `name` defaults to the file's stem."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"test set {str(path)!r} does not exist")
+    with np.load(path, allow_pickle=False) as z:
+      missing = [k for k in (image_key, text_key) if k not in z.files]
+      if missing:
+        raise ValueError(f"{str(path)!r} has no {missing} (the model's input keys); it has "
+                         f"{sorted(z.files)}")
+      mapping = z["text_to_image"] if "text_to_image" in z.files else None
+      if mapping is not None and captions_per_image is not None:
+        raise ValueError(f"{str(path)!r} has text_to_image; do not also give "
+                         f"captions_per_image")
+      return cls.from_arrays(name or path.stem, z[image_key], z[text_key],
+                             text_to_image=mapping, captions_per_image=captions_per_image)
+
+  def save(self, path: str | os.PathLike, *, image_key: str = "image",
+           text_key: str = "text") -> None:
+    """Writes the `.npz` `from_npz` reads (atomically)."""
+    from mmts_jax.cluster_table import atomic_write
+    arrays = {image_key: self.images, text_key: self.texts, "text_to_image": self.text_to_image}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+class ZeroShotEval:
+  """The trainer's `eval_fn`: Table 1 metrics of every test set, keys `zs/<name>/<column>`.
+
+  `self.last` keeps the latest `{name: metrics}` and its step.
+  """
+
+  def __init__(self, test_sets: Sequence[RetrievalTestSet], *, image_key: str = "image",
+               text_key: str = "text", chunk: int = DEFAULT_CHUNK, block_size=None):
+    test_sets = list(test_sets)
+    if not test_sets or not all(isinstance(t, RetrievalTestSet) for t in test_sets):
+      raise TypeError("ZeroShotEval needs a non-empty sequence of RetrievalTestSet")
+    names = [t.name for t in test_sets]
+    if len(set(names)) != len(names):
+      raise ValueError(f"test set names must be unique, got {names}")
+    self.test_sets = test_sets
+    self.image_key, self.text_key = image_key, text_key
+    self.chunk, self.block_size = chunk, block_size
+    self.last: dict | None = None
+
+  def evaluate(self, embed: Callable, variables) -> dict[str, dict[str, float]]:
+    """{test set name: Table 1 metrics} of the model."""
+    results = {}
+    for t in self.test_sets:
+      image = embed_array(embed, variables, self.image_key, t.images, "image", chunk=self.chunk)
+      text = embed_array(embed, variables, self.text_key, t.texts, "text", chunk=self.chunk)
+      results[t.name] = table1_metrics(image, text, t.text_to_image, block_size=self.block_size)
+    return results
+
+  def __call__(self, step: int, embed: Callable, variables) -> dict[str, float]:
+    results = self.evaluate(embed, variables)
+    self.last = {"step": int(step), "results": results}
+    return {f"zs/{name}/{col}": value for name, m in results.items()
+            for col, value in m.items()}
+
+
+def evaluate_checkpoint(workdir: str | os.PathLike, test_sets: Sequence[RetrievalTestSet], *,
+                        step: int | None = None, chunk: int = DEFAULT_CHUNK
+                        ) -> dict[str, dict[str, float]]:
+  """Table 1 metrics of a run's checkpoint (default: the latest) on each test set."""
+  from mmts_jax.finetune.restore import load_trained_model
+  from mmts_jax.train import make_embed_fn
+  trained = load_trained_model(workdir, step)
+  zs = ZeroShotEval(test_sets, image_key=trained.model.image_key,
+                    text_key=trained.model.text_key, chunk=chunk)
+  return zs.evaluate(make_embed_fn(trained.model), trained.variables)
+
+
+def format_table1(results: Mapping[str, Mapping[str, float]]) -> str:
+  """One row per test set, the Table 1 columns in percent.
+
+  Example:
+    >>> print(format_table1({"flickr30k": dict(zip(TABLE1_COLUMNS, [1, 2, 3, 4, 5, 6, 21]))}))
+    test set       IR@1   IR@5  IR@10   TR@1   TR@5  TR@10   RSUM
+    flickr30k      1.00   2.00   3.00   4.00   5.00   6.00  21.00
+  """
+  lines = [f"{'test set':<12}" + "".join(f"{c:>7}" for c in TABLE1_COLUMNS)]
+  for name, m in results.items():
+    lines.append(f"{name:<12}" + "".join(f"{m[c]:7.2f}" for c in TABLE1_COLUMNS))
+  return "\n".join(lines)
