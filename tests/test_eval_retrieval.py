@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,6 +43,17 @@ def test_ranks_match_brute_force_with_ties(block_size):
   np.testing.assert_array_equal(ranks.t2i, want_t2i)
   np.testing.assert_array_equal(ranks.i2t, want_i2t)
   assert ranks.t2i.dtype == np.int32 and ranks.i2t.shape == (40,)
+
+
+def test_queries_split_over_a_mesh_give_the_same_ranks():
+  image, text, mapping = _data(4, n=37, captions=3)
+  devices = np.array(jax.devices())
+  assert devices.size == 8  # tests/conftest.py simulates 8 CPU devices
+  mesh = jax.sharding.Mesh(devices.reshape(2, 4), ("data", "model"))
+  ranks = retrieval_ranks(image, text, mapping, block_size=(5, 8), normalize=False, mesh=mesh)
+  want_t2i, want_i2t = _brute_force_ranks(image, text, mapping)
+  np.testing.assert_array_equal(ranks.t2i, want_t2i)
+  np.testing.assert_array_equal(ranks.i2t, want_i2t)
 
 
 def test_cosine_and_uneven_captions():

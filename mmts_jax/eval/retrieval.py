@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from mmts_jax.losses.dense import cosine_normalize
 
@@ -83,7 +84,8 @@ def _check_embeddings(image_emb, text_emb, text_to_image):
   return mapping.astype(np.int32)
 
 
-def _resolve_block(block_size, num_queries: int, num_keys: int) -> tuple[int, int]:
+def _resolve_block(block_size, num_queries: int, num_keys: int,
+                   shards: int = 1) -> tuple[int, int]:
   if block_size is None:
     block_size = DEFAULT_BLOCK
   if isinstance(block_size, int):
@@ -93,7 +95,7 @@ def _resolve_block(block_size, num_queries: int, num_keys: int) -> tuple[int, in
     raise ValueError(
         f"retrieval: block_size must be a positive int or (query_block, key_block), got "
         f"{block_size!r}")
-  return min(block_size[0], num_queries), min(block_size[1], num_keys)
+  return min(block_size[0], -(-num_queries // shards)), min(block_size[1], num_keys)
 
 
 def _pad_rows(x, multiple: int, value):
@@ -104,14 +106,13 @@ def _pad_rows(x, multiple: int, value):
   return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("query_block", "key_block", "precision"))
-def _first_positive_ranks(queries, keys, query_label, key_label, *, query_block: int,
-                          key_block: int, precision):
-  """Rank of the first positive (key_label == query_label) of each query; 0 if it has none."""
-  num_q, num_k = queries.shape[0], keys.shape[0]
-  # Padded keys get label -1 and are masked out of both passes; padded queries are dropped.
-  q = _pad_rows(queries, query_block, 0).reshape(-1, query_block, queries.shape[1])
-  ql = _pad_rows(query_label, query_block, -2).reshape(-1, query_block)
+def _ranks_body(q, ql, keys, key_label, *, query_block: int, key_block: int, precision):
+  """Ranks of the first positive for queries `q` (a multiple of `query_block` rows).
+
+  `keys` are all keys, so key indices are global; padded queries (label -2) get rank 0.
+  """
+  num_k = keys.shape[0]
+  # Padded keys get label -1 and are masked out of both passes.
   k = _pad_rows(keys, key_block, 0).reshape(-1, key_block, keys.shape[1])
   kl = _pad_rows(key_label, key_block, -1).reshape(-1, key_block)
   kidx = jnp.arange(k.shape[0] * key_block, dtype=jnp.int32).reshape(-1, key_block)
@@ -136,7 +137,9 @@ def _first_positive_ranks(queries, keys, query_label, key_label, *, query_block:
                         jnp.where(cmax == best, jnp.minimum(first, cfirst), first))
       return (jnp.maximum(best, cmax), first), None
 
-    init = (jnp.full((query_block,), -jnp.inf, jnp.float32), jnp.full((query_block,), big))
+    # Carries start from the query labels, so that under shard_map they vary like the queries.
+    none = jnp.zeros_like(qlb)
+    init = ((none - jnp.inf).astype(jnp.float32), none + big)
     (best, first), _ = lax.scan(best_positive, init, (k, kl, kidx, valid))
 
     def count_before(count, chunk):
@@ -146,16 +149,37 @@ def _first_positive_ranks(queries, keys, query_label, key_label, *, query_block:
       before = (s > best[:, None]) | ((s == best[:, None]) & (ib[None, :] < first[:, None]))
       return count + jnp.sum(negative & before, axis=1, dtype=jnp.int32), None
 
-    count, _ = lax.scan(count_before, jnp.zeros((query_block,), jnp.int32), (k, kl, kidx, valid))
+    count, _ = lax.scan(count_before, none, (k, kl, kidx, valid))
     return jnp.where(first < big, count + 1, 0)
 
-  ranks = lax.map(per_block, (q, ql))
-  return ranks.reshape(-1)[:num_q]
+  ranks = lax.map(per_block, (q.reshape(-1, query_block, q.shape[1]),
+                              ql.reshape(-1, query_block)))
+  return ranks.reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("query_block", "key_block", "precision", "mesh"))
+def _first_positive_ranks(queries, keys, query_label, key_label, *, query_block: int,
+                          key_block: int, precision, mesh=None):
+  """Rank of the first positive (key_label == query_label) of each query; 0 if it has none."""
+  num_q = queries.shape[0]
+  shards = 1 if mesh is None else mesh.size
+  q = _pad_rows(queries, query_block * shards, 0)
+  ql = _pad_rows(query_label, query_block * shards, -2)
+  body = functools.partial(_ranks_body, query_block=query_block, key_block=key_block,
+                           precision=precision)
+  if mesh is None:
+    return body(q, ql, keys, key_label)[:num_q]
+  # Queries are split over every device of the mesh; keys are replicated, so each device ranks
+  # its queries against all keys and only the ranks are gathered.
+  from mmts_jax.losses.sharding import shard_map
+  axes = P(tuple(mesh.axis_names))
+  sharded = shard_map(body, mesh=mesh, in_specs=(axes, axes, P(), P()), out_specs=axes)
+  return sharded(q, ql, keys, key_label)[:num_q]
 
 
 def retrieval_ranks(image_emb, text_emb, text_to_image, *, block_size=None,
-                    normalize: bool = True,
-                    precision=lax.Precision.HIGHEST) -> RetrievalRanks:
+                    normalize: bool = True, precision=lax.Precision.HIGHEST,
+                    mesh: jax.sharding.Mesh | None = None) -> RetrievalRanks:
   """Ranks of the ground truth, text->image per caption and image->text per image.
 
   Args:
@@ -165,6 +189,8 @@ def retrieval_ranks(image_emb, text_emb, text_to_image, *, block_size=None,
     block_size: `(query_block, key_block)` tile of the similarity matrix, or an int for both.
     normalize: L2-normalise both sides first (cosine similarity, as CLIP evaluates).
     precision: matmul precision of the tiles; HIGHEST keeps float32 on GPUs/TPUs (no TF32).
+    mesh: split the queries over all devices of this mesh (keys replicated on each); the
+      ranks are the same as on one device.
 
   Returns:
     `RetrievalRanks(t2i (M,), i2t (N,))`, int32 numpy, 1-based; an image without any caption
@@ -182,12 +208,13 @@ def retrieval_ranks(image_emb, text_emb, text_to_image, *, block_size=None,
   n, m = image.shape[0], text.shape[0]
   images = jnp.arange(n, dtype=jnp.int32)
   mapping = jnp.asarray(mapping)
-  qb, kb = _resolve_block(block_size, m, n)
+  shards = 1 if mesh is None else mesh.size
+  qb, kb = _resolve_block(block_size, m, n, shards)
   t2i = _first_positive_ranks(text, image, mapping, images, query_block=qb, key_block=kb,
-                              precision=precision)
-  qb, kb = _resolve_block(block_size, n, m)
+                              precision=precision, mesh=mesh)
+  qb, kb = _resolve_block(block_size, n, m, shards)
   i2t = _first_positive_ranks(image, text, images, mapping, query_block=qb, key_block=kb,
-                              precision=precision)
+                              precision=precision, mesh=mesh)
   return RetrievalRanks(np.asarray(t2i), np.asarray(i2t))
 
 
@@ -221,11 +248,12 @@ def recall_metrics(ranks, ks: Sequence[int] = (1, 5, 10), mask=None, prefix: str
 def retrieval_metrics(image_emb, text_emb, text_to_image, *, ks: Sequence[int] = (1, 5, 10),
                       block_size=None, normalize: bool = True,
                       subsets: Mapping[str, np.ndarray] | None = None,
-                      precision=lax.Precision.HIGHEST) -> dict:
+                      precision=lax.Precision.HIGHEST,
+                      mesh: jax.sharding.Mesh | None = None) -> dict:
   """Text->image and image->text R@K, median / mean rank, rsum; optionally per image subset.
 
   Args:
-    image_emb, text_emb, text_to_image, block_size, normalize, precision: see
+    image_emb, text_emb, text_to_image, block_size, normalize, precision, mesh: see
       `retrieval_ranks`.
     ks: the K of R@K.
     subsets: name -> (N,) bool mask over images (e.g. head / tail classes). A caption belongs
@@ -241,7 +269,7 @@ def retrieval_metrics(image_emb, text_emb, text_to_image, *, ks: Sequence[int] =
     >>> m["t2i/R@1"], m["i2t/R@1"], m["rsum"]  # doctest: +SKIP
   """
   ranks = retrieval_ranks(image_emb, text_emb, text_to_image, block_size=block_size,
-                          normalize=normalize, precision=precision)
+                          normalize=normalize, precision=precision, mesh=mesh)
   mapping = np.asarray(text_to_image)
   groups = {"": None}
   for name, mask in (subsets or {}).items():
