@@ -21,10 +21,10 @@ mAP ranks `argsort(-s)`, so tied items come by ascending index; nDCG ranks `args
 tied items come by *descending* index. (The official code uses numpy's default, unstable sort, so
 its order among ties is an implementation detail of numpy; without ties the numbers agree.)
 
-Example:
-  >>> s = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]], np.float32)
-  >>> r = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]], np.float32)
-  >>> mir_map(s, r).average  # doctest: +SKIP
+Example (video 1 ranks its caption second, caption 0 its video second):
+  >>> s = np.array([[0.9, 0.1], [0.95, 0.8]], np.float32)
+  >>> mir_map(s, np.eye(2, dtype=np.float32))
+  MirScore(video_to_text=0.75, text_to_video=0.75, average=0.75)
 """
 from __future__ import annotations
 

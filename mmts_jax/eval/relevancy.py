@@ -9,11 +9,12 @@ classes of the caption. The validation ("test") split has two files:
   video segment. A caption's classes are those of that segment.
 
 Going by the `narration_id` (not by matching the caption text) is what reproduces the official
-relevancy: 14 narrations (e.g. "stir") occur with several class sets, and the sentence file lists
-such a narration once per class set, each time with a segment that carries that class set. (In
-its last 7 rows the text column is shifted by one row against the ids; the ids are consistent
-with the classes, the text is not.) `tests/test_eval_mir.py` checks the result against the
-official relevancy slice in `shared/reference/ek100_mir_small.npz`.
+relevancy: 14 narrations (e.g. "stir") occur with several class sets, so the text alone is
+ambiguous; 7 extra rows at the end of the sentence file repeat some of them with a segment of
+another class set, so that every video's class set is carried by some caption (every video has
+a caption of relevancy 1). In those last rows the text column is shifted by one row against the
+ids; the ids are consistent with the classes, the text is not. `tests/test_eval_mir.py` checks
+the result against the official relevancy slice in `shared/reference/ek100_mir_small.npz`.
 """
 from __future__ import annotations
 
