@@ -76,7 +76,9 @@ def _check_embeddings(image_emb, text_emb, text_to_image):
         f"retrieval: text_to_image must index the {n} images, got {len(bad)} caption(s) out of "
         f"range, e.g. caption {int(bad[0])} -> {int(mapping[bad[0]])}")
   for name, x in (("image_emb", image_emb), ("text_emb", text_emb)):
-    finite = np.isfinite(np.asarray(x)).all(axis=1)
+    # On the device for device arrays: only the (n,) flags come to the host.
+    finite = np.asarray(jnp.isfinite(x).all(axis=1) if isinstance(x, jax.Array)
+                        else np.isfinite(x).all(axis=1))
     if not finite.all():
       rows = np.flatnonzero(~finite)
       raise ValueError(
