@@ -12,7 +12,7 @@ The baseline `official_*` below is this project's own transcription of the publi
 relevancy, cumulative sums, per-query means. `tests/test_eval_mir.py` checks it against the
 official numbers in `shared/reference/ek100_mir_small.npz` too.
 
-  python benchmarks/mir_bench.py                      # writes benchmarks/results/mir_ek100_full.json
+  python benchmarks/mir_bench.py                 # -> benchmarks/results/mir_ek100_full.json
   python benchmarks/mir_bench.py --repeats 5 --threads 1
   python benchmarks/mir_bench.py --retrieval          # COCO-sized R@K: mir_retrieval_coco.json
 """
@@ -86,7 +86,8 @@ def _worker(args) -> None:
   """Runs one implementation on the saved matrices; prints one JSON line."""
   if args.worker == "mmts_jax":
     from mmts_jax.eval import mir_metrics
-    run = lambda s, r: {k: tuple(v) for k, v in mir_metrics(s, r, num_threads=args.threads).items()}  # noqa: E731
+    def run(s, r):
+      return {k: tuple(v) for k, v in mir_metrics(s, r, num_threads=args.threads).items()}
   else:
     run = official_metrics
   sim = np.load(os.path.join(args.tmp, "similarity.npy"))

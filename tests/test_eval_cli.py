@@ -56,10 +56,13 @@ def test_ek100_embeddings_with_annotations(tmp_path, shared_dir):
   # checks the whole path: CSV order, relevancy, embeddings -> cosine similarity -> metrics.
   ann = read_ek100_mir(shared_dir / "data" / "ek100")
   signature = {}
-  sig = lambda verbs, nouns: [signature.setdefault((int(v), frozenset(n)), len(signature))  # noqa: E731
-                              for v, n in zip(verbs, nouns)]
-  video_sig, text_sig = sig(ann.video_verbs, ann.video_nouns), sig(ann.caption_verbs,
-                                                                  ann.caption_nouns)
+
+  def sig(verbs, nouns):
+    return [signature.setdefault((int(v), frozenset(n)), len(signature))
+            for v, n in zip(verbs, nouns)]
+
+  video_sig = sig(ann.video_verbs, ann.video_nouns)
+  text_sig = sig(ann.caption_verbs, ann.caption_nouns)
   rng = np.random.default_rng(0)
   directions = rng.standard_normal((len(signature), 16)).astype(np.float32)
   # A little noise keeps exact ties rare (they are tested on small cases; here they would only

@@ -6,7 +6,8 @@ This module computes the same numbers from one 64-bit key sort per query block, 
 threads, and touches only the relevant items after that:
 
 * mAP (per query, items ranked by descending similarity, rank `k` from 1):
-  :math:`AP = \\frac{1}{|\\{j: r_j = 1\\}|}\\sum_{k:\\, r_{(k)} = 1} \\frac{1}{k}\\sum_{l \\le k} r_{(l)}`.
+  :math:`AP = \\frac{1}{|\\{j: r_j = 1\\}|}
+  \\sum_{k:\\, r_{(k)} = 1} \\frac{1}{k}\\sum_{l \\le k} r_{(l)}`.
   Only items with relevancy exactly 1 are "relevant" positions, but the running sum in the
   numerator adds the *relevancy values* of every item ranked so far, partial ones included: this
   is what the official code computes (`cumsum` of the ranked relevancy, masked by `== 1`).

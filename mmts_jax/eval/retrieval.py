@@ -227,8 +227,9 @@ def recall_metrics(ranks, ks: Sequence[int] = (1, 5, 10), mask=None, prefix: str
   how many count.
 
   Example:
-    >>> recall_metrics(np.array([1, 3, 12]), ks=(1, 5))
-    {'R@1': 0.3333333333333333, 'R@5': 0.6666666666666666, 'medR': 3.0, 'meanR': 5.333333333333333, 'num_queries': 3}
+    >>> m = recall_metrics(np.array([1, 3, 12]), ks=(1, 5))
+    >>> m["R@5"], m["medR"], m["num_queries"]
+    (0.6666666666666666, 3.0, 3)
   """
   ranks = np.asarray(ranks)
   keep = ranks > 0
