@@ -64,10 +64,11 @@ class Checkpointer:
         int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                            meta=ocp.args.JsonSave(dict(meta))), force=force)
 
-  def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+  def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
     """Restores `step` into the structure, dtypes and shardings of `target` (arrays or
-    `jax.ShapeDtypeStruct`s with `.sharding`)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    `jax.ShapeDtypeStruct`s with `.sharding`); without a target, as saved (nested dicts and
+    lists of arrays), e.g. for inspection."""
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     out = self.manager.restore(
         int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                            meta=ocp.args.JsonRestore()))
