@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="comma-separated ablation rows among fixed,clip,ts,ics,mmts (clip: "
                       "learnable temperature; default fixed,ts,ics,mmts)")
   p.add_argument("--clusters", type=int, default=None, help="K-Means k (default 30)")
+  p.add_argument("--cluster-source", choices=("captions", "classes"), default=None,
+                 help="shifts from K-Means on the MiniLM caption embeddings (default) or from "
+                      "the generator's classes (oracle)")
   p.add_argument("--num-classes", type=int, default=None, help="classes (default 40)")
   p.add_argument("--head-size", type=int, default=None, help="largest class (default 1000)")
   p.add_argument("--imbalance", type=float, default=None, help="largest / smallest (default 100)")
@@ -54,6 +57,8 @@ def build_config(args):
     c.synthetic.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
   if args.devices is not None:
     c.synthetic.num_devices = args.devices
+  if args.cluster_source is not None:
+    c.synthetic.cluster_source = args.cluster_source
   if args.clusters is not None:
     c.synthetic.num_clusters = args.clusters
   for name in ("num_classes", "head_size", "imbalance"):

@@ -146,6 +146,10 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
   shifts.validate_positive(float(config.mmts.alpha), float(config.mmts.sh_min),
                            float(config.mmts.sh_max))
   gen_cfg = source.generator_config(config.data)
+  cluster_source = syn.get("cluster_source", "captions")
+  if cluster_source not in ("captions", "classes"):
+    raise ValueError(f"synthetic.cluster_source must be 'captions' or 'classes', got "
+                     f"{cluster_source!r}")
   k = int(syn.num_clusters)
   if not 2 <= k <= gen_cfg.head_size:
     raise ValueError(f"synthetic.num_clusters must be in [2, {gen_cfg.head_size}], got {k}")
@@ -165,8 +169,15 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
       f"{int(ds.head_classes.sum())} head, {int(ds.tail_classes.sum())} tail classes), "
       f"{len(ds.test)} balanced test pairs")
 
-  table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), devices=devices,
-                           log=log)
+  if cluster_source == "captions":
+    table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), devices=devices,
+                             log=log)
+  else:  # the generator's classes: what K-Means would find if it recovered them exactly
+    from mmts_jax.cluster_table import ClusterTable
+    table = ClusterTable.from_labels(ds.train.label, fingerprint=ds.fingerprint(),
+                                     fingerprint_keys="captions", source="labels",
+                                     column="synthetic class")
+    log(f"cluster table: the {gen_cfg.num_classes} generator classes (no encoder, no K-Means)")
   table_path = workdir / "cluster_table.npz"
   table.save(table_path)
   shift_table = table.shift_table(float(config.mmts.sh_min), float(config.mmts.sh_max))

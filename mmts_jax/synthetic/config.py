@@ -65,7 +65,10 @@ def get_config(row: str = "") -> ml_collections.ConfigDict:
   c.optim.update(lr=2e-3, warmup_steps=20, weight_decay=0.1)
   c.checkpoint.update(every_steps=500, keep=1, async_save=False)
   c.eval.every_steps = 50
-  # Read by `mmts_jax.synthetic.benchmark` only (the trainer ignores it).
+  # Read by `mmts_jax.synthetic.benchmark` only (the trainer ignores it). cluster_source:
+  # "captions" (MiniLM + K-Means with num_clusters, the paper's recipe) or "classes" (the
+  # generator's classes, an oracle clustering).
   c.synthetic = ml_collections.ConfigDict(dict(
-      rows=BENCHMARK_ROWS, seeds=1, num_clusters=30, cluster_seed=0, num_devices=0))
+      rows=BENCHMARK_ROWS, seeds=1, num_clusters=30, cluster_seed=0, num_devices=0,
+      cluster_source="captions"))
   return with_row(c, row)

@@ -84,13 +84,15 @@ def cluster_distribution(results: dict, config, path: pathlib.Path) -> str:
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   ax1.bar(np.arange(len(classes)), classes, color="tab:gray")
   ax1.set_yscale("log")
-  ax1.set_title(f"class sizes (imbalance {results['data']['imbalance']:.0f})")
+  ax1.set_title(f"generator class sizes\n(imbalance {results['data']['imbalance']:.0f})")
   ax1.set_xlabel("class rank")
   ax1.set_ylabel("training samples")
   ax2.bar(np.arange(len(sizes)), sizes, color="tab:blue")
   ax2.set_yscale("log")
   nmi = results["clusters"].get("class_cluster_nmi")
-  ax2.set_title(f"K-Means clusters of the MiniLM caption embeddings (k={len(sizes)}"
+  source = results["clusters"].get("provenance", {}).get("source")
+  what = "generator classes" if source == "labels" else "K-Means on MiniLM caption embeddings"
+  ax2.set_title(f"{what}\n(k={len(sizes)}"
                 + (f", NMI with classes {nmi:.2f})" if nmi is not None else ")"))
   ax2.set_xlabel("cluster rank")
   ax2.set_ylabel("samples", color="tab:blue")
