@@ -4,6 +4,8 @@ Tolerances: float32 relative 1e-4 (gradients relative to their largest entry), f
 """
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -31,8 +33,33 @@ def _inputs(b, d, seed=0):
   return _unit(k1, (b, d)), _unit(k2, (b, d)), 0.03 + 0.1 * jax.random.uniform(k3, (b,))
 
 
+# The suite runs on 2 CPU cores and XLA's LLVM backend dominates its time: compile once per
+# signature, at LLVM -O0 (XLA's own HLO passes still run; only the machine code is less tuned).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def compiled(f):
+  """`jax.jit(f)`, compiled per input signature with `FAST_COMPILE`."""
+  jf = jax.jit(f)
+  cache = {}
+
+  def call(*args):
+    key = tuple((np.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(args))
+    if key not in cache:
+      cache[key] = jf.lower(*args).compile(compiler_options=FAST_COMPILE)
+    return cache[key](*args)
+  return call
+
+
+@functools.lru_cache(maxsize=None)
+def _vg_cached(fn, argnums, kw):
+  kw = dict(kw)
+  return compiled(jax.value_and_grad(lambda x, y, t: fn(x, y, t, **kw), argnums=argnums))
+
+
 def _vg(fn, argnums=(0, 1, 2), **kw):
-  return jax.jit(jax.value_and_grad(lambda x, y, t: fn(x, y, t, **kw), argnums=argnums))
+  """Compiled value_and_grad of `fn(x, y, t, **kw)`, one compile per signature."""
+  return _vg_cached(fn, argnums, tuple(sorted(kw.items())))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +99,7 @@ def test_official_cases_float64(cases):
       _check_case(case, jnp.float64, 1e-9, 7)
 
 
-@pytest.mark.parametrize("b,block", [(1, 4), (2, 1), (13, 4), (29, (8, 5)), (16, 16)])
+@pytest.mark.parametrize("b,block", [(1, 4), (2, 1), (16, (8, 4)), (29, (8, 5))])
 def test_blockwise_equals_dense_values_and_all_gradients(b, block):
   x, y, t = _inputs(b, 12, seed=b)
   y = 2.0 * y  # max-margin normalises; infonce must work on any scale too
@@ -84,7 +111,9 @@ def test_blockwise_equals_dense_values_and_all_gradients(b, block):
     v0, g0 = _vg(ref, precision=HIGHEST)(x, y, t)
     assert _rel(v, v0) <= 1e-5, (bw.__name__, float(v), float(v0))
     for got, want in zip(g, g0):  # image, text and temperature gradients
-      assert _rel(got, want) <= 1e-4, bw.__name__
+      # + 1e-6 absolute: at B = 1 every gradient is exactly 0 in the dense loss.
+      err = np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)))
+      assert err <= 1e-4 * np.max(np.abs(want)) + 1e-6, bw.__name__
 
 
 def test_gradient_with_respect_to_embeddings_only_skips_the_temperature_term():
@@ -99,8 +128,14 @@ def test_gradient_with_respect_to_embeddings_only_skips_the_temperature_term():
 def test_small_temperature_is_stable():
   # logits up to 1/0.005 = 200: an online logsumexp without the running max would overflow.
   x, y, _ = _inputs(10, 16, seed=5)
-  v, g = _vg(losses.infonce_blockwise, block_size=4)(x, x, jnp.full((10,), 0.005))
-  v0, _ = _vg(dense.infonce_dense)(x, x, jnp.full((10,), 0.005))
+  # Near-duplicates: every similarity is close to 1, so logits near 200 differ by O(1).
+  x = _unit(jax.random.PRNGKey(0), (1, 16)) + 0.05 * x
+  x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  y = x + 0.02 * y
+  y = y / jnp.linalg.norm(y, axis=1, keepdims=True)
+  v, g = _vg(losses.infonce_blockwise, block_size=4)(x, y, jnp.full((10,), 0.005))
+  v0, _ = _vg(dense.infonce_dense)(x, y, jnp.full((10,), 0.005))
+  assert float(v0) > 0.1  # far from the trivial 0 of well-separated pairs
   assert np.isfinite(float(v)) and _rel(v, v0) <= 1e-4
   chex.assert_tree_all_finite(g)
 
@@ -118,12 +153,13 @@ def test_bf16_embeddings_within_1e2_of_float32():
 def test_public_dispatch():
   x, y, t = _inputs(9, 8, seed=7)
   ref = dense.infonce_dense(x, y, t)
-  for kw in ({}, {"impl": "dense"}, {"impl": "blockwise"}, {"block_size": 2},
-             {"impl": "blockwise", "block_size": (4, 2)}):
-    np.testing.assert_allclose(float(losses.infonce(x, y, t, **kw)), float(ref), rtol=1e-5)
+  # auto -> dense; auto with a block -> blockwise; blockwise with the default tile.
+  for kw in ({}, {"block_size": (4, 2)}, {"impl": "blockwise"}):
+    got = compiled(lambda x, y, t, kw=kw: losses.infonce(x, y, t, **kw))(x, y, t)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
   ref = dense.max_margin_dense(x, y, t)
-  np.testing.assert_allclose(float(losses.max_margin(x, y, t, impl="blockwise", block_size=4)),
-                             float(ref), rtol=1e-5)
+  got = compiled(lambda x, y, t: losses.max_margin(x, y, t, impl="blockwise", block_size=4))
+  np.testing.assert_allclose(float(got(x, y, t)), float(ref), rtol=1e-5)
 
 
 def test_vmap_over_batches():
@@ -131,7 +167,7 @@ def test_vmap_over_batches():
   xs = jax.vmap(lambda k: _unit(k, (7, 8)))(keys)
   taus = jnp.linspace(0.05, 0.2, 14).reshape(2, 7)
   f = jax.vmap(lambda x, y, t: losses.infonce(x, y, t, impl="blockwise", block_size=3))
-  chex.assert_trees_all_close(jax.jit(f)(xs, xs[::-1], taus),
+  chex.assert_trees_all_close(compiled(f)(xs, xs[::-1], taus),
                               jnp.stack([dense.infonce_dense(xs[i], xs[1 - i], taus[i])
                                          for i in range(2)]), rtol=1e-5)
 
@@ -156,23 +192,23 @@ def test_bad_arguments_are_rejected_before_compiling(fn):
 def _temp_bytes(fn, b, d=16):
   x = jax.ShapeDtypeStruct((b, d), jnp.float32)
   t = jax.ShapeDtypeStruct((b,), jnp.float32)
-  compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(x, x, t).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  lowered = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(x, x, t)
+  return lowered.compile(compiler_options=FAST_COMPILE).memory_analysis().temp_size_in_bytes
 
 
 def test_compiled_temporary_memory_grows_linearly_with_the_batch():
   blk = dict(impl="blockwise", block_size=(64, 64))
   for fn in (losses.infonce, losses.max_margin):
-    sizes = (512, 1024, 2048)
-    temp = [_temp_bytes(lambda x, y, t, fn=fn: fn(x, y, t, **blk), b) for b in sizes]
-    # Doubling B at most ~doubles the temporaries (quadratic would be 4x), and the largest is a
-    # fraction of one (B, B) float32 array.
-    assert temp[2] <= 2.5 * temp[1] and temp[1] <= 2.5 * temp[0], temp
-    assert temp[2] < 2048 * 2048 * 4 / 4, temp
+    temp = [_temp_bytes(lambda x, y, t, fn=fn: fn(x, y, t, **blk), b) for b in (1024, 8192)]
+    # 8x the batch: linear growth is 8x, quadratic 64x; allow 2x slack over linear (XLA's buffer
+    # assignment is not exactly proportional), and the temporaries must stay a small fraction of
+    # one (B, B) float32 array.
+    assert temp[1] <= 16 * temp[0], temp
+    assert temp[1] < 8192 * 8192 * 4 / 16, temp
   # The measure sees quadratic growth where there is some: the dense loss.
   d1, d2 = (_temp_bytes(lambda x, y, t: losses.infonce(x, y, t, impl="dense"), b)
-            for b in (1024, 2048))
-  assert d2 >= 3.5 * d1 and d2 >= 2048 * 2048 * 4
+            for b in (1024, 8192))
+  assert d2 >= 48 * d1 and d2 >= 8192 * 8192 * 4
 
 
 def test_fused_gpu_tiles_compute_the_same_maths():
