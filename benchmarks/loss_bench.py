@@ -167,6 +167,10 @@ def plan(name, peers):
     for b in (32768, 131072):
       p.append(_ours("blockwise", b, "f32", loss="max_margin"))
     return p
+  if name == "max_margin":  # rerun after the 2B(B-1) > 2**31 fix
+    for b in (131072, 262144):
+      p.append(_ours("blockwise", b, "f32", loss="max_margin", rep=3))
+    return p
   if name == "ring":
     one = {"CUDA_VISIBLE_DEVICES": "0"}
     for b in (131072, 262144):
@@ -241,7 +245,7 @@ def main(argv=None):
   one.add_argument("--warm", type=int, default=2)
   one.add_argument("--rep", type=int, default=5)
   sw = sub.add_parser("sweep", help="run a plan, one process per measurement")
-  sw.add_argument("--plan", required=True, choices=["explore", "explore2", "h100", "ring"])
+  sw.add_argument("--plan", required=True, choices=["explore", "explore2", "h100", "max_margin", "ring"])
   sw.add_argument("--peers", default=None, help="path of peer_loss_bench.py (optional)")
   sw.add_argument("--out", required=True)
   sw.add_argument("--timeout", type=int, default=240)
