@@ -125,29 +125,30 @@ def test_sin_theta():
 
 
 def test_generative_model_mismatch_and_views():
-  model = synthetic.make_model(jax.random.PRNGKey(7), 12, 10, 3, noise_rank=2, spike=0.0,
-                               noise=0.0)
-  x, xt, z = synthetic.sample_pairs(model, jax.random.PRNGKey(8), 40)
+  model = synthetic.make_model(7, 12, 10, 3, noise_rank=2, spike=0.0, noise=0.0)
+  x, xt, z = synthetic.sample_pairs(model, 8, 40)
   np.testing.assert_allclose(x @ model.u1, z, atol=1e-5)
   np.testing.assert_allclose(xt @ model.u2, z, atol=1e-5)
-  assert float(jnp.max(jnp.abs(model.u1.T @ model.v1))) <= 1e-5
-  shuffled, matched = synthetic.mismatch(jax.random.PRNGKey(9), xt, 0.25)
-  assert int(jnp.sum(~matched)) == 10
-  same = np.all(np.isclose(np.asarray(shuffled), np.asarray(xt)), axis=1)
-  np.testing.assert_array_equal(same, np.asarray(matched))
-  a, b = synthetic.random_masking_views(jax.random.PRNGKey(10), x)
+  assert np.max(np.abs(model.u1.T @ model.v1)) <= 1e-6
+  shuffled, matched = synthetic.mismatch(9, xt, 0.25)
+  assert np.sum(~matched) == 10
+  np.testing.assert_array_equal(np.all(np.isclose(shuffled, xt), axis=1), matched)
+  a, b = synthetic.random_masking_views(10, x)
   np.testing.assert_allclose(a + b, x)
-  assert float(jnp.max(jnp.abs(a * b))) == 0.0
-  xp, xtp, match = synthetic.hidden_pair_pool(model, jax.random.PRNGKey(11), 30, 10)
-  match = np.asarray(match)
+  assert np.max(np.abs(a * b)) == 0.0
+  xp, xtp, match = synthetic.hidden_pair_pool(model, 11, 30, 10)
   assert np.sum(match >= 0) == 30 and len(set(match[match >= 0])) == 30
   hid = match >= 0
-  np.testing.assert_allclose(np.asarray(xp @ model.u1)[hid],
-                             np.asarray(xtp @ model.u2)[match[hid]], atol=1e-5)
+  np.testing.assert_allclose((xp @ model.u1)[hid], (xtp @ model.u2)[match[hid]], atol=1e-5)
+  # Noise spikes are modality-specific: the empirical cross-covariance ignores them.
+  noisy = synthetic.make_model(1, 12, 10, 3, noise_rank=2, spike=3.0, noise=0.1)
+  x, xt, _ = synthetic.sample_pairs(noisy, 2, 20000)
+  cross = x.T.astype(np.float64) @ xt / 20000
+  np.testing.assert_allclose(cross, noisy.u1 @ noisy.u2.T, atol=0.12)
   with pytest.raises(ValueError, match="fraction"):
-    synthetic.mismatch(jax.random.PRNGKey(0), xt, 1.5)
+    synthetic.mismatch(0, xt, 1.5)
   with pytest.raises(ValueError, match="rank"):
-    synthetic.make_model(jax.random.PRNGKey(0), 5, 5, 3, noise_rank=3)
+    synthetic.make_model(0, 5, 5, 3, noise_rank=3)
 
 
 @pytest.mark.parametrize("method", ["mutual_nn", "assignment"])
@@ -193,13 +194,13 @@ def test_combined_loss_gradient_is_the_sum_of_cross_covariances():
 
 
 def test_self_training_detects_hidden_pairs_and_improves_recovery():
-  model = synthetic.make_model(jax.random.PRNGKey(13), 24, 24, 8, noise_rank=8, spike=0.5,
+  model = synthetic.make_model(13, 24, 24, 8, noise_rank=8, spike=0.5,
                                noise=0.1)
-  x, xt, _ = synthetic.sample_pairs(model, jax.random.PRNGKey(14), 40)
-  xp, xtp, match = synthetic.hidden_pair_pool(model, jax.random.PRNGKey(15), 300, 100)
+  x, xt, _ = synthetic.sample_pairs(model, 14, 40)
+  xp, xtp, match = synthetic.hidden_pair_pool(model, 15, 300, 100)
   before = lm.linear_minimiser(lm.centered_cross_covariance(x, xt), 8, 1.0)
   enc, hist = lm.self_train_linear(x, xt, xp, xtp, rank=8, rounds=2, threshold=0.95,
-                                   match=np.asarray(match))
+                                   match=match)
   # Measured: precision 0.98 -> 1.00, recall 0.84 -> 0.98, sin theta 0.52 -> 0.20.
   assert hist[-1]["precision"] >= 0.95 and hist[-1]["recall"] >= 0.9
   assert hist[-1]["recall"] > hist[0]["recall"]
