@@ -230,3 +230,13 @@ def test_fused_gpu_tiles_compute_the_same_maths():
   assert _rel(vb, v0) <= 1e-2 and _rel(gb[0], g0[0]) <= 3e-2
   with pytest.raises(ValueError, match="mode must be"):
     blockwise.set_fused_tiles("yes")
+
+
+def test_default_tile_is_clipped_to_the_batch_in_whole_sub_tiles():
+  assert blockwise.resolve_blocks(None, 5000, 5000) == (5120, 5120)
+  assert blockwise.resolve_blocks(None, 100, 100) == (100, 100)
+  assert blockwise.resolve_blocks((8192, 300), 1000, 1000) == (1024, 300)
+  # B = 200 in one 256 x 256 tile with 56 masked rows and columns.
+  x, y, t = _inputs(200, 8, seed=10)
+  got = compiled(lambda x, y, t: losses.infonce(x, y, t, impl="blockwise"))(x, y, t)
+  np.testing.assert_allclose(float(got), float(dense.infonce_dense(x, y, t)), rtol=1e-5)

@@ -65,7 +65,15 @@ def resolve_blocks(block_size, rows: int, cols: int, fn: str = "blockwise") -> B
       raise TypeError(f"{fn}: block_size must be an int or a pair of ints, got {block_size!r}")
     if v < 1:
       raise ValueError(f"{fn}: block_size must be >= 1, got {block_size!r}")
-  return Blocks(min(int(br), rows), min(int(bc), cols))
+  return Blocks(_clip(int(br), rows), _clip(int(bc), cols))
+
+
+def _clip(block: int, n: int) -> int:
+  """The tile edge for `n` samples: at most `block`, and no more than `n` rounded up to the
+  fused kernels' sub-tile (a ragged batch then still gets whole sub-tiles, masked)."""
+  if n <= _SUB:
+    return min(block, n)
+  return min(block, -(-n // _SUB) * _SUB)
 
 
 # ---------------------------------------------------------------------------------------------
