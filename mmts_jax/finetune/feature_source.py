@@ -2,7 +2,8 @@
 
 `mmts_jax.data.trainer_source:features` reads a features file record by record through grain
 (the same shuffling and sharding as image datasets); for small precomputed features that per-record
-work dominates the step (about 1.7k examples/s on a 2-core host against >10k here). This source
+work dominates the step (1.3k against 500k examples/s on a loaded 2-core host,
+`benchmarks/feature_source_bench.py`). This source
 loads the arrays once and serves each global batch as one slice of a seeded permutation
 (`mmts_jax.train.ArraySource`: deterministic, resumable at any batch, per-process rows), and
 carries the file's fingerprint so a cluster table is checked against it.
