@@ -174,3 +174,18 @@ def test_bad_configurations_fail_before_compiling():
     train.check_batch({"index": np.array([0, 10])}, 10)
   with pytest.raises(ValueError, match="loss.impl"):
     train.LossSpec("infonce", "fancy")
+
+
+def test_source_hosts_partition_each_global_batch_and_resume_by_position():
+  c = _config()
+  source = train.make_source(c.data, global_batch_size=32, seed=3)
+  whole = [b for b, _ in zip(source.iterate(0), range(10))]        # 10 batches > 1 epoch (8)
+  hosts = [[b for b, _ in zip(source.iterate(0, p, 2), range(10))] for p in range(2)]
+  for g, (h0, h1) in zip(whole, zip(*hosts)):
+    np.testing.assert_array_equal(np.concatenate([h0["index"], h1["index"]]), g["index"])
+  resumed = next(source.iterate(9))
+  for k in whole[9]:
+    np.testing.assert_array_equal(resumed[k], whole[9][k])
+  epoch = np.concatenate([b["index"] for b in whole[:8]])
+  assert sorted(epoch.tolist()) == list(range(256))                # each example once per epoch
+  assert not np.array_equal(whole[8]["index"], whole[0]["index"])  # reshuffled next epoch
