@@ -4,15 +4,17 @@
   mmts finetune train --data data/ek100 --annotations ../shared/data/ek100 --workdir runs/ek100 \\
       [--config configs/ek100_features_mimm.py[:ROW]] [--config.KEY=VALUE ...] [--val-videos N]
   mmts finetune eval --data data/ek100 --annotations ../shared/data/ek100 --workdir runs/ek100
-  mmts finetune zero-shot --workdir runs/cc3m --test-set flickr30k.npz --test-set coco.npz
+  mmts finetune zero-shot --workdir runs/cc3m --test-set data/flickr30k_test --test-set coco.npz \\
+      [--tokenizer DIR] [--captions-per-image 5]
 
 `prepare` writes class-derived train / validation features (synthetic stand-ins for frozen
 AVION features, from the real annotations) and the noun-class cluster table (official
 frequencies). `train` trains projection heads with `mmts_jax.train`, logs MIR mAP / nDCG every
 `config.eval.every_steps` steps, and writes `val_embeddings.npz` and `mir_metrics.json` into the
 workdir (rerunning resumes). `eval` scores a checkpoint. `zero-shot` prints the paper's Table 1
-columns (IR@1/5/10, TR@1/5/10, RSUM) of a run's checkpoint on Flickr30K / COCO-style test sets
-(`.npz` of model inputs, see `mmts_jax.finetune.zero_shot`).
+columns (IR@1/5/10, TR@1/5/10, RSUM) of a run's checkpoint on Flickr30K / COCO-style test sets:
+datasets converted by `mmts prepare` (one record per caption) or `.npz` files of model inputs
+(see `mmts_jax.finetune.zero_shot`).
 
 Exit status: 0 done; 2 bad arguments, configuration or input files; 3 the loss became NaN/inf.
 """
@@ -57,8 +59,13 @@ def _parser() -> argparse.ArgumentParser:
                                    help="checkpoint step (default: the latest)")
   z = sub.add_parser("zero-shot", help="Table 1 retrieval metrics of a checkpoint")
   z.add_argument("--workdir", required=True)
-  z.add_argument("--test-set", action="append", required=True, metavar="[NAME=]FILE.npz",
-                 help="test set of model inputs (repeatable); NAME defaults to the file stem")
+  z.add_argument("--test-set", action="append", required=True, metavar="[NAME=]PATH",
+                 help="a .npz of model inputs, or a dataset converted by `mmts prepare` (one "
+                      "record per caption); repeatable; NAME defaults to the file name")
+  z.add_argument("--tokenizer", help="tokenizer directory for converted datasets (default: "
+                                     "the run's config.data.tokenizer)")
+  z.add_argument("--image-size", type=int, help="default: the run's config.data.image_size")
+  z.add_argument("--text-len", type=int, help="default: the run's config.data.text_len")
   z.add_argument("--captions-per-image", type=int, default=None,
                  help="caption j describes image j // K when the npz has no text_to_image")
   z.add_argument("--step", type=int, default=None)
@@ -144,13 +151,24 @@ def _zero_shot(args) -> int:
   from mmts_jax.finetune.restore import load_config
   from mmts_jax.finetune.zero_shot import RetrievalTestSet, evaluate_checkpoint, format_table1
   from mmts_jax.models import build_model
-  model = build_model(load_config(args.workdir).model)   # the input keys of its towers
+  config = load_config(args.workdir)
+  model = build_model(config.model)   # the input keys of its towers
+  data = config.get("data", {})
   test_sets = []
   for spec in args.test_set:
     name, sep, path = spec.rpartition("=")
-    test_sets.append(RetrievalTestSet.from_npz(
-        path, image_key=model.image_key, text_key=model.text_key, name=name if sep else None,
-        captions_per_image=args.captions_per_image))
+    if pathlib.Path(path).is_dir():
+      tokenizer = args.tokenizer or data.get("tokenizer")
+      if not tokenizer:
+        raise ValueError(f"{path} is a directory, read as a dataset converted by `mmts "
+                         f"prepare`: give --tokenizer DIR")
+      test_sets.append(RetrievalTestSet.from_records(
+          path, tokenizer, image_size=args.image_size or int(data.get("image_size", 224)),
+          text_len=args.text_len or int(data.get("text_len", 77)), name=name if sep else None))
+    else:
+      test_sets.append(RetrievalTestSet.from_npz(
+          path, image_key=model.image_key, text_key=model.text_key, name=name if sep else None,
+          captions_per_image=args.captions_per_image))
   results = evaluate_checkpoint(args.workdir, test_sets, step=args.step)
   print(format_table1(results))
   if args.out:

@@ -14,7 +14,9 @@ Two ways in:
 * after training: `evaluate_checkpoint(workdir, test_sets)` restores a checkpoint of a run
   (`finetune.restore`) and returns the same numbers.
 
-A test set is a `.npz` of model inputs (`RetrievalTestSet.from_npz`): the image-tower input
+A test set is a dataset converted by `mmts prepare` with one record per caption
+(`RetrievalTestSet.from_records`: images decoded and centre-cropped, captions tokenised), or a
+`.npz` of model inputs (`RetrievalTestSet.from_npz`): the image-tower input
 under the model's image key (`image` pixels, or `image_features`), the text-tower input under
 its text key (`text` token ids, or `text_features`), and either `text_to_image` (M,) or the
 COCO / Flickr30K layout where caption `j` describes image `j // captions_per_image`.
@@ -133,6 +135,35 @@ class RetrievalTestSet:
                          f"captions_per_image")
       return cls.from_arrays(name or path.stem, z[image_key], z[text_key],
                              text_to_image=mapping, captions_per_image=captions_per_image)
+
+  @classmethod
+  def from_records(cls, data_dir: str | os.PathLike, tokenizer, *, image_size: int = 224,
+                   text_len: int = 77, name: str | None = None) -> "RetrievalTestSet":
+    """From a dataset converted by `mmts prepare` with one record per caption (Flickr30K /
+    COCO test splits): records with the same `key` (the image file) are one image.
+
+    Images are decoded once each, resized and centre-cropped to `image_size` and
+    CLIP-normalised (float32, N x S x S x 3 in host memory: 0.6 GB for Flickr30K's 1,000 test
+    images at 224); captions are tokenised to `text_len` ids.
+
+    Args:
+      tokenizer: a `mmts_jax.data.tokenize.TextTokenizer`, or its directory.
+    """
+    from mmts_jax.data.pipeline import ImageTextTransform
+    from mmts_jax.data.records import RecordSource, read_captions, read_keys
+    if isinstance(tokenizer, (str, os.PathLike)):
+      from mmts_jax.data.tokenize import TextTokenizer
+      tokenizer = TextTokenizer(tokenizer, text_len)
+    source = RecordSource(data_dir)
+    keys, captions = read_keys(data_dir), read_captions(data_dir)
+    first: dict[str, int] = {}
+    mapping = np.array([first.setdefault(k, len(first)) for k in keys], np.int32)
+    rows = sorted(first, key=first.get)
+    record_of = {k: i for i, k in reversed(list(enumerate(keys)))}   # first record per key
+    transform = ImageTextTransform(None, image_size=image_size, train=False)
+    images = np.stack([transform(source[record_of[k]])["image"] for k in rows])
+    texts = np.stack([np.asarray(tokenizer(c), np.int32) for c in captions])
+    return cls(name or pathlib.Path(data_dir).name, images, texts, mapping)
 
   def save(self, path: str | os.PathLike, *, image_key: str = "image",
            text_key: str = "text") -> None:
