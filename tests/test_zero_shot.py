@@ -11,7 +11,8 @@ import pytest
 from mmts_jax import train
 from mmts_jax.commands import finetune as finetune_cli
 from mmts_jax.finetune.zero_shot import (TABLE1_COLUMNS, RetrievalTestSet, ZeroShotEval,
-                                         evaluate_checkpoint, format_table1, table1_metrics)
+                                         eval_fn_from_config, evaluate_checkpoint,
+                                         format_table1, table1_metrics)
 
 
 def _reference_table1(image, text, mapping):
@@ -103,7 +104,9 @@ def test_during_and_after_training(tmp_path, capsys):
   c.eval.every_steps = 50
   c.mesh.num_devices = 1
   c.checkpoint.update(every_steps=100, async_save=False)
-  zs = ZeroShotEval([test], image_key="image_features", text_key="text_features")
+  c.eval.zero_shot = f"synthetic={tmp_path / 'synthetic.npz'}"   # how a config asks for it
+  zs = eval_fn_from_config(c)
+  assert isinstance(zs, ZeroShotEval) and zs.image_key == "image_features"
   result = train.train_and_evaluate(c, tmp_path / "run", eval_fn=zs)
   assert result.step == 100 and zs.last["step"] == 100
 

@@ -149,26 +149,17 @@ def _eval(args) -> int:
 
 def _zero_shot(args) -> int:
   from mmts_jax.finetune.restore import load_config
-  from mmts_jax.finetune.zero_shot import RetrievalTestSet, evaluate_checkpoint, format_table1
+  from mmts_jax.finetune.zero_shot import evaluate_checkpoint, format_table1, load_test_sets
   from mmts_jax.models import build_model
   config = load_config(args.workdir)
   model = build_model(config.model)   # the input keys of its towers
   data = config.get("data", {})
-  test_sets = []
-  for spec in args.test_set:
-    name, sep, path = spec.rpartition("=")
-    if pathlib.Path(path).is_dir():
-      tokenizer = args.tokenizer or data.get("tokenizer")
-      if not tokenizer:
-        raise ValueError(f"{path} is a directory, read as a dataset converted by `mmts "
-                         f"prepare`: give --tokenizer DIR")
-      test_sets.append(RetrievalTestSet.from_records(
-          path, tokenizer, image_size=args.image_size or int(data.get("image_size", 224)),
-          text_len=args.text_len or int(data.get("text_len", 77)), name=name if sep else None))
-    else:
-      test_sets.append(RetrievalTestSet.from_npz(
-          path, image_key=model.image_key, text_key=model.text_key, name=name if sep else None,
-          captions_per_image=args.captions_per_image))
+  test_sets = load_test_sets(
+      args.test_set, image_key=model.image_key, text_key=model.text_key,
+      tokenizer=args.tokenizer or data.get("tokenizer") or None,
+      image_size=args.image_size or int(data.get("image_size", 224)),
+      text_len=args.text_len or int(data.get("text_len", 77)),
+      captions_per_image=args.captions_per_image)
   results = evaluate_checkpoint(args.workdir, test_sets, step=args.step)
   print(format_table1(results))
   if args.out:

@@ -39,7 +39,7 @@ import numpy as np
 from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
 
 __all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
-           "evaluate_checkpoint", "format_table1"]
+           "load_test_sets", "eval_fn_from_config", "evaluate_checkpoint", "format_table1"]
 
 TABLE1_COLUMNS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "RSUM")
 _KS = (1, 5, 10)
@@ -206,6 +206,54 @@ class ZeroShotEval:
     self.last = {"step": int(step), "results": results}
     return {f"zs/{name}/{col}": value for name, m in results.items()
             for col, value in m.items()}
+
+
+def load_test_sets(specs: str | Sequence[str], *, image_key: str, text_key: str,
+                   tokenizer=None, image_size: int = 224, text_len: int = 77,
+                   captions_per_image: int | None = None) -> list[RetrievalTestSet]:
+  """`"[NAME=]PATH,..."` (or a list of such) -> test sets: a directory is a dataset converted
+  by `mmts prepare` (needs `tokenizer`), a file an `.npz` of model inputs."""
+  if isinstance(specs, str):
+    specs = [s for s in specs.split(",") if s.strip()]
+  out = []
+  for spec in specs:
+    name, sep, path = spec.strip().rpartition("=")
+    name = name if sep else None
+    if pathlib.Path(path).is_dir():
+      if not tokenizer:
+        raise ValueError(f"test set {path!r} is a directory, read as a dataset converted by "
+                         f"`mmts prepare`: it needs a tokenizer (directory)")
+      out.append(RetrievalTestSet.from_records(path, tokenizer, image_size=image_size,
+                                               text_len=text_len, name=name))
+    else:
+      out.append(RetrievalTestSet.from_npz(path, image_key=image_key, text_key=text_key,
+                                           name=name, captions_per_image=captions_per_image))
+  return out
+
+
+def eval_fn_from_config(config) -> "ZeroShotEval | None":
+  """The trainer's `eval_fn` for `config.eval.zero_shot` ("[NAME=]PATH,..."; empty: None).
+
+  Converted datasets use `config.data.tokenizer`, `config.data.image_size` (224) and
+  `config.data.text_len` (77); `config.eval.captions_per_image` applies to `.npz` files
+  without `text_to_image`.
+
+  Example:
+    >>> eval_fn = eval_fn_from_config(config)  # doctest: +SKIP
+    >>> train_and_evaluate(config, workdir, eval_fn=eval_fn)  # doctest: +SKIP
+  """
+  from mmts_jax.models import build_model
+  specs = config.eval.get("zero_shot", "") if "eval" in config else ""
+  if not specs:
+    return None
+  model = build_model(config.model)
+  data = config.get("data", {})
+  test_sets = load_test_sets(
+      specs, image_key=model.image_key, text_key=model.text_key,
+      tokenizer=data.get("tokenizer") or None, image_size=int(data.get("image_size", 224)),
+      text_len=int(data.get("text_len", 77)),
+      captions_per_image=config.eval.get("captions_per_image", None))
+  return ZeroShotEval(test_sets, image_key=model.image_key, text_key=model.text_key)
 
 
 def evaluate_checkpoint(workdir: str | os.PathLike, test_sets: Sequence[RetrievalTestSet], *,
