@@ -597,7 +597,7 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
   Args:
     shift_table: optional (N,) per-example shifts; overrides the config's table source.
     eval_fn: optional `eval_fn(step, embed, variables) -> dict` called every
-      `config.eval.every_steps` steps and at the end; its scalars are logged.
+      `config.eval.every_steps` steps and at `total_steps`; its scalars join that step's record.
 
   Raises:
     ValueError / TypeError: a bad configuration or table, before anything is compiled.
@@ -678,8 +678,9 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     return {"input_position": int(position), "shift_table": table_id,
             "batch_size": limits["batch_size"], "mode": spec.mode}
 
-  def flush(step):
-    """Fetches pending metrics (a device sync), checks them and logs the latest step's."""
+  def flush(extra=None):
+    """Fetches pending metrics (a device sync), checks them and logs the latest step's, with
+    `extra` (evaluation) scalars in the same record."""
     nonlocal last_metrics
     if not pending:
       return
@@ -700,6 +701,7 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     tick.update(time=now, step=s)
     record = {k: float(v) for k, v in m.items() if k != "finite"}
     record.update(examples_per_sec=eps, examples_per_sec_per_device=eps / mesh.size)
+    record.update(extra or {})
     writer.write(s, record)
     if cluster_shifts is not None:
       writer.write_histogram(s, "temperature/per_cluster", record["temperature_base"]
@@ -723,17 +725,18 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
         position += 1
         done = step + 1
         pending.append((done, metrics))
-        if done % log_every == 0 or done == end:
-          record = flush(done)
+        extra = None
+        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == total):
+          extra = dict(eval_fn(done, embed, state.variables()))
+        if extra is not None or done % log_every == 0 or done == end:
+          record = flush(extra)
           if bar is not None and record:
             bar.set_postfix(loss=f"{record['loss']:.4f}", tau=f"{record['temperature_mean']:.4f}")
-        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == total):
-          writer.write(done, eval_fn(done, embed, state.variables()))
         if bar is not None:
           bar.update(1)
         preempted = watcher.requested(done)
         if preempted or done == end or ckpt.manager.should_save(done):
-          flush(done)   # never checkpoint a step whose loss has not been checked
+          flush()   # never checkpoint a step whose loss has not been checked
           ckpt.save(done, state.checkpoint_tree(), meta(position), force=True)
         if preempted:
           status = "preempted"

@@ -101,3 +101,26 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   assert cli.main(["train"] + args + ["--stop-at-step", str(last + 2)]) == 0
   steps = [r["step"] for r in read_metrics(workdir)]
   assert steps == list(range(1, last + 3))
+
+
+def test_eval_fn_scalars_join_the_step_record(tmp_path):
+  from mmts_jax import train
+  config = load_config(TINY)
+  config.update(total_steps=100000, tensorboard=False)
+  config.checkpoint.update(every_steps=3, keep=2)
+  config.eval.every_steps = 2
+  batch = next(train.make_source(config.data, global_batch_size=32, seed=0).iterate(0))
+
+  def eval_fn(step, embed, variables):
+    out = embed(variables, batch)
+    # In-batch image->text top-1 accuracy, with unit-norm embeddings.
+    norms = np.linalg.norm(np.asarray(out["image"]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    hits = np.argmax(np.asarray(out["image"]) @ np.asarray(out["text"]).T, axis=1)
+    return {"eval/top1": float(np.mean(hits == np.arange(len(hits))))}
+
+  train.train_and_evaluate(config, tmp_path, stop_at_step=4, eval_fn=eval_fn)
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  assert [("eval/top1" in r) for r in records] == [False, True, False, True]
+  assert all("loss" in r for r in records)
