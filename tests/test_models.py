@@ -97,3 +97,13 @@ def test_bf16_compute_keeps_f32_params_and_clip_temperature_clamp():
   # CLIP's clamp: the temperature never goes below min_temperature (0.01).
   params = dict(variables["params"], log_inv_temperature=jnp.float32(10.0))
   np.testing.assert_allclose(apply({"params": params}, batch)["temperature"], 0.01, rtol=1e-6)
+
+
+def test_remat_gives_the_same_parameters_and_gradients_tree():
+  x = jnp.zeros((2, 16, 16, 3))
+  plain, remat = ViT.from_variant("mu/8"), ViT.from_variant("mu/8", remat=True)
+  p = jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(p) == jax.tree.structure(
+      jax.eval_shape(remat.init, jax.random.PRNGKey(0), x))
+  g = jax.eval_shape(jax.grad(lambda v: remat.apply(v, x, train=True).sum()), p)
+  chex.assert_trees_all_equal_shapes(g, p)

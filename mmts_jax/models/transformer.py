@@ -38,7 +38,8 @@ class EncoderBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, *, train: bool = False):
+  def __call__(self, x, mask=None, train: bool = False):
+    # `train` may be positional: `nn.remat` marks it static by position.
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln1")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -67,5 +68,5 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       blk = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
                   name=f"block_{i}")
-      x = blk(x, mask, train) if self.remat else blk(x, mask, train=train)
+      x = blk(x, mask, train)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
