@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("mmts_jax.commands.train", "train a dual encoder with MM-TS from a config"),
     "eval": ("mmts_jax.commands.eval", "retrieval R@K / EK-100 MIR metrics from embeddings"),
     "prepare": ("mmts_jax.commands.prepare", "convert image-text data to ArrayRecord"),
+    "finetune": ("mmts_jax.commands.finetune",
+                 "EK-100 feature fine-tuning with MIR eval; zero-shot retrieval of a checkpoint"),
 }
 
 
