@@ -149,6 +149,8 @@ def test_generative_model_mismatch_and_views():
     synthetic.mismatch(0, xt, 1.5)
   with pytest.raises(ValueError, match="rank"):
     synthetic.make_model(0, 5, 5, 3, noise_rank=3)
+  with pytest.raises(TypeError, match="rng"):
+    synthetic.make_model(jax.random.PRNGKey(0), 5, 5, 1, noise_rank=1)
 
 
 @pytest.mark.parametrize("method", ["mutual_nn", "assignment"])

@@ -34,7 +34,12 @@ class LinearGenerativeModel(NamedTuple):
 
 
 def _rng(rng) -> np.random.Generator:
-  return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+  if isinstance(rng, np.random.Generator):
+    return rng
+  if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+    return np.random.default_rng(int(rng))
+  raise TypeError(f"rng must be an int seed or a numpy Generator (host-side sampling), got "
+                  f"{type(rng).__name__}")
 
 
 def _frame(rng, d, r, k):

@@ -122,11 +122,10 @@ def self_train_linear(x, x_tilde, x_pool, x_tilde_pool, *, rank: int, rho: float
   `history[k]` the detection of round k (with precision/recall when `match` is given).
 
   Example:
-    >>> import jax
     >>> from mmts_jax.linear_mmcl import synthetic
-    >>> m = synthetic.make_model(jax.random.PRNGKey(0), 12, 12, 2, noise_rank=2)
-    >>> x, xt, _ = synthetic.sample_pairs(m, jax.random.PRNGKey(1), 40)
-    >>> xp, xtp, match = synthetic.hidden_pair_pool(m, jax.random.PRNGKey(2), 60, 20)
+    >>> m = synthetic.make_model(0, 12, 12, 2, noise_rank=2)
+    >>> x, xt, _ = synthetic.sample_pairs(m, 1, 40)
+    >>> xp, xtp, match = synthetic.hidden_pair_pool(m, 2, 60, 20)
     >>> enc, hist = self_train_linear(x, xt, xp, xtp, rank=2, rounds=2, match=match)
   """
   if rounds < 0:
