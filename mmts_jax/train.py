@@ -90,7 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0, param_sharding="replicated"))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
   c.train = ml_collections.ConfigDict(dict(skip_nonfinite=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0))
+  # every_steps: how often `eval_fn` runs (0: only at total_steps). zero_shot: "[NAME=]PATH,..."
+  # retrieval test sets that `mmts train` evaluates (mmts_jax.finetune.zero_shot).
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot=""))
   return c
 
 

@@ -3,6 +3,9 @@
   mmts train --config configs/tiny.py --workdir /tmp/tiny [--config.optim.lr=1e-3 ...]
              [--stop-at-step N] [--no-progress]
 
+With `--config.eval.zero_shot="[NAME=]PATH,..."` the run also evaluates retrieval on those test
+sets every `eval.every_steps` steps and at the end (`mmts_jax.finetune.zero_shot`).
+
 The config file defines `get_config()` returning an `ml_collections.ConfigDict`
 (`configs/x.py:arg` passes `arg` to `get_config`). `--config.KEY=VALUE` overrides a key; the value
 is parsed to the key's type (bool, int, float, str, tuple), and an unknown key or a value of the
@@ -153,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
 
   from mmts_jax import train  # after argument errors: importing JAX costs seconds
   try:
-    result = train.train_and_evaluate(config, args.workdir, stop_at_step=args.stop_at_step)
+    eval_fn = None
+    if config.get("eval", {}).get("zero_shot", ""):
+      from mmts_jax.finetune.zero_shot import eval_fn_from_config
+      eval_fn = eval_fn_from_config(config)
+    result = train.train_and_evaluate(config, args.workdir, stop_at_step=args.stop_at_step,
+                                      eval_fn=eval_fn)
   except train.NonFiniteLossError as e:
     print(f"mmts train: error: {e}", file=sys.stderr)
     return EXIT_NONFINITE
