@@ -8,10 +8,11 @@ from __future__ import annotations
 from mmts_jax.losses import _checks
 from mmts_jax.losses.blockwise import infonce_blockwise, max_margin_blockwise
 from mmts_jax.losses.dense import cosine_normalize, infonce_dense, max_margin_dense
+from mmts_jax.losses.nonlinear import nonlinear_mmcl
 
 __all__ = ["infonce", "max_margin", "infonce_dense", "max_margin_dense", "infonce_blockwise",
            "max_margin_blockwise", "cosine_normalize", "make_sharded_loss", "AUTO_DENSE_MAX",
-           "AUTO_GATHER_MAX"]
+           "AUTO_GATHER_MAX", "nonlinear_mmcl"]
 
 # impl="auto": the dense path up to this batch (its (B, B) logits are at most 64 MiB in f32),
 # blockwise above. Sharded, sharded="auto": all-gather up to this global batch, ring above.
