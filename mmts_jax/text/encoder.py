@@ -87,7 +87,7 @@ def _sentence_transformers_settings(model_dir: str, config: BertConfig) -> dict:
           "pooling": mode, "normalize": normalize}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # holds device arrays: identity, not value, equality
 class SentenceEncoder:
   """A sentence encoder: `encode(list of str) -> (N, D) float32` unit vectors.
 
