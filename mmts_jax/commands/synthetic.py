@@ -3,8 +3,8 @@
 Draws a long-tailed image-caption dataset (40 Zipf classes, imbalance 100), builds the cluster
 table (MiniLM caption embeddings + K-Means), trains a fixed temperature, TS, ICS and TS&ICS
 (MM-TS) with the same budget and seeds, and prints test R@1/5/10 overall / head / tail. Writes
-`WORKDIR/results.json` and `WORKDIR/plots/*.png`. The defaults finish in about 6 minutes on 2
-CPU cores.
+`WORKDIR/results.json` and `WORKDIR/plots/*.png`. The defaults took 4 minutes (236 s, 112 s of
+CPU) on a shared 2-core CPU host; `docs/synthetic_benchmark.md` has the 3-seed table.
 """
 from __future__ import annotations
 
