@@ -35,16 +35,23 @@ def activation(name: str):
   raise ValueError(f"unsupported activation {name!r}")
 
 
-class SelfAttention(nn.Module):
-  """Multi-head scaled dot-product self-attention with an additive key mask."""
+class _Configured(nn.Module):
+  """Fields shared by the encoder's modules: architecture, compute dtype, matmul precision."""
   config: BertConfig
   dtype: Any = jnp.float32
   precision: Any = None
 
+  def dense(self, features: int, name: str):
+    return nn.Dense(features, dtype=self.dtype, precision=self.precision, name=name)
+
+
+class SelfAttention(_Configured):
+  """Multi-head scaled dot-product self-attention with an additive key mask."""
+
   @nn.compact
   def __call__(self, x, mask_bias):
     c = self.config
-    dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+    dense = self.dense
     b, l, _ = x.shape
     split = lambda t: t.reshape(b, l, c.num_heads, c.head_dim)
     q = split(dense(c.hidden_size, name="query")(x))
@@ -57,16 +64,13 @@ class SelfAttention(nn.Module):
     return dense(c.hidden_size, name="out")(ctx.reshape(b, l, c.hidden_size))
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(_Configured):
   """One post-LN block: attention + residual + LN, feed-forward + residual + LN."""
-  config: BertConfig
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, x, mask_bias):
     c = self.config
-    dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+    dense = self.dense
     norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype)
     attn = SelfAttention(c, self.dtype, self.precision, name="attention")(x, mask_bias)
     x = norm(name="attention_norm")(x + attn)
@@ -74,7 +78,7 @@ class TransformerLayer(nn.Module):
     return norm(name="ffn_norm")(x + dense(c.hidden_size, name="ffn_out")(h))
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(_Configured):
   """Token ids `(B, L)` and attention mask `(B, L)` -> last hidden state `(B, L, H)`.
 
   Token-type ids are taken to be 0 (single-sentence input), as sentence encoders use them.
@@ -88,9 +92,6 @@ class BertEncoder(nn.Module):
     >>> model.apply(params, ids, jnp.ones_like(ids)).shape
     (2, 5, 16)
   """
-  config: BertConfig
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, input_ids, attention_mask):
