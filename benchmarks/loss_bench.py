@@ -7,7 +7,7 @@ itself) and prints one JSON line; `sweep` runs a plan, writes all lines to one j
 
   # one measurement
   python benchmarks/loss_bench.py one --impl blockwise --B 131072 --dtype f32
-  # the benchmark of benchmarks/BENCHMARKS_losses.md (one H100)
+  # the benchmark of benchmarks/BENCHMARKS.md (one H100)
   python benchmarks/loss_bench.py sweep --plan h100 --peers ../shared/peers/peer_loss_bench.py \
       --out benchmarks/results/loss_h100.json
   # the ring on all local GPUs against one of them, global B=262,144

@@ -41,7 +41,7 @@ from mmts_jax.losses.dense import compute_dtype, cosine_normalize
 __all__ = ["infonce_blockwise", "max_margin_blockwise", "resolve_blocks", "DEFAULT_BLOCK"]
 
 # Default tile, (rows, cols). Large enough that each tile's matmul keeps a GPU's matrix units busy,
-# small enough that a few f32 tiles stay well under a GiB (see benchmarks/BENCHMARKS_losses.md).
+# small enough that a few f32 tiles stay well under a GiB (see benchmarks/BENCHMARKS.md).
 DEFAULT_BLOCK = (8192, 8192)
 
 
@@ -197,7 +197,7 @@ def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
   """Whether the InfoNCE tiles take the fused Pallas kernels.
 
   By default on GPUs for bf16 embeddings only: measured on an H100 (benchmarks/
-  BENCHMARKS_losses.md), Triton's tf32 matmul loses more than the fusion saves for f32, while
+  BENCHMARKS.md), Triton's tf32 matmul loses more than the fusion saves for f32, while
   for bf16 the fused tiles are faster than XLA's. `set_fused_tiles` overrides this.
   """
   mode = _FUSED[0]
