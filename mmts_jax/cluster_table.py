@@ -22,15 +22,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import io
 import json
 import os
-import tempfile
-from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from mmts_jax import shifts
+
+from mmts_jax.atomic_io import atomic_write  # noqa: F401  (re-exported)
 
 __all__ = ["ClusterTable", "ClusterTableMismatch", "dataset_fingerprint", "atomic_write",
            "FORMAT_VERSION"]
@@ -60,31 +60,6 @@ def dataset_fingerprint(keys: Iterable[Any]) -> str:
     h.update(len(k).to_bytes(8, "little"))
     h.update(k)
   return "sha256:" + h.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-  """Calls `write(file)` on a temp file beside `path`, fsyncs it, then renames it onto `path`.
-
-  A crash or an exception leaves either the old file or none, never a partial one.
-  """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an artifact gets the usual mode
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _now() -> str:

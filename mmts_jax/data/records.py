@@ -31,6 +31,8 @@ import numpy as np
 
 from mmts_jax.data.fingerprint import Fingerprinter
 
+from mmts_jax.atomic_io import atomic_write_bytes  # noqa: F401  (re-exported)
+
 __all__ = ["Manifest", "RecordWriter", "RecordSource", "write_records", "read_manifest",
            "read_captions", "read_keys", "atomic_write_bytes", "MANIFEST", "FORMAT"]
 
@@ -74,22 +76,6 @@ class Manifest:
       raise ValueError(f"inconsistent manifest: num_records={m.num_records}, "
                        f"shard_lengths={list(m.shard_lengths)}")
     return m
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to a temporary file next to `path`, fsyncs it, then `os.replace`s it."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _check_example(ex: Mapping[str, Any]) -> None:
