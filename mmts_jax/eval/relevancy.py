@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy"]
+__all__ = ["Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy",
+           "read_csv_rows"]
 
 VIDEO_CSV = "EPIC_100_retrieval_test.csv"
 SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
@@ -49,7 +50,8 @@ class Ek100MirAnnotations:
     return len(self.video_ids), len(self.caption_ids)
 
 
-def _read_rows(path: str, required: Sequence[str]) -> list[dict[str, str]]:
+def read_csv_rows(path: str, required: Sequence[str]) -> list[dict[str, str]]:
+  """Rows of a CSV as dicts; a clear error names the file and any missing required column."""
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     missing = [c for c in required if c not in (reader.fieldnames or [])]
@@ -91,8 +93,8 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
     sentence_csv = sentence_csv or os.path.join(directory, SENTENCE_CSV)
   if video_csv is None or sentence_csv is None:
     raise ValueError("read_ek100_mir: give a directory, or both video_csv and sentence_csv")
-  videos = _read_rows(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"))
-  sentences = _read_rows(os.fspath(sentence_csv), ("narration_id", "narration"))
+  videos = read_csv_rows(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"))
+  sentences = read_csv_rows(os.fspath(sentence_csv), ("narration_id", "narration"))
   index = {row["narration_id"]: i for i, row in enumerate(videos)}
   verbs = np.array([int(row["verb_class"]) for row in videos], np.int64)
   nouns = tuple(_noun_list(row["all_noun_classes"], f"{video_csv}:{i + 2}")

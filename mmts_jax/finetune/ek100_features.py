@@ -50,7 +50,7 @@ import numpy as np
 
 from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
 from mmts_jax.data.features import save_features
-from mmts_jax.eval.relevancy import Ek100MirAnnotations, _read_rows, read_ek100_mir
+from mmts_jax.eval.relevancy import Ek100MirAnnotations, read_csv_rows, read_ek100_mir
 
 __all__ = ["TRAIN_CSV", "NOUN_FREQ_CSV", "Ek100Train", "FeatureSpec", "read_ek100_train",
            "read_frequencies", "noun_cluster_table", "ClassFeatureMaps", "Ek100FeatureFiles",
@@ -109,7 +109,7 @@ class FeatureSpec:
 def _rows(path: pathlib.Path, required: Sequence[str]) -> list[dict[str, str]]:
   if not path.is_file():
     raise FileNotFoundError(f"EK-100 annotation file {str(path)!r} does not exist")
-  return _read_rows(os.fspath(path), required)
+  return read_csv_rows(os.fspath(path), required)
 
 
 def _class_list(text: str, where: str) -> tuple[int, ...]:
