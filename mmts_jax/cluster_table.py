@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 from typing import Any, Hashable, Iterable, Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 from mmts_jax import shifts
+from mmts_jax.data import fingerprint
 
 from mmts_jax.atomic_io import atomic_write  # noqa: F401  (re-exported)
 
@@ -54,12 +54,8 @@ def dataset_fingerprint(keys: Iterable[Any]) -> str:
     >>> dataset_fingerprint(["open door", "take cup"])[:15]
     'sha256:569530f4'
   """
-  keys = [str(k).encode("utf-8") for k in keys]
-  h = hashlib.sha256(f"mmts-dataset-v1\n{len(keys)}\n".encode())
-  for k in keys:
-    h.update(len(k).to_bytes(8, "little"))
-    h.update(k)
-  return "sha256:" + h.hexdigest()
+  # One hash for the whole project: the converted datasets' manifests use the same function.
+  return fingerprint.dataset_fingerprint([str(k) for k in keys])
 
 
 def _now() -> str:
