@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy",
-           "read_csv_rows"]
+           "read_csv_rows", "parse_class_list"]
 
 VIDEO_CSV = "EPIC_100_retrieval_test.csv"
 SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
@@ -60,13 +60,19 @@ def read_csv_rows(path: str, required: Sequence[str]) -> list[dict[str, str]]:
     return list(reader)
 
 
-def _noun_list(text: str, where: str) -> tuple[int, ...]:
+def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
+                     non_empty: bool = False) -> tuple[int, ...]:
+  """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also asks for >= 1 entry, all >= 0."""
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError) as e:
-    raise ValueError(f"{where}: all_noun_classes must be a list of ints, got {text!r}") from e
-  if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-    raise ValueError(f"{where}: all_noun_classes must be a list of ints, got {text!r}")
+    raise ValueError(f"{where}: {column} must be a list of ints, got {text!r}") from e
+  ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)
+  if non_empty:
+    ok = ok and bool(value) and all(v >= 0 for v in value)
+  if not ok:
+    kind = "a non-empty list of ints >= 0" if non_empty else "a list of ints"
+    raise ValueError(f"{where}: {column} must be {kind}, got {text!r}")
   return tuple(value)
 
 
@@ -97,7 +103,7 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
   sentences = read_csv_rows(os.fspath(sentence_csv), ("narration_id", "narration"))
   index = {row["narration_id"]: i for i, row in enumerate(videos)}
   verbs = np.array([int(row["verb_class"]) for row in videos], np.int64)
-  nouns = tuple(_noun_list(row["all_noun_classes"], f"{video_csv}:{i + 2}")
+  nouns = tuple(parse_class_list(row["all_noun_classes"], f"{video_csv}:{i + 2}")
                 for i, row in enumerate(videos))
   unknown = [row["narration_id"] for row in sentences if row["narration_id"] not in index]
   if unknown:

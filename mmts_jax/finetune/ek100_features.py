@@ -39,7 +39,6 @@ Example:
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -50,7 +49,8 @@ import numpy as np
 
 from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
 from mmts_jax.data.features import save_features
-from mmts_jax.eval.relevancy import Ek100MirAnnotations, read_csv_rows, read_ek100_mir
+from mmts_jax.eval.relevancy import (Ek100MirAnnotations, parse_class_list, read_csv_rows,
+                                     read_ek100_mir)
 
 __all__ = ["TRAIN_CSV", "NOUN_FREQ_CSV", "Ek100Train", "FeatureSpec", "read_ek100_train",
            "read_frequencies", "noun_cluster_table", "ClassFeatureMaps", "Ek100FeatureFiles",
@@ -112,17 +112,6 @@ def _rows(path: pathlib.Path, required: Sequence[str]) -> list[dict[str, str]]:
   return read_csv_rows(os.fspath(path), required)
 
 
-def _class_list(text: str, where: str) -> tuple[int, ...]:
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError) as e:
-    raise ValueError(f"{where}: noun_classes must be a list of ints, got {text!r}") from e
-  if (not isinstance(value, (list, tuple)) or not value
-      or not all(isinstance(v, int) and v >= 0 for v in value)):
-    raise ValueError(f"{where}: noun_classes must be a non-empty list of ints >= 0, got {text!r}")
-  return tuple(value)
-
-
 def read_ek100_train(directory: str | os.PathLike) -> Ek100Train:
   """Reads `EPIC_100_retrieval_train_sentence.csv` (narration_id, narration, verb_class,
   noun_classes).
@@ -141,7 +130,8 @@ def read_ek100_train(directory: str | os.PathLike) -> Ek100Train:
   return Ek100Train(
       narration_ids=ids, captions=tuple(r["narration"] for r in rows),
       verbs=np.array([int(r["verb_class"]) for r in rows], np.int64),
-      nouns=tuple(_class_list(r["noun_classes"], f"{path}:{i + 2}") for i, r in enumerate(rows)))
+      nouns=tuple(parse_class_list(r["noun_classes"], f"{path}:{i + 2}", "noun_classes",
+                                    non_empty=True) for i, r in enumerate(rows)))
 
 
 def read_frequencies(path: str | os.PathLike) -> dict[str, int]:
