@@ -8,9 +8,10 @@ from __future__ import annotations
 from mmts_jax.losses import _checks
 from mmts_jax.losses.blockwise import infonce_blockwise, max_margin_blockwise
 from mmts_jax.losses.dense import cosine_normalize, infonce_dense, max_margin_dense
+from mmts_jax.losses.dispatch import get
 from mmts_jax.losses.nonlinear import nonlinear_mmcl
 
-__all__ = ["infonce", "max_margin", "infonce_dense", "max_margin_dense", "infonce_blockwise",
+__all__ = ["get", "infonce", "max_margin", "infonce_dense", "max_margin_dense", "infonce_blockwise",
            "max_margin_blockwise", "cosine_normalize", "make_sharded_loss", "AUTO_DENSE_MAX",
            "AUTO_GATHER_MAX", "nonlinear_mmcl"]
 
