@@ -49,6 +49,8 @@ _REASONS = {
     errno.ENAMETOOLONG: "the name is too long",
 }
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+
 _debug = False
 
 
@@ -167,6 +169,10 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
   except UserInputError:
     raise
   except OSError as e:
+    # A full or read-only disk names no file (or a temp file): name the artifact. Errors that
+    # carry their own file name (a missing input read on the way) keep it.
+    if e.errno not in _WRITE_ERRNOS and (e.errno is None or e.filename is not None):
+      raise
     label = f"{what} " if what else ""
     raise UserInputError(os.fspath(path), f"cannot write {label}({os_reason(e)})",
                          expected="a writable location with free space") from e
