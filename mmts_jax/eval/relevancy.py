@@ -150,7 +150,7 @@ def video_subset(annotations: Ek100MirAnnotations, max_videos: int
   """
   if isinstance(max_videos, bool) or not isinstance(max_videos, (int, np.integer)) \
       or max_videos <= 0:
-    raise ValueError(f"the number of validation videos must be a positive int, got "
+    raise ValueError(f"max_videos (validation videos) must be a positive int, got "
                      f"{max_videos!r}")
   keep_v = np.arange(min(int(max_videos), len(annotations.video_ids)))
   kept = set(annotations.video_ids[i] for i in keep_v)

@@ -36,6 +36,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmts_jax import array_files
+
 from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
 
 __all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
@@ -122,9 +124,7 @@ class RetrievalTestSet:
                captions_per_image: int | None = None) -> "RetrievalTestSet":
     """Reads `path` (see the module docstring); `name` defaults to the file's stem."""
     path = pathlib.Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"test set {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as z:
+    with array_files.open_npz(path, expected="a .npz of model inputs") as z:
       missing = [k for k in (image_key, text_key) if k not in z.files]
       if missing:
         raise ValueError(f"{str(path)!r} has no {missing} (the model's input keys); it has "
