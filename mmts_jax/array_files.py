@@ -81,7 +81,7 @@ def _expect(path: str, kind: str, expected: str) -> None:
 
 def _reading(path: str, key: str | None, expected: str, e: Exception) -> UserInputError:
   text = str(e)
-  if "allow_pickle" in text or "Object arrays" in text or "pickled" in text:
+  if "allow_pickle" in text or "Object arrays" in text or "Python objects" in text:
     return UserInputError(path, "holds Python objects (pickled data is never loaded)", key=key,
                           expected=expected)
   return UserInputError(path, f"is truncated or corrupt ({type(e).__name__}: {text})", key=key,

@@ -126,6 +126,21 @@ def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int 
     raise
 
 
+def _text_lines(f, table) -> Iterator[str]:
+  """UTF-8 lines of a binary file, decoded one by one so that an error names its line."""
+  for line_no, raw in enumerate(f, 1):
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+      raw = raw[3:]
+    if b"\x00" in raw:
+      raise UserInputError(table, "contains a NUL byte", line=line_no,
+                           expected="a UTF-8 text table")
+    try:
+      yield raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UserInputError(table, f"is not UTF-8 ({e.reason})", line=line_no,
+                           expected="a UTF-8 text table") from None
+
+
 def _table_error(table, line: int, e: Exception) -> UserInputError:
   if isinstance(e, UnicodeDecodeError):
     return UserInputError(table, f"is not UTF-8 ({e.reason})", line=line,
@@ -175,10 +190,11 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
     delimiter = "\t" if table.suffix.lower() in (".tsv", ".tab") else ","
 
   def samples() -> Iterator[dict]:
-    with open(table, newline="", encoding="utf-8-sig") as f:
+    with open(table, "rb") as f:
       # TSV has no quoting (captions such as `the "best" cat` are literal); CSV has RFC 4180's.
       quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-      rows = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
+      rows = csv.reader(_text_lines(f, table), delimiter=delimiter, quoting=quoting,
+                        strict=True)
       line = 1
       try:
         head = next(rows) if header else None
