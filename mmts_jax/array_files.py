@@ -25,7 +25,7 @@ import numpy as np
 
 from mmts_jax.errors import MissingFileError, UserInputError
 
-__all__ = ["sniff", "load_npy", "open_npz", "load_npz_array", "check_matrix", "check_numeric"]
+__all__ = ["sniff", "load_npy", "open_npz", "read_npz", "load_npz_array", "check_matrix", "check_numeric"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -115,6 +115,30 @@ def open_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
     return np.load(path, allow_pickle=False)
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise _reading(path, None, expected, e) from e
+
+
+def read_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written by numpy.savez"
+             ) -> dict[str, np.ndarray]:
+  """Every array of a `.npz`, read now (for small files: tables, features, test sets).
+
+  A damaged member (bad CRC, truncated, inconsistent headers) is a `UserInputError` naming the
+  file and the member, whichever member it is.
+
+  Example:
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.npz")
+    >>> np.savez(p, a=np.arange(2))
+    >>> {k: v.tolist() for k, v in read_npz(p).items()}
+    {'a': [0, 1]}
+  """
+  out = {}
+  with open_npz(path, expected=expected) as z:
+    for key in z.files:
+      try:
+        out[key] = z[key]
+      except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise _reading(os.fspath(path), key, expected, e) from e
+  return out
 
 
 def load_npz_array(path: str | os.PathLike, key: str, *, required: bool = True,

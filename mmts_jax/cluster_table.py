@@ -256,21 +256,20 @@ class ClusterTable:
     """Reads a table written by `save`; checks its format version and internal consistency."""
     path = os.fspath(path)
     expected = f"a cluster table written by `mmts cluster` ({_FORMAT_NAME} .npz)"
-    with array_files.open_npz(path, expected=expected) as z:
-      if "format" not in z.files or z["format"].dtype.kind != "U" or \
-          str(z["format"]) != _FORMAT_NAME:
-        raise UserInputError(path, f"is a .npz without the {_FORMAT_NAME} format tag, arrays "
-                             f"{sorted(z.files)}", expected=expected)
-      missing = [k for k in ("provenance", "cluster_ids", "sizes") if k not in z.files]
-      if missing:
-        raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
-      try:
-        prov = json.loads(str(z["provenance"]))
-        ids, sizes = z["cluster_ids"], z["sizes"]
-        names = tuple(z["cluster_names"].tolist()) if "cluster_names" in z.files else None
-      except (OSError, ValueError, EOFError) as e:  # corrupt member, bad JSON
-        raise UserInputError(path, f"is corrupt ({type(e).__name__}: {e})",
-                             expected=expected) from e
+    z = array_files.read_npz(path, expected=expected)
+    if "format" not in z or z["format"].dtype.kind != "U" or str(z["format"]) != _FORMAT_NAME:
+      raise UserInputError(path, f"is a .npz without the {_FORMAT_NAME} format tag, arrays "
+                           f"{sorted(z)}", expected=expected)
+    missing = [k for k in ("provenance", "cluster_ids", "sizes") if k not in z]
+    if missing:
+      raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
+    try:
+      prov = json.loads(str(z["provenance"]))
+    except ValueError as e:
+      raise UserInputError(path, f"is corrupt ({type(e).__name__}: {e})", key="provenance",
+                           expected=expected) from e
+    ids, sizes = z["cluster_ids"], z["sizes"]
+    names = tuple(z["cluster_names"].tolist()) if "cluster_names" in z else None
     if not isinstance(prov, dict):
       raise UserInputError(path, "provenance is not a JSON object", key="provenance",
                            expected=expected)

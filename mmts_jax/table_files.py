@@ -111,8 +111,7 @@ def _read_delimited(path: str, text: str, delimiter: str, quoting: int, header: 
 
 
 def _read_jsonl(path: str, text: str):
-  stripped = text.lstrip()
-  if stripped.startswith("["):  # a .json file holding one list of objects
+  if path.lower().endswith(".json") and text.lstrip().startswith("["):  # one list of objects
     try:
       items = json.loads(text)
     except json.JSONDecodeError as e:

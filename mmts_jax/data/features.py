@@ -70,14 +70,14 @@ class FeatureSource(Sequence):
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
     expected = f"a features .npz with {list(_REQUIRED)} (mmts_jax.data.features.save_features)"
-    with array_files.open_npz(self.path, expected=expected) as z:
-      missing = [k for k in _REQUIRED if k not in z.files]
-      if missing:
-        raise UserInputError(self.path, f"has no array(s) {missing}, only {sorted(z.files)}",
-                             expected=expected)
-      self.arrays = {k: z[k] for k in (*_REQUIRED, "label") if k in z.files}
-      self.num_records = int(z["num_records"]) if "num_records" in z.files else None
-      self.fingerprint = str(z["fingerprint"]) if "fingerprint" in z.files else None
+    z = array_files.read_npz(self.path, expected=expected)
+    missing = [k for k in _REQUIRED if k not in z]
+    if missing:
+      raise UserInputError(self.path, f"has no array(s) {missing}, only {sorted(z)}",
+                           expected=expected)
+    self.arrays = {k: z[k] for k in (*_REQUIRED, "label") if k in z}
+    self.num_records = int(z["num_records"]) if "num_records" in z else None
+    self.fingerprint = str(z["fingerprint"]) if "fingerprint" in z else None
     n = len(self.arrays["index"])
     for key, x in self.arrays.items():
       array_files.check_numeric(x, self.path, key)

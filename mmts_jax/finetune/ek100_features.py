@@ -306,12 +306,19 @@ def load_val_features(path: str | os.PathLike,
   rows and columns) and raises ValueError if not.
   """
   path = pathlib.Path(path)
-  with array_files.open_npz(path, expected=f"a {_VAL_FORMAT} .npz") as z:
-    if "format" not in z.files or str(z["format"]) != _VAL_FORMAT:
-      raise ValueError(f"{str(path)!r} is not a {_VAL_FORMAT} file (build it with "
-                       f"build_ek100_features / `mmts finetune prepare`)")
-    video, text = z["video_features"], z["text_features"]
-    video_ids, caption_ids = z["video_ids"].tolist(), z["caption_ids"].tolist()
+  expected = f"a {_VAL_FORMAT} .npz (`mmts finetune prepare`)"
+  z = array_files.read_npz(path, expected=expected)
+  if "format" not in z or str(z["format"]) != _VAL_FORMAT:
+    raise ValueError(f"{str(path)!r} is not a {_VAL_FORMAT} file (build it with "
+                     f"build_ek100_features / `mmts finetune prepare`)")
+  missing = [k for k in ("video_features", "text_features", "video_ids", "caption_ids")
+             if k not in z]
+  if missing:
+    raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
+  video, text = z["video_features"], z["text_features"]
+  video_ids, caption_ids = z["video_ids"].tolist(), z["caption_ids"].tolist()
+  array_files.check_matrix(video, path, "video_features")
+  array_files.check_matrix(text, path, "text_features")
   if annotations is not None and (tuple(video_ids) != annotations.video_ids
                                   or tuple(caption_ids) != annotations.caption_ids):
     raise ValueError(f"{str(path)!r} does not follow the order of the EK-100 annotations "
