@@ -19,13 +19,20 @@ Example:
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
 from mmts_jax.errors import MissingFileError, UserInputError
 
 __all__ = ["sniff", "load_npy", "open_npz", "read_npz", "load_npz_array", "check_matrix", "check_numeric"]
+
+# What numpy and zipfile raise for a damaged archive: bad CRCs, truncated members, header fields
+# out of range ("zip file version 21.0" is a NotImplementedError), broken deflate streams.
+_DAMAGED = (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError,
+            struct.error, zlib.error, OverflowError)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -103,7 +110,7 @@ def load_npy(path: str | os.PathLike, *, expected: str = "a .npy array written b
   _expect(path, "npy", expected)
   try:
     return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-  except (ValueError, OSError, EOFError) as e:
+  except _DAMAGED as e:
     raise _reading(path, None, expected, e) from e
 
 
@@ -113,7 +120,7 @@ def open_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
   _expect(path, "npz", expected)
   try:
     return np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+  except _DAMAGED as e:
     raise _reading(path, None, expected, e) from e
 
 
@@ -136,7 +143,7 @@ def read_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
     for key in z.files:
       try:
         out[key] = z[key]
-      except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+      except _DAMAGED as e:
         raise _reading(os.fspath(path), key, expected, e) from e
   return out
 
@@ -153,7 +160,7 @@ def load_npz_array(path: str | os.PathLike, key: str, *, required: bool = True,
                            expected=expected)
     try:
       return z[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except _DAMAGED as e:
       raise _reading(os.fspath(path), key, expected, e) from e
 
 

@@ -23,8 +23,9 @@ from mmts_jax.cluster_table import ClusterTable, dataset_fingerprint
 from mmts_jax.errors import UserInputError
 from mmts_jax.losses import _checks
 
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+# 60 examples per property in CI; MMTS_HYPOTHESIS_EXAMPLES=2000 for a longer local search.
+SETTINGS = settings(max_examples=int(os.environ.get("MMTS_HYPOTHESIS_EXAMPLES", "60")),
+                    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Cell text: any Unicode but NUL and lone surrogates (not encodable as UTF-8); the CSV writer
 # quotes what needs quoting. `\r` alone is normalised by csv, so it is left out of cells.
