@@ -11,11 +11,9 @@ runs `mmts ...` in-process, and checks that
 from __future__ import annotations
 
 import io
-import json
 import os
 import pathlib
 import tarfile
-import zipfile
 
 import numpy as np
 import pytest

@@ -72,10 +72,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args) -> int:
-  import io
-
-  from PIL import Image
-
   from mmts_jax.data import image_ops
   from mmts_jax.data.records import RecordSource
   src = RecordSource(args.data_dir)
@@ -85,7 +81,7 @@ def _inspect(args) -> int:
   print(f"fields: {', '.join(sorted(m.fields))}")
   print(f"source: {m.source.get('kind')}, {m.source.get('skipped', 0)} samples skipped")
   for r in (src[k] for k in range(min(args.num, len(src)))):
-    img = image_ops.check_image_size(Image.open(io.BytesIO(r["image"])))
+    img = image_ops.open_image(r["image"])
     extra = f" label={r['label']}" if "label" in r else ""
     caption = repr(r["caption"][:60]) if "caption" in r else "-"
     print(f"  [{r['index']}] key={r['key']!r} {img.format} {img.width}x{img.height}{extra} "

@@ -18,14 +18,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
-import io
 import itertools
 import os
 import pathlib
 import re
 import tarfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from mmts_jax.data import image_ops
 from mmts_jax.errors import UserInputError
@@ -54,13 +53,12 @@ class _Skip(Exception):
 def encode_for_storage(data: bytes, shorter_side: int | None = None, quality: int = 95) -> bytes:
   """Checks that `data` decodes; returns it unchanged, or re-encoded as JPEG when resized/foreign.
 
-  Raises `_Skip` (the reason a sample is skipped) for data PIL cannot decode.
+  Raises `_Skip` (the reason a sample is skipped) for data PIL cannot decode, or whose size
+  exceeds `image_ops.MAX_IMAGE_PIXELS` (refused before decoding).
   """
-  from PIL import Image
   try:
-    img = Image.open(io.BytesIO(data))
+    img = image_ops.open_image(data)  # refuses huge images before decoding them
     fmt = img.format
-    image_ops.check_image_size(img)  # before decoding: bounded work and memory
     img.load()
   except image_ops.ImageTooLargeError as e:
     raise _Skip("image too large", str(e)) from None

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_image_size", "CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
+__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_image_size", "open_image", "CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
            "random_resized_crop", "resize_center_crop", "normalize", "normalize_on_device", "encode_jpeg",
            "shrink_shorter_side"]
 
@@ -48,6 +48,22 @@ def check_image_size(img: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Im
   return img
 
 
+def open_image(data: bytes | bytearray | memoryview) -> Image.Image:
+  """`Image.open` of encoded bytes, bounded: refuses more than `MAX_IMAGE_PIXELS` before decoding.
+
+  Example:
+    >>> buf = io.BytesIO(); Image.new("RGB", (3, 2)).save(buf, format="PNG")
+    >>> open_image(buf.getvalue()).size
+    (3, 2)
+  """
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:  # Pillow's own check, beyond twice the limit
+    raise ImageTooLargeError(f"image exceeds the decoding limit of {MAX_IMAGE_PIXELS} pixels "
+                             f"(MAX_IMAGE_PIXELS): {e}") from None
+  return check_image_size(img)
+
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
@@ -60,7 +76,7 @@ def decode_image(data: bytes | np.ndarray | Image.Image, *, draft: int | None = 
   (DCT scaling, much cheaper than decoding full size and resizing).
   """
   if isinstance(data, (bytes, bytearray, memoryview)):
-    img = check_image_size(Image.open(io.BytesIO(data)))  # before any pixel is decoded
+    img = open_image(data)  # refuses huge images before any pixel is decoded
     if draft is not None and img.format == "JPEG":
       img.draft("RGB", (draft, draft))
   elif isinstance(data, np.ndarray):

@@ -19,7 +19,6 @@ the result against the official relevancy slice in `shared/reference/ek100_mir_s
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import os
 from collections.abc import Sequence
