@@ -31,6 +31,7 @@ import numpy as np
 from mmts_jax import array_files, table_files
 from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
 from mmts_jax.commands import errors
+from mmts_jax.commands.help_format import HelpFormatter
 from mmts_jax.errors import UserInputError
 from mmts_jax.table_files import Table
 
@@ -154,7 +155,7 @@ def _load_embeddings(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="mmts cluster", formatter_class=argparse.RawDescriptionHelpFormatter,
+      prog="mmts cluster", formatter_class=HelpFormatter,
       description="Build an MM-TS cluster table from captions, class labels or embeddings.",
       epilog="examples:" + __doc__.split("Examples:")[1].split("It prints")[0])
   p.add_argument("input", help="captions / labels table (.csv, .tsv, .jsonl) or embeddings (.npy)")
@@ -173,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="the cluster table to write (.npz)")
   p.add_argument("--validate", metavar="TABLE",
                  help="check TABLE against this input (size and fingerprint) and exit")
-  p.add_argument("--k", type=int, default=200, help="K-Means clusters (default 200)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--n-init", type=int, default=1)
+  p.add_argument("--k", type=int, default=200, help="K-Means clusters")
+  p.add_argument("--seed", type=int, default=0, help="K-Means seed (runs use seed, seed+1, ...)")
+  p.add_argument("--n-init", type=int, default=1,
+                 help="K-Means runs from different seeds; the lowest inertia is kept")
   p.add_argument("--backend", choices=("sklearn", "jax"), default="sklearn",
                  help="K-Means on the host (scikit-learn) or on the local devices (JAX)")
   p.add_argument("--model", help="Hugging Face BERT-family model directory (default: the "
@@ -185,12 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compare-column", help="report the NMI between the clusters and this "
                  "label column (e.g. noun_classes)")
   p.add_argument("--sh-min", type=float, default=0.05, help="shift range for the summary/plot")
-  p.add_argument("--sh-max", type=float, default=0.10)
+  p.add_argument("--sh-max", type=float, default=0.10, help="shift range for the summary/plot")
   p.add_argument("--plot", help="PNG of the sorted cluster sizes and shifts (default: OUT "
                  "with .png)")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true", help="do not write the plot")
   p.add_argument("--examples", type=int, default=3, help="captions shown per cluster")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bars (there are none anyway when stderr is not a terminal)")
   p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
   return p
 

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="stop after this step with a checkpoint; rerun to resume (default: "
                       "config.total_steps)")
   t.add_argument("--no-progress", action="store_true",
-                 help="no progress bar (there is none anyway when stderr is not a terminal)")
+                 help="no progress bar")
   sub.choices["eval"].add_argument("--step", type=int, default=None,
                                    help="checkpoint step (default: the latest)")
   z = add("zero-shot", "Table 1 retrieval metrics of a checkpoint")

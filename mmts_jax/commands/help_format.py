@@ -2,7 +2,7 @@
 
 An option whose help text already names its default (the word "default") is left as written;
 any other gets ` (default: VALUE)` appended: `off` for a flag, `none` for an option that is
-unset unless given. `tests/test_cli_help.py` checks that every option of every command has a
+unset unless given; a required option gets ` (required)`. `tests/test_cli_help.py` checks that every option of every command has a
 description and a default.
 
 Example:
@@ -28,6 +28,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     if (not action.option_strings or action.default is argparse.SUPPRESS
         or "default" in text.lower()):
       return text
+    if action.required:
+      return f"{text} (required)"
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
       value = "on" if action.default else "off"
     elif action.default is None:
