@@ -374,10 +374,44 @@ CASES = {
     "train/missing_config": lambda d: (
         ["train", "--config", str(d / "c.py"), "--workdir", str(d / "run")], "c.py",
         "does not exist"),
+    "train/features_png": lambda d: (
+        ["train", "--config", EK100_CONFIG, "--workdir", str(d / "run"),
+         f"--config.data.path={_png(d / 'f.npz')}", "--config.total_steps=2"], "f.npz",
+        "is a PNG image, not a .npz file"),
+    "train/features_nan": lambda d: (
+        ["train", "--config", EK100_CONFIG, "--workdir", str(d / "run"),
+         f"--config.data.path={_features(d / 'f.npz', nan=True)}", "--config.total_steps=2"],
+        "f.npz['image_features']", "non-finite value(s), first at row 3"),
+    "train/features_missing_index": lambda d: (
+        ["train", "--config", EK100_CONFIG, "--workdir", str(d / "run"),
+         f"--config.data.path={_features(d / 'f.npz', drop='index')}",
+         "--config.total_steps=2"], "f.npz", "has no array(s) ['index']"),
+    "train/cluster_table_png": lambda d: (
+        ["train", "--config", EK100_CONFIG, "--workdir", str(d / "run"),
+         f"--config.data.path={_features(d / 'f.npz')}",
+         f"--config.mmts.cluster_table={_png(d / 't.npz')}", "--config.total_steps=2",
+         "--config.batch_size=8", "--config.optim.warmup_steps=0"],
+        "t.npz", "is a PNG image, not a .npz file"),
     "train/config_syntax_error": lambda d: (
         ["train", "--config", _write(d / "c.py", "def get_config(:\n  pass\n"), "--workdir",
          str(d / "run")], "c.py:1", "expected a Python config file"),
 }
+
+
+EK100_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" /
+                   "ek100_features_mimm.py")
+
+
+def _features(path: pathlib.Path, nan: bool = False, drop: str | None = None) -> str:
+  rng = np.random.default_rng(0)
+  arrays = {"image_features": rng.normal(size=(8, 64)).astype(np.float32),
+            "text_features": rng.normal(size=(8, 48)).astype(np.float32),
+            "index": np.arange(8, dtype=np.int64)}
+  if nan:
+    arrays["image_features"][3, 5] = np.nan
+  arrays.pop(drop, None)
+  np.savez(path, **arrays)
+  return str(path)
 
 
 def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
