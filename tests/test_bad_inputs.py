@@ -455,3 +455,28 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("MMTS_DEBUG", "1")
   with pytest.raises(ValueError, match="row has 3 fields"):
     cli.main(argv)
+
+
+def test_exit_status_attribute_and_interrupt(capsys):
+  from mmts_jax.commands import errors
+
+  class Diverged(FloatingPointError):
+    exit_status = 3
+
+  def diverge(argv):
+    raise Diverged("the loss became NaN at step 7\nsee metrics.jsonl")
+
+  def interrupt(argv):
+    raise KeyboardInterrupt
+
+  assert errors.run("mmts x", diverge, []) == 3
+  assert capsys.readouterr().err == ("mmts x: error: the loss became NaN at step 7 see "
+                                     "metrics.jsonl\n")
+  assert errors.run("mmts x", interrupt, []) == 130
+  assert capsys.readouterr().err == "mmts x: interrupted\n"
+
+  def bug(argv):
+    raise KeyError("a bug keeps its traceback")
+
+  with pytest.raises(KeyError):
+    errors.run("mmts x", bug, [])

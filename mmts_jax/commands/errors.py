@@ -6,7 +6,8 @@ Every command runs through `run`: an exception caused by the user's files, flags
 returns `EXIT_BAD_INPUT`. Anything else is a bug and keeps its traceback. `--debug` (anywhere on
 the command line) or `MMTS_DEBUG=1` shows the traceback of user errors too.
 
-Commands also use `check_output_path` before any work (so a bad `--out` fails in a second, not
+An exception may carry its own exit status (`exit_status = 3` on a non-finite loss) and is then
+printed the same way with that status. Commands also use `check_output_path` before any work (so a bad `--out` fails in a second, not
 after an hour of K-Means), `writing(path)` around a write (so a full disk names the artifact,
 not a temp file) and `all_or_nothing(paths)` (a command that writes several artifacts leaves
 none of them behind if it fails half-way).
@@ -31,10 +32,11 @@ from typing import Callable, Iterable, Iterator
 
 from mmts_jax.errors import UserInputError
 
-__all__ = ["EXIT_BAD_INPUT", "UserInputError", "describe", "run", "debug_enabled",
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "UserInputError", "describe", "run", "debug_enabled",
            "strip_debug", "check_output_path", "check_output_dir", "writing", "all_or_nothing"]
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 _REASONS = {
     errno.ENOENT: "no such file or folder",
@@ -106,18 +108,28 @@ def describe(e: BaseException) -> str | None:
 
 
 def run(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
-  """Runs `fn(argv)`; user errors -> one line on stderr and `EXIT_BAD_INPUT`, bugs re-raised."""
+  """Runs `fn(argv)`; user errors -> one line on stderr and `EXIT_BAD_INPUT`, bugs re-raised.
+
+  An exception with an integer `exit_status` attribute (e.g. a non-finite loss, 3) is printed
+  the same way and exits with that status; Ctrl-C prints one line and exits 130.
+  """
   global _debug
   argv, debug = strip_debug(list(sys.argv[1:] if argv is None else argv))
   previous, _debug = _debug, _debug or debug
   try:
     return int(fn(argv) or 0)
+  except KeyboardInterrupt:
+    if debug_enabled():
+      raise
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
   except Exception as e:  # noqa: BLE001 (sorted by describe; bugs are re-raised)
-    message = describe(e)
+    status = getattr(e, "exit_status", None)
+    message = _one_line(e) if isinstance(status, int) else describe(e)
     if message is None or debug_enabled():
       raise
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return status if isinstance(status, int) else EXIT_BAD_INPUT
   finally:
     _debug = previous
 
