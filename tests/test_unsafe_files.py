@@ -163,7 +163,9 @@ def _labels(tmp_path) -> str:
 
 
 def _files(root) -> set[str]:
-  return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+  """Every file and folder under `root`."""
+  return {os.path.relpath(os.path.join(d, f), root)
+          for d, ds, fs in os.walk(root) for f in fs + ds}
 
 
 def _failing_fsync(code: int, fail_on: int):

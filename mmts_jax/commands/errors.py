@@ -192,13 +192,23 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
 
 @contextlib.contextmanager
 def all_or_nothing(paths: Iterable[str | os.PathLike | None]) -> Iterator[None]:
-  """On an exception, removes those of `paths` that did not exist before (partial outputs)."""
-  paths = [os.fspath(p) for p in paths if p is not None]
+  """On an exception, removes those of `paths` that did not exist before (partial outputs), and
+  the folders that were made for them if they are empty again."""
+  paths = [os.path.abspath(os.fspath(p)) for p in paths if p is not None]
   fresh = [p for p in paths if not os.path.lexists(p)]
+  new_dirs = set()
+  for p in fresh:
+    d = os.path.dirname(p)
+    while not os.path.lexists(d) and os.path.dirname(d) != d:
+      new_dirs.add(d)
+      d = os.path.dirname(d)
   try:
     yield
   except BaseException:
     for p in fresh:
       if os.path.isfile(p) or os.path.islink(p):
         os.remove(p)
+    for d in sorted(new_dirs, key=len, reverse=True):  # deepest first
+      with contextlib.suppress(OSError):
+        os.rmdir(d)  # only if empty: never a folder holding anything else
     raise
