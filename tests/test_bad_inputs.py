@@ -370,6 +370,13 @@ CASES = {
     "finetune/eval_not_a_workdir": lambda d: (
         ["finetune", "eval", "--data", str(d / "data"), "--annotations", str(d),
          "--workdir", str(d)], "config.json", "not a training workdir"),
+    "finetune/zero_shot_corrupt_config": lambda d: (
+        ["finetune", "zero-shot", "--workdir", str(pathlib.Path(
+            _write(d / "run" / "config.json", '{"model": ')).parent), "--test-set",
+         str(d / "t.npz")], "config.json", "is not valid JSON"),
+    "finetune/zero_shot_png_test_set": lambda d: (
+        ["finetune", "zero-shot", "--workdir", _run_dir(d), "--test-set", _png(d / "t.npz")],
+        "t.npz", "is a PNG image, not a .npz file"),
     # ------------------------------------------------------------------ mmts train (config)
     "train/missing_config": lambda d: (
         ["train", "--config", str(d / "c.py"), "--workdir", str(d / "run")], "c.py",
@@ -412,6 +419,13 @@ def _features(path: pathlib.Path, nan: bool = False, drop: str | None = None) ->
   arrays.pop(drop, None)
   np.savez(path, **arrays)
   return str(path)
+
+
+def _run_dir(d: pathlib.Path) -> str:
+  """A workdir holding only the config.json of the EK-100 features config."""
+  from mmts_jax.commands.train import load_config
+  _write(d / "run" / "config.json", load_config(EK100_CONFIG).to_json())
+  return str(d / "run")
 
 
 def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
