@@ -163,6 +163,14 @@ CASES = {
         ["cluster", _labels_csv(d), "--label-column", "cls", "--frequencies",
          _write(d / "f.csv", "class_id,count\na,10\nb,-4\nc,1\n"), "--out", str(d / "o.npz")],
         "f.csv:3", "count '-4'"),
+    "cluster/frequency_nan": lambda d: (
+        ["cluster", _labels_csv(d), "--label-column", "cls", "--frequencies",
+         _write(d / "f.csv", "class_id,count\na,10\nb,nan\nc,1\n"), "--out", str(d / "o.npz")],
+        "f.csv:3", "count 'nan'"),
+    "cluster/jsonl_label_is_object": lambda d: (
+        ["cluster", _write(d / "j.jsonl", '{"cls": "a"}\n{"cls": {"x": 1}}\n'),
+         "--label-column", "cls", "--out", str(d / "o.npz")], "j.jsonl:2",
+        "label is a JSON object"),
     # ------------------------------------------------------------------ mmts cluster: arrays
     "cluster/png_as_embeddings": lambda d: (
         ["cluster", _png(d / "emb.npy"), "--k", "2", "--out", str(d / "o.npz")], "emb.npy",
@@ -342,6 +350,14 @@ CASES = {
     "prepare/wds_device_member": lambda d: (
         ["prepare", "wds", _tar(d / "s.tar", [(_link("0.png", "", tarfile.CHRTYPE), None)]),
          "--out", str(d / "ds")], "s.tar", "device file or FIFO"),
+    "prepare/wds_caption_not_utf8": lambda d: (
+        ["prepare", "wds", _tar(d / "s.tar", [_file("0.png", _good_png_bytes()),
+                                              _file("0.txt", "caf\xe9".encode("latin-1"))]),
+         "--out", str(d / "ds")], "s.tar", "caption 0.txt is not UTF-8"),
+    "prepare/wds_label_not_int": lambda d: (
+        ["prepare", "wds", _tar(d / "s.tar", [_file("0.png", _good_png_bytes()),
+                                              _file("0.txt", b"a cat"), _file("0.cls", b"cat")]),
+         "--label-ext", "cls", "--out", str(d / "ds")], "s.tar", "label 0.cls is 'cat'"),
     "prepare/inspect_not_a_dataset": lambda d: (
         ["prepare", "inspect", str(d)], str(d), "is not a converted dataset"),
     "prepare/inspect_corrupt_manifest": lambda d: (
