@@ -165,7 +165,14 @@ def load_npz_array(path: str | os.PathLike, key: str, *, required: bool = True,
 
 
 def check_numeric(x: np.ndarray, path, key: str | None = None) -> np.ndarray:
-  """Refuses non-numeric arrays (strings, structured, object) naming the file and key."""
+  """Refuses non-numeric arrays (strings, structured, object) naming the file and key.
+
+  Example:
+    >>> check_numeric(np.array(["a"]), "x.npz", "labels")
+    Traceback (most recent call last):
+    ...
+    mmts_jax.errors.UserInputError: x.npz['labels']: has dtype <U1; expected a numeric (int or float) array
+  """
   if x.dtype.kind not in "biuf":
     raise UserInputError(path, f"has dtype {x.dtype}", key=key,
                          expected="a numeric (int or float) array")

@@ -48,7 +48,17 @@ class Table(NamedTuple):
 
 
 def read_text(path: str | os.PathLike, what: str = "text file") -> str:
-  """A UTF-8 text file's content; refuses binary (NUL bytes) and other encodings by line."""
+  """A UTF-8 text file's content; refuses binary (NUL bytes) and other encodings by line.
+
+  Example:
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.csv")
+    >>> _ = open(path, "wb").write(b"a\\nb\\xe9\\n")
+    >>> read_text(path)
+    Traceback (most recent call last):
+    ...
+    mmts_jax.errors.UserInputError: ...t.csv:2: is not UTF-8 (invalid continuation byte, byte 0xe9); expected a UTF-8 text file
+  """
   path = os.fspath(path)
   if not os.path.lexists(path):
     raise MissingFileError(path, "no such file", expected=f"an existing {what}")

@@ -146,7 +146,17 @@ def _first_existing(path: str) -> str:
 
 def check_output_path(path: str | os.PathLike, flag: str = "--out") -> str:
   """Fails fast if a file cannot be written at `path`: a parent is a file, the path is a folder,
-  or the nearest existing folder is not writable. Returns the path."""
+  or the nearest existing folder is not writable. Returns the path.
+
+  Example:
+    >>> import tempfile, os
+    >>> f = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> _ = open(f, "w").write("x")
+    >>> check_output_path(f + "/t.npz")
+    Traceback (most recent call last):
+    ...
+    mmts_jax.errors.UserInputError: ...notes.txt/t.npz: cannot write --out: ...notes.txt is a file, not a folder; expected a path inside a folder
+  """
   path = os.fspath(path)
   if os.path.isdir(path):
     raise UserInputError(path, f"{flag} is a folder", expected="a file path")

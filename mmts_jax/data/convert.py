@@ -292,12 +292,26 @@ def _split_key(name: str) -> tuple[str, str]:
 MAX_MEMBER_BYTES = 256 << 20
 
 
+def _dir(name: str) -> tarfile.TarInfo:
+  info = tarfile.TarInfo(name)
+  info.type = tarfile.DIRTYPE
+  return info
+
+
 def check_member(shard: str, member: tarfile.TarInfo) -> bool:
   """True for a regular file to read, False for a directory to pass over; refuses the rest.
 
   webdataset members are read into memory, never extracted, but a shard from elsewhere is
   untrusted: absolute names, `..` components, symbolic or hard links, device files and FIFOs
   have no place in one and are refused, naming the shard and the member.
+
+  Example:
+    >>> check_member("s.tar", tarfile.TarInfo("0001.jpg")), check_member("s.tar", _dir("d"))
+    (True, False)
+    >>> check_member("s.tar", tarfile.TarInfo("../0001.jpg"))
+    Traceback (most recent call last):
+    ...
+    mmts_jax.errors.UserInputError: s.tar: tar member '../0001.jpg' has an absolute path or '..'; expected members with relative names inside the shard
   """
   name = member.name
   parts = pathlib.PurePosixPath(name).parts
