@@ -27,7 +27,8 @@ import numpy as np
 
 from mmts_jax.errors import MissingFileError, UserInputError
 
-__all__ = ["sniff", "load_npy", "open_npz", "read_npz", "load_npz_array", "check_matrix", "check_numeric"]
+__all__ = ["sniff", "load_npy", "open_npz", "read_npz", "load_npz_array", "check_matrix",
+           "check_numeric"]
 
 # What numpy and zipfile raise for a damaged archive: bad CRCs, truncated members, header fields
 # out of range ("zip file version 21.0" is a NotImplementedError), broken deflate streams.

@@ -104,7 +104,8 @@ def _tolerance_scale(x, w):
 
 def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int = 300,
                tol: float = 1e-4, n_trials: int | None = None, update: str = "auto",
-               precision: str = "highest", devices=None, progress: bool | None = False) -> KMeansResult:
+               precision: str = "highest", devices=None,
+               progress: bool | None = False) -> KMeansResult:
   """Lloyd K-Means on the local devices; the run with the lowest inertia over `n_init` inits.
 
   Args:

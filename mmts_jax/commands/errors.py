@@ -7,7 +7,9 @@ returns `EXIT_BAD_INPUT`. Anything else is a bug and keeps its traceback. `--deb
 the command line) or `MMTS_DEBUG=1` shows the traceback of user errors too.
 
 An exception may carry its own exit status (`exit_status = 3` on a non-finite loss) and is then
-printed the same way with that status. Commands also use `check_output_path` before any work (so a bad `--out` fails in a second, not
+printed the same way with that status.
+
+Commands also use `check_output_path` before any work (so a bad `--out` fails in a second, not
 after an hour of K-Means), `writing(path)` around a write (so a full disk names the artifact,
 not a temp file) and `all_or_nothing(paths)` (a command that writes several artifacts leaves
 none of them behind if it fails half-way).
@@ -32,7 +34,8 @@ from typing import Callable, Iterable, Iterator
 
 from mmts_jax.errors import UserInputError
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "UserInputError", "describe", "run", "debug_enabled",
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "UserInputError", "describe", "run",
+           "debug_enabled",
            "strip_debug", "check_output_path", "check_output_dir", "writing", "all_or_nothing"]
 
 EXIT_BAD_INPUT = 2

@@ -2,8 +2,8 @@
 
 An option whose help text already names its default (the word "default") is left as written;
 any other gets ` (default: VALUE)` appended: `off` for a flag, `none` for an option that is
-unset unless given; a required option gets ` (required)`. `tests/test_cli_help.py` checks that every option of every command has a
-description and a default.
+unset unless given; a required option gets ` (required)`. `tests/test_cli_help.py` checks that
+every option of every command has a description and a default.
 
 Example:
   >>> import argparse

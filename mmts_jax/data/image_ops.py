@@ -16,8 +16,10 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_image_size", "open_image", "CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
-           "random_resized_crop", "resize_center_crop", "normalize", "normalize_on_device", "encode_jpeg",
+__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_image_size", "open_image",
+           "CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
+           "random_resized_crop", "resize_center_crop", "normalize", "normalize_on_device",
+           "encode_jpeg",
            "shrink_shorter_side"]
 
 # Decoding is bounded: an image declaring more pixels than this is refused before its pixels are

@@ -15,5 +15,6 @@ from mmts_jax.eval.retrieval import (RetrievalRanks, recall_metrics, retrieval_m
                                      retrieval_ranks)
 
 __all__ = ["MirScore", "MirPerQuery", "mir_map", "mir_metrics", "mir_ndcg", "mir_per_query",
-           "Ek100MirAnnotations", "class_relevancy", "ek100_relevancy", "read_ek100_mir", "video_subset",
+           "Ek100MirAnnotations", "class_relevancy", "ek100_relevancy", "read_ek100_mir",
+           "video_subset",
            "RetrievalRanks", "recall_metrics", "retrieval_metrics", "retrieval_ranks"]

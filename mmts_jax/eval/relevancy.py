@@ -28,8 +28,8 @@ import numpy as np
 from mmts_jax.errors import MissingFileError, UserInputError
 from mmts_jax.table_files import Table, read_table
 
-__all__ = ["video_subset", "Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy",
-           "read_csv_rows", "parse_class_list"]
+__all__ = ["video_subset", "Ek100MirAnnotations", "read_ek100_mir", "class_relevancy",
+           "ek100_relevancy", "read_csv_rows", "parse_class_list"]
 
 VIDEO_CSV = "EPIC_100_retrieval_test.csv"
 SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"

@@ -29,7 +29,8 @@ from mmts_jax.finetune.ek100_features import (Ek100FeatureFiles, FeatureSpec,
                                               build_ek100_features)
 from mmts_jax.finetune.mir_eval import Ek100Validation
 
-__all__ = ["prepare", "data_files", "data_files_of", "configure", "FinetuneResult", "finetune", "evaluate"]
+__all__ = ["prepare", "data_files", "data_files_of", "configure", "FinetuneResult", "finetune",
+           "evaluate"]
 
 
 def prepare(annotations: str | os.PathLike, data_dir: str | os.PathLike,

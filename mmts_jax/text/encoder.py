@@ -196,8 +196,9 @@ class SentenceEncoder:
       yield chunk, self._round_rows(rows), length
       b += chunk.size
 
-  def encode(self, sentences: Sequence[str], batch_size: int = 256, *, progress: bool | None = False,
-             max_tokens: int | None = None, window: int | None = None) -> np.ndarray:
+  def encode(self, sentences: Sequence[str], batch_size: int = 256, *,
+             progress: bool | None = False, max_tokens: int | None = None,
+             window: int | None = None) -> np.ndarray:
     """Embeds `sentences` -> `(N, D)` float32 numpy array (unit rows if `normalize`).
 
     Args:
