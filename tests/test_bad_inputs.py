@@ -10,10 +10,13 @@ runs `mmts ...` in-process, and checks that
 """
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 import pathlib
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -510,3 +513,36 @@ def test_exit_status_attribute_and_interrupt(capsys):
 
   with pytest.raises(KeyError):
     errors.run("mmts x", bug, [])
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (FileNotFoundError(2, "No such file or directory", "a.csv"), "a.csv: no such file or folder"),
+    (NotADirectoryError(20, "Not a directory", "README.md/x"),
+     "README.md/x: a part of the path is a file, not a folder"),
+    (PermissionError(13, "Permission denied", "/root/x"), "/root/x: permission denied"),
+    (IsADirectoryError(21, "Is a directory", "data"), "data: is a folder, not a file"),
+    (OSError(28, "No space left on device", "t.npz"), "t.npz: no space left on the device"),
+    (OSError(30, "Read-only file system", "t.npz"), "t.npz: the file system is read-only"),
+    (ValueError("--k must be >= 1, got 0"), "--k must be >= 1, got 0"),
+    (zipfile.BadZipFile("File is not a zip file"), "not a valid .npz (zip) file"),
+    (ValueError("Object arrays cannot be loaded when allow_pickle=False"),
+     "Object arrays cannot be loaded"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+     "not UTF-8 text (invalid start byte at byte 0)"),
+    (csv.Error("field larger than field limit"), "malformed CSV (field larger"),
+    (json.JSONDecodeError("Expecting value", "{\n x", 3), "not valid JSON at line 2 column 2"),
+    (SyntaxError("invalid syntax", ("c.py", 4, 1, "def (")), "c.py:4: invalid syntax"),
+    (tarfile.ReadError("file could not be opened successfully"), "not a readable tar file"),
+    (EOFError("Compressed file ended"), "the file ends early"),
+])
+def test_describe_maps_library_exceptions(exc, expected):
+  from mmts_jax.commands import errors
+  message = errors.describe(exc)
+  assert message is not None and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("exc", [KeyError("x"), AttributeError("x"), IndexError("x"),
+                                 RuntimeError("x"), ZeroDivisionError()])
+def test_describe_leaves_bugs_to_their_traceback(exc):
+  from mmts_jax.commands import errors
+  assert errors.describe(exc) is None
