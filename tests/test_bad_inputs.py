@@ -361,6 +361,9 @@ CASES = {
         ["prepare", "wds", _tar(d / "s.tar", [_file("0.png", _good_png_bytes()),
                                               _file("0.txt", b"a cat"), _file("0.cls", b"cat")]),
          "--label-ext", "cls", "--out", str(d / "ds")], "s.tar", "label 0.cls is 'cat'"),
+    "prepare/tfds_unknown_dataset": lambda d: (
+        ["prepare", "tfds", "no_such_ds", "--data-dir", str(d / "tfds"), "--out", str(d / "ds")],
+        "no_such_ds", "no such TFDS dataset"),
     "prepare/inspect_not_a_dataset": lambda d: (
         ["prepare", "inspect", str(d)], str(d), "is not a converted dataset"),
     "prepare/inspect_corrupt_manifest": lambda d: (
@@ -539,6 +542,12 @@ def test_describe_maps_library_exceptions(exc, expected):
   from mmts_jax.commands import errors
   message = errors.describe(exc)
   assert message is not None and expected in message and "\n" not in message
+
+
+def test_long_library_messages_are_cut():
+  from mmts_jax.commands import errors
+  message = errors.describe(ValueError("x" * 5000))
+  assert len(message) <= 600 and message.endswith("(--debug shows the whole message)")
 
 
 @pytest.mark.parametrize("exc", [KeyError("x"), AttributeError("x"), IndexError("x"),

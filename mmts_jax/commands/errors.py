@@ -75,8 +75,14 @@ def os_reason(e: OSError) -> str:
   return _REASONS.get(e.errno, (e.strerror or str(e)).lower() if e.errno else str(e))
 
 
+_MAX_MESSAGE = 600  # characters; a library's message can list hundreds of names
+
+
 def _one_line(text: str) -> str:
-  return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+  line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+  if len(line) > _MAX_MESSAGE:
+    line = line[:_MAX_MESSAGE - 40].rstrip() + " ... (--debug shows the whole message)"
+  return line
 
 
 def describe(e: BaseException) -> str | None:

@@ -131,6 +131,13 @@ def _convert(args) -> int:
     except KeyError as e:  # a feature the dataset does not have (tfds_source names it)
       raise UserInputError(args.name, str(e.args[0] if e.args else e),
                            expected="existing features (--image-key, --caption-key)") from e
+    except Exception as e:  # noqa: BLE001 (TFDS's own class; its message lists every dataset)
+      if type(e).__name__ != "DatasetNotFoundError":
+        raise
+      raise UserInputError(args.name, f"no such TFDS dataset in "
+                           f"{args.data_dir or 'the default TFDS data_dir'}",
+                           expected="a dataset prepared with `tfds build "
+                           "--file_format=array_record`, and its --data-dir") from e
   dt = time.perf_counter() - t0
   skipped = m.source.get("skipped", 0)
   print(f"wrote {m.num_records} records to {args.out} ({len(m.shards)} shard(s), {skipped} "
