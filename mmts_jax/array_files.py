@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zipfile
@@ -25,6 +26,7 @@ import zlib
 
 import numpy as np
 
+from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
 
 __all__ = ["sniff", "load_npy", "open_npz", "read_npz", "load_npz_array", "check_matrix",
@@ -53,8 +55,7 @@ def sniff(path: str | os.PathLike) -> str:
     'a PNG image'
   """
   path = _check_file(path)
-  with open(path, "rb") as f:
-    head = f.read(16)
+  head = read_access.read_head(path, 16)
   if not head:
     return "an empty file"
   if head.startswith(_NPY_MAGIC):
@@ -73,11 +74,18 @@ def sniff(path: str | os.PathLike) -> str:
 
 def _check_file(path) -> str:
   path = os.fspath(path)
-  if not os.path.lexists(path):
-    raise MissingFileError(path, "no such file", expected="an existing file")
-  if os.path.isdir(path):
+  if not read_access.exists(path):
+    raise MissingFileError(path, "does not exist", expected="an existing file")
+  if read_access.is_dir(path):
     raise UserInputError(path, "is a folder", expected="a file")
   return path
+
+
+def _np_load(path: str, mmap: bool = False):
+  """`np.load` without pickle; an object in a store is read whole (no memory map)."""
+  if read_access.is_object_store(path):
+    return np.load(io.BytesIO(read_access.read_bytes(path)), allow_pickle=False)
+  return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
 
 
 def _expect(path: str, kind: str, expected: str) -> None:
@@ -110,7 +118,7 @@ def load_npy(path: str | os.PathLike, *, expected: str = "a .npy array written b
   path = _check_file(path)
   _expect(path, "npy", expected)
   try:
-    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    return _np_load(path, mmap)
   except _DAMAGED as e:
     raise _reading(path, None, expected, e) from e
 
@@ -120,7 +128,7 @@ def open_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
   path = _check_file(path)
   _expect(path, "npz", expected)
   try:
-    return np.load(path, allow_pickle=False)
+    return _np_load(path)
   except _DAMAGED as e:
     raise _reading(path, None, expected, e) from e
 

@@ -28,6 +28,7 @@ import json
 import os
 from typing import Any, NamedTuple, Sequence
 
+from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
 
 __all__ = ["Table", "read_table", "read_text", "TABLE_SUFFIXES"]
@@ -60,12 +61,11 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
     mmts_jax.errors.UserInputError: ...t.csv:2: is not UTF-8 (invalid continuation byte, byte 0xe9); expected a UTF-8 text file
   """
   path = os.fspath(path)
-  if not os.path.lexists(path):
-    raise MissingFileError(path, "no such file", expected=f"an existing {what}")
-  if os.path.isdir(path):
+  if not read_access.exists(path):
+    raise MissingFileError(path, "does not exist", expected=f"an existing {what}")
+  if read_access.is_dir(path):
     raise UserInputError(path, "is a folder", expected=f"a {what}")
-  with open(path, "rb") as f:
-    data = f.read()
+  data = read_access.read_bytes(path)
   nul = data.find(b"\x00")
   if nul >= 0:
     raise UserInputError(path, "contains a NUL byte (binary data or UTF-16 text)",

@@ -106,7 +106,7 @@ CASES = {
     # ------------------------------------------------------------------ mmts cluster: tables
     "cluster/missing_input": lambda d: (
         ["cluster", str(d / "nope.csv"), "--label-column", "cls", "--out", str(d / "o.npz")],
-        "nope.csv", "no such file"),
+        "nope.csv", "does not exist"),
     "cluster/empty_file": lambda d: (
         ["cluster", _write(d / "e.csv", ""), "--label-column", "cls", "--out", str(d / "o.npz")],
         "e.csv", "is empty"),
@@ -226,7 +226,7 @@ CASES = {
     # ------------------------------------------------------------------ mmts eval retrieval
     "eval/missing_embeddings": lambda d: (
         ["eval", "retrieval", "--embeddings", str(d / "none.npz"), "--captions-per-image", "1"],
-        "none.npz", "no such file"),
+        "none.npz", "does not exist"),
     "eval/text_as_npz": lambda d: (
         ["eval", "retrieval", "--embeddings", _write(d / "e.npz", "image,text\n"),
          "--captions-per-image", "1"], "e.npz", "is a text file, not a .npz file"),
@@ -373,7 +373,7 @@ CASES = {
     # ------------------------------------------------------------------ mmts finetune
     "finetune/prepare_missing_annotations": lambda d: (
         ["finetune", "prepare", "--annotations", str(d / "ann"), "--out", str(d / "data")],
-        "EPIC_100_retrieval_train_sentence.csv", "no such file"),
+        "EPIC_100_retrieval_train_sentence.csv", "does not exist"),
     "finetune/prepare_bad_verb_class": lambda d: (
         ["finetune", "prepare", "--annotations", str(pathlib.Path(_write(
             d / "ann" / "EPIC_100_retrieval_train_sentence.csv",

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-MODULES = ["mmts_jax.errors", "mmts_jax.array_files", "mmts_jax.table_files", "mmts_jax.data.convert",
+MODULES = ["mmts_jax.errors", "mmts_jax.array_files", "mmts_jax.table_files", "mmts_jax.data.convert", "mmts_jax.read_access",
            "mmts_jax.commands.errors", "mmts_jax.commands.help_format", "mmts_jax.data.image_ops",
            "mmts_jax.eval.relevancy"]
 

@@ -167,6 +167,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> str:
     mmts_jax.errors.UserInputError: ...notes.txt/t.npz: cannot write --out: ...notes.txt is a file, not a folder; expected a path inside a folder
   """
   path = os.fspath(path)
+  if "://" in path:  # an object store: no local folder to check
+    return path
   if os.path.isdir(path):
     raise UserInputError(path, f"{flag} is a folder", expected="a file path")
   return _check_parents(path, flag)
@@ -175,6 +177,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> str:
 def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> str:
   """As `check_output_path`, for an output folder (which may already exist)."""
   path = os.fspath(path)
+  if "://" in path:  # an object store: folders are prefixes
+    return path
   if os.path.lexists(path) and not os.path.isdir(path):
     raise UserInputError(path, f"{flag} is a file", expected="a folder (or a new path)")
   return _check_parents(path, flag)
@@ -213,7 +217,9 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
 def all_or_nothing(paths: Iterable[str | os.PathLike | None]) -> Iterator[None]:
   """On an exception, removes those of `paths` that did not exist before (partial outputs), and
   the folders that were made for them if they are empty again."""
-  paths = [os.path.abspath(os.fspath(p)) for p in paths if p is not None]
+  # Objects in a store are written in one upload each (atomic_io): nothing partial to remove.
+  paths = [os.path.abspath(os.fspath(p)) for p in paths
+           if p is not None and "://" not in os.fspath(p)]
   fresh = [p for p in paths if not os.path.lexists(p)]
   new_dirs = set()
   for p in fresh:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
 from mmts_jax.table_files import Table, read_table
 
@@ -106,11 +107,11 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
     sentence_csv = sentence_csv or os.path.join(directory, SENTENCE_CSV)
   if video_csv is None or sentence_csv is None:
     raise ValueError("read_ek100_mir: give a directory, or both video_csv and sentence_csv")
-  if directory is not None and not os.path.isdir(directory):
-    raise (UserInputError if os.path.lexists(directory) else MissingFileError)(
-        os.fspath(directory), "is not a folder" if os.path.lexists(directory) else
-        "no such folder", expected=f"the EK-100 annotation folder with {VIDEO_CSV} and "
-        f"{SENTENCE_CSV}")
+  if directory is not None and not read_access.is_dir(directory):
+    there = read_access.exists(directory)
+    raise (UserInputError if there else MissingFileError)(
+        os.fspath(directory), "is not a folder" if there else "no such folder",
+        expected=f"the EK-100 annotation folder with {VIDEO_CSV} and {SENTENCE_CSV}")
   vt = read_table(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"),
                   kind="csv")
   st = read_table(os.fspath(sentence_csv), ("narration_id", "narration"), kind="csv")

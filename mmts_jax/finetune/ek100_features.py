@@ -110,7 +110,7 @@ class FeatureSpec:
 
 def _table(path: pathlib.Path, required: Sequence[str]) -> Table:
   if not path.is_file():
-    raise MissingFileError(path, "no such file", expected="an EK-100 annotation CSV")
+    raise MissingFileError(path, "does not exist", expected="an EK-100 annotation CSV")
   return read_table(os.fspath(path), required, kind="csv")
 
 
