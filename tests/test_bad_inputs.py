@@ -154,10 +154,10 @@ CASES = {
          "--out", str(d / "o.npz")], "ll.csv:3", "cannot parse label list"),
     "cluster/unknown_suffix": lambda d: (
         ["cluster", _write(d / "c.txt", "a\n"), "--label-column", "cls", "--out",
-         str(d / "o.npz")], "c.txt", "unknown table type"),
+         str(d / "o.npz")], "c.txt", "unknown input type"),
     "cluster/input_is_folder": lambda d: (
         ["cluster", str(d), "--label-column", "cls", "--out", str(d / "o.npz")], str(d),
-        "unknown table type"),
+        "unknown input type"),
     "cluster/frequency_not_a_number": lambda d: (
         ["cluster", _labels_csv(d), "--label-column", "cls", "--frequencies",
          _write(d / "f.csv", "class_id,count\na,10\nb,lots\nc,1\n"), "--out", str(d / "o.npz")],

@@ -46,6 +46,10 @@ def read_table(path: str) -> Table:
   """A CSV / TSV / JSON-lines table (`mmts_jax.table_files.read_table`, errors name the line)."""
   if path.lower().endswith(".npy"):
     raise UserInputError(path, "is a .npy array", expected="a .csv, .tsv or .jsonl table")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in table_files.TABLE_SUFFIXES:
+    raise UserInputError(path, f"unknown input type {suffix or '(no suffix)'!r}",
+                         expected="a .csv, .tsv or .jsonl table, or .npy embeddings")
   return table_files.read_table(path)
 
 
