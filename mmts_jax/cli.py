@@ -2,6 +2,10 @@
 
 Subcommand modules are imported lazily so that `mmts train` never pays for transformers or
 scikit-learn, and `mmts cluster` never initialises an accelerator it does not use.
+
+Errors: a problem with the user's files, flags or disk ends with exit status 2 and one line
+naming the file, the line or key, and what was expected (`mmts_jax.commands.errors`, the one
+place that turns exceptions into messages); `--debug` or `MMTS_DEBUG=1` shows the traceback.
 """
 from __future__ import annotations
 
@@ -25,12 +29,14 @@ COMMANDS = {
 def _usage() -> str:
   lines = ["usage: mmts COMMAND [ARGS...]", "", "commands:"]
   lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-  lines += ["", "`mmts COMMAND --help` describes a command."]
+  lines += ["", "`mmts COMMAND --help` describes a command. `--debug` (or MMTS_DEBUG=1) shows "
+            "the traceback of an error."]
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  from mmts_jax.commands import errors
+  argv, debug = errors.strip_debug(list(sys.argv[1:] if argv is None else argv))
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_usage())
     return 0
@@ -46,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
       print(f"mmts: command {name!r} is not available in this build", file=sys.stderr)
       return 2
     raise
-  return int(module.main(rest) or 0)
+  # `errors.run` takes `--debug` off again and turns it on for the whole command; most commands
+  # also run through it themselves, and this catches whatever escapes any other one.
+  return errors.run(f"mmts {name}", module.main, rest + (["--debug"] if debug else []))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mmts_jax import shifts
+from mmts_jax import array_files, shifts
 from mmts_jax.data import fingerprint
+from mmts_jax.errors import UserInputError
 
 from mmts_jax.atomic_io import atomic_write  # noqa: F401  (re-exported)
 
@@ -254,25 +255,40 @@ class ClusterTable:
   def load(cls, path: str | os.PathLike) -> "ClusterTable":
     """Reads a table written by `save`; checks its format version and internal consistency."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"cluster table {path!r} does not exist")
+    expected = f"a cluster table written by `mmts cluster` ({_FORMAT_NAME} .npz)"
+    z = array_files.read_npz(path, expected=expected)
+    if "format" not in z or z["format"].dtype.kind != "U" or str(z["format"]) != _FORMAT_NAME:
+      raise UserInputError(path, f"is a .npz without the {_FORMAT_NAME} format tag, arrays "
+                           f"{sorted(z)}", expected=expected)
+    missing = [k for k in ("provenance", "cluster_ids", "sizes") if k not in z]
+    if missing:
+      raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
     try:
-      with np.load(path, allow_pickle=False) as z:
-        if "format" not in z.files or str(z["format"]) != _FORMAT_NAME:
-          raise ValueError(f"{path!r} is not a {_FORMAT_NAME} file")
-        prov = json.loads(str(z["provenance"]))
-        ids, sizes = z["cluster_ids"], z["sizes"]
-        names = tuple(z["cluster_names"].tolist()) if "cluster_names" in z.files else None
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-      raise ValueError(f"cannot read cluster table {path!r}: {e}") from e
+      prov = json.loads(str(z["provenance"]))
+    except ValueError as e:
+      raise UserInputError(path, f"is corrupt ({type(e).__name__}: {e})", key="provenance",
+                           expected=expected) from e
+    ids, sizes = z["cluster_ids"], z["sizes"]
+    names = tuple(z["cluster_names"].tolist()) if "cluster_names" in z else None
+    if not isinstance(prov, dict):
+      raise UserInputError(path, "provenance is not a JSON object", key="provenance",
+                           expected=expected)
+    for key, arr in (("cluster_ids", ids), ("sizes", sizes)):
+      if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise UserInputError(path, f"has dtype {arr.dtype} shape {arr.shape}", key=key,
+                             expected="a 1-D integer array")
     version = prov.get("format_version")
     if version != FORMAT_VERSION:
-      raise ValueError(f"{path!r} has format_version {version}; this mmts_jax reads "
-                       f"{FORMAT_VERSION}")
+      raise UserInputError(path, f"has format_version {version}", key="provenance",
+                           expected=f"format_version {FORMAT_VERSION} (rebuild with `mmts "
+                           "cluster`)")
     if prov.get("num_samples") != ids.size:
-      raise ValueError(f"{path!r} is corrupt: provenance says {prov.get('num_samples')} samples, "
-                       f"it holds {ids.size}")
-    return cls(ids, sizes, {**prov, "path": path}, cluster_names=names)
+      raise UserInputError(path, f"is corrupt: provenance says {prov.get('num_samples')} "
+                           f"samples, it holds {ids.size}", expected=expected)
+    try:
+      return cls(ids, sizes, {**prov, "path": path}, cluster_names=names)
+    except ValueError as e:
+      raise UserInputError(path, str(e), expected=expected) from e
 
   def summary(self, top: int = 5) -> dict:
     """Cluster-size statistics: quantiles, head/tail shares, largest and smallest clusters."""

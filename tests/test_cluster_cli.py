@@ -95,7 +95,7 @@ def test_embeddings_from_npy_with_jax_backend(tmp_path, capsys):
 def _fails(argv, capsys, tmp_path, message):
   rc = mmts(["cluster", *argv, "--no-progress"])
   err = capsys.readouterr().err
-  assert rc == 1, err
+  assert rc == 2, err
   assert message in err, err
   assert not [f for f in os.listdir(tmp_path) if f.endswith((".npz", ".png", ".tmp"))]
 
@@ -105,7 +105,7 @@ def test_bad_inputs_fail_cleanly_without_artifacts(tmp_path, capsys):
   src = _write_csv(tmp_path / "c.csv", rows, ["id", "caption"])
   out = str(tmp_path / "t.npz")
   _fails([src, "--text-column", "narration", "--out", out], capsys, tmp_path,
-         "column 'narration' not found")
+         "has no column 'narration'")
   _fails([src, "--text-column", "caption", "--k", "6", "--out", out], capsys, tmp_path,
          "k=6 is larger than the number of samples (5)")
   empty = _write_csv(tmp_path / "empty.csv", [], ["id", "caption"])
@@ -114,9 +114,9 @@ def test_bad_inputs_fail_cleanly_without_artifacts(tmp_path, capsys):
   bad[3, 1] = np.nan
   np.save(tmp_path / "nan.npy", bad)
   _fails([str(tmp_path / "nan.npy"), "--k", "2", "--out", out], capsys, tmp_path,
-         "NaN or inf values (first: row 3)")
+         "non-finite value(s), first at row 3")
   _fails([src, "--label-column", "caption", "--frequencies", src, "--out", out], capsys,
-         tmp_path, "bad count")
+         tmp_path, "expected a finite number >= 0")
 
 
 def test_validate_detects_a_table_built_for_another_dataset(tmp_path, capsys):
@@ -128,8 +128,8 @@ def test_validate_detects_a_table_built_for_another_dataset(tmp_path, capsys):
   assert mmts(["cluster", src, "--id-column", "id", "--validate", table]) == 0
   other = _write_csv(tmp_path / "b.csv", rows[::-1], ["id", "caption", "cls"])
   capsys.readouterr()
-  assert mmts(["cluster", other, "--id-column", "id", "--validate", table]) == 1
+  assert mmts(["cluster", other, "--id-column", "id", "--validate", table]) == 2
   assert "different content or order" in capsys.readouterr().err
   shorter = _write_csv(tmp_path / "c.csv", rows[:-1], ["id", "caption", "cls"])
-  assert mmts(["cluster", shorter, "--id-column", "id", "--validate", table]) == 1
+  assert mmts(["cluster", shorter, "--id-column", "id", "--validate", table]) == 2
   assert "built for 20 samples but the dataset has 19" in capsys.readouterr().err

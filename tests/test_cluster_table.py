@@ -111,7 +111,7 @@ def test_fingerprint_is_order_and_boundary_sensitive():
 def test_load_rejects_foreign_and_newer_files(tmp_path):
   foreign = tmp_path / "x.npz"
   np.savez(foreign, a=np.arange(3))
-  with pytest.raises(ValueError, match="is not a mmts_jax.ClusterTable"):
+  with pytest.raises(ValueError, match="without the mmts_jax.ClusterTable format tag"):
     ClusterTable.load(foreign)
   table = ClusterTable.from_labels([1, 1, 2], format_version=FORMAT_VERSION + 1)
   table.save(tmp_path / "new.npz")

@@ -81,7 +81,7 @@ def test_csv_columns_labels_and_resizing(folder, tmp_path):
   m2 = convert.convert_table(headless, root, tmp_path / "ds2", image_column=1, caption_column=0,
                              header=False, threads=1)
   assert m2.num_records == 12 and records.read_captions(tmp_path / "ds2") == quoted
-  with pytest.raises(ValueError, match="'img' not in the table header"):
+  with pytest.raises(ValueError, match="has no image column 'img'"):
     convert.convert_table(csv, root, tmp_path / "ds3", image_column="img")
 
 

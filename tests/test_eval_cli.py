@@ -92,12 +92,12 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys, shared_dir):
   assert "needs 2 x 3 = 6 captions, got 4" in capsys.readouterr().err
   assert cli.main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb.npz"),
                    "--image-key", "img", "--captions-per-image", "1"]) == 2
-  assert "has no image embedding array 'img'" in capsys.readouterr().err
+  assert "emb.npz: has no array 'img'" in capsys.readouterr().err
   np.save(tmp_path / "sim.npy", np.zeros((5, 5), np.float32))
   assert cli.main(["eval", "ek100", "--similarity", str(tmp_path / "sim.npy"), "--annotations",
                    str(shared_dir / "data" / "ek100")]) == 2
-  assert "has 9668 videos x 3842 captions" in capsys.readouterr().err
+  assert "expected 9668 videos x 3842 captions" in capsys.readouterr().err
   np.save(tmp_path / "rel.npy", np.zeros((5, 4), np.float32))
   assert cli.main(["eval", "ek100", "--similarity", str(tmp_path / "sim.npy"), "--relevancy",
                    str(tmp_path / "rel.npy")]) == 2
-  assert "same shape" in capsys.readouterr().err
+  assert "rel.npy: has shape (5, 4); expected the similarity's shape (5, 5)" in capsys.readouterr().err

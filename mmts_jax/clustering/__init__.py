@@ -21,7 +21,7 @@ BACKENDS = ("sklearn", "jax")
 
 
 def kmeans(x, k: int = 200, *, seed: int = 0, backend: str = "sklearn", n_init: int = 1,
-           progress: bool = False, **kwargs) -> KMeansResult:
+           progress: bool | None = False, **kwargs) -> KMeansResult:
   """K-Means with the named back-end ("sklearn" on the host, "jax" on the local devices)."""
   if backend == "sklearn":
     return kmeans_sklearn(x, k, seed=seed, n_init=n_init, progress=progress, **kwargs)

@@ -104,7 +104,8 @@ def _tolerance_scale(x, w):
 
 def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int = 300,
                tol: float = 1e-4, n_trials: int | None = None, update: str = "auto",
-               precision: str = "highest", devices=None, progress: bool = False) -> KMeansResult:
+               precision: str = "highest", devices=None,
+               progress: bool | None = False) -> KMeansResult:
   """Lloyd K-Means on the local devices; the run with the lowest inertia over `n_init` inits.
 
   Args:
@@ -117,7 +118,7 @@ def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int
       CPU) or "auto".
     precision: "highest" (float32 GEMMs) or "high"/"default" (TF32/bf16 passes: faster).
     devices: devices to shard the samples over (default `jax.local_devices()`).
-    progress: a tqdm bar over Lloyd iterations.
+    progress: a tqdm bar over Lloyd iterations (None: only when stderr is a terminal).
 
   Example:
     >>> x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
@@ -161,9 +162,10 @@ def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int
     labels = jax.device_put(np.full((padded,), -1, np.int32), rows)
     iters = range(1, max_iter + 1)
     bar = None
-    if progress:
+    if progress is not False:  # None: a bar only when stderr is a terminal (tqdm's rule)
       from tqdm.auto import tqdm
-      iters = bar = tqdm(iters, desc=f"k-means (jax, k={k}, init {r + 1}/{n_init})", unit="it")
+      iters = bar = tqdm(iters, desc=f"k-means (jax, k={k}, init {r + 1}/{n_init})", unit="it",
+                         disable=None if progress is None else False)
     n_iter = max_iter
     for it in iters:
       centers, labels, shift, changed = _lloyd_step(xd, x2, wd, centers, labels, k, update, prec)

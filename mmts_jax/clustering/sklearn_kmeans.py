@@ -10,7 +10,7 @@ __all__ = ["kmeans_sklearn"]
 
 
 def kmeans_sklearn(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int = 300,
-                   tol: float = 1e-4, progress: bool = False) -> KMeansResult:
+                   tol: float = 1e-4, progress: bool | None = False) -> KMeansResult:
   """scikit-learn `KMeans(algorithm="lloyd")`, one run per init, the lowest inertia kept.
 
   Runs are seeded `seed, seed+1, ...` so a progress bar can follow them; `n_init=1` (the
@@ -28,9 +28,10 @@ def kmeans_sklearn(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter:
   if n_init < 1:
     raise ValueError(f"n_init must be >= 1, got {n_init}")
   runs = range(n_init)
-  if progress:
+  if progress is not False:  # None: a bar only when stderr is a terminal (tqdm's rule)
     from tqdm.auto import tqdm
-    runs = tqdm(runs, desc=f"k-means (sklearn, k={k})", unit="init")
+    runs = tqdm(runs, desc=f"k-means (sklearn, k={k})", unit="init",
+                disable=None if progress is None else False)
   best = None
   for r in runs:
     km = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import json
 import math
 import os
@@ -29,52 +28,62 @@ import time
 
 import numpy as np
 
+from mmts_jax import array_files, table_files
 from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
+from mmts_jax.commands import errors
+from mmts_jax.commands.help_format import HelpFormatter
+from mmts_jax.errors import UserInputError
+from mmts_jax.table_files import Table
 
 __all__ = ["main", "read_records", "build_parser"]
 
-_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
-
-
 class CommandError(ValueError):
-  """A user-facing error: printed without a traceback, exit status 1."""
+  """A user-facing error: printed in one line without a traceback, exit status 2."""
 
 
 # ---------------------------------------------------------------------------- reading input
-def read_records(path: str) -> tuple[list[str], list[dict]]:
-  """Rows of a CSV / TSV / JSON-lines file as dicts, and the column names."""
-  if not os.path.isfile(path):
-    raise CommandError(f"input file {path!r} does not exist")
+def read_table(path: str) -> Table:
+  """A CSV / TSV / JSON-lines table (`mmts_jax.table_files.read_table`, errors name the line)."""
+  if path.lower().endswith(".npy"):
+    raise UserInputError(path, "is a .npy array", expected="a .csv, .tsv or .jsonl table")
   suffix = os.path.splitext(path)[1].lower()
-  if suffix not in _TABLE_SUFFIXES:
-    raise CommandError(f"cannot read {path!r}: use .csv, .tsv, .jsonl or .npy")
-  with open(path, encoding="utf-8", newline="") as f:
-    if suffix in (".jsonl", ".json"):
-      rows = []
-      for line_no, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            rows.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise CommandError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-      columns = list(rows[0]) if rows else []
-    else:
-      reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-      rows = list(reader)
-      columns = list(reader.fieldnames or [])
-  if not rows:
-    raise CommandError(f"input file {path!r} has no rows")
-  return columns, rows
+  if suffix not in table_files.TABLE_SUFFIXES:
+    raise UserInputError(path, f"unknown input type {suffix or '(no suffix)'!r}",
+                         expected="a .csv, .tsv or .jsonl table, or .npy embeddings")
+  return table_files.read_table(path)
+
+
+class _Rows(list):
+  """Table rows (dicts) that remember their file and the line each row starts on."""
+  path: str = ""
+  lines: list[int] = []
+
+  def line(self, i: int) -> int | None:
+    return self.lines[i] if i < len(self.lines) else None
+
+
+def read_records(path: str) -> tuple[list[str], list[dict]]:
+  """Rows of a CSV / TSV / JSON-lines file as dicts (a list that knows each row's line), and the
+  column names; `UserInputError` names the file and line of a malformed one."""
+  t = read_table(path)
+  rows = _Rows(t.rows)
+  rows.path, rows.lines = t.path, t.lines
+  return t.columns, rows
+
+
+def _line(rows, i: int) -> int | None:
+  return rows.line(i) if isinstance(rows, _Rows) else None
 
 
 def _column(rows: list[dict], columns: list[str], name: str, path: str) -> list:
   if name not in columns:
-    raise CommandError(f"column {name!r} not found in {path!r}; its columns are {columns}")
+    raise UserInputError(path, f"has no column {name!r}, only {columns}",
+                         expected=f"a column {name!r}")
   values = [r.get(name) for r in rows]
   missing = [i for i, v in enumerate(values) if v is None]
   if missing:
-    raise CommandError(f"column {name!r} is missing in {len(missing)} row(s) of {path!r} "
-                       f"(first: row {missing[0]})")
+    raise UserInputError(path, f"{len(missing)} row(s) have no {name!r}",
+                         line=_line(rows, missing[0]), expected=f"a {name!r} value in every row")
   return values
 
 
@@ -85,12 +94,20 @@ def _first_label(value) -> str:
     if not value:
       raise CommandError("an empty label list has no class")
     return str(value[0])
+  if isinstance(value, float):
+    if not value.is_integer():
+      raise CommandError(f"label {value!r} is not a class id")
+    value = int(value)
+  if isinstance(value, dict):
+    raise CommandError("label is a JSON object")
   text = str(value).strip()
   if text.startswith("["):
     try:
       items = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
       raise CommandError(f"cannot parse label list {text!r}") from e
+    if not isinstance(items, (list, tuple)):
+      raise CommandError(f"label list {text!r} is not a list")
     return _first_label(list(items))
   if not text:
     raise CommandError("empty label")
@@ -100,41 +117,49 @@ def _first_label(value) -> str:
 def _labels(rows, columns, spec: str, path: str) -> list[str]:
   """`col` or `col1+col2` (joined with "_", e.g. EK-100 verb+noun "6_0")."""
   parts = [_column(rows, columns, c, path) for c in spec.split("+")]
-  return ["_".join(_first_label(v) for v in vals) for vals in zip(*parts)]
+  out = []
+  for i, vals in enumerate(zip(*parts)):
+    try:
+      out.append("_".join(_first_label(v) for v in vals))
+    except CommandError as e:
+      raise UserInputError(path, str(e), line=_line(rows, i), key=spec,
+                           expected="a class label (or a [list] whose first entry is one)") from e
+  return out
 
 
 def _read_frequencies(path: str) -> dict[str, float]:
   columns, rows = read_records(path)
   if len(columns) < 2:
-    raise CommandError(f"frequency table {path!r} needs two columns (class, count), has "
-                       f"{columns}")
+    raise UserInputError(path, f"has columns {columns}",
+                         expected="a frequency table with two columns (class, count)")
   key, count = ("class_id", "count") if {"class_id", "count"} <= set(columns) else columns[:2]
   freq = {}
-  for r in rows:
+  for i, r in enumerate(rows):
     try:
-      freq[str(r[key]).strip()] = float(r[count])
-    except (TypeError, ValueError) as e:
-      raise CommandError(f"frequency table {path!r}: bad count {r[count]!r} for {r[key]!r}") \
-          from e
+      value = float(r[count])
+    except (TypeError, ValueError, KeyError):
+      value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+      raise UserInputError(path, f"count {r.get(count)!r} of class {r.get(key)!r}",
+                           line=_line(rows, i), key=count, expected="a finite number >= 0")
+    freq[str(r[key]).strip()] = value
   return freq
 
 
 def _load_embeddings(path: str) -> np.ndarray:
   from mmts_jax.clustering import check_points
-  try:
-    x = np.load(path, allow_pickle=False, mmap_mode="r")
-  except (OSError, ValueError) as e:
-    raise CommandError(f"cannot read embeddings {path!r}: {e}") from e
+  x = array_files.load_npy(path, mmap=True, expected="a .npy (N, D) float array of embeddings")
+  array_files.check_matrix(x, path)
   try:
     return check_points(x, name=f"embeddings {path!r}")
   except (TypeError, ValueError) as e:
-    raise CommandError(str(e)) from e
+    raise UserInputError(path, str(e), expected="a (N, D) float array of embeddings") from e
 
 
 # ---------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="mmts cluster", formatter_class=argparse.RawDescriptionHelpFormatter,
+      prog="mmts cluster", formatter_class=HelpFormatter,
       description="Build an MM-TS cluster table from captions, class labels or embeddings.",
       epilog="examples:" + __doc__.split("Examples:")[1].split("It prints")[0])
   p.add_argument("input", help="captions / labels table (.csv, .tsv, .jsonl) or embeddings (.npy)")
@@ -153,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="the cluster table to write (.npz)")
   p.add_argument("--validate", metavar="TABLE",
                  help="check TABLE against this input (size and fingerprint) and exit")
-  p.add_argument("--k", type=int, default=200, help="K-Means clusters (default 200)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--n-init", type=int, default=1)
+  p.add_argument("--k", type=int, default=200, help="K-Means clusters")
+  p.add_argument("--seed", type=int, default=0, help="K-Means seed (runs use seed, seed+1, ...)")
+  p.add_argument("--n-init", type=int, default=1,
+                 help="K-Means runs from different seeds; the lowest inertia is kept")
   p.add_argument("--backend", choices=("sklearn", "jax"), default="sklearn",
                  help="K-Means on the host (scikit-learn) or on the local devices (JAX)")
   p.add_argument("--model", help="Hugging Face BERT-family model directory (default: the "
@@ -165,12 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compare-column", help="report the NMI between the clusters and this "
                  "label column (e.g. noun_classes)")
   p.add_argument("--sh-min", type=float, default=0.05, help="shift range for the summary/plot")
-  p.add_argument("--sh-max", type=float, default=0.10)
+  p.add_argument("--sh-max", type=float, default=0.10, help="shift range for the summary/plot")
   p.add_argument("--plot", help="PNG of the sorted cluster sizes and shifts (default: OUT "
                  "with .png)")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true", help="do not write the plot")
   p.add_argument("--examples", type=int, default=3, help="captions shown per cluster")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bars (there are none anyway when stderr is not a terminal)")
   p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
   return p
 
@@ -253,7 +280,8 @@ def _build(args, source, columns, rows, x, path, fingerprint, keys, progress):
     extra = {**encoder.provenance(), "column": args.text_column,
              "embed_seconds": round(time.perf_counter() - t0, 3)}
     if args.save_embeddings:
-      atomic_write(args.save_embeddings, lambda f: np.save(f, x))
+      with errors.writing(args.save_embeddings, "the embeddings"):
+        atomic_write(args.save_embeddings, lambda f: np.save(f, x))
   t0 = time.perf_counter()
   result = kmeans(x, args.k, seed=args.seed, backend=args.backend, n_init=args.n_init,
                   progress=progress)
@@ -309,6 +337,9 @@ def summarize(table: ClusterTable, args, captions=None, nmi=None) -> dict:
 
 def _read_class_names(path: str) -> dict[str, str]:
   columns, rows = read_records(path)
+  if len(columns) < 2:
+    raise UserInputError(path, f"has columns {columns}",
+                         expected="a class-name table with two columns (id, name)")
   key, name = ("id", "key") if {"id", "key"} <= set(columns) else columns[:2]
   return {str(r[key]).strip(): str(r[name]) for r in rows}
 
@@ -373,9 +404,23 @@ def _nmi(table, rows, columns, spec, path):
           "value": float(normalized_mutual_info_score(truth, table.cluster_ids))}
 
 
+def _outputs(args) -> list[str]:
+  """The artifacts this run writes, checked to be writable before any work."""
+  if args.validate:
+    return []
+  paths = [errors.check_output_path(args.out, "--out")]
+  if not args.no_plot:
+    paths.append(errors.check_output_path(
+        args.plot or os.path.splitext(args.out)[0] + ".png", "--plot"))
+  if args.save_embeddings:
+    paths.append(errors.check_output_path(args.save_embeddings, "--save-embeddings"))
+  return paths
+
+
 def _run(args) -> int:
   _check_args(args)
-  progress = not args.no_progress
+  outputs = _outputs(args)
+  progress = False if args.no_progress else None  # None: a bar only on a terminal
   source, columns, rows, x, path = _inputs(args)
   fingerprint, keys = _fingerprint(args, source, columns, rows, path)
   if args.validate:
@@ -386,24 +431,33 @@ def _run(args) -> int:
     return 0
   if args.compare_column and rows is not None:
     _column(rows, columns, args.compare_column.split("+")[0], path)  # fail before the work
+  names = _read_class_names(args.class_names) if args.class_names else None
+  with errors.all_or_nothing(outputs):
+    return _build_and_write(args, source, columns, rows, x, path, fingerprint, keys, progress,
+                            names)
+
+
+def _build_and_write(args, source, columns, rows, x, path, fingerprint, keys, progress,
+                     names) -> int:
   table, _ = _build(args, source, columns, rows, x, path, fingerprint, keys, progress)
   caption_col = args.text_column or ("narration" if "narration" in columns else None)
   captions = _column(rows, columns, caption_col, path) if rows and caption_col else None
   nmi = _nmi(table, rows, columns, args.compare_column, path) if (
       args.compare_column and rows is not None) else None
   s = summarize(table, args, captions, nmi)
-  if args.class_names:
-    names = _read_class_names(args.class_names)
+  if names is not None:
     for c in s["largest"] + s["smallest"]:
       c["name"] = f"{c['name']} {names.get(c['name'], '?')}"
   if not args.no_plot:
     plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     try:
-      save_plot(table, plot, args.sh_min, args.sh_max, title=os.path.basename(args.input))
+      with errors.writing(plot, "the plot"):
+        save_plot(table, plot, args.sh_min, args.sh_max, title=os.path.basename(args.input))
       s["plot"] = plot
     except ImportError:
       print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-  table.save(args.out)
+  with errors.writing(args.out, "the cluster table"):
+    table.save(args.out)
   s["table"] = args.out
   if args.json:
     print(json.dumps(s))
@@ -414,9 +468,4 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    return _run(args)
-  except (CommandError, ValueError, FileNotFoundError, TypeError) as e:
-    print(f"mmts cluster: error: {e}", file=sys.stderr)
-    return 1
+  return errors.run("mmts cluster", lambda a: _run(build_parser().parse_args(a)), argv)

@@ -15,28 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import tempfile
 
 import numpy as np
 
+from mmts_jax import array_files
+from mmts_jax.atomic_io import atomic_write
+from mmts_jax.commands import errors
+from mmts_jax.commands.help_format import HelpFormatter
+from mmts_jax.errors import UserInputError
 
-class InputError(ValueError):
+
+class InputError(UserInputError):
   """A problem with the user's files or flags: reported in one line, exit status 2."""
+
+  def __init__(self, message: str):
+    super().__init__(None, message)
 
 
 def _load(path: str, key: str | None = None) -> np.ndarray:
-  if not os.path.exists(path):
-    raise InputError(f"no such file: {path}")
+  """An array from a `.npy`, or array `key` of a `.npz`; never unpickles."""
   if path.endswith(".npz"):
-    with np.load(path) as data:
-      if key not in data:
-        raise InputError(f"{path} has no array {key!r}; it has {sorted(data.files)}")
-      return data[key]
+    return array_files.load_npz_array(path, key)
   if key is not None and not path.endswith(".npy"):
-    raise InputError(f"{path}: expected a .npz or .npy file")
-  return np.load(path)
+    raise UserInputError(path, "unknown array file type", expected="a .npz or .npy file")
+  return array_files.load_npy(path)
 
 
 def _pick(args, npz_key_attr: str, file_attr: str, what: str, required: bool = True):
@@ -47,42 +49,54 @@ def _pick(args, npz_key_attr: str, file_attr: str, what: str, required: bool = T
   if args.embeddings:
     if args.embeddings.endswith(".npz"):
       key = getattr(args, npz_key_attr)
-      with np.load(args.embeddings) as data:
-        if key in data:
-          return data[key]
-        if not required:
-          return None
-        raise InputError(f"{args.embeddings} has no {what} array {key!r}; it has "
-                         f"{sorted(data.files)} (rename with --{npz_key_attr.replace('_', '-')})")
-    raise InputError(f"--embeddings must be a .npz file, got {args.embeddings}")
+      return array_files.load_npz_array(
+          args.embeddings, key, required=required,
+          expected=f"a .npz with the {what} array {key!r}",
+          hint=f" (rename with --{npz_key_attr.replace('_', '-')})")
+    raise UserInputError(args.embeddings, "--embeddings is not a .npz file",
+                         expected="a .npz archive of arrays")
   if required:
     raise InputError(f"missing {what}: give --embeddings FILE.npz or "
                      f"--{file_attr.replace('_', '-')} FILE.npy")
   return None
 
 
+def _embeddings(args, key_attr: str, file_attr: str, what: str) -> tuple[np.ndarray, str, str]:
+  """A (n, dim) finite float embedding matrix, with the file and key it came from."""
+  x = _pick(args, key_attr, file_attr, what)
+  path = getattr(args, file_attr, None) or args.embeddings
+  key = None if getattr(args, file_attr, None) else getattr(args, key_attr)
+  array_files.check_matrix(x, path, key)
+  return x, path, key
+
+
 def _write_json(path: str, record: dict) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(record, f, indent=2)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with errors.writing(path, "the metrics"):
+    atomic_write(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
 # ---- retrieval -----------------------------------------------------------------------------------
 
 def _retrieval(args) -> tuple[dict, str]:
   from mmts_jax.eval import retrieval_metrics
-  image = _pick(args, "image_key", "image_emb", "image embedding")
-  text = _pick(args, "text_key", "text_emb", "caption embedding")
+  image, ipath, ikey = _embeddings(args, "image_key", "image_emb", "image embedding")
+  text, tpath, tkey = _embeddings(args, "text_key", "text_emb", "caption embedding")
+  if image.shape[1] != text.shape[1]:
+    raise UserInputError(tpath, f"caption embeddings are {text.shape[1]}-d, the image "
+                         f"embeddings ({ipath}) {image.shape[1]}-d", key=tkey,
+                         expected="the same width in both modalities")
   mapping = _pick(args, "map_key", "text_to_image", "caption->image", required=False)
+  if mapping is not None:
+    mpath = args.text_to_image or args.embeddings
+    mkey = None if args.text_to_image else args.map_key
+    if mapping.ndim != 1 or mapping.dtype.kind not in "iu":
+      raise UserInputError(mpath, f"has dtype {mapping.dtype} shape {mapping.shape}", key=mkey,
+                           expected=f"a ({len(text)},) integer array: each caption's image")
+    if len(mapping) != len(text) or (len(mapping) and (mapping.min() < 0
+                                                       or mapping.max() >= len(image))):
+      raise UserInputError(mpath, f"has {len(mapping)} entries in [{mapping.min()}, "
+                           f"{mapping.max()}]", key=mkey,
+                           expected=f"{len(text)} image indices in [0, {len(image)})")
   if args.captions_per_image:
     if mapping is not None:
       raise InputError("give either a text_to_image array or --captions-per-image, not both")
@@ -101,9 +115,13 @@ def _retrieval(args) -> tuple[dict, str]:
       raise InputError(f"--subset wants NAME=MASK.npy, got {spec!r}")
     mask = _load(path)
     if mask.dtype != bool:
-      if not np.isin(mask, (0, 1)).all():
-        raise InputError(f"--subset {name}: {path} must hold a bool (or 0/1) mask")
+      if mask.dtype.kind not in "iuf" or not np.isin(mask, (0, 1)).all():
+        raise UserInputError(path, f"--subset {name} has dtype {mask.dtype}",
+                             expected="a bool (or 0/1) mask")
       mask = mask.astype(bool)
+    if mask.shape != (len(image),):
+      raise UserInputError(path, f"--subset {name} has shape {mask.shape}",
+                           expected=f"a ({len(image)},) mask over the images")
     subsets[name] = mask
   block = tuple(args.block_size) if args.block_size else None
   metrics = retrieval_metrics(image, text, mapping, ks=tuple(args.ks), block_size=block,
@@ -127,29 +145,40 @@ def _retrieval(args) -> tuple[dict, str]:
 # ---- EK-100 MIR ----------------------------------------------------------------------------------
 
 def _ek100(args) -> tuple[dict, str]:
-  from mmts_jax.eval import ek100_relevancy, mir_metrics, read_ek100_mir
+  from mmts_jax.eval import ek100_relevancy, mir_metrics, read_ek100_mir, video_subset
+  if args.val_videos is not None and not args.annotations:
+    raise InputError("--val-videos needs --annotations DIR (the captions of the kept videos "
+                     "come from the EK-100 CSVs)")
   if args.similarity:
-    sim = _load(args.similarity)
+    sim = array_files.check_matrix(_load(args.similarity), args.similarity)
   else:
-    video = _pick(args, "video_key", "video_emb", "video embedding")
-    text = _pick(args, "text_key", "text_emb", "caption embedding")
-    if video.ndim != 2 or text.ndim != 2 or video.shape[1] != text.shape[1]:
-      raise InputError(f"video and caption embeddings must be (n, dim) with one dim, got "
-                       f"{video.shape} and {text.shape}")
+    video, vpath, vkey = _embeddings(args, "video_key", "video_emb", "video embedding")
+    text, tpath, tkey = _embeddings(args, "text_key", "text_emb", "caption embedding")
+    if video.shape[1] != text.shape[1]:
+      raise UserInputError(tpath, f"caption embeddings are {text.shape[1]}-d, the video "
+                           f"embeddings ({vpath}) {video.shape[1]}-d", key=tkey,
+                           expected="the same width in both modalities")
     video, text = video.astype(np.float32), text.astype(np.float32)
     if not args.no_normalize:
       video = video / np.maximum(np.linalg.norm(video, axis=1, keepdims=True), 1e-8)
       text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-8)
     sim = video @ text.T
   if args.relevancy:
-    rel = _load(args.relevancy)
+    rel = array_files.check_matrix(_load(args.relevancy), args.relevancy)
+    if rel.shape != sim.shape:
+      raise UserInputError(args.relevancy, f"has shape {rel.shape}",
+                           expected=f"the similarity's shape {sim.shape} (videos, captions)")
   elif args.annotations:
     ann = read_ek100_mir(args.annotations)
     if sim.shape != ann.shape:
-      raise InputError(
-          f"the similarity is {sim.shape} but {args.annotations} has {ann.shape[0]} videos x "
-          f"{ann.shape[1]} captions; embeddings must follow the CSV order")
+      raise UserInputError(args.similarity or args.embeddings or args.video_emb,
+                           f"gives a {sim.shape[0]} x {sim.shape[1]} similarity",
+                           expected=f"{ann.shape[0]} videos x {ann.shape[1]} captions in the "
+                           f"order of the CSVs in {args.annotations}")
     rel = ek100_relevancy(ann)
+    if args.val_videos is not None:
+      keep_v, keep_c = video_subset(ann, args.val_videos)
+      sim, rel = sim[np.ix_(keep_v, keep_c)], rel[np.ix_(keep_v, keep_c)]
   else:
     raise InputError("missing relevancy: give --annotations DIR (the EK-100 CSVs) or "
                      "--relevancy FILE.npy")
@@ -167,49 +196,59 @@ def _ek100(args) -> tuple[dict, str]:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmts eval", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   sub = p.add_subparsers(dest="task", required=True)
-  r = sub.add_parser("retrieval", help="text<->image R@K and median rank")
+  r = sub.add_parser("retrieval", help="text<->image R@K and median rank",
+                     description="Text<->image retrieval R@K and median rank from embeddings.",
+                     formatter_class=HelpFormatter)
   r.add_argument("--embeddings", help=".npz with the arrays below")
-  r.add_argument("--image-key", default="image_emb")
-  r.add_argument("--text-key", default="text_emb")
-  r.add_argument("--map-key", default="text_to_image")
+  r.add_argument("--image-key", default="image_emb", help="(N, D) image embeddings in the npz")
+  r.add_argument("--text-key", default="text_emb", help="(M, D) caption embeddings in the npz")
+  r.add_argument("--map-key", default="text_to_image",
+                 help="(M,) int array in the npz: the image of each caption")
   r.add_argument("--image-emb", help="(N, D) .npy instead of the npz")
   r.add_argument("--text-emb", help="(M, D) .npy instead of the npz")
   r.add_argument("--text-to-image", help="(M,) int .npy: the image of each caption")
   r.add_argument("--captions-per-image", type=int,
                  help="caption i describes image i // K (COCO / Flickr30K order)")
-  r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+  r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="the K of R@K")
   r.add_argument("--block-size", type=int, nargs=2, metavar=("QUERIES", "KEYS"),
                  help="similarity tile on the device (default 1024 8192)")
   r.add_argument("--subset", action="append", metavar="NAME=MASK.npy",
                  help="(N,) bool mask over images; metrics are repeated for it (repeatable)")
   r.add_argument("--no-normalize", action="store_true", help="dot product, not cosine")
   r.add_argument("--out", help="metrics json (written atomically)")
-  e = sub.add_parser("ek100", help="EK-100 multi-instance retrieval mAP / nDCG")
+  e = sub.add_parser("ek100", help="EK-100 multi-instance retrieval mAP / nDCG",
+                     description="EPIC-KITCHENS-100 multi-instance retrieval mAP and nDCG.",
+                     formatter_class=HelpFormatter)
   e.add_argument("--embeddings", help=".npz with video and caption embeddings")
-  e.add_argument("--video-key", default="video_emb")
-  e.add_argument("--text-key", default="text_emb")
+  e.add_argument("--video-key", default="video_emb", help="(9668, D) video embeddings in the npz")
+  e.add_argument("--text-key", default="text_emb", help="(3842, D) caption embeddings in the npz")
   e.add_argument("--video-emb", help="(9668, D) .npy instead of the npz")
   e.add_argument("--text-emb", help="(3842, D) .npy instead of the npz")
   e.add_argument("--similarity", help="(videos, captions) .npy instead of embeddings")
   e.add_argument("--annotations", help="folder with the EPIC_100_retrieval_test*.csv files")
   e.add_argument("--relevancy", help="(videos, captions) .npy instead of --annotations")
+  e.add_argument("--val-videos", type=int, metavar="N",
+                 help="score the first N videos and their captions only (needs --annotations; "
+                      "default: all)")
   e.add_argument("--threads", type=int, help="CPU threads (default: all usable)")
   e.add_argument("--no-normalize", action="store_true", help="dot product, not cosine")
   e.add_argument("--out", help="metrics json (written atomically)")
   return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  try:
-    record, table = (_retrieval if args.task == "retrieval" else _ek100)(args)
-  except (InputError, ValueError, TypeError) as e:
-    print(f"mmts eval {args.task}: {e}", file=sys.stderr)
-    return 2
+  if args.out:
+    errors.check_output_path(args.out, "--out")
+  record, table = (_retrieval if args.task == "retrieval" else _ek100)(args)
   print(table)
   if args.out:
     _write_json(args.out, record)
     print(f"wrote {args.out}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return errors.run("mmts eval", _main, argv)

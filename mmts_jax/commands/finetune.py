@@ -25,6 +25,9 @@ import json
 import pathlib
 import sys
 
+from mmts_jax.commands import errors
+from mmts_jax.commands.help_format import HelpFormatter
+
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "ek100_features_mimm.py"
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -32,33 +35,44 @@ EXIT_NONFINITE = 3
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmts finetune", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   sub = p.add_subparsers(dest="action", required=True)
-  pr = sub.add_parser("prepare", help="EK-100 features + noun-class cluster table")
+
+  def add(name, help_):
+    return sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
+
+  pr = add("prepare", "EK-100 features + noun-class cluster table")
   pr.add_argument("--annotations", required=True, help="the EK-100 annotation folder")
   pr.add_argument("--out", required=True, help="output folder")
-  pr.add_argument("--video-dim", type=int, default=64)
-  pr.add_argument("--text-dim", type=int, default=48)
-  pr.add_argument("--latent-dim", type=int, default=32)
+  pr.add_argument("--video-dim", type=int, default=64, help="width of the video features")
+  pr.add_argument("--text-dim", type=int, default=48, help="width of the text features")
+  pr.add_argument("--latent-dim", type=int, default=32,
+                  help="width of the class latent both modalities are drawn from")
   pr.add_argument("--noise", type=float, default=1.0, help="noise std per feature")
-  pr.add_argument("--seed", type=int, default=0)
+  pr.add_argument("--seed", type=int, default=0,
+                  help="seed of the class embeddings, maps and noise")
   for name, help_ in (("train", "train projection heads, MIR during and after"),
                       ("eval", "MIR metrics of a checkpoint")):
-    a = sub.add_parser(name, help=help_)
+    a = add(name, help_)
     a.add_argument("--data", required=True, help="folder written by `mmts finetune prepare`")
     a.add_argument("--annotations", required=True, help="the EK-100 annotation folder")
-    a.add_argument("--workdir", required=True)
+    a.add_argument("--workdir", required=True,
+                   help="the run's folder: checkpoints, metrics, embeddings")
     a.add_argument("--val-videos", type=int, default=None,
                    help="validate on the first N videos only (default: all 9,668)")
     a.add_argument("--out", help="also write the metrics json here")
   t = sub.choices["train"]
-  t.add_argument("--config", default=str(_DEFAULT_CONFIG), help="path/to/config.py[:ROW]")
-  t.add_argument("--stop-at-step", type=int, default=None)
-  t.add_argument("--no-progress", action="store_true")
+  t.add_argument("--config", default=str(_DEFAULT_CONFIG),
+                 help="path/to/config.py[:ROW] (default: configs/ek100_features_mimm.py)")
+  t.add_argument("--stop-at-step", type=int, default=None,
+                 help="stop after this step with a checkpoint; rerun to resume (default: "
+                      "config.total_steps)")
+  t.add_argument("--no-progress", action="store_true",
+                 help="no progress bar")
   sub.choices["eval"].add_argument("--step", type=int, default=None,
                                    help="checkpoint step (default: the latest)")
-  z = sub.add_parser("zero-shot", help="Table 1 retrieval metrics of a checkpoint")
-  z.add_argument("--workdir", required=True)
+  z = add("zero-shot", "Table 1 retrieval metrics of a checkpoint")
+  z.add_argument("--workdir", required=True, help="the run whose checkpoint is evaluated")
   z.add_argument("--test-set", action="append", required=True, metavar="[NAME=]PATH",
                  help="a .npz of model inputs, or a dataset converted by `mmts prepare` (one "
                       "record per caption); repeatable; NAME defaults to the file name")
@@ -68,15 +82,16 @@ def _parser() -> argparse.ArgumentParser:
   z.add_argument("--text-len", type=int, help="default: the run's config.data.text_len")
   z.add_argument("--captions-per-image", type=int, default=None,
                  help="caption j describes image j // K when the npz has no text_to_image")
-  z.add_argument("--step", type=int, default=None)
+  z.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   z.add_argument("--out", help="metrics json")
   return p
 
 
 def _write_json(path: str, record: dict) -> None:
   from mmts_jax.cluster_table import atomic_write
-  atomic_write(path, lambda f: f.write((json.dumps(record, indent=2, sort_keys=True)
-                                        + "\n").encode()))
+  with errors.writing(path, "the metrics"):
+    atomic_write(path, lambda f: f.write((json.dumps(record, indent=2, sort_keys=True)
+                                          + "\n").encode()))
   print(f"wrote {path}")
 
 
@@ -86,7 +101,10 @@ def _prepare(args) -> int:
   from mmts_jax.finetune.ek100_features import FeatureSpec
   spec = FeatureSpec(video_dim=args.video_dim, text_dim=args.text_dim,
                      latent_dim=args.latent_dim, noise=args.noise, seed=args.seed)
-  files = prepare(args.annotations, args.out, spec)
+  errors.check_output_dir(args.out, "--out")
+  from mmts_jax.finetune.driver import data_files_of
+  with errors.all_or_nothing(data_files_of(args.out)), errors.writing(args.out, "the features"):
+    files = prepare(args.annotations, args.out, spec)
   table = ClusterTable.load(files.table)
   s = table.summary()
   print(f"train: {table.num_samples} pairs, video {spec.video_dim}-d, text {spec.text_dim}-d "
@@ -167,30 +185,28 @@ def _zero_shot(args) -> int:
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
   from mmts_jax.commands.train import split_overrides
-  try:
-    rest, overrides = split_overrides(argv)
-  except ValueError as e:
-    print(f"mmts finetune: error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+  rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
   if overrides and args.action != "train":
-    print(f"mmts finetune {args.action}: --config.* overrides apply to `train` only",
-          file=sys.stderr)
-    return EXIT_BAD_INPUT
-  try:
-    if args.action == "prepare":
-      return _prepare(args)
-    if args.action == "train":
-      return _train(args, overrides)
-    if args.action == "eval":
-      return _eval(args)
-    return _zero_shot(args)
-  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-    print(f"mmts finetune {args.action}: error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    raise errors.UserInputError(None, f"--config.* overrides apply to `train` only, not "
+                                f"`{args.action}`")
+  if getattr(args, "out", None) and args.action != "prepare":
+    errors.check_output_path(args.out, "--out")
+  if getattr(args, "workdir", None) and args.action == "train":
+    errors.check_output_dir(args.workdir, "--workdir")
+  if args.action == "prepare":
+    return _prepare(args)
+  if args.action == "train":
+    return _train(args, overrides)
+  if args.action == "eval":
+    return _eval(args)
+  return _zero_shot(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+  return errors.run("mmts finetune", _main, argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,14 @@ the cluster table and the trainer check. Reading the result never needs TensorFl
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
+
+from mmts_jax.commands import errors
+from mmts_jax.commands.help_format import HelpFormatter
+from mmts_jax.errors import UserInputError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -22,15 +28,20 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                  help="what to do with missing/undecodable images (default: skip and count)")
   p.add_argument("--threads", type=int, default=8, help="image checking/resizing threads")
-  p.add_argument("--records-per-shard", type=int, default=50_000)
+  p.add_argument("--records-per-shard", type=int, default=50_000,
+                 help="records per ArrayRecord shard file")
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmts prepare", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   sub = p.add_subparsers(dest="source", required=True)
-  t = sub.add_parser("table", help="CSV/TSV of image paths and captions + an image folder")
+
+  def add(name, help_):
+    return sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
+
+  t = add("table", "CSV/TSV of image paths and captions + an image folder")
   t.add_argument("table", help="CSV (comma) or TSV/TAB (tab) file")
   t.add_argument("--images", required=True, help="folder the image paths are relative to")
   t.add_argument("--image-column", default="image", help="header name or 0-based position")
@@ -39,32 +50,29 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--delimiter", default=None, help="default: tab for .tsv/.tab, else comma")
   t.add_argument("--no-header", action="store_true", help="the first row is data")
   _common(t)
-  w = sub.add_parser("wds", help="webdataset tar shards (key.jpg + key.txt)")
+  w = add("wds", "webdataset tar shards (key.jpg + key.txt)")
   w.add_argument("shards", nargs="+", help="tar paths, globs or {000..123} ranges")
-  w.add_argument("--caption-ext", default="txt")
+  w.add_argument("--caption-ext", default="txt", help="extension of the caption member")
   w.add_argument("--label-ext", default=None, help="e.g. cls for an int label per sample")
   _common(w)
-  f = sub.add_parser("tfds", help="a TFDS dataset prepared in the array_record format")
+  f = add("tfds", "a TFDS dataset prepared in the array_record format")
   f.add_argument("name", help="TFDS name, e.g. coco_captions or coco_captions/2017:1.1.0")
   f.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's own)")
-  f.add_argument("--split", default="train")
-  f.add_argument("--image-key", default="image")
+  f.add_argument("--split", default="train", help="TFDS split")
+  f.add_argument("--image-key", default="image", help="the image feature")
   f.add_argument("--caption-key", default="captions/text", help="'/' for nested features")
-  f.add_argument("--label-key", default=None)
+  f.add_argument("--label-key", default=None, help="an int class label feature, if any")
   f.add_argument("--first-caption", action="store_true",
                  help="one record per example (first caption) instead of one per caption")
   _common(f)
-  i = sub.add_parser("inspect", help="print a converted dataset's manifest and first records")
-  i.add_argument("data_dir")
+  i = add("inspect", "print a converted dataset's manifest and first records")
+  i.add_argument("data_dir", help="a dataset folder written by `mmts prepare`")
   i.add_argument("--num", type=int, default=3, help="records to show")
   return p
 
 
 def _inspect(args) -> int:
-  import io
-
-  from PIL import Image
-
+  from mmts_jax.data import image_ops
   from mmts_jax.data.records import RecordSource
   src = RecordSource(args.data_dir)
   m = src.manifest
@@ -73,7 +81,7 @@ def _inspect(args) -> int:
   print(f"fields: {', '.join(sorted(m.fields))}")
   print(f"source: {m.source.get('kind')}, {m.source.get('skipped', 0)} samples skipped")
   for r in (src[k] for k in range(min(args.num, len(src)))):
-    img = Image.open(io.BytesIO(r["image"]))
+    img = image_ops.open_image(r["image"])
     extra = f" label={r['label']}" if "label" in r else ""
     caption = repr(r["caption"][:60]) if "caption" in r else "-"
     print(f"  [{r['index']}] key={r['key']!r} {img.format} {img.width}x{img.height}{extra} "
@@ -81,18 +89,23 @@ def _inspect(args) -> int:
   return 0
 
 
-# Problems with the user's input: reported in one line (exit status 2), not as a traceback.
-_USER_ERRORS = (FileExistsError, FileNotFoundError, ValueError, KeyError, NotImplementedError)
+def _main(argv: list[str]) -> int:
+  args = _parser().parse_args(argv)
+  if args.source == "inspect":
+    return _inspect(args)
+  errors.check_output_dir(args.out, "--out")
+  fresh = not os.path.lexists(args.out)
+  try:
+    with errors.writing(args.out, "the dataset"):
+      return _convert(args)
+  except BaseException:
+    if fresh and os.path.isdir(args.out):  # a half-written dataset of ours: leave nothing
+      shutil.rmtree(args.out, ignore_errors=True)
+    raise
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    return _inspect(args) if args.source == "inspect" else _convert(args)
-  except _USER_ERRORS as e:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"mmts prepare: error: {msg}", file=sys.stderr)
-    return 2
+  return errors.run("mmts prepare", _main, argv)
 
 
 def _convert(args) -> int:
@@ -110,10 +123,21 @@ def _convert(args) -> int:
     m = convert.convert_webdataset(args.shards, args.out, caption_ext=args.caption_ext,
                                    label_ext=args.label_ext, **common)
   else:
-    m = convert.convert_tfds(args.name, args.out, split=args.split, data_dir=args.data_dir,
-                             image_key=args.image_key, caption_key=args.caption_key or None,
-                             label_key=args.label_key, all_captions=not args.first_caption,
-                             **common)
+    try:
+      m = convert.convert_tfds(args.name, args.out, split=args.split, data_dir=args.data_dir,
+                               image_key=args.image_key, caption_key=args.caption_key or None,
+                               label_key=args.label_key, all_captions=not args.first_caption,
+                               **common)
+    except KeyError as e:  # a feature the dataset does not have (tfds_source names it)
+      raise UserInputError(args.name, str(e.args[0] if e.args else e),
+                           expected="existing features (--image-key, --caption-key)") from e
+    except Exception as e:  # noqa: BLE001 (TFDS's own class; its message lists every dataset)
+      if type(e).__name__ != "DatasetNotFoundError":
+        raise
+      raise UserInputError(args.name, f"no such TFDS dataset in "
+                           f"{args.data_dir or 'the default TFDS data_dir'}",
+                           expected="a dataset prepared with `tfds build "
+                           "--file_format=array_record`, and its --data-dir") from e
   dt = time.perf_counter() - t0
   skipped = m.source.get("skipped", 0)
   print(f"wrote {m.num_records} records to {args.out} ({len(m.shards)} shard(s), {skipped} "

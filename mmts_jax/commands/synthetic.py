@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from mmts_jax.commands import errors
+from mmts_jax.commands.help_format import HelpFormatter
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmts synthetic", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--workdir", default="mmts_synthetic", help="output directory (default: %(default)s)")
   p.add_argument("--seeds", type=int, default=None, help="seeds per row (default 1)")
   p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300)")
@@ -68,15 +70,16 @@ def build_config(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+  return errors.run("mmts synthetic", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
+  errors.check_output_dir(args.workdir, "--workdir")
   # The sentence encoder and the trainer never reach the network: everything is local.
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
   from mmts_jax.synthetic import benchmark
-  try:
-    config = build_config(args)
-    benchmark.run(config, args.workdir, plot=not args.no_plots, overwrite=args.overwrite)
-  except (ValueError, TypeError) as e:
-    print(f"mmts synthetic: {e}", file=sys.stderr)
-    return 2
+  config = build_config(args)
+  benchmark.run(config, args.workdir, plot=not args.no_plots, overwrite=args.overwrite)
   return 0

@@ -18,16 +18,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
-import io
 import itertools
 import os
 import pathlib
 import re
 import tarfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from mmts_jax.data import image_ops
+from mmts_jax.errors import UserInputError
 from mmts_jax.data.records import Manifest, RecordWriter
 from mmts_jax.data.tfds_source import as_text, lookup_feature, open_tfds
 
@@ -53,13 +53,15 @@ class _Skip(Exception):
 def encode_for_storage(data: bytes, shorter_side: int | None = None, quality: int = 95) -> bytes:
   """Checks that `data` decodes; returns it unchanged, or re-encoded as JPEG when resized/foreign.
 
-  Raises `_Skip` (the reason a sample is skipped) for data PIL cannot decode.
+  Raises `_Skip` (the reason a sample is skipped) for data PIL cannot decode, or whose size
+  exceeds `image_ops.MAX_IMAGE_PIXELS` (refused before decoding).
   """
-  from PIL import Image
   try:
-    img = Image.open(io.BytesIO(data))
+    img = image_ops.open_image(data)  # refuses huge images before decoding them
     fmt = img.format
     img.load()
+  except image_ops.ImageTooLargeError as e:
+    raise _Skip("image too large", str(e)) from None
   except Exception as e:  # PIL raises many types for corrupt files
     raise _Skip("undecodable image", f"{type(e).__name__}: {e}") from None
   if shorter_side is not None and min(img.size) > shorter_side:
@@ -122,16 +124,41 @@ def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int 
     raise
 
 
-def _column(header: Sequence[str] | None, col: str | int | None, what: str) -> int | None:
+def _text_lines(f, table) -> Iterator[str]:
+  """UTF-8 lines of a binary file, decoded one by one so that an error names its line."""
+  for line_no, raw in enumerate(f, 1):
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+      raw = raw[3:]
+    if b"\x00" in raw:
+      raise UserInputError(table, "contains a NUL byte", line=line_no,
+                           expected="a UTF-8 text table")
+    try:
+      yield raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UserInputError(table, f"is not UTF-8 ({e.reason})", line=line_no,
+                           expected="a UTF-8 text table") from None
+
+
+def _table_error(table, line: int, e: Exception) -> UserInputError:
+  if isinstance(e, UnicodeDecodeError):
+    return UserInputError(table, f"is not UTF-8 ({e.reason})", line=line,
+                          expected="a UTF-8 text table")
+  return UserInputError(table, f"malformed ({e})", line=line,
+                        expected='CSV quoting that closes ("..." with "" inside)')
+
+
+def _column(header: Sequence[str] | None, col: str | int | None, what: str,
+            table: str | os.PathLike = "the table") -> int | None:
   if col is None:
     return None
   if isinstance(col, int) or (isinstance(col, str) and col.isdigit()):
     return int(col)
   if header is None:
-    raise ValueError(f"{what} column {col!r} is a name but the table has no header; "
-                     "give its position (0-based)")
+    raise UserInputError(table, f"{what} column {col!r} is a name but the table has no header",
+                         expected="a 0-based column position")
   if col not in header:
-    raise ValueError(f"{what} column {col!r} not in the table header {list(header)}")
+    raise UserInputError(table, f"has no {what} column {col!r}, only {list(header)}", line=1,
+                         expected=f"a header with {col!r} (or a 0-based position)")
   return header.index(col)
 
 
@@ -161,18 +188,44 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
     delimiter = "\t" if table.suffix.lower() in (".tsv", ".tab") else ","
 
   def samples() -> Iterator[dict]:
-    with open(table, newline="", encoding="utf-8") as f:
+    with open(table, "rb") as f:
       # TSV has no quoting (captions such as `the "best" cat` are literal); CSV has RFC 4180's.
       quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-      rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
-      head = next(rows) if header else None
-      ci = _column(head, image_column, "image")
-      cc = _column(head, caption_column, "caption")
-      cl = _column(head, label_column, "label")
-      for line, row in enumerate(rows, 2 if header else 1):
+      rows = csv.reader(_text_lines(f, table), delimiter=delimiter, quoting=quoting,
+                        strict=True)
+      line = 1
+      try:
+        head = next(rows) if header else None
+      except StopIteration:
+        raise UserInputError(table, "is empty", expected="a header and rows") from None
+      except (UnicodeDecodeError, csv.Error) as e:
+        raise _table_error(table, 1, e) from None
+      ci = _column(head, image_column, "image", table)
+      cc = _column(head, caption_column, "caption", table)
+      cl = _column(head, label_column, "label", table)
+      needed = max(c for c in (ci, cc, cl) if c is not None) + 1
+      count = 0
+      while True:
+        line = rows.line_num + 1
+        try:
+          row = next(rows)
+        except StopIteration:
+          break
+        except (UnicodeDecodeError, csv.Error) as e:
+          raise _table_error(table, line, e) from None
         if not row:
           continue
+        if len(row) < needed or (head is not None and len(row) != len(head)):
+          raise UserInputError(table, f"row has {len(row)} fields", line=line,
+                               expected=f"{len(head) if head is not None else needed} fields "
+                               "(one per column)")
+        if any("\x00" in field for field in row):
+          raise UserInputError(table, "contains a NUL byte", line=line,
+                               expected="a UTF-8 text table")
         rel = row[ci]
+        if not rel or os.path.isabs(rel) or ".." in pathlib.PurePath(rel).parts:
+          raise UserInputError(table, f"image path {rel!r}", line=line,
+                               expected=f"a relative path inside {image_dir} (no '..')")
         path = image_dir / rel
         try:
           data = path.read_bytes()
@@ -183,8 +236,12 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
           try:
             sample["label"] = int(row[cl])
           except ValueError:
-            raise ValueError(f"{table}:{line}: label {row[cl]!r} is not an int") from None
+            raise UserInputError(table, f"label {row[cl]!r}", line=line,
+                                 expected="an integer class label") from None
+        count += 1
         yield sample
+      if count == 0:
+        raise UserInputError(table, "has no rows", expected="at least one (image, caption) row")
 
   source = {"kind": "table", "table": str(table), "image_dir": str(image_dir),
             "shorter_side": shorter_side}
@@ -230,22 +287,84 @@ def _split_key(name: str) -> tuple[str, str]:
   return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
+# A member larger than this is refused rather than read into memory (images and captions of
+# image-text shards are kilobytes to a few megabytes).
+MAX_MEMBER_BYTES = 256 << 20
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+  info = tarfile.TarInfo(name)
+  info.type = tarfile.DIRTYPE
+  return info
+
+
+def check_member(shard: str, member: tarfile.TarInfo) -> bool:
+  """True for a regular file to read, False for a directory to pass over; refuses the rest.
+
+  webdataset members are read into memory, never extracted, but a shard from elsewhere is
+  untrusted: absolute names, `..` components, symbolic or hard links, device files and FIFOs
+  have no place in one and are refused, naming the shard and the member.
+
+  Example:
+    >>> check_member("s.tar", tarfile.TarInfo("0001.jpg")), check_member("s.tar", _dir("d"))
+    (True, False)
+    >>> check_member("s.tar", tarfile.TarInfo("../0001.jpg"))
+    Traceback (most recent call last):
+    ...
+    mmts_jax.errors.UserInputError: s.tar: tar member '../0001.jpg' has an absolute path or '..'; expected members with relative names inside the shard
+  """
+  name = member.name
+  parts = pathlib.PurePosixPath(name).parts
+  if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+    raise UserInputError(shard, f"tar member {name!r} has an absolute path or '..'",
+                         expected="members with relative names inside the shard")
+  if member.issym() or member.islnk():
+    raise UserInputError(shard, f"tar member {name!r} is a link (to {member.linkname!r})",
+                         expected="regular files only")
+  if member.isdir():
+    return False
+  if not member.isfile():
+    raise UserInputError(shard, f"tar member {name!r} is a device file or FIFO",
+                         expected="regular files only")
+  if member.size > MAX_MEMBER_BYTES:
+    raise UserInputError(shard, f"tar member {name!r} has {member.size} bytes",
+                         expected=f"at most {MAX_MEMBER_BYTES} bytes per member")
+  return True
+
+
 def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None
                  ) -> Iterator[dict]:
   for path in paths:
-    with tarfile.open(path, "r|*") as tar:  # streaming: shards may be large
+    try:
+      tar = tarfile.open(path, "r|*")  # streaming: shards may be large
+    except tarfile.TarError as e:
+      raise UserInputError(path, f"is not a tar file ({e})",
+                           expected="a webdataset .tar shard") from None
+    with tar:
       key, fields = None, {}
-      for member in itertools.chain(tar, [None]):
-        if member is not None and not member.isfile():
-          continue
-        k, ext = _split_key(member.name) if member is not None else (None, None)
-        if k != key and key is not None:
-          yield _wds_sample(path, key, fields, caption_ext, label_ext)
+      members = iter(tar)
+      while True:
+        try:
+          member = next(members, None)
+          if member is not None and not check_member(path, member):
+            continue
+          k, ext = _split_key(member.name) if member is not None else (None, None)
+          if k != key and key is not None:
+            sample = _wds_sample(path, key, fields, caption_ext, label_ext)
+          else:
+            sample = None
+          if member is not None:
+            data = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+          raise UserInputError(path, f"is truncated or corrupt ({type(e).__name__}: {e})",
+                               expected="a complete webdataset .tar shard") from None
+        if sample is not None:
+          yield sample
           fields = {}
         if member is None:
           break
         key = k
-        fields[ext] = tar.extractfile(member).read()
+        fields[ext] = data
 
 
 def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: str | None):
@@ -257,12 +376,21 @@ def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: 
     sample["image"] = _Skip(f"no .{caption_ext} caption", f"in {os.path.basename(path)}")
   else:
     sample["image"] = image
-  sample["caption"] = fields.get(caption_ext, b"").decode("utf-8").strip()
+  try:
+    sample["caption"] = fields.get(caption_ext, b"").decode("utf-8").strip()
+  except UnicodeDecodeError as e:
+    raise UserInputError(path, f"caption {key}.{caption_ext} is not UTF-8 ({e.reason})",
+                         expected="UTF-8 caption files") from None
   if label_ext is not None:
     if label_ext not in fields:
       sample["image"] = _Skip(f"no .{label_ext} label", f"in {os.path.basename(path)}")
     else:
-      sample["label"] = int(fields[label_ext].decode().strip())
+      text = fields[label_ext].decode("utf-8", "replace").strip()
+      try:
+        sample["label"] = int(text)
+      except ValueError:
+        raise UserInputError(path, f"label {key}.{label_ext} is {text[:40]!r}",
+                             expected="an integer class label") from None
   return sample
 
 

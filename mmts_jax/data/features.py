@@ -14,6 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mmts_jax import array_files
+from mmts_jax.errors import UserInputError
+
 from mmts_jax.data.pipeline import Pipeline, make_pipeline
 from mmts_jax.data.records import atomic_write_bytes
 
@@ -66,13 +69,26 @@ class FeatureSource(Sequence):
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
-    with np.load(self.path, allow_pickle=False) as z:
-      missing = [k for k in _REQUIRED if k not in z.files]
-      if missing:
-        raise ValueError(f"{self.path} lacks {missing}; it has {z.files}")
-      self.arrays = {k: z[k] for k in (*_REQUIRED, "label") if k in z.files}
-      self.num_records = int(z["num_records"]) if "num_records" in z.files else None
-      self.fingerprint = str(z["fingerprint"]) if "fingerprint" in z.files else None
+    expected = f"a features .npz with {list(_REQUIRED)} (mmts_jax.data.features.save_features)"
+    z = array_files.read_npz(self.path, expected=expected)
+    missing = [k for k in _REQUIRED if k not in z]
+    if missing:
+      raise UserInputError(self.path, f"has no array(s) {missing}, only {sorted(z)}",
+                           expected=expected)
+    self.arrays = {k: z[k] for k in (*_REQUIRED, "label") if k in z}
+    self.num_records = int(z["num_records"]) if "num_records" in z else None
+    self.fingerprint = str(z["fingerprint"]) if "fingerprint" in z else None
+    n = len(self.arrays["index"])
+    for key, x in self.arrays.items():
+      array_files.check_numeric(x, self.path, key)
+      if x.ndim == 0 or x.shape[0] != n:
+        raise UserInputError(self.path, f"has shape {x.shape}", key=key,
+                             expected=f"{n} rows, one per entry of 'index'")
+      if key.endswith("features"):
+        array_files.check_matrix(x.reshape(n, -1) if x.ndim > 2 else x, self.path, key)
+      elif x.dtype.kind not in "iu" or x.ndim != 1:
+        raise UserInputError(self.path, f"has dtype {x.dtype} shape {x.shape}", key=key,
+                             expected="a 1-D integer array")
     self.arrays["index"] = self.arrays["index"].astype(np.int32)
     if "label" in self.arrays:
       self.arrays["label"] = self.arrays["label"].astype(np.int32)

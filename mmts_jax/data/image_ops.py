@@ -16,9 +16,55 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
-           "random_resized_crop", "resize_center_crop", "normalize", "normalize_on_device", "encode_jpeg",
+__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_image_size", "open_image",
+           "CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
+           "random_resized_crop", "resize_center_crop", "normalize", "normalize_on_device",
+           "encode_jpeg",
            "shrink_shorter_side"]
+
+# Decoding is bounded: an image declaring more pixels than this is refused before its pixels are
+# decoded (a "decompression bomb": a few KB of PNG can declare 100,000 x 100,000 pixels). 2**26
+# pixels = 8192 x 8192, 192 MiB as RGB; Pillow's own limit is set to the same number, so Pillow
+# also raises `Image.DecompressionBombError` beyond twice it, wherever an image is opened.
+MAX_IMAGE_PIXELS = 1 << 26
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class ImageTooLargeError(ValueError):
+  """An image whose declared size exceeds `MAX_IMAGE_PIXELS`."""
+
+
+def check_image_size(img: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+  """Refuses an opened (not yet decoded) image whose width x height exceeds `max_pixels`.
+
+  Example:
+    >>> check_image_size(Image.new("RGB", (4, 4)), max_pixels=8)
+    Traceback (most recent call last):
+    ...
+    mmts_jax.data.image_ops.ImageTooLargeError: image of 4 x 4 pixels exceeds the decoding limit of 8 pixels (MAX_IMAGE_PIXELS)
+  """
+  w, h = img.size
+  if w * h > max_pixels:
+    raise ImageTooLargeError(f"image of {w} x {h} pixels exceeds the decoding limit of "
+                             f"{max_pixels} pixels (MAX_IMAGE_PIXELS)")
+  return img
+
+
+def open_image(data: bytes | bytearray | memoryview) -> Image.Image:
+  """`Image.open` of encoded bytes, bounded: refuses more than `MAX_IMAGE_PIXELS` before decoding.
+
+  Example:
+    >>> buf = io.BytesIO(); Image.new("RGB", (3, 2)).save(buf, format="PNG")
+    >>> open_image(buf.getvalue()).size
+    (3, 2)
+  """
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:  # Pillow's own check, beyond twice the limit
+    raise ImageTooLargeError(f"image exceeds the decoding limit of {MAX_IMAGE_PIXELS} pixels "
+                             f"(MAX_IMAGE_PIXELS): {e}") from None
+  return check_image_size(img)
+
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -32,7 +78,7 @@ def decode_image(data: bytes | np.ndarray | Image.Image, *, draft: int | None = 
   (DCT scaling, much cheaper than decoding full size and resizing).
   """
   if isinstance(data, (bytes, bytearray, memoryview)):
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)  # refuses huge images before any pixel is decoded
     if draft is not None and img.format == "JPEG":
       img.draft("RGB", (draft, draft))
   elif isinstance(data, np.ndarray):

@@ -244,7 +244,12 @@ def read_manifest(data_dir: str | os.PathLike) -> Manifest:
   if not path.is_file():
     raise FileNotFoundError(f"{data_dir} is not a converted dataset: {MANIFEST} is missing "
                             "(run `mmts prepare`)")
-  return Manifest.from_json(path.read_text())
+  try:
+    return Manifest.from_json(path.read_text(encoding="utf-8"))
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError too
+    from mmts_jax.errors import UserInputError
+    raise UserInputError(path, f"is corrupt ({type(e).__name__}: {e})",
+                         expected="a manifest written by `mmts prepare`") from e
 
 
 def _json_lines(path: pathlib.Path) -> Iterator[Any]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from mmts_jax.eval.ek100_mir import (MirPerQuery, MirScore, mir_map, mir_metrics, mir_ndcg,
                                      mir_per_query)
 from mmts_jax.eval.relevancy import (Ek100MirAnnotations, class_relevancy, ek100_relevancy,
-                                     read_ek100_mir)
+                                     read_ek100_mir, video_subset)
 from mmts_jax.eval.retrieval import (RetrievalRanks, recall_metrics, retrieval_metrics,
                                      retrieval_ranks)
 
 __all__ = ["MirScore", "MirPerQuery", "mir_map", "mir_metrics", "mir_ndcg", "mir_per_query",
            "Ek100MirAnnotations", "class_relevancy", "ek100_relevancy", "read_ek100_mir",
+           "video_subset",
            "RetrievalRanks", "recall_metrics", "retrieval_metrics", "retrieval_ranks"]

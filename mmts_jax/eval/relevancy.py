@@ -19,15 +19,18 @@ the result against the official relevancy slice in `shared/reference/ek100_mir_s
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy",
-           "read_csv_rows", "parse_class_list"]
+from mmts_jax import read_access
+from mmts_jax.errors import MissingFileError, UserInputError
+from mmts_jax.table_files import Table, read_table
+
+__all__ = ["video_subset", "Ek100MirAnnotations", "read_ek100_mir", "class_relevancy",
+           "ek100_relevancy", "read_csv_rows", "parse_class_list"]
 
 VIDEO_CSV = "EPIC_100_retrieval_test.csv"
 SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
@@ -51,13 +54,17 @@ class Ek100MirAnnotations:
 
 
 def read_csv_rows(path: str, required: Sequence[str]) -> list[dict[str, str]]:
-  """Rows of a CSV as dicts; a clear error names the file and any missing required column."""
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-    return list(reader)
+  """Rows of a CSV as dicts; `UserInputError` names the file, line and problem of a bad one."""
+  return read_table(path, required, kind="csv").rows
+
+
+def _int_cell(table: Table, i: int, column: str) -> int:
+  text = table.rows[i][column].strip()
+  try:
+    return int(text)
+  except ValueError:
+    raise UserInputError(table.path, f"{column} is {text!r}", line=table.lines[i], key=column,
+                         expected="an integer class id") from None
 
 
 def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
@@ -65,14 +72,15 @@ def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
   """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also asks for >= 1 entry, all >= 0."""
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError) as e:
-    raise ValueError(f"{where}: {column} must be a list of ints, got {text!r}") from e
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+    raise UserInputError(None, f"{where}: {column} is {text!r}",
+                         expected="a list of ints like [3, 12]") from e
   ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)
   if non_empty:
     ok = ok and bool(value) and all(v >= 0 for v in value)
   if not ok:
     kind = "a non-empty list of ints >= 0" if non_empty else "a list of ints"
-    raise ValueError(f"{where}: {column} must be {kind}, got {text!r}")
+    raise UserInputError(None, f"{where}: {column} is {text!r}", expected=kind)
   return tuple(value)
 
 
@@ -99,17 +107,25 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
     sentence_csv = sentence_csv or os.path.join(directory, SENTENCE_CSV)
   if video_csv is None or sentence_csv is None:
     raise ValueError("read_ek100_mir: give a directory, or both video_csv and sentence_csv")
-  videos = read_csv_rows(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"))
-  sentences = read_csv_rows(os.fspath(sentence_csv), ("narration_id", "narration"))
+  if directory is not None and not read_access.is_dir(directory):
+    there = read_access.exists(directory)
+    raise (UserInputError if there else MissingFileError)(
+        os.fspath(directory), "is not a folder" if there else "no such folder",
+        expected=f"the EK-100 annotation folder with {VIDEO_CSV} and {SENTENCE_CSV}")
+  vt = read_table(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"),
+                  kind="csv")
+  st = read_table(os.fspath(sentence_csv), ("narration_id", "narration"), kind="csv")
+  videos, sentences = vt.rows, st.rows
   index = {row["narration_id"]: i for i, row in enumerate(videos)}
-  verbs = np.array([int(row["verb_class"]) for row in videos], np.int64)
-  nouns = tuple(parse_class_list(row["all_noun_classes"], f"{video_csv}:{i + 2}")
+  verbs = np.array([_int_cell(vt, i, "verb_class") for i in range(len(videos))], np.int64)
+  nouns = tuple(parse_class_list(row["all_noun_classes"], f"{video_csv}:{vt.lines[i]}")
                 for i, row in enumerate(videos))
-  unknown = [row["narration_id"] for row in sentences if row["narration_id"] not in index]
+  unknown = [i for i, row in enumerate(sentences) if row["narration_id"] not in index]
   if unknown:
-    raise ValueError(
-        f"{sentence_csv}: {len(unknown)} caption narration_id(s) are not video segments of "
-        f"{video_csv}, e.g. {unknown[:5]}")
+    raise UserInputError(
+        sentence_csv, f"{len(unknown)} caption narration_id(s) are not video segments, e.g. "
+        f"{[sentences[i]['narration_id'] for i in unknown[:5]]}", line=st.lines[unknown[0]],
+        key="narration_id", expected=f"the narration_id of a row of {video_csv}")
   source = [index[row["narration_id"]] for row in sentences]
   return Ek100MirAnnotations(
       video_ids=tuple(row["narration_id"] for row in videos),
@@ -119,6 +135,29 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
       captions=tuple(row["narration"] for row in sentences),
       caption_verbs=verbs[source],
       caption_nouns=tuple(nouns[i] for i in source))
+
+
+def video_subset(annotations: Ek100MirAnnotations, max_videos: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """`(video rows, caption columns)` of a validation slice: the first `max_videos` videos and the
+  captions whose `narration_id` is one of them (the same relevancy definition, smaller).
+
+  Example:
+    >>> ann = Ek100MirAnnotations(("a", "b"), np.array([0, 1]), ((0,), (1,)), ("b", "a"),
+    ...                           ("x", "y"), np.array([1, 0]), ((1,), (0,)))
+    >>> [k.tolist() for k in video_subset(ann, 1)]
+    [[0], [1]]
+  """
+  if isinstance(max_videos, bool) or not isinstance(max_videos, (int, np.integer)) \
+      or max_videos <= 0:
+    raise ValueError(f"max_videos (validation videos) must be a positive int, got "
+                     f"{max_videos!r}")
+  keep_v = np.arange(min(int(max_videos), len(annotations.video_ids)))
+  kept = set(annotations.video_ids[i] for i in keep_v)
+  keep_c = np.array([j for j, cid in enumerate(annotations.caption_ids) if cid in kept], np.int64)
+  if keep_c.size == 0:
+    raise ValueError(f"no caption belongs to the first {max_videos} videos; take more videos")
+  return keep_v, keep_c
 
 
 def _multi_hot(sets: Sequence[Sequence[int]], width: int) -> np.ndarray:

@@ -29,7 +29,8 @@ from mmts_jax.finetune.ek100_features import (Ek100FeatureFiles, FeatureSpec,
                                               build_ek100_features)
 from mmts_jax.finetune.mir_eval import Ek100Validation
 
-__all__ = ["prepare", "data_files", "configure", "FinetuneResult", "finetune", "evaluate"]
+__all__ = ["prepare", "data_files", "data_files_of", "configure", "FinetuneResult", "finetune",
+           "evaluate"]
 
 
 def prepare(annotations: str | os.PathLike, data_dir: str | os.PathLike,
@@ -38,11 +39,17 @@ def prepare(annotations: str | os.PathLike, data_dir: str | os.PathLike,
   return build_ek100_features(annotations, data_dir, spec)
 
 
+def data_files_of(data_dir: str | os.PathLike) -> Ek100FeatureFiles:
+  """The paths `prepare` writes into `data_dir` (whether they exist or not)."""
+  d = pathlib.Path(data_dir)
+  return Ek100FeatureFiles(d / "train_features.npz", d / "val_features.npz",
+                           d / "ek100_nouns.npz")
+
+
 def data_files(data_dir: str | os.PathLike) -> Ek100FeatureFiles:
   """The files `prepare` wrote; raises FileNotFoundError naming a missing one."""
   d = pathlib.Path(data_dir)
-  files = Ek100FeatureFiles(d / "train_features.npz", d / "val_features.npz",
-                            d / "ek100_nouns.npz")
+  files = data_files_of(d)
   for path in files:
     if not path.is_file():
       raise FileNotFoundError(f"{str(path)!r} does not exist: run `mmts finetune prepare "

@@ -47,10 +47,12 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from mmts_jax import array_files
 from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
 from mmts_jax.data.features import save_features
-from mmts_jax.eval.relevancy import (Ek100MirAnnotations, parse_class_list, read_csv_rows,
-                                     read_ek100_mir)
+from mmts_jax.errors import MissingFileError, UserInputError
+from mmts_jax.eval.relevancy import Ek100MirAnnotations, parse_class_list, read_ek100_mir
+from mmts_jax.table_files import Table, read_table
 
 __all__ = ["TRAIN_CSV", "NOUN_FREQ_CSV", "Ek100Train", "FeatureSpec", "read_ek100_train",
            "read_frequencies", "noun_cluster_table", "ClassFeatureMaps", "Ek100FeatureFiles",
@@ -106,10 +108,21 @@ class FeatureSpec:
       raise ValueError(f"FeatureSpec.seed must be an int >= 0, got {self.seed!r}")
 
 
-def _rows(path: pathlib.Path, required: Sequence[str]) -> list[dict[str, str]]:
+def _table(path: pathlib.Path, required: Sequence[str]) -> Table:
   if not path.is_file():
-    raise FileNotFoundError(f"EK-100 annotation file {str(path)!r} does not exist")
-  return read_csv_rows(os.fspath(path), required)
+    raise MissingFileError(path, "does not exist", expected="an EK-100 annotation CSV")
+  return read_table(os.fspath(path), required, kind="csv")
+
+
+def _int_column(t: Table, column: str, what: str = "an integer class id") -> np.ndarray:
+  out = np.empty(len(t.rows), np.int64)
+  for i, r in enumerate(t.rows):
+    try:
+      out[i] = int(r[column].strip())
+    except ValueError:
+      raise UserInputError(t.path, f"{column} is {r[column]!r}", line=t.lines[i], key=column,
+                           expected=what) from None
+  return out
 
 
 def read_ek100_train(directory: str | os.PathLike) -> Ek100Train:
@@ -117,33 +130,36 @@ def read_ek100_train(directory: str | os.PathLike) -> Ek100Train:
   noun_classes).
 
   Raises:
-    FileNotFoundError: the CSV is missing. ValueError: a missing column, a malformed class list
-    or a duplicate narration_id (each row must be one sample).
+    FileNotFoundError: the CSV is missing. ValueError (`UserInputError`, naming the line): a
+    missing column, a malformed class list or a duplicate narration_id (each row must be one
+    sample).
   """
   path = pathlib.Path(directory) / TRAIN_CSV
-  rows = _rows(path, ("narration_id", "narration", "verb_class", "noun_classes"))
-  if not rows:
-    raise ValueError(f"{path} has no rows")
+  t = _table(path, ("narration_id", "narration", "verb_class", "noun_classes"))
+  rows = t.rows
   ids = tuple(r["narration_id"] for r in rows)
-  if len(set(ids)) != len(ids):
-    raise ValueError(f"{path}: narration_id values are not unique")
+  seen: dict[str, int] = {}
+  for i, nid in enumerate(ids):
+    if nid in seen:
+      raise UserInputError(path, f"narration_id {nid!r} repeats line {t.lines[seen[nid]]}",
+                           line=t.lines[i], key="narration_id", expected="unique narration ids")
+    seen[nid] = i
   return Ek100Train(
       narration_ids=ids, captions=tuple(r["narration"] for r in rows),
-      verbs=np.array([int(r["verb_class"]) for r in rows], np.int64),
-      nouns=tuple(parse_class_list(r["noun_classes"], f"{path}:{i + 2}", "noun_classes",
+      verbs=_int_column(t, "verb_class"),
+      nouns=tuple(parse_class_list(r["noun_classes"], f"{path}:{t.lines[i]}", "noun_classes",
                                     non_empty=True) for i, r in enumerate(rows)))
 
 
 def read_frequencies(path: str | os.PathLike) -> dict[str, int]:
   """`class_id,count` table (the official EK-100 frequency CSVs) -> {class id: count}."""
-  rows = _rows(pathlib.Path(path), ("class_id", "count"))
-  freq = {}
-  for i, r in enumerate(rows):
-    try:
-      freq[str(r["class_id"]).strip()] = int(r["count"])
-    except ValueError as e:
-      raise ValueError(f"{path}:{i + 2}: bad count {r['count']!r}") from e
-  return freq
+  t = _table(pathlib.Path(path), ("class_id", "count"))
+  counts = _int_column(t, "count", "an integer count >= 0")
+  for i, c in enumerate(counts):
+    if c < 0:
+      raise UserInputError(t.path, f"count is {c}", line=t.lines[i], key="count",
+                           expected="an integer count >= 0")
+  return {str(r["class_id"]).strip(): int(c) for r, c in zip(t.rows, counts)}
 
 
 def noun_cluster_table(train: Ek100Train, frequencies: str | os.PathLike) -> ClusterTable:
@@ -162,8 +178,8 @@ def noun_cluster_table(train: Ek100Train, frequencies: str | os.PathLike) -> Clu
 
 def _num_classes(directory: pathlib.Path, name: str, used: np.ndarray) -> int:
   """Class vocabulary size from the EK-100 class CSV (ids are 0..C-1); at least max used + 1."""
-  rows = _rows(directory / name, ("id",))
-  return max(max(int(r["id"]) for r in rows) + 1, int(used.max()) + 1 if used.size else 0)
+  ids = _int_column(_table(directory / name, ("id",)), "id")
+  return max(int(ids.max()) + 1, int(used.max()) + 1 if used.size else 0)
 
 
 class ClassFeatureMaps:
@@ -290,14 +306,19 @@ def load_val_features(path: str | os.PathLike,
   rows and columns) and raises ValueError if not.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"validation features {str(path)!r} do not exist")
-  with np.load(path, allow_pickle=False) as z:
-    if "format" not in z.files or str(z["format"]) != _VAL_FORMAT:
-      raise ValueError(f"{str(path)!r} is not a {_VAL_FORMAT} file (build it with "
-                       f"build_ek100_features / `mmts finetune prepare`)")
-    video, text = z["video_features"], z["text_features"]
-    video_ids, caption_ids = z["video_ids"].tolist(), z["caption_ids"].tolist()
+  expected = f"a {_VAL_FORMAT} .npz (`mmts finetune prepare`)"
+  z = array_files.read_npz(path, expected=expected)
+  if "format" not in z or str(z["format"]) != _VAL_FORMAT:
+    raise ValueError(f"{str(path)!r} is not a {_VAL_FORMAT} file (build it with "
+                     f"build_ek100_features / `mmts finetune prepare`)")
+  missing = [k for k in ("video_features", "text_features", "video_ids", "caption_ids")
+             if k not in z]
+  if missing:
+    raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
+  video, text = z["video_features"], z["text_features"]
+  video_ids, caption_ids = z["video_ids"].tolist(), z["caption_ids"].tolist()
+  array_files.check_matrix(video, path, "video_features")
+  array_files.check_matrix(text, path, "text_features")
   if annotations is not None and (tuple(video_ids) != annotations.video_ids
                                   or tuple(caption_ids) != annotations.caption_ids):
     raise ValueError(f"{str(path)!r} does not follow the order of the EK-100 annotations "

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmts_jax.eval import class_relevancy, mir_metrics, read_ek100_mir
+from mmts_jax.eval import class_relevancy, mir_metrics, read_ek100_mir, video_subset
 from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
 from mmts_jax.finetune.ek100_features import load_val_features
 
@@ -96,13 +96,7 @@ class Ek100Validation:
     keep_v = np.arange(len(video))
     keep_c = np.arange(len(text))
     if max_videos is not None:
-      if isinstance(max_videos, bool) or not isinstance(max_videos, int) or max_videos <= 0:
-        raise ValueError(f"max_videos must be a positive int, got {max_videos!r}")
-      keep_v = keep_v[:max_videos]
-      kept = set(ann.video_ids[i] for i in keep_v)
-      keep_c = np.array([j for j, cid in enumerate(ann.caption_ids) if cid in kept], np.int64)
-      if keep_c.size == 0:
-        raise ValueError(f"no caption belongs to the first {max_videos} videos")
+      keep_v, keep_c = video_subset(ann, max_videos)
     relevancy = class_relevancy(ann.video_verbs[keep_v], [ann.video_nouns[i] for i in keep_v],
                                 ann.caption_verbs[keep_c],
                                 [ann.caption_nouns[j] for j in keep_c])

@@ -16,6 +16,8 @@ import os
 import pathlib
 from typing import Any, NamedTuple
 
+from mmts_jax.errors import UserInputError
+
 __all__ = ["TrainedModel", "load_config", "load_trained_model"]
 
 
@@ -32,8 +34,14 @@ def load_config(workdir: str | os.PathLike):
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{str(path)!r} does not exist: not a training workdir")
-  with open(path) as f:
-    raw = json.load(f)
+  try:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise UserInputError(path, f"is not valid JSON ({e})",
+                         expected="the config.json a training run writes") from e
+  if not isinstance(raw, dict):
+    raise UserInputError(path, f"holds a JSON {type(raw).__name__}",
+                         expected="a JSON object (the config.json a training run writes)")
 
   def tuples(x):
     if isinstance(x, dict):

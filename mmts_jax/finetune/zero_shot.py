@@ -36,6 +36,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmts_jax import array_files
+
 from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
 
 __all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
@@ -122,19 +124,17 @@ class RetrievalTestSet:
                captions_per_image: int | None = None) -> "RetrievalTestSet":
     """Reads `path` (see the module docstring); `name` defaults to the file's stem."""
     path = pathlib.Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"test set {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as z:
-      missing = [k for k in (image_key, text_key) if k not in z.files]
-      if missing:
-        raise ValueError(f"{str(path)!r} has no {missing} (the model's input keys); it has "
-                         f"{sorted(z.files)}")
-      mapping = z["text_to_image"] if "text_to_image" in z.files else None
-      if mapping is not None and captions_per_image is not None:
-        raise ValueError(f"{str(path)!r} has text_to_image; do not also give "
-                         f"captions_per_image")
-      return cls.from_arrays(name or path.stem, z[image_key], z[text_key],
-                             text_to_image=mapping, captions_per_image=captions_per_image)
+    z = array_files.read_npz(path, expected="a .npz of model inputs")
+    missing = [k for k in (image_key, text_key) if k not in z]
+    if missing:
+      raise ValueError(f"{str(path)!r} has no {missing} (the model's input keys); it has "
+                       f"{sorted(z)}")
+    mapping = z.get("text_to_image")
+    if mapping is not None and captions_per_image is not None:
+      raise ValueError(f"{str(path)!r} has text_to_image; do not also give "
+                       f"captions_per_image")
+    return cls.from_arrays(name or path.stem, z[image_key], z[text_key],
+                           text_to_image=mapping, captions_per_image=captions_per_image)
 
   @classmethod
   def from_records(cls, data_dir: str | os.PathLike, tokenizer, *, image_size: int = 224,

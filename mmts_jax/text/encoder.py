@@ -196,14 +196,15 @@ class SentenceEncoder:
       yield chunk, self._round_rows(rows), length
       b += chunk.size
 
-  def encode(self, sentences: Sequence[str], batch_size: int = 256, *, progress: bool = False,
-             max_tokens: int | None = None, window: int | None = None) -> np.ndarray:
+  def encode(self, sentences: Sequence[str], batch_size: int = 256, *,
+             progress: bool | None = False, max_tokens: int | None = None,
+             window: int | None = None) -> np.ndarray:
     """Embeds `sentences` -> `(N, D)` float32 numpy array (unit rows if `normalize`).
 
     Args:
       sentences: a sequence of str; empty strings are valid (they embed [CLS][SEP]).
       batch_size: most sentences per device step, over all local devices.
-      progress: show a tqdm bar over sentences.
+      progress: show a tqdm bar over sentences (None: only when stderr is a terminal).
       max_tokens: most padded tokens per step (default `32 * batch_size`): long sentences go in
         smaller batches.
       window: sentences tokenised and length-sorted together (default `64 * batch_size`).
@@ -220,9 +221,10 @@ class SentenceEncoder:
     out = np.zeros((n, self.dim), np.float32)
     window = window or 64 * batch_size
     bar = None
-    if progress:
+    if progress is not False:  # None: a bar only when stderr is a terminal (tqdm's rule)
       from tqdm.auto import tqdm
-      bar = tqdm(total=n, desc="embedding", unit="sent")
+      bar = tqdm(total=n, desc="embedding", unit="sent", disable=None if progress is None
+                 else False)
     pending = collections.deque()
 
     def drain(keep: int):
