@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from mmts_jax.cli import main as cli_main
 from mmts_jax.models import build_model
 from mmts_jax.models.clip import CLIP, CLIPConfig, checkpoint, convert, state_dict_io
+from mmts_jax.models.clip.config import variant_config
 from mmts_jax.models.clip.random_state_dict import random_state_dict
 
 DATA = pathlib.Path(__file__).parent / "data" / "clip"
@@ -204,3 +205,19 @@ def test_config_and_input_errors():
     init(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 7), jnp.int32))
   with pytest.raises(ValueError, match="integer ids"):
     init(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 5), jnp.float32))
+
+
+@pytest.mark.parametrize("name,variant", [("vit_b16", "ViT-B/16"), ("vit_l14", "ViT-L/14"),
+                                          ("rn50", "RN50")])
+def test_finetune_configs_build_their_tower(name, variant):
+  import importlib.util
+  path = pathlib.Path(__file__).parents[1] / "configs" / f"clip_{name}_finetune.py"
+  spec = importlib.util.spec_from_file_location(f"clip_{name}_finetune", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for row, mode in (("clip", "learnable"), ("mmts", "mmts")):
+    c = module.get_config(row)
+    assert c.temperature.mode == mode and c.data.text_len == 77
+    model = build_model(c.model, learnable_temperature=mode == "learnable")
+    assert model.config == variant_config(variant)
+    assert model.learnable_temperature == (mode == "learnable")

@@ -8,6 +8,10 @@ DIR with `--config.init.checkpoint=DIR`; docs/clip.md has the details.
 
   mmts convert clip ViT-B-16.safetensors --out ckpt/clip_b16 --act quick_gelu
   mmts convert clip hf_clip_dir/ --out ckpt/clip_b16_hf
+
+`mmts convert clip-tokenizer --out DIR` writes CLIP's BPE as a tokenizer directory
+(`tokenizer.json`) for the input pipeline (`--config.data.tokenizer=DIR`): same ids as
+`mmts_jax.models.clip.tokenizer.ClipTokenizer`, padded with 0.
 """
 from __future__ import annotations
 
@@ -15,15 +19,21 @@ import argparse
 import json
 import sys
 
-TARGETS = ("clip",)
+TARGETS = ("clip", "clip-tokenizer")
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmts convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("target", choices=TARGETS, help="what to convert (default: none; required)")
-  p.add_argument("src", help="checkpoint file or Hugging Face directory (required)")
-  p.add_argument("--out", required=True, help="output checkpoint directory (required)")
+  p.add_argument("target", choices=TARGETS,
+                 help="clip: a checkpoint; clip-tokenizer: CLIP's BPE as a tokenizer directory "
+                      "(no default; required)")
+  p.add_argument("src", nargs="?", default=None,
+                 help="checkpoint file or Hugging Face directory (required for clip; default: "
+                      "none)")
+  p.add_argument("--out", required=True, help="output directory (no default; required)")
+  p.add_argument("--context-length", type=int, default=77,
+                 help="clip-tokenizer: ids per caption (default: %(default)s)")
   p.add_argument("--format", choices=("auto", "openclip", "hf"), default="auto",
                  help="state-dict naming: OpenAI/OpenCLIP or Hugging Face (default: %(default)s, "
                       "from the key names)")
@@ -41,7 +51,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.target == "clip-tokenizer":
+    from mmts_jax.models.clip.tokenizer import write_tokenizer_dir
+    try:
+      out = write_tokenizer_dir(args.out, context_length=args.context_length)
+    except FileNotFoundError as e:
+      print(f"mmts convert clip-tokenizer: {e}", file=sys.stderr)
+      return 2
+    print(f"wrote {out / 'tokenizer.json'} (use --config.data.tokenizer={out})")
+    return 0
+  if args.src is None:
+    parser.error("clip needs SRC, the checkpoint to convert")
   from mmts_jax.models.clip import checkpoint, convert, state_dict_io
   try:
     sd, hf_config = state_dict_io.load_state_dict(args.src)

@@ -31,6 +31,7 @@ import functools
 import gzip
 import html
 import importlib.util
+import json
 import os
 import pathlib
 import unicodedata
@@ -39,7 +40,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import regex
 
-__all__ = ["ClipTokenizer", "default_bpe_path", "bytes_to_unicode", "clean_text"]
+__all__ = ["ClipTokenizer", "default_bpe_path", "bytes_to_unicode", "clean_text",
+           "write_tokenizer_dir"]
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
@@ -198,3 +200,51 @@ class ClipTokenizer:
         ids[-1] = self.eot_id
       out[row, :len(ids)] = ids
     return out
+
+
+# Hugging Face spells the special tokens differently; the ids are the same.
+_HF_SPECIALS = {SOT: "<|startoftext|>", EOT: "<|endoftext|>"}
+_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def write_tokenizer_dir(directory: str | os.PathLike, tokenizer: ClipTokenizer | None = None,
+                        *, context_length: int = 77) -> pathlib.Path:
+  """Writes this BPE as a `tokenizers` library `tokenizer.json` (NFC, whitespace runs -> one
+  space, lowercase, CLIP's split, byte-level BPE with `</w>`, SOT/EOT template) plus a
+  `tokenizer_config.json` with OpenCLIP's padding (id 0), so that the input pipeline's
+  tokenizer-directory loader (`mmts_jax.data.tokenize.TextTokenizer`, `config.data.tokenizer`)
+  gives the same ids as `ClipTokenizer`. Differences: HTML entities are not unescaped and
+  literal "<start_of_text>" text is not special (tests/test_clip_tokenizer.py checks the rest).
+
+  Example:
+    >>> import tempfile
+    >>> from mmts_jax.data.tokenize import TextTokenizer
+    >>> d = write_tokenizer_dir(tempfile.mkdtemp())
+    >>> TextTokenizer(d, max_length=8)("a photo of a cat!").tolist()
+    [49406, 320, 1125, 539, 320, 2368, 256, 49407]
+  """
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+  from tokenizers import processors
+  tok = tokenizer or ClipTokenizer()
+  vocab = {_HF_SPECIALS.get(t, t): i for t, i in tok.encoder.items()}
+  bpe = models.BPE(vocab=vocab, merges=list(tok.merges), end_of_word_suffix="</w>",
+                   unk_token=_HF_SPECIALS[EOT], fuse_unk=False, continuing_subword_prefix="")
+  fast = Tokenizer(bpe)
+  fast.normalizer = normalizers.Sequence([normalizers.NFC(),
+                                          normalizers.Replace(Regex(r"\s+"), " "),
+                                          normalizers.Lowercase()])
+  fast.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  sot, eot = _HF_SPECIALS[SOT], _HF_SPECIALS[EOT]
+  fast.post_processor = processors.TemplateProcessing(
+      single=f"{sot} $A {eot}", special_tokens=[(sot, tok.sot_id), (eot, tok.eot_id)])
+  fast.add_special_tokens([sot, eot])
+  fast.decoder = decoders.ByteLevel()
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  fast.save(str(directory / "tokenizer.json"))
+  config = {"model_max_length": int(context_length), "bos_token": sot, "eos_token": eot,
+            "unk_token": eot, "pad_token": tok.decoder[0]}
+  (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+  return directory
