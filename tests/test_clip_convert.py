@@ -108,6 +108,14 @@ def test_npz_safetensors_and_torch_files(vit_small, tmp_path, monkeypatch):
     assert hf_config is None
     got = _flat(convert.convert_state_dict(loaded, cfg, "openclip"))
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+  # bfloat16 / float16 checkpoints (numpy has no bfloat16) come back as float32.
+  import ml_dtypes
+  half = {"a": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16),
+          "b": np.arange(3, dtype=np.float16)}
+  save_file(half, str(tmp_path / "half.safetensors"))
+  loaded, _ = state_dict_io.load_state_dict(tmp_path / "half.safetensors")
+  assert loaded["a"].dtype == loaded["b"].dtype == np.float32
+  np.testing.assert_array_equal(loaded["a"], [0, 1, 2, 3])
   (tmp_path / "w.pt").write_bytes(b"not a pickle")
   monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without PyTorch
   with pytest.raises(ValueError, match="PyTorch pickle and PyTorch is not installed"):

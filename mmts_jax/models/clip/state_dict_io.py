@@ -34,15 +34,16 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  out = {}
-  # framework="flax" reads bfloat16 too (plain numpy has no bfloat16).
-  with safe_open(str(path), framework="flax") as f:
-    for key in f.keys():
-      value = np.asarray(f.get_tensor(key))
-      out[key] = value.astype(np.float32) if value.dtype.kind == "f" or str(
-          value.dtype) == "bfloat16" else value
-  return out
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      out = {key: f.get_tensor(key) for key in f.keys()}
+  except (TypeError, ValueError, SafetensorError):
+    # numpy has no bfloat16: read such files through JAX (ml_dtypes) instead.
+    with safe_open(str(path), framework="flax") as f:
+      out = {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+  return {k: v.astype(np.float32) if v.dtype.kind == "f" or str(v.dtype) == "bfloat16" else v
+          for k, v in out.items()}
 
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
