@@ -1,6 +1,7 @@
 """Fine-tune a converted CLIP RN50 checkpoint with MM-TS (docs/clip.md).
 
-  mmts convert clip CHECKPOINT --out ckpt/clip_rn50 && mmts convert clip-tokenizer --out ckpt/clip_bpe
+  mmts convert clip CHECKPOINT --out ckpt/clip_rn50
+  mmts convert clip-tokenizer --out ckpt/clip_bpe
   mmts train --config configs/clip_rn50_finetune.py[:ROW] --workdir DIR \\
       --config.model.config_file=ckpt/clip_rn50 --config.init.checkpoint=ckpt/clip_rn50 \\
       --config.data.path=/data/records --config.data.tokenizer=ckpt/clip_bpe \\

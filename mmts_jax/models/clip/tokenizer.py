@@ -5,7 +5,8 @@
   1. clean: repair-free text normalisation (NFC, curly quotes -> ASCII quotes, Latin ligatures
      and full-width forms -> ASCII, control characters dropped; ftfy's mojibake repair is not
      done), HTML entities unescaped twice, runs of whitespace -> one space, strip, lowercase;
-  2. split with `<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`;
+  2. split with the regular expression (case-insensitive)
+     `<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`;
   3. map each piece's UTF-8 bytes to printable characters (GPT-2's byte-to-unicode table), mark
      the last character with `</w>` and merge pairs in the order of the 48,894 merge rules;
   4. `[SOT] + ids + [EOT]`, truncated to `context_length` (the last kept id becomes EOT) and

@@ -230,8 +230,8 @@ def main(argv=None):
         t1 = time.time()
         meta["jax_parity"] = jax_parity(meta, sd, ref)
         meta["jax_parity"]["seconds"] = time.time() - t1
-        print(f"{name}: {json.dumps({k: v for k, v in meta['jax_parity'].items() if k != 'config'})}",
-              flush=True)
+        numbers = {k: v for k, v in meta["jax_parity"].items() if k != "config"}
+        print(f"{name}: {json.dumps(numbers)}", flush=True)
     except Exception:
       result["errors"][name] = traceback.format_exc()
       print(f"{name} FAILED\n{result['errors'][name]}", flush=True)
