@@ -23,6 +23,7 @@ COMMANDS = {
     "prepare": ("mmts_jax.commands.prepare", "convert image-text data to ArrayRecord"),
     "finetune": ("mmts_jax.commands.finetune",
                  "EK-100 feature fine-tuning with MIR eval; zero-shot retrieval of a checkpoint"),
+    "convert": ("mmts_jax.commands.convert", "a PyTorch CLIP checkpoint -> an orbax Flax checkpoint"),
 }
 
 

@@ -67,8 +67,9 @@ def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
 
 
 def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
-                init_temperature: float = 0.07) -> DualEncoder:
-  """`config.model` -> `DualEncoder`.
+                init_temperature: float = 0.07):
+  """`config.model` -> `DualEncoder`, or `mmts_jax.models.clip.CLIP` when `model.name` is
+  "clip" (see `mmts_jax.models.clip.build`).
 
   Example:
     >>> import ml_collections
@@ -78,6 +79,10 @@ def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
     >>> build_model(cfg).embed_dim
     8
   """
+  if _get(cfg, "name") == "clip":  # OpenAI / OpenCLIP's exact towers (docs/clip.md)
+    from mmts_jax.models.clip.build import build_clip
+    return build_clip(cfg, learnable_temperature=learnable_temperature,
+                      init_temperature=init_temperature)
   dtype = parse_dtype(_get(cfg, "dtype", "float32"))
   image, image_key = build_tower(cfg["image"], "image", dtype)
   text, text_key = build_tower(cfg["text"], "text", dtype)
