@@ -24,8 +24,8 @@ Task knobs (each default reproduces the original data bit for bit):
 - `imbalance`: `n_1 / n_C`, the steepness of the Zipf sizes.
 - `head_duplicates`: the fraction `f` of the largest class's samples that are *semantic
   near-duplicates* (false negatives when they meet in a batch): their per-sample part is another
-  sample's of the class plus noise (std `duplicate_jitter` x the class spread), so they share its caption words and
-  nearly its image. The fraction falls with the class size like the spread,
+  sample's of the class plus noise (std `duplicate_jitter` x the class spread), so they share
+  its caption words and nearly its image. The fraction falls with the class size like the spread,
   `f_c = f * ln(n_c/n_C) / ln(n_1/n_C)`, to 0 in the smallest class. Applied to every split.
 - `val_per_class`: a class-balanced validation split drawn after the test split (0: none), for
   selecting hyper-parameters without touching the test split.
