@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 from mmts_jax.atomic_io import atomic_write_bytes
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
   p.add_argument("--rows", nargs="+", default=None)
   p.add_argument("--select-metric", default="all/R@1")
   p.add_argument("--knobs", action="store_true", help="also run the task-knob variants")
+  p.add_argument("--knob-budget", type=float, default=float("inf"),
+                 help="skip the knob variants once this many seconds have passed")
   p.add_argument("--small", action="store_true", help="a tiny task (tests, CPU smoke runs)")
   args = p.parse_args(argv)
 
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
           "device": str(jax.devices()[0]), "jax": jax.__version__,
           "num_train": int(len(task.train_label)),
           "class_sizes": task.cluster_sizes.tolist(),
-          "command": "python -m mmts_jax.study " + " ".join(argv or [])}
+          "command": "python -m mmts_jax.study " + " ".join(sys.argv[1:] if argv is None else argv)}
   summary = {"meta": meta, "selected": res["selected"], "level": res["level"],
              "paired": res["paired"],
              "selected_policies": {r: res["trials"][r][i]["policy"]
@@ -101,6 +104,9 @@ def main(argv=None) -> int:
             **experiment.level_matched_grid(res["level"], period)}
     grid = {r: [full[r][i]] for r, i in res["selected"].items()}
     for name, kw in KNOB_SETTINGS.items():
+      if time.perf_counter() - t0 > args.knob_budget:
+        print(f"knob setting {name} skipped: past --knob-budget {args.knob_budget:g}s")
+        continue
       vtask = make_task(dataclasses.replace(gen, **kw))
       vres = experiment.run(vtask, seeds=seeds, cfg=cfg, rows=rows, grid=grid,
                             select_metric=args.select_metric,
