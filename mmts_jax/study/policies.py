@@ -9,6 +9,9 @@ the trainer's policies land; each is a frozen (hashable) dataclass with
 * `loss(state, image, text, *, step, index, loss_fn, model_temperature) -> (loss, values,
   new_state)`.
 
+Float fields not named in `static_fields` may be traced: the runner compiles one program per
+policy type and feeds the hyper-parameters of each trial as arguments.
+
 | policy        | value of anchor `i` at step `t`                                        |
 | ------------- | ---------------------------------------------------------------------- |
 | `Fixed`       | `tau`                                                                  |
@@ -73,6 +76,7 @@ class Learnable(_Stateless):
   """CLIP's learnable temperature; `tau` is the model's initial value (the model owns it)."""
   tau: float = 0.07
   name: str = "learnable"
+  static_fields = ("tau",)  # the model's initialiser
 
   def values(self, state, *, step, index, model_temperature=None):
     if model_temperature is None:
@@ -81,15 +85,27 @@ class Learnable(_Stateless):
     return jnp.broadcast_to(jnp.asarray(model_temperature, jnp.float32), index.shape[:1])
 
 
+def _cosine(step, period: float):
+  """`cos(2 pi t / T)`: `schedules.cosine_oscillation` at amplitude 2 (the period stays static)."""
+  return schedules.cosine_oscillation(2.0, period)(step)
+
+
 @dataclasses.dataclass(frozen=True)
 class TS(_Stateless):
   tau_min: float = 0.04
   tau_max: float = 0.10
   period: float = 60.0
   name: str = "ts"
+  static_fields = ("period",)
+
+  def __post_init__(self):
+    if not 0 < self.tau_min <= self.tau_max:
+      raise ValueError(f"TS: need 0 < tau_min <= tau_max, got {self.tau_min}, {self.tau_max}")
 
   def values(self, state, *, step, index, model_temperature=None):
-    value = schedules.temperature_schedule(self.tau_min, self.tau_max, self.period)(step)
+    # `schedules.temperature_schedule`, written with traced bounds (one program per grid).
+    wave = (1 + _cosine(step, self.period)) / 2
+    value = self.tau_min + (self.tau_max - self.tau_min) * wave
     return jnp.broadcast_to(jnp.asarray(value, jnp.float32), index.shape[:1])
 
 
@@ -138,6 +154,8 @@ class MMTS(ICS):
   alpha: float = 0.04
   period: float = 60.0
   name: str = "mmts"
+  static_fields = ("period",)
 
   def base(self, step):
-    return schedules.cosine_oscillation(self.alpha, self.period)(step)
+    # Eq. 7, `schedules.cosine_oscillation(alpha, period)`, with a traced amplitude.
+    return self.alpha / 2 * _cosine(step, self.period)

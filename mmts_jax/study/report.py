@@ -214,9 +214,14 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m mmts_jax.study.report")
   p.add_argument("dir", help="the study's output folder (trials.jsonl, results.json)")
   p.add_argument("--out", required=True)
+  p.add_argument("--note", action="append", default=[],
+                 help="a line added under the title (e.g. the commit that ran the study)")
   args = p.parse_args(argv)
   text = render(os.path.join(args.dir, "trials.jsonl"), os.path.join(args.dir, "results.json"),
                 json_dir=args.dir)
+  if args.note:
+    title, rest = text.split("\n", 1)
+    text = title + "\n\n" + "\n".join(args.note) + "\n" + rest
   atomic_write_bytes(args.out, text.encode())
   print(f"wrote {args.out}")
   return 0

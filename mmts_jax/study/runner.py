@@ -16,6 +16,9 @@ CLIP's learnable temperature is the model's `log(1/tau)` parameter, clamped *as 
 after every update to `[0, ln 100]` (OpenCLIP's rule), so it can move back from the bound, and
 left out of weight decay. Each step also records the batch's mean, min and max temperature.
 
+The policy's float hyper-parameters (those not in its `static_fields`) are arguments of the
+program, not constants: the five trials of a grid row share one compilation.
+
 Example (two seeds, three steps; the rows are different models of the same seeds):
   >>> from mmts_jax.study.task import make_task
   >>> from mmts_jax.study.policies import Fixed
@@ -28,6 +31,7 @@ Example (two seeds, three steps; the rows are different models of the same seeds
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -116,12 +120,45 @@ def _clamp_temperature(params):
       lambda path, x: jnp.clip(x, 0.0, _MAX_LOG_INV_TAU) if _is_temperature(path) else x, params)
 
 
-def _program(policy, cfg: TrainConfig, model: DualEncoder):
-  """The jitted `(keys, orders, arrays..., state0) -> outputs`, vmapped over seeds."""
+def _traced_fields(policy) -> tuple[str, ...]:
+  """Float hyper-parameters fed to the program as arguments (one compile per policy type)."""
+  static = getattr(policy, "static_fields", ())
+  return tuple(f.name for f in dataclasses.fields(policy)
+               if isinstance(getattr(policy, f.name), float) and f.name not in static)
+
+
+def _with_values(policy, values: dict):
+  """A copy of `policy` with `values` set, validation skipped (they may be tracers)."""
+  new = copy.copy(policy)
+  for k, v in values.items():
+    object.__setattr__(new, k, v)
+  return new
+
+
+def _program_key(policy, cfg: TrainConfig, learnable_tau):
+  traced = _traced_fields(policy)
+  static = tuple((f.name, getattr(policy, f.name)) for f in dataclasses.fields(policy)
+                 if f.name not in traced)
+  return type(policy), static, cfg, learnable_tau
+
+
+_PROGRAMS: dict = {}  # program key -> jitted program (the skeleton's traced fields are unused)
+
+
+def _cached_program(key, skeleton):
+  if key not in _PROGRAMS:
+    _, _, cfg, learnable_tau = key
+    _PROGRAMS[key] = _program(skeleton, cfg, make_model(cfg, learnable_tau))
+  return _PROGRAMS[key]
+
+
+def _program(skeleton, cfg: TrainConfig, model: DualEncoder):
+  """The jitted `(hyper, keys, orders, arrays..., state0) -> outputs`, vmapped over seeds."""
   tx = _optimizer(cfg)
   loss_fn = losses.get(cfg.loss, impl="dense")
 
-  def one_seed(key, order, train_x, train_t, val_x, val_t, test_x, test_t, state0):
+  def one_seed(hyper, key, order, train_x, train_t, val_x, val_t, test_x, test_t, state0):
+    policy = _with_values(skeleton, hyper)
     params = model.init(key, {"image": train_x[:2], "text": train_t[:2]})["params"]
     opt_state = tx.init(params)
 
@@ -150,7 +187,7 @@ def _program(policy, cfg: TrainConfig, model: DualEncoder):
     return dict(loss=loss, temperature=stats, val_image=val["image"], val_text=val["text"],
                 test_image=test["image"], test_text=test["text"], final_state=state)
 
-  in_axes = (0, 0) + (None,) * 7
+  in_axes = (None, 0, 0) + (None,) * 7
   return jax.jit(jax.vmap(one_seed, in_axes=in_axes))
 
 
@@ -175,11 +212,12 @@ def train_seeds(policy, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(),
     raise ValueError("train_seeds: no seeds")
   n = task.train["image"].shape[0]
   learnable = getattr(policy, "name", "") == "learnable"
-  model = make_model(cfg, policy.tau if learnable else None)
   state0 = policy.init_state(n, shift_table)
   keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
   orders = jnp.asarray(batch_orders(seeds, n, cfg.steps, cfg.batch_size))
   arrays = [jnp.asarray(a[k]) for a in (task.train, task.val, task.test) for k in ("image",
                                                                                    "text")]
-  out = _program(policy, cfg, model)(keys, orders, *arrays, state0)
+  key = _program_key(policy, cfg, policy.tau if learnable else None)
+  hyper = {k: jnp.float32(getattr(policy, k)) for k in _traced_fields(policy)}
+  out = _cached_program(key, _with_values(policy, {}))(hyper, keys, orders, *arrays, state0)
   return jax.tree_util.tree_map(np.asarray, out)

@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ from jax.scipy.special import betainc
 __all__ = ["paired_interval", "verdict", "t_quantile"]
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
   """Student's t quantile for `p` in (0.5, 1), by bisection of the CDF.
 
