@@ -3,8 +3,12 @@ import numpy as np
 import pytest
 
 from mmts_jax.eval import class_relevancy
-from mmts_jax.eval.longtail import (cluster_buckets, format_longtail, label_relevancy,
-                                    longtail_report)
+from mmts_jax.eval.longtail import (
+  cluster_buckets,
+  format_longtail,
+  label_relevancy,
+  longtail_report,
+)
 
 # Written from the definitions (official EK-100 MIR mAP.py / nDCG.py and the bucket rules), one
 # query at a time with a full argsort, so that nothing is shared with the library's key sort.

@@ -47,6 +47,7 @@ def test_constant_shift_table_is_the_fixed_row(task):
 
 def test_traced_schedules_equal_the_library_schedules():
   import jax.numpy as jnp
+
   from mmts_jax import schedules
   idx = jnp.arange(2)
   for t in (0, 7, 30, 59):

@@ -4,7 +4,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from mmts_jax.synthetic.generator import GeneratorConfig, duplicate_fraction, make_dataset
+from mmts_jax.synthetic.generator import (
+  GeneratorConfig,
+  duplicate_fraction,
+  make_dataset,
+)
 
 
 def _digest(ds) -> str:

@@ -42,8 +42,15 @@ import numpy as np
 
 from mmts_jax.eval.ek100_mir import mir_per_query
 
-__all__ = ["BUCKETS", "SCHEMES", "cluster_buckets", "label_relevancy", "recall_per_query",
-           "longtail_report", "format_longtail"]
+__all__ = [
+  "BUCKETS",
+  "SCHEMES",
+  "cluster_buckets",
+  "format_longtail",
+  "label_relevancy",
+  "longtail_report",
+  "recall_per_query",
+]
 
 BUCKETS = ("head", "middle", "tail")
 SCHEMES = ("share", "terciles")

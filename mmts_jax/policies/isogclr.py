@@ -34,7 +34,8 @@ columns in place of rows; every state entry is read and written at the batch's `
 
 The anchors' temperatures used in a step are those *before* its update. Defaults are the
 paper's CC3M script: :math:`\gamma = 0.8`, :math:`\rho = 6`, :math:`\tau_0 = 0.01`,
-:math:`\eta = 0.03` (constant), :math:`\beta = 0.9`, bounds `[0.005, 1]`, :math:`\epsilon = 10^{-10}`.
+:math:`\eta = 0.03` (constant), :math:`\beta = 0.9`, bounds `[0.005, 1]`,
+:math:`\epsilon = 10^{-10}`.
 
 State (dataset-sized, sharded by rows over the data axis): `tau_image`, `tau_text` (init
 :math:`\tau_0`), `u_image`, `u_text`, `s_image`, `s_text`, `b_image`, `b_text` (init 0).

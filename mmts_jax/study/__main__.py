@@ -80,7 +80,7 @@ def main(argv=None) -> int:
   meta = {"generator": dataclasses.asdict(gen), "train": dataclasses.asdict(cfg),
           "seeds": list(seeds), "select_metric": args.select_metric,
           "device": str(jax.devices()[0]), "jax": jax.__version__,
-          "num_train": int(len(task.train_label)),
+          "num_train": len(task.train_label),
           "class_sizes": task.cluster_sizes.tolist(),
           "command": "python -m mmts_jax.study " + " ".join(sys.argv[1:] if argv is None else argv)}
   summary = {"meta": meta, "selected": res["selected"], "level": res["level"],
@@ -111,9 +111,9 @@ def main(argv=None) -> int:
       vres = experiment.run(vtask, seeds=seeds, cfg=cfg, rows=rows, grid=grid,
                             select_metric=args.select_metric,
                             on_trial=lambda rec, name=name: on_trial({**rec, "setting": name}),
-                            log=lambda s: print(f"[{name}] {s}", flush=True))
+                            log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
       knobs[name] = {"generator": kw, "paired": vres["paired"],
-                     "num_train": int(len(vtask.train_label))}
+                     "num_train": len(vtask.train_label)}
       _write_json(os.path.join(args.out, "knobs.json"), knobs)
     print(f"all done in {time.perf_counter() - t0:.0f}s", flush=True)
   return 0

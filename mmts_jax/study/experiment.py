@@ -39,7 +39,7 @@ from mmts_jax.study.stats import paired_interval
 from mmts_jax.study.task import Task
 from mmts_jax.synthetic.metrics import same_string
 
-__all__ = ["ROWS", "evaluate", "default_grid", "level_matched_grid", "select", "run"]
+__all__ = ["ROWS", "default_grid", "evaluate", "level_matched_grid", "run", "select"]
 
 ROWS = ("fixed", "learnable", "ts", "ics", "mmts", "ics_lm", "mmts_lm", "isogclr")
 KS = (1, 5, 10)

@@ -45,7 +45,7 @@ import numpy as np
 
 from mmts_jax import schedules, shifts
 
-__all__ = ["Fixed", "Learnable", "TS", "ICS", "MMTS"]
+__all__ = ["ICS", "MMTS", "TS", "Fixed", "Learnable"]
 
 
 class _Stateless:

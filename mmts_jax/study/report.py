@@ -9,7 +9,8 @@ supplies the run's metadata (command, device, configuration).
 Example:
   >>> fmt_interval({"mean": 0.012, "lo": 0.004, "hi": 0.02, "verdict": "higher"})
   '**+1.20** [+0.40, +2.00]'
-  >>> fmt_interval({"mean": 0.001, "lo": -0.004, "hi": 0.006, "verdict": "no measurable difference"})
+  >>> fmt_interval({"mean": 0.001, "lo": -0.004, "hi": 0.006,
+  ...               "verdict": "no measurable difference"})
   '+0.10 [-0.40, +0.60] ~'
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from mmts_jax.atomic_io import atomic_write_bytes
 from mmts_jax.study.experiment import ROWS, paired_table, select
 
-__all__ = ["load_trials", "fmt_interval", "render", "main"]
+__all__ = ["fmt_interval", "load_trials", "main", "render"]
 
 LABELS = {"fixed": "fixed (tuned)", "learnable": "CLIP learnable", "ts": "TS", "ics": "ICS",
           "mmts": "MM-TS", "ics_lm": "ICS, level-matched", "mmts_lm": "MM-TS, level-matched",

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from jax.scipy.special import betainc
 
-__all__ = ["paired_interval", "verdict", "t_quantile"]
+__all__ = ["paired_interval", "t_quantile", "verdict"]
 
 
 @functools.lru_cache(maxsize=256)

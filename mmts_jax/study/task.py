@@ -20,7 +20,7 @@ import numpy as np
 
 from mmts_jax.synthetic.generator import GeneratorConfig, SyntheticDataset, make_dataset
 
-__all__ = ["Task", "make_task", "bag_of_words"]
+__all__ = ["Task", "bag_of_words", "make_task"]
 
 
 def bag_of_words(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
