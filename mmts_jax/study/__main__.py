@@ -1,7 +1,7 @@
 """`python -m mmts_jax.study --out DIR`: the whole study, raw json per trial and seed.
 
   python -m mmts_jax.study --out DIR [--seeds 16] [--steps 300] [--knobs]
-  python -m mmts_jax.study.report DIR/results.json --out docs/study.md
+  python -m mmts_jax.study.report DIR --out docs/study.md [--notes NOTES.md]
 
 Writes `DIR/trials.jsonl` (one line per trial: every seed's validation and test numbers and
 temperatures, as soon as the trial is done), `DIR/results.json` (selection, paired intervals,

@@ -1,6 +1,7 @@
 """`docs/study.md` from a study's raw per-trial, per-seed json lines.
 
-  python -m mmts_jax.study.report benchmarks/results/study --out docs/study.md
+  python -m mmts_jax.study.report benchmarks/results/study --out docs/study.md \
+      --notes benchmarks/results/study/notes.md
 
 Everything is recomputed from `trials.jsonl` (the selection on validation, the paired test
 intervals, the temperatures), so every number in the document has its raw json; `results.json`
@@ -217,7 +218,11 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--note", action="append", default=[],
                  help="a line added under the title (e.g. the commit that ran the study)")
+  p.add_argument("--notes", help="a markdown file added under the title (the written answer)")
   args = p.parse_args(argv)
+  if args.notes:
+    with open(args.notes) as f:
+      args.note += f.read().rstrip("\n").split("\n")
   text = render(os.path.join(args.dir, "trials.jsonl"), os.path.join(args.dir, "results.json"),
                 json_dir=args.dir)
   if args.note:
