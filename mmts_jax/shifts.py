@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["cluster_shift", "validate_positive", "per_sample_values"]
+__all__ = ["cluster_shift", "validate_positive", "per_sample_values", "level_match"]
 
 
 def _is_jax(x) -> bool:
@@ -82,3 +82,48 @@ def validate_positive(alpha: float, sh_min: float, sh_max: float | None = None, 
 def per_sample_values(base, shift_table, index):
   """`tau_i = base + shift_table[index_i]` (Eq. 8), gathered on device inside a jitted step."""
   return base + jnp.take(shift_table, index, axis=0)
+
+
+def level_match(shift_table, target: float, *, alpha: float = 0.0, what: str = "temperature"):
+  r"""Re-centres per-sample shifts so that their sample mean is `target`, keeping the shape.
+
+  :math:`sh'_i = sh_i - \frac{1}{N}\sum_j sh_j + target`. Over whole periods Eq. 7's cosine
+  averages to 0, so an ICS or MM-TS run with `sh'` trains at the sample-mean temperature (or
+  margin) `target`, e.g. the fixed baseline's: a comparison of shapes, not of levels. The mean is
+  taken over the table's entries, i.e. over samples (a per-sample table weighs each cluster by
+  its size).
+
+  Args:
+    shift_table: `(N,)` per-sample shifts (numpy), e.g. `ClusterTable.shift_table(...)`.
+    target: the sample-mean value wanted, > 0.
+    alpha: MM-TS amplitude (0 for ICS); the lowest value reached, `min sh' - alpha/2`, must be > 0.
+    what: "temperature" or "margin", for the error message.
+
+  Returns:
+    `(N,)` float64 re-centred shifts.
+
+  Raises:
+    ValueError: `target` not finite / <= 0, an empty or non-finite table, or a re-centred table
+      whose lowest value `min sh' - alpha/2` is <= 0 (naming it and the largest target that fits).
+
+  Example:
+    >>> level_match(np.array([0.05, 0.05, 0.10, 0.10]), 0.07)
+    array([0.045, 0.045, 0.095, 0.095])
+  """
+  table = np.asarray(shift_table, np.float64)
+  target = float(target)
+  if not math.isfinite(target) or target <= 0:
+    raise ValueError(f"level_match: target {what} must be finite and > 0, got {target}")
+  if table.ndim != 1 or table.size == 0 or not np.all(np.isfinite(table)):
+    raise ValueError(f"level_match: shift_table must be a non-empty finite (N,) array, got shape "
+                     f"{table.shape}")
+  if not math.isfinite(float(alpha)) or alpha < 0:
+    raise ValueError(f"level_match: alpha must be finite and >= 0, got {alpha}")
+  out = table - table.mean() + target
+  lowest = float(out.min()) - alpha / 2
+  if lowest <= 0:
+    raise ValueError(
+        f"level_match: re-centred at a mean {what} of {target:g}, the lowest {what} is "
+        f"{lowest:g} <= 0 (min shift {out.min():g} - alpha/2 {alpha / 2:g}); the shift spread "
+        f"allows a target > {table.mean() - table.min() + alpha / 2:g}")
+  return out

@@ -3,6 +3,13 @@
   mmts eval retrieval --embeddings emb.npz [--captions-per-image 5] [--out metrics.json]
   mmts eval ek100 --embeddings emb.npz --annotations ../shared/data/ek100 [--out metrics.json]
   mmts eval ek100 --similarity sim.npy --relevancy rel.npy
+  ... --longtail CLUSTERS.npy [--cluster-sizes SIZES.npy]   # + R@K/mAP/nDCG by head/middle/tail
+
+`--longtail` (both tasks) adds the long-tail table of `mmts_jax.eval.longtail`: the `(N,)` cluster
+(or class) id of every image / video; a caption takes its image's id (retrieval) or its segment's
+(EK-100, captions follow `EPIC_100_retrieval_test_sentence.csv`, whose ids then go in a second
+file via `--text-clusters`). Bucket sizes are the ids' counts unless `--cluster-sizes` gives a
+size (frequency) per id. Retrieval's relevancy for mAP/nDCG is `[same id]`; EK-100's is its own.
 
 Embeddings come as one `.npz` (keys below, renamable) or as separate `.npy` files. Retrieval
 needs the image of each caption: a `text_to_image` array (in the npz or `--text-to-image`), or
@@ -137,6 +144,18 @@ def _retrieval(args) -> tuple[dict, str]:
       row += f"{metrics[f'{p}medR']:8.1f}{metrics[f'{p}num_queries']:9d}"
       lines.append(f"{(prefix + label):<16}{row}")
     lines.append(f"{prefix + 'rsum':<16}{metrics[f'{prefix}rsum']:8.2f}")
+  if args.longtail:
+    from mmts_jax.eval import label_relevancy
+    im, tx = image.astype(np.float32), text.astype(np.float32)
+    if not args.no_normalize:
+      im = im / np.maximum(np.linalg.norm(im, axis=1, keepdims=True), 1e-8)
+      tx = tx / np.maximum(np.linalg.norm(tx, axis=1, keepdims=True), 1e-8)
+    ids = _load(args.longtail)
+    if ids.shape != (len(image),):
+      raise InputError(f"--longtail must hold one cluster id per image ({len(image)}), got "
+                       f"shape {ids.shape}")
+    _add_longtail(args, metrics, lines, im @ tx.T, label_relevancy(ids, ids[mapping]), ids,
+                  ids[mapping], positives=mapping[None, :] == np.arange(len(image))[:, None])
   return {"task": "retrieval", "metrics": metrics,
           "inputs": {"images": int(len(image)), "captions": int(len(text)),
                      "normalize": not args.no_normalize, "ks": list(args.ks)}}, "\n".join(lines)
@@ -189,9 +208,40 @@ def _ek100(args) -> tuple[dict, str]:
     lines.append(f"{name:<6}" + "".join(f"{100 * v:8.2f}" for v in score))
   flat = {f"{name}/{field}": float(v) for name, score in metrics.items()
           for field, v in score._asdict().items()}
+  if args.longtail:
+    if not args.text_clusters:
+      raise InputError("--longtail for ek100 also needs --text-clusters (one id per caption)")
+    _add_longtail(args, flat, lines, sim, rel, _load(args.longtail), _load(args.text_clusters),
+                  positives=rel >= 1)
   return {"task": "ek100_mir", "metrics": flat,
           "inputs": {"videos": int(sim.shape[0]), "captions": int(sim.shape[1])}}, \
       "\n".join(lines)
+
+
+def _add_longtail(args, metrics, lines, sim, rel, image_ids, text_ids, positives) -> None:
+  """Adds the head / middle / tail table (`eval.longtail_report`) to the metrics and the lines."""
+  from mmts_jax.eval import format_longtail, longtail_report
+  if not (np.issubdtype(image_ids.dtype, np.integer) and np.issubdtype(text_ids.dtype,
+                                                                          np.integer)):
+    raise InputError(f"cluster ids must be integers, got {image_ids.dtype} / {text_ids.dtype}")
+  sizes = (_load(args.cluster_sizes) if args.cluster_sizes
+           else np.bincount(image_ids, minlength=int(max(image_ids.max(), text_ids.max())) + 1))
+  ks = tuple(getattr(args, "ks", None) or (1, 5, 10))
+  report = longtail_report(sim.astype(np.float32), rel, image_clusters=image_ids,
+                           text_clusters=text_ids, cluster_sizes=sizes, positives=positives,
+                           ks=ks, scheme=args.bucket_scheme, num_threads=args.threads)
+  metrics.update({f"longtail/{b}/{k}": v for b, row in report.items() for k, v in row.items()})
+  lines += [f"long tail (buckets by {args.bucket_scheme} of cluster size)",
+            format_longtail(report, ks)]
+
+
+def _longtail_flags(p) -> None:
+  p.add_argument("--longtail", metavar="CLUSTERS.npy",
+                 help="(N,) int cluster / class id per image (video): adds the bucket table")
+  p.add_argument("--cluster-sizes", metavar="SIZES.npy",
+                 help="(C,) size or frequency of each id (default: the ids' counts)")
+  p.add_argument("--bucket-scheme", default="share", choices=("share", "terciles"),
+                 help="head/middle/tail edges: cumulative share of samples, or terciles of K")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="(N,) bool mask over images; metrics are repeated for it (repeatable)")
   r.add_argument("--no-normalize", action="store_true", help="dot product, not cosine")
   r.add_argument("--out", help="metrics json (written atomically)")
+  r.add_argument("--threads", type=int, help="CPU threads of the long-tail table")
+  _longtail_flags(r)
   e = sub.add_parser("ek100", help="EK-100 multi-instance retrieval mAP / nDCG",
                      description="EPIC-KITCHENS-100 multi-instance retrieval mAP and nDCG.",
                      formatter_class=HelpFormatter)
@@ -235,6 +287,8 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--threads", type=int, help="CPU threads (default: all usable)")
   e.add_argument("--no-normalize", action="store_true", help="dot product, not cosine")
   e.add_argument("--out", help="metrics json (written atomically)")
+  _longtail_flags(e)
+  e.add_argument("--text-clusters", metavar="IDS.npy", help="(captions,) ids for --longtail")
   return p
 
 

@@ -19,6 +19,17 @@ same-class negatives in a batch, which is what MM-TS's larger head temperature t
 test split is class-balanced (`test_per_class` per class), the usual long-tail protocol, so head
 and tail recall are measured on the same footing.
 
+Task knobs (each default reproduces the original data bit for bit):
+
+- `imbalance`: `n_1 / n_C`, the steepness of the Zipf sizes.
+- `head_duplicates`: the fraction `f` of the largest class's samples that are *semantic
+  near-duplicates* (false negatives when they meet in a batch): their per-sample part is another
+  sample's of the class plus noise (std `duplicate_jitter` x the class spread), so they share
+  its caption words and nearly its image. The fraction falls with the class size like the spread,
+  `f_c = f * ln(n_c/n_C) / ln(n_1/n_C)`, to 0 in the smallest class. Applied to every split.
+- `val_per_class`: a class-balanced validation split drawn after the test split (0: none), for
+  selecting hyper-parameters without touching the test split.
+
 Example:
   >>> ds = make_dataset(GeneratorConfig(num_classes=8, head_size=200, imbalance=100))
   >>> int(ds.class_sizes.max() // ds.class_sizes.min()) >= 100
@@ -65,6 +76,11 @@ class GeneratorConfig:
     tail_max_size: classes with `n_c < tail_max_size` are tail (default `2 * n_C`).
     max_len: token length of a caption (padded with 0).
     seed: seeds everything (prototypes, samples, map, noise, order).
+    head_duplicates: fraction of the largest class that are near-duplicates of another sample
+      of it, in [0, 1); falls to 0 in the smallest class (see the module docstring).
+    duplicate_jitter: std of the noise added to a near-duplicate's copy, relative to the
+      class's spread, >= 0.
+    val_per_class: samples of every class in the balanced validation split (0: no split).
   """
   num_classes: int = 40
   head_size: int = 1000
@@ -80,6 +96,9 @@ class GeneratorConfig:
   tail_max_size: int | None = None
   max_len: int = 12
   seed: int = 0
+  head_duplicates: float = 0.0
+  duplicate_jitter: float = 0.05
+  val_per_class: int = 0
 
   def __post_init__(self):
     if not 2 <= self.num_classes <= len(words.CLASS_NOUNS):
@@ -100,6 +119,12 @@ class GeneratorConfig:
       raise ValueError(f"class_scale must be > 0, image_noise >= 0 and head_spread in (0, 1], "
                        f"got class_scale={self.class_scale}, image_noise={self.image_noise}, "
                        f"head_spread={self.head_spread}")
+    if not (0 <= self.head_duplicates < 1 and self.duplicate_jitter >= 0):
+      raise ValueError(f"head_duplicates must be in [0, 1) and duplicate_jitter >= 0, got "
+                       f"head_duplicates={self.head_duplicates}, "
+                       f"duplicate_jitter={self.duplicate_jitter}")
+    if self.val_per_class < 0:
+      raise ValueError(f"val_per_class must be >= 0, got {self.val_per_class}")
     if self.max_len < 10:
       raise ValueError(f"max_len must be >= 10 (the longest caption), got {self.max_len}")
 
@@ -145,7 +170,7 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticDataset:
-  """A long-tailed train split, a balanced test split, and the class structure."""
+  """A long-tailed train split, balanced test (and validation) splits, the class structure."""
   config: GeneratorConfig
   train: Split
   test: Split
@@ -154,6 +179,7 @@ class SyntheticDataset:
   tail_classes: np.ndarray     # (C,) bool
   class_names: tuple[str, ...]
   vocab: tuple[str, ...]
+  val: Split | None = None     # balanced, `config.val_per_class` per class; None if 0
 
   @property
   def imbalance(self) -> float:
@@ -249,9 +275,41 @@ def _captions(label: np.ndarray, own: np.ndarray, class_names) -> tuple[str, ...
       for i, c in enumerate(label))
 
 
-def _split(label, prototypes, spread, image_map, cfg, vocab, class_names, rng) -> Split:
+def duplicate_fraction(sizes: np.ndarray, head_duplicates: float) -> np.ndarray:
+  """Per class, the fraction of near-duplicates: `f ln(n_c/n_min) / ln(n_max/n_min)`.
+
+  Example:
+    >>> duplicate_fraction(np.array([100, 10, 1]), 0.5).tolist()
+    [0.5, 0.25, 0.0]
+  """
+  sizes = np.asarray(sizes, np.float64)
+  span = math.log(sizes.max() / sizes.min())
+  frac = np.log(sizes / sizes.min()) / span if span > 0 else np.zeros_like(sizes)
+  return head_duplicates * frac
+
+
+def _near_duplicates(own, label, dup_frac, jitter: np.ndarray, rng) -> np.ndarray:
+  """Overwrites `round(f_c n)` samples of each class with a jittered copy of another of it."""
+  own = own.copy()
+  for c in np.flatnonzero(dup_frac > 0):
+    members = np.flatnonzero(label == c)
+    k = int(round(dup_frac[c] * len(members)))
+    if k < 1 or len(members) < 2:
+      continue
+    # Copies come from the samples that stay originals, so a duplicate never copies a copy.
+    chosen = rng.permutation(members)
+    copies, originals = chosen[:k], chosen[k:]
+    src = originals[rng.integers(0, len(originals), k)]
+    own[copies] = own[src] + jitter[c] * rng.standard_normal((k, own.shape[1]))
+  return own
+
+
+def _split(label, prototypes, spread, image_map, cfg, vocab, class_names, rng,
+           dup_frac=None) -> Split:
   n = len(label)
   own = rng.standard_normal((n, cfg.latent_dim)) * spread[label][:, None]
+  if dup_frac is not None and np.any(dup_frac > 0):  # no draw at 0: the original data
+    own = _near_duplicates(own, label, dup_frac, cfg.duplicate_jitter * spread, rng)
   latent = prototypes[label] + own
   w1, w2 = image_map
   image = np.tanh(latent @ w1) @ w2 + cfg.image_noise * rng.standard_normal((n, cfg.image_dim))
@@ -276,9 +334,14 @@ def make_dataset(cfg: GeneratorConfig = GeneratorConfig()) -> SyntheticDataset:
   train_label = rng.permutation(np.repeat(np.arange(cfg.num_classes), sizes))
   test_label = rng.permutation(np.repeat(np.arange(cfg.num_classes), cfg.test_per_class))
   spread = class_spread(sizes, cfg.head_spread)
-  train = _split(train_label, prototypes, spread, image_map, cfg, vocab, class_names, rng)
-  test = _split(test_label, prototypes, spread, image_map, cfg, vocab, class_names, rng)
+  dup = duplicate_fraction(sizes, cfg.head_duplicates)
+  train = _split(train_label, prototypes, spread, image_map, cfg, vocab, class_names, rng, dup)
+  test = _split(test_label, prototypes, spread, image_map, cfg, vocab, class_names, rng, dup)
+  val = None
+  if cfg.val_per_class:  # drawn last: train and test are those of val_per_class=0
+    val_label = rng.permutation(np.repeat(np.arange(cfg.num_classes), cfg.val_per_class))
+    val = _split(val_label, prototypes, spread, image_map, cfg, vocab, class_names, rng, dup)
   return SyntheticDataset(
       config=cfg, train=train, test=test, class_sizes=sizes,
       head_classes=sizes >= cfg.head_threshold, tail_classes=sizes < cfg.tail_threshold,
-      class_names=class_names, vocab=vocab)
+      class_names=class_names, vocab=vocab, val=val)

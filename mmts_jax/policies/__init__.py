@@ -1,0 +1,1 @@
+"""Temperature (or margin) policies that carry dataset-sized state (see each module)."""
