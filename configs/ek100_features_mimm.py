@@ -25,7 +25,7 @@ def get_config(row: str = ""):
   c.log_every = 100
   # In-memory batches (fast for small features); "mmts_jax.data.trainer_source:features" reads
   # the same file through grain.
-  c.data.update(name="mmts_jax.finetune.feature_source:in_memory", path="")
+  c.data.update(name="features_in_memory", path="")
   c.model.update(embed_dim=64, dtype="float32")
   c.model.image = dict(name="features", hidden_dims=(128,), dropout=0.0)
   c.model.text = dict(name="features", hidden_dims=(128,), dropout=0.0)

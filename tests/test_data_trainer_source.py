@@ -40,7 +40,7 @@ def test_iterate_protocol_matches_the_pipeline(dataset):
 def test_trainer_make_source_over_features(tmp_path):
   import ml_collections
 
-  from mmts_jax.train import make_source
+  from mmts_jax.data.sources import make_source
   rng = np.random.default_rng(0)
   path = tmp_path / "f.npz"
   features.save_features(path, image_features=rng.normal(size=(12, 4)),
