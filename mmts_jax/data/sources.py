@@ -292,20 +292,39 @@ def _normalize(x):
   return _normalize_jit(x)
 
 
-def to_device(local: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
-  """This process's numpy batch -> global `jax.Array`s split over the mesh's data axis; raw uint8
-  pixels (see `is_raw_pixels`) are shipped as uint8 and normalised on the device.
+def to_device(local: Mapping[str, np.ndarray], target) -> dict[str, Any]:
+  """This process's numpy batch -> global `jax.Array`s: the one host-to-device path.
+
+  `target` is a mesh (rows split over its data axis, as the trainer does) or a
+  `jax.sharding.Sharding` (or a mapping field -> sharding). Non-numeric fields (captions) stay on
+  the host and are dropped; raw uint8 pixels (see `is_raw_pixels`) are shipped as uint8 and
+  normalised on the device.
 
   Example:
     >>> from mmts_jax import mesh as mesh_lib
     >>> m = mesh_lib.make_mesh(1)
-    >>> out = to_device({"image": np.full((2, 4, 4, 3), 255, np.uint8)}, m)
-    >>> str(out["image"].dtype), round(float(out["image"][0, 0, 0, 0]), 4)  # (1 - mean) / std
-    ('float32', 1.9303)
+    >>> out = to_device({"image": np.full((2, 4, 4, 3), 255, np.uint8),
+    ...                  "caption": np.array(["a", "b"])}, m)
+    >>> sorted(out), str(out["image"].dtype), round(float(out["image"][0, 0, 0, 0]), 4)
+    (['image'], 'float32', 1.9303)
   """
+  import jax
+
   from mmts_jax import mesh as mesh_lib
-  out = mesh_lib.global_batch(dict(local), mesh)
-  return {k: _normalize(v) if is_raw_pixels(v) else v for k, v in out.items()}
+  if isinstance(target, jax.sharding.Mesh):
+    sharding, n_proc = mesh_lib.batch_sharding(target), jax.process_count()
+  else:
+    sharding, n_proc = target, None
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    if not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
+      continue
+    s = sharding[k] if isinstance(sharding, Mapping) else sharding
+    shape = None if n_proc is None else (v.shape[0] * n_proc,) + v.shape[1:]
+    x = jax.make_array_from_process_local_data(s, v, shape)
+    out[k] = _normalize(x) if is_raw_pixels(v) else x
+  return out
 
 
 def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh, *, size: int = 2,
