@@ -9,7 +9,8 @@ change is allowed explicitly; an allowed change is appended to `WORKDIR/config_h
 `config.json` is rewritten. Files are written with `mmts_jax.atomic_io`.
 
 Example:
-  >>> diff_configs({"a": 1, "b": {"c": 2}, "log_every": 5}, {"a": 1, "b": {"c": 3}, "log_every": 1})
+  >>> diff_configs({"a": 1, "b": {"c": 2}, "log_every": 5},
+  ...              {"a": 1, "b": {"c": 3}, "log_every": 1, "new": ""}, defaults={"new": ""})
   {'b.c': (2, 3)}
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 from etils import epath
 
 from mmts_jax.atomic_io import atomic_write_bytes
-from mmts_jax.config_defaults import RUN_NEUTRAL_KEYS
+from mmts_jax.config_defaults import RUN_NEUTRAL_KEYS, default_config
 
 __all__ = ["ConfigChangedError", "diff_configs", "check_config_change", "record_config", "CONFIG_FILE", "HISTORY_FILE"]
 
@@ -47,11 +48,16 @@ def _neutral(key: str) -> bool:
   return any(key.startswith(n) if n.endswith(".") else key == n for n in RUN_NEUTRAL_KEYS)
 
 
-def diff_configs(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
-  """`{key: (old, new)}` for every dotted key that differs and changes the run."""
+def diff_configs(old: Mapping[str, Any], new: Mapping[str, Any],
+                 defaults: Mapping[str, Any] | None = None) -> dict[str, tuple]:
+  """`{key: (old, new)}` for every dotted key that differs and changes the run. A key the old
+  config lacks (written by an earlier version) whose new value is its default in `defaults`
+  is no difference."""
   a, b = _flatten(old), _flatten(new)
+  d = _flatten(defaults or {})
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k) and not _neutral(k)}
+          if a.get(k) != b.get(k) and not _neutral(k)
+          and not (k not in a and k in d and b.get(k) == d[k])}
 
 
 def _to_json(config) -> dict:
@@ -81,7 +87,8 @@ def check_config_change(workdir, config, *, resuming_from: int | None,
   path = workdir / CONFIG_FILE
   if resuming_from is None or not path.exists():
     return {}
-  changes = diff_configs(json.loads(path.read_text()), _to_json(config))
+  changes = diff_configs(json.loads(path.read_text()), _to_json(config),
+                         _to_json(default_config()))
   if changes and not allow_config_change:
     lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
     raise ConfigChangedError(
