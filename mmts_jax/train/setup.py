@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import json
 import math
 from typing import Any, Callable, Iterator, Mapping
 
@@ -147,6 +148,40 @@ def _sample_batch(local: Mapping[str, np.ndarray]) -> dict:
 
 
 @dataclasses.dataclass
+class _Built:
+  model: Any
+  tx: Any
+  lr_fn: Callable
+  loss_fn: Callable
+  jitted: dict   # (shardings' leaves, treedef) -> (jitted create, compiled step)
+
+
+# What `setup` built, by the configuration it was built from: equal configurations in one
+# process (a sweep, a resumed run, the test suite) share one model, optimizer, loss function and
+# bound step, hence one compilation (jit caches by function identity, and these are closures).
+_BUILT: dict[tuple, _Built] = {}
+
+
+def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
+  """The model, optimizer, schedule and loss of `config` (reused for an equal configuration)."""
+  parts = {k: config[k].to_dict() for k in ("model", "optim", "loss")}
+  parts.update(total_steps=int(config.total_steps),
+               skip_nonfinite=bool(config.train.get("skip_nonfinite", True)))
+  key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
+  if key not in _BUILT:
+    model = build_model(config.model, learnable_temperature=policy.learnable,
+                        init_temperature=getattr(policy, "value", 0.07))
+    tx, lr_fn = optim.make_optimizer(
+        config.optim, int(config.total_steps), max_log_inv_temperature=(
+            math.log(1.0 / model.min_temperature) if policy.learnable else None))
+    loss_fn = losses.get(config.loss.name, impl=config.loss.get("impl", "auto"),
+                         block_size=config.loss.get("block_size", None), mesh=mesh,
+                         axis_name=mesh_lib.DATA_AXIS)
+    _BUILT[key] = _Built(model, tx, lr_fn, loss_fn, {})
+  return _BUILT[key]
+
+
+@dataclasses.dataclass
 class Setup:
   """What `setup` built (see the module docstring)."""
   config: Any
@@ -237,14 +272,8 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   local_bs = mesh_lib.local_batch_size(batch_size, mesh)
   source = sources.make_source(config.data, global_batch_size=batch_size, seed=int(config.seed))
   table = resolve_shift_table(config, source, policy, shift_table)
-  model = build_model(config.model, learnable_temperature=policy.learnable,
-                      init_temperature=getattr(policy, "value", 0.07))
-  tx, lr_fn = optim.make_optimizer(
-      config.optim, total, max_log_inv_temperature=(
-          math.log(1.0 / model.min_temperature) if policy.learnable else None))
-  loss_fn = losses.get(config.loss.name, impl=config.loss.get("impl", "auto"),
-                       block_size=config.loss.get("block_size", None), mesh=mesh,
-                       axis_name=mesh_lib.DATA_AXIS)
+  built = _build(config, policy, mesh)
+  model, tx, lr_fn, loss_fn = built.model, built.tx, built.lr_fn, built.loss_fn
 
   first = None
   if sample_batch is None:
@@ -262,10 +291,15 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
               policy_state=policy_state)
   shardings = state_shardings(jax.eval_shape(lambda: create(**args)), mesh,
                               config.mesh.param_sharding, policy)
-  state = jax.jit(create, out_shardings=shardings)(**args)
-
-  step_fn = compile_train_step(shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
-                               skip_nonfinite=bool(config.train.get("skip_nonfinite", True)))
+  leaves, treedef = jax.tree.flatten(shardings)
+  jitted = built.jitted.get((tuple(leaves), treedef))
+  if jitted is None:
+    jitted = built.jitted[(tuple(leaves), treedef)] = (
+        jax.jit(create, out_shardings=shardings),
+        compile_train_step(shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
+                           skip_nonfinite=bool(config.train.get("skip_nonfinite", True))))
+  create_fn, step_fn = jitted
+  state = create_fn(**args)
   run = Setup(config=config, mesh=mesh, source=source, policy=policy, loss_fn=loss_fn,
               model=model, tx=tx, lr_fn=lr_fn, state=state, shardings=shardings,
               step_fn=step_fn, shift_table=table, shift_table_id=table_fingerprint(table),
