@@ -1,7 +1,7 @@
 """Train-step time: fixed temperature vs MM-TS (schedule + per-sample shift gather), one device.
 
-Builds the real trainer state (`mmts_jax.train.init_train_state`) and the real jitted, donated
-step (`compile_train_step`) for a CLIP-style dual encoder (ViT-B/16 image tower, 12-layer
+Builds the real trainer state and the real jitted, donated step with `mmts_jax.train.setup`
+for a CLIP-style dual encoder (ViT-B/16 image tower, 12-layer
 width-512 text transformer, 512-d embeddings, bf16 compute, f32 parameters, AdamW) and times
 `--steps` steps per round, alternating the two configurations for `--rounds` rounds so that
 clock and thermal drift hit both alike. MM-TS gathers from a shift table of `--table-size`
@@ -31,10 +31,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmts_jax import mesh as mesh_lib  # noqa: E402
-from mmts_jax import temperature, train  # noqa: E402
-from mmts_jax.models import build_model  # noqa: E402
-from mmts_jax.shifts import cluster_shift  # noqa: E402
+from mmts_jax import train  # noqa: E402
+from mmts_jax.data import sources  # noqa: E402
+from mmts_jax.train import setup  # noqa: E402
 
 MODELS = {
     # ViT-B/16 at 224 px + CLIP's text transformer (77 tokens, BPE vocabulary).
@@ -69,37 +68,38 @@ def _batch(spec, batch: int, table_size: int, seed: int = 0):
           "index": rng.integers(0, table_size, size=batch).astype(np.int32)}
 
 
-def _build_pair(model, batch, table_size, mesh):
-  """The MM-TS state and, sharing its initial parameters (one init compile), the fixed one."""
+class _FixedBatchSource:
+  """The trainer's source protocol over one host batch (shapes are what the step sees; the data
+  does not matter for timing); its cluster sizes give the CC3M-sized shift table."""
+
+  def __init__(self, batch, sizes):
+    self.batch, self.cluster_sizes = batch, sizes
+    self.num_examples, self.fingerprint = len(sizes), None
+
+  def iterate(self, start_batch=0, process_index=0, process_count=1):
+    while True:
+      yield self.batch
+
+
+def _build_pair(model, batch, table_size):
+  """The fixed and the MM-TS runs from `mmts_jax.train.setup` (same seed, same parameters)."""
   c, spec = _config(model, "mmts", batch)
-  mmts_spec = temperature.from_config(c.temperature, c.mmts, total_steps=c.total_steps)
-  fixed_spec = temperature.from_config(dict(c.temperature, mode="fixed"), c.mmts,
-                                       total_steps=c.total_steps)
   sizes = np.clip(np.random.default_rng(1).zipf(1.5, size=table_size), 1, 10_000)
-  table = cluster_shift(sizes.astype(np.float64), c.mmts.sh_min, c.mmts.sh_max).astype(
-      np.float32)
-  net = build_model(c.model)
-  tx, lr = train.make_optimizer(c.optim, c.total_steps)
-  loss = train.LossSpec("infonce", "auto", None, mesh)
   host_batch = _batch(spec, batch, table_size)
-  state, shardings = train.init_train_state(
-      net, tx, mmts_spec, loss, rng=jax.random.PRNGKey(0), sample_batch=host_batch,
-      shift_table=table, mesh=mesh, lr_schedule=lr)
-  dev_batch = mesh_lib.global_batch(host_batch, mesh)
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  sources.SOURCES["train_step_bench"] = lambda cfg, **kw: _FixedBatchSource(host_batch, sizes)
+  c.data.name = "train_step_bench"
+  c.mesh.num_devices = 1
   runs = {}
-  for mode, tspec in (("fixed", fixed_spec), ("mmts", mmts_spec)):
-    # Each run owns its buffers: the step donates its input state.
-    st = jax.tree.map(jnp.copy, state).replace(temperature=tspec)
-    if mode == "fixed":
-      st = st.replace(shift_table=jnp.zeros((1,), jnp.float32))
-    sh = jax.tree.map(lambda x: x.sharding, st)
+  for mode in ("fixed", "mmts"):
+    c.temperature.mode = mode
+    run = setup(c)
+    dev_batch = run.to_device(host_batch)
     t0 = time.perf_counter()
-    compiled = train.compile_train_step(sh, mesh).lower(st, dev_batch).compile()
-    runs[mode] = {"state": st, "step": compiled, "batch": dev_batch,
-                  "compile_s": time.perf_counter() - t0, "params": params, "spec": tspec,
-                  "table": table}
-  del state, shardings
+    compiled = run.step_fn.lower(run.state, dev_batch).compile()
+    runs[mode] = {"state": run.state, "step": compiled, "batch": dev_batch,
+                  "compile_s": time.perf_counter() - t0,
+                  "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+                  "policy": run.policy, "table": run.shift_table}
   return runs
 
 
@@ -113,16 +113,18 @@ def _time(run, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def _temperature_only_us(spec, table, batch: int, iters: int = 1000) -> float:
+def _temperature_only_us(policy, table, batch: int, iters: int = 1000) -> float:
   """Per-call time of `schedule(step) + table[index]` inside one compiled loop."""
   table = jnp.asarray(table)
+  state = {"shift_table": table}
   index = jnp.asarray(np.random.default_rng(2).integers(0, table.shape[0], size=batch),
                       jnp.int32)
 
   @jax.jit
   def loop(index):
     def body(i, acc):
-      return acc + jnp.sum(spec(i, (index + i) % table.shape[0], table))
+      return acc + jnp.sum(policy.values(state, step=i, index=(index + i) % table.shape[0],
+                                         model_temperature=None))
     return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
 
   jax.block_until_ready(loop(index))
@@ -141,8 +143,7 @@ def main(argv=None) -> int:
   p.add_argument("--table-size", type=int, default=2_900_000, help="shift-table entries (CC3M)")
   args = p.parse_args(argv)
 
-  mesh = mesh_lib.make_mesh(1)
-  runs = _build_pair(args.model, args.batch, args.table_size, mesh)
+  runs = _build_pair(args.model, args.batch, args.table_size)
   for run in runs.values():
     _time(run, 3)                                   # warm-up (allocator, autotuning)
   times = {mode: [] for mode in runs}
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
                     "compile_s": runs[mode]["compile_s"], "params": runs[mode]["params"]}
   fixed, mmts = result["fixed"]["step_ms_median"], result["mmts"]["step_ms_median"]
   result["mmts_overhead_pct"] = (mmts - fixed) / fixed * 100
-  t_us = _temperature_only_us(runs["mmts"]["spec"], runs["mmts"]["table"], args.batch)
+  t_us = _temperature_only_us(runs["mmts"]["policy"], runs["mmts"]["table"], args.batch)
   result["temperature_only_us"] = t_us
   result["temperature_only_pct_of_step"] = t_us / 1e3 / fixed * 100
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()

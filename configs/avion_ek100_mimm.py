@@ -12,7 +12,7 @@ set data.path to a features file written by `mmts_jax.data.features.save_feature
       --config.data.path=/data/ek100_features.npz --config.mmts.cluster_table=/data/ek100_nouns.npz
   ROW: fixed | ts | ics | mmts (default)
 """
-from mmts_jax.train import default_config, with_row
+from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):

@@ -13,7 +13,7 @@ a cluster table, then set data.path, data.tokenizer and mmts.cluster_table.
       --config.mmts.cluster_table=/data/cc3m/clusters_k200.npz
   ROW: fixed | clip (learnable temperature, the CLIP baseline) | ts | ics | mmts (default)
 """
-from mmts_jax.train import default_config, with_row
+from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):

@@ -15,7 +15,7 @@ frequencies). Sized for the synthetic class-derived features of `mmts finetune p
 `mmts finetune train` fills in `data.path` and `mmts.cluster_table` from `--data`; plain
 `mmts train` works too when both are given as overrides (it logs no MIR metrics then).
 """
-from mmts_jax.train import default_config, with_row
+from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):
@@ -25,7 +25,7 @@ def get_config(row: str = ""):
   c.log_every = 100
   # In-memory batches (fast for small features); "mmts_jax.data.trainer_source:features" reads
   # the same file through grain.
-  c.data.update(name="mmts_jax.finetune.feature_source:in_memory", path="")
+  c.data.update(name="features_in_memory", path="")
   c.model.update(embed_dim=64, dtype="float32")
   c.model.image = dict(name="features", hidden_dims=(128,), dropout=0.0)
   c.model.text = dict(name="features", hidden_dims=(128,), dropout=0.0)

@@ -1,14 +1,16 @@
 """Tiny MM-TS run for tests and smoke checks: trains in seconds on a CPU and logs every step.
 
-Synthetic long-tail pairs (feature vectors + token ids), a feature tower and a 1-layer text
+Toy long-tail pairs (`data.name="toy_features"`: feature vectors + token ids), a feature tower and a 1-layer text
 transformer, MM-TS InfoNCE.
 
-  mmts train --config configs/tiny.py --workdir /tmp/tiny
+  mmts train --config configs/tiny.py[:ROW] --workdir /tmp/tiny
+
+ROW: fixed | clip | ts | ics | mmts (default).
 """
-from mmts_jax.train import default_config
+from mmts_jax.config_defaults import default_config, with_row
 
 
-def get_config():
+def get_config(row: str = ""):
   c = default_config()
   c.total_steps = 20
   c.batch_size = 32
@@ -20,4 +22,4 @@ def get_config():
   c.model.text.update(vocab_size=64, max_len=8, width=16, depth=1, num_heads=2, mlp_dim=32)
   c.optim.update(lr=3e-3, warmup_steps=2)
   c.checkpoint.update(every_steps=5, keep=2)
-  return c
+  return with_row(c, row)

@@ -8,7 +8,7 @@ embeddings, 5 oscillations. Trains feature towers on precomputed VAST video / ca
       --config.data.path=/data/yc2_features.npz --config.mmts.cluster_table=/data/yc2_k200.npz
   ROW: fixed | clip | ts | ics | mmts (default)
 """
-from mmts_jax.train import default_config, with_row
+from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):

@@ -6,8 +6,9 @@ parallelism). Parameters and optimizer state are either replicated (`"replicated
 of devices, and XLA inserts the all-gathers / reduce-scatters under `jit`.
 
 Multi-host: call `initialize_distributed()` first (one process per host, or per GPU); each process
-then loads only its own slice of every global batch and `global_batch` assembles the global array
-from the process-local pieces without any cross-host copy.
+then loads only its own slice of every global batch, and `mmts_jax.data.sources.to_device` (the
+one host-to-device path) assembles the global array from the process-local pieces without any
+cross-host copy.
 
 Example:
   >>> mesh = make_mesh()
@@ -24,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DATA_AXIS", "PARAM_SHARDINGS", "initialize_distributed", "make_mesh",
-           "batch_sharding", "replicated", "param_sharding", "tree_shardings", "global_batch",
+           "batch_sharding", "replicated", "param_sharding", "tree_shardings",
            "local_batch_size"]
 
 DATA_AXIS = "data"
@@ -108,16 +109,3 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     raise ValueError(f"batch_size {global_batch_size} must be a positive multiple of the number "
                      f"of devices ({n_dev})")
   return global_batch_size // n_proc
-
-
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local numpy batch (this host's rows) -> global `jax.Array`s sharded on `"data"`."""
-  sharding = batch_sharding(mesh)
-  n_proc = jax.process_count()
-
-  def one(x):
-    x = np.asarray(x)
-    return jax.make_array_from_process_local_data(
-        sharding, x, (x.shape[0] * n_proc,) + x.shape[1:])
-
-  return {k: one(v) for k, v in local.items()}

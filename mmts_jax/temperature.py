@@ -1,6 +1,6 @@
-"""Per-sample temperature (InfoNCE) or margin (max-margin) for each row of the paper's ablation.
+"""Temperature (InfoNCE) or margin (max-margin) policies: one per row of the paper's ablation.
 
-| mode        | value for anchor i at step t                                   |
+| policy      | value for anchor i at step t                                   |
 | ----------- | -------------------------------------------------------------- |
 | `fixed`     | `tau`                                                          |
 | `learnable` | CLIP's learned `tau` (the model owns the parameter)            |
@@ -9,76 +9,159 @@
 | `mmts`      | `alpha/2 cos(2 pi t / T) + sh(c_i)` (TS&ICS, Eq. 8)            |
 
 `T = total_steps / num_oscillations`. `sh(c_i)` is `shift_table[index_i]`, gathered on device
-inside the jitted step, so the host does no per-step work. The spec is a frozen (hashable)
-dataclass, so a train state can carry it as a static field.
+inside the jitted step, so the host does no per-step work.
+
+Every policy has one interface (`Policy`): a frozen, hashable dataclass whose dataset-sized
+per-sample state (`init_state`, e.g. the shift table, or learned per-sample temperatures) lives in
+the train state as `policy_state`, sharded as `state_partition` says and checkpointed with the
+rest; `values` gives the `(B,)` per-anchor values and `loss` the loss, the values and the new
+state (the default: `loss_fn(image, text, values)` and the state unchanged).
 
 Example:
   >>> import numpy as np
-  >>> spec = TemperatureSpec(mode="mmts", alpha=0.04, period=100.0)
-  >>> table = np.array([0.05, 0.10], np.float32)
-  >>> [round(float(v), 4) for v in spec(0, np.array([0, 1]), table)]
+  >>> policy = ShiftTable(name="mmts", alpha=0.04, period=100.0)
+  >>> state = policy.init_state(2, np.array([0.05, 0.10], np.float32))
+  >>> values = policy.values(state, step=0, index=np.array([0, 1]), model_temperature=None)
+  >>> [round(float(v), 4) for v in values]
   [0.07, 0.12]
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmts_jax import schedules, shifts
+from mmts_jax.config_defaults import ROW_ALIASES
 
-__all__ = ["MODES", "TemperatureSpec", "from_config", "check_shift_table"]
+__all__ = ["Policy", "Fixed", "Learnable", "Schedule", "ShiftTable", "POLICIES", "from_config",
+           "check_shift_table", "PARTITIONS"]
 
-MODES = ("fixed", "learnable", "ts", "ics", "mmts")
-_ALIASES = {"ts&ics": "mmts", "ts_ics": "mmts", "mm-ts": "mmts", "clip": "learnable"}
+PARTITIONS = ("replicated", "rows")
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class TemperatureSpec:
-  """How the per-anchor value is computed (see the module docstring for each mode)."""
-  mode: str
-  value: float = 0.07
-  tau_min: float = 0.07
-  tau_max: float = 0.07
-  alpha: float = 0.0
-  period: float = 1.0
+class Policy:
+  """The interface of every temperature / margin policy (frozen, hashable: a static argument).
+
+  `what` is "temperature" (InfoNCE) or "margin" (max-margin).
+  """
+  name: str
   what: str = "temperature"
 
-  @property
-  def uses_shift_table(self) -> bool:
-    return self.mode in ("ics", "mmts")
+  # Whether the model owns a learnable global temperature (CLIP) that `values` reads.
+  learnable = False
+  # Whether `init_state` needs the per-example shift table.
+  uses_shift_table = False
 
-  @property
-  def learnable(self) -> bool:
-    return self.mode == "learnable"
+  def init_state(self, num_examples: int, shift_table) -> dict[str, jax.Array]:
+    """Dataset-sized per-sample state, each array with `num_examples` rows; {} if none."""
+    del num_examples, shift_table
+    return {}
 
-  def base(self, step):
-    """The shared (per-step) part: the value for `fixed`/`ts`, Eq. 7 for `mmts`, 0 for `ics`."""
-    if self.mode == "fixed":
-      return jnp.float32(self.value)
-    if self.mode == "ts":
-      return schedules.temperature_schedule(self.tau_min, self.tau_max, self.period)(step)
-    if self.mode == "mmts":
-      return schedules.cosine_oscillation(self.alpha, self.period)(step)
+  def state_partition(self) -> dict[str, str]:
+    """Per key of the state: "replicated" or "rows" (split by row over the data axis)."""
+    return {}
+
+  def base(self, step) -> jax.Array:
+    """The shared (per-step) part of the value, logged as `temperature_base` (0 if none)."""
+    del step
     return jnp.float32(0.0)
 
-  def __call__(self, step, index, shift_table=None, learned=None):
+  def values(self, state: Mapping[str, jax.Array], *, step, index,
+             model_temperature) -> jax.Array:
     """`(B,)` float32 values for the anchors whose dataset positions are `index`."""
-    index = jnp.asarray(index)
-    if self.learnable:
-      if learned is None:
-        raise ValueError("temperature mode 'learnable' needs the model's learned temperature")
-      value = jnp.asarray(learned, jnp.float32)
-    elif self.uses_shift_table:
-      if shift_table is None:
-        raise ValueError(f"temperature mode {self.mode!r} needs a shift table")
-      value = shifts.per_sample_values(self.base(step), jnp.asarray(shift_table), index)
-    else:
-      value = self.base(step)
-    return jnp.broadcast_to(jnp.asarray(value, jnp.float32), index.shape[:1])
+    raise NotImplementedError
+
+  def loss(self, state: Mapping[str, jax.Array], image: jax.Array, text: jax.Array, *, step,
+           index, loss_fn: LossFn, model_temperature
+           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """`(loss, values, new_state)`; the train step differentiates `loss` and stores
+    `new_state` (under `stop_gradient`)."""
+    values = self.values(state, step=step, index=index, model_temperature=model_temperature)
+    return loss_fn(image, text, values), values, dict(state)
+
+
+def _per_anchor(value, index) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(index)[:1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed(Policy):
+  """One fixed value."""
+  name: str = "fixed"
+  value: float = 0.07
+
+  def base(self, step):
+    return jnp.float32(self.value)
+
+  def values(self, state, *, step, index, model_temperature):
+    return _per_anchor(self.value, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Learnable(Policy):
+  """CLIP's learnable global temperature: the model owns `log(1/tau)` (initial
+  `log(1/value)`), clamped by the optimizer at `tau >= min_value`
+  (`mmts_jax.train.optim.clamp_parameter`)."""
+  name: str = "learnable"
+  value: float = 0.07
+  min_value: float = 0.01
+  learnable = True
+
+  def values(self, state, *, step, index, model_temperature):
+    if model_temperature is None:
+      raise ValueError("temperature policy 'learnable' needs the model's learned temperature")
+    return _per_anchor(model_temperature, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(Policy):
+  """TS: the uni-modal cosine schedule between `tau_min` and `tau_max` (Kukleva et al. 2023)."""
+  name: str = "ts"
+  tau_min: float = 0.07
+  tau_max: float = 1.0
+  period: float = 1.0
+
+  def base(self, step):
+    return schedules.temperature_schedule(self.tau_min, self.tau_max, self.period)(step)
+
+  def values(self, state, *, step, index, model_temperature):
+    return _per_anchor(self.base(step), index)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftTable(Policy):
+  """ICS (`alpha = 0`: the per-sample shift only) and MM-TS (Eq. 8):
+  `alpha/2 cos(2 pi t / T) + shift_table[index]`."""
+  name: str = "mmts"
+  alpha: float = 0.0
+  period: float = 1.0
+  uses_shift_table = True
+
+  def init_state(self, num_examples, shift_table):
+    if shift_table is None:
+      raise ValueError(f"temperature policy {self.name!r} needs per-example shifts: set "
+                       f"config.mmts.cluster_table or config.mmts.shift_table_path")
+    table = check_shift_table(shift_table, self, num_examples=num_examples)
+    return {"shift_table": jnp.asarray(table)}
+
+  def state_partition(self):
+    return {"shift_table": "replicated"}   # gathered by arbitrary indices every step
+
+  def base(self, step):
+    if self.alpha == 0:
+      return jnp.float32(0.0)
+    return schedules.cosine_oscillation(self.alpha, self.period)(step)
+
+  def values(self, state, *, step, index, model_temperature):
+    return shifts.per_sample_values(self.base(step), state["shift_table"],
+                                    jnp.asarray(index)).astype(jnp.float32)
 
 
 def _field(cfg, key, default=None):
@@ -93,9 +176,46 @@ def _positive(name: str, value) -> float:
   return value
 
 
+def _fixed(t, m, *, period, what):
+  return Fixed(value=_positive(f"temperature.value ({what})", _field(t, "value", 0.07)),
+               what=what)
+
+
+def _learnable(t, m, *, period, what):
+  if what != "temperature":
+    raise ValueError("temperature.mode 'learnable' is CLIP's learned temperature and only "
+                     "applies to loss 'infonce', got loss 'max_margin'")
+  return Learnable(value=_positive("temperature.value (temperature)", _field(t, "value", 0.07)))
+
+
+def _schedule(t, m, *, period, what):
+  tau_min = _positive(f"temperature.tau_min ({what})", _field(t, "tau_min", 0.07))
+  tau_max = float(_field(t, "tau_max", 1.0))
+  if not tau_max >= tau_min:
+    raise ValueError(f"temperature.tau_max must be >= tau_min, got tau_min={tau_min}, "
+                     f"tau_max={tau_max}")
+  return Schedule(tau_min=tau_min, tau_max=tau_max, period=period, what=what)
+
+
+def _shift_table(name):
+  def build(t, m, *, period, what):
+    _positive(f"temperature.value ({what})", _field(t, "value", 0.07))
+    alpha = float(_field(m, "alpha", 0.0)) if name == "mmts" else 0.0
+    sh_min, sh_max = float(_field(m, "sh_min", 0.0)), float(_field(m, "sh_max", 0.0))
+    shifts.validate_positive(alpha, sh_min, sh_max, what=what)
+    return ShiftTable(name=name, alpha=alpha, period=period, what=what)
+  return build
+
+
+# Canonical policy name -> `builder(config.temperature, config.mmts, *, period, what)`.
+POLICIES: dict[str, Callable[..., Policy]] = {
+    "fixed": _fixed, "learnable": _learnable, "ts": _schedule, "ics": _shift_table("ics"),
+    "mmts": _shift_table("mmts")}
+
+
 def from_config(temperature: Mapping[str, Any], mmts: Mapping[str, Any], *, total_steps: int,
-                loss: str = "infonce") -> TemperatureSpec:
-  """`config.temperature` + `config.mmts` -> a validated `TemperatureSpec`.
+                loss: str = "infonce") -> Policy:
+  """`config.temperature` + `config.mmts` -> a validated `Policy`.
 
   Everything is checked here, before any compilation: a configuration whose temperature or
   margin can reach <= 0 (`sh_min - alpha/2 <= 0`) raises ValueError naming the values.
@@ -105,40 +225,27 @@ def from_config(temperature: Mapping[str, Any], mmts: Mapping[str, Any], *, tota
     ...             "num_oscillations": 5}, total_steps=1000).period
     200.0
   """
-  mode = str(_field(temperature, "mode", "fixed")).lower()
-  mode = _ALIASES.get(mode, mode)
-  if mode not in MODES:
-    raise ValueError(f"temperature.mode must be one of {MODES} (or {sorted(_ALIASES)}), "
-                     f"got {temperature.get('mode')!r}")
+  raw = str(_field(temperature, "mode", "fixed")).lower()
+  mode = ROW_ALIASES.get(raw, raw)
+  if mode not in POLICIES:
+    raise ValueError(f"temperature.mode must be one of {sorted(POLICIES)} (or "
+                     f"{sorted(set(ROW_ALIASES) - set(POLICIES))}), got {raw!r}")
   what = "margin" if loss == "max_margin" else "temperature"
-  if mode == "learnable" and loss != "infonce":
-    raise ValueError(f"temperature.mode 'learnable' is CLIP's learned temperature and only "
-                     f"applies to loss 'infonce', got loss {loss!r}")
   period = schedules.period_from_total_steps(
       total_steps, float(_field(mmts, "num_oscillations", 5)))
-  value = _positive(f"temperature.value ({what})", _field(temperature, "value", 0.07))
-  kw = dict(mode=mode, value=value, period=period, what=what)
-  if mode == "ts":
-    tau_min = _positive(f"temperature.tau_min ({what})", _field(temperature, "tau_min", 0.07))
-    tau_max = float(_field(temperature, "tau_max", 1.0))
-    if not tau_max >= tau_min:
-      raise ValueError(f"temperature.tau_max must be >= tau_min, got tau_min={tau_min}, "
-                       f"tau_max={tau_max}")
-    kw.update(tau_min=tau_min, tau_max=tau_max)
-  if mode in ("ics", "mmts"):
-    alpha = float(_field(mmts, "alpha", 0.0)) if mode == "mmts" else 0.0
-    sh_min, sh_max = float(_field(mmts, "sh_min", 0.0)), float(_field(mmts, "sh_max", 0.0))
-    shifts.validate_positive(alpha, sh_min, sh_max, what=what)
-    kw.update(alpha=alpha)
-  return TemperatureSpec(**kw)
+  return POLICIES[mode](temperature, mmts, period=period, what=what)
 
 
-def check_shift_table(table, spec: TemperatureSpec, *, num_examples: int | None = None):
-  """Validates a per-sample shift table against the spec and the dataset size.
+def check_shift_table(table, policy: Policy, *, num_examples: int | None = None) -> np.ndarray:
+  """Validates a per-sample shift table against the policy and the dataset size.
 
   Returns the table as a float32 numpy array. Raises ValueError when it is not 1-D, not finite,
   has a length other than `num_examples` (a table of another dataset), or would make a value
   `<= 0` (`min(table) - alpha/2 <= 0`).
+
+  Example:
+    >>> check_shift_table([0.05, 0.1], ShiftTable(alpha=0.04), num_examples=2).dtype
+    dtype('float32')
   """
   table = np.asarray(table)
   if table.ndim != 1 or table.size == 0:
@@ -152,5 +259,6 @@ def check_shift_table(table, spec: TemperatureSpec, *, num_examples: int | None 
     raise ValueError(
         f"the shift table has {table.shape[0]} entries but the dataset has {num_examples} "
         f"examples: it was built for another dataset")
-  shifts.validate_positive(spec.alpha, float(table.min()), float(table.max()), what=spec.what)
+  shifts.validate_positive(float(getattr(policy, "alpha", 0.0)), float(table.min()),
+                           float(table.max()), what=policy.what)
   return table

@@ -4,6 +4,7 @@ SIGKILL) never corrupts the latest good checkpoint; a NaN loss stops with a clea
 keeps the last good checkpoint; a resume with another shift table is refused."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -93,7 +94,7 @@ def test_a_crash_during_a_save_keeps_the_latest_good_checkpoint(tmp_path):
 
 def _nan_after(step):
   def factory(cfg, *, global_batch_size, seed):
-    source = train.synthetic_source(cfg, global_batch_size=global_batch_size, seed=seed)
+    source = train.toy_features(cfg, global_batch_size=global_batch_size, seed=seed)
     iterate = source.iterate
 
     def poisoned(start_batch=0, process_index=0, process_count=1):
@@ -127,4 +128,25 @@ def test_resume_with_another_shift_table_is_refused(straight_and_resumed):
   config.update(total_steps=100000, tensorboard=False)
   config.mmts.sh_max = 0.2
   with pytest.raises(ValueError, match="shift table"):
-    train.train_and_evaluate(config, straight, stop_at_step=9)
+    train.train_and_evaluate(config, straight, stop_at_step=9, allow_config_change=True)
+
+
+def test_resume_with_a_run_changing_config_is_refused_unless_allowed(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--workdir", str(workdir), "--stop-at-step", "3"] + ARGS) == 0
+  # Cadence and display keys do not change the run: resuming with them changed is fine.
+  assert cli.main(["train", "--workdir", str(workdir), "--stop-at-step", "4",
+                   "--config.log_every=2"] + ARGS) == 0
+  assert "resumed from step 3" in capsys.readouterr().out
+  assert cli.main(["train", "--workdir", str(workdir), "--stop-at-step", "5",
+                   "--config.optim.lr=0.1", "--config.seed=7"] + ARGS) == 2
+  err = capsys.readouterr().err
+  assert "optim.lr: 0.003 -> 0.1" in err and "seed: 0 -> 7" in err and "--allow-config-change" in err
+  assert Checkpointer(workdir / "checkpoints", every_steps=1, keep=3).latest_step() == 4
+  assert cli.main(["train", "--workdir", str(workdir), "--stop-at-step", "5",
+                   "--config.optim.lr=0.1", "--allow-config-change"] + ARGS) == 0
+  history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text()
+             .splitlines()]
+  assert history[0]["step"] == 4
+  assert history[0]["changes"] == {"optim.lr": {"old": 0.003, "new": 0.1}}
+  assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.1

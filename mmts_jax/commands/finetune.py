@@ -119,10 +119,8 @@ def _prepare(args) -> int:
 
 
 def _load_config(args, overrides):
-  from mmts_jax.commands.train import apply_override, load_config
-  config = load_config(args.config)
-  for key, value in overrides:
-    apply_override(config, key, value)
+  from mmts_jax.commands.train import parse_config
+  config = parse_config(args.config, overrides)
   if args.no_progress:
     config.progress_bar = False
   return config

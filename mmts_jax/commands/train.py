@@ -1,16 +1,19 @@
 """`mmts train`: train a dual encoder with MM-TS from a config file.
 
-  mmts train --config configs/tiny.py --workdir /tmp/tiny [--config.optim.lr=1e-3 ...]
-             [--stop-at-step N] [--no-progress]
+  mmts train --config configs/tiny.py[:ROW] --workdir /tmp/tiny [--config.optim.lr=1e-3 ...]
+             [--stop-at-step N] [--no-progress] [--allow-config-change]
 
 With `--config.eval.zero_shot="[NAME=]PATH,..."` the run also evaluates retrieval on those test
 sets every `eval.every_steps` steps and at the end (`mmts_jax.finetune.zero_shot`).
 
-The config file defines `get_config()` returning an `ml_collections.ConfigDict`
-(`configs/x.py:arg` passes `arg` to `get_config`). `--config.KEY=VALUE` overrides a key; the value
-is parsed to the key's type (bool, int, float, str, tuple), and an unknown key or a value of the
-wrong type is an error that names it. Rerunning the same command resumes from the latest
-checkpoint in WORKDIR.
+The config file defines `get_config(arg="")` returning an `ml_collections.ConfigDict`
+(`configs/x.py:arg` passes `arg`, e.g. an ablation row). `--config.KEY=VALUE` overrides a key
+(`ml_collections.config_flags`: the value is parsed to the key's type), and an unknown key or a
+value of the wrong type is an error that names it. Rerunning the same command resumes from the
+latest checkpoint in WORKDIR ("resumed from step N"); a rerun whose configuration changes the run
+(anything but logging, checkpoint and evaluation cadence, display and device layout) is refused,
+naming the differing keys, unless `--allow-config-change` (recorded in
+WORKDIR/config_history.jsonl).
 
 Exit status: 0 trained (or stopped at --stop-at-step with a checkpoint); 2 bad arguments or
 configuration; 3 the loss became NaN/inf (the last good checkpoint is kept); 143 stopped by
@@ -19,90 +22,77 @@ SIGTERM after saving a checkpoint (rerun to resume).
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import pathlib
 import sys
-from typing import Any
+from typing import Sequence
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143
 
 
-def load_config(spec: str):
-  """`path/to/config.py[:arg]` -> the `ConfigDict` its `get_config([arg])` returns."""
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"_mmts_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} defines no get_config()")
-  return module.get_config(arg) if arg else module.get_config()
+def _flag_values(argv: list[str]):
+  """A private absl `FlagValues` with `--config` defined and `argv` parsed into it."""
+  from absl import flags
+  from ml_collections import config_flags
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file, path/to/config.py[:arg]",
+                                  flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values
 
 
-def _parse_value(key: str, text: str, current: Any):
-  """Parses `text` to the type of the key's current value; raises ValueError naming the key."""
-  def bad(kind):
-    return ValueError(f"--config.{key}: expected {kind}, got {text!r}")
-
-  if isinstance(current, bool):
-    low = text.strip().lower()
-    if low in ("true", "1", "yes"):
-      return True
-    if low in ("false", "0", "no"):
-      return False
-    raise bad("a bool (true/false)")
-  if isinstance(current, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise bad("an int") from None
-  if isinstance(current, float):
-    try:
-      return float(text)
-    except ValueError:
-      raise bad("a float") from None
-  if isinstance(current, str):
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if current is None:
-      return text
-    raise bad(f"a Python literal of type {type(current).__name__}") from None
-  if isinstance(current, (tuple, list)):
-    if not isinstance(value, (tuple, list)):
-      raise bad("a tuple, e.g. (128, 64)")
-    return type(current)(value)
-  return value
-
-
-def apply_override(config, key: str, text: str) -> None:
-  """`config.a.b = parse(text)` for `key == "a.b"`; unknown keys raise a ValueError listing the
-  keys at that level."""
+def _known(node, key: str) -> None:
+  """Raises ValueError naming the first unknown part of dotted `key` and the keys there."""
   import ml_collections
-  node, parts = config, key.split(".")
+  parts = key.split(".")
   for i, part in enumerate(parts):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
       where = ".".join(parts[:i]) or "config"
       known = sorted(node.keys()) if hasattr(node, "keys") else []
       raise ValueError(f"--config.{key}: unknown key {part!r} in {where} (known: {known})")
-    if i < len(parts) - 1:
-      node = node[part]
-  current = node[parts[-1]]
-  if isinstance(current, (ml_collections.ConfigDict, dict)):
+    node = node[part]
+  if isinstance(node, (ml_collections.ConfigDict, dict)):
     raise ValueError(f"--config.{key} is a section; override one of its keys "
-                     f"({sorted(current.keys())})")
-  value = _parse_value(key, text, current)
-  if isinstance(node, ml_collections.ConfigDict):
-    with node.unlocked():
-      node[parts[-1]] = value
-  else:
-    node[parts[-1]] = value
+                     f"({sorted(node.keys())})")
+
+
+def parse_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
+  """`path/to/config.py[:arg]` and `(KEY, VALUE)` overrides -> the run's `ConfigDict`.
+
+  Parsed by `ml_collections.config_flags` (`DEFINE_config_file` on a private `FlagValues`): the
+  file's `get_config(arg)` builds the config, and each `--config.KEY=VALUE` is parsed to the
+  key's type. Unknown keys, sections and unparsable values raise ValueError naming the key.
+
+  Example:
+    >>> c = parse_config("configs/tiny.py:ts", [("optim.lr", "1e-2"), ("tensorboard", "false")])
+    >>> c.temperature.mode, c.optim.lr, c.tensorboard
+    ('ts', 0.01, False)
+  """
+  path = spec.partition(":")[0]
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  base_argv = ["mmts train", f"--config={spec}"]
+  try:
+    base = _flag_values(base_argv).config
+  except Exception as e:   # absl wraps the config file's own errors
+    raise ValueError(f"--config={spec}: {e}") from None
+  if base is None or not hasattr(base, "keys"):
+    raise ValueError(f"config file {path!r}: get_config() must return a ConfigDict")
+  if not overrides:
+    return base
+  for key, _ in overrides:
+    _known(base, key)
+  argv = base_argv + [f"--config.{k}={v}" for k, v in overrides]
+  try:
+    return _flag_values(argv).config
+  except Exception as e:   # absl.flags.Error and the parsers' own errors, with the flag named
+    raise ValueError(str(e)) from None
+
+
+def load_config(spec: str):
+  """`path/to/config.py[:arg]` -> the `ConfigDict` its `get_config([arg])` returns."""
+  return parse_config(spec)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -133,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--stop-at-step", type=int, default=None,
                  help="stop with a checkpoint at this step, as a preemption would")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--allow-config-change", action="store_true",
+                 help="resume even if the configuration changes the run (recorded in "
+                      "WORKDIR/config_history.jsonl)")
   return p
 
 
@@ -145,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_CONFIG
   args = build_parser().parse_args(rest)
   try:
-    config = load_config(args.config)
-    for key, value in overrides:
-      apply_override(config, key, value)
+    config = parse_config(args.config, overrides)
     if args.no_progress:
       config.progress_bar = False
   except (ValueError, TypeError, FileNotFoundError) as e:
@@ -161,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
       from mmts_jax.finetune.zero_shot import eval_fn_from_config
       eval_fn = eval_fn_from_config(config)
     result = train.train_and_evaluate(config, args.workdir, stop_at_step=args.stop_at_step,
-                                      eval_fn=eval_fn)
+                                      eval_fn=eval_fn,
+                                      allow_config_change=args.allow_config_change)
   except train.NonFiniteLossError as e:
     print(f"mmts train: error: {e}", file=sys.stderr)
     return EXIT_NONFINITE

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from mmts_jax.data import image_ops
+from mmts_jax.data import image_ops, sources
 
 __all__ = ["ImageTextTransform", "Pipeline", "Loader", "DeviceIterator", "make_pipeline",
-           "image_text_pipeline", "to_global_arrays", "host_slice"]
+           "image_text_pipeline", "host_slice"]
 
 
 class ImageTextTransform:
@@ -35,14 +35,13 @@ class ImageTextTransform:
 
   Train: random resized crop (`crop_scale`, aspect 3/4..4/3); eval: resize + centre crop.
   Optionally keeps `caption` (str) and `label` (int32); `mask` is passed through. With
-  `uint8=True` the image stays uint8 (normalise it on device with
-  `image_ops.normalize_on_device`: 4x less to transfer, no float work on the host).
+  `uint8=True` the image stays uint8 (4x less to transfer, no float work on the host);
+  `mmts_jax.data.sources.to_device` normalises it on the device.
   Picklable, so grain worker processes can run it.
 
-  Example:
-    >>> t = ImageTextTransform(tokenizer, image_size=224)             # doctest: +SKIP
-    >>> t(source[0], np.random.default_rng(0))["image"].shape          # doctest: +SKIP
-    (224, 224, 3)
+  Usage (tests/test_data_pipeline.py runs these on a small converted dataset):
+    t = ImageTextTransform(tokenizer, image_size=224)
+    t(source[0], np.random.default_rng(0))["image"].shape    # (224, 224, 3)
   """
 
   def __init__(self, tokenizer: Callable[[str], np.ndarray] | None, *, image_size: int = 224,
@@ -212,12 +211,11 @@ def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batc
                         process_count: int | None = None) -> Pipeline:
   """`make_pipeline` with `ImageTextTransform`; `source` is a `RecordSource` or a dataset dir.
 
-  Example:
-    >>> pipe = image_text_pipeline("data/cc3m", TextTokenizer(tok_dir, 77),   # doctest: +SKIP
-    ...                            global_batch_size=1024, seed=0)
-    >>> batch = next(iter(pipe.loader()))                                    # doctest: +SKIP
-    >>> batch["image"].shape, batch["text"].shape, batch["index"].dtype       # doctest: +SKIP
-    ((1024, 224, 224, 3), (1024, 77), dtype('int32'))
+  Usage (tests/test_data_pipeline.py runs it on a small converted dataset):
+    pipe = image_text_pipeline("data/cc3m", TextTokenizer(tok_dir, 77),
+                               global_batch_size=1024, seed=0)
+    batch = next(iter(pipe.loader()))
+    # image (1024, 224, 224, 3) float32, text (1024, 77) int32, index (1024,) int32
   """
   if isinstance(source, (str, os.PathLike)):
     from mmts_jax.data.records import RecordSource
@@ -307,32 +305,17 @@ class Loader:
     return self.pipeline.num_batches - self.position
 
 
-def to_global_arrays(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
-  """Host-local numpy batch -> global `jax.Array`s sharded by `sharding` along the batch axis.
-
-  Non-numeric fields (captions) stay on the host and are dropped. `sharding` is one
-  `jax.sharding.Sharding` for every field or a mapping field -> sharding.
-  """
-  import jax
-  out = {}
-  for k, v in batch.items():
-    if not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
-      continue
-    s = sharding[k] if isinstance(sharding, Mapping) else sharding
-    out[k] = jax.make_array_from_process_local_data(s, v)
-  return out
-
-
 class DeviceIterator:
-  """Keeps `size` batches in flight to the devices (transfers are asynchronous).
+  """Keeps `size` batches in flight to the devices (transfers are asynchronous), each through
+  `mmts_jax.data.sources.to_device` (captions dropped, uint8 pixels normalised on device).
 
   Yields dicts of global `jax.Array`s; `get_state()` counts the batches *yielded*, not the ones
   in flight, so restoring it replays nothing and skips nothing.
 
-  Example:
-    >>> sharding = NamedSharding(mesh, PartitionSpec("data"))          # doctest: +SKIP
-    >>> it = DeviceIterator(pipe.loader(), sharding)                   # doctest: +SKIP
-    >>> state = it.get_state()   # {"position": 12}: save it with the checkpoint  # doctest: +SKIP
+  Usage (tests/test_data_pipeline.py):
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    it = DeviceIterator(pipe.loader(), sharding)
+    state = it.get_state()   # {"position": 12}: save it with the checkpoint
   """
 
   def __init__(self, loader: Loader, sharding, *, size: int = 2):
@@ -347,7 +330,7 @@ class DeviceIterator:
   def __next__(self) -> dict[str, Any]:
     while len(self._queue) < self.size:
       try:
-        self._queue.append(to_global_arrays(next(self.loader), self.sharding))
+        self._queue.append(sources.to_device(next(self.loader), self.sharding))
       except StopIteration:
         break
     if not self._queue:

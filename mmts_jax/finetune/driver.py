@@ -10,10 +10,11 @@ Artifacts in the workdir (besides the trainer's): `val_embeddings.npz` (`video_e
 `text_emb`, in the order of the EK-100 CSVs, so `mmts eval ek100 --embeddings` reads it) and
 `mir_metrics.json`.
 
-Example:
-  >>> files = prepare("../shared/data/ek100", "data/ek100")  # doctest: +SKIP
-  >>> out = finetune(get_config(), "runs/ek100", "data/ek100", "../shared/data/ek100")  # doctest: +SKIP
-  >>> out.scores["mir/mAP_avg"]  # doctest: +SKIP
+Usage (the EK-100 annotations are needed; `tests/test_finetune_ek100.py` runs it end to end):
+
+  files = prepare("../shared/data/ek100", "data/ek100")
+  out = finetune(get_config(), "runs/ek100", "data/ek100", "../shared/data/ek100")
+  out.scores["mir/mAP_avg"]
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def finetune(config, workdir: str | os.PathLike, data_dir: str | os.PathLike,
   config = configure(config, data_dir)
   val = _validation(config, data_dir, annotations, max_val_videos)
   result = train.train_and_evaluate(config, workdir, eval_fn=val, stop_at_step=stop_at_step)
-  embed = train.make_embed_fn(result.state.model)
+  embed = train.make_embed_fn(result.model)
   variables = result.state.variables()
   video, text = val.embed(embed, variables)
   scores = dict(val.last) if val.last and val.last["step"] == result.step else \

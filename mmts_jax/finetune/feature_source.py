@@ -5,16 +5,21 @@
 work dominates the step (1.3k against 500k examples/s on a loaded 2-core host,
 `benchmarks/feature_source_bench.py`). This source
 loads the arrays once and serves each global batch as one slice of a seeded permutation
-(`mmts_jax.train.ArraySource`: deterministic, resumable at any batch, per-process rows), and
-carries the file's fingerprint so a cluster table is checked against it.
+(`mmts_jax.data.sources.ArraySource`: deterministic, resumable at any batch, per-process rows),
+and carries the file's fingerprint so a cluster table is checked against it.
 
-  config.data.name = "mmts_jax.finetune.feature_source:in_memory"
+  config.data.name = "features_in_memory"   (registered in `mmts_jax.data.sources.SOURCES`)
   config.data.path = "data/ek100/train_features.npz"
 
 Example:
-  >>> src = in_memory(ml_collections.ConfigDict({"path": p}), global_batch_size=256, seed=0)  # doctest: +SKIP
-  >>> next(src.iterate(0))["image_features"].shape  # doctest: +SKIP
-  (256, 64)
+  >>> import tempfile, ml_collections
+  >>> from mmts_jax.data.features import save_features
+  >>> p = tempfile.mkdtemp() + "/f.npz"
+  >>> save_features(p, image_features=np.ones((8, 4)), text_features=np.ones((8, 3)),
+  ...               index=np.arange(8), fingerprint="sha256:" + "ab" * 32)
+  >>> src = in_memory(ml_collections.ConfigDict({"path": p}), global_batch_size=4, seed=0)
+  >>> next(src.iterate(0))["image_features"].shape, src.fingerprint[:9]
+  ((4, 4), 'sha256:ab')
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ __all__ = ["in_memory"]
 
 
 def in_memory(cfg, *, global_batch_size: int, seed: int):
-  """`config.data` (`path`, optional `shuffle`) -> `mmts_jax.train.ArraySource`."""
-  from mmts_jax.train import ArraySource
+  """`config.data` (`path`, optional `shuffle`) -> an `ArraySource` with the file's
+  fingerprint."""
+  from mmts_jax.data.sources import ArraySource
   path = cfg.get("path") if hasattr(cfg, "get") else getattr(cfg, "path", None)
   if not path:
     raise ValueError("config.data.path (a features .npz) is required")
@@ -41,7 +47,5 @@ def in_memory(cfg, *, global_batch_size: int, seed: int):
                      f"mmts_jax.data.trainer_source:features for a subset")
   if not np.array_equal(np.sort(arrays["index"]), np.arange(n)):
     raise ValueError(f"{path}: index must be a permutation of 0..{n - 1}")
-  source = ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
-                       shuffle=bool(cfg.get("shuffle", True)))
-  source.fingerprint = features.fingerprint
-  return source
+  return ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
+                     shuffle=bool(cfg.get("shuffle", True)), fingerprint=features.fingerprint)

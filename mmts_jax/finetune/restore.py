@@ -4,10 +4,11 @@
 `WORKDIR/checkpoints/<step>/`. For evaluation only the parameters (and BatchNorm statistics)
 are needed, so they are restored as saved, without rebuilding the optimizer state.
 
-Example:
-  >>> trained = load_trained_model("runs/ek100")  # doctest: +SKIP
-  >>> embed = make_embed_fn(trained.model)  # doctest: +SKIP
-  >>> emb = embed(trained.variables, {"image_features": x})["image"]  # doctest: +SKIP
+Usage (`tests/test_zero_shot.py` runs it on a trained workdir):
+
+  trained = load_trained_model("runs/ek100")
+  embed = mmts_jax.train.make_embed_fn(trained.model)
+  emb = embed(trained.variables, {"image_features": x})["image"]
 """
 from __future__ import annotations
 
@@ -81,11 +82,11 @@ def load_trained_model(workdir: str | os.PathLike, step: int | None = None) -> T
         state=ocp.args.StandardRestore()))["state"]
   finally:
     ckpt.close()
-  spec = temperature_lib.from_config(config.temperature, config.mmts,
-                                     total_steps=int(config.total_steps),
-                                     loss=config.loss.name)
-  model = build_model(config.model, learnable_temperature=spec.learnable,
-                      init_temperature=spec.value)
+  policy = temperature_lib.from_config(config.temperature, config.mmts,
+                                       total_steps=int(config.total_steps),
+                                       loss=config.loss.name)
+  model = build_model(config.model, learnable_temperature=policy.learnable,
+                      init_temperature=getattr(policy, "value", 0.07))
   variables = {"params": restored["params"]}
   if restored.get("batch_stats"):
     variables["batch_stats"] = restored["batch_stats"]

@@ -4,8 +4,10 @@ shared `embed_dim`, with L2-normalised float32 outputs (CLIP, Radford et al. 202
   z_img = normalize(W_img f_img(x)),   z_txt = normalize(W_txt f_txt(t)),   s_ij = <z_img_i, z_txt_j>
 
 With `learnable_temperature=True` it also owns CLIP's learnable temperature, parametrised as
-`log(1/tau)` (init `log(1/init_temperature)`) and clamped at `tau >= min_temperature` (CLIP clamps
-the logit scale at 100).
+`log(1/tau)` (init `log(1/init_temperature)`). `tau >= min_temperature` is kept by clamping the
+parameter itself after each optimizer update (`mmts_jax.train.optim.clamp_parameter`), as OpenCLIP
+clamps its logit scale at 100: a forward `minimum` would zero the gradient at the bound, and the
+temperature could never move back from it.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -59,10 +61,10 @@ class DualEncoder(nn.Module):
     return cosine_normalize(self.text_proj(self.text_tower(t, train=train)))
 
   def temperature(self):
-    """CLIP's learned temperature `1 / exp(clip(log_inv_tau, max=log(1/min_temperature)))`."""
+    """CLIP's learned temperature `exp(-log_inv_tau)` (the optimizer keeps it >= min_temperature)."""
     if not self.learnable_temperature:
       raise ValueError("DualEncoder.temperature: learnable_temperature is False")
-    return jnp.exp(-jnp.minimum(self.log_inv_temperature, math.log(1.0 / self.min_temperature)))
+    return jnp.exp(-self.log_inv_temperature)
 
   def __call__(self, batch, *, train: bool = False):
     """`batch` dict -> `{"image": (B, D), "text": (B, D)[, "temperature": ()]}`."""

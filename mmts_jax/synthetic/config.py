@@ -31,7 +31,7 @@ from __future__ import annotations
 import ml_collections
 
 from mmts_jax.synthetic import generator
-from mmts_jax.train import default_config, with_row
+from mmts_jax.config_defaults import default_config, with_row
 
 # Rows `mmts synthetic` trains by default, and their names in tables and plots.
 BENCHMARK_ROWS = ("fixed", "ts", "ics", "mmts")

@@ -33,9 +33,9 @@ def _save(fig, path: pathlib.Path) -> str:
   return str(path)
 
 
-def _spec(config, row: str) -> temperature_lib.TemperatureSpec:
-  from mmts_jax.train import ABLATION_ROWS
-  temperature = dict(config["temperature"], mode=ABLATION_ROWS[row])
+def _spec(config, row: str) -> temperature_lib.Policy:
+  from mmts_jax.config_defaults import canonical_mode
+  temperature = dict(config["temperature"], mode=canonical_mode(row))
   return temperature_lib.from_config(temperature, config["mmts"],
                                      total_steps=int(config["total_steps"]))
 

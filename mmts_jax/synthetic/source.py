@@ -1,5 +1,5 @@
-"""The synthetic dataset as a trainer input source (`config.data.name` =
-`"mmts_jax.synthetic.source:make_source"`).
+"""The synthetic long-tail dataset as a trainer input source (`config.data.name` =
+`"synthetic_longtail"`, registered in `mmts_jax.data.sources.SOURCES`).
 
 The trainer calls `make_source(config.data, global_batch_size=B, seed=S)`; the `config.data`
 fields other than `name`/`shuffle` are `GeneratorConfig` fields. The source yields the training
@@ -38,11 +38,10 @@ def make_source(cfg, *, global_batch_size: int, seed: int):
   every ablation row and seed trains on the same dataset.
   """
   from mmts_jax.cluster_table import dataset_fingerprint
-  from mmts_jax.train import ArraySource
+  from mmts_jax.data.sources import ArraySource
   ds = generator.make_dataset(generator_config(cfg))
   arrays = {"image_features": ds.train.image, "text": ds.train.tokens, "index": ds.train.index}
-  source = ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
-                       shuffle=bool(cfg.get("shuffle", True)),
-                       cluster_sizes=ds.class_sizes[ds.train.label])
-  source.fingerprint = dataset_fingerprint(ds.train.captions)
-  return source
+  return ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
+                     shuffle=bool(cfg.get("shuffle", True)),
+                     cluster_sizes=ds.class_sizes[ds.train.label],
+                     fingerprint=dataset_fingerprint(ds.train.captions))

@@ -1,0 +1,220 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+It calls `setup` (which restores the workdir's latest checkpoint), then for each step: the next
+device batch (`Setup.device_batches`, prefetched), the compiled step, the metrics into a
+`MetricsLogger` (fetched from the device only when logging, checked for NaN/inf there), the
+evaluation hook, and a checkpoint when due, at the end, at `stop_at_step` or on SIGTERM. A run
+resumed from step N reads its input from the same batch position and appends exactly the records
+the uninterrupted run would have written.
+
+Example (a few steps of the tiny configuration; `mmts train` is the command-line front end):
+  >>> import importlib.util, tempfile
+  >>> spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
+  >>> tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
+  >>> config = tiny.get_config()
+  >>> config.checkpoint.async_save = False
+  >>> result = train_and_evaluate(config, tempfile.mkdtemp(), stop_at_step=2)
+  >>> result.step, result.status
+  (2, 'stopped')
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from etils import epath
+
+from mmts_jax.checkpointing import Checkpointer, PreemptionWatcher
+from mmts_jax.metrics_log import MetricsWriter, truncate_metrics
+from mmts_jax.train import workdir as workdir_lib
+from mmts_jax.train.setup import setup, validate
+from mmts_jax.train.state import TrainState
+from mmts_jax.train.step import make_embed_fn
+
+__all__ = ["train_and_evaluate", "TrainResult", "NonFiniteLossError", "MetricsLogger"]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  model: Any                 # the DualEncoder (`make_embed_fn(result.model)`)
+  step: int
+  status: str                # "done", "stopped" (stop_at_step) or "preempted" (SIGTERM)
+  workdir: epath.Path
+  last_metrics: dict
+
+
+class MetricsLogger:
+  """Collects each step's device metrics and writes the latest one when flushed.
+
+  `add` only keeps a reference (no device sync); `flush` fetches everything pending, raises
+  `NonFiniteLossError` for any step whose loss or gradient was not finite, and writes one record
+  for the latest step: its metrics, the throughput since the previous flush (examples/s overall
+  and per device), and `extra` (evaluation) scalars.
+  """
+
+  def __init__(self, writer: MetricsWriter, *, global_batch_size: int, num_devices: int,
+               start_step: int, checkpointer: Checkpointer,
+               cluster_shifts: np.ndarray | None = None):
+    self.writer, self.checkpointer = writer, checkpointer
+    self.global_batch_size, self.num_devices = global_batch_size, num_devices
+    self.cluster_shifts = cluster_shifts
+    self.pending: list[tuple[int, Mapping[str, Any]]] = []
+    self.last: dict = {}
+    self._time, self._step = time.perf_counter(), start_step
+
+  def start_clock(self) -> None:
+    """Throughput counts from now (call after the first, compiling, step was dispatched)."""
+    self._time = time.perf_counter()
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self.pending.append((step, metrics))
+
+  def _check(self, fetched) -> None:
+    for s, m in fetched:
+      if not bool(m["finite"]):
+        good = self.checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"the loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}: "
+            f"training stopped. The state was not updated by that step; the last good "
+            f"checkpoint is " + (f"step {good} in {self.checkpointer.directory}"
+                                  if good is not None else "none (no checkpoint was saved yet)"))
+
+  def flush(self, extra: Mapping[str, float] | None = None) -> dict | None:
+    """Fetches, checks and logs the pending metrics; returns the record written (or None)."""
+    if not self.pending:
+      return None
+    fetched = jax.device_get(self.pending)
+    self.pending.clear()
+    self._check(fetched)
+    s, m = fetched[-1]
+    now = time.perf_counter()
+    eps = max(s - self._step, 1) * self.global_batch_size / max(now - self._time, 1e-9)
+    self._time, self._step = now, s
+    record = {k: float(v) for k, v in m.items() if k != "finite"}
+    record.update(examples_per_sec=eps, examples_per_sec_per_device=eps / self.num_devices)
+    record.update(extra or {})
+    self.writer.write(s, record)
+    if self.cluster_shifts is not None:
+      self.writer.write_histogram(s, "temperature/per_cluster",
+                                  record["temperature_base"] + self.cluster_shifts)
+    self.last = {"step": s, **record}
+    return record
+
+
+def _workdir(path) -> epath.Path:
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int | None = None,
+                       eval_fn: Callable | None = None,
+                       allow_config_change: bool = False) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Writes `workdir/metrics.jsonl` (one record per logged step: step, loss, temperature mean/min/max,
+  grad norm, learning rate, examples/s overall and per device), `workdir/config.json`,
+  `workdir/checkpoints/<step>/` and TensorBoard events. Stops at `config.total_steps`, at
+  `stop_at_step` (with a checkpoint, as a preemption would) or on SIGTERM (checkpoint, then
+  status "preempted").
+
+  Args:
+    shift_table: optional (N,) per-example shifts; overrides the config's table source.
+    eval_fn: optional `eval_fn(step, embed, variables) -> dict` called every
+      `config.eval.every_steps` steps and at `total_steps`; its scalars join that step's record.
+    allow_config_change: resume even if the configuration differs from the workdir's in a key
+      that changes the run (recorded in `config_history.jsonl`).
+
+  Raises:
+    ValueError / TypeError: a bad configuration or table, before anything is compiled;
+      `workdir.ConfigChangedError` for a resume with another configuration.
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+  """
+  limits = validate(config)
+  total = limits["total_steps"]
+  if stop_at_step is not None and not 0 < int(stop_at_step) <= total:
+    raise ValueError(f"stop_at_step must be in [1, total_steps={total}], got {stop_at_step}")
+  workdir = _workdir(workdir)
+  primary = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = Checkpointer(workdir / "checkpoints", every_steps=limits["ckpt_every"],
+                      keep=limits["ckpt_keep"],
+                      async_save=bool(config.checkpoint.get("async_save", True)))
+  writer = None
+  try:
+    latest = ckpt.latest_step()
+    changes = workdir_lib.check_config_change(workdir, config, resuming_from=latest,
+                                              allow_config_change=allow_config_change)
+    run = setup(config, checkpointer=ckpt, shift_table=shift_table)
+    start = run.start_step
+    if primary:
+      workdir_lib.record_config(workdir, config, changes=changes, step=start)
+      if start:
+        truncate_metrics(workdir, start)
+        print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    writer = MetricsWriter(workdir, tensorboard=bool(config.get("tensorboard", True)),
+                           enabled=primary)
+    logger = MetricsLogger(writer, global_batch_size=limits["batch_size"],
+                           num_devices=run.mesh.size, start_step=start, checkpointer=ckpt,
+                           cluster_shifts=None if run.shift_table is None
+                           else np.unique(run.shift_table))
+    state, status = _loop(run, ckpt, logger, end=total if stop_at_step is None
+                          else int(stop_at_step), total=total, log_every=limits["log_every"],
+                          eval_fn=eval_fn, progress=primary and config.get("progress_bar", True))
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+  return TrainResult(state=state, model=run.model, step=int(jax.device_get(state.step)),
+                     status=status,
+                     workdir=workdir, last_metrics=logger.last)
+
+
+def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: int,
+          log_every: int, eval_fn, progress: bool) -> tuple[TrainState, str]:
+  start, position, state = run.start_step, run.input_position, run.state
+  eval_every = int(run.config.eval.get("every_steps", 0) or 0)
+  embed = make_embed_fn(run.model) if eval_fn is not None else None
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  batches = run.device_batches(position)
+  status = "done" if end == total else "stopped"
+  try:
+    with PreemptionWatcher() as watcher:
+      for step in range(start, end):
+        state, metrics = run.step_fn(state, next(batches))
+        if step == start:
+          logger.start_clock()   # the first call compiled synchronously
+        position += 1
+        done = step + 1
+        logger.add(done, metrics)
+        extra = None
+        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == total):
+          extra = dict(eval_fn(done, embed, state.variables()))
+        if extra is not None or done % log_every == 0 or done == end:
+          record = logger.flush(extra)
+          if bar is not None and record:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tau=f"{record['temperature_mean']:.4f}")
+        if bar is not None:
+          bar.update(1)
+        preempted = watcher.requested(done)
+        if preempted or done == end or ckpt.manager.should_save(done):
+          logger.flush()   # never checkpoint a step whose loss has not been checked
+          ckpt.save(done, state.checkpoint_tree(), run.meta(position), force=True)
+        if preempted:
+          status = "preempted"
+          break
+  finally:
+    if bar is not None:
+      bar.close()
+  return state, status
