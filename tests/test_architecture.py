@@ -15,7 +15,7 @@ LAYERS = [
     ["mmts_jax.models"],
     ["mmts_jax.temperature"],
     ["mmts_jax.data", "mmts_jax.train.state", "mmts_jax.train.optim"],
-    ["mmts_jax.train.step"],
+    ["mmts_jax.train.step", "mmts_jax.train.grad_cache"],
     ["mmts_jax.train.setup", "mmts_jax.train.pretrained", "mmts_jax.train.workdir"],
     ["mmts_jax.train.loop", "mmts_jax.train"],
     ["mmts_jax.commands.train"],
