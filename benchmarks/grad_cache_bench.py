@@ -124,6 +124,10 @@ def main(argv=None) -> int:
   p.add_argument("--table-size", type=int, default=100_000, help="shift-table entries")
   args = p.parse_args(argv)
   spec, t_start = MODELS[args.model], time.perf_counter()
+
+  def progress(what):   # stderr timestamps: where the time of a cut-short run went
+    print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
+
   src = _BroadcastSource(spec, args.batch, args.table_size)
   sources.SOURCES["grad_cache_bench"] = lambda cfg, **kw: src
 
@@ -136,10 +140,12 @@ def main(argv=None) -> int:
                              accumulation="plain", mesh=run.mesh))}
   states = {"grad_cache": run.state, "plain": jax.tree.map(jnp.copy, run.state)}
   batch = _device_batch(run, spec, args.batch)
+  progress("state and batch on the device")
 
   def compile_one(method):
     t0 = time.perf_counter()
     compiled = steps[method].lower(states[method], batch).compile()
+    progress(f"{method} compiled")
     return compiled, time.perf_counter() - t0
 
   # Both compile in parallel; the first method's steps run while the second still compiles
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
       state, metrics = fn(state, batch)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
+    progress(f"{method}: {len(times)} step(s) done")
     step_s = float(np.median(times))
     row = {"step_s": step_s, "step_s_all": times, "examples_per_sec": args.batch / step_s,
            "compile_s": compile_s, "loss": float(metrics["loss"]),
