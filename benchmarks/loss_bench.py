@@ -65,14 +65,14 @@ def run_one(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from mmts_jax import losses
-  from mmts_jax.losses import blockwise
+  from mmts_jax.losses import _pallas_tiles
   res = {"impl": args.impl, "loss": args.loss, "B": args.B, "D": args.D, "dtype": args.dtype,
          "block": args.block, "devices": 1, "tiles": args.tiles}
   if args.tiles != "auto":
-    blockwise.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
+    _pallas_tiles.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
   if args.triton:
-    blockwise._SUB, blockwise._SUB_K, warps, stages = args.triton
-    blockwise._TRITON.update(num_warps=warps, num_stages=stages)
+    _pallas_tiles._SUB, _pallas_tiles._SUB_K, warps, stages = args.triton
+    _pallas_tiles._TRITON.update(num_warps=warps, num_stages=stages)
     res["triton"] = args.triton
   try:
     img, txt, tau = _inputs(args.B, args.D, args.dtype)

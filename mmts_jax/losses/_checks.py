@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The keyword arguments a loss takes beyond (image, text, values): per-anchor or scalar arrays.
+EXTRA = {"sigmoid": ("bias",)}
+
 
 def check_pair(image, text, fn: str) -> None:
   """Both embeddings are (B, D) floating arrays of the same shape."""
@@ -23,8 +26,12 @@ def check_pair(image, text, fn: str) -> None:
     raise ValueError(f"{fn}: the batch is empty")
 
 
-def check_per_anchor(value, batch: int, name: str, fn: str, *, strictly_positive: bool):
-  """A scalar or (batch,) array; concrete values are checked for sign and finiteness."""
+def check_per_anchor(value, batch: int, name: str, fn: str, *, strictly_positive: bool,
+                     signed: bool = False):
+  """A scalar or (batch,) array; concrete values are checked for finiteness and sign.
+
+  `strictly_positive`: > 0, else >= 0; `signed`: any finite value (a bias).
+  """
   shape = tuple(np.shape(value))
   if shape not in ((), (batch,)):
     raise ValueError(
@@ -34,6 +41,8 @@ def check_per_anchor(value, batch: int, name: str, fn: str, *, strictly_positive
     if not np.all(np.isfinite(v)):
       raise ValueError(f"{fn}: {name} must be finite, got {int(np.sum(~np.isfinite(v)))} "
                        f"non-finite value(s)")
+    if signed:
+      return
     bad = v <= 0 if strictly_positive else v < 0
     if np.any(bad):
       raise ValueError(

@@ -13,25 +13,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-COSINE_EPS = 1e-8
+from mmts_jax.normalize import COSINE_EPS, compute_dtype, cosine_normalize
 
-
-def compute_dtype(*xs):
-  """float32 accumulation for bf16/f16/f32 inputs, float64 when x64 inputs come in."""
-  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+__all__ = ["infonce_dense", "max_margin_dense", "similarity", "cosine_normalize",
+           "compute_dtype", "COSINE_EPS"]
 
 
 def similarity(a, b, precision=None):
   """`a @ b.T` with low-precision inputs fed to the matmul as they are and f32 accumulation."""
   out = compute_dtype(a, b)
   return jnp.matmul(a, b.T, precision=precision, preferred_element_type=out)
-
-
-def cosine_normalize(x, eps: float = COSINE_EPS):
-  """`x / max(||x||, eps)` row-wise, in the compute dtype (the official `sim_matrix` rule)."""
-  x = x.astype(compute_dtype(x))
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
 
 
 def _per_anchor(value, batch, dtype):
