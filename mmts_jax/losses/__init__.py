@@ -10,12 +10,14 @@ Layout (each module imports only those below it; no module imports this package)
   from a config's name and impl) and `make_sharded_loss` (a loss over a mesh);
 * `dense`, `blockwise`, `gathered`, `ring`: the forms; `_traversal` the tile loops they share,
   `_pallas_tiles` the fused GPU kernels;
+* `checked`: `checkify` checks of traced values for library users;
 * `sharding`, `_checks`: mesh helpers and input checks. `cosine_normalize` lives in
   `mmts_jax.normalize` (the models use it too) and is re-exported here.
 """
 from __future__ import annotations
 
 from mmts_jax.losses.api import infonce, max_margin
+from mmts_jax.losses.checked import check_values, checked
 from mmts_jax.losses.blockwise import infonce_blockwise, max_margin_blockwise
 from mmts_jax.losses.dense import infonce_dense, max_margin_dense
 from mmts_jax.losses.dispatch import AUTO_DENSE_MAX, AUTO_GATHER_MAX, get, make_sharded_loss
@@ -24,4 +26,4 @@ from mmts_jax.normalize import cosine_normalize
 
 __all__ = ["get", "infonce", "max_margin", "infonce_dense", "max_margin_dense", "infonce_blockwise",
            "max_margin_blockwise", "cosine_normalize", "make_sharded_loss", "AUTO_DENSE_MAX",
-           "AUTO_GATHER_MAX", "nonlinear_mmcl"]
+           "AUTO_GATHER_MAX", "nonlinear_mmcl", "checked", "check_values"]

@@ -175,10 +175,13 @@ def infonce_partial_sum(image, text, temperature, blocks, precision, axis_name):
   """Sum over the local anchors of both directions' InfoNCE terms (divide by 2B for the loss)."""
   dt = compute_dtype(image, text)
   b = image.shape[0]
-  a = 1.0 / jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
+  tau = jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
+  a = 1.0 / tau
   lse_r, lse_c = infonce_lse(image, text, a, blocks, precision, axis_name)
   pos = jnp.sum(image.astype(dt) * text.astype(dt), axis=1) * a
-  return jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos)
+  # Sharded, a NaN partial sum on one device makes the psum-ed loss NaN on all of them.
+  return _checks.nan_unless_valid(jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos), positive=(tau,),
+                                   axis_name=axis_name)
 
 
 def infonce_blockwise(image, text, temperature, *, block_size=None, precision=None):
@@ -299,7 +302,8 @@ def max_margin_partial_sum(image, text, margin, blocks, precision, axis_name):
   m = jnp.broadcast_to(jnp.asarray(margin, x.dtype), (b,))
   offset = m - jnp.sum(x * y, axis=1)
   rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)
-  return jnp.sum(rsum) + jnp.sum(csum)
+  return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(m,),
+                                  axis_name=axis_name)
 
 
 def max_margin_blockwise(image, text, margin, *, block_size=None, precision=None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.losses._checks import nan_unless_valid
 from mmts_jax.normalize import COSINE_EPS, compute_dtype, cosine_normalize
 
 __all__ = ["infonce_dense", "max_margin_dense", "similarity", "cosine_normalize",
@@ -33,13 +34,14 @@ def infonce_dense(image, text, temperature, precision=None):
   """Symmetric InfoNCE with per-anchor temperature, from the full similarity matrix."""
   b = image.shape[0]
   s = similarity(image, text, precision)
-  inv_tau = 1.0 / _per_anchor(temperature, b, s.dtype)
+  tau = _per_anchor(temperature, b, s.dtype)
+  inv_tau = 1.0 / tau
   logits_i2t = s * inv_tau[:, None]
   logits_t2i = s.T * inv_tau[:, None]
   diag = jnp.diagonal(s) * inv_tau
   loss_i2t = jax.nn.logsumexp(logits_i2t, axis=1) - diag
   loss_t2i = jax.nn.logsumexp(logits_t2i, axis=1) - diag
-  return 0.5 * (jnp.mean(loss_i2t) + jnp.mean(loss_t2i))
+  return nan_unless_valid(0.5 * (jnp.mean(loss_i2t) + jnp.mean(loss_t2i)), positive=(tau,))
 
 
 def max_margin_dense(image, text, margin, precision=None):
@@ -56,4 +58,4 @@ def max_margin_dense(image, text, margin, precision=None):
   hinge_t2i = jax.nn.relu(m[:, None] - pos[:, None] + s.T)
   total = jnp.sum(jnp.where(off, hinge_i2t + hinge_t2i, 0))
   # A Python float: 2B(B-1) overflows int32 for B > 32,768.
-  return total / float(2 * b * (b - 1))
+  return nan_unless_valid(total / float(2 * b * (b - 1)), positive=(m,))
