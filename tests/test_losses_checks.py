@@ -22,11 +22,13 @@ def mesh():
 
 def _loss(name, impl, mesh):
   if impl in ("ring", "gather"):
-    return losses.get(name, impl=impl, mesh=mesh, block_size=3)
-  return losses.get(name, impl=impl, block_size=3 if impl == "blockwise" else None)
+    fn = losses.get(name, impl=impl, mesh=mesh, block_size=3)
+  else:
+    fn = losses.get(name, impl=impl, block_size=3 if impl == "blockwise" else None)
+  return (lambda x, y, t: fn(x, y, t, bias=-1.0)) if name == "sigmoid" else fn
 
 
-@pytest.mark.parametrize("name", ["infonce", "max_margin"])
+@pytest.mark.parametrize("name", ["infonce", "max_margin", "sigmoid"])
 @pytest.mark.parametrize("impl", ["dense", "blockwise", "ring", "gather"])
 def test_a_bad_traced_value_makes_loss_and_gradient_nan(mesh, name, impl):
   x, y, t = _inputs(16, 8, seed=11)
@@ -75,4 +77,15 @@ def test_checked_sharded_loss(mesh):
   err, v = f(x, y, t.at[9].set(0.0))
   assert np.isnan(float(v))
   with pytest.raises(checkify.JaxRuntimeError, match="temperature must be finite and > 0"):
+    err.throw()
+
+
+def test_checked_sigmoid_checks_the_bias():
+  x, y, t = _inputs(8, 4, seed=15)
+  f = jax.jit(losses.checked(losses.sigmoid))
+  err, v = f(x, y, t, bias=jnp.float32(-10.0))
+  assert err.get() is None and np.isfinite(float(v))
+  err, v = f(x, y, t, bias=jnp.float32(np.nan))
+  assert np.isnan(float(v))
+  with pytest.raises(checkify.JaxRuntimeError, match="bias must be finite, got 1 non-finite"):
     err.throw()

@@ -7,6 +7,9 @@ Conventions (as the official MM-TS / AVION code):
   * InfoNCE = 0.5 * (CE(image->text) + CE(text->image)), mean over anchors.
   * Max-margin: `relu(m_i - (s_ii - s_ij))` for image anchors and `relu(m_i - (s_ii - s_ji))`
     for text anchors, over all `j != i`, mean over the 2B(B-1) terms, on cosine similarities.
+  * Sigmoid (SigLIP): `log(1 + exp(-z_ij (s_ij / tau + b)))` over all pairs, `z_ij = +1` on the
+    diagonal, -1 off it, each pair once with the image anchor's temperature and bias and once
+    with the text anchor's, sum over the 2B^2 terms divided by 2B (SigLIP's loss for scalar tau).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 from mmts_jax.losses._checks import nan_unless_valid
 from mmts_jax.normalize import COSINE_EPS, compute_dtype, cosine_normalize
 
-__all__ = ["infonce_dense", "max_margin_dense", "similarity", "cosine_normalize",
+__all__ = ["infonce_dense", "max_margin_dense", "sigmoid_dense", "similarity", "cosine_normalize",
            "compute_dtype", "COSINE_EPS"]
 
 
@@ -59,3 +62,17 @@ def max_margin_dense(image, text, margin, precision=None):
   total = jnp.sum(jnp.where(off, hinge_i2t + hinge_t2i, 0))
   # A Python float: 2B(B-1) overflows int32 for B > 32,768.
   return nan_unless_valid(total / float(2 * b * (b - 1)), positive=(m,))
+
+
+def sigmoid_dense(image, text, temperature, *, bias, precision=None):
+  """The sigmoid (SigLIP) loss with per-anchor temperature and bias, from the full matrix."""
+  b = image.shape[0]
+  s = similarity(image, text, precision)
+  tau = _per_anchor(temperature, b, s.dtype)
+  c = _per_anchor(bias, b, s.dtype)
+  z = 2.0 * jnp.eye(b, dtype=s.dtype) - 1.0
+  # softplus(-u) = -log sigmoid(u), stable for either sign of u.
+  image_anchor = jax.nn.softplus(-z * (s / tau[:, None] + c[:, None]))
+  text_anchor = jax.nn.softplus(-z * (s / tau[None, :] + c[None, :]))
+  loss = (jnp.sum(image_anchor) + jnp.sum(text_anchor)) / (2 * b)
+  return nan_unless_valid(loss, positive=(tau,), finite=(c,))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mmts_jax.losses import _checks, blockwise, dense, gathered, ring, sharding
+from mmts_jax.losses import _checks, blockwise, dense, gathered, ring, sharding, sigmoid_blockwise
 from mmts_jax.losses._traversal import axis_size, resolve_blocks
 
 __all__ = ["get", "route", "make_sharded_loss", "NAMES", "IMPLS", "AUTO_DENSE_MAX",
@@ -42,6 +42,10 @@ _FORMS = {
                               "blockwise": blockwise.max_margin_blockwise,
                               "gather": gathered.max_margin_gathered,
                               "ring": ring.max_margin_ring}),
+    "sigmoid": ("temperature", {"dense": dense.sigmoid_dense,
+                                "blockwise": sigmoid_blockwise.sigmoid_blockwise,
+                                "gather": gathered.sigmoid_gathered,
+                                "ring": ring.sigmoid_ring}),
 }
 NAMES = tuple(_FORMS)
 # "auto" / "dense" / "blockwise": the loss of the global batch, which XLA partitions when the
@@ -172,7 +176,9 @@ def get(name: str, *, impl: str = "auto", block_size=None, mesh=None, axis_name=
   """Returns `loss_fn(image, text, values, **extra) -> scalar` for a loss named in a config.
 
   Args:
-    name: "infonce" (`values` are temperatures) or "max_margin" (`values` are margins).
+    name: "infonce" or "sigmoid" (`values` are temperatures; "sigmoid" takes `bias=` too, so
+      its function is `loss_fn(image, text, values, *, bias)`), or "max_margin" (`values` are
+      margins).
     impl: one of `IMPLS`. "gather" and "ring" need `mesh`.
     block_size: blockwise / ring tile, an int or `(rows, cols)`; None picks the default.
     mesh: the `jax.sharding.Mesh` the batch is split over ("gather" / "ring" only).

@@ -57,3 +57,23 @@ def max_margin_gathered(image, text, margin, axis_name, precision=None):
   part = nan_unless_valid(jnp.sum(jnp.where(off, h1 + h2, 0)), positive=(m,),
                           axis_name=axis_name)
   return jax.lax.psum(part, axis_name) / float(2 * n * (n - 1))
+
+
+def sigmoid_gathered(image, text, temperature, axis_name, *, bias, precision=None):
+  b = image.shape[0]
+  dt = compute_dtype(image, text)
+  tau = jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
+  c = jnp.broadcast_to(jnp.asarray(bias, dt), (b,))
+  all_image = _gather(image, axis_name)
+  all_text = _gather(text, axis_name)
+  n = all_image.shape[0]
+  # z = +1 where a local anchor meets its own pair in the gathered batch.
+  z = jnp.where(jnp.arange(n)[None, :] == _local_offset(b, axis_name) + jnp.arange(b)[:, None],
+                1.0, -1.0).astype(dt)
+  # Local image anchors against all texts, local text anchors against all images, each with its
+  # own temperature and bias (the rows of both products).
+  u_i2t = z * (similarity(image, all_text, precision) / tau[:, None] + c[:, None])
+  u_t2i = z * (similarity(text, all_image, precision) / tau[:, None] + c[:, None])
+  part = nan_unless_valid(jnp.sum(jax.nn.softplus(-u_i2t)) + jnp.sum(jax.nn.softplus(-u_t2i)),
+                          positive=(tau,), finite=(c,), axis_name=axis_name)
+  return jax.lax.psum(part, axis_name) / (2 * n)

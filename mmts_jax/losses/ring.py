@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from jax import lax
 
-from mmts_jax.losses import blockwise
+from mmts_jax.losses import blockwise, sigmoid_blockwise
 from mmts_jax.losses._traversal import axis_size, resolve_blocks, ring_traverse
 
-__all__ = ["infonce_ring", "max_margin_ring", "ring_traverse"]
+__all__ = ["infonce_ring", "max_margin_ring", "sigmoid_ring", "ring_traverse"]
 
 
 def infonce_ring(image, text, temperature, axis_name, *, block_size=None, precision=None):
@@ -62,3 +62,17 @@ def max_margin_ring(image, text, margin, axis_name, *, block_size=None, precisio
   blocks = resolve_blocks(block_size, b, b, "max_margin")
   part = blockwise.max_margin_partial_sum(image, text, margin, blocks, precision, axis_name)
   return lax.psum(part, axis_name) / float(2 * total * (total - 1))
+
+
+def sigmoid_ring(image, text, temperature, axis_name, *, bias, block_size=None, precision=None):
+  """Global-batch sigmoid loss from the local shard (ring), as `infonce_ring`.
+
+  The visiting text blocks carry their temperatures, biases and global indices; the per-anchor
+  sums of the columns travel with them and come home on the last hop.
+  """
+  b = image.shape[0]
+  blocks = resolve_blocks(block_size, b, b, "sigmoid")
+  n = axis_size(axis_name)
+  part = sigmoid_blockwise.sigmoid_partial_sum(image, text, temperature, bias, blocks, precision,
+                                               axis_name)
+  return lax.psum(part, axis_name) / (2 * n * b)
