@@ -98,15 +98,21 @@ def _nce_stats_kernel(tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref,
   cl_ref[...] = jnp.sum(jnp.exp(zc - mc_safe[None, :]), axis=0)
 
 
-def _nce_ds_kernel(tf32, need_a, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, lr_ref, lc_ref,
-                   wr_ref, wc_ref, ds_ref, *a_refs):
+def _nce_ds_kernel(tf32, need_sums, need_a, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, lr_ref,
+                   lc_ref, wr_ref, wc_ref, ds_ref, *refs):
   s = _sub_matmul(x_ref, y_ref, tf32)
   pr = jnp.exp(s * ar_ref[...][:, None] + cb_ref[...][None, :] - lr_ref[...][:, None])
   pc = jnp.exp(s * ac_ref[...][None, :] + rb_ref[...][:, None] - lc_ref[...][None, :])
   ds = wr_ref[...][:, None] * pr + wc_ref[...][None, :] * pc
   ds_ref[...] = ds.astype(ds_ref.dtype)
+  if need_sums:
+    # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
+    dr_ref, dc_ref = refs[:2]
+    dr_ref[...] = jnp.sum(ds, axis=1)
+    dc_ref[...] = jnp.sum(ds, axis=0)
+    refs = refs[2:]
   if need_a:
-    sr_ref, sc_ref = a_refs
+    sr_ref, sc_ref = refs
     sr_ref[...] = jnp.sum(pr * s, axis=1)
     sc_ref[...] = jnp.sum(pc * s, axis=0)
 
@@ -199,14 +205,21 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   bc = yc.shape[0]
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
-  outs = [("tile", op)] + ([("rowpart", f32), ("colpart", f32)] if need_a else [])
-  call = _fused_call(functools.partial(_nce_ds_kernel, _tf32(precision), need_a), br, bc, d,
-                     "rcrcrcrc", outs, xr)
+  need_sums = jnp.finfo(op).bits < 32
+  parts = [("rowpart", f32), ("colpart", f32)]
+  outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
+  call = _fused_call(functools.partial(_nce_ds_kernel, _tf32(precision), need_sums, need_a), br,
+                     bc, d, "rcrcrcrc", outs, xr)
   res = call(xr, yc, ar.astype(f32), ac.astype(f32), _bias(rid, f32), _bias(cid, f32),
              lse_r.astype(f32), lse_c.astype(f32), (gr * ar).astype(f32), (gc * ac).astype(f32))
-  ddx, ddy = grad_matmuls(res[0], xr, yc, precision)
+  ds, res = res[0], res[1:]
+  sums = None
+  if need_sums:
+    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
+    res = res[2:]
+  ddx, ddy = grad_matmuls(ds, xr, yc, precision, sums)
   if need_a:
-    dar = dar + jnp.sum(res[1], axis=0)
-    dac = dac + jnp.sum(res[2], axis=0)
+    dar = dar + jnp.sum(res[0], axis=0)
+    dac = dac + jnp.sum(res[1], axis=0)
   return (dx + ddx, dar), (dy + ddy, dac)
 

@@ -118,17 +118,41 @@ def matmul(a, b, precision):
                          preferred_element_type=compute_dtype(a, b))
 
 
-def grad_matmuls(ds, xr, yc, precision):
-  """`(dS @ Y_c, dS^T @ X_r)`; bf16 embeddings get a bf16 `dS` so both run on the fast units."""
-  op = jnp.result_type(xr, yc)
-  if jnp.finfo(op).bits < jnp.finfo(ds.dtype).bits:
-    ds = ds.astype(op)
-  out = compute_dtype(xr, yc)
+def _grad_dots(ds, xr, yc, precision, out):
   dx = lax.dot_general(ds, yc, (((1,), (0,)), ((), ())), precision=precision,
                        preferred_element_type=out)
   dy = lax.dot_general(ds, xr, (((0,), (0,)), ((), ())), precision=precision,
                        preferred_element_type=out)
   return dx, dy
+
+
+def grad_matmuls(ds, xr, yc, precision, sums=None):
+  r"""`(dS @ Y_c, dS^T @ X_r)`; bf16 embeddings get a bf16 `dS` so both run on the fast units.
+
+  Rounding `dS` to bf16 alone loses the gradient when the embeddings share a large common
+  component (near-duplicates, late training): `dX_i = sum_j dS_ij y_j` cancels that component
+  almost exactly, and a 2^-8 relative error per `dS_ij` does not. So with a low-precision `dS`
+  the operands are centred per tile, exactly:
+
+  .. math::
+    dS\,Y = dS\,(Y - \mathbf{1}ar y^	op) + (dS\,\mathbf{1})\,ar y^	op,
+
+  the bf16 matmul sees only the small residuals `Y - ybar` and the row sums `dS 1` (and column
+  sums for `dS^T X`) stay float32. `sums`: those `(row, column)` sums when the caller has them
+  (the fused kernels), else they are computed from `ds`.
+  """
+  op = jnp.result_type(xr, yc)
+  out = compute_dtype(xr, yc)
+  if jnp.finfo(op).bits >= jnp.finfo(ds.dtype).bits and sums is None:
+    return _grad_dots(ds, xr, yc, precision, out)
+  if sums is None:
+    sums = (jnp.sum(ds, axis=1, dtype=out), jnp.sum(ds, axis=0, dtype=out))
+  x_mean = jnp.mean(xr.astype(out), axis=0)
+  y_mean = jnp.mean(yc.astype(out), axis=0)
+  xc = (xr.astype(out) - x_mean).astype(op)
+  yc_ = (yc.astype(out) - y_mean).astype(op)
+  dx, dy = _grad_dots(ds.astype(op), xc, yc_, precision, out)
+  return dx + sums[0][:, None] * y_mean, dy + sums[1][:, None] * x_mean
 
 
 # ---------------------------------------------------------------------------------------------

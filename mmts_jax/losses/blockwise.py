@@ -121,22 +121,34 @@ def _nce_forward(x, y, a, blocks, precision, axis_name):
   return merge(mr + jnp.log(lr), b), merge(mc + jnp.log(lc), b)
 
 
+def _positives(x, y):
+  """`<x_i, y_i>` in the compute dtype."""
+  dt = compute_dtype(x, y)
+  return jnp.sum(x.astype(dt) * y.astype(dt), axis=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def infonce_lse(x, y, a, blocks, precision, axis_name):
-  """`(lse_i s_ij a_i over j, lse_i s_ij a_j over i)`: the logsumexp of each anchor, both ways.
+  """`(lse_j s_ij a_i, lse_i s_ij a_j, s_ii a_i)`: each anchor's logsumexp, both ways, and its
+  positive logit.
 
   `x`, `y`: `(b, D)` (the local shard when `axis_name` is set), `a = 1/tau` `(b,)` in the
-  compute dtype. Returns two `(b,)` vectors: image anchors over all texts, text anchors over all
-  images.
+  compute dtype. Returns three `(b,)` vectors: image anchors over all texts, text anchors over
+  all images, the positive logits. The positive term is inside the custom VJP so its gradient
+  (nearly the opposite of the logsumexp's when the pairs are close) is added to the others in
+  float32, before the one cast to the embeddings' dtype.
   """
-  return _nce_forward(x, y, a, blocks, precision, axis_name)
+  lse_r, lse_c = _nce_forward(x, y, a, blocks, precision, axis_name)
+  return lse_r, lse_c, _positives(x, y) * a
 
 
 def _infonce_lse_fwd(x, y, a, blocks, precision, axis_name):
-  lse = _nce_forward(x.value, y.value, a.value, blocks, precision, axis_name)
+  x, y, a_ = x.value, y.value, a.value
+  lse = _nce_forward(x, y, a_, blocks, precision, axis_name)
   # The pytree structure (not a traced value) says whether 1/tau needs a gradient.
   need_a = (None,) if a.perturbed else ()
-  return lse, (x.value, y.value, a.value, lse, need_a)
+  pos = _positives(x, y)
+  return lse + (pos * a_,), (x, y, a_, lse, pos, need_a)
 
 
 def _cotangent(g, like):
@@ -146,8 +158,8 @@ def _cotangent(g, like):
 
 
 def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
-  x, y, a, (lse_r, lse_c), need_a = res
-  gr, gc = _cotangent(g[0], lse_r), _cotangent(g[1], lse_c)
+  x, y, a, (lse_r, lse_c), pos, need_a = res
+  gr, gc, gp = _cotangent(g[0], lse_r), _cotangent(g[1], lse_c), _cotangent(g[2], pos)
   need_a = bool(need_a)
   rows, cols, mask_rows, mask_cols = _nce_layout(x, y, a, blocks, axis_name)
   rows = rows + (split(lse_r, blocks.rows), split(gr, blocks.rows))
@@ -163,8 +175,10 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
-  dx, dy = merge(dx, b).astype(x.dtype), merge(dy, b).astype(y.dtype)
-  da = gr * merge(sr, b) + gc * merge(sc, b) if need_a else None
+  w = (gp * a)[:, None]
+  dx = (merge(dx, b) + w * y.astype(acc)).astype(x.dtype)
+  dy = (merge(dy, b) + w * x.astype(acc)).astype(y.dtype)
+  da = gr * merge(sr, b) + gc * merge(sc, b) + gp * pos if need_a else None
   return dx, dy, da
 
 
@@ -177,8 +191,7 @@ def infonce_partial_sum(image, text, temperature, blocks, precision, axis_name):
   b = image.shape[0]
   tau = jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
   a = 1.0 / tau
-  lse_r, lse_c = infonce_lse(image, text, a, blocks, precision, axis_name)
-  pos = jnp.sum(image.astype(dt) * text.astype(dt), axis=1) * a
+  lse_r, lse_c, pos = infonce_lse(image, text, a, blocks, precision, axis_name)
   # Sharded, a NaN partial sum on one device makes the psum-ed loss NaN on all of them.
   return _checks.nan_unless_valid(jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos), positive=(tau,),
                                    axis_name=axis_name)
