@@ -26,34 +26,48 @@ _SUB_K = 64  # embedding-dim chunk per step of the in-kernel matmul loop (128 by
 _TRITON = {"num_warps": 8, "num_stages": 3}
 
 
+# The faster InfoNCE tile kernel per (backend, embedding dtype), as measured side by side in one
+# run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md). One H200, B = 32,768
+# (results/loss_h200_side_by_side.json): f32 XLA 23.1 ms vs fused 28.5 ms (Triton's tf32 dot
+# is slower than cuBLAS's), bf16 fused 15.3 ms vs XLA 17.3 ms; one H100, B = 131,072
+# (results/loss_h100.json): f32 XLA 398 vs fused 448 ms, bf16 fused 221 vs XLA 268 ms.
+# Backends and dtypes not listed (CPU, TPU, float64) have no fused kernel: XLA tiles.
+FASTEST = {("gpu", "float32"): "xla", ("gpu", "bfloat16"): "fused"}
+_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
 def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
   return (blocks.rows % _SUB == 0 and blocks.cols % _SUB == 0 and d % _SUB_K == 0
-          and jnp.dtype(dtype) in _FUSED_DTYPES[_FUSED[0] is not None])
+          and jnp.dtype(dtype) in _KERNEL_DTYPES)
 
 
 def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
   """Whether the InfoNCE tiles take the fused Pallas kernels.
 
-  By default on GPUs for bf16 embeddings only: measured on an H100 (benchmarks/
-  BENCHMARKS.md), Triton's tf32 matmul loses more than the fusion saves for f32, while
-  for bf16 the fused tiles are faster than XLA's. `set_fused_tiles` overrides this.
+  By default where `FASTEST` measured them faster (GPUs, bf16 embeddings);
+  `set_fused_tiles` overrides this. The tiles must be whole sub-tiles and D a multiple of 64.
   """
   mode = _FUSED[0]
   if mode is False:
     return False
-  on = mode in ("interpret", "always") or jax.default_backend() == "gpu"
+  if mode is None:
+    on = FASTEST.get((jax.default_backend(), jnp.dtype(dtype).name)) == "fused"
+  else:
+    on = mode == "interpret" or jax.default_backend() == "gpu"
   return on and _fused_ok(blocks, d, dtype)
 
 
-# None (auto: GPU and bf16 only), False (never), "always" (GPU, f32 and bf16), "interpret"
-# (the Pallas interpreter on any backend: slow, checks the kernels' maths on CPU).
+# None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16), "interpret" (the Pallas
+# interpreter on any backend: slow, checks the kernels' maths on CPU).
 _FUSED = [None]
-_FUSED_DTYPES = {False: (jnp.dtype(jnp.bfloat16),),
-                 True: (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))}
 
 
 def set_fused_tiles(mode) -> None:
-  """`None` (default: GPU, bf16), `False` (XLA tiles everywhere), "always" or "interpret"."""
+  """Chooses the InfoNCE tile kernel.
+
+  `None` (default: the measured `FASTEST`), `False` (XLA tiles everywhere), "always" (fused on
+  GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
+  """
   if mode not in (None, False, "always", "interpret"):
     raise ValueError(f"set_fused_tiles: mode must be None, False, 'always' or 'interpret', got "
                      f"{mode!r}")
