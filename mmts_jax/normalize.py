@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["cosine_normalize", "compute_dtype", "COSINE_EPS"]
+__all__ = ["COSINE_EPS", "compute_dtype", "cosine_normalize"]
 
 COSINE_EPS = 1e-8
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 from jax.sharding import Mesh
+from test_losses_blockwise import _inputs, compiled
 
 from mmts_jax import losses
 from mmts_jax.losses import _checks
-from test_losses_blockwise import _inputs, compiled
 
 BAD = {"negative": -1.0, "zero": 0.0, "inf": np.inf, "nan": np.nan}
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from test_losses_blockwise import _rel, _unit, compiled
 
 from mmts_jax import losses
-from test_losses_blockwise import _rel, _unit, compiled
 
 NAMES = ["infonce", "max_margin", "sigmoid"]
 
@@ -33,7 +33,7 @@ def _close_pairs(b, d, seed):
   return x, y / jnp.linalg.norm(y, axis=1, keepdims=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grad(name, impl, mesh=None):
   fn = losses.get(name, impl=impl, mesh=mesh, block_size=16 if impl != "dense" else None)
   if name == "sigmoid":

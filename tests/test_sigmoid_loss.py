@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from test_losses_blockwise import HIGHEST, _inputs, _rel, compiled
 
 from mmts_jax import losses
-from test_losses_blockwise import HIGHEST, _inputs, _rel, compiled
 
 
 def _softplus(x):
@@ -106,6 +106,7 @@ def test_inside_shard_map_with_the_public_function():
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   x, y, t = _inputs(16, 8, seed=5)
   from jax.sharding import PartitionSpec as P
+
   from mmts_jax.losses import sharding
   f = sharding.shard_map(
       lambda x, y, t: losses.sigmoid(x, y, t, bias=-1.0, axis_name="batch", sharded="ring",

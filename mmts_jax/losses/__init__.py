@@ -8,7 +8,7 @@ Layout (each module imports only those below it; no module imports this package)
 * `api`: `infonce`, `max_margin`, `sigmoid`, one public function per loss;
 * `dispatch`: `route` (the one place that picks dense / blockwise / gather / ring), `get` (a loss
   from a config's name and impl) and `make_sharded_loss` (a loss over a mesh);
-* `dense`, `blockwise`, `sigmoid_blockwise`, `gathered`, `ring`: the forms; `_traversal` the
+* `dense`, `blockwise`, `blockwise_sigmoid`, `gathered`, `ring`: the forms; `_traversal` the
   tile loops they share, `_pallas_tiles` the fused GPU kernels;
 * `checked`: `checkify` checks of traced values for library users;
 * `sharding`, `_checks`: mesh helpers and input checks. `cosine_normalize` lives in
@@ -18,14 +18,29 @@ from __future__ import annotations
 
 from mmts_jax.losses.api import infonce, max_margin, sigmoid
 from mmts_jax.losses.blockwise import infonce_blockwise, max_margin_blockwise
+from mmts_jax.losses.blockwise_sigmoid import sigmoid_blockwise
 from mmts_jax.losses.checked import check_values, checked
 from mmts_jax.losses.dense import infonce_dense, max_margin_dense, sigmoid_dense
 from mmts_jax.losses.dispatch import AUTO_DENSE_MAX, AUTO_GATHER_MAX, get, make_sharded_loss
 from mmts_jax.losses.nonlinear import nonlinear_mmcl
-from mmts_jax.losses.sigmoid_blockwise import sigmoid_blockwise
 from mmts_jax.normalize import cosine_normalize
 
-__all__ = ["get", "infonce", "max_margin", "infonce_dense", "max_margin_dense", "infonce_blockwise",
-           "max_margin_blockwise", "cosine_normalize", "make_sharded_loss", "AUTO_DENSE_MAX",
-           "AUTO_GATHER_MAX", "nonlinear_mmcl", "checked", "check_values", "sigmoid",
-           "sigmoid_dense", "sigmoid_blockwise"]
+__all__ = [
+  "AUTO_DENSE_MAX",
+  "AUTO_GATHER_MAX",
+  "check_values",
+  "checked",
+  "cosine_normalize",
+  "get",
+  "infonce",
+  "infonce_blockwise",
+  "infonce_dense",
+  "make_sharded_loss",
+  "max_margin",
+  "max_margin_blockwise",
+  "max_margin_dense",
+  "nonlinear_mmcl",
+  "sigmoid",
+  "sigmoid_blockwise",
+  "sigmoid_dense",
+]

@@ -1,4 +1,7 @@
-"""Input checks shared by every loss path. They run at trace time, so errors come before compiling."""
+"""Input checks shared by every loss path.
+
+They run at trace time, so errors come before compiling; `nan_unless_valid` covers traced values.
+"""
 from __future__ import annotations
 
 import jax

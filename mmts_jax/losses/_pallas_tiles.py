@@ -19,7 +19,7 @@ from jax import lax
 
 from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
-__all__ = ["set_fused_tiles", "use_fused_tiles", "nce_fwd_tile", "nce_bwd_tile"]
+__all__ = ["nce_bwd_tile", "nce_fwd_tile", "set_fused_tiles", "use_fused_tiles"]
 
 _SUB = SUB   # sub-tile edge: rows and columns per Triton program
 _SUB_K = 64  # embedding-dim chunk per step of the in-kernel matmul loop (128 bytes of bf16)

@@ -9,7 +9,8 @@ losses import it and not each other.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,16 @@ from jax import lax
 
 from mmts_jax.normalize import compute_dtype
 
-__all__ = ["Blocks", "resolve_blocks", "DEFAULT_BLOCK", "SUB", "sweep", "traverse",
-           "ring_traverse", "axis_size"]
+__all__ = [
+  "DEFAULT_BLOCK",
+  "SUB",
+  "Blocks",
+  "axis_size",
+  "resolve_blocks",
+  "ring_traverse",
+  "sweep",
+  "traverse",
+]
 
 # Default tile, (rows, cols). Large enough that each tile's matmul keeps a GPU's matrix units busy,
 # small enough that a few f32 tiles stay well under a GiB (see benchmarks/BENCHMARKS.md).
@@ -140,7 +149,7 @@ def grad_matmuls(ds, xr, yc, precision, sums=None):
   the operands are centred per tile, exactly:
 
   .. math::
-    dS\,Y = dS\,(Y - \mathbf{1}ar y^	op) + (dS\,\mathbf{1})\,ar y^	op,
+    dS\,Y = dS\,(Y - \mathbf{1}\bar y^\top) + (dS\,\mathbf{1})\,\bar y^\top,
 
   the bf16 matmul sees only the small residuals `Y - ybar` and the row sums `dS 1` (and column
   sums for `dS^T X`) stay float32. `sums`: those `(row, column)` sums when the caller has them

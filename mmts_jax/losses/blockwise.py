@@ -35,15 +35,31 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mmts_jax.losses import _checks
-from mmts_jax.losses import _pallas_tiles
+from mmts_jax.losses import _checks, _pallas_tiles
 from mmts_jax.losses._pallas_tiles import set_fused_tiles, use_fused_tiles
-from mmts_jax.losses._traversal import (DEFAULT_BLOCK, Blocks, global_ids, grad_matmuls, matmul,
-                                        merge, resolve_blocks, split, traverse, varying)
+from mmts_jax.losses._traversal import (
+  DEFAULT_BLOCK,
+  Blocks,
+  global_ids,
+  grad_matmuls,
+  matmul,
+  merge,
+  resolve_blocks,
+  split,
+  traverse,
+  varying,
+)
 from mmts_jax.normalize import compute_dtype, cosine_normalize
 
-__all__ = ["infonce_blockwise", "max_margin_blockwise", "resolve_blocks", "DEFAULT_BLOCK",
-           "Blocks", "set_fused_tiles", "use_fused_tiles"]
+__all__ = [
+  "DEFAULT_BLOCK",
+  "Blocks",
+  "infonce_blockwise",
+  "max_margin_blockwise",
+  "resolve_blocks",
+  "set_fused_tiles",
+  "use_fused_tiles",
+]
 
 
 # ---------------------------------------------------------------------------------------------

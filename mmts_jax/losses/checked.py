@@ -10,13 +10,13 @@ who want the error itself, with the offending value, wrap the loss:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-__all__ = ["checked", "check_values"]
+__all__ = ["check_values", "checked"]
 
 
 def check_values(values, name: str = "temperature", *, signed: bool = False) -> None:

@@ -19,8 +19,15 @@ import jax.numpy as jnp
 from mmts_jax.losses._checks import nan_unless_valid
 from mmts_jax.normalize import COSINE_EPS, compute_dtype, cosine_normalize
 
-__all__ = ["infonce_dense", "max_margin_dense", "sigmoid_dense", "similarity", "cosine_normalize",
-           "compute_dtype", "COSINE_EPS"]
+__all__ = [
+  "COSINE_EPS",
+  "compute_dtype",
+  "cosine_normalize",
+  "infonce_dense",
+  "max_margin_dense",
+  "sigmoid_dense",
+  "similarity",
+]
 
 
 def similarity(a, b, precision=None):

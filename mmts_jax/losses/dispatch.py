@@ -15,17 +15,32 @@ Forms (all compute the same function; see docs/losses.md):
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mmts_jax.losses import _checks, blockwise, dense, gathered, ring, sharding, sigmoid_blockwise
+from mmts_jax.losses import (
+  _checks,
+  blockwise,
+  blockwise_sigmoid,
+  dense,
+  gathered,
+  ring,
+  sharding,
+)
 from mmts_jax.losses._traversal import axis_size, resolve_blocks
 
-__all__ = ["get", "route", "make_sharded_loss", "NAMES", "IMPLS", "AUTO_DENSE_MAX",
-           "AUTO_GATHER_MAX"]
+__all__ = [
+  "AUTO_DENSE_MAX",
+  "AUTO_GATHER_MAX",
+  "IMPLS",
+  "NAMES",
+  "get",
+  "make_sharded_loss",
+  "route",
+]
 
 # impl="auto": the dense path up to this batch (its (B, B) logits are at most 64 MiB in f32),
 # blockwise above. Sharded, sharded="auto": all-gather up to this global batch, ring above.
@@ -43,7 +58,7 @@ _FORMS = {
                               "gather": gathered.max_margin_gathered,
                               "ring": ring.max_margin_ring}),
     "sigmoid": ("temperature", {"dense": dense.sigmoid_dense,
-                                "blockwise": sigmoid_blockwise.sigmoid_blockwise,
+                                "blockwise": blockwise_sigmoid.sigmoid_blockwise,
                                 "gather": gathered.sigmoid_gathered,
                                 "ring": ring.sigmoid_ring}),
 }

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from jax import lax
 
-from mmts_jax.losses import blockwise, sigmoid_blockwise
+from mmts_jax.losses import blockwise, blockwise_sigmoid
 from mmts_jax.losses._traversal import axis_size, resolve_blocks, ring_traverse
 
-__all__ = ["infonce_ring", "max_margin_ring", "sigmoid_ring", "ring_traverse"]
+__all__ = ["infonce_ring", "max_margin_ring", "ring_traverse", "sigmoid_ring"]
 
 
 def infonce_ring(image, text, temperature, axis_name, *, block_size=None, precision=None):
@@ -73,6 +73,6 @@ def sigmoid_ring(image, text, temperature, axis_name, *, bias, block_size=None, 
   b = image.shape[0]
   blocks = resolve_blocks(block_size, b, b, "sigmoid")
   n = axis_size(axis_name)
-  part = sigmoid_blockwise.sigmoid_partial_sum(image, text, temperature, bias, blocks, precision,
+  part = blockwise_sigmoid.sigmoid_partial_sum(image, text, temperature, bias, blocks, precision,
                                                axis_name)
   return lax.psum(part, axis_name) / (2 * n * b)

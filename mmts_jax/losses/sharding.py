@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh
 
-__all__ = ["shard_map", "batch_axes"]
+__all__ = ["batch_axes", "shard_map"]
 
 
 def shard_map(f, *, mesh, in_specs, out_specs):

@@ -27,8 +27,16 @@ import jax
 import jax.numpy as jnp
 
 from mmts_jax.losses import _checks
-from mmts_jax.losses._traversal import (global_ids, grad_matmuls, matmul, merge,
-                                        resolve_blocks, split, traverse, varying)
+from mmts_jax.losses._traversal import (
+  global_ids,
+  grad_matmuls,
+  matmul,
+  merge,
+  resolve_blocks,
+  split,
+  traverse,
+  varying,
+)
 from mmts_jax.normalize import compute_dtype
 
 __all__ = ["sigmoid_blockwise", "sigmoid_partial_sum"]
