@@ -126,9 +126,9 @@ def _nce_forward(x, y, a, blocks, precision, axis_name):
   dt = a.dtype
   nr, nc = rows[0].shape[0], cols[0].shape[0]
   row0 = varying((_full((nr, blocks.rows), -jnp.inf, dt), _full((nr, blocks.rows), 0, dt)),
-                  axis_name)
+                 axis_name)
   col0 = varying((_full((nc, blocks.cols), -jnp.inf, dt), _full((nc, blocks.cols), 0, dt)),
-                  axis_name)
+                 axis_name)
   fused = use_fused_tiles(blocks, x.shape[1], x.dtype)
   fwd = _pallas_tiles.nce_fwd_tile if fused else _nce_fwd_tile
   tile = functools.partial(fwd, precision, mask_rows, mask_cols)
@@ -184,9 +184,9 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   d = x.shape[1]
   nr, nc = rows[0].shape[0], cols[0].shape[0]
   row0 = varying((jnp.zeros((nr, blocks.rows, d), acc), jnp.zeros((nr, blocks.rows), a.dtype)),
-                  axis_name)
+                 axis_name)
   col0 = varying((jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), a.dtype)),
-                  axis_name)
+                 axis_name)
   bwd = _pallas_tiles.nce_bwd_tile if use_fused_tiles(blocks, d, x.dtype) else _nce_bwd_tile
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
