@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmts_jax import losses, shifts
+from mmts_jax import atomic_io, losses, shifts
 from mmts_jax import mesh as mesh_lib
 from mmts_jax import temperature as temperature_lib
 from mmts_jax.checkpointing import Checkpointer, PreemptionWatcher
@@ -535,13 +535,6 @@ class TrainResult:
   last_metrics: dict
 
 
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
 def _validate(config) -> dict:
   out = {k: _positive_int(k, config[k]) for k in ("total_steps", "batch_size", "log_every")}
   out["ckpt_every"] = _positive_int("checkpoint.every_steps", config.checkpoint.every_steps)
@@ -609,7 +602,7 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
   total = limits["total_steps"]
   if stop_at_step is not None and not 0 < int(stop_at_step) <= total:
     raise ValueError(f"stop_at_step must be in [1, total_steps={total}], got {stop_at_step}")
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = atomic_io.as_path(workdir)   # an epath.Path: local or gs://
   spec = temperature_lib.from_config(config.temperature, config.mmts, total_steps=total,
                                      loss=config.loss.name)
   mesh_lib.initialize_distributed(config.get("distributed", "auto"))
@@ -629,7 +622,7 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
   primary = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   if primary:
-    _write_json_atomic(workdir / "config.json", config.to_dict())
+    atomic_io.atomic_write_json(workdir / "config.json", config.to_dict())
   ckpt = Checkpointer(workdir / "checkpoints", every_steps=limits["ckpt_every"],
                       keep=limits["ckpt_keep"],
                       async_save=bool(config.checkpoint.get("async_save", True)))
