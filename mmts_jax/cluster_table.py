@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import os
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mmts_jax import shifts
 from mmts_jax.data import fingerprint
 
-from mmts_jax.atomic_io import atomic_write  # noqa: F401  (re-exported)
+from mmts_jax.atomic_io import atomic_write, read_bytes  # noqa: F401  (re-exported)
 
 __all__ = ["ClusterTable", "ClusterTableMismatch", "dataset_fingerprint", "atomic_write",
            "FORMAT_VERSION"]
@@ -242,7 +244,8 @@ class ClusterTable:
 
   # ---------------------------------------------------------------- storage
   def save(self, path: str | os.PathLike) -> None:
-    """Writes one `.npz` atomically (temp file in the same directory, then `os.replace`)."""
+    """Writes one `.npz` atomically (`atomic_io`: temp file + rename locally, one object upload
+    on `gs://`)."""
     prov = {k: v for k, v in self.provenance.items() if k != "path"}
     arrays = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
               "sizes": self.sizes, "provenance": np.array(json.dumps(prov, sort_keys=True))}
@@ -254,10 +257,10 @@ class ClusterTable:
   def load(cls, path: str | os.PathLike) -> "ClusterTable":
     """Reads a table written by `save`; checks its format version and internal consistency."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(f"cluster table {path!r} does not exist")
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as z:
         if "format" not in z.files or str(z["format"]) != _FORMAT_NAME:
           raise ValueError(f"{path!r} is not a {_FORMAT_NAME} file")
         prov = json.loads(str(z["provenance"]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import io
 import json
 import math
 import os
@@ -28,7 +29,9 @@ import sys
 import time
 
 import numpy as np
+from etils import epath
 
+from mmts_jax.atomic_io import is_object_store, read_bytes
 from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
 
 __all__ = ["main", "read_records", "build_parser"]
@@ -43,12 +46,13 @@ class CommandError(ValueError):
 # ---------------------------------------------------------------------------- reading input
 def read_records(path: str) -> tuple[list[str], list[dict]]:
   """Rows of a CSV / TSV / JSON-lines file as dicts, and the column names."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise CommandError(f"input file {path!r} does not exist")
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in _TABLE_SUFFIXES:
     raise CommandError(f"cannot read {path!r}: use .csv, .tsv, .jsonl or .npy")
-  with open(path, encoding="utf-8", newline="") as f:
+  # Read whole (a local file or an object): csv needs newline="" to keep quoted line breaks.
+  with io.StringIO(read_bytes(path).decode("utf-8"), newline="") as f:
     if suffix in (".jsonl", ".json"):
       rows = []
       for line_no, line in enumerate(f, 1):
@@ -122,7 +126,9 @@ def _read_frequencies(path: str) -> dict[str, float]:
 def _load_embeddings(path: str) -> np.ndarray:
   from mmts_jax.clustering import check_points
   try:
-    x = np.load(path, allow_pickle=False, mmap_mode="r")
+    # Local files are memory-mapped; an object is downloaded whole.
+    x = (np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) if is_object_store(path)
+         else np.load(path, allow_pickle=False, mmap_mode="r"))
   except (OSError, ValueError) as e:
     raise CommandError(f"cannot read embeddings {path!r}: {e}") from e
   try:

@@ -14,29 +14,36 @@ from the annotation CSVs, or given as a `.npy`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
-import tempfile
 
 import numpy as np
+from etils import epath
+
+from mmts_jax.atomic_io import atomic_write_text, read_bytes
 
 
 class InputError(ValueError):
   """A problem with the user's files or flags: reported in one line, exit status 2."""
 
 
+def _open_npy(path: str):
+  """`np.load` of a local file or an object (`gs://...`, downloaded whole)."""
+  return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
 def _load(path: str, key: str | None = None) -> np.ndarray:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise InputError(f"no such file: {path}")
   if path.endswith(".npz"):
-    with np.load(path) as data:
+    with _open_npy(path) as data:
       if key not in data:
         raise InputError(f"{path} has no array {key!r}; it has {sorted(data.files)}")
       return data[key]
   if key is not None and not path.endswith(".npy"):
     raise InputError(f"{path}: expected a .npz or .npy file")
-  return np.load(path)
+  return _open_npy(path)
 
 
 def _pick(args, npz_key_attr: str, file_attr: str, what: str, required: bool = True):
@@ -47,7 +54,9 @@ def _pick(args, npz_key_attr: str, file_attr: str, what: str, required: bool = T
   if args.embeddings:
     if args.embeddings.endswith(".npz"):
       key = getattr(args, npz_key_attr)
-      with np.load(args.embeddings) as data:
+      if not epath.Path(args.embeddings).exists():
+        raise InputError(f"no such file: {args.embeddings}")
+      with _open_npy(args.embeddings) as data:
         if key in data:
           return data[key]
         if not required:
@@ -62,18 +71,8 @@ def _pick(args, npz_key_attr: str, file_attr: str, what: str, required: bool = T
 
 
 def _write_json(path: str, record: dict) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(record, f, indent=2)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """`record` as indented JSON at `path` (local or `gs://`), written atomically."""
+  atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 # ---- retrieval -----------------------------------------------------------------------------------

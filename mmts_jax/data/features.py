@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mmts_jax.data.pipeline import Pipeline, make_pipeline
 from mmts_jax.data.records import atomic_write_bytes
@@ -65,8 +65,8 @@ class FeatureSource(Sequence):
   """Random access to a features file: `source[i]` = {image_features, text_features, index[, label]}."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
-    with np.load(self.path, allow_pickle=False) as z:
+    self.path = epath.Path(os.fspath(path))   # local or gs://, read whole
+    with np.load(io.BytesIO(self.path.read_bytes()), allow_pickle=False) as z:
       missing = [k for k in _REQUIRED if k not in z.files]
       if missing:
         raise ValueError(f"{self.path} lacks {missing}; it has {z.files}")

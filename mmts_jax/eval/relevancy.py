@@ -21,10 +21,12 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 __all__ = ["Ek100MirAnnotations", "read_ek100_mir", "class_relevancy", "ek100_relevancy",
            "read_csv_rows", "parse_class_list"]
@@ -52,7 +54,8 @@ class Ek100MirAnnotations:
 
 def read_csv_rows(path: str, required: Sequence[str]) -> list[dict[str, str]]:
   """Rows of a CSV as dicts; a clear error names the file and any missing required column."""
-  with open(path, newline="", encoding="utf-8") as f:
+  # A local file or an object (`gs://...`), read whole through epath.
+  with io.StringIO(epath.Path(path).read_bytes().decode("utf-8"), newline="") as f:
     reader = csv.DictReader(f)
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
