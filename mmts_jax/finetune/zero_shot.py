@@ -30,11 +30,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
-import pathlib
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
 
@@ -121,10 +122,10 @@ class RetrievalTestSet:
                text_key: str = "text", name: str | None = None,
                captions_per_image: int | None = None) -> "RetrievalTestSet":
     """Reads `path` (see the module docstring); `name` defaults to the file's stem."""
-    path = pathlib.Path(path)
+    path = epath.Path(os.fspath(path))   # local or gs://, read whole
     if not path.is_file():
       raise FileNotFoundError(f"test set {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
       missing = [k for k in (image_key, text_key) if k not in z.files]
       if missing:
         raise ValueError(f"{str(path)!r} has no {missing} (the model's input keys); it has "
@@ -163,7 +164,7 @@ class RetrievalTestSet:
     transform = ImageTextTransform(None, image_size=image_size, train=False)
     images = np.stack([transform(source[record_of[k]])["image"] for k in rows])
     texts = np.stack([np.asarray(tokenizer(c), np.int32) for c in captions])
-    return cls(name or pathlib.Path(data_dir).name, images, texts, mapping)
+    return cls(name or epath.Path(os.fspath(data_dir)).name, images, texts, mapping)
 
   def save(self, path: str | os.PathLike, *, image_key: str = "image",
            text_key: str = "text") -> None:
@@ -219,7 +220,7 @@ def load_test_sets(specs: str | Sequence[str], *, image_key: str, text_key: str,
   for spec in specs:
     name, sep, path = spec.strip().rpartition("=")
     name = name if sep else None
-    if pathlib.Path(path).is_dir():
+    if epath.Path(path).is_dir():
       if not tokenizer:
         raise ValueError(f"test set {path!r} is a directory, read as a dataset converted by "
                          f"`mmts prepare`: it needs a tokenizer (directory)")
