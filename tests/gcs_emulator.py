@@ -87,6 +87,19 @@ def patch_handlers() -> None:
                           for regex, methods in server.HANDLERS)
 
 
+def _quiet_disconnects() -> None:
+  """Clients (gcsfs, tensorstore) drop idle keep-alive connections the emulator still answers on;
+  socketserver would print a BrokenPipeError traceback for each."""
+  import socketserver
+  report = socketserver.BaseServer.handle_error
+
+  def handle_error(self, request, client_address):
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+      report(self, request, client_address)
+
+  socketserver.BaseServer.handle_error = handle_error
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--host", default="127.0.0.1")
@@ -95,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.CRITICAL)
   patch_handlers()
+  _quiet_disconnects()
   from gcp_storage_emulator.server import create_server
   server = create_server(args.host, args.port, in_memory=True, default_bucket=args.bucket)
   print(f"gcs emulator on http://{args.host}:{args.port} bucket {args.bucket}", flush=True)
