@@ -38,10 +38,8 @@ import msgpack
 import numpy as np
 from etils import epath
 
-from mmts_jax.atomic_io import is_object_store
+from mmts_jax.atomic_io import atomic_write_bytes, is_object_store  # noqa: F401  (re-exported)
 from mmts_jax.data.fingerprint import Fingerprinter
-
-from mmts_jax.atomic_io import atomic_write_bytes  # noqa: F401  (re-exported)
 
 __all__ = ["Manifest", "RecordWriter", "RecordSource", "write_records", "read_manifest",
            "read_captions", "read_keys", "atomic_write_bytes", "MANIFEST", "FORMAT"]
