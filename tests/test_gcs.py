@@ -211,3 +211,24 @@ def test_two_hosts_read_disjoint_slices_of_a_gs_dataset(gs_dataset):
   for p, h in enumerate(hosts):
     # Record i holds index i: each host fetched exactly the rows of its own slices.
     assert sorted(h.source._reader.read) == sorted(got[p]), p
+
+
+def test_metrics_log_appends_and_truncates_on_gs(gcs_emulator):
+  from mmts_jax.metrics_log import MetricsWriter, truncate_metrics
+  workdir = gcs_emulator.fresh("metrics")
+  w = MetricsWriter(workdir, tensorboard=False)
+  for step in (1, 2, 3):
+    w.write(step, {"loss": 1.0 / step, "bad": float("nan")})
+  # Each record is published as it is written (an object cannot be appended to in place).
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
+  w.close()
+  w = MetricsWriter(workdir, tensorboard=False)   # a resumed run appends after the old records
+  w.write(4, {"loss": 0.25})
+  w.close()
+  assert read_metrics(workdir) == [{"step": 1, "loss": 1.0, "bad": None},
+                                   {"step": 2, "loss": 0.5, "bad": None},
+                                   {"step": 3, "loss": 1.0 / 3, "bad": None},
+                                   {"step": 4, "loss": 0.25}]
+  assert truncate_metrics(workdir, 2) == 2
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+  assert [p.name for p in epath.Path(workdir).iterdir()] == ["metrics.jsonl"]
