@@ -58,6 +58,10 @@ def test_tiny_training_on_gs_stops_and_resumes_bit_exactly(gcs_emulator, tmp_pat
   workdir = epath.Path(gs)
   assert json.loads((workdir / "config.json").read_text())["total_steps"] == 100000
   assert Checkpointer(workdir / "checkpoints", every_steps=3, keep=2).all_steps() == [3, 4]
+  # Orbax's commit marker on object stores (no atomic directory rename there).
+  assert (workdir / "checkpoints" / "4" / "commit_success.txt").exists()
+  # The bug this replaces: `gs://` turned into a local folder `gs:/...`.
+  assert not pathlib.Path("gs:").exists() and not (ROOT / "gs:").exists()
   assert [r["step"] for r in read_metrics(gs)] == [1, 2, 3, 4]
   events = list((workdir / "tensorboard").iterdir())
   assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
