@@ -1,5 +1,5 @@
-"""MM-TS InfoNCE (and max-margin) forward+backward on GPU: mmts_jax's dense, blockwise and ring
-losses beside the peers of ../shared/peers/peer_loss_bench.py, in one run.
+"""MM-TS InfoNCE, max-margin and sigmoid forward+backward on GPU: mmts_jax's dense, blockwise
+and ring losses beside the peers of ../shared/peers/peer_loss_bench.py, in one run.
 
 Every measurement runs in its own process (a clean peak-memory counter, an OOM kills only
 itself) and prints one JSON line; `sweep` runs a plan, writes all lines to one json file
@@ -12,12 +12,21 @@ itself) and prints one JSON line; `sweep` runs a plan, writes all lines to one j
       --out benchmarks/results/loss_h100.json
   # the ring on all local GPUs against one of them, global B=262,144
   python benchmarks/loss_bench.py sweep --plan ring --out benchmarks/results/loss_ring.json
+  # the side-by-side run of benchmarks/BENCHMARKS.md on one H200 (three losses, both dtypes,
+  # both tile kernels at B=32,768, the peers and the card's matmul rates)
+  python benchmarks/loss_bench.py sweep --plan h200 --peers ../shared/peers/peer_loss_bench.py \
+      --out benchmarks/results/loss_h200_side_by_side.json
   # the table again from saved results
   python benchmarks/loss_bench.py table benchmarks/results/loss_h100.json
 
+The table's "roofline" column is the fraction of the run's measured matmul rate (the peer
+script's 8192^3 torch matmul: tf32 for f32 inputs, bf16 for bf16) that the loss reaches,
+counting 8 B^2 D FLOP for forward + backward (one tile product forward, three backward).
+
 Inputs: L2-normalised Gaussian embeddings (f32, or those cast to bf16), per-anchor temperatures
-`0.05 + 0.05 * U(0, 1)`, as the peers. Time: median of `--rep` timed calls of the jitted
-`value_and_grad` w.r.t. both embeddings after `--warm` calls; memory: the device allocator's
+`0.05 + 0.05 * U(0, 1)`, as the peers; the sigmoid loss takes bias -10 (SigLIP's init). Time:
+median of `--rep` timed calls of the jitted `value_and_grad` w.r.t. both embeddings after
+`--warm` calls; memory: the device allocator's
 `peak_bytes_in_use` of the process (inputs, gradients and temporaries).
 """
 from __future__ import annotations
@@ -65,35 +74,35 @@ def run_one(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from mmts_jax import losses
-  from mmts_jax.losses import blockwise
+  from mmts_jax.losses import _pallas_tiles
   res = {"impl": args.impl, "loss": args.loss, "B": args.B, "D": args.D, "dtype": args.dtype,
          "block": args.block, "devices": 1, "tiles": args.tiles}
   if args.tiles != "auto":
-    blockwise.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
+    _pallas_tiles.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
+  if args.no_centre:
+    from mmts_jax.losses import _traversal
+    _traversal.CENTRE_LOW_PRECISION = False
+    res["centre"] = False
   if args.triton:
-    blockwise._SUB, blockwise._SUB_K, warps, stages = args.triton
-    blockwise._TRITON.update(num_warps=warps, num_stages=stages)
+    _pallas_tiles._SUB, _pallas_tiles._SUB_K, warps, stages = args.triton
+    _pallas_tiles._TRITON.update(num_warps=warps, num_stages=stages)
     res["triton"] = args.triton
   try:
     img, txt, tau = _inputs(args.B, args.D, args.dtype)
-    fn = losses.infonce if args.loss == "infonce" else losses.max_margin
     block = tuple(args.block) if args.block else None
-    if args.impl in ("dense", "blockwise"):
-      def loss(x, y):
-        return fn(x, y, tau, impl=args.impl, block_size=block)
-    elif args.impl in ("ring", "gather"):
+    kw = {"bias": -10.0} if args.loss == "sigmoid" else {}
+    mesh = None
+    if args.impl in ("ring", "gather"):
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       devs = jax.devices()
       res["devices"] = len(devs)
       mesh = Mesh(np.array(devs), ("batch",))
-      sharded = losses.make_sharded_loss(mesh, args.loss, sharded=args.impl, block_size=block)
       shard = NamedSharding(mesh, P("batch"))
       img, txt, tau = (jax.device_put(a, shard) for a in (img, txt, tau))
+    fn = losses.get(args.loss, impl=args.impl, block_size=block, mesh=mesh)
 
-      def loss(x, y):
-        return sharded(x, y, tau)
-    else:
-      raise ValueError(f"unknown impl {args.impl!r}")
+    def loss(x, y):
+      return fn(x, y, tau, **kw)
     g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     t0 = time.perf_counter()
     out = jax.block_until_ready(g(img, txt))
@@ -114,7 +123,7 @@ def run_one(args) -> dict:
 # Plans: lists of measurements, each a command line run in a fresh process.
 
 def _ours(impl, b, dtype, block=None, loss="infonce", warm=2, rep=5, env=None, tiles="auto",
-          triton=None):
+          triton=None, centre=True):
   cmd = [sys.executable, os.path.abspath(__file__), "one", "--impl", impl, "--B", str(b),
          "--dtype", dtype, "--loss", loss, "--warm", str(warm), "--rep", str(rep),
          "--tiles", tiles]
@@ -122,6 +131,8 @@ def _ours(impl, b, dtype, block=None, loss="infonce", warm=2, rep=5, env=None, t
     cmd += ["--block", str(block[0]), str(block[1])]
   if triton:
     cmd += ["--triton"] + [str(v) for v in triton]
+  if not centre:
+    cmd += ["--no-centre"]
   return {"cmd": cmd, "env": env or {}}
 
 
@@ -166,6 +177,30 @@ def plan(name, peers):
     p.append(_ours("blockwise", 131072, "bf16", tiles="xla"))
     for b in (32768, 131072):
       p.append(_ours("blockwise", b, "f32", loss="max_margin"))
+    return p
+  if name == "h200":
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+      for mode in ("jax_naive", "infcl", "torch_naive"):
+        p.append(_peer(peers, mode, 32768))
+    p.append(_ours("dense", 32768, "f32"))
+    for b in (32768, 131072):
+      for loss in ("infonce", "max_margin", "sigmoid"):
+        for dtype in ("f32", "bf16"):
+          p.append(_ours("blockwise", b, dtype, loss=loss, rep=5 if b < 131072 else 3))
+    # The other tile kernel of each dtype, where the dispatch chooses between them.
+    p.append(_ours("blockwise", 32768, "f32", tiles="fused"))
+    p.append(_ours("blockwise", 32768, "bf16", tiles="xla"))
+    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    return p
+  if name == "h200_bf16":  # the cost of the centred bf16 backward, and the fused-tile shape
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+    for b in (32768, 131072):
+      for centre in (True, False):
+        p.append(_ours("blockwise", b, "bf16", centre=centre, rep=5 if b < 131072 else 3))
+    for tr in [(128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 3)]:
+      p.append(_ours("blockwise", 32768, "bf16", triton=tr))
     return p
   if name == "max_margin":  # rerun after the 2B(B-1) > 2**31 fix
     for b in (131072, 262144):
@@ -212,18 +247,35 @@ def write_json(path, obj):
   os.replace(tmp, path)
 
 
+def roofline(r, rates) -> str:
+  """Fraction of the run's matmul rate: 8 B^2 D FLOP over the time, against tf32 / bf16."""
+  rate = rates.get({"f32": "tf32_tflops", "bf16": "bf16_tflops"}.get(r.get("dtype", "f32")))
+  if not rate or "ms" not in r or not r.get("D") or r.get("devices", 1) != 1:
+    return ""
+  return f"{8 * r['B'] ** 2 * r['D'] / (r['ms'] * 1e-3) / (rate * 1e12):.2f}"
+
+
 def table(results) -> str:
-  rows = ["| impl | tiles | loss | B | dtype | devices | ms (median) | peak GiB | loss value |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  rates = next((r for r in results if "fp32_tflops" in r), {})
+  rows = ["| impl | tiles | loss | B | dtype | devices | ms (median) | peak GiB | roofline | "
+          "loss value |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  if rates:
+    rows.insert(0, f"matmul rates this run: tf32 {rates.get('tf32_tflops')}, bf16 "
+                   f"{rates.get('bf16_tflops')} TFLOP/s\n")
   for r in results:
     if "fp32_tflops" in r:
       continue
     ms = r.get("ms", r.get("error", "")[:60])
     tiles = r.get("tiles", "") if r.get("impl") in ("blockwise", "ring") else ""
+    if r.get("triton"):
+      tiles += " triton=" + "/".join(str(v) for v in r["triton"])
+    if r.get("centre") is False:
+      tiles += " no-centre"
     lv = f"{r['loss_value']:.6f}" if "loss_value" in r else ""
     rows.append(f"| {r.get('impl', r.get('mode'))} | {tiles} | {r.get('loss', 'infonce')} | "
                 f"{r.get('B')} | {r.get('dtype', 'f32')} | {r.get('devices', 1)} | {ms} | "
-                f"{r.get('peak_gib', '')} | {lv} |")
+                f"{r.get('peak_gib', '')} | {roofline(r, rates)} | {lv} |")
   return "\n".join(rows)
 
 
@@ -233,7 +285,7 @@ def main(argv=None):
   one = sub.add_parser("one", help="one measurement in this process (one JSON line)")
   one.add_argument("--impl", default="blockwise",
                    choices=["dense", "blockwise", "ring", "gather"])
-  one.add_argument("--loss", default="infonce", choices=["infonce", "max_margin"])
+  one.add_argument("--loss", default="infonce", choices=["infonce", "max_margin", "sigmoid"])
   one.add_argument("--B", type=int, default=8192)
   one.add_argument("--D", type=int, default=512)
   one.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
@@ -242,10 +294,14 @@ def main(argv=None):
                    help="xla: the XLA tiles; fused: the Pallas tiles (auto: fused for bf16 on GPU)")
   one.add_argument("--triton", type=int, nargs=4, default=None,
                    metavar=("SUB", "SUB_K", "WARPS", "STAGES"), help="fused-tile parameters")
+  one.add_argument("--no-centre", action="store_true",
+                   help="plain bf16 gradient matmuls (no per-tile centring): its cost")
   one.add_argument("--warm", type=int, default=2)
   one.add_argument("--rep", type=int, default=5)
   sw = sub.add_parser("sweep", help="run a plan, one process per measurement")
-  sw.add_argument("--plan", required=True, choices=["explore", "explore2", "h100", "max_margin", "ring"])
+  sw.add_argument("--plan", required=True,
+                  choices=["explore", "explore2", "h100", "h200", "h200_bf16", "max_margin",
+                           "ring"])
   sw.add_argument("--peers", default=None, help="path of peer_loss_bench.py (optional)")
   sw.add_argument("--out", required=True)
   sw.add_argument("--timeout", type=int, default=240)

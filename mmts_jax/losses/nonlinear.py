@@ -15,7 +15,7 @@ is `O(B * block_size)` instead of `O(B^2)`, for any `phi`/`psi`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ import numpy as np
 from mmts_jax.losses import _checks
 from mmts_jax.losses.dense import compute_dtype, similarity
 
-__all__ = ["nonlinear_mmcl", "nonlinear_mmcl_similarity", "is_infonce_pair"]
+__all__ = ["is_infonce_pair", "nonlinear_mmcl", "nonlinear_mmcl_similarity"]
 
 Elementwise = Callable[[jax.Array], jax.Array]
 

@@ -3,7 +3,7 @@ r"""Ring-sharded InfoNCE and max-margin: the global-batch loss without gathering
 Called inside `shard_map` (or `pmap`) with `axis_name`, each of the `n` devices holds `b` rows of
 each modality. The text blocks, with their per-anchor temperatures (or margins) and global
 indices, travel around the ring (`lax.ppermute` to the next device); at every hop each device
-multiplies its own image rows with the visiting block, tile by tile (`blockwise.sweep`):
+multiplies its own image rows with the visiting block, tile by tile (`_traversal.sweep`):
 
 * its rows' image->text statistics stay at home and accumulate over the `n` hops;
 * the visiting columns' text->image statistics travel with their block, and one last hop brings
@@ -21,39 +21,12 @@ local rows of the global gradient.
 """
 from __future__ import annotations
 
-import jax
 from jax import lax
 
-from mmts_jax.losses import blockwise
+from mmts_jax.losses import blockwise, blockwise_sigmoid
+from mmts_jax.losses._traversal import axis_size, resolve_blocks, ring_traverse
 
-__all__ = ["infonce_ring", "max_margin_ring", "ring_traverse"]
-
-
-def _shift(tree, axis_name, n):
-  perm = [(i, (i + 1) % n) for i in range(n)]
-  return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
-
-
-def ring_traverse(step, fixed, moving, carry, axis_name):
-  """Visits every device's column blocks: `n` calls of `step(fixed, moving, carry)`.
-
-  `fixed` (the visiting blocks and their read-only data) is forwarded to the next device before
-  `step` runs, so the send overlaps it; `moving` (per-column state) is forwarded after `step`
-  has updated it. After `n` hops `moving` is back on its own device; `carry` never moves.
-  """
-  n = blockwise._axis_size(axis_name)
-  if n == 1:
-    return step(fixed, moving, carry)
-
-  def hop(state, _):
-    fixed, moving, carry = state
-    upcoming = _shift(fixed, axis_name, n)  # independent of `step`: XLA overlaps the two
-    carry, moving = step(fixed, moving, carry)
-    return (upcoming, _shift(moving, axis_name, n), carry), None
-
-  (fixed, moving, carry), _ = lax.scan(hop, (fixed, moving, carry), None, length=n - 1)
-  carry, moving = step(fixed, moving, carry)  # the last block needs no onward send
-  return carry, _shift(moving, axis_name, n)
+__all__ = ["infonce_ring", "max_margin_ring", "ring_traverse", "sigmoid_ring"]
 
 
 def infonce_ring(image, text, temperature, axis_name, *, block_size=None, precision=None):
@@ -73,8 +46,8 @@ def infonce_ring(image, text, temperature, axis_name, *, block_size=None, precis
     ...                   in_specs=P("batch"), out_specs=P())
   """
   b = image.shape[0]
-  blocks = blockwise.resolve_blocks(block_size, b, b, "infonce")
-  n = blockwise._axis_size(axis_name)
+  blocks = resolve_blocks(block_size, b, b, "infonce")
+  n = axis_size(axis_name)
   part = blockwise.infonce_partial_sum(image, text, temperature, blocks, precision, axis_name)
   return lax.psum(part, axis_name) / (2 * n * b)
 
@@ -82,10 +55,24 @@ def infonce_ring(image, text, temperature, axis_name, *, block_size=None, precis
 def max_margin_ring(image, text, margin, axis_name, *, block_size=None, precision=None):
   """Global-batch max-margin loss from the local shard (ring), as `infonce_ring`."""
   b = image.shape[0]
-  n = blockwise._axis_size(axis_name)
+  n = axis_size(axis_name)
   total = n * b
   if total < 2:
     raise ValueError("max_margin: needs a global batch of at least 2")
-  blocks = blockwise.resolve_blocks(block_size, b, b, "max_margin")
+  blocks = resolve_blocks(block_size, b, b, "max_margin")
   part = blockwise.max_margin_partial_sum(image, text, margin, blocks, precision, axis_name)
   return lax.psum(part, axis_name) / float(2 * total * (total - 1))
+
+
+def sigmoid_ring(image, text, temperature, axis_name, *, bias, block_size=None, precision=None):
+  """Global-batch sigmoid loss from the local shard (ring), as `infonce_ring`.
+
+  The visiting text blocks carry their temperatures, biases and global indices; the per-anchor
+  sums of the columns travel with them and come home on the last hop.
+  """
+  b = image.shape[0]
+  blocks = resolve_blocks(block_size, b, b, "sigmoid")
+  n = axis_size(axis_name)
+  part = blockwise_sigmoid.sigmoid_partial_sum(image, text, temperature, bias, blocks, precision,
+                                               axis_name)
+  return lax.psum(part, axis_name) / (2 * n * b)

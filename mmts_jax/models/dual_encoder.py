@@ -27,7 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmts_jax.losses import cosine_normalize
+from mmts_jax.normalize import cosine_normalize
 
 
 class DualEncoder(nn.Module):

@@ -1,0 +1,238 @@
+r"""How the tiled losses visit the similarity matrix: tile sizes, layout, the local sweep and the
+ring over devices.
+
+Every blockwise loss (InfoNCE, max-margin, sigmoid) is written as a `tile(r, c, rs, cs)` function
+of one row block and one column block and their running states; this module runs it over every
+`(row block, column block)` pair, either locally (`sweep`) or, with `axis_name`, over every
+device's column blocks passed round a ring (`ring_traverse`). It imports no loss module, so the
+losses import it and not each other.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mmts_jax.normalize import compute_dtype
+
+__all__ = [
+  "DEFAULT_BLOCK",
+  "SUB",
+  "Blocks",
+  "axis_size",
+  "resolve_blocks",
+  "ring_traverse",
+  "sweep",
+  "traverse",
+]
+
+# Default tile, (rows, cols). Large enough that each tile's matmul keeps a GPU's matrix units busy,
+# small enough that a few f32 tiles stay well under a GiB (see benchmarks/BENCHMARKS.md).
+DEFAULT_BLOCK = (8192, 8192)
+# The fused kernels' sub-tile edge (rows and columns per Triton program): tiles are clipped to the
+# batch in whole sub-tiles so a ragged batch still takes the fused path, masked.
+SUB = 128
+
+
+class Blocks(NamedTuple):
+  rows: int
+  cols: int
+
+
+def resolve_blocks(block_size, rows: int, cols: int, fn: str = "blockwise") -> Blocks:
+  """`block_size` (None, an int for square tiles, or `(rows, cols)`) clipped to the batch.
+
+  Example:
+    >>> resolve_blocks(None, 5000, 5000)
+    Blocks(rows=5120, cols=5120)
+  """
+  if block_size is None:
+    block_size = DEFAULT_BLOCK
+  if isinstance(block_size, (tuple, list)):
+    if len(block_size) != 2:
+      raise ValueError(f"{fn}: block_size must be an int or (rows, cols), got {block_size!r}")
+    br, bc = block_size
+  else:
+    br = bc = block_size
+  for v in (br, bc):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise TypeError(f"{fn}: block_size must be an int or a pair of ints, got {block_size!r}")
+    if v < 1:
+      raise ValueError(f"{fn}: block_size must be >= 1, got {block_size!r}")
+  return Blocks(_clip(int(br), rows), _clip(int(bc), cols))
+
+
+def _clip(block: int, n: int) -> int:
+  """At most `block`, and no more than `n` rounded up to whole `SUB` sub-tiles."""
+  if n <= SUB:
+    return min(block, n)
+  return min(block, -(-n // SUB) * SUB)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: (B, ...) arrays split into (num_blocks, block, ...) with padding.
+
+
+def split(x, blk: int, fill=0):
+  """`(B, ...)` -> `(ceil(B / blk), blk, ...)`, the last block padded with `fill`."""
+  n = -(-x.shape[0] // blk)
+  pad = n * blk - x.shape[0]
+  if pad:
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+  return x.reshape((n, blk) + x.shape[1:])
+
+
+def merge(x, b: int):
+  """Inverse of `split`: the first `b` rows."""
+  return x.reshape((-1,) + x.shape[2:])[:b]
+
+
+def axis_size(axis_name) -> int:
+  """The number of devices along `axis_name` (a name or a tuple of names)."""
+  return int(lax.psum(1, axis_name))
+
+
+def global_ids(b: int, axis_name):
+  """Global index of each local sample (the diagonal of the global similarity)."""
+  ids = jnp.arange(b, dtype=jnp.int32)
+  if axis_name is not None:
+    ids = ids + lax.axis_index(axis_name).astype(jnp.int32) * b
+  return ids
+
+
+def varying(tree, axis_name):
+  """Marks freshly created carries as device-varying, as `shard_map`'s type check wants."""
+  if axis_name is None or not hasattr(lax, "pcast"):
+    return tree
+
+  def cast(x):
+    try:
+      return lax.pcast(x, axis_name, to="varying")
+    except (ValueError, TypeError, NameError, NotImplementedError):
+      return x  # pmap, or already varying
+  return jax.tree.map(cast, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmuls of one tile.
+
+
+def matmul(a, b, precision):
+  """`a @ b.T` in f32 (or f64) accumulation, low-precision operands fed as they are."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=compute_dtype(a, b))
+
+
+def _grad_dots(ds, xr, yc, precision, out):
+  dx = lax.dot_general(ds, yc, (((1,), (0,)), ((), ())), precision=precision,
+                       preferred_element_type=out)
+  dy = lax.dot_general(ds, xr, (((0,), (0,)), ((), ())), precision=precision,
+                       preferred_element_type=out)
+  return dx, dy
+
+
+# Centre the low-precision gradient matmuls (see grad_matmuls). Read at trace time; the benchmark
+# turns it off to measure what it costs.
+CENTRE_LOW_PRECISION = True
+
+
+def grad_matmuls(ds, xr, yc, precision, sums=None):
+  r"""`(dS @ Y_c, dS^T @ X_r)`; bf16 embeddings get a bf16 `dS` so both run on the fast units.
+
+  Rounding `dS` to bf16 alone loses the gradient when the embeddings share a large common
+  component (near-duplicates, late training): `dX_i = sum_j dS_ij y_j` cancels that component
+  almost exactly, and a 2^-8 relative error per `dS_ij` does not. So with a low-precision `dS`
+  the operands are centred per tile, exactly:
+
+  .. math::
+    dS\,Y = dS\,(Y - \mathbf{1}\bar y^\top) + (dS\,\mathbf{1})\,\bar y^\top,
+
+  the bf16 matmul sees only the small residuals `Y - ybar` and the row sums `dS 1` (and column
+  sums for `dS^T X`) stay float32. `sums`: those `(row, column)` sums when the caller has them
+  (the fused kernels), else they are computed from `ds`.
+  """
+  op = jnp.result_type(xr, yc)
+  out = compute_dtype(xr, yc)
+  if not CENTRE_LOW_PRECISION:
+    return _grad_dots(ds.astype(op), xr, yc, precision, out)
+  if jnp.finfo(op).bits >= jnp.finfo(ds.dtype).bits and sums is None:
+    return _grad_dots(ds, xr, yc, precision, out)
+  if sums is None:
+    sums = (jnp.sum(ds, axis=1, dtype=out), jnp.sum(ds, axis=0, dtype=out))
+  x_mean = jnp.mean(xr.astype(out), axis=0)
+  y_mean = jnp.mean(yc.astype(out), axis=0)
+  xc = (xr.astype(out) - x_mean).astype(op)
+  yc_ = (yc.astype(out) - y_mean).astype(op)
+  dx, dy = _grad_dots(ds.astype(op), xc, yc_, precision, out)
+  return dx + sums[0][:, None] * y_mean, dy + sums[1][:, None] * x_mean
+
+
+# ---------------------------------------------------------------------------------------------
+# Traversal: every row block meets every column block once.
+
+
+def sweep(tile: Callable, rows, cols, row_state, col_state):
+  """Runs `tile` over all (row block, column block) pairs.
+
+  `rows`/`row_state` are pytrees of `(nR, Br, ...)` arrays, `cols`/`col_state` of `(nC, Bc, ...)`.
+  `tile(r, c, rs, cs) -> (rs, cs)` sees one block of each. The row state stays in the inner
+  loop's carry; the column state is threaded through as the inner scan's xs/ys, so no
+  dynamic-update-slice of a large buffer is needed.
+  """
+  def outer(cs_all, r_xs):
+    r, rs = r_xs
+
+    def inner(rs, c_xs):
+      c, cs = c_xs
+      return tile(r, c, rs, cs)
+
+    rs, cs_all = lax.scan(inner, rs, (cols, cs_all))
+    return cs_all, rs
+
+  col_state, row_state = lax.scan(outer, col_state, (rows, row_state))
+  return row_state, col_state
+
+
+def _shift(tree, axis_name, n):
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+
+
+def ring_traverse(step, fixed, moving, carry, axis_name):
+  """Visits every device's column blocks: `n` calls of `step(fixed, moving, carry)`.
+
+  `fixed` (the visiting blocks and their read-only data) is forwarded to the next device before
+  `step` runs, so the send overlaps it; `moving` (per-column state) is forwarded after `step`
+  has updated it. After `n` hops `moving` is back on its own device; `carry` never moves.
+  """
+  n = axis_size(axis_name)
+  if n == 1:
+    return step(fixed, moving, carry)
+
+  def hop(state, _):
+    fixed, moving, carry = state
+    upcoming = _shift(fixed, axis_name, n)  # independent of `step`: XLA overlaps the two
+    carry, moving = step(fixed, moving, carry)
+    return (upcoming, _shift(moving, axis_name, n), carry), None
+
+  (fixed, moving, carry), _ = lax.scan(hop, (fixed, moving, carry), None, length=n - 1)
+  carry, moving = step(fixed, moving, carry)  # the last block needs no onward send
+  return carry, _shift(moving, axis_name, n)
+
+
+def traverse(tile, rows, fixed, moving, carry, axis_name):
+  """All local rows meet all columns: the local ones, or, with `axis_name`, every device's.
+
+  `fixed` are the column blocks and their read-only data, `moving` the per-column state that
+  accumulates over rows (and, sharded, travels home with its block); `carry` the row state.
+  Returns `(row state, column state)`.
+  """
+  def step(fixed, moving, carry):
+    return sweep(tile, rows, fixed, carry, moving)
+  if axis_name is None:
+    return step(fixed, moving, carry)
+  return ring_traverse(step, fixed, moving, carry, axis_name)

@@ -1,0 +1,168 @@
+r"""Blockwise sigmoid (SigLIP) loss with per-anchor temperature: no `(B, B)` array.
+
+The loss (`mmts_jax.losses.sigmoid` states it in full) is a sum over all pairs of
+
+.. math::
+  \ell(u) = \log(1 + e^{-u}), \qquad
+  u^r_{ij} = z_{ij}\,(s_{ij}/\tau_i + b_i), \qquad u^c_{ij} = z_{ij}\,(s_{ij}/\tau_j + b_j),
+
+`z_ij = +1` on the (global) diagonal and `-1` off it: the row (image) anchor `i` weighs pair
+`(i, j)` with its own temperature and bias, the column (text) anchor `j` with its own. There is
+no normaliser across pairs, so each tile's rows and columns just add their terms to per-anchor
+sums. The backward (`jax.custom_vjp`) recomputes each tile once and forms
+
+.. math::
+  p^r_{ij} = -z_{ij}\,\sigma(-u^r_{ij}), \qquad
+  \frac{\partial L}{\partial s_{ij}} = g^r_i\,p^r_{ij}/\tau_i + g^c_j\,p^c_{ij}/\tau_j,
+
+then `dX += dS Y_c`, `dY_c += dS^T X_r`; the temperature and bias gradients are the per-anchor
+sums of `p s` and `p`. Memory `O(B*D + rows*cols)`; any `B` (the last tile is masked). The same
+tiles run over the ring (`mmts_jax.losses.ring.sigmoid_ring`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mmts_jax.losses import _checks
+from mmts_jax.losses._traversal import (
+  global_ids,
+  grad_matmuls,
+  matmul,
+  merge,
+  resolve_blocks,
+  split,
+  traverse,
+  varying,
+)
+from mmts_jax.normalize import compute_dtype
+
+__all__ = ["sigmoid_blockwise", "sigmoid_partial_sum"]
+
+
+def _pair_terms(s, rid, cid, ar, cr, ac, cc):
+  """`(u^r, u^c, valid)` of one tile: the signed logits of both anchors of every pair."""
+  z = jnp.where(rid[:, None] == cid[None, :], 1.0, -1.0).astype(s.dtype)
+  valid = (rid[:, None] >= 0) & (cid[None, :] >= 0)
+  ur = z * (s * ar[:, None] + cr[:, None])
+  uc = z * (s * ac[None, :] + cc[None, :])
+  return z, ur, uc, valid
+
+
+def _fwd_tile(precision, r, c, rs, cs):
+  xr, ar, cr, rid = r
+  yc, ac, cc, cid = c
+  s = matmul(xr, yc, precision)
+  _, ur, uc, valid = _pair_terms(s, rid, cid, ar, cr, ac, cc)
+  # softplus(-u) = log(1 + e^{-u}) = -log sigmoid(u), stable for any sign of u.
+  lr = jnp.where(valid, jax.nn.softplus(-ur), 0.0)
+  lc = jnp.where(valid, jax.nn.softplus(-uc), 0.0)
+  return rs + jnp.sum(lr, axis=1), cs + jnp.sum(lc, axis=0)
+
+
+def _bwd_tile(precision, r, c, rs, cs):
+  xr, ar, cr, rid, gr = r
+  yc, ac, cc, cid, gc = c
+  dx, sr, qr = rs
+  dy, sc, qc = cs
+  s = matmul(xr, yc, precision)
+  z, ur, uc, valid = _pair_terms(s, rid, cid, ar, cr, ac, cc)
+  # d softplus(-u) / d(s a + c) = -z sigmoid(-u).
+  pr = jnp.where(valid, -z * jax.nn.sigmoid(-ur), 0.0)
+  pc = jnp.where(valid, -z * jax.nn.sigmoid(-uc), 0.0)
+  ds = (gr * ar)[:, None] * pr + (gc * ac)[None, :] * pc
+  ddx, ddy = grad_matmuls(ds, xr, yc, precision)
+  return ((dx + ddx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
+          (dy + ddy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)))
+
+
+def _layout(x, y, a, c, blocks, axis_name):
+  ids = global_ids(x.shape[0], axis_name)
+  rows = (split(x, blocks.rows), split(a, blocks.rows, 1), split(c, blocks.rows),
+          split(ids, blocks.rows, -1))
+  cols = (split(y, blocks.cols), split(a, blocks.cols, 1), split(c, blocks.cols),
+          split(ids, blocks.cols, -1))
+  return rows, cols
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def sigmoid_sums(x, y, a, c, blocks, precision, axis_name):
+  """Per-anchor sums `(sum_j l(u^r_ij), sum_i l(u^c_ij))` for the local rows and columns.
+
+  `a = 1/tau` and `c` (the bias) are `(b,)` vectors in the compute dtype.
+  """
+  rows, cols = _layout(x, y, a, c, blocks, axis_name)
+  zr = varying(jnp.zeros(rows[1].shape, a.dtype), axis_name)
+  zc = varying(jnp.zeros(cols[1].shape, a.dtype), axis_name)
+  tile = functools.partial(_fwd_tile, precision)
+  rsum, csum = traverse(tile, rows, cols, zc, zr, axis_name)
+  b = x.shape[0]
+  return merge(rsum, b), merge(csum, b)
+
+
+def _sums_fwd(x, y, a, c, blocks, precision, axis_name):
+  return sigmoid_sums(x, y, a, c, blocks, precision, axis_name), (x, y, a, c)
+
+
+def _sums_bwd(blocks, precision, axis_name, res, g):
+  x, y, a, c = res
+  gr, gc = g
+  rows, cols = _layout(x, y, a, c, blocks, axis_name)
+  rows = rows + (split(gr, blocks.rows),)
+  cols = cols + (split(gc, blocks.cols),)
+  acc = compute_dtype(x, y)
+  d = x.shape[1]
+
+  def zeros(blk):
+    return (jnp.zeros(blk.shape + (d,), acc), jnp.zeros(blk.shape, a.dtype),
+            jnp.zeros(blk.shape, a.dtype))
+  row0 = varying(zeros(rows[1]), axis_name)
+  col0 = varying(zeros(cols[1]), axis_name)
+  tile = functools.partial(_bwd_tile, precision)
+  (dx, sr, qr), (dy, sc, qc) = traverse(tile, rows, cols, col0, row0, axis_name)
+  b = x.shape[0]
+  da = gr * merge(sr, b) + gc * merge(sc, b)
+  dc = gr * merge(qr, b) + gc * merge(qc, b)
+  return merge(dx, b).astype(x.dtype), merge(dy, b).astype(y.dtype), da, dc
+
+
+sigmoid_sums.defvjp(_sums_fwd, _sums_bwd)
+
+
+def sigmoid_partial_sum(image, text, temperature, bias, blocks, precision, axis_name):
+  """Sum of the local anchors' terms, both roles (divide by 2B for the loss)."""
+  dt = compute_dtype(image, text)
+  b = image.shape[0]
+  tau = jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
+  c = jnp.broadcast_to(jnp.asarray(bias, dt), (b,))
+  # A scalar temperature or bias given inside shard_map is replicated: mark it device-varying
+  # (its gradient is then psum-ed back) so it can travel round the ring with its block.
+  a, c = varying((1.0 / tau, c), axis_name)
+  rsum, csum = sigmoid_sums(image, text, a, c, blocks, precision, axis_name)
+  return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(tau,), finite=(c,),
+                                  axis_name=axis_name)
+
+
+def sigmoid_blockwise(image, text, temperature, *, bias, block_size=None, precision=None):
+  """The sigmoid loss with per-anchor temperature, tile by tile (never a `(B, B)` array).
+
+  Same value and gradients as `dense.sigmoid_dense`; memory `O(B*D + rows*cols)`.
+
+  Args:
+    image, text: `(B, D)` embeddings, used as given; bf16 accepted (f32 accumulation).
+    temperature: scalar or `(B,)` per-anchor temperatures, > 0.
+    bias: scalar (SigLIP's `b`) or `(B,)` per-anchor bias.
+    block_size: None (the default tile), an int (square tiles) or `(rows, cols)`.
+    precision: matmul precision.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> loss = sigmoid_blockwise(jnp.eye(3), jnp.eye(3), 0.1, bias=-5.0, block_size=2)
+    >>> round(float(loss), 4)  # all 9 pairs have |u| = 10 - 5: 9 log(1 + e^-5) / 3
+    0.0201
+  """
+  b = image.shape[0]
+  blocks = resolve_blocks(block_size, b, b, "sigmoid")
+  return sigmoid_partial_sum(image, text, temperature, bias, blocks, precision, None) / (2 * b)
