@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from mmts_jax.train import default_config
+from mmts_jax.config_defaults import default_config, with_row
 
 
 def _minilm_tokenizer() -> str:
@@ -22,7 +22,7 @@ def _minilm_tokenizer() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def get_config():
+def get_config(row: str = ""):
   c = default_config()
   c.total_steps = 30
   c.batch_size = 32
@@ -38,4 +38,4 @@ def get_config():
       mlp_dim=64, pool="mean", causal=False, pad_id=0))
   c.optim.update(lr=1e-3, warmup_steps=3)
   c.checkpoint.update(every_steps=10, keep=2)
-  return c
+  return with_row(c, row)

@@ -130,7 +130,7 @@ def test_eval_reads_and_writes_gs(gcs_emulator, capsys):
   assert [p.name for p in epath.Path(f"{base}/results").iterdir()] == ["metrics.json"]
   assert cli.main(["eval", "retrieval", "--embeddings", f"{base}/nope.npz",
                    "--captions-per-image", "2"]) == 2
-  assert f"no such file: {base}/nope.npz" in capsys.readouterr().err
+  assert f"{base}/nope.npz: does not exist" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
