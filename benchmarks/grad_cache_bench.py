@@ -41,15 +41,14 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mmts_jax import train  # noqa: E402
-from mmts_jax.data import sources  # noqa: E402
-from mmts_jax.train import grad_cache  # noqa: E402
-from mmts_jax.train.step import compile_train_step  # noqa: E402
+from mmts_jax import train
+from mmts_jax.data import sources
+from mmts_jax.train import grad_cache
+from mmts_jax.train.step import compile_train_step
 
 MODELS = {
     "vit_b16": dict(image=dict(name="vit", variant="B/16"), image_size=224, text_dim=512,

@@ -44,6 +44,7 @@ Example:
   >>> from mmts_jax import losses, temperature
   >>> from mmts_jax.models import DualEncoder, FeatureTower
   >>> from mmts_jax.train import state as state_lib
+  >>> from mmts_jax.train.step import train_step
   >>> model = DualEncoder(FeatureTower((8,)), FeatureTower((8,)), embed_dim=4,
   ...                     image_key="x", text_key="y")
   >>> batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (8, 3)), "y": jnp.eye(8),
@@ -62,12 +63,13 @@ from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmts_jax import mesh as mesh_lib
 from mmts_jax.temperature import Policy
 from mmts_jax.train.state import TrainState
-from mmts_jax.train.step import _forward, apply_gradients, train_step
+from mmts_jax.train.step import _forward, apply_gradients
 
 __all__ = ["micro_batch_step", "check_micro_batch", "split_micro", "merge_micro",
            "ACCUMULATIONS"]
