@@ -1,7 +1,8 @@
 """`python -m mmts_jax.study --out DIR`: the whole study, raw json per trial and seed.
 
-  python -m mmts_jax.study --out DIR [--seeds 16] [--steps 300] [--knobs]
-  python -m mmts_jax.study.report DIR --out docs/study.md [--notes NOTES.md]
+  python -m mmts_jax.study --out DIR [--seeds 16] [--steps 300] [--knobs] \
+      [--doc docs/study.md [--notes NOTES.md] [--ek100 EK100_DIR/results.json]]
+  python -m mmts_jax.study.report DIR --out docs/study.md [--notes NOTES.md] [--ek100 ...]
 
 Writes `DIR/trials.jsonl` (one line per trial: every seed's validation and test numbers and
 temperatures, as soon as the trial is done), `DIR/results.json` (selection, paired intervals,
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
   p.add_argument("--knob-budget", type=float, default=float("inf"),
                  help="skip the knob variants once this many seconds have passed")
   p.add_argument("--small", action="store_true", help="a tiny task (tests, CPU smoke runs)")
+  p.add_argument("--doc", default="", help="also write the report (e.g. docs/study.md)")
+  p.add_argument("--notes", default="", help="with --doc: the written answer, under the title")
+  p.add_argument("--ek100", default="", help="with --doc: the EK-100 results.json to include")
   args = p.parse_args(argv)
 
   import jax
@@ -117,6 +121,10 @@ def main(argv=None) -> int:
                      "edges": vres["edges"], "num_train": len(vtask.train_label)}
       _write_json(os.path.join(args.out, "knobs.json"), knobs)
     print(f"all done in {time.perf_counter() - t0:.0f}s", flush=True)
+  if args.doc:
+    from mmts_jax.study import report
+    report.main([args.out, "--out", args.doc] + (["--notes", args.notes] if args.notes else [])
+                + (["--ek100", args.ek100] if args.ek100 else []))
   return 0
 
 

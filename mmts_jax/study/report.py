@@ -1,7 +1,8 @@
 """`docs/study.md` from a study's raw per-trial, per-seed json lines.
 
-  python -m mmts_jax.study.report benchmarks/results/study --out docs/study.md \
-      --notes benchmarks/results/study/notes.md
+  python -m mmts_jax.study.report benchmarks/results/study/wide --out docs/study.md \
+      --notes benchmarks/results/study/wide/notes.md \
+      --ek100 benchmarks/results/study/ek100_text/results.json
 
 Everything is recomputed from `trials.jsonl` (the selection on validation, the paired test
 intervals, the temperatures), so every number in the document has its raw json; `results.json`
@@ -139,7 +140,56 @@ def _row_vs_row(trials, selected, pairs) -> list[str]:
   return (["## The oscillation on top of the shifts", ""] + lines + [""]) if lines else []
 
 
-def render(trials_path: str, results_path: str | None = None, json_dir: str = "") -> str:
+EK100_LABELS = {"mimm_fixed": "max-margin, fixed margin 0.2 (AVION MI-MM)",
+                "mimm_mmts": "max-margin, MM-TS (alpha 0.20, shifts [0.17, 0.30])",
+                "mimm_mmts_lm": "max-margin, MM-TS level-matched to 0.2",
+                "infonce_fixed": "InfoNCE, fixed 0.07",
+                "infonce_mmts": "InfoNCE, MM-TS (alpha 0.04, shifts [0.05, 0.10])",
+                "infonce_mmts_lm": "InfoNCE, MM-TS level-matched to 0.07"}
+
+
+def render_ek100(path: str) -> list[str]:
+  """The EK-100 real-text section from `python -m mmts_jax.study.ek100`'s results.json."""
+  with open(path) as f:
+    res = json.load(f)
+  rows, paired, meta = res["rows"], res["paired_to_fixed"], res["meta"]
+  seeds = len(next(iter(rows.values()))["seeds"])
+  q = meta["bucket_queries"]
+  lines = ["## EK-100 MIR with a real text side", "",
+           "Text: the packaged Flax all-MiniLM-L6-v2 embeddings of the real narrations (15,989 "
+           "training captions, 3,842 validation captions) and a trained MLP head. **Video: "
+           "class-derived features** (`mmts_jax.finetune.ek100_features`: verb + noun class "
+           "latent plus noise through a fixed random map), not real video, with a trained MLP "
+           "head. No tuning (EK-100 has only the MIR validation split, which reports): AVION's and "
+           "the paper's values. MIR mAP / nDCG (official definitions) on the whole validation "
+           f"split ({meta['val_shape'][0]} videos x {meta['val_shape'][1]} captions), overall and "
+           "by the official noun frequency (`ek100_noun_freq.csv`) of the query's main noun: "
+           "head / middle / tail = the noun classes holding the first / second / last third of "
+           f"the training narrations (query videos per bucket {q['videos']}, captions "
+           f"{q['captions']}). {seeds} paired seeds (initialisation and batch order), "
+           f"{meta['command'].split('--steps ')[-1].split()[0] if '--steps' in meta['command'] else '600'}"
+           f" steps of 256; CPU (`{meta['command']}`, {meta['seconds']:.0f} s, raw json "
+           f"`{path}`).", "",
+           "| row | value mean (min, max) | mAP all | head | middle | tail | nDCG all |",
+           "|---|---|---|---|---|---|---|"]
+  for name, rec in rows.items():
+    m = lambda k: 100 * np.mean([s[k] for s in rec["test"]])
+    lines.append(f"| {EK100_LABELS.get(name, name)} | {rec['value_mean']:.3f} "
+                 f"({rec['value_min']:.3f}, {rec['value_max']:.3f}) | {m('all/mAP'):.2f} | "
+                 f"{m('head/mAP'):.2f} | {m('middle/mAP'):.2f} | {m('tail/mAP'):.2f} | "
+                 f"{m('all/nDCG'):.2f} |")
+  lines += ["", "Paired difference to the fixed row of the same loss (points, mean [95% CI]):", "",
+            "| row | mAP all | head | middle | tail | nDCG all | nDCG tail |",
+            "|---|---|---|---|---|---|---|"]
+  for name, p in paired.items():
+    lines.append(f"| {EK100_LABELS.get(name, name)} | " + " | ".join(
+        fmt_interval(p[k]) for k in ("all/mAP", "head/mAP", "middle/mAP", "tail/mAP",
+                                     "all/nDCG", "tail/nDCG")) + " |")
+  return lines + [""]
+
+
+def render(trials_path: str, results_path: str | None = None, json_dir: str = "",
+           ek100_path: str | None = None) -> str:
   """The markdown of `docs/study.md`."""
   settings = load_trials(trials_path)
   main = settings["main"]
@@ -248,6 +298,8 @@ def render(trials_path: str, results_path: str | None = None, json_dir: str = ""
                 f"Selected fixed temperature {_trial_text('fixed', fixed)}; grid edges: " +
                 ("; ".join(edge_text) or "none") + "."]
       lines += [""] + _paired_section(recs, sel, ("R@1", "mAP"), "")
+  if ek100_path:
+    lines += render_ek100(ek100_path)
   skipped = [s for s in ("head_duplicates=0.5", "imbalance=10") if s not in settings]
   if skipped:
     lines += ["Not run (skipped by the run's `--knob-budget`, which kept it inside its "
@@ -262,12 +314,13 @@ def main(argv=None) -> int:
   p.add_argument("--note", action="append", default=[],
                  help="a line added under the title (e.g. the commit that ran the study)")
   p.add_argument("--notes", help="a markdown file added under the title (the written answer)")
+  p.add_argument("--ek100", help="results.json of `python -m mmts_jax.study.ek100`")
   args = p.parse_args(argv)
   if args.notes:
     with open(args.notes) as f:
       args.note += f.read().rstrip("\n").split("\n")
   text = render(os.path.join(args.dir, "trials.jsonl"), os.path.join(args.dir, "results.json"),
-                json_dir=args.dir)
+                json_dir=args.dir, ek100_path=args.ek100)
   if args.note:
     title, rest = text.split("\n", 1)
     text = title + "\n\n" + "\n".join(args.note) + "\n" + rest
