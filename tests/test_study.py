@@ -148,3 +148,32 @@ def test_on_edge_names_the_axes():
   assert experiment.on_edge(trials, 4) == []  # (2, 2): inside
   assert experiment.on_edge(trials, 8) == ["c (largest)", "w (largest)"]
   assert experiment.on_edge(trials, 1) == ["c (smallest)"]
+
+
+def test_ek100_task_and_bucketed_mir():
+  """EK-100 real-text task: the official frequencies as clusters, MIR by noun bucket equals the
+  library's MIR on the masked queries (an independent call)."""
+  import pathlib
+
+  from mmts_jax.eval.ek100_mir import mir_metrics
+  from mmts_jax.study import ek100
+  ann = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ek100"
+  text = {"train": np.zeros((15989, 4), np.float32), "val": np.zeros((3842, 4), np.float32)}
+  task, val = ek100.build_task(str(ann), text)
+  assert task.train["image"].shape == (15989, 64) and task.val["image"].shape == (9668, 64)
+  assert np.all(task.sample_sizes() > 0) and val["relevancy"].shape == (9668, 3842)
+  assert set(np.unique(val["video_bucket"])) == {0, 1, 2}
+  with pytest.raises(ValueError, match="stale cache"):
+    ek100.build_task(str(ann), {"train": text["train"][:5], "val": text["val"]})
+  # A small slice of the relevancy: 3 buckets of queries, every query with an exact match.
+  rng = np.random.default_rng(0)
+  rel = np.eye(6, dtype=np.float32) * 0.5 + np.eye(6, dtype=np.float32) * 0.5
+  rel[0, 1] = rel[1, 0] = 0.5
+  small = {"relevancy": rel, "video_bucket": np.array([0, 0, 1, 1, 2, 2]),
+           "caption_bucket": np.array([0, 1, 1, 2, 2, 0])}
+  v, t = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+  got = ek100.evaluate(v, t, small)
+  want = mir_metrics(v @ t.T, rel)
+  np.testing.assert_allclose(got["all/mAP"], want["mAP"].average, rtol=1e-6)
+  np.testing.assert_allclose(got["all/nDCG"], want["nDCG"].average, rtol=1e-6)
+  assert set(got) == {f"{b}/{m}" for b in ek100.BUCKETS for m in ("mAP", "nDCG")}
