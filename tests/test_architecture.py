@@ -13,7 +13,7 @@ LAYERS = [
     ["mmts_jax.config_defaults"],
     ["mmts_jax.schedules", "mmts_jax.shifts", "mmts_jax.losses", "mmts_jax.mesh"],
     ["mmts_jax.models"],
-    ["mmts_jax.temperature"],
+    ["mmts_jax.temperature", "mmts_jax.policies"],
     ["mmts_jax.data", "mmts_jax.train.state", "mmts_jax.train.optim"],
     ["mmts_jax.train.step", "mmts_jax.train.grad_cache"],
     ["mmts_jax.train.setup", "mmts_jax.train.pretrained", "mmts_jax.train.workdir"],

@@ -270,7 +270,7 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   limits = validate(config)
   total, batch_size = limits["total_steps"], limits["batch_size"]
   policy = temperature_lib.from_config(config.temperature, config.mmts, total_steps=total,
-                                       loss=config.loss.name)
+                                       loss=config.loss.name, isogclr=config.get("isogclr"))
   mesh_lib.initialize_distributed(config.get("distributed", "auto"))
   mesh = mesh_lib.make_mesh(config.mesh.num_devices or None)
   local_bs = mesh_lib.local_batch_size(batch_size, mesh)
