@@ -76,8 +76,8 @@ def test_float32_outputs_equal_flax_mha_and_float64_reference(masked):
 def test_gradients_equal_flax_mha():
   x, mask = _inputs()
   params = jax.jit(_new().init)(jax.random.PRNGKey(0), x)
-  loss_new = lambda p: jnp.sum(jnp.sin(_new().apply(p, x, mask)))          # noqa: E731
-  loss_old = lambda p: jnp.sum(jnp.sin(_old().apply(p, x, x, mask=mask)))  # noqa: E731
+  loss_new = lambda p: jnp.sum(jnp.sin(_new().apply(p, x, mask)))
+  loss_old = lambda p: jnp.sum(jnp.sin(_old().apply(p, x, x, mask=mask)))
   chex.assert_trees_all_close(jax.jit(jax.grad(loss_new))(params),
                               jax.jit(jax.grad(loss_old))(params), atol=5e-5, rtol=0)
 

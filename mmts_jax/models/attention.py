@@ -102,7 +102,7 @@ class SelfAttention(nn.Module):
       raise ValueError(
           f"SelfAttention: width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # noqa: E731
+    dense = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
