@@ -104,6 +104,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--peer", required=True, help="peer_openclip_step.py")
   p.add_argument("--batches", default="256,512")
+  p.add_argument("--model", default="vit_b16", help="train_step_bench model ('tiny': smoke test)")
+  p.add_argument("--table-size", default="2900000")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--deadline-s", type=float, default=200)
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
   jlog = open(out / "jax_train.log", "w")  # noqa: SIM115 (outlives this block: the child writes it)
   jax_proc = subprocess.Popen(
       [py, str(HERE / "train_step_bench.py"), "--out", str(out), "--batch", args.batches,
+       "--model", args.model, "--table-size", args.table_size,
        "--modes", "fixed,mmts", "--steps", str(args.steps), "--rounds", str(args.rounds),
        "--ready-file", str(sig / "jax_ready"), "--go-file", str(sig / "jax_go")],
       stdout=jlog, stderr=subprocess.STDOUT, env=env)
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     jax_proc.wait(timeout=max(d.left(), 1))
   except subprocess.TimeoutExpired:
     jax_proc.kill()
-  jpath = out / "train_step_bench_vit_b16.json"
+  jpath = out / f"train_step_bench_{args.model}.json"
   d.result["mmts_jax"] = json.loads(jpath.read_text()) if jpath.exists() else None
   d.save()
   d.result["openclip"] = []
