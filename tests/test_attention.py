@@ -124,3 +124,18 @@ def test_width_not_divisible_by_heads_is_a_value_error():
 def test_docstring_examples_run():
   result = doctest.testmod(attention, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0, result
+
+
+@pytest.mark.parametrize("length", [7, 8])
+def test_even_length_padding_equals_unpadded_attention_and_its_gradients(length):
+  # The padding that lets cuDNN train at odd lengths, checked through the XLA kernel (CPU).
+  q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, B, length, HEADS, 8), jnp.float32)
+  direct = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+  padded = lambda q, k, v: attention.even_length_attention(q, k, v, "xla")
+  got, want = jax.jit(padded)(q, k, v), jax.jit(direct)(q, k, v)
+  assert got.shape == (B, length, HEADS, 8)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=0)
+  loss = lambda f: lambda *a: jnp.sum(jnp.cos(f(*a)))
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss(padded), argnums=(0, 1, 2)))(q, k, v),
+                              jax.jit(jax.grad(loss(direct), argnums=(0, 1, 2)))(q, k, v),
+                              atol=1e-5, rtol=0)

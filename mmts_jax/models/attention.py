@@ -12,8 +12,9 @@ parameter tree, hence every checkpoint, is the one that module makes, and the sa
 the same initial values.
 
 The attention kernel is chosen once per traced shape by `implementation` (below): cuDNN's fused
-flash attention for bf16/fp16 on a GPU when no dense mask is given (the ViT), XLA's softmax
-attention otherwise (a dense mask, float32, CPU/TPU). Both compute the logits and the softmax
+flash attention for bf16/fp16 on a GPU when no dense mask is given (the ViT; odd lengths such
+as its 197 tokens are padded to even, `even_length_attention`), XLA's softmax attention
+otherwise (a dense mask, float32, CPU/TPU). Both compute the logits and the softmax
 in float32. Dropout on the attention weights (`dropout_rate > 0` while training) takes Flax's
 explicit-weights path, which neither fused kernel offers.
 
@@ -78,10 +79,35 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   impl = implementation(q.dtype, q.shape[-1], mask is not None)
   if impl == "cudnn":
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      return even_length_attention(q, k, v, "cudnn")
     except (NotImplementedError, RuntimeError) as e:  # shape/version checks run at trace time
       logging.warning("cuDNN attention refused %s %s (%s); using XLA", q.shape, q.dtype, e)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          kernel: str = "cudnn") -> jax.Array:
+  """Unmasked self-attention `(B, L, heads, d)` computed at an even length.
+
+  cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens). An odd L is
+  padded to L + 1 with a zero query row, sliced off the output, and a zero key that the
+  kernel's own padding mask (`key_value_seq_lengths = L`, no bias tensor) hides: every real
+  query attends to exactly its L keys, so the result equals unpadded attention.
+
+  Example:
+    >>> q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 8))
+    >>> full = jax.nn.dot_product_attention(q, q, q)
+    >>> bool(jnp.allclose(even_length_attention(q, q, q, "xla"), full, atol=1e-6))
+    True
+  """
+  length = q.shape[1]
+  if length % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, implementation=kernel)
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  lengths = jnp.full((q.shape[0],), length, jnp.int32)
+  y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=kernel)
+  return y[:, :length]
 
 
 class SelfAttention(nn.Module):
