@@ -106,12 +106,18 @@ def _build(model, batch, table_size, modes):
   return runs
 
 
+def _progress(msg: str):
+  """A timestamped line on stderr: where a slow run spends its time."""
+  print(f"[train_step_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _compile(run):
   """Lowers and compiles one run's step; XLA's memory analysis of the executable: arguments +
   outputs + temporaries - donated (aliased) bytes, i.e. the device memory one step needs."""
   t0 = time.perf_counter()
   run["step"] = run["fn"].lower(run["state"], run["batch"]).compile()
   run["compile_s"] = time.perf_counter() - t0
+  _progress(f"compiled in {run['compile_s']:.1f} s")
   mem = run["step"].memory_analysis()
   if mem is not None:
     need = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -187,6 +193,7 @@ def main(argv=None) -> int:
   for i, b in enumerate(batches):
     for mode, run in _build(args.model, b, args.table_size, modes if i == 0 else modes[:1]).items():
       runs[f"{mode}_b{b}"] = run
+      _progress(f"set up {mode}_b{b}")
   # XLA compiles outside the GIL: the executables compile side by side.
   threads = [threading.Thread(target=_compile, args=(run,)) for run in runs.values()]
   for t in threads:
@@ -195,6 +202,7 @@ def main(argv=None) -> int:
     t.join()
   compile_peak = _peak_gib()
   _wait_for(args.go_file, args.ready_file)
+  _progress("timing")
   for run in runs.values():
     _time(run, 3)                                   # warm-up (allocator, autotuning)
   times = {key: [] for key in runs}
