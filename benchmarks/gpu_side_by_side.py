@@ -152,7 +152,11 @@ def main(argv=None) -> int:
   warm = {b: subprocess.Popen([py, args.peer, str(b), "compile"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, env=env) for b in batches}
   cap = time.monotonic() + max(d.left() - args.phase2_s, 1)
-  _wait(ready, procs, d, d.deadline)
+  _wait(ready, procs, d, cap)
+  for path, proc in zip(ready, procs):   # not compiled by the cap: stopped, so that the rest
+    if not os.path.exists(path):         # of the run is timed on a quiet GPU
+      proc.kill()
+      d.result["skipped"].append(f"{path.name}: not ready at the phase-1 cap, killed")
   d.result["openclip_warmup_untimed"] = {}
   for b, proc in warm.items():
     try:
@@ -174,6 +178,7 @@ def main(argv=None) -> int:
     jax_proc.wait(timeout=max(d.left(), 1))
   except subprocess.TimeoutExpired:
     jax_proc.kill()
+    d.result["skipped"].append("mmts_jax timing: deadline")
   jpath = out / f"train_step_bench_{args.model}.json"
   d.result["mmts_jax"] = json.loads(jpath.read_text()) if jpath.exists() else None
   d.save()
