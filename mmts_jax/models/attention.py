@@ -91,8 +91,9 @@ def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens). An odd L is
   padded to L + 1 with a zero query row, sliced off the output, and a zero key that the
-  kernel's own padding mask (`key_value_seq_lengths = L`, no bias tensor) hides: every real
-  query attends to exactly its L keys, so the result equals unpadded attention.
+  kernel's own padding mask (`query_seq_lengths = key_value_seq_lengths = L`, no bias tensor)
+  hides: every real query attends to exactly its L keys, so the result equals unpadded
+  attention.
 
   Example:
     >>> q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 8))
@@ -106,7 +107,8 @@ def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   pad = ((0, 0), (0, 1), (0, 0), (0, 0))
   q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
   lengths = jnp.full((q.shape[0],), length, jnp.int32)
-  y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=kernel)
+  y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                   key_value_seq_lengths=lengths, implementation=kernel)
   return y[:, :length]
 
 
