@@ -4,7 +4,11 @@ and the input position).
 
 Crash safety comes from orbax's commit protocol: a step is written into a temporary directory and
 renamed into place only once complete, so a crash mid-save leaves the previous checkpoints intact
-and `latest_step()` never returns a partial one (leftover temporaries are removed at start-up).
+and `latest_step()` never returns a partial one (leftover temporaries are removed at start-up). On an object store (`gs://...`), which has no
+atomic directory rename, orbax instead marks a finished step with a `commit_success.txt` object
+written last, and `latest_step()` ignores steps without it. The directory is an `etils.epath`
+path (local paths are made absolute, `gs://` URIs are kept as they are); arrays go through
+tensorstore's own GCS driver.
 
 Preemption: `PreemptionWatcher` turns SIGTERM into a flag the training loop polls once per step;
 the loop then saves a checkpoint at the current step and exits. In multi-process runs JAX's
@@ -24,13 +28,14 @@ Example:
 """
 from __future__ import annotations
 
-import pathlib
 import signal
 import threading
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
+from mmts_jax import atomic_io
 
 __all__ = ["Checkpointer", "PreemptionWatcher"]
 
@@ -44,7 +49,7 @@ class Checkpointer:
       raise ValueError(f"checkpoint every_steps must be > 0, got {every_steps}")
     if int(keep) <= 0:
       raise ValueError(f"checkpoint keep must be > 0, got {keep}")
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = atomic_io.as_path(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), save_interval_steps=int(every_steps),
         enable_async_checkpointing=bool(async_save), create=True,

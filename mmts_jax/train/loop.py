@@ -144,16 +144,25 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     raise ValueError(f"stop_at_step must be in [1, total_steps={total}], got {stop_at_step}")
   workdir = _workdir(workdir)
   primary = jax.process_index() == 0
+  # A run that fails before its first step (a bad table, dataset or config) leaves no workdir
+  # behind if it made one: nothing half-written looks like a run that could be resumed.
+  created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(workdir / "checkpoints", every_steps=limits["ckpt_every"],
                       keep=limits["ckpt_keep"],
                       async_save=bool(config.checkpoint.get("async_save", True)))
   writer = None
   try:
-    latest = ckpt.latest_step()
-    changes = workdir_lib.check_config_change(workdir, config, resuming_from=latest,
-                                              allow_config_change=allow_config_change)
-    run = setup(config, checkpointer=ckpt, shift_table=shift_table)
+    try:
+      latest = ckpt.latest_step()
+      changes = workdir_lib.check_config_change(workdir, config, resuming_from=latest,
+                                                allow_config_change=allow_config_change)
+      run = setup(config, checkpointer=ckpt, shift_table=shift_table)
+    except BaseException:
+      if created and primary:
+        ckpt.close()
+        workdir.rmtree(missing_ok=True)
+      raise
     start = run.start_step
     if primary:
       workdir_lib.record_config(workdir, config, changes=changes, step=start)

@@ -30,7 +30,7 @@ __all__ = ["finetune_config"]
 
 def finetune_config(variant: str, row: str = "") -> ml_collections.ConfigDict:
   """The fine-tuning config of one tower (`VARIANTS`) and ablation row."""
-  from mmts_jax.train import default_config, with_row
+  from mmts_jax.config_defaults import default_config, with_row
   shapes = variant_config(variant)
   c = default_config()
   c.total_steps = 10_000
