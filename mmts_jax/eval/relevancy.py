@@ -101,7 +101,8 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
     >>> import os, tempfile
     >>> d = tempfile.mkdtemp()  # three segments, two captions (real files: ../shared/data/ek100)
     >>> with open(os.path.join(d, "EPIC_100_retrieval_test.csv"), "w") as f:
-    ...   _ = f.write('narration_id,verb_class,all_noun_classes\\na,0,[2]\\nb,1,[2]\\nc,0,"[2, 5]"\\n')
+    ...   _ = f.write("narration_id,verb_class,all_noun_classes\\n"
+    ...               'a,0,[2]\\nb,1,[2]\\nc,0,"[2, 5]"\\n')
     >>> with open(os.path.join(d, "EPIC_100_retrieval_test_sentence.csv"), "w") as f:
     ...   _ = f.write("narration_id,narration\\na,take plate\\nc,take plate and fork\\n")
     >>> ann = read_ek100_mir(d)
@@ -233,7 +234,8 @@ def ek100_relevancy(annotations: Ek100MirAnnotations | str | os.PathLike) -> np.
     >>> import os, tempfile
     >>> d = tempfile.mkdtemp()  # three segments, two captions (real files: ../shared/data/ek100)
     >>> with open(os.path.join(d, "EPIC_100_retrieval_test.csv"), "w") as f:
-    ...   _ = f.write('narration_id,verb_class,all_noun_classes\\na,0,[2]\\nb,1,[2]\\nc,0,"[2, 5]"\\n')
+    ...   _ = f.write("narration_id,verb_class,all_noun_classes\\n"
+    ...               'a,0,[2]\\nb,1,[2]\\nc,0,"[2, 5]"\\n')
     >>> with open(os.path.join(d, "EPIC_100_retrieval_test_sentence.csv"), "w") as f:
     ...   _ = f.write("narration_id,narration\\na,take plate\\nc,take plate and fork\\n")
     >>> ek100_relevancy(d).tolist()  # 0.5 [same verb] + 0.5 IoU(noun sets)
