@@ -252,8 +252,9 @@ def eval_fn_from_config(config) -> "ZeroShotEval | None":
     >>> from mmts_jax.config_defaults import default_config
     >>> config = default_config()  # feature model: image key "image_features", text key "text"
     >>> path = os.path.join(tempfile.mkdtemp(), "val.npz")
-    >>> RetrievalTestSet.from_arrays("val", np.ones((2, 64), np.float32), np.ones((4, 16), np.int32),
-    ...                              captions_per_image=2).save(path, image_key="image_features")
+    >>> images, texts = np.ones((2, 64), np.float32), np.ones((4, 16), np.int32)
+    >>> RetrievalTestSet.from_arrays("val", images, texts, captions_per_image=2).save(
+    ...     path, image_key="image_features")
     >>> config.eval.zero_shot = f"val={path}"
     >>> eval_fn = eval_fn_from_config(config)  # then train_and_evaluate(..., eval_fn=eval_fn)
     >>> [(t.name, t.images.shape, t.texts.shape) for t in eval_fn.test_sets]
