@@ -1,6 +1,7 @@
 """Tiny MM-TS run with the sigmoid (SigLIP) loss: trains in seconds on a CPU, logs every step.
 
-`configs/tiny.py` (toy long-tail pairs, a feature tower and a 1-layer text transformer) with
+Toy long-tail pairs with feature vectors on both sides (`data.text = "features"`) and a feature
+tower per side (cheaper to compile than `configs/tiny.py`'s text transformer), with
 `loss.name = "sigmoid"`: the model learns the logit bias `b` (init `loss.bias_init = -10`) and
 the step passes it to the loss. Every row applies to the sigmoid loss's temperature as to
 InfoNCE's: `temperature.value = 0.1` is SigLIP's initial temperature (`t' = log 10`), the
@@ -20,10 +21,10 @@ def get_config(row: str = ""):
   c.batch_size = 32
   c.log_every = 1
   c.progress_bar = False
-  c.data.update(num_examples=512, num_clusters=16, image_dim=16, text_len=8, vocab_size=64)
+  c.data.update(num_examples=512, num_clusters=16, image_dim=16, text="features")
   c.model.update(embed_dim=16)
   c.model.image.hidden_dims = (32,)
-  c.model.text.update(vocab_size=64, max_len=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+  c.model.text = dict(name="features", hidden_dims=(32,))
   c.loss.update(name="sigmoid", bias_init=-10.0)
   c.temperature.update(value=0.1, tau_min=0.07, tau_max=1.0)
   c.mmts.update(alpha=0.04, sh_min=0.05, sh_max=0.10, num_oscillations=5)
