@@ -2,7 +2,9 @@
 `train_and_evaluate` for the fixed and MM-TS rows (finite, decreasing loss; the learned bias
 gets a gradient and moves), the step's first loss equals a float64 numpy reference of the
 MM-TS temperatures and the model's bias, the ring over the 8-device mesh gives the dense
-step's loss and update, and a stopped and resumed run is bit-exact."""
+step's loss and update, a stopped and resumed run is bit-exact, every row gives the sigmoid
+loss the temperatures it gives InfoNCE, the `clip` row learns SigLIP's t' and the bias, and the
+paper-scale config builds."""
 from __future__ import annotations
 
 import math
@@ -13,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from mmts_jax import train
+from mmts_jax import config_defaults, temperature, train
 from mmts_jax.commands.train import load_config
+from mmts_jax.models import build_model
 from mmts_jax.metrics_log import read_metrics
 from mmts_jax.train.step import make_embed_fn
 from test_checkpointing import _restore
@@ -130,3 +133,44 @@ def test_stopped_and_resumed_mmts_run_is_bit_exact(runs):
   tree_b, meta_b = _restore(runs["resumed"], STEPS)
   chex.assert_trees_all_equal(tree_a, tree_b)     # params (the bias too), optimizer, step, RNG
   assert meta_a == meta_b
+
+
+def test_every_row_gives_the_sigmoid_loss_its_infonce_temperatures():
+  # The schedule and shifts are the loss's temperature, whichever loss: the same policy.
+  c = _config("mmts")
+  for mode in config_defaults.MODES:
+    t = dict(c.temperature.to_dict(), mode=mode)
+    sigmoid = temperature.from_config(t, c.mmts, total_steps=100, loss="sigmoid")
+    infonce = temperature.from_config(t, c.mmts, total_steps=100, loss="infonce")
+    assert sigmoid == infonce and sigmoid.what == "temperature", mode
+
+
+def test_clip_row_learns_siglips_t_prime_and_the_bias():
+  run = train.setup(_config("clip"))
+  params = jax.device_get(run.state.params)
+  # SigLIP's t' (t = exp(t'), init log 10) is the learnable row's log(1/tau).
+  assert float(params["log_inv_temperature"]) == pytest.approx(math.log(10.0))
+  assert float(params["logit_bias"]) == -10.0
+  batches, state = run.batches(0), run.state
+  for _ in range(2):   # the warmup's first learning rate is 0
+    state, metrics = run.step_fn(state, run.to_device(next(batches)))
+  assert float(metrics["temperature_mean"]) == pytest.approx(0.1, rel=1e-6)
+  new = jax.device_get(state.params)
+  assert float(new["log_inv_temperature"]) != float(params["log_inv_temperature"])
+  assert float(new["logit_bias"]) > -10.0
+
+
+def test_paper_config_builds_a_bias_and_clip_models_are_refused_before_compiling():
+  c = load_config(str(ROOT / "configs" / "siglip_vit_b16_cc3m.py") + ":clip")
+  model = build_model(c.model, learnable_temperature=True, init_temperature=c.temperature.value,
+                      learnable_bias=True, init_bias=c.loss.bias_init)
+  batch = {"image": jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32),
+           "text": jax.ShapeDtypeStruct((1, 77), np.int32)}
+  shapes = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)["params"]
+  assert shapes["logit_bias"].shape == shapes["log_inv_temperature"].shape == ()
+  assert c.loss.name == "sigmoid" and (c.mmts.alpha, c.mmts.sh_min, c.mmts.sh_max) == (
+      0.04, 0.05, 0.10)
+  with pytest.raises(ValueError, match="no logit bias for loss 'sigmoid'"):
+    build_model({"name": "clip"}, learnable_bias=True)
+  with pytest.raises(ValueError, match="initial logit bias must be finite"):
+    build_model(c.model, learnable_bias=True, init_bias=float("nan"))
