@@ -174,3 +174,13 @@ def test_paper_config_builds_a_bias_and_clip_models_are_refused_before_compiling
     build_model({"name": "clip"}, learnable_bias=True)
   with pytest.raises(ValueError, match="initial logit bias must be finite"):
     build_model(c.model, learnable_bias=True, init_bias=float("nan"))
+
+
+def test_a_trained_sigmoid_workdir_loads_with_its_bias(runs):
+  from mmts_jax.finetune.restore import load_trained_model
+  trained = load_trained_model(runs["mmts"])
+  tree, _ = _restore(runs["mmts"], STEPS)
+  batch = {k: v for k, v in next(train.setup(_config("mmts")).batches(0)).items()
+           if k != "index"}
+  out = trained.model.apply(trained.variables, batch)
+  assert float(out["bias"]) == float(tree["params"]["logit_bias"]) > -10.0
