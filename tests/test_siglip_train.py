@@ -184,3 +184,12 @@ def test_a_trained_sigmoid_workdir_loads_with_its_bias(runs):
            if k != "index"}
   out = trained.model.apply(trained.variables, batch)
   assert float(out["bias"]) == float(tree["params"]["logit_bias"]) > -10.0
+
+
+def test_a_policy_that_is_its_own_objective_refuses_the_sigmoid_loss(monkeypatch):
+  # iSogCLR never calls the configured loss: with loss "sigmoid" the bias would get no
+  # gradient. `setup` asks such a policy (`check_loss`) before building anything.
+  from mmts_jax.policies.isogclr import ISogCLR
+  monkeypatch.setitem(temperature.POLICIES, "fixed", lambda *a, **k: ISogCLR())
+  with pytest.raises(ValueError, match="loss 'sigmoid' does not apply"):
+    train.setup(_config("fixed"))
