@@ -78,9 +78,8 @@ def _sigmoid_loss64(img, txt, tau, bias):
   + b))], z = +1 on the diagonal, -1 off it."""
   s = img @ txt.T
   z = 2 * np.eye(len(s)) - 1
-  softplus = lambda x: np.logaddexp(0.0, x)
-  rows = softplus(-z * (s / tau[:, None] + bias))
-  cols = softplus(-z * (s / tau[None, :] + bias))
+  rows = np.logaddexp(0.0, -z * (s / tau[:, None] + bias))   # softplus
+  cols = np.logaddexp(0.0, -z * (s / tau[None, :] + bias))
   return (rows.sum() + cols.sum()) / (2 * len(s))
 
 
