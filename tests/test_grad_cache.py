@@ -69,7 +69,7 @@ def test_grad_cache_step_equals_the_big_batch_step(loss, impl, row):
     chex.assert_trees_all_close(m_gc[key], m_big[key], atol=1e-5, rtol=1e-5)
   if loss == "sigmoid":   # the learned bias: its gradient through the cached scalar outputs
     assert float(m_gc["bias"]) == float(m_big["bias"]) == -10.0
-    assert float(s_big.params["logit_bias"]) > -10.0 + 1e-3
+    assert abs(float(s_big.params["logit_bias"]) + 10.0) > 1e-3   # it moved (SGD, lr 1)
   if row == "mmts":   # per-sample values: the anchors' temperatures (margins) differ
     assert float(m_big["temperature_max"]) > float(m_big["temperature_min"]) + 1e-3
   assert int(s_gc.step) == int(s_big.step) == 1
