@@ -57,8 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
                 mlp_dim=128, pool="mean", causal=False, pad_id=0)))
   # block_size: None (the default tile), an int or (rows, cols); `object` lets
   # `--config.loss.block_size=64` override the None default.
+  # bias_init: loss "sigmoid" only, the initial learned logit bias b (SigLIP's -10).
   c.loss = ml_collections.ConfigDict(dict(name="infonce", impl="auto",
-                                          block_size=config_dict.placeholder(object)))
+                                          block_size=config_dict.placeholder(object),
+                                          bias_init=-10.0))
   # For loss "max_margin" every value below is a margin instead of a temperature.
   c.temperature = ml_collections.ConfigDict(dict(mode="mmts", value=0.07, tau_min=0.07,
                                                  tau_max=1.0))

@@ -1,7 +1,8 @@
 """GradCache (`mmts_jax.train.grad_cache`): on 8 simulated CPU devices, one micro-batched step
 equals the single big-batch `train_step` (parameters after the update, loss, metrics, policy
 state) within 1e-5 in float32, for InfoNCE with MM-TS per-sample temperatures (ring and
-blockwise losses), CLIP's learnable temperature, and max-margin with per-sample margins; plain
+blockwise losses), CLIP's learnable temperature, the sigmoid loss with its learned bias (ring),
+and max-margin with per-sample margins; plain
 gradient accumulation, which loses the negatives across micro-batches, does not."""
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def _max_param_diff(a, b) -> float:
 
 @pytest.mark.parametrize("loss,impl,row", [("infonce", "ring", "mmts"),
                                            ("infonce", "blockwise", "clip"),
-                                           ("max_margin", "dense", "mmts")])
+                                           ("max_margin", "dense", "mmts"),
+                                           ("sigmoid", "ring", "clip")])
 def test_grad_cache_step_equals_the_big_batch_step(loss, impl, row):
   run, state, batch = _run(loss, impl, row)
   big, micro = _steps(run)
@@ -65,6 +67,9 @@ def test_grad_cache_step_equals_the_big_batch_step(loss, impl, row):
   chex.assert_trees_all_close(s_gc.policy_state, s_big.policy_state, atol=1e-6)
   for key in ("loss", "grad_norm", "temperature_mean", "temperature_min", "temperature_max"):
     chex.assert_trees_all_close(m_gc[key], m_big[key], atol=1e-5, rtol=1e-5)
+  if loss == "sigmoid":   # the learned bias: its gradient through the cached scalar outputs
+    assert float(m_gc["bias"]) == float(m_big["bias"]) == -10.0
+    assert abs(float(s_big.params["logit_bias"]) + 10.0) > 1e-3   # it moved (SGD, lr 1)
   if row == "mmts":   # per-sample values: the anchors' temperatures (margins) differ
     assert float(m_big["temperature_max"]) > float(m_big["temperature_min"]) + 1e-3
   assert int(s_gc.step) == int(s_big.step) == 1

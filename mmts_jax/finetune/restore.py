@@ -85,8 +85,11 @@ def load_trained_model(workdir: str | os.PathLike, step: int | None = None) -> T
   policy = temperature_lib.from_config(config.temperature, config.mmts,
                                        total_steps=int(config.total_steps),
                                        loss=config.loss.name, isogclr=config.get("isogclr"))
+  # The same model as training's (`train.setup`): loss "sigmoid" adds the learned logit bias.
   model = build_model(config.model, learnable_temperature=policy.learnable,
-                      init_temperature=getattr(policy, "value", 0.07))
+                      init_temperature=getattr(policy, "value", 0.07),
+                      learnable_bias=config.loss.name == "sigmoid",
+                      init_bias=float(config.loss.get("bias_init", -10.0)))
   variables = {"params": restored["params"]}
   if restored.get("batch_stats"):
     variables["batch_stats"] = restored["batch_stats"]

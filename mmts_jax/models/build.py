@@ -5,6 +5,7 @@ All modules compute in `dtype` (e.g. bfloat16) with float32 parameters.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -66,9 +67,13 @@ def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
 
 
 def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
-                init_temperature: float = 0.07):
+                init_temperature: float = 0.07, learnable_bias: bool = False,
+                init_bias: float = -10.0):
   """`config.model` -> `DualEncoder`, or `mmts_jax.models.clip.CLIP` when `model.name` is
   "clip" (see `mmts_jax.models.clip.build`).
+
+  `learnable_bias` gives the dual encoder the sigmoid loss's logit bias (init `init_bias`);
+  the CLIP model has none, so asking it for one raises ValueError.
 
   Example:
     >>> import ml_collections
@@ -78,7 +83,12 @@ def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
     >>> build_model(cfg).embed_dim
     8
   """
+  if learnable_bias and not math.isfinite(float(init_bias)):
+    raise ValueError(f"the initial logit bias must be finite, got {init_bias}")
   if _get(cfg, "name") == "clip":  # OpenAI / OpenCLIP's exact towers (docs/clip.md)
+    if learnable_bias:
+      raise ValueError("model.name 'clip' has no logit bias for loss 'sigmoid': train the "
+                       "sigmoid loss with a DualEncoder config (model.image / model.text)")
     from mmts_jax.models.clip.build import build_clip
     return build_clip(cfg, learnable_temperature=learnable_temperature,
                       init_temperature=init_temperature)
@@ -90,4 +100,5 @@ def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
     raise ValueError(f"model.embed_dim must be > 0, got {embed_dim}")
   return DualEncoder(image, text, embed_dim=embed_dim, image_key=image_key, text_key=text_key,
                      learnable_temperature=learnable_temperature,
-                     init_temperature=init_temperature, dtype=dtype, param_dtype=jnp.float32)
+                     init_temperature=init_temperature, learnable_bias=learnable_bias,
+                     init_bias=float(init_bias), dtype=dtype, param_dtype=jnp.float32)

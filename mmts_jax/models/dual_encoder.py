@@ -9,6 +9,12 @@ parameter itself after each optimizer update (`mmts_jax.train.optim.clamp_parame
 clamps its logit scale at 100: a forward `minimum` would zero the gradient at the bound, and the
 temperature could never move back from it.
 
+With `learnable_bias=True` (the sigmoid / SigLIP loss) it also owns the scalar logit bias `b`
+of `log sigmoid(z_ij (s_ij / tau + b))`, parameter `logit_bias` (init `init_bias`, SigLIP's
+-10), returned as `out["bias"]`. SigLIP's temperature parameter `t'` (`t = exp(t')`, init
+`log 10`) is `log_inv_temperature` itself: `t' = log(1/tau)`, so `init_temperature=0.1` is
+SigLIP's initialisation.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from mmts_jax.models import FeatureTower
@@ -39,6 +45,8 @@ class DualEncoder(nn.Module):
   learnable_temperature: bool = False
   init_temperature: float = 0.07
   min_temperature: float = 0.01
+  learnable_bias: bool = False
+  init_bias: float = -10.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -51,6 +59,9 @@ class DualEncoder(nn.Module):
       init = math.log(1.0 / self.init_temperature)
       self.log_inv_temperature = self.param(
           "log_inv_temperature", nn.initializers.constant(init), (), jnp.float32)
+    if self.learnable_bias:
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_bias), (),
+                                   jnp.float32)
 
   def encode_image(self, x, *, train: bool = False):
     """(B, ...) image input -> (B, embed_dim) unit-norm float32 embeddings."""
@@ -66,8 +77,14 @@ class DualEncoder(nn.Module):
       raise ValueError("DualEncoder.temperature: learnable_temperature is False")
     return jnp.exp(-self.log_inv_temperature)
 
+  def bias(self):
+    """The sigmoid loss's learned logit bias `b` (a float32 scalar)."""
+    if not self.learnable_bias:
+      raise ValueError("DualEncoder.bias: learnable_bias is False")
+    return self.logit_bias
+
   def __call__(self, batch, *, train: bool = False):
-    """`batch` dict -> `{"image": (B, D), "text": (B, D)[, "temperature": ()]}`."""
+    """`batch` dict -> `{"image": (B, D), "text": (B, D)[, "temperature": ()][, "bias": ()]}`."""
     for key in (self.image_key, self.text_key):
       if key not in batch:
         raise KeyError(f"DualEncoder: batch has no {key!r} (keys: {sorted(batch)})")
@@ -75,4 +92,6 @@ class DualEncoder(nn.Module):
            "text": self.encode_text(batch[self.text_key], train=train)}
     if self.learnable_temperature:
       out["temperature"] = self.temperature()
+    if self.learnable_bias:
+      out["bias"] = self.bias()
     return out

@@ -4,7 +4,7 @@
 The contrastive loss couples every pair of the global batch, so the loss cannot be split over
 micro-batches; the towers can. With the global batch of `B` split into `n` micro-batches `b_k`
 and `f_theta` the towers (unit-norm embeddings `z = (z_img, z_txt)`, and CLIP's temperature
-`t` when the model owns one):
+`t` and the sigmoid loss's bias `b` when the model owns them):
 
   1. embed every micro-batch without gradients:   z_k = f_theta(b_k)           (lax.scan)
   2. loss and its gradient w.r.t. the embeddings over the WHOLE batch, through the same
@@ -14,7 +14,8 @@ and `f_theta` the towers (unit-norm embeddings `z = (z_img, z_txt)`, and CLIP's 
   3. backpropagate micro-batch by micro-batch with the cached embedding gradients:
         grad_theta L = sum_k J_theta f_theta(b_k)^T g_k                         (lax.scan)
      computed as `grad_theta sum(f_theta(b_k) * g_k)`; the temperature's gradient `dL/dt`
-     enters each micro-batch's term as `dL/dt / n` (every micro-batch outputs the same `t`).
+     enters each micro-batch's term as `dL/dt / n` (every micro-batch outputs the same `t`),
+     and the bias's `dL/db / n` likewise.
 
 The update therefore equals the big-batch `train_step`'s (tests/test_grad_cache.py: within
 1e-5 in float32), while the activations held at once are one micro-batch's. The price is a
@@ -69,7 +70,7 @@ from jax.sharding import PartitionSpec as P
 from mmts_jax import mesh as mesh_lib
 from mmts_jax.temperature import Policy
 from mmts_jax.train.state import TrainState
-from mmts_jax.train.step import _forward, apply_gradients
+from mmts_jax.train.step import _forward, apply_gradients, model_loss_fn
 
 __all__ = ["micro_batch_step", "check_micro_batch", "split_micro", "merge_micro",
            "ACCUMULATIONS"]
@@ -166,22 +167,23 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
     mb, rng = xs
     out, batch_stats = _forward(state.replace(batch_stats=batch_stats), state.params, mb,
                                 True, rng)
-    temp = out.get("temperature", jnp.zeros((), jnp.float32))
-    return batch_stats, (out["image"], out["text"], temp)
+    return batch_stats, (out["image"], out["text"], {k: out[k] for k in keys})
 
-  batch_stats, (image, text, temps) = jax.lax.scan(embed, state.batch_stats, (micro, rngs))
-  has_temp = _has_temperature(state, micro, rngs)
+  keys = _scalar_outputs(state, micro, rngs)
+  batch_stats, (image, text, scalars) = jax.lax.scan(embed, state.batch_stats, (micro, rngs))
   image, text = merge_micro(image), merge_micro(text)
 
-  # 2. The loss over the whole batch and its gradient w.r.t. the embeddings (and temperature).
-  def objective(image, text, temp):
+  # 2. The loss over the whole batch and its gradient w.r.t. the embeddings and the model's
+  # scalar outputs (CLIP's temperature, the sigmoid loss's bias; bound as the plain step does).
+  def objective(image, text, scalars):
     loss, values, policy_state = policy.loss(
-        state.policy_state, image, text, step=state.step, index=batch["index"], loss_fn=loss_fn,
-        model_temperature=temp if has_temp else None)
+        state.policy_state, image, text, step=state.step, index=batch["index"],
+        loss_fn=model_loss_fn(loss_fn, scalars), model_temperature=scalars.get("temperature"))
     return loss, (values, jax.lax.stop_gradient(policy_state))
 
-  (loss, (values, policy_state)), (g_image, g_text, g_temp) = jax.value_and_grad(
-      objective, argnums=(0, 1, 2), has_aux=True)(image, text, temps[0])
+  scalars = {k: v[0] for k, v in scalars.items()}   # every micro-batch outputs the same value
+  (loss, (values, policy_state)), (g_image, g_text, g_scalars) = jax.value_and_grad(
+      objective, argnums=(0, 1, 2), has_aux=True)(image, text, scalars)
   cotangents = _constrain((split_micro(g_image, n), split_micro(g_text, n)), mesh)
 
   # 3. Backpropagate each micro-batch with its cached embedding gradients; sum.
@@ -192,8 +194,8 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
       out, _ = _forward(state, params, mb, True, rng)
       s = (jnp.sum(out["image"].astype(jnp.float32) * g_img)
            + jnp.sum(out["text"].astype(jnp.float32) * g_txt))
-      if has_temp:
-        s = s + out["temperature"].astype(jnp.float32) * (g_temp / n)
+      for k in keys:
+        s = s + out[k].astype(jnp.float32) * (g_scalars[k] / n)
       return s
 
     return _tree_add(grads, jax.grad(surrogate)(state.params)), None
@@ -202,14 +204,15 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
   grads, _ = jax.lax.scan(backward, zeros, (micro, rngs) + cotangents)
   return apply_gradients(state, grads, loss=loss, values=values, batch_stats=batch_stats,
                          policy_state=policy_state, policy=policy, lr_fn=lr_fn,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, bias=scalars.get("bias"))
 
 
-def _has_temperature(state, micro, rngs) -> bool:
-  # Whether the model outputs CLIP's temperature: decided from shapes only (no computation).
+def _scalar_outputs(state, micro, rngs) -> tuple[str, ...]:
+  # The model's scalar outputs (CLIP's temperature, the sigmoid loss's bias): decided from
+  # shapes only (no computation).
   first = jax.tree.map(lambda a: a[0], (micro, rngs))
   out = jax.eval_shape(lambda mb, rng: _forward(state, state.params, mb, True, rng)[0], *first)
-  return "temperature" in out
+  return tuple(k for k in ("temperature", "bias") if k in out)
 
 
 def _plain(state, micro, rngs, n, *, policy, loss_fn, lr_fn, skip_nonfinite):
@@ -224,7 +227,7 @@ def _plain(state, micro, rngs, n, *, policy, loss_fn, lr_fn, skip_nonfinite):
       out, new_bs = _forward(state.replace(batch_stats=batch_stats), params, mb, True, rng)
       loss, values, new_ps = policy.loss(
           policy_state, out["image"], out["text"], step=state.step, index=mb["index"],
-          loss_fn=loss_fn, model_temperature=out.get("temperature"))
+          loss_fn=model_loss_fn(loss_fn, out), model_temperature=out.get("temperature"))
       return loss, (values, new_bs, jax.lax.stop_gradient(new_ps))
 
     (loss, (values, batch_stats, policy_state)), g = jax.value_and_grad(

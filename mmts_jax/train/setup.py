@@ -172,8 +172,12 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
   parts.update(total_steps=int(config.total_steps), train=config.train.to_dict())
   key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
   if key not in _BUILT:
+    # The sigmoid loss's logit bias `b` is a model parameter (SigLIP: init -10), which the
+    # step passes to the loss (`step.model_loss_fn`).
     model = build_model(config.model, learnable_temperature=policy.learnable,
-                        init_temperature=getattr(policy, "value", 0.07))
+                        init_temperature=getattr(policy, "value", 0.07),
+                        learnable_bias=config.loss.name == "sigmoid",
+                        init_bias=float(config.loss.get("bias_init", -10.0)))
     tx, lr_fn = optim.make_optimizer(
         config.optim, int(config.total_steps), max_log_inv_temperature=(
             math.log(1.0 / model.min_temperature) if policy.learnable else None))
@@ -271,6 +275,9 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   total, batch_size = limits["total_steps"], limits["batch_size"]
   policy = temperature_lib.from_config(config.temperature, config.mmts, total_steps=total,
                                        loss=config.loss.name, isogclr=config.get("isogclr"))
+  check_loss = getattr(policy, "check_loss", None)   # a policy that is its own objective
+  if check_loss is not None:
+    check_loss(config.loss.name)
   mesh_lib.initialize_distributed(config.get("distributed", "auto"))
   mesh = mesh_lib.make_mesh(config.mesh.num_devices or None)
   local_bs = mesh_lib.local_batch_size(batch_size, mesh)

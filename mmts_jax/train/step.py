@@ -5,7 +5,8 @@
 
 Inside it, for the batch's anchors `i` (dataset positions `index_i`):
 
-  z_img, z_txt = model(batch)                                 (unit-norm embeddings)
+  z_img, z_txt[, b] = model(batch)                            (unit-norm embeddings; b: the
+                                                               sigmoid loss's learned bias)
   loss, tau, s = policy.loss(policy_state, z_img, z_txt, ...) (tau_i: per-anchor temperature
                                                                or margin; s: the new state)
   params     <- tx(grad loss)
@@ -41,7 +42,8 @@ from mmts_jax import mesh as mesh_lib
 from mmts_jax.temperature import Policy
 from mmts_jax.train.state import TrainState
 
-__all__ = ["train_step", "apply_gradients", "eval_step", "compile_train_step", "make_embed_fn"]
+__all__ = ["train_step", "apply_gradients", "eval_step", "compile_train_step", "make_embed_fn",
+           "model_loss_fn"]
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -73,9 +75,33 @@ def _global_norm(tree):
   return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
 
 
-def _value_metrics(loss, values) -> dict:
-  return {"loss": loss, "temperature_mean": jnp.mean(values),
-          "temperature_min": jnp.min(values), "temperature_max": jnp.max(values)}
+def model_loss_fn(loss_fn: Callable, out: Mapping[str, jax.Array]) -> LossFn:
+  """`loss_fn` with the model's own loss terms bound: `bias=out["bias"]` when the model owns
+  the sigmoid loss's logit bias, so every policy calls `loss_fn(image, text, values)` alike.
+
+  The one place where a model output reaches the loss besides the embeddings; the bias is
+  differentiated through it like any parameter.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from mmts_jax import losses
+    >>> fn = model_loss_fn(losses.get("sigmoid", impl="dense"), {"bias": jnp.float32(-1.0)})
+    >>> x = jnp.eye(2)
+    >>> # (1/B) sum_ij softplus(-z_ij (s_ij / tau + b)) = (2 softplus(0) + 2 softplus(-1)) / 2
+    >>> round(float(fn(x, x, jnp.float32(1.0))), 4)
+    1.0064
+  """
+  if "bias" not in out:
+    return loss_fn
+  return functools.partial(loss_fn, bias=out["bias"])
+
+
+def _value_metrics(loss, values, bias=None) -> dict:
+  metrics = {"loss": loss, "temperature_mean": jnp.mean(values),
+             "temperature_min": jnp.min(values), "temperature_max": jnp.max(values)}
+  if bias is not None:
+    metrics["bias"] = jnp.asarray(bias, jnp.float32)
+  return metrics
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Policy,
@@ -85,7 +111,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Pol
 
   Args:
     policy: the temperature / margin policy (`mmts_jax.temperature`).
-    loss_fn: `loss_fn(image, text, values) -> scalar` (`mmts_jax.losses.get`).
+    loss_fn: `loss_fn(image, text, values[, *, bias]) -> scalar` (`mmts_jax.losses.get`);
+      a model that outputs `"bias"` (the sigmoid loss) has it bound by `model_loss_fn`.
     lr_fn: the learning-rate schedule, only logged (as `lr`).
     skip_nonfinite: if the loss or the gradient is not finite, return the state unchanged
       (`metrics["finite"]` is False), so no checkpoint ever holds a poisoned state.
@@ -96,21 +123,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Pol
     out, batch_stats = _forward(state, params, batch, True, rng)
     loss, values, policy_state = policy.loss(
         state.policy_state, out["image"], out["text"], step=state.step, index=batch["index"],
-        loss_fn=loss_fn, model_temperature=out.get("temperature"))
-    return loss, (values, batch_stats, jax.lax.stop_gradient(policy_state))
+        loss_fn=model_loss_fn(loss_fn, out), model_temperature=out.get("temperature"))
+    return loss, (values, batch_stats, jax.lax.stop_gradient(policy_state), out.get("bias"))
 
-  (loss, (values, batch_stats, policy_state)), grads = jax.value_and_grad(
+  (loss, (values, batch_stats, policy_state, bias)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.params)
   return apply_gradients(state, grads, loss=loss, values=values, batch_stats=batch_stats,
                          policy_state=policy_state, policy=policy, lr_fn=lr_fn,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, bias=bias)
 
 
 def apply_gradients(state: TrainState, grads, *, loss: jax.Array, values: jax.Array,
                     batch_stats, policy_state, policy: Policy, lr_fn: Callable | None = None,
-                    skip_nonfinite: bool = True) -> tuple[TrainState, dict]:
+                    skip_nonfinite: bool = True, bias: jax.Array | None = None
+                    ) -> tuple[TrainState, dict]:
   """The second half of a step, shared by `train_step` and `mmts_jax.train.grad_cache`:
-  the optimizer update from `grads`, the non-finite guard and the step's metrics."""
+  the optimizer update from `grads`, the non-finite guard and the step's metrics (`bias`: the
+  sigmoid loss's bias the forward pass used, logged when given)."""
   grad_norm = _global_norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -118,7 +147,7 @@ def apply_gradients(state: TrainState, grads, *, loss: jax.Array, values: jax.Ar
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-  metrics = _value_metrics(loss, values)
+  metrics = _value_metrics(loss, values, bias)   # the bias the step's forward pass used
   metrics.update(grad_norm=grad_norm, finite=finite,
                  temperature_base=jnp.asarray(policy.base(state.step), jnp.float32))
   if lr_fn is not None:
@@ -131,9 +160,9 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Poli
   """Loss, per-anchor values and embeddings of a batch in inference mode (no update)."""
   out, _ = _forward(state, state.params, batch, False)
   loss, values, _ = policy.loss(state.policy_state, out["image"], out["text"], step=state.step,
-                                index=batch["index"], loss_fn=loss_fn,
+                                index=batch["index"], loss_fn=model_loss_fn(loss_fn, out),
                                 model_temperature=out.get("temperature"))
-  metrics = _value_metrics(loss, values)
+  metrics = _value_metrics(loss, values, out.get("bias"))
   metrics.update(image=out["image"], text=out["text"])
   return metrics
 
