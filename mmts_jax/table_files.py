@@ -111,7 +111,7 @@ def _read_delimited(path: str, text: str, delimiter: str, quoting: int, header: 
       if len(row) != len(head):
         raise UserInputError(path, f"row has {len(row)} fields but the header has {len(head)}",
                              line=line, expected="one field per column")
-      rows.append(dict(zip(head, row)))
+      rows.append(dict(zip(head, row, strict=True)))
       lines.append(line)
   except csv.Error as e:
     raise UserInputError(path, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})",

@@ -118,7 +118,7 @@ def _labels(rows, columns, spec: str, path: str) -> list[str]:
   """`col` or `col1+col2` (joined with "_", e.g. EK-100 verb+noun "6_0")."""
   parts = [_column(rows, columns, c, path) for c in spec.split("+")]
   out = []
-  for i, vals in enumerate(zip(*parts)):
+  for i, vals in enumerate(zip(*parts, strict=True)):
     try:
       out.append("_".join(_first_label(v) for v in vals))
     except CommandError as e:
@@ -300,7 +300,7 @@ def _histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
   counts, _ = np.histogram(sizes, bins=edges)
   top = max(counts.max(), 1)
   lines = []
-  for lo, hi, c in zip(edges[:-1], edges[1:], counts):
+  for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True):
     if c:
       lines.append(f"  [{lo:>6}, {hi:>6})  {c:>4}  {'#' * max(1, round(width * c / top))}")
   return lines

@@ -266,7 +266,7 @@ def _direction(sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool
       lambda lo: _direction_block(sim, rel, lo, min(lo + _BLOCK_ROWS, n), transpose, need_map,
                                   need_ndcg),
       range(0, n, _BLOCK_ROWS)))
-  return _Direction(*(np.concatenate(field) for field in zip(*parts)))
+  return _Direction(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
 
 def _num_threads(num_threads: int | None) -> int:

@@ -172,7 +172,7 @@ def _unique_classes(verbs: np.ndarray, nouns: Sequence[Sequence[int]]):
   """Distinct (verb, noun set) pairs and, for each item, the index of its pair."""
   index: dict[tuple[int, tuple[int, ...]], int] = {}
   inverse = np.fromiter(
-      (index.setdefault((int(v), tuple(sorted(set(n)))), len(index)) for v, n in zip(verbs, nouns)),
+      (index.setdefault((int(v), tuple(sorted(set(n)))), len(index)) for v, n in zip(verbs, nouns, strict=True)),
       np.int64, count=len(verbs))
   keys = list(index)
   return np.array([k[0] for k in keys], np.int64), [k[1] for k in keys], inverse

@@ -67,12 +67,12 @@ __all__ = [
 
 
 def _lse_update(state, z, axis):
-  m, l = state
+  m, s = state
   m_new = jnp.maximum(m, jnp.max(z, axis=axis))
-  # A row that has only seen masked (-inf) entries keeps l = 0; avoid inf - inf.
+  # A row that has only seen masked (-inf) entries keeps s = 0; avoid inf - inf.
   m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-  l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - jnp.expand_dims(m_safe, axis)), axis=axis)
-  return m_new, l
+  s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - jnp.expand_dims(m_safe, axis)), axis=axis)
+  return m_new, s
 
 
 def _nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):

@@ -124,7 +124,7 @@ def _train_trial(task, policy, seeds, cfg, row) -> dict:
   jobs = [(i, split) for i in range(len(seeds)) for split in ("val", "test")]
   # numpy's sorts release the GIL: the seeds' reports run side by side.
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    for (i, split), result in zip(jobs, pool.map(one, jobs)):
+    for (_, split), result in zip(jobs, pool.map(one, jobs), strict=True):
       rec[split].append(result)
   for i in range(len(seeds)):
     temp = out["temperature"][i]

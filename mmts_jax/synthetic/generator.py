@@ -271,7 +271,7 @@ def _captions(label: np.ndarray, own: np.ndarray, class_names) -> tuple[str, ...
   bins = [_attribute_bins(own[:, k], len(words.ATTRIBUTES[s])) for k, s in enumerate(slots)]
   return tuple(
       words.CAPTION_TEMPLATE.format(
-          noun=class_names[c], **{s: words.ATTRIBUTES[s][b[i]] for s, b in zip(slots, bins)})
+          noun=class_names[c], **{s: words.ATTRIBUTES[s][b[i]] for s, b in zip(slots, bins, strict=True)})
       for i, c in enumerate(label))
 
 

@@ -150,7 +150,7 @@ class ClipTokenizer:
       return self._cache[piece]
     word = list(piece[:-1]) + [piece[-1] + "</w>"]
     while len(word) > 1:
-      pairs = {(a, b) for a, b in zip(word, word[1:])}
+      pairs = {(a, b) for a, b in zip(word, word[1:], strict=False)}
       best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
       if best not in self.ranks:
         break
