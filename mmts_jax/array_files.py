@@ -23,6 +23,7 @@ import os
 import struct
 import zipfile
 import zlib
+from typing import Literal, overload
 
 import numpy as np
 
@@ -157,6 +158,12 @@ def read_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
   return out
 
 
+@overload
+def load_npz_array(path: str | os.PathLike, key: str, *, required: Literal[True] = ...,
+                   expected: str | None = None, hint: str = "") -> np.ndarray: ...
+@overload
+def load_npz_array(path: str | os.PathLike, key: str, *, required: bool,
+                   expected: str | None = None, hint: str = "") -> np.ndarray | None: ...
 def load_npz_array(path: str | os.PathLike, key: str, *, required: bool = True,
                    expected: str | None = None, hint: str = "") -> np.ndarray | None:
   """The array `key` of a `.npz`; a missing key lists the keys the file has (plus `hint`)."""

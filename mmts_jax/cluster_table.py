@@ -208,7 +208,7 @@ class ClusterTable:
       >>> ClusterTable.from_sizes([0, 1, 1], [10, 500]).shift_table(0.05, 0.1).tolist()
       [0.05000000074505806, 0.10000000149011612, 0.10000000149011612]
     """
-    return shifts.cluster_shift(self.per_sample_sizes(), sh_min, sh_max).astype(np.float32)
+    return np.asarray(shifts.cluster_shift(self.per_sample_sizes(), sh_min, sh_max), np.float32)
 
   def validate(self, dataset=None, *, num_samples: int | None = None,
                fingerprint: str | None = None) -> "ClusterTable":
@@ -246,7 +246,7 @@ class ClusterTable:
     """Writes one `.npz` atomically (`atomic_io`: temp file + rename locally, one object upload
     on `gs://`)."""
     prov = {k: v for k, v in self.provenance.items() if k != "path"}
-    arrays = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
+    arrays: dict[str, Any] = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
               "sizes": self.sizes, "provenance": np.array(json.dumps(prov, sort_keys=True))}
     if self.cluster_names is not None:
       arrays["cluster_names"] = np.array(self.cluster_names, dtype=str)
@@ -301,7 +301,8 @@ class ClusterTable:
     head_samples = int(present[order[:n_head]].sum())
     n_tail = max(1, occupied.size // 2)
     tail_samples = int(present[order[-n_tail:]].sum())
-    name = (lambda c: self.cluster_names[c]) if self.cluster_names else (lambda c: str(c))
+    names = self.cluster_names
+    name = (lambda c: names[c]) if names else (lambda c: str(c))
     return {
         "num_samples": self.num_samples, "num_clusters": self.num_clusters,
         "occupied_clusters": int(occupied.size),

@@ -34,10 +34,12 @@ def kmeans_sklearn(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter:
                 disable=None if progress is None else False)
   best = None
   for r in runs:
-    km = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,
+    # sklearn ships no annotations; pyright infers `n_init: str` from its "auto" default.
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,  # pyright: ignore[reportArgumentType]
                 algorithm="lloyd").fit(x)
     if best is None or km.inertia_ < best.inertia_:
       best = km
+  assert best is not None, "n_init >= 1 was checked, so one run was kept"
   return KMeansResult(labels=best.labels_.astype(np.int32),
                       centers=best.cluster_centers_.astype(np.float32),
                       inertia=float(best.inertia_), n_iter=int(best.n_iter_), backend="sklearn",

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="mmts cluster", formatter_class=HelpFormatter,
       description="Build an MM-TS cluster table from captions, class labels or embeddings.",
-      epilog="examples:" + __doc__.split("Examples:")[1].split("It prints")[0])
+      epilog="examples:" + str(__doc__).split("Examples:")[1].split("It prints")[0])
   p.add_argument("input", help="captions / labels table (.csv, .tsv, .jsonl) or embeddings (.npy)")
   src = p.add_mutually_exclusive_group()
   src.add_argument("--text-column", help="caption column: embed and K-Means cluster it")
@@ -424,8 +424,8 @@ def _run(args) -> int:
   source, columns, rows, x, path = _inputs(args)
   fingerprint, keys = _fingerprint(args, source, columns, rows, path)
   if args.validate:
-    n = x.shape[0] if x is not None else len(rows)
-    table = ClusterTable.load(args.validate).validate(num_samples=n, fingerprint=fingerprint)
+    n = x.shape[0] if x is not None else len(rows or ())
+    ClusterTable.load(args.validate).validate(num_samples=n, fingerprint=fingerprint)
     print(f"ok: {args.validate} matches {args.input} ({n} samples, "
           f"fingerprint {fingerprint or 'not checked'})")
     return 0

@@ -72,13 +72,15 @@ def strip_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 def os_reason(e: OSError) -> str:
   """A short reason for an OS error: the errno's meaning, else the system's own words."""
+  if e.errno is None:
+    return str(e)
   return _REASONS.get(e.errno, (e.strerror or str(e)).lower() if e.errno else str(e))
 
 
 _MAX_MESSAGE = 600  # characters; a library's message can list hundreds of names
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
   line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
   if len(line) > _MAX_MESSAGE:
     line = line[:_MAX_MESSAGE - 40].rstrip() + " ... (--debug shows the whole message)"
