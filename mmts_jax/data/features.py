@@ -34,7 +34,7 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
     >>> save_features("feats.npz", image_features=img, text_features=txt,   # doctest: +SKIP
     ...               index=np.arange(len(img)), fingerprint=manifest.fingerprint)
   """
-  arrays = {"image_features": np.asarray(image_features), "text_features": np.asarray(text_features),
+  arrays: dict[str, Any] = {"image_features": np.asarray(image_features), "text_features": np.asarray(text_features),
             "index": np.asarray(index)}
   if label is not None:
     arrays["label"] = np.asarray(label)

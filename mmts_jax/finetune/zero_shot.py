@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -169,7 +169,8 @@ class RetrievalTestSet:
            text_key: str = "text") -> None:
     """Writes the `.npz` `from_npz` reads (atomically)."""
     from mmts_jax.cluster_table import atomic_write
-    arrays = {image_key: self.images, text_key: self.texts, "text_to_image": self.text_to_image}
+    arrays: dict[str, Any] = {image_key: self.images, text_key: self.texts,
+                              "text_to_image": self.text_to_image}
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
