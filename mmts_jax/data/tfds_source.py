@@ -83,7 +83,8 @@ class TfdsSource(Sequence):
     return self._record(i, self._ds[i])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return [self._record(int(i), ex) for i, ex in zip(indices, self._ds.__getitems__(indices), strict=True)]
+    examples = self._ds.__getitems__(indices)
+    return [self._record(int(i), ex) for i, ex in zip(indices, examples, strict=True)]
 
   def _record(self, i: int, ex: dict) -> dict[str, Any]:
     rec = {"index": i, "key": str(i), "image": ex[self.image_key]}

@@ -158,7 +158,7 @@ class RetrievalTestSet:
     keys, captions = read_keys(data_dir), read_captions(data_dir)
     first: dict[str, int] = {}
     mapping = np.array([first.setdefault(k, len(first)) for k in keys], np.int32)
-    rows = sorted(first, key=first.get)
+    rows = sorted(first, key=first.__getitem__)
     record_of = {k: i for i, k in reversed(list(enumerate(keys)))}   # first record per key
     transform = ImageTextTransform(None, image_size=image_size, train=False)
     images = np.stack([transform(source[record_of[k]])["image"] for k in rows])

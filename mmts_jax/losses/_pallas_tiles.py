@@ -59,7 +59,7 @@ def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
 
 # None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16), "interpret" (the Pallas
 # interpreter on any backend: slow, checks the kernels' maths on CPU).
-_FUSED = [None]
+_FUSED: list[bool | str | None] = [None]
 
 
 def set_fused_tiles(mode) -> None:

@@ -144,7 +144,7 @@ def _positives(x, y):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def infonce_lse(x, y, a, blocks, precision, axis_name):
+def infonce_lse(x, y, a, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(lse_j s_ij a_i, lse_i s_ij a_j, s_ii a_i)`: each anchor's logsumexp, both ways, and its
   positive logit.
 
@@ -291,7 +291,7 @@ def _mm_forward(x, y, ro, co, blocks, precision, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def hinge_sums(x, y, ro, co, blocks, precision, axis_name):
+def hinge_sums(x, y, ro, co, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array]:
   """Per-anchor hinge sums `(sum_{j!=i} relu(ro_i + s_ij), sum_{i!=j} relu(co_j + s_ij))`.
 
   `ro_i = m_i - s_ii` for the image anchors (rows), `co_j = m_j - s_jj` for the text anchors.

@@ -88,7 +88,7 @@ def _layout(x, y, a, c, blocks, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def sigmoid_sums(x, y, a, c, blocks, precision, axis_name):
+def sigmoid_sums(x, y, a, c, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array]:
   """Per-anchor sums `(sum_j l(u^r_ij), sum_i l(u^c_ij))` for the local rows and columns.
 
   `a = 1/tau` and `c` (the bias) are `(b,)` vectors in the compute dtype.

@@ -228,7 +228,7 @@ def write_tokenizer_dir(directory: str | os.PathLike, tokenizer: ClipTokenizer |
   from tokenizers import processors
   tok = tokenizer or ClipTokenizer()
   vocab = {_HF_SPECIALS.get(t, t): i for t, i in tok.encoder.items()}
-  bpe = models.BPE(vocab=vocab, merges=list(tok.merges), end_of_word_suffix="</w>",
+  bpe = models.BPE(vocab=vocab, merges=[(a, b) for a, b in tok.merges], end_of_word_suffix="</w>",
                    unk_token=_HF_SPECIALS[EOT], fuse_unk=False, continuing_subword_prefix="")
   fast = Tokenizer(bpe)
   fast.normalizer = normalizers.Sequence([normalizers.NFC(),
