@@ -111,7 +111,7 @@ class ClusterTable:
 
   # ---------------------------------------------------------------- construction
   @classmethod
-  def from_labels(cls, labels: Sequence[Hashable], *, fingerprint: str | None = None,
+  def from_labels(cls, labels: Sequence[Hashable] | np.ndarray, *, fingerprint: str | None = None,
                   source: str = "labels", **provenance) -> "ClusterTable":
     """One cluster per distinct label; `K_c` = how many samples carry label c.
 
@@ -128,7 +128,8 @@ class ClusterTable:
                cluster_names=names)
 
   @classmethod
-  def from_frequencies(cls, labels: Sequence[Hashable], frequencies: Mapping[Hashable, float], *,
+  def from_frequencies(cls, labels: Sequence[Hashable] | np.ndarray,
+                       frequencies: Mapping[Any, float], *,
                        fingerprint: str | None = None, source: str = "frequencies",
                        **provenance) -> "ClusterTable":
     """Each sample's `K_c` is its class's count in an external frequency table.

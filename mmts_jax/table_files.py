@@ -26,7 +26,7 @@ import csv
 import io
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
@@ -88,7 +88,8 @@ def _kind(path: str, kind: str | None) -> str:
   return {".tab": "tsv", ".json": "jsonl"}.get(suffix, suffix[1:])
 
 
-def _read_delimited(path: str, text: str, delimiter: str, quoting: int, header: bool):
+def _read_delimited(path: str, text: str, delimiter: str, quoting: Literal[0, 1, 2, 3],
+                    header: bool):
   reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
                       strict=True)
   head, rows, lines = None, [], []
@@ -151,7 +152,7 @@ def _read_jsonl(path: str, text: str):
 
 
 def read_table(path: str | os.PathLike, required: Sequence[str] = (), *, kind: str | None = None,
-               delimiter: str | None = None, quoting: int = csv.QUOTE_MINIMAL,
+               delimiter: str | None = None, quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
                header: bool = True, allow_empty: bool = False) -> Table:
   """Reads a `.csv`, `.tsv`/`.tab` or `.jsonl`/`.json` table; see the module docstring.
 

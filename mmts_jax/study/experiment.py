@@ -101,7 +101,7 @@ def describe(policy) -> dict:
 def select(trials: list[dict], metric: str) -> int:
   """Index of the trial with the highest mean validation `metric` over seeds (first on ties)."""
   means = [np.mean([s[metric] for s in t["val"]]) if t.get("val") else -np.inf for t in trials]
-  return int(np.argmax(means))
+  return int(np.argmax(np.asarray(means)))
 
 
 def _train_trial(task, policy, seeds, cfg, row) -> dict:

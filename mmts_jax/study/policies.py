@@ -57,6 +57,9 @@ class _Stateless:
   def state_partition(self) -> dict[str, str]:
     return {}
 
+  def values(self, state, *, step, index, model_temperature=None) -> jax.Array:
+    raise NotImplementedError  # each policy below defines its values
+
   def loss(self, state, image, text, *, step, index, loss_fn, model_temperature=None):
     values = self.values(state, step=step, index=index, model_temperature=model_temperature)
     return loss_fn(image, text, values), values, state

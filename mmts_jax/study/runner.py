@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from mmts_jax import losses
+from mmts_jax.losses import dispatch as loss_dispatch
 from mmts_jax.models import DualEncoder, FeatureTower
 from mmts_jax.study.task import Task
 
@@ -66,8 +67,8 @@ class TrainConfig:
     if self.steps < 1 or self.batch_size < 2:
       raise ValueError(f"TrainConfig: steps must be >= 1 and batch_size >= 2, got steps="
                        f"{self.steps}, batch_size={self.batch_size}")
-    if self.loss not in losses.dispatch.NAMES:
-      raise ValueError(f"TrainConfig: loss must be one of {losses.dispatch.NAMES}, got "
+    if self.loss not in loss_dispatch.NAMES:
+      raise ValueError(f"TrainConfig: loss must be one of {loss_dispatch.NAMES}, got "
                        f"{self.loss!r}")
 
 

@@ -52,13 +52,14 @@ def temperature_per_cluster(results: dict, config, path: pathlib.Path) -> str:
   if "mmts" in rows:
     base = np.asarray(_spec(config, "mmts").base(steps))
     cmap = plt.get_cmap("viridis")
-    norm = plt.Normalize(np.log(sizes.min()), np.log(sizes.max()))
+    from matplotlib.colors import Normalize
+    norm = Normalize(np.log(sizes.min()), np.log(sizes.max()))
     for size, sh in sorted(zip(sizes, shift, strict=True)):
       ax.plot(steps, base + sh, color=cmap(norm(np.log(size))), lw=1.0, alpha=0.8)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
     bar = fig.colorbar(sm, ax=ax)
     ticks = np.unique(np.geomspace(sizes.min(), sizes.max(), 5).round())
-    bar.set_ticks(np.log(ticks))
+    bar.set_ticks(np.log(ticks).tolist())
     bar.set_ticklabels([f"{t:.0f}" for t in ticks])
     bar.set_label("cluster size (MM-TS, one line per cluster)")
   for row, style in (("fixed", "k--"), ("ts", "r:")):
