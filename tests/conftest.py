@@ -89,7 +89,7 @@ def gcs_emulator():
                            "(pip install gcp-storage-emulator)") from None
       if time.time() > deadline:
         proc.kill()
-        raise RuntimeError(f"gcp-storage-emulator did not answer on {url} within 30 s")
+        raise RuntimeError(f"gcp-storage-emulator did not answer on {url} within 30 s") from None
       time.sleep(0.1)
   emulator = GcsEmulator(url, bucket, proc)
   saved = {k: os.environ.get(k) for k in emulator.env()}

@@ -34,8 +34,9 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
     >>> save_features("feats.npz", image_features=img, text_features=txt,   # doctest: +SKIP
     ...               index=np.arange(len(img)), fingerprint=manifest.fingerprint)
   """
-  arrays: dict[str, Any] = {"image_features": np.asarray(image_features), "text_features": np.asarray(text_features),
-            "index": np.asarray(index)}
+  arrays: dict[str, Any] = {"image_features": np.asarray(image_features),
+                            "text_features": np.asarray(text_features),
+                            "index": np.asarray(index)}
   if label is not None:
     arrays["label"] = np.asarray(label)
   n = len(arrays["index"])
@@ -65,7 +66,10 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
 
 
 class FeatureSource(Sequence):
-  """Random access to a features file: `source[i]` = {image_features, text_features, index[, label]}."""
+  """Random access to a features file.
+
+  `source[i]` = {image_features, text_features, index[, label]}.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self.path = epath.Path(os.fspath(path))   # local or gs://

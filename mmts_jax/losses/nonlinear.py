@@ -1,7 +1,8 @@
 r"""The general nonlinear multimodal contrastive loss of Nakada et al. (AISTATS 2023).
 
 .. math::
-  L = \frac12\Big[\frac1B\sum_i \phi\Big(\sum_{j\ne i}\psi\big(\tfrac{s_{ij}-s_{ii}}{\tau_i}\big)\Big)
+  L = \frac12\Big[
+      \frac1B\sum_i \phi\Big(\sum_{j\ne i}\psi\big(\tfrac{s_{ij}-s_{ii}}{\tau_i}\big)\Big)
       + \frac1B\sum_i \phi\Big(\sum_{j\ne i}\psi\big(\tfrac{s_{ji}-s_{ii}}{\tau_i}\big)\Big)\Big],
   \qquad s_{ij} = \langle x_i, y_j\rangle .
 

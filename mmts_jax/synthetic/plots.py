@@ -107,7 +107,8 @@ def learning_curves(results: dict, path: pathlib.Path) -> str:
   """Training loss and test R@1 per row (seed 0) against the step."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-  colors = dict(zip(results["rows"], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors = dict(zip(results["rows"], cycle, strict=False))  # the cycle outnumbers the rows
   for run in results["runs"]:
     if run["seed"] != 0:
       continue
