@@ -69,8 +69,7 @@ def _int_cell(table: Table, i: int, column: str) -> int:
 
 def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
                      non_empty: bool = False) -> tuple[int, ...]:
-  """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also asks for >= 1 entry, all >= 0.
-  """
+  """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also wants >= 1 entry, all >= 0."""
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:

@@ -61,8 +61,7 @@ class DualEncoder(nn.Module):
     return cosine_normalize(self.text_proj(self.text_tower(t, train=train)))
 
   def temperature(self):
-    """CLIP's learned temperature `exp(-log_inv_tau)` (the optimizer keeps it >= min_temperature).
-    """
+    """CLIP's temperature `exp(-log_inv_tau)` (the optimizer keeps it >= min_temperature)."""
     if not self.learnable_temperature:
       raise ValueError("DualEncoder.temperature: learnable_temperature is False")
     return jnp.exp(-self.log_inv_temperature)
