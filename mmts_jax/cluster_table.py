@@ -316,7 +316,7 @@ class ClusterTable:
     }
 
 
-def _factorize(labels: Sequence[Hashable]) -> tuple[tuple[str, ...], np.ndarray]:
+def _factorize(labels: Sequence[Hashable] | np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
   """Distinct labels (as str, sorted numerically when all are ints) and each sample's index."""
   labels = list(labels)
   if not labels:

@@ -91,7 +91,7 @@ def validate_positive(alpha: float, sh_min: float, sh_max: float | None = None, 
         f"choose sh_min > alpha/2 = {alpha / 2:g}")
 
 
-def per_sample_values(base: ArrayLike, shift_table: jax.Array,
+def per_sample_values(base: jax.Array | float, shift_table: jax.Array,
                       index: jax.Array) -> jax.Array:
   """`tau_i = base + shift_table[index_i]` (Eq. 8), gathered on device inside a jitted step."""
   return base + jnp.take(shift_table, index, axis=0)

@@ -1,6 +1,8 @@
 """K-Means with scikit-learn (Lloyd, greedy k-means++ init): the host reference."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from mmts_jax.clustering.checks import check_k, check_points
@@ -32,10 +34,11 @@ def kmeans_sklearn(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter:
     from tqdm.auto import tqdm
     runs = tqdm(runs, desc=f"k-means (sklearn, k={k})", unit="init",
                 disable=None if progress is None else False)
-  best = None
+  # sklearn ships no annotations: pyright infers `n_init: str` from its "auto" default and the
+  # fitted attributes (`inertia_`, `labels_`, ...) as Optional, so a fitted estimator is `Any`.
+  best: Any = None
   for r in runs:
-    # sklearn ships no annotations; pyright infers `n_init: str` from its "auto" default.
-    km = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,  # pyright: ignore[reportArgumentType]
+    km: Any = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,  # pyright: ignore[reportArgumentType]
                 algorithm="lloyd").fit(x)
     if best is None or km.inertia_ < best.inertia_:
       best = km

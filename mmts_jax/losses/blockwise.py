@@ -207,7 +207,8 @@ def infonce_partial_sum(image, text, temperature, blocks, precision, axis_name):
   b = image.shape[0]
   tau = jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
   a = 1.0 / tau
-  lse_r, lse_c, pos = infonce_lse(image, text, a, blocks, precision, axis_name)
+  # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
+  lse_r, lse_c, pos = infonce_lse(image, text, a, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   # Sharded, a NaN partial sum on one device makes the psum-ed loss NaN on all of them.
   return _checks.nan_unless_valid(jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos), positive=(tau,),
                                    axis_name=axis_name)
@@ -330,7 +331,8 @@ def max_margin_partial_sum(image, text, margin, blocks, precision, axis_name):
   b = x.shape[0]
   m = jnp.broadcast_to(jnp.asarray(margin, x.dtype), (b,))
   offset = m - jnp.sum(x * y, axis=1)
-  rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)
+  # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
+  rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(m,),
                                   axis_name=axis_name)
 

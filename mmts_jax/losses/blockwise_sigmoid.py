@@ -140,7 +140,8 @@ def sigmoid_partial_sum(image, text, temperature, bias, blocks, precision, axis_
   # A scalar temperature or bias given inside shard_map is replicated: mark it device-varying
   # (its gradient is then psum-ed back) so it can travel round the ring with its block.
   a, c = varying((1.0 / tau, c), axis_name)
-  rsum, csum = sigmoid_sums(image, text, a, c, blocks, precision, axis_name)
+  # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
+  rsum, csum = sigmoid_sums(image, text, a, c, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(tau,), finite=(c,),
                                   axis_name=axis_name)
 
