@@ -14,7 +14,8 @@ Example:
   >>> check_matrix(np.array([[1.0, np.nan]]), path, "image_emb")
   Traceback (most recent call last):
   ...
-  mmts_jax.errors.UserInputError: ...emb.npz['image_emb']: 1 non-finite value(s), first at row 0; expected finite numbers
+  mmts_jax.errors.UserInputError: ...emb.npz['image_emb']: 1 non-finite value(s), first at row 0;
+  expected finite numbers
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def check_numeric(x: np.ndarray, path, key: str | None = None) -> np.ndarray:
     >>> check_numeric(np.array(["a"]), "x.npz", "labels")
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: x.npz['labels']: has dtype <U1; expected a numeric (int or float) array
+    mmts_jax.errors.UserInputError: x.npz['labels']: has dtype <U1;
+    expected a numeric (int or float) array
   """
   if x.dtype.kind not in "biuf":
     raise UserInputError(path, f"has dtype {x.dtype}", key=key,

@@ -18,7 +18,8 @@ Example:
   >>> read_table(path)
   Traceback (most recent call last):
   ...
-  mmts_jax.errors.UserInputError: ...t.csv:2: row has 3 fields but the header has 2; expected one field per column
+  mmts_jax.errors.UserInputError: ...t.csv:2: row has 3 fields but the header has 2;
+  expected one field per column
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
     >>> read_text(path)
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: ...t.csv:2: is not UTF-8 (invalid continuation byte, byte 0xe9); expected a UTF-8 text file
+    mmts_jax.errors.UserInputError: ...t.csv:2: is not UTF-8 (invalid continuation byte, byte 0xe9);
+    expected a UTF-8 text file
   """
   path = os.fspath(path)
   if not read_access.exists(path):

@@ -166,7 +166,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> str:
     >>> check_output_path(f + "/t.npz")
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: ...notes.txt/t.npz: cannot write --out: ...notes.txt is a file, not a folder; expected a path inside a folder
+    mmts_jax.errors.UserInputError: ...notes.txt/t.npz: cannot write --out: ...notes.txt is a file,
+    not a folder; expected a path inside a folder
   """
   path = os.fspath(path)
   if "://" in path:  # an object store: no local folder to check

@@ -312,7 +312,8 @@ def check_member(shard: str, member: tarfile.TarInfo) -> bool:
     >>> check_member("s.tar", tarfile.TarInfo("../0001.jpg"))
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: s.tar: tar member '../0001.jpg' has an absolute path or '..'; expected members with relative names inside the shard
+    mmts_jax.errors.UserInputError: s.tar: tar member '../0001.jpg' has an absolute path or '..';
+    expected members with relative names inside the shard
   """
   name = member.name
   parts = pathlib.PurePosixPath(name).parts
@@ -407,7 +408,8 @@ def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str
   Shards are read in the given order (after `expand_shards`), samples in tar order.
 
   Example:
-    >>> convert_webdataset("cc3m/{00000..00331}.tar", "data/cc3m", shorter_side=256)  # doctest: +SKIP
+    >>> convert_webdataset("cc3m/{00000..00331}.tar", "data/cc3m",  # doctest: +SKIP
+    ...                    shorter_side=256)
   """
   paths = expand_shards(shards)
   for p in paths:

@@ -51,7 +51,8 @@ class TfdsSource(Sequence):
   """A TFDS split as a random-access source of records (`index`, `key`, `image`, `caption`...).
 
   Example:
-    >>> src = TfdsSource("coco_captions", split="val", data_dir="~/tensorflow_datasets")  # doctest: +SKIP
+    >>> src = TfdsSource("coco_captions", split="val",  # doctest: +SKIP
+    ...                  data_dir="~/tensorflow_datasets")
     >>> pipe = image_text_pipeline(src, tokenizer, global_batch_size=256)           # doctest: +SKIP
   """
 
