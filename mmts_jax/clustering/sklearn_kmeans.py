@@ -38,8 +38,14 @@ def kmeans_sklearn(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter:
   # fitted attributes (`inertia_`, `labels_`, ...) as Optional, so a fitted estimator is `Any`.
   best: Any = None
   for r in runs:
-    km: Any = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,  # pyright: ignore[reportArgumentType]
-                algorithm="lloyd").fit(x)
+    km: Any = KMeans(
+      n_clusters=k,
+      n_init=1,  # pyright: ignore[reportArgumentType]
+      random_state=seed + r,
+      max_iter=max_iter,
+      tol=tol,
+      algorithm="lloyd",
+    ).fit(x)
     if best is None or km.inertia_ < best.inertia_:
       best = km
   assert best is not None, "n_init >= 1 was checked, so one run was kept"
