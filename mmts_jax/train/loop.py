@@ -130,6 +130,8 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     shift_table: optional (N,) per-example shifts; overrides the config's table source.
     eval_fn: optional `eval_fn(step, embed, variables) -> dict` called every
       `config.eval.every_steps` steps and at `total_steps`; its scalars join that step's record.
+      With `config.eval.at_start`, also before the first step of a fresh run (a record of
+      step 0: the initial parameters, e.g. zero-shot retrieval of a converted checkpoint).
     allow_config_change: resume even if the configuration differs from the workdir's in a key
       that changes the run (recorded in `config_history.jsonl`).
 
@@ -196,6 +198,9 @@ def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: in
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  if eval_fn is not None and start == 0 and run.config.eval.get("at_start", False):
+    # The "before" numbers: the initial (e.g. converted pretrained) parameters, logged as step 0.
+    logger.writer.write(0, dict(eval_fn(0, embed, state.variables())))
   batches = run.device_batches(position)
   status = "done" if end == total else "stopped"
   try:
