@@ -10,14 +10,14 @@ level-matched rows) and builds the trainer's policy (`.policy`); `init_state`,
 Float fields not named in `static_fields` may be traced: the runner compiles one program per
 policy type and feeds the hyper-parameters of every trial as (vmapped) arguments.
 
-| wrapper       | trainer policy                                   | value of anchor `i` at step `t` |
-| ------------- | ------------------------------------------------ | ------------------------------- |
-| `Fixed`       | `Fixed(value=tau)`                               | `tau`                           |
-| `Learnable`   | `Learnable(value=tau)`                           | CLIP's learned `tau`            |
-| `TS`          | `Schedule(tau_min, tau_max, period)`             | uni-modal cosine schedule       |
-| `ICS`         | `ShiftTable(alpha=0, level=level)`               | `sh_i`                          |
-| `MMTS`        | `ShiftTable(alpha, period, level=level)`         | `alpha/2 cos(2 pi t/T) + sh_i`  |
-| `ISogCLR`     | itself (`mmts_jax.policies.isogclr`)             | learned per-sample `tau_i`      |
+| wrapper       | trainer policy                                 | value of anchor `i` at step `t` |
+| ------------- | ---------------------------------------------- | ------------------------------- |
+| `Fixed`       | `Fixed(value=tau)`                             | `tau`                           |
+| `Learnable`   | `Learnable(value=tau)`                         | CLIP's learned `tau`            |
+| `TS`          | `Schedule(tau_min, tau_max, period)`           | uni-modal cosine schedule       |
+| `ICS`         | `ShiftTable(alpha=0, level=level)`             | `sh_i`                          |
+| `MMTS`        | `ShiftTable(alpha, period, level=level)`       | `alpha/2 cos(2 pi t/T) + sh_i`  |
+| `ISogCLR`     | itself (`mmts_jax.policies.isogclr`)           | learned per-sample `tau_i`      |
 
 Example:
   >>> import jax.numpy as jnp
@@ -54,9 +54,6 @@ class _Delegate:
 
   def values(self, state, *, step, index, model_temperature=None) -> jax.Array:
     return self.policy.values(state, step=step, index=index, model_temperature=model_temperature)
-
-  def values(self, state, *, step, index, model_temperature=None) -> jax.Array:
-    raise NotImplementedError  # each policy below defines its values
 
   def loss(self, state, image, text, *, step, index, loss_fn, model_temperature=None):
     return self.policy.loss(state, image, text, step=step, index=index, loss_fn=loss_fn,
