@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     out = train_trials([policy], task, seeds=seeds, cfg=cfg, shift_tables=[table])
     t2 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      per_seed = list(pool.map(lambda s: evaluate(out["test_image"][0, s],
+      per_seed = list(pool.map(lambda s, out=out: evaluate(out["test_image"][0, s],
                                                   out["test_text"][0, s], val), range(len(seeds))))
     temp = out["temperature"][0]
     results[row] = {"loss": loss, "policy": kind, "hyper": hp, "seeds": list(seeds),

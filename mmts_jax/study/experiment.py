@@ -179,7 +179,7 @@ def _full_reports(task, out, i, seeds) -> dict:
   rec = {"val": [], "test": []}
   # numpy's sorts release the GIL: the seeds' reports run side by side.
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-    for (s, split), result in zip(jobs, pool.map(one, jobs), strict=True):
+    for (_, split), result in zip(jobs, pool.map(one, jobs), strict=True):
       rec[split].append(result)
   return rec
 

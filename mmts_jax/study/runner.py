@@ -240,7 +240,7 @@ def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(
   rows = int(pad_to or n)
   t_, s_ = len(policies), len(seeds)
   states = []
-  for policy, table in zip(policies, tables):
+  for policy, table in zip(policies, tables, strict=True):
     st = {k: _pad_rows(np.asarray(v), rows) for k, v in policy.init_state(n, table).items()}
     states.append(st)
   state0 = {k: np.repeat(np.stack([st[k] for st in states]), s_, axis=0) for k in states[0]}
