@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,8 @@ def load_text_embeddings(annotations: str, cache: str) -> dict[str, np.ndarray]:
   from mmts_jax.finetune.ek100_features import read_ek100_train
   from mmts_jax.text.encoder import SentenceEncoder
   enc = SentenceEncoder.load(None)
-  out = {"train": enc.encode(list(read_ek100_train(annotations).captions)),
-         "val": enc.encode(list(read_ek100_mir(annotations).captions))}
+  out: dict[str, Any] = {"train": enc.encode(list(read_ek100_train(annotations).captions)),
+                         "val": enc.encode(list(read_ek100_mir(annotations).captions))}
   import io
   buf = io.BytesIO()
   np.savez(buf, **out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
+from typing import Any
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -154,7 +155,7 @@ def select(trials: list[dict], metric: str) -> int:
 
 def _summary(out, i, task, policy) -> dict:
   """Temperatures, losses (and iSogCLR's learned values) of trial `i` of `out`."""
-  rec = {"temperature": [], "final_loss": []}
+  rec: dict[str, Any] = {"temperature": [], "final_loss": []}
   for s in range(out["loss"].shape[1]):
     temp = out["temperature"][i, s]
     rec["temperature"].append({"mean": float(temp[:, 0].mean()), "min": float(temp[:, 1].min()),
@@ -265,6 +266,7 @@ def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
   do_row("fixed")
   if level is None:
     level = grid["fixed"][selected["fixed"]][0].tau
+  assert level is not None, "the fixed row's selected tau"
   grid.update({k: v for k, v in level_matched_grid(level, period).items() if k not in grid})
   for row in rows:
     if row != "fixed":

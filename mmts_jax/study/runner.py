@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,7 @@ class TrainConfig:
 
 def make_model(cfg: TrainConfig, learnable_tau: float | None = None) -> DualEncoder:
   """Feature towers over image features and bag-of-words captions, `embed_dim` outputs."""
-  kw = {}
+  kw: dict[str, Any] = {}
   if learnable_tau is not None:
     kw = dict(learnable_temperature=True, init_temperature=float(learnable_tau))
   return DualEncoder(FeatureTower((cfg.hidden,)), FeatureTower((cfg.hidden,)),
@@ -177,7 +178,9 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
       t, index = inputs
 
       def objective(params):
-        out = model.apply({"params": params}, {"image": train_x[index], "text": train_t[index]})
+        batch = {"image": train_x[index], "text": train_t[index]}
+        # apply() without `mutable` returns the outputs only
+        out = cast(dict[str, jax.Array], model.apply({"params": params}, batch))
         loss, values, new_state = policy.loss(
             state, out["image"], out["text"], step=t, index=index, loss_fn=loss_fn,
             model_temperature=out.get("temperature"))
@@ -192,7 +195,8 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
     steps = jnp.arange(order.shape[0], dtype=jnp.int32)
     (params, _, state), (loss, stats) = jax.lax.scan(step, (params, opt_state, state0),
                                                      (steps, order))
-    embed = lambda x, t: model.apply({"params": params}, {"image": x, "text": t})
+    embed = lambda x, t: cast(dict[str, jax.Array],
+                              model.apply({"params": params}, {"image": x, "text": t}))
     val, test = embed(val_x, val_t), embed(test_x, test_t)
     return dict(loss=loss, temperature=stats, val_image=val["image"], val_text=val["text"],
                 test_image=test["image"], test_text=test["text"], final_state=state)
