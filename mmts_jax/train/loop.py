@@ -7,11 +7,15 @@ evaluation hook, and a checkpoint when due, at the end, at `stop_at_step` or on 
 resumed from step N reads its input from the same batch position and appends exactly the records
 the uninterrupted run would have written.
 
-Example (a few steps of the tiny configuration; `mmts train` is the command-line front end):
-  >>> import importlib.util, tempfile
-  >>> spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
-  >>> tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
-  >>> config = tiny.get_config()
+Example (two steps of a feature-tower model on the toy data; `mmts train --config
+configs/tiny.py` is the command-line front end):
+  >>> import tempfile
+  >>> from mmts_jax.config_defaults import default_config
+  >>> config = default_config()
+  >>> config.total_steps, config.batch_size, config.optim.warmup_steps = 10, 16, 1
+  >>> config.data.update(num_examples=64, text="features")
+  >>> config.model.text = dict(name="features", hidden_dims=(16,))
+  >>> config.update(tensorboard=False, progress_bar=False)
   >>> config.checkpoint.async_save = False
   >>> result = train_and_evaluate(config, tempfile.mkdtemp(), stop_at_step=2)
   >>> result.step, result.status
