@@ -1,11 +1,11 @@
 # Two entry points a newcomer needs: `make run` (a CPU slice of the temperature-policy study,
-# paired intervals; docs/study.md) and `make test`.
+# paired intervals; docs/study.md) and `make test`; `make lint` is what CI checks besides the tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(ARGS)
+
+# Read-only checks (nothing is rewritten): `ruff format` and `ruff check --fix` are for you to run.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright -p pyproject.toml
 
 clean:
 	rm -rf $(VENV)

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                               stderr=subprocess.DEVNULL, text=True, env=env) for b in batches}
   cap = time.monotonic() + max(d.left() - args.phase2_s, 1)
   _wait(ready, procs, d, cap)
-  for path, proc in zip(ready, procs):   # not compiled by the cap: stopped, so that the rest
+  for path, proc in zip(ready, procs, strict=True):   # not compiled by the cap: stopped, so that the rest
     if not os.path.exists(path):         # of the run is timed on a quiet GPU
       proc.kill()
       d.result["skipped"].append(f"{path.name}: not ready at the phase-1 cap, killed")

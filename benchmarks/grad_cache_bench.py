@@ -16,8 +16,9 @@ f32 parameters, AdamW + clipping. The batch is random data generated on the devi
 pixels as `data.sources.to_device` delivers them); timing does not depend on its values.
 
 Both steps are compiled ahead of time in parallel threads; `grad_cache` runs its `--steps`
-steps as soon as it is compiled (while `plain` may still compile on the host), then `plain`. `peak_gib_after` is the allocator's process-wide peak after that method's
-steps (so `plain`'s includes `grad_cache`'s); `xla_*_gib` is each executable's own buffer
+steps as soon as it is compiled (while `plain` may still compile on the host), then `plain`.
+`peak_gib_after` is the allocator's process-wide peak after that method's steps (so `plain`'s
+includes `grad_cache`'s); `xla_*_gib` is each executable's own buffer
 assignment (`compiled.memory_analysis()`), the per-method comparison.
 
   XLA_FLAGS=--xla_gpu_autotune_level=0 \

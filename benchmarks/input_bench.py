@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         t._draft = None  # decode at full size, for comparison
       gen = np.random.default_rng(1)
       res[f"transform_examples_per_s_1thread_draft_{draft}"] = _rate(
-          len(recs), lambda: [t(r, gen) for r in recs], 3, name=f"transform_draft_{draft}")
+          len(recs), lambda t=t, gen=gen: [t(r, gen) for r in recs], 3,
+          name=f"transform_draft_{draft}")
     t8 = pipeline.ImageTextTransform(None, image_size=size, uint8=True)
     res["transform_uint8_examples_per_s_1thread"] = _rate(
         len(recs), lambda: [t8(r, gen) for r in recs], 3, name="transform_uint8")

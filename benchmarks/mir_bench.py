@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             f"{r['tracemalloc_peak_mib']:.0f} MiB, load {load[0]:.1f}")
   diff = max(abs(a - b) for name in ("mAP", "nDCG")
              for a, b in zip(results["mmts_jax"]["metrics"][name],
-                             results["official"]["metrics"][name]))
+                             results["official"]["metrics"][name], strict=True))
   for name in ("mAP", "nDCG"):
     v = results["mmts_jax"]["metrics"][name]
     print(f"{name:>5} (v2t / t2v / avg, %): " + " / ".join(f"{100 * x:.2f}" for x in v))

@@ -1,7 +1,7 @@
 """Tiny MM-TS run for tests and smoke checks: trains in seconds on a CPU and logs every step.
 
-Toy long-tail pairs (`data.name="toy_features"`: feature vectors + token ids), a feature tower and a 1-layer text
-transformer, MM-TS InfoNCE.
+Toy long-tail pairs (`data.name="toy_features"`: feature vectors + token ids), a feature tower and
+a 1-layer text transformer, MM-TS InfoNCE.
 
   mmts train --config configs/tiny.py[:ROW] --workdir /tmp/tiny
 

@@ -12,6 +12,10 @@ Example:
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports them on first use
+  from mmts_jax import losses, schedules, shifts
 
 __all__ = ["losses", "schedules", "shifts"]
 __version__ = "0.1.0"

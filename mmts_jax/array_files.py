@@ -14,7 +14,8 @@ Example:
   >>> check_matrix(np.array([[1.0, np.nan]]), path, "image_emb")
   Traceback (most recent call last):
   ...
-  mmts_jax.errors.UserInputError: ...emb.npz['image_emb']: 1 non-finite value(s), first at row 0; expected finite numbers
+  mmts_jax.errors.UserInputError: ...emb.npz['image_emb']: 1 non-finite value(s), first at row 0;
+  expected finite numbers
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import os
 import struct
 import zipfile
 import zlib
+from typing import Literal, overload
 
 import numpy as np
 
@@ -157,6 +159,12 @@ def read_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
   return out
 
 
+@overload
+def load_npz_array(path: str | os.PathLike, key: str, *, required: Literal[True] = ...,
+                   expected: str | None = None, hint: str = "") -> np.ndarray: ...
+@overload
+def load_npz_array(path: str | os.PathLike, key: str, *, required: bool,
+                   expected: str | None = None, hint: str = "") -> np.ndarray | None: ...
 def load_npz_array(path: str | os.PathLike, key: str, *, required: bool = True,
                    expected: str | None = None, hint: str = "") -> np.ndarray | None:
   """The array `key` of a `.npz`; a missing key lists the keys the file has (plus `hint`)."""
@@ -180,7 +188,8 @@ def check_numeric(x: np.ndarray, path, key: str | None = None) -> np.ndarray:
     >>> check_numeric(np.array(["a"]), "x.npz", "labels")
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: x.npz['labels']: has dtype <U1; expected a numeric (int or float) array
+    mmts_jax.errors.UserInputError: x.npz['labels']: has dtype <U1;
+    expected a numeric (int or float) array
   """
   if x.dtype.kind not in "biuf":
     raise UserInputError(path, f"has dtype {x.dtype}", key=key,

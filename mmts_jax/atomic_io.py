@@ -32,7 +32,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from etils import epath
 
@@ -58,7 +58,7 @@ def read_bytes(path: epath.PathLike) -> bytes:
   return epath.Path(path).read_bytes()
 
 
-def _write_local(path: str, write: Callable[[io.BufferedIOBase], Any]) -> None:
+def _write_local(path: str, write: Callable[[BinaryIO], Any]) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
@@ -78,7 +78,7 @@ def _write_local(path: str, write: Callable[[io.BufferedIOBase], Any]) -> None:
     raise
 
 
-def atomic_write(path: epath.PathLike, write: Callable[[io.BufferedIOBase], Any]) -> None:
+def atomic_write(path: epath.PathLike, write: Callable[[BinaryIO], Any]) -> None:
   """Calls `write(file)` with a binary file and publishes what it wrote at `path` atomically.
 
   Local: temp file beside `path`, fsync, `os.replace`. Object store: `write` fills an in-memory

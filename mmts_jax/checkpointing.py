@@ -4,11 +4,11 @@ and the input position).
 
 Crash safety comes from orbax's commit protocol: a step is written into a temporary directory and
 renamed into place only once complete, so a crash mid-save leaves the previous checkpoints intact
-and `latest_step()` never returns a partial one (leftover temporaries are removed at start-up). On an object store (`gs://...`), which has no
-atomic directory rename, orbax instead marks a finished step with a `commit_success.txt` object
-written last, and `latest_step()` ignores steps without it. The directory is an `etils.epath`
-path (local paths are made absolute, `gs://` URIs are kept as they are); arrays go through
-tensorstore's own GCS driver.
+and `latest_step()` never returns a partial one (leftover temporaries are removed at start-up). On
+an object store (`gs://...`), which has no atomic directory rename, orbax instead marks a finished
+step with a `commit_success.txt` object written last, and `latest_step()` ignores steps without it.
+The directory is an `etils.epath` path (local paths are made absolute, `gs://` URIs are kept as they
+are); arrays go through tensorstore's own GCS driver.
 
 Preemption: `PreemptionWatcher` turns SIGTERM into a flag the training loop polls once per step;
 the loop then saves a checkpoint at the current step and exits. In multi-process runs JAX's

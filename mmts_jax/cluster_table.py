@@ -112,7 +112,7 @@ class ClusterTable:
 
   # ---------------------------------------------------------------- construction
   @classmethod
-  def from_labels(cls, labels: Sequence[Hashable], *, fingerprint: str | None = None,
+  def from_labels(cls, labels: Sequence[Hashable] | np.ndarray, *, fingerprint: str | None = None,
                   source: str = "labels", **provenance) -> "ClusterTable":
     """One cluster per distinct label; `K_c` = how many samples carry label c.
 
@@ -129,7 +129,8 @@ class ClusterTable:
                cluster_names=names)
 
   @classmethod
-  def from_frequencies(cls, labels: Sequence[Hashable], frequencies: Mapping[Hashable, float], *,
+  def from_frequencies(cls, labels: Sequence[Hashable] | np.ndarray,
+                       frequencies: Mapping[Any, float], *,
                        fingerprint: str | None = None, source: str = "frequencies",
                        **provenance) -> "ClusterTable":
     """Each sample's `K_c` is its class's count in an external frequency table.
@@ -209,7 +210,7 @@ class ClusterTable:
       >>> ClusterTable.from_sizes([0, 1, 1], [10, 500]).shift_table(0.05, 0.1).tolist()
       [0.05000000074505806, 0.10000000149011612, 0.10000000149011612]
     """
-    return shifts.cluster_shift(self.per_sample_sizes(), sh_min, sh_max).astype(np.float32)
+    return np.asarray(shifts.cluster_shift(self.per_sample_sizes(), sh_min, sh_max), np.float32)
 
   def validate(self, dataset=None, *, num_samples: int | None = None,
                fingerprint: str | None = None) -> "ClusterTable":
@@ -247,7 +248,7 @@ class ClusterTable:
     """Writes one `.npz` atomically (`atomic_io`: temp file + rename locally, one object upload
     on `gs://`)."""
     prov = {k: v for k, v in self.provenance.items() if k != "path"}
-    arrays = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
+    arrays: dict[str, Any] = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
               "sizes": self.sizes, "provenance": np.array(json.dumps(prov, sort_keys=True))}
     if self.cluster_names is not None:
       arrays["cluster_names"] = np.array(self.cluster_names, dtype=str)
@@ -302,7 +303,8 @@ class ClusterTable:
     head_samples = int(present[order[:n_head]].sum())
     n_tail = max(1, occupied.size // 2)
     tail_samples = int(present[order[-n_tail:]].sum())
-    name = (lambda c: self.cluster_names[c]) if self.cluster_names else (lambda c: str(c))
+    names = self.cluster_names
+    name = (lambda c: names[c]) if names else (lambda c: str(c))
     return {
         "num_samples": self.num_samples, "num_clusters": self.num_clusters,
         "occupied_clusters": int(occupied.size),
@@ -315,7 +317,7 @@ class ClusterTable:
     }
 
 
-def _factorize(labels: Sequence[Hashable]) -> tuple[tuple[str, ...], np.ndarray]:
+def _factorize(labels: Sequence[Hashable] | np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
   """Distinct labels (as str, sorted numerically when all are ints) and each sample's index."""
   labels = list(labels)
   if not labels:

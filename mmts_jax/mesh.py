@@ -92,7 +92,7 @@ def param_sharding(shape: tuple[int, ...], mesh: Mesh, mode: str) -> NamedShardi
       best = axis
   if best is None:
     return replicated(mesh)
-  spec = [None] * len(shape)
+  spec: list[str | None] = [None] * len(shape)
   spec[best] = DATA_AXIS
   return NamedSharding(mesh, P(*spec))
 

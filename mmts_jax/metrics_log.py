@@ -165,7 +165,7 @@ class MetricsWriter:
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step)}
+    record: dict[str, Any] = {"step": int(step)}
     record.update({k: _jsonable(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + "\n")
     # Flushed per record: a preempted run keeps every line it logged.

@@ -7,9 +7,11 @@ ICLR 2023) oscillates a single temperature between two bounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import chex
+import jax
 import jax.numpy as jnp
-import optax
 
 __all__ = ["cosine_oscillation", "temperature_schedule", "period_from_total_steps"]
 
@@ -38,16 +40,16 @@ def period_from_total_steps(total_steps: int, num_oscillations: float = 5) -> fl
     >>> period_from_total_steps(10_000)
     2000.0
   """
-  total_steps = _check_finite("total_steps", total_steps)
+  steps = _check_finite("total_steps", total_steps)
   num_oscillations = _check_finite("num_oscillations", num_oscillations)
-  if total_steps <= 0:
-    raise ValueError(f"total_steps must be > 0, got {total_steps}")
+  if steps <= 0:
+    raise ValueError(f"total_steps must be > 0, got {steps}")
   if num_oscillations <= 0:
     raise ValueError(f"num_oscillations must be > 0, got {num_oscillations}")
-  return total_steps / num_oscillations
+  return steps / num_oscillations
 
 
-def cosine_oscillation(alpha: float, period: float) -> optax.Schedule:
+def cosine_oscillation(alpha: float, period: float) -> Callable[[chex.Numeric], jax.Array]:
   r"""MM-TS base schedule (Eq. 7): :math:`\tau_{base}(t) = \frac{\alpha}{2}\cos(2\pi t / T)`.
 
   It oscillates in `[-alpha/2, alpha/2]`; the per-sample temperature (or margin) is
@@ -70,7 +72,7 @@ def cosine_oscillation(alpha: float, period: float) -> optax.Schedule:
     raise ValueError(f"alpha must be >= 0, got {alpha}")
   period = _check_period(period)
 
-  def schedule(count):
+  def schedule(count: chex.Numeric) -> jax.Array:
     # The default float dtype: float32, or float64 under jax_enable_x64.
     t = jnp.asarray(count, jnp.result_type(float))
     return (alpha / 2) * jnp.cos((2 * math.pi / period) * t)
@@ -78,7 +80,8 @@ def cosine_oscillation(alpha: float, period: float) -> optax.Schedule:
   return schedule
 
 
-def temperature_schedule(tau_min: float, tau_max: float, period: float) -> optax.Schedule:
+def temperature_schedule(tau_min: float, tau_max: float,
+                         period: float) -> Callable[[chex.Numeric], jax.Array]:
   r"""Uni-modal temperature schedule (TS):
   :math:`\tau(t) = \tau_{min} + (\tau_{max} - \tau_{min})\,(1 + \cos(2\pi t/T))/2`.
 
@@ -97,7 +100,7 @@ def temperature_schedule(tau_min: float, tau_max: float, period: float) -> optax
     raise ValueError(f"tau_max must be >= tau_min, got tau_min={tau_min}, tau_max={tau_max}")
   period = _check_period(period)
 
-  def schedule(count):
+  def schedule(count: chex.Numeric) -> jax.Array:
     t = jnp.asarray(count, jnp.result_type(float))
     wave = (1 + jnp.cos((2 * math.pi / period) * t)) / 2
     return tau_min + (tau_max - tau_min) * wave

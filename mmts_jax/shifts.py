@@ -6,10 +6,13 @@ large (head) clusters get large temperatures / margins, small (tail) clusters sm
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 __all__ = ["cluster_shift", "validate_positive", "per_sample_values", "level_match"]
 
@@ -18,7 +21,16 @@ def _is_jax(x) -> bool:
   return isinstance(x, jax.Array)
 
 
-def cluster_shift(sizes, sh_min: float, sh_max: float, min_size=None, max_size=None):
+@overload
+def cluster_shift(sizes: jax.Array, sh_min: float, sh_max: float,
+                  min_size: ArrayLike | None = None, max_size: ArrayLike | None = None
+                  ) -> jax.Array: ...
+@overload
+def cluster_shift(sizes: np.ndarray | Sequence[float], sh_min: float, sh_max: float,
+                  min_size: ArrayLike | None = None, max_size: ArrayLike | None = None
+                  ) -> np.ndarray: ...
+def cluster_shift(sizes, sh_min: float, sh_max: float, min_size: ArrayLike | None = None,
+                  max_size: ArrayLike | None = None) -> jax.Array | np.ndarray:
   r"""Eq. 6: :math:`sh(c) = \frac{K_c - \min K}{\max K - \min K}(sh_{max} - sh_{min}) + sh_{min}`.
 
   Args:
@@ -79,12 +91,14 @@ def validate_positive(alpha: float, sh_min: float, sh_max: float | None = None, 
         f"choose sh_min > alpha/2 = {alpha / 2:g}")
 
 
-def per_sample_values(base, shift_table, index):
+def per_sample_values(base: jax.Array | float, shift_table: jax.Array,
+                      index: jax.Array) -> jax.Array:
   """`tau_i = base + shift_table[index_i]` (Eq. 8), gathered on device inside a jitted step."""
   return base + jnp.take(shift_table, index, axis=0)
 
 
-def level_match(shift_table, target: float, *, alpha: float = 0.0, what: str = "temperature"):
+def level_match(shift_table: ArrayLike, target: float, *, alpha: float = 0.0,
+                what: str = "temperature") -> np.ndarray:
   r"""Re-centres per-sample shifts so that their sample mean is `target`, keeping the shape.
 
   :math:`sh'_i = sh_i - \frac{1}{N}\sum_j sh_j + target`. Over whole periods Eq. 7's cosine

@@ -18,7 +18,8 @@ Example:
   >>> read_table(path)
   Traceback (most recent call last):
   ...
-  mmts_jax.errors.UserInputError: ...t.csv:2: row has 3 fields but the header has 2; expected one field per column
+  mmts_jax.errors.UserInputError: ...t.csv:2: row has 3 fields but the header has 2;
+  expected one field per column
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import csv
 import io
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
@@ -58,7 +59,8 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
     >>> read_text(path)
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: ...t.csv:2: is not UTF-8 (invalid continuation byte, byte 0xe9); expected a UTF-8 text file
+    mmts_jax.errors.UserInputError: ...t.csv:2: is not UTF-8 (invalid continuation byte, byte 0xe9);
+    expected a UTF-8 text file
   """
   path = os.fspath(path)
   if not read_access.exists(path):
@@ -88,7 +90,8 @@ def _kind(path: str, kind: str | None) -> str:
   return {".tab": "tsv", ".json": "jsonl"}.get(suffix, suffix[1:])
 
 
-def _read_delimited(path: str, text: str, delimiter: str, quoting: int, header: bool):
+def _read_delimited(path: str, text: str, delimiter: str, quoting: Literal[0, 1, 2, 3],
+                    header: bool):
   reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
                       strict=True)
   head, rows, lines = None, [], []
@@ -111,7 +114,7 @@ def _read_delimited(path: str, text: str, delimiter: str, quoting: int, header: 
       if len(row) != len(head):
         raise UserInputError(path, f"row has {len(row)} fields but the header has {len(head)}",
                              line=line, expected="one field per column")
-      rows.append(dict(zip(head, row)))
+      rows.append(dict(zip(head, row, strict=True)))
       lines.append(line)
   except csv.Error as e:
     raise UserInputError(path, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})",
@@ -151,7 +154,7 @@ def _read_jsonl(path: str, text: str):
 
 
 def read_table(path: str | os.PathLike, required: Sequence[str] = (), *, kind: str | None = None,
-               delimiter: str | None = None, quoting: int = csv.QUOTE_MINIMAL,
+               delimiter: str | None = None, quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
                header: bool = True, allow_empty: bool = False) -> Table:
   """Reads a `.csv`, `.tsv`/`.tab` or `.jsonl`/`.json` table; see the module docstring.
 

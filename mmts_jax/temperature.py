@@ -237,7 +237,7 @@ def _shift_table(name):
 def _isogclr(t, m, *, period, what, isogclr=None):
   from mmts_jax.policies.isogclr import ISogCLR  # imports this module
   ISogCLR.check_loss("infonce" if what == "temperature" else "max_margin")
-  fields = {k: float(v) for k, v in dict(isogclr or {}).items()}
+  fields: dict[str, Any] = {k: float(v) for k, v in dict(isogclr or {}).items()}
   return ISogCLR(**fields)
 
 

@@ -66,7 +66,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def gcs_emulator():
   """Starts `gcp-storage-emulator` (through tests/gcs_emulator.py, which adds the object
-  generations tensorstore needs) on 127.0.0.1 (a free port, in memory, bucket `mmts-test`), points the clients at it for the rest of the session, and stops it at the end."""
+  generations tensorstore needs) on 127.0.0.1 (a free port, in memory, bucket `mmts-test`),
+  points the clients at it for the rest of the session, and stops it at the end."""
   import subprocess
   import sys
   import time
@@ -89,7 +90,7 @@ def gcs_emulator():
                            "(pip install gcp-storage-emulator)") from None
       if time.time() > deadline:
         proc.kill()
-        raise RuntimeError(f"gcp-storage-emulator did not answer on {url} within 30 s")
+        raise RuntimeError(f"gcp-storage-emulator did not answer on {url} within 30 s") from None
       time.sleep(0.1)
   emulator = GcsEmulator(url, bucket, proc)
   saved = {k: os.environ.get(k) for k in emulator.env()}

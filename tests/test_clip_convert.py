@@ -82,7 +82,7 @@ def test_format_errors(vit_small):
   prefixed = {"module." + k: v for k, v in sd.items()}
   p1 = convert.convert_state_dict(prefixed, cfg, "openclip")
   p2 = convert.convert_state_dict(sd, cfg, "openclip")
-  assert all((a == b).all() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))
+  assert all((a == b).all() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True))
 
 
 def test_batchnorm_folded_into_frozen_affine():

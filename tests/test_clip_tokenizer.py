@@ -24,7 +24,7 @@ def test_ids_equal_open_clip_simple_tokenizer(tok):
   ref = np.load(DATA / "clip_reference.npz")["tokenizer/open_clip_ids"]
   ids = tok(meta["tokenizer_texts"])
   assert ids.shape == ref.shape == (len(meta["tokenizer_texts"]), 77)
-  for text, got, want in zip(meta["tokenizer_texts"], ids, ref):
+  for text, got, want in zip(meta["tokenizer_texts"], ids, ref, strict=True):
     np.testing.assert_array_equal(got, want, err_msg=repr(text))
 
 
@@ -74,7 +74,7 @@ def test_ids_equal_tokenizers_json_and_transformers_on_random_text(tok, tmp_path
   (tmp_path / "merges.txt").write_text(
       "#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merges) + "\n")
   hf = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-  for text, row in zip(texts, ours):
+  for text, row in zip(texts, ours, strict=True):
     want = hf(text, truncation=True, max_length=77)["input_ids"]
     assert row[:len(want)].tolist() == want and not row[len(want):].any(), repr(text)
 

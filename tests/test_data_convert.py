@@ -77,7 +77,7 @@ def test_csv_columns_labels_and_resizing(folder, tmp_path):
     _assert_colour_matches(r, i)
   headless = tmp_path / "headless.tsv"
   quoted = [f'"{c}" said the "cat' for _, c in rows]  # TSV quotes are literal text
-  headless.write_text("".join(f"{q}\t{p}\n" for (p, _), q in zip(rows, quoted)))
+  headless.write_text("".join(f"{q}\t{p}\n" for (p, _), q in zip(rows, quoted, strict=True)))
   m2 = convert.convert_table(headless, root, tmp_path / "ds2", image_column=1, caption_column=0,
                              header=False, threads=1)
   assert m2.num_records == 12 and records.read_captions(tmp_path / "ds2") == quoted

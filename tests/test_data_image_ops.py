@@ -65,10 +65,10 @@ def test_random_resized_crop_box_statistics():
   w, h, scale, ratio = 200, 150, (0.3, 0.9), (3 / 4, 4 / 3)
   areas, ratios = [], []
   for _ in range(500):
-    l, t, r, b = image_ops.random_resized_crop_box(w, h, rng, scale=scale, ratio=ratio)
-    assert 0 <= l < r <= w and 0 <= t < b <= h
-    areas.append((r - l) * (b - t) / (w * h))
-    ratios.append((r - l) / (b - t))
+    left, t, r, b = image_ops.random_resized_crop_box(w, h, rng, scale=scale, ratio=ratio)
+    assert 0 <= left < r <= w and 0 <= t < b <= h
+    areas.append((r - left) * (b - t) / (w * h))
+    ratios.append((r - left) / (b - t))
   areas, ratios = np.array(areas), np.array(ratios)
   # Rounding to whole pixels moves area and ratio by a few percent at most.
   assert areas.min() > scale[0] * 0.95 and areas.max() < scale[1] * 1.05

@@ -47,7 +47,7 @@ def _all(loader):
 
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     chex.assert_trees_all_equal(x, y)
 
 

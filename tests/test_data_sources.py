@@ -84,10 +84,10 @@ def test_prefetch_to_device_keeps_order_values_and_checks():
   cfg = train.default_config().data
   cfg.update(num_examples=128, text="features")
   src = sources.make_source(cfg, global_batch_size=32, seed=1)
-  host = [b for b, _ in zip(src.iterate(0), range(5))]
+  host = [b for b, _ in zip(src.iterate(0), range(5), strict=False)]
   dev = list(sources.prefetch_to_device(iter(host), mesh, size=2))
   assert len(dev) == 5
-  for h, d in zip(host, dev):
+  for h, d in zip(host, dev, strict=True):
     assert d["image_features"].sharding.spec == jax.sharding.PartitionSpec("data")
     for k in h:
       np.testing.assert_array_equal(np.asarray(d[k]), h[k])

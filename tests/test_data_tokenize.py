@@ -34,7 +34,7 @@ def test_truncation_keeps_closing_token(reference):
   L = 6
   got = TextTokenizer(MINILM, L).batch(sentences)
   lengths = (ids != 0).sum(1)
-  for row, ref, n in zip(got, ids, lengths):
+  for row, ref, n in zip(got, ids, lengths, strict=True):
     if n <= L:  # short: the reference prefix, padded
       np.testing.assert_array_equal(row, ref[:L])
     else:  # long: [CLS] + first L-2 word pieces + [SEP]

@@ -59,7 +59,7 @@ def test_ek100_embeddings_with_annotations(tmp_path, shared_dir):
 
   def sig(verbs, nouns):
     return [signature.setdefault((int(v), frozenset(n)), len(signature))
-            for v, n in zip(verbs, nouns)]
+            for v, n in zip(verbs, nouns, strict=True)]
 
   video_sig = sig(ann.video_verbs, ann.video_nouns)
   text_sig = sig(ann.caption_verbs, ann.caption_nouns)

@@ -158,7 +158,7 @@ def test_relevancy_matches_the_official_slice(full_relevancy, ref, annotations):
 
 def test_relevancy_formula_on_rows(annotations, full_relevancy):
   rng = np.random.default_rng(0)
-  for v, c in zip(rng.integers(0, 9668, 50), rng.integers(0, 3842, 50)):
+  for v, c in zip(rng.integers(0, 9668, 50), rng.integers(0, 3842, 50), strict=True):
     a, b = set(annotations.video_nouns[v]), set(annotations.caption_nouns[c])
     want = 0.5 * (annotations.video_verbs[v] == annotations.caption_verbs[c])
     want += 0.5 * len(a & b) / len(a | b)

@@ -72,7 +72,7 @@ def test_class_latent_matches_formula():
   maps = ef.ClassFeatureMaps(spec, num_verbs=4, num_nouns=6)
   verbs, nouns = [1, 1, 3], [(2,), (2, 5), (0, 5, 4)]
   ref = np.stack([(maps.verb_emb[v] + np.mean(maps.noun_emb[list(n)], axis=0)) / np.sqrt(2)
-                  for v, n in zip(verbs, nouns)])
+                  for v, n in zip(verbs, nouns, strict=True)])
   np.testing.assert_allclose(maps.latent(verbs, nouns), ref, rtol=1e-12)
   video = maps.features("video", verbs, nouns, rng=np.random.default_rng(0))
   np.testing.assert_allclose(video, ref @ maps.maps["video"], rtol=1e-5, atol=1e-6)

@@ -81,7 +81,7 @@ def test_tiny_training_on_gs_stops_and_resumes_bit_exactly(gcs_emulator, tmp_pat
   assert ma == mb and ma["input_position"] == 7
   leaves_a, leaves_b = jax.tree.leaves(ta), jax.tree.leaves(tb)
   assert len(leaves_a) == len(leaves_b) > 0
-  for x, y in zip(leaves_a, leaves_b):
+  for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Each run (stopped, resumed) wrote its own event file to gs://.
   assert len(list((workdir / "tensorboard").iterdir())) == 2

@@ -49,7 +49,7 @@ def _steps(run, **micro_kw):
 
 def _max_param_diff(a, b) -> float:
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in
-             zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+             zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True))
 
 
 @pytest.mark.parametrize("loss,impl,row", [("infonce", "ring", "mmts"),

@@ -166,7 +166,7 @@ def test_slurm_refuses_to_run_outside_a_job_without_dry_run():
 
 
 def test_sbatch_header_requests_one_task_per_gpu():
-  header = [l for l in (LAUNCH / "slurm_multinode.sbatch").read_text().splitlines()
-            if l.startswith("#SBATCH")]
-  opts = dict(l.split(None, 1)[1].lstrip("-").split("=", 1) for l in header)
+  header = [line for line in (LAUNCH / "slurm_multinode.sbatch").read_text().splitlines()
+            if line.startswith("#SBATCH")]
+  opts = dict(line.split(None, 1)[1].lstrip("-").split("=", 1) for line in header)
   assert opts["ntasks-per-node"] == opts["gpus-per-node"]

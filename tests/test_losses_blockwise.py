@@ -110,7 +110,7 @@ def test_blockwise_equals_dense_values_and_all_gradients(b, block):
     v, g = _vg(bw, block_size=block, precision=HIGHEST)(x, y, t)
     v0, g0 = _vg(ref, precision=HIGHEST)(x, y, t)
     assert _rel(v, v0) <= 1e-5, (bw.__name__, float(v), float(v0))
-    for got, want in zip(g, g0):  # image, text and temperature gradients
+    for got, want in zip(g, g0, strict=True):  # image, text and temperature gradients
       # + 1e-6 absolute: at B = 1 every gradient is exactly 0 in the dense loss.
       err = np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)))
       assert err <= 1e-4 * np.max(np.abs(want)) + 1e-6, bw.__name__
@@ -230,7 +230,7 @@ def test_fused_gpu_tiles_compute_the_same_maths():
   finally:
     blockwise.set_fused_tiles(None)
   assert _rel(v, v0) <= 1e-5
-  for got, want in zip(g, g0):
+  for got, want in zip(g, g0, strict=True):
     assert _rel(got, want) <= 1e-4
   assert _rel(vb, v0) <= 1e-2 and _rel(gb[0], g0[0]) <= 3e-2
   with pytest.raises(ValueError, match="mode must be"):

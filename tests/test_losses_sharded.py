@@ -38,7 +38,7 @@ def test_mesh_helper_reproduces_the_global_batch(mesh, loss, variant):
   v, g = compiled(jax.value_and_grad(fn, argnums=(0, 1, 2)))(x, 1.5 * y, t)
   v0, g0 = _global_reference(loss, x, 1.5 * y, t)
   assert _rel(v, v0) <= 1e-5, (float(v), float(v0))
-  for got, want in zip(g, g0):
+  for got, want in zip(g, g0, strict=True):
     assert _rel(got, want) <= 1e-4
 
 

@@ -83,7 +83,7 @@ def test_log1p_exp_equals_infonce_float32(block_size):
   value, grads = _vg(nonlinear_mmcl, block_size=block_size, **CLIP)(x, y, tau)
   ref_value, ref_grads = _vg(infonce_dense)(x, y, tau)
   assert _rel(value, ref_value) <= 1e-5
-  for g, r in zip(grads, ref_grads):
+  for g, r in zip(grads, ref_grads, strict=True):
     assert _rel(g, r) <= 1e-5
 
 
@@ -96,7 +96,7 @@ def test_log1p_exp_equals_infonce_float64(block_size, t):
     ref_value, ref_grads = _vg(infonce_dense)(x, y, t)
     assert value.dtype == jnp.float64
     assert _rel(value, ref_value) <= 1e-10
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
       assert _rel(g, r) <= 1e-10
 
 
@@ -204,7 +204,7 @@ def test_shard_map_equals_global_batch(kw, block_size):
   value, grads = _vg(sharded)(x, y, tau)
   ref_value, ref_grads = _vg(nonlinear_mmcl, **kw)(x, y, tau)
   assert _rel(value, ref_value) <= 1e-5
-  for g, r in zip(grads, ref_grads):
+  for g, r in zip(grads, ref_grads, strict=True):
     assert _rel(g, r) <= 1e-5
 
 

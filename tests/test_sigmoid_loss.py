@@ -47,7 +47,7 @@ def reference(x, y, tau, bias):
 def _check(got, want, tol_v, tol_g):
   v, grads = got
   assert _rel(v, want[0]) <= tol_v, (float(v), want[0])
-  for g, w, name in zip(grads, want[1:], ("image", "text", "bias", "temperature")):
+  for g, w, name in zip(grads, want[1:], ("image", "text", "bias", "temperature"), strict=True):
     err = np.max(np.abs(np.asarray(g, np.float64) - w))
     assert err <= tol_g * np.max(np.abs(w)) + 1e-7, name
 

@@ -34,7 +34,7 @@ def _config(**temperature_kw):
 def _setup(c, num_devices=1, param_sharding="replicated"):
   c.mesh.update(num_devices=num_devices, param_sharding=param_sharding)
   run = train.setup(c)
-  batches = [b for b, _ in zip(run.batches(0), range(2))]
+  batches = [b for b, _ in zip(run.batches(0), range(2), strict=False)]
   return run, batches
 
 
@@ -181,9 +181,9 @@ def test_bad_configurations_fail_before_compiling():
 def test_source_hosts_partition_each_global_batch_and_resume_by_position():
   c = _config()
   source = train.make_source(c.data, global_batch_size=32, seed=3)
-  whole = [b for b, _ in zip(source.iterate(0), range(10))]        # 10 batches > 1 epoch (8)
-  hosts = [[b for b, _ in zip(source.iterate(0, p, 2), range(10))] for p in range(2)]
-  for g, (h0, h1) in zip(whole, zip(*hosts)):
+  whole = [b for b, _ in zip(source.iterate(0), range(10), strict=False)]        # 10 batches > 1 epoch (8)
+  hosts = [[b for b, _ in zip(source.iterate(0, p, 2), range(10), strict=False)] for p in range(2)]
+  for g, (h0, h1) in zip(whole, zip(*hosts, strict=True), strict=True):
     np.testing.assert_array_equal(np.concatenate([h0["index"], h1["index"]]), g["index"])
   resumed = next(source.iterate(9))
   for k in whole[9]:

@@ -75,7 +75,7 @@ def test_captions_per_image_layout_and_errors(tmp_path):
 
 def _pairs(rng, latents, maps, noise):
   return [(latents @ m + s * rng.normal(size=(len(latents), m.shape[1]))).astype(np.float32)
-          for m, s in zip(maps, noise)]
+          for m, s in zip(maps, noise, strict=True)]
 
 
 def test_during_and_after_training(tmp_path, capsys):

@@ -175,16 +175,18 @@ def summarise(results):
     row = {"mismatch": eps}
     for key in ("unimodal_x", "unimodal_x_tilde", "multimodal_linear_x",
                 "multimodal_linear_x_tilde", "multimodal_clip_x", "multimodal_clip_x_tilde"):
-      row[key] = _aggregate(a, lambda r, k=key: r[i][k]["spectral"])
+      row[key] = _aggregate(a, lambda r, k=key, i=i: r[i][k]["spectral"])
     summary["A"].append(row)
   for part, axis in (("by_n_paired", "n_paired"), ("by_mismatch", "mismatch")):
     for i, point in enumerate(b[0][part]):
       row = {axis: point[axis]}
       for key in ("paired_only", "with_unpaired", "oracle_pairs"):
-        row[key] = _aggregate(b, lambda r, k=key: r[part][i][k]["spectral"])
+        row[key] = _aggregate(b, lambda r, k=key, p=part, i=i: r[p][i][k]["spectral"])
       for key in ("precision", "recall", "detected"):
-        row[f"first_round_{key}"] = _aggregate(b, lambda r, k=key: r[part][i]["detection"][0][k])
-        row[f"last_round_{key}"] = _aggregate(b, lambda r, k=key: r[part][i]["detection"][-1][k])
+        row[f"first_round_{key}"] = _aggregate(
+            b, lambda r, k=key, p=part, i=i: r[p][i]["detection"][0][k])
+        row[f"last_round_{key}"] = _aggregate(
+            b, lambda r, k=key, p=part, i=i: r[p][i]["detection"][-1][k])
       summary[f"B_{part}"].append(row)
   return summary
 

@@ -181,6 +181,7 @@ def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int
     inertia = float(inertia)
     if best is None or inertia < best[0]:
       best = (inertia, final_labels, centers, n_iter)
+  assert best is not None, "n_init >= 1 was checked, so one run was kept"
   inertia, labels, centers, n_iter = best
   return KMeansResult(labels=np.asarray(labels)[:n], centers=np.asarray(centers, np.float32),
                       inertia=inertia, n_iter=n_iter, backend="jax", seed=seed)

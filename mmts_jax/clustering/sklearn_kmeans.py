@@ -1,6 +1,8 @@
 """K-Means with scikit-learn (Lloyd, greedy k-means++ init): the host reference."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from mmts_jax.clustering.checks import check_k, check_points
@@ -32,12 +34,21 @@ def kmeans_sklearn(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter:
     from tqdm.auto import tqdm
     runs = tqdm(runs, desc=f"k-means (sklearn, k={k})", unit="init",
                 disable=None if progress is None else False)
-  best = None
+  # sklearn ships no annotations: pyright infers `n_init: str` from its "auto" default and the
+  # fitted attributes (`inertia_`, `labels_`, ...) as Optional, so a fitted estimator is `Any`.
+  best: Any = None
   for r in runs:
-    km = KMeans(n_clusters=k, n_init=1, random_state=seed + r, max_iter=max_iter, tol=tol,
-                algorithm="lloyd").fit(x)
+    km: Any = KMeans(
+      n_clusters=k,
+      n_init=1,  # pyright: ignore[reportArgumentType]
+      random_state=seed + r,
+      max_iter=max_iter,
+      tol=tol,
+      algorithm="lloyd",
+    ).fit(x)
     if best is None or km.inertia_ < best.inertia_:
       best = km
+  assert best is not None, "n_init >= 1 was checked, so one run was kept"
   return KMeansResult(labels=best.labels_.astype(np.int32),
                       centers=best.cluster_centers_.astype(np.float32),
                       inertia=float(best.inertia_), n_iter=int(best.n_iter_), backend="sklearn",

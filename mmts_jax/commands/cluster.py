@@ -118,7 +118,7 @@ def _labels(rows, columns, spec: str, path: str) -> list[str]:
   """`col` or `col1+col2` (joined with "_", e.g. EK-100 verb+noun "6_0")."""
   parts = [_column(rows, columns, c, path) for c in spec.split("+")]
   out = []
-  for i, vals in enumerate(zip(*parts)):
+  for i, vals in enumerate(zip(*parts, strict=True)):
     try:
       out.append("_".join(_first_label(v) for v in vals))
     except CommandError as e:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="mmts cluster", formatter_class=HelpFormatter,
       description="Build an MM-TS cluster table from captions, class labels or embeddings.",
-      epilog="examples:" + __doc__.split("Examples:")[1].split("It prints")[0])
+      epilog="examples:" + str(__doc__).split("Examples:")[1].split("It prints")[0])
   p.add_argument("input", help="captions / labels table (.csv, .tsv, .jsonl) or embeddings (.npy)")
   src = p.add_mutually_exclusive_group()
   src.add_argument("--text-column", help="caption column: embed and K-Means cluster it")
@@ -300,7 +300,7 @@ def _histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
   counts, _ = np.histogram(sizes, bins=edges)
   top = max(counts.max(), 1)
   lines = []
-  for lo, hi, c in zip(edges[:-1], edges[1:], counts):
+  for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True):
     if c:
       lines.append(f"  [{lo:>6}, {hi:>6})  {c:>4}  {'#' * max(1, round(width * c / top))}")
   return lines
@@ -424,8 +424,8 @@ def _run(args) -> int:
   source, columns, rows, x, path = _inputs(args)
   fingerprint, keys = _fingerprint(args, source, columns, rows, path)
   if args.validate:
-    n = x.shape[0] if x is not None else len(rows)
-    table = ClusterTable.load(args.validate).validate(num_samples=n, fingerprint=fingerprint)
+    n = x.shape[0] if x is not None else len(rows or ())
+    ClusterTable.load(args.validate).validate(num_samples=n, fingerprint=fingerprint)
     print(f"ok: {args.validate} matches {args.input} ({n} samples, "
           f"fingerprint {fingerprint or 'not checked'})")
     return 0

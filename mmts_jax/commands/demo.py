@@ -48,7 +48,7 @@ def _main(argv: list[str]) -> int:
   print(f"MM-TS value per cluster (the temperature of InfoNCE, the margin of max-margin), "
         f"alpha={args.alpha}, shift in [{args.sh_min}, {args.sh_max}], period={period:g} steps")
   print("cluster size | " + " | ".join(f"t={s:>6d}" for s in steps))
-  for k, s in zip(sizes, sh):
+  for k, s in zip(sizes, sh, strict=True):
     print(f"{k:>12d} | " + " | ".join(f"{float(base(t)) + s:8.4f}" for t in steps))
 
   rng = np.random.default_rng(0)

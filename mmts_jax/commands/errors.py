@@ -72,13 +72,15 @@ def strip_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 def os_reason(e: OSError) -> str:
   """A short reason for an OS error: the errno's meaning, else the system's own words."""
+  if e.errno is None:
+    return str(e)
   return _REASONS.get(e.errno, (e.strerror or str(e)).lower() if e.errno else str(e))
 
 
 _MAX_MESSAGE = 600  # characters; a library's message can list hundreds of names
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
   line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
   if len(line) > _MAX_MESSAGE:
     line = line[:_MAX_MESSAGE - 40].rstrip() + " ... (--debug shows the whole message)"
@@ -164,7 +166,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> str:
     >>> check_output_path(f + "/t.npz")
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: ...notes.txt/t.npz: cannot write --out: ...notes.txt is a file, not a folder; expected a path inside a folder
+    mmts_jax.errors.UserInputError: ...notes.txt/t.npz: cannot write --out: ...notes.txt is a file,
+    not a folder; expected a path inside a folder
   """
   path = os.fspath(path)
   if "://" in path:  # an object store: no local folder to check

@@ -50,7 +50,8 @@ def _open_npy(path: str):
 def _load(path: str, key: str | None = None) -> np.ndarray:
   """An array from a `.npy`, or array `key` of a `.npz`; never unpickles."""
   if path.endswith(".npz"):
-    return array_files.load_npz_array(path, key)
+    # No key: the "has no array" error lists the arrays the file has.
+    return array_files.load_npz_array(path, str(key))
   if key is not None and not path.endswith(".npy"):
     raise UserInputError(path, "unknown array file type", expected="a .npz or .npy file")
   return array_files.load_npy(path)
@@ -76,9 +77,11 @@ def _pick(args, npz_key_attr: str, file_attr: str, what: str, required: bool = T
   return None
 
 
-def _embeddings(args, key_attr: str, file_attr: str, what: str) -> tuple[np.ndarray, str, str]:
+def _embeddings(args, key_attr: str, file_attr: str,
+                what: str) -> tuple[np.ndarray, str, str | None]:
   """A (n, dim) finite float embedding matrix, with the file and key it came from."""
   x = _pick(args, key_attr, file_attr, what)
+  assert x is not None, "_pick(required=True) raises rather than return None"
   path = getattr(args, file_attr, None) or args.embeddings
   key = None if getattr(args, file_attr, None) else getattr(args, key_attr)
   array_files.check_matrix(x, path, key)

@@ -114,7 +114,7 @@ def _prepare(args) -> int:
     print(f"val:   {len(z['video_features'])} videos x {len(z['text_features'])} captions "
           f"-> {files.val}")
   print(f"cluster table: {s['num_clusters']} noun classes, K_c {s['size_min']}..{s['size_max']} "
-        f"(official frequencies), fingerprint {table.fingerprint[:23]}... -> {files.table}")
+        f"(official frequencies), fingerprint {str(table.fingerprint)[:23]}... -> {files.table}")
   return 0
 
 

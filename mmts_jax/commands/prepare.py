@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 
 from mmts_jax.commands import errors
 from mmts_jax.commands.help_format import HelpFormatter
@@ -110,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args) -> int:
   from mmts_jax.data import convert
-  common = dict(shorter_side=args.shorter_side, on_error=args.on_error, threads=args.threads,
-                records_per_shard=args.records_per_shard, overwrite=args.overwrite,
-                log=lambda s: print(s, flush=True))
+  common: dict[str, Any] = dict(
+      shorter_side=args.shorter_side, on_error=args.on_error, threads=args.threads,
+      records_per_shard=args.records_per_shard, overwrite=args.overwrite,
+      log=lambda s: print(s, flush=True))
   t0 = time.perf_counter()
   if args.source == "table":
     m = convert.convert_table(args.table, args.images, args.out, image_column=args.image_column,

@@ -24,7 +24,7 @@ import pathlib
 import re
 import tarfile
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmts_jax.data import image_ops
 from mmts_jax.errors import UserInputError
@@ -206,6 +206,7 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
       ci = _column(head, image_column, "image", table)
       cc = _column(head, caption_column, "caption", table)
       cl = _column(head, label_column, "label", table)
+      assert ci is not None and cc is not None, "image and caption columns are never None"
       needed = max(c for c in (ci, cc, cl) if c is not None) + 1
       count = 0
       while True:
@@ -314,7 +315,8 @@ def check_member(shard: str, member: tarfile.TarInfo) -> bool:
     >>> check_member("s.tar", tarfile.TarInfo("../0001.jpg"))
     Traceback (most recent call last):
     ...
-    mmts_jax.errors.UserInputError: s.tar: tar member '../0001.jpg' has an absolute path or '..'; expected members with relative names inside the shard
+    mmts_jax.errors.UserInputError: s.tar: tar member '../0001.jpg' has an absolute path or '..';
+    expected members with relative names inside the shard
   """
   name = member.name
   parts = pathlib.PurePosixPath(name).parts
@@ -357,7 +359,9 @@ def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None
           else:
             sample = None
           if member is not None:
-            data = tar.extractfile(member).read()
+            member_file = tar.extractfile(member)
+            assert member_file is not None, "check_member passes regular files only"
+            data = member_file.read()
         except (tarfile.TarError, EOFError, OSError) as e:
           raise UserInputError(path, f"is truncated or corrupt ({type(e).__name__}: {e})",
                                expected="a complete webdataset .tar shard") from None
@@ -372,7 +376,7 @@ def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None
 
 def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: str | None):
   image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
-  sample = {"key": key}
+  sample: dict[str, Any] = {"key": key}
   if image is None:
     sample["image"] = _Skip("no image file", f"has {sorted(fields)} in {os.path.basename(path)}")
   elif caption_ext not in fields:

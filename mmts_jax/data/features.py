@@ -39,8 +39,9 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
     >>> len(src), {k: v.shape for k, v in src[0].items()}
     (4, {'image_features': (8,), 'text_features': (6,), 'index': ()})
   """
-  arrays = {"image_features": np.asarray(image_features), "text_features": np.asarray(text_features),
-            "index": np.asarray(index)}
+  arrays: dict[str, Any] = {"image_features": np.asarray(image_features),
+                            "text_features": np.asarray(text_features),
+                            "index": np.asarray(index)}
   if label is not None:
     arrays["label"] = np.asarray(label)
   n = len(arrays["index"])
@@ -70,7 +71,10 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
 
 
 class FeatureSource(Sequence):
-  """Random access to a features file: `source[i]` = {image_features, text_features, index[, label]}."""
+  """Random access to a features file.
+
+  `source[i]` = {image_features, text_features, index[, label]}.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self.path = epath.Path(os.fspath(path))   # local or gs://

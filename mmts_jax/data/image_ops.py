@@ -41,7 +41,8 @@ def check_image_size(img: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Im
     >>> check_image_size(Image.new("RGB", (4, 4)), max_pixels=8)
     Traceback (most recent call last):
     ...
-    mmts_jax.data.image_ops.ImageTooLargeError: image of 4 x 4 pixels exceeds the decoding limit of 8 pixels (MAX_IMAGE_PIXELS)
+    mmts_jax.data.image_ops.ImageTooLargeError: image of 4 x 4 pixels exceeds the decoding limit of
+    8 pixels (MAX_IMAGE_PIXELS)
   """
   w, h = img.size
   if w * h > max_pixels:

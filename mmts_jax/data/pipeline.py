@@ -52,7 +52,7 @@ class ImageTextTransform:
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
       raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
     self.tokenizer, self.image_size, self.train = tokenizer, image_size, train
-    self.crop_scale = tuple(crop_scale)
+    self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     self.keep_caption, self.keep_label, self.uint8 = keep_caption, keep_label, uint8
     # A crop of area fraction s of a side-D image has side ~ sqrt(s) D; decoding JPEGs at the
     # scale where that is still >= image_size loses nothing the resize keeps.
@@ -295,6 +295,7 @@ class Loader:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    assert self._it is not None, "set_state() in __init__ made it"
     batch = next(self._it)
     self.position += 1
     return batch

@@ -182,6 +182,7 @@ class RecordWriter:
     os.unlink(tmp)
 
   def _close_shard(self) -> None:
+    assert self._writer is not None and self._tmp_shard is not None, "a shard is open"
     self._writer.close()
     self._publish(self._tmp_shard, self._shards[-1])
     self._writer = self._tmp_shard = None
@@ -205,6 +206,7 @@ class RecordWriter:
         self._close_shard()
       self._open_shard()
     ex = {k: (int(v) if k in ("index", "label") else v) for k, v in ex.items()}
+    assert self._writer is not None, "_open_shard() made one"
     self._writer.write(msgpack.packb(ex, use_bin_type=True))
     self._lengths[-1] += 1
     for field, f in self._side.items():
@@ -224,6 +226,7 @@ class RecordWriter:
       self.abort()
       raise ValueError(f"no records were written to {self.out_dir}")
     self._close_shard()
+    assert self._fields is not None, "the first write() set the fields"
     has_captions = "caption" in self._fields
     fingerprint_of = "caption" if has_captions else "key"
     for f in self._side.values():
@@ -254,6 +257,7 @@ class RecordWriter:
   def abort(self) -> None:
     """Drops temporary files; the directory keeps no manifest, so it is not a dataset."""
     if self._writer is not None:
+      assert self._tmp_shard is not None, "set with the writer"
       self._writer.close()
       os.unlink(self._tmp_shard)
       self._writer = None
@@ -270,6 +274,7 @@ def write_records(out_dir: str | os.PathLike, examples, **kwargs) -> Manifest:
   with RecordWriter(out_dir, **kwargs) as w:
     for ex in examples:
       w.write(ex)
+  assert w.manifest is not None, "leaving the with block closed the writer"
   return w.manifest
 
 

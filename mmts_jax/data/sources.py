@@ -139,6 +139,7 @@ class ArraySource:
         epoch = b // self.steps_per_epoch
         order = self._order(epoch)
       start = (b % self.steps_per_epoch) * self.batch_size + process_index * local
+      assert order is not None, "set on the first pass"
       rows = order[start:start + local]
       yield {k: v[rows] for k, v in self.arrays.items()}
       b += 1

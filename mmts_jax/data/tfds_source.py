@@ -23,14 +23,17 @@ def open_tfds(name: str, *, split: str, data_dir: str | None, image_key: str):
   """(builder, data source with encoded images) for a TFDS dataset in the array_record format."""
   import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir)
-  if image_key not in builder.info.features:
+  # Typed `TopLevelFeature | FeatureConnector | None`; a dataset's top level is a FeaturesDict.
+  features: Any = builder.info.features
+  if image_key not in features:
     raise KeyError(f"{name} has no image feature {image_key!r}; features: "
-                   f"{sorted(builder.info.features)}")
-  ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+                   f"{sorted(features)}")
+  # tfds's logging decorator hides the signature from pyright (`split` is its first parameter).
+  ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})  # pyright: ignore[reportCallIssue]
   return builder, ds
 
 
-def lookup_feature(example: dict, path: str):
+def lookup_feature(example: dict, path: str) -> Any:
   """`example["captions"]["text"]` for `path="captions/text"` (a literal key wins: `image/id`)."""
   value = example
   for part in [path] if path in example else path.split("/"):
@@ -81,7 +84,8 @@ class TfdsSource(Sequence):
     return self._record(i, self._ds[i])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return [self._record(int(i), ex) for i, ex in zip(indices, self._ds.__getitems__(indices))]
+    examples = self._ds.__getitems__(indices)
+    return [self._record(int(i), ex) for i, ex in zip(indices, examples, strict=True)]
 
   def _record(self, i: int, ex: dict) -> dict[str, Any]:
     rec = {"index": i, "key": str(i), "image": ex[self.image_key]}

@@ -26,7 +26,7 @@ from mmts_jax.data import pipeline as pipeline_lib
 __all__ = ["PipelineSource", "records", "features", "tfds"]
 
 
-def _get(cfg: Mapping[str, Any], key: str, default=None):
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
   value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
   return default if value is None else value
 

@@ -113,7 +113,7 @@ def _check_queries(rows: _Direction, cols: _Direction, fn: str, need_map: bool,
   for d, query, other in ((rows, "video", "caption"), (cols, "caption", "video")):
     for needed, counts, rule, metric in ((need_map, d.num_full, "== 1", "mAP"),
                                          (need_ndcg, d.num_relevant, "> 0", "nDCG")):
-      empty = np.flatnonzero(counts == 0) if needed else []
+      empty = np.flatnonzero(counts == 0) if needed else np.zeros(0, np.int64)
       if len(empty):
         problems.append(
             f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
@@ -266,7 +266,7 @@ def _direction(sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool
       lambda lo: _direction_block(sim, rel, lo, min(lo + _BLOCK_ROWS, n), transpose, need_map,
                                   need_ndcg),
       range(0, n, _BLOCK_ROWS)))
-  return _Direction(*(np.concatenate(field) for field in zip(*parts)))
+  return _Direction(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
 
 def _num_threads(num_threads: int | None) -> int:

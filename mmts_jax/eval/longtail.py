@@ -180,7 +180,7 @@ def longtail_report(similarity, relevancy, *, image_clusters, text_clusters, clu
   rank_i2t = recall_per_query(sim, positives)
   rank_t2i = recall_per_query(sim.T, positives.T)
   out: dict[str, dict[str, float]] = {}
-  for name, code in (("all", None),) + tuple(zip(BUCKETS, range(3))):
+  for name, code in (("all", None),) + tuple(zip(BUCKETS, range(3), strict=True)):
     mi = np.ones(q, bool) if code is None else img_b == code
     mt = np.ones(m, bool) if code is None else txt_b == code
     if not mi.any() or not mt.any():

@@ -69,7 +69,7 @@ def _int_cell(table: Table, i: int, column: str) -> int:
 
 def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
                      non_empty: bool = False) -> tuple[int, ...]:
-  """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also asks for >= 1 entry, all >= 0."""
+  """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also wants >= 1 entry, all >= 0."""
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
@@ -179,7 +179,8 @@ def _unique_classes(verbs: np.ndarray, nouns: Sequence[Sequence[int]]):
   """Distinct (verb, noun set) pairs and, for each item, the index of its pair."""
   index: dict[tuple[int, tuple[int, ...]], int] = {}
   inverse = np.fromiter(
-      (index.setdefault((int(v), tuple(sorted(set(n)))), len(index)) for v, n in zip(verbs, nouns)),
+      (index.setdefault((int(v), tuple(sorted(set(n)))), len(index))
+       for v, n in zip(verbs, nouns, strict=True)),
       np.int64, count=len(verbs))
   keys = list(index)
   return np.array([k[0] for k in keys], np.int64), [k[1] for k in keys], inverse

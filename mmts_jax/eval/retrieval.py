@@ -280,7 +280,7 @@ def retrieval_metrics(image_emb, text_emb, text_to_image, *, ks: Sequence[int] =
   ranks = retrieval_ranks(image_emb, text_emb, text_to_image, block_size=block_size,
                           normalize=normalize, precision=precision, mesh=mesh)
   mapping = np.asarray(text_to_image)
-  groups = {"": None}
+  groups: dict[str, np.ndarray | None] = {"": None}
   for name, mask in (subsets or {}).items():
     mask = np.asarray(mask)
     if mask.shape != (ranks.i2t.shape[0],) or mask.dtype != bool:

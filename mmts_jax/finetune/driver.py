@@ -24,6 +24,7 @@ import pathlib
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
 
 from mmts_jax.cluster_table import atomic_write
 from mmts_jax.finetune.ek100_features import (Ek100FeatureFiles, FeatureSpec,
@@ -76,8 +77,8 @@ def _validation(config, data_dir, annotations, max_val_videos) -> Ek100Validatio
                               image_key=model.image_key, text_key=model.text_key)
 
 
-def _write_outputs(workdir: pathlib.Path, video: np.ndarray, text: np.ndarray,
-                   record: dict) -> tuple[pathlib.Path, pathlib.Path]:
+def _write_outputs(workdir: epath.Path, video: np.ndarray, text: np.ndarray,
+                   record: dict) -> tuple[epath.Path, epath.Path]:
   emb_path, metrics_path = workdir / "val_embeddings.npz", workdir / "mir_metrics.json"
   atomic_write(emb_path, lambda f: np.savez(f, video_emb=video, text_emb=text))
   atomic_write(metrics_path,
@@ -88,8 +89,8 @@ def _write_outputs(workdir: pathlib.Path, video: np.ndarray, text: np.ndarray,
 class FinetuneResult(NamedTuple):
   train: Any                     # mmts_jax.train.TrainResult
   scores: dict                   # mir/mAP_v2t ... mir/nDCG_avg (fractions)
-  embeddings: pathlib.Path       # val_embeddings.npz
-  metrics: pathlib.Path          # mir_metrics.json
+  embeddings: epath.Path         # val_embeddings.npz
+  metrics: epath.Path            # mir_metrics.json
 
 
 def finetune(config, workdir: str | os.PathLike, data_dir: str | os.PathLike,

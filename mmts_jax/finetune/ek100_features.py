@@ -162,7 +162,7 @@ def read_frequencies(path: str | os.PathLike) -> dict[str, int]:
     if c < 0:
       raise UserInputError(t.path, f"count is {c}", line=t.lines[i], key="count",
                            expected="an integer count >= 0")
-  return {str(r["class_id"]).strip(): int(c) for r, c in zip(t.rows, counts)}
+  return {str(r["class_id"]).strip(): int(c) for r, c in zip(t.rows, counts, strict=True)}
 
 
 def noun_cluster_table(train: Ek100Train, frequencies: str | os.PathLike) -> ClusterTable:

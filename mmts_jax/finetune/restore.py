@@ -44,7 +44,7 @@ def load_config(workdir: str | os.PathLike):
     raise UserInputError(path, f"holds a JSON {type(raw).__name__}",
                          expected="a JSON object (the config.json a training run writes)")
 
-  def tuples(x):
+  def tuples(x: Any) -> Any:
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x

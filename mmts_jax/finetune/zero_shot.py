@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -167,7 +167,7 @@ class RetrievalTestSet:
     keys, captions = read_keys(data_dir), read_captions(data_dir)
     first: dict[str, int] = {}
     mapping = np.array([first.setdefault(k, len(first)) for k in keys], np.int32)
-    rows = sorted(first, key=first.get)
+    rows = sorted(first, key=first.__getitem__)
     record_of = {k: i for i, k in reversed(list(enumerate(keys)))}   # first record per key
     transform = ImageTextTransform(None, image_size=image_size, train=False)
     images = np.stack([transform(source[record_of[k]])["image"] for k in rows])
@@ -178,7 +178,8 @@ class RetrievalTestSet:
            text_key: str = "text") -> None:
     """Writes the `.npz` `from_npz` reads (atomically)."""
     from mmts_jax.cluster_table import atomic_write
-    arrays = {image_key: self.images, text_key: self.texts, "text_to_image": self.text_to_image}
+    arrays: dict[str, Any] = {image_key: self.images, text_key: self.texts,
+                              "text_to_image": self.text_to_image}
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

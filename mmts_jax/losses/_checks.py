@@ -5,6 +5,7 @@ They run at trace time, so errors come before compiling; `nan_unless_valid` cove
 from __future__ import annotations
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 

@@ -59,7 +59,7 @@ def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
 
 # None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16), "interpret" (the Pallas
 # interpreter on any backend: slow, checks the kernels' maths on CPU).
-_FUSED = [None]
+_FUSED: list[bool | str | None] = [None]
 
 
 def set_fused_tiles(mode) -> None:
@@ -179,18 +179,18 @@ def _bias(ids, dtype):
   return jnp.where(ids >= 0, 0.0, -jnp.inf).astype(dtype)
 
 
-def _merge_parts(m, l, axis):
-  """Combines logsumexp partials `(m, l)` along `axis`."""
+def _merge_parts(m, s, axis):
+  """Combines logsumexp partials `(m, s)` along `axis`."""
   mt = jnp.max(m, axis=axis)
   mt_safe = jnp.where(jnp.isneginf(mt), 0.0, mt)
-  return mt, jnp.sum(l * jnp.exp(m - jnp.expand_dims(mt_safe, axis)), axis=axis)
+  return mt, jnp.sum(s * jnp.exp(m - jnp.expand_dims(mt_safe, axis)), axis=axis)
 
 
 def _merge_lse(state, part):
-  (m, l), (pm, pl_) = state, part
+  (m, s), (pm, pl_) = state, part
   mn = jnp.maximum(m, pm)
   ms = jnp.where(jnp.isneginf(mn), 0.0, mn)
-  return mn, l * jnp.exp(m - ms) + pl_ * jnp.exp(pm - ms)
+  return mn, s * jnp.exp(m - ms) + pl_ * jnp.exp(pm - ms)
 
 def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   """The fused form of `blockwise._nce_fwd_tile` (same arguments, same result)."""

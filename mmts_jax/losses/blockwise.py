@@ -67,12 +67,12 @@ __all__ = [
 
 
 def _lse_update(state, z, axis):
-  m, l = state
+  m, s = state
   m_new = jnp.maximum(m, jnp.max(z, axis=axis))
-  # A row that has only seen masked (-inf) entries keeps l = 0; avoid inf - inf.
+  # A row that has only seen masked (-inf) entries keeps s = 0; avoid inf - inf.
   m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-  l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - jnp.expand_dims(m_safe, axis)), axis=axis)
-  return m_new, l
+  s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - jnp.expand_dims(m_safe, axis)), axis=axis)
+  return m_new, s
 
 
 def _nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
@@ -144,7 +144,7 @@ def _positives(x, y):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def infonce_lse(x, y, a, blocks, precision, axis_name):
+def infonce_lse(x, y, a, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(lse_j s_ij a_i, lse_i s_ij a_j, s_ii a_i)`: each anchor's logsumexp, both ways, and its
   positive logit.
 
@@ -207,7 +207,8 @@ def infonce_partial_sum(image, text, temperature, blocks, precision, axis_name):
   b = image.shape[0]
   tau = jnp.broadcast_to(jnp.asarray(temperature, dt), (b,))
   a = 1.0 / tau
-  lse_r, lse_c, pos = infonce_lse(image, text, a, blocks, precision, axis_name)
+  # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
+  lse_r, lse_c, pos = infonce_lse(image, text, a, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   # Sharded, a NaN partial sum on one device makes the psum-ed loss NaN on all of them.
   return _checks.nan_unless_valid(jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos), positive=(tau,),
                                    axis_name=axis_name)
@@ -291,7 +292,7 @@ def _mm_forward(x, y, ro, co, blocks, precision, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def hinge_sums(x, y, ro, co, blocks, precision, axis_name):
+def hinge_sums(x, y, ro, co, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array]:
   """Per-anchor hinge sums `(sum_{j!=i} relu(ro_i + s_ij), sum_{i!=j} relu(co_j + s_ij))`.
 
   `ro_i = m_i - s_ii` for the image anchors (rows), `co_j = m_j - s_jj` for the text anchors.
@@ -330,7 +331,8 @@ def max_margin_partial_sum(image, text, margin, blocks, precision, axis_name):
   b = x.shape[0]
   m = jnp.broadcast_to(jnp.asarray(margin, x.dtype), (b,))
   offset = m - jnp.sum(x * y, axis=1)
-  rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)
+  # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
+  rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(m,),
                                   axis_name=axis_name)
 

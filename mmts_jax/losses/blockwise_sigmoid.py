@@ -88,7 +88,7 @@ def _layout(x, y, a, c, blocks, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def sigmoid_sums(x, y, a, c, blocks, precision, axis_name):
+def sigmoid_sums(x, y, a, c, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array]:
   """Per-anchor sums `(sum_j l(u^r_ij), sum_i l(u^c_ij))` for the local rows and columns.
 
   `a = 1/tau` and `c` (the bias) are `(b,)` vectors in the compute dtype.
@@ -140,7 +140,8 @@ def sigmoid_partial_sum(image, text, temperature, bias, blocks, precision, axis_
   # A scalar temperature or bias given inside shard_map is replicated: mark it device-varying
   # (its gradient is then psum-ed back) so it can travel round the ring with its block.
   a, c = varying((1.0 / tau, c), axis_name)
-  rsum, csum = sigmoid_sums(image, text, a, c, blocks, precision, axis_name)
+  # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
+  rsum, csum = sigmoid_sums(image, text, a, c, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(tau,), finite=(c,),
                                   axis_name=axis_name)
 

@@ -162,7 +162,7 @@ def make_sharded_loss(mesh, loss: str = "infonce", *, axis_name=None, sharded: s
 
   def local(image, text, value, *extra):
     return route(loss, image, text, value, axis_name=axis_name, sharded=sharded,
-                 block_size=block_size, precision=precision, **dict(zip(keys, extra)))
+                 block_size=block_size, precision=precision, **dict(zip(keys, extra, strict=True)))
 
   mapped = sharding.shard_map(local, mesh=mesh, in_specs=(spec,) * (3 + len(keys)),
                               out_specs=P())

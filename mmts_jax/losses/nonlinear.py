@@ -1,7 +1,8 @@
 r"""The general nonlinear multimodal contrastive loss of Nakada et al. (AISTATS 2023).
 
 .. math::
-  L = \frac12\Big[\frac1B\sum_i \phi\Big(\sum_{j\ne i}\psi\big(\tfrac{s_{ij}-s_{ii}}{\tau_i}\big)\Big)
+  L = \frac12\Big[
+      \frac1B\sum_i \phi\Big(\sum_{j\ne i}\psi\big(\tfrac{s_{ij}-s_{ii}}{\tau_i}\big)\Big)
       + \frac1B\sum_i \phi\Big(\sum_{j\ne i}\psi\big(\tfrac{s_{ji}-s_{ii}}{\tau_i}\big)\Big)\Big],
   \qquad s_{ij} = \langle x_i, y_j\rangle .
 
@@ -70,20 +71,20 @@ class _RowAccumulator:
 
   def update(self, carry, a, valid):
     if self.lse:
-      m, l = carry
+      m, s = carry
       a = jnp.where(valid, a, -jnp.inf)
       # The result does not depend on the shift m, so its gradient is not needed (exactly).
       m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(a, axis=1)))
-      l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(a - m_new[:, None]), axis=1)
-      return m_new, l
+      s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(a - m_new[:, None]), axis=1)
+      return m_new, s
     # `where` on the input as well: psi of a masked entry must not leak NaN into the gradient.
     terms = jnp.where(valid, self.psi(jnp.where(valid, a, 0)), 0)
     return carry + jnp.sum(terms, axis=1, dtype=carry.dtype)
 
   def finish(self, carry):
     if self.lse:
-      m, l = carry
-      return m + jnp.log(l)
+      m, s = carry
+      return m + jnp.log(s)
     return self.phi(carry)
 
 

@@ -12,11 +12,22 @@ Example:
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports them on first use
+  from mmts_jax.models.build import DTYPES, build_model, build_tower, parse_dtype
+  from mmts_jax.models.dual_encoder import DualEncoder
+  from mmts_jax.models.feature_tower import FeatureTower
+  from mmts_jax.models.resnet import ResNet
+  from mmts_jax.models.text_transformer import TextTransformer
+  from mmts_jax.models.vit import ViT
 
 _WHERE = {"DualEncoder": "dual_encoder", "FeatureTower": "feature_tower", "ResNet": "resnet",
           "TextTransformer": "text_transformer", "ViT": "vit", "build_model": "build",
           "build_tower": "build", "parse_dtype": "build", "DTYPES": "build"}
-__all__ = sorted(_WHERE)
+# Spelled out (sorted(_WHERE)) so that type checkers can read it.
+__all__ = ["DTYPES", "DualEncoder", "FeatureTower", "ResNet", "TextTransformer", "ViT",
+           "build_model", "build_tower", "parse_dtype"]
 
 
 def __getattr__(name: str):

@@ -30,7 +30,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,7 @@ _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def implementation(dtype: Dtype, head_dim: int, has_mask: bool,
-                   backend: str | None = None) -> str:
+                   backend: str | None = None) -> Literal["cudnn", "xla"]:
   """The kernel for `jax.nn.dot_product_attention`: `"cudnn"` or `"xla"`.
 
   cuDNN's flash attention takes bf16/fp16 only, head dimensions that are multiples of 8 up to
@@ -86,7 +86,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
 
 
 def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          kernel: str = "cudnn") -> jax.Array:
+                          kernel: Literal["cudnn", "xla"] = "cudnn") -> jax.Array:
   """Unmasked self-attention `(B, L, heads, d)` computed at an even length.
 
   cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens). An odd L is

@@ -23,7 +23,7 @@ IMAGE_TOWERS = ("vit", "resnet", "features")
 TEXT_TOWERS = ("transformer", "features")
 
 
-def _get(cfg: Mapping[str, Any], key: str, default=None):
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
   value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
   return default if value is None else value
 

@@ -1,7 +1,7 @@
 """Dual encoder: an image tower and a text tower, each followed by a linear projection head to a
 shared `embed_dim`, with L2-normalised float32 outputs (CLIP, Radford et al. 2021).
 
-  z_img = normalize(W_img f_img(x)),   z_txt = normalize(W_txt f_txt(t)),   s_ij = <z_img_i, z_txt_j>
+  z_img = normalize(W_img f_img(x)),  z_txt = normalize(W_txt f_txt(t)),  s_ij = <z_img_i, z_txt_j>
 
 With `learnable_temperature=True` it also owns CLIP's learnable temperature, parametrised as
 `log(1/tau)` (init `log(1/init_temperature)`). `tau >= min_temperature` is kept by clamping the
@@ -72,7 +72,7 @@ class DualEncoder(nn.Module):
     return cosine_normalize(self.text_proj(self.text_tower(t, train=train)))
 
   def temperature(self):
-    """CLIP's learned temperature `exp(-log_inv_tau)` (the optimizer keeps it >= min_temperature)."""
+    """CLIP's temperature `exp(-log_inv_tau)` (the optimizer keeps it >= min_temperature)."""
     if not self.learnable_temperature:
       raise ValueError("DualEncoder.temperature: learnable_temperature is False")
     return jnp.exp(-self.log_inv_temperature)

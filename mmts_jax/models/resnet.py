@@ -72,7 +72,8 @@ class ResNet(nn.Module):
                     image.astype(self.dtype))
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="stem_bn")(x)
-    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # flax's max_pool is unannotated: pyright infers `padding: str` from its 'VALID' default.
+    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         x = Bottleneck(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1,

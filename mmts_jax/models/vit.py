@@ -1,6 +1,7 @@
 """Vision Transformer image tower (Dosovitskiy et al. 2021), as used by CLIP ViT-B/16.
 
-`image (B, H, W, 3) -> patches (B, HW/p^2, width) + position -> pre-LN encoder -> pooled (B, width)`.
+`image (B, H, W, 3) -> patches (B, HW/p^2, width) + position -> pre-LN encoder`
+`-> pooled (B, width)`.
 Pooling is the class token (`pool="cls"`, CLIP) or the mean over patches (`pool="gap"`).
 
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
           f"{'d tail R@1 [95% CI]':<25}{'d mAP [95% CI]':<25}")
   print("\n" + head + "\n" + "-" * len(head))
   for row, per_seed in scores.items():
-    mean = lambda m: 100 * np.mean([s[m] for s in per_seed])
+    mean = lambda m, per_seed=per_seed: 100 * np.mean([s[m] for s in per_seed])
     cells = ""
     if row != "fixed":
       for m in ("all/R@1", "tail/R@1", "all/mAP"):

@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,8 @@ def load_text_embeddings(annotations: str, cache: str) -> dict[str, np.ndarray]:
   from mmts_jax.finetune.ek100_features import read_ek100_train
   from mmts_jax.text.encoder import SentenceEncoder
   enc = SentenceEncoder.load(None)
-  out = {"train": enc.encode(list(read_ek100_train(annotations).captions)),
-         "val": enc.encode(list(read_ek100_mir(annotations).captions))}
+  out: dict[str, Any] = {"train": enc.encode(list(read_ek100_train(annotations).captions)),
+                         "val": enc.encode(list(read_ek100_mir(annotations).captions))}
   import io
   buf = io.BytesIO()
   np.savez(buf, **out)
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     out = train_trials([policy], task, seeds=seeds, cfg=cfg, shift_tables=[table])
     t2 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      per_seed = list(pool.map(lambda s: evaluate(out["test_image"][0, s],
+      per_seed = list(pool.map(lambda s, out=out: evaluate(out["test_image"][0, s],
                                                   out["test_text"][0, s], val), range(len(seeds))))
     temp = out["temperature"][0]
     results[row] = {"loss": loss, "policy": kind, "hyper": hp, "seeds": list(seeds),

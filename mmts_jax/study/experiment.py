@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
+from typing import Any
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -149,12 +150,12 @@ def describe(policy) -> dict:
 def select(trials: list[dict], metric: str) -> int:
   """Index of the trial with the highest mean validation `metric` over seeds (first on ties)."""
   means = [np.mean([s[metric] for s in t["val"]]) if t.get("val") else -np.inf for t in trials]
-  return int(np.argmax(means))
+  return int(np.argmax(np.asarray(means)))
 
 
 def _summary(out, i, task, policy) -> dict:
   """Temperatures, losses (and iSogCLR's learned values) of trial `i` of `out`."""
-  rec = {"temperature": [], "final_loss": []}
+  rec: dict[str, Any] = {"temperature": [], "final_loss": []}
   for s in range(out["loss"].shape[1]):
     temp = out["temperature"][i, s]
     rec["temperature"].append({"mean": float(temp[:, 0].mean()), "min": float(temp[:, 1].min()),
@@ -179,7 +180,7 @@ def _full_reports(task, out, i, seeds) -> dict:
   rec = {"val": [], "test": []}
   # numpy's sorts release the GIL: the seeds' reports run side by side.
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-    for (s, split), result in zip(jobs, pool.map(one, jobs)):
+    for (_, split), result in zip(jobs, pool.map(one, jobs), strict=True):
       rec[split].append(result)
   return rec
 
@@ -265,6 +266,7 @@ def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
   do_row("fixed")
   if level is None:
     level = grid["fixed"][selected["fixed"]][0].tau
+  assert level is not None, "the fixed row's selected tau"
   grid.update({k: v for k, v in level_matched_grid(level, period).items() if k not in grid})
   for row in rows:
     if row != "fixed":

@@ -10,14 +10,14 @@ level-matched rows) and builds the trainer's policy (`.policy`); `init_state`,
 Float fields not named in `static_fields` may be traced: the runner compiles one program per
 policy type and feeds the hyper-parameters of every trial as (vmapped) arguments.
 
-| wrapper       | trainer policy                                   | value of anchor `i` at step `t` |
-| ------------- | ------------------------------------------------ | ------------------------------- |
-| `Fixed`       | `Fixed(value=tau)`                               | `tau`                           |
-| `Learnable`   | `Learnable(value=tau)`                           | CLIP's learned `tau`            |
-| `TS`          | `Schedule(tau_min, tau_max, period)`             | uni-modal cosine schedule       |
-| `ICS`         | `ShiftTable(alpha=0, level=level)`               | `sh_i`                          |
-| `MMTS`        | `ShiftTable(alpha, period, level=level)`         | `alpha/2 cos(2 pi t/T) + sh_i`  |
-| `ISogCLR`     | itself (`mmts_jax.policies.isogclr`)             | learned per-sample `tau_i`      |
+| wrapper       | trainer policy                                 | value of anchor `i` at step `t` |
+| ------------- | ---------------------------------------------- | ------------------------------- |
+| `Fixed`       | `Fixed(value=tau)`                             | `tau`                           |
+| `Learnable`   | `Learnable(value=tau)`                         | CLIP's learned `tau`            |
+| `TS`          | `Schedule(tau_min, tau_max, period)`           | uni-modal cosine schedule       |
+| `ICS`         | `ShiftTable(alpha=0, level=level)`             | `sh_i`                          |
+| `MMTS`        | `ShiftTable(alpha, period, level=level)`       | `alpha/2 cos(2 pi t/T) + sh_i`  |
+| `ISogCLR`     | itself (`mmts_jax.policies.isogclr`)           | learned per-sample `tau_i`      |
 
 Example:
   >>> import jax.numpy as jnp

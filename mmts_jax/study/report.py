@@ -173,7 +173,7 @@ def render_ek100(path: str) -> list[str]:
            "| row | value mean (min, max) | mAP all | head | middle | tail | nDCG all |",
            "|---|---|---|---|---|---|---|"]
   for name, rec in rows.items():
-    m = lambda k: 100 * np.mean([s[k] for s in rec["test"]])
+    m = lambda k, rec=rec: 100 * np.mean([s[k] for s in rec["test"]])
     lines.append(f"| {EK100_LABELS.get(name, name)} | {rec['value_mean']:.3f} "
                  f"({rec['value_min']:.3f}, {rec['value_max']:.3f}) | {m('all/mAP'):.2f} | "
                  f"{m('head/mAP'):.2f} | {m('middle/mAP'):.2f} | {m('tail/mAP'):.2f} | "

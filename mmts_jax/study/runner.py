@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ import numpy as np
 import optax
 
 from mmts_jax import losses, temperature
+from mmts_jax.losses import dispatch as loss_dispatch
 from mmts_jax.models import DualEncoder, FeatureTower
 from mmts_jax.study.policies import trainer_policy
 from mmts_jax.study.task import Task
@@ -67,14 +69,14 @@ class TrainConfig:
     if self.steps < 1 or self.batch_size < 2:
       raise ValueError(f"TrainConfig: steps must be >= 1 and batch_size >= 2, got steps="
                        f"{self.steps}, batch_size={self.batch_size}")
-    if self.loss not in losses.dispatch.NAMES:
-      raise ValueError(f"TrainConfig: loss must be one of {losses.dispatch.NAMES}, got "
+    if self.loss not in loss_dispatch.NAMES:
+      raise ValueError(f"TrainConfig: loss must be one of {loss_dispatch.NAMES}, got "
                        f"{self.loss!r}")
 
 
 def make_model(cfg: TrainConfig, learnable_tau: float | None = None) -> DualEncoder:
   """Feature towers over image features and bag-of-words captions, `embed_dim` outputs."""
-  kw = {}
+  kw: dict[str, Any] = {}
   if learnable_tau is not None:
     kw = dict(learnable_temperature=True, init_temperature=float(learnable_tau))
   return DualEncoder(FeatureTower((cfg.hidden,)), FeatureTower((cfg.hidden,)),
@@ -176,7 +178,9 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
       t, index = inputs
 
       def objective(params):
-        out = model.apply({"params": params}, {"image": train_x[index], "text": train_t[index]})
+        batch = {"image": train_x[index], "text": train_t[index]}
+        # apply() without `mutable` returns the outputs only
+        out = cast(dict[str, jax.Array], model.apply({"params": params}, batch))
         loss, values, new_state = policy.loss(
             state, out["image"], out["text"], step=t, index=index, loss_fn=loss_fn,
             model_temperature=out.get("temperature"))
@@ -191,7 +195,8 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
     steps = jnp.arange(order.shape[0], dtype=jnp.int32)
     (params, _, state), (loss, stats) = jax.lax.scan(step, (params, opt_state, state0),
                                                      (steps, order))
-    embed = lambda x, t: model.apply({"params": params}, {"image": x, "text": t})
+    embed = lambda x, t: cast(dict[str, jax.Array],
+                              model.apply({"params": params}, {"image": x, "text": t}))
     val, test = embed(val_x, val_t), embed(test_x, test_t)
     return dict(loss=loss, temperature=stats, val_image=val["image"], val_text=val["text"],
                 test_image=test["image"], test_text=test["text"], final_state=state)
@@ -239,7 +244,7 @@ def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(
   rows = int(pad_to or n)
   t_, s_ = len(policies), len(seeds)
   states = []
-  for policy, table in zip(policies, tables):
+  for policy, table in zip(policies, tables, strict=True):
     st = {k: _pad_rows(np.asarray(v), rows) for k, v in policy.init_state(n, table).items()}
     states.append(st)
   state0 = {k: np.repeat(np.stack([st[k] for st in states]), s_, axis=0) for k in states[0]}

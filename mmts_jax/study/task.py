@@ -40,7 +40,7 @@ def bag_of_words(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """Arrays of every split (`image`, `text`), labels, captions and the cluster structure."""
-  dataset: SyntheticDataset
+  dataset: SyntheticDataset | None  # None: a task from other data (EK-100), without `split`
   train: dict[str, np.ndarray]
   val: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
@@ -49,6 +49,9 @@ class Task:
 
   def split(self, name: str):
     """`(arrays, labels, captions)` of "val" or "test"."""
+    if self.dataset is None:
+      raise ValueError("Task.split needs the synthetic dataset's labels and captions; this task "
+                       "has none")
     s = {"val": self.dataset.val, "test": self.dataset.test}[name]
     return getattr(self, name), s.label, s.captions
 

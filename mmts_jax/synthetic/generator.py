@@ -4,15 +4,15 @@ Classes have Zipf sizes: the class of rank `r` (1-based) has `n_r = floor(n_1 * 
 samples with `s = ln(imbalance) / ln(C)`, so `n_1 / n_C >= imbalance`. Every sample has a latent
 code
 
-  `z_i = mu_{c_i} + e_i`,  `mu_c ~ N(0, scale^2 I)` (class prototype), `e_i ~ N(0, I)` (its own part),
+  `z_i = mu_{c_i} + e_i`, `mu_c ~ N(0, scale^2 I)` (class prototype), `e_i ~ N(0, I)` (own part),
 
 seen through two views:
 
 - image: `x_i = W_2 tanh(W_1 z_i) + noise`, a fixed random nonlinear map (a stand-in for a frozen
   image backbone's features);
-- caption: a real English string, `a <noun>, a <colour> <size> <noun> <action> <place>`: the noun names the
-  class, each attribute word is the quantile bin of one coordinate of `e_i` (so captions of a
-  class share words, and similar samples share more of them).
+- caption: a real English string, `a <noun>, a <colour> <size> <noun> <action> <place>`: the noun
+  names the class, each attribute word is the quantile bin of one coordinate of `e_i` (so
+  captions of a class share words, and similar samples share more of them).
 
 Head classes therefore hold many near-duplicate semantics (same noun, same attribute words):
 same-class negatives in a batch, which is what MM-TS's larger head temperature tolerates. The
@@ -271,7 +271,8 @@ def _captions(label: np.ndarray, own: np.ndarray, class_names) -> tuple[str, ...
   bins = [_attribute_bins(own[:, k], len(words.ATTRIBUTES[s])) for k, s in enumerate(slots)]
   return tuple(
       words.CAPTION_TEMPLATE.format(
-          noun=class_names[c], **{s: words.ATTRIBUTES[s][b[i]] for s, b in zip(slots, bins)})
+          noun=class_names[c],
+          **{s: words.ATTRIBUTES[s][b[i]] for s, b in zip(slots, bins, strict=True)})
       for i, c in enumerate(label))
 
 

@@ -52,13 +52,14 @@ def temperature_per_cluster(results: dict, config, path: pathlib.Path) -> str:
   if "mmts" in rows:
     base = np.asarray(_spec(config, "mmts").base(steps))
     cmap = plt.get_cmap("viridis")
-    norm = plt.Normalize(np.log(sizes.min()), np.log(sizes.max()))
-    for size, sh in sorted(zip(sizes, shift)):
+    from matplotlib.colors import Normalize
+    norm = Normalize(np.log(sizes.min()), np.log(sizes.max()))
+    for size, sh in sorted(zip(sizes, shift, strict=True)):
       ax.plot(steps, base + sh, color=cmap(norm(np.log(size))), lw=1.0, alpha=0.8)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
     bar = fig.colorbar(sm, ax=ax)
     ticks = np.unique(np.geomspace(sizes.min(), sizes.max(), 5).round())
-    bar.set_ticks(np.log(ticks))
+    bar.set_ticks(np.log(ticks).tolist())
     bar.set_ticklabels([f"{t:.0f}" for t in ticks])
     bar.set_label("cluster size (MM-TS, one line per cluster)")
   for row, style in (("fixed", "k--"), ("ts", "r:")):
@@ -106,7 +107,8 @@ def learning_curves(results: dict, path: pathlib.Path) -> str:
   """Training loss and test R@1 per row (seed 0) against the step."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-  colors = dict(zip(results["rows"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors = dict(zip(results["rows"], cycle, strict=False))  # the cycle outnumbers the rows
   for run in results["runs"]:
     if run["seed"] != 0:
       continue
@@ -114,11 +116,11 @@ def learning_curves(results: dict, path: pathlib.Path) -> str:
     color = colors[run["row"]]
     log = [r for r in run["train_log"] if "loss" in r]
     axes[0].plot([r["step"] for r in log], [r["loss"] for r in log], color=color, label=label)
-    for ax, group in zip(axes[1:], ("all", "head", "tail")):
+    for ax, group in zip(axes[1:], ("all", "head", "tail"), strict=True):
       ax.plot([c["step"] for c in run["curve"]], [100 * c[f"{group}/R@1"] for c in run["curve"]],
               "o-", ms=3, color=color, label=label)
   axes[0].set_title("training loss (seed 0)")
-  for ax, group in zip(axes[1:], ("all", "head", "tail")):
+  for ax, group in zip(axes[1:], ("all", "head", "tail"), strict=True):
     ax.set_title(f"test R@1, {group} queries (%)")
   for ax in axes:
     ax.set_xlabel("step")

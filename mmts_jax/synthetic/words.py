@@ -1,8 +1,9 @@
 """The vocabulary of the synthetic captions: class nouns and attribute words, real English.
 
-Captions are built as `a <noun>, a <colour> <size> <noun> <action> <place>`: the noun names the class, the
-four attribute words describe the sample-specific part of its latent code (see `generator`). Real
-words matter: the MiniLM sentence encoder of the clustering stage must see ordinary language.
+Captions are built as `a <noun>, a <colour> <size> <noun> <action> <place>`: the noun names the
+class, the four attribute words describe the sample-specific part of its latent code (see
+`generator`). Real words matter: the MiniLM sentence encoder of the clustering stage must see
+ordinary language.
 """
 from __future__ import annotations
 

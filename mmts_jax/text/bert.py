@@ -52,8 +52,8 @@ class SelfAttention(_Configured):
   def __call__(self, x, mask_bias):
     c = self.config
     dense = self.dense
-    b, l, _ = x.shape
-    split = lambda t: t.reshape(b, l, c.num_heads, c.head_dim)
+    b, n, _ = x.shape
+    split = lambda t: t.reshape(b, n, c.num_heads, c.head_dim)
     q = split(dense(c.hidden_size, name="query")(x))
     k = split(dense(c.hidden_size, name="key")(x))
     v = split(dense(c.hidden_size, name="value")(x))
@@ -61,7 +61,7 @@ class SelfAttention(_Configured):
     scores = scores.astype(jnp.float32) / math.sqrt(c.head_dim) + mask_bias
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision)
-    return dense(c.hidden_size, name="out")(ctx.reshape(b, l, c.hidden_size))
+    return dense(c.hidden_size, name="out")(ctx.reshape(b, n, c.hidden_size))
 
 
 class TransformerLayer(_Configured):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,7 @@ def _check_shapes(params: dict, config: BertConfig) -> None:
               ("position_embeddings", "embedding"): (config.max_position_embeddings, h),
               ("layer_0", "ffn_in", "kernel"): (h, f), ("layer_0", "ffn_out", "kernel"): (f, h)}
   for path, shape in expected.items():
-    node = params
+    node: Any = params  # nested dicts down to an array
     for key in path:
       node = node[key]
     if node.shape != shape:

@@ -298,8 +298,8 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
 
   policy_state = policy.init_state(source.num_examples, table)
   create = functools.partial(state_lib.create, model, tx)
-  args = dict(rng=jax.random.PRNGKey(int(config.seed)), sample_batch=_sample_batch(sample_batch),
-              policy_state=policy_state)
+  args: dict[str, Any] = dict(rng=jax.random.PRNGKey(int(config.seed)),
+                              sample_batch=_sample_batch(sample_batch), policy_state=policy_state)
   shardings = state_shardings(jax.eval_shape(lambda: create(**args)), mesh,
                               config.mesh.param_sharding, policy)
   step_kw = {}

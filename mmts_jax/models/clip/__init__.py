@@ -10,10 +10,16 @@ Example:
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports them on first use
+  from mmts_jax.models.clip.config import VARIANTS, CLIPConfig, variant_config
+  from mmts_jax.models.clip.model import CLIP
 
 _WHERE = {"CLIPConfig": "config", "VARIANTS": "config", "variant_config": "config",
           "CLIP": "model"}
-__all__ = sorted(_WHERE)
+# Spelled out (sorted(_WHERE)) so that type checkers can read it.
+__all__ = ["CLIP", "CLIPConfig", "VARIANTS", "variant_config"]
 
 
 def __getattr__(name: str):

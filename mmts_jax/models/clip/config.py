@@ -120,7 +120,8 @@ class CLIPConfig:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-_TEXT_B = dict(context_length=77, vocab_size=49408, text_width=512, text_heads=8, text_layers=12)
+_TEXT_B: dict[str, Any] = dict(context_length=77, vocab_size=49408, text_width=512, text_heads=8,
+                               text_layers=12)
 VARIANTS: dict[str, CLIPConfig] = {
     "ViT-B/32": CLIPConfig(embed_dim=512, vision_kind="vit", image_size=224, vision_width=768,
                            vision_layers=(12,), vision_heads=12, patch_size=32, **_TEXT_B),

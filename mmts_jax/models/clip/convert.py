@@ -258,6 +258,8 @@ def infer_config(sd: Mapping[str, Any], fmt: str, *, act: str | None = None,
   `overrides` say otherwise. `act` defaults to the HF config's `hidden_act`, else "quick_gelu"
   (OpenAI's weights; OpenCLIP's LAION weights need "gelu").
   """
+  vision: dict[str, Any]  # CLIPConfig's keyword arguments, of several types
+  text: dict[str, Any]
   if fmt == "openclip":
     if "visual.layer1.0.conv1.weight" in sd:
       stages = tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
@@ -295,10 +297,10 @@ def infer_config(sd: Mapping[str, Any], fmt: str, *, act: str | None = None,
         vision["vision_heads"] = int(vc["num_attention_heads"])
       if "num_attention_heads" in tc:
         text["text_heads"] = int(tc["num_attention_heads"])
-      eps = {c.get("layer_norm_eps") for c in (vc, tc)} - {None}
+      eps = {e for e in (vc.get("layer_norm_eps"), tc.get("layer_norm_eps")) if e is not None}
       if len(eps) == 1:
         overrides.setdefault("ln_eps", float(eps.pop()))
-      acts = {c.get("hidden_act") for c in (vc, tc)} - {None}
+      acts = {a for a in (vc.get("hidden_act"), tc.get("hidden_act")) if a is not None}
       if act is None and acts:
         if len(acts) > 1:
           raise ValueError(f"HF config: the towers use different activations {sorted(acts)}")

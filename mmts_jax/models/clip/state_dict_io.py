@@ -48,7 +48,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]  # optional, for .pt files only
   except ImportError:
     raise ValueError(
         f"{path} is a PyTorch pickle and PyTorch is not installed here; this converter does "

@@ -150,7 +150,7 @@ class ClipTokenizer:
       return self._cache[piece]
     word = list(piece[:-1]) + [piece[-1] + "</w>"]
     while len(word) > 1:
-      pairs = {(a, b) for a, b in zip(word, word[1:])}
+      pairs = {(a, b) for a, b in zip(word, word[1:], strict=False)}
       best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
       if best not in self.ranks:
         break
@@ -228,7 +228,7 @@ def write_tokenizer_dir(directory: str | os.PathLike, tokenizer: ClipTokenizer |
   from tokenizers import processors
   tok = tokenizer or ClipTokenizer()
   vocab = {_HF_SPECIALS.get(t, t): i for t, i in tok.encoder.items()}
-  bpe = models.BPE(vocab=vocab, merges=list(tok.merges), end_of_word_suffix="</w>",
+  bpe = models.BPE(vocab=vocab, merges=[(a, b) for a, b in tok.merges], end_of_word_suffix="</w>",
                    unk_token=_HF_SPECIALS[EOT], fuse_unk=False, continuing_subword_prefix="")
   fast = Tokenizer(bpe)
   fast.normalizer = normalizers.Sequence([normalizers.NFC(),
