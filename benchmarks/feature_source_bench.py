@@ -4,7 +4,7 @@
       [--batch-size 256] [--batches 200] [--out benchmarks/results/feature_source_cpu.json]
 
 `mmts_jax.data.trainer_source:features` (grain, record by record) against
-`mmts_jax.finetune.feature_source:in_memory` (one fancy-index per batch). Reports examples/s of
+`mmts_jax.projects.ek100_features.feature_source:in_memory` (one fancy-index per batch). Reports examples/s of
 wall time and of process CPU time (the latter is robust on a shared host), after one warm-up batch.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
   p.add_argument("--out", default="benchmarks/results/feature_source_cpu.json")
   args = p.parse_args()
   from mmts_jax.data import trainer_source
-  from mmts_jax.finetune import feature_source
+  from mmts_jax.projects.ek100_features import feature_source
   results = {"host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                       "loadavg_1m": os.getloadavg()[0]},
              "features": os.path.basename(args.features)}

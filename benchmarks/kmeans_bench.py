@@ -58,7 +58,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   import jax
-  from mmts_jax.clustering import kmeans_jax, kmeans_sklearn
+  from mmts_jax.clusters.kmeans import kmeans_jax, kmeans_sklearn
 
   backend = jax.default_backend()
   n = args.n or (1_000_000 if backend != "cpu" else 100_000)

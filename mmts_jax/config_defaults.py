@@ -85,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
   # weights); its parameters replace the initial ones before step 0. Ignored when resuming.
   c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   # every_steps: how often `eval_fn` runs (0: only at total_steps). zero_shot: "[NAME=]PATH,..."
-  # retrieval test sets that `mmts train` evaluates (mmts_jax.finetune.zero_shot). at_start:
+  # retrieval test sets that `mmts train` evaluates (mmts_jax.eval.zero_shot). at_start:
   # also evaluate before the first step (step 0: e.g. the converted checkpoint, zero-shot).
   c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot="", at_start=False))
   return c

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from mmts_jax import cli
-from mmts_jax.cluster_table import ClusterTable
+from mmts_jax.clusters.table import ClusterTable
 
 EK100_VIDEO = ("narration_id,verb_class,all_noun_classes\n"
                "v0,0,[1]\nv1,1,\"[1, 2]\"\nv2,0,[3]\n")

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from mmts_jax.cli import main as cli_main
 from mmts_jax.commands.train import parse_config
-from mmts_jax.data.synthetic import write_image_folder
+from mmts_jax.data.sample_images import write_image_folder
 from mmts_jax.models.clip import checkpoint
 from mmts_jax.models.clip.random_state_dict import random_state_dict
 
@@ -74,7 +74,7 @@ def test_convert_prepare_cluster_finetune_and_zero_shot_through_the_cli(tmp_path
   # 0 are those of the converted model.
   config = parse_config(config_file, [(k, str(v)) for k, v in overrides.items()])
   from mmts_jax import train
-  from mmts_jax.finetune.zero_shot import eval_fn_from_config
+  from mmts_jax.eval.zero_shot import eval_fn_from_config
   setup = train.setup(config)
   _, converted = checkpoint.load_converted(ckpt)
   chex.assert_trees_all_equal(jax.device_get(setup.state.params), converted["params"])

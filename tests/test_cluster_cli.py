@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmts_jax.cli import main as mmts
-from mmts_jax.cluster_table import ClusterTable, dataset_fingerprint
+from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
 
 CAPTIONS = [
     "open door", "close door", "open the fridge door", "close fridge", "open cupboard",

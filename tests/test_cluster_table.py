@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mmts_jax.cluster_table import (ClusterTable, ClusterTableMismatch, FORMAT_VERSION,
+from mmts_jax.clusters.table import (ClusterTable, ClusterTableMismatch, FORMAT_VERSION,
                                     atomic_write, dataset_fingerprint)
 
 

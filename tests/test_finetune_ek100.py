@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from mmts_jax import shifts
-from mmts_jax.cluster_table import ClusterTable, dataset_fingerprint
+from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
 from mmts_jax.commands import finetune as finetune_cli
-from mmts_jax.finetune import driver
-from mmts_jax.finetune import ek100_features as ef
-from mmts_jax.finetune.feature_source import in_memory
-from mmts_jax.finetune.mir_eval import Ek100Validation
+from mmts_jax.projects.ek100_features import driver
+from mmts_jax.projects.ek100_features import ek100_features as ef
+from mmts_jax.projects.ek100_features.feature_source import in_memory
+from mmts_jax.projects.ek100_features.mir_eval import Ek100Validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -88,7 +88,7 @@ def test_tiny_training_on_gs_stops_and_resumes_bit_exactly(gcs_emulator, tmp_pat
 
 
 def test_cluster_out_and_table_read_from_gs(gcs_emulator, tmp_path, capsys):
-  from mmts_jax.cluster_table import ClusterTable
+  from mmts_jax.clusters.table import ClusterTable
   base = gcs_emulator.fresh("cluster")
   x = np.random.default_rng(0).normal(size=(48, 4)).astype(np.float32)
   x[:16] += 6.0
@@ -138,7 +138,7 @@ def gs_dataset(gcs_emulator, tmp_path_factory):
   """A converted ArrayRecord dataset written straight to gs:// (24 records in shards of 10, 10,
   4) and the same conversion on a local disk."""
   from mmts_jax.data import convert
-  from mmts_jax.data.synthetic import write_wds_shards
+  from mmts_jax.data.sample_images import write_wds_shards
   root = tmp_path_factory.mktemp("gs_src")
   shards = write_wds_shards(root / "wds", 24, 12)
   out = gcs_emulator.fresh("dataset")

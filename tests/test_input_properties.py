@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mmts_jax import array_files, table_files
-from mmts_jax.cluster_table import ClusterTable, dataset_fingerprint
+from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
 from mmts_jax.errors import UserInputError
 from mmts_jax.losses import _checks
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmts_jax.clustering import kmeans, kmeans_jax, kmeans_sklearn
+from mmts_jax.clusters.kmeans import kmeans, kmeans_jax, kmeans_sklearn
 
 
 def _blobs(n=3000, d=16, c=12, seed=0, noise=0.6):

@@ -1,4 +1,4 @@
-"""mmts_jax.linear_mmcl: beta and S(beta) against their definitions, the closed-form gradient
+"""mmts_jax.projects.nakada: beta and S(beta) against their definitions, the closed-form gradient
 against jax.grad, gradient descent converging to the SVD of S, the generative model, pair
 detection and the combined loss. Float64 (tolerances stated per test)."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmts_jax import linear_mmcl as lm
-from mmts_jax.linear_mmcl import synthetic
+from mmts_jax.projects import nakada as lm
+from mmts_jax.projects.nakada import gaussian_sampler as synthetic
 
 CLIP = dict(phi=jnp.log1p, psi=jnp.exp)
 LINEAR = dict(phi=lm.identity, psi=lm.identity)

@@ -177,7 +177,7 @@ def test_paper_config_builds_a_bias_and_clip_models_are_refused_before_compiling
 
 
 def test_a_trained_sigmoid_workdir_loads_with_its_bias(runs):
-  from mmts_jax.finetune.restore import load_trained_model
+  from mmts_jax.projects.ek100_features.restore import load_trained_model
   trained = load_trained_model(runs["mmts"])
   tree, _ = _restore(runs["mmts"], STEPS)
   batch = {k: v for k, v in next(train.setup(_config("mmts")).batches(0)).items()

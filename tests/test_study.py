@@ -9,7 +9,7 @@ from mmts_jax.study import experiment, report, stats
 from mmts_jax.study import policies as P
 from mmts_jax.study.runner import TrainConfig, batch_orders, train_seeds
 from mmts_jax.study.task import make_task
-from mmts_jax.synthetic.generator import GeneratorConfig
+from mmts_jax.longtail.generator import GeneratorConfig
 
 _CFG = TrainConfig(steps=3, batch_size=16)
 

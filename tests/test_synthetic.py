@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from mmts_jax import shifts
-from mmts_jax.synthetic import generator, metrics, words
-from mmts_jax.synthetic.generator import GeneratorConfig, make_dataset, zipf_class_sizes
+from mmts_jax.longtail import generator, metrics, words
+from mmts_jax.longtail.generator import GeneratorConfig, make_dataset, zipf_class_sizes
 
 SMALL = GeneratorConfig(num_classes=12, head_size=300, imbalance=100, test_per_class=5)
 
@@ -136,7 +136,7 @@ def test_recall_matches_a_brute_force_reference():
 
 
 def test_config_rows_and_mmts_settings_are_valid():
-  from mmts_jax.synthetic import config, source
+  from mmts_jax.longtail import config, source
   c = config.get_config()
   assert c.temperature.mode == "mmts"
   shifts.validate_positive(c.mmts.alpha, c.mmts.sh_min, c.mmts.sh_max)
@@ -150,8 +150,8 @@ def test_config_rows_and_mmts_settings_are_valid():
 
 def test_source_feeds_the_trainer_protocol():
   import ml_collections
-  from mmts_jax.cluster_table import dataset_fingerprint
-  from mmts_jax.synthetic import source
+  from mmts_jax.clusters.table import dataset_fingerprint
+  from mmts_jax.longtail import source
   cfg = ml_collections.ConfigDict(dict(name="x", shuffle=True, num_classes=12, head_size=300,
                                        imbalance=100, test_per_class=5))
   src = source.make_source(cfg, global_batch_size=32, seed=3)
@@ -194,7 +194,7 @@ def test_end_to_end_tiny(tmp_path):
                 if "temperature_mean" in r}
   assert fixed_taus == {0.07}
   # The saved cluster table belongs to the training captions and covers every sample.
-  from mmts_jax.cluster_table import ClusterTable
+  from mmts_jax.clusters.table import ClusterTable
   table = ClusterTable.load(workdir / "cluster_table.npz")
   assert table.fingerprint == results["data"]["fingerprint"]
   assert table.num_samples == results["data"]["num_train"]

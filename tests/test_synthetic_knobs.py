@@ -4,7 +4,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from mmts_jax.synthetic.generator import (
+from mmts_jax.longtail.generator import (
   GeneratorConfig,
   duplicate_fraction,
   make_dataset,

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from mmts_jax.text import BertConfig, BertEncoder, SentenceEncoder, default_model_dir
-from mmts_jax.text.tokenize import bucket_length
-from mmts_jax.text.weights import load_params
+from mmts_jax.clusters.encoder import BertConfig, BertEncoder, SentenceEncoder, default_model_dir
+from mmts_jax.clusters.encoder.tokenize import bucket_length
+from mmts_jax.clusters.encoder.weights import load_params
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from mmts_jax import cli
 from mmts_jax.checkpointing import Checkpointer
-from mmts_jax.cluster_table import ClusterTable
+from mmts_jax.clusters.table import ClusterTable
 from mmts_jax.commands.train import load_config, parse_config
 from mmts_jax.metrics_log import read_metrics
 

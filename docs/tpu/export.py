@@ -1,8 +1,8 @@
 import numpy as np
 from mmts_jax.atomic_io import atomic_write
-from mmts_jax.finetune.embedding import embed_array
-from mmts_jax.finetune.restore import load_trained_model
-from mmts_jax.finetune.zero_shot import RetrievalTestSet
+from mmts_jax.projects.ek100_features.embedding import embed_array
+from mmts_jax.projects.ek100_features.restore import load_trained_model
+from mmts_jax.eval.zero_shot import RetrievalTestSet
 from mmts_jax.train import make_embed_fn
 
 run, test = "gs://my-bucket/runs/mini", "gs://my-bucket/data/mini_test"

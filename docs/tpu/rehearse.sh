@@ -27,7 +27,7 @@ printf '$ python tests/gcs_emulator.py --port 9023 --bucket my-bucket &\n%s\n\n'
 export STORAGE_EMULATOR_HOST=http://127.0.0.1:9023 TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:9023 \
   CLOUD_STORAGE_EMULATOR_ENDPOINT=http://127.0.0.1:9023 GOOGLE_AUTH_TOKEN_FOR_TESTING=emulator \
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
-show "python -c 'from mmts_jax.data.synthetic import write_image_folder; write_image_folder(\"/tmp/mini\", 160)'"
+show "python -c 'from mmts_jax.data.sample_images import write_image_folder; write_image_folder(\"/tmp/mini\", 160)'"
 show "head -n 129 /tmp/mini/pairs.tsv > /tmp/mini/train.tsv"
 show "(head -n 1 /tmp/mini/pairs.tsv; tail -n 32 /tmp/mini/pairs.tsv) > /tmp/mini/test.tsv"
 show "mmts prepare table /tmp/mini/train.tsv --images /tmp/mini --out gs://my-bucket/data/mini"

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from mmts_jax import array_files, table_files
-from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
+from mmts_jax.clusters.table import ClusterTable, atomic_write, dataset_fingerprint
 from mmts_jax.commands import errors
 from mmts_jax.commands.help_format import HelpFormatter
 from mmts_jax.errors import UserInputError
@@ -147,7 +147,7 @@ def _read_frequencies(path: str) -> dict[str, float]:
 
 
 def _load_embeddings(path: str) -> np.ndarray:
-  from mmts_jax.clustering import check_points
+  from mmts_jax.clusters.kmeans import check_points
   x = array_files.load_npy(path, mmap=True, expected="a .npy (N, D) float array of embeddings")
   array_files.check_matrix(x, path)
   try:
@@ -263,7 +263,7 @@ def _build(args, source, columns, rows, x, path, fingerprint, keys, progress):
         raise CommandError(f"{e} ({args.frequencies})") from e
     return ClusterTable.from_labels(labels, column=args.label_column, **common), None
 
-  from mmts_jax.clustering import check_k, kmeans
+  from mmts_jax.clusters.kmeans import check_k, kmeans
   n = len(rows) if x is None else x.shape[0]
   try:
     check_k(args.k, n)  # before the (long) embedding step
@@ -271,7 +271,7 @@ def _build(args, source, columns, rows, x, path, fingerprint, keys, progress):
     raise CommandError(str(e)) from e
   extra = {}
   if source == "text":
-    from mmts_jax.text import SentenceEncoder
+    from mmts_jax.clusters.encoder import SentenceEncoder
     captions = _column(rows, columns, args.text_column, path)
     encoder = SentenceEncoder.load(args.model)
     t0 = time.perf_counter()

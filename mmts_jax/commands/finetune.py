@@ -14,7 +14,7 @@ frequencies). `train` trains projection heads with `mmts_jax.train`, logs MIR mA
 workdir (rerunning resumes). `eval` scores a checkpoint. `zero-shot` prints the paper's Table 1
 columns (IR@1/5/10, TR@1/5/10, RSUM) of a run's checkpoint on Flickr30K / COCO-style test sets:
 datasets converted by `mmts prepare` (one record per caption) or `.npz` files of model inputs
-(see `mmts_jax.finetune.zero_shot`).
+(see `mmts_jax.eval.zero_shot`).
 
 Exit status: 0 done; 2 bad arguments, configuration or input files; 3 the loss became NaN/inf.
 """
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_json(path: str, record: dict) -> None:
-  from mmts_jax.cluster_table import atomic_write
+  from mmts_jax.clusters.table import atomic_write
   with errors.writing(path, "the metrics"):
     atomic_write(path, lambda f: f.write((json.dumps(record, indent=2, sort_keys=True)
                                           + "\n").encode()))
@@ -96,13 +96,13 @@ def _write_json(path: str, record: dict) -> None:
 
 
 def _prepare(args) -> int:
-  from mmts_jax.cluster_table import ClusterTable
-  from mmts_jax.finetune.driver import prepare
-  from mmts_jax.finetune.ek100_features import FeatureSpec
+  from mmts_jax.clusters.table import ClusterTable
+  from mmts_jax.projects.ek100_features.driver import prepare
+  from mmts_jax.projects.ek100_features.ek100_features import FeatureSpec
   spec = FeatureSpec(video_dim=args.video_dim, text_dim=args.text_dim,
                      latent_dim=args.latent_dim, noise=args.noise, seed=args.seed)
   errors.check_output_dir(args.out, "--out")
-  from mmts_jax.finetune.driver import data_files_of
+  from mmts_jax.projects.ek100_features.driver import data_files_of
   with errors.all_or_nothing(data_files_of(args.out)), errors.writing(args.out, "the features"):
     files = prepare(args.annotations, args.out, spec)
   table = ClusterTable.load(files.table)
@@ -128,8 +128,8 @@ def _load_config(args, overrides):
 
 def _train(args, overrides) -> int:
   from mmts_jax import train
-  from mmts_jax.finetune.driver import finetune
-  from mmts_jax.finetune.mir_eval import format_mir
+  from mmts_jax.projects.ek100_features.driver import finetune
+  from mmts_jax.projects.ek100_features.mir_eval import format_mir
   config = _load_config(args, overrides)
   try:
     out = finetune(config, args.workdir, args.data, args.annotations,
@@ -152,8 +152,8 @@ def _train(args, overrides) -> int:
 
 
 def _eval(args) -> int:
-  from mmts_jax.finetune.driver import evaluate
-  from mmts_jax.finetune.mir_eval import format_mir
+  from mmts_jax.projects.ek100_features.driver import evaluate
+  from mmts_jax.projects.ek100_features.mir_eval import format_mir
   step, scores = evaluate(args.workdir, args.data, args.annotations, step=args.step,
                           max_val_videos=args.val_videos)
   print(f"EK-100 MIR of {args.workdir} at step {step}:")
@@ -164,8 +164,8 @@ def _eval(args) -> int:
 
 
 def _zero_shot(args) -> int:
-  from mmts_jax.finetune.restore import load_config
-  from mmts_jax.finetune.zero_shot import evaluate_checkpoint, format_table1, load_test_sets
+  from mmts_jax.projects.ek100_features.restore import load_config
+  from mmts_jax.eval.zero_shot import evaluate_checkpoint, format_table1, load_test_sets
   from mmts_jax.models import build_model
   config = load_config(args.workdir)
   model = build_model(config.model)   # the input keys of its towers

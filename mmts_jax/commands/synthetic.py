@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args):
-  """The `mmts_jax.synthetic.config` configuration with the command-line overrides applied."""
-  from mmts_jax.synthetic.config import get_config
+  """The `mmts_jax.longtail.config` configuration with the command-line overrides applied."""
+  from mmts_jax.longtail.config import get_config
   c = get_config()
   if args.steps is not None:
     c.total_steps = args.steps
@@ -79,7 +79,7 @@ def _main(argv: list[str]) -> int:
   # The sentence encoder and the trainer never reach the network: everything is local.
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-  from mmts_jax.synthetic import benchmark
+  from mmts_jax.longtail import benchmark
   config = build_config(args)
   benchmark.run(config, args.workdir, plot=not args.no_plots, overwrite=args.overwrite)
   return 0

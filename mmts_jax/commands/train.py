@@ -4,7 +4,7 @@
              [--stop-at-step N] [--no-progress] [--allow-config-change]
 
 With `--config.eval.zero_shot="[NAME=]PATH,..."` the run also evaluates retrieval on those test
-sets every `eval.every_steps` steps and at the end (`mmts_jax.finetune.zero_shot`).
+sets every `eval.every_steps` steps and at the end (`mmts_jax.eval.zero_shot`).
 
 The config file defines `get_config(arg="")` returning an `ml_collections.ConfigDict`
 (`configs/x.py:arg` passes `arg`, e.g. an ablation row). `--config.KEY=VALUE` overrides a key
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     eval_fn = None
     if config.get("eval", {}).get("zero_shot", ""):
-      from mmts_jax.finetune.zero_shot import eval_fn_from_config
+      from mmts_jax.eval.zero_shot import eval_fn_from_config
       eval_fn = eval_fn_from_config(config)
     result = train.train_and_evaluate(config, args.workdir, stop_at_step=args.stop_at_step,
                                       eval_fn=eval_fn,

@@ -176,7 +176,7 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
 
   Example:
     >>> import tempfile
-    >>> from mmts_jax.data.synthetic import write_image_folder
+    >>> from mmts_jax.data.sample_images import write_image_folder
     >>> tsv = write_image_folder(tempfile.mkdtemp(), 10)  # images/ and pairs.tsv
     >>> m = convert_table(tsv, tsv.parent, pathlib.Path(tempfile.mkdtemp()) / "pairs", threads=1)
     >>> m.num_records, m.fingerprint[:15]
@@ -412,7 +412,7 @@ def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str
 
   Example:
     >>> import tempfile
-    >>> from mmts_jax.data.synthetic import write_wds_shards
+    >>> from mmts_jax.data.sample_images import write_wds_shards
     >>> root = tempfile.mkdtemp()
     >>> _ = write_wds_shards(root, 6, per_shard=3)  # shard-00000.tar, shard-00001.tar
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "wds"

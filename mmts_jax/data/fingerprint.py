@@ -10,7 +10,7 @@ for another dataset (or another order of the same one).
 
 Keys are captions (str) or ids (ints hash as their decimal text). The length prefixes make the
 digest a function of the exact sequence: `["ab", "c"]` and `["a", "bc"]` differ, and so does any
-reordering. `mmts_jax.cluster_table.dataset_fingerprint` calls this function.
+reordering. `mmts_jax.clusters.table.dataset_fingerprint` calls this function.
 """
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ class RecordWriter:
 
   Example:
     >>> import tempfile
-    >>> from mmts_jax.data.synthetic import make_image
+    >>> from mmts_jax.data.sample_images import make_image
     >>> jpeg_bytes = make_image(0, np.random.default_rng(0))
     >>> out_dir = tempfile.mkdtemp()
     >>> with RecordWriter(out_dir) as w:

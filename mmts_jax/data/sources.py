@@ -160,7 +160,7 @@ def _zipf_sizes(num_examples: int, num_clusters: int, exponent: float) -> np.nda
 
 def toy_features(cfg, *, global_batch_size: int, seed: int) -> ArraySource:
   """Toy long-tail pairs for tests and smoke runs (not the synthetic benchmark of
-  `mmts_jax.synthetic`): cluster `c` (Zipf-sized) has a random feature centre and a few keyword
+  `mmts_jax.longtail`): cluster `c` (Zipf-sized) has a random feature centre and a few keyword
   tokens; `image_features = centre + noise`, `text` = keywords + random tokens (or
   `text_features`, with `cfg.text == "features"`). Trains in seconds on a CPU."""
   n = _positive_int("data.num_examples", cfg.num_examples)
@@ -226,8 +226,8 @@ SOURCES: dict[str, str | Callable] = {
     "records": "mmts_jax.data.trainer_source:records",
     "features": "mmts_jax.data.trainer_source:features",
     "tfds": "mmts_jax.data.trainer_source:tfds",
-    "features_in_memory": "mmts_jax.finetune.feature_source:in_memory",
-    "synthetic_longtail": "mmts_jax.synthetic.source:make_source",
+    "features_in_memory": "mmts_jax.projects.ek100_features.feature_source:in_memory",
+    "synthetic_longtail": "mmts_jax.longtail.source:make_source",
 }
 _RENAMED = {"synthetic": "toy_features"}
 

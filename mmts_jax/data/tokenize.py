@@ -36,7 +36,7 @@ class TextTokenizer:
   Picklable (it keeps only the path and re-loads in a worker process).
 
   Example:
-    >>> from mmts_jax.text.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
+    >>> from mmts_jax.clusters.encoder.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
     >>> tok = TextTokenizer(default_model_dir(), max_length=8)
     >>> tok("pick up container")
     array([  101,  4060,  2039, 11661,   102,     0,     0,     0], dtype=int32)

@@ -8,7 +8,7 @@ r"""The general nonlinear multimodal contrastive loss of Nakada et al. (AISTATS 
 
 `phi = log1p, psi = exp` is InfoNCE/CLIP: `log1p(sum_{j!=i} exp(a_ij)) = logsumexp_j a_ij` with
 `a_ii = 0`, which is how it is computed here (stable down to tau = 0.005 and below).
-`phi = psi = identity` is the linear loss, whose minimiser is an SVD (see `mmts_jax.linear_mmcl`).
+`phi = psi = identity` is the linear loss, whose minimiser is an SVD (see `mmts_jax.projects.nakada`).
 
 Every anchor's term is a sum over the other modality's columns, so the columns can be visited in
 blocks of `block_size` (a `lax.scan` whose body is rematerialised in the backward pass): memory

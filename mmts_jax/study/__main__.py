@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   from mmts_jax.study import experiment
   from mmts_jax.study.runner import TrainConfig
   from mmts_jax.study.task import make_task
-  from mmts_jax.synthetic.generator import GeneratorConfig
+  from mmts_jax.longtail.generator import GeneratorConfig
 
   if args.seeds < 2:
     p.error(f"--seeds must be >= 2 (paired intervals), got {args.seeds}")

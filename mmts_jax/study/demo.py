@@ -58,7 +58,7 @@ def main(argv=None) -> int:
   from mmts_jax.study.runner import TrainConfig, train_trials
   from mmts_jax.study.stats import paired_interval
   from mmts_jax.study.task import make_task
-  from mmts_jax.synthetic.generator import GeneratorConfig
+  from mmts_jax.longtail.generator import GeneratorConfig
 
   t0 = time.perf_counter()
   task = make_task(GeneratorConfig(val_per_class=20))  # the study's task (val unused here)

@@ -2,11 +2,11 @@ r"""EK-100 MIR at the feature level with a real text side: MiniLM narrations, tr
 
   python -m mmts_jax.study.ek100 --annotations ../shared/data/ek100 --out DIR [--seeds 5]
 
-* Text: the packaged Flax all-MiniLM-L6-v2 (`mmts_jax.text.SentenceEncoder`) embeds the real
+* Text: the packaged Flax all-MiniLM-L6-v2 (`mmts_jax.clusters.encoder.SentenceEncoder`) embeds the real
   narrations, the 15,989 distinct training captions and the 3,842 validation captions (384-d
   unit vectors, cached in `DIR/minilm.npz`); a trained MLP head maps them to the joint space.
 * Video: **class-derived, not real video** (no clips or frozen AVION features ship): the
-  features of `mmts_jax.finetune.ek100_features` (a verb + noun class latent plus noise, seen
+  features of `mmts_jax.projects.ek100_features.ek100_features` (a verb + noun class latent plus noise, seen
   through a fixed random map), for the training captions' segments and the 9,668 validation
   videos; a trained MLP head on top.
 * Rows, without tuning (EK-100 has no split besides the MIR validation one, which reports):
@@ -62,8 +62,8 @@ def load_text_embeddings(annotations: str, cache: str) -> dict[str, np.ndarray]:
     with np.load(cache) as f:
       return {"train": f["train"], "val": f["val"]}
   from mmts_jax.eval.relevancy import read_ek100_mir
-  from mmts_jax.finetune.ek100_features import read_ek100_train
-  from mmts_jax.text.encoder import SentenceEncoder
+  from mmts_jax.projects.ek100_features.ek100_features import read_ek100_train
+  from mmts_jax.clusters.encoder.encoder import SentenceEncoder
   enc = SentenceEncoder.load(None)
   out: dict[str, Any] = {"train": enc.encode(list(read_ek100_train(annotations).captions)),
                          "val": enc.encode(list(read_ek100_mir(annotations).captions))}
@@ -81,7 +81,7 @@ def build_task(annotations: str, text: dict[str, np.ndarray]):
 
   from mmts_jax.eval.longtail import cluster_buckets
   from mmts_jax.eval.relevancy import class_relevancy, read_ek100_mir
-  from mmts_jax.finetune import ek100_features as F
+  from mmts_jax.projects.ek100_features import ek100_features as F
   from mmts_jax.study.task import Task
 
   directory = pathlib.Path(annotations)

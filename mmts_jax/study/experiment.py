@@ -39,7 +39,7 @@ from mmts_jax.study import policies as P
 from mmts_jax.study.runner import TrainConfig, train_trials
 from mmts_jax.study.stats import paired_interval
 from mmts_jax.study.task import Task
-from mmts_jax.synthetic.metrics import same_string
+from mmts_jax.longtail.metrics import same_string
 
 __all__ = ["ROWS", "default_grid", "evaluate", "level_matched_grid", "on_edge", "run", "run_row",
            "select", "select_r1"]

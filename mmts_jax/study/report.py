@@ -158,7 +158,7 @@ def render_ek100(path: str) -> list[str]:
   lines = ["## EK-100 MIR with a real text side", "",
            "Text: the packaged Flax all-MiniLM-L6-v2 embeddings of the real narrations (15,989 "
            "training captions, 3,842 validation captions) and a trained MLP head. **Video: "
-           "class-derived features** (`mmts_jax.finetune.ek100_features`: verb + noun class "
+           "class-derived features** (`mmts_jax.projects.ek100_features.ek100_features`: verb + noun class "
            "latent plus noise through a fixed random map), not real video, with a trained MLP "
            "head. No tuning (EK-100 has only the MIR validation split, which reports): AVION's and "
            "the paper's values. MIR mAP / nDCG (official definitions) on the whole validation "
@@ -209,7 +209,7 @@ def render(trials_path: str, results_path: str | None = None, json_dir: str = ""
       f"Run: `{meta.get('command', '?')}` on {meta.get('device', '?')} "
       f"(jax {meta.get('jax', '?')}).", "",
       "## Setup", "",
-      f"- Task: the synthetic long-tail benchmark's generator (`mmts_jax.synthetic.generator`, "
+      f"- Task: the synthetic long-tail benchmark's generator (`mmts_jax.longtail.generator`, "
       f"defaults: 40 Zipf classes, imbalance 100, {meta.get('num_train', '?')} training pairs) "
       "with a class-balanced validation split (20 per class, selection) and the balanced test "
       "split (20 per class, report). Clusters are the generator's classes (an oracle "

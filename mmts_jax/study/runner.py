@@ -22,7 +22,7 @@ the program, not constants: the trials of a grid row train side by side in one p
 Example (two seeds, three steps; the rows are different models of the same seeds):
   >>> from mmts_jax.study.task import make_task
   >>> from mmts_jax.study.policies import Fixed
-  >>> from mmts_jax.synthetic.generator import GeneratorConfig
+  >>> from mmts_jax.longtail.generator import GeneratorConfig
   >>> task = make_task(GeneratorConfig(num_classes=4, head_size=40, imbalance=10,
   ...                                  val_per_class=4, test_per_class=4))
   >>> out = train_seeds(Fixed(0.1), task, seeds=(0, 1), cfg=TrainConfig(steps=3, batch_size=8))

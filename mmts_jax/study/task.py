@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from mmts_jax.synthetic.generator import GeneratorConfig, SyntheticDataset, make_dataset
+from mmts_jax.longtail.generator import GeneratorConfig, SyntheticDataset, make_dataset
 
 __all__ = ["Task", "bag_of_words", "make_task"]
 

@@ -85,7 +85,7 @@ def resolve_shift_table(config, source, policy: temperature_lib.Policy,
   sh_min, sh_max = float(m.sh_min), float(m.sh_max)
   n = source.num_examples
   if shift_table is None and m.get("cluster_table"):
-    from mmts_jax import cluster_table as ct  # built by the preprocessing stage
+    from mmts_jax.clusters import table as ct  # built by the preprocessing stage
     table = ct.ClusterTable.load(m.cluster_table)
     # Raises ClusterTableMismatch (a ValueError) for a table of other data or another order.
     table.validate(num_samples=n, fingerprint=source.fingerprint)

@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mmts_jax.text import pooling
-from mmts_jax.text.bert import BertEncoder
-from mmts_jax.text.config import BertConfig
-from mmts_jax.text.tokenize import Tokenizer, bucket_length
-from mmts_jax.text.weights import load_params, weights_sha256
+from mmts_jax.clusters.encoder import pooling
+from mmts_jax.clusters.encoder.bert import BertEncoder
+from mmts_jax.clusters.encoder.config import BertConfig
+from mmts_jax.clusters.encoder.tokenize import Tokenizer, bucket_length
+from mmts_jax.clusters.encoder.weights import load_params, weights_sha256
 
 __all__ = ["SentenceEncoder", "default_model_dir", "DEFAULT_MODEL_PACKAGE"]
 

@@ -2,17 +2,17 @@
 
 Example:
   >>> import numpy as np
-  >>> from mmts_jax.clustering import kmeans
+  >>> from mmts_jax.clusters.kmeans import kmeans
   >>> x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
   >>> kmeans(x, 4, seed=0, backend="jax").labels.shape
   (300,)
 """
 from __future__ import annotations
 
-from mmts_jax.clustering.checks import check_k, check_points
-from mmts_jax.clustering.jax_kmeans import kmeans_jax
-from mmts_jax.clustering.result import KMeansResult
-from mmts_jax.clustering.sklearn_kmeans import kmeans_sklearn
+from mmts_jax.clusters.kmeans.checks import check_k, check_points
+from mmts_jax.clusters.kmeans.jax_kmeans import kmeans_jax
+from mmts_jax.clusters.kmeans.result import KMeansResult
+from mmts_jax.clusters.kmeans.sklearn_kmeans import kmeans_sklearn
 
 __all__ = ["kmeans", "kmeans_jax", "kmeans_sklearn", "KMeansResult", "check_points", "check_k",
            "BACKENDS"]

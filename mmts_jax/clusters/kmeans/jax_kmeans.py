@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mmts_jax.clustering.checks import check_k, check_points
-from mmts_jax.clustering.result import KMeansResult
+from mmts_jax.clusters.kmeans.checks import check_k, check_points
+from mmts_jax.clusters.kmeans.result import KMeansResult
 
 __all__ = ["kmeans_jax"]
 

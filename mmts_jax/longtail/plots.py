@@ -25,7 +25,7 @@ def _pyplot():
 
 
 def _save(fig, path: pathlib.Path) -> str:
-  from mmts_jax.cluster_table import atomic_write
+  from mmts_jax.clusters.table import atomic_write
   try:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
   finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mmts_jax.text.config import BertConfig
+from mmts_jax.clusters.encoder.config import BertConfig
 
 __all__ = ["load_params", "weights_files", "weights_sha256", "hf_names"]
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmts_jax.linear_mmcl.cross_covariance import centered_cross_covariance
-from mmts_jax.linear_mmcl.linear_model import (LinearEncoders, embed, linear_minimiser,
+from mmts_jax.projects.nakada.cross_covariance import centered_cross_covariance
+from mmts_jax.projects.nakada.linear_model import (LinearEncoders, embed, linear_minimiser,
                                                regulariser)
 from mmts_jax.losses.nonlinear import nonlinear_mmcl
 
@@ -93,7 +93,7 @@ def combined_loss(enc: LinearEncoders, paired, pseudo, temperature, *, phi, psi,
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from mmts_jax.linear_mmcl.linear_model import init_encoders
+    >>> from mmts_jax.projects.nakada.linear_model import init_encoders
     >>> enc = init_encoders(jax.random.PRNGKey(0), 6, 5, 2)
     >>> p = (jnp.ones((4, 6)), jnp.ones((4, 5)))
     >>> v = combined_loss(enc, p, p, 1.0, phi=jnp.log1p, psi=jnp.exp, rho=0.1, weight=0.5)
@@ -122,7 +122,7 @@ def self_train_linear(x, x_tilde, x_pool, x_tilde_pool, *, rank: int, rho: float
   `history[k]` the detection of round k (with precision/recall when `match` is given).
 
   Example:
-    >>> from mmts_jax.linear_mmcl import synthetic
+    >>> from mmts_jax.projects.nakada import gaussian_sampler as synthetic
     >>> m = synthetic.make_model(0, 12, 12, 2, noise_rank=2)
     >>> x, xt, _ = synthetic.sample_pairs(m, 1, 40)
     >>> xp, xtp, match = synthetic.hidden_pair_pool(m, 2, 60, 20)

@@ -33,7 +33,7 @@ class Tokenizer:
   """A fast WordPiece tokenizer that returns unpadded id arrays.
 
   Example:
-    >>> from mmts_jax.text.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
+    >>> from mmts_jax.clusters.encoder.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
     >>> tok = Tokenizer(default_model_dir(), max_length=256)
     >>> tok(["pick up container"])[0]
     array([  101,  4060,  2039, 11661,   102], dtype=int32)

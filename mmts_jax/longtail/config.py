@@ -3,8 +3,8 @@
 It lives in the package so that `mmts synthetic` works from any directory; `configs/synthetic.py`
 re-exports it for `mmts train --config configs/synthetic.py:ROW`.
 
-Data: `mmts_jax.synthetic` (40 Zipf classes, imbalance 100, image features + real captions),
-through the trainer's input protocol (`mmts_jax.synthetic.source:make_source`). Model: a feature
+Data: `mmts_jax.longtail` (40 Zipf classes, imbalance 100, image features + real captions),
+through the trainer's input protocol (`mmts_jax.longtail.source:make_source`). Model: a feature
 MLP over the image features and a 1-layer text transformer over the caption tokens, 64-d
 embeddings. Rows (same budget, same seeds; `mmts_jax.train.with_row`):
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmts_jax.synthetic import generator
+from mmts_jax.longtail import generator
 from mmts_jax.config_defaults import default_config, with_row
 
 # Rows `mmts synthetic` trains by default, and their names in tables and plots.
@@ -49,7 +49,7 @@ def get_config(row: str = "") -> ml_collections.ConfigDict:
   c.tensorboard = False
   gen = generator.GeneratorConfig()
   c.data = ml_collections.ConfigDict(dict(
-      name="mmts_jax.synthetic.source:make_source", shuffle=True,
+      name="mmts_jax.longtail.source:make_source", shuffle=True,
       num_classes=gen.num_classes, head_size=gen.head_size, imbalance=gen.imbalance,
       latent_dim=gen.latent_dim, image_dim=gen.image_dim, head_spread=gen.head_spread,
       test_per_class=gen.test_per_class, seed=gen.seed))
@@ -65,7 +65,7 @@ def get_config(row: str = "") -> ml_collections.ConfigDict:
   c.optim.update(lr=2e-3, warmup_steps=20, weight_decay=0.1)
   c.checkpoint.update(every_steps=500, keep=1, async_save=False)
   c.eval.every_steps = 50
-  # Read by `mmts_jax.synthetic.benchmark` only (the trainer ignores it). cluster_source:
+  # Read by `mmts_jax.longtail.benchmark` only (the trainer ignores it). cluster_source:
   # "captions" (MiniLM + K-Means with num_clusters, the paper's recipe) or "classes" (the
   # generator's classes, an oracle clustering).
   c.synthetic = ml_collections.ConfigDict(dict(

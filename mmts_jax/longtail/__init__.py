@@ -6,7 +6,7 @@ Importing this package imports only numpy; the benchmark pulls in the trainer an
 """
 from __future__ import annotations
 
-from mmts_jax.synthetic.generator import (GeneratorConfig, Split, SyntheticDataset,
+from mmts_jax.longtail.generator import (GeneratorConfig, Split, SyntheticDataset,
                                           make_dataset, zipf_class_sizes)
 
 __all__ = ["GeneratorConfig", "Split", "SyntheticDataset", "make_dataset", "zipf_class_sizes"]

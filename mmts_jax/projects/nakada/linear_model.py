@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmts_jax.linear_mmcl.cross_covariance import cross_covariance, loss_weights
+from mmts_jax.projects.nakada.cross_covariance import cross_covariance, loss_weights
 from mmts_jax.losses.nonlinear import nonlinear_mmcl_similarity
 
 __all__ = ["LinearEncoders", "init_encoders", "embed", "similarities", "regulariser", "loss",

@@ -46,7 +46,7 @@ import statistics
 
 import numpy as np
 
-from mmts_jax.synthetic import words
+from mmts_jax.longtail import words
 
 __all__ = ["GeneratorConfig", "Split", "SyntheticDataset", "zipf_class_sizes", "make_dataset",
            "build_vocab", "tokenize"]
@@ -193,7 +193,7 @@ class SyntheticDataset:
 
   def fingerprint(self) -> str:
     """The cluster table's dataset fingerprint of the training captions in index order."""
-    from mmts_jax.cluster_table import dataset_fingerprint
+    from mmts_jax.clusters.table import dataset_fingerprint
     return dataset_fingerprint(self.train.captions)
 
 

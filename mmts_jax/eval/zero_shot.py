@@ -47,7 +47,7 @@ from etils import epath
 
 from mmts_jax import array_files
 
-from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
+from mmts_jax.projects.ek100_features.embedding import DEFAULT_CHUNK, embed_array
 
 __all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
            "load_test_sets", "eval_fn_from_config", "evaluate_checkpoint", "format_table1"]
@@ -177,7 +177,7 @@ class RetrievalTestSet:
   def save(self, path: str | os.PathLike, *, image_key: str = "image",
            text_key: str = "text") -> None:
     """Writes the `.npz` `from_npz` reads (atomically)."""
-    from mmts_jax.cluster_table import atomic_write
+    from mmts_jax.clusters.table import atomic_write
     arrays: dict[str, Any] = {image_key: self.images, text_key: self.texts,
                               "text_to_image": self.text_to_image}
     atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -279,7 +279,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, test_sets: Sequence[Retrieva
                         step: int | None = None, chunk: int = DEFAULT_CHUNK
                         ) -> dict[str, dict[str, float]]:
   """Table 1 metrics of a run's checkpoint (default: the latest) on each test set."""
-  from mmts_jax.finetune.restore import load_trained_model
+  from mmts_jax.projects.ek100_features.restore import load_trained_model
   from mmts_jax.train import make_embed_fn
   trained = load_trained_model(workdir, step)
   zs = ZeroShotEval(test_sets, image_key=trained.model.image_key,

@@ -11,7 +11,7 @@
      the contrastive cross-covariance S.
 
 Usage:
-  python experiments/nakada/run.py [--out experiments/nakada/results] [--seeds 0 1 2] [--quick]
+  python mmts_jax/projects/nakada/experiments.py [--out mmts_jax/projects/nakada/results] [--seeds 0 1 2] [--quick]
 
 Writes `nakada.json`, `nakada.png` and `tables.md` into --out (atomically).
 """
@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmts_jax import linear_mmcl as lm
-from mmts_jax.linear_mmcl import synthetic
+from mmts_jax.projects import nakada as lm
+from mmts_jax.projects.nakada import gaussian_sampler as synthetic
 
 # Setting A: noise spikes (std 1.5) stronger than the shared factors (std 1) in each modality.
 SETTING_A = dict(d=30, rank=3, noise_rank=3, signal=1.0, spike=1.5, noise=0.3, n=1000,

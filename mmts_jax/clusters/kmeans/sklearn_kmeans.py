@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from mmts_jax.clustering.checks import check_k, check_points
-from mmts_jax.clustering.result import KMeansResult
+from mmts_jax.clusters.kmeans.checks import check_k, check_points
+from mmts_jax.clusters.kmeans.result import KMeansResult
 
 __all__ = ["kmeans_sklearn"]
 

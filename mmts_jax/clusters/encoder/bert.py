@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmts_jax.text.config import BertConfig
+from mmts_jax.clusters.encoder.config import BertConfig
 
 __all__ = ["BertEncoder", "activation"]
 

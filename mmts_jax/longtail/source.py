@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmts_jax.synthetic import generator
+from mmts_jax.longtail import generator
 
 __all__ = ["make_source", "generator_config"]
 
@@ -37,7 +37,7 @@ def make_source(cfg, *, global_batch_size: int, seed: int):
   `seed` (the run's seed) orders the batches; the data itself depends only on `cfg.seed`, so
   every ablation row and seed trains on the same dataset.
   """
-  from mmts_jax.cluster_table import dataset_fingerprint
+  from mmts_jax.clusters.table import dataset_fingerprint
   from mmts_jax.data.sources import ArraySource
   ds = generator.make_dataset(generator_config(cfg))
   arrays = {"image_features": ds.train.image, "text": ds.train.tokens, "index": ds.train.index}

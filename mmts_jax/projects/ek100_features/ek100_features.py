@@ -51,7 +51,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from mmts_jax import array_files
-from mmts_jax.cluster_table import ClusterTable, atomic_write, dataset_fingerprint
+from mmts_jax.clusters.table import ClusterTable, atomic_write, dataset_fingerprint
 from mmts_jax.data.features import save_features
 from mmts_jax.errors import MissingFileError, UserInputError
 from mmts_jax.eval.relevancy import Ek100MirAnnotations, parse_class_list, read_ek100_mir
@@ -277,7 +277,7 @@ def build_ek100_features(annotations: str | os.PathLike, out_dir: str | os.PathL
   out.mkdir(parents=True, exist_ok=True)
   files = Ek100FeatureFiles(out / "train_features.npz", out / "val_features.npz",
                             out / "ek100_nouns.npz")
-  provenance = json.dumps({"generator": "mmts_jax.finetune.ek100_features",
+  provenance = json.dumps({"generator": "mmts_jax.projects.ek100_features.ek100_features",
                            "spec": dataclasses.asdict(spec)}, sort_keys=True)
 
   save_features(

@@ -36,8 +36,8 @@ from typing import Callable
 import numpy as np
 
 from mmts_jax.eval import class_relevancy, mir_metrics, read_ek100_mir, video_subset
-from mmts_jax.finetune.embedding import DEFAULT_CHUNK, embed_array
-from mmts_jax.finetune.ek100_features import load_val_features
+from mmts_jax.projects.ek100_features.embedding import DEFAULT_CHUNK, embed_array
+from mmts_jax.projects.ek100_features.ek100_features import load_val_features
 
 __all__ = ["Ek100Validation", "mir_scores", "format_mir"]
 

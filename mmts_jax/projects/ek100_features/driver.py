@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from etils import epath
 
-from mmts_jax.cluster_table import atomic_write
-from mmts_jax.finetune.ek100_features import (Ek100FeatureFiles, FeatureSpec,
+from mmts_jax.clusters.table import atomic_write
+from mmts_jax.projects.ek100_features.ek100_features import (Ek100FeatureFiles, FeatureSpec,
                                               build_ek100_features)
-from mmts_jax.finetune.mir_eval import Ek100Validation
+from mmts_jax.projects.ek100_features.mir_eval import Ek100Validation
 
 __all__ = ["prepare", "data_files", "data_files_of", "configure", "FinetuneResult", "finetune",
            "evaluate"]
@@ -126,7 +126,7 @@ def evaluate(workdir: str | os.PathLike, data_dir: str | os.PathLike,
              max_val_videos: int | None = None) -> tuple[int, dict]:
   """MIR metrics of a run's checkpoint (default the latest) -> `(step, scores)`."""
   from mmts_jax import train
-  from mmts_jax.finetune.restore import load_trained_model
+  from mmts_jax.projects.ek100_features.restore import load_trained_model
   trained = load_trained_model(workdir, step)
   val = _validation(trained.config, data_dir, annotations, max_val_videos)
   return trained.step, val(trained.step, train.make_embed_fn(trained.model), trained.variables)

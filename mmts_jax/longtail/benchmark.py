@@ -4,7 +4,7 @@
 2. Cluster table: the training captions through the MiniLM sentence encoder, K-Means with
    `k = config.synthetic.num_clusters`, saved as a `ClusterTable`; the trainer loads it
    (`config.mmts.cluster_table`), checks its fingerprint and gathers each sample's Eq. 6 shift.
-3. Every ablation row (`mmts_jax.synthetic.config`: fixed, TS, ICS, TS&ICS) is trained by the real
+3. Every ablation row (`mmts_jax.longtail.config`: fixed, TS, ICS, TS&ICS) is trained by the real
    trainer (`mmts_jax.train.train_and_evaluate`) with the same budget, batch order and seeds.
 4. Test retrieval R@1/5/10 (image->text and text->image, averaged), overall and for head / tail
    queries, every `config.eval.every_steps` steps (learning curves) and at the end.
@@ -13,7 +13,7 @@
 Usage (trains every row for every seed, minutes on a CPU, so it is not a doctest; `mmts
 synthetic` is the command-line front end)::
 
-  from mmts_jax.synthetic.config import get_config
+  from mmts_jax.longtail.config import get_config
   results = run(get_config(), "/tmp/mmts_synthetic")
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from mmts_jax import shifts
-from mmts_jax.synthetic import generator, metrics
+from mmts_jax.longtail import generator, metrics
 
 __all__ = ["run", "cluster_captions", "evaluate", "summarize",
            "format_table", "RECALL_KS"]
@@ -36,7 +36,7 @@ GROUPS = ("all", "head", "tail")
 
 
 def write_json(path, obj) -> None:
-  from mmts_jax.cluster_table import atomic_write
+  from mmts_jax.clusters.table import atomic_write
   text = json.dumps(obj, indent=2, sort_keys=True)
   atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -48,9 +48,9 @@ def cluster_captions(captions, k: int, seed: int, *, devices=None, log=print):
   caption's embedding, so K-Means still weighs duplicates by their count. Returns a
   `ClusterTable` fingerprinted with the captions in index order.
   """
-  from mmts_jax.cluster_table import ClusterTable, dataset_fingerprint
-  from mmts_jax.clustering import kmeans
-  from mmts_jax.text import SentenceEncoder
+  from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
+  from mmts_jax.clusters.kmeans import kmeans
+  from mmts_jax.clusters.encoder import SentenceEncoder
   captions = list(captions)
   unique, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
   t0 = time.perf_counter()
@@ -125,16 +125,16 @@ def format_table(summary: dict, labels: dict[str, str] | None = None) -> str:
 
 
 def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = False) -> dict:
-  """Runs the whole benchmark of `config` (`mmts_jax.synthetic.config`) in `workdir`.
+  """Runs the whole benchmark of `config` (`mmts_jax.longtail.config`) in `workdir`.
 
   Writes `workdir/{cluster_table.npz, results.json, plots/*.png}` and one trainer workdir per row
   and seed, `workdir/runs/<row>/seed_<s>/` (metrics.jsonl, final checkpoint). Returns the
   results dict. Refuses a workdir that already holds runs unless `overwrite`.
   """
   from mmts_jax import train
-  from mmts_jax.cluster_table import dataset_fingerprint
+  from mmts_jax.clusters.table import dataset_fingerprint
   from mmts_jax.metrics_log import read_metrics
-  from mmts_jax.synthetic import config as config_lib, source
+  from mmts_jax.longtail import config as config_lib, source
 
   syn = config.synthetic
   seeds = int(syn.seeds)
@@ -175,7 +175,7 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
     table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), devices=devices,
                              log=log)
   else:  # the generator's classes: what K-Means would find if it recovered them exactly
-    from mmts_jax.cluster_table import ClusterTable
+    from mmts_jax.clusters.table import ClusterTable
     table = ClusterTable.from_labels(ds.train.label, fingerprint=ds.fingerprint(),
                                      fingerprint_keys="captions", source="labels",
                                      column="synthetic class")
@@ -228,7 +228,7 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
   }
   write_json(workdir / "results.json", results)
   if plot:
-    from mmts_jax.synthetic import plots
+    from mmts_jax.longtail import plots
     results["plots"] = plots.write_all(results, workdir / "plots", config)
     write_json(workdir / "results.json", results)
   log("\n" + format_table(summary, results["labels"]))

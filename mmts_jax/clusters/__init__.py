@@ -1,0 +1,1 @@
+"""Host-side preprocessing: the sentence encoder, K-Means and the cluster table."""

@@ -1,0 +1,1 @@
+"""Paper code beside MM-TS: Nakada et al. (AISTATS 2023) and EK-100 feature fine-tuning."""
