@@ -232,10 +232,12 @@ class Setup:
 
 
 def _restore_latest(run: Setup, checkpointer) -> Setup:
-  start = checkpointer.latest_step()
-  if not start:
+  # The newest step that reads back: an unreadable one is warned about and the one before it
+  # restored (`Checkpointer.restore_latest`).
+  found = checkpointer.restore_latest(run.state.checkpoint_tree())
+  if found is None:
     return run
-  tree, meta = checkpointer.restore(start, run.state.checkpoint_tree())
+  start, tree, meta = found
   if meta.get("shift_table") != run.shift_table_id:
     raise ValueError(
         f"checkpoint {start} in {checkpointer.directory} was trained with shift table "
