@@ -1,8 +1,9 @@
 """Faults during training (docs/reliability.md, "Faults during training"): a NaN burst skipped or
 stopping with exit status 3; an unreadable latest checkpoint (truncated, garbled) passed over
 with a warning; a checkpoint write that fails part-way (the kernel's file-size limit) leaving the
-previous one usable; a run continued on another device count (8 -> 4, 4 -> 8); and two real JAX
-processes (`jax.distributed.initialize`, gloo CPU collectives) equal to one process.
+previous one usable; a run continued on another device count (8 -> 4; 4 -> 8, the rerun after
+the failed write); and two real JAX processes (`jax.distributed.initialize`, gloo CPU
+collectives) equal to one process.
 
 Runs that need another device count, another process group or a file-size limit are
 subprocesses of `tests/faults_worker.py` (JAX fixes those when its backend starts); this test
@@ -10,11 +11,15 @@ process has 8 simulated CPU devices (tests/conftest.py).
 
 Tolerances across device counts and process counts: float32 sums are reduced in another order,
 so losses agree to rtol 1e-5 and the state (parameters, Adam moments, policy state) to
-rtol 1e-4 / atol 1e-6; same device count, same process: bit for bit.
+rtol 1e-4 / atol 1e-5 (the atol covers the attention key biases: their gradient is zero in exact
+arithmetic, so they only carry float noise, measured up to 4e-6); same device count, same
+process: bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import pathlib
@@ -26,6 +31,7 @@ import sys
 import chex
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from faults_worker import FLAGS, config
@@ -37,7 +43,7 @@ from mmts_jax.metrics_log import read_metrics
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "faults_worker.py")
 LOSS_RTOL = 1e-5
-STATE_TOL = dict(rtol=1e-4, atol=1e-6)
+STATE_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _env(devices: int, cache: pathlib.Path) -> dict:
@@ -50,9 +56,15 @@ def _env(devices: int, cache: pathlib.Path) -> dict:
 
 
 def _tree(workdir, step: int):
-  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", every_steps=1, keep=10)
+  """The checkpoint's arrays on this process's first device (whatever devices wrote them)."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  saved = ocp.StandardCheckpointer().metadata(str(directory / str(step) / "state"))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                        getattr(saved, "item_metadata", saved))
+  ckpt = Checkpointer(directory, every_steps=1, keep=10)
   try:
-    tree, meta = ckpt.restore(step)
+    tree, meta = ckpt.restore(step, target)
   finally:
     ckpt.close()
   return jax.device_get(tree), meta
@@ -192,21 +204,25 @@ def test_unreadable_steps_are_passed_over_with_a_warning_then_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """U: 8 devices, steps 1-6, uninterrupted. X: 8 devices to 3, then 4 devices to 6. Y: 4
-  devices to 3, then 8 devices to 6. Z: 4 devices, uninterrupted (the reference of the
-  multi-process test). D: the disk-full run (4 devices). 8-device runs are in this process."""
+  """U: 8 devices, steps 1-6, uninterrupted. X: 8 devices to 3, then 4 devices to 6. Z: 4
+  devices, uninterrupted (the reference of the multi-process test). D: 4 devices to 8 with the
+  disk full during the save of step 6, then rerun (a new process, as a user would) on 8 devices.
+  The 8-device runs are in this process, the 4-device ones in one subprocess."""
   base = tmp_path_factory.mktemp("faults")
-  w = {k: base / k for k in "UXYZD"}
+  w = {k: base / k for k in "UXZD"}
   c = config()
   train.train_and_evaluate(c, w["U"], stop_at_step=6)
   train.train_and_evaluate(c, w["X"], stop_at_step=3)
   proc = subprocess.run(
-      [sys.executable, WORKER, f"train:{w['X']}:6", f"train:{w['Y']}:3", f"train:{w['Z']}:6",
+      [sys.executable, WORKER, f"train:{w['X']}:6", f"train:{w['Z']}:6",
        f"disk_full:{w['D']}:6:8"], env=_env(4, base / "jax_cache"), cwd=ROOT,
       capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  train.train_and_evaluate(c, w["Y"], stop_at_step=6)
-  return dict(w, base=base, stdout=proc.stdout, stderr=proc.stderr)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rerun = cli.main(["train", "--workdir", str(w["D"]), "--stop-at-step", "8"] + FLAGS)
+  return dict(w, base=base, stdout=proc.stdout, stderr=proc.stderr, rerun=rerun,
+              rerun_stdout=out.getvalue())
 
 
 def test_corrupted_latest_checkpoint_restores_the_previous_one(runs, tmp_path, capsys):
@@ -221,7 +237,7 @@ def test_corrupted_latest_checkpoint_restores_the_previous_one(runs, tmp_path, c
 
 
 @pytest.mark.parametrize("name, devices", [("X", [8, 8, 8, 4, 4, 4]),
-                                           ("Y", [4, 4, 4, 8, 8, 8])])
+                                           ("D", [4, 4, 4, 8, 8, 8, 8, 8])])
 def test_resume_on_another_device_count_continues_the_same_run(runs, name, devices):
   assert list(_devices_per_record(runs[name]).values()) == devices
   _, meta = _tree(runs[name], 6)
@@ -231,15 +247,16 @@ def test_resume_on_another_device_count_continues_the_same_run(runs, name, devic
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(runs):
   ckpt_dir = runs["D"] / "checkpoints"
-  assert "statuses: 2 0" in runs["stdout"]   # failed save: exit 2; the rerun: exit 0
+  assert "status: 2" in runs["stdout"]
   lines = [line for line in runs["stderr"].splitlines() if line.startswith("mmts train:")]
   assert lines == [f"mmts train: error: checkpoint step 6 could not be written to "
                    f"{ckpt_dir / '6'} (File too large); the previous checkpoint is usable: "
                    f"step 3 in {ckpt_dir}"]
-  assert f"resumed from step 3 ({ckpt_dir})" in runs["stdout"]
-  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["3", "6", "8"]   # no temporaries left
-  # Resumed from step 3 after the failure = the uninterrupted 4-device run Z.
-  _assert_same_run(runs["D"], runs["Z"], 6, exact=True)
+  # The rerun resumes from that checkpoint, finishes, and leaves no temporaries behind.
+  assert runs["rerun"] == 0
+  assert f"resumed from step 3 ({ckpt_dir})" in runs["rerun_stdout"]
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["3", "6", "8"]
+  _assert_same_run(runs["D"], runs["Z"], 3, exact=True)   # step 3 as the 4-device run wrote it
 
 
 # ----------------------------------------------------------------------------- two processes
