@@ -69,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
       eps=1e-6, grad_clip_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0, param_sharding="replicated"))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  # skip_nonfinite: a step with a NaN/inf loss or gradient never updates the state; True skips
+  # its batch (counted, one warning line), False stops the run (NonFiniteLossError, exit 3).
   c.train = ml_collections.ConfigDict(dict(skip_nonfinite=True))
   # checkpoint: an orbax checkpoint directory holding `{"params": ...}` (e.g. converted CLIP
   # weights); its parameters replace the initial ones before step 0. Ignored when resuming.

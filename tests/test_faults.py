@@ -149,7 +149,7 @@ def test_nan_burst_stops_with_exit_status_3_when_configured(tmp_path, monkeypatc
   lines = [line for line in err.splitlines() if line.startswith("mmts train:")]
   assert lines == [
       f"mmts train: error: the loss is nan (grad norm nan) at step 4: training stopped "
-      f"(train.skip_nonfinite=False); no checkpoint holds that step's state; the last good "
+      f"(train.skip_nonfinite=False); the state was not updated by that step; the last good "
       f"checkpoint is step 3 in {tmp_path / 'checkpoints'}"]
   assert max(r["step"] for r in read_metrics(tmp_path)) == 3
   tree, _ = _tree(tmp_path, 3)

@@ -105,8 +105,8 @@ class MetricsLogger:
         continue
       good = self.checkpointer.latest_step()
       raise NonFiniteLossError(
-          f"{what}: training stopped (train.skip_nonfinite=False); no checkpoint holds that "
-          f"step's state; the last good checkpoint is " +
+          f"{what}: training stopped (train.skip_nonfinite=False); the state was not updated "
+          f"by that step; the last good checkpoint is " +
           (f"step {good} in {self.checkpointer.directory}"
            if good is not None else "none (no checkpoint was saved yet)"))
 

@@ -165,8 +165,7 @@ _BUILT: dict[tuple, _Built] = {}
 def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
   """The model, optimizer, schedule and loss of `config` (reused for an equal configuration)."""
   parts = {k: config[k].to_dict() for k in ("model", "optim", "loss")}
-  parts.update(total_steps=int(config.total_steps),
-               skip_nonfinite=bool(config.train.get("skip_nonfinite", True)))
+  parts.update(total_steps=int(config.total_steps))
   key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
   if key not in _BUILT:
     model = build_model(config.model, learnable_temperature=policy.learnable,
@@ -298,8 +297,11 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   if jitted is None:
     jitted = built.jitted[(tuple(leaves), treedef)] = (
         jax.jit(create, out_shardings=shardings),
+        # The compiled step never applies a non-finite update; `config.train.skip_nonfinite`
+        # only decides whether the loop then goes on or stops (`train.loop`), so both settings
+        # share one compilation and a stopped run's in-memory state is the last good one.
         compile_train_step(shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
-                           skip_nonfinite=bool(config.train.get("skip_nonfinite", True))))
+                           skip_nonfinite=True))
   create_fn, step_fn = jitted
   state = create_fn(**args)
   run = Setup(config=config, mesh=mesh, source=source, policy=policy, loss_fn=loss_fn,
