@@ -19,9 +19,9 @@ Faults (docs/reliability.md): a save that fails part-way (a full disk, a quota, 
 limit) raises `CheckpointWriteError` naming the step, its path and the previous complete step,
 which stays usable (the failed step only ever existed as an orbax temporary). `restore_latest`
 restores the newest step that reads back: a step whose files are truncated, garbled or missing
-(tensorstore's zstd/OCDBT reads fail on them) is reported with a warning naming the step and why,
-renamed `<step>.unreadable` so that a later save of the same step is possible, and the step
-before it is tried.
+(tensorstore's zstd/OCDBT reads fail on them) is reported with a warning naming the step and why
+and the step before it is tried; once one restores, the unreadable ones are renamed
+`<step>.unreadable` so that the resumed run can save those steps again.
 
 Example:
   >>> import tempfile, numpy as np
@@ -125,22 +125,27 @@ class Checkpointer:
 
   def restore_latest(self, target: Any = None) -> tuple[int, Any, dict] | None:
     """(step, tree, meta) of the newest step that restores (see `restore`); None if there is no
-    step. A step that cannot be restored is warned about (naming it and why), renamed
-    `<step>.unreadable` by process 0, and the step before it is tried.
+    step. A step that cannot be restored is warned about (naming it and why) and the step before
+    it is tried. Once an older step restores into the same `target` (so the newer ones failed
+    on their files, not on the target's structure), process 0 renames the failed ones
+    `<step>.unreadable`: kept for inspection, out of orbax's list, so the run can save those
+    steps again. Nothing is renamed when no step restores.
 
     Raises:
       CheckpointRestoreError: no step restores; each step's reason is listed.
     """
-    failures = []
+    failures, failed = [], []
     for step in sorted(self.all_steps(), reverse=True):
       try:
         tree, meta = self.restore(step, target)
       except Exception as e:  # noqa: BLE001 (unreadable data: ValueError, OSError, KeyError...)
         failures.append(f"step {step}: {_reason(e)}")
+        failed.append(step)
         warnings.warn(f"checkpoint step {step} in {self.directory} cannot be restored "
                       f"({_reason(e)}); trying the one before it", RuntimeWarning, stacklevel=2)
-        self._set_aside(step)
         continue
+      for bad in failed:
+        self._set_aside(bad)
       return step, tree, meta
     if failures:
       raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored: "

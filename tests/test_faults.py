@@ -163,6 +163,8 @@ def _largest_array_file(step_dir) -> str:
 
 
 def test_unreadable_steps_are_passed_over_with_a_warning_then_refused(tmp_path):
+  """Restore falls back step by step; unreadable steps are set aside once an older one restores;
+  a target that fits no step renames nothing."""
   ckpt = Checkpointer(tmp_path, every_steps=1, keep=5, async_save=False)
   rng = np.random.default_rng(0)
   saved = {s: {"w": rng.normal(size=(64, 64)).astype(np.float32)} for s in (1, 2, 3)}
@@ -191,6 +193,10 @@ def test_unreadable_steps_are_passed_over_with_a_warning_then_refused(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2.unreadable", "3.unreadable"]
   ckpt.save(2, saved[2], {"input_position": 2}, force=True)
   assert ckpt.restore_latest(target)[0] == 2
+  # A target that fits no step (another model) is an error, and no step is set aside for it.
+  with pytest.warns(RuntimeWarning), pytest.raises(CheckpointRestoreError):
+    ckpt.restore_latest({"v": np.zeros((3,), np.float32)})
+  assert ckpt.all_steps() == [1, 2]
   # Nothing restorable: one error listing every step and why.
   for s in (1, 2):
     os.truncate(_largest_array_file(tmp_path / str(s)), 10)
