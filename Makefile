@@ -1,4 +1,5 @@
-# Two entry points a newcomer needs: `make run` (the synthetic long-tail benchmark) and `make test`.
+# Two entry points a newcomer needs: `make run` (a CPU slice of the temperature-policy study,
+# paired intervals; docs/study.md) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/mmts synthetic $(ARGS)
+	$(PY) -m mmts_jax.study.demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(ARGS)

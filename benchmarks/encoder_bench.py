@@ -151,6 +151,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--precision", default="highest")
   p.add_argument("--model-parts", help="directory of wheel parts, if the wheel was split")
+  p.add_argument("--ready-file", help="touched once both sides are compiled and loaded")
+  p.add_argument("--go-file", help="the timed passes start once this file exists")
   args = p.parse_args(argv)
   if not args.captions:
     p.error("EK-100 captions not found: pass --captions EPIC_100_retrieval_train_sentence.csv")
@@ -174,6 +176,10 @@ def main(argv=None) -> int:
     encoder.encode(sentences, batch_size=b)
     compile_s[b] = time.perf_counter() - t
   worker = TorchWorker(args.st_python, model_dir, sentences) if args.st_python else None
+  if args.ready_file:  # a driver keeps other GPU work out of the timed passes
+    open(args.ready_file, "w").close()
+  while args.go_file and not os.path.exists(args.go_file):
+    time.sleep(0.2)
 
   times = {f"jax_b{b}": [] for b in sizes}
   if worker:
@@ -192,6 +198,7 @@ def main(argv=None) -> int:
 
   rates = {k: len(sentences) / statistics.median(v) for k, v in times.items()}
   best_jax = max(v for k, v in rates.items() if k.startswith("jax"))
+  st_rates = [v for k, v in rates.items() if k.startswith("st")]
   st_default = rates.get("st_b32")
   device = jax.devices()[0]
   result = {
@@ -204,6 +211,11 @@ def main(argv=None) -> int:
       "jax_first_pass_s_incl_compile": compile_s, "jax_load_s": load_s,
       "torch_worker": worker.info if worker else None,
       "jax_vs_sentence_transformers_b32": best_jax / st_default if st_default else None,
+      # each side at its best batch size of this run: the ratio the docs quote
+      "best_jax_batch": max((k for k in rates if k.startswith("jax")), key=rates.get),
+      "best_st_batch": max((k for k in rates if k.startswith("st")), key=rates.get,
+                           default=None),
+      "jax_best_vs_sentence_transformers_best": best_jax / max(st_rates) if st_rates else None,
       "parity_min_cosine": _parity(encoder, args.reference),
   }
   os.makedirs(args.out, exist_ok=True)
@@ -212,7 +224,7 @@ def main(argv=None) -> int:
     json.dump(result, f, indent=1)
   os.replace(path + ".tmp", path)
   print(json.dumps({k: result[k] for k in ("device", "sentences_per_s",
-                                           "jax_vs_sentence_transformers_b32",
+                                           "jax_best_vs_sentence_transformers_best",
                                            "parity_min_cosine")}))
   print(f"wrote {path}")
   return 0

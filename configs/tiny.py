@@ -5,7 +5,8 @@ transformer, MM-TS InfoNCE.
 
   mmts train --config configs/tiny.py[:ROW] --workdir /tmp/tiny
 
-ROW: fixed | clip | ts | ics | mmts (default).
+ROW: fixed | clip | ts | ics | mmts (default) | ics_lm | mmts_lm (level-matched to
+temperature.value) | isogclr.
 """
 from mmts_jax.config_defaults import default_config, with_row
 

@@ -20,11 +20,12 @@ __all__ = ["default_config", "with_row", "canonical_mode", "ROW_ALIASES", "MODES
            "RUN_NEUTRAL_KEYS"]
 
 # Canonical temperature / margin policies, one per row of the paper's ablation.
-MODES = ("fixed", "learnable", "ts", "ics", "mmts")
+MODES = ("fixed", "learnable", "ts", "ics", "mmts", "ics_lm", "mmts_lm", "isogclr")
 # Every accepted name -> its canonical mode. Rows are named as in the paper's tables.
 ROW_ALIASES = {"fixed": "fixed", "clip": "learnable", "learnable": "learnable", "ts": "ts",
                "ics": "ics", "mmts": "mmts", "ts_ics": "mmts", "ts&ics": "mmts",
-               "mm-ts": "mmts"}
+               "mm-ts": "mmts", "ics_lm": "ics_lm", "mmts_lm": "mmts_lm", "mm-ts_lm": "mmts_lm",
+               "isogclr": "isogclr"}
 
 # Keys whose value does not change what a run computes (how often it logs, saves or evaluates,
 # how it is displayed, how many threads read the data, how the state is laid out on devices):
@@ -64,6 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mmts = ml_collections.ConfigDict(dict(
       alpha=0.04, sh_min=0.05, sh_max=0.10, num_oscillations=5, k=200,
       cluster_table="", shift_table_path="", shift_table_kind="sizes"))
+  # mode "isogclr": the per-sample learned temperatures' hyper-parameters
+  # (`mmts_jax.policies.isogclr.ISogCLR`; the paper's CC3M values, rho the KL radius).
+  c.isogclr = ml_collections.ConfigDict(dict(gamma=0.8, rho=6.0, tau_init=0.01, tau_min=0.005,
+                                             tau_max=1.0, eta=0.03, beta=0.9))
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-4, warmup_steps=100, end_lr_factor=0.0, weight_decay=0.1, b1=0.9, b2=0.98,
       eps=1e-6, grad_clip_norm=1.0))
@@ -71,13 +76,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
   # skip_nonfinite: a step with a NaN/inf loss or gradient never updates the state; True skips
   # its batch (counted, one warning line), False stops the run (NonFiniteLossError, exit 3).
-  c.train = ml_collections.ConfigDict(dict(skip_nonfinite=True))
+  # micro_batch_size: 0 = one tower pass over the global batch; else the towers run on
+  # micro-batches of this size and `accumulation` combines them: "grad_cache" (the big-batch
+  # update, every negative kept) or "plain" (per-micro-batch losses). mmts_jax/train/grad_cache.py
+  c.train = ml_collections.ConfigDict(dict(skip_nonfinite=True, micro_batch_size=0,
+                                           accumulation="grad_cache"))
   # checkpoint: an orbax checkpoint directory holding `{"params": ...}` (e.g. converted CLIP
   # weights); its parameters replace the initial ones before step 0. Ignored when resuming.
   c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   # every_steps: how often `eval_fn` runs (0: only at total_steps). zero_shot: "[NAME=]PATH,..."
-  # retrieval test sets that `mmts train` evaluates (mmts_jax.finetune.zero_shot).
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot=""))
+  # retrieval test sets that `mmts train` evaluates (mmts_jax.finetune.zero_shot). at_start:
+  # also evaluate before the first step (step 0: e.g. the converted checkpoint, zero-shot).
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot="", at_start=False))
   return c
 
 
@@ -97,7 +107,9 @@ def canonical_mode(name: str) -> str:
 def with_row(config: ml_collections.ConfigDict, row: str = "") -> ml_collections.ConfigDict:
   """Selects one row of the paper's ablation: "fixed" (fixed temperature / margin), "clip"
   (CLIP's learnable temperature), "ts" (uni-modal schedule), "ics" (per-sample shifts only),
-  "mmts" (TS&ICS, the default when `row` is empty). Used as `configs/x.py:ROW`.
+  "mmts" (TS&ICS, the default when `row` is empty), the level-matched "ics_lm" / "mmts_lm"
+  (shifts re-centred on `temperature.value`) and "isogclr" (per-sample learned temperatures,
+  `config.isogclr`). Used as `configs/x.py:ROW`.
 
   Example:
     >>> with_row(default_config(), "ics").temperature.mode

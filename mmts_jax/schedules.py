@@ -62,7 +62,7 @@ def cosine_oscillation(alpha: float, period: float) -> optax.Schedule:
 
   Example:
     >>> sched = cosine_oscillation(alpha=0.04, period=1000)
-    >>> float(sched(0)), round(float(sched(500)), 6)
+    >>> round(float(sched(0)), 6), round(float(sched(500)), 6)
     (0.02, -0.02)
   """
   alpha = _check_finite("alpha", alpha)

@@ -7,8 +7,13 @@
 | `ts`        | `tau_min + (tau_max - tau_min) (1 + cos(2 pi t / T)) / 2`      |
 | `ics`       | `sh(c_i)`                         (per-sample shift only, Eq. 6) |
 | `mmts`      | `alpha/2 cos(2 pi t / T) + sh(c_i)` (TS&ICS, Eq. 8)            |
+| `ics_lm`    | `ics` with the table re-centred on the sample mean `value`      |
+| `mmts_lm`   | `mmts` with the table re-centred on the sample mean `value`     |
+| `isogclr`   | per-sample learned `tau_i` (iSogCLR, `mmts_jax.policies.isogclr`) |
 
-`T = total_steps / num_oscillations`. `sh(c_i)` is `shift_table[index_i]`, gathered on device
+`T = total_steps / num_oscillations`. The level-matched rows (`*_lm`) compare shapes, not levels:
+their shifts are moved so that the sample-mean value equals the fixed baseline's `value`
+(`shifts.level_match`). `sh(c_i)` is `shift_table[index_i]`, gathered on device
 inside the jitted step, so the host does no per-step work.
 
 Every policy has one interface (`Policy`): a frozen, hashable dataclass whose dataset-sized
@@ -87,6 +92,12 @@ class Policy:
     return loss_fn(image, text, values), values, dict(state)
 
 
+def _cosine(step, period) -> jax.Array:
+  """`cos(2 pi t / T)` (`schedules.cosine_oscillation` at amplitude 2): the policies' values
+  may then be traced arrays (the study feeds its grids to one compiled program)."""
+  return schedules.cosine_oscillation(2.0, period)(step)
+
+
 def _per_anchor(value, index) -> jax.Array:
   return jnp.broadcast_to(jnp.asarray(value, jnp.float32), jnp.shape(index)[:1])
 
@@ -129,7 +140,9 @@ class Schedule(Policy):
   period: float = 1.0
 
   def base(self, step):
-    return schedules.temperature_schedule(self.tau_min, self.tau_max, self.period)(step)
+    # `schedules.temperature_schedule`'s arithmetic, with bounds that may be traced.
+    wave = (1 + _cosine(step, self.period)) / 2
+    return self.tau_min + (self.tau_max - self.tau_min) * wave
 
   def values(self, state, *, step, index, model_temperature):
     return _per_anchor(self.base(step), index)
@@ -138,16 +151,25 @@ class Schedule(Policy):
 @dataclasses.dataclass(frozen=True)
 class ShiftTable(Policy):
   """ICS (`alpha = 0`: the per-sample shift only) and MM-TS (Eq. 8):
-  `alpha/2 cos(2 pi t / T) + shift_table[index]`."""
+  `alpha/2 cos(2 pi t / T) + shift_table[index]`.
+
+  `level`: when set, the table is re-centred so that its sample mean is `level`
+  (`shifts.level_match`; the level-matched rows `ics_lm` / `mmts_lm`)."""
   name: str = "mmts"
   alpha: float = 0.0
   period: float = 1.0
+  level: float | None = None
   uses_shift_table = True
 
   def init_state(self, num_examples, shift_table):
     if shift_table is None:
       raise ValueError(f"temperature policy {self.name!r} needs per-example shifts: set "
                        f"config.mmts.cluster_table or config.mmts.shift_table_path")
+    if self.level is not None:
+      shift_table = check_shift_table(shift_table, ShiftTable(what=self.what),
+                                      num_examples=num_examples)
+      shift_table = shifts.level_match(shift_table, self.level, alpha=float(self.alpha),
+                                       what=self.what)
     table = check_shift_table(shift_table, self, num_examples=num_examples)
     return {"shift_table": jnp.asarray(table)}
 
@@ -155,9 +177,10 @@ class ShiftTable(Policy):
     return {"shift_table": "replicated"}   # gathered by arbitrary indices every step
 
   def base(self, step):
-    if self.alpha == 0:
+    if isinstance(self.alpha, (int, float)) and self.alpha == 0:
       return jnp.float32(0.0)
-    return schedules.cosine_oscillation(self.alpha, self.period)(step)
+    # `schedules.cosine_oscillation(alpha, period)`, with an amplitude that may be traced.
+    return self.alpha / 2 * _cosine(step, self.period)
 
   def values(self, state, *, step, index, model_temperature):
     return shifts.per_sample_values(self.base(step), state["shift_table"],
@@ -176,19 +199,19 @@ def _positive(name: str, value) -> float:
   return value
 
 
-def _fixed(t, m, *, period, what):
+def _fixed(t, m, *, period, what, **unused):
   return Fixed(value=_positive(f"temperature.value ({what})", _field(t, "value", 0.07)),
                what=what)
 
 
-def _learnable(t, m, *, period, what):
+def _learnable(t, m, *, period, what, **unused):
   if what != "temperature":
     raise ValueError("temperature.mode 'learnable' is CLIP's learned temperature and only "
                      "applies to loss 'infonce', got loss 'max_margin'")
   return Learnable(value=_positive("temperature.value (temperature)", _field(t, "value", 0.07)))
 
 
-def _schedule(t, m, *, period, what):
+def _schedule(t, m, *, period, what, **unused):
   tau_min = _positive(f"temperature.tau_min ({what})", _field(t, "tau_min", 0.07))
   tau_max = float(_field(t, "tau_max", 1.0))
   if not tau_max >= tau_min:
@@ -198,23 +221,35 @@ def _schedule(t, m, *, period, what):
 
 
 def _shift_table(name):
-  def build(t, m, *, period, what):
-    _positive(f"temperature.value ({what})", _field(t, "value", 0.07))
-    alpha = float(_field(m, "alpha", 0.0)) if name == "mmts" else 0.0
+  def build(t, m, *, period, what, **unused):
+    value = _positive(f"temperature.value ({what})", _field(t, "value", 0.07))
+    alpha = float(_field(m, "alpha", 0.0)) if name.startswith("mmts") else 0.0
     sh_min, sh_max = float(_field(m, "sh_min", 0.0)), float(_field(m, "sh_max", 0.0))
     shifts.validate_positive(alpha, sh_min, sh_max, what=what)
-    return ShiftTable(name=name, alpha=alpha, period=period, what=what)
+    level = value if name.endswith("_lm") else None
+    if level is not None and not level - alpha / 2 > 0:
+      raise ValueError(f"temperature.mode {name!r}: the level {level} (temperature.value) minus "
+                       f"alpha/2 = {alpha / 2} must be > 0")
+    return ShiftTable(name=name, alpha=alpha, period=period, what=what, level=level)
   return build
 
 
-# Canonical policy name -> `builder(config.temperature, config.mmts, *, period, what)`.
+def _isogclr(t, m, *, period, what, isogclr=None):
+  from mmts_jax.policies.isogclr import ISogCLR  # imports this module
+  ISogCLR.check_loss("infonce" if what == "temperature" else "max_margin")
+  fields = {k: float(v) for k, v in dict(isogclr or {}).items()}
+  return ISogCLR(**fields)
+
+
+# Canonical policy name -> `builder(config.temperature, config.mmts, *, period, what, isogclr)`.
 POLICIES: dict[str, Callable[..., Policy]] = {
     "fixed": _fixed, "learnable": _learnable, "ts": _schedule, "ics": _shift_table("ics"),
-    "mmts": _shift_table("mmts")}
+    "mmts": _shift_table("mmts"), "ics_lm": _shift_table("ics_lm"),
+    "mmts_lm": _shift_table("mmts_lm"), "isogclr": _isogclr}
 
 
 def from_config(temperature: Mapping[str, Any], mmts: Mapping[str, Any], *, total_steps: int,
-                loss: str = "infonce") -> Policy:
+                loss: str = "infonce", isogclr: Mapping[str, Any] | None = None) -> Policy:
   """`config.temperature` + `config.mmts` -> a validated `Policy`.
 
   Everything is checked here, before any compilation: a configuration whose temperature or
@@ -233,7 +268,7 @@ def from_config(temperature: Mapping[str, Any], mmts: Mapping[str, Any], *, tota
   what = "margin" if loss == "max_margin" else "temperature"
   period = schedules.period_from_total_steps(
       total_steps, float(_field(mmts, "num_oscillations", 5)))
-  return POLICIES[mode](temperature, mmts, period=period, what=what)
+  return POLICIES[mode](temperature, mmts, period=period, what=what, isogclr=isogclr)
 
 
 def check_shift_table(table, policy: Policy, *, num_examples: int | None = None) -> np.ndarray:

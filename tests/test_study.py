@@ -55,7 +55,7 @@ def test_traced_schedules_equal_the_library_schedules():
     want = schedules.temperature_schedule(0.03, 0.12, 60.0)(t)
     np.testing.assert_allclose(ts, want, rtol=1e-6)
     mm = P.MMTS(0.05, 0.10, alpha=0.04, period=60.0)
-    got = mm.values({"shift": jnp.array([0.05, 0.1])}, step=t, index=idx)
+    got = mm.values({"shift_table": jnp.array([0.05, 0.1])}, step=t, index=idx)
     want = schedules.cosine_oscillation(0.04, 60.0)(t) + jnp.array([0.05, 0.1])
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -77,7 +77,7 @@ def test_level_matched_policy_and_learnable_temperature(task):
   table = shifts.cluster_shift(task.sample_sizes(), 0.05, 0.10)
   lm = P.MMTS(0.05, 0.10, level=0.08, alpha=0.04, period=10.0)
   state = lm.init_state(n, table)
-  np.testing.assert_allclose(float(np.mean(np.asarray(state["shift"], np.float64))), 0.08,
+  np.testing.assert_allclose(float(np.mean(np.asarray(state["shift_table"], np.float64))), 0.08,
                              atol=1e-7)
   with pytest.raises(ValueError, match="lowest temperature"):
     P.ICS(0.05, 0.30, level=0.02).init_state(n, shifts.cluster_shift(task.sample_sizes(), 0.05,
@@ -105,8 +105,9 @@ def test_paired_interval_against_textbook_t():
 
 
 def test_run_selects_on_validation_and_reports(task, tmp_path):
-  grid = {"fixed": [P.Fixed(0.05), P.Fixed(0.1)],
-          "ics_lm": [P.ICS(0.05, 0.07, level=0.1), P.ICS(0.05, 5.0, level=0.1)]}
+  grid = {"fixed": [(P.Fixed(t), {"tau": t}) for t in (0.05, 0.1, 0.2)],
+          "ics_lm": [(P.ICS(0.05, 0.07, level=0.1), {"width": 0.02}),
+                     (P.ICS(0.05, 5.0, level=0.1), {"width": 4.95})]}
   path = tmp_path / "trials.jsonl"
 
   def on_trial(rec):
@@ -118,10 +119,61 @@ def test_run_selects_on_validation_and_reports(task, tmp_path):
   fixed = res["trials"]["fixed"]
   means = [np.mean([s["all/R@1"] for s in t["val"]]) for t in fixed]
   assert res["selected"]["fixed"] == int(np.argmax(means))
-  assert res["level"] == grid["fixed"][res["selected"]["fixed"]].tau
+  assert res["level"] == grid["fixed"][res["selected"]["fixed"]][0].tau
   assert "skipped" in res["trials"]["ics_lm"][1]  # a spread of 5 cannot be centred at 0.1
+  # Only the selected trial has the full report (test split); the others the selection metric.
+  assert [("test" in t) for t in fixed] == [i == res["selected"]["fixed"] for i in range(3)]
+  assert res["edges"]["fixed"] == experiment.on_edge(fixed, res["selected"]["fixed"])
   zero = res["paired"]["fixed"]["tail/mAP"]
   assert zero["mean"] == 0 and zero["verdict"] == "no measurable difference"
   assert {"all/R@1", "head/mAP", "tail/nDCG"} <= set(res["paired"]["ics_lm"])
   text = report.render(str(path), json_dir=str(tmp_path))
   assert "| ICS, level-matched |" in text and "## Paired differences" in text
+
+
+def test_trials_train_side_by_side_as_they_train_alone(task):
+  """`train_trials` (vmap over trial x seed, training set padded) = each trial on its own."""
+  from mmts_jax.study.runner import train_trials
+  both = train_trials([P.Learnable(0.05), P.Learnable(0.1)], task, seeds=(0, 1), cfg=_CFG,
+                      pad_to=len(task.train_label) + 7)
+  alone = train_seeds(P.Learnable(0.1), task, seeds=(0, 1), cfg=_CFG)
+  for key in ("loss", "test_image", "temperature"):
+    np.testing.assert_allclose(both[key][1], alone[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_allclose(both["temperature"][:, :, 0, 0], [[0.05, 0.05], [0.1, 0.1]],
+                             rtol=1e-5)
+
+
+def test_on_edge_names_the_axes():
+  trials = [{"coords": {"c": c, "w": w}} for c in (1, 2, 3) for w in (1, 2, 3)]
+  assert experiment.on_edge(trials, 4) == []  # (2, 2): inside
+  assert experiment.on_edge(trials, 8) == ["c (largest)", "w (largest)"]
+  assert experiment.on_edge(trials, 1) == ["c (smallest)"]
+
+
+def test_ek100_task_and_bucketed_mir():
+  """EK-100 real-text task: the official frequencies as clusters, MIR by noun bucket equals the
+  library's MIR on the masked queries (an independent call)."""
+  import pathlib
+
+  from mmts_jax.eval.ek100_mir import mir_metrics
+  from mmts_jax.study import ek100
+  ann = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ek100"
+  text = {"train": np.zeros((15989, 4), np.float32), "val": np.zeros((3842, 4), np.float32)}
+  task, val = ek100.build_task(str(ann), text)
+  assert task.train["image"].shape == (15989, 64) and task.val["image"].shape == (9668, 64)
+  assert np.all(task.sample_sizes() > 0) and val["relevancy"].shape == (9668, 3842)
+  assert set(np.unique(val["video_bucket"])) == {0, 1, 2}
+  with pytest.raises(ValueError, match="stale cache"):
+    ek100.build_task(str(ann), {"train": text["train"][:5], "val": text["val"]})
+  # A small slice of the relevancy: 3 buckets of queries, every query with an exact match.
+  rng = np.random.default_rng(0)
+  rel = np.eye(6, dtype=np.float32) * 0.5 + np.eye(6, dtype=np.float32) * 0.5
+  rel[0, 1] = rel[1, 0] = 0.5
+  small = {"relevancy": rel, "video_bucket": np.array([0, 0, 1, 1, 2, 2]),
+           "caption_bucket": np.array([0, 1, 1, 2, 2, 0])}
+  v, t = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+  got = ek100.evaluate(v, t, small)
+  want = mir_metrics(v @ t.T, rel)
+  np.testing.assert_allclose(got["all/mAP"], want["mAP"].average, rtol=1e-6)
+  np.testing.assert_allclose(got["all/nDCG"], want["nDCG"].average, rtol=1e-6)
+  assert set(got) == {f"{b}/{m}" for b in ek100.BUCKETS for m in ("mAP", "nDCG")}

@@ -175,9 +175,12 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
   (`header=False` for headerless files such as CC3M's TSV).
 
   Example:
-    >>> m = convert_table("pairs.csv", "images/", "data/pairs")   # doctest: +SKIP
-    >>> m.num_records, m.fingerprint[:8]                          # doctest: +SKIP
-    (1000, '3f2a9c01')
+    >>> import tempfile
+    >>> from mmts_jax.data.synthetic import write_image_folder
+    >>> tsv = write_image_folder(tempfile.mkdtemp(), 10)  # images/ and pairs.tsv
+    >>> m = convert_table(tsv, tsv.parent, pathlib.Path(tempfile.mkdtemp()) / "pairs", threads=1)
+    >>> m.num_records, m.fingerprint[:15]
+    (10, 'sha256:ddede734')
   """
   table, image_dir = pathlib.Path(table), pathlib.Path(image_dir)
   if not table.is_file():
@@ -404,7 +407,14 @@ def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str
   Shards are read in the given order (after `expand_shards`), samples in tar order.
 
   Example:
-    >>> convert_webdataset("cc3m/{00000..00331}.tar", "data/cc3m", shorter_side=256)  # doctest: +SKIP
+    >>> import tempfile
+    >>> from mmts_jax.data.synthetic import write_wds_shards
+    >>> root = tempfile.mkdtemp()
+    >>> _ = write_wds_shards(root, 6, per_shard=3)  # shard-00000.tar, shard-00001.tar
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "wds"
+    >>> m = convert_webdataset(root + "/shard-{00000..00001}.tar", out, shorter_side=32, threads=1)
+    >>> m.num_records, m.fingerprint[:15]
+    (6, 'sha256:3209269c')
   """
   paths = expand_shards(shards)
   for p in paths:
@@ -429,9 +439,9 @@ def convert_tfds(name: str, out_dir, *, split: str = "train", data_dir: str | No
   `/` (`captions/text` for `coco_captions`). A list of captions gives one record per caption
   (`all_captions=True`, keys `id/j`) or one record with the first caption.
 
-  Example:
-    >>> convert_tfds("coco_captions", "data/coco", split="train",          # doctest: +SKIP
-    ...              data_dir="~/tensorflow_datasets")
+  Usage (needs a prepared TFDS dataset on disk, so it is not a doctest)::
+
+    convert_tfds("coco_captions", "data/coco", split="train", data_dir="~/tensorflow_datasets")
   """
   builder, ds = open_tfds(name, split=split, data_dir=data_dir, image_key=image_key)
 

@@ -31,8 +31,13 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
   """Validates and writes a features file (see the module docstring).
 
   Example:
-    >>> save_features("feats.npz", image_features=img, text_features=txt,   # doctest: +SKIP
-    ...               index=np.arange(len(img)), fingerprint=manifest.fingerprint)
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "feats.npz")
+    >>> img, txt = np.ones((4, 8), np.float32), np.ones((4, 6), np.float32)
+    >>> save_features(path, image_features=img, text_features=txt, index=np.arange(len(img)))
+    >>> src = FeatureSource(path)
+    >>> len(src), {k: v.shape for k, v in src[0].items()}
+    (4, {'image_features': (8,), 'text_features': (6,), 'index': ()})
   """
   arrays = {"image_features": np.asarray(image_features), "text_features": np.asarray(text_features),
             "index": np.asarray(index)}

@@ -109,10 +109,17 @@ class RecordWriter:
   the writer assigns `index` (0, 1, ...) in write order. All examples must have the same fields.
 
   Example:
-    >>> with RecordWriter(out_dir) as w:                       # doctest: +SKIP
-    ...   w.write({"image": jpeg_bytes, "caption": "a dog", "key": "0001"})
-    >>> w.manifest.num_records                                 # doctest: +SKIP
+    >>> import tempfile
+    >>> from mmts_jax.data.synthetic import make_image
+    >>> jpeg_bytes = make_image(0, np.random.default_rng(0))
+    >>> out_dir = tempfile.mkdtemp()
+    >>> with RecordWriter(out_dir) as w:
+    ...   _ = w.write({"image": jpeg_bytes, "caption": "a dog", "key": "0001"})
+    >>> w.manifest.num_records
     1
+    >>> r = RecordSource(out_dir)[0]
+    >>> r["index"], r["key"], r["caption"], r["image"] == jpeg_bytes
+    (0, '0001', 'a dog', True)
   """
 
   def __init__(self, out_dir: str | os.PathLike, *, records_per_shard: int = 50_000,

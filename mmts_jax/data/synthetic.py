@@ -53,8 +53,9 @@ def write_image_folder(root: str | os.PathLike, n: int, *, seed: int = 0,
   """`n` images (every third one PNG) under `root/images` and `root/pairs.tsv`; returns the TSV.
 
   Example:
-    >>> tsv = write_image_folder(tmp_path, 10)         # doctest: +SKIP
-    >>> tsv.read_text().splitlines()[1]                 # doctest: +SKIP
+    >>> import tempfile
+    >>> tsv = write_image_folder(tempfile.mkdtemp(), 10)
+    >>> tsv.read_text().splitlines()[1]
     'images/000000.jpg\\ta photo of a dog number 0'
   """
   root = pathlib.Path(root)

@@ -47,9 +47,10 @@ def as_text(value) -> str:
 class TfdsSource(Sequence):
   """A TFDS split as a random-access source of records (`index`, `key`, `image`, `caption`...).
 
-  Example:
-    >>> src = TfdsSource("coco_captions", split="val", data_dir="~/tensorflow_datasets")  # doctest: +SKIP
-    >>> pipe = image_text_pipeline(src, tokenizer, global_batch_size=256)           # doctest: +SKIP
+  Usage (needs a prepared TFDS dataset on disk, so it is not a doctest)::
+
+    src = TfdsSource("coco_captions", split="val", data_dir="~/tensorflow_datasets")
+    pipe = image_text_pipeline(src, tokenizer, global_batch_size=256)
   """
 
   def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None,

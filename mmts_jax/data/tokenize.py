@@ -36,8 +36,9 @@ class TextTokenizer:
   Picklable (it keeps only the path and re-loads in a worker process).
 
   Example:
-    >>> tok = TextTokenizer(minilm_dir, max_length=8)        # doctest: +SKIP
-    >>> tok("pick up container")                             # doctest: +SKIP
+    >>> from mmts_jax.text.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
+    >>> tok = TextTokenizer(default_model_dir(), max_length=8)
+    >>> tok("pick up container")
     array([  101,  4060,  2039, 11661,   102,     0,     0,     0], dtype=int32)
   """
 

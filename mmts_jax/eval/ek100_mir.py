@@ -326,8 +326,13 @@ def mir_per_query(similarity, relevancy, *, num_threads: int | None = None) -> M
   """AP and nDCG of every video and every caption query (arguments as `mir_metrics`).
 
   Example:
-    >>> per = mir_per_query(sim, rel)  # doctest: +SKIP
-    >>> per.scores(video_mask=tail_videos, caption_mask=tail_captions)["mAP"]  # doctest: +SKIP
+    >>> sim = np.array([[0.9, 0.1, 0.3], [0.95, 0.8, 0.2]], np.float32)
+    >>> rel = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], np.float32)
+    >>> per = mir_per_query(sim, rel)
+    >>> per.map_videos.round(4).tolist(), per.map_captions.round(4).tolist()
+    ([1.0, 0.5833], [0.5, 1.0, 0.75])
+    >>> per.scores(video_mask=np.array([True, False]))["mAP"]  # video 0's queries only
+    MirScore(video_to_text=1.0, text_to_video=0.75, average=0.875)
   """
   return _per_query(similarity, relevancy, num_threads, "mir_per_query", True, True)
 
@@ -351,8 +356,11 @@ def mir_metrics(similarity, relevancy, *, num_threads: int | None = None) -> dic
       naming how many and which.
 
   Example:
-    >>> m = mir_metrics(sim, rel)  # doctest: +SKIP
-    >>> m["mAP"].average, m["nDCG"].average  # doctest: +SKIP
+    >>> sim = np.array([[0.9, 0.1, 0.3], [0.95, 0.8, 0.2]], np.float32)
+    >>> rel = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], np.float32)
+    >>> m = mir_metrics(sim, rel)
+    >>> round(m["mAP"].average, 4), round(m["nDCG"].average, 4)
+    (0.7708, 0.6567)
   """
   return _per_query(similarity, relevancy, num_threads, "mir_metrics", True, True).scores()
 

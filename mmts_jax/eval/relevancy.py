@@ -98,9 +98,16 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
       is not a video segment.
 
   Example:
-    >>> ann = read_ek100_mir("../shared/data/ek100")  # doctest: +SKIP
-    >>> ann.shape  # doctest: +SKIP
-    (9668, 3842)
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()  # three segments, two captions (real files: ../shared/data/ek100)
+    >>> with open(os.path.join(d, "EPIC_100_retrieval_test.csv"), "w") as f:
+    ...   _ = f.write("narration_id,verb_class,all_noun_classes\\n"
+    ...               'a,0,[2]\\nb,1,[2]\\nc,0,"[2, 5]"\\n')
+    >>> with open(os.path.join(d, "EPIC_100_retrieval_test_sentence.csv"), "w") as f:
+    ...   _ = f.write("narration_id,narration\\na,take plate\\nc,take plate and fork\\n")
+    >>> ann = read_ek100_mir(d)
+    >>> ann.shape, ann.caption_nouns
+    ((3, 2), ((2,), (2, 5)))
   """
   if directory is not None:
     video_csv = video_csv or os.path.join(directory, VIDEO_CSV)
@@ -224,9 +231,15 @@ def ek100_relevancy(annotations: Ek100MirAnnotations | str | os.PathLike) -> np.
     annotations: `read_ek100_mir(...)` output, or the directory holding the two CSVs.
 
   Example:
-    >>> rel = ek100_relevancy("../shared/data/ek100")  # doctest: +SKIP
-    >>> rel.shape, float(rel.max())  # doctest: +SKIP
-    ((9668, 3842), 1.0)
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()  # three segments, two captions (real files: ../shared/data/ek100)
+    >>> with open(os.path.join(d, "EPIC_100_retrieval_test.csv"), "w") as f:
+    ...   _ = f.write("narration_id,verb_class,all_noun_classes\\n"
+    ...               'a,0,[2]\\nb,1,[2]\\nc,0,"[2, 5]"\\n')
+    >>> with open(os.path.join(d, "EPIC_100_retrieval_test_sentence.csv"), "w") as f:
+    ...   _ = f.write("narration_id,narration\\na,take plate\\nc,take plate and fork\\n")
+    >>> ek100_relevancy(d).tolist()  # 0.5 [same verb] + 0.5 IoU(noun sets)
+    [[1.0, 0.75], [0.5, 0.25], [0.75, 1.0]]
   """
   if not isinstance(annotations, Ek100MirAnnotations):
     annotations = read_ek100_mir(annotations)

@@ -34,8 +34,11 @@ first of `noun_classes`) and `K_c` that class's count in the official frequency 
 67,217 training narrations (`ek100_noun_freq.csv`).
 
 Example:
-  >>> files = build_ek100_features("../shared/data/ek100", "/tmp/ek100")  # doctest: +SKIP
-  >>> files.train, files.table  # doctest: +SKIP
+  >>> import tempfile  # the annotations are ../shared/data/ek100 from the repository root
+  >>> files = build_ek100_features("../shared/data/ek100", tempfile.mkdtemp())
+  >>> train = np.load(files.train)
+  >>> train["image_features"].shape, train["text_features"].shape
+  ((15989, 64), (15989, 48))
 """
 from __future__ import annotations
 

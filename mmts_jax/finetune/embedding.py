@@ -5,8 +5,14 @@ compiles once per input shape however many items there are, and device memory st
 chunk. Padded rows are dropped before returning.
 
 Example:
-  >>> emb = embed_array(embed, variables, "image_features", feats, "image")  # doctest: +SKIP
-  >>> emb.shape  # (N, embed_dim), unit-norm float32  # doctest: +SKIP
+  >>> calls = []
+  >>> def embed(variables, batch):  # stands in for `make_embed_fn(model)`
+  ...   calls.append(batch["image_features"].shape)
+  ...   return {"image": batch["image_features"] @ variables}
+  >>> feats = np.arange(10, dtype=np.float32).reshape(5, 2)
+  >>> emb = embed_array(embed, np.eye(2, 3), "image_features", feats, "image", chunk=2)
+  >>> emb.shape, emb.dtype, calls  # 3 calls of one shape; the padded row is dropped
+  ((5, 3), dtype('float32'), [(2, 2), (2, 2), (2, 2)])
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def load_trained_model(workdir: str | os.PathLike, step: int | None = None) -> T
     ckpt.close()
   policy = temperature_lib.from_config(config.temperature, config.mmts,
                                        total_steps=int(config.total_steps),
-                                       loss=config.loss.name)
+                                       loss=config.loss.name, isogclr=config.get("isogclr"))
   model = build_model(config.model, learnable_temperature=policy.learnable,
                       init_temperature=getattr(policy, "value", 0.07))
   variables = {"params": restored["params"]}

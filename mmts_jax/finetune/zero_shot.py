@@ -21,11 +21,20 @@ under the model's image key (`image` pixels, or `image_features`), the text-towe
 its text key (`text` token ids, or `text_features`), and either `text_to_image` (M,) or the
 COCO / Flickr30K layout where caption `j` describes image `j // captions_per_image`.
 
-Example:
-  >>> flickr = RetrievalTestSet.from_npz("flickr30k_test.npz", image_key="image",  # doctest: +SKIP
-  ...                                    text_key="text")
-  >>> results = evaluate_checkpoint("runs/cc3m", [flickr])  # doctest: +SKIP
-  >>> print(format_table1(results))  # doctest: +SKIP
+Example (a 3-image test set with 2 captions per image and identity towers; after training,
+`evaluate_checkpoint("runs/cc3m", [flickr])` gives the same table for a run's checkpoint):
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), "flickr.npz")
+  >>> images = np.eye(3, dtype=np.float32)
+  >>> RetrievalTestSet.from_arrays("flickr", images, images[[0, 0, 1, 1, 2, 0]],
+  ...                              captions_per_image=2).save(path)
+  >>> flickr = RetrievalTestSet.from_npz(path, image_key="image", text_key="text")
+  >>> def embed(variables, batch):  # stands in for `make_embed_fn(model)`
+  ...   (x,) = batch.values()
+  ...   return {"image": x, "text": x}
+  >>> print(format_table1(ZeroShotEval([flickr]).evaluate(embed, None)))
+  test set       IR@1   IR@5  IR@10   TR@1   TR@5  TR@10   RSUM
+  flickr        83.33 100.00 100.00 100.00 100.00 100.00 583.33
 """
 from __future__ import annotations
 
@@ -239,8 +248,17 @@ def eval_fn_from_config(config) -> "ZeroShotEval | None":
   without `text_to_image`.
 
   Example:
-    >>> eval_fn = eval_fn_from_config(config)  # doctest: +SKIP
-    >>> train_and_evaluate(config, workdir, eval_fn=eval_fn)  # doctest: +SKIP
+    >>> import os, tempfile
+    >>> from mmts_jax.config_defaults import default_config
+    >>> config = default_config()  # feature model: image key "image_features", text key "text"
+    >>> path = os.path.join(tempfile.mkdtemp(), "val.npz")
+    >>> images, texts = np.ones((2, 64), np.float32), np.ones((4, 16), np.int32)
+    >>> RetrievalTestSet.from_arrays("val", images, texts, captions_per_image=2).save(
+    ...     path, image_key="image_features")
+    >>> config.eval.zero_shot = f"val={path}"
+    >>> eval_fn = eval_fn_from_config(config)  # then train_and_evaluate(..., eval_fn=eval_fn)
+    >>> [(t.name, t.images.shape, t.texts.shape) for t in eval_fn.test_sets]
+    [('val', (2, 64), (4, 16))]
   """
   from mmts_jax.models import build_model
   specs = config.eval.get("zero_shot", "") if "eval" in config else ""

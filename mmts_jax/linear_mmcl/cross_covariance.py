@@ -36,6 +36,8 @@ def loss_weights(s, temperature, *, phi, psi):
   Example:
     >>> import jax.numpy as jnp
     >>> beta = loss_weights(jnp.eye(3), 1.0, phi=jnp.log1p, psi=jnp.exp)
+    >>> beta.shape
+    (3, 3)
   """
   n = s.shape[0]
   g = jax.grad(lambda t: nonlinear_mmcl_similarity(t, temperature, phi=phi, psi=psi))(s)
@@ -52,6 +54,8 @@ def infonce_weights(s, temperature):
   Example:
     >>> import jax.numpy as jnp
     >>> beta = infonce_weights(jnp.eye(3), 0.1)
+    >>> beta.shape, beta.dtype
+    ((3, 3), dtype('float32'))
   """
   n = s.shape[0]
   tau = jnp.broadcast_to(jnp.asarray(temperature, s.dtype), (n,))
@@ -68,7 +72,8 @@ def linear_weights(n: int, temperature=1.0, dtype=jnp.float32):
   `beta_ij = (1/tau_i + 1/tau_j) / 2` for `i != j`, `beta_ii = (n - 1) / tau_i`.
 
   Example:
-    >>> beta = linear_weights(4, 0.5)
+    >>> linear_weights(4, 0.5).tolist()  # (n - 1) / tau on the diagonal, 1 / tau off it
+    [[6.0, 2.0, 2.0, 2.0], [2.0, 6.0, 2.0, 2.0], [2.0, 2.0, 6.0, 2.0], [2.0, 2.0, 2.0, 6.0]]
   """
   inv = 1.0 / jnp.broadcast_to(jnp.asarray(temperature, dtype), (n,))
   off = 0.5 * (inv[:, None] + inv[None, :])
@@ -83,6 +88,8 @@ def cross_covariance(x, x_tilde, beta):
   Example:
     >>> import jax.numpy as jnp
     >>> s = cross_covariance(jnp.eye(3), jnp.eye(3), linear_weights(3))
+    >>> s.shape
+    (3, 3)
   """
   n = x.shape[0]
   if x_tilde.shape[0] != n or beta.shape != (n, n):
@@ -102,6 +109,8 @@ def centered_cross_covariance(x, x_tilde):
   Example:
     >>> import jax.numpy as jnp
     >>> s = centered_cross_covariance(jnp.eye(3), jnp.eye(3))
+    >>> s.shape
+    (3, 3)
   """
   n = x.shape[0]
   if n < 2 or x_tilde.shape[0] != n:

@@ -43,6 +43,8 @@ def init_encoders(key, d1: int, d2: int, rank: int, scale: float = 0.1, dtype=jn
   Example:
     >>> import jax
     >>> enc = init_encoders(jax.random.PRNGKey(0), 6, 5, 2)
+    >>> enc.g1.shape, enc.g2.shape
+    ((2, 6), (2, 5))
   """
   if rank < 1 or rank > min(d1, d2):
     raise ValueError(f"init_encoders: rank must be in [1, min(d1, d2) = {min(d1, d2)}], got {rank}")
@@ -135,6 +137,8 @@ def linear_minimiser(s_mat, rank: int, rho) -> LinearEncoders:
   Example:
     >>> import jax.numpy as jnp
     >>> enc = linear_minimiser(jnp.diag(jnp.array([3.0, 2.0, 1.0])), 2, 1.0)
+    >>> enc.g1.shape, enc.g2.shape
+    ((2, 3), (2, 3))
   """
   u, sv, vt = jnp.linalg.svd(s_mat, full_matrices=False)
   scale = jnp.sqrt(sv[:rank] / rho)[:, None]
@@ -150,6 +154,8 @@ def unimodal_minimiser(s_mat, rank: int, rho):
   Example:
     >>> import jax.numpy as jnp
     >>> g = unimodal_minimiser(jnp.diag(jnp.array([3.0, 2.0, 1.0])), 2, 1.0)
+    >>> g.shape
+    (2, 3)
   """
   sym = 0.5 * (s_mat + s_mat.T)
   w, v = jnp.linalg.eigh(sym)

@@ -18,6 +18,8 @@ def orthonormal_basis(a, rank: int | None = None):
   Example:
     >>> import jax.numpy as jnp
     >>> q = orthonormal_basis(jnp.array([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]))
+    >>> q.shape, jnp.round(q.T @ q, 4).tolist()
+    ((3, 2), [[1.0, 0.0], [0.0, 1.0]])
   """
   rank = a.shape[1] if rank is None else rank
   u, _, _ = jnp.linalg.svd(a, full_matrices=False)
@@ -30,6 +32,8 @@ def row_space(g, rank: int | None = None):
   Example:
     >>> import jax.numpy as jnp
     >>> q = row_space(jnp.eye(2, 5))
+    >>> q.shape
+    (5, 2)
   """
   return orthonormal_basis(g.T, rank)
 

@@ -4,12 +4,12 @@ backbone of the MM-TS paper (ResNet-50), with BatchNorm and global average pooli
 BatchNorm statistics live in the `batch_stats` collection; under `jit` with a batch sharded over
 a mesh they are computed over the global batch (XLA inserts the cross-device reduction).
 
-Example:
+Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
   >>> net = ResNet.from_depth(50)
   >>> x = jnp.zeros((1, 64, 64, 3))
-  >>> variables = net.init(jax.random.PRNGKey(0), x)
-  >>> net.apply(variables, x).shape
+  >>> variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), x)
+  >>> jax.eval_shape(net.apply, variables, x).shape
   (1, 2048)
 """
 from __future__ import annotations

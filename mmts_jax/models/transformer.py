@@ -1,7 +1,9 @@
 """Pre-LayerNorm transformer encoder shared by the ViT and the text tower.
 
 Each block computes `x + MHA(LN(x))` then `x + MLP(LN(x))` (the CLIP / ViT ordering), in
-`dtype` (e.g. bfloat16) with float32 parameters.
+`dtype` (e.g. bfloat16) with float32 parameters. The attention is `attention.SelfAttention`
+(fused cuDNN flash attention for bf16 on a GPU; the parameter tree of Flax's
+`MultiHeadDotProductAttention`, so older checkpoints load unchanged).
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from mmts_jax.models.attention import SelfAttention
 
 Dtype = Any
 
@@ -41,9 +45,8 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, mask=None, train: bool = False):
     # `train` may be positional: `nn.remat` marks it static by position.
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln1")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        dropout_rate=self.dropout, deterministic=not train, name="attn")(y, y, mask=mask)
+    y = SelfAttention(self.num_heads, self.dropout, self.dtype, self.param_dtype, name="attn")(
+        y, mask, deterministic=not train)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(

@@ -3,12 +3,12 @@
 `image (B, H, W, 3) -> patches (B, HW/p^2, width) + position -> pre-LN encoder -> pooled (B, width)`.
 Pooling is the class token (`pool="cls"`, CLIP) or the mean over patches (`pool="gap"`).
 
-Example:
+Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
   >>> vit = ViT.from_variant("mu/8")           # a 2-layer, width-32 test size
   >>> x = jnp.zeros((2, 16, 16, 3))
-  >>> params = vit.init(jax.random.PRNGKey(0), x)
-  >>> vit.apply(params, x).shape
+  >>> params = jax.eval_shape(vit.init, jax.random.PRNGKey(0), x)
+  >>> jax.eval_shape(vit.apply, params, x).shape
   (2, 32)
 """
 from __future__ import annotations

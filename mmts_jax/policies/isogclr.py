@@ -64,6 +64,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.temperature import Policy
+
 __all__ = ["ISogCLR"]
 
 _GRAD_CLIP = 5.0  # the official bound on the temperature gradient
@@ -87,8 +89,9 @@ def _side(diff, tau, b_old, s_old, u_old, *, gamma, rho, eta, beta, eps, tau_min
 
 
 @dataclasses.dataclass(frozen=True)
-class ISogCLR:
-  """The iSogCLR policy (see the module docstring for the update and its defaults).
+class ISogCLR(Policy):
+  """The iSogCLR policy (see the module docstring for the update and its defaults): the
+  trainer's `temperature.mode = "isogclr"` (hyper-parameters in `config.isogclr`).
 
   Attributes:
     gamma: moving-average weight of the batch estimate, in (0, 1].
@@ -98,6 +101,7 @@ class ISogCLR:
     beta: momentum weight of the temperature gradient, in (0, 1].
     eps: added to the moving average before dividing.
   """
+  name: str = "isogclr"
   gamma: float = 0.8
   rho: float = 6.0
   tau_init: float = 0.01
@@ -106,9 +110,11 @@ class ISogCLR:
   eta: float = 0.03
   beta: float = 0.9
   eps: float = 1e-10
-  name: str = "isogclr"
 
   def __post_init__(self):
+    if self.what != "temperature":
+      raise ValueError(f"ISogCLR: what must be 'temperature' (max-margin does not apply), got "
+                       f"{self.what!r}")
     for field in ("gamma", "rho", "tau_init", "tau_min", "tau_max", "eta", "beta", "eps"):
       if not math.isfinite(float(getattr(self, field))):
         raise ValueError(f"ISogCLR: {field} must be finite, got {getattr(self, field)}")

@@ -1,13 +1,15 @@
 """`python -m mmts_jax.study --out DIR`: the whole study, raw json per trial and seed.
 
-  python -m mmts_jax.study --out DIR [--seeds 16] [--steps 300] [--knobs]
-  python -m mmts_jax.study.report DIR --out docs/study.md [--notes NOTES.md]
+  python -m mmts_jax.study --out DIR [--seeds 16] [--steps 300] [--knobs] \
+      [--doc docs/study.md [--notes NOTES.md] [--ek100 EK100_DIR/results.json]]
+  python -m mmts_jax.study.report DIR --out docs/study.md [--notes NOTES.md] [--ek100 ...]
 
 Writes `DIR/trials.jsonl` (one line per trial: every seed's validation and test numbers and
 temperatures, as soon as the trial is done), `DIR/results.json` (selection, paired intervals,
-configuration, timings) and, with `--knobs`, `DIR/knobs.json`: each row's *selected*
-hyper-parameters (not re-tuned) on variants of the task (more near-duplicates in head classes,
-a milder imbalance), the same seeds.
+configuration, timings, grid-edge flags) and, with `--knobs`, `DIR/knobs.json`: every row
+re-tuned on the same grids (selection on each variant's validation split) on variants of the
+task (more near-duplicates in head classes, a milder imbalance, both), the same seeds. All
+variants' training sets are padded to one size so that they share the compiled programs.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from mmts_jax.atomic_io import atomic_write_bytes
 KNOB_SETTINGS = {
     "head_duplicates=0.5": dict(head_duplicates=0.5),
     "imbalance=10": dict(imbalance=10.0),
+    "head_duplicates=0.5,imbalance=10": dict(head_duplicates=0.5, imbalance=10.0),
 }
 
 
@@ -44,6 +47,9 @@ def main(argv=None) -> int:
   p.add_argument("--knob-budget", type=float, default=float("inf"),
                  help="skip the knob variants once this many seconds have passed")
   p.add_argument("--small", action="store_true", help="a tiny task (tests, CPU smoke runs)")
+  p.add_argument("--doc", default="", help="also write the report (e.g. docs/study.md)")
+  p.add_argument("--notes", default="", help="with --doc: the written answer, under the title")
+  p.add_argument("--ek100", default="", help="with --doc: the EK-100 results.json to include")
   args = p.parse_args(argv)
 
   import jax
@@ -66,6 +72,9 @@ def main(argv=None) -> int:
   rows = tuple(args.rows) if args.rows else experiment.ROWS
   t0 = time.perf_counter()
   task = make_task(gen)
+  variants = {name: make_task(dataclasses.replace(gen, **kw))
+              for name, kw in KNOB_SETTINGS.items()} if args.knobs else {}
+  pad_to = max(len(t.train_label) for t in [task, *variants.values()])
   jsonl = os.path.join(args.out, "trials.jsonl")
   open(jsonl, "w").close()
 
@@ -76,7 +85,7 @@ def main(argv=None) -> int:
   print(f"study: {len(task.train_label)} train pairs, {len(seeds)} seeds, {cfg.steps} steps of "
         f"{cfg.batch_size}, devices {jax.devices()}", flush=True)
   res = experiment.run(task, seeds=seeds, cfg=cfg, rows=rows, select_metric=args.select_metric,
-                       on_trial=on_trial, log=lambda s: print(s, flush=True))
+                       on_trial=on_trial, log=lambda s: print(s, flush=True), pad_to=pad_to)
   meta = {"generator": dataclasses.asdict(gen), "train": dataclasses.asdict(cfg),
           "seeds": list(seeds), "select_metric": args.select_metric,
           "device": str(jax.devices()[0]), "jax": jax.__version__,
@@ -84,7 +93,7 @@ def main(argv=None) -> int:
           "class_sizes": task.cluster_sizes.tolist(),
           "command": "python -m mmts_jax.study " + " ".join(sys.argv[1:] if argv is None else argv)}
   summary = {"meta": meta, "selected": res["selected"], "level": res["level"],
-             "paired": res["paired"],
+             "paired": res["paired"], "edges": res["edges"],
              "selected_policies": {r: res["trials"][r][i]["policy"]
                                    for r, i in res["selected"].items()},
              "temperature": {r: res["trials"][r][i].get("temperature")
@@ -99,23 +108,23 @@ def main(argv=None) -> int:
 
   if args.knobs:
     knobs = {}
-    period = cfg.steps / 5
-    full = {**experiment.default_grid(period),
-            **experiment.level_matched_grid(res["level"], period)}
-    grid = {r: [full[r][i]] for r, i in res["selected"].items()}
-    for name, kw in KNOB_SETTINGS.items():
+    for name, vtask in variants.items():
       if time.perf_counter() - t0 > args.knob_budget:
         print(f"knob setting {name} skipped: past --knob-budget {args.knob_budget:g}s")
         continue
-      vtask = make_task(dataclasses.replace(gen, **kw))
-      vres = experiment.run(vtask, seeds=seeds, cfg=cfg, rows=rows, grid=grid,
-                            select_metric=args.select_metric,
+      vres = experiment.run(vtask, seeds=seeds, cfg=cfg, rows=rows,
+                            select_metric=args.select_metric, pad_to=pad_to,
                             on_trial=lambda rec, name=name: on_trial({**rec, "setting": name}),
                             log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
-      knobs[name] = {"generator": kw, "paired": vres["paired"],
-                     "num_train": len(vtask.train_label)}
+      knobs[name] = {"generator": KNOB_SETTINGS[name], "paired": vres["paired"],
+                     "selected": vres["selected"], "level": vres["level"],
+                     "edges": vres["edges"], "num_train": len(vtask.train_label)}
       _write_json(os.path.join(args.out, "knobs.json"), knobs)
     print(f"all done in {time.perf_counter() - t0:.0f}s", flush=True)
+  if args.doc:
+    from mmts_jax.study import report
+    report.main([args.out, "--out", args.doc] + (["--notes", args.notes] if args.notes else [])
+                + (["--ek100", args.ek100] if args.ek100 else []))
   return 0
 
 

@@ -5,13 +5,14 @@ r"""The study: every policy on a tuning grid, many paired seeds, selection on va
    image's own caption: head classes repeat captions), and mAP / nDCG with relevancy
    `[same class]`, overall and by bucket of the query's class size (terciles of `K_c`: on the
    class-balanced splits each bucket holds about a third of the queries).
-2. `default_grid`: five trials per row (the issue's "same number of trials"), see the table in
+2. `default_grid`: nine trials per row (the issue's "same number of trials"), see the table in
    `docs/study.md`. The level-matched rows (`ics_lm`, `mmts_lm`) re-centre their shifts on the
    *selected* fixed temperature, so they run after the fixed row is tuned.
-3. `run`: every trial trains all seeds as one program (`runner.train_seeds`) and is evaluated on
-   validation and test; per row, the trial with the best mean validation `select_metric` is
-   selected; its per-seed test numbers are compared with the selected fixed row's, paired by
-   seed (`stats.paired_interval`).
+3. `run`: all trials of a row and all seeds train as one program (`runner.train_trials`); every
+   trial's validation `all/R@1` (`select_r1`) picks the row's trial, which alone gets the full
+   report on validation and test; its per-seed test numbers are compared with the selected
+   fixed row's, paired by seed (`stats.paired_interval`). `on_edge` names the grid axes on which
+   a selected trial sits at the end of its range.
 
 Every trial's per-seed numbers go to `on_trial` as soon as they exist (the driver writes them as
 json lines), so a run cut short keeps what it finished.
@@ -19,7 +20,7 @@ json lines), so a run cut short keeps what it finished.
 Example:
   >>> grid = default_grid(period=60.0)
   >>> sorted(grid), len(grid["mmts"])
-  (['fixed', 'ics', 'isogclr', 'learnable', 'mmts', 'ts'], 5)
+  (['fixed', 'ics', 'isogclr', 'learnable', 'mmts', 'ts'], 9)
 """
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mmts_jax import shifts
-from mmts_jax.eval.longtail import label_relevancy, longtail_report
+from mmts_jax.eval.longtail import label_relevancy, longtail_report, recall_per_query
 from mmts_jax.policies.isogclr import ISogCLR
 from mmts_jax.study import policies as P
-from mmts_jax.study.runner import TrainConfig, train_seeds
+from mmts_jax.study.runner import TrainConfig, train_trials
 from mmts_jax.study.stats import paired_interval
 from mmts_jax.study.task import Task
 from mmts_jax.synthetic.metrics import same_string
 
-__all__ = ["ROWS", "default_grid", "evaluate", "level_matched_grid", "run", "select"]
+__all__ = ["ROWS", "default_grid", "evaluate", "level_matched_grid", "on_edge", "run", "run_row",
+           "select", "select_r1"]
 
 ROWS = ("fixed", "learnable", "ts", "ics", "mmts", "ics_lm", "mmts_lm", "isogclr")
 KS = (1, 5, 10)
@@ -58,32 +60,78 @@ def evaluate(image: np.ndarray, text: np.ndarray, labels: np.ndarray, captions,
           if not k.startswith("num_")}
 
 
+def select_r1(image: np.ndarray, text: np.ndarray, captions) -> float:
+  """`all/R@1` of `evaluate` alone (no sorting: the rank of the best positive), for selection.
+
+  Example:
+    >>> x = np.eye(3, dtype=np.float32)
+    >>> select_r1(x, x, ["a", "b", "c"])
+    1.0
+  """
+  sim = (np.asarray(image, np.float32) @ np.asarray(text, np.float32).T).astype(np.float32)
+  pos = same_string(captions)
+  i2t = float(np.mean(recall_per_query(sim, pos) < 1))
+  t2i = float(np.mean(recall_per_query(sim.T, pos.T) < 1))
+  return (i2t + t2i) / 2
+
+
+# Every row gets the same number of trials (9), spread so that the tuned fixed temperature of
+# the first run (0.14, the top of its grid) sits well inside: 0.05 .. 0.40. Two-parameter rows
+# are 3 x 3 grids of a centre (level) and a relative width / amplitude.
+TAUS = (0.05, 0.07, 0.10, 0.14, 0.18, 0.22, 0.27, 0.33, 0.40)
+CENTRES = (0.10, 0.20, 0.35)
+RHOS = (0.01, 0.03, 0.06, 0.10, 0.15, 0.25, 0.40, 0.60, 1.00)
+
+
 def default_grid(period: float) -> dict[str, list]:
-  """Five trials per row; MM-TS's and TS's periods are `total_steps / 5` (`period`)."""
-  taus = (0.03, 0.05, 0.07, 0.10, 0.14)
-  return {
-      "fixed": [P.Fixed(t) for t in taus],
-      "learnable": [P.Learnable(t) for t in taus],
-      "ts": [P.TS(lo, hi, period) for lo, hi in
-             ((0.02, 0.07), (0.03, 0.10), (0.04, 0.10), (0.05, 0.14), (0.07, 0.20))],
-      "ics": [P.ICS(lo, hi) for lo, hi in
-              ((0.03, 0.07), (0.04, 0.10), (0.05, 0.10), (0.05, 0.15), (0.07, 0.20))],
-      "mmts": [P.MMTS(lo, hi, alpha=a, period=period) for a, lo, hi in
-               ((0.02, 0.04, 0.10), (0.04, 0.05, 0.10), (0.04, 0.04, 0.12), (0.06, 0.05, 0.15),
-                (0.04, 0.07, 0.14))],
-      # The KL radius sets how peaked the weights may get; the temperatures start at CLIP's 0.07
-      # and move at the paper's rate (eta 0.03, momentum 0.9), gamma 0.8 as the paper.
-      "isogclr": [ISogCLR(rho=r, tau_init=0.07) for r in (0.5, 1.0, 2.0, 4.0, 6.0)],
+  """`{row: [(policy, coords), ...]}`, nine trials per row; `coords` are the grid's axes (what
+  `on_edge` checks). TS's and MM-TS's periods are `total_steps / 5` (`period`)."""
+  grid = {
+      "fixed": [(P.Fixed(t), {"tau": t}) for t in TAUS],
+      "learnable": [(P.Learnable(t), {"tau": t}) for t in TAUS],
+      # TS: centre c, tau in [c (1 - r), c (1 + r)].
+      "ts": [(P.TS(round(c * (1 - r), 4), round(c * (1 + r), 4), period), {"centre": c, "r": r})
+             for c in CENTRES for r in (0.2, 0.45, 0.7)],
+      # ICS: shifts in [c (1 - w/2), c (1 + w/2)].
+      "ics": [(P.ICS(round(c * (1 - w / 2), 4), round(c * (1 + w / 2), 4)),
+               {"centre": c, "width": w}) for c in CENTRES for w in (0.4, 0.8, 1.2)],
+      # MM-TS: shifts in [0.6 c, 1.4 c] (the paper's CC3M 0.05-0.10 has w/c = 0.67), alpha a c.
+      "mmts": [(P.MMTS(round(0.6 * c, 4), round(1.4 * c, 4), alpha=round(a * c, 4),
+                       period=period), {"centre": c, "alpha/c": a})
+               for c in CENTRES for a in (0.25, 0.5, 0.75)],
+      # The temperatures start at CLIP's 0.07 and move at the paper's rate (eta 0.03, momentum
+      # 0.9), gamma 0.8 as the paper; the KL radius rho sets their level.
+      "isogclr": [(ISogCLR(rho=r, tau_init=0.07), {"rho": r}) for r in RHOS],
   }
+  return grid
 
 
 def level_matched_grid(level: float, period: float) -> dict[str, list]:
-  """Five shapes each for ICS and MM-TS, re-centred on the sample-mean value `level`."""
-  return {
-      "ics_lm": [P.ICS(0.05, 0.05 + w, level=level) for w in (0.02, 0.03, 0.05, 0.07, 0.10)],
-      "mmts_lm": [P.MMTS(0.05, 0.05 + w, level=level, alpha=a, period=period) for a, w in
-                  ((0.02, 0.05), (0.04, 0.05), (0.04, 0.03), (0.06, 0.05), (0.04, 0.08))],
-  }
+  """Nine shapes each for ICS and MM-TS, re-centred on the sample-mean value `level`: the Eq. 6
+  range is `[0.05, 0.05 + w level]` before re-centring, alpha `a level`."""
+  ics = [(P.ICS(0.05, round(0.05 + w * level, 4), level=level), {"width": w})
+         for w in (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)]
+  mmts = [(P.MMTS(0.05, round(0.05 + w * level, 4), level=level, alpha=round(a * level, 4),
+                  period=period), {"alpha/level": a, "width": w})
+          for a in (0.2, 0.5, 0.8) for w in (0.3, 0.7, 1.1)]
+  return {"ics_lm": ics, "mmts_lm": mmts}
+
+
+def on_edge(trials: list[dict], index: int) -> list[str]:
+  """The grid axes on which trial `index` takes the smallest or largest value tried (among
+  trials that ran), e.g. `["tau (largest)"]`; [] when it is inside on every axis."""
+  ran = [t for t in trials if "skipped" not in t]
+  coords = trials[index].get("coords", {})
+  out = []
+  for axis, value in coords.items():
+    values = sorted({t["coords"][axis] for t in ran})
+    if len(values) < 3:
+      continue
+    if value == values[0]:
+      out.append(f"{axis} (smallest)")
+    elif value == values[-1]:
+      out.append(f"{axis} (largest)")
+  return out
 
 
 def _table(task: Task, policy) -> np.ndarray | None:
@@ -104,38 +152,72 @@ def select(trials: list[dict], metric: str) -> int:
   return int(np.argmax(means))
 
 
-def _train_trial(task, policy, seeds, cfg, row) -> dict:
-  t0 = time.perf_counter()
-  try:
-    table = _table(task, policy)
-    out = train_seeds(policy, task, seeds=seeds, cfg=cfg, shift_table=table)
-  except ValueError as e:  # e.g. a level-matched shape whose lowest value would be <= 0
-    return {"row": row, "policy": describe(policy), "skipped": str(e)}
-  seconds = time.perf_counter() - t0
-  rec = {"row": row, "policy": describe(policy), "seeds": list(seeds), "val": [], "test": [],
-         "temperature": [], "final_loss": [], "train_seconds": seconds}
-
-  def one(job):
-    i, split = job
-    _, labels, captions = task.split(split)
-    return evaluate(out[f"{split}_image"][i], out[f"{split}_text"][i], labels, captions,
-                    task.cluster_sizes)
-
-  jobs = [(i, split) for i in range(len(seeds)) for split in ("val", "test")]
-  # numpy's sorts release the GIL: the seeds' reports run side by side.
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    for (i, split), result in zip(jobs, pool.map(one, jobs)):
-      rec[split].append(result)
-  for i in range(len(seeds)):
-    temp = out["temperature"][i]
+def _summary(out, i, task, policy) -> dict:
+  """Temperatures, losses (and iSogCLR's learned values) of trial `i` of `out`."""
+  rec = {"temperature": [], "final_loss": []}
+  for s in range(out["loss"].shape[1]):
+    temp = out["temperature"][i, s]
     rec["temperature"].append({"mean": float(temp[:, 0].mean()), "min": float(temp[:, 1].min()),
                                "max": float(temp[:, 2].max())})
-    rec["final_loss"].append(float(out["loss"][i, -1]))
+    rec["final_loss"].append(float(out["loss"][i, s, -1]))
   if isinstance(policy, ISogCLR):  # the learned per-sample temperatures at the end, per bucket
-    tau = 0.5 * (out["final_state"]["tau_image"] + out["final_state"]["tau_text"])
+    st = out["final_state"]
+    tau = 0.5 * (st["tau_image"][i] + st["tau_text"][i])
     rec["learned_tau_by_class_size"] = _tau_by_bucket(task, tau)
-  rec["eval_seconds"] = time.perf_counter() - t0 - seconds
   return rec
+
+
+def _full_reports(task, out, i, seeds) -> dict:
+  """`{"val": [...], "test": [...]}`: `evaluate` of trial `i`, every seed, both splits."""
+  def one(job):
+    s, split = job
+    _, labels, captions = task.split(split)
+    return evaluate(out[f"{split}_image"][i, s], out[f"{split}_text"][i, s], labels, captions,
+                    task.cluster_sizes)
+
+  jobs = [(s, split) for s in range(len(seeds)) for split in ("val", "test")]
+  rec = {"val": [], "test": []}
+  # numpy's sorts release the GIL: the seeds' reports run side by side.
+  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    for (s, split), result in zip(jobs, pool.map(one, jobs)):
+      rec[split].append(result)
+  return rec
+
+
+def run_row(task: Task, row: str, trials: list, *, seeds, cfg: TrainConfig,
+            select_metric: str = "all/R@1", pad_to: int | None = None) -> tuple[list, int]:
+  """Trains a row's trials side by side, selects on validation `select_metric` and returns
+  `(records, selected index)`: every trial has its per-seed validation `select_metric`; the
+  selected one also every metric of `evaluate` on validation and test."""
+  recs, ok = [], []
+  for policy, coords in trials:
+    rec = {"row": row, "policy": describe(policy), "coords": coords, "seeds": list(seeds)}
+    try:
+      table = _table(task, policy)
+      policy.init_state(len(task.train_label), table)  # raises for a value that reaches <= 0
+      ok.append((policy, table, rec))
+    except ValueError as e:
+      rec["skipped"] = str(e)
+    recs.append(rec)
+  if not ok:
+    raise ValueError(f"row {row}: every trial was skipped: {recs[0].get('skipped')}")
+  t0 = time.perf_counter()
+  out = train_trials([p for p, _, _ in ok], task, seeds=seeds, cfg=cfg,
+                     shift_tables=[t for _, t, _ in ok], pad_to=pad_to)
+  seconds = time.perf_counter() - t0
+  _, _, captions = task.split("val")
+  for i, (policy, _, rec) in enumerate(ok):
+    rec["val"] = [{select_metric: select_r1(out["val_image"][i, s], out["val_text"][i, s],
+                                            captions)} for s in range(len(seeds))]
+    rec.update(_summary(out, i, task, policy), train_seconds=seconds / len(ok))
+  if select_metric != "all/R@1":
+    raise ValueError(f"select_metric must be 'all/R@1' (the one computed for every trial), got "
+                     f"{select_metric!r}")
+  best = select([r for _, _, r in ok], select_metric)
+  t1 = time.perf_counter()
+  ok[best][2].update(_full_reports(task, out, best, seeds))
+  ok[best][2]["eval_seconds"] = time.perf_counter() - t1
+  return recs, recs.index(ok[best][2])
 
 
 def _tau_by_bucket(task: Task, tau: np.ndarray) -> dict[str, float]:
@@ -147,11 +229,13 @@ def _tau_by_bucket(task: Task, tau: np.ndarray) -> dict[str, float]:
 def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
         rows: Sequence[str] = ROWS, grid: dict[str, list] | None = None,
         select_metric: str = "all/R@1", on_trial: Callable[[dict], None] | None = None,
-        log=print) -> dict:
+        log=print, pad_to: int | None = None, level: float | None = None) -> dict:
   """Trains and evaluates every trial of `rows`, selects on validation, compares on test.
 
-  Returns `{"trials": {row: [trial records]}, "selected": {row: index}, "paired": {row:
-  {metric: paired_interval vs fixed}}}`. Needs the "fixed" row (the baseline).
+  `grid`: `{row: [(policy, coords), ...]}` (default `default_grid` and, at the selected fixed
+  temperature or `level`, `level_matched_grid`). Returns `{"trials": {row: [trial records]},
+  "selected": {row: index}, "level": ..., "paired": {row: {metric: paired_interval vs fixed}},
+  "edges": {row: [axes on which the selected trial sits at the grid's edge]}}`.
   """
   bad = [r for r in rows if r not in ROWS]
   if bad or "fixed" not in rows:
@@ -163,29 +247,31 @@ def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
   trials: dict[str, list] = {}
   selected: dict[str, int] = {}
 
-  def run_row(row):
-    trials[row] = []
-    for policy in grid[row]:
-      rec = _train_trial(task, policy, seeds, cfg, row)
-      trials[row].append(rec)
+  def do_row(row):
+    t0 = time.perf_counter()
+    trials[row], selected[row] = run_row(task, row, grid[row], seeds=seeds, cfg=cfg,
+                                         select_metric=select_metric, pad_to=pad_to)
+    for i, rec in enumerate(trials[row]):
+      rec["selected"] = i == selected[row]
       if on_trial:
         on_trial(rec)
-      if "skipped" in rec:
-        log(f"  {row:<9} {describe(policy)}: skipped ({rec['skipped'][:80]})")
-      else:
-        log(f"  {row:<9} {_short(policy)}: val {select_metric} "
-            f"{100 * np.mean([s[select_metric] for s in rec['val']]):.2f}  "
-            f"({rec['train_seconds']:.1f}s train, {rec['eval_seconds']:.1f}s eval)")
-    selected[row] = select(trials[row], select_metric)
+    rec = trials[row][selected[row]]
+    log(f"  {row:<9} {len(trials[row])} trials in {time.perf_counter() - t0:.1f}s; selected "
+        f"{rec['coords']}: val {select_metric} "
+        f"{100 * np.mean([s[select_metric] for s in rec['val']]):.2f}, test "
+        f"{100 * np.mean([s[select_metric] for s in rec['test']]):.2f}; edge: "
+        f"{on_edge(trials[row], selected[row]) or 'none'}")
 
-  run_row("fixed")
-  level = grid["fixed"][selected["fixed"]].tau
+  do_row("fixed")
+  if level is None:
+    level = grid["fixed"][selected["fixed"]][0].tau
   grid.update({k: v for k, v in level_matched_grid(level, period).items() if k not in grid})
   for row in rows:
     if row != "fixed":
-      run_row(row)
+      do_row(row)
   return {"trials": trials, "selected": selected, "level": level,
-          "paired": paired_table(trials, selected)}
+          "paired": paired_table(trials, selected),
+          "edges": {r: on_edge(trials[r], i) for r, i in selected.items()}}
 
 
 def paired_table(trials: dict[str, list], selected: dict[str, int]) -> dict:

@@ -1,28 +1,23 @@
-r"""The study's temperature policies, written against the trainer's `Policy` interface.
+r"""The study's grid points: thin wrappers that delegate to the trainer's policies.
 
-Thin adapters of `mmts_jax.temperature`'s modes (and `mmts_jax.policies.isogclr.ISogCLR`) until
-the trainer's policies land; each is a frozen (hashable) dataclass with
-
-* `init_state(num_examples, shift_table) -> dict` (dataset-sized per-sample state, `{}` if none),
-* `state_partition() -> {key: "replicated" | "rows"}`,
-* `values(state, *, step, index, model_temperature) -> (B,)` temperatures (or margins),
-* `loss(state, image, text, *, step, index, loss_fn, model_temperature) -> (loss, values,
-  new_state)`.
+There is one implementation of each policy, in `mmts_jax.temperature` (`Fixed`, `Learnable`,
+`Schedule`, `ShiftTable`) and `mmts_jax.policies.isogclr.ISogCLR`; `mmts train` runs the same
+objects. A wrapper only names a trial's hyper-parameters the way the study's grids do (a shift
+*range* `[sh_min, sh_max]` from which `experiment` builds the Eq. 6 table, a `level` for the
+level-matched rows) and builds the trainer's policy (`.policy`); `init_state`,
+`state_partition`, `values` and `loss` are the trainer policy's.
 
 Float fields not named in `static_fields` may be traced: the runner compiles one program per
-policy type and feeds the hyper-parameters of each trial as arguments.
+policy type and feeds the hyper-parameters of every trial as (vmapped) arguments.
 
-| policy        | value of anchor `i` at step `t`                                        |
-| ------------- | ---------------------------------------------------------------------- |
-| `Fixed`       | `tau`                                                                  |
-| `Learnable`   | CLIP's learned `tau` (the model's parameter, initialised at `tau`)     |
-| `TS`          | `tau_min + (tau_max - tau_min) (1 + cos(2 pi t / T)) / 2`              |
-| `ICS`         | `sh_i` (Eq. 6 of the anchor's cluster size, in `[sh_min, sh_max]`)      |
-| `MMTS`        | `alpha/2 cos(2 pi t / T) + sh_i` (Eq. 8)                               |
-
-`ICS` and `MMTS` with `level` set re-centre the shifts (`shifts.level_match`) so that their
-sample mean is `level`, e.g. the tuned fixed temperature: the *level-matched* rows. With
-max-margin every value is a margin; `Learnable` applies to InfoNCE only.
+| wrapper       | trainer policy                                   | value of anchor `i` at step `t` |
+| ------------- | ------------------------------------------------ | ------------------------------- |
+| `Fixed`       | `Fixed(value=tau)`                               | `tau`                           |
+| `Learnable`   | `Learnable(value=tau)`                           | CLIP's learned `tau`            |
+| `TS`          | `Schedule(tau_min, tau_max, period)`             | uni-modal cosine schedule       |
+| `ICS`         | `ShiftTable(alpha=0, level=level)`               | `sh_i`                          |
+| `MMTS`        | `ShiftTable(alpha, period, level=level)`         | `alpha/2 cos(2 pi t/T) + sh_i`  |
+| `ISogCLR`     | itself (`mmts_jax.policies.isogclr`)             | learned per-sample `tau_i`      |
 
 Example:
   >>> import jax.numpy as jnp
@@ -30,68 +25,64 @@ Example:
   >>> state = p.init_state(2, jnp.array([0.05, 0.10]))
   >>> [round(float(v), 4) for v in p.values(state, step=0, index=jnp.array([0, 1]))]
   [0.07, 0.12]
-  >>> lm = MMTS(alpha=0.04, sh_min=0.05, sh_max=0.10, period=100.0, level=0.07)
-  >>> [round(float(v), 4) for v in lm.values(lm.init_state(2, jnp.array([0.05, 0.10])), step=0,
-  ...                                         index=jnp.array([0, 1]))]
-  [0.065, 0.115]
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from mmts_jax import schedules, shifts
+from mmts_jax import shifts, temperature
+from mmts_jax.policies.isogclr import ISogCLR
 
-__all__ = ["ICS", "MMTS", "TS", "Fixed", "Learnable"]
+__all__ = ["Fixed", "Learnable", "TS", "ICS", "MMTS", "ISogCLR", "trainer_policy"]
 
 
-class _Stateless:
-  """Policies whose loss is the configured loss at `values(...)`."""
+class _Delegate:
+  """`init_state`, `state_partition`, `values`, `loss`: those of `self.policy`."""
+  static_fields: tuple[str, ...] = ()
+
+  @property
+  def policy(self) -> temperature.Policy:
+    raise NotImplementedError
 
   def init_state(self, num_examples: int, shift_table=None) -> dict[str, jax.Array]:
-    return {}
+    return self.policy.init_state(num_examples, shift_table)
 
   def state_partition(self) -> dict[str, str]:
-    return {}
+    return self.policy.state_partition()
+
+  def values(self, state, *, step, index, model_temperature=None) -> jax.Array:
+    return self.policy.values(state, step=step, index=index, model_temperature=model_temperature)
 
   def loss(self, state, image, text, *, step, index, loss_fn, model_temperature=None):
-    values = self.values(state, step=step, index=index, model_temperature=model_temperature)
-    return loss_fn(image, text, values), values, state
+    return self.policy.loss(state, image, text, step=step, index=index, loss_fn=loss_fn,
+                            model_temperature=model_temperature)
 
 
 @dataclasses.dataclass(frozen=True)
-class Fixed(_Stateless):
+class Fixed(_Delegate):
   tau: float = 0.07
   name: str = "fixed"
 
-  def values(self, state, *, step, index, model_temperature=None):
-    return jnp.full(index.shape[:1], self.tau, jnp.float32)
+  @property
+  def policy(self):
+    return temperature.Fixed(value=self.tau)
 
 
 @dataclasses.dataclass(frozen=True)
-class Learnable(_Stateless):
-  """CLIP's learnable temperature; `tau` is the model's initial value (the model owns it)."""
+class Learnable(_Delegate):
+  """CLIP's learnable temperature; `tau` is the model parameter's initial value."""
   tau: float = 0.07
   name: str = "learnable"
-  static_fields = ("tau",)  # the model's initialiser
 
-  def values(self, state, *, step, index, model_temperature=None):
-    if model_temperature is None:
-      raise ValueError("Learnable: the model has no learnable temperature "
-                       "(DualEncoder(learnable_temperature=True))")
-    return jnp.broadcast_to(jnp.asarray(model_temperature, jnp.float32), index.shape[:1])
-
-
-def _cosine(step, period: float):
-  """`cos(2 pi t / T)`: `schedules.cosine_oscillation` at amplitude 2 (the period stays static)."""
-  return schedules.cosine_oscillation(2.0, period)(step)
+  @property
+  def policy(self):
+    return temperature.Learnable(value=self.tau)
 
 
 @dataclasses.dataclass(frozen=True)
-class TS(_Stateless):
+class TS(_Delegate):
   tau_min: float = 0.04
   tau_max: float = 0.10
   period: float = 60.0
@@ -102,16 +93,14 @@ class TS(_Stateless):
     if not 0 < self.tau_min <= self.tau_max:
       raise ValueError(f"TS: need 0 < tau_min <= tau_max, got {self.tau_min}, {self.tau_max}")
 
-  def values(self, state, *, step, index, model_temperature=None):
-    # `schedules.temperature_schedule`, written with traced bounds (one program per grid).
-    wave = (1 + _cosine(step, self.period)) / 2
-    value = self.tau_min + (self.tau_max - self.tau_min) * wave
-    return jnp.broadcast_to(jnp.asarray(value, jnp.float32), index.shape[:1])
+  @property
+  def policy(self):
+    return temperature.Schedule(tau_min=self.tau_min, tau_max=self.tau_max, period=self.period)
 
 
 @dataclasses.dataclass(frozen=True)
-class ICS:
-  """Cluster shift only; the per-sample shift table is the (constant) state."""
+class ICS(_Delegate):
+  """Cluster shift only; the Eq. 6 table spans `[sh_min, sh_max]` (re-centred on `level`)."""
   sh_min: float = 0.05
   sh_max: float = 0.10
   level: float | None = None
@@ -121,31 +110,14 @@ class ICS:
   def alpha(self) -> float:
     return 0.0
 
-  def init_state(self, num_examples: int, shift_table=None) -> dict[str, jax.Array]:
-    """`{"shift": (N,) float32}`: the table, level-matched when `level` is set."""
-    if shift_table is None:
-      raise ValueError(f"{type(self).__name__}: needs a per-sample shift table")
-    table = np.asarray(shift_table, np.float64)
-    if table.shape != (int(num_examples),):
-      raise ValueError(f"{type(self).__name__}: the shift table has shape {table.shape}, the "
-                       f"dataset {num_examples} examples")
-    if self.level is not None:
-      table = shifts.level_match(table, self.level, alpha=self.alpha)
-    shifts.validate_positive(self.alpha, float(table.min()), float(table.max()))
-    return {"shift": jnp.asarray(table, jnp.float32)}
+  def __post_init__(self):
+    # A level-matched table is checked after re-centring (`ShiftTable.init_state`).
+    if self.level is None:
+      shifts.validate_positive(float(self.alpha), self.sh_min, self.sh_max)
 
-  def state_partition(self) -> dict[str, str]:
-    return {"shift": "rows"}
-
-  def base(self, step):
-    return jnp.float32(0.0)
-
-  def values(self, state, *, step, index, model_temperature=None):
-    return shifts.per_sample_values(self.base(step), state["shift"], index).astype(jnp.float32)
-
-  def loss(self, state, image, text, *, step, index, loss_fn, model_temperature=None):
-    values = self.values(state, step=step, index=index)
-    return loss_fn(image, text, values), values, state
+  @property
+  def policy(self):
+    return temperature.ShiftTable(name="ics", alpha=0.0, level=self.level)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +128,12 @@ class MMTS(ICS):
   name: str = "mmts"
   static_fields = ("period",)
 
-  def base(self, step):
-    # Eq. 7, `schedules.cosine_oscillation(alpha, period)`, with a traced amplitude.
-    return self.alpha / 2 * _cosine(step, self.period)
+  @property
+  def policy(self):
+    return temperature.ShiftTable(name="mmts", alpha=self.alpha, period=self.period,
+                                  level=self.level)
+
+
+def trainer_policy(policy) -> temperature.Policy:
+  """The trainer's policy object of a study trial (ISogCLR is its own)."""
+  return policy if isinstance(policy, temperature.Policy) else policy.policy

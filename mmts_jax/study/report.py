@@ -1,7 +1,8 @@
 """`docs/study.md` from a study's raw per-trial, per-seed json lines.
 
-  python -m mmts_jax.study.report benchmarks/results/study --out docs/study.md \
-      --notes benchmarks/results/study/notes.md
+  python -m mmts_jax.study.report benchmarks/results/study/wide --out docs/study.md \
+      --notes benchmarks/results/study/wide/notes.md \
+      --ek100 benchmarks/results/study/ek100_text/results.json
 
 Everything is recomputed from `trials.jsonl` (the selection on validation, the paired test
 intervals, the temperatures), so every number in the document has its raw json; `results.json`
@@ -23,7 +24,8 @@ import os
 import numpy as np
 
 from mmts_jax.atomic_io import atomic_write_bytes
-from mmts_jax.study.experiment import ROWS, paired_table, select
+from mmts_jax.study.experiment import ROWS, on_edge, paired_table, select
+from mmts_jax.study.stats import paired_interval
 
 __all__ = ["fmt_interval", "load_trials", "main", "render"]
 
@@ -52,6 +54,11 @@ def fmt_interval(r: dict) -> str:
   return f"**{head}** {rest}"
 
 
+def _trials_per_row(main) -> str:
+  counts = sorted({len(r) for r in main.values()})
+  return "/".join(str(c) for c in counts)
+
+
 def _mean(trial, split, metric) -> float:
   return float(np.mean([s[metric] for s in trial[split]]))
 
@@ -59,7 +66,7 @@ def _mean(trial, split, metric) -> float:
 def _paired_section(trials, selected, metrics, title) -> list[str]:
   paired = paired_table(trials, selected)
   base = trials["fixed"][selected["fixed"]]
-  lines = [title, ""]
+  lines = [title, ""] if title else []
   for metric in metrics:
     lines += [f"**{metric}** (test; fixed's absolute value in the first row, points)", "",
               "| row | " + " | ".join(BUCKETS) + " |", "|---" * (len(BUCKETS) + 1) + "|"]
@@ -109,7 +116,80 @@ def _level_note(trials, selected) -> list[str]:
           "than with its shape).", ""]
 
 
-def render(trials_path: str, results_path: str | None = None, json_dir: str = "") -> str:
+def _trial_text(row: str, rec: dict) -> str:
+  """A trial's grid coordinates (or, for records without them, its hyper-parameters)."""
+  coords = rec.get("coords")
+  if not coords:
+    coords = {k: v for k, v in rec["policy"].items() if isinstance(v, (int, float))
+              and k not in ("eps", "period", "gamma", "beta", "eta", "tau_min", "tau_max")}
+  return ", ".join(f"{k}={v:g}" for k, v in coords.items())
+
+
+def _row_vs_row(trials, selected, pairs) -> list[str]:
+  """Paired intervals between two non-baseline rows (e.g. MM-TS vs ICS: the oscillation)."""
+  lines = []
+  for a, b in pairs:
+    if a not in trials or b not in trials:
+      continue
+    ta, tb = trials[a][selected[a]]["test"], trials[b][selected[b]]["test"]
+    parts = []
+    for metric in ("all/R@1", "tail/R@1", "all/mAP", "tail/mAP"):
+      r = paired_interval([x[metric] for x in ta], [x[metric] for x in tb])
+      parts.append(f"`{metric}` {fmt_interval(r)}")
+    lines.append(f"- {LABELS[a]} minus {LABELS[b]} (test, paired): " + ", ".join(parts))
+  return (["## The oscillation on top of the shifts", ""] + lines + [""]) if lines else []
+
+
+EK100_LABELS = {"mimm_fixed": "max-margin, fixed margin 0.2 (AVION MI-MM)",
+                "mimm_mmts": "max-margin, MM-TS (alpha 0.20, shifts [0.17, 0.30])",
+                "mimm_mmts_lm": "max-margin, MM-TS level-matched to 0.2",
+                "infonce_fixed": "InfoNCE, fixed 0.07",
+                "infonce_mmts": "InfoNCE, MM-TS (alpha 0.04, shifts [0.05, 0.10])",
+                "infonce_mmts_lm": "InfoNCE, MM-TS level-matched to 0.07"}
+
+
+def render_ek100(path: str) -> list[str]:
+  """The EK-100 real-text section from `python -m mmts_jax.study.ek100`'s results.json."""
+  with open(path) as f:
+    res = json.load(f)
+  rows, paired, meta = res["rows"], res["paired_to_fixed"], res["meta"]
+  seeds = len(next(iter(rows.values()))["seeds"])
+  q = meta["bucket_queries"]
+  lines = ["## EK-100 MIR with a real text side", "",
+           "Text: the packaged Flax all-MiniLM-L6-v2 embeddings of the real narrations (15,989 "
+           "training captions, 3,842 validation captions) and a trained MLP head. **Video: "
+           "class-derived features** (`mmts_jax.finetune.ek100_features`: verb + noun class "
+           "latent plus noise through a fixed random map), not real video, with a trained MLP "
+           "head. No tuning (EK-100 has only the MIR validation split, which reports): AVION's and "
+           "the paper's values. MIR mAP / nDCG (official definitions) on the whole validation "
+           f"split ({meta['val_shape'][0]} videos x {meta['val_shape'][1]} captions), overall and "
+           "by the official noun frequency (`ek100_noun_freq.csv`) of the query's main noun: "
+           "head / middle / tail = the noun classes holding the first / second / last third of "
+           f"the training narrations (query videos per bucket {q['videos']}, captions "
+           f"{q['captions']}). {seeds} paired seeds (initialisation and batch order), "
+           f"{meta['command'].split('--steps ')[-1].split()[0] if '--steps' in meta['command'] else '600'}"
+           f" steps of 256; CPU (`{meta['command']}`, {meta['seconds']:.0f} s, raw json "
+           f"`{path}`).", "",
+           "| row | value mean (min, max) | mAP all | head | middle | tail | nDCG all |",
+           "|---|---|---|---|---|---|---|"]
+  for name, rec in rows.items():
+    m = lambda k: 100 * np.mean([s[k] for s in rec["test"]])
+    lines.append(f"| {EK100_LABELS.get(name, name)} | {rec['value_mean']:.3f} "
+                 f"({rec['value_min']:.3f}, {rec['value_max']:.3f}) | {m('all/mAP'):.2f} | "
+                 f"{m('head/mAP'):.2f} | {m('middle/mAP'):.2f} | {m('tail/mAP'):.2f} | "
+                 f"{m('all/nDCG'):.2f} |")
+  lines += ["", "Paired difference to the fixed row of the same loss (points, mean [95% CI]):", "",
+            "| row | mAP all | head | middle | tail | nDCG all | nDCG tail |",
+            "|---|---|---|---|---|---|---|"]
+  for name, p in paired.items():
+    lines.append(f"| {EK100_LABELS.get(name, name)} | " + " | ".join(
+        fmt_interval(p[k]) for k in ("all/mAP", "head/mAP", "middle/mAP", "tail/mAP",
+                                     "all/nDCG", "tail/nDCG")) + " |")
+  return lines + [""]
+
+
+def render(trials_path: str, results_path: str | None = None, json_dir: str = "",
+           ek100_path: str | None = None) -> str:
   """The markdown of `docs/study.md`."""
   settings = load_trials(trials_path)
   main = settings["main"]
@@ -140,9 +220,11 @@ def render(trials_path: str, results_path: str | None = None, json_dir: str = ""
       f"{meta.get('train', {}).get('steps', '?')} steps of "
       f"{meta.get('train', {}).get('batch_size', '?')}. TS and MM-TS periods: steps / 5.",
       f"- Seeds: {seeds} per trial, **paired**: seed `s` fixes the initialisation and the batch "
-      "order in every row; the data is the same. All seeds of a trial train as one program "
-      "(`jax.vmap` over seeds of a `lax.scan` over steps, `mmts_jax.study.runner`).",
-      f"- Tuning: five trials per row (table below); per row the trial with the best mean "
+      "order in every row; the data is the same. All trials and seeds of a row train as one "
+      "program (`jax.vmap` over trials x seeds of a `lax.scan` over steps, "
+      "`mmts_jax.study.runner`).",
+      f"- Tuning: {_trials_per_row(main)} trials per row (table below), trained side by side "
+      f"(`jax.vmap` over trials x seeds); per row the trial with the best mean "
       f"validation `{metric}` is selected and reported on test. The level-matched rows "
       f"re-centre the Eq. 6 shifts so that the sample-mean temperature equals the selected "
       f"fixed temperature ({fixed_tau}) (`shifts.level_match`).",
@@ -163,12 +245,11 @@ def render(trials_path: str, results_path: str | None = None, json_dir: str = ""
     recs = main[row]
     cells = []
     for i, rec in enumerate(recs):
-      p = {k: v for k, v in rec["policy"].items()
-           if k not in ("name", "eps", "period", "gamma", "tau_min", "tau_max", "beta", "eta",
-                        "level") or (row == "ts" and k in ("tau_min", "tau_max"))}
-      text = ", ".join(f"{k}={v:g}" for k, v in p.items() if isinstance(v, (int, float)))
+      text = _trial_text(row, rec)
       if "skipped" in rec:
         text += " (skipped: would reach <= 0)"
+      elif rec.get("val"):
+        text += f" ({100 * _mean(rec, 'val', metric):.1f})"
       cells.append(f"**{text}**" if i == selected[row] else text)
     rec = recs[selected[row]]
     temp = rec["temperature"]
@@ -176,14 +257,18 @@ def render(trials_path: str, results_path: str | None = None, json_dir: str = ""
         f"| {LABELS[row]} | " + "; ".join(cells) + f" | {100 * _mean(rec, 'val', metric):.2f} | "
         f"{np.mean([t['mean'] for t in temp]):.3f} ({min(t['min'] for t in temp):.3f}, "
         f"{max(t['max'] for t in temp):.3f}) |")
-  edge = [LABELS[r] for r in ROWS if r in main and selected[r] == len(main[r]) - 1]
-  lines += ["", "Level-matched rows use `level` = the selected fixed temperature; iSogCLR keeps "
-            "the paper's gamma 0.8, eta 0.03, beta 0.9 and bounds [0.005, 1], starts at 0.07 "
-            "and tunes the KL radius rho.", ""]
-  if edge:
-    lines += [f"**Caveat: the selected trial is the last (largest-temperature) one of its grid "
-              f"for: {', '.join(edge)}.** The optimum may lie beyond the grid, so the tuned "
-              "fixed baseline may be under-tuned; a wider grid is the next run.", ""]
+  lines += ["", "Each trial's validation `" + metric + "` (mean over seeds) in brackets. TS: "
+            "`tau in [c (1 - r), c (1 + r)]`; ICS: shifts in `[c (1 - w/2), c (1 + w/2)]`; "
+            "MM-TS: shifts in `[0.6 c, 1.4 c]`, `alpha = (alpha/c) c`; level-matched rows: the "
+            "Eq. 6 range `[0.05, 0.05 + w level]` re-centred on `level` = the selected fixed "
+            "temperature, `alpha = (alpha/level) level`. iSogCLR keeps the paper's gamma 0.8, "
+            "eta 0.03, beta 0.9 and bounds [0.005, 1], starts at 0.07 and tunes the KL radius rho.",
+            ""]
+  edges = {r: on_edge(main[r], selected[r]) for r in ROWS if r in main}
+  edge_text = [f"{LABELS[r]} ({', '.join(e)})" for r, e in edges.items() if e]
+  if edge_text:
+    lines += ["**Grid edges: the selected trial sits at the end of a grid axis for** " +
+              "; ".join(edge_text) + ". The optimum of those rows may lie beyond the grid.", ""]
   iso = next((r for r in main.get("isogclr", []) if "learned_tau_by_class_size" in r), None)
   if iso is not None:
     sel = main["isogclr"][selected["isogclr"]]
@@ -198,13 +283,23 @@ def render(trials_path: str, results_path: str | None = None, json_dir: str = ""
     lines += _verdicts(main, selected, m) + [""]
   lines += _level_note(main, selected)
   knob_settings = [s for s in settings if s != "main"]
+  lines += _row_vs_row(main, selected, [("mmts_lm", "ics_lm"), ("mmts", "ics")])
   if knob_settings:
     lines += ["## Task knobs", "",
-              "Each row's hyper-parameters selected above, not re-tuned, on a variant of the "
-              f"task, the same {seeds} paired seeds."]
+              "Every row re-tuned on the same grids on a variant of the task (selection on the "
+              f"variant's validation split), the same {seeds} paired seeds."]
     for s in knob_settings:
-      sel = {row: 0 for row in settings[s]}
-      lines += [""] + _paired_section(settings[s], sel, ("R@1", "mAP"), f"### `{s}`")
+      recs = settings[s]
+      sel = {row: select(r, metric) for row, r in recs.items()}
+      edge_text = [f"{LABELS[r]} ({', '.join(on_edge(recs[r], sel[r]))})" for r in ROWS
+                   if r in recs and on_edge(recs[r], sel[r])]
+      fixed = recs["fixed"][sel["fixed"]]
+      lines += ["", f"### `{s}`", "",
+                f"Selected fixed temperature {_trial_text('fixed', fixed)}; grid edges: " +
+                ("; ".join(edge_text) or "none") + "."]
+      lines += [""] + _paired_section(recs, sel, ("R@1", "mAP"), "")
+  if ek100_path:
+    lines += render_ek100(ek100_path)
   skipped = [s for s in ("head_duplicates=0.5", "imbalance=10") if s not in settings]
   if skipped:
     lines += ["Not run (skipped by the run's `--knob-budget`, which kept it inside its "
@@ -219,12 +314,13 @@ def main(argv=None) -> int:
   p.add_argument("--note", action="append", default=[],
                  help="a line added under the title (e.g. the commit that ran the study)")
   p.add_argument("--notes", help="a markdown file added under the title (the written answer)")
+  p.add_argument("--ek100", help="results.json of `python -m mmts_jax.study.ek100`")
   args = p.parse_args(argv)
   if args.notes:
     with open(args.notes) as f:
       args.note += f.read().rstrip("\n").split("\n")
   text = render(os.path.join(args.dir, "trials.jsonl"), os.path.join(args.dir, "results.json"),
-                json_dir=args.dir)
+                json_dir=args.dir, ek100_path=args.ek100)
   if args.note:
     title, rest = text.split("\n", 1)
     text = title + "\n\n" + "\n".join(args.note) + "\n" + rest

@@ -1,7 +1,7 @@
 r"""Seed-batched training of one study row: `jax.vmap` over seeds of a `lax.scan` over steps.
 
-All seeds of one (policy, hyper-parameters) trial are one compiled program: the seeds' models,
-optimiser states and policy states are stacked on a leading axis, the steps run in a
+All trials of one grid row and all their seeds are one compiled program: the runs' models,
+optimiser states and policy states are stacked on a leading (trial x seed) axis, the steps run in a
 `lax.scan`, and the validation and test embeddings come out of the same program. Seeds are
 *paired* across rows: seed `s` fixes the initialisation (`PRNGKey(s)`) and the batch order
 (`batch_orders`) whatever the policy, and the data is the same for every seed and row.
@@ -16,8 +16,8 @@ CLIP's learnable temperature is the model's `log(1/tau)` parameter, clamped *as 
 after every update to `[0, ln 100]` (OpenCLIP's rule), so it can move back from the bound, and
 left out of weight decay. Each step also records the batch's mean, min and max temperature.
 
-The policy's float hyper-parameters (those not in its `static_fields`) are arguments of the
-program, not constants: the five trials of a grid row share one compilation.
+The policy's float hyper-parameters (those not in its `static_fields`) are vmapped arguments of
+the program, not constants: the trials of a grid row train side by side in one program.
 
 Example (two seeds, three steps; the rows are different models of the same seeds):
   >>> from mmts_jax.study.task import make_task
@@ -40,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmts_jax import losses
+from mmts_jax import losses, temperature
 from mmts_jax.models import DualEncoder, FeatureTower
+from mmts_jax.study.policies import trainer_policy
 from mmts_jax.study.task import Task
 
-__all__ = ["TrainConfig", "batch_orders", "make_model", "train_seeds"]
+__all__ = ["TrainConfig", "batch_orders", "make_model", "train_seeds", "train_trials"]
 
 _TEMP_PARAM = "log_inv_temperature"
 _MAX_LOG_INV_TAU = math.log(100.0)
@@ -135,11 +136,12 @@ def _with_values(policy, values: dict):
   return new
 
 
-def _program_key(policy, cfg: TrainConfig, learnable_tau):
+def _program_key(policy, cfg: TrainConfig):
   traced = _traced_fields(policy)
+  # `level` only shapes the table (host side): level-matched and plain rows share a program.
   static = tuple((f.name, getattr(policy, f.name)) for f in dataclasses.fields(policy)
-                 if f.name not in traced)
-  return type(policy), static, cfg, learnable_tau
+                 if f.name not in traced and f.name != "level")
+  return type(policy), static, cfg
 
 
 _PROGRAMS: dict = {}  # program key -> jitted program (the skeleton's traced fields are unused)
@@ -147,19 +149,26 @@ _PROGRAMS: dict = {}  # program key -> jitted program (the skeleton's traced fie
 
 def _cached_program(key, skeleton):
   if key not in _PROGRAMS:
-    _, _, cfg, learnable_tau = key
-    _PROGRAMS[key] = _program(skeleton, cfg, make_model(cfg, learnable_tau))
+    cfg = key[2]
+    learnable = isinstance(trainer_policy(skeleton), temperature.Learnable)
+    _PROGRAMS[key] = _program(skeleton, cfg, make_model(cfg, 0.07 if learnable else None),
+                              learnable)
   return _PROGRAMS[key]
 
 
-def _program(skeleton, cfg: TrainConfig, model: DualEncoder):
-  """The jitted `(hyper, keys, orders, arrays..., state0) -> outputs`, vmapped over seeds."""
+def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
+  """The jitted `(hyper, keys, orders, arrays..., state0) -> outputs`, vmapped over the runs
+  (trial x seed, flattened): every run has its own hyper-parameters, key, order and state."""
   tx = _optimizer(cfg)
   loss_fn = losses.get(cfg.loss, impl="dense")
 
-  def one_seed(hyper, key, order, train_x, train_t, val_x, val_t, test_x, test_t, state0):
+  def one_run(hyper, key, order, state0, train_x, train_t, val_x, val_t, test_x, test_t):
     policy = _with_values(skeleton, hyper)
     params = model.init(key, {"image": train_x[:2], "text": train_t[:2]})["params"]
+    if learnable:  # CLIP's parameter starts at log(1 / tau) of this trial (a traced value)
+      params = jax.tree_util.tree_map_with_path(
+          lambda path, x: -jnp.log(hyper["tau"]).astype(x.dtype) if _is_temperature(path)
+          else x, params)
     opt_state = tx.init(params)
 
     def step(carry, inputs):
@@ -187,37 +196,73 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder):
     return dict(loss=loss, temperature=stats, val_image=val["image"], val_text=val["text"],
                 test_image=test["image"], test_text=test["text"], final_state=state)
 
-  in_axes = (None, 0, 0) + (None,) * 7
-  return jax.jit(jax.vmap(one_seed, in_axes=in_axes))
+  in_axes = (0, 0, 0, 0) + (None,) * 6
+  return jax.jit(jax.vmap(one_run, in_axes=in_axes))
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  """`x` with rows appended up to `n` (copies of the last row: never indexed by a batch)."""
+  x = np.asarray(x)
+  if x.shape[0] > n:
+    raise ValueError(f"pad_to={n} is below the {x.shape[0]} training examples")
+  return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)]) if n > x.shape[0] else x
+
+
+def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(),
+                 shift_tables=None, pad_to: int | None = None) -> dict[str, np.ndarray]:
+  """Trains every trial of one policy type, every seed, as one program (vmap over trial x seed).
+
+  Args:
+    policies: trials of one type and equal static fields (e.g. a grid row), `(T,)`.
+    task: `make_task(...)`.
+    seeds: the paired seeds `(S,)`: seed `s` fixes the initialisation and batch order of every
+      trial.
+    cfg: budget and model.
+    shift_tables: per trial, the `(N,)` per-sample shifts (`ICS` / `MMTS`) or None.
+    pad_to: pad the training arrays and per-sample states to this many rows (never sampled),
+      so tasks of different sizes share compiled programs.
+
+  Returns:
+    numpy arrays with leading `(T, S)` axes: `loss (T, S, steps)`, `temperature (T, S, steps, 3)`
+    (batch mean, min, max per step), `{val,test}_{image,text}` embeddings, `final_state`.
+  """
+  policies, seeds = list(policies), tuple(int(s) for s in seeds)
+  if not seeds or not policies:
+    raise ValueError(f"train_trials: need >= 1 trial and seed, got {len(policies)} trials, "
+                     f"seeds {seeds}")
+  keys_ = {_program_key(p, cfg) for p in policies}
+  if len(keys_) != 1:
+    raise ValueError(f"train_trials: the trials must share a type and static fields, got "
+                     f"{[type(p).__name__ for p in policies]}")
+  tables = list(shift_tables) if shift_tables is not None else [None] * len(policies)
+  n = task.train["image"].shape[0]
+  rows = int(pad_to or n)
+  t_, s_ = len(policies), len(seeds)
+  states = []
+  for policy, table in zip(policies, tables):
+    st = {k: _pad_rows(np.asarray(v), rows) for k, v in policy.init_state(n, table).items()}
+    states.append(st)
+  state0 = {k: np.repeat(np.stack([st[k] for st in states]), s_, axis=0) for k in states[0]}
+  fields = _traced_fields(policies[0])
+  hyper = {k: np.repeat(np.asarray([getattr(p, k) for p in policies], np.float32), s_)
+           for k in fields}
+  keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds] * t_)
+  orders = np.tile(batch_orders(seeds, n, cfg.steps, cfg.batch_size), (t_, 1, 1))
+  arrays = [jnp.asarray(_pad_rows(task.train[k], rows)) for k in ("image", "text")]
+  arrays += [jnp.asarray(a[k]) for a in (task.val, task.test) for k in ("image", "text")]
+  program = _cached_program(next(iter(keys_)), _with_values(policies[0], {}))
+  out = program(hyper, keys, jnp.asarray(orders), state0, *arrays)
+  out = jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((t_, s_) + x.shape[1:]), out)
+  out["final_state"] = {k: v[:, :, :n] for k, v in out["final_state"].items()}
+  return out
 
 
 def train_seeds(policy, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(),
                 shift_table=None) -> dict[str, np.ndarray]:
-  """Trains `policy` once per seed (one program) and embeds the validation and test splits.
+  """One trial: `train_trials([policy], ...)` without the trial axis.
 
-  Args:
-    policy: a `Policy` (see `mmts_jax.study.policies`); `Learnable` gives the model CLIP's
-      temperature parameter initialised at `policy.tau`.
-    task: `make_task(...)`.
-    seeds: the paired seeds.
-    cfg: budget and model.
-    shift_table: `(N,)` per-sample shifts for `ICS` / `MMTS` (`init_state`).
-
-  Returns:
-    numpy arrays with a leading seed axis: `loss (S, T)`, `temperature (S, T, 3)` (batch mean,
-    min, max per step), `{val,test}_{image,text}` embeddings, and `final_state` (a dict).
+  Returns numpy arrays with a leading seed axis: `loss (S, T)`, `temperature (S, T, 3)`,
+  `{val,test}_{image,text}` embeddings and `final_state` (a dict).
   """
-  seeds = tuple(int(s) for s in seeds)
-  if not seeds:
-    raise ValueError("train_seeds: no seeds")
-  n = task.train["image"].shape[0]
-  learnable = getattr(policy, "name", "") == "learnable"
-  state0 = policy.init_state(n, shift_table)
-  keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-  orders = jnp.asarray(batch_orders(seeds, n, cfg.steps, cfg.batch_size))
-  arrays = [jnp.asarray(a[k]) for a in (task.train, task.val, task.test) for k in ("image",
-                                                                                   "text")]
-  key = _program_key(policy, cfg, policy.tau if learnable else None)
-  hyper = {k: jnp.float32(getattr(policy, k)) for k in _traced_fields(policy)}
-  out = _cached_program(key, _with_values(policy, {}))(hyper, keys, orders, *arrays, state0)
-  return jax.tree_util.tree_map(np.asarray, out)
+  out = train_trials([policy], task, seeds=seeds, cfg=cfg, shift_tables=[shift_table])
+  return jax.tree_util.tree_map(lambda x: x[0], out)

@@ -10,9 +10,11 @@
    queries, every `config.eval.every_steps` steps (learning curves) and at the end.
 5. `results.json`, a printed table (mean +- std over seeds) and the plots of `plots.py`.
 
-Example:
-  >>> from mmts_jax.synthetic.config import get_config  # doctest: +SKIP
-  >>> results = run(get_config(), "/tmp/mmts_synthetic")  # doctest: +SKIP
+Usage (trains every row for every seed, minutes on a CPU, so it is not a doctest; `mmts
+synthetic` is the command-line front end)::
+
+  from mmts_jax.synthetic.config import get_config
+  results = run(get_config(), "/tmp/mmts_synthetic")
 """
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ Example:
   >>> ds = make_dataset(GeneratorConfig(num_classes=8, head_size=200, imbalance=100))
   >>> int(ds.class_sizes.max() // ds.class_sizes.min()) >= 100
   True
-  >>> ds.train.captions[0]  # doctest: +SKIP
-  'a green large dog resting in a park'
+  >>> ds.train.captions[0]
+  'a dog, a yellow medium dog rolling in a park'
 """
 from __future__ import annotations
 

@@ -88,8 +88,8 @@ class BertEncoder(_Configured):
     ...                  intermediate_size=32)
     >>> ids = jnp.ones((2, 5), jnp.int32)
     >>> model = BertEncoder(cfg)
-    >>> params = model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids))
-    >>> model.apply(params, ids, jnp.ones_like(ids)).shape
+    >>> params = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, jnp.ones_like(ids))
+    >>> jax.eval_shape(model.apply, params, ids, jnp.ones_like(ids)).shape  # traced, not compiled
     (2, 5, 16)
   """
 

@@ -94,9 +94,12 @@ class SentenceEncoder:
   Build it with `SentenceEncoder.load(path)`; `load(None)` is the offline all-MiniLM-L6-v2.
 
   Example:
-    >>> enc = SentenceEncoder.load(None)  # doctest: +SKIP
-    >>> enc.encode(["open door", "take cup"]).shape  # doctest: +SKIP
-    (2, 384)
+    >>> enc = SentenceEncoder.load(None)
+    >>> emb = enc.encode(["open door", "open the door", "take cup"])
+    >>> emb.shape, emb.dtype
+    ((3, 384), dtype('float32'))
+    >>> bool(emb[0] @ emb[1] > emb[0] @ emb[2])  # paraphrases are closer than other actions
+    True
   """
   config: BertConfig
   params: Any

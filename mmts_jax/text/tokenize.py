@@ -33,9 +33,10 @@ class Tokenizer:
   """A fast WordPiece tokenizer that returns unpadded id arrays.
 
   Example:
-    >>> tok = Tokenizer("path/to/all-MiniLM-L6-v2", max_length=256)  # doctest: +SKIP
-    >>> tok(["pick up container"])[0]  # doctest: +SKIP
-    array([ 101, 4060, 2039, 11661,  102], dtype=int32)
+    >>> from mmts_jax.text.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
+    >>> tok = Tokenizer(default_model_dir(), max_length=256)
+    >>> tok(["pick up container"])[0]
+    array([  101,  4060,  2039, 11661,   102], dtype=int32)
   """
 
   def __init__(self, model_dir: str | os.PathLike, max_length: int, lowercase: bool = False):

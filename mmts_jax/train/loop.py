@@ -14,11 +14,15 @@ default), is skipped: the step left the whole state unchanged (`step` included, 
 does not advance), its batch is consumed, one line is printed on stderr and the record's
 `nonfinite_skipped` counts the skipped steps of the run (kept in the checkpoint's metadata).
 
-Example (a few steps of the tiny configuration; `mmts train` is the command-line front end):
-  >>> import importlib.util, tempfile
-  >>> spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
-  >>> tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
-  >>> config = tiny.get_config()
+Example (two steps of a feature-tower model on the toy data; `mmts train --config
+configs/tiny.py` is the command-line front end):
+  >>> import tempfile
+  >>> from mmts_jax.config_defaults import default_config
+  >>> config = default_config()
+  >>> config.total_steps, config.batch_size, config.optim.warmup_steps = 10, 16, 1
+  >>> config.data.update(num_examples=64, text="features")
+  >>> config.model.text = dict(name="features", hidden_dims=(16,))
+  >>> config.update(tensorboard=False, progress_bar=False)
   >>> config.checkpoint.async_save = False
   >>> result = train_and_evaluate(config, tempfile.mkdtemp(), stop_at_step=2)
   >>> result.step, result.status
@@ -153,6 +157,8 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     shift_table: optional (N,) per-example shifts; overrides the config's table source.
     eval_fn: optional `eval_fn(step, embed, variables) -> dict` called every
       `config.eval.every_steps` steps and at `total_steps`; its scalars join that step's record.
+      With `config.eval.at_start`, also before the first step of a fresh run (a record of
+      step 0: the initial parameters, e.g. zero-shot retrieval of a converted checkpoint).
     allow_config_change: resume even if the configuration differs from the workdir's in a key
       that changes the run (recorded in `config_history.jsonl`).
 
@@ -227,6 +233,9 @@ def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: in
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  if eval_fn is not None and start == 0 and run.config.eval.get("at_start", False):
+    # The "before" numbers: the initial (e.g. converted pretrained) parameters, logged as step 0.
+    logger.writer.write(0, dict(eval_fn(0, embed, state.variables())))
   batches = run.device_batches(position)
   status = "done" if end == total else "stopped"
   done = start

@@ -44,7 +44,8 @@ def load_params(path: str | os.PathLike, params: Any) -> tuple[Any, list[str]]:
   """
   import orbax.checkpoint as ocp
   from etils import epath
-  directory = epath.Path(path)
+  # orbax restores only absolute paths; a relative one is relative to the working directory.
+  directory = epath.Path(os.path.abspath(os.fspath(path)))
   if not directory.is_dir():
     raise FileNotFoundError(f"init.checkpoint {str(path)!r} is not a directory")
   try:

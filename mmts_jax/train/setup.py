@@ -42,7 +42,7 @@ from mmts_jax import mesh as mesh_lib
 from mmts_jax import temperature as temperature_lib
 from mmts_jax.data import sources
 from mmts_jax.models import build_model
-from mmts_jax.train import optim, state as state_lib
+from mmts_jax.train import grad_cache, optim, state as state_lib
 from mmts_jax.train.step import compile_train_step
 
 __all__ = ["Setup", "setup", "resolve_shift_table", "table_fingerprint", "state_shardings",
@@ -63,6 +63,10 @@ def validate(config) -> dict[str, int]:
   if config.mesh.param_sharding not in mesh_lib.PARAM_SHARDINGS:
     raise ValueError(f"mesh.param_sharding must be one of {mesh_lib.PARAM_SHARDINGS}, got "
                      f"{config.mesh.param_sharding!r}")
+  micro = config.train.get("micro_batch_size", 0)
+  if micro:   # 0: one pass over the whole batch; the device count is checked in `setup`
+    grad_cache.check_micro_batch(out["batch_size"], micro,
+                                 accumulation=config.train.get("accumulation", "grad_cache"))
   return out
 
 
@@ -165,7 +169,9 @@ _BUILT: dict[tuple, _Built] = {}
 def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
   """The model, optimizer, schedule and loss of `config` (reused for an equal configuration)."""
   parts = {k: config[k].to_dict() for k in ("model", "optim", "loss")}
-  parts.update(total_steps=int(config.total_steps))
+  # skip_nonfinite only steers the loop (the compiled step always masks a non-finite update).
+  parts.update(total_steps=int(config.total_steps),
+               train={k: v for k, v in config.train.to_dict().items() if k != "skip_nonfinite"})
   key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
   if key not in _BUILT:
     model = build_model(config.model, learnable_temperature=policy.learnable,
@@ -193,7 +199,8 @@ class Setup:
   lr_fn: Callable
   state: state_lib.TrainState
   shardings: state_lib.TrainState
-  step_fn: Callable              # jitted `train_step` bound to policy, loss_fn, lr_fn
+  step_fn: Callable              # jitted `train_step` (or `grad_cache.micro_batch_step` when
+                                 # `config.train.micro_batch_size`) bound to its dependencies
   shift_table: np.ndarray | None
   shift_table_id: str
   global_batch_size: int
@@ -267,7 +274,7 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   limits = validate(config)
   total, batch_size = limits["total_steps"], limits["batch_size"]
   policy = temperature_lib.from_config(config.temperature, config.mmts, total_steps=total,
-                                       loss=config.loss.name)
+                                       loss=config.loss.name, isogclr=config.get("isogclr"))
   mesh_lib.initialize_distributed(config.get("distributed", "auto"))
   mesh = mesh_lib.make_mesh(config.mesh.num_devices or None)
   local_bs = mesh_lib.local_batch_size(batch_size, mesh)
@@ -292,6 +299,13 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
               policy_state=policy_state)
   shardings = state_shardings(jax.eval_shape(lambda: create(**args)), mesh,
                               config.mesh.param_sharding, policy)
+  step_kw = {}
+  micro = int(config.train.get("micro_batch_size", 0) or 0)
+  if micro:
+    acc = config.train.get("accumulation", "grad_cache")
+    grad_cache.check_micro_batch(batch_size, micro, mesh.size, acc)
+    step_kw = dict(step=functools.partial(grad_cache.micro_batch_step, micro_batch_size=micro,
+                                          accumulation=acc, mesh=mesh))
   leaves, treedef = jax.tree.flatten(shardings)
   jitted = built.jitted.get((tuple(leaves), treedef))
   if jitted is None:
@@ -301,7 +315,7 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
         # only decides whether the loop then goes on or stops (`train.loop`), so both settings
         # share one compilation and a stopped run's in-memory state is the last good one.
         compile_train_step(shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
-                           skip_nonfinite=True))
+                           skip_nonfinite=True, **step_kw))
   create_fn, step_fn = jitted
   state = create_fn(**args)
   run = Setup(config=config, mesh=mesh, source=source, policy=policy, loss_fn=loss_fn,

@@ -41,7 +41,7 @@ from mmts_jax import mesh as mesh_lib
 from mmts_jax.temperature import Policy
 from mmts_jax.train.state import TrainState
 
-__all__ = ["train_step", "eval_step", "compile_train_step", "make_embed_fn"]
+__all__ = ["train_step", "apply_gradients", "eval_step", "compile_train_step", "make_embed_fn"]
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -101,6 +101,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Pol
 
   (loss, (values, batch_stats, policy_state)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.params)
+  return apply_gradients(state, grads, loss=loss, values=values, batch_stats=batch_stats,
+                         policy_state=policy_state, policy=policy, lr_fn=lr_fn,
+                         skip_nonfinite=skip_nonfinite)
+
+
+def apply_gradients(state: TrainState, grads, *, loss: jax.Array, values: jax.Array,
+                    batch_stats, policy_state, policy: Policy, lr_fn: Callable | None = None,
+                    skip_nonfinite: bool = True) -> tuple[TrainState, dict]:
+  """The second half of a step, shared by `train_step` and `mmts_jax.train.grad_cache`:
+  the optimizer update from `grads`, the non-finite guard and the step's metrics."""
   grad_norm = _global_norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -128,10 +138,12 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Poli
   return metrics
 
 
-def compile_train_step(shardings: TrainState, mesh, **deps) -> Callable:
-  """`jax.jit(partial(train_step, **deps))` with explicit in/out shardings (the batch split
-  over the data axis, the state as `shardings`) and the state donated."""
-  return jax.jit(functools.partial(train_step, **deps),
+def compile_train_step(shardings: TrainState, mesh, *, step: Callable | None = None,
+                       **deps) -> Callable:
+  """`jax.jit(partial(step, **deps))` with explicit in/out shardings (the batch split over the
+  data axis, the state as `shardings`) and the state donated. `step` defaults to `train_step`;
+  `mmts_jax.train.grad_cache.micro_batch_step` is the micro-batched one."""
+  return jax.jit(functools.partial(step or train_step, **deps),
                  in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
 

@@ -17,7 +17,8 @@ Example:
   ...                  vision_heads=1, patch_size=16, context_length=5, vocab_size=10,
   ...                  text_width=64, text_heads=1, text_layers=1)
   >>> batch = {"image": jnp.zeros((1, 32, 32, 3)), "text": jnp.zeros((1, 5), jnp.int32)}
-  >>> params = CLIP(cfg).init(jax.random.PRNGKey(0), batch)["params"]
+  >>> shapes = jax.eval_shape(CLIP(cfg).init, jax.random.PRNGKey(0), batch)["params"]
+  >>> params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # no compilation
   >>> out = os.path.join(tempfile.mkdtemp(), "ckpt")
   >>> save_converted(out, params, cfg, source="random")
   >>> cfg2, variables = load_converted(out)

@@ -9,11 +9,11 @@ followed by `out_proj`. `act` is QuickGELU `x * sigmoid(1.702 x)` (OpenAI's weig
 erf GELU (OpenCLIP's LAION weights); flax's `nn.gelu` defaults to the tanh approximation, which
 is not what either PyTorch model computes.
 
-Example:
+Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
   >>> stack = Transformer(width=8, layers=2, heads=2, act="gelu")
   >>> x = jnp.ones((1, 3, 8))
-  >>> stack.apply(stack.init(jax.random.PRNGKey(0), x), x).shape
+  >>> jax.eval_shape(lambda x: stack.apply(stack.init(jax.random.PRNGKey(0), x), x), x).shape
   (1, 3, 8)
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ the output carries `"temperature"` and the loss trains `logit_scale` (starting f
 checkpoint's value); with a fixed or MM-TS schedule the policy replaces it and `logit_scale` is
 carried unused (it gets a zero gradient).
 
-Example:
+Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
   >>> from mmts_jax.models.clip.config import CLIPConfig
   >>> cfg = CLIPConfig(embed_dim=8, image_size=32, vision_width=64, vision_layers=(1,),
@@ -18,9 +18,10 @@ Example:
   ...                  text_width=16, text_heads=2, text_layers=1)
   >>> model = CLIP(cfg, learnable_temperature=True)
   >>> batch = {"image": jnp.zeros((2, 32, 32, 3)), "text": jnp.array([[8, 9, 0, 0, 0]] * 2)}
-  >>> out = model.apply(model.init(jax.random.PRNGKey(0), batch), batch)
-  >>> out["image"].shape, out["text"].shape, round(float(out["temperature"]), 4)
-  ((2, 8), (2, 8), 0.07)
+  >>> variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+  >>> out = jax.eval_shape(model.apply, variables, batch)
+  >>> out["image"].shape, out["text"].shape, out["temperature"].shape
+  ((2, 8), (2, 8), ())
 """
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ The end-of-text token (49407 in CLIP's BPE) has the largest id in the vocabulary
 the token ids finds it (the first occurrence on ties, as `torch.argmax`); with the causal mask the
 features there have seen the whole caption and none of the padding. The output is not normalised.
 
-Example:
+Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
   >>> tower = CLIPTextTransformer(context_length=5, vocab_size=10, width=8, layers=1, heads=2,
   ...                             output_dim=4)
   >>> t = jnp.array([[8, 3, 9, 0, 0]])
-  >>> tower.apply(tower.init(jax.random.PRNGKey(0), t), t).shape
+  >>> jax.eval_shape(lambda t: tower.apply(tower.init(jax.random.PRNGKey(0), t), t), t).shape
   (1, 4)
 """
 from __future__ import annotations

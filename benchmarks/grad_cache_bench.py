@@ -1,0 +1,200 @@
+"""GradCache vs plain gradient accumulation at a large global batch on one device.
+
+Both runs are the real trainer step from `mmts_jax.train.setup` with
+`config.train.micro_batch_size` set (`mmts_jax/train/grad_cache.py`), the same model, initial
+parameters, input batch and MM-TS temperatures; only `config.train.accumulation` differs:
+
+* `grad_cache`: embed all micro-batches, the InfoNCE loss over the whole global batch (every
+  negative kept), backpropagate micro-batch by micro-batch (3 tower passes per example);
+* `plain`: each micro-batch's own loss (negatives only within it), gradients averaged
+  (2 passes per example): NOT the big-batch update, the usual baseline.
+
+Model (`vit_b16`): the project's ViT-B/16 image tower at 224 px (86M parameters) and a
+one-hidden-layer MLP text tower over precomputed 512-d text features (the text side is kept
+small so that the image tower, the expensive one, dominates), 512-d embeddings, bf16 compute,
+f32 parameters, AdamW + clipping. The batch is random data generated on the device (float32
+pixels as `data.sources.to_device` delivers them); timing does not depend on its values.
+
+Both steps are compiled ahead of time in parallel threads; `grad_cache` runs its `--steps`
+steps as soon as it is compiled (while `plain` may still compile on the host), then `plain`. `peak_gib_after` is the allocator's process-wide peak after that method's
+steps (so `plain`'s includes `grad_cache`'s); `xla_*_gib` is each executable's own buffer
+assignment (`compiled.memory_analysis()`), the per-method comparison.
+
+  XLA_FLAGS=--xla_gpu_autotune_level=0 \
+  python benchmarks/grad_cache_bench.py --out benchmarks/results       # one H200, ~90 s
+  python benchmarks/grad_cache_bench.py --out /tmp/b --model tiny --batch 64 --micro 16  # CPU
+
+Writes OUT/grad_cache_bench_MODEL.json (after each method, so a cut-short run keeps the first).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmts_jax import train
+from mmts_jax.data import sources
+from mmts_jax.train import grad_cache
+from mmts_jax.train.step import compile_train_step
+
+MODELS = {
+    "vit_b16": dict(image=dict(name="vit", variant="B/16"), image_size=224, text_dim=512,
+                    text=dict(name="features", hidden_dims=(1024,)), embed_dim=512),
+    "tiny": dict(image=dict(name="vit", variant="mu/8"), image_size=32, text_dim=16,
+                 text=dict(name="features", hidden_dims=(32,)), embed_dim=16),
+}
+METHODS = ("grad_cache", "plain")
+
+
+class _BroadcastSource:
+  """The trainer's source protocol over a zero-copy broadcast host batch: `setup` reads only
+  its shapes (the timed batch is generated on the device)."""
+
+  def __init__(self, spec, batch, num_examples):
+    s = spec["image_size"]
+    self.num_examples, self.fingerprint = num_examples, None
+    self.cluster_sizes = np.clip(np.random.default_rng(1).zipf(1.5, num_examples), 1, 10_000)
+    self.batch = {"image": np.broadcast_to(np.zeros((1, s, s, 3), np.float32), (batch, s, s, 3)),
+                  "text_features": np.zeros((batch, spec["text_dim"]), np.float32),
+                  "index": np.arange(batch, dtype=np.int32) % num_examples}
+
+  def iterate(self, start_batch=0, process_index=0, process_count=1):
+    while True:
+      yield self.batch
+
+
+def _config(spec, batch, micro, method):
+  c = train.default_config()
+  c.total_steps, c.batch_size = 10_000, batch
+  c.model.update(embed_dim=spec["embed_dim"], dtype="bfloat16")
+  c.model.image, c.model.text = spec["image"], spec["text"]
+  c.temperature.mode = "mmts"
+  c.optim.update(lr=1e-4, warmup_steps=100)
+  c.mesh.num_devices = 1
+  c.train.update(micro_batch_size=micro, accumulation=method)
+  c.data.name = "grad_cache_bench"
+  return c
+
+
+def _device_batch(run, spec, batch):
+  s, key = spec["image_size"], jax.random.PRNGKey(0)
+  k1, k2 = jax.random.split(key)
+  sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec("data"))
+  make = jax.jit(lambda: {
+      "image": jax.random.normal(k1, (batch, s, s, 3), np.float32),
+      "text_features": jax.random.normal(k2, (batch, spec["text_dim"]), np.float32),
+      "index": jax.numpy.arange(batch, dtype=np.int32) % run.source.num_examples},
+      out_shardings=sharding)
+  return jax.block_until_ready(make())
+
+
+def _gib(n) -> float:
+  return float(n) / 2 ** 30
+
+
+def _write(out: pathlib.Path, name: str, result: dict) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, out / name)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True, help="directory for grad_cache_bench_MODEL.json")
+  p.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
+  p.add_argument("--batch", type=int, default=32_768, help="global batch")
+  p.add_argument("--micro", type=int, default=512, help="micro-batch size")
+  p.add_argument("--steps", type=int, default=1, help="timed steps per method")
+  p.add_argument("--table-size", type=int, default=100_000, help="shift-table entries")
+  args = p.parse_args(argv)
+  spec, t_start = MODELS[args.model], time.perf_counter()
+
+  def progress(what):   # stderr timestamps: where the time of a cut-short run went
+    print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+  src = _BroadcastSource(spec, args.batch, args.table_size)
+  sources.SOURCES["grad_cache_bench"] = lambda cfg, **kw: src
+
+  # One setup (model, state, GradCache step); the plain step is the same step function with
+  # the other accumulation, bound to the same dependencies, on a copy of the same state.
+  run = train.setup(_config(spec, args.batch, args.micro, "grad_cache"))
+  steps = {"grad_cache": run.step_fn, "plain": compile_train_step(
+      run.shardings, run.mesh, policy=run.policy, loss_fn=run.loss_fn, lr_fn=run.lr_fn,
+      step=functools.partial(grad_cache.micro_batch_step, micro_batch_size=args.micro,
+                             accumulation="plain", mesh=run.mesh))}
+  states = {"grad_cache": run.state, "plain": jax.tree.map(jnp.copy, run.state)}
+  batch = _device_batch(run, spec, args.batch)
+  progress("state and batch on the device")
+
+  def compile_one(method):
+    t0 = time.perf_counter()
+    compiled = steps[method].lower(states[method], batch).compile()
+    progress(f"{method} compiled")
+    return compiled, time.perf_counter() - t0
+
+  # Both compile in parallel; the first method's steps run while the second still compiles
+  # (each step is one executable: the device works alone, the host only waits).
+  pool = concurrent.futures.ThreadPoolExecutor(len(METHODS))
+  futures = {m: pool.submit(compile_one, m) for m in METHODS}
+  device = jax.devices()[0]
+  result = {
+      "bench": "grad_cache", "model": args.model, "global_batch": args.batch,
+      "micro_batch": args.micro, "micro_batches": args.batch // args.micro,
+      "steps": args.steps, "dtype": "bfloat16", "loss": "infonce", "temperature": "mmts",
+      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+      "batch_gib": _gib(sum(x.nbytes for x in jax.tree.leaves(batch))),
+      "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+      "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  name = f"grad_cache_bench_{args.model}.json"
+  for method in METHODS:
+    fn, compile_s = futures[method].result()
+    mem = fn.memory_analysis()
+    state, times = states.pop(method), []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      state, metrics = fn(state, batch)
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - t0)
+    progress(f"{method}: {len(times)} step(s) done")
+    step_s = float(np.median(times))
+    row = {"step_s": step_s, "step_s_all": times, "examples_per_sec": args.batch / step_s,
+           "compile_s": compile_s, "loss": float(metrics["loss"]),
+           "finite": bool(metrics["finite"])}
+    if mem is not None:
+      row.update(xla_temp_gib=_gib(mem.temp_size_in_bytes),
+                 xla_argument_gib=_gib(mem.argument_size_in_bytes),
+                 xla_output_gib=_gib(mem.output_size_in_bytes),
+                 xla_alias_gib=_gib(mem.alias_size_in_bytes))
+    stats = getattr(device, "memory_stats", lambda: None)()
+    if stats and "peak_bytes_in_use" in stats:
+      row["peak_gib_after"] = _gib(stats["peak_bytes_in_use"])
+    result[method] = row
+    result["wall_s"] = time.perf_counter() - t_start
+    _write(pathlib.Path(args.out), name, result)
+    print(method, json.dumps(row), flush=True)
+  pool.shutdown()
+  if all(m in result for m in METHODS):
+    result["grad_cache_over_plain_time"] = (result["grad_cache"]["step_s"]
+                                            / result["plain"]["step_s"])
+    _write(pathlib.Path(args.out), name, result)
+  print(json.dumps(result, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

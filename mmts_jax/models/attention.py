@@ -1,0 +1,144 @@
+"""Multi-head self-attention over `jax.nn.dot_product_attention` (fused cuDNN on GPU).
+
+For each head h, with `q = x Wq_h + bq_h`, `k = x Wk_h + bk_h`, `v = x Wv_h + bv_h`
+(head dimension d):
+
+    head_h = softmax(q k^T / sqrt(d) + M) v,   out = concat_h(head_h) Wo + bo,
+
+where M is 0 where `mask` is True and -inf elsewhere. The parameters are four `DenseGeneral`
+layers named `query`, `key`, `value` (kernels `(width, heads, d)`) and `out` (kernel
+`(heads, d, width)`), with the initialisers of Flax's `MultiHeadDotProductAttention`: the
+parameter tree, hence every checkpoint, is the one that module makes, and the same key gives
+the same initial values.
+
+The attention kernel is chosen once per traced shape by `implementation` (below): cuDNN's fused
+flash attention for bf16/fp16 on a GPU when no dense mask is given (the ViT; odd lengths such
+as its 197 tokens are padded to even, `even_length_attention`), XLA's softmax attention
+otherwise (a dense mask, float32, CPU/TPU). Both compute the logits and the softmax
+in float32. Dropout on the attention weights (`dropout_rate > 0` while training) takes Flax's
+explicit-weights path, which neither fused kernel offers.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> attn = SelfAttention(num_heads=2)
+  >>> x = jnp.ones((1, 4, 8))
+  >>> params = attn.init(jax.random.PRNGKey(0), x)
+  >>> sorted(params["params"])
+  ['key', 'out', 'query', 'value']
+  >>> attn.apply(params, x).shape
+  (1, 4, 8)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+Dtype = Any
+
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def implementation(dtype: Dtype, head_dim: int, has_mask: bool,
+                   backend: str | None = None) -> str:
+  """The kernel for `jax.nn.dot_product_attention`: `"cudnn"` or `"xla"`.
+
+  cuDNN's flash attention takes bf16/fp16 only, head dimensions that are multiples of 8 up to
+  128, and (here) no dense mask: a boolean mask becomes an additive bias, which its training
+  kernel refuses at odd sequence lengths such as CLIP's 77 tokens. Everything else runs XLA.
+
+  Example:
+    >>> implementation(jnp.bfloat16, 64, has_mask=False, backend="gpu")
+    'cudnn'
+    >>> implementation(jnp.float32, 64, has_mask=False, backend="gpu")
+    'xla'
+    >>> implementation(jnp.bfloat16, 64, has_mask=True, backend="gpu")
+    'xla'
+  """
+  backend = jax.default_backend() if backend is None else backend
+  fused = (backend in ("gpu", "cuda") and jnp.dtype(dtype) in [jnp.dtype(d) for d in _FUSED_DTYPES]
+           and head_dim % 8 == 0 and head_dim <= 128 and not has_mask)
+  return "cudnn" if fused else "xla"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """`softmax(q k^T / sqrt(d) + M) v` for `(B, L, heads, d)` inputs, through the kernel that
+  `implementation` picks; falls back to XLA (with a log line) if cuDNN refuses the shape while
+  tracing.
+
+  Example:
+    >>> q = jnp.ones((1, 3, 2, 4))
+    >>> attend(q, q, q).shape
+    (1, 3, 2, 4)
+  """
+  if mask is not None and mask.dtype != jnp.bool_:
+    mask = mask.astype(jnp.bool_)  # Flax's make_attention_mask gives float 0/1
+  impl = implementation(q.dtype, q.shape[-1], mask is not None)
+  if impl == "cudnn":
+    try:
+      return even_length_attention(q, k, v, "cudnn")
+    except (NotImplementedError, RuntimeError) as e:  # shape/version checks run at trace time
+      logging.warning("cuDNN attention refused %s %s (%s); using XLA", q.shape, q.dtype, e)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          kernel: str = "cudnn") -> jax.Array:
+  """Unmasked self-attention `(B, L, heads, d)` computed at an even length.
+
+  cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens). An odd L is
+  padded to L + 1 with a zero query row, sliced off the output, and a zero key that the
+  kernel's own padding mask (`query_seq_lengths = key_value_seq_lengths = L`, no bias tensor)
+  hides: every real query attends to exactly its L keys, so the result equals unpadded
+  attention.
+
+  Example:
+    >>> q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 8))
+    >>> full = jax.nn.dot_product_attention(q, q, q)
+    >>> bool(jnp.allclose(even_length_attention(q, q, q, "xla"), full, atol=1e-6))
+    True
+  """
+  length = q.shape[1]
+  if length % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, implementation=kernel)
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  lengths = jnp.full((q.shape[0],), length, jnp.int32)
+  y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                   key_value_seq_lengths=lengths, implementation=kernel)
+  return y[:, :length]
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with Flax `MultiHeadDotProductAttention`'s parameters.
+
+  `mask` (bool) broadcasts to `(B, heads, L, L)`; True keeps a key.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(
+          f"SelfAttention: width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    if self.dropout_rate > 0.0 and not deterministic:
+      y = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
+                                   dropout_rate=self.dropout_rate, deterministic=False,
+                                   dtype=self.dtype)
+    else:
+      y = attend(q, k, v, mask)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="out")(y)
