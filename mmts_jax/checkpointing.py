@@ -32,6 +32,8 @@ Example:
   >>> tree, meta = ckpt.restore(3, {"w": np.zeros(2, np.float32)})
   >>> meta["input_position"], tree["w"].tolist()
   (3, [1.0, 1.0])
+  >>> ckpt.restore_latest({"w": np.zeros(2, np.float32)})[0]   # the newest step that reads back
+  3
   >>> ckpt.close()
 """
 from __future__ import annotations
