@@ -15,6 +15,14 @@ the loop then saves a checkpoint at the current step and exits. In multi-process
 coordination service receives the signal and `reached_preemption_sync_point` makes every process
 stop at the same step.
 
+Faults (docs/reliability.md): a save that fails part-way (a full disk, a quota, a file-size
+limit) raises `CheckpointWriteError` naming the step, its path and the previous complete step,
+which stays usable (the failed step only ever existed as an orbax temporary). `restore_latest`
+restores the newest step that reads back: a step whose files are truncated, garbled or missing
+(tensorstore's zstd/OCDBT reads fail on them) is reported with a warning naming the step and why
+and the step before it is tried; once one restores, the unreadable ones are renamed
+`<step>.unreadable` so that the resumed run can save those steps again.
+
 Example:
   >>> import tempfile, numpy as np
   >>> ckpt = Checkpointer(tempfile.mkdtemp(), every_steps=1, keep=2)
@@ -24,12 +32,17 @@ Example:
   >>> tree, meta = ckpt.restore(3, {"w": np.zeros(2, np.float32)})
   >>> meta["input_position"], tree["w"].tolist()
   (3, [1.0, 1.0])
+  >>> ckpt.restore_latest({"w": np.zeros(2, np.float32)})[0]   # the newest step that reads back
+  3
   >>> ckpt.close()
 """
 from __future__ import annotations
 
+import os
+import re
 import signal
 import threading
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -37,7 +50,29 @@ import orbax.checkpoint as ocp
 
 from mmts_jax import atomic_io
 
-__all__ = ["Checkpointer", "PreemptionWatcher"]
+__all__ = ["Checkpointer", "PreemptionWatcher", "CheckpointWriteError",
+           "CheckpointRestoreError"]
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the previous complete ones are untouched. `mmts train`
+  prints it as one line and exits 2 (a problem of the machine, as a full disk elsewhere)."""
+  exit_status = 2
+
+
+class CheckpointRestoreError(ValueError):
+  """No checkpoint step of a directory could be restored (each step's reason is listed)."""
+
+
+def _reason(e: BaseException) -> str:
+  """A short reason: the OS error tensorstore reports (`[os_error_code='28']` -> "No space left
+  on device"), else the exception's first line."""
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  first = (text.strip().splitlines() or [type(e).__name__])[0]
+  return first if len(first) <= 300 else first[:297] + "..."
 
 
 class Checkpointer:
@@ -56,6 +91,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    self._writing: int | None = None   # the step of the save in flight (async)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -64,10 +100,72 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, tree: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Starts an (async) save when `step` is due or `force`; returns whether one started."""
-    return self.manager.save(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                           meta=ocp.args.JsonSave(dict(meta))), force=force)
+    """Starts an (async) save when `step` is due or `force`; returns whether one started.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous async one (orbax reports a background
+        failure at the next call), could not be written.
+    """
+    try:
+      started = self.manager.save(
+          int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                             meta=ocp.args.JsonSave(dict(meta))), force=force)
+    except Exception as e:  # noqa: BLE001 (tensorstore raises ValueError for OS errors)
+      failed, self._writing = (self._writing if self._writing is not None else int(step)), None
+      raise self._write_error(failed, e) from e
+    if started:
+      self._writing = int(step)
+    return started
+
+  def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
+    self.manager.reload()   # forget the failed step: only committed steps count
+    good = self.manager.latest_step()
+    return CheckpointWriteError(
+        f"checkpoint step {step} could not be written to {self.directory / str(step)} "
+        f"({_reason(e)}); the previous checkpoint is usable: " +
+        (f"step {good} in {self.directory}" if good is not None else "none was saved yet"))
+
+  def restore_latest(self, target: Any = None) -> tuple[int, Any, dict] | None:
+    """(step, tree, meta) of the newest step that restores (see `restore`); None if there is no
+    step. A step that cannot be restored is warned about (naming it and why) and the step before
+    it is tried. Once an older step restores into the same `target` (so the newer ones failed
+    on their files, not on the target's structure), process 0 renames the failed ones
+    `<step>.unreadable`: kept for inspection, out of orbax's list, so the run can save those
+    steps again. Nothing is renamed when no step restores.
+
+    Raises:
+      CheckpointRestoreError: no step restores; each step's reason is listed.
+    """
+    failures, failed = [], []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        tree, meta = self.restore(step, target)
+      except Exception as e:  # noqa: BLE001 (unreadable data: ValueError, OSError, KeyError...)
+        failures.append(f"step {step}: {_reason(e)}")
+        failed.append(step)
+        warnings.warn(f"checkpoint step {step} in {self.directory} cannot be restored "
+                      f"({_reason(e)}); trying the one before it", RuntimeWarning, stacklevel=2)
+        continue
+      for bad in failed:
+        self._set_aside(bad)
+      return step, tree, meta
+    if failures:
+      raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored: "
+                                   + "; ".join(failures))
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    # Kept for inspection, but out of orbax's step list: a resumed run saves this step again.
+    if jax.process_index() == 0:
+      bad = self.directory / str(step)
+      target = self.directory / f"{step}.unreadable"
+      if target.exists():
+        target.rmtree()
+      bad.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self.manager.reload()
 
   def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
     """Restores `step` into the structure, dtypes and shardings of `target` (arrays or
@@ -80,12 +178,19 @@ class Checkpointer:
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:
-    """Blocks until every pending async save is committed."""
-    self.manager.wait_until_finished()
+    """Blocks until every pending async save is committed; `CheckpointWriteError` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (as in save)
+      failed, self._writing = self._writing, None
+      raise self._write_error(-1 if failed is None else failed, e) from e
+    self._writing = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 class PreemptionWatcher:

@@ -76,6 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
       eps=1e-6, grad_clip_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0, param_sharding="replicated"))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  # skip_nonfinite: a step with a NaN/inf loss or gradient never updates the state; True skips
+  # its batch (counted, one warning line), False stops the run (NonFiniteLossError, exit 3).
   # micro_batch_size: 0 = one tower pass over the global batch; else the towers run on
   # micro-batches of this size and `accumulation` combines them: "grad_cache" (the big-batch
   # update, every negative kept) or "plain" (per-micro-batch losses). mmts_jax/train/grad_cache.py

@@ -114,6 +114,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
   config.update(total_steps=100000, tensorboard=False)
   config.checkpoint.update(every_steps=2, keep=2)
   config.data.name = "nan_at_5"
+  config.train.skip_nonfinite = False   # stop (the default skips: tests/test_faults.py)
   with pytest.raises(train.NonFiniteLossError, match=r"at step 5.*last good checkpoint is step 4"):
     train.train_and_evaluate(config, tmp_path, stop_at_step=8)
   tree, _ = _restore(tmp_path, 4)

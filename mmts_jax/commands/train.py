@@ -16,8 +16,10 @@ naming the differing keys, unless `--allow-config-change` (recorded in
 WORKDIR/config_history.jsonl).
 
 Exit status: 0 trained (or stopped at --stop-at-step with a checkpoint); 2 bad arguments or
-configuration; 3 the loss became NaN/inf (the last good checkpoint is kept); 143 stopped by
-SIGTERM after saving a checkpoint (rerun to resume).
+configuration, or a checkpoint that could not be written (a full disk: the previous, usable one
+is named); 3 the loss became NaN/inf with `--config.train.skip_nonfinite=false` (the last good
+checkpoint is kept; by default such a step is skipped and counted); 143 stopped by SIGTERM after
+saving a checkpoint (rerun to resume).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Sequence
 from mmts_jax.errors import UserInputError
 
 EXIT_BAD_CONFIG = 2
-EXIT_NONFINITE = 3
+EXIT_NONFINITE = 3  # `train.NonFiniteLossError.exit_status`, honoured by `commands.errors.run`
 EXIT_PREEMPTED = 143
 
 
@@ -161,9 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     result = train.train_and_evaluate(config, args.workdir, stop_at_step=args.stop_at_step,
                                       eval_fn=eval_fn,
                                       allow_config_change=args.allow_config_change)
-  except train.NonFiniteLossError as e:
-    print(f"mmts train: error: {e}", file=sys.stderr)
-    return EXIT_NONFINITE
   except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
     print(f"mmts train: error: {e}", file=sys.stderr)
     return EXIT_BAD_CONFIG

@@ -7,6 +7,13 @@ evaluation hook, and a checkpoint when due, at the end, at `stop_at_step` or on 
 resumed from step N reads its input from the same batch position and appends exactly the records
 the uninterrupted run would have written.
 
+A step whose loss or gradient is NaN/inf (checked when the metrics are fetched, always before a
+checkpoint) either stops the run with `NonFiniteLossError` naming the last good checkpoint
+(`config.train.skip_nonfinite=False`; `mmts train` exits 3), or, with `skip_nonfinite=True` (the
+default), is skipped: the step left the whole state unchanged (`step` included, so the schedule
+does not advance), its batch is consumed, one line is printed on stderr and the record's
+`nonfinite_skipped` counts the skipped steps of the run (kept in the checkpoint's metadata).
+
 Example (two steps of a feature-tower model on the toy data; `mmts train --config
 configs/tiny.py` is the command-line front end):
   >>> import tempfile
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -43,7 +51,9 @@ __all__ = ["train_and_evaluate", "TrainResult", "NonFiniteLossError", "MetricsLo
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+  """The loss or gradient became NaN/inf; the last good checkpoint is kept. `mmts train` prints
+  it as one line and exits with `exit_status`."""
+  exit_status = 3
 
 
 @dataclasses.dataclass
@@ -54,21 +64,25 @@ class TrainResult:
   status: str                # "done", "stopped" (stop_at_step) or "preempted" (SIGTERM)
   workdir: epath.Path
   last_metrics: dict
+  nonfinite_skipped: int = 0  # steps skipped for a NaN/inf loss (`train.skip_nonfinite`)
 
 
 class MetricsLogger:
   """Collects each step's device metrics and writes the latest one when flushed.
 
-  `add` only keeps a reference (no device sync); `flush` fetches everything pending, raises
-  `NonFiniteLossError` for any step whose loss or gradient was not finite, and writes one record
-  for the latest step: its metrics, the throughput since the previous flush (examples/s overall
-  and per device), and `extra` (evaluation) scalars.
+  `add` only keeps a reference (no device sync); `flush` fetches everything pending, checks
+  each step's loss and gradient (a non-finite one raises `NonFiniteLossError`, or is counted in
+  `skipped` and reported on stderr when `skip_nonfinite`), and writes one record for the latest
+  step: its metrics, the throughput since the previous flush (examples/s overall and per device),
+  `nonfinite_skipped`, and `extra` (evaluation) scalars.
   """
 
   def __init__(self, writer: MetricsWriter, *, global_batch_size: int, num_devices: int,
                start_step: int, checkpointer: Checkpointer,
-               cluster_shifts: np.ndarray | None = None):
+               cluster_shifts: np.ndarray | None = None, skip_nonfinite: bool = False,
+               skipped: int = 0, verbose: bool = True):
     self.writer, self.checkpointer = writer, checkpointer
+    self.skip_nonfinite, self.skipped, self.verbose = bool(skip_nonfinite), int(skipped), verbose
     self.global_batch_size, self.num_devices = global_batch_size, num_devices
     self.cluster_shifts = cluster_shifts
     self.pending: list[tuple[int, Mapping[str, Any]]] = []
@@ -84,13 +98,21 @@ class MetricsLogger:
 
   def _check(self, fetched) -> None:
     for s, m in fetched:
-      if not bool(m["finite"]):
-        good = self.checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"the loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}: "
-            f"training stopped. The state was not updated by that step; the last good "
-            f"checkpoint is " + (f"step {good} in {self.checkpointer.directory}"
-                                  if good is not None else "none (no checkpoint was saved yet)"))
+      if bool(m["finite"]):
+        continue
+      what = f"the loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}"
+      if self.skip_nonfinite:
+        self.skipped += 1
+        if self.verbose:
+          print(f"warning: {what}: batch skipped, the state was not updated "
+                f"({self.skipped} skipped in this run)", file=sys.stderr, flush=True)
+        continue
+      good = self.checkpointer.latest_step()
+      raise NonFiniteLossError(
+          f"{what}: training stopped (train.skip_nonfinite=False); the state was not updated "
+          f"by that step; the last good checkpoint is " +
+          (f"step {good} in {self.checkpointer.directory}"
+           if good is not None else "none (no checkpoint was saved yet)"))
 
   def flush(self, extra: Mapping[str, float] | None = None) -> dict | None:
     """Fetches, checks and logs the pending metrics; returns the record written (or None)."""
@@ -104,7 +126,8 @@ class MetricsLogger:
     eps = max(s - self._step, 1) * self.global_batch_size / max(now - self._time, 1e-9)
     self._time, self._step = now, s
     record = {k: float(v) for k, v in m.items() if k != "finite"}
-    record.update(examples_per_sec=eps, examples_per_sec_per_device=eps / self.num_devices)
+    record.update(examples_per_sec=eps, examples_per_sec_per_device=eps / self.num_devices,
+                  nonfinite_skipped=self.skipped)
     record.update(extra or {})
     self.writer.write(s, record)
     if self.cluster_shifts is not None:
@@ -142,7 +165,12 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
   Raises:
     ValueError / TypeError: a bad configuration or table, before anything is compiled;
       `workdir.ConfigChangedError` for a resume with another configuration.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    NonFiniteLossError: the loss became NaN/inf and `config.train.skip_nonfinite` is False (the
+      last good checkpoint is kept).
+    checkpointing.CheckpointWriteError: a checkpoint could not be written (a full disk); the
+      previous one is usable and named.
+    checkpointing.CheckpointRestoreError: no checkpoint of the workdir can be restored (an
+      unreadable latest one alone is warned about and the previous one restored).
   """
   limits = validate(config)
   total = limits["total_steps"]
@@ -180,21 +208,24 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
     logger = MetricsLogger(writer, global_batch_size=limits["batch_size"],
                            num_devices=run.mesh.size, start_step=start, checkpointer=ckpt,
                            cluster_shifts=None if run.shift_table is None
-                           else np.unique(run.shift_table))
-    state, status = _loop(run, ckpt, logger, end=total if stop_at_step is None
+                           else np.unique(run.shift_table),
+                           skip_nonfinite=bool(config.train.get("skip_nonfinite", True)),
+                           skipped=int(run.checkpoint_meta.get("nonfinite_skipped", 0)),
+                           verbose=primary)
+    state, status, done = _loop(run, ckpt, logger, end=total if stop_at_step is None
                           else int(stop_at_step), total=total, log_every=limits["log_every"],
                           eval_fn=eval_fn, progress=primary and config.get("progress_bar", True))
   finally:
     if writer is not None:
       writer.close()
     ckpt.close()
-  return TrainResult(state=state, model=run.model, step=int(jax.device_get(state.step)),
-                     status=status,
-                     workdir=workdir, last_metrics=logger.last)
+  # `done`, not `state.step`: a skipped non-finite step left `state.step` where it was.
+  return TrainResult(state=state, model=run.model, step=done, status=status,
+                     workdir=workdir, last_metrics=logger.last, nonfinite_skipped=logger.skipped)
 
 
 def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: int,
-          log_every: int, eval_fn, progress: bool) -> tuple[TrainState, str]:
+          log_every: int, eval_fn, progress: bool) -> tuple[TrainState, str, int]:
   start, position, state = run.start_step, run.input_position, run.state
   eval_every = int(run.config.eval.get("every_steps", 0) or 0)
   embed = make_embed_fn(run.model) if eval_fn is not None else None
@@ -207,6 +238,7 @@ def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: in
     logger.writer.write(0, dict(eval_fn(0, embed, state.variables())))
   batches = run.device_batches(position)
   status = "done" if end == total else "stopped"
+  done = start
   try:
     with PreemptionWatcher() as watcher:
       for step in range(start, end):
@@ -228,11 +260,12 @@ def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: in
         preempted = watcher.requested(done)
         if preempted or done == end or ckpt.manager.should_save(done):
           logger.flush()   # never checkpoint a step whose loss has not been checked
-          ckpt.save(done, state.checkpoint_tree(), run.meta(position), force=True)
+          ckpt.save(done, state.checkpoint_tree(),
+                    dict(run.meta(position), nonfinite_skipped=logger.skipped), force=True)
         if preempted:
           status = "preempted"
           break
   finally:
     if bar is not None:
       bar.close()
-  return state, status
+  return state, status, done

@@ -169,7 +169,9 @@ _BUILT: dict[tuple, _Built] = {}
 def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
   """The model, optimizer, schedule and loss of `config` (reused for an equal configuration)."""
   parts = {k: config[k].to_dict() for k in ("model", "optim", "loss")}
-  parts.update(total_steps=int(config.total_steps), train=config.train.to_dict())
+  # skip_nonfinite only steers the loop (the compiled step always masks a non-finite update).
+  parts.update(total_steps=int(config.total_steps),
+               train={k: v for k, v in config.train.to_dict().items() if k != "skip_nonfinite"})
   key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
   if key not in _BUILT:
     # The sigmoid loss's logit bias `b` is a model parameter (SigLIP: init -10), which the
@@ -240,10 +242,12 @@ class Setup:
 
 
 def _restore_latest(run: Setup, checkpointer) -> Setup:
-  start = checkpointer.latest_step()
-  if not start:
+  # The newest step that reads back: an unreadable one is warned about and the one before it
+  # restored (`Checkpointer.restore_latest`).
+  found = checkpointer.restore_latest(run.state.checkpoint_tree())
+  if found is None:
     return run
-  tree, meta = checkpointer.restore(start, run.state.checkpoint_tree())
+  start, tree, meta = found
   if meta.get("shift_table") != run.shift_table_id:
     raise ValueError(
         f"checkpoint {start} in {checkpointer.directory} was trained with shift table "
@@ -314,9 +318,11 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   if jitted is None:
     jitted = built.jitted[(tuple(leaves), treedef)] = (
         jax.jit(create, out_shardings=shardings),
+        # The compiled step never applies a non-finite update; `config.train.skip_nonfinite`
+        # only decides whether the loop then goes on or stops (`train.loop`), so both settings
+        # share one compilation and a stopped run's in-memory state is the last good one.
         compile_train_step(shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
-                           skip_nonfinite=bool(config.train.get("skip_nonfinite", True)),
-                           **step_kw))
+                           skip_nonfinite=True, **step_kw))
   create_fn, step_fn = jitted
   state = create_fn(**args)
   run = Setup(config=config, mesh=mesh, source=source, policy=policy, loss_fn=loss_fn,
