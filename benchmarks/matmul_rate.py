@@ -5,6 +5,7 @@
 
 The train-step table divides each side's model FLOP rate by this number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
   if args.n <= 0 or args.reps <= 0:
     p.error(f"--n and --reps must be positive, got {args.n}, {args.reps}")
   import torch
+
   a = torch.randn(args.n, args.n, device="cuda", dtype=torch.bfloat16)
   b = torch.randn(args.n, args.n, device="cuda", dtype=torch.bfloat16)
   for _ in range(3):
@@ -32,8 +34,16 @@ def main(argv=None) -> int:
   end.record()
   torch.cuda.synchronize()
   seconds = start.elapsed_time(end) / 1e3 / args.reps
-  print(json.dumps({"n": args.n, "reps": args.reps, "device": torch.cuda.get_device_name(),
-                    "bf16_tflops": 2 * args.n ** 3 / seconds / 1e12}))
+  print(
+    json.dumps(
+      {
+        "n": args.n,
+        "reps": args.reps,
+        "device": torch.cuda.get_device_name(),
+        "bf16_tflops": 2 * args.n**3 / seconds / 1e12,
+      }
+    )
+  )
   return 0
 
 

@@ -16,6 +16,7 @@ official numbers in `shared/reference/ek100_mir_small.npz` too.
   python benchmarks/mir_bench.py --repeats 5 --threads 1
   python benchmarks/mir_bench.py --retrieval          # COCO-sized R@K: mir_retrieval_coco.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # ---- the official algorithm, step by step ------------------------------------------------------
+
 
 def official_map(sim: np.ndarray, rel: np.ndarray, kind: str = "quicksort") -> float:
   """Mean over rows of AP; relevant positions are `rel == 1`, the running sum adds all of rel.
@@ -62,8 +64,9 @@ def _official_dcg(sim, rel, k_counts, kind):
 def official_ndcg(sim: np.ndarray, rel: np.ndarray, kind: str = "quicksort") -> float:
   """Mean over rows of DCG / IDCG over the first K ranks, K = number of items with rel > 0."""
   k_counts = (np.sort(rel, axis=1)[:, ::-1] > 0).astype(int)
-  return float(np.mean(_official_dcg(sim, rel, k_counts, kind)
-                       / _official_dcg(rel, rel, k_counts, kind)))
+  return float(
+    np.mean(_official_dcg(sim, rel, k_counts, kind) / _official_dcg(rel, rel, k_counts, kind))
+  )
 
 
 def official_metrics(sim: np.ndarray, rel: np.ndarray, kind: str = "quicksort") -> dict:
@@ -77,6 +80,7 @@ def official_metrics(sim: np.ndarray, rel: np.ndarray, kind: str = "quicksort") 
 
 # ---- measurement ---------------------------------------------------------------------------------
 
+
 def _rss_mib() -> float:
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -86,6 +90,7 @@ def _worker(args) -> None:
   """Runs one implementation on the saved matrices; prints one JSON line."""
   if args.worker == "mmts_jax":
     from mmts_jax.eval import mir_metrics
+
     def run(s, r):
       return {k: tuple(v) for k, v in mir_metrics(s, r, num_threads=args.threads).items()}
   else:
@@ -104,24 +109,35 @@ def _worker(args) -> None:
   run(sim, rel)
   traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
   tracemalloc.stop()
-  print(json.dumps({
-      "implementation": args.worker, "repeats": args.repeats,
-      "wall_s": {"min": min(walls), "median": statistics.median(walls), "all": walls},
-      "cpu_s": {"min": min(cpus), "median": statistics.median(cpus), "all": cpus},
-      "rss_after_inputs_mib": loaded, "peak_rss_mib": peak_rss,
-      "peak_rss_above_inputs_mib": peak_rss - loaded, "tracemalloc_peak_mib": traced_peak,
-      "metrics": values}))
+  print(
+    json.dumps(
+      {
+        "implementation": args.worker,
+        "repeats": args.repeats,
+        "wall_s": {"min": min(walls), "median": statistics.median(walls), "all": walls},
+        "cpu_s": {"min": min(cpus), "median": statistics.median(cpus), "all": cpus},
+        "rss_after_inputs_mib": loaded,
+        "peak_rss_mib": peak_rss,
+        "peak_rss_above_inputs_mib": peak_rss - loaded,
+        "tracemalloc_peak_mib": traced_peak,
+        "metrics": values,
+      }
+    )
+  )
 
 
 def _retrieval_bench(args) -> int:
   """COCO-sized retrieval (5k images x 25k captions): time, peak RSS, the host never holds S."""
   import jax
+
   from mmts_jax.eval import retrieval_metrics
+
   rng = np.random.default_rng(0)
   n, per, d = args.images, 5, args.dim
   image = rng.standard_normal((n, d)).astype(np.float32)
-  text = (np.repeat(image, per, axis=0) + 2.0 * rng.standard_normal((n * per, d))
-          ).astype(np.float32)
+  text = (np.repeat(image, per, axis=0) + 2.0 * rng.standard_normal((n * per, d))).astype(
+    np.float32
+  )
   mapping = np.arange(n * per) // per
   walls = []
   for _ in range(args.repeats + 1):  # the first call compiles
@@ -129,18 +145,22 @@ def _retrieval_bench(args) -> int:
     m = retrieval_metrics(image, text, mapping)
     walls.append(time.perf_counter() - w)
   record = {
-      "benchmark": f"retrieval_metrics, {n} images x {n * per} captions, D={d}, float32",
-      "device": str(jax.devices()[0]), "first_call_s": walls[0],
-      "wall_s": {"min": min(walls[1:]), "median": statistics.median(walls[1:])},
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "full_similarity_mib": n * n * per * 4 / 2**20, "metrics": m,
-      "load_average": _load_average(),
-      "command": "python benchmarks/mir_bench.py --retrieval",
+    "benchmark": f"retrieval_metrics, {n} images x {n * per} captions, D={d}, float32",
+    "device": str(jax.devices()[0]),
+    "first_call_s": walls[0],
+    "wall_s": {"min": min(walls[1:]), "median": statistics.median(walls[1:])},
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "full_similarity_mib": n * n * per * 4 / 2**20,
+    "metrics": m,
+    "load_average": _load_average(),
+    "command": "python benchmarks/mir_bench.py --retrieval",
   }
-  print(f"retrieval {n} x {n * per} (D={d}) on {record['device']}: "
-        f"{record['wall_s']['min']:.2f} s (first call {walls[0]:.2f} s), peak RSS "
-        f"{record['peak_rss_mib']:.0f} MiB; the full matrix would be "
-        f"{record['full_similarity_mib']:.0f} MiB")
+  print(
+    f"retrieval {n} x {n * per} (D={d}) on {record['device']}: "
+    f"{record['wall_s']['min']:.2f} s (first call {walls[0]:.2f} s), peak RSS "
+    f"{record['peak_rss_mib']:.0f} MiB; the full matrix would be "
+    f"{record['full_similarity_mib']:.0f} MiB"
+  )
   _write_json(str(ROOT / "benchmarks" / "results" / "mir_retrieval_coco.json"), record)
   return 0
 
@@ -178,6 +198,7 @@ def main(argv=None) -> int:
     return _retrieval_bench(args)
 
   from mmts_jax.eval import ek100_relevancy
+
   t = time.perf_counter()
   rel = ek100_relevancy(args.data)
   build_s = time.perf_counter() - t
@@ -195,26 +216,41 @@ def main(argv=None) -> int:
       out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
       results[impl] = json.loads(out.strip().splitlines()[-1]) | {"load_average_before": load}
       r = results[impl]
-      print(f"{impl:>9}: wall {r['wall_s']['min']:.2f} s (median {r['wall_s']['median']:.2f}), "
-            f"cpu {r['cpu_s']['min']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB "
-            f"({r['peak_rss_above_inputs_mib']:.0f} above inputs), traced peak "
-            f"{r['tracemalloc_peak_mib']:.0f} MiB, load {load[0]:.1f}")
-  diff = max(abs(a - b) for name in ("mAP", "nDCG")
-             for a, b in zip(results["mmts_jax"]["metrics"][name],
-                             results["official"]["metrics"][name], strict=True))
+      print(
+        f"{impl:>9}: wall {r['wall_s']['min']:.2f} s (median {r['wall_s']['median']:.2f}), "
+        f"cpu {r['cpu_s']['min']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB "
+        f"({r['peak_rss_above_inputs_mib']:.0f} above inputs), traced peak "
+        f"{r['tracemalloc_peak_mib']:.0f} MiB, load {load[0]:.1f}"
+      )
+  diff = max(
+    abs(a - b)
+    for name in ("mAP", "nDCG")
+    for a, b in zip(
+      results["mmts_jax"]["metrics"][name], results["official"]["metrics"][name], strict=True
+    )
+  )
   for name in ("mAP", "nDCG"):
     v = results["mmts_jax"]["metrics"][name]
     print(f"{name:>5} (v2t / t2v / avg, %): " + " / ".join(f"{100 * x:.2f}" for x in v))
-  print(f"max |mmts_jax - official| = {diff:.2e}; speed-up (wall, min) "
-        f"{results['official']['wall_s']['min'] / results['mmts_jax']['wall_s']['min']:.1f}x, "
-        f"(cpu) {results['official']['cpu_s']['min'] / results['mmts_jax']['cpu_s']['min']:.1f}x")
+  print(
+    f"max |mmts_jax - official| = {diff:.2e}; speed-up (wall, min) "
+    f"{results['official']['wall_s']['min'] / results['mmts_jax']['wall_s']['min']:.1f}x, "
+    f"(cpu) {results['official']['cpu_s']['min'] / results['mmts_jax']['cpu_s']['min']:.1f}x"
+  )
   record = {
-      "benchmark": "EK-100 MIR mAP + nDCG, both directions, whole validation split",
-      "shape": list(rel.shape), "similarity": "standard normal float32, seed 0",
-      "relevancy_build_s": build_s, "max_abs_diff": diff, "results": results,
-      "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-               "python": platform.python_version(), "numpy": np.__version__},
-      "command": "python benchmarks/mir_bench.py " + " ".join(argv or sys.argv[1:]),
+    "benchmark": "EK-100 MIR mAP + nDCG, both directions, whole validation split",
+    "shape": list(rel.shape),
+    "similarity": "standard normal float32, seed 0",
+    "relevancy_build_s": build_s,
+    "max_abs_diff": diff,
+    "results": results,
+    "host": {
+      "machine": platform.machine(),
+      "cpus": os.cpu_count(),
+      "python": platform.python_version(),
+      "numpy": np.__version__,
+    },
+    "command": "python benchmarks/mir_bench.py " + " ".join(argv or sys.argv[1:]),
   }
   _write_json(args.out, record)
   return 0

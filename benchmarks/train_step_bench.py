@@ -17,6 +17,7 @@ at the first size only. Memory: `xla_step_gib` is XLA's analysis of one step's e
 (arguments + outputs + temporaries - donated buffers), `peak_gib_process` the allocator's peak
 over the whole process (all runs' states resident). Writes OUT/train_step_bench_MODEL.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,31 @@ from mmts_jax.models import attention  # noqa: E402
 from mmts_jax.train import setup  # noqa: E402
 
 MODELS = {
-    # ViT-B/16 at 224 px + CLIP's text transformer (77 tokens, BPE vocabulary).
-    "vit_b16": dict(image=dict(name="vit", variant="B/16"), image_size=224,
-                    text=dict(name="transformer", vocab_size=49408, max_len=77, width=512,
-                              depth=12, num_heads=8, mlp_dim=2048, pool="eot", causal=True),
-                    embed_dim=512),
-    "tiny": dict(image=dict(name="vit", variant="mu/8"), image_size=32,
-                 text=dict(name="transformer", vocab_size=100, max_len=8, width=32, depth=1,
-                           num_heads=2, mlp_dim=64), embed_dim=16),
+  # ViT-B/16 at 224 px + CLIP's text transformer (77 tokens, BPE vocabulary).
+  "vit_b16": dict(
+    image=dict(name="vit", variant="B/16"),
+    image_size=224,
+    text=dict(
+      name="transformer",
+      vocab_size=49408,
+      max_len=77,
+      width=512,
+      depth=12,
+      num_heads=8,
+      mlp_dim=2048,
+      pool="eot",
+      causal=True,
+    ),
+    embed_dim=512,
+  ),
+  "tiny": dict(
+    image=dict(name="vit", variant="mu/8"),
+    image_size=32,
+    text=dict(
+      name="transformer", vocab_size=100, max_len=8, width=32, depth=1, num_heads=2, mlp_dim=64
+    ),
+    embed_dim=16,
+  ),
 }
 
 
@@ -70,8 +88,11 @@ def _batch(spec, batch: int, table_size: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   s, t = spec["image_size"], spec["text"]
   tokens = rng.integers(1, t["vocab_size"], size=(batch, t["max_len"])).astype(np.int32)
-  return {"image": rng.normal(size=(batch, s, s, 3)).astype(np.float32), "text": tokens,
-          "index": rng.integers(0, table_size, size=batch).astype(np.int32)}
+  return {
+    "image": rng.normal(size=(batch, s, s, 3)).astype(np.float32),
+    "text": tokens,
+    "index": rng.integers(0, table_size, size=batch).astype(np.int32),
+  }
 
 
 class _FixedBatchSource:
@@ -100,9 +121,14 @@ def _build(model, batch, table_size, modes):
   for mode in modes:
     c.temperature.mode = mode
     run = setup(c)
-    runs[mode] = {"state": run.state, "fn": run.step_fn, "batch": run.to_device(host_batch),
-                  "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
-                  "policy": run.policy, "table": run.shift_table}
+    runs[mode] = {
+      "state": run.state,
+      "fn": run.step_fn,
+      "batch": run.to_device(host_batch),
+      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+      "policy": run.policy,
+      "table": run.shift_table,
+    }
   return runs
 
 
@@ -120,10 +146,14 @@ def _compile(run):
   _progress(f"compiled in {run['compile_s']:.1f} s")
   mem = run["step"].memory_analysis()
   if mem is not None:
-    need = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
-    run["xla_step_gib"] = need / 2 ** 30
-    run["xla_temp_gib"] = mem.temp_size_in_bytes / 2 ** 30
+    need = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
+    run["xla_step_gib"] = need / 2**30
+    run["xla_temp_gib"] = mem.temp_size_in_bytes / 2**30
 
 
 def _wait_for(path: str | None, ready: str | None):
@@ -149,14 +179,15 @@ def _temperature_only_us(policy, table, batch: int, iters: int = 1000) -> float:
   """Per-call time of `schedule(step) + table[index]` inside one compiled loop."""
   table = jnp.asarray(table)
   state = {"shift_table": table}
-  index = jnp.asarray(np.random.default_rng(2).integers(0, table.shape[0], size=batch),
-                      jnp.int32)
+  index = jnp.asarray(np.random.default_rng(2).integers(0, table.shape[0], size=batch), jnp.int32)
 
   @jax.jit
   def loop(index):
     def body(i, acc):
-      return acc + jnp.sum(policy.values(state, step=i, index=(index + i) % table.shape[0],
-                                         model_temperature=None))
+      return acc + jnp.sum(
+        policy.values(state, step=i, index=(index + i) % table.shape[0], model_temperature=None)
+      )
+
     return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
 
   jax.block_until_ready(loop(index))
@@ -167,7 +198,7 @@ def _temperature_only_us(policy, table, batch: int, iters: int = 1000) -> float:
 
 def _peak_gib():
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-  return stats["peak_bytes_in_use"] / 2 ** 30 if stats and "peak_bytes_in_use" in stats else None
+  return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
 
 
 def main(argv=None) -> int:
@@ -175,8 +206,11 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="directory for train_step_bench_MODEL.json")
   p.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
   p.add_argument("--batch", default="256", help="batch sizes, comma separated")
-  p.add_argument("--modes", default="fixed,mmts",
-                 help="temperature modes at the first batch size (later sizes: the first mode)")
+  p.add_argument(
+    "--modes",
+    default="fixed,mmts",
+    help="temperature modes at the first batch size (later sizes: the first mode)",
+  )
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--table-size", type=int, default=2_900_000, help="shift-table entries (CC3M)")
@@ -186,8 +220,9 @@ def main(argv=None) -> int:
   batches = [int(b) for b in args.batch.split(",")]
   modes = args.modes.split(",")
   if any(b <= 0 for b in batches) or not set(modes) <= {"fixed", "mmts"}:
-    p.error(f"--batch must be positive integers and --modes fixed/mmts: {args.batch!r} "
-            f"{args.modes!r}")
+    p.error(
+      f"--batch must be positive integers and --modes fixed/mmts: {args.batch!r} {args.modes!r}"
+    )
 
   runs = {}
   for i, b in enumerate(batches):
@@ -204,26 +239,42 @@ def main(argv=None) -> int:
   _wait_for(args.go_file, args.ready_file)
   _progress("timing")
   for run in runs.values():
-    _time(run, 3)                                   # warm-up (allocator, autotuning)
+    _time(run, 3)  # warm-up (allocator, autotuning)
   times = {key: [] for key in runs}
-  for _ in range(args.rounds):   # alternate, so that clock and thermal drift hit all alike
+  for _ in range(args.rounds):  # alternate, so that clock and thermal drift hit all alike
     for key, run in runs.items():
       times[key].append(_time(run, args.steps))
   result = {
-      "bench": "train_step", "model": args.model, "batches": batches, "dtype": "bfloat16",
-      "steps_per_round": args.steps, "rounds": args.rounds, "table_size": args.table_size,
-      "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-      "jax": jax.__version__, "python": platform.python_version(),
-      "attention": {"vit": attention.implementation(jnp.bfloat16, 64, has_mask=False),
-                    "text": attention.implementation(jnp.bfloat16, 64, has_mask=True)},
+    "bench": "train_step",
+    "model": args.model,
+    "batches": batches,
+    "dtype": "bfloat16",
+    "steps_per_round": args.steps,
+    "rounds": args.rounds,
+    "table_size": args.table_size,
+    "device": jax.devices()[0].device_kind,
+    "platform": jax.devices()[0].platform,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "attention": {
+      "vit": attention.implementation(jnp.bfloat16, 64, has_mask=False),
+      "text": attention.implementation(jnp.bfloat16, 64, has_mask=True),
+    },
   }
   for key, ts in times.items():
     med, b = statistics.median(ts), int(key.rsplit("_b", 1)[1])
     run = runs[key]
-    result[key] = {"batch": b, "step_ms_median": med * 1e3, "step_ms_min": min(ts) * 1e3,
-                   "step_ms_max": max(ts) * 1e3, "examples_per_sec": b / med,
-                   "compile_s": run["compile_s"], "params": run["params"],
-                   "xla_step_gib": run.get("xla_step_gib"), "xla_temp_gib": run.get("xla_temp_gib")}
+    result[key] = {
+      "batch": b,
+      "step_ms_median": med * 1e3,
+      "step_ms_min": min(ts) * 1e3,
+      "step_ms_max": max(ts) * 1e3,
+      "examples_per_sec": b / med,
+      "compile_s": run["compile_s"],
+      "params": run["params"],
+      "xla_step_gib": run.get("xla_step_gib"),
+      "xla_temp_gib": run.get("xla_temp_gib"),
+    }
   b0 = batches[0]
   if {"fixed", "mmts"} <= set(modes):
     fixed, mmts = result[f"fixed_b{b0}"]["step_ms_median"], result[f"mmts_b{b0}"]["step_ms_median"]

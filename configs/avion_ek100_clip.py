@@ -7,6 +7,7 @@ clusters (see `avion_ek100_mimm.py` for the data and the cluster table).
       --config.data.path=/data/ek100_features.npz --config.mmts.cluster_table=/data/ek100_nouns.npz
   ROW: fixed | clip | ts | ics | mmts (default)
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 

@@ -12,12 +12,13 @@ set data.path to a features file written by `mmts_jax.data.features.save_feature
       --config.data.path=/data/ek100_features.npz --config.mmts.cluster_table=/data/ek100_nouns.npz
   ROW: fixed | ts | ics | mmts (default)
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):
   c = default_config()
-  c.total_steps = 15_000              # ~100 epochs of 67,217 narrations at batch 512
+  c.total_steps = 15_000  # ~100 epochs of 67,217 narrations at batch 512
   c.batch_size = 512
   c.log_every = 100
   c.data.update(name="mmts_jax.data.trainer_source:features", path="")

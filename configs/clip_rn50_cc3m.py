@@ -13,20 +13,32 @@ a cluster table, then set data.path, data.tokenizer and mmts.cluster_table.
       --config.mmts.cluster_table=/data/cc3m/clusters_k200.npz
   ROW: fixed | clip (learnable temperature, the CLIP baseline) | ts | ics | mmts (default)
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):
   c = default_config()
-  c.total_steps = 82_000              # ~30 epochs of 2.8M pairs at batch 1024
+  c.total_steps = 82_000  # ~30 epochs of 2.8M pairs at batch 1024
   c.batch_size = 1024
   c.log_every = 100
-  c.data.update(name="mmts_jax.data.trainer_source:records", path="", tokenizer="",
-                text_len=77, image_size=224)
+  c.data.update(
+    name="mmts_jax.data.trainer_source:records", path="", tokenizer="", text_len=77, image_size=224
+  )
   c.model.update(embed_dim=1024, dtype="bfloat16")
   c.model.image = dict(name="resnet", depth=50, width=64)
-  c.model.text = dict(name="transformer", vocab_size=49408, max_len=77, width=512, depth=12,
-                      num_heads=8, mlp_dim=2048, pool="eot", causal=True, pad_id=0)
+  c.model.text = dict(
+    name="transformer",
+    vocab_size=49408,
+    max_len=77,
+    width=512,
+    depth=12,
+    num_heads=8,
+    mlp_dim=2048,
+    pool="eot",
+    causal=True,
+    pad_id=0,
+  )
   c.loss.name = "infonce"
   c.temperature.update(value=0.07, tau_min=0.1, tau_max=1.0)
   c.mmts.update(alpha=0.04, sh_min=0.05, sh_max=0.10, num_oscillations=5, k=200)

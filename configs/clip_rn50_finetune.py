@@ -8,6 +8,7 @@
       --config.mmts.cluster_table=/data/clusters.npz
   ROW: fixed | clip (learnable, from the checkpoint's logit_scale) | ts | ics | mmts (default)
 """
+
 from mmts_jax.models.clip.finetune_config import finetune_config
 
 

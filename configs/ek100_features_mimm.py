@@ -15,6 +15,7 @@ frequencies). Sized for the synthetic class-derived features of `mmts finetune p
 `mmts finetune train` fills in `data.path` and `mmts.cluster_table` from `--data`; plain
 `mmts train` works too when both are given as overrides (it logs no MIR metrics then).
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 

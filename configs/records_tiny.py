@@ -6,6 +6,7 @@ docs/tpu.md rehearses with it.
   mmts train --config configs/records_tiny.py --workdir gs://BUCKET/runs/mini \\
       --config.data.path=gs://BUCKET/data/mini --config.mmts.cluster_table=gs://BUCKET/mini.npz
 """
+
 import importlib.util
 import os
 
@@ -28,14 +29,33 @@ def get_config(row: str = ""):
   c.batch_size = 32
   c.log_every = 5
   c.progress_bar = False
-  c.data = ml_collections.ConfigDict(dict(
-      name="mmts_jax.data.trainer_source:records", path="", tokenizer=_minilm_tokenizer(),
-      text_len=16, image_size=32, num_threads=4, worker_count=0))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="mmts_jax.data.trainer_source:records",
+      path="",
+      tokenizer=_minilm_tokenizer(),
+      text_len=16,
+      image_size=32,
+      num_threads=4,
+      worker_count=0,
+    )
+  )
   c.model.update(embed_dim=32)
   c.model.image = ml_collections.ConfigDict(dict(name="vit", variant="mu/8", pool="gap"))
-  c.model.text = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=30522, max_len=16, width=32, depth=1, num_heads=2,
-      mlp_dim=64, pool="mean", causal=False, pad_id=0))
+  c.model.text = ml_collections.ConfigDict(
+    dict(
+      name="transformer",
+      vocab_size=30522,
+      max_len=16,
+      width=32,
+      depth=1,
+      num_heads=2,
+      mlp_dim=64,
+      pool="mean",
+      causal=False,
+      pad_id=0,
+    )
+  )
   c.optim.update(lr=1e-3, warmup_steps=3)
   c.checkpoint.update(every_steps=10, keep=2)
   return with_row(c, row)

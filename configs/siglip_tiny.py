@@ -12,6 +12,7 @@ alpha = 0.04 and shifts [0.05, 0.10] unchanged.
 
 ROW: fixed | clip (learnable temperature, SigLIP's t') | ts | ics | mmts (default).
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 

@@ -8,6 +8,7 @@ a 1-layer text transformer, MM-TS InfoNCE.
 ROW: fixed | clip | ts | ics | mmts (default) | ics_lm | mmts_lm (level-matched to
 temperature.value) | isogclr.
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 

@@ -8,12 +8,13 @@ embeddings, 5 oscillations. Trains feature towers on precomputed VAST video / ca
       --config.data.path=/data/yc2_features.npz --config.mmts.cluster_table=/data/yc2_k200.npz
   ROW: fixed | clip | ts | ics | mmts (default)
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 
 def get_config(row: str = ""):
   c = default_config()
-  c.total_steps = 6_000               # ~40 epochs of ~10k YouCook2 training clips at batch 64
+  c.total_steps = 6_000  # ~40 epochs of ~10k YouCook2 training clips at batch 64
   c.batch_size = 64
   c.log_every = 50
   c.data.update(name="mmts_jax.data.trainer_source:features", path="")

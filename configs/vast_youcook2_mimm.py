@@ -11,6 +11,7 @@ sh_min = 0.105 (smallest margin 0.005). `--config.mmts.sh_min=0.10` reproduces t
       --config.data.path=/data/yc2_features.npz --config.mmts.cluster_table=/data/yc2_k200.npz
   ROW: fixed | ts | ics | mmts (default)
 """
+
 from mmts_jax.config_defaults import default_config, with_row
 
 

@@ -9,6 +9,7 @@ Example:
   >>> mmts_jax.shifts.__name__
   'mmts_jax.shifts'
 """
+
 from __future__ import annotations
 
 import importlib

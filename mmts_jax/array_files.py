@@ -17,6 +17,7 @@ Example:
   mmts_jax.errors.UserInputError: ...emb.npz['image_emb']: 1 non-finite value(s), first at row 0;
   expected finite numbers
 """
+
 from __future__ import annotations
 
 import io
@@ -31,19 +32,41 @@ import numpy as np
 from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
 
-__all__ = ["sniff", "load_npy", "open_npz", "read_npz", "load_npz_array", "check_matrix",
-           "check_numeric"]
+__all__ = [
+  "sniff",
+  "load_npy",
+  "open_npz",
+  "read_npz",
+  "load_npz_array",
+  "check_matrix",
+  "check_numeric",
+]
 
 # What numpy and zipfile raise for a damaged archive: bad CRCs, truncated members, header fields
 # out of range ("zip file version 21.0" is a NotImplementedError), broken deflate streams.
-_DAMAGED = (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError,
-            struct.error, zlib.error, OverflowError)
+_DAMAGED = (
+  ValueError,
+  OSError,
+  EOFError,
+  zipfile.BadZipFile,
+  KeyError,
+  NotImplementedError,
+  struct.error,
+  zlib.error,
+  OverflowError,
+)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-_KNOWN = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-          (b"\x80", "a Python pickle"), (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF"),
-          (b"BM", "a BMP image"))
+_KNOWN = (
+  (b"\x89PNG", "a PNG image"),
+  (b"\xff\xd8\xff", "a JPEG image"),
+  (b"GIF8", "a GIF image"),
+  (b"\x80", "a Python pickle"),
+  (b"\x1f\x8b", "a gzip file"),
+  (b"%PDF", "a PDF"),
+  (b"BM", "a BMP image"),
+)
 
 
 def sniff(path: str | os.PathLike) -> str:
@@ -100,14 +123,20 @@ def _expect(path: str, kind: str, expected: str) -> None:
 def _reading(path: str, key: str | None, expected: str, e: Exception) -> UserInputError:
   text = str(e)
   if "allow_pickle" in text or "Object arrays" in text or "Python objects" in text:
-    return UserInputError(path, "holds Python objects (pickled data is never loaded)", key=key,
-                          expected=expected)
-  return UserInputError(path, f"is truncated or corrupt ({type(e).__name__}: {text})", key=key,
-                        expected=expected)
+    return UserInputError(
+      path, "holds Python objects (pickled data is never loaded)", key=key, expected=expected
+    )
+  return UserInputError(
+    path, f"is truncated or corrupt ({type(e).__name__}: {text})", key=key, expected=expected
+  )
 
 
-def load_npy(path: str | os.PathLike, *, expected: str = "a .npy array written by numpy.save",
-             mmap: bool = False) -> np.ndarray:
+def load_npy(
+  path: str | os.PathLike,
+  *,
+  expected: str = "a .npy array written by numpy.save",
+  mmap: bool = False,
+) -> np.ndarray:
   """An array from a `.npy` file, without pickle; UserInputError names the file if it is not one.
 
   Example:
@@ -135,8 +164,9 @@ def open_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
     raise _reading(path, None, expected, e) from e
 
 
-def read_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written by numpy.savez"
-             ) -> dict[str, np.ndarray]:
+def read_npz(
+  path: str | os.PathLike, *, expected: str = "a .npz archive written by numpy.savez"
+) -> dict[str, np.ndarray]:
   """Every array of a `.npz`, read now (for small files: tables, features, test sets).
 
   A damaged member (bad CRC, truncated, inconsistent headers) is a `UserInputError` naming the
@@ -160,21 +190,35 @@ def read_npz(path: str | os.PathLike, *, expected: str = "a .npz archive written
 
 
 @overload
-def load_npz_array(path: str | os.PathLike, key: str, *, required: Literal[True] = ...,
-                   expected: str | None = None, hint: str = "") -> np.ndarray: ...
+def load_npz_array(
+  path: str | os.PathLike,
+  key: str,
+  *,
+  required: Literal[True] = ...,
+  expected: str | None = None,
+  hint: str = "",
+) -> np.ndarray: ...
 @overload
-def load_npz_array(path: str | os.PathLike, key: str, *, required: bool,
-                   expected: str | None = None, hint: str = "") -> np.ndarray | None: ...
-def load_npz_array(path: str | os.PathLike, key: str, *, required: bool = True,
-                   expected: str | None = None, hint: str = "") -> np.ndarray | None:
+def load_npz_array(
+  path: str | os.PathLike, key: str, *, required: bool, expected: str | None = None, hint: str = ""
+) -> np.ndarray | None: ...
+def load_npz_array(
+  path: str | os.PathLike,
+  key: str,
+  *,
+  required: bool = True,
+  expected: str | None = None,
+  hint: str = "",
+) -> np.ndarray | None:
   """The array `key` of a `.npz`; a missing key lists the keys the file has (plus `hint`)."""
   expected = expected or f"a .npz archive with an array {key!r}"
   with open_npz(path, expected=expected) as z:
     if key not in z.files:
       if not required:
         return None
-      raise UserInputError(path, f"has no array {key!r}, only {sorted(z.files)}{hint}",
-                           expected=expected)
+      raise UserInputError(
+        path, f"has no array {key!r}, only {sorted(z.files)}{hint}", expected=expected
+      )
     try:
       return z[key]
     except _DAMAGED as e:
@@ -192,24 +236,31 @@ def check_numeric(x: np.ndarray, path, key: str | None = None) -> np.ndarray:
     expected a numeric (int or float) array
   """
   if x.dtype.kind not in "biuf":
-    raise UserInputError(path, f"has dtype {x.dtype}", key=key,
-                         expected="a numeric (int or float) array")
+    raise UserInputError(
+      path, f"has dtype {x.dtype}", key=key, expected="a numeric (int or float) array"
+    )
   return x
 
 
-def check_matrix(x: np.ndarray, path, key: str | None = None, *, rows: int | None = None,
-                 finite: bool = True) -> np.ndarray:
+def check_matrix(
+  x: np.ndarray, path, key: str | None = None, *, rows: int | None = None, finite: bool = True
+) -> np.ndarray:
   """A 2-D numeric array with `rows` rows (if given) and only finite values."""
   check_numeric(x, path, key)
   if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-    raise UserInputError(path, f"has shape {x.shape}", key=key,
-                         expected="a non-empty 2-D (rows, dim) array")
+    raise UserInputError(
+      path, f"has shape {x.shape}", key=key, expected="a non-empty 2-D (rows, dim) array"
+    )
   if rows is not None and x.shape[0] != rows:
     raise UserInputError(path, f"has {x.shape[0]} rows", key=key, expected=f"{rows} rows")
   if finite and x.dtype.kind == "f":
     bad = ~np.isfinite(x)
     if bad.any():
       first = int(np.argwhere(bad)[0][0])
-      raise UserInputError(path, f"{int(bad.sum())} non-finite value(s), first at row {first}",
-                           key=key, expected="finite numbers")
+      raise UserInputError(
+        path,
+        f"{int(bad.sum())} non-finite value(s), first at row {first}",
+        key=key,
+        expected="finite numbers",
+      )
   return x

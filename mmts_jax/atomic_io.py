@@ -26,18 +26,27 @@ Example:
   >>> is_object_store(p), is_object_store("gs://bucket/a.json")
   (False, True)
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
 import tempfile
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from etils import epath
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "is_object_store", "as_path", "read_bytes"]
+__all__ = [
+  "atomic_write",
+  "atomic_write_bytes",
+  "atomic_write_text",
+  "atomic_write_json",
+  "is_object_store",
+  "as_path",
+  "read_bytes",
+]
 
 
 def is_object_store(path: epath.PathLike) -> bool:
@@ -61,8 +70,9 @@ def read_bytes(path: epath.PathLike) -> bytes:
 def _write_local(path: str, write: Callable[[BinaryIO], Any]) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(
+    dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+  )
   try:
     umask = os.umask(0)
     os.umask(umask)

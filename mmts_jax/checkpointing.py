@@ -36,6 +36,7 @@ Example:
   3
   >>> ckpt.close()
 """
+
 from __future__ import annotations
 
 import os
@@ -43,20 +44,21 @@ import re
 import signal
 import threading
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from mmts_jax import atomic_io
 
-__all__ = ["Checkpointer", "PreemptionWatcher", "CheckpointWriteError",
-           "CheckpointRestoreError"]
+__all__ = ["Checkpointer", "PreemptionWatcher", "CheckpointWriteError", "CheckpointRestoreError"]
 
 
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written; the previous complete ones are untouched. `mmts train`
   prints it as one line and exits 2 (a problem of the machine, as a full disk elsewhere)."""
+
   exit_status = 2
 
 
@@ -86,12 +88,16 @@ class Checkpointer:
       raise ValueError(f"checkpoint keep must be > 0, got {keep}")
     self.directory = atomic_io.as_path(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(keep), save_interval_steps=int(every_steps),
-        enable_async_checkpointing=bool(async_save), create=True,
-        cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
-    self._writing: int | None = None   # the step of the save in flight (async)
+      max_to_keep=int(keep),
+      save_interval_steps=int(every_steps),
+      enable_async_checkpointing=bool(async_save),
+      create=True,
+      cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
+    self._writing: int | None = None  # the step of the save in flight (async)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -108,8 +114,12 @@ class Checkpointer:
     """
     try:
       started = self.manager.save(
-          int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                             meta=ocp.args.JsonSave(dict(meta))), force=force)
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta))
+        ),
+        force=force,
+      )
     except Exception as e:  # noqa: BLE001 (tensorstore raises ValueError for OS errors)
       failed, self._writing = (self._writing if self._writing is not None else int(step)), None
       raise self._write_error(failed, e) from e
@@ -118,12 +128,13 @@ class Checkpointer:
     return started
 
   def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
-    self.manager.reload()   # forget the failed step: only committed steps count
+    self.manager.reload()  # forget the failed step: only committed steps count
     good = self.manager.latest_step()
     return CheckpointWriteError(
-        f"checkpoint step {step} could not be written to {self.directory / str(step)} "
-        f"({_reason(e)}); the previous checkpoint is usable: " +
-        (f"step {good} in {self.directory}" if good is not None else "none was saved yet"))
+      f"checkpoint step {step} could not be written to {self.directory / str(step)} "
+      f"({_reason(e)}); the previous checkpoint is usable: "
+      + (f"step {good} in {self.directory}" if good is not None else "none was saved yet")
+    )
 
   def restore_latest(self, target: Any = None) -> tuple[int, Any, dict] | None:
     """(step, tree, meta) of the newest step that restores (see `restore`); None if there is no
@@ -143,15 +154,20 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 (unreadable data: ValueError, OSError, KeyError...)
         failures.append(f"step {step}: {_reason(e)}")
         failed.append(step)
-        warnings.warn(f"checkpoint step {step} in {self.directory} cannot be restored "
-                      f"({_reason(e)}); trying the one before it", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+          f"checkpoint step {step} in {self.directory} cannot be restored "
+          f"({_reason(e)}); trying the one before it",
+          RuntimeWarning,
+          stacklevel=2,
+        )
         continue
       for bad in failed:
         self._set_aside(bad)
       return step, tree, meta
     if failures:
-      raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored: "
-                                   + "; ".join(failures))
+      raise CheckpointRestoreError(
+        f"no checkpoint in {self.directory} can be restored: " + "; ".join(failures)
+      )
     return None
 
   def _set_aside(self, step: int) -> None:
@@ -164,6 +180,7 @@ class Checkpointer:
       bad.rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
     self.manager.reload()
 
@@ -173,8 +190,11 @@ class Checkpointer:
     lists of arrays), e.g. for inspection."""
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     out = self.manager.restore(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                           meta=ocp.args.JsonRestore()))
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:
@@ -204,7 +224,7 @@ class PreemptionWatcher:
     self._previous: dict = {}
     self._multiprocess = jax.process_count() > 1
 
-  def __enter__(self) -> "PreemptionWatcher":
+  def __enter__(self) -> PreemptionWatcher:
     # Signal handlers can only be installed from the main thread; elsewhere (a notebook worker
     # thread) preemption is simply not watched.
     if not self._multiprocess and threading.current_thread() is threading.main_thread():
@@ -226,5 +246,6 @@ class PreemptionWatcher:
     """Whether the run should checkpoint and stop after `step` (all processes agree)."""
     if self._multiprocess:
       from jax.experimental import multihost_utils
+
       return bool(multihost_utils.reached_preemption_sync_point(int(step)))
     return self._event.is_set()

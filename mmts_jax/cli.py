@@ -7,6 +7,7 @@ Errors: a problem with the user's files, flags or disk ends with exit status 2 a
 naming the file, the line or key, and what was expected (`mmts_jax.commands.errors`, the one
 place that turns exceptions into messages); `--debug` or `MMTS_DEBUG=1` shows the traceback.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,29 +15,40 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "synthetic": ("mmts_jax.commands.synthetic",
-                  "the built-in synthetic long-tail benchmark (cluster, train CLIP vs MM-TS, eval)"),
-    "demo": ("mmts_jax.commands.demo", "print MM-TS temperatures along a schedule and batch losses"),
-    "cluster": ("mmts_jax.commands.cluster", "build a cluster table (captions, labels or embeddings)"),
-    "train": ("mmts_jax.commands.train", "train a dual encoder with MM-TS from a config"),
-    "eval": ("mmts_jax.commands.eval", "retrieval R@K / EK-100 MIR metrics from embeddings"),
-    "prepare": ("mmts_jax.commands.prepare", "convert image-text data to ArrayRecord"),
-    "finetune": ("mmts_jax.commands.finetune",
-                 "EK-100 feature fine-tuning with MIR eval; zero-shot retrieval of a checkpoint"),
-    "convert": ("mmts_jax.commands.convert", "a PyTorch CLIP checkpoint -> an orbax Flax checkpoint"),
+  "synthetic": (
+    "mmts_jax.commands.synthetic",
+    "the built-in synthetic long-tail benchmark (cluster, train CLIP vs MM-TS, eval)",
+  ),
+  "demo": ("mmts_jax.commands.demo", "print MM-TS temperatures along a schedule and batch losses"),
+  "cluster": (
+    "mmts_jax.commands.cluster",
+    "build a cluster table (captions, labels or embeddings)",
+  ),
+  "train": ("mmts_jax.commands.train", "train a dual encoder with MM-TS from a config"),
+  "eval": ("mmts_jax.commands.eval", "retrieval R@K / EK-100 MIR metrics from embeddings"),
+  "prepare": ("mmts_jax.commands.prepare", "convert image-text data to ArrayRecord"),
+  "finetune": (
+    "mmts_jax.commands.finetune",
+    "EK-100 feature fine-tuning with MIR eval; zero-shot retrieval of a checkpoint",
+  ),
+  "convert": ("mmts_jax.commands.convert", "a PyTorch CLIP checkpoint -> an orbax Flax checkpoint"),
 }
 
 
 def _usage() -> str:
   lines = ["usage: mmts COMMAND [ARGS...]", "", "commands:"]
   lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-  lines += ["", "`mmts COMMAND --help` describes a command. `--debug` (or MMTS_DEBUG=1) shows "
-            "the traceback of an error."]
+  lines += [
+    "",
+    "`mmts COMMAND --help` describes a command. `--debug` (or MMTS_DEBUG=1) shows "
+    "the traceback of an error.",
+  ]
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
   from mmts_jax.commands import errors
+
   argv, debug = errors.strip_debug(list(sys.argv[1:] if argv is None else argv))
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_usage())

@@ -16,6 +16,7 @@ Example:
   >>> str(UserInputError("emb.npz", "no such array", key="image_emb"))
   "emb.npz['image_emb']: no such array"
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,15 @@ class UserInputError(ValueError):
     expected: what would have been accepted, e.g. "a .npz file of (N, D) float arrays".
   """
 
-  def __init__(self, path: str | os.PathLike | None, problem: str, *, line: int | None = None,
-               key: str | None = None, expected: str | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike | None,
+    problem: str,
+    *,
+    line: int | None = None,
+    key: str | None = None,
+    expected: str | None = None,
+  ):
     self.path = None if path is None else os.fspath(path)
     self.problem, self.line, self.key, self.expected = problem, line, key, expected
     super().__init__(self._format())

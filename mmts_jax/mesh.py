@@ -15,6 +15,7 @@ Example:
   >>> mesh.axis_names
   ('data',)
 """
+
 from __future__ import annotations
 
 import os
@@ -22,16 +23,25 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["DATA_AXIS", "PARAM_SHARDINGS", "initialize_distributed", "make_mesh",
-           "batch_sharding", "replicated", "param_sharding", "tree_shardings",
-           "local_batch_size"]
+__all__ = [
+  "DATA_AXIS",
+  "PARAM_SHARDINGS",
+  "initialize_distributed",
+  "make_mesh",
+  "batch_sharding",
+  "replicated",
+  "param_sharding",
+  "tree_shardings",
+  "local_batch_size",
+]
 
 DATA_AXIS = "data"
 PARAM_SHARDINGS = ("replicated", "fsdp")
 # Arrays smaller than this stay replicated under FSDP: their all-gather costs more than it saves.
-FSDP_MIN_SIZE = 2 ** 14
+FSDP_MIN_SIZE = 2**14
 
 
 def _looks_multiprocess() -> bool:
@@ -106,6 +116,8 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The per-process batch; raises ValueError when the global batch does not split evenly."""
   n_dev, n_proc = mesh.size, jax.process_count()
   if global_batch_size <= 0 or global_batch_size % n_dev:
-    raise ValueError(f"batch_size {global_batch_size} must be a positive multiple of the number "
-                     f"of devices ({n_dev})")
+    raise ValueError(
+      f"batch_size {global_batch_size} must be a positive multiple of the number "
+      f"of devices ({n_dev})"
+    )
   return global_batch_size // n_proc

@@ -26,6 +26,7 @@ Example:
   >>> read_metrics(d)
   [{'step': 1, 'loss': 2.5}]
 """
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,8 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -91,7 +93,7 @@ class _ObjectJsonl:
     atomic_io.atomic_write_text(self.path, self._text)
 
   def flush(self) -> None:
-    pass   # every write is already published
+    pass  # every write is already published
 
   def close(self) -> None:
     pass
@@ -123,13 +125,14 @@ class _EpathEventFactory:
     return _EpathEventFile(path)
 
   def directory_check(self, path: str) -> None:
-    del path   # object-store directories are implicit prefixes
+    del path  # object-store directories are implicit prefixes
 
 
 def _register_tensorboard_scheme(logdir: str) -> None:
   """Routes tensorboardX's event files for `logdir`'s scheme through `epath` (its own `gs://`
   writer needs google-cloud-storage credentials and ignores the project's path type)."""
   from tensorboardX import record_writer
+
   scheme = logdir.split("://", 1)[0]
   if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathEventFactory):
     record_writer.register_writer_factory(scheme, _EpathEventFactory())
@@ -154,8 +157,11 @@ class MetricsWriter:
       try:
         from tensorboardX import SummaryWriter
       except ImportError:
-        warnings.warn("tensorboardX is not installed: TensorBoard scalars are not written "
-                      "(pip install tensorboardX)", stacklevel=2)
+        warnings.warn(
+          "tensorboardX is not installed: TensorBoard scalars are not written "
+          "(pip install tensorboardX)",
+          stacklevel=2,
+        )
       else:
         logdir = os.fspath(self.workdir / "tensorboard")
         if atomic_io.is_object_store(logdir):

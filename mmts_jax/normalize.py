@@ -9,6 +9,7 @@ import the models): each imports this module only.
 computed in float32 for bf16/f16/f32 inputs (float64 for float64 inputs), as the official MM-TS
 `sim_matrix` does with `eps = 1e-8`.
 """
+
 from __future__ import annotations
 
 import jax

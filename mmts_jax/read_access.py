@@ -12,6 +12,7 @@ Example:
   >>> exists(p), is_dir(p), read_head(p, 4), is_object_store("gs://b/a.txt")
   (True, False, b'hell', True)
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ def is_object_store(path: str | os.PathLike) -> bool:
 
 def _epath(path):
   from etils import epath
+
   return epath.Path(os.fspath(path))
 
 

@@ -4,6 +4,7 @@ MM-TS (Sheludzko et al., WACV 2026, Eq. 7) oscillates a *base* temperature aroun
 per-sample shift (see `mmts_jax.shifts`). The uni-modal temperature schedule (TS, Kukleva et al.,
 ICLR 2023) oscillates a single temperature between two bounds.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,9 @@ def cosine_oscillation(alpha: float, period: float) -> Callable[[chex.Numeric], 
   return schedule
 
 
-def temperature_schedule(tau_min: float, tau_max: float,
-                         period: float) -> Callable[[chex.Numeric], jax.Array]:
+def temperature_schedule(
+  tau_min: float, tau_max: float, period: float
+) -> Callable[[chex.Numeric], jax.Array]:
   r"""Uni-modal temperature schedule (TS):
   :math:`\tau(t) = \tau_{min} + (\tau_{max} - \tau_{min})\,(1 + \cos(2\pi t/T))/2`.
 

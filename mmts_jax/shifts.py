@@ -3,6 +3,7 @@
 The shift maps the size `K_c` of a sample's semantic cluster linearly onto `[sh_min, sh_max]`:
 large (head) clusters get large temperatures / margins, small (tail) clusters small ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,15 +23,28 @@ def _is_jax(x) -> bool:
 
 
 @overload
-def cluster_shift(sizes: jax.Array, sh_min: float, sh_max: float,
-                  min_size: ArrayLike | None = None, max_size: ArrayLike | None = None
-                  ) -> jax.Array: ...
+def cluster_shift(
+  sizes: jax.Array,
+  sh_min: float,
+  sh_max: float,
+  min_size: ArrayLike | None = None,
+  max_size: ArrayLike | None = None,
+) -> jax.Array: ...
 @overload
-def cluster_shift(sizes: np.ndarray | Sequence[float], sh_min: float, sh_max: float,
-                  min_size: ArrayLike | None = None, max_size: ArrayLike | None = None
-                  ) -> np.ndarray: ...
-def cluster_shift(sizes, sh_min: float, sh_max: float, min_size: ArrayLike | None = None,
-                  max_size: ArrayLike | None = None) -> jax.Array | np.ndarray:
+def cluster_shift(
+  sizes: np.ndarray | Sequence[float],
+  sh_min: float,
+  sh_max: float,
+  min_size: ArrayLike | None = None,
+  max_size: ArrayLike | None = None,
+) -> np.ndarray: ...
+def cluster_shift(
+  sizes,
+  sh_min: float,
+  sh_max: float,
+  min_size: ArrayLike | None = None,
+  max_size: ArrayLike | None = None,
+) -> jax.Array | np.ndarray:
   r"""Eq. 6: :math:`sh(c) = \frac{K_c - \min K}{\max K - \min K}(sh_{max} - sh_{min}) + sh_{min}`.
 
   Args:
@@ -66,8 +80,9 @@ def cluster_shift(sizes, sh_min: float, sh_max: float, min_size: ArrayLike | Non
   return (frac * (sh_max - sh_min) + sh_min).astype(dtype)
 
 
-def validate_positive(alpha: float, sh_min: float, sh_max: float | None = None, *,
-                      what: str = "temperature") -> None:
+def validate_positive(
+  alpha: float, sh_min: float, sh_max: float | None = None, *, what: str = "temperature"
+) -> None:
   """Rejects a configuration whose temperature (or margin) can reach <= 0 over a period.
 
   The smallest value over a period is `sh_min - alpha/2` (the trough of Eq. 7 plus the smallest
@@ -77,7 +92,8 @@ def validate_positive(alpha: float, sh_min: float, sh_max: float | None = None, 
     ValueError: naming alpha, sh_min and the minimum reached.
   """
   for name, v in (("alpha", alpha), ("sh_min", sh_min)) + (
-      (("sh_max", sh_max),) if sh_max is not None else ()):
+    (("sh_max", sh_max),) if sh_max is not None else ()
+  ):
     if not math.isfinite(float(v)):
       raise ValueError(f"{name} must be finite, got {v}")
   if alpha < 0:
@@ -87,18 +103,21 @@ def validate_positive(alpha: float, sh_min: float, sh_max: float | None = None, 
   lowest = sh_min - alpha / 2
   if lowest <= 0:
     raise ValueError(
-        f"the {what} can reach {lowest:g} <= 0: sh_min - alpha/2 = {sh_min} - {alpha}/2; "
-        f"choose sh_min > alpha/2 = {alpha / 2:g}")
+      f"the {what} can reach {lowest:g} <= 0: sh_min - alpha/2 = {sh_min} - {alpha}/2; "
+      f"choose sh_min > alpha/2 = {alpha / 2:g}"
+    )
 
 
-def per_sample_values(base: jax.Array | float, shift_table: jax.Array,
-                      index: jax.Array) -> jax.Array:
+def per_sample_values(
+  base: jax.Array | float, shift_table: jax.Array, index: jax.Array
+) -> jax.Array:
   """`tau_i = base + shift_table[index_i]` (Eq. 8), gathered on device inside a jitted step."""
   return base + jnp.take(shift_table, index, axis=0)
 
 
-def level_match(shift_table: ArrayLike, target: float, *, alpha: float = 0.0,
-                what: str = "temperature") -> np.ndarray:
+def level_match(
+  shift_table: ArrayLike, target: float, *, alpha: float = 0.0, what: str = "temperature"
+) -> np.ndarray:
   r"""Re-centres per-sample shifts so that their sample mean is `target`, keeping the shape.
 
   :math:`sh'_i = sh_i - \frac{1}{N}\sum_j sh_j + target`. Over whole periods Eq. 7's cosine
@@ -129,15 +148,17 @@ def level_match(shift_table: ArrayLike, target: float, *, alpha: float = 0.0,
   if not math.isfinite(target) or target <= 0:
     raise ValueError(f"level_match: target {what} must be finite and > 0, got {target}")
   if table.ndim != 1 or table.size == 0 or not np.all(np.isfinite(table)):
-    raise ValueError(f"level_match: shift_table must be a non-empty finite (N,) array, got shape "
-                     f"{table.shape}")
+    raise ValueError(
+      f"level_match: shift_table must be a non-empty finite (N,) array, got shape {table.shape}"
+    )
   if not math.isfinite(float(alpha)) or alpha < 0:
     raise ValueError(f"level_match: alpha must be finite and >= 0, got {alpha}")
   out = table - table.mean() + target
   lowest = float(out.min()) - alpha / 2
   if lowest <= 0:
     raise ValueError(
-        f"level_match: re-centred at a mean {what} of {target:g}, the lowest {what} is "
-        f"{lowest:g} <= 0 (min shift {out.min():g} - alpha/2 {alpha / 2:g}); the shift spread "
-        f"allows a target > {table.mean() - table.min() + alpha / 2:g}")
+      f"level_match: re-centred at a mean {what} of {target:g}, the lowest {what} is "
+      f"{lowest:g} <= 0 (min shift {out.min():g} - alpha/2 {alpha / 2:g}); the shift spread "
+      f"allows a target > {table.mean() - table.min() + alpha / 2:g}"
+    )
   return out

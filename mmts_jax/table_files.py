@@ -21,13 +21,15 @@ Example:
   mmts_jax.errors.UserInputError: ...t.csv:2: row has 3 fields but the header has 2;
   expected one field per column
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
@@ -39,6 +41,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".json")
 
 class Table(NamedTuple):
   """A table's file, column names, rows (dicts) and the 1-based line where each row starts."""
+
   path: str
   columns: list[str]
   rows: list[dict[str, Any]]
@@ -70,14 +73,22 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
   data = read_access.read_bytes(path)
   nul = data.find(b"\x00")
   if nul >= 0:
-    raise UserInputError(path, "contains a NUL byte (binary data or UTF-16 text)",
-                         line=data.count(b"\n", 0, nul) + 1, expected=f"a UTF-8 {what}")
+    raise UserInputError(
+      path,
+      "contains a NUL byte (binary data or UTF-16 text)",
+      line=data.count(b"\n", 0, nul) + 1,
+      expected=f"a UTF-8 {what}",
+    )
   try:
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
-    raise UserInputError(path, f"is not UTF-8 ({e.reason}, byte 0x{data[e.start]:02x})",
-                         line=line, expected=f"a UTF-8 {what}") from None
+    raise UserInputError(
+      path,
+      f"is not UTF-8 ({e.reason}, byte 0x{data[e.start]:02x})",
+      line=line,
+      expected=f"a UTF-8 {what}",
+    ) from None
 
 
 def _kind(path: str, kind: str | None) -> str:
@@ -85,15 +96,20 @@ def _kind(path: str, kind: str | None) -> str:
     return kind
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in TABLE_SUFFIXES:
-    raise UserInputError(path, f"unknown table type {suffix or '(no suffix)'!r}",
-                         expected="a .csv, .tsv or .jsonl file")
+    raise UserInputError(
+      path,
+      f"unknown table type {suffix or '(no suffix)'!r}",
+      expected="a .csv, .tsv or .jsonl file",
+    )
   return {".tab": "tsv", ".json": "jsonl"}.get(suffix, suffix[1:])
 
 
-def _read_delimited(path: str, text: str, delimiter: str, quoting: Literal[0, 1, 2, 3],
-                    header: bool):
-  reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
-                      strict=True)
+def _read_delimited(
+  path: str, text: str, delimiter: str, quoting: Literal[0, 1, 2, 3], header: bool
+):
+  reader = csv.reader(
+    io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True
+  )
   head, rows, lines = None, [], []
   start = 1
   try:
@@ -105,21 +121,31 @@ def _read_delimited(path: str, text: str, delimiter: str, quoting: Literal[0, 1,
         head = [c.strip() for c in row]
         dup = sorted({c for c in head if head.count(c) > 1})
         if dup or "" in head:
-          raise UserInputError(path, f"header {row} has {'duplicate' if dup else 'empty'} "
-                               f"column name(s) {dup or ['']}", line=line,
-                               expected="distinct, non-empty column names")
+          raise UserInputError(
+            path,
+            f"header {row} has {'duplicate' if dup else 'empty'} column name(s) {dup or ['']}",
+            line=line,
+            expected="distinct, non-empty column names",
+          )
         continue
       if head is None:
         head = [str(i) for i in range(len(row))]
       if len(row) != len(head):
-        raise UserInputError(path, f"row has {len(row)} fields but the header has {len(head)}",
-                             line=line, expected="one field per column")
+        raise UserInputError(
+          path,
+          f"row has {len(row)} fields but the header has {len(head)}",
+          line=line,
+          expected="one field per column",
+        )
       rows.append(dict(zip(head, row, strict=True)))
       lines.append(line)
   except csv.Error as e:
-    raise UserInputError(path, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})",
-                         line=reader.line_num or 1,
-                         expected='quotes that close ("..." and "" inside)') from None
+    raise UserInputError(
+      path,
+      f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})",
+      line=reader.line_num or 1,
+      expected='quotes that close ("..." and "" inside)',
+    ) from None
   return head or [], rows, lines
 
 
@@ -128,8 +154,12 @@ def _read_jsonl(path: str, text: str):
     try:
       items = json.loads(text)
     except json.JSONDecodeError as e:
-      raise UserInputError(path, f"not valid JSON ({e.msg}, column {e.colno})", line=e.lineno,
-                           expected="a JSON list of objects") from None
+      raise UserInputError(
+        path,
+        f"not valid JSON ({e.msg}, column {e.colno})",
+        line=e.lineno,
+        expected="a JSON list of objects",
+      ) from None
     numbered = [(None, item) for item in items]
   else:
     numbered = []
@@ -138,24 +168,38 @@ def _read_jsonl(path: str, text: str):
         try:
           numbered.append((line_no, json.loads(line)))
         except json.JSONDecodeError as e:
-          raise UserInputError(path, f"not valid JSON ({e.msg}, column {e.colno})",
-                               line=line_no, expected="one JSON object per line") from None
+          raise UserInputError(
+            path,
+            f"not valid JSON ({e.msg}, column {e.colno})",
+            line=line_no,
+            expected="one JSON object per line",
+          ) from None
   columns: dict[str, None] = {}
   rows, lines = [], []
   for i, (line_no, item) in enumerate(numbered):
     if not isinstance(item, dict):
-      raise UserInputError(path, f"is a JSON {type(item).__name__}, not an object",
-                           line=line_no if line_no is not None else i + 1,
-                           expected='one JSON object per line, e.g. {"caption": "..."}')
+      raise UserInputError(
+        path,
+        f"is a JSON {type(item).__name__}, not an object",
+        line=line_no if line_no is not None else i + 1,
+        expected='one JSON object per line, e.g. {"caption": "..."}',
+      )
     columns.update(dict.fromkeys(item))
     rows.append(item)
     lines.append(line_no if line_no is not None else i + 1)
   return list(columns), rows, lines
 
 
-def read_table(path: str | os.PathLike, required: Sequence[str] = (), *, kind: str | None = None,
-               delimiter: str | None = None, quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
-               header: bool = True, allow_empty: bool = False) -> Table:
+def read_table(
+  path: str | os.PathLike,
+  required: Sequence[str] = (),
+  *,
+  kind: str | None = None,
+  delimiter: str | None = None,
+  quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
+  header: bool = True,
+  allow_empty: bool = False,
+) -> Table:
   """Reads a `.csv`, `.tsv`/`.tab` or `.jsonl`/`.json` table; see the module docstring.
 
   Args:
@@ -177,16 +221,27 @@ def read_table(path: str | os.PathLike, required: Sequence[str] = (), *, kind: s
     for i, row in enumerate(rows):
       missing = [c for c in required if c not in row]
       if missing:
-        raise UserInputError(path, f"object has no key(s) {missing}", line=lines[i],
-                             expected=f"every object to have {list(required)}")
+        raise UserInputError(
+          path,
+          f"object has no key(s) {missing}",
+          line=lines[i],
+          expected=f"every object to have {list(required)}",
+        )
   else:
     delim = delimiter or ("\t" if kind == "tsv" else ",")
     columns, rows, lines = _read_delimited(path, text, delim, quoting, header)
     missing = [c for c in required if c not in columns]
     if missing:
-      raise UserInputError(path, f"has no column(s) {missing}, only {columns}", line=1,
-                           expected=f"a header with {list(required)}")
+      raise UserInputError(
+        path,
+        f"has no column(s) {missing}, only {columns}",
+        line=1,
+        expected=f"a header with {list(required)}",
+      )
   if not rows and not allow_empty:
-    raise UserInputError(path, "has no rows" if columns or text.strip() else "is empty",
-                         expected="a header and at least one row")
+    raise UserInputError(
+      path,
+      "has no rows" if columns or text.strip() else "is empty",
+      expected="a header and at least one row",
+    )
   return Table(path, columns, rows, lines)

@@ -30,11 +30,13 @@ Example:
   >>> [round(float(v), 4) for v in values]
   [0.07, 0.12]
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,17 @@ import numpy as np
 from mmts_jax import schedules, shifts
 from mmts_jax.config_defaults import ROW_ALIASES
 
-__all__ = ["Policy", "Fixed", "Learnable", "Schedule", "ShiftTable", "POLICIES", "from_config",
-           "check_shift_table", "PARTITIONS"]
+__all__ = [
+  "Policy",
+  "Fixed",
+  "Learnable",
+  "Schedule",
+  "ShiftTable",
+  "POLICIES",
+  "from_config",
+  "check_shift_table",
+  "PARTITIONS",
+]
 
 PARTITIONS = ("replicated", "rows")
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -56,6 +67,7 @@ class Policy:
 
   `what` is "temperature" (InfoNCE) or "margin" (max-margin).
   """
+
   name: str
   what: str = "temperature"
 
@@ -78,14 +90,21 @@ class Policy:
     del step
     return jnp.float32(0.0)
 
-  def values(self, state: Mapping[str, jax.Array], *, step, index,
-             model_temperature) -> jax.Array:
+  def values(self, state: Mapping[str, jax.Array], *, step, index, model_temperature) -> jax.Array:
     """`(B,)` float32 values for the anchors whose dataset positions are `index`."""
     raise NotImplementedError
 
-  def loss(self, state: Mapping[str, jax.Array], image: jax.Array, text: jax.Array, *, step,
-           index, loss_fn: LossFn, model_temperature
-           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  def loss(
+    self,
+    state: Mapping[str, jax.Array],
+    image: jax.Array,
+    text: jax.Array,
+    *,
+    step,
+    index,
+    loss_fn: LossFn,
+    model_temperature,
+  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """`(loss, values, new_state)`; the train step differentiates `loss` and stores
     `new_state` (under `stop_gradient`)."""
     values = self.values(state, step=step, index=index, model_temperature=model_temperature)
@@ -105,6 +124,7 @@ def _per_anchor(value, index) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Fixed(Policy):
   """One fixed value."""
+
   name: str = "fixed"
   value: float = 0.07
 
@@ -120,6 +140,7 @@ class Learnable(Policy):
   """CLIP's learnable global temperature: the model owns `log(1/tau)` (initial
   `log(1/value)`), clamped by the optimizer at `tau >= min_value`
   (`mmts_jax.train.optim.clamp_parameter`)."""
+
   name: str = "learnable"
   value: float = 0.07
   min_value: float = 0.01
@@ -134,6 +155,7 @@ class Learnable(Policy):
 @dataclasses.dataclass(frozen=True)
 class Schedule(Policy):
   """TS: the uni-modal cosine schedule between `tau_min` and `tau_max` (Kukleva et al. 2023)."""
+
   name: str = "ts"
   tau_min: float = 0.07
   tau_max: float = 1.0
@@ -155,6 +177,7 @@ class ShiftTable(Policy):
 
   `level`: when set, the table is re-centred so that its sample mean is `level`
   (`shifts.level_match`; the level-matched rows `ics_lm` / `mmts_lm`)."""
+
   name: str = "mmts"
   alpha: float = 0.0
   period: float = 1.0
@@ -163,18 +186,22 @@ class ShiftTable(Policy):
 
   def init_state(self, num_examples, shift_table):
     if shift_table is None:
-      raise ValueError(f"temperature policy {self.name!r} needs per-example shifts: set "
-                       f"config.mmts.cluster_table or config.mmts.shift_table_path")
+      raise ValueError(
+        f"temperature policy {self.name!r} needs per-example shifts: set "
+        f"config.mmts.cluster_table or config.mmts.shift_table_path"
+      )
     if self.level is not None:
-      shift_table = check_shift_table(shift_table, ShiftTable(what=self.what),
-                                      num_examples=num_examples)
-      shift_table = shifts.level_match(shift_table, self.level, alpha=float(self.alpha),
-                                       what=self.what)
+      shift_table = check_shift_table(
+        shift_table, ShiftTable(what=self.what), num_examples=num_examples
+      )
+      shift_table = shifts.level_match(
+        shift_table, self.level, alpha=float(self.alpha), what=self.what
+      )
     table = check_shift_table(shift_table, self, num_examples=num_examples)
     return {"shift_table": jnp.asarray(table)}
 
   def state_partition(self):
-    return {"shift_table": "replicated"}   # gathered by arbitrary indices every step
+    return {"shift_table": "replicated"}  # gathered by arbitrary indices every step
 
   def base(self, step):
     if isinstance(self.alpha, (int, float)) and self.alpha == 0:
@@ -183,8 +210,9 @@ class ShiftTable(Policy):
     return self.alpha / 2 * _cosine(step, self.period)
 
   def values(self, state, *, step, index, model_temperature):
-    return shifts.per_sample_values(self.base(step), state["shift_table"],
-                                    jnp.asarray(index)).astype(jnp.float32)
+    return shifts.per_sample_values(
+      self.base(step), state["shift_table"], jnp.asarray(index)
+    ).astype(jnp.float32)
 
 
 def _field(cfg, key, default=None):
@@ -200,14 +228,15 @@ def _positive(name: str, value) -> float:
 
 
 def _fixed(t, m, *, period, what, **unused):
-  return Fixed(value=_positive(f"temperature.value ({what})", _field(t, "value", 0.07)),
-               what=what)
+  return Fixed(value=_positive(f"temperature.value ({what})", _field(t, "value", 0.07)), what=what)
 
 
 def _learnable(t, m, *, period, what, **unused):
   if what != "temperature":
-    raise ValueError("temperature.mode 'learnable' is CLIP's learned temperature and only "
-                     "applies to loss 'infonce', got loss 'max_margin'")
+    raise ValueError(
+      "temperature.mode 'learnable' is CLIP's learned temperature and only "
+      "applies to loss 'infonce', got loss 'max_margin'"
+    )
   return Learnable(value=_positive("temperature.value (temperature)", _field(t, "value", 0.07)))
 
 
@@ -215,8 +244,9 @@ def _schedule(t, m, *, period, what, **unused):
   tau_min = _positive(f"temperature.tau_min ({what})", _field(t, "tau_min", 0.07))
   tau_max = float(_field(t, "tau_max", 1.0))
   if not tau_max >= tau_min:
-    raise ValueError(f"temperature.tau_max must be >= tau_min, got tau_min={tau_min}, "
-                     f"tau_max={tau_max}")
+    raise ValueError(
+      f"temperature.tau_max must be >= tau_min, got tau_min={tau_min}, tau_max={tau_max}"
+    )
   return Schedule(tau_min=tau_min, tau_max=tau_max, period=period, what=what)
 
 
@@ -228,14 +258,18 @@ def _shift_table(name):
     shifts.validate_positive(alpha, sh_min, sh_max, what=what)
     level = value if name.endswith("_lm") else None
     if level is not None and not level - alpha / 2 > 0:
-      raise ValueError(f"temperature.mode {name!r}: the level {level} (temperature.value) minus "
-                       f"alpha/2 = {alpha / 2} must be > 0")
+      raise ValueError(
+        f"temperature.mode {name!r}: the level {level} (temperature.value) minus "
+        f"alpha/2 = {alpha / 2} must be > 0"
+      )
     return ShiftTable(name=name, alpha=alpha, period=period, what=what, level=level)
+
   return build
 
 
 def _isogclr(t, m, *, period, what, isogclr=None):
   from mmts_jax.policies.isogclr import ISogCLR  # imports this module
+
   ISogCLR.check_loss("infonce" if what == "temperature" else "max_margin")
   fields: dict[str, Any] = {k: float(v) for k, v in dict(isogclr or {}).items()}
   return ISogCLR(**fields)
@@ -243,13 +277,25 @@ def _isogclr(t, m, *, period, what, isogclr=None):
 
 # Canonical policy name -> `builder(config.temperature, config.mmts, *, period, what, isogclr)`.
 POLICIES: dict[str, Callable[..., Policy]] = {
-    "fixed": _fixed, "learnable": _learnable, "ts": _schedule, "ics": _shift_table("ics"),
-    "mmts": _shift_table("mmts"), "ics_lm": _shift_table("ics_lm"),
-    "mmts_lm": _shift_table("mmts_lm"), "isogclr": _isogclr}
+  "fixed": _fixed,
+  "learnable": _learnable,
+  "ts": _schedule,
+  "ics": _shift_table("ics"),
+  "mmts": _shift_table("mmts"),
+  "ics_lm": _shift_table("ics_lm"),
+  "mmts_lm": _shift_table("mmts_lm"),
+  "isogclr": _isogclr,
+}
 
 
-def from_config(temperature: Mapping[str, Any], mmts: Mapping[str, Any], *, total_steps: int,
-                loss: str = "infonce", isogclr: Mapping[str, Any] | None = None) -> Policy:
+def from_config(
+  temperature: Mapping[str, Any],
+  mmts: Mapping[str, Any],
+  *,
+  total_steps: int,
+  loss: str = "infonce",
+  isogclr: Mapping[str, Any] | None = None,
+) -> Policy:
   """`config.temperature` + `config.mmts` -> a validated `Policy`.
 
   Everything is checked here, before any compilation: a configuration whose temperature or
@@ -263,11 +309,14 @@ def from_config(temperature: Mapping[str, Any], mmts: Mapping[str, Any], *, tota
   raw = str(_field(temperature, "mode", "fixed")).lower()
   mode = ROW_ALIASES.get(raw, raw)
   if mode not in POLICIES:
-    raise ValueError(f"temperature.mode must be one of {sorted(POLICIES)} (or "
-                     f"{sorted(set(ROW_ALIASES) - set(POLICIES))}), got {raw!r}")
+    raise ValueError(
+      f"temperature.mode must be one of {sorted(POLICIES)} (or "
+      f"{sorted(set(ROW_ALIASES) - set(POLICIES))}), got {raw!r}"
+    )
   what = "margin" if loss == "max_margin" else "temperature"
   period = schedules.period_from_total_steps(
-      total_steps, float(_field(mmts, "num_oscillations", 5)))
+    total_steps, float(_field(mmts, "num_oscillations", 5))
+  )
   return POLICIES[mode](temperature, mmts, period=period, what=what, isogclr=isogclr)
 
 
@@ -292,8 +341,10 @@ def check_shift_table(table, policy: Policy, *, num_examples: int | None = None)
     raise ValueError(f"the shift table has {int(np.sum(~np.isfinite(table)))} non-finite values")
   if num_examples is not None and table.shape[0] != num_examples:
     raise ValueError(
-        f"the shift table has {table.shape[0]} entries but the dataset has {num_examples} "
-        f"examples: it was built for another dataset")
-  shifts.validate_positive(float(getattr(policy, "alpha", 0.0)), float(table.min()),
-                           float(table.max()), what=policy.what)
+      f"the shift table has {table.shape[0]} entries but the dataset has {num_examples} "
+      f"examples: it was built for another dataset"
+    )
+  shifts.validate_positive(
+    float(getattr(policy, "alpha", 0.0)), float(table.min()), float(table.max()), what=policy.what
+  )
   return table

@@ -2,6 +2,7 @@
 
 XLA reads the flag once, when the backend starts, so it is set here before any test imports jax.
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -18,9 +19,9 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-    if not SHARED.is_dir():
-        raise FileNotFoundError(f"../shared not found at {SHARED}; the reference data is required")
-    return SHARED
+  if not SHARED.is_dir():
+    raise FileNotFoundError(f"../shared not found at {SHARED}; the reference data is required")
+  return SHARED
 
 
 # ----------------------------------------------------------------------------- GCS emulator
@@ -34,8 +35,11 @@ def shared_dir() -> pathlib.Path:
 #   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
 #                                    gcsfs would ask the Storage Control API (which the emulator
 #                                    does not serve) for every bucket's type and log a warning
-EMULATOR_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+EMULATOR_ENV = (
+  "STORAGE_EMULATOR_HOST",
+  "TENSORSTORE_GCS_HTTP_URL",
+  "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+)
 
 
 class GcsEmulator:
@@ -58,6 +62,7 @@ class GcsEmulator:
 
 def _free_port() -> int:
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -75,9 +80,17 @@ def gcs_emulator():
 
   port, bucket = _free_port(), "mmts-test"
   proc = subprocess.Popen(
-      [sys.executable, str(pathlib.Path(__file__).with_name("gcs_emulator.py")), "--port",
-       str(port), "--bucket", bucket],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      str(pathlib.Path(__file__).with_name("gcs_emulator.py")),
+      "--port",
+      str(port),
+      "--bucket",
+      bucket,
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   url = f"http://127.0.0.1:{port}"
   deadline = time.time() + 30
   while True:
@@ -86,8 +99,9 @@ def gcs_emulator():
       break
     except OSError:
       if proc.poll() is not None:
-        raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode} "
-                           "(pip install gcp-storage-emulator)") from None
+        raise RuntimeError(
+          f"gcp-storage-emulator exited with {proc.returncode} (pip install gcp-storage-emulator)"
+        ) from None
       if time.time() > deadline:
         proc.kill()
         raise RuntimeError(f"gcp-storage-emulator did not answer on {url} within 30 s") from None

@@ -16,6 +16,7 @@ file-size limit happen here, in a fresh interpreter.
       trains WORKDIR up to STOP, checks the ring loss over the 2-process mesh against a float64
       dense loss and records this process's input rows in OUT_JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,19 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 # The CLI flags of every run here: checkpoints at 3, 6, ...; no TensorBoard, no progress bar.
-FLAGS = ["--config", TINY, "--config.checkpoint.every_steps=3", "--config.checkpoint.keep=3",
-         "--config.tensorboard=false", "--no-progress"]
+FLAGS = [
+  "--config",
+  TINY,
+  "--config.checkpoint.every_steps=3",
+  "--config.checkpoint.keep=3",
+  "--config.tensorboard=false",
+  "--no-progress",
+]
 
 
 def config():
   from mmts_jax.commands.train import load_config
+
   c = load_config(TINY)
   c.update(tensorboard=False, progress_bar=False)
   c.checkpoint.update(every_steps=3, keep=3)
@@ -39,6 +47,7 @@ def config():
 
 def train(specs) -> None:
   from mmts_jax import train as train_lib
+
   for spec in specs:
     workdir, stop = spec.rsplit(":", 1)
     train_lib.train_and_evaluate(config(), workdir, stop_at_step=int(stop))
@@ -49,9 +58,11 @@ def ring_vs_dense(mesh) -> dict:
   global batch (per-anchor temperatures)."""
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from mmts_jax import losses
+
   rng = np.random.default_rng(0)
   n, d = 4 * mesh.size, 8
   x, y = rng.normal(size=(n, d)), rng.normal(size=(n, d))
@@ -60,8 +71,10 @@ def ring_vs_dense(mesh) -> dict:
   t = rng.uniform(0.05, 0.2, size=n)
   rows = slice(jax.process_index() * n // 2, (jax.process_index() + 1) * n // 2)
   spec = NamedSharding(mesh, P("data"))
-  glob = [jax.make_array_from_process_local_data(spec, a[rows].astype(np.float32), a.shape)
-          for a in (x, y, t)]
+  glob = [
+    jax.make_array_from_process_local_data(spec, a[rows].astype(np.float32), a.shape)
+    for a in (x, y, t)
+  ]
   fn = losses.make_sharded_loss(mesh, "infonce", sharded="ring", block_size=(2, 3))
   ring = float(jax.jit(fn, out_shardings=NamedSharding(mesh, P()))(*glob))
 
@@ -77,20 +90,31 @@ def ring_vs_dense(mesh) -> dict:
 
 def multiprocess(process_id: int, port: int, workdir: str, stop: int, out: str) -> None:
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                             process_id=process_id, initialization_timeout=60)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   from mmts_jax import mesh as mesh_lib
   from mmts_jax import train as train_lib
   from mmts_jax.data import sources
+
   c = config()
   result = train_lib.train_and_evaluate(c, workdir, stop_at_step=stop)
   source = sources.make_source(c.data, global_batch_size=int(c.batch_size), seed=int(c.seed))
   first = next(source.iterate(0, jax.process_index(), jax.process_count()))
-  record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-            "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-            "step": result.step, "first_batch_index": first["index"].tolist(),
-            **ring_vs_dense(mesh_lib.make_mesh())}
+  record = {
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "devices": jax.device_count(),
+    "local_devices": jax.local_device_count(),
+    "step": result.step,
+    "first_batch_index": first["index"].tolist(),
+    **ring_vs_dense(mesh_lib.make_mesh()),
+  }
   pathlib.Path(out).write_text(json.dumps(record))
   jax.distributed.shutdown()
 
@@ -101,13 +125,14 @@ def disk_full(workdir: str, fail_step: int, stop: int) -> None:
 
   from mmts_jax import cli
   from mmts_jax.checkpointing import Checkpointer
+
   # Without this the kernel kills the process (SIGXFSZ) instead of failing the write.
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   save = Checkpointer.save
 
   def save_with_a_full_disk(self, step, tree, meta, *, force=False):
     if int(step) == fail_step:
-      self.wait()   # the disk fills up during this save, not during the previous one
+      self.wait()  # the disk fills up during this save, not during the previous one
       resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))
     return save(self, step, tree, meta, force=force)
 

@@ -12,6 +12,7 @@ to send the header and to answer the preconditions as GCS does (304 for a downlo
 generation matches `ifGenerationNotMatch`, 412 for a failed `ifGenerationMatch`, where `0` means
 "the object must not exist"). Everything else is the emulator's own behaviour.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ from http import HTTPStatus
 
 def _current_generation(storage, bucket: str, name: str) -> str | None:
   from gcp_storage_emulator.exceptions import NotFound
+
   try:
     return str(storage.get_file_obj(bucket, name)["generation"])
   except NotFound:
@@ -52,8 +54,11 @@ def _with_generation(handler):
       response["x-goog-generation"] = gen
       return None
     out = handler(request, response, storage, *args, **kwargs)
-    if gen is not None and _is_media(request) and response.status in (HTTPStatus.OK,
-                                                                       HTTPStatus.PARTIAL_CONTENT):
+    if (
+      gen is not None
+      and _is_media(request)
+      and response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT)
+    ):
       response["x-goog-generation"] = gen
       response["x-goog-metageneration"] = "1"
     return out
@@ -80,17 +85,22 @@ def patch_handlers() -> None:
   """Swaps the wrapped object handlers into the emulator's routing table."""
   from gcp_storage_emulator import server
   from gcp_storage_emulator.handlers import objects
-  wrap = {objects.get: _with_generation(objects.get),
-          objects.download: _with_generation(objects.download),
-          objects.insert: _with_upload_precondition(objects.insert)}
-  server.HANDLERS = tuple((regex, {m: wrap.get(f, f) for m, f in methods.items()})
-                          for regex, methods in server.HANDLERS)
+
+  wrap = {
+    objects.get: _with_generation(objects.get),
+    objects.download: _with_generation(objects.download),
+    objects.insert: _with_upload_precondition(objects.insert),
+  }
+  server.HANDLERS = tuple(
+    (regex, {m: wrap.get(f, f) for m, f in methods.items()}) for regex, methods in server.HANDLERS
+  )
 
 
 def _quiet_disconnects() -> None:
   """Clients (gcsfs, tensorstore) drop idle keep-alive connections the emulator still answers on;
   socketserver would print a BrokenPipeError traceback for each."""
   import socketserver
+
   report = socketserver.BaseServer.handle_error
 
   def handle_error(self, request, client_address):
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
   patch_handlers()
   _quiet_disconnects()
   from gcp_storage_emulator.server import create_server
+
   server = create_server(args.host, args.port, in_memory=True, default_bucket=args.bucket)
   print(f"gcs emulator on http://{args.host}:{args.port} bucket {args.bucket}", flush=True)
   server.run()

@@ -1,6 +1,7 @@
 """One direction for a batch (docs/architecture.md): along input -> step -> model -> temperature
 policy -> loss -> metrics no module imports one of a higher layer, lazily or not. Reads the
 sources with `ast` (nothing is imported)."""
+
 from __future__ import annotations
 
 import ast
@@ -10,15 +11,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Lower layers never import higher ones; a layer may import its own modules.
 LAYERS = [
-    ["mmts_jax.config_defaults"],
-    ["mmts_jax.schedules", "mmts_jax.shifts", "mmts_jax.losses", "mmts_jax.mesh"],
-    ["mmts_jax.models"],
-    ["mmts_jax.temperature", "mmts_jax.policies"],
-    ["mmts_jax.data", "mmts_jax.train.state", "mmts_jax.train.optim"],
-    ["mmts_jax.train.step", "mmts_jax.train.grad_cache"],
-    ["mmts_jax.train.setup", "mmts_jax.train.pretrained", "mmts_jax.train.workdir"],
-    ["mmts_jax.train.loop", "mmts_jax.train"],
-    ["mmts_jax.commands.train"],
+  ["mmts_jax.config_defaults"],
+  ["mmts_jax.schedules", "mmts_jax.shifts", "mmts_jax.losses", "mmts_jax.mesh"],
+  ["mmts_jax.models"],
+  ["mmts_jax.temperature", "mmts_jax.policies"],
+  ["mmts_jax.data", "mmts_jax.train.state", "mmts_jax.train.optim"],
+  ["mmts_jax.train.step", "mmts_jax.train.grad_cache"],
+  ["mmts_jax.train.setup", "mmts_jax.train.pretrained", "mmts_jax.train.workdir"],
+  ["mmts_jax.train.loop", "mmts_jax.train"],
+  ["mmts_jax.commands.train"],
 ]
 
 
@@ -27,7 +28,8 @@ def _layer(module: str) -> int | None:
   for i, names in enumerate(LAYERS):
     for name in names:
       if (module == name or module.startswith(name + ".")) and (
-          best is None or len(name) > len(best[1])):
+        best is None or len(name) > len(best[1])
+      ):
         best = (i, name)
   return None if best is None else best[0]
 
@@ -45,7 +47,7 @@ def _imports(path: pathlib.Path):
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:
-        base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + [base]).strip(".")
+        base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + [base]).strip(".")
       for alias in node.names:
         sub = ROOT.joinpath(*base.split("."), alias.name)
         # `from pkg import submodule` imports the submodule (and pkg/__init__, which re-exports

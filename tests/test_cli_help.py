@@ -2,21 +2,27 @@
 
 (`mmts train`'s parser belongs to the trainer and is checked with it.)
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
 import numpy as np
-
 import pytest
 
-from mmts_jax.commands import cluster, demo, eval as eval_cmd, finetune, prepare, synthetic
+from mmts_jax.commands import cluster, demo, finetune, prepare, synthetic
+from mmts_jax.commands import eval as eval_cmd
 from mmts_jax.commands.help_format import HelpFormatter
 
-PARSERS = {"cluster": cluster.build_parser, "eval": eval_cmd._parser,
-           "prepare": prepare._parser, "finetune": finetune._parser,
-           "synthetic": synthetic._parser, "demo": demo._parser}
+PARSERS = {
+  "cluster": cluster.build_parser,
+  "eval": eval_cmd._parser,
+  "prepare": prepare._parser,
+  "finetune": finetune._parser,
+  "synthetic": synthetic._parser,
+  "demo": demo._parser,
+}
 
 
 def _all(parser: argparse.ArgumentParser, prog: str):
@@ -38,8 +44,9 @@ def test_every_option_has_a_description_and_a_default(command):
         continue
       text = formatter._get_help_string(action)
       assert action.help and action.help.strip(), f"{prog} {action.option_strings[0]}: no help"
-      assert "default" in text.lower() or (action.required and "(required)" in text), \
-          f"{prog} {action.option_strings[0]}: no default"
+      assert "default" in text.lower() or (action.required and "(required)" in text), (
+        f"{prog} {action.option_strings[0]}: no default"
+      )
       checked += 1
     help_text = parser.format_help()  # renders, with every %(default)s expanded
     assert "%(" not in help_text
@@ -58,14 +65,30 @@ def test_defaults_are_printed_as_values():
 def test_eval_ek100_val_videos_scores_a_subset(tmp_path, capsys, shared_dir):
   from mmts_jax import cli
   from mmts_jax.eval import ek100_relevancy, mir_metrics, read_ek100_mir, video_subset
+
   ann_dir = shared_dir / "data" / "ek100"
   ann = read_ek100_mir(ann_dir)
   rng = np.random.default_rng(0)
   video = rng.normal(size=(ann.shape[0], 8)).astype(np.float32)
   text = rng.normal(size=(ann.shape[1], 8)).astype(np.float32)
   np.savez(tmp_path / "emb.npz", video_emb=video, text_emb=text)
-  assert cli.main(["eval", "ek100", "--embeddings", str(tmp_path / "emb.npz"), "--annotations",
-                   str(ann_dir), "--val-videos", "500", "--out", str(tmp_path / "m.json")]) == 0
+  assert (
+    cli.main(
+      [
+        "eval",
+        "ek100",
+        "--embeddings",
+        str(tmp_path / "emb.npz"),
+        "--annotations",
+        str(ann_dir),
+        "--val-videos",
+        "500",
+        "--out",
+        str(tmp_path / "m.json"),
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   keep_v, keep_c = video_subset(ann, 500)
   assert f"EK-100 MIR: 500 videos x {len(keep_c)} captions" in out

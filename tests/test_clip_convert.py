@@ -1,6 +1,7 @@
 """The CLIP converter's errors, file formats, `mmts convert clip` and the checkpoint it writes,
 and the model as the trainer builds it. Weights: the small random state dicts whose PyTorch
 outputs tests/test_clip_parity.py checks."""
+
 import json
 import pathlib
 import sys
@@ -28,8 +29,9 @@ def _sd(name):
 
 
 def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +45,24 @@ def test_missing_key_is_named(vit_small):
   sd, cfg = vit_small
   sd = dict(sd)
   del sd["visual.transformer.resblocks.1.mlp.c_fc.bias"]
-  with pytest.raises(ValueError, match=r"1 missing key.*visual\.transformer\.resblocks\.1\.mlp"
-                                       r"\.c_fc\.bias"):
+  with pytest.raises(
+    ValueError,
+    match=r"1 missing key.*visual\.transformer\.resblocks\.1\.mlp"
+    r"\.c_fc\.bias",
+  ):
     convert.convert_state_dict(sd, cfg, "openclip")
 
 
 def test_unexpected_key_is_named_and_buffers_are_ignored(vit_small):
   sd, cfg = vit_small
-  extra = dict(sd, **{"visual.head.weight": np.zeros((2, 2), np.float32),
-                      "attn_mask": np.zeros((16, 16), np.float32),
-                      "context_length": np.array(16)})
+  extra = dict(
+    sd,
+    **{
+      "visual.head.weight": np.zeros((2, 2), np.float32),
+      "attn_mask": np.zeros((16, 16), np.float32),
+      "context_length": np.array(16),
+    },
+  )
   with pytest.raises(ValueError, match=r"1 unexpected key.*'visual\.head\.weight'"):
     convert.convert_state_dict(extra, cfg, "openclip")
   del extra["visual.head.weight"]
@@ -62,11 +72,15 @@ def test_unexpected_key_is_named_and_buffers_are_ignored(vit_small):
 def test_wrong_shape_is_named(vit_small):
   sd, cfg = vit_small
   bad = dict(sd, **{"visual.ln_pre.weight": np.ones(96, np.float32)})
-  with pytest.raises(ValueError, match=r"'visual\.ln_pre\.weight' has shape \(96,\).*"
-                                       r"visual/ln_pre/scale.*\(128,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'visual\.ln_pre\.weight' has shape \(96,\).*"
+    r"visual/ln_pre/scale.*\(128,\)",
+  ):
     convert.convert_state_dict(bad, cfg, "openclip")
-  bad = dict(sd, **{"visual.transformer.resblocks.0.attn.in_proj_weight":
-                    np.ones((128, 128), np.float32)})
+  bad = dict(
+    sd, **{"visual.transformer.resblocks.0.attn.in_proj_weight": np.ones((128, 128), np.float32)}
+  )
   with pytest.raises(ValueError, match=r"resblocks\.0\.attn\.in_proj_weight"):
     convert.convert_state_dict(bad, cfg, "openclip")
 
@@ -90,12 +104,15 @@ def test_batchnorm_folded_into_frozen_affine():
   cfg = convert.infer_config(sd, "openclip")
   assert cfg.vision_kind == "resnet" and cfg.vision_layers == (1, 2, 1, 1)
   params = convert.convert_state_dict(sd, cfg, "openclip")
-  g, b, mu, var = (sd[f"visual.layer2.0.downsample.1.{n}"].astype(np.float64)
-                   for n in ("weight", "bias", "running_mean", "running_var"))
+  g, b, mu, var = (
+    sd[f"visual.layer2.0.downsample.1.{n}"].astype(np.float64)
+    for n in ("weight", "bias", "running_mean", "running_var")
+  )
   x = np.linspace(-2, 2, g.size)
   bn = params["visual"]["layer2_0"]["downsample_bn"]
-  np.testing.assert_allclose(x * bn["scale"] + bn["bias"], (x - mu) / np.sqrt(var + 1e-5) * g + b,
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    x * bn["scale"] + bn["bias"], (x - mu) / np.sqrt(var + 1e-5) * g + b, rtol=1e-6, atol=1e-6
+  )
 
 
 def test_npz_safetensors_and_torch_files(vit_small, tmp_path, monkeypatch):
@@ -110,8 +127,11 @@ def test_npz_safetensors_and_torch_files(vit_small, tmp_path, monkeypatch):
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
   # bfloat16 / float16 checkpoints (numpy has no bfloat16) come back as float32.
   import ml_dtypes
-  half = {"a": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16),
-          "b": np.arange(3, dtype=np.float16)}
+
+  half = {
+    "a": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16),
+    "b": np.arange(3, dtype=np.float16),
+  }
   save_file(half, str(tmp_path / "half.safetensors"))
   loaded, _ = state_dict_io.load_state_dict(tmp_path / "half.safetensors")
   assert loaded["a"].dtype == loaded["b"].dtype == np.float32
@@ -158,20 +178,34 @@ def test_mmts_convert_clip_names_the_bad_key(vit_small, tmp_path, capsys):
   sd = dict(sd)
   del sd["ln_final.bias"]
   np.savez(tmp_path / "w.npz", **sd)
-  assert cli_main(["convert", "clip", str(tmp_path / "w.npz"), "--out",
-                   str(tmp_path / "o")]) == 2
+  assert cli_main(["convert", "clip", str(tmp_path / "w.npz"), "--out", str(tmp_path / "o")]) == 2
   assert "'ln_final.bias'" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
 
 
 def test_build_model_clip_outputs_and_temperature_policy():
-  cfg = ml_collections.ConfigDict({"name": "clip", "variant": "ViT-B/16", "image_size": 32,
-                                   "vision_width": 64, "vision_heads": 1, "vision_layers": (1,),
-                                   "text_width": 64, "text_heads": 1, "text_layers": 1,
-                                   "embed_dim": 16, "context_length": 8, "vocab_size": 50})
-  batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3)),
-           "text": jnp.array([[48, 5, 49, 0, 0, 0, 0, 0], [48, 7, 8, 49, 0, 0, 0, 0],
-                              [48, 9, 9, 9, 9, 9, 9, 49]])}
+  cfg = ml_collections.ConfigDict(
+    {
+      "name": "clip",
+      "variant": "ViT-B/16",
+      "image_size": 32,
+      "vision_width": 64,
+      "vision_heads": 1,
+      "vision_layers": (1,),
+      "text_width": 64,
+      "text_heads": 1,
+      "text_layers": 1,
+      "embed_dim": 16,
+      "context_length": 8,
+      "vocab_size": 50,
+    }
+  )
+  batch = {
+    "image": jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3)),
+    "text": jnp.array(
+      [[48, 5, 49, 0, 0, 0, 0, 0], [48, 7, 8, 49, 0, 0, 0, 0], [48, 9, 9, 9, 9, 9, 9, 49]]
+    ),
+  }
   fixed = build_model(cfg)
   learn = build_model(cfg, learnable_temperature=True, init_temperature=0.05)
   assert isinstance(fixed, CLIP) and fixed.embed_dim == 16
@@ -184,8 +218,9 @@ def test_build_model_clip_outputs_and_temperature_policy():
   np.testing.assert_allclose(np.linalg.norm(out["image"], axis=-1), 1, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(out["text"], axis=-1), 1, rtol=1e-5)
   # The same tree serves both policies; the learnable one reads logit_scale (clamped at 100).
-  temperature = lambda s: float(learn.apply({"params": dict(params, logit_scale=np.float32(s))},
-                                            method=CLIP.temperature))
+  temperature = lambda s: float(
+    learn.apply({"params": dict(params, logit_scale=np.float32(s))}, method=CLIP.temperature)
+  )
   assert abs(temperature(np.log(20.0)) - 0.05) < 1e-6
   assert abs(temperature(np.log(500.0)) - 0.01) < 1e-7
   init_ls = learn.init(jax.random.PRNGKey(0), method=CLIP.temperature)["params"]["logit_scale"]
@@ -201,12 +236,23 @@ def test_config_and_input_errors():
     build_model(ml_collections.ConfigDict({"name": "clip", "variant": "ViT-H/14"}))
   with pytest.raises(ValueError, match="unknown keys"):
     build_model(ml_collections.ConfigDict({"name": "clip", "variant": "RN50", "widht": 3}))
-  cfg = CLIPConfig(embed_dim=8, image_size=32, vision_width=64, vision_layers=(1,),
-                   vision_heads=1, patch_size=16, context_length=5, vocab_size=10,
-                   text_width=64, text_heads=1, text_layers=1)
+  cfg = CLIPConfig(
+    embed_dim=8,
+    image_size=32,
+    vision_width=64,
+    vision_layers=(1,),
+    vision_heads=1,
+    patch_size=16,
+    context_length=5,
+    vocab_size=10,
+    text_width=64,
+    text_heads=1,
+    text_layers=1,
+  )
   model = CLIP(cfg)
-  init = lambda image, text: jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                            {"image": image, "text": text})
+  init = lambda image, text: jax.eval_shape(
+    model.init, jax.random.PRNGKey(0), {"image": image, "text": text}
+  )
   with pytest.raises(ValueError, match=r"image must be \(B, 32, 32, 3\)"):
     init(jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 5), jnp.int32))
   with pytest.raises(ValueError, match=r"tokens must be \(B, 5\)"):
@@ -215,10 +261,12 @@ def test_config_and_input_errors():
     init(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 5), jnp.float32))
 
 
-@pytest.mark.parametrize("name,variant", [("vit_b16", "ViT-B/16"), ("vit_l14", "ViT-L/14"),
-                                          ("rn50", "RN50")])
+@pytest.mark.parametrize(
+  "name,variant", [("vit_b16", "ViT-B/16"), ("vit_l14", "ViT-L/14"), ("rn50", "RN50")]
+)
 def test_finetune_configs_build_their_tower(name, variant):
   import importlib.util
+
   path = pathlib.Path(__file__).parents[1] / "configs" / f"clip_{name}_finetune.py"
   spec = importlib.util.spec_from_file_location(f"clip_{name}_finetune", path)
   module = importlib.util.module_from_spec(spec)

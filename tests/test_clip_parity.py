@@ -6,6 +6,7 @@ regenerated from the stored key list, converted by `convert_state_dict` and run 
 `CLIP`. Tolerance: 1 - cos < 1e-5 per row and |z - z_ref| < 1e-5 on the unit-norm embeddings
 (measured ~1e-7), and the unnormalised features within 1e-4 relative.
 """
+
 import json
 import pathlib
 
@@ -42,8 +43,9 @@ def _converted(name, side=None):
 
 
 def _check(name, m, cfg, params, sides):
-  images, tokens = parity_inputs(META["seed"], m["batch"], m["image_size"], m["context_length"],
-                                 m["vocab_size"])
+  images, tokens = parity_inputs(
+    META["seed"], m["batch"], m["image_size"], m["context_length"], m["vocab_size"]
+  )
   model = CLIP(cfg)
   batch = {"image": images.transpose(0, 2, 3, 1), "text": tokens.astype(np.int32)}
   if len(sides) == 1:

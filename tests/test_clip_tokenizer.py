@@ -1,15 +1,14 @@
 """The CLIP BPE tokenizer against OpenCLIP's (ids stored by tests/data/clip/make_reference.py)
 and against transformers' `CLIPTokenizer` built from the same merges file."""
+
 import json
-import os
 import pathlib
 import sys
 
 import numpy as np
 import pytest
 
-from mmts_jax.models.clip.tokenizer import (ClipTokenizer, default_bpe_path,
-                                            write_tokenizer_dir)
+from mmts_jax.models.clip.tokenizer import ClipTokenizer, default_bpe_path, write_tokenizer_dir
 
 DATA = pathlib.Path(__file__).parent / "data" / "clip"
 
@@ -51,10 +50,24 @@ def test_env_var_names_a_missing_file(monkeypatch, tmp_path):
 
 def _random_texts(n, seed=0):
   rng = np.random.default_rng(seed)
-  pieces = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") +
-            list(".,;:!?'\"()[]{}-_/#@%*+=~") + ["'s", "'ll", "n't", "\u00e9", "\u00fc", "\u00df",
-                                                  "\u4e2d", "\u6587", "\U0001f600", "\u00b0",
-                                                  "\u20ac"] + [" "] * 12)
+  pieces = (
+    list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    + list(".,;:!?'\"()[]{}-_/#@%*+=~")
+    + [
+      "'s",
+      "'ll",
+      "n't",
+      "\u00e9",
+      "\u00fc",
+      "\u00df",
+      "\u4e2d",
+      "\u6587",
+      "\U0001f600",
+      "\u00b0",
+      "\u20ac",
+    ]
+    + [" "] * 12
+  )
   return ["".join(rng.choice(pieces, size=int(rng.integers(0, 60)))) for _ in range(n)]
 
 
@@ -63,25 +76,37 @@ def test_ids_equal_tokenizers_json_and_transformers_on_random_text(tok, tmp_path
   # the route `config.data.tokenizer=DIR` takes), and transformers' slow CLIPTokenizer built
   # from the same merges: three implementations, one set of ids.
   from mmts_jax.data.tokenize import TextTokenizer
+
   pipeline_tok = TextTokenizer(write_tokenizer_dir(tmp_path / "clip_bpe", tok), max_length=77)
   texts = _random_texts(200)
   ours = tok(texts)
   np.testing.assert_array_equal(pipeline_tok.batch(texts), ours)
   import transformers
-  vocab = {("<|startoftext|>" if t == "<start_of_text>" else "<|endoftext|>"
-            if t == "<end_of_text>" else t): i for t, i in tok.encoder.items()}
+
+  vocab = {
+    (
+      "<|startoftext|>"
+      if t == "<start_of_text>"
+      else "<|endoftext|>"
+      if t == "<end_of_text>"
+      else t
+    ): i
+    for t, i in tok.encoder.items()
+  }
   (tmp_path / "vocab.json").write_text(json.dumps(vocab))
   (tmp_path / "merges.txt").write_text(
-      "#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merges) + "\n")
+    "#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merges) + "\n"
+  )
   hf = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
   for text, row in zip(texts, ours, strict=True):
     want = hf(text, truncation=True, max_length=77)["input_ids"]
-    assert row[:len(want)].tolist() == want and not row[len(want):].any(), repr(text)
+    assert row[: len(want)].tolist() == want and not row[len(want) :].any(), repr(text)
 
 
 def test_mmts_convert_clip_tokenizer_writes_a_pipeline_tokenizer(tok, tmp_path, capsys):
   from mmts_jax.cli import main as cli_main
   from mmts_jax.data.tokenize import TextTokenizer
+
   assert cli_main(["convert", "clip-tokenizer", "--out", str(tmp_path / "bpe")]) == 0
   assert "tokenizer.json" in capsys.readouterr().out
   texts = ["A dog on a skateboard.", "two cats, sleeping"]

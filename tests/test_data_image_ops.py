@@ -1,4 +1,5 @@
 """Host image ops: decode modes, crops, CLIP normalisation."""
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,9 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 def test_normalize_matches_float64_reference():
   rng = np.random.default_rng(0)
   pix = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
-  want = (pix.astype(np.float64) / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073])) / \
-      np.array([0.26862954, 0.26130258, 0.27577711])
+  want = (
+    pix.astype(np.float64) / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073])
+  ) / np.array([0.26862954, 0.26130258, 0.27577711])
   got = image_ops.normalize(pix)
   assert got.dtype == np.float32 and got.shape == (7, 5, 3)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
@@ -29,8 +31,9 @@ def test_normalize_matches_float64_reference():
     image_ops.normalize(pix[..., 0])
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"),
-                                      ("RGB", "JPEG"), ("L", "JPEG")])
+@pytest.mark.parametrize(
+  "mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("L", "JPEG")]
+)
 def test_decode_gives_rgb(mode, fmt):
   src = Image.new("RGB", (9, 6), (200, 100, 50)).convert(mode)
   img = image_ops.decode_image(_encode(src, fmt))

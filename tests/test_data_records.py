@@ -1,4 +1,5 @@
 """ArrayRecord records, manifest and the dataset fingerprint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -58,9 +59,14 @@ def test_roundtrip_shards_manifest_and_captions(tmp_path):
   assert sorted(m.fields) == ["caption", "image", "index", "key", "label"]
   assert records.read_manifest(out) == m
   # No temporary file survives a completed write.
-  assert sorted(os.listdir(out)) == ["captions.jsonl", "data-00000.array_record",
-                                     "data-00001.array_record", "data-00002.array_record",
-                                     "keys.jsonl", "manifest.json"]
+  assert sorted(os.listdir(out)) == [
+    "captions.jsonl",
+    "data-00000.array_record",
+    "data-00001.array_record",
+    "data-00002.array_record",
+    "keys.jsonl",
+    "manifest.json",
+  ]
   src = records.RecordSource(out)
   assert len(src) == 23
   for i in (0, 9, 10, 22):
@@ -134,6 +140,7 @@ def test_inconsistent_manifest_is_rejected(tmp_path):
 
 def test_cluster_table_stage_computes_the_same_fingerprint(tmp_path):
   from mmts_jax.clusters import table as cluster_table
+
   m = records.write_records(tmp_path / "ds", _examples(6))
   captions = records.read_captions(tmp_path / "ds")
   assert cluster_table.dataset_fingerprint(captions) == m.fingerprint

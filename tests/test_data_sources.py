@@ -1,6 +1,7 @@
 """The input protocol in one place (`mmts_jax.data.sources`): the registry, the fingerprint of
 in-memory data (a cluster table of other data or another row order is refused before anything
 is compiled) and the prefetching host-to-device path."""
+
 from __future__ import annotations
 
 import jax
@@ -32,18 +33,18 @@ def test_every_registered_source_resolves_and_names_are_checked():
   with pytest.raises(ValueError, match="renamed 'toy_features'"):
     sources.make_source(cfg, global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match="data.name must be one of"):
-    sources.make_source(ml_collections.ConfigDict(dict(name="nope")), global_batch_size=4,
-                        seed=0)
+    sources.make_source(ml_collections.ConfigDict(dict(name="nope")), global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match="cannot be imported"):
-    sources.make_source(ml_collections.ConfigDict(dict(name="mmts_jax.nope:f")),
-                        global_batch_size=4, seed=0)
+    sources.make_source(
+      ml_collections.ConfigDict(dict(name="mmts_jax.nope:f")), global_batch_size=4, seed=0
+    )
 
 
 def test_npz_cluster_table_of_another_row_order_is_refused_before_compiling(tmp_path):
   rng = np.random.default_rng(0)
   image, text = rng.normal(size=(64, 6)), rng.normal(size=(64, 5))
   labels = np.arange(64) % 4
-  labels[:20] = 0                                            # one head cluster
+  labels[:20] = 0  # one head cluster
   np.savez(tmp_path / "data.npz", image_features=image, text_features=text)
   order = rng.permutation(64)
   np.savez(tmp_path / "shuffled.npz", image_features=image[order], text_features=text[order])
@@ -54,12 +55,12 @@ def test_npz_cluster_table_of_another_row_order_is_refused_before_compiling(tmp_
   ours.mmts.cluster_table = str(tmp_path / "t.npz")
   policy = temperature.from_config(ours.temperature, ours.mmts, total_steps=10)
   table = train.resolve_shift_table(ours, src, policy)
-  assert table.shape == (64,) and table[0] > table[-1]      # the head cluster's shift is larger
+  assert table.shape == (64,) and table[0] > table[-1]  # the head cluster's shift is larger
   other = _npz_config(tmp_path / "shuffled.npz")
   other.mmts.cluster_table = ours.mmts.cluster_table
   with pytest.raises(ClusterTableMismatch, match="different content or order"):
     train.setup(other)
-  run = train.setup(ours)                                    # the right data trains
+  run = train.setup(ours)  # the right data trains
   state, metrics = run.step_fn(run.state, run.to_device(next(run.batches(0))))
   assert bool(metrics["finite"])
 
@@ -92,8 +93,9 @@ def test_prefetch_to_device_keeps_order_values_and_checks():
     for k in h:
       np.testing.assert_array_equal(np.asarray(d[k]), h[k])
   bad = [dict(host[0]), {k: v for k, v in host[1].items() if k != "index"}]
-  it = sources.prefetch_to_device(iter(bad), mesh, size=1,
-                                  check=lambda b: sources.check_batch(b, 128))
+  it = sources.prefetch_to_device(
+    iter(bad), mesh, size=1, check=lambda b: sources.check_batch(b, 128)
+  )
   next(it)
   with pytest.raises(KeyError, match="no 'index'"):
     next(it)

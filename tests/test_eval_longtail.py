@@ -1,4 +1,5 @@
 """Long-tail report (`mmts_jax.eval.longtail`) against an independent float64 numpy reference."""
+
 import numpy as np
 import pytest
 
@@ -86,14 +87,22 @@ def test_single_label_matches_reference(seed, scheme):
   txt = img + 0.8 * rng.standard_normal((40, 8))
   sim = (img @ txt.T).astype(np.float32)
   rel = label_relevancy(labels, labels)
-  got = longtail_report(sim, rel, image_clusters=labels, text_clusters=labels,
-                        cluster_sizes=sizes, ks=(1, 5), scheme=scheme)
+  got = longtail_report(
+    sim,
+    rel,
+    image_clusters=labels,
+    text_clusters=labels,
+    cluster_sizes=sizes,
+    ks=(1, 5),
+    scheme=scheme,
+  )
   want = _report_ref(sim, rel, labels, labels, sizes, (1, 5), scheme)
   assert set(got) == set(want)
   for bucket, row in want.items():
     for key, value in row.items():
-      np.testing.assert_allclose(got[bucket][key], value, rtol=1e-12, atol=1e-12,
-                                 err_msg=f"{scheme} {bucket} {key}")
+      np.testing.assert_allclose(
+        got[bucket][key], value, rtol=1e-12, atol=1e-12, err_msg=f"{scheme} {bucket} {key}"
+      )
 
 
 def test_graded_relevancy_matches_reference():
@@ -106,8 +115,9 @@ def test_graded_relevancy_matches_reference():
   main_noun = np.array([s[0] for s in nouns])
   freq = np.bincount(main_noun, minlength=5) + np.arange(5)  # a frequency table of the classes
   sim = rng.standard_normal((n, n)).astype(np.float32)
-  got = longtail_report(sim, rel, image_clusters=main_noun, text_clusters=main_noun,
-                        cluster_sizes=freq, ks=(1, 3))
+  got = longtail_report(
+    sim, rel, image_clusters=main_noun, text_clusters=main_noun, cluster_sizes=freq, ks=(1, 3)
+  )
   want = _report_ref(sim, rel, main_noun, main_noun, freq, (1, 3), "share")
   assert set(got) == set(want)
   for bucket, row in want.items():
@@ -133,21 +143,34 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(ValueError, match=">= 0"):
     cluster_buckets([3, -1])
   with pytest.raises(ValueError, match="image_clusters must be cluster ids in \\[0, 2\\)"):
-    longtail_report(sim, rel, image_clusters=np.array([0, 1, 2]), text_clusters=c,
-                    cluster_sizes=[2, 1], ks=(1,))
+    longtail_report(
+      sim, rel, image_clusters=np.array([0, 1, 2]), text_clusters=c, cluster_sizes=[2, 1], ks=(1,)
+    )
   with pytest.raises(ValueError, match="every K"):
     longtail_report(sim, rel, image_clusters=c, text_clusters=c, cluster_sizes=[3], ks=(4,))
   with pytest.raises(ValueError, match="square"):
-    longtail_report(np.zeros((3, 2), np.float32), rel[:, :2], image_clusters=c,
-                    text_clusters=c[:2], cluster_sizes=[3], ks=(1,))
+    longtail_report(
+      np.zeros((3, 2), np.float32),
+      rel[:, :2],
+      image_clusters=c,
+      text_clusters=c[:2],
+      cluster_sizes=[3],
+      ks=(1,),
+    )
 
 
 def test_format_has_one_line_per_bucket():
   rng = np.random.default_rng(3)
   labels = np.array([0] * 6 + [1] * 3 + [2])
   sim = rng.standard_normal((10, 10)).astype(np.float32)
-  rep = longtail_report(sim, label_relevancy(labels, labels), image_clusters=labels,
-                        text_clusters=labels, cluster_sizes=np.bincount(labels), ks=(1, 5))
+  rep = longtail_report(
+    sim,
+    label_relevancy(labels, labels),
+    image_clusters=labels,
+    text_clusters=labels,
+    cluster_sizes=np.bincount(labels),
+    ks=(1, 5),
+  )
   lines = format_longtail(rep, ks=(1, 5)).splitlines()
   assert [line.split()[0] for line in lines[1:]] == list(rep)
   assert list(rep) == ["all", "head", "middle", "tail"]
@@ -158,6 +181,7 @@ def test_cli_retrieval_longtail_table(tmp_path, capsys):
   import json
 
   from mmts_jax import cli
+
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(4), [12, 5, 2, 1])
   image = rng.standard_normal((20, 8)).astype(np.float32)
@@ -165,19 +189,50 @@ def test_cli_retrieval_longtail_table(tmp_path, capsys):
   np.savez(tmp_path / "emb.npz", image_emb=image, text_emb=text)
   np.save(tmp_path / "ids.npy", labels)
   out = tmp_path / "m.json"
-  assert cli.main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb.npz"),
-                   "--captions-per-image", "2", "--longtail", str(tmp_path / "ids.npy"),
-                   "--out", str(out)]) == 0
+  assert (
+    cli.main(
+      [
+        "eval",
+        "retrieval",
+        "--embeddings",
+        str(tmp_path / "emb.npz"),
+        "--captions-per-image",
+        "2",
+        "--longtail",
+        str(tmp_path / "ids.npy"),
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   metrics = json.loads(out.read_text())["metrics"]
   mapping = np.arange(40) // 2
   im = image / np.linalg.norm(image, axis=1, keepdims=True)
   tx = text / np.linalg.norm(text, axis=1, keepdims=True)
-  want = longtail_report(im @ tx.T, label_relevancy(labels, labels[mapping]),
-                         image_clusters=labels, text_clusters=labels[mapping],
-                         cluster_sizes=np.bincount(labels),
-                         positives=mapping[None] == np.arange(20)[:, None])
+  want = longtail_report(
+    im @ tx.T,
+    label_relevancy(labels, labels[mapping]),
+    image_clusters=labels,
+    text_clusters=labels[mapping],
+    cluster_sizes=np.bincount(labels),
+    positives=mapping[None] == np.arange(20)[:, None],
+  )
   assert metrics["longtail/tail/mAP"] == want["tail"]["mAP"]
   assert metrics["longtail/head/R@5"] == want["head"]["R@5"]
   assert "long tail" in capsys.readouterr().out
-  assert cli.main(["eval", "retrieval", "--embeddings", str(tmp_path / "emb.npz"),
-                   "--captions-per-image", "2", "--longtail", str(tmp_path / "emb.npz")]) == 2
+  assert (
+    cli.main(
+      [
+        "eval",
+        "retrieval",
+        "--embeddings",
+        str(tmp_path / "emb.npz"),
+        "--captions-per-image",
+        "2",
+        "--longtail",
+        str(tmp_path / "emb.npz"),
+      ]
+    )
+    == 2
+  )

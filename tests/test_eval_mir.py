@@ -1,4 +1,5 @@
 """EK-100 MIR: parity with the official numbers, ties, the relevancy builder, bad input."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,8 +8,17 @@ import pathlib
 import numpy as np
 import pytest
 
-from mmts_jax.eval import (MirScore, class_relevancy, ek100_mir, ek100_relevancy, mir_map,
-                           mir_metrics, mir_ndcg, mir_per_query, read_ek100_mir)
+from mmts_jax.eval import (
+  MirScore,
+  class_relevancy,
+  ek100_mir,
+  ek100_relevancy,
+  mir_map,
+  mir_metrics,
+  mir_ndcg,
+  mir_per_query,
+  read_ek100_mir,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,8 +65,9 @@ def test_matches_official_reference(ref, name):
 @pytest.mark.parametrize("name", ["random", "noisy_oracle"])
 def test_baseline_transcription_matches_official_reference(ref, name):
   # The benchmark's baseline must itself be the official algorithm.
-  got = official.official_metrics(ref[f"{name}/similarity"].astype(np.float64),
-                                  ref["relevancy"].astype(np.float64))
+  got = official.official_metrics(
+    ref[f"{name}/similarity"].astype(np.float64), ref["relevancy"].astype(np.float64)
+  )
   np.testing.assert_allclose(got["mAP"], ref[f"{name}/mAP"], rtol=0, atol=1e-6)
   np.testing.assert_allclose(got["nDCG"], ref[f"{name}/nDCG"], rtol=0, atol=1e-6)
 
@@ -102,8 +113,8 @@ def test_tie_runs_long_and_short(run):
   # finishes with the one-pass search; when most items tie, the one-pass search runs directly.
   rng = np.random.default_rng(1)
   sim = rng.standard_normal((20, 400)).astype(np.float32)
-  sim[:, 50:50 + run] = 0.5
-  sim[:, 200:200 + run] = -0.25
+  sim[:, 50 : 50 + run] = 0.5
+  sim[:, 200 : 200 + run] = -0.25
   rel = (rng.random((20, 400)) < 0.3) * 0.5
   rel[:, 0] = rel[0, :] = 1.0
   rel[:, 55] = 1.0
@@ -127,8 +138,9 @@ def test_per_query_and_subsets(ref):
   videos, captions = np.arange(599) % 3 == 0, np.arange(309) < 100
   # Per-query official values from the transcription, on the selected queries only.
   want_v = official.official_map(sim[videos].astype(np.float64), rel[videos].astype(np.float64))
-  want_c = official.official_ndcg(sim.T[captions].astype(np.float64),
-                                  rel.T[captions].astype(np.float64))
+  want_c = official.official_ndcg(
+    sim.T[captions].astype(np.float64), rel.T[captions].astype(np.float64)
+  )
   got = per.scores(video_mask=videos, caption_mask=captions)
   assert got["mAP"].video_to_text == pytest.approx(want_v, abs=1e-9)
   assert got["nDCG"].text_to_video == pytest.approx(want_c, abs=1e-9)
@@ -195,8 +207,11 @@ def test_shape_mismatch():
 def test_nan_similarity_is_reported_with_positions():
   sim = np.zeros((3, 4), np.float32)
   sim[1, 2] = sim[2, 0] = np.nan
-  with pytest.raises(ValueError, match=r"2 NaN value\(s\), first at \(video, caption\) "
-                                       r"\[\(1, 2\), \(2, 0\)\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"2 NaN value\(s\), first at \(video, caption\) "
+    r"\[\(1, 2\), \(2, 0\)\]",
+  ):
     mir_map(sim, np.ones((3, 4), np.float32))
 
 
@@ -211,15 +226,21 @@ def test_queries_without_a_fully_relevant_item_are_named():
   assert "video indices [2]" in msg and "caption indices [2]" in msg
   assert mir_ndcg(sim, rel).average > 0  # nDCG only needs relevancy > 0
   rel[3, 3] = 0.0
-  with pytest.raises(ValueError, match=r"no caption with relevancy > 0 \(nDCG undefined\), "
-                                       r"video indices \[3\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"no caption with relevancy > 0 \(nDCG undefined\), "
+    r"video indices \[3\]",
+  ):
     mir_ndcg(sim, rel)
 
 
 def test_bad_relevancy_and_dtypes():
   sim = np.zeros((2, 2), np.float32)
-  with pytest.raises(ValueError, match=r"finite and >= 0, got 1 bad value\(s\), first at "
-                                       r"\(video, caption\) \[\(0, 1\)\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"finite and >= 0, got 1 bad value\(s\), first at "
+    r"\(video, caption\) \[\(0, 1\)\]",
+  ):
     mir_map(sim, np.array([[1.0, -0.5], [0.0, 1.0]]))
   with pytest.raises(TypeError, match="not exactly representable in float32"):
     mir_map(np.array([[0.1, 0.2], [0.3, 0.4]]), np.eye(2))

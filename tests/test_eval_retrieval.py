@@ -1,4 +1,5 @@
 """Retrieval ranks and R@K against a float64 brute force over the full similarity matrix."""
+
 from __future__ import annotations
 
 import chex
@@ -75,8 +76,9 @@ def test_cosine_and_uneven_captions():
 def test_metrics_and_subsets_from_ranks():
   image, text, mapping = _data(2, quantize=False)
   tail = np.arange(40) < 10
-  m = retrieval_metrics(jnp.asarray(image), jnp.asarray(text), mapping, ks=(1, 5),
-                        subsets={"tail": tail})
+  m = retrieval_metrics(
+    jnp.asarray(image), jnp.asarray(text), mapping, ks=(1, 5), subsets={"tail": tail}
+  )
   ranks = retrieval_ranks(image, text, mapping)
   expect = recall_metrics(ranks.t2i, (1, 5), tail[mapping], "tail/t2i/")
   for key, value in expect.items():
@@ -90,8 +92,9 @@ def test_metrics_and_subsets_from_ranks():
 
 def test_recall_metrics_exact():
   got = recall_metrics(np.array([1, 3, 12, 0]), ks=(1, 5), mask=np.array([1, 1, 1, 1], bool))
-  chex.assert_trees_all_close(got, {"R@1": 1 / 3, "R@5": 2 / 3, "medR": 3.0, "meanR": 16 / 3,
-                                    "num_queries": 3})
+  chex.assert_trees_all_close(
+    got, {"R@1": 1 / 3, "R@5": 2 / 3, "medR": 3.0, "meanR": 16 / 3, "num_queries": 3}
+  )
   with pytest.raises(ValueError, match="ks must be positive ints"):
     recall_metrics(np.array([1]), ks=(0,))
 

@@ -1,5 +1,6 @@
 """Feature-level EK-100 fine-tuning: real annotations -> noun-class cluster table -> training
 of projection heads with the real trainer -> MIR mAP / nDCG on the real validation relevancy."""
+
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmts_jax import shifts
 from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
 from mmts_jax.commands import finetune as finetune_cli
 from mmts_jax.projects.ek100_features import driver
@@ -71,8 +71,12 @@ def test_class_latent_matches_formula():
   spec = ef.FeatureSpec(video_dim=5, text_dim=4, latent_dim=3, noise=0.0, seed=7)
   maps = ef.ClassFeatureMaps(spec, num_verbs=4, num_nouns=6)
   verbs, nouns = [1, 1, 3], [(2,), (2, 5), (0, 5, 4)]
-  ref = np.stack([(maps.verb_emb[v] + np.mean(maps.noun_emb[list(n)], axis=0)) / np.sqrt(2)
-                  for v, n in zip(verbs, nouns, strict=True)])
+  ref = np.stack(
+    [
+      (maps.verb_emb[v] + np.mean(maps.noun_emb[list(n)], axis=0)) / np.sqrt(2)
+      for v, n in zip(verbs, nouns, strict=True)
+    ]
+  )
   np.testing.assert_allclose(maps.latent(verbs, nouns), ref, rtol=1e-12)
   video = maps.features("video", verbs, nouns, rng=np.random.default_rng(0))
   np.testing.assert_allclose(video, ref @ maps.maps["video"], rtol=1e-5, atol=1e-6)
@@ -81,9 +85,15 @@ def test_class_latent_matches_formula():
   np.testing.assert_array_equal(again.maps["text"], maps.maps["text"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(noise=-1.0), "noise"), (dict(latent_dim=0), "latent_dim"),
-    (dict(video_dim=2.5), "video_dim"), (dict(seed=-3), "seed")])
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(noise=-1.0), "noise"),
+    (dict(latent_dim=0), "latent_dim"),
+    (dict(video_dim=2.5), "video_dim"),
+    (dict(seed=-3), "seed"),
+  ],
+)
 def test_feature_spec_rejects_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ef.FeatureSpec(**kwargs)
@@ -92,8 +102,10 @@ def test_feature_spec_rejects_bad_values(kwargs, match):
 def test_missing_frequency_class_is_named(ek100, tmp_path):
   rows = _csv(ek100 / ef.NOUN_FREQ_CSV)
   freq = tmp_path / "freq.csv"
-  freq.write_text("class_id,count\n" + "".join(f"{r['class_id']},{r['count']}\n"
-                                               for r in rows if r["class_id"] != "3"))
+  freq.write_text(
+    "class_id,count\n"
+    + "".join(f"{r['class_id']},{r['count']}\n" for r in rows if r["class_id"] != "3")
+  )
   with pytest.raises(ValueError, match="'3'"):
     ef.noun_cluster_table(ef.read_ek100_train(ek100), freq)
 
@@ -104,14 +116,18 @@ def test_validation_split_order_and_slice(ek100, data_dir):
   val = Ek100Validation.load(data_dir / "val_features.npz", ek100, max_videos=300)
   videos = _csv(ek100 / "EPIC_100_retrieval_test.csv")[:300]
   kept = {r["narration_id"] for r in videos}
-  captions = [r for r in _csv(ek100 / "EPIC_100_retrieval_test_sentence.csv")
-              if r["narration_id"] in kept]
+  captions = [
+    r for r in _csv(ek100 / "EPIC_100_retrieval_test_sentence.csv") if r["narration_id"] in kept
+  ]
   assert val.shape == (300, len(captions))
   # Relevancy recomputed here from the CSV columns: 0.5 [verb] + 0.5 IoU(nouns).
   by_id = {r["narration_id"]: r for r in videos}
   for i, j in [(0, 0), (5, 3), (299, len(captions) - 1), (17, 11)]:
     a, b = videos[i], by_id[captions[j]["narration_id"]]
-    na, nb = set(ast.literal_eval(a["all_noun_classes"])), set(ast.literal_eval(b["all_noun_classes"]))
+    na, nb = (
+      set(ast.literal_eval(a["all_noun_classes"])),
+      set(ast.literal_eval(b["all_noun_classes"])),
+    )
     ref = 0.5 * (a["verb_class"] == b["verb_class"]) + 0.5 * len(na & nb) / len(na | nb)
     assert val.relevancy[i, j] == pytest.approx(ref, abs=1e-6)
 
@@ -124,7 +140,7 @@ def test_in_memory_source_serves_file_rows(data_dir):
   batch = next(src.iterate(5))
   np.testing.assert_array_equal(batch["image_features"], feats["image_features"][batch["index"]])
   np.testing.assert_array_equal(batch["text_features"], feats["text_features"][batch["index"]])
-  again = next(in_memory(cfg, global_batch_size=64, seed=3).iterate(5))   # resumable
+  again = next(in_memory(cfg, global_batch_size=64, seed=3).iterate(5))  # resumable
   np.testing.assert_array_equal(again["index"], batch["index"])
 
 
@@ -168,15 +184,35 @@ def test_end_to_end_training_beats_random(ek100, data_dir, tmp_path):
 
 
 def test_cli_reports_bad_inputs(tmp_path, capsys):
-  rc = finetune_cli.main(["eval", "--data", str(tmp_path), "--annotations", str(tmp_path),
-                          "--workdir", str(tmp_path / "w")])
+  rc = finetune_cli.main(
+    [
+      "eval",
+      "--data",
+      str(tmp_path),
+      "--annotations",
+      str(tmp_path),
+      "--workdir",
+      str(tmp_path / "w"),
+    ]
+  )
   assert rc == 2
   assert "not a training workdir" in capsys.readouterr().err
-  rc = finetune_cli.main(["train", "--data", str(tmp_path), "--annotations", str(tmp_path),
-                          "--workdir", str(tmp_path / "w"), "--no-progress"])
+  rc = finetune_cli.main(
+    [
+      "train",
+      "--data",
+      str(tmp_path),
+      "--annotations",
+      str(tmp_path),
+      "--workdir",
+      str(tmp_path / "w"),
+      "--no-progress",
+    ]
+  )
   assert rc == 2
   assert "train_features.npz" in capsys.readouterr().err
-  rc = finetune_cli.main(["prepare", "--annotations", str(tmp_path), "--out",
-                          str(tmp_path / "o"), "--noise", "-1"])
+  rc = finetune_cli.main(
+    ["prepare", "--annotations", str(tmp_path), "--out", str(tmp_path / "o"), "--noise", "-1"]
+  )
   assert rc == 2
   assert "noise" in capsys.readouterr().err

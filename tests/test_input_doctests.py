@@ -1,4 +1,5 @@
 """The docstring examples of the input-checking modules run (and agree with the code)."""
+
 from __future__ import annotations
 
 import doctest
@@ -6,9 +7,17 @@ import importlib
 
 import pytest
 
-MODULES = ["mmts_jax.errors", "mmts_jax.array_files", "mmts_jax.table_files", "mmts_jax.data.convert", "mmts_jax.read_access",
-           "mmts_jax.commands.errors", "mmts_jax.commands.help_format", "mmts_jax.data.image_ops",
-           "mmts_jax.eval.relevancy"]
+MODULES = [
+  "mmts_jax.errors",
+  "mmts_jax.array_files",
+  "mmts_jax.table_files",
+  "mmts_jax.data.convert",
+  "mmts_jax.read_access",
+  "mmts_jax.commands.errors",
+  "mmts_jax.commands.help_format",
+  "mmts_jax.data.image_ops",
+  "mmts_jax.eval.relevancy",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

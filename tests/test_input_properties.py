@@ -4,6 +4,7 @@ Whatever bytes or values come in, a reader returns what was written or raises th
 documented error (`UserInputError`, a `ValueError`) naming the file; it never crashes with
 another exception and never returns something else.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,13 +25,17 @@ from mmts_jax.errors import UserInputError
 from mmts_jax.losses import _checks
 
 # 60 examples per property in CI; MMTS_HYPOTHESIS_EXAMPLES=2000 for a longer local search.
-SETTINGS = settings(max_examples=int(os.environ.get("MMTS_HYPOTHESIS_EXAMPLES", "60")),
-                    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+  max_examples=int(os.environ.get("MMTS_HYPOTHESIS_EXAMPLES", "60")),
+  deadline=None,
+  suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 # Cell text: any Unicode but NUL and lone surrogates (not encodable as UTF-8); the CSV writer
 # quotes what needs quoting. `\r` alone is normalised by csv, so it is left out of cells.
-_cell = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"),
-                max_size=12)
+_cell = st.text(
+  st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), max_size=12
+)
 _name = st.text("abcdefghij_", min_size=1, max_size=6)
 
 
@@ -43,8 +48,9 @@ def _tmp(suffix: str) -> str:
 @SETTINGS
 @given(header=st.lists(_name, min_size=1, max_size=5, unique=True), data=st.data())
 def test_csv_round_trip(header, data):
-  rows = data.draw(st.lists(st.lists(_cell, min_size=len(header), max_size=len(header)),
-                            min_size=1, max_size=8))
+  rows = data.draw(
+    st.lists(st.lists(_cell, min_size=len(header), max_size=len(header)), min_size=1, max_size=8)
+  )
   # A row whose only cell is empty or blank is a blank line to CSV: give it content.
   rows = [r if len(r) > 1 or r[0].strip() else ["x"] for r in rows]
   path = _tmp(".csv")
@@ -80,9 +86,10 @@ def test_any_bytes_give_a_table_or_a_user_error(raw, suffix):
 
 
 _json_value = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_name, inner, max_size=3),
-    max_leaves=6)
+  st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+  lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_name, inner, max_size=3),
+  max_leaves=6,
+)
 
 
 @SETTINGS
@@ -131,7 +138,7 @@ def test_damaged_cluster_table_is_refused_by_name(labels, cut, flip):
       data = bytearray(f.read())
     flip %= len(data)
     data[flip] ^= 0xFF
-    data = data[:min(cut, len(data))] if cut < len(data) else data
+    data = data[: min(cut, len(data))] if cut < len(data) else data
     with open(path, "wb") as f:
       f.write(bytes(data))
     try:
@@ -147,10 +154,16 @@ def test_damaged_cluster_table_is_refused_by_name(labels, cut, flip):
 
 
 @SETTINGS
-@given(arrays=st.dictionaries(
+@given(
+  arrays=st.dictionaries(
     st.sampled_from(["format", "cluster_ids", "sizes", "provenance", "x"]),
-    hnp.arrays(st.sampled_from([np.int32, np.int64, np.float64, np.dtype("U3")]),
-               hnp.array_shapes(min_dims=0, max_dims=2, max_side=4)), max_size=5))
+    hnp.arrays(
+      st.sampled_from([np.int32, np.int64, np.float64, np.dtype("U3")]),
+      hnp.array_shapes(min_dims=0, max_dims=2, max_side=4),
+    ),
+    max_size=5,
+  )
+)
 def test_arbitrary_npz_is_a_table_or_refused(arrays):
   path = _tmp(".npz")
   try:
@@ -163,11 +176,19 @@ def test_arbitrary_npz_is_a_table_or_refused(arrays):
 
 
 @SETTINGS
-@given(x=hnp.arrays(st.sampled_from([np.float32, np.float64, np.int16, np.bool_]),
-                    hnp.array_shapes(min_dims=0, max_dims=3, max_side=5)))
+@given(
+  x=hnp.arrays(
+    st.sampled_from([np.float32, np.float64, np.int16, np.bool_]),
+    hnp.array_shapes(min_dims=0, max_dims=3, max_side=5),
+  )
+)
 def test_check_matrix_accepts_exactly_finite_nonempty_2d_numbers(x):
-  ok = (x.ndim == 2 and x.size > 0 and x.dtype.kind in "biuf"
-        and bool(np.all(np.isfinite(x.astype(np.float64)))))
+  ok = (
+    x.ndim == 2
+    and x.size > 0
+    and x.dtype.kind in "biuf"
+    and bool(np.all(np.isfinite(x.astype(np.float64))))
+  )
   if ok:
     assert array_files.check_matrix(x, "f.npy") is x
   else:
@@ -176,15 +197,24 @@ def test_check_matrix_accepts_exactly_finite_nonempty_2d_numbers(x):
 
 
 @SETTINGS
-@given(batch=st.integers(1, 6), shape=st.sampled_from(["scalar", "batch", "other"]),
-       values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=7,
-                       max_size=7), strict=st.booleans())
+@given(
+  batch=st.integers(1, 6),
+  shape=st.sampled_from(["scalar", "batch", "other"]),
+  values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=7, max_size=7),
+  strict=st.booleans(),
+)
 def test_per_anchor_check_accepts_exactly_valid_values(batch, shape, values, strict):
-  v = {"scalar": np.float32(values[0]), "batch": np.asarray(values[:batch], np.float32),
-       "other": np.asarray(values[:batch + 1], np.float32)}[shape]
+  v = {
+    "scalar": np.float32(values[0]),
+    "batch": np.asarray(values[:batch], np.float32),
+    "other": np.asarray(values[: batch + 1], np.float32),
+  }[shape]
   arr = np.asarray(v, np.float64)
-  valid = (shape != "other" and bool(np.all(np.isfinite(arr)))
-           and bool(np.all(arr > 0) if strict else np.all(arr >= 0)))
+  valid = (
+    shape != "other"
+    and bool(np.all(np.isfinite(arr)))
+    and bool(np.all(arr > 0) if strict else np.all(arr >= 0))
+  )
   if valid:
     _checks.check_per_anchor(v, batch, "tau", "loss", strictly_positive=strict)
   else:
@@ -193,9 +223,11 @@ def test_per_anchor_check_accepts_exactly_valid_values(batch, shape, values, str
 
 
 @SETTINGS
-@given(a=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4),
-       b=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4),
-       dtype=st.sampled_from([np.float32, np.int32]))
+@given(
+  a=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4),
+  b=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4),
+  dtype=st.sampled_from([np.float32, np.int32]),
+)
 def test_pair_check_accepts_exactly_equal_2d_float_batches(a, b, dtype):
   image, text = np.zeros(a, dtype), np.zeros(b, np.float32)
   valid = len(a) == 2 and a == b and a[0] >= 1 and dtype == np.float32

@@ -1,4 +1,5 @@
 """K-Means: the JAX back-end against scikit-learn and against float64 numpy recomputation."""
+
 from __future__ import annotations
 
 import jax

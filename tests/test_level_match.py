@@ -1,4 +1,5 @@
 """`shifts.level_match`: the sample-mean value equals the target, the shape is kept."""
+
 import numpy as np
 import pytest
 

@@ -1,6 +1,7 @@
 """mmts_jax.projects.nakada: beta and S(beta) against their definitions, the closed-form gradient
 against jax.grad, gradient descent converging to the SVD of S, the generative model, pair
 detection and the combined loss. Float64 (tolerances stated per test)."""
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,9 @@ def test_cross_covariance_matches_its_definition():
     beta = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (n, n), jnp.float64))
     xn, xtn = np.asarray(x), np.asarray(xt)
     want = sum(beta[i, i] * np.outer(xn[i], xtn[i]) for i in range(n))
-    want = want - sum(beta[i, j] * np.outer(xn[i], xtn[j])
-                      for i in range(n) for j in range(n) if i != j)
+    want = want - sum(
+      beta[i, j] * np.outer(xn[i], xtn[j]) for i in range(n) for j in range(n) if i != j
+    )
     assert _rel(lm.cross_covariance(x, xt, jnp.asarray(beta)), want / n) <= 1e-12
     centered = lm.cross_covariance(x, xt, lm.linear_weights(n, 1.0, jnp.float64)) / (n - 1)
     assert _rel(lm.centered_cross_covariance(x, xt), centered) <= 1e-12
@@ -77,8 +79,9 @@ def test_gradient_descent_on_the_linear_loss_converges_to_the_svd_of_s():
     xt = 2.0 * x[:, :2] @ mix + 0.5 * jax.random.normal(k3, (n, 5), jnp.float64)
     enc0 = lm.init_encoders(jax.random.PRNGKey(5), 6, 5, r, scale=0.1, dtype=jnp.float64)
     # tau = n - 1 makes S the size-independent centred cross-covariance.
-    enc, trace = lm.gradient_descent(enc0, x, xt, float(n - 1), rho=rho, lr=0.05, steps=500,
-                                     **LINEAR)
+    enc, trace = lm.gradient_descent(
+      enc0, x, xt, float(n - 1), rho=rho, lr=0.05, steps=500, **LINEAR
+    )
     s_mat = lm.centered_cross_covariance(x, xt)
     u, sv, vt = np.linalg.svd(np.asarray(s_mat))
     assert sv[r - 1] > 1.5 * sv[r]  # a spectral gap, so the top-r subspaces are well defined
@@ -118,8 +121,9 @@ def test_sin_theta():
   mixed = q @ jnp.array([[2.0, 1.0], [-1.0, 3.0]])  # another basis of the same span
   assert float(lm.sin_theta(q, mixed)) <= 1e-6
   np.testing.assert_allclose(float(lm.sin_theta(q, jnp.eye(4)[:, 2:])), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(float(lm.sin_theta(q, jnp.eye(4)[:, 1:3], "frobenius")),
-                             np.sqrt(0.5), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(lm.sin_theta(q, jnp.eye(4)[:, 1:3], "frobenius")), np.sqrt(0.5), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="norm"):
     lm.sin_theta(q, q, "nuclear")
 
@@ -172,8 +176,9 @@ def test_detect_pairs_recovers_a_planted_matching(method):
   i, j, c = lm.detect_pairs(e1, noisy, threshold=0.95, method=method)
   assert 0 < i.size < i_all.size and np.all(c >= 0.95)
   truth = np.argsort(perm)
-  assert (lm.pair_metrics(i, j, truth)["precision"]
-          > lm.pair_metrics(i_all, j_all, truth)["precision"])
+  assert (
+    lm.pair_metrics(i, j, truth)["precision"] > lm.pair_metrics(i_all, j_all, truth)["precision"]
+  )
   with pytest.raises(ValueError, match="method"):
     lm.detect_pairs(e1, e2, threshold=0.9, method="greedy")
   with pytest.raises(ValueError, match="threshold"):
@@ -185,8 +190,9 @@ def test_combined_loss_gradient_is_the_sum_of_cross_covariances():
     x, xt, tau, enc = _problem(12)
     xu, xtu = x[:5] * 0.7, xt[::-1][:5]
     w, rho = 0.4, 0.2
-    got = jax.jit(jax.grad(lambda e: lm.combined_loss(
-        e, (x, xt), (xu, xtu), 0.5, rho=rho, weight=w, **CLIP)))(enc)
+    got = jax.jit(
+      jax.grad(lambda e: lm.combined_loss(e, (x, xt), (xu, xtu), 0.5, rho=rho, weight=w, **CLIP))
+    )(enc)
     beta_p = lm.infonce_weights(lm.similarities(enc, x, xt), 0.5)
     beta_u = lm.infonce_weights(lm.similarities(enc, xu, xtu), 0.5)
     s_mat = lm.cross_covariance(x, xt, beta_p) + w * lm.cross_covariance(xu, xtu, beta_u)
@@ -196,13 +202,11 @@ def test_combined_loss_gradient_is_the_sum_of_cross_covariances():
 
 
 def test_self_training_detects_hidden_pairs_and_improves_recovery():
-  model = synthetic.make_model(13, 24, 24, 8, noise_rank=8, spike=0.5,
-                               noise=0.1)
+  model = synthetic.make_model(13, 24, 24, 8, noise_rank=8, spike=0.5, noise=0.1)
   x, xt, _ = synthetic.sample_pairs(model, 14, 40)
   xp, xtp, match = synthetic.hidden_pair_pool(model, 15, 300, 100)
   before = lm.linear_minimiser(lm.centered_cross_covariance(x, xt), 8, 1.0)
-  enc, hist = lm.self_train_linear(x, xt, xp, xtp, rank=8, rounds=2, threshold=0.95,
-                                   match=match)
+  enc, hist = lm.self_train_linear(x, xt, xp, xtp, rank=8, rounds=2, threshold=0.95, match=match)
   # Measured: precision 0.98 -> 1.00, recall 0.84 -> 0.98, sin theta 0.52 -> 0.20.
   assert hist[-1]["precision"] >= 0.95 and hist[-1]["recall"] >= 0.9
   assert hist[-1]["recall"] > hist[0]["recall"]
@@ -216,8 +220,9 @@ def test_bad_arguments():
     lm.init_encoders(jax.random.PRNGKey(0), 3, 4, 5)
   enc = lm.init_encoders(jax.random.PRNGKey(0), 3, 3, 1)
   with pytest.raises(ValueError, match="steps"):
-    lm.gradient_descent(enc, jnp.ones((4, 3)), jnp.ones((4, 3)), 1.0, rho=1.0, lr=0.1, steps=0,
-                        **LINEAR)
+    lm.gradient_descent(
+      enc, jnp.ones((4, 3)), jnp.ones((4, 3)), 1.0, rho=1.0, lr=0.1, steps=0, **LINEAR
+    )
   with pytest.raises(ValueError, match="cross_covariance"):
     lm.cross_covariance(jnp.ones((4, 3)), jnp.ones((5, 3)), jnp.ones((4, 4)))
   with pytest.raises(ValueError, match="weight"):

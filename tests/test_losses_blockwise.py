@@ -2,6 +2,7 @@
 
 Tolerances: float32 relative 1e-4 (gradients relative to their largest entry), float64 1e-9.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,10 +49,11 @@ def compiled(f):
     if key not in cache:
       cache[key] = jf.lower(*args).compile(compiler_options=FAST_COMPILE)
     return cache[key](*args)
+
   return call
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vg_cached(fn, argnums, kw):
   kw = dict(kw)
   return compiled(jax.value_and_grad(lambda x, y, t: fn(x, y, t, **kw), argnums=argnums))
@@ -73,10 +75,12 @@ def _check_case(case, dtype, tol, block):
   image = jnp.asarray(case["image"], dtype)
   text = jnp.asarray(case["text"], dtype)
   b = image.shape[0]
-  for name, fn, value in (("mmts_infonce", losses.infonce, case["tau"]),
-                          ("infonce_fixed", losses.infonce, np.full(b, 0.07)),
-                          ("mmts_max_margin", losses.max_margin, case["tau"]),
-                          ("max_margin_fixed", losses.max_margin, np.full(b, 0.2))):
+  for name, fn, value in (
+    ("mmts_infonce", losses.infonce, case["tau"]),
+    ("infonce_fixed", losses.infonce, np.full(b, 0.07)),
+    ("mmts_max_margin", losses.max_margin, case["tau"]),
+    ("max_margin_fixed", losses.max_margin, np.full(b, 0.2)),
+  ):
     f = _vg(fn, (0, 1), impl="blockwise", block_size=block)
     v, (gx, gy) = f(image, text, jnp.asarray(value, dtype))
     assert v.dtype == dtype
@@ -87,8 +91,7 @@ def _check_case(case, dtype, tol, block):
 
 def test_official_cases_float32_with_ragged_tiles(cases):
   # (5, 3) divides none of the batch sizes (8 ... 128): every case has a masked last tile.
-  assert len(cases) == 5 and all(c["image"].shape[0] % 5 and c["image"].shape[0] % 3
-                                 for c in cases)
+  assert len(cases) == 5 and all(c["image"].shape[0] % 5 and c["image"].shape[0] % 3 for c in cases)
   for case in cases:
     _check_case(case, jnp.float32, 1e-4, (5, 3))
 
@@ -103,8 +106,10 @@ def test_official_cases_float64(cases):
 def test_blockwise_equals_dense_values_and_all_gradients(b, block):
   x, y, t = _inputs(b, 12, seed=b)
   y = 2.0 * y  # max-margin normalises; infonce must work on any scale too
-  for bw, ref in ((losses.infonce_blockwise, dense.infonce_dense),
-                  (losses.max_margin_blockwise, dense.max_margin_dense)):
+  for bw, ref in (
+    (losses.infonce_blockwise, dense.infonce_dense),
+    (losses.max_margin_blockwise, dense.max_margin_dense),
+  ):
     if b < 2 and ref is dense.max_margin_dense:
       continue
     v, g = _vg(bw, block_size=block, precision=HIGHEST)(x, y, t)
@@ -143,7 +148,8 @@ def test_small_temperature_is_stable():
 def test_bf16_embeddings_within_1e2_of_float32():
   x, y, t = _inputs(40, 32, seed=6)
   v, (gx, gy) = _vg(losses.infonce_blockwise, (0, 1), block_size=16)(
-      x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t)
+    x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t
+  )
   v0, (gx0, _) = _vg(dense.infonce_dense, (0, 1))(x, y, t)
   assert v.dtype == jnp.float32 and gx.dtype == gy.dtype == jnp.bfloat16
   assert _rel(v, v0) <= 1e-2
@@ -167,9 +173,11 @@ def test_vmap_over_batches():
   xs = jax.vmap(lambda k: _unit(k, (7, 8)))(keys)
   taus = jnp.linspace(0.05, 0.2, 14).reshape(2, 7)
   f = jax.vmap(lambda x, y, t: losses.infonce(x, y, t, impl="blockwise", block_size=3))
-  chex.assert_trees_all_close(compiled(f)(xs, xs[::-1], taus),
-                              jnp.stack([dense.infonce_dense(xs[i], xs[1 - i], taus[i])
-                                         for i in range(2)]), rtol=1e-5)
+  chex.assert_trees_all_close(
+    compiled(f)(xs, xs[::-1], taus),
+    jnp.stack([dense.infonce_dense(xs[i], xs[1 - i], taus[i]) for i in range(2)]),
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("fn", [losses.infonce, losses.max_margin])
@@ -209,8 +217,9 @@ def test_compiled_temporary_memory_grows_linearly_with_the_batch(name):
 
 
 def test_the_memory_measure_sees_the_dense_quadratic_growth():
-  d1, d2 = (_temp_bytes(lambda x, y, t: losses.infonce(x, y, t, impl="dense"), b)
-            for b in (1024, 8192))
+  d1, d2 = (
+    _temp_bytes(lambda x, y, t: losses.infonce(x, y, t, impl="dense"), b) for b in (1024, 8192)
+  )
   assert d2 >= 48 * d1 and d2 >= 8192 * 8192 * 4
 
 
@@ -226,7 +235,8 @@ def test_fused_gpu_tiles_compute_the_same_maths():
     assert blockwise.use_fused_tiles(blockwise.Blocks(128, 128), 64, jnp.float32)
     v, g = _vg(losses.infonce_blockwise, block_size=128, precision=HIGHEST)(x, y, t)
     vb, gb = _vg(losses.infonce_blockwise, (0, 1), block_size=128)(
-        x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t)
+      x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t
+    )
   finally:
     blockwise.set_fused_tiles(None)
   assert _rel(v, v0) <= 1e-5

@@ -1,4 +1,5 @@
 """Out-of-range temperatures / margins reached under `jit` give NaN, in every form; `checked`."""
+
 from __future__ import annotations
 
 import jax
@@ -61,8 +62,11 @@ def test_checked_raises_with_the_bad_value_under_jit(name, what):
   err, v = f(x, y, t)
   assert err.get() is None and np.isfinite(float(v))
   err, v = f(x, y, t.at[2].set(-0.25))
-  with pytest.raises(checkify.JaxRuntimeError, match=rf"{what} must be finite and > 0, got min "
-                                                     r"-0\.25 and 0 non-finite"):
+  with pytest.raises(
+    checkify.JaxRuntimeError,
+    match=rf"{what} must be finite and > 0, got min "
+    r"-0\.25 and 0 non-finite",
+  ):
     err.throw()
   err, _ = f(x, y, t.at[5].set(np.inf))
   with pytest.raises(checkify.JaxRuntimeError, match=r"and 1 non-finite value"):

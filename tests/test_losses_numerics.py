@@ -6,6 +6,7 @@ difference measured is the one the implementation adds (bf16 matmul operands in 
 not the rounding of the inputs: loss within 1e-3 relative, gradients within 1e-2 of their
 largest entry (issue 13, item 4).
 """
+
 from __future__ import annotations
 
 import functools
@@ -75,11 +76,13 @@ def test_fused_bf16_tiles_match_the_float32_path():
   # and column (B = 130, tiles of 128): their float32 dS row / column sums keep the centred
   # bf16 gradient matmuls within 1e-2 of the float32 path.
   from mmts_jax.losses import blockwise, dense
+
   x, y = _close_pairs(130, 64, seed=3)
   xb, yb = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
   t = jnp.full((130,), 0.02)
   v0, g0 = compiled(jax.value_and_grad(dense.infonce_dense, argnums=(0, 1)))(
-      xb.astype(jnp.float32), yb.astype(jnp.float32), t)
+    xb.astype(jnp.float32), yb.astype(jnp.float32), t
+  )
   blockwise.set_fused_tiles("interpret")
   try:
     assert blockwise.use_fused_tiles(blockwise.Blocks(128, 128), 64, jnp.bfloat16)

@@ -1,4 +1,5 @@
 """Losses: an independent float64 numpy reference, stability, bf16, jit/grad/vmap, bad input."""
+
 import subprocess
 import sys
 
@@ -58,8 +59,7 @@ def test_max_margin_matches_float64_numpy_on_unnormalised_input(b, d):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(b), 3)
   x, y = 3 * jax.random.normal(k1, (b, d)), 0.5 * jax.random.normal(k2, (b, d))
   m = 0.1 + 0.3 * jax.random.uniform(k3, (b,))
-  np.testing.assert_allclose(float(losses.max_margin(x, y, m)), _np_max_margin(x, y, m),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(losses.max_margin(x, y, m)), _np_max_margin(x, y, m), rtol=1e-5)
 
 
 def test_infonce_stable_at_small_temperature_and_near_duplicates():
@@ -83,8 +83,9 @@ def test_bf16_inputs_accumulate_in_float32():
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   x, y = _unit(k1, (64, 128)), _unit(k2, (64, 128))
   tau = jnp.full((64,), 0.05)
-  ref = _np_infonce(x.astype(jnp.bfloat16).astype(jnp.float32),
-                    y.astype(jnp.bfloat16).astype(jnp.float32), tau)
+  ref = _np_infonce(
+    x.astype(jnp.bfloat16).astype(jnp.float32), y.astype(jnp.bfloat16).astype(jnp.float32), tau
+  )
   for fn, ref_fn in ((losses.infonce, _np_infonce), (losses.max_margin, _np_max_margin)):
     xb, yb = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
     value, (gx, gy) = jax.value_and_grad(fn, argnums=(0, 1))(xb, yb, tau)
@@ -147,9 +148,11 @@ def test_max_margin_needs_two_samples():
 
 
 def test_importing_losses_pulls_in_no_heavy_stack():
-  code = ("import sys, mmts_jax.losses, mmts_jax.schedules, mmts_jax.shifts\n"
-          "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'transformers', 'sklearn', "
-          "'torch', 'grain') if m in sys.modules]\n"
-          "print(','.join(bad))\n")
+  code = (
+    "import sys, mmts_jax.losses, mmts_jax.schedules, mmts_jax.shifts\n"
+    "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'transformers', 'sklearn', "
+    "'torch', 'grain') if m in sys.modules]\n"
+    "print(','.join(bad))\n"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "", f"import mmts_jax.losses imported: {out.stdout.strip()}"

@@ -3,7 +3,7 @@
 Float32: relative error <= 1e-4 (gradients: relative to the largest gradient entry). Float64
 (`jax_enable_x64`): <= 1e-9.
 """
-import chex
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +12,10 @@ import pytest
 from mmts_jax import losses, schedules, shifts
 
 LOSSES = {
-    "mmts_infonce": (losses.infonce, "tau"),
-    "mmts_max_margin": (losses.max_margin, "tau"),
-    "infonce_fixed": (losses.infonce, 0.07),
-    "max_margin_fixed": (losses.max_margin, 0.2),
+  "mmts_infonce": (losses.infonce, "tau"),
+  "mmts_max_margin": (losses.max_margin, "tau"),
+  "infonce_fixed": (losses.infonce, 0.07),
+  "max_margin_fixed": (losses.max_margin, 0.2),
 }
 
 
@@ -37,10 +37,15 @@ def _rel(got, want):
 
 def _check_case(case, dtype, tol):
   tau_base = schedules.cosine_oscillation(float(case["alpha"]), float(case["period"]))(
-      int(case["step"]))
-  sh = shifts.cluster_shift(jnp.asarray(case["cluster_size"]), float(case["sh_min"]),
-                            float(case["sh_max"]), min_size=case["min_size"],
-                            max_size=case["max_size"])
+    int(case["step"])
+  )
+  sh = shifts.cluster_shift(
+    jnp.asarray(case["cluster_size"]),
+    float(case["sh_min"]),
+    float(case["sh_max"]),
+    min_size=case["min_size"],
+    max_size=case["max_size"],
+  )
   tau = tau_base + sh
   # tau_base can be exactly 0 (a quarter period): compare it relative to its amplitude alpha/2.
   assert abs(float(tau_base) - float(case["tau_base"])) <= tol * float(case["alpha"]) / 2

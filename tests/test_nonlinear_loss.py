@@ -4,6 +4,7 @@
 Tolerances: against `infonce_dense`, float32 rel 1e-5 (gradients relative to the largest entry)
 and float64 rel 1e-10; against the numpy reference float32 rel 1e-5.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mmts_jax.losses import infonce_dense
 from mmts_jax.losses.nonlinear import nonlinear_mmcl, nonlinear_mmcl_similarity
@@ -118,8 +120,10 @@ def test_general_pair_gradient_matches_finite_differences_float64():
       for _ in range(3):
         dx, dy = rng.normal(size=x.shape), rng.normal(size=y.shape)
         h = 1e-5
-        fd = (_np_general(x + h * dx, y + h * dy, tau, _np_sqrt1p, _np_softplus)
-              - _np_general(x - h * dx, y - h * dy, tau, _np_sqrt1p, _np_softplus)) / (2 * h)
+        fd = (
+          _np_general(x + h * dx, y + h * dy, tau, _np_sqrt1p, _np_softplus)
+          - _np_general(x - h * dx, y - h * dy, tau, _np_sqrt1p, _np_softplus)
+        ) / (2 * h)
         ad = float(jnp.sum(g[0] * dx) + jnp.sum(g[1] * dy))
         np.testing.assert_allclose(ad, fd, rtol=1e-7)
 
@@ -133,7 +137,8 @@ def test_identity_pair_is_the_linear_loss():
     want = np.sum((s.sum(1) - b * np.diag(s)) / t + (s.sum(0) - b * np.diag(s)) / t) / (2 * b)
     for bs in (None, 2):
       got = jax.jit(functools.partial(nonlinear_mmcl, phi=ident, psi=ident, block_size=bs))(
-          x, y, tau)
+        x, y, tau
+      )
       np.testing.assert_allclose(float(got), want, rtol=1e-12)
 
 
@@ -141,8 +146,10 @@ def test_similarity_form_equals_embedding_form():
   x, y, tau = _data(5, 6, 4)
   for kw in (CLIP, OTHER):
     chex.assert_trees_all_close(
-        jax.jit(functools.partial(nonlinear_mmcl_similarity, **kw))(x @ y.T, tau),
-        jax.jit(functools.partial(nonlinear_mmcl, **kw))(x, y, tau), rtol=1e-6)
+      jax.jit(functools.partial(nonlinear_mmcl_similarity, **kw))(x @ y.T, tau),
+      jax.jit(functools.partial(nonlinear_mmcl, **kw))(x, y, tau),
+      rtol=1e-6,
+    )
 
 
 def test_stable_at_small_temperature():
@@ -189,16 +196,20 @@ def test_jit_and_vmap():
   chex.assert_trees_all_close(batched, looped, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw,block_size", [(CLIP, None), (OTHER, 3)],
-                         ids=["log1p_exp-dense", "sqrt_softplus-blocks"])
+@pytest.mark.parametrize(
+  "kw,block_size", [(CLIP, None), (OTHER, 3)], ids=["log1p_exp-dense", "sqrt_softplus-blocks"]
+)
 def test_shard_map_equals_global_batch(kw, block_size):
   mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
   x, y, tau = _data(9, 16, 8, tau_lo=0.05)
 
   def sharded(a, b, t):
     f = shard_map(
-        lambda a, b, t: nonlinear_mmcl(a, b, t, axis_name="data", block_size=block_size, **kw),
-        mesh=mesh, in_specs=(P("data"), P("data"), P("data")), out_specs=P())
+      lambda a, b, t: nonlinear_mmcl(a, b, t, axis_name="data", block_size=block_size, **kw),
+      mesh=mesh,
+      in_specs=(P("data"), P("data"), P("data")),
+      out_specs=P(),
+    )
     return f(a, b, t)
 
   value, grads = _vg(sharded)(x, y, tau)

@@ -1,4 +1,5 @@
 """iSogCLR policy against an independent float64 numpy reference of its update, over steps."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -48,44 +49,53 @@ def _ref_step(state, image, text, index, p):
   return total, grads, new
 
 
-@pytest.mark.parametrize("policy", [
+@pytest.mark.parametrize(
+  "policy",
+  [
     ISogCLR(tau_init=0.1, eta=0.05, rho=0.5),  # temperatures move a lot; exps of both signs
     ISogCLR(),  # the paper's defaults (tau 0.01: the bound and the b guard are exercised)
-])
+  ],
+)
 def test_three_steps_match_float64_reference(policy):
   rng = np.random.default_rng(0)
   n, bsz, dim = 10, 6, 5
   state = policy.init_state(n, None)
   ref = {k: np.asarray(v, np.float64) for k, v in state.items()}
-  for step, index in enumerate([np.array([0, 2, 4, 5, 6, 7]), np.array([4, 5, 6, 7, 8, 9]),
-                                np.array([9, 0, 4, 2, 7, 5])]):
+  for step, index in enumerate(
+    [np.array([0, 2, 4, 5, 6, 7]), np.array([4, 5, 6, 7, 8, 9]), np.array([9, 0, 4, 2, 7, 5])]
+  ):
     image = rng.standard_normal((bsz, dim))
     text = image + 0.7 * rng.standard_normal((bsz, dim))
     image /= np.linalg.norm(image, axis=1, keepdims=True)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
 
     def f(im, tx, state=state, index=index, step=step):
-      loss, used, new = policy.loss(state, im, tx, step=step, index=jnp.asarray(index),
-                                    loss_fn=None, model_temperature=None)
+      loss, used, new = policy.loss(
+        state, im, tx, step=step, index=jnp.asarray(index), loss_fn=None, model_temperature=None
+      )
       return loss, (used, new)
 
     (loss, (used, new)), (g_im, g_tx) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-        jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32))
+      jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32)
+    )
     want_loss, want_grads, want_state = _ref_step(ref, image, text, index, policy)
     chex.assert_trees_all_close(float(loss), want_loss, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(np.asarray(g_im), want_grads["image"], rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(np.asarray(g_tx), want_grads["text"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        np.asarray(used), 0.5 * (ref["tau_image"][index] + ref["tau_text"][index]), rtol=1e-6)
+      np.asarray(used), 0.5 * (ref["tau_image"][index] + ref["tau_text"][index]), rtol=1e-6
+    )
     for key, value in want_state.items():
-      np.testing.assert_allclose(np.asarray(new[key]), value, rtol=2e-4, atol=1e-6,
-                                 err_msg=f"step {step} {key}")
+      np.testing.assert_allclose(
+        np.asarray(new[key]), value, rtol=2e-4, atol=1e-6, err_msg=f"step {step} {key}"
+      )
     state, ref = new, want_state
   # Rows outside every batch were never touched; the temperatures did move.
   assert float(state["tau_image"][4]) != policy.tau_init
   for key in ("tau_text", "u_image", "s_text", "b_image"):
-    np.testing.assert_array_equal(np.asarray(state[key])[[1, 3]],
-                                  np.asarray(policy.init_state(2, None)[key]))
+    np.testing.assert_array_equal(
+      np.asarray(state[key])[[1, 3]], np.asarray(policy.init_state(2, None)[key])
+    )
 
 
 def test_jit_and_partition():
@@ -108,5 +118,6 @@ def test_bad_hyper_parameters_and_losses():
   with pytest.raises(ValueError, match="max_margin"):
     ISogCLR.check_loss("max_margin")
   with pytest.raises(ValueError, match="at least 2"):
-    ISogCLR().loss(ISogCLR().init_state(3, None), jnp.ones((1, 2)), jnp.ones((1, 2)),
-                   index=jnp.array([0]))
+    ISogCLR().loss(
+      ISogCLR().init_state(3, None), jnp.ones((1, 2)), jnp.ones((1, 2)), index=jnp.array([0])
+    )

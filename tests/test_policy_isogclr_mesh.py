@@ -1,4 +1,5 @@
 """iSogCLR's dataset-sized state on the 8-device mesh: sharded by rows, resumed bit-exactly."""
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -30,12 +31,15 @@ def _run(state, steps, step_fn, batch_sharding):
 def test_state_is_row_sharded_and_resumes_bit_exactly(tmp_path):
   mesh = mesh_lib.make_mesh(8)
   policy = ISogCLR(tau_init=0.1, eta=0.05, rho=0.5)
-  kinds = {"rows": NamedSharding(mesh, P(mesh_lib.DATA_AXIS)),
-           "replicated": NamedSharding(mesh, P())}
+  kinds = {
+    "rows": NamedSharding(mesh, P(mesh_lib.DATA_AXIS)),
+    "replicated": NamedSharding(mesh, P()),
+  }
   shardings = {k: kinds[v] for k, v in policy.state_partition().items()}
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  step_fn = jax.jit(lambda s, im, tx, idx: policy.loss(s, im, tx, index=idx)[2],
-                    out_shardings=shardings)
+  step_fn = jax.jit(
+    lambda s, im, tx, idx: policy.loss(s, im, tx, index=idx)[2], out_shardings=shardings
+  )
   init = jax.device_put(policy.init_state(_N, None), shardings)
 
   straight = _run(init, range(6), step_fn, batch_sharding)
@@ -44,8 +48,7 @@ def test_state_is_row_sharded_and_resumes_bit_exactly(tmp_path):
   ckpt = Checkpointer(tmp_path / "ckpt", every_steps=1, keep=1, async_save=False)
   ckpt.save(3, half, {"step": 3}, force=True)
   ckpt.wait()
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                        init)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init)
   restored, meta = ckpt.restore(3, target)
   ckpt.close()
   assert meta["step"] == 3

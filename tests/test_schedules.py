@@ -1,4 +1,5 @@
 """Schedules: Eq. 7 and uni-modal TS against float64 numpy, traced steps, bad arguments."""
+
 import math
 
 import chex
@@ -45,19 +46,24 @@ def test_period_from_total_steps():
   assert schedules.period_from_total_steps(900, 3) == 300.0
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(alpha=-0.1, period=10), "alpha"),
     (dict(alpha=0.1, period=0), "period"),
     (dict(alpha=float("nan"), period=10), "alpha"),
     (dict(alpha=0.1, period=float("inf")), "period"),
-])
+  ],
+)
 def test_cosine_oscillation_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     schedules.cosine_oscillation(**kwargs)
 
 
-@pytest.mark.parametrize("args,match", [
-    ((0.0, 1.0, 10), "tau_min"), ((0.5, 0.1, 10), "tau_max"), ((0.1, 1.0, -5), "period")])
+@pytest.mark.parametrize(
+  "args,match",
+  [((0.0, 1.0, 10), "tau_min"), ((0.5, 0.1, 10), "tau_max"), ((0.1, 1.0, -5), "period")],
+)
 def test_temperature_schedule_rejects_bad_arguments(args, match):
   with pytest.raises(ValueError, match=match):
     schedules.temperature_schedule(*args)

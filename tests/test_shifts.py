@@ -1,4 +1,5 @@
 """Eq. 6 shifts (numpy and jax) and the positivity check of a configuration."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,9 @@ def test_cluster_shift_uses_global_min_max_for_a_batch():
 
 def test_cluster_shift_under_jit_with_traced_sizes():
   fn = jax.jit(lambda s: shifts.cluster_shift(s, 0.05, 0.2, min_size=1, max_size=11))
-  chex.assert_trees_all_close(fn(jnp.array([1.0, 6.0, 11.0])), jnp.array([0.05, 0.125, 0.2]),
-                              rtol=1e-6)
+  chex.assert_trees_all_close(
+    fn(jnp.array([1.0, 6.0, 11.0])), jnp.array([0.05, 0.125, 0.2]), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("xp", [np, jnp])
@@ -51,8 +53,10 @@ def test_cluster_shift_rejects_bad_range_and_sizes():
     shifts.cluster_shift(np.array([-1, 2]), 0.1, 0.3)
 
 
-@pytest.mark.parametrize("alpha,sh_min,sh_max", [
-    (0.04, 0.05, 0.10), (0.20, 0.17, 0.30), (0.08, 0.05, 0.20), (0.06, 0.06, 0.09)])
+@pytest.mark.parametrize(
+  "alpha,sh_min,sh_max",
+  [(0.04, 0.05, 0.10), (0.20, 0.17, 0.30), (0.08, 0.05, 0.20), (0.06, 0.06, 0.09)],
+)
 def test_paper_settings_are_valid(alpha, sh_min, sh_max):
   shifts.validate_positive(alpha, sh_min, sh_max)
 

@@ -5,6 +5,7 @@ MM-TS temperatures and the model's bias, the ring over the 8-device mesh gives t
 step's loss and update, a stopped and resumed run is bit-exact, every row gives the sigmoid
 loss the temperatures it gives InfoNCE, the `clip` row learns SigLIP's t' and the bias, and the
 paper-scale config builds."""
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,13 @@ import chex
 import jax
 import numpy as np
 import pytest
+from test_checkpointing import _restore
 
 from mmts_jax import config_defaults, temperature, train
 from mmts_jax.commands.train import load_config
-from mmts_jax.models import build_model
 from mmts_jax.metrics_log import read_metrics
+from mmts_jax.models import build_model
 from mmts_jax.train.step import make_embed_fn
-from test_checkpointing import _restore
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIGLIP = str(ROOT / "configs" / "siglip_tiny.py")
@@ -56,11 +57,11 @@ def test_fixed_and_mmts_rows_train_and_the_bias_moves(runs):
     records = read_metrics(runs[row])
     loss = [r["loss"] for r in records]
     assert len(loss) == STEPS and all(math.isfinite(v) for v in loss), (row, loss)
-    assert loss[-1] < loss[0] - 0.5, (row, loss)   # b = -10: every positive starts near 10
+    assert loss[-1] < loss[0] - 0.5, (row, loss)  # b = -10: every positive starts near 10
     # The bias each step's forward pass used: the initial -10, then rising (the positives'
     # pull dominates at b = -10), as the checkpointed parameter.
     bias = [r["bias"] for r in records]
-    assert bias[0] == -10.0 and bias[1] == -10.0, bias      # warmup: the first lr is 0
+    assert bias[0] == -10.0 and bias[1] == -10.0, bias  # warmup: the first lr is 0
     assert bias[-1] > -10.0 + 1e-3, (row, bias)
     tree, _ = _restore(runs[row], STEPS)
     assert float(tree["params"]["logit_bias"]) > bias[-1], row
@@ -78,7 +79,7 @@ def _sigmoid_loss64(img, txt, tau, bias):
   + b))], z = +1 on the diagonal, -1 off it."""
   s = img @ txt.T
   z = 2 * np.eye(len(s)) - 1
-  rows = np.logaddexp(0.0, -z * (s / tau[:, None] + bias))   # softplus
+  rows = np.logaddexp(0.0, -z * (s / tau[:, None] + bias))  # softplus
   cols = np.logaddexp(0.0, -z * (s / tau[None, :] + bias))
   return (rows.sum() + cols.sum()) / (2 * len(s))
 
@@ -116,7 +117,7 @@ def test_ring_over_the_mesh_gives_the_dense_step(runs):
   assert float(dense[1]["lr"]) > 0
   # float32 sums in another order: losses and gradient norms to 1e-6 / 1e-5 relative; the
   # update (Adam: lr * m / (sqrt(v) + eps), lr = 1.5e-3) to 1e-7 absolute.
-  for d, r in zip(dense, ring):
+  for d, r in zip(dense, ring, strict=True):
     np.testing.assert_allclose(r["loss"], d["loss"], rtol=1e-6)
     np.testing.assert_allclose(r["grad_norm"], d["grad_norm"], rtol=1e-5)
   chex.assert_trees_all_close(ring_update, dense_update, atol=1e-7, rtol=0)
@@ -130,7 +131,7 @@ def test_stopped_and_resumed_mmts_run_is_bit_exact(runs):
     assert [r[key] for r in straight] == [r[key] for r in resumed], key
   tree_a, meta_a = _restore(runs["mmts"], STEPS)
   tree_b, meta_b = _restore(runs["resumed"], STEPS)
-  chex.assert_trees_all_equal(tree_a, tree_b)     # params (the bias too), optimizer, step, RNG
+  chex.assert_trees_all_equal(tree_a, tree_b)  # params (the bias too), optimizer, step, RNG
   assert meta_a == meta_b
 
 
@@ -152,7 +153,7 @@ def test_clip_row_learns_siglips_t_prime_and_the_bias():
   assert float(params["log_inv_temperature"]) == pytest.approx(math.log(10.0))
   assert float(params["logit_bias"]) == -10.0
   batches, state = run.batches(0), run.state
-  for _ in range(2):   # the warmup's first learning rate is 0
+  for _ in range(2):  # the warmup's first learning rate is 0
     state, metrics = run.step_fn(state, run.to_device(next(batches)))
   assert float(metrics["temperature_mean"]) == pytest.approx(0.1, rel=1e-6)
   new = jax.device_get(state.params)
@@ -162,14 +163,24 @@ def test_clip_row_learns_siglips_t_prime_and_the_bias():
 
 def test_paper_config_builds_a_bias_and_clip_models_are_refused_before_compiling():
   c = load_config(str(ROOT / "configs" / "siglip_vit_b16_cc3m.py") + ":clip")
-  model = build_model(c.model, learnable_temperature=True, init_temperature=c.temperature.value,
-                      learnable_bias=True, init_bias=c.loss.bias_init)
-  batch = {"image": jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32),
-           "text": jax.ShapeDtypeStruct((1, 77), np.int32)}
+  model = build_model(
+    c.model,
+    learnable_temperature=True,
+    init_temperature=c.temperature.value,
+    learnable_bias=True,
+    init_bias=c.loss.bias_init,
+  )
+  batch = {
+    "image": jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32),
+    "text": jax.ShapeDtypeStruct((1, 77), np.int32),
+  }
   shapes = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)["params"]
   assert shapes["logit_bias"].shape == shapes["log_inv_temperature"].shape == ()
   assert c.loss.name == "sigmoid" and (c.mmts.alpha, c.mmts.sh_min, c.mmts.sh_max) == (
-      0.04, 0.05, 0.10)
+    0.04,
+    0.05,
+    0.10,
+  )
   with pytest.raises(ValueError, match="no logit bias for loss 'sigmoid'"):
     build_model({"name": "clip"}, learnable_bias=True)
   with pytest.raises(ValueError, match="initial logit bias must be finite"):
@@ -178,10 +189,10 @@ def test_paper_config_builds_a_bias_and_clip_models_are_refused_before_compiling
 
 def test_a_trained_sigmoid_workdir_loads_with_its_bias(runs):
   from mmts_jax.projects.ek100_features.restore import load_trained_model
+
   trained = load_trained_model(runs["mmts"])
   tree, _ = _restore(runs["mmts"], STEPS)
-  batch = {k: v for k, v in next(train.setup(_config("mmts")).batches(0)).items()
-           if k != "index"}
+  batch = {k: v for k, v in next(train.setup(_config("mmts")).batches(0)).items() if k != "index"}
   out = trained.model.apply(trained.variables, batch)
   assert float(out["bias"]) == float(tree["params"]["logit_bias"]) > -10.0
 

@@ -4,6 +4,7 @@ independent float64 numpy reference (values and gradients wrt image, text, bias,
 Tolerances: float32 with HIGHEST matmuls, relative 1e-5 for values and 1e-4 for gradients
 (relative to the largest entry); float64 1e-10.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,13 +35,13 @@ def reference(x, y, tau, bias):
   tau = np.broadcast_to(tau, (b,))
   s = x @ y.T
   z = 2.0 * np.eye(b) - 1.0
-  ur = z * (s / tau[:, None] + bias)       # image anchor i, pair (i, j)
-  uc = z * (s / tau[None, :] + bias)       # text anchor j, pair (i, j)
+  ur = z * (s / tau[:, None] + bias)  # image anchor i, pair (i, j)
+  uc = z * (s / tau[None, :] + bias)  # text anchor j, pair (i, j)
   loss = (_softplus(-ur).sum() + _softplus(-uc).sum()) / (2 * b)
-  pr = -z * _sigmoid(-ur) / (2 * b)        # dL / d(s_ij / tau_i + b)
+  pr = -z * _sigmoid(-ur) / (2 * b)  # dL / d(s_ij / tau_i + b)
   pc = -z * _sigmoid(-uc) / (2 * b)
   ds = pr / tau[:, None] + pc / tau[None, :]
-  dtau = -((pr * s).sum(1) + (pc * s).sum(0)) / tau ** 2
+  dtau = -((pr * s).sum(1) + (pc * s).sum(0)) / tau**2
   return loss, ds @ y, ds.T @ x, pr.sum() + pc.sum(), dtau
 
 
@@ -53,8 +54,9 @@ def _check(got, want, tol_v, tol_g):
 
 
 def _vg(loss_fn):
-  return compiled(jax.value_and_grad(lambda x, y, t, c: loss_fn(x, y, t, bias=c),
-                                     argnums=(0, 1, 3, 2)))
+  return compiled(
+    jax.value_and_grad(lambda x, y, t, c: loss_fn(x, y, t, bias=c), argnums=(0, 1, 3, 2))
+  )
 
 
 def test_scalar_temperature_is_siglip():
@@ -64,13 +66,15 @@ def test_scalar_temperature_is_siglip():
   s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
   z = 2 * np.eye(7) - 1
   want = -np.sum(np.log(_sigmoid(z * (np.exp(t_prime) * s + b)))) / 7
-  got = compiled(lambda x, y: losses.sigmoid(x, y, 1.0 / np.exp(t_prime), bias=b, impl="dense",
-                                             precision=HIGHEST))(x, y)
+  got = compiled(
+    lambda x, y: losses.sigmoid(
+      x, y, 1.0 / np.exp(t_prime), bias=b, impl="dense", precision=HIGHEST
+    )
+  )(x, y)
   assert _rel(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("impl,block", [("dense", None), ("blockwise", (5, 3)),
-                                        ("blockwise", 4)])
+@pytest.mark.parametrize("impl,block", [("dense", None), ("blockwise", (5, 3)), ("blockwise", 4)])
 @pytest.mark.parametrize("b", [1, 2, 13])
 def test_matches_the_float64_reference(impl, block, b):
   x, y, t = _inputs(b, 12, seed=b)
@@ -108,10 +112,15 @@ def test_inside_shard_map_with_the_public_function():
   from jax.sharding import PartitionSpec as P
 
   from mmts_jax.losses import sharding
+
   f = sharding.shard_map(
-      lambda x, y, t: losses.sigmoid(x, y, t, bias=-1.0, axis_name="batch", sharded="ring",
-                                     block_size=1, precision=HIGHEST),
-      mesh=mesh, in_specs=(P("batch"),) * 3, out_specs=P())
+    lambda x, y, t: losses.sigmoid(
+      x, y, t, bias=-1.0, axis_name="batch", sharded="ring", block_size=1, precision=HIGHEST
+    ),
+    mesh=mesh,
+    in_specs=(P("batch"),) * 3,
+    out_specs=P(),
+  )
   assert _rel(compiled(f)(x, y, t), reference(x, y, t, -1.0)[0]) <= 1e-5
 
 
@@ -119,8 +128,9 @@ def test_a_per_anchor_bias_is_accepted_and_used():
   x, y, t = _inputs(6, 4, seed=6)
   c = jnp.linspace(-2.0, 1.0, 6)
   dense = compiled(lambda c: losses.sigmoid(x, y, t, bias=c, impl="dense", precision=HIGHEST))
-  tiled = compiled(lambda c: losses.sigmoid(x, y, t, bias=c, impl="blockwise", block_size=4,
-                                            precision=HIGHEST))
+  tiled = compiled(
+    lambda c: losses.sigmoid(x, y, t, bias=c, impl="blockwise", block_size=4, precision=HIGHEST)
+  )
   assert _rel(tiled(c), dense(c)) <= 1e-5
   assert abs(float(dense(c)) - float(dense(jnp.full((6,), -2.0)))) > 1e-3
 

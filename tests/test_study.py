@@ -1,23 +1,25 @@
 """The seed-batched study runner on the CPU: pairing, policies, selection, intervals, report."""
+
 import json
 
 import numpy as np
 import pytest
 
 from mmts_jax import shifts
+from mmts_jax.longtail.generator import GeneratorConfig
 from mmts_jax.study import experiment, report, stats
 from mmts_jax.study import policies as P
 from mmts_jax.study.runner import TrainConfig, batch_orders, train_seeds
 from mmts_jax.study.task import make_task
-from mmts_jax.longtail.generator import GeneratorConfig
 
 _CFG = TrainConfig(steps=3, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def task():
-  return make_task(GeneratorConfig(num_classes=5, head_size=40, imbalance=8, val_per_class=3,
-                                   test_per_class=3))
+  return make_task(
+    GeneratorConfig(num_classes=5, head_size=40, imbalance=8, val_per_class=3, test_per_class=3)
+  )
 
 
 def test_seeds_are_paired_and_hyper_parameters_are_arguments(task):
@@ -38,8 +40,9 @@ def test_constant_shift_table_is_the_fixed_row(task):
   fixed = train_seeds(P.Fixed(0.07), task, seeds=(0, 1), cfg=_CFG)
   n = len(task.train_label)
   # level=0.07 re-centres a constant 0.07 table onto itself (and shares the ics_lm program).
-  ics = train_seeds(P.ICS(0.07, 0.07, level=0.07), task, seeds=(0, 1), cfg=_CFG,
-                    shift_table=np.full(n, 0.07))
+  ics = train_seeds(
+    P.ICS(0.07, 0.07, level=0.07), task, seeds=(0, 1), cfg=_CFG, shift_table=np.full(n, 0.07)
+  )
   for key in ("loss", "test_image", "val_text", "temperature"):
     # Same numbers up to float32 rounding (the two programs fuse differently).
     np.testing.assert_allclose(fixed[key], ics[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -49,6 +52,7 @@ def test_traced_schedules_equal_the_library_schedules():
   import jax.numpy as jnp
 
   from mmts_jax import schedules
+
   idx = jnp.arange(2)
   for t in (0, 7, 30, 59):
     ts = P.TS(0.03, 0.12, 60.0).values({}, step=t, index=idx)
@@ -65,7 +69,7 @@ def test_batch_orders_are_epochs_of_permutations():
   assert o.shape == (2, 5, 4)
   for s in range(2):
     for e in range(2):
-      epoch = o[s, 2 * e:2 * e + 2].reshape(-1)
+      epoch = o[s, 2 * e : 2 * e + 2].reshape(-1)
       assert len(set(epoch.tolist())) == 8
   np.testing.assert_array_equal(o[0], batch_orders([3], 10, 5, 4)[0])
   with pytest.raises(ValueError, match="batch_size 11 > 10"):
@@ -77,11 +81,13 @@ def test_level_matched_policy_and_learnable_temperature(task):
   table = shifts.cluster_shift(task.sample_sizes(), 0.05, 0.10)
   lm = P.MMTS(0.05, 0.10, level=0.08, alpha=0.04, period=10.0)
   state = lm.init_state(n, table)
-  np.testing.assert_allclose(float(np.mean(np.asarray(state["shift_table"], np.float64))), 0.08,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    float(np.mean(np.asarray(state["shift_table"], np.float64))), 0.08, atol=1e-7
+  )
   with pytest.raises(ValueError, match="lowest temperature"):
-    P.ICS(0.05, 0.30, level=0.02).init_state(n, shifts.cluster_shift(task.sample_sizes(), 0.05,
-                                                                      0.30))
+    P.ICS(0.05, 0.30, level=0.02).init_state(
+      n, shifts.cluster_shift(task.sample_sizes(), 0.05, 0.30)
+    )
   out = train_seeds(P.Learnable(0.07), task, seeds=(0, 1), cfg=_CFG)
   temps = out["temperature"][:, :, 0]
   assert np.all((temps >= 0.01) & (temps <= 1.0))
@@ -105,17 +111,28 @@ def test_paired_interval_against_textbook_t():
 
 
 def test_run_selects_on_validation_and_reports(task, tmp_path):
-  grid = {"fixed": [(P.Fixed(t), {"tau": t}) for t in (0.05, 0.1, 0.2)],
-          "ics_lm": [(P.ICS(0.05, 0.07, level=0.1), {"width": 0.02}),
-                     (P.ICS(0.05, 5.0, level=0.1), {"width": 4.95})]}
+  grid = {
+    "fixed": [(P.Fixed(t), {"tau": t}) for t in (0.05, 0.1, 0.2)],
+    "ics_lm": [
+      (P.ICS(0.05, 0.07, level=0.1), {"width": 0.02}),
+      (P.ICS(0.05, 5.0, level=0.1), {"width": 4.95}),
+    ],
+  }
   path = tmp_path / "trials.jsonl"
 
   def on_trial(rec):
     with open(path, "a") as f:
       f.write(json.dumps(rec) + "\n")
 
-  res = experiment.run(task, seeds=(0, 1), cfg=_CFG, rows=("fixed", "ics_lm"), grid=grid,
-                       on_trial=on_trial, log=lambda s: None)
+  res = experiment.run(
+    task,
+    seeds=(0, 1),
+    cfg=_CFG,
+    rows=("fixed", "ics_lm"),
+    grid=grid,
+    on_trial=on_trial,
+    log=lambda s: None,
+  )
   fixed = res["trials"]["fixed"]
   means = [np.mean([s["all/R@1"] for s in t["val"]]) for t in fixed]
   assert res["selected"]["fixed"] == int(np.argmax(means))
@@ -134,13 +151,18 @@ def test_run_selects_on_validation_and_reports(task, tmp_path):
 def test_trials_train_side_by_side_as_they_train_alone(task):
   """`train_trials` (vmap over trial x seed, training set padded) = each trial on its own."""
   from mmts_jax.study.runner import train_trials
-  both = train_trials([P.Learnable(0.05), P.Learnable(0.1)], task, seeds=(0, 1), cfg=_CFG,
-                      pad_to=len(task.train_label) + 7)
+
+  both = train_trials(
+    [P.Learnable(0.05), P.Learnable(0.1)],
+    task,
+    seeds=(0, 1),
+    cfg=_CFG,
+    pad_to=len(task.train_label) + 7,
+  )
   alone = train_seeds(P.Learnable(0.1), task, seeds=(0, 1), cfg=_CFG)
   for key in ("loss", "test_image", "temperature"):
     np.testing.assert_allclose(both[key][1], alone[key], rtol=1e-5, atol=1e-6, err_msg=key)
-  np.testing.assert_allclose(both["temperature"][:, :, 0, 0], [[0.05, 0.05], [0.1, 0.1]],
-                             rtol=1e-5)
+  np.testing.assert_allclose(both["temperature"][:, :, 0, 0], [[0.05, 0.05], [0.1, 0.1]], rtol=1e-5)
 
 
 def test_on_edge_names_the_axes():
@@ -157,6 +179,7 @@ def test_ek100_task_and_bucketed_mir():
 
   from mmts_jax.eval.ek100_mir import mir_metrics
   from mmts_jax.study import ek100
+
   ann = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ek100"
   text = {"train": np.zeros((15989, 4), np.float32), "val": np.zeros((3842, 4), np.float32)}
   task, val = ek100.build_task(str(ann), text)
@@ -169,8 +192,11 @@ def test_ek100_task_and_bucketed_mir():
   rng = np.random.default_rng(0)
   rel = np.eye(6, dtype=np.float32) * 0.5 + np.eye(6, dtype=np.float32) * 0.5
   rel[0, 1] = rel[1, 0] = 0.5
-  small = {"relevancy": rel, "video_bucket": np.array([0, 0, 1, 1, 2, 2]),
-           "caption_bucket": np.array([0, 1, 1, 2, 2, 0])}
+  small = {
+    "relevancy": rel,
+    "video_bucket": np.array([0, 0, 1, 1, 2, 2]),
+    "caption_bucket": np.array([0, 1, 1, 2, 2, 0]),
+  }
   v, t = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
   got = ek100.evaluate(v, t, small)
   want = mir_metrics(v @ t.T, rel)

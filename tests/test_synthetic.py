@@ -3,6 +3,7 @@
 The end-to-end run goes through the real pieces (MiniLM encoder, K-Means, the trainer, the
 plots) with a few steps, through the `mmts synthetic` command.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,6 @@ import json
 import pathlib
 
 import chex
-import jax
 import numpy as np
 import pytest
 
@@ -29,10 +29,11 @@ def default_ds():
 def test_default_is_long_tailed_with_head_and_tail(default_ds):
   ds = default_ds
   assert ds.imbalance >= 100
-  assert np.all(np.diff(ds.class_sizes) <= 0)             # rank order: class 0 is the largest
+  assert np.all(np.diff(ds.class_sizes) <= 0)  # rank order: class 0 is the largest
   np.testing.assert_array_equal(np.bincount(ds.train.label), ds.class_sizes)
-  np.testing.assert_array_equal(np.bincount(ds.test.label),
-                                np.full(ds.config.num_classes, ds.config.test_per_class))
+  np.testing.assert_array_equal(
+    np.bincount(ds.test.label), np.full(ds.config.num_classes, ds.config.test_per_class)
+  )
   assert ds.head_classes.any() and ds.tail_classes.any()
   assert not np.any(ds.head_classes & ds.tail_classes)
   assert ds.class_sizes[ds.head_classes].min() > ds.class_sizes[ds.tail_classes].max()
@@ -100,14 +101,17 @@ def test_per_sample_spread_follows_class_size():
     np.testing.assert_allclose(std, spread[c], rtol=0.1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(num_classes=1), "num_classes"),
     (dict(num_classes=len(words.CLASS_NOUNS) + 1), "num_classes"),
     (dict(imbalance=0.5), "imbalance"),
     (dict(head_size=50, imbalance=100), "head_size / imbalance"),
     (dict(head_spread=0.0), "head_spread"),
     (dict(max_len=4), "max_len"),
-])
+  ],
+)
 def test_invalid_generator_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     GeneratorConfig(**kwargs)
@@ -137,6 +141,7 @@ def test_recall_matches_a_brute_force_reference():
 
 def test_config_rows_and_mmts_settings_are_valid():
   from mmts_jax.longtail import config, source
+
   c = config.get_config()
   assert c.temperature.mode == "mmts"
   shifts.validate_positive(c.mmts.alpha, c.mmts.sh_min, c.mmts.sh_max)
@@ -150,10 +155,13 @@ def test_config_rows_and_mmts_settings_are_valid():
 
 def test_source_feeds_the_trainer_protocol():
   import ml_collections
+
   from mmts_jax.clusters.table import dataset_fingerprint
   from mmts_jax.longtail import source
-  cfg = ml_collections.ConfigDict(dict(name="x", shuffle=True, num_classes=12, head_size=300,
-                                       imbalance=100, test_per_class=5))
+
+  cfg = ml_collections.ConfigDict(
+    dict(name="x", shuffle=True, num_classes=12, head_size=300, imbalance=100, test_per_class=5)
+  )
   src = source.make_source(cfg, global_batch_size=32, seed=3)
   ds = make_dataset(SMALL)
   assert src.num_examples == len(ds.train)
@@ -166,11 +174,32 @@ def test_source_feeds_the_trainer_protocol():
 
 def test_end_to_end_tiny(tmp_path):
   from mmts_jax.commands import synthetic as command
+
   workdir = tmp_path / "bench"
-  rc = command.main(["--workdir", str(workdir), "--num-classes", "10", "--head-size", "200",
-                     "--imbalance", "100", "--clusters", "5", "--steps", "24",
-                     "--batch-size", "64", "--eval-every", "12", "--rows", "fixed,mmts",
-                     "--devices", "1"])
+  rc = command.main(
+    [
+      "--workdir",
+      str(workdir),
+      "--num-classes",
+      "10",
+      "--head-size",
+      "200",
+      "--imbalance",
+      "100",
+      "--clusters",
+      "5",
+      "--steps",
+      "24",
+      "--batch-size",
+      "64",
+      "--eval-every",
+      "12",
+      "--rows",
+      "fixed,mmts",
+      "--devices",
+      "1",
+    ]
+  )
   assert rc == 0
   results = json.loads((workdir / "results.json").read_text())
   assert results["rows"] == ["fixed", "mmts"] and results["data"]["imbalance"] >= 100
@@ -190,11 +219,13 @@ def test_end_to_end_tiny(tmp_path):
   for rec in runs["mmts"]["train_log"]:
     if "temperature_min" in rec:
       assert lo - 1e-6 <= rec["temperature_min"] <= rec["temperature_max"] <= hi + 1e-6
-  fixed_taus = {round(r["temperature_mean"], 6) for r in runs["fixed"]["train_log"]
-                if "temperature_mean" in r}
+  fixed_taus = {
+    round(r["temperature_mean"], 6) for r in runs["fixed"]["train_log"] if "temperature_mean" in r
+  }
   assert fixed_taus == {0.07}
   # The saved cluster table belongs to the training captions and covers every sample.
   from mmts_jax.clusters.table import ClusterTable
+
   table = ClusterTable.load(workdir / "cluster_table.npz")
   assert table.fingerprint == results["data"]["fingerprint"]
   assert table.num_samples == results["data"]["num_train"]

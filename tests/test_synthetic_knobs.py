@@ -1,4 +1,5 @@
 """Synthetic task knobs: near-duplicates in head classes, imbalance, a validation split."""
+
 import hashlib
 
 import numpy as np
@@ -55,8 +56,9 @@ def test_near_duplicates_grow_in_head_classes_only():
   assert _duplicated_rows(dup.train, tail) == _duplicated_rows(base.train, tail)
   np.testing.assert_array_equal(dup.train.label, base.train.label)
   # Near-duplicates share the caption: fewer distinct head captions.
-  distinct = lambda ds: len({c for c, y in zip(ds.train.captions, ds.train.label, strict=True)
-                             if y == head})
+  distinct = lambda ds: len(
+    {c for c, y in zip(ds.train.captions, ds.train.label, strict=True) if y == head}
+  )
   assert distinct(dup) < distinct(base)
   np.testing.assert_allclose(duplicate_fraction(base.class_sizes, 0.5)[[0, -1]], [0.5, 0.0])
 

@@ -1,5 +1,6 @@
 """The Flax sentence encoder against sentence-transformers' all-MiniLM-L6-v2 outputs
 (../shared/reference/minilm_reference.npz, computed with PyTorch)."""
+
 from __future__ import annotations
 
 import json
@@ -78,17 +79,25 @@ def _as_distilbert(src: str, dst) -> None:
   """Rewrites the MiniLM checkpoint in DistilBERT's layout (no token-type table: it is folded
   into the position table, which gives the same function)."""
   from safetensors.numpy import load_file, save_file
+
   w = load_file(os.path.join(src, "model.safetensors"))
-  out = {"distilbert.embeddings.word_embeddings.weight": w["embeddings.word_embeddings.weight"],
-         "distilbert.embeddings.position_embeddings.weight":
-             w["embeddings.position_embeddings.weight"]
-             + w["embeddings.token_type_embeddings.weight"][0],
-         "distilbert.embeddings.LayerNorm.weight": w["embeddings.LayerNorm.weight"],
-         "distilbert.embeddings.LayerNorm.bias": w["embeddings.LayerNorm.bias"]}
-  names = {"attention.self.query": "attention.q_lin", "attention.self.key": "attention.k_lin",
-           "attention.self.value": "attention.v_lin", "attention.output.dense": "attention.out_lin",
-           "attention.output.LayerNorm": "sa_layer_norm", "intermediate.dense": "ffn.lin1",
-           "output.dense": "ffn.lin2", "output.LayerNorm": "output_layer_norm"}
+  out = {
+    "distilbert.embeddings.word_embeddings.weight": w["embeddings.word_embeddings.weight"],
+    "distilbert.embeddings.position_embeddings.weight": w["embeddings.position_embeddings.weight"]
+    + w["embeddings.token_type_embeddings.weight"][0],
+    "distilbert.embeddings.LayerNorm.weight": w["embeddings.LayerNorm.weight"],
+    "distilbert.embeddings.LayerNorm.bias": w["embeddings.LayerNorm.bias"],
+  }
+  names = {
+    "attention.self.query": "attention.q_lin",
+    "attention.self.key": "attention.k_lin",
+    "attention.self.value": "attention.v_lin",
+    "attention.output.dense": "attention.out_lin",
+    "attention.output.LayerNorm": "sa_layer_norm",
+    "intermediate.dense": "ffn.lin1",
+    "output.dense": "ffn.lin2",
+    "output.LayerNorm": "output_layer_norm",
+  }
   for i in range(6):
     for a, b in names.items():
       for p in ("weight", "bias"):
@@ -96,9 +105,16 @@ def _as_distilbert(src: str, dst) -> None:
   save_file(out, os.path.join(dst, "model.safetensors"))
   with open(os.path.join(src, "config.json")) as f:
     bert = json.load(f)
-  cfg = {"model_type": "distilbert", "vocab_size": bert["vocab_size"], "dim": 384,
-         "n_layers": 6, "n_heads": 12, "hidden_dim": 1536, "activation": "gelu",
-         "max_position_embeddings": 512}
+  cfg = {
+    "model_type": "distilbert",
+    "vocab_size": bert["vocab_size"],
+    "dim": 384,
+    "n_layers": 6,
+    "n_heads": 12,
+    "hidden_dim": 1536,
+    "activation": "gelu",
+    "max_position_embeddings": 512,
+  }
   with open(os.path.join(dst, "config.json"), "w") as f:
     json.dump(cfg, f)
   for name in ("tokenizer.json", "sentence_bert_config.json", "modules.json"):
@@ -117,9 +133,12 @@ def test_distilbert_layout_loads_and_matches_reference(tmp_path, ref):
 
 def test_missing_weight_is_named(tmp_path):
   from safetensors.numpy import save_file
+
   cfg = BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
-  save_file({"embeddings.word_embeddings.weight": np.zeros((10, 8), np.float32)},
-            str(tmp_path / "model.safetensors"))
+  save_file(
+    {"embeddings.word_embeddings.weight": np.zeros((10, 8), np.float32)},
+    str(tmp_path / "model.safetensors"),
+  )
   with pytest.raises(KeyError, match="embeddings.position_embeddings.weight"):
     load_params(tmp_path, cfg)
 

@@ -1,9 +1,9 @@
 """`mmts train`: config overrides and their errors, the metrics it logs, the cluster-table
 wiring, bad input (temperature <= 0, a table of another dataset) and SIGTERM (a real signal to a
 real subprocess leaves a checkpoint that resumes)."""
+
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -23,16 +23,30 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 # One long schedule for every in-process run of the test session, so they share one compiled
 # step (the optimizer's schedule depends on total_steps); runs end with --stop-at-step.
-ARGS = ["--config", TINY, "--config.total_steps=100000", "--config.checkpoint.every_steps=3",
-        "--config.checkpoint.keep=2", "--config.tensorboard=false", "--no-progress"]
+ARGS = [
+  "--config",
+  TINY,
+  "--config.total_steps=100000",
+  "--config.checkpoint.every_steps=3",
+  "--config.checkpoint.keep=2",
+  "--config.tensorboard=false",
+  "--no-progress",
+]
 
 
 def test_overrides_are_typed_and_unknown_keys_are_named():
-  config = parse_config(TINY, [("optim.lr", "1e-2"), ("model.image.hidden_dims", "(8, 4)"),
-                               ("checkpoint.async_save", "false"), ("loss.block_size", "64")])
+  config = parse_config(
+    TINY,
+    [
+      ("optim.lr", "1e-2"),
+      ("model.image.hidden_dims", "(8, 4)"),
+      ("checkpoint.async_save", "false"),
+      ("loss.block_size", "64"),
+    ],
+  )
   assert config.optim.lr == 0.01 and config.model.image.hidden_dims == (8, 4)
   assert config.checkpoint.async_save is False and config.loss.block_size == 64
-  assert load_config(TINY + ":ts").temperature.mode == "ts"        # the row argument
+  assert load_config(TINY + ":ts").temperature.mode == "ts"  # the row argument
   with pytest.raises(ValueError, match=r"unknown key 'lrr' in optim \(known: \['b1'"):
     parse_config(TINY, [("optim.lrr", "1")])
   with pytest.raises(ValueError, match=r"--config.total_steps.*'ten'"):
@@ -52,42 +66,69 @@ def test_cli_rejects_bad_input_with_status_2(tmp_path, capsys):
   # A cluster table built for another dataset (100 samples; the tiny dataset has 512).
   other = tmp_path / "other.npz"
   ClusterTable.from_sizes(np.zeros(100, int), [100]).save(other)
-  assert cli.main(["train", "--workdir", str(tmp_path),
-                   f"--config.mmts.cluster_table={other}"] + ARGS) == 2
+  assert (
+    cli.main(["train", "--workdir", str(tmp_path), f"--config.mmts.cluster_table={other}"] + ARGS)
+    == 2
+  )
   assert "built for 100 samples" in capsys.readouterr().err
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_cli_logs_every_step_and_uses_the_cluster_table(tmp_path, capsys):
-  labels = np.arange(512) % 4                      # 4 clusters of 128, then make one a tail
+  labels = np.arange(512) % 4  # 4 clusters of 128, then make one a tail
   labels[:120] = 0
   table_path = tmp_path / "table.npz"
   ClusterTable.from_labels(labels.tolist()).save(table_path)
   table = ClusterTable.load(table_path).shift_table(0.05, 0.10)
   workdir = tmp_path / "run"
-  assert cli.main(["train", "--workdir", str(workdir), "--stop-at-step", "3",
-                   f"--config.mmts.cluster_table={table_path}"] + ARGS) == 0
+  assert (
+    cli.main(
+      [
+        "train",
+        "--workdir",
+        str(workdir),
+        "--stop-at-step",
+        "3",
+        f"--config.mmts.cluster_table={table_path}",
+      ]
+      + ARGS
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "step 3/100000 (stopped)" in out and "metrics.jsonl" in out
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == [1, 2, 3]
   for r in records:
-    for key in ("loss", "temperature_mean", "temperature_min", "temperature_max",
-                "examples_per_sec", "examples_per_sec_per_device", "lr", "grad_norm"):
+    for key in (
+      "loss",
+      "temperature_mean",
+      "temperature_min",
+      "temperature_max",
+      "examples_per_sec",
+      "examples_per_sec_per_device",
+      "lr",
+      "grad_norm",
+    ):
       assert isinstance(r[key], float), (key, r)
     assert r["temperature_min"] <= r["temperature_mean"] <= r["temperature_max"]
     base = r["temperature_base"]
     assert table.min() + base - 1e-6 <= r["temperature_min"]
     assert r["temperature_max"] <= table.max() + base + 1e-6
-  assert records[0]["temperature_base"] == pytest.approx(0.02)   # alpha/2 at step 0
+  assert records[0]["temperature_base"] == pytest.approx(0.02)  # alpha/2 at step 0
   assert (workdir / "config.json").exists()
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   workdir = tmp_path / "run"
   args = ARGS + ["--workdir", str(workdir), "--config.checkpoint.every_steps=100000"]
-  proc = subprocess.Popen([sys.executable, "-m", "mmts_jax.cli", "train"] + args, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "mmts_jax.cli", "train"] + args,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 300
   while len(read_metrics(workdir)) < 3 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.2)
@@ -105,6 +146,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
 
 def test_eval_fn_scalars_join_the_step_record(tmp_path):
   from mmts_jax import train
+
   config = load_config(TINY)
   config.update(total_steps=100000, tensorboard=False)
   config.checkpoint.update(every_steps=3, keep=2)

@@ -1,6 +1,7 @@
 """The pure train step: sharded (replicated and FSDP) == single device, the MM-TS per-sample
 temperature inside it against a float64 reference, every ablation row's values, the non-finite
 guard, learnable temperature, and the configuration checks that run before compiling."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,9 @@ def _setup(c, num_devices=1, param_sharding="replicated"):
 
 def _plain_step(run):
   """The step without donation, so a test can reuse its input state."""
-  return jax.jit(functools.partial(train.train_step, policy=run.policy, loss_fn=run.loss_fn,
-                                   lr_fn=run.lr_fn))
+  return jax.jit(
+    functools.partial(train.train_step, policy=run.policy, loss_fn=run.loss_fn, lr_fn=run.lr_fn)
+  )
 
 
 def _run(run, batches):
@@ -57,8 +59,7 @@ def single_device_run():
   run, batches = _setup(_config())
   state0 = run.state
   table = np.asarray(run.shift_table)
-  out_state, losses = _run(dataclasses.replace(run, state=jax.tree.map(jnp.copy, state0)),
-                           batches)
+  out_state, losses = _run(dataclasses.replace(run, state=jax.tree.map(jnp.copy, state0)), batches)
   return run, state0, batches, table, out_state, losses
 
 
@@ -69,13 +70,14 @@ def test_sharded_replicated_and_fsdp_match_single_device(single_device_run):
     assert run.mesh.size == 8
     specs = {tuple(s.spec) for s in jax.tree.leaves(run.shardings.params)}
     if mode == "fsdp":
-      assert any("data" in s for s in specs), specs      # something really is sharded
+      assert any("data" in s for s in specs), specs  # something really is sharded
     else:
       assert specs == {()}
     state, losses = _run(run, batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params),
-                                rtol=2e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+      jax.device_get(state.params), jax.device_get(ref_state.params), rtol=2e-5, atol=1e-6
+    )
     assert int(state.step) == 2
 
 
@@ -85,28 +87,34 @@ def test_step_uses_schedule_plus_gathered_shift_float64_reference(single_device_
   state = state.replace(step=jnp.int32(t))
   batch = batches[1]
   out = jax.jit(functools.partial(train.eval_step, policy=run.policy, loss_fn=run.loss_fn))(
-      state, batch)
+    state, batch
+  )
   _, metrics = _plain_step(run)(state, batch)
   c = _config()
   period = c.total_steps / c.mmts.num_oscillations
   tau = c.mmts.alpha / 2 * math.cos(2 * math.pi * t / period) + table[batch["index"]].astype(
-      np.float64)
+    np.float64
+  )
   img, txt = (np.asarray(out[k], np.float64) for k in ("image", "text"))
   s = img @ txt.T
+
   def ce(logits):
     m = logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(logits - m).sum(axis=1)) + m[:, 0]
     return np.mean(lse - np.diagonal(logits))
+
   expected = 0.5 * (ce(s / tau[:, None]) + ce(s.T / tau[:, None]))
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["temperature_min"]), tau.min(), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["temperature_max"]), tau.max(), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["temperature_mean"]), tau.mean(), rtol=1e-6)
-  np.testing.assert_allclose(float(metrics["temperature_base"]),
-                             c.mmts.alpha / 2 * math.cos(2 * math.pi * t / period), atol=1e-7)
+  np.testing.assert_allclose(
+    float(metrics["temperature_base"]),
+    c.mmts.alpha / 2 * math.cos(2 * math.pi * t / period),
+    atol=1e-7,
+  )
   # The long tail: head clusters get larger temperatures than tail clusters.
-  assert table.min() == pytest.approx(c.mmts.sh_min) and table.max() == pytest.approx(
-      c.mmts.sh_max)
+  assert table.min() == pytest.approx(c.mmts.sh_min) and table.max() == pytest.approx(c.mmts.sh_max)
 
 
 def test_nonfinite_loss_leaves_the_state_untouched(single_device_run):
@@ -126,21 +134,23 @@ def test_every_ablation_row_against_float64_formulas():
   mmts = {"alpha": alpha, "sh_min": lo, "sh_max": hi, "num_oscillations": 5}
   wave = math.cos(2 * math.pi * t / period)
   expected = {
-      "fixed": np.full(4, 0.07),
-      "ts": np.full(4, 0.1 + 0.9 * (1 + wave) / 2),
-      "ics": table[index].astype(np.float64),
-      "mmts": alpha / 2 * wave + table[index].astype(np.float64),
+    "fixed": np.full(4, 0.07),
+    "ts": np.full(4, 0.1 + 0.9 * (1 + wave) / 2),
+    "ics": table[index].astype(np.float64),
+    "mmts": alpha / 2 * wave + table[index].astype(np.float64),
   }
   for mode, want in expected.items():
     policy = temperature.from_config(
-        {"mode": mode, "value": 0.07, "tau_min": 0.1, "tau_max": 1.0}, mmts, total_steps=steps)
+      {"mode": mode, "value": 0.07, "tau_min": 0.1, "tau_max": 1.0}, mmts, total_steps=steps
+    )
     state = policy.init_state(3, table)
     assert set(state) == ({"shift_table"} if mode in ("ics", "mmts") else set())
     got = policy.values(state, step=t, index=index, model_temperature=None)
     np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=mode)
   policy = temperature.from_config({"mode": "clip"}, mmts, total_steps=steps)
-  np.testing.assert_allclose(policy.values({}, step=t, index=index, model_temperature=0.03),
-                             np.full(4, 0.03), rtol=1e-6)
+  np.testing.assert_allclose(
+    policy.values({}, step=t, index=index, model_temperature=0.03), np.full(4, 0.03), rtol=1e-6
+  )
 
 
 def test_learnable_temperature_is_trained():
@@ -148,7 +158,7 @@ def test_learnable_temperature_is_trained():
   state, step = run.state, _plain_step(run)
   before = float(state.params["log_inv_temperature"])
   assert before == pytest.approx(math.log(1 / 0.07))
-  new, metrics = step(state, batches[0])          # warmup: the first learning rate is 0
+  new, metrics = step(state, batches[0])  # warmup: the first learning rate is 0
   np.testing.assert_allclose(float(metrics["temperature_mean"]), 0.07, rtol=1e-6)
   new, metrics = step(new, batches[1])
   assert float(metrics["lr"]) > 0
@@ -181,7 +191,9 @@ def test_bad_configurations_fail_before_compiling():
 def test_source_hosts_partition_each_global_batch_and_resume_by_position():
   c = _config()
   source = train.make_source(c.data, global_batch_size=32, seed=3)
-  whole = [b for b, _ in zip(source.iterate(0), range(10), strict=False)]        # 10 batches > 1 epoch (8)
+  whole = [
+    b for b, _ in zip(source.iterate(0), range(10), strict=False)
+  ]  # 10 batches > 1 epoch (8)
   hosts = [[b for b, _ in zip(source.iterate(0, p, 2), range(10), strict=False)] for p in range(2)]
   for g, (h0, h1) in zip(whole, zip(*hosts, strict=True), strict=True):
     np.testing.assert_array_equal(np.concatenate([h0["index"], h1["index"]]), g["index"])
@@ -189,7 +201,7 @@ def test_source_hosts_partition_each_global_batch_and_resume_by_position():
   for k in whole[9]:
     np.testing.assert_array_equal(resumed[k], whole[9][k])
   epoch = np.concatenate([b["index"] for b in whole[:8]])
-  assert sorted(epoch.tolist()) == list(range(256))                # each example once per epoch
+  assert sorted(epoch.tolist()) == list(range(256))  # each example once per epoch
   assert not np.array_equal(whole[8]["index"], whole[0]["index"])  # reshuffled next epoch
 
 
@@ -200,14 +212,16 @@ def test_learnable_temperature_moves_back_from_its_bound():
   bound = math.log(1 / run.model.min_temperature)
   state = run.state.replace(params=dict(run.state.params, log_inv_temperature=jnp.float32(bound)))
   step = _plain_step(run)
-  grad = jax.grad(lambda p: train.eval_step(state.replace(params=p), batches[0],
-                                            policy=run.policy, loss_fn=run.loss_fn)["loss"])(
-      state.params)["log_inv_temperature"]
-  assert float(grad) > 0        # random embeddings: the loss wants a higher temperature
-  for b in batches:             # warmup (lr 0), then one real update
+  grad = jax.grad(
+    lambda p: train.eval_step(
+      state.replace(params=p), batches[0], policy=run.policy, loss_fn=run.loss_fn
+    )["loss"]
+  )(state.params)["log_inv_temperature"]
+  assert float(grad) > 0  # random embeddings: the loss wants a higher temperature
+  for b in batches:  # warmup (lr 0), then one real update
     state, metrics = step(state, b)
   assert float(metrics["lr"]) > 0
-  assert float(state.params["log_inv_temperature"]) < bound - 1e-4   # moved back from it
+  assert float(state.params["log_inv_temperature"]) < bound - 1e-4  # moved back from it
   # Pushed past the bound, the update lands exactly on it.
   tx = train.make_optimizer(_config().optim, 50, max_log_inv_temperature=bound)[0]
   params = {"log_inv_temperature": jnp.float32(bound - 1e-3)}
@@ -227,14 +241,18 @@ def test_raw_uint8_pixels_never_reach_the_towers():
   np.testing.assert_allclose(np.asarray(out["image"]), reference, rtol=1e-6, atol=1e-6)
   assert out["index"].dtype == jnp.int32
   with pytest.raises(TypeError, match="raw uint8 pixels"):
-    train.train_step(run.state, {"image_features": jnp.zeros((8, 4, 4, 3), jnp.uint8),
-                                 "index": jnp.arange(8)}, policy=run.policy,
-                     loss_fn=run.loss_fn)
+    train.train_step(
+      run.state,
+      {"image_features": jnp.zeros((8, 4, 4, 3), jnp.uint8), "index": jnp.arange(8)},
+      policy=run.policy,
+      loss_fn=run.loss_fn,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _CountingPolicy(temperature.Fixed):
   """A policy with dataset-sized state sharded by rows: how often each example was an anchor."""
+
   name: str = "counting"
 
   def init_state(self, num_examples, shift_table):

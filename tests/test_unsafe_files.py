@@ -5,6 +5,7 @@ CI runs as root, where a chmod'ed folder is still writable, so "read-only" and "
 honest by injecting the operating system's own errors (EROFS, ENOSPC) at the write, and a path
 under a regular file is a real one.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,14 +46,16 @@ def test_no_pickle_anywhere_in_the_package():
     for node in ast.walk(tree):
       if isinstance(node, (ast.Import, ast.ImportFrom)):
         names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-        if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib")
-               for n in names):
+        if any(
+          n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib") for n in names
+        ):
           offenders.append(f"{path}:{node.lineno} imports pickle")
     for fn in ("load", "save", "savez", "savez_compressed"):
       for call in _calls(tree, fn):
         for kw in call.keywords:
-          if kw.arg == "allow_pickle" and not (isinstance(kw.value, ast.Constant)
-                                               and kw.value.value is False):
+          if kw.arg == "allow_pickle" and not (
+            isinstance(kw.value, ast.Constant) and kw.value.value is False
+          ):
             offenders.append(f"{path}:{call.lineno} {fn}(allow_pickle=...)")
   assert not offenders, offenders
 
@@ -84,7 +87,9 @@ def _info(name, kind=tarfile.REGTYPE, link=""):
   return info
 
 
-@pytest.mark.parametrize("info,problem", [
+@pytest.mark.parametrize(
+  "info,problem",
+  [
     (_info("../../etc/cron.d/x.txt"), "absolute path or '..'"),
     (_info("a/../../x.txt"), "absolute path or '..'"),
     (_info("/abs/x.txt"), "absolute path or '..'"),
@@ -93,13 +98,19 @@ def _info(name, kind=tarfile.REGTYPE, link=""):
     (_info("x.jpg", tarfile.CHRTYPE), "device file or FIFO"),
     (_info("x.jpg", tarfile.BLKTYPE), "device file or FIFO"),
     (_info("x.jpg", tarfile.FIFOTYPE), "device file or FIFO"),
-])
+  ],
+)
 def test_unsafe_tar_members_are_refused(tmp_path, info, problem):
   good = io.BytesIO()
   Image.new("RGB", (4, 4)).save(good, format="PNG")
-  shard = _shard(tmp_path / "s.tar", [(_info("0.png"), good.getvalue()),
-                                      (_info("0.txt"), b"a cat"),
-                                      (info, None if info.type != tarfile.REGTYPE else b"x")])
+  shard = _shard(
+    tmp_path / "s.tar",
+    [
+      (_info("0.png"), good.getvalue()),
+      (_info("0.txt"), b"a cat"),
+      (info, None if info.type != tarfile.REGTYPE else b"x"),
+    ],
+  )
   with pytest.raises(UserInputError, match=problem) as e:
     convert.convert_webdataset(shard, tmp_path / "ds", threads=1)
   assert e.value.path == shard
@@ -120,9 +131,9 @@ def _png_declaring(width: int, height: int) -> bytes:
   Image.new("L", (1, 1)).save(buf, format="PNG")
   data = bytearray(buf.getvalue())
   ihdr = data.index(b"IHDR")
-  data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-  crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
-  data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+  data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+  crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+  data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
   return bytes(data)
 
 
@@ -137,8 +148,10 @@ def test_huge_declared_dimensions_are_refused_before_decoding():
     image_ops.decode_image(bomb)
   just_over = _png_declaring(8193, 8192)
   # Pillow warns between its limit and twice it; the explicit check then refuses the image.
-  with pytest.warns(Image.DecompressionBombWarning), \
-      pytest.raises(image_ops.ImageTooLargeError, match="8193 x 8192"):
+  with (
+    pytest.warns(Image.DecompressionBombWarning),
+    pytest.raises(image_ops.ImageTooLargeError, match="8193 x 8192"),
+  ):
     image_ops.decode_image(just_over)
 
 
@@ -152,8 +165,9 @@ def test_conversion_skips_a_bomb_and_counts_it(tmp_path):
   m = convert.convert_table(tmp_path / "t.csv", tmp_path / "imgs", tmp_path / "ds", threads=1)
   assert m.num_records == 1 and m.source["skip_reasons"] == {"image too large": 1}
   with pytest.raises(ValueError, match="image too large"):
-    convert.convert_table(tmp_path / "t.csv", tmp_path / "imgs", tmp_path / "ds2", threads=1,
-                          on_error="raise")
+    convert.convert_table(
+      tmp_path / "t.csv", tmp_path / "imgs", tmp_path / "ds2", threads=1, on_error="raise"
+    )
 
 
 # ---------------------------------------------------------------------------- output paths
@@ -164,8 +178,7 @@ def _labels(tmp_path) -> str:
 
 def _files(root) -> set[str]:
   """Every file and folder under `root`."""
-  return {os.path.relpath(os.path.join(d, f), root)
-          for d, ds, fs in os.walk(root) for f in fs + ds}
+  return {os.path.relpath(os.path.join(d, f), root) for d, ds, fs in os.walk(root) for f in fs + ds}
 
 
 def _failing_fsync(code: int, fail_on: int):
@@ -177,15 +190,22 @@ def _failing_fsync(code: int, fail_on: int):
     if calls[0] == fail_on:
       raise OSError(code, os.strerror(code))
     return real(fd)
+
   return fsync
 
 
-@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "no space left on the device"),
-                                         (errno.EROFS, "the file system is read-only"),
-                                         (errno.EDQUOT, "disk quota exceeded")])
+@pytest.mark.parametrize(
+  "code,reason",
+  [
+    (errno.ENOSPC, "no space left on the device"),
+    (errno.EROFS, "the file system is read-only"),
+    (errno.EDQUOT, "disk quota exceeded"),
+  ],
+)
 @pytest.mark.parametrize("fail_on", [1, 2])
 def test_full_or_read_only_disk_names_the_artifact_and_leaves_nothing(
-    tmp_path, capsys, monkeypatch, code, reason, fail_on):
+  tmp_path, capsys, monkeypatch, code, reason, fail_on
+):
   src = _labels(tmp_path)
   before = _files(tmp_path)
   monkeypatch.setattr(os, "fsync", _failing_fsync(code, fail_on))
@@ -202,11 +222,12 @@ def test_full_or_read_only_disk_names_the_artifact_and_leaves_nothing(
 
 def test_output_under_a_regular_file(tmp_path, capsys):
   src = _labels(tmp_path)
-  for argv in (["cluster", src, "--label-column", "cls", "--out", f"{src}/deeper/t.npz"],
-               ["eval", "ek100", "--similarity", "x.npy", "--relevancy", "y.npy",
-                "--out", f"{src}/m.json"],
-               ["prepare", "table", src, "--images", str(tmp_path), "--out", f"{src}/ds"],
-               ["finetune", "prepare", "--annotations", str(tmp_path), "--out", f"{src}/d"]):
+  for argv in (
+    ["cluster", src, "--label-column", "cls", "--out", f"{src}/deeper/t.npz"],
+    ["eval", "ek100", "--similarity", "x.npy", "--relevancy", "y.npy", "--out", f"{src}/m.json"],
+    ["prepare", "table", src, "--images", str(tmp_path), "--out", f"{src}/ds"],
+    ["finetune", "prepare", "--annotations", str(tmp_path), "--out", f"{src}/d"],
+  ):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{src} is a file" in err, err
@@ -218,9 +239,16 @@ def test_unwritable_folder_is_named_before_any_work(tmp_path, capsys, monkeypatc
   src = _labels(tmp_path)
   (tmp_path / "ro").mkdir()
   real = os.access
-  monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).endswith("ro")
-                      and mode & os.W_OK else real(p, mode, **kw))
-  assert cli.main(["cluster", src, "--label-column", "cls", "--out",
-                   str(tmp_path / "ro" / "t.npz")]) == 2
+  monkeypatch.setattr(
+    os,
+    "access",
+    lambda p, mode, **kw: (
+      False if str(p).endswith("ro") and mode & os.W_OK else real(p, mode, **kw)
+    ),
+  )
+  assert (
+    cli.main(["cluster", src, "--label-column", "cls", "--out", str(tmp_path / "ro" / "t.npz")])
+    == 2
+  )
   err = capsys.readouterr().err
   assert f"the folder {tmp_path / 'ro'} is not writable" in err

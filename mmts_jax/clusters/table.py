@@ -18,24 +18,30 @@ Example:
   >>> shift.dtype, [round(v, 6) for v in shift.tolist()]
   (dtype('float32'), [0.1, 0.1, 0.05, 0.1])
 """
+
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from mmts_jax import array_files, shifts
+from mmts_jax.atomic_io import atomic_write, read_bytes  # noqa: F401  (re-exported)
 from mmts_jax.data import fingerprint
 from mmts_jax.errors import UserInputError
 
-from mmts_jax.atomic_io import atomic_write, read_bytes  # noqa: F401  (re-exported)
-
-__all__ = ["ClusterTable", "ClusterTableMismatch", "dataset_fingerprint", "atomic_write",
-           "FORMAT_VERSION"]
+__all__ = [
+  "ClusterTable",
+  "ClusterTableMismatch",
+  "dataset_fingerprint",
+  "atomic_write",
+  "FORMAT_VERSION",
+]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "mmts_jax.ClusterTable"
@@ -61,7 +67,7 @@ def dataset_fingerprint(keys: Iterable[Any]) -> str:
 
 
 def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -78,6 +84,7 @@ class ClusterTable:
       `k`, `seed`, `backend`, `inertia`.
     cluster_names: optional `(C,)` names (class labels), for summaries.
   """
+
   cluster_ids: np.ndarray
   sizes: np.ndarray
   provenance: Mapping[str, Any]
@@ -87,8 +94,9 @@ class ClusterTable:
     ids = np.asarray(self.cluster_ids)
     sizes = np.asarray(self.sizes)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"cluster_ids must be a 1-D integer array, got shape {ids.shape} "
-                       f"dtype {ids.dtype}")
+      raise ValueError(
+        f"cluster_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}"
+      )
     if sizes.ndim != 1 or sizes.size == 0 or not np.issubdtype(sizes.dtype, np.number):
       raise ValueError(f"sizes must be a non-empty 1-D numeric array, got shape {sizes.shape}")
     if np.any(sizes < 0) or not np.all(np.isfinite(sizes)):
@@ -96,15 +104,21 @@ class ClusterTable:
     if ids.size == 0:
       raise ValueError("a cluster table needs at least one sample, got 0")
     if ids.min() < 0 or ids.max() >= sizes.size:
-      raise ValueError(f"cluster_ids must lie in [0, {sizes.size}), got range "
-                       f"[{ids.min()}, {ids.max()}]")
+      raise ValueError(
+        f"cluster_ids must lie in [0, {sizes.size}), got range [{ids.min()}, {ids.max()}]"
+      )
     if self.cluster_names is not None and len(self.cluster_names) != sizes.size:
-      raise ValueError(f"cluster_names has {len(self.cluster_names)} entries for "
-                       f"{sizes.size} clusters")
+      raise ValueError(
+        f"cluster_names has {len(self.cluster_names)} entries for {sizes.size} clusters"
+      )
     object.__setattr__(self, "cluster_ids", ids.astype(np.int32))
     object.__setattr__(self, "sizes", sizes.astype(np.int64))
-    prov = {"format_version": FORMAT_VERSION, "created": _now(), "fingerprint": None,
-            **dict(self.provenance)}
+    prov = {
+      "format_version": FORMAT_VERSION,
+      "created": _now(),
+      "fingerprint": None,
+      **dict(self.provenance),
+    }
     prov.update(num_samples=int(ids.size), num_clusters=int(sizes.size))
     object.__setattr__(self, "provenance", prov)
     if self.cluster_names is not None:
@@ -112,8 +126,14 @@ class ClusterTable:
 
   # ---------------------------------------------------------------- construction
   @classmethod
-  def from_labels(cls, labels: Sequence[Hashable] | np.ndarray, *, fingerprint: str | None = None,
-                  source: str = "labels", **provenance) -> "ClusterTable":
+  def from_labels(
+    cls,
+    labels: Sequence[Hashable] | np.ndarray,
+    *,
+    fingerprint: str | None = None,
+    source: str = "labels",
+    **provenance,
+  ) -> ClusterTable:
     """One cluster per distinct label; `K_c` = how many samples carry label c.
 
     Labels can be ints (class ids, K-Means assignments) or strings (class names, "verb_noun").
@@ -125,14 +145,20 @@ class ClusterTable:
     """
     names, ids = _factorize(labels)
     sizes = np.bincount(ids, minlength=len(names))
-    return cls(ids, sizes, {"source": source, "fingerprint": fingerprint, **provenance},
-               cluster_names=names)
+    return cls(
+      ids, sizes, {"source": source, "fingerprint": fingerprint, **provenance}, cluster_names=names
+    )
 
   @classmethod
-  def from_frequencies(cls, labels: Sequence[Hashable] | np.ndarray,
-                       frequencies: Mapping[Any, float], *,
-                       fingerprint: str | None = None, source: str = "frequencies",
-                       **provenance) -> "ClusterTable":
+  def from_frequencies(
+    cls,
+    labels: Sequence[Hashable] | np.ndarray,
+    frequencies: Mapping[Any, float],
+    *,
+    fingerprint: str | None = None,
+    source: str = "frequencies",
+    **provenance,
+  ) -> ClusterTable:
     """Each sample's `K_c` is its class's count in an external frequency table.
 
     This is how MM-TS treats EK-100: the size of a sample's noun class is that class's count in
@@ -150,37 +176,64 @@ class ClusterTable:
     names, ids = _factorize(labels)
     missing = [n for n in names if n not in freq]
     if missing:
-      raise ValueError(f"{len(missing)} label(s) have no entry in the frequency table, e.g. "
-                       f"{missing[:5]}")
+      raise ValueError(
+        f"{len(missing)} label(s) have no entry in the frequency table, e.g. {missing[:5]}"
+      )
     sizes = np.asarray([freq[n] for n in names])
     if not np.all(np.isfinite(sizes)) or np.any(sizes < 0):
       raise ValueError("frequencies must be finite and >= 0")
-    return cls(ids, np.rint(sizes).astype(np.int64),
-               {"source": source, "fingerprint": fingerprint, **provenance}, cluster_names=names)
+    return cls(
+      ids,
+      np.rint(sizes).astype(np.int64),
+      {"source": source, "fingerprint": fingerprint, **provenance},
+      cluster_names=names,
+    )
 
   @classmethod
-  def from_sizes(cls, cluster_ids, sizes, *, fingerprint: str | None = None,
-                 source: str = "sizes", cluster_names=None, **provenance) -> "ClusterTable":
+  def from_sizes(
+    cls,
+    cluster_ids,
+    sizes,
+    *,
+    fingerprint: str | None = None,
+    source: str = "sizes",
+    cluster_names=None,
+    **provenance,
+  ) -> ClusterTable:
     """Cluster ids `(N,)` in `[0, C)` and given cluster sizes `(C,)`.
 
     Example:
       >>> ClusterTable.from_sizes([0, 1, 1], [10, 500]).per_sample_sizes().tolist()
       [10, 500, 500]
     """
-    return cls(np.asarray(cluster_ids), np.asarray(sizes),
-               {"source": source, "fingerprint": fingerprint, **provenance},
-               cluster_names=cluster_names)
+    return cls(
+      np.asarray(cluster_ids),
+      np.asarray(sizes),
+      {"source": source, "fingerprint": fingerprint, **provenance},
+      cluster_names=cluster_names,
+    )
 
   @classmethod
-  def from_assignments(cls, cluster_ids, num_clusters: int, *, fingerprint: str | None = None,
-                       source: str, **provenance) -> "ClusterTable":
+  def from_assignments(
+    cls,
+    cluster_ids,
+    num_clusters: int,
+    *,
+    fingerprint: str | None = None,
+    source: str,
+    **provenance,
+  ) -> ClusterTable:
     """K-Means output: `K_c` is counted from the assignments over `num_clusters` clusters."""
     ids = np.asarray(cluster_ids)
     if ids.size and (ids.min() < 0 or ids.max() >= num_clusters):
-      raise ValueError(f"cluster ids must lie in [0, {num_clusters}), got [{ids.min()}, "
-                       f"{ids.max()}]")
-    return cls(ids, np.bincount(ids, minlength=num_clusters),
-               {"source": source, "fingerprint": fingerprint, **provenance})
+      raise ValueError(
+        f"cluster ids must lie in [0, {num_clusters}), got [{ids.min()}, {ids.max()}]"
+      )
+    return cls(
+      ids,
+      np.bincount(ids, minlength=num_clusters),
+      {"source": source, "fingerprint": fingerprint, **provenance},
+    )
 
   # ---------------------------------------------------------------- use
   @property
@@ -212,8 +265,9 @@ class ClusterTable:
     """
     return np.asarray(shifts.cluster_shift(self.per_sample_sizes(), sh_min, sh_max), np.float32)
 
-  def validate(self, dataset=None, *, num_samples: int | None = None,
-               fingerprint: str | None = None) -> "ClusterTable":
+  def validate(
+    self, dataset=None, *, num_samples: int | None = None, fingerprint: str | None = None
+  ) -> ClusterTable:
     """Checks that this table belongs to a dataset; returns `self` for chaining.
 
     Args:
@@ -234,13 +288,15 @@ class ClusterTable:
     where = self.provenance.get("path", "the cluster table")
     if num_samples is not None and int(num_samples) != self.num_samples:
       raise ClusterTableMismatch(
-          f"{where} was built for {self.num_samples} samples but the dataset has {num_samples}; "
-          "rebuild it for this dataset with `mmts cluster`")
+        f"{where} was built for {self.num_samples} samples but the dataset has {num_samples}; "
+        "rebuild it for this dataset with `mmts cluster`"
+      )
     if fingerprint is not None and self.fingerprint is not None and fingerprint != self.fingerprint:
       raise ClusterTableMismatch(
-          f"{where} was built for dataset {self.fingerprint} but this dataset is {fingerprint} "
-          f"(same size {self.num_samples}, different content or order); rebuild it with "
-          "`mmts cluster`")
+        f"{where} was built for dataset {self.fingerprint} but this dataset is {fingerprint} "
+        f"(same size {self.num_samples}, different content or order); rebuild it with "
+        "`mmts cluster`"
+      )
     return self
 
   # ---------------------------------------------------------------- storage
@@ -248,46 +304,62 @@ class ClusterTable:
     """Writes one `.npz` atomically (`atomic_io`: temp file + rename locally, one object upload
     on `gs://`)."""
     prov = {k: v for k, v in self.provenance.items() if k != "path"}
-    arrays: dict[str, Any] = {"format": np.array(_FORMAT_NAME), "cluster_ids": self.cluster_ids,
-              "sizes": self.sizes, "provenance": np.array(json.dumps(prov, sort_keys=True))}
+    arrays: dict[str, Any] = {
+      "format": np.array(_FORMAT_NAME),
+      "cluster_ids": self.cluster_ids,
+      "sizes": self.sizes,
+      "provenance": np.array(json.dumps(prov, sort_keys=True)),
+    }
     if self.cluster_names is not None:
       arrays["cluster_names"] = np.array(self.cluster_names, dtype=str)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "ClusterTable":
+  def load(cls, path: str | os.PathLike) -> ClusterTable:
     """Reads a table written by `save`; checks its format version and internal consistency."""
     path = os.fspath(path)
     expected = f"a cluster table written by `mmts cluster` ({_FORMAT_NAME} .npz)"
     z = array_files.read_npz(path, expected=expected)
     if "format" not in z or z["format"].dtype.kind != "U" or str(z["format"]) != _FORMAT_NAME:
-      raise UserInputError(path, f"is a .npz without the {_FORMAT_NAME} format tag, arrays "
-                           f"{sorted(z)}", expected=expected)
+      raise UserInputError(
+        path,
+        f"is a .npz without the {_FORMAT_NAME} format tag, arrays {sorted(z)}",
+        expected=expected,
+      )
     missing = [k for k in ("provenance", "cluster_ids", "sizes") if k not in z]
     if missing:
       raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
     try:
       prov = json.loads(str(z["provenance"]))
     except ValueError as e:
-      raise UserInputError(path, f"is corrupt ({type(e).__name__}: {e})", key="provenance",
-                           expected=expected) from e
+      raise UserInputError(
+        path, f"is corrupt ({type(e).__name__}: {e})", key="provenance", expected=expected
+      ) from e
     ids, sizes = z["cluster_ids"], z["sizes"]
     names = tuple(z["cluster_names"].tolist()) if "cluster_names" in z else None
     if not isinstance(prov, dict):
-      raise UserInputError(path, "provenance is not a JSON object", key="provenance",
-                           expected=expected)
+      raise UserInputError(
+        path, "provenance is not a JSON object", key="provenance", expected=expected
+      )
     for key, arr in (("cluster_ids", ids), ("sizes", sizes)):
       if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise UserInputError(path, f"has dtype {arr.dtype} shape {arr.shape}", key=key,
-                             expected="a 1-D integer array")
+        raise UserInputError(
+          path, f"has dtype {arr.dtype} shape {arr.shape}", key=key, expected="a 1-D integer array"
+        )
     version = prov.get("format_version")
     if version != FORMAT_VERSION:
-      raise UserInputError(path, f"has format_version {version}", key="provenance",
-                           expected=f"format_version {FORMAT_VERSION} (rebuild with `mmts "
-                           "cluster`)")
+      raise UserInputError(
+        path,
+        f"has format_version {version}",
+        key="provenance",
+        expected=f"format_version {FORMAT_VERSION} (rebuild with `mmts cluster`)",
+      )
     if prov.get("num_samples") != ids.size:
-      raise UserInputError(path, f"is corrupt: provenance says {prov.get('num_samples')} "
-                           f"samples, it holds {ids.size}", expected=expected)
+      raise UserInputError(
+        path,
+        f"is corrupt: provenance says {prov.get('num_samples')} samples, it holds {ids.size}",
+        expected=expected,
+      )
     try:
       return cls(ids, sizes, {**prov, "path": path}, cluster_names=names)
     except ValueError as e:
@@ -306,14 +378,19 @@ class ClusterTable:
     names = self.cluster_names
     name = (lambda c: names[c]) if names else (lambda c: str(c))
     return {
-        "num_samples": self.num_samples, "num_clusters": self.num_clusters,
-        "occupied_clusters": int(occupied.size),
-        "size_min": int(k.min()), "size_median": float(np.median(k)), "size_max": int(k.max()),
-        "imbalance": float(k.max() / max(k.min(), 1)),
-        "head_clusters": n_head, "head_share": head_samples / self.num_samples,
-        "tail_clusters": n_tail, "tail_share": tail_samples / self.num_samples,
-        "largest": [(int(c), name(c), int(self.sizes[c])) for c in order[:top]],
-        "smallest": [(int(c), name(c), int(self.sizes[c])) for c in order[::-1][:top]],
+      "num_samples": self.num_samples,
+      "num_clusters": self.num_clusters,
+      "occupied_clusters": int(occupied.size),
+      "size_min": int(k.min()),
+      "size_median": float(np.median(k)),
+      "size_max": int(k.max()),
+      "imbalance": float(k.max() / max(k.min(), 1)),
+      "head_clusters": n_head,
+      "head_share": head_samples / self.num_samples,
+      "tail_clusters": n_tail,
+      "tail_share": tail_samples / self.num_samples,
+      "largest": [(int(c), name(c), int(self.sizes[c])) for c in order[:top]],
+      "smallest": [(int(c), name(c), int(self.sizes[c])) for c in order[::-1][:top]],
     }
 
 

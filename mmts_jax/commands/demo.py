@@ -5,6 +5,7 @@ whichever the loss has); the printout names it for each loss.
 
 A one-minute tour of the core API (schedules, shifts, losses); no data, no training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,10 @@ from mmts_jax.commands.help_format import HelpFormatter
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmts demo", description=__doc__, formatter_class=HelpFormatter)
   p.add_argument("--alpha", type=float, default=0.04, help="oscillation amplitude (Eq. 7)")
-  p.add_argument("--sh-min", type=float, default=0.05,
-                 help="shift of the smallest cluster (Eq. 6)")
+  p.add_argument("--sh-min", type=float, default=0.05, help="shift of the smallest cluster (Eq. 6)")
   p.add_argument("--sh-max", type=float, default=0.10, help="shift of the largest cluster (Eq. 6)")
   p.add_argument("--total-steps", type=int, default=10_000, help="length of the schedule")
-  p.add_argument("--oscillations", type=float, default=5,
-                 help="cosine periods over the schedule")
+  p.add_argument("--oscillations", type=float, default=5, help="cosine periods over the schedule")
   p.add_argument("--batch", type=int, default=256, help="synthetic batch size")
   p.add_argument("--dim", type=int, default=64, help="embedding width of the synthetic batch")
   return p
@@ -45,8 +44,10 @@ def _main(argv: list[str]) -> int:
   sizes = np.array([5000, 1200, 300, 60, 8])
   sh = shifts.cluster_shift(sizes, args.sh_min, args.sh_max)
   steps = np.linspace(0, period, 5).astype(int)
-  print(f"MM-TS value per cluster (the temperature of InfoNCE, the margin of max-margin), "
-        f"alpha={args.alpha}, shift in [{args.sh_min}, {args.sh_max}], period={period:g} steps")
+  print(
+    f"MM-TS value per cluster (the temperature of InfoNCE, the margin of max-margin), "
+    f"alpha={args.alpha}, shift in [{args.sh_min}, {args.sh_max}], period={period:g} steps"
+  )
   print("cluster size | " + " | ".join(f"t={s:>6d}" for s in steps))
   for k, s in zip(sizes, sh, strict=True):
     print(f"{k:>12d} | " + " | ".join(f"{float(base(t)) + s:8.4f}" for t in steps))
@@ -67,6 +68,7 @@ def _main(argv: list[str]) -> int:
   for t in steps:
     tau = base(t) + shift_of_sample
     ce, mm = loss_fns(image, text, tau)
-    print(f"{t:>6d} | {float(tau.mean()):8.4f} | {fixed:22.4f} | {float(ce):17.4f} | "
-          f"{float(mm):23.4f}")
+    print(
+      f"{t:>6d} | {float(tau.mean()):8.4f} | {fixed:22.4f} | {float(ce):17.4f} | {float(mm):23.4f}"
+    )
   return 0

@@ -20,6 +20,7 @@ Example:
   >>> describe(KeyError("a bug, not an input problem")) is None
   True
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,28 +31,38 @@ import os
 import sys
 import tarfile
 import zipfile
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from mmts_jax.errors import UserInputError
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "UserInputError", "describe", "run",
-           "debug_enabled",
-           "strip_debug", "check_output_path", "check_output_dir", "writing", "all_or_nothing"]
+__all__ = [
+  "EXIT_BAD_INPUT",
+  "EXIT_INTERRUPTED",
+  "UserInputError",
+  "describe",
+  "run",
+  "debug_enabled",
+  "strip_debug",
+  "check_output_path",
+  "check_output_dir",
+  "writing",
+  "all_or_nothing",
+]
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 _REASONS = {
-    errno.ENOENT: "no such file or folder",
-    errno.ENOTDIR: "a part of the path is a file, not a folder",
-    errno.EISDIR: "is a folder, not a file",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EEXIST: "already exists",
-    errno.ENOSPC: "no space left on the device",
-    errno.EROFS: "the file system is read-only",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.ENAMETOOLONG: "the name is too long",
+  errno.ENOENT: "no such file or folder",
+  errno.ENOTDIR: "a part of the path is a file, not a folder",
+  errno.EISDIR: "is a folder, not a file",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "operation not permitted",
+  errno.EEXIST: "already exists",
+  errno.ENOSPC: "no space left on the device",
+  errno.EROFS: "the file system is read-only",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.ENAMETOOLONG: "the name is too long",
 }
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
@@ -83,7 +94,7 @@ _MAX_MESSAGE = 600  # characters; a library's message can list hundreds of names
 def _one_line(text: object) -> str:
   line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
   if len(line) > _MAX_MESSAGE:
-    line = line[:_MAX_MESSAGE - 40].rstrip() + " ... (--debug shows the whole message)"
+    line = line[: _MAX_MESSAGE - 40].rstrip() + " ... (--debug shows the whole message)"
   return line
 
 
@@ -191,11 +202,17 @@ def _check_parents(path: str, flag: str) -> str:
   target = os.path.abspath(path)
   existing = _first_existing(os.path.dirname(target))
   if not os.path.isdir(existing):
-    raise UserInputError(path, f"cannot write {flag}: {existing} is a file, not a folder",
-                         expected="a path inside a folder")
+    raise UserInputError(
+      path,
+      f"cannot write {flag}: {existing} is a file, not a folder",
+      expected="a path inside a folder",
+    )
   if not os.access(existing, os.W_OK):
-    raise UserInputError(path, f"cannot write {flag}: the folder {existing} is not writable",
-                         expected="a writable location")
+    raise UserInputError(
+      path,
+      f"cannot write {flag}: the folder {existing} is not writable",
+      expected="a writable location",
+    )
   return path
 
 
@@ -212,8 +229,11 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
     if e.errno not in _WRITE_ERRNOS and (e.errno is None or e.filename is not None):
       raise
     label = f"{what} " if what else ""
-    raise UserInputError(os.fspath(path), f"cannot write {label}({os_reason(e)})",
-                         expected="a writable location with free space") from e
+    raise UserInputError(
+      os.fspath(path),
+      f"cannot write {label}({os_reason(e)})",
+      expected="a writable location with free space",
+    ) from e
 
 
 @contextlib.contextmanager
@@ -221,8 +241,9 @@ def all_or_nothing(paths: Iterable[str | os.PathLike | None]) -> Iterator[None]:
   """On an exception, removes those of `paths` that did not exist before (partial outputs), and
   the folders that were made for them if they are empty again."""
   # Objects in a store are written in one upload each (atomic_io): nothing partial to remove.
-  paths = [os.path.abspath(os.fspath(p)) for p in paths
-           if p is not None and "://" not in os.fspath(p)]
+  paths = [
+    os.path.abspath(os.fspath(p)) for p in paths if p is not None and "://" not in os.fspath(p)
+  ]
   fresh = [p for p in paths if not os.path.lexists(p)]
   new_dirs = set()
   for p in fresh:

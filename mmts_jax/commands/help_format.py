@@ -13,6 +13,7 @@ Example:
   >>> "clusters (default: 200)" in p.format_help(), "print JSON (default: off)" in p.format_help()
   (True, True)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
   def _get_help_string(self, action: argparse.Action) -> str:
     text = action.help or ""
-    if (not action.option_strings or action.default is argparse.SUPPRESS
-        or "default" in text.lower()):
+    if (
+      not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower()
+    ):
       return text
     if action.required:
       return f"{text} (required)"

@@ -8,6 +8,7 @@
 Conversion prints the number of records, the skipped samples and the dataset fingerprint that
 the cluster table and the trainer check. Reading the result never needs TensorFlow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,19 +25,29 @@ from mmts_jax.errors import UserInputError
 
 def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", required=True, help="output directory of the converted dataset")
-  p.add_argument("--shorter-side", type=int, default=None,
-                 help="shrink images whose shorter side is larger (re-encoded as JPEG q95)")
-  p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
-                 help="what to do with missing/undecodable images (default: skip and count)")
+  p.add_argument(
+    "--shorter-side",
+    type=int,
+    default=None,
+    help="shrink images whose shorter side is larger (re-encoded as JPEG q95)",
+  )
+  p.add_argument(
+    "--on-error",
+    choices=("skip", "raise"),
+    default="skip",
+    help="what to do with missing/undecodable images (default: skip and count)",
+  )
   p.add_argument("--threads", type=int, default=8, help="image checking/resizing threads")
-  p.add_argument("--records-per-shard", type=int, default=50_000,
-                 help="records per ArrayRecord shard file")
+  p.add_argument(
+    "--records-per-shard", type=int, default=50_000, help="records per ArrayRecord shard file"
+  )
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mmts prepare", description=__doc__,
-                              formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="mmts prepare", description=__doc__, formatter_class=HelpFormatter
+  )
   sub = p.add_subparsers(dest="source", required=True)
 
   def add(name, help_):
@@ -63,8 +74,11 @@ def _parser() -> argparse.ArgumentParser:
   f.add_argument("--image-key", default="image", help="the image feature")
   f.add_argument("--caption-key", default="captions/text", help="'/' for nested features")
   f.add_argument("--label-key", default=None, help="an int class label feature, if any")
-  f.add_argument("--first-caption", action="store_true",
-                 help="one record per example (first caption) instead of one per caption")
+  f.add_argument(
+    "--first-caption",
+    action="store_true",
+    help="one record per example (first caption) instead of one per caption",
+  )
   _common(f)
   i = add("inspect", "print a converted dataset's manifest and first records")
   i.add_argument("data_dir", help="a dataset folder written by `mmts prepare`")
@@ -75,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(args) -> int:
   from mmts_jax.data import image_ops
   from mmts_jax.data.records import RecordSource
+
   src = RecordSource(args.data_dir)
   m = src.manifest
   print(f"{args.data_dir}: {m.num_records} records in {len(m.shards)} shard(s)")
@@ -85,8 +100,10 @@ def _inspect(args) -> int:
     img = image_ops.open_image(r["image"])
     extra = f" label={r['label']}" if "label" in r else ""
     caption = repr(r["caption"][:60]) if "caption" in r else "-"
-    print(f"  [{r['index']}] key={r['key']!r} {img.format} {img.width}x{img.height}{extra} "
-          f"caption={caption}")
+    print(
+      f"  [{r['index']}] key={r['key']!r} {img.format} {img.width}x{img.height}{extra} "
+      f"caption={caption}"
+    )
   return 0
 
 
@@ -111,39 +128,66 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args) -> int:
   from mmts_jax.data import convert
+
   common: dict[str, Any] = dict(
-      shorter_side=args.shorter_side, on_error=args.on_error, threads=args.threads,
-      records_per_shard=args.records_per_shard, overwrite=args.overwrite,
-      log=lambda s: print(s, flush=True))
+    shorter_side=args.shorter_side,
+    on_error=args.on_error,
+    threads=args.threads,
+    records_per_shard=args.records_per_shard,
+    overwrite=args.overwrite,
+    log=lambda s: print(s, flush=True),
+  )
   t0 = time.perf_counter()
   if args.source == "table":
-    m = convert.convert_table(args.table, args.images, args.out, image_column=args.image_column,
-                              caption_column=args.caption_column,
-                              label_column=args.label_column, delimiter=args.delimiter,
-                              header=not args.no_header, **common)
+    m = convert.convert_table(
+      args.table,
+      args.images,
+      args.out,
+      image_column=args.image_column,
+      caption_column=args.caption_column,
+      label_column=args.label_column,
+      delimiter=args.delimiter,
+      header=not args.no_header,
+      **common,
+    )
   elif args.source == "wds":
-    m = convert.convert_webdataset(args.shards, args.out, caption_ext=args.caption_ext,
-                                   label_ext=args.label_ext, **common)
+    m = convert.convert_webdataset(
+      args.shards, args.out, caption_ext=args.caption_ext, label_ext=args.label_ext, **common
+    )
   else:
     try:
-      m = convert.convert_tfds(args.name, args.out, split=args.split, data_dir=args.data_dir,
-                               image_key=args.image_key, caption_key=args.caption_key or None,
-                               label_key=args.label_key, all_captions=not args.first_caption,
-                               **common)
+      m = convert.convert_tfds(
+        args.name,
+        args.out,
+        split=args.split,
+        data_dir=args.data_dir,
+        image_key=args.image_key,
+        caption_key=args.caption_key or None,
+        label_key=args.label_key,
+        all_captions=not args.first_caption,
+        **common,
+      )
     except KeyError as e:  # a feature the dataset does not have (tfds_source names it)
-      raise UserInputError(args.name, str(e.args[0] if e.args else e),
-                           expected="existing features (--image-key, --caption-key)") from e
+      raise UserInputError(
+        args.name,
+        str(e.args[0] if e.args else e),
+        expected="existing features (--image-key, --caption-key)",
+      ) from e
     except Exception as e:  # noqa: BLE001 (TFDS's own class; its message lists every dataset)
       if type(e).__name__ != "DatasetNotFoundError":
         raise
-      raise UserInputError(args.name, f"no such TFDS dataset in "
-                           f"{args.data_dir or 'the default TFDS data_dir'}",
-                           expected="a dataset prepared with `tfds build "
-                           "--file_format=array_record`, and its --data-dir") from e
+      raise UserInputError(
+        args.name,
+        f"no such TFDS dataset in {args.data_dir or 'the default TFDS data_dir'}",
+        expected="a dataset prepared with `tfds build "
+        "--file_format=array_record`, and its --data-dir",
+      ) from e
   dt = time.perf_counter() - t0
   skipped = m.source.get("skipped", 0)
-  print(f"wrote {m.num_records} records to {args.out} ({len(m.shards)} shard(s), {skipped} "
-        f"skipped) in {dt:.1f} s ({m.num_records / max(dt, 1e-9):.0f} records/s)")
+  print(
+    f"wrote {m.num_records} records to {args.out} ({len(m.shards)} shard(s), {skipped} "
+    f"skipped) in {dt:.1f} s ({m.num_records / max(dt, 1e-9):.0f} records/s)"
+  )
   for reason, count in sorted(m.source.get("skip_reasons", {}).items()):
     print(f"  skipped {count}: {reason}")
   print(f"fingerprint: {m.fingerprint} (sha256 over the {m.fingerprint_of}s)")

@@ -21,12 +21,13 @@ is named); 3 the loss became NaN/inf with `--config.train.skip_nonfinite=false` 
 checkpoint is kept; by default such a step is skipped and counted); 143 stopped by SIGTERM after
 saving a checkpoint (rerun to resume).
 """
+
 from __future__ import annotations
 
 import argparse
 import pathlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mmts_jax.errors import UserInputError
 
@@ -39,9 +40,16 @@ def _flag_values(argv: list[str]):
   """A private absl `FlagValues` with `--config` defined and `argv` parsed into it."""
   from absl import flags
   from ml_collections import config_flags
+
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file, path/to/config.py[:arg]",
-                                  flag_values=values, lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "config file, path/to/config.py[:arg]",
+    flag_values=values,
+    lock_config=True,
+    sys_argv=argv,
+  )
   values(argv)
   return values
 
@@ -49,6 +57,7 @@ def _flag_values(argv: list[str]):
 def _known(node, key: str) -> None:
   """Raises ValueError naming the first unknown part of dotted `key` and the keys there."""
   import ml_collections
+
   parts = key.split(".")
   for i, part in enumerate(parts):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
@@ -57,8 +66,9 @@ def _known(node, key: str) -> None:
       raise ValueError(f"--config.{key}: unknown key {part!r} in {where} (known: {known})")
     node = node[part]
   if isinstance(node, (ml_collections.ConfigDict, dict)):
-    raise ValueError(f"--config.{key} is a section; override one of its keys "
-                     f"({sorted(node.keys())})")
+    raise ValueError(
+      f"--config.{key} is a section; override one of its keys ({sorted(node.keys())})"
+    )
 
 
 def parse_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
@@ -76,15 +86,19 @@ def parse_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
   path = spec.partition(":")[0]
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"config file {path!r} does not exist")
-  try:   # the file's own syntax errors, with their line, before absl wraps them
+  try:  # the file's own syntax errors, with their line, before absl wraps them
     compile(pathlib.Path(path).read_bytes(), path, "exec")
   except SyntaxError as e:
-    raise UserInputError(path, f"invalid Python syntax ({e.msg})", line=e.lineno,
-                         expected="a Python config file defining get_config()") from None
+    raise UserInputError(
+      path,
+      f"invalid Python syntax ({e.msg})",
+      line=e.lineno,
+      expected="a Python config file defining get_config()",
+    ) from None
   base_argv = ["mmts train", f"--config={spec}"]
   try:
     base = _flag_values(base_argv).config
-  except Exception as e:   # absl wraps the config file's own errors
+  except Exception as e:  # absl wraps the config file's own errors
     raise ValueError(f"--config={spec}: {e}") from None
   if base is None or not hasattr(base, "keys"):
     raise ValueError(f"config file {path!r}: get_config() must return a ConfigDict")
@@ -95,7 +109,7 @@ def parse_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
   argv = base_argv + [f"--config.{k}={v}" for k, v in overrides]
   try:
     return _flag_values(argv).config
-  except Exception as e:   # absl.flags.Error and the parsers' own errors, with the flag named
+  except Exception as e:  # absl.flags.Error and the parsers' own errors, with the flag named
     raise ValueError(str(e)) from None
 
 
@@ -110,7 +124,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("--config."):
-      key, eq, value = arg[len("--config."):].partition("=")
+      key, eq, value = arg[len("--config.") :].partition("=")
       if not eq:
         if i + 1 >= len(argv):
           raise ValueError(f"{arg} needs a value")
@@ -124,17 +138,26 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="mmts train", description="Train a dual encoder with MM-TS from a config file.",
-      epilog="Override any config key with --config.KEY=VALUE (e.g. --config.optim.lr=1e-3). "
-             "Rerun with the same --workdir to resume from the latest checkpoint.")
+    prog="mmts train",
+    description="Train a dual encoder with MM-TS from a config file.",
+    epilog="Override any config key with --config.KEY=VALUE (e.g. --config.optim.lr=1e-3). "
+    "Rerun with the same --workdir to resume from the latest checkpoint.",
+  )
   p.add_argument("--config", required=True, help="config file, path/to/config.py[:arg]")
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard")
-  p.add_argument("--stop-at-step", type=int, default=None,
-                 help="stop with a checkpoint at this step, as a preemption would")
+  p.add_argument(
+    "--stop-at-step",
+    type=int,
+    default=None,
+    help="stop with a checkpoint at this step, as a preemption would",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.add_argument("--allow-config-change", action="store_true",
-                 help="resume even if the configuration changes the run (recorded in "
-                      "WORKDIR/config_history.jsonl)")
+  p.add_argument(
+    "--allow-config-change",
+    action="store_true",
+    help="resume even if the configuration changes the run (recorded in "
+    "WORKDIR/config_history.jsonl)",
+  )
   return p
 
 
@@ -155,27 +178,38 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_CONFIG
 
   from mmts_jax import train  # after argument errors: importing JAX costs seconds
+
   try:
     eval_fn = None
     if config.get("eval", {}).get("zero_shot", ""):
       from mmts_jax.eval.zero_shot import eval_fn_from_config
+
       eval_fn = eval_fn_from_config(config)
-    result = train.train_and_evaluate(config, args.workdir, stop_at_step=args.stop_at_step,
-                                      eval_fn=eval_fn,
-                                      allow_config_change=args.allow_config_change)
+    result = train.train_and_evaluate(
+      config,
+      args.workdir,
+      stop_at_step=args.stop_at_step,
+      eval_fn=eval_fn,
+      allow_config_change=args.allow_config_change,
+    )
   except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
     print(f"mmts train: error: {e}", file=sys.stderr)
     return EXIT_BAD_CONFIG
   m = result.last_metrics
-  summary = (f"step {result.step}/{config.total_steps} ({result.status})"
-             + (f"  loss {m['loss']:.4f}  tau mean {m['temperature_mean']:.4f}"
-                f"  {m['examples_per_sec']:.0f} examples/s" if m else ""))
+  summary = f"step {result.step}/{config.total_steps} ({result.status})" + (
+    f"  loss {m['loss']:.4f}  tau mean {m['temperature_mean']:.4f}"
+    f"  {m['examples_per_sec']:.0f} examples/s"
+    if m
+    else ""
+  )
   print(summary)
   print(f"metrics: {result.workdir / 'metrics.jsonl'}")
   print(f"checkpoints: {result.workdir / 'checkpoints'}")
   if result.status == "preempted":
-    print("stopped by SIGTERM after saving a checkpoint; rerun the same command to resume",
-          file=sys.stderr)
+    print(
+      "stopped by SIGTERM after saving a checkpoint; rerun the same command to resume",
+      file=sys.stderr,
+    )
     return EXIT_PREEMPTED
   return 0
 

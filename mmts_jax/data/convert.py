@@ -13,6 +13,7 @@ re-encoded as JPEG when `shorter_side` shrinks them or their format is another o
 numbers are assigned in source order after skipping, so a dataset's `index` is stable as long
 as the converted directory is.
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,15 +25,21 @@ import pathlib
 import re
 import tarfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from mmts_jax.data import image_ops
-from mmts_jax.errors import UserInputError
 from mmts_jax.data.records import Manifest, RecordWriter
 from mmts_jax.data.tfds_source import as_text, lookup_feature, open_tfds
+from mmts_jax.errors import UserInputError
 
-__all__ = ["convert_table", "convert_webdataset", "convert_tfds", "expand_shards",
-           "encode_for_storage"]
+__all__ = [
+  "convert_table",
+  "convert_webdataset",
+  "convert_tfds",
+  "expand_shards",
+  "encode_for_storage",
+]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 _KEEP_FORMATS = ("JPEG", "PNG")
@@ -65,8 +72,9 @@ def encode_for_storage(data: bytes, shorter_side: int | None = None, quality: in
   except Exception as e:  # PIL raises many types for corrupt files
     raise _Skip("undecodable image", f"{type(e).__name__}: {e}") from None
   if shorter_side is not None and min(img.size) > shorter_side:
-    return image_ops.encode_jpeg(image_ops.shrink_shorter_side(image_ops.decode_image(img),
-                                                               shorter_side), quality)
+    return image_ops.encode_jpeg(
+      image_ops.shrink_shorter_side(image_ops.decode_image(img), shorter_side), quality
+    )
   if fmt not in _KEEP_FORMATS:
     return image_ops.encode_jpeg(image_ops.decode_image(img), quality)
   return data
@@ -83,9 +91,18 @@ def _parallel_ordered(fn: Callable, items: Iterable, threads: int, chunk: int = 
       yield from pool.map(fn, block)
 
 
-def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int | None,
-           on_error: str, threads: int, records_per_shard: int, overwrite: bool,
-           log: Callable[[str], None] | None) -> Manifest:
+def _write(
+  out_dir,
+  samples: Iterable[dict],
+  *,
+  source: dict,
+  shorter_side: int | None,
+  on_error: str,
+  threads: int,
+  records_per_shard: int,
+  overwrite: bool,
+  log: Callable[[str], None] | None,
+) -> Manifest:
   """Writes samples (dicts whose `image` is raw bytes or a `_Skip`) as records."""
   if on_error not in ("skip", "raise"):
     raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -101,8 +118,9 @@ def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int 
   skipped, reasons = 0, collections.Counter()
   first: list[str] = []
   t0 = time.perf_counter()
-  writer = RecordWriter(out_dir, records_per_shard=records_per_shard, overwrite=overwrite,
-                        source=source)
+  writer = RecordWriter(
+    out_dir, records_per_shard=records_per_shard, overwrite=overwrite, source=source
+  )
   try:
     for n, result in enumerate(_parallel_ordered(prepare, samples, threads), 1):
       if isinstance(result, _Skip):
@@ -115,8 +133,10 @@ def _write(out_dir, samples: Iterable[dict], *, source: dict, shorter_side: int 
       else:
         writer.write(result)
       if log is not None and n % 10_000 == 0:
-        log(f"  {n} samples, {writer.num_records} written, {skipped} skipped, "
-            f"{n / (time.perf_counter() - t0):.0f} samples/s")
+        log(
+          f"  {n} samples, {writer.num_records} written, {skipped} skipped, "
+          f"{n / (time.perf_counter() - t0):.0f} samples/s"
+        )
     writer.update_source(skipped=skipped, skip_reasons=dict(reasons), first_skipped=first)
     return writer.close()
   except BaseException:
@@ -130,44 +150,70 @@ def _text_lines(f, table) -> Iterator[str]:
     if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
       raw = raw[3:]
     if b"\x00" in raw:
-      raise UserInputError(table, "contains a NUL byte", line=line_no,
-                           expected="a UTF-8 text table")
+      raise UserInputError(
+        table, "contains a NUL byte", line=line_no, expected="a UTF-8 text table"
+      )
     try:
       yield raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise UserInputError(table, f"is not UTF-8 ({e.reason})", line=line_no,
-                           expected="a UTF-8 text table") from None
+      raise UserInputError(
+        table, f"is not UTF-8 ({e.reason})", line=line_no, expected="a UTF-8 text table"
+      ) from None
 
 
 def _table_error(table, line: int, e: Exception) -> UserInputError:
   if isinstance(e, UnicodeDecodeError):
-    return UserInputError(table, f"is not UTF-8 ({e.reason})", line=line,
-                          expected="a UTF-8 text table")
-  return UserInputError(table, f"malformed ({e})", line=line,
-                        expected='CSV quoting that closes ("..." with "" inside)')
+    return UserInputError(
+      table, f"is not UTF-8 ({e.reason})", line=line, expected="a UTF-8 text table"
+    )
+  return UserInputError(
+    table, f"malformed ({e})", line=line, expected='CSV quoting that closes ("..." with "" inside)'
+  )
 
 
-def _column(header: Sequence[str] | None, col: str | int | None, what: str,
-            table: str | os.PathLike = "the table") -> int | None:
+def _column(
+  header: Sequence[str] | None,
+  col: str | int | None,
+  what: str,
+  table: str | os.PathLike = "the table",
+) -> int | None:
   if col is None:
     return None
   if isinstance(col, int) or (isinstance(col, str) and col.isdigit()):
     return int(col)
   if header is None:
-    raise UserInputError(table, f"{what} column {col!r} is a name but the table has no header",
-                         expected="a 0-based column position")
+    raise UserInputError(
+      table,
+      f"{what} column {col!r} is a name but the table has no header",
+      expected="a 0-based column position",
+    )
   if col not in header:
-    raise UserInputError(table, f"has no {what} column {col!r}, only {list(header)}", line=1,
-                         expected=f"a header with {col!r} (or a 0-based position)")
+    raise UserInputError(
+      table,
+      f"has no {what} column {col!r}, only {list(header)}",
+      line=1,
+      expected=f"a header with {col!r} (or a 0-based position)",
+    )
   return header.index(col)
 
 
-def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_dir, *,
-                  image_column: str | int = "image", caption_column: str | int = "caption",
-                  label_column: str | int | None = None, delimiter: str | None = None,
-                  header: bool = True, shorter_side: int | None = None, on_error: str = "skip",
-                  threads: int = 8, records_per_shard: int = 50_000, overwrite: bool = False,
-                  log: Callable[[str], None] | None = None) -> Manifest:
+def convert_table(
+  table: str | os.PathLike,
+  image_dir: str | os.PathLike,
+  out_dir,
+  *,
+  image_column: str | int = "image",
+  caption_column: str | int = "caption",
+  label_column: str | int | None = None,
+  delimiter: str | None = None,
+  header: bool = True,
+  shorter_side: int | None = None,
+  on_error: str = "skip",
+  threads: int = 8,
+  records_per_shard: int = 50_000,
+  overwrite: bool = False,
+  log: Callable[[str], None] | None = None,
+) -> Manifest:
   """CSV/TSV rows (image path relative to `image_dir`, caption[, int label]) -> records.
 
   The delimiter defaults to a tab for `.tsv`/`.tab` files (read without quoting, as TSV has
@@ -194,8 +240,7 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
     with open(table, "rb") as f:
       # TSV has no quoting (captions such as `the "best" cat` are literal); CSV has RFC 4180's.
       quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-      rows = csv.reader(_text_lines(f, table), delimiter=delimiter, quoting=quoting,
-                        strict=True)
+      rows = csv.reader(_text_lines(f, table), delimiter=delimiter, quoting=quoting, strict=True)
       line = 1
       try:
         head = next(rows) if header else None
@@ -220,16 +265,24 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
         if not row:
           continue
         if len(row) < needed or (head is not None and len(row) != len(head)):
-          raise UserInputError(table, f"row has {len(row)} fields", line=line,
-                               expected=f"{len(head) if head is not None else needed} fields "
-                               "(one per column)")
+          raise UserInputError(
+            table,
+            f"row has {len(row)} fields",
+            line=line,
+            expected=f"{len(head) if head is not None else needed} fields (one per column)",
+          )
         if any("\x00" in field for field in row):
-          raise UserInputError(table, "contains a NUL byte", line=line,
-                               expected="a UTF-8 text table")
+          raise UserInputError(
+            table, "contains a NUL byte", line=line, expected="a UTF-8 text table"
+          )
         rel = row[ci]
         if not rel or os.path.isabs(rel) or ".." in pathlib.PurePath(rel).parts:
-          raise UserInputError(table, f"image path {rel!r}", line=line,
-                               expected=f"a relative path inside {image_dir} (no '..')")
+          raise UserInputError(
+            table,
+            f"image path {rel!r}",
+            line=line,
+            expected=f"a relative path inside {image_dir} (no '..')",
+          )
         path = image_dir / rel
         try:
           data = path.read_bytes()
@@ -240,18 +293,31 @@ def convert_table(table: str | os.PathLike, image_dir: str | os.PathLike, out_di
           try:
             sample["label"] = int(row[cl])
           except ValueError:
-            raise UserInputError(table, f"label {row[cl]!r}", line=line,
-                                 expected="an integer class label") from None
+            raise UserInputError(
+              table, f"label {row[cl]!r}", line=line, expected="an integer class label"
+            ) from None
         count += 1
         yield sample
       if count == 0:
         raise UserInputError(table, "has no rows", expected="at least one (image, caption) row")
 
-  source = {"kind": "table", "table": str(table), "image_dir": str(image_dir),
-            "shorter_side": shorter_side}
-  return _write(out_dir, samples(), source=source, shorter_side=shorter_side, on_error=on_error,
-                threads=threads, records_per_shard=records_per_shard, overwrite=overwrite,
-                log=log)
+  source = {
+    "kind": "table",
+    "table": str(table),
+    "image_dir": str(image_dir),
+    "shorter_side": shorter_side,
+  }
+  return _write(
+    out_dir,
+    samples(),
+    source=source,
+    shorter_side=shorter_side,
+    on_error=on_error,
+    threads=threads,
+    records_per_shard=records_per_shard,
+    overwrite=overwrite,
+    log=log,
+  )
 
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -265,6 +331,7 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     ['cc3m-00.tar', 'cc3m-01.tar', 'cc3m-02.tar']
   """
   import glob
+
   out: list[str] = []
   for pat in [patterns] if isinstance(patterns, str) else patterns:
     m = _BRACES.search(pat)
@@ -272,8 +339,9 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
       lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
       if lo > hi:
         raise ValueError(f"empty shard range {m.group(0)} in {pat!r}")
-      out += expand_shards([pat[:m.start()] + f"{i:0{width}d}" + pat[m.end():]
-                            for i in range(lo, hi + 1)])
+      out += expand_shards(
+        [pat[: m.start()] + f"{i:0{width}d}" + pat[m.end() :] for i in range(lo, hi + 1)]
+      )
     elif any(ch in pat for ch in "*?["):
       found = sorted(glob.glob(pat))
       if not found:
@@ -321,30 +389,40 @@ def check_member(shard: str, member: tarfile.TarInfo) -> bool:
   name = member.name
   parts = pathlib.PurePosixPath(name).parts
   if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
-    raise UserInputError(shard, f"tar member {name!r} has an absolute path or '..'",
-                         expected="members with relative names inside the shard")
+    raise UserInputError(
+      shard,
+      f"tar member {name!r} has an absolute path or '..'",
+      expected="members with relative names inside the shard",
+    )
   if member.issym() or member.islnk():
-    raise UserInputError(shard, f"tar member {name!r} is a link (to {member.linkname!r})",
-                         expected="regular files only")
+    raise UserInputError(
+      shard,
+      f"tar member {name!r} is a link (to {member.linkname!r})",
+      expected="regular files only",
+    )
   if member.isdir():
     return False
   if not member.isfile():
-    raise UserInputError(shard, f"tar member {name!r} is a device file or FIFO",
-                         expected="regular files only")
+    raise UserInputError(
+      shard, f"tar member {name!r} is a device file or FIFO", expected="regular files only"
+    )
   if member.size > MAX_MEMBER_BYTES:
-    raise UserInputError(shard, f"tar member {name!r} has {member.size} bytes",
-                         expected=f"at most {MAX_MEMBER_BYTES} bytes per member")
+    raise UserInputError(
+      shard,
+      f"tar member {name!r} has {member.size} bytes",
+      expected=f"at most {MAX_MEMBER_BYTES} bytes per member",
+    )
   return True
 
 
-def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None
-                 ) -> Iterator[dict]:
+def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None) -> Iterator[dict]:
   for path in paths:
     try:
       tar = tarfile.open(path, "r|*")  # streaming: shards may be large
     except tarfile.TarError as e:
-      raise UserInputError(path, f"is not a tar file ({e})",
-                           expected="a webdataset .tar shard") from None
+      raise UserInputError(
+        path, f"is not a tar file ({e})", expected="a webdataset .tar shard"
+      ) from None
     with tar:
       key, fields = None, {}
       members = iter(tar)
@@ -363,8 +441,11 @@ def _tar_samples(paths: Sequence[str], caption_ext: str, label_ext: str | None
             assert member_file is not None, "check_member passes regular files only"
             data = member_file.read()
         except (tarfile.TarError, EOFError, OSError) as e:
-          raise UserInputError(path, f"is truncated or corrupt ({type(e).__name__}: {e})",
-                               expected="a complete webdataset .tar shard") from None
+          raise UserInputError(
+            path,
+            f"is truncated or corrupt ({type(e).__name__}: {e})",
+            expected="a complete webdataset .tar shard",
+          ) from None
         if sample is not None:
           yield sample
           fields = {}
@@ -386,8 +467,9 @@ def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: 
   try:
     sample["caption"] = fields.get(caption_ext, b"").decode("utf-8").strip()
   except UnicodeDecodeError as e:
-    raise UserInputError(path, f"caption {key}.{caption_ext} is not UTF-8 ({e.reason})",
-                         expected="UTF-8 caption files") from None
+    raise UserInputError(
+      path, f"caption {key}.{caption_ext} is not UTF-8 ({e.reason})", expected="UTF-8 caption files"
+    ) from None
   if label_ext is not None:
     if label_ext not in fields:
       sample["image"] = _Skip(f"no .{label_ext} label", f"in {os.path.basename(path)}")
@@ -396,16 +478,25 @@ def _wds_sample(path: str, key: str, fields: dict, caption_ext: str, label_ext: 
       try:
         sample["label"] = int(text)
       except ValueError:
-        raise UserInputError(path, f"label {key}.{label_ext} is {text[:40]!r}",
-                             expected="an integer class label") from None
+        raise UserInputError(
+          path, f"label {key}.{label_ext} is {text[:40]!r}", expected="an integer class label"
+        ) from None
   return sample
 
 
-def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str = "txt",
-                       label_ext: str | None = None, shorter_side: int | None = None,
-                       on_error: str = "skip", threads: int = 8,
-                       records_per_shard: int = 50_000, overwrite: bool = False,
-                       log: Callable[[str], None] | None = None) -> Manifest:
+def convert_webdataset(
+  shards: str | Sequence[str],
+  out_dir,
+  *,
+  caption_ext: str = "txt",
+  label_ext: str | None = None,
+  shorter_side: int | None = None,
+  on_error: str = "skip",
+  threads: int = 8,
+  records_per_shard: int = 50_000,
+  overwrite: bool = False,
+  log: Callable[[str], None] | None = None,
+) -> Manifest:
   """webdataset tar shards (`key.jpg`/`.png`/`.webp` + `key.txt` [+ `key.cls`]) -> records.
 
   Shards are read in the given order (after `expand_shards`), samples in tar order.
@@ -424,19 +515,41 @@ def convert_webdataset(shards: str | Sequence[str], out_dir, *, caption_ext: str
   for p in paths:
     if not os.path.isfile(p):
       raise FileNotFoundError(f"shard {p} does not exist")
-  source = {"kind": "webdataset", "shards": [os.path.basename(p) for p in paths],
-            "shorter_side": shorter_side}
-  return _write(out_dir, _tar_samples(paths, caption_ext.lower(), label_ext), source=source,
-                shorter_side=shorter_side, on_error=on_error, threads=threads,
-                records_per_shard=records_per_shard, overwrite=overwrite, log=log)
+  source = {
+    "kind": "webdataset",
+    "shards": [os.path.basename(p) for p in paths],
+    "shorter_side": shorter_side,
+  }
+  return _write(
+    out_dir,
+    _tar_samples(paths, caption_ext.lower(), label_ext),
+    source=source,
+    shorter_side=shorter_side,
+    on_error=on_error,
+    threads=threads,
+    records_per_shard=records_per_shard,
+    overwrite=overwrite,
+    log=log,
+  )
 
 
-def convert_tfds(name: str, out_dir, *, split: str = "train", data_dir: str | None = None,
-                 image_key: str = "image", caption_key: str | None = "captions/text",
-                 label_key: str | None = None, all_captions: bool = True,
-                 shorter_side: int | None = None, on_error: str = "skip", threads: int = 8,
-                 records_per_shard: int = 50_000, overwrite: bool = False,
-                 log: Callable[[str], None] | None = None) -> Manifest:
+def convert_tfds(
+  name: str,
+  out_dir,
+  *,
+  split: str = "train",
+  data_dir: str | None = None,
+  image_key: str = "image",
+  caption_key: str | None = "captions/text",
+  label_key: str | None = None,
+  all_captions: bool = True,
+  shorter_side: int | None = None,
+  on_error: str = "skip",
+  threads: int = 8,
+  records_per_shard: int = 50_000,
+  overwrite: bool = False,
+  log: Callable[[str], None] | None = None,
+) -> Manifest:
   """A TFDS dataset (prepared with `file_format="array_record"`) -> records, without TensorFlow.
 
   Images are read still encoded (`tfds.decode.SkipDecoding`). Nested features are addressed with
@@ -465,10 +578,25 @@ def convert_tfds(name: str, out_dir, *, split: str = "train", data_dir: str | No
       for j, c in enumerate(caps):
         yield {**base, "key": f"{i}/{j}", "caption": c}
 
-  source = {"kind": "tfds", "name": builder.info.full_name, "split": split,
-            "data_dir": str(builder.data_dir), "image_key": image_key,
-            "caption_key": caption_key, "label_key": label_key, "all_captions": all_captions,
-            "shorter_side": shorter_side}
-  return _write(out_dir, samples(), source=source, shorter_side=shorter_side, on_error=on_error,
-                threads=threads, records_per_shard=records_per_shard, overwrite=overwrite,
-                log=log)
+  source = {
+    "kind": "tfds",
+    "name": builder.info.full_name,
+    "split": split,
+    "data_dir": str(builder.data_dir),
+    "image_key": image_key,
+    "caption_key": caption_key,
+    "label_key": label_key,
+    "all_captions": all_captions,
+    "shorter_side": shorter_side,
+  }
+  return _write(
+    out_dir,
+    samples(),
+    source=source,
+    shorter_side=shorter_side,
+    on_error=on_error,
+    threads=threads,
+    records_per_shard=records_per_shard,
+    overwrite=overwrite,
+    log=log,
+  )

@@ -5,29 +5,37 @@ File layout (`np.savez`, written atomically): `image_features` (N, Di) and `text
 the cluster table's shifts still apply), optional `label` (N,) int, and the provenance of that
 dataset as 0-d arrays `num_records` and `fingerprint` (see `records.Manifest`).
 """
+
 from __future__ import annotations
 
 import io
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from mmts_jax import array_files
-from mmts_jax.errors import UserInputError
-
 from mmts_jax.data.pipeline import Pipeline, make_pipeline
 from mmts_jax.data.records import atomic_write_bytes
+from mmts_jax.errors import UserInputError
 
 __all__ = ["save_features", "FeatureSource", "feature_pipeline"]
 
 _REQUIRED = ("image_features", "text_features", "index")
 
 
-def save_features(path: str | os.PathLike, *, image_features, text_features, index,
-                  label=None, num_records: int | None = None, fingerprint: str | None = None
-                  ) -> None:
+def save_features(
+  path: str | os.PathLike,
+  *,
+  image_features,
+  text_features,
+  index,
+  label=None,
+  num_records: int | None = None,
+  fingerprint: str | None = None,
+) -> None:
   """Validates and writes a features file (see the module docstring).
 
   Example:
@@ -39,9 +47,11 @@ def save_features(path: str | os.PathLike, *, image_features, text_features, ind
     >>> len(src), {k: v.shape for k, v in src[0].items()}
     (4, {'image_features': (8,), 'text_features': (6,), 'index': ()})
   """
-  arrays: dict[str, Any] = {"image_features": np.asarray(image_features),
-                            "text_features": np.asarray(text_features),
-                            "index": np.asarray(index)}
+  arrays: dict[str, Any] = {
+    "image_features": np.asarray(image_features),
+    "text_features": np.asarray(text_features),
+    "index": np.asarray(index),
+  }
   if label is not None:
     arrays["label"] = np.asarray(label)
   n = len(arrays["index"])
@@ -77,13 +87,14 @@ class FeatureSource(Sequence):
   """
 
   def __init__(self, path: str | os.PathLike):
-    self.path = epath.Path(os.fspath(path))   # local or gs://
+    self.path = epath.Path(os.fspath(path))  # local or gs://
     expected = f"a features .npz with {list(_REQUIRED)} (mmts_jax.data.features.save_features)"
     z = array_files.read_npz(self.path, expected=expected)
     missing = [k for k in _REQUIRED if k not in z]
     if missing:
-      raise UserInputError(self.path, f"has no array(s) {missing}, only {sorted(z)}",
-                           expected=expected)
+      raise UserInputError(
+        self.path, f"has no array(s) {missing}, only {sorted(z)}", expected=expected
+      )
     self.arrays = {k: z[k] for k in (*_REQUIRED, "label") if k in z}
     self.num_records = int(z["num_records"]) if "num_records" in z else None
     self.fingerprint = str(z["fingerprint"]) if "fingerprint" in z else None
@@ -91,13 +102,15 @@ class FeatureSource(Sequence):
     for key, x in self.arrays.items():
       array_files.check_numeric(x, self.path, key)
       if x.ndim == 0 or x.shape[0] != n:
-        raise UserInputError(self.path, f"has shape {x.shape}", key=key,
-                             expected=f"{n} rows, one per entry of 'index'")
+        raise UserInputError(
+          self.path, f"has shape {x.shape}", key=key, expected=f"{n} rows, one per entry of 'index'"
+        )
       if key.endswith("features"):
         array_files.check_matrix(x.reshape(n, -1) if x.ndim > 2 else x, self.path, key)
       elif x.dtype.kind not in "iu" or x.ndim != 1:
-        raise UserInputError(self.path, f"has dtype {x.dtype} shape {x.shape}", key=key,
-                             expected="a 1-D integer array")
+        raise UserInputError(
+          self.path, f"has dtype {x.dtype} shape {x.shape}", key=key, expected="a 1-D integer array"
+        )
     self.arrays["index"] = self.arrays["index"].astype(np.int32)
     if "label" in self.arrays:
       self.arrays["label"] = self.arrays["label"].astype(np.int32)
@@ -113,13 +126,26 @@ def _identity(record: Mapping[str, Any], rng) -> Mapping[str, Any]:
   return record
 
 
-def feature_pipeline(source: FeatureSource | str | os.PathLike, *, global_batch_size: int,
-                     seed: int = 0, train: bool = True, num_epochs: int | None = None,
-                     process_index: int | None = None, process_count: int | None = None
-                     ) -> Pipeline:
+def feature_pipeline(
+  source: FeatureSource | str | os.PathLike,
+  *,
+  global_batch_size: int,
+  seed: int = 0,
+  train: bool = True,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Pipeline:
   """`make_pipeline` over a features file: same shuffling, sharding and resume as images."""
   if not isinstance(source, FeatureSource):
     source = FeatureSource(source)
-  return make_pipeline(source, _identity, global_batch_size=global_batch_size, seed=seed,
-                       train=train, num_epochs=num_epochs, process_index=process_index,
-                       process_count=process_count)
+  return make_pipeline(
+    source,
+    _identity,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    train=train,
+    num_epochs=num_epochs,
+    process_index=process_index,
+    process_count=process_count,
+  )

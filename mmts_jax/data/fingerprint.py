@@ -12,10 +12,11 @@ Keys are captions (str) or ids (ints hash as their decimal text). The length pre
 digest a function of the exact sequence: `["ab", "c"]` and `["a", "bc"]` differ, and so does any
 reordering. `mmts_jax.clusters.table.dataset_fingerprint` calls this function.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -43,8 +44,10 @@ class Fingerprinter:
 
   def update(self, key: str | int) -> None:
     if isinstance(key, (bool, np.bool_)) or not isinstance(key, (str, int, np.integer)):
-      raise TypeError(f"fingerprint keys must be str (captions) or int (ids), got "
-                      f"{type(key).__name__}: {key!r:.80}")
+      raise TypeError(
+        f"fingerprint keys must be str (captions) or int (ids), got "
+        f"{type(key).__name__}: {key!r:.80}"
+      )
     data = str(key).encode("utf-8")
     self._h.update(len(data).to_bytes(8, "little"))
     self._h.update(data)

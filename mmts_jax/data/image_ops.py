@@ -8,6 +8,7 @@ the shorter side to `size` and takes the centre crop. Pixels are then normalised
 Every random choice comes from the `np.random.Generator` passed in, so the pipeline (which seeds
 one generator per example from the dataset seed and the example's position) is reproducible.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,11 +17,22 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_image_size", "open_image",
-           "CLIP_MEAN", "CLIP_STD", "decode_image", "random_resized_crop_box",
-           "random_resized_crop", "resize_center_crop", "normalize", "normalize_on_device",
-           "encode_jpeg",
-           "shrink_shorter_side"]
+__all__ = [
+  "MAX_IMAGE_PIXELS",
+  "ImageTooLargeError",
+  "check_image_size",
+  "open_image",
+  "CLIP_MEAN",
+  "CLIP_STD",
+  "decode_image",
+  "random_resized_crop_box",
+  "random_resized_crop",
+  "resize_center_crop",
+  "normalize",
+  "normalize_on_device",
+  "encode_jpeg",
+  "shrink_shorter_side",
+]
 
 # Decoding is bounded: an image declaring more pixels than this is refused before its pixels are
 # decoded (a "decompression bomb": a few KB of PNG can declare 100,000 x 100,000 pixels). 2**26
@@ -46,8 +58,10 @@ def check_image_size(img: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Im
   """
   w, h = img.size
   if w * h > max_pixels:
-    raise ImageTooLargeError(f"image of {w} x {h} pixels exceeds the decoding limit of "
-                             f"{max_pixels} pixels (MAX_IMAGE_PIXELS)")
+    raise ImageTooLargeError(
+      f"image of {w} x {h} pixels exceeds the decoding limit of "
+      f"{max_pixels} pixels (MAX_IMAGE_PIXELS)"
+    )
   return img
 
 
@@ -62,8 +76,9 @@ def open_image(data: bytes | bytearray | memoryview) -> Image.Image:
   try:
     img = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:  # Pillow's own check, beyond twice the limit
-    raise ImageTooLargeError(f"image exceeds the decoding limit of {MAX_IMAGE_PIXELS} pixels "
-                             f"(MAX_IMAGE_PIXELS): {e}") from None
+    raise ImageTooLargeError(
+      f"image exceeds the decoding limit of {MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS): {e}"
+    ) from None
   return check_image_size(img)
 
 
@@ -71,8 +86,9 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
-def decode_image(data: bytes | np.ndarray | Image.Image, *, draft: int | None = None
-                 ) -> Image.Image:
+def decode_image(
+  data: bytes | np.ndarray | Image.Image, *, draft: int | None = None
+) -> Image.Image:
   """Encoded bytes (JPEG, PNG, ...), a uint8 array (H, W[, C]) or a PIL image -> RGB PIL image.
 
   `draft`: for JPEG, let libjpeg decode at a reduced scale whose both sides are still >= `draft`
@@ -100,10 +116,14 @@ def decode_image(data: bytes | np.ndarray | Image.Image, *, draft: int | None = 
   return img
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *,
-                            scale: tuple[float, float] = (0.9, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)
-                            ) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  width: int,
+  height: int,
+  rng: np.random.Generator,
+  *,
+  scale: tuple[float, float] = (0.9, 1.0),
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
   """The (left, top, right, bottom) box of a random resized crop, torchvision's algorithm.
 
   Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); up to 10 tries for a box inside the
@@ -139,9 +159,14 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *
   return left, top, left + w, top + h
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, *,
-                        scale: tuple[float, float] = (0.9, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+def random_resized_crop(
+  img: Image.Image,
+  size: int,
+  rng: np.random.Generator,
+  *,
+  scale: tuple[float, float] = (0.9, 1.0),
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
   """Random box (see `random_resized_crop_box`) resized to `size x size`, bicubic, in one pass."""
   box = random_resized_crop_box(img.width, img.height, rng, scale=scale, ratio=ratio)
   return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
@@ -157,8 +182,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
   return img.crop((left, top, left + size, top + size))
 
 
-def normalize(img: Image.Image | np.ndarray, mean: np.ndarray = CLIP_MEAN,
-              std: np.ndarray = CLIP_STD) -> np.ndarray:
+def normalize(
+  img: Image.Image | np.ndarray, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD
+) -> np.ndarray:
   """uint8 RGB -> float32 (H, W, 3), `(p / 255 - mean) / std`."""
   x = np.asarray(img, dtype=np.float32)
   if x.ndim != 3 or x.shape[-1] != 3:
@@ -171,8 +197,9 @@ def normalize(img: Image.Image | np.ndarray, mean: np.ndarray = CLIP_MEAN,
   return x
 
 
-def normalize_on_device(images, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD,
-                        dtype=None):
+def normalize_on_device(
+  images, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD, dtype=None
+):
   """`normalize` for uint8 batches already on the accelerator (jnp; fuses into the train step).
 
   Shipping uint8 images (`ImageTextTransform(..., uint8=True)`) moves 4x fewer bytes to the
@@ -185,6 +212,7 @@ def normalize_on_device(images, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = 
     ((2, 4, 4, 3), dtype('float32'), [1.9303, 2.0749, 2.1459])
   """
   import jax.numpy as jnp
+
   dtype = jnp.float32 if dtype is None else dtype
   scale = jnp.asarray(1.0 / (255.0 * std), dtype)
   shift = jnp.asarray(mean / std, dtype)

@@ -13,21 +13,30 @@ on device (`shift = table[index]`) without host work per step.
 
 Nothing here imports TensorFlow.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
 from mmts_jax.data import image_ops, sources
 
-__all__ = ["ImageTextTransform", "Pipeline", "Loader", "DeviceIterator", "make_pipeline",
-           "image_text_pipeline", "host_slice"]
+__all__ = [
+  "ImageTextTransform",
+  "Pipeline",
+  "Loader",
+  "DeviceIterator",
+  "make_pipeline",
+  "image_text_pipeline",
+  "host_slice",
+]
 
 
 class ImageTextTransform:
@@ -44,9 +53,17 @@ class ImageTextTransform:
     t(source[0], np.random.default_rng(0))["image"].shape    # (224, 224, 3)
   """
 
-  def __init__(self, tokenizer: Callable[[str], np.ndarray] | None, *, image_size: int = 224,
-               train: bool = True, crop_scale: tuple[float, float] = (0.9, 1.0),
-               keep_caption: bool = False, keep_label: bool = False, uint8: bool = False):
+  def __init__(
+    self,
+    tokenizer: Callable[[str], np.ndarray] | None,
+    *,
+    image_size: int = 224,
+    train: bool = True,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    keep_caption: bool = False,
+    keep_label: bool = False,
+    uint8: bool = False,
+  ):
     if not isinstance(image_size, int) or image_size < 1:
       raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -56,10 +73,11 @@ class ImageTextTransform:
     self.keep_caption, self.keep_label, self.uint8 = keep_caption, keep_label, uint8
     # A crop of area fraction s of a side-D image has side ~ sqrt(s) D; decoding JPEGs at the
     # scale where that is still >= image_size loses nothing the resize keeps.
-    self._draft = (math.ceil(image_size / math.sqrt(crop_scale[0])) if train else image_size)
+    self._draft = math.ceil(image_size / math.sqrt(crop_scale[0])) if train else image_size
 
-  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None
-               ) -> dict[str, Any]:
+  def __call__(
+    self, record: Mapping[str, Any], rng: np.random.Generator | None = None
+  ) -> dict[str, Any]:
     img = image_ops.decode_image(record["image"], draft=self._draft)
     if self.train:
       if rng is None:
@@ -115,8 +133,14 @@ class _Padded(Sequence):
 class _HostRows(grain.MapDataset):
   """Element `i` of host `p`: global position `(i // L) * G + p * L + i % L` (L = G / P)."""
 
-  def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int,
-               process_index: int, num_batches: int):
+  def __init__(
+    self,
+    parent: grain.MapDataset,
+    global_batch: int,
+    local_batch: int,
+    process_index: int,
+    num_batches: int,
+  ):
     super().__init__(parent)
     self._g, self._l, self._p, self._n = global_batch, local_batch, process_index, num_batches
 
@@ -138,19 +162,27 @@ class _HostRows(grain.MapDataset):
     return f"_HostRows(G={self._g}, L={self._l}, p={self._p})"
 
 
-def host_slice(global_batch_size: int, process_index: int | None = None,
-               process_count: int | None = None) -> tuple[int, int, int]:
+def host_slice(
+  global_batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> tuple[int, int, int]:
   """(process_index, process_count, local batch size); defaults from `jax.process_*`."""
   if process_index is None or process_count is None:
     import jax
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-  if (isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer))
-      or global_batch_size < 1 or global_batch_size % process_count):
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count}")
+  if (
+    isinstance(global_batch_size, bool)
+    or not isinstance(global_batch_size, (int, np.integer))
+    or global_batch_size < 1
+    or global_batch_size % process_count
+  ):
+    raise ValueError(
+      f"global_batch_size={global_batch_size} must be a positive multiple of "
+      f"process_count={process_count}"
+    )
   return process_index, process_count, global_batch_size // process_count
 
 
@@ -160,20 +192,28 @@ class Pipeline:
 
   `loader(position)` iterates over batches `position, position + 1, ...`.
   """
+
   elements: grain.MapDataset
   local_batch_size: int
   global_batch_size: int
   num_batches: int | None
   num_records: int
 
-  def loader(self, position: int = 0, **kwargs) -> "Loader":
+  def loader(self, position: int = 0, **kwargs) -> Loader:
     return Loader(self, position=position, **kwargs)
 
 
-def make_pipeline(source, transform: Callable[[Mapping[str, Any], Any], Mapping[str, Any]],
-                  *, global_batch_size: int, seed: int = 0, train: bool = True,
-                  num_epochs: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None) -> Pipeline:
+def make_pipeline(
+  source,
+  transform: Callable[[Mapping[str, Any], Any], Mapping[str, Any]],
+  *,
+  global_batch_size: int,
+  seed: int = 0,
+  train: bool = True,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Pipeline:
   """Builds the per-host pipeline over any random-access `source` of record dicts.
 
   train: shuffle each epoch (seeded), `transform(record, rng)` with a per-position generator,
@@ -198,17 +238,26 @@ def make_pipeline(source, transform: Callable[[Mapping[str, Any], Any], Mapping[
   else:
     num_batches = -(-n // g)
     ds = grain.MapDataset.source(_Padded(source, num_batches * g)).map(_Apply(transform))
-  rows = _HostRows(ds, g, local, p, num_batches if num_batches is not None else
-                   (len(ds) // g))
+  rows = _HostRows(ds, g, local, p, num_batches if num_batches is not None else (len(ds) // g))
   return Pipeline(rows, local, g, num_batches, n)
 
 
-def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batch_size: int,
-                        seed: int = 0, train: bool = True, num_epochs: int | None = None,
-                        crop_scale: tuple[float, float] = (0.9, 1.0), keep_caption: bool = False,
-                        keep_label: bool = False, uint8: bool = False,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> Pipeline:
+def image_text_pipeline(
+  source,
+  tokenizer,
+  *,
+  image_size: int = 224,
+  global_batch_size: int,
+  seed: int = 0,
+  train: bool = True,
+  num_epochs: int | None = None,
+  crop_scale: tuple[float, float] = (0.9, 1.0),
+  keep_caption: bool = False,
+  keep_label: bool = False,
+  uint8: bool = False,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Pipeline:
   """`make_pipeline` with `ImageTextTransform`; `source` is a `RecordSource` or a dataset dir.
 
   Usage (tests/test_data_pipeline.py runs it on a small converted dataset):
@@ -219,13 +268,27 @@ def image_text_pipeline(source, tokenizer, *, image_size: int = 224, global_batc
   """
   if isinstance(source, (str, os.PathLike)):
     from mmts_jax.data.records import RecordSource
+
     source = RecordSource(source)
-  transform = ImageTextTransform(tokenizer, image_size=image_size, train=train,
-                                 crop_scale=crop_scale, keep_caption=keep_caption,
-                                 keep_label=keep_label, uint8=uint8)
-  return make_pipeline(source, transform, global_batch_size=global_batch_size, seed=seed,
-                       train=train, num_epochs=num_epochs, process_index=process_index,
-                       process_count=process_count)
+  transform = ImageTextTransform(
+    tokenizer,
+    image_size=image_size,
+    train=train,
+    crop_scale=crop_scale,
+    keep_caption=keep_caption,
+    keep_label=keep_label,
+    uint8=uint8,
+  )
+  return make_pipeline(
+    source,
+    transform,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    train=train,
+    num_epochs=num_epochs,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def _stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -235,6 +298,7 @@ def _stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
 def _absl_flags_parsed() -> None:
   """grain workers read absl flags; outside `absl.app.run` (pytest, notebooks) take defaults."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -249,13 +313,21 @@ class Loader:
   processes, one batch per task. None of them changes the batches.
   """
 
-  def __init__(self, pipeline: Pipeline, *, position: int = 0, num_threads: int = 8,
-               prefetch: int | None = None, worker_count: int = 0):
+  def __init__(
+    self,
+    pipeline: Pipeline,
+    *,
+    position: int = 0,
+    num_threads: int = 8,
+    prefetch: int | None = None,
+    worker_count: int = 0,
+  ):
     if prefetch is None:  # one batch ahead keeps every thread busy without hoarding memory
       prefetch = max(32, pipeline.local_batch_size)
     if num_threads < 0 or prefetch < 0 or worker_count < 0:
-      raise ValueError(f"num_threads={num_threads}, prefetch={prefetch}, "
-                       f"worker_count={worker_count} must be >= 0")
+      raise ValueError(
+        f"num_threads={num_threads}, prefetch={prefetch}, worker_count={worker_count} must be >= 0"
+      )
     self.pipeline = pipeline
     self._read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     self._workers = worker_count
@@ -282,16 +354,17 @@ class Loader:
       # worker would mix rows of different batches and change them with the worker count.
       _absl_flags_parsed()
       ds = self.pipeline.elements.batch(local, drop_remainder=True, batch_fn=_stack)
-      ds = ds[self.position:].to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                                prefetch_buffer_size=1))
+      ds = ds[self.position :].to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+      )
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
     else:
       # Threads work element by element, so a batch is ready as soon as its rows are.
-      ds = self.pipeline.elements[self.position * local:].to_iter_dataset(self._read)
+      ds = self.pipeline.elements[self.position * local :].to_iter_dataset(self._read)
       ds = ds.batch(local, drop_remainder=True, batch_fn=_stack)
     self._it = iter(ds)
 
-  def __iter__(self) -> "Loader":
+  def __iter__(self) -> Loader:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -325,7 +398,7 @@ class DeviceIterator:
     self.loader, self.sharding, self.size = loader, sharding, size
     self._queue: collections.deque = collections.deque()
 
-  def __iter__(self) -> "DeviceIterator":
+  def __iter__(self) -> DeviceIterator:
     return self
 
   def __next__(self) -> dict[str, Any]:

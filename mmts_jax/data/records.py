@@ -25,6 +25,7 @@ is not a dataset. The directory is an `etils.epath` path, local or on an object 
 Reading (`RecordSource`) takes the manifest and side files through epath and hands the shard
 paths to array_record, whose reader opens `gs://` objects itself (ranged reads, no download).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -41,8 +43,18 @@ from etils import epath
 from mmts_jax.atomic_io import atomic_write_bytes, is_object_store  # noqa: F401  (re-exported)
 from mmts_jax.data.fingerprint import Fingerprinter
 
-__all__ = ["Manifest", "RecordWriter", "RecordSource", "write_records", "read_manifest",
-           "read_captions", "read_keys", "atomic_write_bytes", "MANIFEST", "FORMAT"]
+__all__ = [
+  "Manifest",
+  "RecordWriter",
+  "RecordSource",
+  "write_records",
+  "read_manifest",
+  "read_captions",
+  "read_keys",
+  "atomic_write_bytes",
+  "MANIFEST",
+  "FORMAT",
+]
 
 MANIFEST = "manifest.json"
 SIDE_FILES = {"caption": "captions.jsonl", "key": "keys.jsonl"}
@@ -59,6 +71,7 @@ class Manifest:
   `fingerprint` is `dataset_fingerprint` (`"sha256:..."`) over the captions in record order, or
   over the keys when the records have no captions (`fingerprint_of` says which).
   """
+
   num_records: int
   fingerprint: str
   fingerprint_of: str
@@ -74,15 +87,16 @@ class Manifest:
     return json.dumps(d, indent=2, sort_keys=True)
 
   @classmethod
-  def from_json(cls, text: str) -> "Manifest":
+  def from_json(cls, text: str) -> Manifest:
     d = json.loads(text)
     if d.get("format") != FORMAT:
       raise ValueError(f"not an {FORMAT} manifest: format={d.get('format')!r}")
     d["shards"], d["shard_lengths"] = tuple(d["shards"]), tuple(d["shard_lengths"])
     m = cls(**d)
     if sum(m.shard_lengths) != m.num_records or len(m.shards) != len(m.shard_lengths):
-      raise ValueError(f"inconsistent manifest: num_records={m.num_records}, "
-                       f"shard_lengths={list(m.shard_lengths)}")
+      raise ValueError(
+        f"inconsistent manifest: num_records={m.num_records}, shard_lengths={list(m.shard_lengths)}"
+      )
     return m
 
 
@@ -96,8 +110,7 @@ def _check_example(ex: Mapping[str, Any]) -> None:
     else:
       ok = isinstance(value, want)
     if not ok:
-      raise TypeError(f"record field {name!r} must be {want.__name__}, got "
-                      f"{type(value).__name__}")
+      raise TypeError(f"record field {name!r} must be {want.__name__}, got {type(value).__name__}")
   if "image" not in ex:
     raise ValueError(f"a record needs an 'image' field, got fields {sorted(ex)}")
 
@@ -122,22 +135,30 @@ class RecordWriter:
     (0, '0001', 'a dog', True)
   """
 
-  def __init__(self, out_dir: str | os.PathLike, *, records_per_shard: int = 50_000,
-               overwrite: bool = False, source: Mapping[str, Any] | None = None):
+  def __init__(
+    self,
+    out_dir: str | os.PathLike,
+    *,
+    records_per_shard: int = 50_000,
+    overwrite: bool = False,
+    source: Mapping[str, Any] | None = None,
+  ):
     if not isinstance(records_per_shard, int) or records_per_shard < 1:
       raise ValueError(f"records_per_shard must be a positive int, got {records_per_shard!r}")
     self.out_dir = epath.Path(os.fspath(out_dir))
     if (self.out_dir / MANIFEST).exists() and not overwrite:
-      raise FileExistsError(f"{self.out_dir} already holds a dataset ({MANIFEST}); "
-                            "pass overwrite=True to replace it")
+      raise FileExistsError(
+        f"{self.out_dir} already holds a dataset ({MANIFEST}); pass overwrite=True to replace it"
+      )
     self.out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and (self.out_dir / MANIFEST).exists():
       # The old manifest goes first: a half-rewritten directory must not look complete.
       (self.out_dir / MANIFEST).unlink()
     # Files are written here, then published under their final names in out_dir.
     self._remote = is_object_store(self.out_dir)
-    self._stage = (tempfile.mkdtemp(prefix="mmts_records_") if self._remote
-                   else os.fspath(self.out_dir))
+    self._stage = (
+      tempfile.mkdtemp(prefix="mmts_records_") if self._remote else os.fspath(self.out_dir)
+    )
     self._per_shard = records_per_shard
     self._source = dict(source or {})
     self._fields: tuple[str, ...] | None = None
@@ -149,13 +170,14 @@ class RecordWriter:
     # without touching images, and the fingerprint (whose header holds N) is hashed from them.
     self._side, self._side_tmp = {}, {}
     for field, name in SIDE_FILES.items():
-      fd, self._side_tmp[field] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp",
-                                                   dir=self._stage)
+      fd, self._side_tmp[field] = tempfile.mkstemp(
+        prefix=f".{name}.", suffix=".tmp", dir=self._stage
+      )
       self._side[field] = os.fdopen(fd, "w", encoding="utf-8")
     self.num_records = 0
     self.manifest: Manifest | None = None
 
-  def __enter__(self) -> "RecordWriter":
+  def __enter__(self) -> RecordWriter:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -166,6 +188,7 @@ class RecordWriter:
 
   def _open_shard(self) -> None:
     from array_record.python.array_record_module import ArrayRecordWriter
+
     name = _SHARD.format(len(self._shards))
     self._tmp_shard = os.path.join(self._stage, f".{name}.tmp")
     self._writer = ArrayRecordWriter(self._tmp_shard, "group_size:1")
@@ -178,7 +201,7 @@ class RecordWriter:
       os.replace(tmp, os.path.join(self._stage, name))
       return
     with open(tmp, "rb") as src, (self.out_dir / name).open("wb") as dst:
-      shutil.copyfileobj(src, dst, 16 << 20)   # the object appears when the upload completes
+      shutil.copyfileobj(src, dst, 16 << 20)  # the object appears when the upload completes
     os.unlink(tmp)
 
   def _close_shard(self) -> None:
@@ -199,8 +222,10 @@ class RecordWriter:
     if self._fields is None:
       self._fields = fields
     elif fields != self._fields:
-      raise ValueError(f"record {self.num_records} has fields {list(fields)}, earlier records "
-                       f"have {list(self._fields)}")
+      raise ValueError(
+        f"record {self.num_records} has fields {list(fields)}, earlier records "
+        f"have {list(self._fields)}"
+      )
     if self._writer is None or self._lengths[-1] >= self._per_shard:
       if self._writer is not None:
         self._close_shard()
@@ -238,13 +263,22 @@ class RecordWriter:
         self._publish(self._side_tmp[field], SIDE_FILES[field])
       else:
         os.unlink(self._side_tmp[field])
-    types = {"index": "int64", "key": "str", "image": "bytes (encoded JPEG/PNG)",
-             "caption": "str", "label": "int64"}
+    types = {
+      "index": "int64",
+      "key": "str",
+      "image": "bytes (encoded JPEG/PNG)",
+      "caption": "str",
+      "label": "int64",
+    }
     self.manifest = Manifest(
-        num_records=self.num_records,
-        fingerprint=fingerprint, fingerprint_of=fingerprint_of,
-        fields={k: types[k] for k in self._fields},
-        shards=tuple(self._shards), shard_lengths=tuple(self._lengths), source=self._source)
+      num_records=self.num_records,
+      fingerprint=fingerprint,
+      fingerprint_of=fingerprint_of,
+      fields={k: types[k] for k in self._fields},
+      shards=tuple(self._shards),
+      shard_lengths=tuple(self._lengths),
+      source=self._source,
+    )
     atomic_write_bytes(self.out_dir / MANIFEST, self.manifest.to_json().encode())
     # Shards of an overwritten, larger dataset are no longer listed anywhere: reclaim the space.
     for stale in self.out_dir.glob("data-*.array_record"):
@@ -281,14 +315,17 @@ def write_records(out_dir: str | os.PathLike, examples, **kwargs) -> Manifest:
 def read_manifest(data_dir: str | os.PathLike) -> Manifest:
   path = epath.Path(os.fspath(data_dir)) / MANIFEST
   if not path.is_file():
-    raise FileNotFoundError(f"{data_dir} is not a converted dataset: {MANIFEST} is missing "
-                            "(run `mmts prepare`)")
+    raise FileNotFoundError(
+      f"{data_dir} is not a converted dataset: {MANIFEST} is missing (run `mmts prepare`)"
+    )
   try:
     return Manifest.from_json(path.read_text(encoding="utf-8"))
   except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError too
     from mmts_jax.errors import UserInputError
-    raise UserInputError(path, f"is corrupt ({type(e).__name__}: {e})",
-                         expected="a manifest written by `mmts prepare`") from e
+
+    raise UserInputError(
+      path, f"is corrupt ({type(e).__name__}: {e})", expected="a manifest written by `mmts prepare`"
+    ) from e
 
 
 def _json_lines(path) -> Iterator[Any]:
@@ -340,16 +377,19 @@ class RecordSource(Sequence):
     self.manifest = read_manifest(self.data_dir)
     for name in self.manifest.shards:
       if not (self.data_dir / name).is_file():
-        raise FileNotFoundError(f"shard {name} listed in the manifest is missing from "
-                                f"{self.data_dir}")
+        raise FileNotFoundError(
+          f"shard {name} listed in the manifest is missing from {self.data_dir}"
+        )
     self._reader = None
 
   def _source(self):
     if self._reader is None:
       from array_record.python.array_record_data_source import ArrayRecordDataSource
+
       # gs:// shards are opened by array_record's own GCS reader (ranged reads).
-      self._reader = ArrayRecordDataSource([os.fspath(self.data_dir / s)
-                                            for s in self.manifest.shards])
+      self._reader = ArrayRecordDataSource(
+        [os.fspath(self.data_dir / s) for s in self.manifest.shards]
+      )
     return self._reader
 
   def __getstate__(self):

@@ -7,6 +7,7 @@ as a real JPEG or PNG with Pillow; its caption is `caption_of(i)`. Layouts writt
   * `write_image_folder`: `images/000123.jpg ...` + `pairs.tsv` (header `image<TAB>caption`);
   * `write_wds_shards`: webdataset tars `shard-00000.tar` with `000123.jpg` + `000123.txt`.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,9 @@ def caption_of(i: int) -> str:
   return f"a photo of a {_WORDS[k]} number {i}"
 
 
-def make_image(i: int, rng: np.random.Generator, fmt: str = "jpg",
-               size_range: tuple[int, int] = (40, 96)) -> bytes:
+def make_image(
+  i: int, rng: np.random.Generator, fmt: str = "jpg", size_range: tuple[int, int] = (40, 96)
+) -> bytes:
   w, h = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
   img = Image.new("RGB", (w, h), color_of(i))
   buf = io.BytesIO()
@@ -48,8 +50,9 @@ def make_image(i: int, rng: np.random.Generator, fmt: str = "jpg",
   return buf.getvalue()
 
 
-def write_image_folder(root: str | os.PathLike, n: int, *, seed: int = 0,
-                       size_range: tuple[int, int] = (40, 96)) -> pathlib.Path:
+def write_image_folder(
+  root: str | os.PathLike, n: int, *, seed: int = 0, size_range: tuple[int, int] = (40, 96)
+) -> pathlib.Path:
   """`n` images (every third one PNG) under `root/images` and `root/pairs.tsv`; returns the TSV.
 
   Example:
@@ -78,9 +81,15 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
-def write_wds_shards(root: str | os.PathLike, n: int, per_shard: int, *, seed: int = 0,
-                     size_range: tuple[int, int] = (40, 96), labels: bool = False
-                     ) -> list[str]:
+def write_wds_shards(
+  root: str | os.PathLike,
+  n: int,
+  per_shard: int,
+  *,
+  seed: int = 0,
+  size_range: tuple[int, int] = (40, 96),
+  labels: bool = False,
+) -> list[str]:
   """`n` samples in webdataset tars of `per_shard` (`key.jpg` + `key.txt` [+ `key.cls`])."""
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)

@@ -33,31 +33,44 @@ Example:
   >>> sorted(batch), batch["index"].shape, src.fingerprint[:15]
   (['image_features', 'index', 'text_features'], (16,), 'content-sha256:')
 """
+
 from __future__ import annotations
 
 import collections
 import hashlib
 import importlib
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Source", "ArraySource", "SOURCES", "make_source", "toy_features", "npz",
-           "content_fingerprint", "check_batch", "to_device", "prefetch_to_device"]
+__all__ = [
+  "Source",
+  "ArraySource",
+  "SOURCES",
+  "make_source",
+  "toy_features",
+  "npz",
+  "content_fingerprint",
+  "check_batch",
+  "to_device",
+  "prefetch_to_device",
+]
 
 Batch = dict[str, np.ndarray]
 
 
 class Source(Protocol):
   """What the trainer needs from its input (see the module docstring)."""
+
   num_examples: int
   cluster_sizes: np.ndarray | None
   fingerprint: str | None
 
-  def iterate(self, start_batch: int = 0, process_index: int = 0,
-              process_count: int = 1) -> Iterator[Batch]:
-    ...
+  def iterate(
+    self, start_batch: int = 0, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[Batch]: ...
 
 
 def content_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
@@ -92,9 +105,16 @@ class ArraySource:
   content fingerprint of `arrays`, computed on first use.
   """
 
-  def __init__(self, arrays: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,
-               shuffle: bool = True, cluster_sizes: np.ndarray | None = None,
-               fingerprint: str | None = None):
+  def __init__(
+    self,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    cluster_sizes: np.ndarray | None = None,
+    fingerprint: str | None = None,
+  ):
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     if not arrays:
       raise ValueError("ArraySource needs at least one array")
@@ -103,8 +123,7 @@ class ArraySource:
       raise ValueError(f"all arrays must have the same number of examples, got {sizes}")
     self.num_examples = next(iter(sizes.values()))
     if global_batch_size > self.num_examples:
-      raise ValueError(f"batch_size {global_batch_size} > number of examples "
-                       f"{self.num_examples}")
+      raise ValueError(f"batch_size {global_batch_size} > number of examples {self.num_examples}")
     self.arrays = arrays
     self.batch_size = int(global_batch_size)
     self.seed = int(seed)
@@ -127,11 +146,13 @@ class ArraySource:
       return np.arange(self.num_examples)
     return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
-  def iterate(self, start_batch: int = 0, process_index: int = 0,
-              process_count: int = 1) -> Iterator[Batch]:
+  def iterate(
+    self, start_batch: int = 0, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[Batch]:
     if self.batch_size % process_count:
-      raise ValueError(f"batch_size {self.batch_size} does not split over {process_count} "
-                       f"processes")
+      raise ValueError(
+        f"batch_size {self.batch_size} does not split over {process_count} processes"
+      )
     local = self.batch_size // process_count
     b, epoch, order = int(start_batch), None, None
     while True:
@@ -140,7 +161,7 @@ class ArraySource:
         order = self._order(epoch)
       start = (b % self.steps_per_epoch) * self.batch_size + process_index * local
       assert order is not None, "set on the first pass"
-      rows = order[start:start + local]
+      rows = order[start : start + local]
       yield {k: v[rows] for k, v in self.arrays.items()}
       b += 1
 
@@ -171,8 +192,7 @@ def toy_features(cfg, *, global_batch_size: int, seed: int) -> ArraySource:
   dim = _positive_int("data.image_dim", cfg.image_dim)
   centres = rng.normal(size=(k, dim)).astype(np.float32)
   image = centres[cluster] + float(cfg.noise) * rng.normal(size=(n, dim)).astype(np.float32)
-  arrays = {"image_features": image.astype(np.float32),
-            "index": np.arange(n, dtype=np.int32)}
+  arrays = {"image_features": image.astype(np.float32), "index": np.arange(n, dtype=np.int32)}
   if cfg.text == "tokens":
     length = _positive_int("data.text_len", cfg.text_len)
     vocab = _positive_int("data.vocab_size", cfg.vocab_size)
@@ -182,16 +202,22 @@ def toy_features(cfg, *, global_batch_size: int, seed: int) -> ArraySource:
     tokens = rng.integers(1, vocab, size=(n, length)).astype(np.int32)
     tokens[:, :2] = keywords[cluster]
     lengths = rng.integers(3, length + 1, size=n)
-    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0   # pad id 0
+    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0  # pad id 0
     arrays["text"] = tokens
   elif cfg.text == "features":
     text_centres = rng.normal(size=(k, dim)).astype(np.float32)
-    arrays["text_features"] = (text_centres[cluster] + float(cfg.noise) * rng.normal(
-        size=(n, dim))).astype(np.float32)
+    arrays["text_features"] = (
+      text_centres[cluster] + float(cfg.noise) * rng.normal(size=(n, dim))
+    ).astype(np.float32)
   else:
     raise ValueError(f"data.text must be 'tokens' or 'features', got {cfg.text!r}")
-  return ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
-                     shuffle=bool(cfg.get("shuffle", True)), cluster_sizes=sizes[cluster])
+  return ArraySource(
+    arrays,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    shuffle=bool(cfg.get("shuffle", True)),
+    cluster_sizes=sizes[cluster],
+  )
 
 
 def npz(cfg, *, global_batch_size: int, seed: int) -> ArraySource:
@@ -200,13 +226,14 @@ def npz(cfg, *, global_batch_size: int, seed: int) -> ArraySource:
   the example's stable dataset position), `cluster_size` (per example, for the shifts) and
   `fingerprint` (a string: the dataset's ids fingerprint; default the content fingerprint)."""
   import os
+
   path = str(cfg.get("path", "") or "")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.path {path!r} does not exist")
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
-  except (ValueError, OSError) as e:   # not a zip, or object arrays (pickles are refused)
+  except (ValueError, OSError) as e:  # not a zip, or object arrays (pickles are refused)
     raise ValueError(f"data.path {path!r} is not a readable .npz of arrays: {e}") from None
   cluster_sizes = arrays.pop("cluster_size", None)
   fingerprint = arrays.pop("fingerprint", None)
@@ -214,20 +241,25 @@ def npz(cfg, *, global_batch_size: int, seed: int) -> ArraySource:
     raise ValueError(f"data.path {path!r} holds no data arrays")
   n = next(iter(arrays.values())).shape[0]
   arrays.setdefault("index", np.arange(n, dtype=np.int32))
-  return ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
-                     shuffle=bool(cfg.get("shuffle", True)), cluster_sizes=cluster_sizes,
-                     fingerprint=None if fingerprint is None else str(fingerprint))
+  return ArraySource(
+    arrays,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    shuffle=bool(cfg.get("shuffle", True)),
+    cluster_sizes=cluster_sizes,
+    fingerprint=None if fingerprint is None else str(fingerprint),
+  )
 
 
 # Registered names -> "module:function" (imported on use: a name costs nothing until chosen).
 SOURCES: dict[str, str | Callable] = {
-    "toy_features": "mmts_jax.data.sources:toy_features",
-    "npz": "mmts_jax.data.sources:npz",
-    "records": "mmts_jax.data.trainer_source:records",
-    "features": "mmts_jax.data.trainer_source:features",
-    "tfds": "mmts_jax.data.trainer_source:tfds",
-    "features_in_memory": "mmts_jax.projects.ek100_features.feature_source:in_memory",
-    "synthetic_longtail": "mmts_jax.longtail.source:make_source",
+  "toy_features": "mmts_jax.data.sources:toy_features",
+  "npz": "mmts_jax.data.sources:npz",
+  "records": "mmts_jax.data.trainer_source:records",
+  "features": "mmts_jax.data.trainer_source:features",
+  "tfds": "mmts_jax.data.trainer_source:tfds",
+  "features_in_memory": "mmts_jax.projects.ek100_features.feature_source:in_memory",
+  "synthetic_longtail": "mmts_jax.longtail.source:make_source",
 }
 _RENAMED = {"synthetic": "toy_features"}
 
@@ -252,23 +284,27 @@ def make_source(cfg, *, global_batch_size: int, seed: int) -> Source:
   elif name in _RENAMED:
     raise ValueError(f"data.name {name!r} was renamed {_RENAMED[name]!r}")
   else:
-    raise ValueError(f"data.name must be one of {sorted(SOURCES)} or 'package.module:function', "
-                     f"got {name!r}")
+    raise ValueError(
+      f"data.name must be one of {sorted(SOURCES)} or 'package.module:function', got {name!r}"
+    )
   return factory(cfg, global_batch_size=global_batch_size, seed=seed)
 
 
 def check_batch(batch: Mapping[str, np.ndarray], num_examples: int) -> None:
   """Every batch must carry `index` (its examples' dataset positions) within [0, N)."""
   if "index" not in batch:
-    raise KeyError(f"the batch has no 'index' (keys: {sorted(batch)}): every example must carry "
-                   f"its stable dataset position, which selects its MM-TS shift")
+    raise KeyError(
+      f"the batch has no 'index' (keys: {sorted(batch)}): every example must carry "
+      f"its stable dataset position, which selects its MM-TS shift"
+    )
   index = np.asarray(batch["index"])
   if not np.issubdtype(index.dtype, np.integer) or index.ndim != 1:
-    raise ValueError(f"batch['index'] must be a 1-D integer array, got {index.dtype} "
-                     f"{index.shape}")
+    raise ValueError(f"batch['index'] must be a 1-D integer array, got {index.dtype} {index.shape}")
   if index.size and (index.min() < 0 or index.max() >= num_examples):
-    raise ValueError(f"batch['index'] has values in [{index.min()}, {index.max()}] outside the "
-                     f"dataset / shift table [0, {num_examples})")
+    raise ValueError(
+      f"batch['index'] has values in [{index.min()}, {index.max()}] outside the "
+      f"dataset / shift table [0, {num_examples})"
+    )
 
 
 # ----------------------------------------------------------------------------- host to device
@@ -288,6 +324,7 @@ def _normalize(x):
     import jax
 
     from mmts_jax.data import image_ops
+
     # Elementwise: the output keeps the input's (batch) sharding, no data moves between devices.
     _normalize_jit = jax.jit(image_ops.normalize_on_device)
   return _normalize_jit(x)
@@ -312,6 +349,7 @@ def to_device(local: Mapping[str, np.ndarray], target) -> dict[str, Any]:
   import jax
 
   from mmts_jax import mesh as mesh_lib
+
   if isinstance(target, jax.sharding.Mesh):
     sharding, n_proc = mesh_lib.batch_sharding(target), jax.process_count()
   else:
@@ -328,9 +366,13 @@ def to_device(local: Mapping[str, np.ndarray], target) -> dict[str, Any]:
   return out
 
 
-def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh, *, size: int = 2,
-                       check: Callable[[Mapping[str, np.ndarray]], None] | None = None
-                       ) -> Iterator[dict[str, Any]]:
+def prefetch_to_device(
+  batches: Iterable[Mapping[str, np.ndarray]],
+  mesh,
+  *,
+  size: int = 2,
+  check: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+) -> Iterator[dict[str, Any]]:
   """`to_device` over an iterator, keeping `size` batches in flight so the next transfer overlaps
   the current step. `check(local_batch)` runs on each host batch first (e.g. `check_batch`)."""
   queue: collections.deque = collections.deque()

@@ -9,10 +9,12 @@ the TFRecord format (the TFDS default before 4.9) has no data source: re-prepare
 `TfdsSource` gives one record per TFDS example, its position as `index` and one caption (the
 `caption_index`-th); use `convert.convert_tfds` for one record per caption.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mmts_jax.data.fingerprint import dataset_fingerprint
 
@@ -22,12 +24,12 @@ __all__ = ["TfdsSource", "open_tfds", "lookup_feature", "as_text"]
 def open_tfds(name: str, *, split: str, data_dir: str | None, image_key: str):
   """(builder, data source with encoded images) for a TFDS dataset in the array_record format."""
   import tensorflow_datasets as tfds
+
   builder = tfds.builder(name, data_dir=data_dir)
   # Typed `TopLevelFeature | FeatureConnector | None`; a dataset's top level is a FeaturesDict.
   features: Any = builder.info.features
   if image_key not in features:
-    raise KeyError(f"{name} has no image feature {image_key!r}; features: "
-                   f"{sorted(features)}")
+    raise KeyError(f"{name} has no image feature {image_key!r}; features: {sorted(features)}")
   # tfds's logging decorator hides the signature from pyright (`split` is its first parameter).
   ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})  # pyright: ignore[reportCallIssue]
   return builder, ds
@@ -56,9 +58,17 @@ class TfdsSource(Sequence):
     pipe = image_text_pipeline(src, tokenizer, global_batch_size=256)
   """
 
-  def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None,
-               image_key: str = "image", caption_key: str | None = "captions/text",
-               caption_index: int = 0, label_key: str | None = None):
+  def __init__(
+    self,
+    name: str,
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_key: str = "image",
+    caption_key: str | None = "captions/text",
+    caption_index: int = 0,
+    label_key: str | None = None,
+  ):
     self.name, self.split, self.data_dir = name, split, data_dir
     self.image_key, self.caption_key, self.label_key = image_key, caption_key, label_key
     self.caption_index = caption_index
@@ -71,8 +81,9 @@ class TfdsSource(Sequence):
 
   def __setstate__(self, state):
     self.__dict__.update(state)
-    _, self._ds = open_tfds(self.name, split=self.split, data_dir=self.data_dir,
-                            image_key=self.image_key)
+    _, self._ds = open_tfds(
+      self.name, split=self.split, data_dir=self.data_dir, image_key=self.image_key
+    )
 
   def __len__(self) -> int:
     return self._len

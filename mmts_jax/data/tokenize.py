@@ -6,12 +6,13 @@ Sequences are truncated to L (keeping the closing special token, as the tokenize
 post-processor does) and right-padded with the tokenizer's pad id, so a text encoder recovers its
 attention mask as `ids != pad_id`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,7 +37,8 @@ class TextTokenizer:
   Picklable (it keeps only the path and re-loads in a worker process).
 
   Example:
-    >>> from mmts_jax.clusters.encoder.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
+    >>> # the packaged all-MiniLM-L6-v2
+    >>> from mmts_jax.clusters.encoder.encoder import default_model_dir
     >>> tok = TextTokenizer(default_model_dir(), max_length=8)
     >>> tok("pick up container")
     array([  101,  4060,  2039, 11661,   102,     0,     0,     0], dtype=int32)
@@ -56,6 +58,7 @@ class TextTokenizer:
     pad = _pad_token(self.path)
     if tok_json.is_file():
       from tokenizers import Tokenizer
+
       tok = Tokenizer.from_file(str(tok_json))
       pad_id = tok.token_to_id(pad) if pad is not None else None
       if pad_id is None:
@@ -66,11 +69,16 @@ class TextTokenizer:
       self._encode_batch = lambda texts: [e.ids for e in tok.encode_batch(list(texts))]
     else:
       from transformers import AutoTokenizer
+
       tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
       pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
       self._encode_batch = lambda texts: tok(
-          list(texts), max_length=self.max_length, truncation=True, padding="max_length",
-          return_attention_mask=False)["input_ids"]
+        list(texts),
+        max_length=self.max_length,
+        truncation=True,
+        padding="max_length",
+        return_attention_mask=False,
+      )["input_ids"]
     self.pad_id = int(pad_id)
 
   def __getstate__(self):
@@ -85,8 +93,9 @@ class TextTokenizer:
       raise TypeError("batch() takes a sequence of captions, got one str")
     ids = np.asarray(self._encode_batch(texts), dtype=np.int32).reshape(len(texts), -1)
     if ids.shape[1] != self.max_length:
-      raise ValueError(f"tokenizer at {self.path} produced length {ids.shape[1]}, expected "
-                       f"{self.max_length}")
+      raise ValueError(
+        f"tokenizer at {self.path} produced length {ids.shape[1]}, expected {self.max_length}"
+      )
     return ids
 
   def __call__(self, text: str) -> np.ndarray:

@@ -15,9 +15,11 @@ this process's numpy batches starting at global batch `start_batch`. The sources
   num_threads   grain read threads (8); worker_count: grain worker processes (0)
   tfds_name, tfds_split, tfds_data_dir, caption_key, image_key   for `:tfds`
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +36,15 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 class PipelineSource:
   """A grain pipeline factory behind the trainer's `iterate(start_batch, p, P)` protocol."""
 
-  def __init__(self, source, make_pipeline, *, num_threads: int = 8, worker_count: int = 0,
-               fingerprint: str | None = None):
+  def __init__(
+    self,
+    source,
+    make_pipeline,
+    *,
+    num_threads: int = 8,
+    worker_count: int = 0,
+    fingerprint: str | None = None,
+  ):
     self.source, self._make = source, make_pipeline
     self.num_examples = self.num_records = len(source)
     self._fingerprint = fingerprint
@@ -51,61 +60,83 @@ class PipelineSource:
   def __len__(self) -> int:
     return self.num_examples
 
-  def pipeline(self, process_index: int = 0, process_count: int = 1
-               ) -> pipeline_lib.Pipeline:
+  def pipeline(self, process_index: int = 0, process_count: int = 1) -> pipeline_lib.Pipeline:
     return self._make(process_index=process_index, process_count=process_count)
 
-  def iterate(self, start_batch: int = 0, process_index: int = 0, process_count: int = 1
-              ) -> Iterator[dict[str, np.ndarray]]:
-    return self.pipeline(process_index, process_count).loader(position=int(start_batch),
-                                                              **self._loader_kw)
+  def iterate(
+    self, start_batch: int = 0, process_index: int = 0, process_count: int = 1
+  ) -> Iterator[dict[str, np.ndarray]]:
+    return self.pipeline(process_index, process_count).loader(
+      position=int(start_batch), **self._loader_kw
+    )
 
 
 def _image_text(cfg, source, fingerprint, *, global_batch_size: int, seed: int):
   from mmts_jax.data.tokenize import TextTokenizer
+
   tok_dir = _get(cfg, "tokenizer")
   if not tok_dir:
     raise ValueError("config.data.tokenizer (a tokenizer directory) is required")
   tokenizer = TextTokenizer(tok_dir, int(_get(cfg, "text_len", 77)))
-  kw = dict(image_size=int(_get(cfg, "image_size", 224)),
-            crop_scale=tuple(_get(cfg, "crop_scale", (0.9, 1.0))),
-            uint8=bool(_get(cfg, "uint8", False)), global_batch_size=global_batch_size,
-            seed=seed, num_epochs=None)
+  kw = dict(
+    image_size=int(_get(cfg, "image_size", 224)),
+    crop_scale=tuple(_get(cfg, "crop_scale", (0.9, 1.0))),
+    uint8=bool(_get(cfg, "uint8", False)),
+    global_batch_size=global_batch_size,
+    seed=seed,
+    num_epochs=None,
+  )
 
   def make(**host):
     return pipeline_lib.image_text_pipeline(source, tokenizer, **kw, **host)
-  return PipelineSource(source, make, num_threads=_get(cfg, "num_threads", 8),
-                        worker_count=_get(cfg, "worker_count", 0), fingerprint=fingerprint)
+
+  return PipelineSource(
+    source,
+    make,
+    num_threads=_get(cfg, "num_threads", 8),
+    worker_count=_get(cfg, "worker_count", 0),
+    fingerprint=fingerprint,
+  )
 
 
 def records(cfg, *, global_batch_size: int, seed: int) -> PipelineSource:
   """A converted dataset (`config.data.path`) with images and tokenised captions."""
   from mmts_jax.data.records import RecordSource
+
   source = RecordSource(_get(cfg, "path"))
-  return _image_text(cfg, source, source.fingerprint,
-                     global_batch_size=global_batch_size, seed=seed)
+  return _image_text(
+    cfg, source, source.fingerprint, global_batch_size=global_batch_size, seed=seed
+  )
 
 
 def tfds(cfg, *, global_batch_size: int, seed: int) -> PipelineSource:
   """A TFDS split read in place (`TfdsSource`); its fingerprint is computed on first use."""
   from mmts_jax.data.tfds_source import TfdsSource
-  source = TfdsSource(_get(cfg, "tfds_name"), split=_get(cfg, "tfds_split", "train"),
-                      data_dir=_get(cfg, "tfds_data_dir"),
-                      image_key=_get(cfg, "image_key", "image"),
-                      caption_key=_get(cfg, "caption_key", "captions/text"))
+
+  source = TfdsSource(
+    _get(cfg, "tfds_name"),
+    split=_get(cfg, "tfds_split", "train"),
+    data_dir=_get(cfg, "tfds_data_dir"),
+    image_key=_get(cfg, "image_key", "image"),
+    caption_key=_get(cfg, "caption_key", "captions/text"),
+  )
   return _image_text(cfg, source, None, global_batch_size=global_batch_size, seed=seed)
 
 
 def features(cfg, *, global_batch_size: int, seed: int) -> PipelineSource:
   """A features file (`features.save_features`): batches of image/text features + index."""
   from mmts_jax.data.features import FeatureSource, feature_pipeline
+
   source = FeatureSource(_get(cfg, "path"))
 
   def make(**host):
-    return feature_pipeline(source, global_batch_size=global_batch_size, seed=seed,
-                            num_epochs=None, **host)
-  src = PipelineSource(source, make, num_threads=_get(cfg, "num_threads", 1),
-                       fingerprint=source.fingerprint)
+    return feature_pipeline(
+      source, global_batch_size=global_batch_size, seed=seed, num_epochs=None, **host
+    )
+
+  src = PipelineSource(
+    source, make, num_threads=_get(cfg, "num_threads", 1), fingerprint=source.fingerprint
+  )
   if source.num_records is not None:
     # Shift tables are indexed by record number: size them by the dataset, not the file.
     src.num_examples = src.num_records = source.num_records

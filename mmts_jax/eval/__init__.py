@@ -6,19 +6,55 @@ relevancy are numpy only (they run on the host, like the official code); the ret
 run blockwise under `jax.jit`. `longtail_report` splits a result by cluster-size bucket
 (head / middle / tail) with R@K, mAP and nDCG.
 """
+
 from __future__ import annotations
 
-from mmts_jax.eval.ek100_mir import (MirPerQuery, MirScore, mir_map, mir_metrics, mir_ndcg,
-                                     mir_per_query)
-from mmts_jax.eval.longtail import (cluster_buckets, format_longtail, label_relevancy,
-                                    longtail_report)
-from mmts_jax.eval.relevancy import (Ek100MirAnnotations, class_relevancy, ek100_relevancy,
-                                     read_ek100_mir, video_subset)
-from mmts_jax.eval.retrieval import (RetrievalRanks, recall_metrics, retrieval_metrics,
-                                     retrieval_ranks)
+from mmts_jax.eval.ek100_mir import (
+  MirPerQuery,
+  MirScore,
+  mir_map,
+  mir_metrics,
+  mir_ndcg,
+  mir_per_query,
+)
+from mmts_jax.eval.longtail import (
+  cluster_buckets,
+  format_longtail,
+  label_relevancy,
+  longtail_report,
+)
+from mmts_jax.eval.relevancy import (
+  Ek100MirAnnotations,
+  class_relevancy,
+  ek100_relevancy,
+  read_ek100_mir,
+  video_subset,
+)
+from mmts_jax.eval.retrieval import (
+  RetrievalRanks,
+  recall_metrics,
+  retrieval_metrics,
+  retrieval_ranks,
+)
 
-__all__ = ["MirScore", "MirPerQuery", "mir_map", "mir_metrics", "mir_ndcg", "mir_per_query",
-           "Ek100MirAnnotations", "class_relevancy", "ek100_relevancy", "read_ek100_mir",
-           "video_subset",
-           "RetrievalRanks", "recall_metrics", "retrieval_metrics", "retrieval_ranks",
-           "cluster_buckets", "format_longtail", "label_relevancy", "longtail_report"]
+__all__ = [
+  "MirScore",
+  "MirPerQuery",
+  "mir_map",
+  "mir_metrics",
+  "mir_ndcg",
+  "mir_per_query",
+  "Ek100MirAnnotations",
+  "class_relevancy",
+  "ek100_relevancy",
+  "read_ek100_mir",
+  "video_subset",
+  "RetrievalRanks",
+  "recall_metrics",
+  "retrieval_metrics",
+  "retrieval_ranks",
+  "cluster_buckets",
+  "format_longtail",
+  "label_relevancy",
+  "longtail_report",
+]

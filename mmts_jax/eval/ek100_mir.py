@@ -27,6 +27,7 @@ Example (video 1 ranks its caption second, caption 0 its video second):
   >>> mir_map(s, np.eye(2, dtype=np.float32))
   MirScore(video_to_text=0.75, text_to_video=0.75, average=0.75)
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -44,6 +45,7 @@ _BLOCK_ROWS = 256
 
 class MirScore(NamedTuple):
   """One metric in both directions and their mean (a 3-tuple, as the official code reports)."""
+
   video_to_text: float
   text_to_video: float
   average: float
@@ -51,6 +53,7 @@ class MirScore(NamedTuple):
 
 class _Direction(NamedTuple):
   """Per-query sums of one direction (rows of the matrix it was computed on)."""
+
   ap: np.ndarray  # (n,) average precision
   ndcg: np.ndarray  # (n,) DCG / IDCG
   num_full: np.ndarray  # (n,) items with relevancy == 1 (0: AP undefined)
@@ -68,15 +71,17 @@ def _check_inputs(similarity, relevancy, fn: str) -> tuple[np.ndarray, np.ndarra
     raise ValueError(f"{fn}: similarity must be (videos, captions), got shape {sim.shape}")
   if rel.shape != sim.shape:
     raise ValueError(
-        f"{fn}: similarity and relevancy must have the same shape (videos, captions), got "
-        f"{sim.shape} and {rel.shape}")
+      f"{fn}: similarity and relevancy must have the same shape (videos, captions), got "
+      f"{sim.shape} and {rel.shape}"
+    )
   if min(sim.shape) < 1:
     raise ValueError(f"{fn}: empty similarity matrix, shape {sim.shape}")
   if max(sim.shape) > _MAX_ITEMS:
     raise ValueError(f"{fn}: at most {_MAX_ITEMS} items per side, got shape {sim.shape}")
   for name, x in (("similarity", sim), ("relevancy", rel)):
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
-            or x.dtype == bool):
+    if not (
+      np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool
+    ):
       raise TypeError(f"{fn}: {name} must be numeric, got dtype {x.dtype}")
   if np.issubdtype(sim.dtype, np.floating) and sim.dtype.itemsize > 4:
     as32 = sim.astype(np.float32)
@@ -84,8 +89,9 @@ def _check_inputs(similarity, relevancy, fn: str) -> tuple[np.ndarray, np.ndarra
     # lossless for its order (every value representable), otherwise ranks could change.
     if not np.array_equal(as32, sim, equal_nan=True):
       raise TypeError(
-          f"{fn}: similarity of dtype {sim.dtype} is not exactly representable in float32; "
-          "pass float32 similarities (what an embedding dot product gives)")
+        f"{fn}: similarity of dtype {sim.dtype} is not exactly representable in float32; "
+        "pass float32 similarities (what an embedding dot product gives)"
+      )
     sim = as32
   else:
     sim = sim.astype(np.float32, copy=False)
@@ -93,35 +99,44 @@ def _check_inputs(similarity, relevancy, fn: str) -> tuple[np.ndarray, np.ndarra
   if sim.size and np.isnan(sim.min()):
     where = np.argwhere(np.isnan(sim))
     raise ValueError(
-        f"{fn}: similarity has {len(where)} NaN value(s), first at (video, caption) "
-        f"{[tuple(int(i) for i in w) for w in where[:5]]}")
+      f"{fn}: similarity has {len(where)} NaN value(s), first at (video, caption) "
+      f"{[tuple(int(i) for i in w) for w in where[:5]]}"
+    )
   if not np.issubdtype(rel.dtype, np.floating):
     rel = rel.astype(np.float32)
   lo, hi = rel.min(), rel.max()
   if not (lo >= 0 and hi < np.inf):  # also catches NaN, which min/max propagate
     where = np.argwhere(~np.isfinite(rel) | (rel < 0))
     raise ValueError(
-        f"{fn}: relevancy must be finite and >= 0, got {len(where)} bad value(s), first at "
-        f"(video, caption) {[tuple(int(i) for i in w) for w in where[:5]]}")
+      f"{fn}: relevancy must be finite and >= 0, got {len(where)} bad value(s), first at "
+      f"(video, caption) {[tuple(int(i) for i in w) for w in where[:5]]}"
+    )
   return np.ascontiguousarray(sim), np.ascontiguousarray(rel)
 
 
-def _check_queries(rows: _Direction, cols: _Direction, fn: str, need_map: bool,
-                   need_ndcg: bool) -> None:
+def _check_queries(
+  rows: _Direction, cols: _Direction, fn: str, need_map: bool, need_ndcg: bool
+) -> None:
   """Queries for which the official code returns NaN (0/0) are reported, by direction."""
   problems = []
   for d, query, other in ((rows, "video", "caption"), (cols, "caption", "video")):
-    for needed, counts, rule, metric in ((need_map, d.num_full, "== 1", "mAP"),
-                                         (need_ndcg, d.num_relevant, "> 0", "nDCG")):
+    for needed, counts, rule, metric in (
+      (need_map, d.num_full, "== 1", "mAP"),
+      (need_ndcg, d.num_relevant, "> 0", "nDCG"),
+    ):
       empty = np.flatnonzero(counts == 0) if needed else np.zeros(0, np.int64)
       if len(empty):
         problems.append(
-            f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
-            f"with relevancy {rule} ({metric} undefined), {query} indices {empty[:10].tolist()}"
-            f"{' ...' if len(empty) > 10 else ''}")
+          f"{len(empty)} {query} quer{'y has' if len(empty) == 1 else 'ies have'} no {other} "
+          f"with relevancy {rule} ({metric} undefined), {query} indices {empty[:10].tolist()}"
+          f"{' ...' if len(empty) > 10 else ''}"
+        )
   if problems:
-    raise ValueError(f"{fn}: " + "; ".join(problems) +
-                     " (the official code silently returns NaN for these; drop them first)")
+    raise ValueError(
+      f"{fn}: "
+      + "; ".join(problems)
+      + " (the official code silently returns NaN for these; drop them first)"
+    )
 
 
 # The sort key of an item is its negated score as float64 (exact: float32 -> float64 leaves the
@@ -177,14 +192,21 @@ def _tie_groups(flat_key: np.ndarray, at: np.ndarray, m: int) -> tuple[np.ndarra
 def _group_bounds(flat_key: np.ndarray, m: int, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """`_tie_groups` by one pass: the starts of all groups, then a binary search per position."""
   same = (flat_key[1:] ^ flat_key[:-1]).view(np.uint64) < np.uint64(1 << _PAYLOAD_BITS)
-  same[m - 1::m] = False  # the first item of a row starts a group
+  same[m - 1 :: m] = False  # the first item of a row starts a group
   starts = np.concatenate([[0], np.flatnonzero(~same) + 1])
   g = np.searchsorted(starts, at, side="right") - 1
   return starts[g], np.append(starts[1:], len(flat_key))[g] - 1
 
 
-def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpose: bool,
-                     need_map: bool, need_ndcg: bool) -> _Direction:
+def _direction_block(
+  sim: np.ndarray,
+  rel: np.ndarray,
+  lo: int,
+  hi: int,
+  transpose: bool,
+  need_map: bool,
+  need_ndcg: bool,
+) -> _Direction:
   """AP and nDCG of queries `lo:hi`: rows of the matrices, or columns if `transpose`."""
   if transpose:
     s, r = sim[:, lo:hi].T, rel[:, lo:hi].T
@@ -241,38 +263,44 @@ def _direction_block(sim: np.ndarray, rel: np.ndarray, lo: int, hi: int, transpo
   ap = ndcg = np.zeros(b)
   if need_map:
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 is reported by _check_queries
-      ap = np.bincount(rows[full], weights=running[full] / (map_pos[full] + 1),
-                       minlength=b) / num_full
+      ap = (
+        np.bincount(rows[full], weights=running[full] / (map_pos[full] + 1), minlength=b) / num_full
+      )
   if need_ndcg:
     discount = 1.0 / np.log2(np.arange(m, dtype=np.float64) + 2.0)
     in_top = ndcg_pos < counts[rows]
-    dcg = np.bincount(rows[in_top], weights=vals[in_top] * discount[ndcg_pos[in_top]],
-                      minlength=b)
+    dcg = np.bincount(rows[in_top], weights=vals[in_top] * discount[ndcg_pos[in_top]], minlength=b)
     # Ideal DCG: the relevant values of each row sorted in descending order, in a (b, max K)
     # table padded with zeros (which add nothing), in the relevancy's own dtype (sorts faster).
     table = np.zeros((b, int(counts.max(initial=0))), rel.dtype)
     table[rows, np.arange(len(rows)) - starts[rows]] = -vals
     table.sort(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-      ndcg = -dcg / (table @ discount[:table.shape[1]])
+      ndcg = -dcg / (table @ discount[: table.shape[1]])
   return _Direction(ap, ndcg, num_full, counts)
 
 
-def _direction(sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool,
-               need_ndcg: bool, pool) -> _Direction:
+def _direction(
+  sim: np.ndarray, rel: np.ndarray, transpose: bool, need_map: bool, need_ndcg: bool, pool
+) -> _Direction:
   """Per-query AP / nDCG of rows (or columns, `transpose=True`) of the matrices."""
   n = sim.shape[1] if transpose else sim.shape[0]
-  parts = list(pool.map(
-      lambda lo: _direction_block(sim, rel, lo, min(lo + _BLOCK_ROWS, n), transpose, need_map,
-                                  need_ndcg),
-      range(0, n, _BLOCK_ROWS)))
+  parts = list(
+    pool.map(
+      lambda lo: _direction_block(
+        sim, rel, lo, min(lo + _BLOCK_ROWS, n), transpose, need_map, need_ndcg
+      ),
+      range(0, n, _BLOCK_ROWS),
+    )
+  )
   return _Direction(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
 
 def _num_threads(num_threads: int | None) -> int:
   if num_threads is None:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else (os.cpu_count() or 1))
+    return max(
+      1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
   if not isinstance(num_threads, int) or num_threads < 1:
     raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
   return num_threads
@@ -283,8 +311,10 @@ def _mean(values: np.ndarray, mask, what: str) -> float:
     return float(np.mean(values))
   mask = np.asarray(mask)
   if mask.dtype != bool or mask.shape != values.shape:
-    raise ValueError(f"{what} must be a bool mask of shape {values.shape}, got dtype "
-                     f"{mask.dtype} shape {mask.shape}")
+    raise ValueError(
+      f"{what} must be a bool mask of shape {values.shape}, got dtype "
+      f"{mask.dtype} shape {mask.shape}"
+    )
   if not mask.any():
     raise ValueError(f"{what} selects no query")
   return float(np.mean(values[mask]))
@@ -292,6 +322,7 @@ def _mean(values: np.ndarray, mask, what: str) -> float:
 
 class MirPerQuery(NamedTuple):
   """Per-query AP and nDCG: the official metrics are their means (`scores()`)."""
+
   map_videos: np.ndarray  # (V,) AP of each video query (video->text)
   map_captions: np.ndarray  # (C,) AP of each caption query (text->video)
   ndcg_videos: np.ndarray  # (V,)
@@ -304,16 +335,19 @@ class MirPerQuery(NamedTuple):
     ranked against all items of the other modality.
     """
     out = {}
-    for name, videos, captions in (("mAP", self.map_videos, self.map_captions),
-                                   ("nDCG", self.ndcg_videos, self.ndcg_captions)):
+    for name, videos, captions in (
+      ("mAP", self.map_videos, self.map_captions),
+      ("nDCG", self.ndcg_videos, self.ndcg_captions),
+    ):
       a = _mean(videos, video_mask, "video_mask")
       b = _mean(captions, caption_mask, "caption_mask")
       out[name] = MirScore(a, b, (a + b) / 2)
     return out
 
 
-def _per_query(similarity, relevancy, num_threads, fn: str, need_map: bool,
-               need_ndcg: bool) -> MirPerQuery:
+def _per_query(
+  similarity, relevancy, num_threads, fn: str, need_map: bool, need_ndcg: bool
+) -> MirPerQuery:
   sim, rel = _check_inputs(similarity, relevancy, fn)
   with concurrent.futures.ThreadPoolExecutor(_num_threads(num_threads)) as pool:
     rows = _direction(sim, rel, False, need_map, need_ndcg, pool)

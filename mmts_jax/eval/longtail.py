@@ -34,6 +34,7 @@ Example (two classes, class 0 three times as frequent; the tail caption is ranke
   >>> rep["head"]["i2t/R@1"], rep["tail"]["i2t/R@1"], rep["tail"]["num_queries"]
   (1.0, 0.0, 1)
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -73,13 +74,16 @@ def cluster_buckets(cluster_sizes, scheme: str = "share") -> np.ndarray:
     raise ValueError(f"cluster_buckets: scheme must be one of {SCHEMES}, got {scheme!r}")
   sizes = np.asarray(cluster_sizes)
   if sizes.ndim != 1 or sizes.size == 0:
-    raise ValueError(f"cluster_buckets: cluster_sizes must be a non-empty (C,) array, got "
-                     f"shape {sizes.shape}")
+    raise ValueError(
+      f"cluster_buckets: cluster_sizes must be a non-empty (C,) array, got shape {sizes.shape}"
+    )
   if not np.issubdtype(sizes.dtype, np.number) or not np.all(np.isfinite(sizes)):
     raise ValueError(f"cluster_buckets: cluster_sizes must be finite numbers, got {sizes[:5]}")
   if np.any(sizes < 0) or sizes.sum() <= 0:
-    raise ValueError(f"cluster_buckets: cluster_sizes must be >= 0 with a positive total, got "
-                     f"min {sizes.min()}, total {sizes.sum()}")
+    raise ValueError(
+      f"cluster_buckets: cluster_sizes must be >= 0 with a positive total, got "
+      f"min {sizes.min()}, total {sizes.sum()}"
+    )
   sizes = sizes.astype(np.float64)
   if scheme == "share":
     # Samples in strictly larger clusters: sort ascending, sum of everything after the last
@@ -115,12 +119,16 @@ def recall_per_query(similarity, positives) -> np.ndarray:
   """
   s, p = np.asarray(similarity), np.asarray(positives, bool)
   if s.ndim != 2 or s.shape != p.shape:
-    raise ValueError(f"recall_per_query: similarity and positives must be equal 2-D shapes, got "
-                     f"{s.shape} and {p.shape}")
+    raise ValueError(
+      f"recall_per_query: similarity and positives must be equal 2-D shapes, got "
+      f"{s.shape} and {p.shape}"
+    )
   missing = np.flatnonzero(~p.any(axis=1))
   if len(missing):
-    raise ValueError(f"recall_per_query: {len(missing)} queries have no positive, e.g. rows "
-                     f"{missing[:10].tolist()}")
+    raise ValueError(
+      f"recall_per_query: {len(missing)} queries have no positive, e.g. rows "
+      f"{missing[:10].tolist()}"
+    )
   best = np.where(p, s, -np.inf).max(axis=1)
   return np.sum(s > best[:, None], axis=1)
 
@@ -128,18 +136,30 @@ def recall_per_query(similarity, positives) -> np.ndarray:
 def _query_buckets(clusters, sizes_bucket, n: int, what: str) -> np.ndarray:
   c = np.asarray(clusters)
   if c.shape != (n,) or not np.issubdtype(c.dtype, np.integer):
-    raise ValueError(f"longtail_report: {what} must be ({n},) ints, got dtype {c.dtype} shape "
-                     f"{c.shape}")
+    raise ValueError(
+      f"longtail_report: {what} must be ({n},) ints, got dtype {c.dtype} shape {c.shape}"
+    )
   bad = (c < 0) | (c >= len(sizes_bucket))
   if bad.any():
-    raise ValueError(f"longtail_report: {what} must be cluster ids in [0, {len(sizes_bucket)}), "
-                     f"got {c[bad][:5].tolist()}")
+    raise ValueError(
+      f"longtail_report: {what} must be cluster ids in [0, {len(sizes_bucket)}), "
+      f"got {c[bad][:5].tolist()}"
+    )
   return sizes_bucket[c]
 
 
-def longtail_report(similarity, relevancy, *, image_clusters, text_clusters, cluster_sizes,
-                    positives=None, ks: Sequence[int] = (1, 5, 10), scheme: str = "share",
-                    num_threads: int | None = None) -> dict[str, dict[str, float]]:
+def longtail_report(
+  similarity,
+  relevancy,
+  *,
+  image_clusters,
+  text_clusters,
+  cluster_sizes,
+  positives=None,
+  ks: Sequence[int] = (1, 5, 10),
+  scheme: str = "share",
+  num_threads: int | None = None,
+) -> dict[str, dict[str, float]]:
   """Per bucket (`all`, `head`, `middle`, `tail`): instance R@K, mAP and nDCG, both directions.
 
   Args:
@@ -163,13 +183,16 @@ def longtail_report(similarity, relevancy, *, image_clusters, text_clusters, clu
   q, m = sim.shape
   if positives is None:
     if q != m:
-      raise ValueError(f"longtail_report: the default positives (identity) need a square "
-                       f"similarity, got {sim.shape}; pass positives")
+      raise ValueError(
+        f"longtail_report: the default positives (identity) need a square "
+        f"similarity, got {sim.shape}; pass positives"
+      )
     positives = np.eye(q, dtype=bool)
   positives = np.asarray(positives, bool)
   if positives.shape != sim.shape:
-    raise ValueError(f"longtail_report: positives must have shape {sim.shape}, got "
-                     f"{positives.shape}")
+    raise ValueError(
+      f"longtail_report: positives must have shape {sim.shape}, got {positives.shape}"
+    )
   ks = tuple(int(k) for k in ks)
   if not ks or any(not 1 <= k <= min(q, m) for k in ks):
     raise ValueError(f"longtail_report: every K must be in [1, {min(q, m)}], got {ks}")
@@ -189,8 +212,10 @@ def longtail_report(similarity, relevancy, *, image_clusters, text_clusters, clu
     for k in ks:
       a, b = float(np.mean(rank_i2t[mi] < k)), float(np.mean(rank_t2i[mt] < k))
       row.update({f"i2t/R@{k}": a, f"t2i/R@{k}": b, f"R@{k}": (a + b) / 2})
-    for metric, v, t in (("mAP", per.map_videos, per.map_captions),
-                         ("nDCG", per.ndcg_videos, per.ndcg_captions)):
+    for metric, v, t in (
+      ("mAP", per.map_videos, per.map_captions),
+      ("nDCG", per.ndcg_videos, per.ndcg_captions),
+    ):
       a, b = float(np.mean(v[mi])), float(np.mean(t[mt]))
       row.update({f"i2t/{metric}": a, f"t2i/{metric}": b, metric: (a + b) / 2})
     row.update(num_queries=int(mi.sum()), num_text_queries=int(mt.sum()))
@@ -210,6 +235,7 @@ def format_longtail(report: dict[str, dict[str, float]], ks: Sequence[int] = (1,
   cols = [f"R@{k}" for k in ks] + ["mAP", "nDCG"]
   lines = [f"{'bucket':<8}" + "".join(f"{c:>8}" for c in cols) + f"{'queries':>9}"]
   for bucket, row in report.items():
-    lines.append(f"{bucket:<8}" + "".join(f"{100 * row[c]:8.2f}" for c in cols)
-                 + f"{row['num_queries']:9d}")
+    lines.append(
+      f"{bucket:<8}" + "".join(f"{100 * row[c]:8.2f}" for c in cols) + f"{row['num_queries']:9d}"
+    )
   return "\n".join(lines)

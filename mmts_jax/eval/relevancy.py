@@ -16,6 +16,7 @@ a caption of relevancy 1). In those last rows the text column is shifted by one 
 ids; the ids are consistent with the classes, the text is not. `tests/test_eval_mir.py` checks
 the result against the official relevancy slice in `shared/reference/ek100_mir_small.npz`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,8 +30,15 @@ from mmts_jax import read_access
 from mmts_jax.errors import MissingFileError, UserInputError
 from mmts_jax.table_files import Table, read_table
 
-__all__ = ["video_subset", "Ek100MirAnnotations", "read_ek100_mir", "class_relevancy",
-           "ek100_relevancy", "read_csv_rows", "parse_class_list"]
+__all__ = [
+  "video_subset",
+  "Ek100MirAnnotations",
+  "read_ek100_mir",
+  "class_relevancy",
+  "ek100_relevancy",
+  "read_csv_rows",
+  "parse_class_list",
+]
 
 VIDEO_CSV = "EPIC_100_retrieval_test.csv"
 SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
@@ -39,6 +47,7 @@ SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
 @dataclasses.dataclass(frozen=True)
 class Ek100MirAnnotations:
   """Videos (rows of the similarity matrix) and captions (columns), with their classes."""
+
   video_ids: tuple[str, ...]
   video_verbs: np.ndarray  # (V,) int
   video_nouns: tuple[tuple[int, ...], ...]
@@ -63,18 +72,25 @@ def _int_cell(table: Table, i: int, column: str) -> int:
   try:
     return int(text)
   except ValueError:
-    raise UserInputError(table.path, f"{column} is {text!r}", line=table.lines[i], key=column,
-                         expected="an integer class id") from None
+    raise UserInputError(
+      table.path,
+      f"{column} is {text!r}",
+      line=table.lines[i],
+      key=column,
+      expected="an integer class id",
+    ) from None
 
 
-def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
-                     non_empty: bool = False) -> tuple[int, ...]:
+def parse_class_list(
+  text: str, where: str, column: str = "all_noun_classes", *, non_empty: bool = False
+) -> tuple[int, ...]:
   """A CSV cell like `[3, 12]` as a tuple of ints; `non_empty` also wants >= 1 entry, all >= 0."""
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-    raise UserInputError(None, f"{where}: {column} is {text!r}",
-                         expected="a list of ints like [3, 12]") from e
+    raise UserInputError(
+      None, f"{where}: {column} is {text!r}", expected="a list of ints like [3, 12]"
+    ) from e
   ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)
   if non_empty:
     ok = ok and bool(value) and all(v >= 0 for v in value)
@@ -84,9 +100,12 @@ def parse_class_list(text: str, where: str, column: str = "all_noun_classes", *,
   return tuple(value)
 
 
-def read_ek100_mir(directory: str | os.PathLike | None = None, *,
-                   video_csv: str | os.PathLike | None = None,
-                   sentence_csv: str | os.PathLike | None = None) -> Ek100MirAnnotations:
+def read_ek100_mir(
+  directory: str | os.PathLike | None = None,
+  *,
+  video_csv: str | os.PathLike | None = None,
+  sentence_csv: str | os.PathLike | None = None,
+) -> Ek100MirAnnotations:
   """Reads the EK-100 MIR validation annotations (videos, captions and their classes).
 
   Args:
@@ -117,35 +136,46 @@ def read_ek100_mir(directory: str | os.PathLike | None = None, *,
   if directory is not None and not read_access.is_dir(directory):
     there = read_access.exists(directory)
     raise (UserInputError if there else MissingFileError)(
-        os.fspath(directory), "is not a folder" if there else "no such folder",
-        expected=f"the EK-100 annotation folder with {VIDEO_CSV} and {SENTENCE_CSV}")
-  vt = read_table(os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"),
-                  kind="csv")
+      os.fspath(directory),
+      "is not a folder" if there else "no such folder",
+      expected=f"the EK-100 annotation folder with {VIDEO_CSV} and {SENTENCE_CSV}",
+    )
+  vt = read_table(
+    os.fspath(video_csv), ("narration_id", "verb_class", "all_noun_classes"), kind="csv"
+  )
   st = read_table(os.fspath(sentence_csv), ("narration_id", "narration"), kind="csv")
   videos, sentences = vt.rows, st.rows
   index = {row["narration_id"]: i for i, row in enumerate(videos)}
   verbs = np.array([_int_cell(vt, i, "verb_class") for i in range(len(videos))], np.int64)
-  nouns = tuple(parse_class_list(row["all_noun_classes"], f"{video_csv}:{vt.lines[i]}")
-                for i, row in enumerate(videos))
+  nouns = tuple(
+    parse_class_list(row["all_noun_classes"], f"{video_csv}:{vt.lines[i]}")
+    for i, row in enumerate(videos)
+  )
   unknown = [i for i, row in enumerate(sentences) if row["narration_id"] not in index]
   if unknown:
     raise UserInputError(
-        sentence_csv, f"{len(unknown)} caption narration_id(s) are not video segments, e.g. "
-        f"{[sentences[i]['narration_id'] for i in unknown[:5]]}", line=st.lines[unknown[0]],
-        key="narration_id", expected=f"the narration_id of a row of {video_csv}")
+      sentence_csv,
+      f"{len(unknown)} caption narration_id(s) are not video segments, e.g. "
+      f"{[sentences[i]['narration_id'] for i in unknown[:5]]}",
+      line=st.lines[unknown[0]],
+      key="narration_id",
+      expected=f"the narration_id of a row of {video_csv}",
+    )
   source = [index[row["narration_id"]] for row in sentences]
   return Ek100MirAnnotations(
-      video_ids=tuple(row["narration_id"] for row in videos),
-      video_verbs=verbs,
-      video_nouns=nouns,
-      caption_ids=tuple(row["narration_id"] for row in sentences),
-      captions=tuple(row["narration"] for row in sentences),
-      caption_verbs=verbs[source],
-      caption_nouns=tuple(nouns[i] for i in source))
+    video_ids=tuple(row["narration_id"] for row in videos),
+    video_verbs=verbs,
+    video_nouns=nouns,
+    caption_ids=tuple(row["narration_id"] for row in sentences),
+    captions=tuple(row["narration"] for row in sentences),
+    caption_verbs=verbs[source],
+    caption_nouns=tuple(nouns[i] for i in source),
+  )
 
 
-def video_subset(annotations: Ek100MirAnnotations, max_videos: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def video_subset(
+  annotations: Ek100MirAnnotations, max_videos: int
+) -> tuple[np.ndarray, np.ndarray]:
   """`(video rows, caption columns)` of a validation slice: the first `max_videos` videos and the
   captions whose `narration_id` is one of them (the same relevancy definition, smaller).
 
@@ -155,10 +185,10 @@ def video_subset(annotations: Ek100MirAnnotations, max_videos: int
     >>> [k.tolist() for k in video_subset(ann, 1)]
     [[0], [1]]
   """
-  if isinstance(max_videos, bool) or not isinstance(max_videos, (int, np.integer)) \
-      or max_videos <= 0:
-    raise ValueError(f"max_videos (validation videos) must be a positive int, got "
-                     f"{max_videos!r}")
+  if (
+    isinstance(max_videos, bool) or not isinstance(max_videos, (int, np.integer)) or max_videos <= 0
+  ):
+    raise ValueError(f"max_videos (validation videos) must be a positive int, got {max_videos!r}")
   keep_v = np.arange(min(int(max_videos), len(annotations.video_ids)))
   kept = set(annotations.video_ids[i] for i in keep_v)
   keep_c = np.array([j for j, cid in enumerate(annotations.caption_ids) if cid in kept], np.int64)
@@ -179,15 +209,20 @@ def _unique_classes(verbs: np.ndarray, nouns: Sequence[Sequence[int]]):
   """Distinct (verb, noun set) pairs and, for each item, the index of its pair."""
   index: dict[tuple[int, tuple[int, ...]], int] = {}
   inverse = np.fromiter(
-      (index.setdefault((int(v), tuple(sorted(set(n)))), len(index))
-       for v, n in zip(verbs, nouns, strict=True)),
-      np.int64, count=len(verbs))
+    (
+      index.setdefault((int(v), tuple(sorted(set(n)))), len(index))
+      for v, n in zip(verbs, nouns, strict=True)
+    ),
+    np.int64,
+    count=len(verbs),
+  )
   keys = list(index)
   return np.array([k[0] for k in keys], np.int64), [k[1] for k in keys], inverse
 
 
-def class_relevancy(verbs_a, nouns_a: Sequence[Sequence[int]], verbs_b,
-                    nouns_b: Sequence[Sequence[int]]) -> np.ndarray:
+def class_relevancy(
+  verbs_a, nouns_a: Sequence[Sequence[int]], verbs_b, nouns_b: Sequence[Sequence[int]]
+) -> np.ndarray:
   r"""`0.5 * [verb_a == verb_b] + 0.5 * |N_a \cap N_b| / |N_a \cup N_b|` for every pair.
 
   Args:
@@ -208,8 +243,9 @@ def class_relevancy(verbs_a, nouns_a: Sequence[Sequence[int]], verbs_b,
   verbs_b = np.asarray(verbs_b)
   if verbs_a.shape != (len(nouns_a),) or verbs_b.shape != (len(nouns_b),):
     raise ValueError(
-        f"class_relevancy: one verb per noun set needed, got {verbs_a.shape} verbs for "
-        f"{len(nouns_a)} noun sets and {verbs_b.shape} for {len(nouns_b)}")
+      f"class_relevancy: one verb per noun set needed, got {verbs_a.shape} verbs for "
+      f"{len(nouns_a)} noun sets and {verbs_b.shape} for {len(nouns_b)}"
+    )
   negative = [c for s in list(nouns_a) + list(nouns_b) for c in s if c < 0]
   if negative:
     raise ValueError(f"class_relevancy: noun classes must be >= 0, got {negative[:5]}")
@@ -244,5 +280,9 @@ def ek100_relevancy(annotations: Ek100MirAnnotations | str | os.PathLike) -> np.
   """
   if not isinstance(annotations, Ek100MirAnnotations):
     annotations = read_ek100_mir(annotations)
-  return class_relevancy(annotations.video_verbs, annotations.video_nouns,
-                         annotations.caption_verbs, annotations.caption_nouns)
+  return class_relevancy(
+    annotations.video_verbs,
+    annotations.video_nouns,
+    annotations.caption_verbs,
+    annotations.caption_nouns,
+  )

@@ -25,6 +25,7 @@ Example:
   >>> round(m["t2i/R@1"], 4), m["i2t/R@1"], m["t2i/medR"]
   (0.8333, 1.0, 1.0)
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,6 +49,7 @@ DEFAULT_BLOCK = (1024, 8192)
 
 class RetrievalRanks(NamedTuple):
   """1-based rank of the first positive per query; 0 where the query has no positive."""
+
   t2i: np.ndarray  # (M,) one per caption
   i2t: np.ndarray  # (N,) one per image
 
@@ -64,43 +66,51 @@ def _check_embeddings(image_emb, text_emb, text_to_image):
       raise ValueError(f"retrieval: {name} is empty")
   if image_emb.shape[1] != text_emb.shape[1]:
     raise ValueError(
-        f"retrieval: image_emb and text_emb must have the same dim, got shapes "
-        f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+      f"retrieval: image_emb and text_emb must have the same dim, got shapes "
+      f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+    )
   mapping = np.asarray(text_to_image)
   if mapping.shape != (text_emb.shape[0],):
     raise ValueError(
-        f"retrieval: text_to_image must have one image index per caption, shape "
-        f"({text_emb.shape[0]},), got {mapping.shape}")
+      f"retrieval: text_to_image must have one image index per caption, shape "
+      f"({text_emb.shape[0]},), got {mapping.shape}"
+    )
   if not np.issubdtype(mapping.dtype, np.integer):
     raise TypeError(f"retrieval: text_to_image must be integer, got dtype {mapping.dtype}")
   n = image_emb.shape[0]
   bad = np.flatnonzero((mapping < 0) | (mapping >= n))
   if len(bad):
     raise ValueError(
-        f"retrieval: text_to_image must index the {n} images, got {len(bad)} caption(s) out of "
-        f"range, e.g. caption {int(bad[0])} -> {int(mapping[bad[0]])}")
+      f"retrieval: text_to_image must index the {n} images, got {len(bad)} caption(s) out of "
+      f"range, e.g. caption {int(bad[0])} -> {int(mapping[bad[0]])}"
+    )
   for name, x in (("image_emb", image_emb), ("text_emb", text_emb)):
     # On the device for device arrays: only the (n,) flags come to the host.
-    finite = np.asarray(jnp.isfinite(x).all(axis=1) if isinstance(x, jax.Array)
-                        else np.isfinite(x).all(axis=1))
+    finite = np.asarray(
+      jnp.isfinite(x).all(axis=1) if isinstance(x, jax.Array) else np.isfinite(x).all(axis=1)
+    )
     if not finite.all():
       rows = np.flatnonzero(~finite)
       raise ValueError(
-          f"retrieval: {name} has {len(rows)} row(s) with NaN/inf, first {rows[:5].tolist()}")
+        f"retrieval: {name} has {len(rows)} row(s) with NaN/inf, first {rows[:5].tolist()}"
+      )
   return mapping.astype(np.int32)
 
 
-def _resolve_block(block_size, num_queries: int, num_keys: int,
-                   shards: int = 1) -> tuple[int, int]:
+def _resolve_block(block_size, num_queries: int, num_keys: int, shards: int = 1) -> tuple[int, int]:
   if block_size is None:
     block_size = DEFAULT_BLOCK
   if isinstance(block_size, int):
     block_size = (block_size, block_size)
-  if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-      or not all(isinstance(b, int) and b > 0 for b in block_size)):
+  if (
+    not isinstance(block_size, (tuple, list))
+    or len(block_size) != 2
+    or not all(isinstance(b, int) and b > 0 for b in block_size)
+  ):
     raise ValueError(
-        f"retrieval: block_size must be a positive int or (query_block, key_block), got "
-        f"{block_size!r}")
+      f"retrieval: block_size must be a positive int or (query_block, key_block), got "
+      f"{block_size!r}"
+    )
   return min(block_size[0], -(-num_queries // shards)), min(block_size[1], num_keys)
 
 
@@ -126,8 +136,7 @@ def _ranks_body(q, ql, keys, key_label, *, query_block: int, key_block: int, pre
   big = jnp.iinfo(jnp.int32).max
 
   def tile(qb, kb):
-    return jnp.einsum("qd,kd->qk", qb, kb, precision=precision,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum("qd,kd->qk", qb, kb, precision=precision, preferred_element_type=jnp.float32)
 
   def per_block(args):
     qb, qlb = args
@@ -139,8 +148,9 @@ def _ranks_body(q, ql, keys, key_label, *, query_block: int, key_block: int, pre
       pos = (qlb[:, None] == klb[None, :]) & vb[None, :]
       cmax = jnp.max(jnp.where(pos, s, -jnp.inf), axis=1)
       cfirst = jnp.min(jnp.where(pos & (s == cmax[:, None]), ib[None, :], big), axis=1)
-      first = jnp.where(cmax > best, cfirst,
-                        jnp.where(cmax == best, jnp.minimum(first, cfirst), first))
+      first = jnp.where(
+        cmax > best, cfirst, jnp.where(cmax == best, jnp.minimum(first, cfirst), first)
+      )
       return (jnp.maximum(best, cmax), first), None
 
     # Carries start from the query labels, so that under shard_map they vary like the queries.
@@ -158,34 +168,43 @@ def _ranks_body(q, ql, keys, key_label, *, query_block: int, key_block: int, pre
     count, _ = lax.scan(count_before, none, (k, kl, kidx, valid))
     return jnp.where(first < big, count + 1, 0)
 
-  ranks = lax.map(per_block, (q.reshape(-1, query_block, q.shape[1]),
-                              ql.reshape(-1, query_block)))
+  ranks = lax.map(per_block, (q.reshape(-1, query_block, q.shape[1]), ql.reshape(-1, query_block)))
   return ranks.reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("query_block", "key_block", "precision", "mesh"))
-def _first_positive_ranks(queries, keys, query_label, key_label, *, query_block: int,
-                          key_block: int, precision, mesh=None):
+def _first_positive_ranks(
+  queries, keys, query_label, key_label, *, query_block: int, key_block: int, precision, mesh=None
+):
   """Rank of the first positive (key_label == query_label) of each query; 0 if it has none."""
   num_q = queries.shape[0]
   shards = 1 if mesh is None else mesh.size
   q = _pad_rows(queries, query_block * shards, 0)
   ql = _pad_rows(query_label, query_block * shards, -2)
-  body = functools.partial(_ranks_body, query_block=query_block, key_block=key_block,
-                           precision=precision)
+  body = functools.partial(
+    _ranks_body, query_block=query_block, key_block=key_block, precision=precision
+  )
   if mesh is None:
     return body(q, ql, keys, key_label)[:num_q]
   # Queries are split over every device of the mesh; keys are replicated, so each device ranks
   # its queries against all keys and only the ranks are gathered.
   from mmts_jax.losses.sharding import shard_map
+
   axes = P(tuple(mesh.axis_names))
   sharded = shard_map(body, mesh=mesh, in_specs=(axes, axes, P(), P()), out_specs=axes)
   return sharded(q, ql, keys, key_label)[:num_q]
 
 
-def retrieval_ranks(image_emb, text_emb, text_to_image, *, block_size=None,
-                    normalize: bool = True, precision=lax.Precision.HIGHEST,
-                    mesh: jax.sharding.Mesh | None = None) -> RetrievalRanks:
+def retrieval_ranks(
+  image_emb,
+  text_emb,
+  text_to_image,
+  *,
+  block_size=None,
+  normalize: bool = True,
+  precision=lax.Precision.HIGHEST,
+  mesh: jax.sharding.Mesh | None = None,
+) -> RetrievalRanks:
   """Ranks of the ground truth, text->image per caption and image->text per image.
 
   Args:
@@ -216,11 +235,13 @@ def retrieval_ranks(image_emb, text_emb, text_to_image, *, block_size=None,
   mapping = jnp.asarray(mapping)
   shards = 1 if mesh is None else mesh.size
   qb, kb = _resolve_block(block_size, m, n, shards)
-  t2i = _first_positive_ranks(text, image, mapping, images, query_block=qb, key_block=kb,
-                              precision=precision, mesh=mesh)
+  t2i = _first_positive_ranks(
+    text, image, mapping, images, query_block=qb, key_block=kb, precision=precision, mesh=mesh
+  )
   qb, kb = _resolve_block(block_size, n, m, shards)
-  i2t = _first_positive_ranks(image, text, images, mapping, query_block=qb, key_block=kb,
-                              precision=precision, mesh=mesh)
+  i2t = _first_positive_ranks(
+    image, text, images, mapping, query_block=qb, key_block=kb, precision=precision, mesh=mesh
+  )
   return RetrievalRanks(np.asarray(t2i), np.asarray(i2t))
 
 
@@ -252,11 +273,18 @@ def recall_metrics(ranks, ks: Sequence[int] = (1, 5, 10), mask=None, prefix: str
   return out
 
 
-def retrieval_metrics(image_emb, text_emb, text_to_image, *, ks: Sequence[int] = (1, 5, 10),
-                      block_size=None, normalize: bool = True,
-                      subsets: Mapping[str, np.ndarray] | None = None,
-                      precision=lax.Precision.HIGHEST,
-                      mesh: jax.sharding.Mesh | None = None) -> dict:
+def retrieval_metrics(
+  image_emb,
+  text_emb,
+  text_to_image,
+  *,
+  ks: Sequence[int] = (1, 5, 10),
+  block_size=None,
+  normalize: bool = True,
+  subsets: Mapping[str, np.ndarray] | None = None,
+  precision=lax.Precision.HIGHEST,
+  mesh: jax.sharding.Mesh | None = None,
+) -> dict:
   """Text->image and image->text R@K, median / mean rank, rsum; optionally per image subset.
 
   Args:
@@ -277,16 +305,24 @@ def retrieval_metrics(image_emb, text_emb, text_to_image, *, ks: Sequence[int] =
     >>> round(m["t2i/R@1"], 4), m["i2t/R@1"], round(m["rsum"], 2)
     (0.6667, 1.0, 166.67)
   """
-  ranks = retrieval_ranks(image_emb, text_emb, text_to_image, block_size=block_size,
-                          normalize=normalize, precision=precision, mesh=mesh)
+  ranks = retrieval_ranks(
+    image_emb,
+    text_emb,
+    text_to_image,
+    block_size=block_size,
+    normalize=normalize,
+    precision=precision,
+    mesh=mesh,
+  )
   mapping = np.asarray(text_to_image)
   groups: dict[str, np.ndarray | None] = {"": None}
   for name, mask in (subsets or {}).items():
     mask = np.asarray(mask)
     if mask.shape != (ranks.i2t.shape[0],) or mask.dtype != bool:
       raise ValueError(
-          f"retrieval_metrics: subset {name!r} must be a bool mask over the "
-          f"{ranks.i2t.shape[0]} images, got dtype {mask.dtype} shape {mask.shape}")
+        f"retrieval_metrics: subset {name!r} must be a bool mask over the "
+        f"{ranks.i2t.shape[0]} images, got dtype {mask.dtype} shape {mask.shape}"
+      )
     groups[f"{name}/"] = mask
   out = {}
   for prefix, mask in groups.items():
@@ -294,6 +330,7 @@ def retrieval_metrics(image_emb, text_emb, text_to_image, *, ks: Sequence[int] =
     i2t = recall_metrics(ranks.i2t, ks, mask, f"{prefix}i2t/")
     out.update(t2i)
     out.update(i2t)
-    out[f"{prefix}rsum"] = 100.0 * sum(d[f"{prefix}{side}/R@{k}"]
-                                       for side, d in (("t2i", t2i), ("i2t", i2t)) for k in ks)
+    out[f"{prefix}rsum"] = 100.0 * sum(
+      d[f"{prefix}{side}/R@{k}"] for side, d in (("t2i", t2i), ("i2t", i2t)) for k in ks
+    )
   return out

@@ -36,21 +36,30 @@ Example (a 3-image test set with 2 captions per image and identity towers; after
   test set       IR@1   IR@5  IR@10   TR@1   TR@5  TR@10   RSUM
   flickr        83.33 100.00 100.00 100.00 100.00 100.00 583.33
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from mmts_jax import array_files
-
 from mmts_jax.projects.ek100_features.embedding import DEFAULT_CHUNK, embed_array
 
-__all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
-           "load_test_sets", "eval_fn_from_config", "evaluate_checkpoint", "format_table1"]
+__all__ = [
+  "TABLE1_COLUMNS",
+  "table1_metrics",
+  "RetrievalTestSet",
+  "ZeroShotEval",
+  "load_test_sets",
+  "eval_fn_from_config",
+  "evaluate_checkpoint",
+  "format_table1",
+]
 
 TABLE1_COLUMNS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "RSUM")
 _KS = (1, 5, 10)
@@ -69,6 +78,7 @@ def table1_metrics(image_emb, text_emb, text_to_image, *, block_size=None) -> di
     100.0
   """
   from mmts_jax.eval import retrieval_metrics
+
   m = retrieval_metrics(image_emb, text_emb, text_to_image, ks=_KS, block_size=block_size)
   out = {f"IR@{k}": 100.0 * m[f"t2i/R@{k}"] for k in _KS}
   out.update({f"TR@{k}": 100.0 * m[f"i2t/R@{k}"] for k in _KS})
@@ -76,32 +86,42 @@ def table1_metrics(image_emb, text_emb, text_to_image, *, block_size=None) -> di
   return out
 
 
-def _mapping(text_to_image, num_texts: int, num_images: int,
-             captions_per_image: int | None) -> np.ndarray:
+def _mapping(
+  text_to_image, num_texts: int, num_images: int, captions_per_image: int | None
+) -> np.ndarray:
   if text_to_image is None:
     if captions_per_image is None:
       raise ValueError("give text_to_image (the image of each caption) or captions_per_image")
-    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) \
-        or captions_per_image <= 0:
+    if (
+      isinstance(captions_per_image, bool)
+      or not isinstance(captions_per_image, int)
+      or captions_per_image <= 0
+    ):
       raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
     if num_texts != captions_per_image * num_images:
-      raise ValueError(f"captions_per_image={captions_per_image} needs "
-                       f"{captions_per_image * num_images} captions for {num_images} images, "
-                       f"got {num_texts}")
+      raise ValueError(
+        f"captions_per_image={captions_per_image} needs "
+        f"{captions_per_image * num_images} captions for {num_images} images, "
+        f"got {num_texts}"
+      )
     return np.arange(num_texts, dtype=np.int32) // captions_per_image
   mapping = np.asarray(text_to_image)
   if mapping.shape != (num_texts,) or not np.issubdtype(mapping.dtype, np.integer):
-    raise ValueError(f"text_to_image must be ({num_texts},) ints, got {mapping.dtype} "
-                     f"{mapping.shape}")
+    raise ValueError(
+      f"text_to_image must be ({num_texts},) ints, got {mapping.dtype} {mapping.shape}"
+    )
   if mapping.min() < 0 or mapping.max() >= num_images:
-    raise ValueError(f"text_to_image must index the {num_images} images, got range "
-                     f"[{mapping.min()}, {mapping.max()}]")
+    raise ValueError(
+      f"text_to_image must index the {num_images} images, got range "
+      f"[{mapping.min()}, {mapping.max()}]"
+    )
   return mapping.astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalTestSet:
   """A zero-shot test set of model inputs: (N, ...) images, (M, ...) captions, caption->image."""
+
   name: str
   images: np.ndarray
   texts: np.ndarray
@@ -109,45 +129,66 @@ class RetrievalTestSet:
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name or "/" in self.name:
-      raise ValueError(f"test set name must be a non-empty string without '/', got "
-                       f"{self.name!r}")
+      raise ValueError(f"test set name must be a non-empty string without '/', got {self.name!r}")
     for field in ("images", "texts"):
       a = np.asarray(getattr(self, field))
       if a.ndim < 1 or a.shape[0] == 0:
-        raise ValueError(f"test set {self.name!r}: {field} must be a non-empty (n, ...) array, "
-                         f"got shape {a.shape}")
-    object.__setattr__(self, "text_to_image", _mapping(
-        self.text_to_image, len(self.texts), len(self.images), None))
+        raise ValueError(
+          f"test set {self.name!r}: {field} must be a non-empty (n, ...) array, got shape {a.shape}"
+        )
+    object.__setattr__(
+      self, "text_to_image", _mapping(self.text_to_image, len(self.texts), len(self.images), None)
+    )
 
   @classmethod
-  def from_arrays(cls, name: str, images, texts, *, text_to_image=None,
-                  captions_per_image: int | None = None) -> "RetrievalTestSet":
+  def from_arrays(
+    cls, name: str, images, texts, *, text_to_image=None, captions_per_image: int | None = None
+  ) -> RetrievalTestSet:
     """From model inputs and either `text_to_image` or `captions_per_image` (COCO layout)."""
     images, texts = np.asarray(images), np.asarray(texts)
-    return cls(name, images, texts,
-               _mapping(text_to_image, len(texts), len(images), captions_per_image))
+    return cls(
+      name, images, texts, _mapping(text_to_image, len(texts), len(images), captions_per_image)
+    )
 
   @classmethod
-  def from_npz(cls, path: str | os.PathLike, *, image_key: str = "image",
-               text_key: str = "text", name: str | None = None,
-               captions_per_image: int | None = None) -> "RetrievalTestSet":
+  def from_npz(
+    cls,
+    path: str | os.PathLike,
+    *,
+    image_key: str = "image",
+    text_key: str = "text",
+    name: str | None = None,
+    captions_per_image: int | None = None,
+  ) -> RetrievalTestSet:
     """Reads `path` (see the module docstring); `name` defaults to the file's stem."""
-    path = epath.Path(os.fspath(path))   # local or gs://
+    path = epath.Path(os.fspath(path))  # local or gs://
     z = array_files.read_npz(path, expected="a .npz of model inputs")
     missing = [k for k in (image_key, text_key) if k not in z]
     if missing:
-      raise ValueError(f"{str(path)!r} has no {missing} (the model's input keys); it has "
-                       f"{sorted(z)}")
+      raise ValueError(
+        f"{str(path)!r} has no {missing} (the model's input keys); it has {sorted(z)}"
+      )
     mapping = z.get("text_to_image")
     if mapping is not None and captions_per_image is not None:
-      raise ValueError(f"{str(path)!r} has text_to_image; do not also give "
-                       f"captions_per_image")
-    return cls.from_arrays(name or path.stem, z[image_key], z[text_key],
-                           text_to_image=mapping, captions_per_image=captions_per_image)
+      raise ValueError(f"{str(path)!r} has text_to_image; do not also give captions_per_image")
+    return cls.from_arrays(
+      name or path.stem,
+      z[image_key],
+      z[text_key],
+      text_to_image=mapping,
+      captions_per_image=captions_per_image,
+    )
 
   @classmethod
-  def from_records(cls, data_dir: str | os.PathLike, tokenizer, *, image_size: int = 224,
-                   text_len: int = 77, name: str | None = None) -> "RetrievalTestSet":
+  def from_records(
+    cls,
+    data_dir: str | os.PathLike,
+    tokenizer,
+    *,
+    image_size: int = 224,
+    text_len: int = 77,
+    name: str | None = None,
+  ) -> RetrievalTestSet:
     """From a dataset converted by `mmts prepare` with one record per caption (Flickr30K /
     COCO test splits): records with the same `key` (the image file) are one image.
 
@@ -160,26 +201,33 @@ class RetrievalTestSet:
     """
     from mmts_jax.data.pipeline import ImageTextTransform
     from mmts_jax.data.records import RecordSource, read_captions, read_keys
+
     if isinstance(tokenizer, (str, os.PathLike)):
       from mmts_jax.data.tokenize import TextTokenizer
+
       tokenizer = TextTokenizer(tokenizer, text_len)
     source = RecordSource(data_dir)
     keys, captions = read_keys(data_dir), read_captions(data_dir)
     first: dict[str, int] = {}
     mapping = np.array([first.setdefault(k, len(first)) for k in keys], np.int32)
     rows = sorted(first, key=first.__getitem__)
-    record_of = {k: i for i, k in reversed(list(enumerate(keys)))}   # first record per key
+    record_of = {k: i for i, k in reversed(list(enumerate(keys)))}  # first record per key
     transform = ImageTextTransform(None, image_size=image_size, train=False)
     images = np.stack([transform(source[record_of[k]])["image"] for k in rows])
     texts = np.stack([np.asarray(tokenizer(c), np.int32) for c in captions])
     return cls(name or epath.Path(os.fspath(data_dir)).name, images, texts, mapping)
 
-  def save(self, path: str | os.PathLike, *, image_key: str = "image",
-           text_key: str = "text") -> None:
+  def save(
+    self, path: str | os.PathLike, *, image_key: str = "image", text_key: str = "text"
+  ) -> None:
     """Writes the `.npz` `from_npz` reads (atomically)."""
     from mmts_jax.clusters.table import atomic_write
-    arrays: dict[str, Any] = {image_key: self.images, text_key: self.texts,
-                              "text_to_image": self.text_to_image}
+
+    arrays: dict[str, Any] = {
+      image_key: self.images,
+      text_key: self.texts,
+      "text_to_image": self.text_to_image,
+    }
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -189,8 +237,15 @@ class ZeroShotEval:
   `self.last` keeps the latest `{name: metrics}` and its step.
   """
 
-  def __init__(self, test_sets: Sequence[RetrievalTestSet], *, image_key: str = "image",
-               text_key: str = "text", chunk: int = DEFAULT_CHUNK, block_size=None):
+  def __init__(
+    self,
+    test_sets: Sequence[RetrievalTestSet],
+    *,
+    image_key: str = "image",
+    text_key: str = "text",
+    chunk: int = DEFAULT_CHUNK,
+    block_size=None,
+  ):
     test_sets = list(test_sets)
     if not test_sets or not all(isinstance(t, RetrievalTestSet) for t in test_sets):
       raise TypeError("ZeroShotEval needs a non-empty sequence of RetrievalTestSet")
@@ -214,13 +269,19 @@ class ZeroShotEval:
   def __call__(self, step: int, embed: Callable, variables) -> dict[str, float]:
     results = self.evaluate(embed, variables)
     self.last = {"step": int(step), "results": results}
-    return {f"zs/{name}/{col}": value for name, m in results.items()
-            for col, value in m.items()}
+    return {f"zs/{name}/{col}": value for name, m in results.items() for col, value in m.items()}
 
 
-def load_test_sets(specs: str | Sequence[str], *, image_key: str, text_key: str,
-                   tokenizer=None, image_size: int = 224, text_len: int = 77,
-                   captions_per_image: int | None = None) -> list[RetrievalTestSet]:
+def load_test_sets(
+  specs: str | Sequence[str],
+  *,
+  image_key: str,
+  text_key: str,
+  tokenizer=None,
+  image_size: int = 224,
+  text_len: int = 77,
+  captions_per_image: int | None = None,
+) -> list[RetrievalTestSet]:
   """`"[NAME=]PATH,..."` (or a list of such) -> test sets: a directory is a dataset converted
   by `mmts prepare` (needs `tokenizer`), a file an `.npz` of model inputs."""
   if isinstance(specs, str):
@@ -231,17 +292,29 @@ def load_test_sets(specs: str | Sequence[str], *, image_key: str, text_key: str,
     name = name if sep else None
     if epath.Path(path).is_dir():
       if not tokenizer:
-        raise ValueError(f"test set {path!r} is a directory, read as a dataset converted by "
-                         f"`mmts prepare`: it needs a tokenizer (directory)")
-      out.append(RetrievalTestSet.from_records(path, tokenizer, image_size=image_size,
-                                               text_len=text_len, name=name))
+        raise ValueError(
+          f"test set {path!r} is a directory, read as a dataset converted by "
+          f"`mmts prepare`: it needs a tokenizer (directory)"
+        )
+      out.append(
+        RetrievalTestSet.from_records(
+          path, tokenizer, image_size=image_size, text_len=text_len, name=name
+        )
+      )
     else:
-      out.append(RetrievalTestSet.from_npz(path, image_key=image_key, text_key=text_key,
-                                           name=name, captions_per_image=captions_per_image))
+      out.append(
+        RetrievalTestSet.from_npz(
+          path,
+          image_key=image_key,
+          text_key=text_key,
+          name=name,
+          captions_per_image=captions_per_image,
+        )
+      )
   return out
 
 
-def eval_fn_from_config(config) -> "ZeroShotEval | None":
+def eval_fn_from_config(config) -> ZeroShotEval | None:
   """The trainer's `eval_fn` for `config.eval.zero_shot` ("[NAME=]PATH,..."; empty: None).
 
   Converted datasets use `config.data.tokenizer`, `config.data.image_size` (224) and
@@ -262,28 +335,39 @@ def eval_fn_from_config(config) -> "ZeroShotEval | None":
     [('val', (2, 64), (4, 16))]
   """
   from mmts_jax.models import build_model
+
   specs = config.eval.get("zero_shot", "") if "eval" in config else ""
   if not specs:
     return None
   model = build_model(config.model)
   data = config.get("data", {})
   test_sets = load_test_sets(
-      specs, image_key=model.image_key, text_key=model.text_key,
-      tokenizer=data.get("tokenizer") or None, image_size=int(data.get("image_size", 224)),
-      text_len=int(data.get("text_len", 77)),
-      captions_per_image=config.eval.get("captions_per_image", None))
+    specs,
+    image_key=model.image_key,
+    text_key=model.text_key,
+    tokenizer=data.get("tokenizer") or None,
+    image_size=int(data.get("image_size", 224)),
+    text_len=int(data.get("text_len", 77)),
+    captions_per_image=config.eval.get("captions_per_image", None),
+  )
   return ZeroShotEval(test_sets, image_key=model.image_key, text_key=model.text_key)
 
 
-def evaluate_checkpoint(workdir: str | os.PathLike, test_sets: Sequence[RetrievalTestSet], *,
-                        step: int | None = None, chunk: int = DEFAULT_CHUNK
-                        ) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(
+  workdir: str | os.PathLike,
+  test_sets: Sequence[RetrievalTestSet],
+  *,
+  step: int | None = None,
+  chunk: int = DEFAULT_CHUNK,
+) -> dict[str, dict[str, float]]:
   """Table 1 metrics of a run's checkpoint (default: the latest) on each test set."""
   from mmts_jax.projects.ek100_features.restore import load_trained_model
   from mmts_jax.train import make_embed_fn
+
   trained = load_trained_model(workdir, step)
-  zs = ZeroShotEval(test_sets, image_key=trained.model.image_key,
-                    text_key=trained.model.text_key, chunk=chunk)
+  zs = ZeroShotEval(
+    test_sets, image_key=trained.model.image_key, text_key=trained.model.text_key, chunk=chunk
+  )
   return zs.evaluate(make_embed_fn(trained.model), trained.variables)
 
 

@@ -16,6 +16,7 @@ synthetic` is the command-line front end)::
   from mmts_jax.longtail.config import get_config
   results = run(get_config(), "/tmp/mmts_synthetic")
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,13 +24,13 @@ import json
 import pathlib
 import shutil
 import time
+
 import numpy as np
 
 from mmts_jax import shifts
 from mmts_jax.longtail import generator, metrics
 
-__all__ = ["run", "cluster_captions", "evaluate", "summarize",
-           "format_table", "RECALL_KS"]
+__all__ = ["run", "cluster_captions", "evaluate", "summarize", "format_table", "RECALL_KS"]
 
 RECALL_KS = (1, 5, 10)
 GROUPS = ("all", "head", "tail")
@@ -37,6 +38,7 @@ GROUPS = ("all", "head", "tail")
 
 def write_json(path, obj) -> None:
   from mmts_jax.clusters.table import atomic_write
+
   text = json.dumps(obj, indent=2, sort_keys=True)
   atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -48,9 +50,10 @@ def cluster_captions(captions, k: int, seed: int, *, devices=None, log=print):
   caption's embedding, so K-Means still weighs duplicates by their count. Returns a
   `ClusterTable` fingerprinted with the captions in index order.
   """
-  from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
-  from mmts_jax.clusters.kmeans import kmeans
   from mmts_jax.clusters.encoder import SentenceEncoder
+  from mmts_jax.clusters.kmeans import kmeans
+  from mmts_jax.clusters.table import ClusterTable, dataset_fingerprint
+
   captions = list(captions)
   unique, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
   t0 = time.perf_counter()
@@ -60,13 +63,25 @@ def cluster_captions(captions, k: int, seed: int, *, devices=None, log=print):
   # The JAX back-end: no scikit-learn import (seconds on a small CPU), same devices as the rest.
   result = kmeans(emb, k, seed=seed, backend="jax", n_init=3, devices=devices)
   t2 = time.perf_counter()
-  log(f"cluster table: {len(unique)} distinct captions encoded by {encoder.name} in "
-      f"{t1 - t0:.1f}s, K-Means k={k} in {t2 - t1:.1f}s")
+  log(
+    f"cluster table: {len(unique)} distinct captions encoded by {encoder.name} in "
+    f"{t1 - t0:.1f}s, K-Means k={k} in {t2 - t1:.1f}s"
+  )
   return ClusterTable.from_assignments(
-      result.labels, k, source="text", fingerprint=dataset_fingerprint(captions),
-      fingerprint_keys="captions", k=k, seed=seed, backend="jax", n_init=3,
-      inertia=float(result.inertia), embed_seconds=round(t1 - t0, 3),
-      cluster_seconds=round(t2 - t1, 3), **encoder.provenance())
+    result.labels,
+    k,
+    source="text",
+    fingerprint=dataset_fingerprint(captions),
+    fingerprint_keys="captions",
+    k=k,
+    seed=seed,
+    backend="jax",
+    n_init=3,
+    inertia=float(result.inertia),
+    embed_seconds=round(t1 - t0, 3),
+    cluster_seconds=round(t2 - t1, 3),
+    **encoder.provenance(),
+  )
 
 
 def _embed_split(embed, variables, split: generator.Split) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +89,9 @@ def _embed_split(embed, variables, split: generator.Split) -> tuple[np.ndarray, 
   return np.asarray(out["image"], np.float32), np.asarray(out["text"], np.float32)
 
 
-def evaluate(image: np.ndarray, text: np.ndarray, split: generator.Split,
-             ds: generator.SyntheticDataset) -> dict[str, float]:
+def evaluate(
+  image: np.ndarray, text: np.ndarray, split: generator.Split, ds: generator.SyntheticDataset
+) -> dict[str, float]:
   """R@K image->text and text->image on `split`, per query group; `<group>/R@K` averages both.
 
   A caption is relevant to an image when it is the same string as the image's own caption.
@@ -93,6 +109,7 @@ def evaluate(image: np.ndarray, text: np.ndarray, split: generator.Split,
 
 def _row_config(base, row: str, seed: int):
   from mmts_jax.train import with_row
+
   cfg = with_row(copy.deepcopy(base), row)
   cfg.seed = int(seed)
   return cfg
@@ -133,8 +150,9 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
   """
   from mmts_jax import train
   from mmts_jax.clusters.table import dataset_fingerprint
+  from mmts_jax.longtail import config as config_lib
+  from mmts_jax.longtail import source
   from mmts_jax.metrics_log import read_metrics
-  from mmts_jax.longtail import config as config_lib, source
 
   syn = config.synthetic
   seeds = int(syn.seeds)
@@ -144,14 +162,16 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
   if not rows:
     raise ValueError("synthetic.rows is empty: name at least one ablation row")
   for row in rows:
-    train.with_row(copy.deepcopy(config), row)   # an unknown row fails before any work
-  shifts.validate_positive(float(config.mmts.alpha), float(config.mmts.sh_min),
-                           float(config.mmts.sh_max))
+    train.with_row(copy.deepcopy(config), row)  # an unknown row fails before any work
+  shifts.validate_positive(
+    float(config.mmts.alpha), float(config.mmts.sh_min), float(config.mmts.sh_max)
+  )
   gen_cfg = source.generator_config(config.data)
   cluster_source = syn.get("cluster_source", "captions")
   if cluster_source not in ("captions", "classes"):
-    raise ValueError(f"synthetic.cluster_source must be 'captions' or 'classes', got "
-                     f"{cluster_source!r}")
+    raise ValueError(
+      f"synthetic.cluster_source must be 'captions' or 'classes', got {cluster_source!r}"
+    )
   k = int(syn.num_clusters)
   if not 2 <= k <= gen_cfg.head_size:
     raise ValueError(f"synthetic.num_clusters must be in [2, {gen_cfg.head_size}], got {k}")
@@ -166,19 +186,25 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
 
   t_start = time.perf_counter()
   ds = generator.make_dataset(gen_cfg)
-  log(f"data: {len(ds.train)} train pairs in {gen_cfg.num_classes} classes (sizes "
-      f"{ds.class_sizes.max()}..{ds.class_sizes.min()}, imbalance {ds.imbalance:.0f}; "
-      f"{int(ds.head_classes.sum())} head, {int(ds.tail_classes.sum())} tail classes), "
-      f"{len(ds.test)} balanced test pairs")
+  log(
+    f"data: {len(ds.train)} train pairs in {gen_cfg.num_classes} classes (sizes "
+    f"{ds.class_sizes.max()}..{ds.class_sizes.min()}, imbalance {ds.imbalance:.0f}; "
+    f"{int(ds.head_classes.sum())} head, {int(ds.tail_classes.sum())} tail classes), "
+    f"{len(ds.test)} balanced test pairs"
+  )
 
   if cluster_source == "captions":
-    table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), devices=devices,
-                             log=log)
+    table = cluster_captions(ds.train.captions, k, int(syn.cluster_seed), devices=devices, log=log)
   else:  # the generator's classes: what K-Means would find if it recovered them exactly
     from mmts_jax.clusters.table import ClusterTable
-    table = ClusterTable.from_labels(ds.train.label, fingerprint=ds.fingerprint(),
-                                     fingerprint_keys="captions", source="labels",
-                                     column="synthetic class")
+
+    table = ClusterTable.from_labels(
+      ds.train.label,
+      fingerprint=ds.fingerprint(),
+      fingerprint_keys="captions",
+      source="labels",
+      column="synthetic class",
+    )
     log(f"cluster table: the {gen_cfg.num_classes} generator classes (no encoder, no K-Means)")
   table_path = workdir / "cluster_table.npz"
   table.save(table_path)
@@ -203,43 +229,67 @@ def run(config, workdir, *, log=print, plot: bool = True, overwrite: bool = Fals
       t0 = time.perf_counter()
       result = train.train_and_evaluate(cfg, run_dir, eval_fn=eval_fn)
       final = curve[-1]
-      runs.append({"row": row, "seed": seed,
-                   "final": {k: v for k, v in final.items() if k != "step"},
-                   "curve": curve, "train_log": read_metrics(run_dir),
-                   "seconds": time.perf_counter() - t0, "status": result.status})
-      log(f"  {row:<6} seed {seed}: R@1 all {100 * final['all/R@1']:.1f} head "
-          f"{100 * final['head/R@1']:.1f} tail {100 * final['tail/R@1']:.1f}  "
-          f"({time.perf_counter() - t0:.0f}s)")
+      runs.append(
+        {
+          "row": row,
+          "seed": seed,
+          "final": {k: v for k, v in final.items() if k != "step"},
+          "curve": curve,
+          "train_log": read_metrics(run_dir),
+          "seconds": time.perf_counter() - t0,
+          "status": result.status,
+        }
+      )
+      log(
+        f"  {row:<6} seed {seed}: R@1 all {100 * final['all/R@1']:.1f} head "
+        f"{100 * final['head/R@1']:.1f} tail {100 * final['tail/R@1']:.1f}  "
+        f"({time.perf_counter() - t0:.0f}s)"
+      )
 
   summary = summarize(runs)
   results = {
-      "summary": summary, "runs": runs, "rows": list(rows), "seeds": seeds,
-      "labels": {r: config_lib.ROW_LABELS.get(r, r) for r in rows},
-      "config": config.to_dict(),
-      "data": {"num_train": len(ds.train), "num_test": len(ds.test),
-               "class_sizes": ds.class_sizes.tolist(), "imbalance": ds.imbalance,
-               "head_classes": np.flatnonzero(ds.head_classes).tolist(),
-               "tail_classes": np.flatnonzero(ds.tail_classes).tolist(),
-               "fingerprint": dataset_fingerprint(ds.train.captions)},
-      "clusters": {"sizes": table.sizes.tolist(), "provenance": dict(table.provenance),
-                   "shift_min": float(shift_table.min()), "shift_max": float(shift_table.max()),
-                   "class_cluster_nmi": _nmi(ds.train.label, table.cluster_ids)},
-      "seconds": time.perf_counter() - t_start,
+    "summary": summary,
+    "runs": runs,
+    "rows": list(rows),
+    "seeds": seeds,
+    "labels": {r: config_lib.ROW_LABELS.get(r, r) for r in rows},
+    "config": config.to_dict(),
+    "data": {
+      "num_train": len(ds.train),
+      "num_test": len(ds.test),
+      "class_sizes": ds.class_sizes.tolist(),
+      "imbalance": ds.imbalance,
+      "head_classes": np.flatnonzero(ds.head_classes).tolist(),
+      "tail_classes": np.flatnonzero(ds.tail_classes).tolist(),
+      "fingerprint": dataset_fingerprint(ds.train.captions),
+    },
+    "clusters": {
+      "sizes": table.sizes.tolist(),
+      "provenance": dict(table.provenance),
+      "shift_min": float(shift_table.min()),
+      "shift_max": float(shift_table.max()),
+      "class_cluster_nmi": _nmi(ds.train.label, table.cluster_ids),
+    },
+    "seconds": time.perf_counter() - t_start,
   }
   write_json(workdir / "results.json", results)
   if plot:
     from mmts_jax.longtail import plots
+
     results["plots"] = plots.write_all(results, workdir / "plots", config)
     write_json(workdir / "results.json", results)
   log("\n" + format_table(summary, results["labels"]))
-  log(f"\nR@K in %, mean +- std over {seeds} seed(s), {time.perf_counter() - t_start:.0f}s; "
-      f"results in {workdir / 'results.json'}")
+  log(
+    f"\nR@K in %, mean +- std over {seeds} seed(s), {time.perf_counter() - t_start:.0f}s; "
+    f"results in {workdir / 'results.json'}"
+  )
   return results
 
 
 def _devices(num_devices: int) -> list:
   """The first `num_devices` local devices (0: all) for the encoder and the trainer's mesh."""
   import jax
+
   devices = jax.local_devices()
   if not 0 <= num_devices <= len(devices):
     raise ValueError(f"synthetic.num_devices must be in [0, {len(devices)}], got {num_devices}")

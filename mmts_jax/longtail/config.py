@@ -26,17 +26,23 @@ lowest value reached, sh_min - alpha/2 = 0.03, is > 0 (`shifts.validate_positive
       # ts | ics | mmts (default). Without a cluster table (config.mmts.cluster_table) the
       # shifts come from the class sizes.
 """
+
 from __future__ import annotations
 
 import ml_collections
 
-from mmts_jax.longtail import generator
 from mmts_jax.config_defaults import default_config, with_row
+from mmts_jax.longtail import generator
 
 # Rows `mmts synthetic` trains by default, and their names in tables and plots.
 BENCHMARK_ROWS = ("fixed", "ts", "ics", "mmts")
-ROW_LABELS = {"fixed": "fixed tau=0.07", "clip": "CLIP (learnable tau)", "ts": "TS",
-              "ics": "ICS", "mmts": "TS&ICS (MM-TS)"}
+ROW_LABELS = {
+  "fixed": "fixed tau=0.07",
+  "clip": "CLIP (learnable tau)",
+  "ts": "TS",
+  "ics": "ICS",
+  "mmts": "TS&ICS (MM-TS)",
+}
 
 
 def get_config(row: str = "") -> ml_collections.ConfigDict:
@@ -48,17 +54,39 @@ def get_config(row: str = "") -> ml_collections.ConfigDict:
   c.progress_bar = False
   c.tensorboard = False
   gen = generator.GeneratorConfig()
-  c.data = ml_collections.ConfigDict(dict(
-      name="mmts_jax.longtail.source:make_source", shuffle=True,
-      num_classes=gen.num_classes, head_size=gen.head_size, imbalance=gen.imbalance,
-      latent_dim=gen.latent_dim, image_dim=gen.image_dim, head_spread=gen.head_spread,
-      test_per_class=gen.test_per_class, seed=gen.seed))
-  c.model = ml_collections.ConfigDict(dict(
-      embed_dim=64, dtype="float32",
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="mmts_jax.longtail.source:make_source",
+      shuffle=True,
+      num_classes=gen.num_classes,
+      head_size=gen.head_size,
+      imbalance=gen.imbalance,
+      latent_dim=gen.latent_dim,
+      image_dim=gen.image_dim,
+      head_spread=gen.head_spread,
+      test_per_class=gen.test_per_class,
+      seed=gen.seed,
+    )
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      embed_dim=64,
+      dtype="float32",
       image=dict(name="features", hidden_dims=(128,), dropout=0.0, input_key="image_features"),
-      text=dict(name="transformer", vocab_size=len(generator.build_vocab()),
-                max_len=gen.max_len, width=64, depth=1, num_heads=2, mlp_dim=128, pool="mean",
-                causal=False, pad_id=0)))
+      text=dict(
+        name="transformer",
+        vocab_size=len(generator.build_vocab()),
+        max_len=gen.max_len,
+        width=64,
+        depth=1,
+        num_heads=2,
+        mlp_dim=128,
+        pool="mean",
+        causal=False,
+        pad_id=0,
+      ),
+    )
+  )
   c.loss.update(name="infonce", impl="dense")
   c.temperature.update(value=0.07, tau_min=0.04, tau_max=0.10)
   c.mmts.update(alpha=0.04, sh_min=0.05, sh_max=0.10, num_oscillations=5)
@@ -68,7 +96,14 @@ def get_config(row: str = "") -> ml_collections.ConfigDict:
   # Read by `mmts_jax.longtail.benchmark` only (the trainer ignores it). cluster_source:
   # "captions" (MiniLM + K-Means with num_clusters, the paper's recipe) or "classes" (the
   # generator's classes, an oracle clustering).
-  c.synthetic = ml_collections.ConfigDict(dict(
-      rows=BENCHMARK_ROWS, seeds=1, num_clusters=30, cluster_seed=0, num_devices=0,
-      cluster_source="captions"))
+  c.synthetic = ml_collections.ConfigDict(
+    dict(
+      rows=BENCHMARK_ROWS,
+      seeds=1,
+      num_clusters=30,
+      cluster_seed=0,
+      num_devices=0,
+      cluster_source="captions",
+    )
+  )
   return with_row(c, row)

@@ -37,6 +37,7 @@ Example:
   >>> ds.train.captions[0]
   'a dog, a yellow medium dog rolling in a park'
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,15 @@ import numpy as np
 
 from mmts_jax.longtail import words
 
-__all__ = ["GeneratorConfig", "Split", "SyntheticDataset", "zipf_class_sizes", "make_dataset",
-           "build_vocab", "tokenize"]
+__all__ = [
+  "GeneratorConfig",
+  "Split",
+  "SyntheticDataset",
+  "zipf_class_sizes",
+  "make_dataset",
+  "build_vocab",
+  "tokenize",
+]
 
 PAD = "<pad>"
 _WORD = re.compile(r"[a-z]+")
@@ -82,6 +90,7 @@ class GeneratorConfig:
       class's spread, >= 0.
     val_per_class: samples of every class in the balanced validation split (0: no split).
   """
+
   num_classes: int = 40
   head_size: int = 1000
   imbalance: float = 100.0
@@ -102,27 +111,36 @@ class GeneratorConfig:
 
   def __post_init__(self):
     if not 2 <= self.num_classes <= len(words.CLASS_NOUNS):
-      raise ValueError(f"num_classes must be in [2, {len(words.CLASS_NOUNS)}], "
-                       f"got {self.num_classes}")
+      raise ValueError(
+        f"num_classes must be in [2, {len(words.CLASS_NOUNS)}], got {self.num_classes}"
+      )
     if not (math.isfinite(self.imbalance) and self.imbalance >= 1):
       raise ValueError(f"imbalance must be a finite number >= 1, got {self.imbalance}")
     if self.head_size / self.imbalance < 1:
-      raise ValueError(f"head_size / imbalance must be >= 1 sample, got head_size="
-                       f"{self.head_size}, imbalance={self.imbalance}")
+      raise ValueError(
+        f"head_size / imbalance must be >= 1 sample, got head_size="
+        f"{self.head_size}, imbalance={self.imbalance}"
+      )
     if self.latent_dim < len(words.ATTRIBUTE_SLOTS):
-      raise ValueError(f"latent_dim must be >= {len(words.ATTRIBUTE_SLOTS)} (one coordinate per "
-                       f"caption attribute), got {self.latent_dim}")
+      raise ValueError(
+        f"latent_dim must be >= {len(words.ATTRIBUTE_SLOTS)} (one coordinate per "
+        f"caption attribute), got {self.latent_dim}"
+      )
     for name in ("image_dim", "hidden_dim", "test_per_class"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not self.class_scale > 0 or not self.image_noise >= 0 or not 0 < self.head_spread <= 1:
-      raise ValueError(f"class_scale must be > 0, image_noise >= 0 and head_spread in (0, 1], "
-                       f"got class_scale={self.class_scale}, image_noise={self.image_noise}, "
-                       f"head_spread={self.head_spread}")
+      raise ValueError(
+        f"class_scale must be > 0, image_noise >= 0 and head_spread in (0, 1], "
+        f"got class_scale={self.class_scale}, image_noise={self.image_noise}, "
+        f"head_spread={self.head_spread}"
+      )
     if not (0 <= self.head_duplicates < 1 and self.duplicate_jitter >= 0):
-      raise ValueError(f"head_duplicates must be in [0, 1) and duplicate_jitter >= 0, got "
-                       f"head_duplicates={self.head_duplicates}, "
-                       f"duplicate_jitter={self.duplicate_jitter}")
+      raise ValueError(
+        f"head_duplicates must be in [0, 1) and duplicate_jitter >= 0, got "
+        f"head_duplicates={self.head_duplicates}, "
+        f"duplicate_jitter={self.duplicate_jitter}"
+      )
     if self.val_per_class < 0:
       raise ValueError(f"val_per_class must be >= 0, got {self.val_per_class}")
     if self.max_len < 10:
@@ -153,6 +171,7 @@ class Split:
     index: `(N,)` int32, `arange(N)`: the per-sample key of the shift table.
     latent: `(N, latent_dim)` float32 latent codes `z`.
   """
+
   image: np.ndarray
   tokens: np.ndarray
   captions: tuple[str, ...]
@@ -171,15 +190,16 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class SyntheticDataset:
   """A long-tailed train split, balanced test (and validation) splits, the class structure."""
+
   config: GeneratorConfig
   train: Split
   test: Split
-  class_sizes: np.ndarray      # (C,) training samples per class, descending
-  head_classes: np.ndarray     # (C,) bool
-  tail_classes: np.ndarray     # (C,) bool
+  class_sizes: np.ndarray  # (C,) training samples per class, descending
+  head_classes: np.ndarray  # (C,) bool
+  tail_classes: np.ndarray  # (C,) bool
   class_names: tuple[str, ...]
   vocab: tuple[str, ...]
-  val: Split | None = None     # balanced, `config.val_per_class` per class; None if 0
+  val: Split | None = None  # balanced, `config.val_per_class` per class; None if 0
 
   @property
   def imbalance(self) -> float:
@@ -188,12 +208,16 @@ class SyntheticDataset:
   def group_of(self, label: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean masks `all`, `head`, `tail` over samples with class ids `label`."""
     label = np.asarray(label)
-    return {"all": np.ones(label.shape, bool), "head": self.head_classes[label],
-            "tail": self.tail_classes[label]}
+    return {
+      "all": np.ones(label.shape, bool),
+      "head": self.head_classes[label],
+      "tail": self.tail_classes[label],
+    }
 
   def fingerprint(self) -> str:
     """The cluster table's dataset fingerprint of the training captions in index order."""
     from mmts_jax.clusters.table import dataset_fingerprint
+
     return dataset_fingerprint(self.train.captions)
 
 
@@ -207,12 +231,13 @@ def zipf_class_sizes(num_classes: int, head_size: int, imbalance: float) -> np.n
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
   if head_size < 1 or imbalance < 1:
-    raise ValueError(f"head_size and imbalance must be >= 1, got head_size={head_size}, "
-                     f"imbalance={imbalance}")
+    raise ValueError(
+      f"head_size and imbalance must be >= 1, got head_size={head_size}, imbalance={imbalance}"
+    )
   exponent = math.log(imbalance) / math.log(num_classes)
   ranks = np.arange(1, num_classes + 1, dtype=np.float64)
   # The small epsilon keeps exact integers (e.g. 1000 / 100) from flooring one below.
-  sizes = np.floor(head_size * ranks ** -exponent + 1e-9).astype(np.int64)
+  sizes = np.floor(head_size * ranks**-exponent + 1e-9).astype(np.int64)
   return np.maximum(sizes, 1)
 
 
@@ -229,7 +254,7 @@ def class_spread(sizes: np.ndarray, head_spread: float) -> np.ndarray:
   sizes = np.asarray(sizes, np.float64)
   span = math.log(sizes.max() / sizes.min())
   frac = np.log(sizes / sizes.min()) / span if span > 0 else np.zeros_like(sizes)
-  return head_spread ** frac
+  return head_spread**frac
 
 
 def build_vocab() -> tuple[str, ...]:
@@ -253,10 +278,12 @@ def tokenize(captions, vocab: tuple[str, ...], max_len: int) -> np.ndarray:
     try:
       ids = [lookup[w] for w in _WORD.findall(caption.lower())]
     except KeyError as e:
-      raise ValueError(f"caption {caption!r} has a word {e.args[0]!r} outside the vocabulary") from e
+      raise ValueError(
+        f"caption {caption!r} has a word {e.args[0]!r} outside the vocabulary"
+      ) from e
     if len(ids) > max_len:
       raise ValueError(f"caption {caption!r} has {len(ids)} tokens > max_len={max_len}")
-    out[row, :len(ids)] = ids
+    out[row, : len(ids)] = ids
   return out
 
 
@@ -270,10 +297,12 @@ def _captions(label: np.ndarray, own: np.ndarray, class_names) -> tuple[str, ...
   slots = words.ATTRIBUTE_SLOTS
   bins = [_attribute_bins(own[:, k], len(words.ATTRIBUTES[s])) for k, s in enumerate(slots)]
   return tuple(
-      words.CAPTION_TEMPLATE.format(
-          noun=class_names[c],
-          **{s: words.ATTRIBUTES[s][b[i]] for s, b in zip(slots, bins, strict=True)})
-      for i, c in enumerate(label))
+    words.CAPTION_TEMPLATE.format(
+      noun=class_names[c],
+      **{s: words.ATTRIBUTES[s][b[i]] for s, b in zip(slots, bins, strict=True)},
+    )
+    for i, c in enumerate(label)
+  )
 
 
 def duplicate_fraction(sizes: np.ndarray, head_duplicates: float) -> np.ndarray:
@@ -305,8 +334,9 @@ def _near_duplicates(own, label, dup_frac, jitter: np.ndarray, rng) -> np.ndarra
   return own
 
 
-def _split(label, prototypes, spread, image_map, cfg, vocab, class_names, rng,
-           dup_frac=None) -> Split:
+def _split(
+  label, prototypes, spread, image_map, cfg, vocab, class_names, rng, dup_frac=None
+) -> Split:
   n = len(label)
   own = rng.standard_normal((n, cfg.latent_dim)) * spread[label][:, None]
   if dup_frac is not None and np.any(dup_frac > 0):  # no draw at 0: the original data
@@ -315,9 +345,14 @@ def _split(label, prototypes, spread, image_map, cfg, vocab, class_names, rng,
   w1, w2 = image_map
   image = np.tanh(latent @ w1) @ w2 + cfg.image_noise * rng.standard_normal((n, cfg.image_dim))
   captions = _captions(label, own, class_names)
-  return Split(image=image.astype(np.float32), tokens=tokenize(captions, vocab, cfg.max_len),
-               captions=captions, label=label.astype(np.int32),
-               index=np.arange(n, dtype=np.int32), latent=latent.astype(np.float32))
+  return Split(
+    image=image.astype(np.float32),
+    tokens=tokenize(captions, vocab, cfg.max_len),
+    captions=captions,
+    label=label.astype(np.int32),
+    index=np.arange(n, dtype=np.int32),
+    latent=latent.astype(np.float32),
+  )
 
 
 def make_dataset(cfg: GeneratorConfig = GeneratorConfig()) -> SyntheticDataset:
@@ -326,11 +361,13 @@ def make_dataset(cfg: GeneratorConfig = GeneratorConfig()) -> SyntheticDataset:
     raise TypeError(f"cfg must be a GeneratorConfig, got {type(cfg).__name__}")
   rng = np.random.default_rng(cfg.seed)
   sizes = zipf_class_sizes(cfg.num_classes, cfg.head_size, cfg.imbalance)
-  class_names = tuple(words.CLASS_NOUNS[:cfg.num_classes])
+  class_names = tuple(words.CLASS_NOUNS[: cfg.num_classes])
   vocab = build_vocab()
   prototypes = cfg.class_scale * rng.standard_normal((cfg.num_classes, cfg.latent_dim))
-  image_map = (rng.standard_normal((cfg.latent_dim, cfg.hidden_dim)) / math.sqrt(cfg.latent_dim),
-               rng.standard_normal((cfg.hidden_dim, cfg.image_dim)) / math.sqrt(cfg.hidden_dim))
+  image_map = (
+    rng.standard_normal((cfg.latent_dim, cfg.hidden_dim)) / math.sqrt(cfg.latent_dim),
+    rng.standard_normal((cfg.hidden_dim, cfg.image_dim)) / math.sqrt(cfg.hidden_dim),
+  )
   # Shuffled order, so that any contiguous batch mixes classes; `index` is the shuffled position.
   train_label = rng.permutation(np.repeat(np.arange(cfg.num_classes), sizes))
   test_label = rng.permutation(np.repeat(np.arange(cfg.num_classes), cfg.test_per_class))
@@ -343,6 +380,13 @@ def make_dataset(cfg: GeneratorConfig = GeneratorConfig()) -> SyntheticDataset:
     val_label = rng.permutation(np.repeat(np.arange(cfg.num_classes), cfg.val_per_class))
     val = _split(val_label, prototypes, spread, image_map, cfg, vocab, class_names, rng, dup)
   return SyntheticDataset(
-      config=cfg, train=train, test=test, class_sizes=sizes,
-      head_classes=sizes >= cfg.head_threshold, tail_classes=sizes < cfg.tail_threshold,
-      class_names=class_names, vocab=vocab, val=val)
+    config=cfg,
+    train=train,
+    test=test,
+    class_sizes=sizes,
+    head_classes=sizes >= cfg.head_threshold,
+    tail_classes=sizes < cfg.tail_threshold,
+    class_names=class_names,
+    vocab=vocab,
+    val=val,
+  )

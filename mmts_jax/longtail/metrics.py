@@ -10,9 +10,10 @@ Example:
   >>> recall_at_k(sim, np.eye(2, dtype=bool), (1,))
   {1: 0.5}
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,13 +26,16 @@ def same_string(strings: Sequence[str]) -> np.ndarray:
   return ids[:, None] == ids[None, :]
 
 
-def recall_at_k(similarity: np.ndarray, relevant: np.ndarray,
-                ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+def recall_at_k(
+  similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[int, float]:
   """Recall@K of every row of `similarity` (queries x items) against the mask `relevant`."""
   similarity, relevant = np.asarray(similarity), np.asarray(relevant, bool)
   if similarity.ndim != 2 or similarity.shape != relevant.shape:
-    raise ValueError(f"similarity and relevant must be equal 2-D shapes, got {similarity.shape} "
-                     f"and {relevant.shape}")
+    raise ValueError(
+      f"similarity and relevant must be equal 2-D shapes, got {similarity.shape} "
+      f"and {relevant.shape}"
+    )
   if not similarity.shape[0]:
     return {int(k): float("nan") for k in ks}
   bad = [k for k in ks if not 1 <= int(k) <= similarity.shape[1]]
@@ -43,9 +47,12 @@ def recall_at_k(similarity: np.ndarray, relevant: np.ndarray,
   return {int(k): float(np.mean(rank < int(k))) for k in ks}
 
 
-def grouped_recall(similarity: np.ndarray, relevant: np.ndarray,
-                   groups: Mapping[str, np.ndarray],
-                   ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def grouped_recall(
+  similarity: np.ndarray,
+  relevant: np.ndarray,
+  groups: Mapping[str, np.ndarray],
+  ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
   """`{"<group>/R@<K>": value}`: recall of the queries in each boolean group mask."""
   out = {}
   for name, mask in groups.items():

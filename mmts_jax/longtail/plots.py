@@ -6,26 +6,31 @@
   class sizes of the generator.
 - `learning_curves.png`: training loss and test R@1 (overall / head / tail) against the step.
 """
+
 from __future__ import annotations
 
 import pathlib
 
 import numpy as np
 
-from mmts_jax import shifts, temperature as temperature_lib
+from mmts_jax import shifts
+from mmts_jax import temperature as temperature_lib
 
 __all__ = ["write_all", "temperature_per_cluster", "cluster_distribution", "learning_curves"]
 
 
 def _pyplot():
   import matplotlib
-  matplotlib.use("Agg")   # headless: no display on a CPU box or a TPU VM
+
+  matplotlib.use("Agg")  # headless: no display on a CPU box or a TPU VM
   import matplotlib.pyplot as plt
+
   return plt
 
 
 def _save(fig, path: pathlib.Path) -> str:
   from mmts_jax.clusters.table import atomic_write
+
   try:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
   finally:
@@ -35,9 +40,11 @@ def _save(fig, path: pathlib.Path) -> str:
 
 def _spec(config, row: str) -> temperature_lib.Policy:
   from mmts_jax.config_defaults import canonical_mode
+
   temperature = dict(config["temperature"], mode=canonical_mode(row))
-  return temperature_lib.from_config(temperature, config["mmts"],
-                                     total_steps=int(config["total_steps"]))
+  return temperature_lib.from_config(
+    temperature, config["mmts"], total_steps=int(config["total_steps"])
+  )
 
 
 def temperature_per_cluster(results: dict, config, path: pathlib.Path) -> str:
@@ -53,6 +60,7 @@ def temperature_per_cluster(results: dict, config, path: pathlib.Path) -> str:
     base = np.asarray(_spec(config, "mmts").base(steps))
     cmap = plt.get_cmap("viridis")
     from matplotlib.colors import Normalize
+
     norm = Normalize(np.log(sizes.min()), np.log(sizes.max()))
     for size, sh in sorted(zip(sizes, shift, strict=True)):
       ax.plot(steps, base + sh, color=cmap(norm(np.log(size))), lw=1.0, alpha=0.8)
@@ -65,8 +73,13 @@ def temperature_per_cluster(results: dict, config, path: pathlib.Path) -> str:
   for row, style in (("fixed", "k--"), ("ts", "r:")):
     if row in rows:
       spec = _spec(config, row)
-      ax.plot(steps, np.broadcast_to(np.asarray(spec.base(steps)), steps.shape), style, lw=1.5,
-              label=results["labels"].get(row, row))
+      ax.plot(
+        steps,
+        np.broadcast_to(np.asarray(spec.base(steps)), steps.shape),
+        style,
+        lw=1.5,
+        label=results["labels"].get(row, row),
+      )
   ax.set_xlabel("training step")
   ax.set_ylabel("temperature")
   ax.set_title("Per-cluster temperature along training (cf. MM-TS Fig. 3)")
@@ -93,8 +106,9 @@ def cluster_distribution(results: dict, config, path: pathlib.Path) -> str:
   nmi = results["clusters"].get("class_cluster_nmi")
   source = results["clusters"].get("provenance", {}).get("source")
   what = "generator classes" if source == "labels" else "K-Means on MiniLM caption embeddings"
-  ax2.set_title(f"{what}\n(k={len(sizes)}"
-                + (f", NMI with classes {nmi:.2f})" if nmi is not None else ")"))
+  ax2.set_title(
+    f"{what}\n(k={len(sizes)}" + (f", NMI with classes {nmi:.2f})" if nmi is not None else ")")
+  )
   ax2.set_xlabel("cluster rank")
   ax2.set_ylabel("samples", color="tab:blue")
   twin = ax2.twinx()
@@ -117,8 +131,14 @@ def learning_curves(results: dict, path: pathlib.Path) -> str:
     log = [r for r in run["train_log"] if "loss" in r]
     axes[0].plot([r["step"] for r in log], [r["loss"] for r in log], color=color, label=label)
     for ax, group in zip(axes[1:], ("all", "head", "tail"), strict=True):
-      ax.plot([c["step"] for c in run["curve"]], [100 * c[f"{group}/R@1"] for c in run["curve"]],
-              "o-", ms=3, color=color, label=label)
+      ax.plot(
+        [c["step"] for c in run["curve"]],
+        [100 * c[f"{group}/R@1"] for c in run["curve"]],
+        "o-",
+        ms=3,
+        color=color,
+        label=label,
+      )
   axes[0].set_title("training loss (seed 0)")
   for ax, group in zip(axes[1:], ("all", "head", "tail"), strict=True):
     ax.set_title(f"test R@1, {group} queries (%)")
@@ -134,9 +154,11 @@ def write_all(results: dict, out_dir, config) -> dict[str, str]:
   out_dir.mkdir(parents=True, exist_ok=True)
   config = config.to_dict() if hasattr(config, "to_dict") else config
   return {
-      "temperature_per_cluster": temperature_per_cluster(
-          results, config, out_dir / "temperature_per_cluster.png"),
-      "cluster_distribution": cluster_distribution(
-          results, config, out_dir / "cluster_distribution.png"),
-      "learning_curves": learning_curves(results, out_dir / "learning_curves.png"),
+    "temperature_per_cluster": temperature_per_cluster(
+      results, config, out_dir / "temperature_per_cluster.png"
+    ),
+    "cluster_distribution": cluster_distribution(
+      results, config, out_dir / "cluster_distribution.png"
+    ),
+    "learning_curves": learning_curves(results, out_dir / "learning_curves.png"),
   }

@@ -14,6 +14,7 @@ Example:
   >>> sorted(next(src.iterate()))
   ['image_features', 'index', 'text']
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,9 +40,14 @@ def make_source(cfg, *, global_batch_size: int, seed: int):
   """
   from mmts_jax.clusters.table import dataset_fingerprint
   from mmts_jax.data.sources import ArraySource
+
   ds = generator.make_dataset(generator_config(cfg))
   arrays = {"image_features": ds.train.image, "text": ds.train.tokens, "index": ds.train.index}
-  return ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
-                     shuffle=bool(cfg.get("shuffle", True)),
-                     cluster_sizes=ds.class_sizes[ds.train.label],
-                     fingerprint=dataset_fingerprint(ds.train.captions))
+  return ArraySource(
+    arrays,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    shuffle=bool(cfg.get("shuffle", True)),
+    cluster_sizes=ds.class_sizes[ds.train.label],
+    fingerprint=dataset_fingerprint(ds.train.captions),
+  )

@@ -14,6 +14,7 @@ Layout (each module imports only those below it; no module imports this package)
 * `sharding`, `_checks`: mesh helpers and input checks. `cosine_normalize` lives in
   `mmts_jax.normalize` (the models use it too) and is re-exported here.
 """
+
 from __future__ import annotations
 
 from mmts_jax.losses.api import infonce, max_margin, sigmoid

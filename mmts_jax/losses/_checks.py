@@ -2,6 +2,7 @@
 
 They run at trace time, so errors come before compiling; `nan_unless_valid` covers traced values.
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,14 +25,16 @@ def check_pair(image, text, fn: str) -> None:
       raise TypeError(f"{fn}: {name} must be floating point, got dtype {x.dtype}")
   if image.shape != text.shape:
     raise ValueError(
-        f"{fn}: image and text must have the same shape, got {tuple(image.shape)} and "
-        f"{tuple(text.shape)}")
+      f"{fn}: image and text must have the same shape, got {tuple(image.shape)} and "
+      f"{tuple(text.shape)}"
+    )
   if image.shape[0] < 1:
     raise ValueError(f"{fn}: the batch is empty")
 
 
-def check_per_anchor(value, batch: int, name: str, fn: str, *, strictly_positive: bool,
-                     signed: bool = False):
+def check_per_anchor(
+  value, batch: int, name: str, fn: str, *, strictly_positive: bool, signed: bool = False
+):
   """A scalar or (batch,) array; concrete values are checked for finiteness and sign.
 
   `strictly_positive`: > 0, else >= 0; `signed`: any finite value (a bias).
@@ -39,19 +42,22 @@ def check_per_anchor(value, batch: int, name: str, fn: str, *, strictly_positive
   shape = tuple(np.shape(value))
   if shape not in ((), (batch,)):
     raise ValueError(
-        f"{fn}: {name} must be a scalar or have shape ({batch},) (one per anchor), got {shape}")
+      f"{fn}: {name} must be a scalar or have shape ({batch},) (one per anchor), got {shape}"
+    )
   if not isinstance(value, jax.core.Tracer):
     v = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(v)):
-      raise ValueError(f"{fn}: {name} must be finite, got {int(np.sum(~np.isfinite(v)))} "
-                       f"non-finite value(s)")
+      raise ValueError(
+        f"{fn}: {name} must be finite, got {int(np.sum(~np.isfinite(v)))} non-finite value(s)"
+      )
     if signed:
       return
     bad = v <= 0 if strictly_positive else v < 0
     if np.any(bad):
       raise ValueError(
-          f"{fn}: {name} must be {'> 0' if strictly_positive else '>= 0'}, got min "
-          f"{v.min():g} ({int(np.sum(bad))} of {v.size} value(s) out of range)")
+        f"{fn}: {name} must be {'> 0' if strictly_positive else '>= 0'}, got min "
+        f"{v.min():g} ({int(np.sum(bad))} of {v.size} value(s) out of range)"
+      )
 
 
 def nan_unless_valid(loss: jax.Array, positive=(), finite=(), axis_name=None) -> jax.Array:

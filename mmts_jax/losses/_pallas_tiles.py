@@ -9,6 +9,7 @@ CPU/TPU path); the tests run these kernels through the Pallas interpreter agains
 
 `set_fused_tiles` chooses when they run; `use_fused_tiles` is the decision the blockwise loss asks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,7 @@ from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
 __all__ = ["nce_bwd_tile", "nce_fwd_tile", "set_fused_tiles", "use_fused_tiles"]
 
-_SUB = SUB   # sub-tile edge: rows and columns per Triton program
+_SUB = SUB  # sub-tile edge: rows and columns per Triton program
 _SUB_K = 64  # embedding-dim chunk per step of the in-kernel matmul loop (128 bytes of bf16)
 _TRITON = {"num_warps": 8, "num_stages": 3}
 
@@ -37,8 +38,12 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
-  return (blocks.rows % _SUB == 0 and blocks.cols % _SUB == 0 and d % _SUB_K == 0
-          and jnp.dtype(dtype) in _KERNEL_DTYPES)
+  return (
+    blocks.rows % _SUB == 0
+    and blocks.cols % _SUB == 0
+    and d % _SUB_K == 0
+    and jnp.dtype(dtype) in _KERNEL_DTYPES
+  )
 
 
 def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
@@ -69,14 +74,16 @@ def set_fused_tiles(mode) -> None:
   GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
   """
   if mode not in (None, False, "always", "interpret"):
-    raise ValueError(f"set_fused_tiles: mode must be None, False, 'always' or 'interpret', got "
-                     f"{mode!r}")
+    raise ValueError(
+      f"set_fused_tiles: mode must be None, False, 'always' or 'interpret', got {mode!r}"
+    )
   _FUSED[0] = mode
 
 
 def _pl():
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
+
   return pl, plgpu
 
 
@@ -91,14 +98,16 @@ def _sub_matmul(x_ref, y_ref, tf32):
     yk = y_ref[:, sl]
     # DEFAULT lowers to Triton's tf32 dot for f32 operands, HIGHEST to ieee; bf16 is bf16.
     prec = lax.Precision.DEFAULT if tf32 and xk.dtype == jnp.float32 else lax.Precision.HIGHEST
-    return acc + lax.dot_general(xk, yk, (((1,), (1,)), ((), ())), precision=(prec, prec),
-                                 preferred_element_type=jnp.float32)
+    return acc + lax.dot_general(
+      xk, yk, (((1,), (1,)), ((), ())), precision=(prec, prec), preferred_element_type=jnp.float32
+    )
 
   return lax.fori_loop(0, d // _SUB_K, body, jnp.zeros((_SUB, _SUB), jnp.float32))
 
 
-def _nce_stats_kernel(tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref,
-                      rm_ref, rl_ref, cm_ref, cl_ref):
+def _nce_stats_kernel(
+  tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, rm_ref, rl_ref, cm_ref, cl_ref
+):
   s = _sub_matmul(x_ref, y_ref, tf32)
   zr = s * ar_ref[...][:, None] + cb_ref[...][None, :]
   zc = s * ac_ref[...][None, :] + rb_ref[...][:, None]
@@ -112,8 +121,23 @@ def _nce_stats_kernel(tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref,
   cl_ref[...] = jnp.sum(jnp.exp(zc - mc_safe[None, :]), axis=0)
 
 
-def _nce_ds_kernel(tf32, need_sums, need_a, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, lr_ref,
-                   lc_ref, wr_ref, wc_ref, ds_ref, *refs):
+def _nce_ds_kernel(
+  tf32,
+  need_sums,
+  need_a,
+  x_ref,
+  y_ref,
+  ar_ref,
+  ac_ref,
+  rb_ref,
+  cb_ref,
+  lr_ref,
+  lc_ref,
+  wr_ref,
+  wc_ref,
+  ds_ref,
+  *refs,
+):
   s = _sub_matmul(x_ref, y_ref, tf32)
   pr = jnp.exp(s * ar_ref[...][:, None] + cb_ref[...][None, :] - lr_ref[...][:, None])
   pc = jnp.exp(s * ac_ref[...][None, :] + rb_ref[...][:, None] - lc_ref[...][None, :])
@@ -138,6 +162,7 @@ def _varying_like(x) -> dict:
   versions, so it is looked up.
   """
   import inspect
+
   aval = jax.typeof(x) if hasattr(jax, "typeof") else None
   params = inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
   for attr, kw in (("mat", "manual_axis_type"), ("vma", "vma")):
@@ -154,20 +179,31 @@ def _fused_call(kernel, br, bc, d, vec_in, out_shape, like):
   """
   pl, plgpu = _pl()
   gi, gj = br // _SUB, bc // _SUB
-  vec = {"r": pl.BlockSpec((_SUB,), lambda i, j: (i,)),
-         "c": pl.BlockSpec((_SUB,), lambda i, j: (j,))}
-  in_specs = [pl.BlockSpec((_SUB, d), lambda i, j: (i, 0)),
-              pl.BlockSpec((_SUB, d), lambda i, j: (j, 0))] + [vec[v] for v in vec_in]
-  shapes = {"tile": ((br, bc), pl.BlockSpec((_SUB, _SUB), lambda i, j: (i, j))),
-            "rowpart": ((gj, br), pl.BlockSpec((None, _SUB), lambda i, j: (j, i))),
-            "colpart": ((gi, bc), pl.BlockSpec((None, _SUB), lambda i, j: (i, j)))}
+  vec = {
+    "r": pl.BlockSpec((_SUB,), lambda i, j: (i,)),
+    "c": pl.BlockSpec((_SUB,), lambda i, j: (j,)),
+  }
+  in_specs = [
+    pl.BlockSpec((_SUB, d), lambda i, j: (i, 0)),
+    pl.BlockSpec((_SUB, d), lambda i, j: (j, 0)),
+  ] + [vec[v] for v in vec_in]
+  shapes = {
+    "tile": ((br, bc), pl.BlockSpec((_SUB, _SUB), lambda i, j: (i, j))),
+    "rowpart": ((gj, br), pl.BlockSpec((None, _SUB), lambda i, j: (j, i))),
+    "colpart": ((gi, bc), pl.BlockSpec((None, _SUB), lambda i, j: (i, j))),
+  }
   outs = [jax.ShapeDtypeStruct(shapes[k][0], dt, **_varying_like(like)) for k, dt in out_shape]
   specs = [shapes[k][1] for k, _ in out_shape]
   interpret = _FUSED[0] == "interpret"
   return pl.pallas_call(
-      kernel, out_shape=outs, grid=(gi, gj), in_specs=in_specs, out_specs=specs,
-      compiler_params=None if interpret else plgpu.CompilerParams(**_TRITON),
-      interpret=interpret)
+    kernel,
+    out_shape=outs,
+    grid=(gi, gj),
+    in_specs=in_specs,
+    out_specs=specs,
+    compiler_params=None if interpret else plgpu.CompilerParams(**_TRITON),
+    interpret=interpret,
+  )
 
 
 def _tf32(precision) -> bool:
@@ -192,6 +228,7 @@ def _merge_lse(state, part):
   ms = jnp.where(jnp.isneginf(mn), 0.0, mn)
   return mn, s * jnp.exp(m - ms) + pl_ * jnp.exp(pm - ms)
 
+
 def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   """The fused form of `blockwise._nce_fwd_tile` (same arguments, same result)."""
   del mask_rows, mask_cols  # the bias vectors mask every tile
@@ -200,11 +237,16 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   br, d = xr.shape
   bc = yc.shape[0]
   f32 = jnp.float32
-  call = _fused_call(functools.partial(_nce_stats_kernel, _tf32(precision)), br, bc, d,
-                     "rcrc", [("rowpart", f32), ("rowpart", f32), ("colpart", f32),
-                              ("colpart", f32)], xr)
-  rm, rl, cm, cl = call(xr, yc, ar.astype(f32), ac.astype(f32), _bias(rid, f32),
-                        _bias(cid, f32))
+  call = _fused_call(
+    functools.partial(_nce_stats_kernel, _tf32(precision)),
+    br,
+    bc,
+    d,
+    "rcrc",
+    [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
+    xr,
+  )
+  rm, rl, cm, cl = call(xr, yc, ar.astype(f32), ac.astype(f32), _bias(rid, f32), _bias(cid, f32))
   return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
 
 
@@ -222,10 +264,27 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   need_sums = jnp.finfo(op).bits < 32
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
-  call = _fused_call(functools.partial(_nce_ds_kernel, _tf32(precision), need_sums, need_a), br,
-                     bc, d, "rcrcrcrc", outs, xr)
-  res = call(xr, yc, ar.astype(f32), ac.astype(f32), _bias(rid, f32), _bias(cid, f32),
-             lse_r.astype(f32), lse_c.astype(f32), (gr * ar).astype(f32), (gc * ac).astype(f32))
+  call = _fused_call(
+    functools.partial(_nce_ds_kernel, _tf32(precision), need_sums, need_a),
+    br,
+    bc,
+    d,
+    "rcrcrcrc",
+    outs,
+    xr,
+  )
+  res = call(
+    xr,
+    yc,
+    ar.astype(f32),
+    ac.astype(f32),
+    _bias(rid, f32),
+    _bias(cid, f32),
+    lse_r.astype(f32),
+    lse_c.astype(f32),
+    (gr * ar).astype(f32),
+    (gc * ac).astype(f32),
+  )
   ds, res = res[0], res[1:]
   sums = None
   if need_sums:
@@ -236,4 +295,3 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)
   return (dx + ddx, dar), (dy + ddy, dac)
-

@@ -7,6 +7,7 @@ of one row block and one column block and their running states; this module runs
 device's column blocks passed round a ring (`ring_traverse`). It imports no loss module, so the
 losses import it and not each other.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -114,6 +115,7 @@ def varying(tree, axis_name):
       return lax.pcast(x, axis_name, to="varying")
     except (ValueError, TypeError, NameError, NotImplementedError):
       return x  # pmap, or already varying
+
   return jax.tree.map(cast, tree)
 
 
@@ -123,15 +125,18 @@ def varying(tree, axis_name):
 
 def matmul(a, b, precision):
   """`a @ b.T` in f32 (or f64) accumulation, low-precision operands fed as they are."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                         preferred_element_type=compute_dtype(a, b))
+  return lax.dot_general(
+    a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=compute_dtype(a, b)
+  )
 
 
 def _grad_dots(ds, xr, yc, precision, out):
-  dx = lax.dot_general(ds, yc, (((1,), (0,)), ((), ())), precision=precision,
-                       preferred_element_type=out)
-  dy = lax.dot_general(ds, xr, (((0,), (0,)), ((), ())), precision=precision,
-                       preferred_element_type=out)
+  dx = lax.dot_general(
+    ds, yc, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=out
+  )
+  dy = lax.dot_general(
+    ds, xr, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=out
+  )
   return dx, dy
 
 
@@ -183,6 +188,7 @@ def sweep(tile: Callable, rows, cols, row_state, col_state):
   loop's carry; the column state is threaded through as the inner scan's xs/ys, so no
   dynamic-update-slice of a large buffer is needed.
   """
+
   def outer(cs_all, r_xs):
     r, rs = r_xs
 
@@ -231,8 +237,10 @@ def traverse(tile, rows, fixed, moving, carry, axis_name):
   accumulates over rows (and, sharded, travels home with its block); `carry` the row state.
   Returns `(row state, column state)`.
   """
+
   def step(fixed, moving, carry):
     return sweep(tile, rows, fixed, carry, moving)
+
   if axis_name is None:
     return step(fixed, moving, carry)
   return ring_traverse(step, fixed, moving, carry, axis_name)

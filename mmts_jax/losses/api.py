@@ -1,4 +1,5 @@
 """The public MM-TS losses, one function per loss; each routes through `dispatch.route`."""
+
 from __future__ import annotations
 
 import jax
@@ -8,9 +9,17 @@ from mmts_jax.losses.dispatch import route
 __all__ = ["infonce", "max_margin", "sigmoid"]
 
 
-def infonce(image: jax.Array, text: jax.Array, temperature, *, axis_name=None,
-            impl: str = "auto", block_size=None, sharded: str = "auto",
-            precision=None) -> jax.Array:
+def infonce(
+  image: jax.Array,
+  text: jax.Array,
+  temperature,
+  *,
+  axis_name=None,
+  impl: str = "auto",
+  block_size=None,
+  sharded: str = "auto",
+  precision=None,
+) -> jax.Array:
   r"""Symmetric InfoNCE with a per-anchor temperature.
 
   .. math::
@@ -42,13 +51,30 @@ def infonce(image: jax.Array, text: jax.Array, temperature, *, axis_name=None,
     >>> x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
     >>> loss = infonce(x, x, jnp.full((4,), 0.07))
   """
-  return route("infonce", image, text, temperature, axis_name=axis_name, impl=impl,
-               block_size=block_size, sharded=sharded, precision=precision)
+  return route(
+    "infonce",
+    image,
+    text,
+    temperature,
+    axis_name=axis_name,
+    impl=impl,
+    block_size=block_size,
+    sharded=sharded,
+    precision=precision,
+  )
 
 
-def max_margin(image: jax.Array, text: jax.Array, margin, *, axis_name=None,
-               impl: str = "auto", block_size=None, sharded: str = "auto",
-               precision=None) -> jax.Array:
+def max_margin(
+  image: jax.Array,
+  text: jax.Array,
+  margin,
+  *,
+  axis_name=None,
+  impl: str = "auto",
+  block_size=None,
+  sharded: str = "auto",
+  precision=None,
+) -> jax.Array:
   r"""Bidirectional max-margin ranking loss with a per-anchor margin, on cosine similarities.
 
   .. math::
@@ -62,13 +88,31 @@ def max_margin(image: jax.Array, text: jax.Array, margin, *, axis_name=None,
     margin: scalar or `(B,)` per-anchor margins, > 0.
     axis_name, impl, block_size, sharded, precision: as in `infonce`.
   """
-  return route("max_margin", image, text, margin, axis_name=axis_name, impl=impl,
-               block_size=block_size, sharded=sharded, precision=precision)
+  return route(
+    "max_margin",
+    image,
+    text,
+    margin,
+    axis_name=axis_name,
+    impl=impl,
+    block_size=block_size,
+    sharded=sharded,
+    precision=precision,
+  )
 
 
-def sigmoid(image: jax.Array, text: jax.Array, temperature, *, bias, axis_name=None,
-            impl: str = "auto", block_size=None, sharded: str = "auto",
-            precision=None) -> jax.Array:
+def sigmoid(
+  image: jax.Array,
+  text: jax.Array,
+  temperature,
+  *,
+  bias,
+  axis_name=None,
+  impl: str = "auto",
+  block_size=None,
+  sharded: str = "auto",
+  precision=None,
+) -> jax.Array:
   r"""The sigmoid (SigLIP) loss with a per-anchor temperature and a bias.
 
   .. math::
@@ -99,5 +143,15 @@ def sigmoid(image: jax.Array, text: jax.Array, temperature, *, bias, axis_name=N
     >>> round(float(sigmoid(x, x, 0.1, bias=-5.0)), 4)  # every |u| = 5: 9 log(1 + e^-5) / 3
     0.0201
   """
-  return route("sigmoid", image, text, temperature, axis_name=axis_name, impl=impl,
-               block_size=block_size, sharded=sharded, precision=precision, bias=bias)
+  return route(
+    "sigmoid",
+    image,
+    text,
+    temperature,
+    axis_name=axis_name,
+    impl=impl,
+    block_size=block_size,
+    sharded=sharded,
+    precision=precision,
+    bias=bias,
+  )

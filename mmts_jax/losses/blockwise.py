@@ -28,6 +28,7 @@ The traversal (`mmts_jax.losses._traversal`) is shared with the ring-sharded los
 local. On GPUs the InfoNCE tiles may run as fused Pallas kernels
 (`mmts_jax.losses._pallas_tiles`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -125,10 +126,12 @@ def _nce_forward(x, y, a, blocks, precision, axis_name):
   rows, cols, mask_rows, mask_cols = _nce_layout(x, y, a, blocks, axis_name)
   dt = a.dtype
   nr, nc = rows[0].shape[0], cols[0].shape[0]
-  row0 = varying((_full((nr, blocks.rows), -jnp.inf, dt), _full((nr, blocks.rows), 0, dt)),
-                 axis_name)
-  col0 = varying((_full((nc, blocks.cols), -jnp.inf, dt), _full((nc, blocks.cols), 0, dt)),
-                 axis_name)
+  row0 = varying(
+    (_full((nr, blocks.rows), -jnp.inf, dt), _full((nr, blocks.rows), 0, dt)), axis_name
+  )
+  col0 = varying(
+    (_full((nc, blocks.cols), -jnp.inf, dt), _full((nc, blocks.cols), 0, dt)), axis_name
+  )
   fused = use_fused_tiles(blocks, x.shape[1], x.dtype)
   fwd = _pallas_tiles.nce_fwd_tile if fused else _nce_fwd_tile
   tile = functools.partial(fwd, precision, mask_rows, mask_cols)
@@ -183,10 +186,12 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   acc = compute_dtype(x, y)
   d = x.shape[1]
   nr, nc = rows[0].shape[0], cols[0].shape[0]
-  row0 = varying((jnp.zeros((nr, blocks.rows, d), acc), jnp.zeros((nr, blocks.rows), a.dtype)),
-                 axis_name)
-  col0 = varying((jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), a.dtype)),
-                 axis_name)
+  row0 = varying(
+    (jnp.zeros((nr, blocks.rows, d), acc), jnp.zeros((nr, blocks.rows), a.dtype)), axis_name
+  )
+  col0 = varying(
+    (jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), a.dtype)), axis_name
+  )
   bwd = _pallas_tiles.nce_bwd_tile if use_fused_tiles(blocks, d, x.dtype) else _nce_bwd_tile
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
@@ -210,8 +215,9 @@ def infonce_partial_sum(image, text, temperature, blocks, precision, axis_name):
   # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
   lse_r, lse_c, pos = infonce_lse(image, text, a, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   # Sharded, a NaN partial sum on one device makes the psum-ed loss NaN on all of them.
-  return _checks.nan_unless_valid(jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos), positive=(tau,),
-                                   axis_name=axis_name)
+  return _checks.nan_unless_valid(
+    jnp.sum(lse_r - pos) + jnp.sum(lse_c - pos), positive=(tau,), axis_name=axis_name
+  )
 
 
 def infonce_blockwise(image, text, temperature, *, block_size=None, precision=None):
@@ -254,8 +260,10 @@ def _mm_fwd_tile(precision, r, c, rs, cs):
   hc = jnp.where(keep, jax.nn.relu(co[None, :] + s), 0.0)
   rsum, rcnt = rs
   csum, ccnt = cs
-  return ((rsum + jnp.sum(hr, axis=1), rcnt + jnp.sum((hr > 0).astype(s.dtype), axis=1)),
-          (csum + jnp.sum(hc, axis=0), ccnt + jnp.sum((hc > 0).astype(s.dtype), axis=0)))
+  return (
+    (rsum + jnp.sum(hr, axis=1), rcnt + jnp.sum((hr > 0).astype(s.dtype), axis=1)),
+    (csum + jnp.sum(hc, axis=0), ccnt + jnp.sum((hc > 0).astype(s.dtype), axis=0)),
+  )
 
 
 def _mm_bwd_tile(precision, r, c, rs, cs):
@@ -263,8 +271,9 @@ def _mm_bwd_tile(precision, r, c, rs, cs):
   yc, co, cid, gc = c
   s = matmul(xr, yc, precision)
   keep = _hinge_masks(rid, cid)
-  ds = (jnp.where(keep & (ro[:, None] + s > 0), gr[:, None], 0.0)
-        + jnp.where(keep & (co[None, :] + s > 0), gc[None, :], 0.0))
+  ds = jnp.where(keep & (ro[:, None] + s > 0), gr[:, None], 0.0) + jnp.where(
+    keep & (co[None, :] + s > 0), gc[None, :], 0.0
+  )
   ddx, ddy = grad_matmuls(ds, xr, yc, precision)
   return rs + ddx, cs + ddy
 
@@ -333,8 +342,7 @@ def max_margin_partial_sum(image, text, margin, blocks, precision, axis_name):
   offset = m - jnp.sum(x * y, axis=1)
   # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
   rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
-  return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(m,),
-                                  axis_name=axis_name)
+  return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(m,), axis_name=axis_name)
 
 
 def max_margin_blockwise(image, text, margin, *, block_size=None, precision=None):

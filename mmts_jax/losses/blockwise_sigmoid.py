@@ -19,6 +19,7 @@ then `dX += dS Y_c`, `dY_c += dS^T X_r`; the temperature and bias gradients are 
 sums of `p s` and `p`. Memory `O(B*D + rows*cols)`; any `B` (the last tile is masked). The same
 tiles run over the ring (`mmts_jax.losses.ring.sigmoid_ring`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,16 +75,26 @@ def _bwd_tile(precision, r, c, rs, cs):
   pc = jnp.where(valid, -z * jax.nn.sigmoid(-uc), 0.0)
   ds = (gr * ar)[:, None] * pr + (gc * ac)[None, :] * pc
   ddx, ddy = grad_matmuls(ds, xr, yc, precision)
-  return ((dx + ddx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
-          (dy + ddy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)))
+  return (
+    (dx + ddx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
+    (dy + ddy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)),
+  )
 
 
 def _layout(x, y, a, c, blocks, axis_name):
   ids = global_ids(x.shape[0], axis_name)
-  rows = (split(x, blocks.rows), split(a, blocks.rows, 1), split(c, blocks.rows),
-          split(ids, blocks.rows, -1))
-  cols = (split(y, blocks.cols), split(a, blocks.cols, 1), split(c, blocks.cols),
-          split(ids, blocks.cols, -1))
+  rows = (
+    split(x, blocks.rows),
+    split(a, blocks.rows, 1),
+    split(c, blocks.rows),
+    split(ids, blocks.rows, -1),
+  )
+  cols = (
+    split(y, blocks.cols),
+    split(a, blocks.cols, 1),
+    split(c, blocks.cols),
+    split(ids, blocks.cols, -1),
+  )
   return rows, cols
 
 
@@ -116,8 +127,12 @@ def _sums_bwd(blocks, precision, axis_name, res, g):
   d = x.shape[1]
 
   def zeros(blk):
-    return (jnp.zeros(blk.shape + (d,), acc), jnp.zeros(blk.shape, a.dtype),
-            jnp.zeros(blk.shape, a.dtype))
+    return (
+      jnp.zeros(blk.shape + (d,), acc),
+      jnp.zeros(blk.shape, a.dtype),
+      jnp.zeros(blk.shape, a.dtype),
+    )
+
   row0 = varying(zeros(rows[1]), axis_name)
   col0 = varying(zeros(cols[1]), axis_name)
   tile = functools.partial(_bwd_tile, precision)
@@ -142,8 +157,9 @@ def sigmoid_partial_sum(image, text, temperature, bias, blocks, precision, axis_
   a, c = varying((1.0 / tau, c), axis_name)
   # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
   rsum, csum = sigmoid_sums(image, text, a, c, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
-  return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(tau,), finite=(c,),
-                                  axis_name=axis_name)
+  return _checks.nan_unless_valid(
+    jnp.sum(rsum) + jnp.sum(csum), positive=(tau,), finite=(c,), axis_name=axis_name
+  )
 
 
 def sigmoid_blockwise(image, text, temperature, *, bias, block_size=None, precision=None):

@@ -7,6 +7,7 @@ who want the error itself, with the offending value, wrap the loss:
   err, loss = jax.jit(losses.checked(losses.infonce))(image, text, tau)
   err.throw()  # "temperature must be finite and > 0, got min -0.1 ..."
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,9 +42,12 @@ def check_values(values, name: str = "temperature", *, signed: bool = False) -> 
   if signed:
     checkify.check(bad == 0, f"{name} must be finite, got {{bad}} non-finite value(s)", bad=bad)
     return
-  checkify.check((bad == 0) & jnp.all(v > 0),
-                 f"{name} must be finite and > 0, got min {{low}} and {{bad}} non-finite "
-                 f"value(s)", low=jnp.min(jnp.where(jnp.isnan(v), jnp.inf, v)), bad=bad)
+  checkify.check(
+    (bad == 0) & jnp.all(v > 0),
+    f"{name} must be finite and > 0, got min {{low}} and {{bad}} non-finite value(s)",
+    low=jnp.min(jnp.where(jnp.isnan(v), jnp.inf, v)),
+    bad=bad,
+  )
 
 
 def checked(loss_fn: Callable, values: str = "temperature") -> Callable:
@@ -62,6 +66,7 @@ def checked(loss_fn: Callable, values: str = "temperature") -> Callable:
     >>> err.get() is not None and bool(jnp.isnan(loss))
     True
   """
+
   @functools.wraps(loss_fn)
   def run(image, text, v, **kw):
     check_values(v, values)

@@ -11,6 +11,7 @@ Conventions (as the official MM-TS / AVION code):
     diagonal, -1 off it, each pair once with the image anchor's temperature and bias and once
     with the text anchor's, sum over the 2B^2 terms divided by 2B (SigLIP's loss for scalar tau).
 """
+
 from __future__ import annotations
 
 import jax

@@ -13,6 +13,7 @@ Forms (all compute the same function; see docs/losses.md):
 | "gather" | under `shard_map`, the batch all-gathered | `(b, B)` logits per device |
 | "ring" | under `shard_map`, blocks passed round the devices | own shard + one block |
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,18 +50,33 @@ AUTO_GATHER_MAX = 8192
 
 # name -> (what `values` are, {form: function}).
 _FORMS = {
-    "infonce": ("temperature", {"dense": dense.infonce_dense,
-                                "blockwise": blockwise.infonce_blockwise,
-                                "gather": gathered.infonce_gathered,
-                                "ring": ring.infonce_ring}),
-    "max_margin": ("margin", {"dense": dense.max_margin_dense,
-                              "blockwise": blockwise.max_margin_blockwise,
-                              "gather": gathered.max_margin_gathered,
-                              "ring": ring.max_margin_ring}),
-    "sigmoid": ("temperature", {"dense": dense.sigmoid_dense,
-                                "blockwise": blockwise_sigmoid.sigmoid_blockwise,
-                                "gather": gathered.sigmoid_gathered,
-                                "ring": ring.sigmoid_ring}),
+  "infonce": (
+    "temperature",
+    {
+      "dense": dense.infonce_dense,
+      "blockwise": blockwise.infonce_blockwise,
+      "gather": gathered.infonce_gathered,
+      "ring": ring.infonce_ring,
+    },
+  ),
+  "max_margin": (
+    "margin",
+    {
+      "dense": dense.max_margin_dense,
+      "blockwise": blockwise.max_margin_blockwise,
+      "gather": gathered.max_margin_gathered,
+      "ring": ring.max_margin_ring,
+    },
+  ),
+  "sigmoid": (
+    "temperature",
+    {
+      "dense": dense.sigmoid_dense,
+      "blockwise": blockwise_sigmoid.sigmoid_blockwise,
+      "gather": gathered.sigmoid_gathered,
+      "ring": ring.sigmoid_ring,
+    },
+  ),
 }
 NAMES = tuple(_FORMS)
 # "auto" / "dense" / "blockwise": the loss of the global batch, which XLA partitions when the
@@ -83,9 +99,19 @@ def _check_extra(name, extra):
     raise TypeError(f"{name}: takes the keyword argument(s) {sorted(want)}, got {sorted(extra)}")
 
 
-def route(name: str, image: jax.Array, text: jax.Array, values, *, axis_name=None,
-          impl: str = "auto", block_size=None, sharded: str = "auto", precision=None,
-          **extra) -> jax.Array:
+def route(
+  name: str,
+  image: jax.Array,
+  text: jax.Array,
+  values,
+  *,
+  axis_name=None,
+  impl: str = "auto",
+  block_size=None,
+  sharded: str = "auto",
+  precision=None,
+  **extra,
+) -> jax.Array:
   """Checks the inputs and computes loss `name` by the form `impl` / `sharded` selects.
 
   Args:
@@ -120,16 +146,25 @@ def route(name: str, image: jax.Array, text: jax.Array, values, *, axis_name=Non
       sharded = "gather" if axis_size(axis_name) * b <= AUTO_GATHER_MAX else "ring"
     if sharded == "gather":
       return forms["gather"](image, text, values, axis_name, precision=precision, **extra)
-    return forms["ring"](image, text, values, axis_name, block_size=block_size,
-                         precision=precision, **extra)
+    return forms["ring"](
+      image, text, values, axis_name, block_size=block_size, precision=precision, **extra
+    )
   if impl == "dense" or (impl == "auto" and b <= AUTO_DENSE_MAX and block_size is None):
     return forms["dense"](image, text, values, precision=precision, **extra)
-  return forms["blockwise"](image, text, values, block_size=block_size, precision=precision,
-                            **extra)
+  return forms["blockwise"](
+    image, text, values, block_size=block_size, precision=precision, **extra
+  )
 
 
-def make_sharded_loss(mesh, loss: str = "infonce", *, axis_name=None, sharded: str = "ring",
-                      block_size=None, precision=None) -> LossFn:
+def make_sharded_loss(
+  mesh,
+  loss: str = "infonce",
+  *,
+  axis_name=None,
+  sharded: str = "ring",
+  block_size=None,
+  precision=None,
+) -> LossFn:
   """The global-batch loss over `mesh`, the batch split along `axis_name` (`shard_map` inside).
 
   Args:
@@ -161,19 +196,28 @@ def make_sharded_loss(mesh, loss: str = "infonce", *, axis_name=None, sharded: s
   keys = tuple(_checks.EXTRA.get(loss, ()))
 
   def local(image, text, value, *extra):
-    return route(loss, image, text, value, axis_name=axis_name, sharded=sharded,
-                 block_size=block_size, precision=precision, **dict(zip(keys, extra, strict=True)))
+    return route(
+      loss,
+      image,
+      text,
+      value,
+      axis_name=axis_name,
+      sharded=sharded,
+      block_size=block_size,
+      precision=precision,
+      **dict(zip(keys, extra, strict=True)),
+    )
 
-  mapped = sharding.shard_map(local, mesh=mesh, in_specs=(spec,) * (3 + len(keys)),
-                              out_specs=P())
+  mapped = sharding.shard_map(local, mesh=mesh, in_specs=(spec,) * (3 + len(keys)), out_specs=P())
 
   def loss_fn(image, text, value, **extra):
     _check_extra(loss, extra)
     _checks.check_pair(image, text, loss)
     b = image.shape[0]
     if b % n:
-      raise ValueError(f"{loss}: the global batch {b} is not divisible by the {n} devices along "
-                       f"{axis_name!r}")
+      raise ValueError(
+        f"{loss}: the global batch {b} is not divisible by the {n} devices along {axis_name!r}"
+      )
     _checks.check_per_anchor(value, b, what, loss, strictly_positive=True)
     dt = jnp.promote_types(image.dtype, jnp.float32)
     # Per-anchor vectors sharded like the batch: a scalar's gradient is the sum over the batch.
@@ -186,8 +230,9 @@ def make_sharded_loss(mesh, loss: str = "infonce", *, axis_name=None, sharded: s
   return loss_fn
 
 
-def get(name: str, *, impl: str = "auto", block_size=None, mesh=None, axis_name=None,
-        precision=None) -> LossFn:
+def get(
+  name: str, *, impl: str = "auto", block_size=None, mesh=None, axis_name=None, precision=None
+) -> LossFn:
   """Returns `loss_fn(image, text, values, **extra) -> scalar` for a loss named in a config.
 
   Args:
@@ -216,12 +261,14 @@ def get(name: str, *, impl: str = "auto", block_size=None, mesh=None, axis_name=
   if impl in ("gather", "ring"):
     if mesh is None:
       raise ValueError(f"loss impl {impl!r} needs the mesh")
-    return make_sharded_loss(mesh, name, axis_name=axis_name, sharded=impl,
-                             block_size=block_size, precision=precision)
+    return make_sharded_loss(
+      mesh, name, axis_name=axis_name, sharded=impl, block_size=block_size, precision=precision
+    )
   resolve_blocks(block_size, 1, 1, name)  # a bad tile fails here, not at the first step
 
   def loss_fn(image, text, values, **extra):
-    return route(name, image, text, values, impl=impl, block_size=block_size,
-                 precision=precision, **extra)
+    return route(
+      name, image, text, values, impl=impl, block_size=block_size, precision=precision, **extra
+    )
 
   return loss_fn

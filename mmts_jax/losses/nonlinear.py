@@ -8,12 +8,14 @@ r"""The general nonlinear multimodal contrastive loss of Nakada et al. (AISTATS 
 
 `phi = log1p, psi = exp` is InfoNCE/CLIP: `log1p(sum_{j!=i} exp(a_ij)) = logsumexp_j a_ij` with
 `a_ii = 0`, which is how it is computed here (stable down to tau = 0.005 and below).
-`phi = psi = identity` is the linear loss, whose minimiser is an SVD (see `mmts_jax.projects.nakada`).
+`phi = psi = identity` is the linear loss, whose minimiser is an SVD (see
+`mmts_jax.projects.nakada`).
 
 Every anchor's term is a sum over the other modality's columns, so the columns can be visited in
 blocks of `block_size` (a `lax.scan` whose body is rematerialised in the backward pass): memory
 is `O(B * block_size)` instead of `O(B^2)`, for any `phi`/`psi`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +44,9 @@ def is_infonce_pair(phi, psi) -> bool:
 def _check_fns(phi, psi, fn: str) -> None:
   for name, f in (("phi", phi), ("psi", psi)):
     if not callable(f):
-      raise TypeError(f"{fn}: {name} must be a callable applied elementwise, got "
-                      f"{type(f).__name__}")
+      raise TypeError(
+        f"{fn}: {name} must be a callable applied elementwise, got {type(f).__name__}"
+      )
 
 
 def _check_block(block_size, fn: str) -> None:
@@ -102,13 +105,13 @@ def _anchor_terms_dense(s_rows, pos, inv_tau, row_ids, phi, psi):
   acc = _RowAccumulator(phi, psi)
   n = s_rows.shape[1]
   col_ids = jnp.arange(n)
-  carry = acc.update(acc.init(pos), _scores(s_rows, pos, inv_tau),
-                     _valid(row_ids, col_ids, n))
+  carry = acc.update(acc.init(pos), _scores(s_rows, pos, inv_tau), _valid(row_ids, col_ids, n))
   return acc.finish(carry)
 
 
-def _anchor_terms_blockwise(anchors, others, pos, inv_tau, row_ids, phi, psi, block_size,
-                            precision):
+def _anchor_terms_blockwise(
+  anchors, others, pos, inv_tau, row_ids, phi, psi, block_size, precision
+):
   """As `_anchor_terms_dense`, visiting `others` in column blocks; never holds `(b, n)`."""
   acc = _RowAccumulator(phi, psi)
   n, d = others.shape
@@ -146,8 +149,9 @@ def nonlinear_mmcl_similarity(s, temperature, *, phi: Elementwise, psi: Elementw
   fn = "nonlinear_mmcl_similarity"
   _check_fns(phi, psi, fn)
   if not hasattr(s, "ndim") or s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] < 1:
-    raise ValueError(f"{fn}: s must be a non-empty square (B, B) matrix, got shape "
-                     f"{tuple(np.shape(s))}")
+    raise ValueError(
+      f"{fn}: s must be a non-empty square (B, B) matrix, got shape {tuple(np.shape(s))}"
+    )
   b = s.shape[0]
   _checks.check_per_anchor(temperature, b, "temperature", fn, strictly_positive=True)
   s = s.astype(compute_dtype(s))
@@ -159,8 +163,17 @@ def nonlinear_mmcl_similarity(s, temperature, *, phi: Elementwise, psi: Elementw
   return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
 
 
-def nonlinear_mmcl(image, text, temperature, *, phi: Elementwise, psi: Elementwise,
-                   axis_name=None, block_size: int | None = None, precision=None):
+def nonlinear_mmcl(
+  image,
+  text,
+  temperature,
+  *,
+  phi: Elementwise,
+  psi: Elementwise,
+  axis_name=None,
+  block_size: int | None = None,
+  precision=None,
+):
   r"""Nakada et al.'s general multimodal contrastive loss, with per-anchor temperature.
 
   .. math::
@@ -192,13 +205,13 @@ def nonlinear_mmcl(image, text, temperature, *, phi: Elementwise, psi: Elementwi
   """
   fn = "nonlinear_mmcl"
   _checks.check_pair(image, text, fn)
-  _checks.check_per_anchor(temperature, image.shape[0], "temperature", fn,
-                           strictly_positive=True)
+  _checks.check_per_anchor(temperature, image.shape[0], "temperature", fn, strictly_positive=True)
   _check_fns(phi, psi, fn)
   _check_block(block_size, fn)
   if axis_name is None and block_size is None:
-    return nonlinear_mmcl_similarity(similarity(image, text, precision), temperature,
-                                     phi=phi, psi=psi)
+    return nonlinear_mmcl_similarity(
+      similarity(image, text, precision), temperature, phi=phi, psi=psi
+    )
   b = image.shape[0]
   dt = compute_dtype(image, text)
   inv_tau = _inv_tau(temperature, b, dt)
@@ -212,10 +225,11 @@ def nonlinear_mmcl(image, text, temperature, *, phi: Elementwise, psi: Elementwi
   n = all_image.shape[0]
   rows = offset + jnp.arange(b)
   blk = n if block_size is None else min(int(block_size), n)
-  part = (jnp.sum(_anchor_terms_blockwise(image, all_text, pos, inv_tau, rows, phi, psi, blk,
-                                          precision))
-          + jnp.sum(_anchor_terms_blockwise(text, all_image, pos, inv_tau, rows, phi, psi, blk,
-                                            precision)))
+  part = jnp.sum(
+    _anchor_terms_blockwise(image, all_text, pos, inv_tau, rows, phi, psi, blk, precision)
+  ) + jnp.sum(
+    _anchor_terms_blockwise(text, all_image, pos, inv_tau, rows, phi, psi, blk, precision)
+  )
   if axis_name is not None:
     part = jax.lax.psum(part, axis_name)
   return part / (2 * n)

@@ -19,6 +19,7 @@ The value is the global-batch loss (a `psum` of the per-device sums), equal to
 `mmts_jax.losses.infonce_dense` of the concatenated batch; `jax.grad` inside `shard_map` gives the
 local rows of the global gradient.
 """
+
 from __future__ import annotations
 
 from jax import lax
@@ -73,6 +74,7 @@ def sigmoid_ring(image, text, temperature, axis_name, *, bias, block_size=None, 
   b = image.shape[0]
   blocks = resolve_blocks(block_size, b, b, "sigmoid")
   n = axis_size(axis_name)
-  part = blockwise_sigmoid.sigmoid_partial_sum(image, text, temperature, bias, blocks, precision,
-                                               axis_name)
+  part = blockwise_sigmoid.sigmoid_partial_sum(
+    image, text, temperature, bias, blocks, precision, axis_name
+  )
   return lax.psum(part, axis_name) / (2 * n * b)

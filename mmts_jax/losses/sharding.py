@@ -3,6 +3,7 @@
 The sharded losses themselves are built by `mmts_jax.losses.make_sharded_loss`
 (`mmts_jax.losses.dispatch`); this module knows nothing about any loss.
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,6 +17,7 @@ def shard_map(f, *, mesh, in_specs, out_specs):
   if hasattr(jax, "shard_map"):
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
   from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover (old jax)
+
   return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 

@@ -9,6 +9,7 @@ Example:
   >>> models.build_model.__module__
   'mmts_jax.models.build'
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,12 +23,29 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports t
   from mmts_jax.models.text_transformer import TextTransformer
   from mmts_jax.models.vit import ViT
 
-_WHERE = {"DualEncoder": "dual_encoder", "FeatureTower": "feature_tower", "ResNet": "resnet",
-          "TextTransformer": "text_transformer", "ViT": "vit", "build_model": "build",
-          "build_tower": "build", "parse_dtype": "build", "DTYPES": "build"}
+_WHERE = {
+  "DualEncoder": "dual_encoder",
+  "FeatureTower": "feature_tower",
+  "ResNet": "resnet",
+  "TextTransformer": "text_transformer",
+  "ViT": "vit",
+  "build_model": "build",
+  "build_tower": "build",
+  "parse_dtype": "build",
+  "DTYPES": "build",
+}
 # Spelled out (sorted(_WHERE)) so that type checkers can read it.
-__all__ = ["DTYPES", "DualEncoder", "FeatureTower", "ResNet", "TextTransformer", "ViT",
-           "build_model", "build_tower", "parse_dtype"]
+__all__ = [
+  "DTYPES",
+  "DualEncoder",
+  "FeatureTower",
+  "ResNet",
+  "TextTransformer",
+  "ViT",
+  "build_model",
+  "build_tower",
+  "parse_dtype",
+]
 
 
 def __getattr__(name: str):

@@ -28,6 +28,7 @@ Example:
   >>> attn.apply(params, x).shape
   (1, 4, 8)
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -42,8 +43,9 @@ Dtype = Any
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def implementation(dtype: Dtype, head_dim: int, has_mask: bool,
-                   backend: str | None = None) -> Literal["cudnn", "xla"]:
+def implementation(
+  dtype: Dtype, head_dim: int, has_mask: bool, backend: str | None = None
+) -> Literal["cudnn", "xla"]:
   """The kernel for `jax.nn.dot_product_attention`: `"cudnn"` or `"xla"`.
 
   cuDNN's flash attention takes bf16/fp16 only, head dimensions that are multiples of 8 up to
@@ -59,8 +61,13 @@ def implementation(dtype: Dtype, head_dim: int, has_mask: bool,
     'xla'
   """
   backend = jax.default_backend() if backend is None else backend
-  fused = (backend in ("gpu", "cuda") and jnp.dtype(dtype) in [jnp.dtype(d) for d in _FUSED_DTYPES]
-           and head_dim % 8 == 0 and head_dim <= 128 and not has_mask)
+  fused = (
+    backend in ("gpu", "cuda")
+    and jnp.dtype(dtype) in [jnp.dtype(d) for d in _FUSED_DTYPES]
+    and head_dim % 8 == 0
+    and head_dim <= 128
+    and not has_mask
+  )
   return "cudnn" if fused else "xla"
 
 
@@ -85,8 +92,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          kernel: Literal["cudnn", "xla"] = "cudnn") -> jax.Array:
+def even_length_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, kernel: Literal["cudnn", "xla"] = "cudnn"
+) -> jax.Array:
   """Unmasked self-attention `(B, L, heads, d)` computed at an even length.
 
   cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens). An odd L is
@@ -107,8 +115,9 @@ def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   pad = ((0, 0), (0, 1), (0, 0), (0, 0))
   q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
   lengths = jnp.full((q.shape[0],), length, jnp.int32)
-  y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
-                                   key_value_seq_lengths=lengths, implementation=kernel)
+  y = jax.nn.dot_product_attention(
+    q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=kernel
+  )
   return y[:, :length]
 
 
@@ -117,28 +126,39 @@ class SelfAttention(nn.Module):
 
   `mask` (bool) broadcasts to `(B, heads, L, L)`; True keeps a key.
   """
+
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, *, deterministic: bool = True
+  ) -> jax.Array:
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(
-          f"SelfAttention: width {width} is not divisible by num_heads {self.num_heads}")
+        f"SelfAttention: width {width} is not divisible by num_heads {self.num_heads}"
+      )
     head_dim = width // self.num_heads
     dense = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+      (self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
     if self.dropout_rate > 0.0 and not deterministic:
-      y = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
-                                   dropout_rate=self.dropout_rate, deterministic=False,
-                                   dtype=self.dtype)
+      y = nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        dropout_rng=self.make_rng("dropout"),
+        dropout_rate=self.dropout_rate,
+        deterministic=False,
+        dtype=self.dtype,
+      )
     else:
       y = attend(q, k, v, mask)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="out")(y)
+    return nn.DenseGeneral(
+      width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out"
+    )(y)

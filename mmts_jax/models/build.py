@@ -3,10 +3,12 @@
 Towers map their input to `(B, width)` features; `DualEncoder` projects and L2-normalises them.
 All modules compute in `dtype` (e.g. bfloat16) with float32 parameters.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -42,33 +44,56 @@ def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
     raise ValueError(f"model.{side}.name must be one of {allowed}, got {name!r}")
   common = dict(dtype=dtype, param_dtype=jnp.float32)
   if name == "features":
-    module = FeatureTower(hidden_dims=tuple(_get(cfg, "hidden_dims", (1024,))),
-                          dropout=float(_get(cfg, "dropout", 0.0)), **common)
+    module = FeatureTower(
+      hidden_dims=tuple(_get(cfg, "hidden_dims", (1024,))),
+      dropout=float(_get(cfg, "dropout", 0.0)),
+      **common,
+    )
     return module, _get(cfg, "input_key", f"{side}_features")
   if name == "vit":
-    overrides = {k: _get(cfg, k) for k in ("width", "depth", "mlp_dim", "num_heads")
-                 if _get(cfg, k) is not None}
-    module = ViT.from_variant(_get(cfg, "variant", "B/16"), pool=_get(cfg, "pool", "cls"),
-                              dropout=float(_get(cfg, "dropout", 0.0)),
-                              remat=bool(_get(cfg, "remat", False)), **common)
+    overrides = {
+      k: _get(cfg, k)
+      for k in ("width", "depth", "mlp_dim", "num_heads")
+      if _get(cfg, k) is not None
+    }
+    module = ViT.from_variant(
+      _get(cfg, "variant", "B/16"),
+      pool=_get(cfg, "pool", "cls"),
+      dropout=float(_get(cfg, "dropout", 0.0)),
+      remat=bool(_get(cfg, "remat", False)),
+      **common,
+    )
     module = module.clone(**overrides) if overrides else module
   elif name == "resnet":
-    module = ResNet.from_depth(int(_get(cfg, "depth", 50)), width=int(_get(cfg, "width", 64)),
-                               **common)
+    module = ResNet.from_depth(
+      int(_get(cfg, "depth", 50)), width=int(_get(cfg, "width", 64)), **common
+    )
   else:  # transformer
     module = TextTransformer(
-        vocab_size=int(_get(cfg, "vocab_size", 49408)), max_len=int(_get(cfg, "max_len", 77)),
-        width=int(_get(cfg, "width", 512)), depth=int(_get(cfg, "depth", 12)),
-        num_heads=int(_get(cfg, "num_heads", 8)), mlp_dim=int(_get(cfg, "mlp_dim", 2048)),
-        pool=_get(cfg, "pool", "eot"), causal=bool(_get(cfg, "causal", True)),
-        pad_id=int(_get(cfg, "pad_id", 0)), dropout=float(_get(cfg, "dropout", 0.0)),
-        remat=bool(_get(cfg, "remat", False)), **common)
+      vocab_size=int(_get(cfg, "vocab_size", 49408)),
+      max_len=int(_get(cfg, "max_len", 77)),
+      width=int(_get(cfg, "width", 512)),
+      depth=int(_get(cfg, "depth", 12)),
+      num_heads=int(_get(cfg, "num_heads", 8)),
+      mlp_dim=int(_get(cfg, "mlp_dim", 2048)),
+      pool=_get(cfg, "pool", "eot"),
+      causal=bool(_get(cfg, "causal", True)),
+      pad_id=int(_get(cfg, "pad_id", 0)),
+      dropout=float(_get(cfg, "dropout", 0.0)),
+      remat=bool(_get(cfg, "remat", False)),
+      **common,
+    )
   return module, _get(cfg, "input_key", side)
 
 
-def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
-                init_temperature: float = 0.07, learnable_bias: bool = False,
-                init_bias: float = -10.0):
+def build_model(
+  cfg: Mapping[str, Any],
+  *,
+  learnable_temperature: bool = False,
+  init_temperature: float = 0.07,
+  learnable_bias: bool = False,
+  init_bias: float = -10.0,
+):
   """`config.model` -> `DualEncoder`, or `mmts_jax.models.clip.CLIP` when `model.name` is
   "clip" (see `mmts_jax.models.clip.build`).
 
@@ -87,18 +112,31 @@ def build_model(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
     raise ValueError(f"the initial logit bias must be finite, got {init_bias}")
   if _get(cfg, "name") == "clip":  # OpenAI / OpenCLIP's exact towers (docs/clip.md)
     if learnable_bias:
-      raise ValueError("model.name 'clip' has no logit bias for loss 'sigmoid': train the "
-                       "sigmoid loss with a DualEncoder config (model.image / model.text)")
+      raise ValueError(
+        "model.name 'clip' has no logit bias for loss 'sigmoid': train the "
+        "sigmoid loss with a DualEncoder config (model.image / model.text)"
+      )
     from mmts_jax.models.clip.build import build_clip
-    return build_clip(cfg, learnable_temperature=learnable_temperature,
-                      init_temperature=init_temperature)
+
+    return build_clip(
+      cfg, learnable_temperature=learnable_temperature, init_temperature=init_temperature
+    )
   dtype = parse_dtype(_get(cfg, "dtype", "float32"))
   image, image_key = build_tower(cfg["image"], "image", dtype)
   text, text_key = build_tower(cfg["text"], "text", dtype)
   embed_dim = int(_get(cfg, "embed_dim", 512))
   if embed_dim <= 0:
     raise ValueError(f"model.embed_dim must be > 0, got {embed_dim}")
-  return DualEncoder(image, text, embed_dim=embed_dim, image_key=image_key, text_key=text_key,
-                     learnable_temperature=learnable_temperature,
-                     init_temperature=init_temperature, learnable_bias=learnable_bias,
-                     init_bias=float(init_bias), dtype=dtype, param_dtype=jnp.float32)
+  return DualEncoder(
+    image,
+    text,
+    embed_dim=embed_dim,
+    image_key=image_key,
+    text_key=text_key,
+    learnable_temperature=learnable_temperature,
+    init_temperature=init_temperature,
+    learnable_bias=learnable_bias,
+    init_bias=float(init_bias),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+  )

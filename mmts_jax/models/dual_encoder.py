@@ -25,6 +25,7 @@ Example:
   >>> out["image"].shape, out["text"].shape
   ((2, 8), (2, 8))
 """
+
 from __future__ import annotations
 
 import math
@@ -51,17 +52,20 @@ class DualEncoder(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    dense = lambda name: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
+    dense = lambda name: nn.Dense(
+      self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     self.image_proj = dense("image_proj")
     self.text_proj = dense("text_proj")
     if self.learnable_temperature:
       init = math.log(1.0 / self.init_temperature)
       self.log_inv_temperature = self.param(
-          "log_inv_temperature", nn.initializers.constant(init), (), jnp.float32)
+        "log_inv_temperature", nn.initializers.constant(init), (), jnp.float32
+      )
     if self.learnable_bias:
-      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_bias), (),
-                                   jnp.float32)
+      self.logit_bias = self.param(
+        "logit_bias", nn.initializers.constant(self.init_bias), (), jnp.float32
+      )
 
   def encode_image(self, x, *, train: bool = False):
     """(B, ...) image input -> (B, embed_dim) unit-norm float32 embeddings."""
@@ -88,8 +92,10 @@ class DualEncoder(nn.Module):
     for key in (self.image_key, self.text_key):
       if key not in batch:
         raise KeyError(f"DualEncoder: batch has no {key!r} (keys: {sorted(batch)})")
-    out = {"image": self.encode_image(batch[self.image_key], train=train),
-           "text": self.encode_text(batch[self.text_key], train=train)}
+    out = {
+      "image": self.encode_image(batch[self.image_key], train=train),
+      "text": self.encode_text(batch[self.text_key], train=train),
+    }
     if self.learnable_temperature:
       out["temperature"] = self.temperature()
     if self.learnable_bias:

@@ -11,9 +11,11 @@ Example:
   >>> tower.apply(tower.init(jax.random.PRNGKey(0), x), x).shape
   (4, 64)
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -16,6 +16,7 @@ Example (`jax.eval_shape` traces the model without compiling it: the shapes, in 
   >>> jax.eval_shape(tower.apply, params, ids).shape
   (1, 32)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,26 +48,42 @@ class TextTransformer(nn.Module):
   def __call__(self, ids, *, train: bool = False):
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(
-          f"TextTransformer: ids must be (B, L) integers, got {ids.dtype} {tuple(ids.shape)}")
+        f"TextTransformer: ids must be (B, L) integers, got {ids.dtype} {tuple(ids.shape)}"
+      )
     if ids.shape[1] > self.max_len:
       raise ValueError(f"TextTransformer: sequence length {ids.shape[1]} > max_len {self.max_len}")
     if self.pool not in POOLINGS:
       raise ValueError(f"TextTransformer: pool must be one of {POOLINGS}, got {self.pool!r}")
     length = ids.shape[1]
-    valid = ids != self.pad_id                                   # (B, L)
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                 dtype=self.dtype, param_dtype=self.param_dtype, name="token_embed")(ids)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.01), (self.max_len, self.width),
-                     self.param_dtype)
+    valid = ids != self.pad_id  # (B, L)
+    x = nn.Embed(
+      self.vocab_size,
+      self.width,
+      embedding_init=nn.initializers.normal(0.02),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="token_embed",
+    )(ids)
+    pos = self.param(
+      "pos_embedding", nn.initializers.normal(0.01), (self.max_len, self.width), self.param_dtype
+    )
     x = x + pos[None, :length].astype(x.dtype)
-    mask = nn.make_attention_mask(valid, valid)                   # (B, 1, L, L)
+    mask = nn.make_attention_mask(valid, valid)  # (B, 1, L, L)
     if self.causal:
       mask = nn.combine_masks(mask, nn.make_causal_mask(ids))
     # A row with no valid key (an all-padding sequence) would softmax over nothing: let each
     # position always see itself.
     mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.remat, self.dtype,
-                self.param_dtype, name="encoder")(x, mask, train=train)
+    x = Encoder(
+      self.depth,
+      self.num_heads,
+      self.mlp_dim,
+      self.dropout,
+      self.remat,
+      self.dtype,
+      self.param_dtype,
+      name="encoder",
+    )(x, mask, train=train)
     if self.pool == "cls":
       return x[:, 0]
     if self.pool == "eot":

@@ -12,6 +12,7 @@ Example (`jax.eval_shape` traces the model without compiling it: the shapes, in 
   >>> jax.eval_shape(vit.apply, params, x).shape
   (2, 32)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,11 +24,11 @@ from mmts_jax.models.transformer import Encoder
 
 # name -> (width, depth, mlp_dim, heads). "mu" is a test size; the rest are the ViT paper's.
 VIT_SIZES = {
-    "mu": (32, 2, 64, 2),
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
+  "mu": (32, 2, 64, 2),
+  "Ti": (192, 12, 768, 3),
+  "S": (384, 12, 1536, 6),
+  "B": (768, 12, 3072, 12),
+  "L": (1024, 24, 4096, 16),
 }
 
 
@@ -36,7 +37,8 @@ def parse_variant(variant: str) -> tuple[str, int]:
   size, sep, patch = str(variant).partition("/")
   if not sep or size not in VIT_SIZES or not patch.isdigit() or int(patch) <= 0:
     raise ValueError(
-        f"ViT variant must be SIZE/PATCH with SIZE in {sorted(VIT_SIZES)}, got {variant!r}")
+      f"ViT variant must be SIZE/PATCH with SIZE in {sorted(VIT_SIZES)}, got {variant!r}"
+    )
   return size, int(patch)
 
 
@@ -53,11 +55,12 @@ class ViT(nn.Module):
   param_dtype: Any = jnp.float32
 
   @classmethod
-  def from_variant(cls, variant: str, **kwargs) -> "ViT":
+  def from_variant(cls, variant: str, **kwargs) -> ViT:
     size, patch = parse_variant(variant)
     width, depth, mlp_dim, heads = VIT_SIZES[size]
-    return cls(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=patch,
-               **kwargs)
+    return cls(
+      width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=patch, **kwargs
+    )
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -68,17 +71,33 @@ class ViT(nn.Module):
     p = self.patch_size
     if image.shape[1] % p or image.shape[2] % p:
       raise ValueError(f"ViT: image size {image.shape[1:3]} is not a multiple of patch {p}")
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype, name="patch_embed")(image.astype(self.dtype))
+    x = nn.Conv(
+      self.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="patch_embed",
+    )(image.astype(self.dtype))
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if self.pool == "cls":
       cls_tok = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls_tok.astype(x.dtype), (b, 1, c)), x], axis=1)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], c),
-                     self.param_dtype)
+    pos = self.param(
+      "pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], c), self.param_dtype
+    )
     x = x + pos.astype(x.dtype)
     x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_pre")(x)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.remat, self.dtype,
-                self.param_dtype, name="encoder")(x, train=train)
+    x = Encoder(
+      self.depth,
+      self.num_heads,
+      self.mlp_dim,
+      self.dropout,
+      self.remat,
+      self.dtype,
+      self.param_dtype,
+      name="encoder",
+    )(x, train=train)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)

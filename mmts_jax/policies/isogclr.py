@@ -56,6 +56,7 @@ Example:
   >>> round(float(new["tau_image"][5]), 6)  # not in the batch: untouched
   0.01
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,6 +102,7 @@ class ISogCLR(Policy):
     beta: momentum weight of the temperature gradient, in (0, 1].
     eps: added to the moving average before dividing.
   """
+
   name: str = "isogclr"
   gamma: float = 0.8
   rho: float = 6.0
@@ -113,27 +115,35 @@ class ISogCLR(Policy):
 
   def __post_init__(self):
     if self.what != "temperature":
-      raise ValueError(f"ISogCLR: what must be 'temperature' (max-margin does not apply), got "
-                       f"{self.what!r}")
+      raise ValueError(
+        f"ISogCLR: what must be 'temperature' (max-margin does not apply), got {self.what!r}"
+      )
     for field in ("gamma", "rho", "tau_init", "tau_min", "tau_max", "eta", "beta", "eps"):
       if not math.isfinite(float(getattr(self, field))):
         raise ValueError(f"ISogCLR: {field} must be finite, got {getattr(self, field)}")
     if not (0 < self.gamma <= 1 and 0 < self.beta <= 1):
-      raise ValueError(f"ISogCLR: gamma and beta must be in (0, 1], got gamma={self.gamma}, "
-                       f"beta={self.beta}")
+      raise ValueError(
+        f"ISogCLR: gamma and beta must be in (0, 1], got gamma={self.gamma}, beta={self.beta}"
+      )
     if not 0 < self.tau_min <= self.tau_init <= self.tau_max:
-      raise ValueError(f"ISogCLR: need 0 < tau_min <= tau_init <= tau_max, got "
-                       f"{self.tau_min}, {self.tau_init}, {self.tau_max}")
+      raise ValueError(
+        f"ISogCLR: need 0 < tau_min <= tau_init <= tau_max, got "
+        f"{self.tau_min}, {self.tau_init}, {self.tau_max}"
+      )
     if self.rho < 0 or self.eta < 0 or self.eps <= 0:
-      raise ValueError(f"ISogCLR: need rho >= 0, eta >= 0, eps > 0, got rho={self.rho}, "
-                       f"eta={self.eta}, eps={self.eps}")
+      raise ValueError(
+        f"ISogCLR: need rho >= 0, eta >= 0, eps > 0, got rho={self.rho}, "
+        f"eta={self.eta}, eps={self.eps}"
+      )
 
   @staticmethod
   def check_loss(loss: str) -> None:
     """Raises for max-margin: the robust log-sum-exp objective has no margin form."""
     if loss != "infonce":
-      raise ValueError(f"ISogCLR: the policy is its own InfoNCE-type objective; loss {loss!r} "
-                       "does not apply (a hinge has no temperature to individualise)")
+      raise ValueError(
+        f"ISogCLR: the policy is its own InfoNCE-type objective; loss {loss!r} "
+        "does not apply (a hinge has no temperature to individualise)"
+      )
 
   def init_state(self, num_examples: int, shift_table=None) -> dict[str, jax.Array]:
     """Per-sample temperatures at `tau_init`, every estimator at 0; `shift_table` is unused."""
@@ -158,20 +168,40 @@ class ISogCLR(Policy):
     """`(surrogate loss, (B,) temperatures used, new state)` for a batch of unit embeddings."""
     if image.shape[0] < 2:
       raise ValueError(f"ISogCLR: needs a batch of at least 2, got {image.shape[0]}")
-    hyper = dict(gamma=self.gamma, rho=self.rho, eta=self.eta, beta=self.beta, eps=self.eps,
-                 tau_min=self.tau_min, tau_max=self.tau_max)
+    hyper = dict(
+      gamma=self.gamma,
+      rho=self.rho,
+      eta=self.eta,
+      beta=self.beta,
+      eps=self.eps,
+      tau_min=self.tau_min,
+      tau_max=self.tau_max,
+    )
     sim = jnp.matmul(image, text.T, preferred_element_type=jnp.float32)
     diag = jnp.diagonal(sim)
     take = lambda key: jnp.take(state[key], index)
-    loss_i, new_i = _side(sim - diag[:, None], take("tau_image"), take("b_image"),
-                          take("s_image"), take("u_image"), **hyper)
+    loss_i, new_i = _side(
+      sim - diag[:, None],
+      take("tau_image"),
+      take("b_image"),
+      take("s_image"),
+      take("u_image"),
+      **hyper,
+    )
     # Text anchor j: column j against its own positive, as rows of the transpose.
-    loss_t, new_t = _side(sim.T - diag[:, None], take("tau_text"), take("b_text"),
-                          take("s_text"), take("u_text"), **hyper)
+    loss_t, new_t = _side(
+      sim.T - diag[:, None],
+      take("tau_text"),
+      take("b_text"),
+      take("s_text"),
+      take("u_text"),
+      **hyper,
+    )
     new_state = dict(state)
     for side, new in (("image", new_i), ("text", new_t)):
       for key in _KEYS:
-        new_state[f"{key}_{side}"] = state[f"{key}_{side}"].at[index].set(
-            jax.lax.stop_gradient(new[key]))
+        new_state[f"{key}_{side}"] = (
+          state[f"{key}_{side}"].at[index].set(jax.lax.stop_gradient(new[key]))
+        )
     used = 0.5 * (take("tau_image") + take("tau_text"))
     return loss_i + loss_t, used, new_state

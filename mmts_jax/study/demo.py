@@ -15,6 +15,7 @@ Example:
   >>> [name for name, _ in demo_rows(period=60.0)]
   ['fixed', 'learnable', 'mmts', 'mmts_lm']
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,13 @@ FIXED_TAU = 0.4
 def demo_rows(period: float) -> list:
   """`[(row, policy)]` at the GPU study's selected hyper-parameters."""
   from mmts_jax.study import policies as P
-  return [("fixed", P.Fixed(FIXED_TAU)), ("learnable", P.Learnable(0.14)),
-          ("mmts", P.MMTS(0.21, 0.49, alpha=0.2625, period=period)),
-          ("mmts_lm", P.MMTS(0.05, 0.49, level=FIXED_TAU, alpha=0.2, period=period))]
+
+  return [
+    ("fixed", P.Fixed(FIXED_TAU)),
+    ("learnable", P.Learnable(0.14)),
+    ("mmts", P.MMTS(0.21, 0.49, alpha=0.2625, period=period)),
+    ("mmts_lm", P.MMTS(0.05, 0.49, level=FIXED_TAU, alpha=0.2, period=period)),
+  ]
 
 
 def _fmt(r: dict) -> str:
@@ -42,8 +47,11 @@ def _fmt(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mmts_jax.study.demo", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m mmts_jax.study.demo",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--seeds", type=int, default=8)
   p.add_argument("--steps", type=int, default=300)
   args = p.parse_args(argv)
@@ -53,33 +61,45 @@ def main(argv=None) -> int:
     p.error(f"--steps must be >= 1, got {args.steps}")
 
   from mmts_jax import shifts
+  from mmts_jax.longtail.generator import GeneratorConfig
   from mmts_jax.study.experiment import evaluate
   from mmts_jax.study.policies import ICS
   from mmts_jax.study.runner import TrainConfig, train_trials
   from mmts_jax.study.stats import paired_interval
   from mmts_jax.study.task import make_task
-  from mmts_jax.longtail.generator import GeneratorConfig
 
   t0 = time.perf_counter()
   task = make_task(GeneratorConfig(val_per_class=20))  # the study's task (val unused here)
   cfg = TrainConfig(steps=args.steps)
   seeds = tuple(range(args.seeds))
   _, labels, captions = task.split("test")
-  print(f"MM-TS study demo: synthetic long-tail task ({len(task.train_label)} training pairs, 40 "
-        f"classes, imbalance 100), {args.seeds} paired seeds, {args.steps} steps of "
-        f"{cfg.batch_size}; hyper-parameters from the GPU study, not re-tuned.", flush=True)
+  print(
+    f"MM-TS study demo: synthetic long-tail task ({len(task.train_label)} training pairs, 40 "
+    f"classes, imbalance 100), {args.seeds} paired seeds, {args.steps} steps of "
+    f"{cfg.batch_size}; hyper-parameters from the GPU study, not re-tuned.",
+    flush=True,
+  )
   scores, temps = {}, {}
   for row, policy in demo_rows(period=args.steps / 5):
-    table = (shifts.cluster_shift(task.sample_sizes(), policy.sh_min, policy.sh_max)
-             if isinstance(policy, ICS) else None)
+    table = (
+      shifts.cluster_shift(task.sample_sizes(), policy.sh_min, policy.sh_max)
+      if isinstance(policy, ICS)
+      else None
+    )
     out = train_trials([policy], task, seeds=seeds, cfg=cfg, shift_tables=[table])
-    scores[row] = [evaluate(out["test_image"][0, s], out["test_text"][0, s], labels, captions,
-                            task.cluster_sizes) for s in range(len(seeds))]
+    scores[row] = [
+      evaluate(
+        out["test_image"][0, s], out["test_text"][0, s], labels, captions, task.cluster_sizes
+      )
+      for s in range(len(seeds))
+    ]
     temps[row] = float(out["temperature"][0, :, :, 0].mean())
     print(f"  trained {row} ({time.perf_counter() - t0:.0f}s)", flush=True)
   base = scores["fixed"]
-  head = (f"{'row':<10} {'tau mean':>8} {'R@1':>6} {'mAP':>6}   {'dR@1 vs fixed [95% CI]':<25}"
-          f"{'d tail R@1 [95% CI]':<25}{'d mAP [95% CI]':<25}")
+  head = (
+    f"{'row':<10} {'tau mean':>8} {'R@1':>6} {'mAP':>6}   {'dR@1 vs fixed [95% CI]':<25}"
+    f"{'d tail R@1 [95% CI]':<25}{'d mAP [95% CI]':<25}"
+  )
   print("\n" + head + "\n" + "-" * len(head))
   for row, per_seed in scores.items():
     mean = lambda m, per_seed=per_seed: 100 * np.mean([s[m] for s in per_seed])
@@ -88,10 +108,12 @@ def main(argv=None) -> int:
       for m in ("all/R@1", "tail/R@1", "all/mAP"):
         cells += f"{_fmt(paired_interval([s[m] for s in per_seed], [s[m] for s in base])):<25}"
     print(f"{row:<10} {temps[row]:8.3f} {mean('all/R@1'):6.2f} {mean('all/mAP'):6.2f}   {cells}")
-  print(f"\n{args.seeds} paired seeds; test split (20 per class); d = row minus fixed in points, "
-        f"mean [95% t-interval]; ~ = the interval covers 0 (no measurable difference). "
-        f"{time.perf_counter() - t0:.0f}s in all. Full study: python -m mmts_jax.study "
-        f"(docs/study.md).")
+  print(
+    f"\n{args.seeds} paired seeds; test split (20 per class); d = row minus fixed in points, "
+    f"mean [95% t-interval]; ~ = the interval covers 0 (no measurable difference). "
+    f"{time.perf_counter() - t0:.0f}s in all. Full study: python -m mmts_jax.study "
+    f"(docs/study.md)."
+  )
   return 0
 
 

@@ -22,43 +22,65 @@ Example:
   >>> sorted(grid), len(grid["mmts"])
   (['fixed', 'ics', 'isogclr', 'learnable', 'mmts', 'ts'], 9)
 """
+
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import time
-from typing import Any
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from mmts_jax import shifts
 from mmts_jax.eval.longtail import label_relevancy, longtail_report, recall_per_query
+from mmts_jax.longtail.metrics import same_string
 from mmts_jax.policies.isogclr import ISogCLR
 from mmts_jax.study import policies as P
 from mmts_jax.study.runner import TrainConfig, train_trials
 from mmts_jax.study.stats import paired_interval
 from mmts_jax.study.task import Task
-from mmts_jax.longtail.metrics import same_string
 
-__all__ = ["ROWS", "default_grid", "evaluate", "level_matched_grid", "on_edge", "run", "run_row",
-           "select", "select_r1"]
+__all__ = [
+  "ROWS",
+  "default_grid",
+  "evaluate",
+  "level_matched_grid",
+  "on_edge",
+  "run",
+  "run_row",
+  "select",
+  "select_r1",
+]
 
 ROWS = ("fixed", "learnable", "ts", "ics", "mmts", "ics_lm", "mmts_lm", "isogclr")
 KS = (1, 5, 10)
 SHIFT_RANGE = (0.05, 0.10)  # the shift table's Eq. 6 range; trials rescale it (see `_table`)
 
 
-def evaluate(image: np.ndarray, text: np.ndarray, labels: np.ndarray, captions,
-             cluster_sizes: np.ndarray) -> dict[str, float]:
+def evaluate(
+  image: np.ndarray, text: np.ndarray, labels: np.ndarray, captions, cluster_sizes: np.ndarray
+) -> dict[str, float]:
   """`{"<bucket>/<metric>": value}` for one model on one split (see the module docstring)."""
   sim = (np.asarray(image, np.float32) @ np.asarray(text, np.float32).T).astype(np.float32)
-  report = longtail_report(sim, label_relevancy(labels, labels), image_clusters=labels,
-                           text_clusters=labels, cluster_sizes=cluster_sizes,
-                           positives=same_string(captions), ks=KS, scheme="terciles",
-                           num_threads=2)
-  return {f"{b}/{k}": float(v) for b, row in report.items() for k, v in row.items()
-          if not k.startswith("num_")}
+  report = longtail_report(
+    sim,
+    label_relevancy(labels, labels),
+    image_clusters=labels,
+    text_clusters=labels,
+    cluster_sizes=cluster_sizes,
+    positives=same_string(captions),
+    ks=KS,
+    scheme="terciles",
+    num_threads=2,
+  )
+  return {
+    f"{b}/{k}": float(v)
+    for b, row in report.items()
+    for k, v in row.items()
+    if not k.startswith("num_")
+  }
 
 
 def select_r1(image: np.ndarray, text: np.ndarray, captions) -> float:
@@ -88,21 +110,32 @@ def default_grid(period: float) -> dict[str, list]:
   """`{row: [(policy, coords), ...]}`, nine trials per row; `coords` are the grid's axes (what
   `on_edge` checks). TS's and MM-TS's periods are `total_steps / 5` (`period`)."""
   grid = {
-      "fixed": [(P.Fixed(t), {"tau": t}) for t in TAUS],
-      "learnable": [(P.Learnable(t), {"tau": t}) for t in TAUS],
-      # TS: centre c, tau in [c (1 - r), c (1 + r)].
-      "ts": [(P.TS(round(c * (1 - r), 4), round(c * (1 + r), 4), period), {"centre": c, "r": r})
-             for c in CENTRES for r in (0.2, 0.45, 0.7)],
-      # ICS: shifts in [c (1 - w/2), c (1 + w/2)].
-      "ics": [(P.ICS(round(c * (1 - w / 2), 4), round(c * (1 + w / 2), 4)),
-               {"centre": c, "width": w}) for c in CENTRES for w in (0.4, 0.8, 1.2)],
-      # MM-TS: shifts in [0.6 c, 1.4 c] (the paper's CC3M 0.05-0.10 has w/c = 0.67), alpha a c.
-      "mmts": [(P.MMTS(round(0.6 * c, 4), round(1.4 * c, 4), alpha=round(a * c, 4),
-                       period=period), {"centre": c, "alpha/c": a})
-               for c in CENTRES for a in (0.25, 0.5, 0.75)],
-      # The temperatures start at CLIP's 0.07 and move at the paper's rate (eta 0.03, momentum
-      # 0.9), gamma 0.8 as the paper; the KL radius rho sets their level.
-      "isogclr": [(ISogCLR(rho=r, tau_init=0.07), {"rho": r}) for r in RHOS],
+    "fixed": [(P.Fixed(t), {"tau": t}) for t in TAUS],
+    "learnable": [(P.Learnable(t), {"tau": t}) for t in TAUS],
+    # TS: centre c, tau in [c (1 - r), c (1 + r)].
+    "ts": [
+      (P.TS(round(c * (1 - r), 4), round(c * (1 + r), 4), period), {"centre": c, "r": r})
+      for c in CENTRES
+      for r in (0.2, 0.45, 0.7)
+    ],
+    # ICS: shifts in [c (1 - w/2), c (1 + w/2)].
+    "ics": [
+      (P.ICS(round(c * (1 - w / 2), 4), round(c * (1 + w / 2), 4)), {"centre": c, "width": w})
+      for c in CENTRES
+      for w in (0.4, 0.8, 1.2)
+    ],
+    # MM-TS: shifts in [0.6 c, 1.4 c] (the paper's CC3M 0.05-0.10 has w/c = 0.67), alpha a c.
+    "mmts": [
+      (
+        P.MMTS(round(0.6 * c, 4), round(1.4 * c, 4), alpha=round(a * c, 4), period=period),
+        {"centre": c, "alpha/c": a},
+      )
+      for c in CENTRES
+      for a in (0.25, 0.5, 0.75)
+    ],
+    # The temperatures start at CLIP's 0.07 and move at the paper's rate (eta 0.03, momentum
+    # 0.9), gamma 0.8 as the paper; the KL radius rho sets their level.
+    "isogclr": [(ISogCLR(rho=r, tau_init=0.07), {"rho": r}) for r in RHOS],
   }
   return grid
 
@@ -110,11 +143,20 @@ def default_grid(period: float) -> dict[str, list]:
 def level_matched_grid(level: float, period: float) -> dict[str, list]:
   """Nine shapes each for ICS and MM-TS, re-centred on the sample-mean value `level`: the Eq. 6
   range is `[0.05, 0.05 + w level]` before re-centring, alpha `a level`."""
-  ics = [(P.ICS(0.05, round(0.05 + w * level, 4), level=level), {"width": w})
-         for w in (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)]
-  mmts = [(P.MMTS(0.05, round(0.05 + w * level, 4), level=level, alpha=round(a * level, 4),
-                  period=period), {"alpha/level": a, "width": w})
-          for a in (0.2, 0.5, 0.8) for w in (0.3, 0.7, 1.1)]
+  ics = [
+    (P.ICS(0.05, round(0.05 + w * level, 4), level=level), {"width": w})
+    for w in (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)
+  ]
+  mmts = [
+    (
+      P.MMTS(
+        0.05, round(0.05 + w * level, 4), level=level, alpha=round(a * level, 4), period=period
+      ),
+      {"alpha/level": a, "width": w},
+    )
+    for a in (0.2, 0.5, 0.8)
+    for w in (0.3, 0.7, 1.1)
+  ]
   return {"ics_lm": ics, "mmts_lm": mmts}
 
 
@@ -158,8 +200,13 @@ def _summary(out, i, task, policy) -> dict:
   rec: dict[str, Any] = {"temperature": [], "final_loss": []}
   for s in range(out["loss"].shape[1]):
     temp = out["temperature"][i, s]
-    rec["temperature"].append({"mean": float(temp[:, 0].mean()), "min": float(temp[:, 1].min()),
-                               "max": float(temp[:, 2].max())})
+    rec["temperature"].append(
+      {
+        "mean": float(temp[:, 0].mean()),
+        "min": float(temp[:, 1].min()),
+        "max": float(temp[:, 2].max()),
+      }
+    )
     rec["final_loss"].append(float(out["loss"][i, s, -1]))
   if isinstance(policy, ISogCLR):  # the learned per-sample temperatures at the end, per bucket
     st = out["final_state"]
@@ -170,11 +217,13 @@ def _summary(out, i, task, policy) -> dict:
 
 def _full_reports(task, out, i, seeds) -> dict:
   """`{"val": [...], "test": [...]}`: `evaluate` of trial `i`, every seed, both splits."""
+
   def one(job):
     s, split = job
     _, labels, captions = task.split(split)
-    return evaluate(out[f"{split}_image"][i, s], out[f"{split}_text"][i, s], labels, captions,
-                    task.cluster_sizes)
+    return evaluate(
+      out[f"{split}_image"][i, s], out[f"{split}_text"][i, s], labels, captions, task.cluster_sizes
+    )
 
   jobs = [(s, split) for s in range(len(seeds)) for split in ("val", "test")]
   rec = {"val": [], "test": []}
@@ -185,8 +234,16 @@ def _full_reports(task, out, i, seeds) -> dict:
   return rec
 
 
-def run_row(task: Task, row: str, trials: list, *, seeds, cfg: TrainConfig,
-            select_metric: str = "all/R@1", pad_to: int | None = None) -> tuple[list, int]:
+def run_row(
+  task: Task,
+  row: str,
+  trials: list,
+  *,
+  seeds,
+  cfg: TrainConfig,
+  select_metric: str = "all/R@1",
+  pad_to: int | None = None,
+) -> tuple[list, int]:
   """Trains a row's trials side by side, selects on validation `select_metric` and returns
   `(records, selected index)`: every trial has its per-seed validation `select_metric`; the
   selected one also every metric of `evaluate` on validation and test."""
@@ -203,17 +260,26 @@ def run_row(task: Task, row: str, trials: list, *, seeds, cfg: TrainConfig,
   if not ok:
     raise ValueError(f"row {row}: every trial was skipped: {recs[0].get('skipped')}")
   t0 = time.perf_counter()
-  out = train_trials([p for p, _, _ in ok], task, seeds=seeds, cfg=cfg,
-                     shift_tables=[t for _, t, _ in ok], pad_to=pad_to)
+  out = train_trials(
+    [p for p, _, _ in ok],
+    task,
+    seeds=seeds,
+    cfg=cfg,
+    shift_tables=[t for _, t, _ in ok],
+    pad_to=pad_to,
+  )
   seconds = time.perf_counter() - t0
   _, _, captions = task.split("val")
   for i, (policy, _, rec) in enumerate(ok):
-    rec["val"] = [{select_metric: select_r1(out["val_image"][i, s], out["val_text"][i, s],
-                                            captions)} for s in range(len(seeds))]
+    rec["val"] = [
+      {select_metric: select_r1(out["val_image"][i, s], out["val_text"][i, s], captions)}
+      for s in range(len(seeds))
+    ]
     rec.update(_summary(out, i, task, policy), train_seconds=seconds / len(ok))
   if select_metric != "all/R@1":
-    raise ValueError(f"select_metric must be 'all/R@1' (the one computed for every trial), got "
-                     f"{select_metric!r}")
+    raise ValueError(
+      f"select_metric must be 'all/R@1' (the one computed for every trial), got {select_metric!r}"
+    )
   best = select([r for _, _, r in ok], select_metric)
   t1 = time.perf_counter()
   ok[best][2].update(_full_reports(task, out, best, seeds))
@@ -223,14 +289,24 @@ def run_row(task: Task, row: str, trials: list, *, seeds, cfg: TrainConfig,
 
 def _tau_by_bucket(task: Task, tau: np.ndarray) -> dict[str, float]:
   from mmts_jax.eval.longtail import BUCKETS, cluster_buckets
+
   b = cluster_buckets(task.cluster_sizes, "terciles")[task.train_label]
   return {name: float(tau[:, b == i].mean()) for i, name in enumerate(BUCKETS) if (b == i).any()}
 
 
-def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
-        rows: Sequence[str] = ROWS, grid: dict[str, list] | None = None,
-        select_metric: str = "all/R@1", on_trial: Callable[[dict], None] | None = None,
-        log=print, pad_to: int | None = None, level: float | None = None) -> dict:
+def run(
+  task: Task,
+  *,
+  seeds: Sequence[int],
+  cfg: TrainConfig = TrainConfig(),
+  rows: Sequence[str] = ROWS,
+  grid: dict[str, list] | None = None,
+  select_metric: str = "all/R@1",
+  on_trial: Callable[[dict], None] | None = None,
+  log=print,
+  pad_to: int | None = None,
+  level: float | None = None,
+) -> dict:
   """Trains and evaluates every trial of `rows`, selects on validation, compares on test.
 
   `grid`: `{row: [(policy, coords), ...]}` (default `default_grid` and, at the selected fixed
@@ -250,18 +326,21 @@ def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
 
   def do_row(row):
     t0 = time.perf_counter()
-    trials[row], selected[row] = run_row(task, row, grid[row], seeds=seeds, cfg=cfg,
-                                         select_metric=select_metric, pad_to=pad_to)
+    trials[row], selected[row] = run_row(
+      task, row, grid[row], seeds=seeds, cfg=cfg, select_metric=select_metric, pad_to=pad_to
+    )
     for i, rec in enumerate(trials[row]):
       rec["selected"] = i == selected[row]
       if on_trial:
         on_trial(rec)
     rec = trials[row][selected[row]]
-    log(f"  {row:<9} {len(trials[row])} trials in {time.perf_counter() - t0:.1f}s; selected "
-        f"{rec['coords']}: val {select_metric} "
-        f"{100 * np.mean([s[select_metric] for s in rec['val']]):.2f}, test "
-        f"{100 * np.mean([s[select_metric] for s in rec['test']]):.2f}; edge: "
-        f"{on_edge(trials[row], selected[row]) or 'none'}")
+    log(
+      f"  {row:<9} {len(trials[row])} trials in {time.perf_counter() - t0:.1f}s; selected "
+      f"{rec['coords']}: val {select_metric} "
+      f"{100 * np.mean([s[select_metric] for s in rec['val']]):.2f}, test "
+      f"{100 * np.mean([s[select_metric] for s in rec['test']]):.2f}; edge: "
+      f"{on_edge(trials[row], selected[row]) or 'none'}"
+    )
 
   do_row("fixed")
   if level is None:
@@ -271,9 +350,13 @@ def run(task: Task, *, seeds: Sequence[int], cfg: TrainConfig = TrainConfig(),
   for row in rows:
     if row != "fixed":
       do_row(row)
-  return {"trials": trials, "selected": selected, "level": level,
-          "paired": paired_table(trials, selected),
-          "edges": {r: on_edge(trials[r], i) for r, i in selected.items()}}
+  return {
+    "trials": trials,
+    "selected": selected,
+    "level": level,
+    "paired": paired_table(trials, selected),
+    "edges": {r: on_edge(trials[r], i) for r, i in selected.items()},
+  }
 
 
 def paired_table(trials: dict[str, list], selected: dict[str, int]) -> dict:
@@ -284,11 +367,13 @@ def paired_table(trials: dict[str, list], selected: dict[str, int]) -> dict:
     rec = recs[selected[row]]
     if "skipped" in rec:
       continue
-    out[row] = {m: paired_interval([s[m] for s in rec["test"]], [s[m] for s in base])
-                for m in base[0]}
+    out[row] = {
+      m: paired_interval([s[m] for s in rec["test"]], [s[m] for s in base]) for m in base[0]
+    }
   return out
 
 
 def _short(policy) -> str:
-  return ", ".join(f"{k}={v:g}" for k, v in vars(policy).items()
-                   if isinstance(v, float) and k not in ("eps",))
+  return ", ".join(
+    f"{k}={v:g}" for k, v in vars(policy).items() if isinstance(v, float) and k not in ("eps",)
+  )

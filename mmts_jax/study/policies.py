@@ -26,6 +26,7 @@ Example:
   >>> [round(float(v), 4) for v in p.values(state, step=0, index=jnp.array([0, 1]))]
   [0.07, 0.12]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ __all__ = ["Fixed", "Learnable", "TS", "ICS", "MMTS", "ISogCLR", "trainer_policy
 
 class _Delegate:
   """`init_state`, `state_partition`, `values`, `loss`: those of `self.policy`."""
+
   static_fields: tuple[str, ...] = ()
 
   @property
@@ -56,8 +58,15 @@ class _Delegate:
     return self.policy.values(state, step=step, index=index, model_temperature=model_temperature)
 
   def loss(self, state, image, text, *, step, index, loss_fn, model_temperature=None):
-    return self.policy.loss(state, image, text, step=step, index=index, loss_fn=loss_fn,
-                            model_temperature=model_temperature)
+    return self.policy.loss(
+      state,
+      image,
+      text,
+      step=step,
+      index=index,
+      loss_fn=loss_fn,
+      model_temperature=model_temperature,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,7 @@ class Fixed(_Delegate):
 @dataclasses.dataclass(frozen=True)
 class Learnable(_Delegate):
   """CLIP's learnable temperature; `tau` is the model parameter's initial value."""
+
   tau: float = 0.07
   name: str = "learnable"
 
@@ -101,6 +111,7 @@ class TS(_Delegate):
 @dataclasses.dataclass(frozen=True)
 class ICS(_Delegate):
   """Cluster shift only; the Eq. 6 table spans `[sh_min, sh_max]` (re-centred on `level`)."""
+
   sh_min: float = 0.05
   sh_max: float = 0.10
   level: float | None = None
@@ -123,6 +134,7 @@ class ICS(_Delegate):
 @dataclasses.dataclass(frozen=True)
 class MMTS(ICS):
   """TS&ICS (Eq. 8): the cosine base of amplitude `alpha` plus the cluster shift."""
+
   alpha: float = 0.04
   period: float = 60.0
   name: str = "mmts"
@@ -130,8 +142,9 @@ class MMTS(ICS):
 
   @property
   def policy(self):
-    return temperature.ShiftTable(name="mmts", alpha=self.alpha, period=self.period,
-                                  level=self.level)
+    return temperature.ShiftTable(
+      name="mmts", alpha=self.alpha, period=self.period, level=self.level
+    )
 
 
 def trainer_policy(policy) -> temperature.Policy:

@@ -29,6 +29,7 @@ Example (two seeds, three steps; the rows are different models of the same seeds
   >>> out["test_image"].shape, out["temperature"].shape
   ((2, 16, 64), (2, 3, 3))
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,6 +57,7 @@ _MAX_LOG_INV_TAU = math.log(100.0)
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Budget and model of every row (the synthetic benchmark's defaults)."""
+
   steps: int = 300
   batch_size: int = 256
   lr: float = 2e-3
@@ -67,11 +69,12 @@ class TrainConfig:
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 2:
-      raise ValueError(f"TrainConfig: steps must be >= 1 and batch_size >= 2, got steps="
-                       f"{self.steps}, batch_size={self.batch_size}")
+      raise ValueError(
+        f"TrainConfig: steps must be >= 1 and batch_size >= 2, got steps="
+        f"{self.steps}, batch_size={self.batch_size}"
+      )
     if self.loss not in loss_dispatch.NAMES:
-      raise ValueError(f"TrainConfig: loss must be one of {loss_dispatch.NAMES}, got "
-                       f"{self.loss!r}")
+      raise ValueError(f"TrainConfig: loss must be one of {loss_dispatch.NAMES}, got {self.loss!r}")
 
 
 def make_model(cfg: TrainConfig, learnable_tau: float | None = None) -> DualEncoder:
@@ -79,8 +82,14 @@ def make_model(cfg: TrainConfig, learnable_tau: float | None = None) -> DualEnco
   kw: dict[str, Any] = {}
   if learnable_tau is not None:
     kw = dict(learnable_temperature=True, init_temperature=float(learnable_tau))
-  return DualEncoder(FeatureTower((cfg.hidden,)), FeatureTower((cfg.hidden,)),
-                     embed_dim=cfg.embed_dim, image_key="image", text_key="text", **kw)
+  return DualEncoder(
+    FeatureTower((cfg.hidden,)),
+    FeatureTower((cfg.hidden,)),
+    embed_dim=cfg.embed_dim,
+    image_key="image",
+    text_key="text",
+    **kw,
+  )
 
 
 def batch_orders(seeds, num_examples: int, steps: int, batch_size: int) -> np.ndarray:
@@ -101,7 +110,7 @@ def batch_orders(seeds, num_examples: int, steps: int, batch_size: int) -> np.nd
   for s in seeds:
     rng = np.random.default_rng(int(s))
     epochs = -(-steps // per_epoch)
-    rows = [rng.permutation(num_examples)[:per_epoch * batch_size] for _ in range(epochs)]
+    rows = [rng.permutation(num_examples)[: per_epoch * batch_size] for _ in range(epochs)]
     out.append(np.concatenate(rows).reshape(-1, batch_size)[:steps])
   return np.stack(out).astype(np.int32)
 
@@ -111,23 +120,29 @@ def _is_temperature(path) -> bool:
 
 
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps),
-                                                max(cfg.steps, cfg.warmup_steps + 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps), max(cfg.steps, cfg.warmup_steps + 1)
+  )
   mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: not _is_temperature(path), params)
+    lambda path, _: not _is_temperature(path), params
+  )
   return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=mask)
 
 
 def _clamp_temperature(params):
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.clip(x, 0.0, _MAX_LOG_INV_TAU) if _is_temperature(path) else x, params)
+    lambda path, x: jnp.clip(x, 0.0, _MAX_LOG_INV_TAU) if _is_temperature(path) else x, params
+  )
 
 
 def _traced_fields(policy) -> tuple[str, ...]:
   """Float hyper-parameters fed to the program as arguments (one compile per policy type)."""
   static = getattr(policy, "static_fields", ())
-  return tuple(f.name for f in dataclasses.fields(policy)
-               if isinstance(getattr(policy, f.name), float) and f.name not in static)
+  return tuple(
+    f.name
+    for f in dataclasses.fields(policy)
+    if isinstance(getattr(policy, f.name), float) and f.name not in static
+  )
 
 
 def _with_values(policy, values: dict):
@@ -141,8 +156,11 @@ def _with_values(policy, values: dict):
 def _program_key(policy, cfg: TrainConfig):
   traced = _traced_fields(policy)
   # `level` only shapes the table (host side): level-matched and plain rows share a program.
-  static = tuple((f.name, getattr(policy, f.name)) for f in dataclasses.fields(policy)
-                 if f.name not in traced and f.name != "level")
+  static = tuple(
+    (f.name, getattr(policy, f.name))
+    for f in dataclasses.fields(policy)
+    if f.name not in traced and f.name != "level"
+  )
   return type(policy), static, cfg
 
 
@@ -153,8 +171,9 @@ def _cached_program(key, skeleton):
   if key not in _PROGRAMS:
     cfg = key[2]
     learnable = isinstance(trainer_policy(skeleton), temperature.Learnable)
-    _PROGRAMS[key] = _program(skeleton, cfg, make_model(cfg, 0.07 if learnable else None),
-                              learnable)
+    _PROGRAMS[key] = _program(
+      skeleton, cfg, make_model(cfg, 0.07 if learnable else None), learnable
+    )
   return _PROGRAMS[key]
 
 
@@ -169,8 +188,9 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
     params = model.init(key, {"image": train_x[:2], "text": train_t[:2]})["params"]
     if learnable:  # CLIP's parameter starts at log(1 / tau) of this trial (a traced value)
       params = jax.tree_util.tree_map_with_path(
-          lambda path, x: -jnp.log(hyper["tau"]).astype(x.dtype) if _is_temperature(path)
-          else x, params)
+        lambda path, x: -jnp.log(hyper["tau"]).astype(x.dtype) if _is_temperature(path) else x,
+        params,
+      )
     opt_state = tx.init(params)
 
     def step(carry, inputs):
@@ -182,8 +202,14 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
         # apply() without `mutable` returns the outputs only
         out = cast(dict[str, jax.Array], model.apply({"params": params}, batch))
         loss, values, new_state = policy.loss(
-            state, out["image"], out["text"], step=t, index=index, loss_fn=loss_fn,
-            model_temperature=out.get("temperature"))
+          state,
+          out["image"],
+          out["text"],
+          step=t,
+          index=index,
+          loss_fn=loss_fn,
+          model_temperature=out.get("temperature"),
+        )
         return loss, (values, jax.lax.stop_gradient(new_state))
 
       (loss, (values, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -193,13 +219,22 @@ def _program(skeleton, cfg: TrainConfig, model: DualEncoder, learnable: bool):
       return (params, opt_state, new_state), (loss, stats)
 
     steps = jnp.arange(order.shape[0], dtype=jnp.int32)
-    (params, _, state), (loss, stats) = jax.lax.scan(step, (params, opt_state, state0),
-                                                     (steps, order))
-    embed = lambda x, t: cast(dict[str, jax.Array],
-                              model.apply({"params": params}, {"image": x, "text": t}))
+    (params, _, state), (loss, stats) = jax.lax.scan(
+      step, (params, opt_state, state0), (steps, order)
+    )
+    embed = lambda x, t: cast(
+      dict[str, jax.Array], model.apply({"params": params}, {"image": x, "text": t})
+    )
     val, test = embed(val_x, val_t), embed(test_x, test_t)
-    return dict(loss=loss, temperature=stats, val_image=val["image"], val_text=val["text"],
-                test_image=test["image"], test_text=test["text"], final_state=state)
+    return dict(
+      loss=loss,
+      temperature=stats,
+      val_image=val["image"],
+      val_text=val["text"],
+      test_image=test["image"],
+      test_text=test["text"],
+      final_state=state,
+    )
 
   in_axes = (0, 0, 0, 0) + (None,) * 6
   return jax.jit(jax.vmap(one_run, in_axes=in_axes))
@@ -213,8 +248,15 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)]) if n > x.shape[0] else x
 
 
-def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(),
-                 shift_tables=None, pad_to: int | None = None) -> dict[str, np.ndarray]:
+def train_trials(
+  policies,
+  task: Task,
+  *,
+  seeds,
+  cfg: TrainConfig = TrainConfig(),
+  shift_tables=None,
+  pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
   """Trains every trial of one policy type, every seed, as one program (vmap over trial x seed).
 
   Args:
@@ -233,12 +275,15 @@ def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(
   """
   policies, seeds = list(policies), tuple(int(s) for s in seeds)
   if not seeds or not policies:
-    raise ValueError(f"train_trials: need >= 1 trial and seed, got {len(policies)} trials, "
-                     f"seeds {seeds}")
+    raise ValueError(
+      f"train_trials: need >= 1 trial and seed, got {len(policies)} trials, seeds {seeds}"
+    )
   keys_ = {_program_key(p, cfg) for p in policies}
   if len(keys_) != 1:
-    raise ValueError(f"train_trials: the trials must share a type and static fields, got "
-                     f"{[type(p).__name__ for p in policies]}")
+    raise ValueError(
+      f"train_trials: the trials must share a type and static fields, got "
+      f"{[type(p).__name__ for p in policies]}"
+    )
   tables = list(shift_tables) if shift_tables is not None else [None] * len(policies)
   n = task.train["image"].shape[0]
   rows = int(pad_to or n)
@@ -249,8 +294,9 @@ def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(
     states.append(st)
   state0 = {k: np.repeat(np.stack([st[k] for st in states]), s_, axis=0) for k in states[0]}
   fields = _traced_fields(policies[0])
-  hyper = {k: np.repeat(np.asarray([getattr(p, k) for p in policies], np.float32), s_)
-           for k in fields}
+  hyper = {
+    k: np.repeat(np.asarray([getattr(p, k) for p in policies], np.float32), s_) for k in fields
+  }
   keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds] * t_)
   orders = np.tile(batch_orders(seeds, n, cfg.steps, cfg.batch_size), (t_, 1, 1))
   arrays = [jnp.asarray(_pad_rows(task.train[k], rows)) for k in ("image", "text")]
@@ -262,8 +308,9 @@ def train_trials(policies, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(
   return out
 
 
-def train_seeds(policy, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(),
-                shift_table=None) -> dict[str, np.ndarray]:
+def train_seeds(
+  policy, task: Task, *, seeds, cfg: TrainConfig = TrainConfig(), shift_table=None
+) -> dict[str, np.ndarray]:
   """One trial: `train_trials([policy], ...)` without the trial axis.
 
   Returns numpy arrays with a leading seed axis: `loss (S, T)`, `temperature (S, T, 3)`,

@@ -15,6 +15,7 @@ Example:
   >>> round(r["mean"], 4), r["verdict"]
   (0.0225, 'higher')
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,7 +51,7 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def verdict(lo: float, hi: float) -> str:
-  """"higher" / "lower" when the interval excludes 0, else "no measurable difference"."""
+  """ "higher" / "lower" when the interval excludes 0, else "no measurable difference"."""
   if lo > 0:
     return "higher"
   if hi < 0:
@@ -62,8 +63,10 @@ def paired_interval(scores, baseline, confidence: float = 0.95) -> dict:
   """`{"mean", "lo", "hi", "sd", "n", "verdict"}` of `scores - baseline`, paired by position."""
   a, b = np.asarray(scores, np.float64), np.asarray(baseline, np.float64)
   if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f"paired_interval: scores and baseline must be equal 1-D shapes (one per "
-                     f"seed), got {a.shape} and {b.shape}")
+    raise ValueError(
+      f"paired_interval: scores and baseline must be equal 1-D shapes (one per "
+      f"seed), got {a.shape} and {b.shape}"
+    )
   if len(a) < 2:
     raise ValueError(f"paired_interval: needs >= 2 seeds, got {len(a)}")
   if not 0 < confidence < 1:
@@ -73,5 +76,11 @@ def paired_interval(scores, baseline, confidence: float = 0.95) -> dict:
   sd = float(np.std(d, ddof=1))
   half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
   mean = float(d.mean())
-  return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n,
-          "verdict": verdict(mean - half, mean + half)}
+  return {
+    "mean": mean,
+    "lo": mean - half,
+    "hi": mean + half,
+    "sd": sd,
+    "n": n,
+    "verdict": verdict(mean - half, mean + half),
+  }

@@ -12,6 +12,7 @@ Example:
   >>> task.train["image"].shape[0] == len(task.train_label), task.val["text"].shape[1]
   (True, 101)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ def bag_of_words(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """Arrays of every split (`image`, `text`), labels, captions and the cluster structure."""
+
   dataset: SyntheticDataset | None  # None: a task from other data (EK-100), without `split`
   train: dict[str, np.ndarray]
   val: dict[str, np.ndarray]
@@ -50,8 +52,9 @@ class Task:
   def split(self, name: str):
     """`(arrays, labels, captions)` of "val" or "test"."""
     if self.dataset is None:
-      raise ValueError("Task.split needs the synthetic dataset's labels and captions; this task "
-                       "has none")
+      raise ValueError(
+        "Task.split needs the synthetic dataset's labels and captions; this task has none"
+      )
     s = {"val": self.dataset.val, "test": self.dataset.test}[name]
     return getattr(self, name), s.label, s.captions
 
@@ -63,10 +66,18 @@ class Task:
 def make_task(cfg: GeneratorConfig) -> Task:
   """Draws the dataset of `cfg` (which needs `val_per_class > 0`) and builds the arrays."""
   if cfg.val_per_class < 1:
-    raise ValueError(f"the study selects on a validation split: val_per_class must be >= 1, got "
-                     f"{cfg.val_per_class}")
+    raise ValueError(
+      f"the study selects on a validation split: val_per_class must be >= 1, got "
+      f"{cfg.val_per_class}"
+    )
   ds = make_dataset(cfg)
   v = len(ds.vocab)
   arrays = lambda s: {"image": s.image, "text": bag_of_words(s.tokens, v)}
-  return Task(dataset=ds, train=arrays(ds.train), val=arrays(ds.val), test=arrays(ds.test),
-              train_label=ds.train.label, cluster_sizes=ds.class_sizes)
+  return Task(
+    dataset=ds,
+    train=arrays(ds.train),
+    val=arrays(ds.val),
+    test=arrays(ds.test),
+    train_label=ds.train.label,
+    cluster_sizes=ds.class_sizes,
+  )

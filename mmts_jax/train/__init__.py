@@ -16,6 +16,7 @@ Example:
   >>> train.with_row(train.default_config(), "ts").temperature.mode
   'ts'
 """
+
 from mmts_jax.config_defaults import ROW_ALIASES as ABLATION_ROWS
 from mmts_jax.config_defaults import default_config, with_row
 from mmts_jax.data.sources import SOURCES, ArraySource, check_batch, make_source, npz, toy_features
@@ -26,9 +27,30 @@ from mmts_jax.train.state import TrainState
 from mmts_jax.train.step import compile_train_step, eval_step, make_embed_fn, train_step
 from mmts_jax.train.workdir import ConfigChangedError
 
-__all__ = ["default_config", "with_row", "ABLATION_ROWS", "TrainState", "train_step",
-           "eval_step", "make_embed_fn", "compile_train_step", "make_optimizer",
-           "clamp_parameter", "make_source", "ArraySource", "SOURCES", "toy_features", "npz",
-           "check_batch", "resolve_shift_table", "table_fingerprint", "Setup", "setup",
-           "train_and_evaluate", "TrainResult", "NonFiniteLossError", "MetricsLogger",
-           "ConfigChangedError"]
+__all__ = [
+  "default_config",
+  "with_row",
+  "ABLATION_ROWS",
+  "TrainState",
+  "train_step",
+  "eval_step",
+  "make_embed_fn",
+  "compile_train_step",
+  "make_optimizer",
+  "clamp_parameter",
+  "make_source",
+  "ArraySource",
+  "SOURCES",
+  "toy_features",
+  "npz",
+  "check_batch",
+  "resolve_shift_table",
+  "table_fingerprint",
+  "Setup",
+  "setup",
+  "train_and_evaluate",
+  "TrainResult",
+  "NonFiniteLossError",
+  "MetricsLogger",
+  "ConfigChangedError",
+]

@@ -58,9 +58,10 @@ Example:
   >>> bool(jnp.allclose(big["loss"], cached["loss"], atol=1e-6))
   True
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -72,14 +73,14 @@ from mmts_jax.temperature import Policy
 from mmts_jax.train.state import TrainState
 from mmts_jax.train.step import _forward, apply_gradients, model_loss_fn
 
-__all__ = ["micro_batch_step", "check_micro_batch", "split_micro", "merge_micro",
-           "ACCUMULATIONS"]
+__all__ = ["micro_batch_step", "check_micro_batch", "split_micro", "merge_micro", "ACCUMULATIONS"]
 
 ACCUMULATIONS = ("grad_cache", "plain")
 
 
-def check_micro_batch(batch_size: int, micro_batch_size: int, num_devices: int = 1,
-                      accumulation: str = "grad_cache") -> int:
+def check_micro_batch(
+  batch_size: int, micro_batch_size: int, num_devices: int = 1, accumulation: str = "grad_cache"
+) -> int:
   """The number of micro-batches `batch_size / micro_batch_size`, checked.
 
   Raises:
@@ -92,16 +93,21 @@ def check_micro_batch(batch_size: int, micro_batch_size: int, num_devices: int =
   """
   if accumulation not in ACCUMULATIONS:
     raise ValueError(f"train.accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
-  if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or (
-      micro_batch_size <= 0):
-    raise ValueError(f"train.micro_batch_size must be a positive integer, got "
-                     f"{micro_batch_size!r}")
+  if (
+    isinstance(micro_batch_size, bool)
+    or not isinstance(micro_batch_size, int)
+    or (micro_batch_size <= 0)
+  ):
+    raise ValueError(f"train.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
   if batch_size % micro_batch_size:
-    raise ValueError(f"train.micro_batch_size {micro_batch_size} does not divide batch_size "
-                     f"{batch_size}")
+    raise ValueError(
+      f"train.micro_batch_size {micro_batch_size} does not divide batch_size {batch_size}"
+    )
   if micro_batch_size % num_devices:
-    raise ValueError(f"train.micro_batch_size {micro_batch_size} must be a multiple of the "
-                     f"{num_devices} devices (each micro-batch is split over them)")
+    raise ValueError(
+      f"train.micro_batch_size {micro_batch_size} must be a multiple of the "
+      f"{num_devices} devices (each micro-batch is split over them)"
+    )
   return batch_size // micro_batch_size
 
 
@@ -139,10 +145,18 @@ def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Policy,
-                     loss_fn: Callable, micro_batch_size: int, accumulation: str = "grad_cache",
-                     lr_fn: Callable | None = None, skip_nonfinite: bool = True, mesh=None
-                     ) -> tuple[TrainState, dict]:
+def micro_batch_step(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  policy: Policy,
+  loss_fn: Callable,
+  micro_batch_size: int,
+  accumulation: str = "grad_cache",
+  lr_fn: Callable | None = None,
+  skip_nonfinite: bool = True,
+  mesh=None,
+) -> tuple[TrainState, dict]:
   """`train_step` over `B / micro_batch_size` micro-batches (see the module docstring).
 
   Args:
@@ -153,20 +167,28 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
   Other arguments and the result as `mmts_jax.train.step.train_step`.
   """
   batch_size = batch["index"].shape[0]
-  n = check_micro_batch(batch_size, micro_batch_size, 1 if mesh is None else mesh.size,
-                        accumulation)
+  n = check_micro_batch(
+    batch_size, micro_batch_size, 1 if mesh is None else mesh.size, accumulation
+  )
   micro = _constrain({k: split_micro(v, n) for k, v in batch.items()}, mesh)
   base = jax.random.fold_in(state.rng, state.step)
   rngs = jax.vmap(lambda k: jax.random.fold_in(base, k))(jnp.arange(n))
   if accumulation == "plain":
-    return _plain(state, micro, rngs, n, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
-                  skip_nonfinite=skip_nonfinite)
+    return _plain(
+      state,
+      micro,
+      rngs,
+      n,
+      policy=policy,
+      loss_fn=loss_fn,
+      lr_fn=lr_fn,
+      skip_nonfinite=skip_nonfinite,
+    )
 
   # 1. Embeddings of every micro-batch; no gradient is taken through this scan.
   def embed(batch_stats, xs):
     mb, rng = xs
-    out, batch_stats = _forward(state.replace(batch_stats=batch_stats), state.params, mb,
-                                True, rng)
+    out, batch_stats = _forward(state.replace(batch_stats=batch_stats), state.params, mb, True, rng)
     return batch_stats, (out["image"], out["text"], {k: out[k] for k in keys})
 
   keys = _scalar_outputs(state, micro, rngs)
@@ -177,13 +199,20 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
   # scalar outputs (CLIP's temperature, the sigmoid loss's bias; bound as the plain step does).
   def objective(image, text, scalars):
     loss, values, policy_state = policy.loss(
-        state.policy_state, image, text, step=state.step, index=batch["index"],
-        loss_fn=model_loss_fn(loss_fn, scalars), model_temperature=scalars.get("temperature"))
+      state.policy_state,
+      image,
+      text,
+      step=state.step,
+      index=batch["index"],
+      loss_fn=model_loss_fn(loss_fn, scalars),
+      model_temperature=scalars.get("temperature"),
+    )
     return loss, (values, jax.lax.stop_gradient(policy_state))
 
-  scalars = {k: v[0] for k, v in scalars.items()}   # every micro-batch outputs the same value
+  scalars = {k: v[0] for k, v in scalars.items()}  # every micro-batch outputs the same value
   (loss, (values, policy_state)), (g_image, g_text, g_scalars) = jax.value_and_grad(
-      objective, argnums=(0, 1, 2), has_aux=True)(image, text, scalars)
+    objective, argnums=(0, 1, 2), has_aux=True
+  )(image, text, scalars)
   cotangents = _constrain((split_micro(g_image, n), split_micro(g_text, n)), mesh)
 
   # 3. Backpropagate each micro-batch with its cached embedding gradients; sum.
@@ -192,8 +221,9 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
 
     def surrogate(params):
       out, _ = _forward(state, params, mb, True, rng)
-      s = (jnp.sum(out["image"].astype(jnp.float32) * g_img)
-           + jnp.sum(out["text"].astype(jnp.float32) * g_txt))
+      s = jnp.sum(out["image"].astype(jnp.float32) * g_img) + jnp.sum(
+        out["text"].astype(jnp.float32) * g_txt
+      )
       for k in keys:
         s = s + out[k].astype(jnp.float32) * (g_scalars[k] / n)
       return s
@@ -202,9 +232,18 @@ def micro_batch_step(state: TrainState, batch: Mapping[str, jax.Array], *, polic
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   grads, _ = jax.lax.scan(backward, zeros, (micro, rngs) + cotangents)
-  return apply_gradients(state, grads, loss=loss, values=values, batch_stats=batch_stats,
-                         policy_state=policy_state, policy=policy, lr_fn=lr_fn,
-                         skip_nonfinite=skip_nonfinite, bias=scalars.get("bias"))
+  return apply_gradients(
+    state,
+    grads,
+    loss=loss,
+    values=values,
+    batch_stats=batch_stats,
+    policy_state=policy_state,
+    policy=policy,
+    lr_fn=lr_fn,
+    skip_nonfinite=skip_nonfinite,
+    bias=scalars.get("bias"),
+  )
 
 
 def _scalar_outputs(state, micro, rngs) -> tuple[str, ...]:
@@ -226,18 +265,34 @@ def _plain(state, micro, rngs, n, *, policy, loss_fn, lr_fn, skip_nonfinite):
     def objective(params):
       out, new_bs = _forward(state.replace(batch_stats=batch_stats), params, mb, True, rng)
       loss, values, new_ps = policy.loss(
-          policy_state, out["image"], out["text"], step=state.step, index=mb["index"],
-          loss_fn=model_loss_fn(loss_fn, out), model_temperature=out.get("temperature"))
+        policy_state,
+        out["image"],
+        out["text"],
+        step=state.step,
+        index=mb["index"],
+        loss_fn=model_loss_fn(loss_fn, out),
+        model_temperature=out.get("temperature"),
+      )
       return loss, (values, new_bs, jax.lax.stop_gradient(new_ps))
 
-    (loss, (values, batch_stats, policy_state)), g = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+    (loss, (values, batch_stats, policy_state)), g = jax.value_and_grad(objective, has_aux=True)(
+      state.params
+    )
     grads = jax.tree.map(lambda a, b: a + b / n, grads, g)
     return (grads, batch_stats, policy_state), (loss, values)
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   (grads, batch_stats, policy_state), (losses, values) = jax.lax.scan(
-      body, (zeros, state.batch_stats, state.policy_state), (micro, rngs))
-  return apply_gradients(state, grads, loss=jnp.mean(losses), values=merge_micro(values),
-                         batch_stats=batch_stats, policy_state=policy_state, policy=policy,
-                         lr_fn=lr_fn, skip_nonfinite=skip_nonfinite)
+    body, (zeros, state.batch_stats, state.policy_state), (micro, rngs)
+  )
+  return apply_gradients(
+    state,
+    grads,
+    loss=jnp.mean(losses),
+    values=merge_micro(values),
+    batch_stats=batch_stats,
+    policy_state=policy_state,
+    policy=policy,
+    lr_fn=lr_fn,
+    skip_nonfinite=skip_nonfinite,
+  )

@@ -28,13 +28,15 @@ configs/tiny.py` is the command-line front end):
   >>> result.step, result.status
   (2, 'stopped')
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -53,15 +55,16 @@ __all__ = ["train_and_evaluate", "TrainResult", "NonFiniteLossError", "MetricsLo
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient became NaN/inf; the last good checkpoint is kept. `mmts train` prints
   it as one line and exits with `exit_status`."""
+
   exit_status = 3
 
 
 @dataclasses.dataclass
 class TrainResult:
   state: TrainState
-  model: Any                 # the DualEncoder (`make_embed_fn(result.model)`)
+  model: Any  # the DualEncoder (`make_embed_fn(result.model)`)
   step: int
-  status: str                # "done", "stopped" (stop_at_step) or "preempted" (SIGTERM)
+  status: str  # "done", "stopped" (stop_at_step) or "preempted" (SIGTERM)
   workdir: epath.Path
   last_metrics: dict
   nonfinite_skipped: int = 0  # steps skipped for a NaN/inf loss (`train.skip_nonfinite`)
@@ -77,10 +80,19 @@ class MetricsLogger:
   `nonfinite_skipped`, and `extra` (evaluation) scalars.
   """
 
-  def __init__(self, writer: MetricsWriter, *, global_batch_size: int, num_devices: int,
-               start_step: int, checkpointer: Checkpointer,
-               cluster_shifts: np.ndarray | None = None, skip_nonfinite: bool = False,
-               skipped: int = 0, verbose: bool = True):
+  def __init__(
+    self,
+    writer: MetricsWriter,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    start_step: int,
+    checkpointer: Checkpointer,
+    cluster_shifts: np.ndarray | None = None,
+    skip_nonfinite: bool = False,
+    skipped: int = 0,
+    verbose: bool = True,
+  ):
     self.writer, self.checkpointer = writer, checkpointer
     self.skip_nonfinite, self.skipped, self.verbose = bool(skip_nonfinite), int(skipped), verbose
     self.global_batch_size, self.num_devices = global_batch_size, num_devices
@@ -104,15 +116,23 @@ class MetricsLogger:
       if self.skip_nonfinite:
         self.skipped += 1
         if self.verbose:
-          print(f"warning: {what}: batch skipped, the state was not updated "
-                f"({self.skipped} skipped in this run)", file=sys.stderr, flush=True)
+          print(
+            f"warning: {what}: batch skipped, the state was not updated "
+            f"({self.skipped} skipped in this run)",
+            file=sys.stderr,
+            flush=True,
+          )
         continue
       good = self.checkpointer.latest_step()
       raise NonFiniteLossError(
-          f"{what}: training stopped (train.skip_nonfinite=False); the state was not updated "
-          f"by that step; the last good checkpoint is " +
-          (f"step {good} in {self.checkpointer.directory}"
-           if good is not None else "none (no checkpoint was saved yet)"))
+        f"{what}: training stopped (train.skip_nonfinite=False); the state was not updated "
+        f"by that step; the last good checkpoint is "
+        + (
+          f"step {good} in {self.checkpointer.directory}"
+          if good is not None
+          else "none (no checkpoint was saved yet)"
+        )
+      )
 
   def flush(self, extra: Mapping[str, float] | None = None) -> dict | None:
     """Fetches, checks and logs the pending metrics; returns the record written (or None)."""
@@ -126,13 +146,17 @@ class MetricsLogger:
     eps = max(s - self._step, 1) * self.global_batch_size / max(now - self._time, 1e-9)
     self._time, self._step = now, s
     record = {k: float(v) for k, v in m.items() if k != "finite"}
-    record.update(examples_per_sec=eps, examples_per_sec_per_device=eps / self.num_devices,
-                  nonfinite_skipped=self.skipped)
+    record.update(
+      examples_per_sec=eps,
+      examples_per_sec_per_device=eps / self.num_devices,
+      nonfinite_skipped=self.skipped,
+    )
     record.update(extra or {})
     self.writer.write(s, record)
     if self.cluster_shifts is not None:
-      self.writer.write_histogram(s, "temperature/per_cluster",
-                                  record["temperature_base"] + self.cluster_shifts)
+      self.writer.write_histogram(
+        s, "temperature/per_cluster", record["temperature_base"] + self.cluster_shifts
+      )
     self.last = {"step": s, **record}
     return record
 
@@ -142,9 +166,15 @@ def _workdir(path) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int | None = None,
-                       eval_fn: Callable | None = None,
-                       allow_config_change: bool = False) -> TrainResult:
+def train_and_evaluate(
+  config,
+  workdir,
+  *,
+  shift_table=None,
+  stop_at_step: int | None = None,
+  eval_fn: Callable | None = None,
+  allow_config_change: bool = False,
+) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   Writes `workdir/metrics.jsonl` (one record per logged step: step, loss, temperature mean/min/max,
@@ -182,15 +212,19 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
   # behind if it made one: nothing half-written looks like a run that could be resumed.
   created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
-  ckpt = Checkpointer(workdir / "checkpoints", every_steps=limits["ckpt_every"],
-                      keep=limits["ckpt_keep"],
-                      async_save=bool(config.checkpoint.get("async_save", True)))
+  ckpt = Checkpointer(
+    workdir / "checkpoints",
+    every_steps=limits["ckpt_every"],
+    keep=limits["ckpt_keep"],
+    async_save=bool(config.checkpoint.get("async_save", True)),
+  )
   writer = None
   try:
     try:
       latest = ckpt.latest_step()
-      changes = workdir_lib.check_config_change(workdir, config, resuming_from=latest,
-                                                allow_config_change=allow_config_change)
+      changes = workdir_lib.check_config_change(
+        workdir, config, resuming_from=latest, allow_config_change=allow_config_change
+      )
       run = setup(config, checkpointer=ckpt, shift_table=shift_table)
     except BaseException:
       if created and primary:
@@ -203,35 +237,64 @@ def train_and_evaluate(config, workdir, *, shift_table=None, stop_at_step: int |
       if start:
         truncate_metrics(workdir, start)
         print(f"resumed from step {start} ({ckpt.directory})", flush=True)
-    writer = MetricsWriter(workdir, tensorboard=bool(config.get("tensorboard", True)),
-                           enabled=primary)
-    logger = MetricsLogger(writer, global_batch_size=limits["batch_size"],
-                           num_devices=run.mesh.size, start_step=start, checkpointer=ckpt,
-                           cluster_shifts=None if run.shift_table is None
-                           else np.unique(run.shift_table),
-                           skip_nonfinite=bool(config.train.get("skip_nonfinite", True)),
-                           skipped=int(run.checkpoint_meta.get("nonfinite_skipped", 0)),
-                           verbose=primary)
-    state, status, done = _loop(run, ckpt, logger, end=total if stop_at_step is None
-                          else int(stop_at_step), total=total, log_every=limits["log_every"],
-                          eval_fn=eval_fn, progress=primary and config.get("progress_bar", True))
+    writer = MetricsWriter(
+      workdir, tensorboard=bool(config.get("tensorboard", True)), enabled=primary
+    )
+    logger = MetricsLogger(
+      writer,
+      global_batch_size=limits["batch_size"],
+      num_devices=run.mesh.size,
+      start_step=start,
+      checkpointer=ckpt,
+      cluster_shifts=None if run.shift_table is None else np.unique(run.shift_table),
+      skip_nonfinite=bool(config.train.get("skip_nonfinite", True)),
+      skipped=int(run.checkpoint_meta.get("nonfinite_skipped", 0)),
+      verbose=primary,
+    )
+    state, status, done = _loop(
+      run,
+      ckpt,
+      logger,
+      end=total if stop_at_step is None else int(stop_at_step),
+      total=total,
+      log_every=limits["log_every"],
+      eval_fn=eval_fn,
+      progress=primary and config.get("progress_bar", True),
+    )
   finally:
     if writer is not None:
       writer.close()
     ckpt.close()
   # `done`, not `state.step`: a skipped non-finite step left `state.step` where it was.
-  return TrainResult(state=state, model=run.model, step=done, status=status,
-                     workdir=workdir, last_metrics=logger.last, nonfinite_skipped=logger.skipped)
+  return TrainResult(
+    state=state,
+    model=run.model,
+    step=done,
+    status=status,
+    workdir=workdir,
+    last_metrics=logger.last,
+    nonfinite_skipped=logger.skipped,
+  )
 
 
-def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: int,
-          log_every: int, eval_fn, progress: bool) -> tuple[TrainState, str, int]:
+def _loop(
+  run,
+  ckpt: Checkpointer,
+  logger: MetricsLogger,
+  *,
+  end: int,
+  total: int,
+  log_every: int,
+  eval_fn,
+  progress: bool,
+) -> tuple[TrainState, str, int]:
   start, position, state = run.start_step, run.input_position, run.state
   eval_every = int(run.config.eval.get("every_steps", 0) or 0)
   embed = make_embed_fn(run.model) if eval_fn is not None else None
   bar = None
   if progress:
     from tqdm.auto import tqdm
+
     bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
   if eval_fn is not None and start == 0 and run.config.eval.get("at_start", False):
     # The "before" numbers: the initial (e.g. converted pretrained) parameters, logged as step 0.
@@ -244,7 +307,7 @@ def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: in
       for step in range(start, end):
         state, metrics = run.step_fn(state, next(batches))
         if step == start:
-          logger.start_clock()   # the first call compiled synchronously
+          logger.start_clock()  # the first call compiled synchronously
         position += 1
         done = step + 1
         logger.add(done, metrics)
@@ -259,9 +322,13 @@ def _loop(run, ckpt: Checkpointer, logger: MetricsLogger, *, end: int, total: in
           bar.update(1)
         preempted = watcher.requested(done)
         if preempted or done == end or ckpt.manager.should_save(done):
-          logger.flush()   # never checkpoint a step whose loss has not been checked
-          ckpt.save(done, state.checkpoint_tree(),
-                    dict(run.meta(position), nonfinite_skipped=logger.skipped), force=True)
+          logger.flush()  # never checkpoint a step whose loss has not been checked
+          ckpt.save(
+            done,
+            state.checkpoint_tree(),
+            dict(run.meta(position), nonfinite_skipped=logger.skipped),
+            force=True,
+          )
         if preempted:
           status = "preempted"
           break

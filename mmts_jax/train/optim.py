@@ -19,6 +19,7 @@ Example:
   >>> {k: float(v) for k, v in optax.apply_updates(params, updates).items()}
   {'log_inv_temperature': 2.0, 'w': 1.0}
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ def clamp_parameter(name: str, max_value: float) -> optax.GradientTransformation
   Goes last in a chain: `u' = min(p + u, max_value) - p`, so `apply_updates` gives the clamped
   value (up to one float rounding).
   """
+
   def init(params):
     del params
     return optax.EmptyState()
@@ -61,8 +63,9 @@ def clamp_parameter(name: str, max_value: float) -> optax.GradientTransformation
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg, total_steps: int, *, max_log_inv_temperature: float | None = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg, total_steps: int, *, max_log_inv_temperature: float | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`config.optim` -> `(tx, lr_fn)` (see the module docstring). With
   `max_log_inv_temperature`, CLIP's `log_inv_temperature` is clamped there after each update.
 
@@ -71,17 +74,25 @@ def make_optimizer(cfg, total_steps: int, *, max_log_inv_temperature: float | No
   """
   warmup = int(cfg.warmup_steps)
   if not 0 <= warmup < total_steps:
-    raise ValueError(f"optim.warmup_steps must be in [0, total_steps={total_steps}), "
-                     f"got {warmup}")
+    raise ValueError(f"optim.warmup_steps must be in [0, total_steps={total_steps}), got {warmup}")
   lr = float(cfg.lr)
   if not (math.isfinite(lr) and lr > 0):
     raise ValueError(f"optim.lr must be finite and > 0, got {lr}")
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, int(total_steps),
-                                                end_value=lr * float(cfg.end_lr_factor))
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, lr, warmup, int(total_steps), end_value=lr * float(cfg.end_lr_factor)
+  )
   clip = float(cfg.grad_clip_norm or 0.0)
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                           weight_decay=float(cfg.weight_decay), mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=float(cfg.b1),
+      b2=float(cfg.b2),
+      eps=float(cfg.eps),
+      weight_decay=float(cfg.weight_decay),
+      mask=decay_mask,
+    )
+  )
   if max_log_inv_temperature is not None:
     parts.append(clamp_parameter("log_inv_temperature", float(max_log_inv_temperature)))
   return optax.chain(*parts), schedule

@@ -14,6 +14,7 @@ Example:
   >>> params["w"].tolist(), missing
   ([1.0, 1.0], ['b'])
 """
+
 from __future__ import annotations
 
 import os
@@ -44,13 +45,14 @@ def load_params(path: str | os.PathLike, params: Any) -> tuple[Any, list[str]]:
   """
   import orbax.checkpoint as ocp
   from etils import epath
+
   # orbax restores only absolute paths; a relative one is relative to the working directory.
   directory = epath.Path(os.path.abspath(os.fspath(path)))
   if not directory.is_dir():
     raise FileNotFoundError(f"init.checkpoint {str(path)!r} is not a directory")
   try:
     restored = ocp.StandardCheckpointer().restore(directory)
-  except Exception as e:   # orbax raises several types for a directory that is no checkpoint
+  except Exception as e:  # orbax raises several types for a directory that is no checkpoint
     raise ValueError(f"init.checkpoint {str(path)!r} is not an orbax checkpoint: {e}") from None
   if not isinstance(restored, dict) or "params" not in restored:
     keys = sorted(restored) if isinstance(restored, dict) else type(restored).__name__
@@ -58,12 +60,16 @@ def load_params(path: str | os.PathLike, params: Any) -> tuple[Any, list[str]]:
   saved, model = _flat(restored["params"]), _flat(params)
   unknown = sorted(set(saved) - set(model))
   if unknown:
-    raise ValueError(f"init.checkpoint {str(path)!r} has parameters the model lacks: "
-                     f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+    raise ValueError(
+      f"init.checkpoint {str(path)!r} has parameters the model lacks: "
+      f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
+    )
   for name, value in saved.items():
     if np.shape(value) != np.shape(model[name]):
-      raise ValueError(f"init.checkpoint {str(path)!r}: {name} has shape {np.shape(value)}, "
-                       f"the model's is {np.shape(model[name])}")
+      raise ValueError(
+        f"init.checkpoint {str(path)!r}: {name} has shape {np.shape(value)}, "
+        f"the model's is {np.shape(model[name])}"
+      )
   missing = sorted(set(model) - set(saved))
 
   def merge(path, leaf):

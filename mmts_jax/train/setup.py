@@ -23,6 +23,7 @@ Example:
   >>> int(state.step), run.policy.name
   (1, 'mmts')
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,22 +32,31 @@ import hashlib
 import itertools
 import json
 import math
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmts_jax import losses, shifts
 from mmts_jax import mesh as mesh_lib
 from mmts_jax import temperature as temperature_lib
 from mmts_jax.data import sources
 from mmts_jax.models import build_model
-from mmts_jax.train import grad_cache, optim, state as state_lib
+from mmts_jax.train import grad_cache, optim
+from mmts_jax.train import state as state_lib
 from mmts_jax.train.step import compile_train_step
 
-__all__ = ["Setup", "setup", "resolve_shift_table", "table_fingerprint", "state_shardings",
-           "validate"]
+__all__ = [
+  "Setup",
+  "setup",
+  "resolve_shift_table",
+  "table_fingerprint",
+  "state_shardings",
+  "validate",
+]
 
 
 def _positive_int(name: str, value) -> int:
@@ -61,17 +71,21 @@ def validate(config) -> dict[str, int]:
   out["ckpt_every"] = _positive_int("checkpoint.every_steps", config.checkpoint.every_steps)
   out["ckpt_keep"] = _positive_int("checkpoint.keep", config.checkpoint.keep)
   if config.mesh.param_sharding not in mesh_lib.PARAM_SHARDINGS:
-    raise ValueError(f"mesh.param_sharding must be one of {mesh_lib.PARAM_SHARDINGS}, got "
-                     f"{config.mesh.param_sharding!r}")
+    raise ValueError(
+      f"mesh.param_sharding must be one of {mesh_lib.PARAM_SHARDINGS}, got "
+      f"{config.mesh.param_sharding!r}"
+    )
   micro = config.train.get("micro_batch_size", 0)
-  if micro:   # 0: one pass over the whole batch; the device count is checked in `setup`
-    grad_cache.check_micro_batch(out["batch_size"], micro,
-                                 accumulation=config.train.get("accumulation", "grad_cache"))
+  if micro:  # 0: one pass over the whole batch; the device count is checked in `setup`
+    grad_cache.check_micro_batch(
+      out["batch_size"], micro, accumulation=config.train.get("accumulation", "grad_cache")
+    )
   return out
 
 
-def resolve_shift_table(config, source, policy: temperature_lib.Policy,
-                        shift_table=None) -> np.ndarray | None:
+def resolve_shift_table(
+  config, source, policy: temperature_lib.Policy, shift_table=None
+) -> np.ndarray | None:
   """The per-example shift table `sh(c_i)` (N,) float32, or None when the policy uses none.
 
   In order: the `shift_table` argument; `config.mmts.cluster_table` (a `ClusterTable` artifact,
@@ -86,6 +100,7 @@ def resolve_shift_table(config, source, policy: temperature_lib.Policy,
   n = source.num_examples
   if shift_table is None and m.get("cluster_table"):
     from mmts_jax.clusters import table as ct  # built by the preprocessing stage
+
     table = ct.ClusterTable.load(m.cluster_table)
     # Raises ClusterTableMismatch (a ValueError) for a table of other data or another order.
     table.validate(num_samples=n, fingerprint=source.fingerprint)
@@ -99,8 +114,10 @@ def resolve_shift_table(config, source, policy: temperature_lib.Policy,
   elif shift_table is None and getattr(source, "cluster_sizes", None) is not None:
     shift_table = shifts.cluster_shift(np.asarray(source.cluster_sizes), sh_min, sh_max)
   if shift_table is None:
-    raise ValueError(f"temperature mode {policy.name!r} needs per-example shifts: set "
-                     f"config.mmts.cluster_table or config.mmts.shift_table_path")
+    raise ValueError(
+      f"temperature mode {policy.name!r} needs per-example shifts: set "
+      f"config.mmts.cluster_table or config.mmts.shift_table_path"
+    )
   return temperature_lib.check_shift_table(shift_table, policy, num_examples=n)
 
 
@@ -117,8 +134,10 @@ def _policy_state_shardings(policy, policy_state, mesh) -> dict:
   for key, value in policy_state.items():
     kind = partition.get(key, "replicated")
     if kind not in temperature_lib.PARTITIONS:
-      raise ValueError(f"{type(policy).__name__}.state_partition()[{key!r}] must be one of "
-                       f"{temperature_lib.PARTITIONS}, got {kind!r}")
+      raise ValueError(
+        f"{type(policy).__name__}.state_partition()[{key!r}] must be one of "
+        f"{temperature_lib.PARTITIONS}, got {kind!r}"
+      )
     rows = np.shape(value)[0] if np.ndim(value) else 0
     # Rows that do not split evenly over the devices stay replicated (same numbers, more memory).
     if kind == "rows" and rows and rows % mesh.size == 0:
@@ -128,17 +147,20 @@ def _policy_state_shardings(policy, policy_state, mesh) -> dict:
   return out
 
 
-def state_shardings(state: state_lib.TrainState, mesh, param_sharding: str,
-                    policy: temperature_lib.Policy) -> state_lib.TrainState:
+def state_shardings(
+  state: state_lib.TrainState, mesh, param_sharding: str, policy: temperature_lib.Policy
+) -> state_lib.TrainState:
   """Per-leaf shardings: params / optimizer / BatchNorm state by `param_sharding`; the step and
   the RNG replicated; the policy state as `policy.state_partition()` says."""
   rep = mesh_lib.replicated(mesh)
   return state.replace(
-      step=rep, rng=rep,
-      params=mesh_lib.tree_shardings(state.params, mesh, param_sharding),
-      batch_stats=mesh_lib.tree_shardings(state.batch_stats, mesh, param_sharding),
-      opt_state=mesh_lib.tree_shardings(state.opt_state, mesh, param_sharding),
-      policy_state=_policy_state_shardings(policy, state.policy_state, mesh))
+    step=rep,
+    rng=rep,
+    params=mesh_lib.tree_shardings(state.params, mesh, param_sharding),
+    batch_stats=mesh_lib.tree_shardings(state.batch_stats, mesh, param_sharding),
+    opt_state=mesh_lib.tree_shardings(state.opt_state, mesh, param_sharding),
+    policy_state=_policy_state_shardings(policy, state.policy_state, mesh),
+  )
 
 
 def _sample_batch(local: Mapping[str, np.ndarray]) -> dict:
@@ -157,7 +179,7 @@ class _Built:
   tx: Any
   lr_fn: Callable
   loss_fn: Callable
-  jitted: dict   # (shardings' leaves, treedef) -> (jitted create, compiled step)
+  jitted: dict  # (shardings' leaves, treedef) -> (jitted create, compiled step)
 
 
 # What `setup` built, by the configuration it was built from: equal configurations in one
@@ -170,22 +192,33 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
   """The model, optimizer, schedule and loss of `config` (reused for an equal configuration)."""
   parts = {k: config[k].to_dict() for k in ("model", "optim", "loss")}
   # skip_nonfinite only steers the loop (the compiled step always masks a non-finite update).
-  parts.update(total_steps=int(config.total_steps),
-               train={k: v for k, v in config.train.to_dict().items() if k != "skip_nonfinite"})
+  parts.update(
+    total_steps=int(config.total_steps),
+    train={k: v for k, v in config.train.to_dict().items() if k != "skip_nonfinite"},
+  )
   key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
   if key not in _BUILT:
     # The sigmoid loss's logit bias `b` is a model parameter (SigLIP: init -10), which the
     # step passes to the loss (`step.model_loss_fn`).
-    model = build_model(config.model, learnable_temperature=policy.learnable,
-                        init_temperature=getattr(policy, "value", 0.07),
-                        learnable_bias=config.loss.name == "sigmoid",
-                        init_bias=float(config.loss.get("bias_init", -10.0)))
+    model = build_model(
+      config.model,
+      learnable_temperature=policy.learnable,
+      init_temperature=getattr(policy, "value", 0.07),
+      learnable_bias=config.loss.name == "sigmoid",
+      init_bias=float(config.loss.get("bias_init", -10.0)),
+    )
     tx, lr_fn = optim.make_optimizer(
-        config.optim, int(config.total_steps), max_log_inv_temperature=(
-            math.log(1.0 / model.min_temperature) if policy.learnable else None))
-    loss_fn = losses.get(config.loss.name, impl=config.loss.get("impl", "auto"),
-                         block_size=config.loss.get("block_size", None), mesh=mesh,
-                         axis_name=mesh_lib.DATA_AXIS)
+      config.optim,
+      int(config.total_steps),
+      max_log_inv_temperature=(math.log(1.0 / model.min_temperature) if policy.learnable else None),
+    )
+    loss_fn = losses.get(
+      config.loss.name,
+      impl=config.loss.get("impl", "auto"),
+      block_size=config.loss.get("block_size", None),
+      mesh=mesh,
+      axis_name=mesh_lib.DATA_AXIS,
+    )
     _BUILT[key] = _Built(model, tx, lr_fn, loss_fn, {})
   return _BUILT[key]
 
@@ -193,6 +226,7 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
 @dataclasses.dataclass
 class Setup:
   """What `setup` built (see the module docstring)."""
+
   config: Any
   mesh: Any
   source: Any
@@ -203,15 +237,15 @@ class Setup:
   lr_fn: Callable
   state: state_lib.TrainState
   shardings: state_lib.TrainState
-  step_fn: Callable              # jitted `train_step` (or `grad_cache.micro_batch_step` when
-                                 # `config.train.micro_batch_size`) bound to its dependencies
+  step_fn: Callable  # jitted `train_step` (or `grad_cache.micro_batch_step` when
+  # `config.train.micro_batch_size`) bound to its dependencies
   shift_table: np.ndarray | None
   shift_table_id: str
   global_batch_size: int
-  start_step: int = 0            # the restored checkpoint's step (0: a fresh run)
-  input_position: int = 0        # global batches the restored run had consumed
+  start_step: int = 0  # the restored checkpoint's step (0: a fresh run)
+  input_position: int = 0  # global batches the restored run had consumed
   checkpoint_meta: dict = dataclasses.field(default_factory=dict)
-  _first: tuple | None = None    # (iterator, its first batch), reused by `batches(0)`
+  _first: tuple | None = None  # (iterator, its first batch), reused by `batches(0)`
 
   def batches(self, position: int) -> Iterator[dict[str, np.ndarray]]:
     """This process's numpy batches from global batch `position` on (checked, see
@@ -232,13 +266,20 @@ class Setup:
   def device_batches(self, position: int, *, prefetch: int = 2) -> Iterator[dict]:
     """Global device batches from `position` on, `prefetch` transfers ahead."""
     return sources.prefetch_to_device(
-        self.batches(position), self.mesh, size=prefetch,
-        check=lambda b: sources.check_batch(b, self.source.num_examples))
+      self.batches(position),
+      self.mesh,
+      size=prefetch,
+      check=lambda b: sources.check_batch(b, self.source.num_examples),
+    )
 
   def meta(self, position: int) -> dict:
     """The JSON metadata a checkpoint stores beside the arrays."""
-    return {"input_position": int(position), "shift_table": self.shift_table_id,
-            "batch_size": self.global_batch_size, "mode": self.policy.name}
+    return {
+      "input_position": int(position),
+      "shift_table": self.shift_table_id,
+      "batch_size": self.global_batch_size,
+      "mode": self.policy.name,
+    }
 
 
 def _restore_latest(run: Setup, checkpointer) -> Setup:
@@ -250,17 +291,24 @@ def _restore_latest(run: Setup, checkpointer) -> Setup:
   start, tree, meta = found
   if meta.get("shift_table") != run.shift_table_id:
     raise ValueError(
-        f"checkpoint {start} in {checkpointer.directory} was trained with shift table "
-        f"{meta.get('shift_table')!r} but this run's table is {run.shift_table_id!r}: a cluster "
-        f"table of another dataset or setting; use a new workdir")
+      f"checkpoint {start} in {checkpointer.directory} was trained with shift table "
+      f"{meta.get('shift_table')!r} but this run's table is {run.shift_table_id!r}: a cluster "
+      f"table of another dataset or setting; use a new workdir"
+    )
   run.state = run.state.replace_from_checkpoint(tree)
   run.start_step, run.input_position = int(start), int(meta["input_position"])
   run.checkpoint_meta = dict(meta)
   return run
 
 
-def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
-          sample_batch: Mapping[str, np.ndarray] | None = None) -> Setup:
+def setup(
+  config,
+  *,
+  workdir=None,
+  checkpointer=None,
+  shift_table=None,
+  sample_batch: Mapping[str, np.ndarray] | None = None,
+) -> Setup:
   """Builds and checks everything a training run needs (see the module docstring).
 
   Args:
@@ -277,9 +325,14 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
   """
   limits = validate(config)
   total, batch_size = limits["total_steps"], limits["batch_size"]
-  policy = temperature_lib.from_config(config.temperature, config.mmts, total_steps=total,
-                                       loss=config.loss.name, isogclr=config.get("isogclr"))
-  check_loss = getattr(policy, "check_loss", None)   # a policy that is its own objective
+  policy = temperature_lib.from_config(
+    config.temperature,
+    config.mmts,
+    total_steps=total,
+    loss=config.loss.name,
+    isogclr=config.get("isogclr"),
+  )
+  check_loss = getattr(policy, "check_loss", None)  # a policy that is its own objective
   if check_loss is not None:
     check_loss(config.loss.name)
   mesh_lib.initialize_distributed(config.get("distributed", "auto"))
@@ -297,43 +350,68 @@ def setup(config, *, workdir=None, checkpointer=None, shift_table=None,
     first = (it, sample_batch)
   sources.check_batch(sample_batch, source.num_examples)
   if sample_batch["index"].shape[0] != local_bs:
-    raise ValueError(f"the source yielded {sample_batch['index'].shape[0]} examples per "
-                     f"process, expected batch_size / process_count = {local_bs}")
+    raise ValueError(
+      f"the source yielded {sample_batch['index'].shape[0]} examples per "
+      f"process, expected batch_size / process_count = {local_bs}"
+    )
 
   policy_state = policy.init_state(source.num_examples, table)
   create = functools.partial(state_lib.create, model, tx)
-  args: dict[str, Any] = dict(rng=jax.random.PRNGKey(int(config.seed)),
-                              sample_batch=_sample_batch(sample_batch), policy_state=policy_state)
-  shardings = state_shardings(jax.eval_shape(lambda: create(**args)), mesh,
-                              config.mesh.param_sharding, policy)
+  args: dict[str, Any] = dict(
+    rng=jax.random.PRNGKey(int(config.seed)),
+    sample_batch=_sample_batch(sample_batch),
+    policy_state=policy_state,
+  )
+  shardings = state_shardings(
+    jax.eval_shape(lambda: create(**args)), mesh, config.mesh.param_sharding, policy
+  )
   step_kw = {}
   micro = int(config.train.get("micro_batch_size", 0) or 0)
   if micro:
     acc = config.train.get("accumulation", "grad_cache")
     grad_cache.check_micro_batch(batch_size, micro, mesh.size, acc)
-    step_kw = dict(step=functools.partial(grad_cache.micro_batch_step, micro_batch_size=micro,
-                                          accumulation=acc, mesh=mesh))
+    step_kw = dict(
+      step=functools.partial(
+        grad_cache.micro_batch_step, micro_batch_size=micro, accumulation=acc, mesh=mesh
+      )
+    )
   leaves, treedef = jax.tree.flatten(shardings)
   jitted = built.jitted.get((tuple(leaves), treedef))
   if jitted is None:
     jitted = built.jitted[(tuple(leaves), treedef)] = (
-        jax.jit(create, out_shardings=shardings),
-        # The compiled step never applies a non-finite update; `config.train.skip_nonfinite`
-        # only decides whether the loop then goes on or stops (`train.loop`), so both settings
-        # share one compilation and a stopped run's in-memory state is the last good one.
-        compile_train_step(shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn,
-                           skip_nonfinite=True, **step_kw))
+      jax.jit(create, out_shardings=shardings),
+      # The compiled step never applies a non-finite update; `config.train.skip_nonfinite`
+      # only decides whether the loop then goes on or stops (`train.loop`), so both settings
+      # share one compilation and a stopped run's in-memory state is the last good one.
+      compile_train_step(
+        shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn, skip_nonfinite=True, **step_kw
+      ),
+    )
   create_fn, step_fn = jitted
   state = create_fn(**args)
-  run = Setup(config=config, mesh=mesh, source=source, policy=policy, loss_fn=loss_fn,
-              model=model, tx=tx, lr_fn=lr_fn, state=state, shardings=shardings,
-              step_fn=step_fn, shift_table=table, shift_table_id=table_fingerprint(table),
-              global_batch_size=batch_size, _first=first)
+  run = Setup(
+    config=config,
+    mesh=mesh,
+    source=source,
+    policy=policy,
+    loss_fn=loss_fn,
+    model=model,
+    tx=tx,
+    lr_fn=lr_fn,
+    state=state,
+    shardings=shardings,
+    step_fn=step_fn,
+    shift_table=table,
+    shift_table_id=table_fingerprint(table),
+    global_batch_size=batch_size,
+    _first=first,
+  )
 
   if checkpointer is None and workdir is not None:
     from etils import epath
 
     from mmts_jax.checkpointing import Checkpointer
+
     directory = epath.Path(workdir) / "checkpoints"
     if directory.is_dir():
       checkpointer = Checkpointer(directory, every_steps=1, keep=1 << 30, async_save=False)
@@ -350,6 +428,7 @@ def _finish(run: Setup, config, checkpointer) -> Setup:
   init = config.get("init", {}).get("checkpoint", "")
   if init and not run.start_step:
     from mmts_jax.train.pretrained import load_params
+
     params, _ = load_params(init, run.state.params)
     params = jax.device_put(params, run.shardings.params)
     # The optimizer state does not depend on the parameter values at step 0 (AdamW's moments

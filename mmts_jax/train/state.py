@@ -20,9 +20,11 @@ Example:
   >>> sorted(state.checkpoint_tree()), int(state.step)
   (['batch_stats', 'opt_state', 'params', 'policy_state', 'rng', 'step'], 0)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.struct as struct
 import jax
@@ -34,6 +36,7 @@ __all__ = ["TrainState", "create"]
 
 class TrainState(struct.PyTreeNode):
   """Arrays (pytree leaves) plus the static `apply_fn` and `tx`."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -45,27 +48,47 @@ class TrainState(struct.PyTreeNode):
 
   def variables(self) -> dict:
     """`{"params": ...[, "batch_stats": ...]}` for `model.apply`."""
-    return {"params": self.params, **({"batch_stats": self.batch_stats}
-                                      if self.batch_stats else {})}
+    return {
+      "params": self.params,
+      **({"batch_stats": self.batch_stats} if self.batch_stats else {}),
+    }
 
   def checkpoint_tree(self) -> dict:
     """What a checkpoint holds: every array of the state."""
-    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state, "rng": self.rng, "policy_state": self.policy_state}
+    return {
+      "step": self.step,
+      "params": self.params,
+      "batch_stats": self.batch_stats,
+      "opt_state": self.opt_state,
+      "rng": self.rng,
+      "policy_state": self.policy_state,
+    }
 
-  def replace_from_checkpoint(self, tree: Mapping[str, Any]) -> "TrainState":
+  def replace_from_checkpoint(self, tree: Mapping[str, Any]) -> TrainState:
     return self.replace(**{k: tree[k] for k in self.checkpoint_tree()})
 
 
-def create(model, tx: optax.GradientTransformation, *, rng, sample_batch,
-           policy_state: Mapping[str, jax.Array] | None = None) -> TrainState:
+def create(
+  model,
+  tx: optax.GradientTransformation,
+  *,
+  rng,
+  sample_batch,
+  policy_state: Mapping[str, jax.Array] | None = None,
+) -> TrainState:
   """Initialises parameters, optimizer state and the RNG (pure: wrap it in `jax.jit` with
   `out_shardings` to create a sharded state directly on the devices). Only the per-example
   shapes of `sample_batch` matter."""
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init({"params": init_rng, "dropout": init_rng}, sample_batch, train=False)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    rng=state_rng, policy_state=dict(policy_state or {}),
-                    apply_fn=model.apply, tx=tx)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    rng=state_rng,
+    policy_state=dict(policy_state or {}),
+    apply_fn=model.apply,
+    tx=tx,
+  )

@@ -29,10 +29,12 @@ Example:
   >>> int(s.step), bool(metrics["finite"])
   (1, True)
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +44,14 @@ from mmts_jax import mesh as mesh_lib
 from mmts_jax.temperature import Policy
 from mmts_jax.train.state import TrainState
 
-__all__ = ["train_step", "apply_gradients", "eval_step", "compile_train_step", "make_embed_fn",
-           "model_loss_fn"]
+__all__ = [
+  "train_step",
+  "apply_gradients",
+  "eval_step",
+  "compile_train_step",
+  "make_embed_fn",
+  "model_loss_fn",
+]
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -53,8 +61,10 @@ def _check_no_raw_pixels(batch: Mapping[str, Any]) -> None:
   # 0-255 values reaching a tower would train silently on the wrong scale.
   for k, v in batch.items():
     if v.dtype == jnp.uint8 and v.ndim == 4 and v.shape[-1] == 3:
-      raise TypeError(f"batch[{k!r}] holds raw uint8 pixels {v.shape}: pass the batch through "
-                      f"mmts_jax.data.sources.to_device, which normalises them on the device")
+      raise TypeError(
+        f"batch[{k!r}] holds raw uint8 pixels {v.shape}: pass the batch through "
+        f"mmts_jax.data.sources.to_device, which normalises them on the device"
+      )
 
 
 def _forward(state: TrainState, params, batch, train: bool, rng=None):
@@ -97,16 +107,26 @@ def model_loss_fn(loss_fn: Callable, out: Mapping[str, jax.Array]) -> LossFn:
 
 
 def _value_metrics(loss, values, bias=None) -> dict:
-  metrics = {"loss": loss, "temperature_mean": jnp.mean(values),
-             "temperature_min": jnp.min(values), "temperature_max": jnp.max(values)}
+  metrics = {
+    "loss": loss,
+    "temperature_mean": jnp.mean(values),
+    "temperature_min": jnp.min(values),
+    "temperature_max": jnp.max(values),
+  }
   if bias is not None:
     metrics["bias"] = jnp.asarray(bias, jnp.float32)
   return metrics
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Policy,
-               loss_fn: LossFn, lr_fn: Callable | None = None, skip_nonfinite: bool = True
-               ) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  policy: Policy,
+  loss_fn: LossFn,
+  lr_fn: Callable | None = None,
+  skip_nonfinite: bool = True,
+) -> tuple[TrainState, dict]:
   """One optimisation step; pure. `batch` needs the model's inputs and `index`.
 
   Args:
@@ -122,59 +142,103 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Pol
   def objective(params):
     out, batch_stats = _forward(state, params, batch, True, rng)
     loss, values, policy_state = policy.loss(
-        state.policy_state, out["image"], out["text"], step=state.step, index=batch["index"],
-        loss_fn=model_loss_fn(loss_fn, out), model_temperature=out.get("temperature"))
+      state.policy_state,
+      out["image"],
+      out["text"],
+      step=state.step,
+      index=batch["index"],
+      loss_fn=model_loss_fn(loss_fn, out),
+      model_temperature=out.get("temperature"),
+    )
     return loss, (values, batch_stats, jax.lax.stop_gradient(policy_state), out.get("bias"))
 
   (loss, (values, batch_stats, policy_state, bias)), grads = jax.value_and_grad(
-      objective, has_aux=True)(state.params)
-  return apply_gradients(state, grads, loss=loss, values=values, batch_stats=batch_stats,
-                         policy_state=policy_state, policy=policy, lr_fn=lr_fn,
-                         skip_nonfinite=skip_nonfinite, bias=bias)
+    objective, has_aux=True
+  )(state.params)
+  return apply_gradients(
+    state,
+    grads,
+    loss=loss,
+    values=values,
+    batch_stats=batch_stats,
+    policy_state=policy_state,
+    policy=policy,
+    lr_fn=lr_fn,
+    skip_nonfinite=skip_nonfinite,
+    bias=bias,
+  )
 
 
-def apply_gradients(state: TrainState, grads, *, loss: jax.Array, values: jax.Array,
-                    batch_stats, policy_state, policy: Policy, lr_fn: Callable | None = None,
-                    skip_nonfinite: bool = True, bias: jax.Array | None = None
-                    ) -> tuple[TrainState, dict]:
+def apply_gradients(
+  state: TrainState,
+  grads,
+  *,
+  loss: jax.Array,
+  values: jax.Array,
+  batch_stats,
+  policy_state,
+  policy: Policy,
+  lr_fn: Callable | None = None,
+  skip_nonfinite: bool = True,
+  bias: jax.Array | None = None,
+) -> tuple[TrainState, dict]:
   """The second half of a step, shared by `train_step` and `mmts_jax.train.grad_cache`:
   the optimizer update from `grads`, the non-finite guard and the step's metrics (`bias`: the
   sigmoid loss's bias the forward pass used, logged when given)."""
   grad_norm = _global_norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state, batch_stats=batch_stats, policy_state=policy_state)
+  new = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    batch_stats=batch_stats,
+    policy_state=policy_state,
+  )
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-  metrics = _value_metrics(loss, values, bias)   # the bias the step's forward pass used
-  metrics.update(grad_norm=grad_norm, finite=finite,
-                 temperature_base=jnp.asarray(policy.base(state.step), jnp.float32))
+  metrics = _value_metrics(loss, values, bias)  # the bias the step's forward pass used
+  metrics.update(
+    grad_norm=grad_norm,
+    finite=finite,
+    temperature_base=jnp.asarray(policy.base(state.step), jnp.float32),
+  )
   if lr_fn is not None:
     metrics["lr"] = jnp.asarray(lr_fn(state.step), jnp.float32)
   return new, metrics
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, policy: Policy,
-              loss_fn: LossFn) -> dict:
+def eval_step(
+  state: TrainState, batch: Mapping[str, jax.Array], *, policy: Policy, loss_fn: LossFn
+) -> dict:
   """Loss, per-anchor values and embeddings of a batch in inference mode (no update)."""
   out, _ = _forward(state, state.params, batch, False)
-  loss, values, _ = policy.loss(state.policy_state, out["image"], out["text"], step=state.step,
-                                index=batch["index"], loss_fn=model_loss_fn(loss_fn, out),
-                                model_temperature=out.get("temperature"))
+  loss, values, _ = policy.loss(
+    state.policy_state,
+    out["image"],
+    out["text"],
+    step=state.step,
+    index=batch["index"],
+    loss_fn=model_loss_fn(loss_fn, out),
+    model_temperature=out.get("temperature"),
+  )
   metrics = _value_metrics(loss, values, out.get("bias"))
   metrics.update(image=out["image"], text=out["text"])
   return metrics
 
 
-def compile_train_step(shardings: TrainState, mesh, *, step: Callable | None = None,
-                       **deps) -> Callable:
+def compile_train_step(
+  shardings: TrainState, mesh, *, step: Callable | None = None, **deps
+) -> Callable:
   """`jax.jit(partial(step, **deps))` with explicit in/out shardings (the batch split over the
   data axis, the state as `shardings`) and the state donated. `step` defaults to `train_step`;
   `mmts_jax.train.grad_cache.micro_batch_step` is the micro-batched one."""
-  return jax.jit(functools.partial(step or train_step, **deps),
-                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+    functools.partial(step or train_step, **deps),
+    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+    out_shardings=(shardings, mesh_lib.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def make_embed_fn(model) -> Callable:

@@ -13,18 +13,27 @@ Example:
   ...              {"a": 1, "b": {"c": 3}, "log_every": 1, "new": ""}, defaults={"new": ""})
   {'b.c': (2, 3)}
 """
+
 from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from etils import epath
 
 from mmts_jax.atomic_io import atomic_write_bytes
 from mmts_jax.config_defaults import RUN_NEUTRAL_KEYS, default_config
 
-__all__ = ["ConfigChangedError", "diff_configs", "check_config_change", "record_config", "CONFIG_FILE", "HISTORY_FILE"]
+__all__ = [
+  "ConfigChangedError",
+  "diff_configs",
+  "check_config_change",
+  "record_config",
+  "CONFIG_FILE",
+  "HISTORY_FILE",
+]
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -40,7 +49,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     if isinstance(v, Mapping):
       out.update(_flatten(v, f"{prefix}{k}."))
     else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v   # as JSON stores it
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v  # as JSON stores it
   return out
 
 
@@ -48,16 +57,19 @@ def _neutral(key: str) -> bool:
   return any(key.startswith(n) if n.endswith(".") else key == n for n in RUN_NEUTRAL_KEYS)
 
 
-def diff_configs(old: Mapping[str, Any], new: Mapping[str, Any],
-                 defaults: Mapping[str, Any] | None = None) -> dict[str, tuple]:
+def diff_configs(
+  old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, tuple]:
   """`{key: (old, new)}` for every dotted key that differs and changes the run. A key the old
   config lacks (written by an earlier version) whose new value is its default in `defaults`
   is no difference."""
   a, b = _flatten(old), _flatten(new)
   d = _flatten(defaults or {})
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k) and not _neutral(k)
-          and not (k not in a and k in d and b.get(k) == d[k])}
+  return {
+    k: (a.get(k), b.get(k))
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k) and not _neutral(k) and not (k not in a and k in d and b.get(k) == d[k])
+  }
 
 
 def _to_json(config) -> dict:
@@ -66,12 +78,12 @@ def _to_json(config) -> dict:
 
 
 def _write_json(path: epath.Path, obj) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str)
-                            + "\n").encode())
+  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def check_config_change(workdir, config, *, resuming_from: int | None,
-                        allow_config_change: bool = False) -> dict[str, tuple]:
+def check_config_change(
+  workdir, config, *, resuming_from: int | None, allow_config_change: bool = False
+) -> dict[str, tuple]:
   """The run-changing differences between `config` and the workdir's `config.json`.
 
   Args:
@@ -87,28 +99,32 @@ def check_config_change(workdir, config, *, resuming_from: int | None,
   path = workdir / CONFIG_FILE
   if resuming_from is None or not path.exists():
     return {}
-  changes = diff_configs(json.loads(path.read_text()), _to_json(config),
-                         _to_json(default_config()))
+  changes = diff_configs(json.loads(path.read_text()), _to_json(config), _to_json(default_config()))
   if changes and not allow_config_change:
     lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
     raise ConfigChangedError(
-        f"{workdir} holds a run at step {resuming_from} trained with another configuration:\n"
-        f"{lines}\nresuming would not continue that run; use a new workdir, or pass "
-        f"--allow-config-change (recorded in {HISTORY_FILE})")
+      f"{workdir} holds a run at step {resuming_from} trained with another configuration:\n"
+      f"{lines}\nresuming would not continue that run; use a new workdir, or pass "
+      f"--allow-config-change (recorded in {HISTORY_FILE})"
+    )
   return changes
 
 
-def record_config(workdir, config, *, changes: Mapping[str, tuple] | None = None,
-                  step: int = 0) -> None:
+def record_config(
+  workdir, config, *, changes: Mapping[str, tuple] | None = None, step: int = 0
+) -> None:
   """Writes `config.json` and appends accepted `changes` (from `check_config_change`) at `step`
   to `config_history.jsonl`. Process 0 only: call it there."""
   workdir = epath.Path(workdir)
   if changes:
     history = workdir / HISTORY_FILE
     old = history.read_text() if history.exists() else ""
-    entry = {"step": int(step),
-             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-             "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}}
-    atomic_write_bytes(history, (old + json.dumps(entry, sort_keys=True, default=str)
-                                 + "\n").encode())
+    entry = {
+      "step": int(step),
+      "time": datetime.datetime.now(datetime.UTC).isoformat(),
+      "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()},
+    }
+    atomic_write_bytes(
+      history, (old + json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
+    )
   _write_json(workdir / CONFIG_FILE, _to_json(config))

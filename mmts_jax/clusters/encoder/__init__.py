@@ -9,6 +9,7 @@ Example:
   >>> emb.shape, round(float((emb ** 2).sum()), 4)  # one unit vector per sentence
   ((1, 384), 1.0)
 """
+
 from __future__ import annotations
 
 from mmts_jax.clusters.encoder.bert import BertEncoder

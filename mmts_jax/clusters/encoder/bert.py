@@ -9,6 +9,7 @@ Post-LayerNorm blocks, as in Devlin et al. (2019):
 The attention mask is applied as an additive bias of the dtype's most negative value, as the
 reference PyTorch implementation does, so padded keys get exactly zero weight.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,6 +38,7 @@ def activation(name: str):
 
 class _Configured(nn.Module):
   """Fields shared by the encoder's modules: architecture, compute dtype, matmul precision."""
+
   config: BertConfig
   dtype: Any = jnp.float32
   precision: Any = None
@@ -98,15 +100,16 @@ class BertEncoder(_Configured):
     c = self.config
     length = input_ids.shape[1]
     if length > c.max_position_embeddings:
-      raise ValueError(f"sequence length {length} exceeds max_position_embeddings="
-                       f"{c.max_position_embeddings}")
+      raise ValueError(
+        f"sequence length {length} exceeds max_position_embeddings={c.max_position_embeddings}"
+      )
     embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=self.dtype)
     x = embed(c.vocab_size, name="word_embeddings")(input_ids)
     x = x + embed(c.max_position_embeddings, name="position_embeddings")(
-        jnp.arange(length)[None, :])
+      jnp.arange(length)[None, :]
+    )
     if c.type_vocab_size:
-      x = x + embed(c.type_vocab_size, name="token_type_embeddings")(
-          jnp.zeros((1, 1), jnp.int32))
+      x = x + embed(c.type_vocab_size, name="token_type_embeddings")(jnp.zeros((1, 1), jnp.int32))
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(x)
     # Masked keys get the most negative finite value, so exp() underflows to exactly 0.
     neg = jnp.finfo(jnp.float32).min

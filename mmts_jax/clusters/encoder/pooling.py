@@ -3,6 +3,7 @@
 Mean pooling follows sentence-transformers: `sum_t m_t h_t / max(sum_t m_t, 1e-9)` over the
 attention mask `m`; normalisation divides by `max(||e||_2, 1e-12)` (torch `F.normalize`).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

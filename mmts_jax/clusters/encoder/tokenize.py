@@ -4,6 +4,7 @@
 Sentences are stripped of surrounding whitespace (as sentence-transformers does) and truncated
 to `max_length` tokens including `[CLS]` and `[SEP]`.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,8 @@ class Tokenizer:
   """A fast WordPiece tokenizer that returns unpadded id arrays.
 
   Example:
-    >>> from mmts_jax.clusters.encoder.encoder import default_model_dir  # the packaged all-MiniLM-L6-v2
+    >>> # the packaged all-MiniLM-L6-v2
+    >>> from mmts_jax.clusters.encoder.encoder import default_model_dir
     >>> tok = Tokenizer(default_model_dir(), max_length=256)
     >>> tok(["pick up container"])[0]
     array([  101,  4060,  2039, 11661,   102], dtype=int32)
@@ -46,10 +48,12 @@ class Tokenizer:
     file = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(file):
       from tokenizers import Tokenizer as HfTokenizer
+
       backend = HfTokenizer.from_file(file)
     else:
       # A vocab.txt-only checkpoint: transformers builds the same fast tokenizer from it.
       from transformers import AutoTokenizer
+
       backend = AutoTokenizer.from_pretrained(model_dir, local_files_only=True).backend_tokenizer
     backend.no_padding()
     backend.enable_truncation(max_length=max_length)

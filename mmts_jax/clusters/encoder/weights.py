@@ -4,6 +4,7 @@ PyTorch `nn.Linear` stores `(out, in)` matrices; Flax `Dense` kernels are `(in, 
 linear weight is transposed. Heads that a sentence encoder does not use (`pooler`, `cls`, MLM
 heads) are ignored; a missing encoder weight is an error naming it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,10 @@ def weights_files(model_dir: str | os.PathLike) -> list[str]:
     return [os.path.join(model_dir, s) for s in shards]
   if os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")):
     raise FileNotFoundError(
-        f"{model_dir!r} has only PyTorch pickle weights (pytorch_model.bin); this loader reads "
-        "safetensors only, so that PyTorch is not needed. Convert it once with "
-        "`safetensors.torch.save_file`.")
+      f"{model_dir!r} has only PyTorch pickle weights (pytorch_model.bin); this loader reads "
+      "safetensors only, so that PyTorch is not needed. Convert it once with "
+      "`safetensors.torch.save_file`."
+    )
   raise FileNotFoundError(f"no model.safetensors in model directory {model_dir!r}")
 
 
@@ -61,31 +63,45 @@ def hf_names(config: BertConfig) -> dict:
   """Nested dict mirroring the Flax params; leaves are `(hf_name, transpose)`."""
   if config.model_type == "bert":
     layer_fmt = "encoder.layer.{i}."
-    names = {"query": "attention.self.query", "key": "attention.self.key",
-             "value": "attention.self.value", "out": "attention.output.dense",
-             "attention_norm": "attention.output.LayerNorm", "ffn_in": "intermediate.dense",
-             "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
+    names = {
+      "query": "attention.self.query",
+      "key": "attention.self.key",
+      "value": "attention.self.value",
+      "out": "attention.output.dense",
+      "attention_norm": "attention.output.LayerNorm",
+      "ffn_in": "intermediate.dense",
+      "ffn_out": "output.dense",
+      "ffn_norm": "output.LayerNorm",
+    }
   else:
     layer_fmt = "transformer.layer.{i}."
-    names = {"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
-             "out": "attention.out_lin", "attention_norm": "sa_layer_norm", "ffn_in": "ffn.lin1",
-             "ffn_out": "ffn.lin2", "ffn_norm": "output_layer_norm"}
+    names = {
+      "query": "attention.q_lin",
+      "key": "attention.k_lin",
+      "value": "attention.v_lin",
+      "out": "attention.out_lin",
+      "attention_norm": "sa_layer_norm",
+      "ffn_in": "ffn.lin1",
+      "ffn_out": "ffn.lin2",
+      "ffn_norm": "output_layer_norm",
+    }
   tree = {
-      "word_embeddings": {"embedding": ("embeddings.word_embeddings.weight", False)},
-      "position_embeddings": {"embedding": ("embeddings.position_embeddings.weight", False)},
-      "embeddings_norm": _norm("embeddings.LayerNorm"),
+    "word_embeddings": {"embedding": ("embeddings.word_embeddings.weight", False)},
+    "position_embeddings": {"embedding": ("embeddings.position_embeddings.weight", False)},
+    "embeddings_norm": _norm("embeddings.LayerNorm"),
   }
   if config.type_vocab_size:
     tree["token_type_embeddings"] = {
-        "embedding": ("embeddings.token_type_embeddings.weight", False)}
+      "embedding": ("embeddings.token_type_embeddings.weight", False)
+    }
   for i in range(config.num_layers):
     p = layer_fmt.format(i=i)
     tree[f"layer_{i}"] = {
-        "attention": {k: _linear(p + names[k]) for k in ("query", "key", "value", "out")},
-        "attention_norm": _norm(p + names["attention_norm"]),
-        "ffn_in": _linear(p + names["ffn_in"]),
-        "ffn_out": _linear(p + names["ffn_out"]),
-        "ffn_norm": _norm(p + names["ffn_norm"]),
+      "attention": {k: _linear(p + names[k]) for k in ("query", "key", "value", "out")},
+      "attention_norm": _norm(p + names["attention_norm"]),
+      "ffn_in": _linear(p + names["ffn_in"]),
+      "ffn_out": _linear(p + names["ffn_out"]),
+      "ffn_norm": _norm(p + names["ffn_norm"]),
     }
   return tree
 
@@ -93,7 +109,7 @@ def hf_names(config: BertConfig) -> dict:
 def _strip(name: str) -> str:
   for prefix in _PREFIXES:
     if name.startswith(prefix):
-      return name[len(prefix):]
+      return name[len(prefix) :]
   return name
 
 
@@ -101,14 +117,15 @@ def _canonical(name: str) -> str:
   name = _strip(name)
   # Old TF-converted checkpoints call the LayerNorm parameters gamma/beta.
   if name.endswith("LayerNorm.gamma"):
-    return name[:-len("gamma")] + "weight"
+    return name[: -len("gamma")] + "weight"
   if name.endswith("LayerNorm.beta"):
-    return name[:-len("beta")] + "bias"
+    return name[: -len("beta")] + "bias"
   return name
 
 
 def _read_tensors(model_dir) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
+
   tensors = {}
   for file in weights_files(model_dir):
     for name, value in load_file(file).items():
@@ -132,8 +149,9 @@ def load_params(model_dir: str | os.PathLike, config: BertConfig) -> dict:
       return {k: convert(v) for k, v in node.items()}
     name, transpose = node
     if name not in tensors:
-      raise KeyError(f"weight {name!r} not found in {os.fspath(model_dir)!r} "
-                     f"(model_type={config.model_type!r})")
+      raise KeyError(
+        f"weight {name!r} not found in {os.fspath(model_dir)!r} (model_type={config.model_type!r})"
+      )
     value = np.asarray(tensors[name], np.float32)
     return np.ascontiguousarray(value.T) if transpose else value
 
@@ -144,9 +162,12 @@ def load_params(model_dir: str | os.PathLike, config: BertConfig) -> dict:
 
 def _check_shapes(params: dict, config: BertConfig) -> None:
   h, f = config.hidden_size, config.intermediate_size
-  expected = {("word_embeddings", "embedding"): (config.vocab_size, h),
-              ("position_embeddings", "embedding"): (config.max_position_embeddings, h),
-              ("layer_0", "ffn_in", "kernel"): (h, f), ("layer_0", "ffn_out", "kernel"): (f, h)}
+  expected = {
+    ("word_embeddings", "embedding"): (config.vocab_size, h),
+    ("position_embeddings", "embedding"): (config.max_position_embeddings, h),
+    ("layer_0", "ffn_in", "kernel"): (h, f),
+    ("layer_0", "ffn_out", "kernel"): (f, h),
+  }
   for path, shape in expected.items():
     node: Any = params  # nested dicts down to an array
     for key in path:

@@ -7,6 +7,7 @@ Example:
   >>> kmeans(x, 4, seed=0, backend="jax").labels.shape
   (300,)
 """
+
 from __future__ import annotations
 
 from mmts_jax.clusters.kmeans.checks import check_k, check_points
@@ -14,14 +15,29 @@ from mmts_jax.clusters.kmeans.jax_kmeans import kmeans_jax
 from mmts_jax.clusters.kmeans.result import KMeansResult
 from mmts_jax.clusters.kmeans.sklearn_kmeans import kmeans_sklearn
 
-__all__ = ["kmeans", "kmeans_jax", "kmeans_sklearn", "KMeansResult", "check_points", "check_k",
-           "BACKENDS"]
+__all__ = [
+  "kmeans",
+  "kmeans_jax",
+  "kmeans_sklearn",
+  "KMeansResult",
+  "check_points",
+  "check_k",
+  "BACKENDS",
+]
 
 BACKENDS = ("sklearn", "jax")
 
 
-def kmeans(x, k: int = 200, *, seed: int = 0, backend: str = "sklearn", n_init: int = 1,
-           progress: bool | None = False, **kwargs) -> KMeansResult:
+def kmeans(
+  x,
+  k: int = 200,
+  *,
+  seed: int = 0,
+  backend: str = "sklearn",
+  n_init: int = 1,
+  progress: bool | None = False,
+  **kwargs,
+) -> KMeansResult:
   """K-Means with the named back-end ("sklearn" on the host, "jax" on the local devices)."""
   if backend == "sklearn":
     return kmeans_sklearn(x, k, seed=seed, n_init=n_init, progress=progress, **kwargs)

@@ -1,4 +1,5 @@
 """Input checks shared by the K-Means back-ends: run before anything is compiled."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,10 @@ def check_points(x, name: str = "embeddings") -> np.ndarray:
   finite = np.isfinite(x).all(axis=1)
   if not finite.all():
     bad = np.flatnonzero(~finite)
-    raise ValueError(f"{name} has {bad.size} row(s) with NaN or inf values (first: row "
-                     f"{bad[0]}); fix or drop them before clustering")
+    raise ValueError(
+      f"{name} has {bad.size} row(s) with NaN or inf values (first: row "
+      f"{bad[0]}); fix or drop them before clustering"
+    )
   return x
 
 
@@ -36,6 +39,5 @@ def check_k(k, num_samples: int) -> int:
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
   if k > num_samples:
-    raise ValueError(f"k={k} is larger than the number of samples ({num_samples}); use a "
-                     f"smaller k")
+    raise ValueError(f"k={k} is larger than the number of samples ({num_samples}); use a smaller k")
   return int(k)

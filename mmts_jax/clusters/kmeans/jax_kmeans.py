@@ -12,6 +12,7 @@ Memory: the `(N, k)` distance matrix and the data, `N (D + k)` floats, split ove
 (3.3 M x 384 with k=200: 7.7 GB). Padded rows carry weight 0, so N need not divide the number
 of devices.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,15 +21,19 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmts_jax.clusters.kmeans.checks import check_k, check_points
 from mmts_jax.clusters.kmeans.result import KMeansResult
 
 __all__ = ["kmeans_jax"]
 
-_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-               "default": jax.lax.Precision.DEFAULT}
+_PRECISIONS = {
+  "highest": jax.lax.Precision.HIGHEST,
+  "high": jax.lax.Precision.HIGH,
+  "default": jax.lax.Precision.DEFAULT,
+}
 
 
 def _sq_dist(x, x2, c, precision):
@@ -102,10 +107,20 @@ def _tolerance_scale(x, w):
   return jnp.sum(w[:, None] * (x - mean) ** 2) / (jnp.sum(w) * x.shape[1])
 
 
-def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int = 300,
-               tol: float = 1e-4, n_trials: int | None = None, update: str = "auto",
-               precision: str = "highest", devices=None,
-               progress: bool | None = False) -> KMeansResult:
+def kmeans_jax(
+  x,
+  k: int = 200,
+  *,
+  seed: int = 0,
+  n_init: int = 1,
+  max_iter: int = 300,
+  tol: float = 1e-4,
+  n_trials: int | None = None,
+  update: str = "auto",
+  precision: str = "highest",
+  devices=None,
+  progress: bool | None = False,
+) -> KMeansResult:
   """Lloyd K-Means on the local devices; the run with the lowest inertia over `n_init` inits.
 
   Args:
@@ -130,8 +145,7 @@ def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int
   n, d = x.shape
   k = check_k(k, n)
   if n_init < 1 or max_iter < 1:
-    raise ValueError(f"n_init and max_iter must be >= 1, got n_init={n_init}, "
-                     f"max_iter={max_iter}")
+    raise ValueError(f"n_init and max_iter must be >= 1, got n_init={n_init}, max_iter={max_iter}")
   if not (tol >= 0 and math.isfinite(tol)):
     raise ValueError(f"tol must be finite and >= 0, got {tol}")
   if precision not in _PRECISIONS:
@@ -164,8 +178,13 @@ def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int
     bar = None
     if progress is not False:  # None: a bar only when stderr is a terminal (tqdm's rule)
       from tqdm.auto import tqdm
-      iters = bar = tqdm(iters, desc=f"k-means (jax, k={k}, init {r + 1}/{n_init})", unit="it",
-                         disable=None if progress is None else False)
+
+      iters = bar = tqdm(
+        iters,
+        desc=f"k-means (jax, k={k}, init {r + 1}/{n_init})",
+        unit="it",
+        disable=None if progress is None else False,
+      )
     n_iter = max_iter
     for it in iters:
       centers, labels, shift, changed = _lloyd_step(xd, x2, wd, centers, labels, k, update, prec)
@@ -183,5 +202,11 @@ def kmeans_jax(x, k: int = 200, *, seed: int = 0, n_init: int = 1, max_iter: int
       best = (inertia, final_labels, centers, n_iter)
   assert best is not None, "n_init >= 1 was checked, so one run was kept"
   inertia, labels, centers, n_iter = best
-  return KMeansResult(labels=np.asarray(labels)[:n], centers=np.asarray(centers, np.float32),
-                      inertia=inertia, n_iter=n_iter, backend="jax", seed=seed)
+  return KMeansResult(
+    labels=np.asarray(labels)[:n],
+    centers=np.asarray(centers, np.float32),
+    inertia=inertia,
+    n_iter=n_iter,
+    backend="jax",
+    seed=seed,
+  )

@@ -7,6 +7,7 @@ Example:
   >>> clip.variant_config("ViT-B/16").patch_size
   16
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,7 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports t
   from mmts_jax.models.clip.config import VARIANTS, CLIPConfig, variant_config
   from mmts_jax.models.clip.model import CLIP
 
-_WHERE = {"CLIPConfig": "config", "VARIANTS": "config", "variant_config": "config",
-          "CLIP": "model"}
+_WHERE = {"CLIPConfig": "config", "VARIANTS": "config", "variant_config": "config", "CLIP": "model"}
 # Spelled out (sorted(_WHERE)) so that type checkers can read it.
 __all__ = ["CLIP", "CLIPConfig", "VARIANTS", "variant_config"]
 

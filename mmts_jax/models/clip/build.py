@@ -16,12 +16,14 @@ Example:
   >>> model.config.patch_size, model.config.act, model.embed_dim
   (16, 'gelu', 512)
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -45,34 +47,45 @@ def clip_config_from(cfg: Mapping[str, Any]) -> CLIPConfig:
   keys = list(cfg.keys()) if hasattr(cfg, "keys") else []
   unknown = sorted(set(keys) - fields - set(_MODEL_KEYS))
   if unknown:
-    raise ValueError(f"model (name='clip'): unknown keys {unknown}; known: "
-                     f"{sorted(fields | set(_MODEL_KEYS))}")
+    raise ValueError(
+      f"model (name='clip'): unknown keys {unknown}; known: {sorted(fields | set(_MODEL_KEYS))}"
+    )
   overrides = {k: _get(cfg, k) for k in fields if _get(cfg, k) is not None}
   source = _get(cfg, "config_file")
   if source:
     path = pathlib.Path(source)
     path = path / "clip_config.json" if path.is_dir() else path
     if not path.is_file():
-      raise ValueError(f"model.config_file={source!r}: no such file (expected a converted "
-                       "checkpoint directory or its clip_config.json)")
+      raise ValueError(
+        f"model.config_file={source!r}: no such file (expected a converted "
+        "checkpoint directory or its clip_config.json)"
+      )
     data = json.loads(path.read_text())
     base = CLIPConfig.from_dict(data.get("config", data))
     return dataclasses.replace(base, **overrides) if overrides else base
   variant = _get(cfg, "variant")
   if variant is None:
-    raise ValueError("model (name='clip') needs model.variant (e.g. 'ViT-B/16') or "
-                     "model.config_file (a converted checkpoint directory)")
+    raise ValueError(
+      "model (name='clip') needs model.variant (e.g. 'ViT-B/16') or "
+      "model.config_file (a converted checkpoint directory)"
+    )
   return variant_config(variant, **overrides)
 
 
-def build_clip(cfg: Mapping[str, Any], *, learnable_temperature: bool = False,
-               init_temperature: float = 0.07) -> CLIP:
+def build_clip(
+  cfg: Mapping[str, Any], *, learnable_temperature: bool = False, init_temperature: float = 0.07
+) -> CLIP:
   """`config.model` -> `CLIP` (the temperature arguments as in `build_model`)."""
   dtype_name = _get(cfg, "dtype", "float32")
   if dtype_name not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
-  return CLIP(clip_config_from(cfg), image_key=_get(cfg, "image_key", "image"),
-              text_key=_get(cfg, "text_key", "text"),
-              learnable_temperature=learnable_temperature,
-              init_temperature=init_temperature, remat=bool(_get(cfg, "remat", False)),
-              dtype=_DTYPES[dtype_name], param_dtype=jnp.float32)
+  return CLIP(
+    clip_config_from(cfg),
+    image_key=_get(cfg, "image_key", "image"),
+    text_key=_get(cfg, "text_key", "text"),
+    learnable_temperature=learnable_temperature,
+    init_temperature=init_temperature,
+    remat=bool(_get(cfg, "remat", False)),
+    dtype=_DTYPES[dtype_name],
+    param_dtype=jnp.float32,
+  )

@@ -25,6 +25,7 @@ Example:
   >>> cfg2 == cfg, sorted(variables["params"])
   (True, ['logit_scale', 'text', 'visual'])
 """
+
 from __future__ import annotations
 
 import json
@@ -51,13 +52,22 @@ CONFIG_FILE = "clip_config.json"
 
 def abstract_params(cfg: CLIPConfig) -> Any:
   """The `jax.ShapeDtypeStruct` tree of `CLIP(cfg)`'s params (no FLOPs, no memory)."""
-  batch = {"image": jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32),
-           "text": jax.ShapeDtypeStruct((1, cfg.context_length), jnp.int32)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32),
+    "text": jax.ShapeDtypeStruct((1, cfg.context_length), jnp.int32),
+  }
   return jax.eval_shape(lambda b: CLIP(cfg).init(jax.random.PRNGKey(0), b), batch)["params"]
 
 
-def save_converted(directory: str | os.PathLike, params: Any, cfg: CLIPConfig, *,
-                   source: str = "", fmt: str = "", overwrite: bool = False) -> None:
+def save_converted(
+  directory: str | os.PathLike,
+  params: Any,
+  cfg: CLIPConfig,
+  *,
+  source: str = "",
+  fmt: str = "",
+  overwrite: bool = False,
+) -> None:
   """Writes `{"params": params}` with orbax and `clip_config.json` into `directory`.
 
   Raises:
@@ -74,10 +84,16 @@ def save_converted(directory: str | os.PathLike, params: Any, cfg: CLIPConfig, *
     checkpointer.save(staging / "ckpt", tree)
     checkpointer.wait_until_finished()
     logit_scale = float(np.asarray(params["logit_scale"]))
-    meta = {"config": cfg.to_dict(), "source": str(source), "format": fmt,
-            "logit_scale": logit_scale, "temperature": math.exp(-logit_scale)}
-    atomic_write_bytes(staging / "ckpt" / CONFIG_FILE,
-                       json.dumps(meta, indent=2, sort_keys=True).encode())
+    meta = {
+      "config": cfg.to_dict(),
+      "source": str(source),
+      "format": fmt,
+      "logit_scale": logit_scale,
+      "temperature": math.exp(-logit_scale),
+    }
+    atomic_write_bytes(
+      staging / "ckpt" / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True).encode()
+    )
     if directory.exists():
       shutil.rmtree(directory)
     os.replace(staging / "ckpt", directory)

@@ -17,11 +17,13 @@ Example:
   >>> CLIPConfig.from_dict(cfg.to_dict()) == cfg
   True
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["CLIPConfig", "VARIANTS", "variant_config", "ACTIVATIONS"]
 
@@ -47,6 +49,7 @@ class CLIPConfig:
       OpenCLIP's LAION weights).
     ln_eps: LayerNorm epsilon (1e-5 in both PyTorch implementations).
   """
+
   embed_dim: int = 512
   vision_kind: str = "vit"
   image_size: int = 224
@@ -65,37 +68,57 @@ class CLIPConfig:
   def __post_init__(self):
     object.__setattr__(self, "vision_layers", tuple(int(v) for v in self.vision_layers))
     if self.vision_kind not in VISION_KINDS:
-      raise ValueError(f"CLIPConfig.vision_kind must be one of {VISION_KINDS}, "
-                       f"got {self.vision_kind!r}")
+      raise ValueError(
+        f"CLIPConfig.vision_kind must be one of {VISION_KINDS}, got {self.vision_kind!r}"
+      )
     if self.act not in ACTIVATIONS:
       raise ValueError(f"CLIPConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
-    for name in ("embed_dim", "image_size", "vision_width", "vision_heads", "context_length",
-                 "vocab_size", "text_width", "text_heads", "text_layers"):
+    for name in (
+      "embed_dim",
+      "image_size",
+      "vision_width",
+      "vision_heads",
+      "context_length",
+      "vocab_size",
+      "text_width",
+      "text_heads",
+      "text_layers",
+    ):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"CLIPConfig.{name} must be > 0, got {getattr(self, name)!r}")
     if self.text_width % self.text_heads:
-      raise ValueError(f"CLIPConfig.text_width={self.text_width} is not a multiple of "
-                       f"text_heads={self.text_heads}")
+      raise ValueError(
+        f"CLIPConfig.text_width={self.text_width} is not a multiple of text_heads={self.text_heads}"
+      )
     if self.vision_kind == "vit":
       if len(self.vision_layers) != 1:
-        raise ValueError(f"CLIPConfig.vision_layers must be (depth,) for a ViT, "
-                         f"got {self.vision_layers!r}")
+        raise ValueError(
+          f"CLIPConfig.vision_layers must be (depth,) for a ViT, got {self.vision_layers!r}"
+        )
       if self.patch_size <= 0 or self.image_size % self.patch_size:
-        raise ValueError(f"CLIPConfig.image_size={self.image_size} must be a positive multiple "
-                         f"of patch_size={self.patch_size}")
+        raise ValueError(
+          f"CLIPConfig.image_size={self.image_size} must be a positive multiple "
+          f"of patch_size={self.patch_size}"
+        )
       if self.vision_width % self.vision_heads:
-        raise ValueError(f"CLIPConfig.vision_width={self.vision_width} is not a multiple of "
-                         f"vision_heads={self.vision_heads}")
+        raise ValueError(
+          f"CLIPConfig.vision_width={self.vision_width} is not a multiple of "
+          f"vision_heads={self.vision_heads}"
+        )
     else:
       if len(self.vision_layers) != 4:
-        raise ValueError(f"CLIPConfig.vision_layers must have 4 stages for the ResNet, "
-                         f"got {self.vision_layers!r}")
+        raise ValueError(
+          f"CLIPConfig.vision_layers must have 4 stages for the ResNet, got {self.vision_layers!r}"
+        )
       if self.image_size % 32:
-        raise ValueError(f"CLIPConfig.image_size={self.image_size} must be a multiple of 32 "
-                         "for the ResNet")
+        raise ValueError(
+          f"CLIPConfig.image_size={self.image_size} must be a multiple of 32 for the ResNet"
+        )
       if (self.vision_width * 32) % self.vision_heads:
-        raise ValueError(f"CLIPConfig: attention-pool width {self.vision_width * 32} is not a "
-                         f"multiple of vision_heads={self.vision_heads}")
+        raise ValueError(
+          f"CLIPConfig: attention-pool width {self.vision_width * 32} is not a "
+          f"multiple of vision_heads={self.vision_heads}"
+        )
 
   @property
   def num_patches(self) -> int:
@@ -109,7 +132,7 @@ class CLIPConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> CLIPConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -120,19 +143,54 @@ class CLIPConfig:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-_TEXT_B: dict[str, Any] = dict(context_length=77, vocab_size=49408, text_width=512, text_heads=8,
-                               text_layers=12)
+_TEXT_B: dict[str, Any] = dict(
+  context_length=77, vocab_size=49408, text_width=512, text_heads=8, text_layers=12
+)
 VARIANTS: dict[str, CLIPConfig] = {
-    "ViT-B/32": CLIPConfig(embed_dim=512, vision_kind="vit", image_size=224, vision_width=768,
-                           vision_layers=(12,), vision_heads=12, patch_size=32, **_TEXT_B),
-    "ViT-B/16": CLIPConfig(embed_dim=512, vision_kind="vit", image_size=224, vision_width=768,
-                           vision_layers=(12,), vision_heads=12, patch_size=16, **_TEXT_B),
-    "ViT-L/14": CLIPConfig(embed_dim=768, vision_kind="vit", image_size=224, vision_width=1024,
-                           vision_layers=(24,), vision_heads=16, patch_size=14,
-                           context_length=77, vocab_size=49408, text_width=768, text_heads=12,
-                           text_layers=12),
-    "RN50": CLIPConfig(embed_dim=1024, vision_kind="resnet", image_size=224, vision_width=64,
-                       vision_layers=(3, 4, 6, 3), vision_heads=32, patch_size=0, **_TEXT_B),
+  "ViT-B/32": CLIPConfig(
+    embed_dim=512,
+    vision_kind="vit",
+    image_size=224,
+    vision_width=768,
+    vision_layers=(12,),
+    vision_heads=12,
+    patch_size=32,
+    **_TEXT_B,
+  ),
+  "ViT-B/16": CLIPConfig(
+    embed_dim=512,
+    vision_kind="vit",
+    image_size=224,
+    vision_width=768,
+    vision_layers=(12,),
+    vision_heads=12,
+    patch_size=16,
+    **_TEXT_B,
+  ),
+  "ViT-L/14": CLIPConfig(
+    embed_dim=768,
+    vision_kind="vit",
+    image_size=224,
+    vision_width=1024,
+    vision_layers=(24,),
+    vision_heads=16,
+    patch_size=14,
+    context_length=77,
+    vocab_size=49408,
+    text_width=768,
+    text_heads=12,
+    text_layers=12,
+  ),
+  "RN50": CLIPConfig(
+    embed_dim=1024,
+    vision_kind="resnet",
+    image_size=224,
+    vision_width=64,
+    vision_layers=(3, 4, 6, 3),
+    vision_heads=32,
+    patch_size=0,
+    **_TEXT_B,
+  ),
 }
 
 

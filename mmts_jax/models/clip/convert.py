@@ -29,11 +29,13 @@ Example:
   >>> [r.sources for r in rules if r.path == ("visual", "proj")]
   [('visual.proj',)]
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,19 +44,29 @@ import numpy as np
 from mmts_jax.models.clip.config import CLIPConfig
 from mmts_jax.models.clip.model import CLIP
 
-__all__ = ["FORMATS", "Rule", "detect_format", "infer_config", "param_rules",
-           "convert_state_dict", "expected_shapes"]
+__all__ = [
+  "FORMATS",
+  "Rule",
+  "detect_format",
+  "infer_config",
+  "param_rules",
+  "convert_state_dict",
+  "expected_shapes",
+]
 
 FORMATS = ("openclip", "hf")
 BN_EPS = 1e-5
-_IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask|num_batches_tracked)$"
-                      r"|^(input_resolution|context_length|vocab_size)$")
+_IGNORED = re.compile(
+  r"(^|\.)(position_ids|attn_mask|num_batches_tracked)$"
+  r"|^(input_resolution|context_length|vocab_size)$"
+)
 _PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """`params[path] = fn(*[state_dict[k] for k in sources])`."""
+
   path: tuple[str, ...]
   sources: tuple[str, ...]
   fn: Callable[..., np.ndarray]
@@ -82,6 +94,7 @@ def _chunk(i: int, transpose: bool):
       raise ValueError(f"fused q/k/v leading dimension {x.shape[0]} is not a multiple of 3")
     part = np.split(x, 3, axis=0)[i]
     return part.T if transpose else part
+
   return fn
 
 
@@ -92,34 +105,52 @@ def _fold_bn(gamma, beta, mean, var):
 
 def _bn_rules(path, prefix):
   src = tuple(f"{prefix}.{n}" for n in ("weight", "bias", "running_mean", "running_var"))
-  return [Rule(path + ("scale",), src, lambda *a: _fold_bn(*a)[0]),
-          Rule(path + ("bias",), src, lambda *a: _fold_bn(*a)[1])]
+  return [
+    Rule(path + ("scale",), src, lambda *a: _fold_bn(*a)[0]),
+    Rule(path + ("bias",), src, lambda *a: _fold_bn(*a)[1]),
+  ]
 
 
 def _dense_rules(path, prefix):
-  return [Rule(path + ("kernel",), (f"{prefix}.weight",), _linear),
-          Rule(path + ("bias",), (f"{prefix}.bias",), _identity)]
+  return [
+    Rule(path + ("kernel",), (f"{prefix}.weight",), _linear),
+    Rule(path + ("bias",), (f"{prefix}.bias",), _identity),
+  ]
 
 
 def _ln_rules(path, prefix):
-  return [Rule(path + ("scale",), (f"{prefix}.weight",), _identity),
-          Rule(path + ("bias",), (f"{prefix}.bias",), _identity)]
+  return [
+    Rule(path + ("scale",), (f"{prefix}.weight",), _identity),
+    Rule(path + ("bias",), (f"{prefix}.bias",), _identity),
+  ]
 
 
 def _block_rules(path, prefix, fmt):
   """One residual block: `path` in Flax, `prefix` in the state dict (ends without a dot)."""
   rules = []
   if fmt == "openclip":
-    names = {"ln_1": "ln_1", "ln_2": "ln_2", "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj",
-             "out_proj": "attn.out_proj"}
+    names = {
+      "ln_1": "ln_1",
+      "ln_2": "ln_2",
+      "c_fc": "mlp.c_fc",
+      "c_proj": "mlp.c_proj",
+      "out_proj": "attn.out_proj",
+    }
     for i, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
-      rules.append(Rule(path + ("attn", qkv, "kernel"), (f"{prefix}.attn.in_proj_weight",),
-                        _chunk(i, True)))
-      rules.append(Rule(path + ("attn", qkv, "bias"), (f"{prefix}.attn.in_proj_bias",),
-                        _chunk(i, False)))
+      rules.append(
+        Rule(path + ("attn", qkv, "kernel"), (f"{prefix}.attn.in_proj_weight",), _chunk(i, True))
+      )
+      rules.append(
+        Rule(path + ("attn", qkv, "bias"), (f"{prefix}.attn.in_proj_bias",), _chunk(i, False))
+      )
   else:
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "c_fc": "mlp.fc1",
-             "c_proj": "mlp.fc2", "out_proj": "self_attn.out_proj"}
+    names = {
+      "ln_1": "layer_norm1",
+      "ln_2": "layer_norm2",
+      "c_fc": "mlp.fc1",
+      "c_proj": "mlp.fc2",
+      "out_proj": "self_attn.out_proj",
+    }
     for qkv in ("q_proj", "k_proj", "v_proj"):
       rules += _dense_rules(path + ("attn", qkv), f"{prefix}.self_attn.{qkv}")
   rules += _ln_rules(path + ("ln_1",), f"{prefix}.{names['ln_1']}")
@@ -143,12 +174,14 @@ def _resnet_rules(cfg: CLIPConfig):
         rules.append(Rule(path + (f"conv{i}", "kernel"), (f"{prefix}.conv{i}.weight",), _conv))
         rules += _bn_rules(path + (f"bn{i}",), f"{prefix}.bn{i}")
       if j == 0:  # the first block of every stage changes the width or the stride
-        rules.append(Rule(path + ("downsample_conv", "kernel"), (f"{prefix}.downsample.0.weight",),
-                          _conv))
+        rules.append(
+          Rule(path + ("downsample_conv", "kernel"), (f"{prefix}.downsample.0.weight",), _conv)
+        )
         rules += _bn_rules(path + ("downsample_bn",), f"{prefix}.downsample.1")
   pool = v + ("attnpool",)
-  rules.append(Rule(pool + ("positional_embedding",), ("visual.attnpool.positional_embedding",),
-                    _identity))
+  rules.append(
+    Rule(pool + ("positional_embedding",), ("visual.attnpool.positional_embedding",), _identity)
+  )
   for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
     rules += _dense_rules(pool + ("attn", name), f"visual.attnpool.{name}")
   return rules
@@ -158,21 +191,27 @@ def _vit_rules(cfg: CLIPConfig, fmt: str):
   v = ("visual",)
   t = v + ("transformer",)
   if fmt == "openclip":
-    rules = [Rule(v + ("conv1", "kernel"), ("visual.conv1.weight",), _conv),
-             Rule(v + ("class_embedding",), ("visual.class_embedding",), _identity),
-             Rule(v + ("positional_embedding",), ("visual.positional_embedding",), _identity),
-             Rule(v + ("proj",), ("visual.proj",), _identity)]
-    rules += _ln_rules(v + ("ln_pre",), "visual.ln_pre") + _ln_rules(v + ("ln_post",),
-                                                                       "visual.ln_post")
+    rules = [
+      Rule(v + ("conv1", "kernel"), ("visual.conv1.weight",), _conv),
+      Rule(v + ("class_embedding",), ("visual.class_embedding",), _identity),
+      Rule(v + ("positional_embedding",), ("visual.positional_embedding",), _identity),
+      Rule(v + ("proj",), ("visual.proj",), _identity),
+    ]
+    rules += _ln_rules(v + ("ln_pre",), "visual.ln_pre") + _ln_rules(
+      v + ("ln_post",), "visual.ln_post"
+    )
     block = "visual.transformer.resblocks.{}"
   else:
     e = "vision_model.embeddings"
-    rules = [Rule(v + ("conv1", "kernel"), (f"{e}.patch_embedding.weight",), _conv),
-             Rule(v + ("class_embedding",), (f"{e}.class_embedding",), _identity),
-             Rule(v + ("positional_embedding",), (f"{e}.position_embedding.weight",), _identity),
-             Rule(v + ("proj",), ("visual_projection.weight",), _linear)]
-    rules += (_ln_rules(v + ("ln_pre",), "vision_model.pre_layrnorm")
-              + _ln_rules(v + ("ln_post",), "vision_model.post_layernorm"))
+    rules = [
+      Rule(v + ("conv1", "kernel"), (f"{e}.patch_embedding.weight",), _conv),
+      Rule(v + ("class_embedding",), (f"{e}.class_embedding",), _identity),
+      Rule(v + ("positional_embedding",), (f"{e}.position_embedding.weight",), _identity),
+      Rule(v + ("proj",), ("visual_projection.weight",), _linear),
+    ]
+    rules += _ln_rules(v + ("ln_pre",), "vision_model.pre_layrnorm") + _ln_rules(
+      v + ("ln_post",), "vision_model.post_layernorm"
+    )
     block = "vision_model.encoder.layers.{}"
   for i in range(cfg.vision_layers[0]):
     rules += _block_rules(t + (f"resblocks_{i}",), block.format(i), fmt)
@@ -182,17 +221,20 @@ def _vit_rules(cfg: CLIPConfig, fmt: str):
 def _text_rules(cfg: CLIPConfig, fmt: str):
   x = ("text",)
   if fmt == "openclip":
-    rules = [Rule(x + ("token_embedding", "embedding"), ("token_embedding.weight",), _identity),
-             Rule(x + ("positional_embedding",), ("positional_embedding",), _identity),
-             Rule(x + ("text_projection",), ("text_projection",), _identity)]
+    rules = [
+      Rule(x + ("token_embedding", "embedding"), ("token_embedding.weight",), _identity),
+      Rule(x + ("positional_embedding",), ("positional_embedding",), _identity),
+      Rule(x + ("text_projection",), ("text_projection",), _identity),
+    ]
     rules += _ln_rules(x + ("ln_final",), "ln_final")
     block = "transformer.resblocks.{}"
   else:
     e = "text_model.embeddings"
-    rules = [Rule(x + ("token_embedding", "embedding"), (f"{e}.token_embedding.weight",),
-                  _identity),
-             Rule(x + ("positional_embedding",), (f"{e}.position_embedding.weight",), _identity),
-             Rule(x + ("text_projection",), ("text_projection.weight",), _linear)]
+    rules = [
+      Rule(x + ("token_embedding", "embedding"), (f"{e}.token_embedding.weight",), _identity),
+      Rule(x + ("positional_embedding",), (f"{e}.position_embedding.weight",), _identity),
+      Rule(x + ("text_projection",), ("text_projection.weight",), _linear),
+    ]
     rules += _ln_rules(x + ("ln_final",), "text_model.final_layer_norm")
     block = "text_model.encoder.layers.{}"
   for i in range(cfg.text_layers):
@@ -206,8 +248,10 @@ def param_rules(cfg: CLIPConfig, fmt: str) -> list[Rule]:
     raise ValueError(f"state-dict format must be one of {FORMATS}, got {fmt!r}")
   if cfg.vision_kind == "resnet":
     if fmt == "hf":
-      raise ValueError("Hugging Face CLIPModel has no ResNet image tower; a ResNet checkpoint "
-                       "must be in OpenAI / OpenCLIP naming (format 'openclip')")
+      raise ValueError(
+        "Hugging Face CLIPModel has no ResNet image tower; a ResNet checkpoint "
+        "must be in OpenAI / OpenCLIP naming (format 'openclip')"
+      )
     rules = _resnet_rules(cfg)
   else:
     rules = _vit_rules(cfg, fmt)
@@ -220,22 +264,24 @@ def strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
   for k, v in sd.items():
     for p in _PREFIXES:
       while k.startswith(p):
-        k = k[len(p):]
+        k = k[len(p) :]
     out[k] = v
   return out
 
 
 def detect_format(sd: Mapping[str, Any]) -> str:
-  """"hf" for `vision_model.` / `text_model.` keys, "openclip" for `visual.` /
+  """ "hf" for `vision_model.` / `text_model.` keys, "openclip" for `visual.` /
   `token_embedding.` keys."""
   keys = list(sd)
   if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
     return "hf"
   if any(k.startswith(("visual.", "token_embedding.")) for k in keys):
     return "openclip"
-  raise ValueError("cannot tell the checkpoint's naming: no 'visual.' / 'token_embedding.' "
-                   "(OpenAI / OpenCLIP) or 'vision_model.' / 'text_model.' (Hugging Face) keys; "
-                   f"first keys: {keys[:5]}")
+  raise ValueError(
+    "cannot tell the checkpoint's naming: no 'visual.' / 'token_embedding.' "
+    "(OpenAI / OpenCLIP) or 'vision_model.' / 'text_model.' (Hugging Face) keys; "
+    f"first keys: {keys[:5]}"
+  )
 
 
 def _count(sd, pattern: str) -> int:
@@ -249,8 +295,14 @@ def _shape(sd, key):
   return tuple(np.shape(sd[key]))
 
 
-def infer_config(sd: Mapping[str, Any], fmt: str, *, act: str | None = None,
-                 hf_config: Mapping[str, Any] | None = None, **overrides) -> CLIPConfig:
+def infer_config(
+  sd: Mapping[str, Any],
+  fmt: str,
+  *,
+  act: str | None = None,
+  hf_config: Mapping[str, Any] | None = None,
+  **overrides,
+) -> CLIPConfig:
   """The `CLIPConfig` a state dict's shapes imply.
 
   Heads are not visible in the shapes: they follow OpenAI's rule `width / 64` (ViT and text) and
@@ -265,31 +317,54 @@ def infer_config(sd: Mapping[str, Any], fmt: str, *, act: str | None = None,
       stages = tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
       width = _shape(sd, "visual.layer1.0.conv1.weight")[0]
       grid = round((_shape(sd, "visual.attnpool.positional_embedding")[0] - 1) ** 0.5)
-      vision = dict(vision_kind="resnet", vision_width=width, vision_layers=stages,
-                    vision_heads=width * 32 // 64, image_size=grid * 32, patch_size=0)
+      vision = dict(
+        vision_kind="resnet",
+        vision_width=width,
+        vision_layers=stages,
+        vision_heads=width * 32 // 64,
+        image_size=grid * 32,
+        patch_size=0,
+      )
     else:
       width, _, patch, _ = _shape(sd, "visual.conv1.weight")
       grid = round((_shape(sd, "visual.positional_embedding")[0] - 1) ** 0.5)
-      vision = dict(vision_kind="vit", vision_width=width, patch_size=patch,
-                    image_size=grid * patch, vision_heads=width // 64,
-                    vision_layers=(_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),))
+      vision = dict(
+        vision_kind="vit",
+        vision_width=width,
+        patch_size=patch,
+        image_size=grid * patch,
+        vision_heads=width // 64,
+        vision_layers=(_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),),
+      )
     text_width = _shape(sd, "ln_final.weight")[0]
-    text = dict(context_length=_shape(sd, "positional_embedding")[0],
-                vocab_size=_shape(sd, "token_embedding.weight")[0], text_width=text_width,
-                text_heads=text_width // 64,
-                text_layers=_count(sd, r"transformer\.resblocks\.(\d+)\."))
+    text = dict(
+      context_length=_shape(sd, "positional_embedding")[0],
+      vocab_size=_shape(sd, "token_embedding.weight")[0],
+      text_width=text_width,
+      text_heads=text_width // 64,
+      text_layers=_count(sd, r"transformer\.resblocks\.(\d+)\."),
+    )
     embed_dim = _shape(sd, "text_projection")[1]
   elif fmt == "hf":
     width, _, patch, _ = _shape(sd, "vision_model.embeddings.patch_embedding.weight")
     grid = round((_shape(sd, "vision_model.embeddings.position_embedding.weight")[0] - 1) ** 0.5)
-    vision = dict(vision_kind="vit", vision_width=width, patch_size=patch,
-                  image_size=grid * patch, vision_heads=width // 64,
-                  vision_layers=(_count(sd, r"vision_model\.encoder\.layers\.(\d+)\."),))
+    vision = dict(
+      vision_kind="vit",
+      vision_width=width,
+      patch_size=patch,
+      image_size=grid * patch,
+      vision_heads=width // 64,
+      vision_layers=(_count(sd, r"vision_model\.encoder\.layers\.(\d+)\."),),
+    )
     text_width = _shape(sd, "text_model.final_layer_norm.weight")[0]
     ctx, _ = _shape(sd, "text_model.embeddings.position_embedding.weight")
-    text = dict(context_length=ctx, text_width=text_width, text_heads=text_width // 64,
-                vocab_size=_shape(sd, "text_model.embeddings.token_embedding.weight")[0],
-                text_layers=_count(sd, r"text_model\.encoder\.layers\.(\d+)\."))
+    text = dict(
+      context_length=ctx,
+      text_width=text_width,
+      text_heads=text_width // 64,
+      vocab_size=_shape(sd, "text_model.embeddings.token_embedding.weight")[0],
+      text_layers=_count(sd, r"text_model\.encoder\.layers\.(\d+)\."),
+    )
     embed_dim = _shape(sd, "text_projection.weight")[0]
     if hf_config:
       vc, tc = hf_config.get("vision_config") or {}, hf_config.get("text_config") or {}
@@ -307,15 +382,16 @@ def infer_config(sd: Mapping[str, Any], fmt: str, *, act: str | None = None,
         act = acts.pop()
   else:
     raise ValueError(f"state-dict format must be one of {FORMATS}, got {fmt!r}")
-  return CLIPConfig(embed_dim=embed_dim, act=act or "quick_gelu",
-                    **{**vision, **text, **overrides})
+  return CLIPConfig(embed_dim=embed_dim, act=act or "quick_gelu", **{**vision, **text, **overrides})
 
 
 def expected_shapes(cfg: CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flax path -> shape of every parameter of `CLIP(cfg)` (traced abstractly, no FLOPs)."""
   model = CLIP(cfg)
-  batch = {"image": jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32),
-           "text": jax.ShapeDtypeStruct((1, cfg.context_length), jnp.int32)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32),
+    "text": jax.ShapeDtypeStruct((1, cfg.context_length), jnp.int32),
+  }
   tree = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)["params"]
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
@@ -344,14 +420,17 @@ def convert_state_dict(sd: Mapping[str, Any], cfg: CLIPConfig, fmt: str) -> dict
       parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
     if unexpected:
       parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    raise ValueError(f"CLIP state dict ({fmt} naming) does not match the config "
-                     f"({cfg.vision_kind}, {cfg.vision_layers} image layers, {cfg.text_layers} "
-                     f"text layers): " + "; ".join(parts))
+    raise ValueError(
+      f"CLIP state dict ({fmt} naming) does not match the config "
+      f"({cfg.vision_kind}, {cfg.vision_layers} image layers, {cfg.text_layers} "
+      f"text layers): " + "; ".join(parts)
+    )
   shapes = expected_shapes(cfg)
   built = {r.path for r in rules}
   if built != set(shapes):  # a bug in the rules, not in the checkpoint
-    raise RuntimeError(f"CLIP converter rules out of sync with the model: "
-                       f"{_listing(built ^ set(shapes))}")
+    raise RuntimeError(
+      f"CLIP converter rules out of sync with the model: {_listing(built ^ set(shapes))}"
+    )
   params: dict[str, Any] = {}
   for rule in rules:
     arrays = [np.asarray(sd[k], dtype=np.float32) for k in rule.sources]
@@ -359,12 +438,16 @@ def convert_state_dict(sd: Mapping[str, Any], cfg: CLIPConfig, fmt: str) -> dict
     try:
       value = np.asarray(rule.fn(*arrays), dtype=np.float32)
     except ValueError as e:
-      raise ValueError(f"CLIP state dict: {rule.sources[0]!r} has shape {arrays[0].shape}, "
-                       f"which cannot give {'/'.join(rule.path)} of shape {want}: {e}") from None
+      raise ValueError(
+        f"CLIP state dict: {rule.sources[0]!r} has shape {arrays[0].shape}, "
+        f"which cannot give {'/'.join(rule.path)} of shape {want}: {e}"
+      ) from None
     if value.shape != want:
-      raise ValueError(f"CLIP state dict: {rule.sources[0]!r} has shape {arrays[0].shape}, "
-                       f"which gives {'/'.join(rule.path)} of shape {value.shape}; the config "
-                       f"needs {want}")
+      raise ValueError(
+        f"CLIP state dict: {rule.sources[0]!r} has shape {arrays[0].shape}, "
+        f"which gives {'/'.join(rule.path)} of shape {value.shape}; the config "
+        f"needs {want}"
+      )
     node = params
     for name in rule.path[:-1]:
       node = node.setdefault(name, {})

@@ -19,6 +19,7 @@ Example:
   >>> c.model.name, c.model.variant, c.temperature.mode, c.data.image_size
   ('clip', 'ViT-B/16', 'learnable', 224)
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -31,17 +32,30 @@ __all__ = ["finetune_config"]
 def finetune_config(variant: str, row: str = "") -> ml_collections.ConfigDict:
   """The fine-tuning config of one tower (`VARIANTS`) and ablation row."""
   from mmts_jax.config_defaults import default_config, with_row
+
   shapes = variant_config(variant)
   c = default_config()
   c.total_steps = 10_000
   c.batch_size = 512
   c.log_every = 50
-  c.data = ml_collections.ConfigDict(dict(
-      name="mmts_jax.data.trainer_source:records", path="", tokenizer="",
-      text_len=shapes.context_length, image_size=shapes.image_size))
-  c.model = ml_collections.ConfigDict(dict(
-      name="clip", variant=variant, config_file="", dtype="bfloat16",
-      remat=shapes.vision_width >= 1024))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="mmts_jax.data.trainer_source:records",
+      path="",
+      tokenizer="",
+      text_len=shapes.context_length,
+      image_size=shapes.image_size,
+    )
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      name="clip",
+      variant=variant,
+      config_file="",
+      dtype="bfloat16",
+      remat=shapes.vision_width >= 1024,
+    )
+  )
   if "init" not in c:  # the trainer's checkpoint-initialisation option
     c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   c.loss.name = "infonce"

@@ -16,9 +16,11 @@ Example (`jax.eval_shape` traces the model without compiling it: the shapes, in 
   >>> jax.eval_shape(lambda x: stack.apply(stack.init(jax.random.PRNGKey(0), x), x), x).shape
   (1, 3, 8)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,7 +45,7 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  """"quick_gelu" | "gelu" -> the function."""
+  """ "quick_gelu" | "gelu" -> the function."""
   table = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
   if name not in table:
     raise ValueError(f"CLIP activation must be one of {sorted(table)}, got {name!r}")
@@ -53,6 +55,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class MultiHeadAttention(nn.Module):
   """Scaled dot-product attention of `query` over `inputs_kv` with separate q/k/v projections
   (biases on all four, like `torch.nn.MultiheadAttention`); softmax in float32."""
+
   width: int
   heads: int
   out_features: int | None = None
@@ -61,8 +64,9 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, query: jax.Array, inputs_kv: jax.Array,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, query: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None
+  ) -> jax.Array:
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     q_name, k_name, v_name, o_name = self.proj_names
     head_dim = self.width // self.heads
@@ -70,7 +74,7 @@ class MultiHeadAttention(nn.Module):
     q = split(dense(self.width, q_name)(query))
     k = split(dense(self.width, k_name)(inputs_kv))
     v = split(dense(self.width, v_name)(inputs_kv))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -81,6 +85,7 @@ class MultiHeadAttention(nn.Module):
 
 class ResidualBlock(nn.Module):
   """`x + attn(ln_1(x))`, then `x + c_proj(act(c_fc(ln_2(x))))`."""
+
   width: int
   heads: int
   act: str = "quick_gelu"
@@ -91,12 +96,14 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name)
+    ln = lambda name: nn.LayerNorm(
+      epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     h = ln("ln_1")(x)
-    x = x + MultiHeadAttention(self.width, self.heads, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name="attn")(h, h, mask)
+    x = x + MultiHeadAttention(
+      self.width, self.heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
+    )(h, h, mask)
     h = activation(self.act)(dense(int(self.width * self.mlp_ratio), "c_fc")(ln("ln_2")(x)))
     return x + dense(self.width, "c_proj")(h)
 
@@ -104,6 +111,7 @@ class ResidualBlock(nn.Module):
 class Transformer(nn.Module):
   """`layers` residual blocks named `resblocks_0 ...`; `remat` recomputes each block's
   activations in the backward pass (memory for compute)."""
+
   width: int
   layers: int
   heads: int
@@ -117,6 +125,13 @@ class Transformer(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for i in range(self.layers):
-      x = block(self.width, self.heads, act=self.act, ln_eps=self.ln_eps, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"resblocks_{i}")(x, mask)
+      x = block(
+        self.width,
+        self.heads,
+        act=self.act,
+        ln_eps=self.ln_eps,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"resblocks_{i}",
+      )(x, mask)
     return x

@@ -23,10 +23,12 @@ Example (`jax.eval_shape` traces the model without compiling it: the shapes, in 
   >>> out["image"].shape, out["text"].shape, out["temperature"].shape
   ((2, 8), (2, 8), ())
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -54,6 +56,7 @@ class CLIP(nn.Module):
     min_temperature: the clamp (CLIP: 0.01, a logit scale of 100).
     remat: recompute transformer blocks in the backward pass.
   """
+
   config: CLIPConfig
   image_key: str = "image"
   text_key: str = "text"
@@ -72,20 +75,44 @@ class CLIP(nn.Module):
     c = self.config
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if c.vision_kind == "vit":
-      self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width,
-                                      c.vision_layers[0], c.vision_heads, c.embed_dim, act=c.act,
-                                      ln_eps=c.ln_eps, remat=self.remat, **common)
+      self.visual = VisionTransformer(
+        c.image_size,
+        c.patch_size,
+        c.vision_width,
+        c.vision_layers[0],
+        c.vision_heads,
+        c.embed_dim,
+        act=c.act,
+        ln_eps=c.ln_eps,
+        remat=self.remat,
+        **common,
+      )
     else:
-      self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.vision_heads,
-                                   image_size=c.image_size, width=c.vision_width, **common)
-    self.text = CLIPTextTransformer(c.context_length, c.vocab_size, c.text_width, c.text_layers,
-                                    c.text_heads, c.embed_dim, act=c.act, ln_eps=c.ln_eps,
-                                    remat=self.remat, **common)
+      self.visual = ModifiedResNet(
+        c.vision_layers,
+        c.embed_dim,
+        c.vision_heads,
+        image_size=c.image_size,
+        width=c.vision_width,
+        **common,
+      )
+    self.text = CLIPTextTransformer(
+      c.context_length,
+      c.vocab_size,
+      c.text_width,
+      c.text_layers,
+      c.text_heads,
+      c.embed_dim,
+      act=c.act,
+      ln_eps=c.ln_eps,
+      remat=self.remat,
+      **common,
+    )
     if not 0 < self.init_temperature:
       raise ValueError(f"CLIP: init_temperature must be > 0, got {self.init_temperature}")
-    self.logit_scale = self.param("logit_scale",
-                                  nn.initializers.constant(math.log(1 / self.init_temperature)),
-                                  (), jnp.float32)
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(math.log(1 / self.init_temperature)), (), jnp.float32
+    )
 
   def encode_image(self, image: jax.Array, *, train: bool = False) -> jax.Array:
     """(B, H, W, 3) -> (B, embed_dim) unit-norm float32 embeddings."""
@@ -106,8 +133,10 @@ class CLIP(nn.Module):
     for key in (self.image_key, self.text_key):
       if key not in batch:
         raise KeyError(f"CLIP: batch has no {key!r} (keys: {sorted(batch)})")
-    out = {"image": self.encode_image(batch[self.image_key], train=train),
-           "text": self.encode_text(batch[self.text_key], train=train)}
+    out = {
+      "image": self.encode_image(batch[self.image_key], train=train),
+      "text": self.encode_text(batch[self.text_key], train=train),
+    }
     # Touch logit_scale on every path so that init always creates it.
     temperature = self.temperature()
     if self.learnable_temperature:

@@ -23,9 +23,11 @@ Example (`jax.eval_shape` traces the model without compiling it: the shapes, in 
   >>> jax.eval_shape(lambda x: tower.apply(tower.init(jax.random.PRNGKey(0), x), x), x).shape
   (2, 8)
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,6 +40,7 @@ __all__ = ["FrozenBatchNorm", "Bottleneck", "AttentionPool", "ModifiedResNet"]
 
 class FrozenBatchNorm(nn.Module):
   """Inference-mode BatchNorm as the affine map `x * scale + bias` it computes (per channel)."""
+
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -55,6 +58,7 @@ def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 -> [avg-pool] -> 1x1 (x4 channels), shortcut [avg-pool -> 1x1 conv -> BN]."""
+
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -62,10 +66,18 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda n, k, name: nn.Conv(n, (k, k), padding=((k // 2, k // 2),) * 2, use_bias=False,
-                                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    bn = lambda n, name: FrozenBatchNorm(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name=name)
+    conv = lambda n, k, name: nn.Conv(
+      n,
+      (k, k),
+      padding=((k // 2, k // 2),) * 2,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+    bn = lambda n, name: FrozenBatchNorm(
+      n, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     out = nn.relu(bn(self.planes, "bn1")(conv(self.planes, 1, "conv1")(x)))
     out = nn.relu(bn(self.planes, "bn2")(conv(self.planes, 3, "conv2")(out)))
     out = _avg_pool(out, self.stride)
@@ -74,12 +86,14 @@ class Bottleneck(nn.Module):
     if self.stride > 1 or x.shape[-1] != self.planes * 4:
       identity = _avg_pool(x, self.stride)
       identity = bn(self.planes * 4, "downsample_bn")(
-          conv(self.planes * 4, 1, "downsample_conv")(identity))
+        conv(self.planes * 4, 1, "downsample_conv")(identity)
+      )
     return nn.relu(out + identity)
 
 
 class AttentionPool(nn.Module):
   """`[mean(F); F] + P` -> one attention layer with the mean token as the only query."""
+
   num_tokens: int
   width: int
   heads: int
@@ -91,16 +105,27 @@ class AttentionPool(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1, x.shape[-1])
     if x.shape[1] != self.num_tokens:
-      raise ValueError(f"CLIP attention pool: expected {self.num_tokens} feature-map cells, "
-                       f"got {x.shape[1]} (the input size differs from image_size)")
+      raise ValueError(
+        f"CLIP attention pool: expected {self.num_tokens} feature-map cells, "
+        f"got {x.shape[1]} (the input size differs from image_size)"
+      )
     x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
-    pos = self.param("positional_embedding", nn.initializers.normal(self.width ** -0.5),
-                     (self.num_tokens + 1, self.width), self.param_dtype)
+    pos = self.param(
+      "positional_embedding",
+      nn.initializers.normal(self.width**-0.5),
+      (self.num_tokens + 1, self.width),
+      self.param_dtype,
+    )
     x = x + pos.astype(self.dtype)
-    out = MultiHeadAttention(self.width, self.heads, out_features=self.output_dim,
-                             proj_names=("q_proj", "k_proj", "v_proj", "c_proj"),
-                             dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-                                 x[:, :1], x)
+    out = MultiHeadAttention(
+      self.width,
+      self.heads,
+      out_features=self.output_dim,
+      proj_names=("q_proj", "k_proj", "v_proj", "c_proj"),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="attn",
+    )(x[:, :1], x)
     return out[:, 0]
 
 
@@ -118,14 +143,23 @@ class ModifiedResNet(nn.Module):
     """(B, H, W, 3) preprocessed pixels -> (B, output_dim) unnormalised features."""
     size = (self.image_size, self.image_size)
     if image.ndim != 4 or tuple(image.shape[1:]) != size + (3,):
-      raise ValueError(f"CLIP ResNet: image must be (B, {self.image_size}, {self.image_size}, 3),"
-                       f" got shape {tuple(image.shape)}")
-    conv = lambda n, stride, name: nn.Conv(n, (3, 3), strides=(stride, stride),
-                                           padding=((1, 1), (1, 1)), use_bias=False,
-                                           dtype=self.dtype, param_dtype=self.param_dtype,
-                                           name=name)
-    bn = lambda n, name: FrozenBatchNorm(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name=name)
+      raise ValueError(
+        f"CLIP ResNet: image must be (B, {self.image_size}, {self.image_size}, 3),"
+        f" got shape {tuple(image.shape)}"
+      )
+    conv = lambda n, stride, name: nn.Conv(
+      n,
+      (3, 3),
+      strides=(stride, stride),
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+    bn = lambda n, name: FrozenBatchNorm(
+      n, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     half = self.width // 2
     x = image.astype(self.dtype)
     x = nn.relu(bn(half, "bn1")(conv(half, 2, "conv1")(x)))
@@ -134,9 +168,20 @@ class ModifiedResNet(nn.Module):
     x = _avg_pool(x, 2)
     for stage, blocks in enumerate(self.layers):
       for j in range(blocks):
-        x = Bottleneck(self.width * 2 ** stage, stride=2 if stage > 0 and j == 0 else 1,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"layer{stage + 1}_{j}")(x)
+        x = Bottleneck(
+          self.width * 2**stage,
+          stride=2 if stage > 0 and j == 0 else 1,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"layer{stage + 1}_{j}",
+        )(x)
     side = self.image_size // 32
-    return AttentionPool(side * side, self.width * 32, self.heads, self.output_dim,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name="attnpool")(x)
+    return AttentionPool(
+      side * side,
+      self.width * 32,
+      self.heads,
+      self.output_dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="attnpool",
+    )(x)

@@ -23,12 +23,13 @@ Example:
   >>> sd["ln_final.weight"].dtype, sd["text_projection"].shape
   (dtype('float32'), (4, 2))
 """
+
 from __future__ import annotations
 
 import math
 import re
 import zlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -72,14 +73,16 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
   return np.asarray(value, np.float32)
 
 
-def random_state_dict(keys: Iterable[tuple[str, tuple[int, ...]]], seed: int
-                      ) -> dict[str, np.ndarray]:
+def random_state_dict(
+  keys: Iterable[tuple[str, tuple[int, ...]]], seed: int
+) -> dict[str, np.ndarray]:
   """`[(name, shape), ...]` -> `{name: random_tensor(name, shape, seed)}`."""
   return {name: random_tensor(name, tuple(shape), seed) for name, shape in keys}
 
 
-def parity_inputs(seed: int, batch: int, image_size: int, context_length: int,
-                  vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def parity_inputs(
+  seed: int, batch: int, image_size: int, context_length: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Fixed inputs: (batch, 3, H, W) float32 pixels (already "preprocessed": a coarse 4x4
   N(0, 1) pattern plus N(0, 1/4) noise) and
   (batch, context_length) int64 captions `[SOT, w_1 .. w_n, EOT, 0 ...]`.
@@ -101,6 +104,6 @@ def parity_inputs(seed: int, batch: int, image_size: int, context_length: int,
   for b in range(batch):
     n = [1, context_length - 2][b] if b < 2 else int(rng.integers(1, context_length - 1))
     tokens[b, 0] = vocab_size - 2
-    tokens[b, 1:n + 1] = rng.integers(1, vocab_size - 2, n)
+    tokens[b, 1 : n + 1] = rng.integers(1, vocab_size - 2, n)
     tokens[b, n + 1] = vocab_size - 1
   return images, tokens

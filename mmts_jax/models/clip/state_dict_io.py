@@ -19,6 +19,7 @@ Example:
   >>> float(sd["logit_scale"]), hf_config
   (2.0, None)
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError, safe_open
+
   try:
     with safe_open(str(path), framework="numpy") as f:
       out = {key: f.get_tensor(key) for key in f.keys()}
@@ -42,8 +44,10 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     # numpy has no bfloat16: read such files through JAX (ml_dtypes) instead.
     with safe_open(str(path), framework="flax") as f:
       out = {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
-  return {k: v.astype(np.float32) if v.dtype.kind == "f" or str(v.dtype) == "bfloat16" else v
-          for k, v in out.items()}
+  return {
+    k: v.astype(np.float32) if v.dtype.kind == "f" or str(v.dtype) == "bfloat16" else v
+    for k, v in out.items()
+  }
 
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -51,10 +55,10 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
     import torch  # pyright: ignore[reportMissingImports]  # optional, for .pt files only
   except ImportError:
     raise ValueError(
-        f"{path} is a PyTorch pickle and PyTorch is not installed here; this converter does "
-        "not unpickle without it. Either install torch, or save the state dict as safetensors "
-        "or .npz where torch is installed, e.g. `safetensors.torch.save_file(sd, 'w.safetensors')`"
-        ) from None
+      f"{path} is a PyTorch pickle and PyTorch is not installed here; this converter does "
+      "not unpickle without it. Either install torch, or save the state dict as safetensors "
+      "or .npz where torch is installed, e.g. `safetensors.torch.save_file(sd, 'w.safetensors')`"
+    ) from None
   print(f"mmts convert: PyTorch {torch.__version__} is installed; reading {path} with torch.load")
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -64,8 +68,11 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
     obj = obj["state_dict"]
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-  return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
-          for k, v in obj.items() if hasattr(v, "detach")}
+  return {
+    k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+    for k, v in obj.items()
+    if hasattr(v, "detach")
+  }
 
 
 def _hf_config(directory: pathlib.Path) -> dict[str, Any] | None:
@@ -91,11 +98,16 @@ def load_state_dict(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
       for shard in shards:
         sd.update(_read_safetensors(path / shard))
       return sd, _hf_config(path)
-    files = ([path / "model.safetensors"] if (path / "model.safetensors").is_file()
-             else sorted(path.glob("*.safetensors")))
+    files = (
+      [path / "model.safetensors"]
+      if (path / "model.safetensors").is_file()
+      else sorted(path.glob("*.safetensors"))
+    )
     if len(files) != 1:
-      raise ValueError(f"{path}: expected one .safetensors file (or model.safetensors / an "
-                       f"index of shards), found {[f.name for f in files]}")
+      raise ValueError(
+        f"{path}: expected one .safetensors file (or model.safetensors / an "
+        f"index of shards), found {[f.name for f in files]}"
+      )
     return _read_safetensors(files[0]), _hf_config(path)
   suffix = path.suffix.lower()
   if suffix == ".safetensors":
@@ -105,5 +117,7 @@ def load_state_dict(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
       return {k: z[k] for k in z.files}, None
   if suffix in TORCH_SUFFIXES:
     return _read_torch(path), _hf_config(path.parent)
-  raise ValueError(f"{path}: unsupported checkpoint type {suffix!r}; expected .safetensors, "
-                   f".npz or a PyTorch file ({', '.join(TORCH_SUFFIXES)})")
+  raise ValueError(
+    f"{path}: unsupported checkpoint type {suffix!r}; expected .safetensors, "
+    f".npz or a PyTorch file ({', '.join(TORCH_SUFFIXES)})"
+  )

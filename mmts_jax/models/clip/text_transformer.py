@@ -15,6 +15,7 @@ Example (`jax.eval_shape` traces the model without compiling it: the shapes, in 
   >>> jax.eval_shape(lambda t: tower.apply(tower.init(jax.random.PRNGKey(0), t), t), t).shape
   (1, 4)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,23 +46,47 @@ class CLIPTextTransformer(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """(B, context_length) int token ids -> (B, output_dim) unnormalised features."""
     if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
-      raise ValueError(f"CLIP text: tokens must be (B, {self.context_length}), "
-                       f"got shape {tuple(tokens.shape)}")
+      raise ValueError(
+        f"CLIP text: tokens must be (B, {self.context_length}), got shape {tuple(tokens.shape)}"
+      )
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"CLIP text: tokens must be integer ids, got dtype {tokens.dtype}")
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                 dtype=self.dtype, param_dtype=self.param_dtype, name="token_embedding")(tokens)
-    pos = self.param("positional_embedding", nn.initializers.normal(0.01),
-                     (self.context_length, self.width), self.param_dtype)
+    x = nn.Embed(
+      self.vocab_size,
+      self.width,
+      embedding_init=nn.initializers.normal(0.02),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="token_embedding",
+    )(tokens)
+    pos = self.param(
+      "positional_embedding",
+      nn.initializers.normal(0.01),
+      (self.context_length, self.width),
+      self.param_dtype,
+    )
     x = x + pos.astype(self.dtype)
     causal = nn.make_causal_mask(tokens, dtype=jnp.bool_)  # (B, 1, L, L)
-    x = Transformer(self.width, self.layers, self.heads, act=self.act, ln_eps=self.ln_eps,
-                    remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="transformer")(x, causal)
-    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="ln_final")(x)
+    x = Transformer(
+      self.width,
+      self.layers,
+      self.heads,
+      act=self.act,
+      ln_eps=self.ln_eps,
+      remat=self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="transformer",
+    )(x, causal)
+    x = nn.LayerNorm(
+      epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final"
+    )(x)
     eot = jnp.argmax(tokens, axis=-1)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-    proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5),
-                      (self.width, self.output_dim), self.param_dtype)
+    proj = self.param(
+      "text_projection",
+      nn.initializers.normal(self.width**-0.5),
+      (self.width, self.output_dim),
+      self.param_dtype,
+    )
     return pooled @ proj.astype(self.dtype)

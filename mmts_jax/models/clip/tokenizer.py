@@ -26,6 +26,7 @@ Example:
   >>> tok.decode(ids[0])
   'a photo of a cat '
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,22 +37,40 @@ import json
 import os
 import pathlib
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import regex
 
-__all__ = ["ClipTokenizer", "default_bpe_path", "bytes_to_unicode", "clean_text",
-           "write_tokenizer_dir"]
+__all__ = [
+  "ClipTokenizer",
+  "default_bpe_path",
+  "bytes_to_unicode",
+  "clean_text",
+  "write_tokenizer_dir",
+]
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
 SOT, EOT = "<start_of_text>", "<end_of_text>"
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",
-                         "\u2032": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"',
-                         "\u201f": '"', "\u2033": '"'})
-_LIGATURES = "\u0132\u0133\u0149\u01c4\u01c5\u01c6\u01c7\u01c8\u01c9\u01ca\u01cb\u01cc" \
-             "\u01f1\u01f2\u01f3\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06"
+_QUOTES = str.maketrans(
+  {
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201a": "'",
+    "\u201b": "'",
+    "\u2032": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u201e": '"',
+    "\u201f": '"',
+    "\u2033": '"',
+  }
+)
+_LIGATURES = (
+  "\u0132\u0133\u0149\u01c4\u01c5\u01c6\u01c7\u01c8\u01c9\u01ca\u01cb\u01cc"
+  "\u01f1\u01f2\u01f3\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06"
+)
 
 
 def default_bpe_path() -> pathlib.Path:
@@ -72,9 +91,10 @@ def default_bpe_path() -> pathlib.Path:
     if path.is_file():
       return path
   raise FileNotFoundError(
-      f"CLIP BPE merges {BPE_FILE} not found: install the open_clip_torch wheel without its "
-      "PyTorch dependency (`pip install --no-deps open_clip_torch`, done by `make install`) or "
-      "set MMTS_CLIP_BPE to a copy of the file")
+    f"CLIP BPE merges {BPE_FILE} not found: install the open_clip_torch wheel without its "
+    "PyTorch dependency (`pip install --no-deps open_clip_torch`, done by `make install`) or "
+    "set MMTS_CLIP_BPE to a copy of the file"
+  )
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,8 +102,11 @@ def bytes_to_unicode() -> dict[int, str]:
   """Byte -> a printable character: printable Latin-1 bytes map to themselves, the other 68 to
   U+0100 onwards in byte order (so BPE never sees whitespace or control characters). The
   dict's order, printable bytes first, is the order of the first 256 vocabulary entries."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-               + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+    + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+  )
   table, extra = {b: chr(b) for b in printable}, 0
   for b in range(256):
     if b not in table:
@@ -124,11 +147,13 @@ class ClipTokenizer:
     path = pathlib.Path(path) if path is not None else default_bpe_path()
     with gzip.open(path, "rt", encoding="utf-8") as f:
       lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     bad = [m for m in merges if len(m) != 2]
     if len(merges) != NUM_MERGES or bad:
-      raise ValueError(f"{path}: expected {NUM_MERGES} merge rules of two symbols, got "
-                       f"{len(merges)} ({len(bad)} malformed)")
+      raise ValueError(
+        f"{path}: expected {NUM_MERGES} merge rules of two symbols, got "
+        f"{len(merges)} ({len(bad)} malformed)"
+      )
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]
     self.encoder = {token: i for i, token in enumerate(vocab)}
@@ -140,8 +165,9 @@ class ClipTokenizer:
     self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
     self.vocab_size = len(vocab)
     self._pattern = regex.compile(
-        rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
-        regex.IGNORECASE)
+      rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+      regex.IGNORECASE,
+    )
     self._cache: dict[str, tuple[str, ...]] = {SOT: (SOT,), EOT: (EOT,)}
 
   def bpe(self, piece: str) -> tuple[str, ...]:
@@ -199,7 +225,7 @@ class ClipTokenizer:
       if len(ids) > context_length:
         ids = ids[:context_length]
         ids[-1] = self.eot_id
-      out[row, :len(ids)] = ids
+      out[row, : len(ids)] = ids
     return out
 
 
@@ -208,8 +234,9 @@ _HF_SPECIALS = {SOT: "<|startoftext|>", EOT: "<|endoftext|>"}
 _SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
-def write_tokenizer_dir(directory: str | os.PathLike, tokenizer: ClipTokenizer | None = None,
-                        *, context_length: int = 77) -> pathlib.Path:
+def write_tokenizer_dir(
+  directory: str | os.PathLike, tokenizer: ClipTokenizer | None = None, *, context_length: int = 77
+) -> pathlib.Path:
   """Writes this BPE as a `tokenizers` library `tokenizer.json` (NFC, whitespace runs -> one
   space, lowercase, CLIP's split, byte-level BPE with `</w>`, SOT/EOT template) plus a
   `tokenizer_config.json` with OpenCLIP's padding (id 0), so that the input pipeline's
@@ -224,28 +251,43 @@ def write_tokenizer_dir(directory: str | os.PathLike, tokenizer: ClipTokenizer |
     >>> TextTokenizer(d, max_length=8)("a photo of a cat!").tolist()
     [49406, 320, 1125, 539, 320, 2368, 256, 49407]
   """
-  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-  from tokenizers import processors
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
   tok = tokenizer or ClipTokenizer()
   vocab = {_HF_SPECIALS.get(t, t): i for t, i in tok.encoder.items()}
-  bpe = models.BPE(vocab=vocab, merges=[(a, b) for a, b in tok.merges], end_of_word_suffix="</w>",
-                   unk_token=_HF_SPECIALS[EOT], fuse_unk=False, continuing_subword_prefix="")
+  bpe = models.BPE(
+    vocab=vocab,
+    merges=[(a, b) for a, b in tok.merges],
+    end_of_word_suffix="</w>",
+    unk_token=_HF_SPECIALS[EOT],
+    fuse_unk=False,
+    continuing_subword_prefix="",
+  )
   fast = Tokenizer(bpe)
-  fast.normalizer = normalizers.Sequence([normalizers.NFC(),
-                                          normalizers.Replace(Regex(r"\s+"), " "),
-                                          normalizers.Lowercase()])
-  fast.pre_tokenizer = pre_tokenizers.Sequence([
+  fast.normalizer = normalizers.Sequence(
+    [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+  )
+  fast.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+  )
   sot, eot = _HF_SPECIALS[SOT], _HF_SPECIALS[EOT]
   fast.post_processor = processors.TemplateProcessing(
-      single=f"{sot} $A {eot}", special_tokens=[(sot, tok.sot_id), (eot, tok.eot_id)])
+    single=f"{sot} $A {eot}", special_tokens=[(sot, tok.sot_id), (eot, tok.eot_id)]
+  )
   fast.add_special_tokens([sot, eot])
   fast.decoder = decoders.ByteLevel()
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   fast.save(str(directory / "tokenizer.json"))
-  config = {"model_max_length": int(context_length), "bos_token": sot, "eos_token": eot,
-            "unk_token": eot, "pad_token": tok.decoder[0]}
+  config = {
+    "model_max_length": int(context_length),
+    "bos_token": sot,
+    "eos_token": eot,
+    "unk_token": eot,
+    "pad_token": tok.decoder[0],
+  }
   (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
   return directory

@@ -8,4 +8,5 @@
   columns, during training (an `eval_fn`) and after it (from a checkpoint).
 * `embedding`: embeds arrays in fixed-size chunks with the trainer's `embed` function.
 """
+
 from __future__ import annotations

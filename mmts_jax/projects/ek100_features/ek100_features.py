@@ -40,13 +40,15 @@ Example:
   >>> train["image_features"].shape, train["text_features"].shape
   ((15989, 64), (15989, 48))
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import pathlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,9 +59,19 @@ from mmts_jax.errors import MissingFileError, UserInputError
 from mmts_jax.eval.relevancy import Ek100MirAnnotations, parse_class_list, read_ek100_mir
 from mmts_jax.table_files import Table, read_table
 
-__all__ = ["TRAIN_CSV", "NOUN_FREQ_CSV", "Ek100Train", "FeatureSpec", "read_ek100_train",
-           "read_frequencies", "noun_cluster_table", "ClassFeatureMaps", "Ek100FeatureFiles",
-           "build_ek100_features", "load_val_features"]
+__all__ = [
+  "TRAIN_CSV",
+  "NOUN_FREQ_CSV",
+  "Ek100Train",
+  "FeatureSpec",
+  "read_ek100_train",
+  "read_frequencies",
+  "noun_cluster_table",
+  "ClassFeatureMaps",
+  "Ek100FeatureFiles",
+  "build_ek100_features",
+  "load_val_features",
+]
 
 TRAIN_CSV = "EPIC_100_retrieval_train_sentence.csv"
 NOUN_FREQ_CSV = "ek100_noun_freq.csv"
@@ -71,10 +83,11 @@ _VAL_FORMAT = "mmts_jax.Ek100ValFeatures"
 @dataclasses.dataclass(frozen=True)
 class Ek100Train:
   """The distinct training captions with their classes, in CSV order (row i = `index` i)."""
+
   narration_ids: tuple[str, ...]
   captions: tuple[str, ...]
-  verbs: np.ndarray                      # (N,) int64
-  nouns: tuple[tuple[int, ...], ...]     # noun classes per caption, main noun first
+  verbs: np.ndarray  # (N,) int64
+  nouns: tuple[tuple[int, ...], ...]  # noun classes per caption, main noun first
 
   def __len__(self) -> int:
     return len(self.narration_ids)
@@ -93,6 +106,7 @@ class Ek100Train:
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
   """Shapes and randomness of the synthetic features (see the module docstring)."""
+
   video_dim: int = 64
   text_dim: int = 48
   latent_dim: int = 32
@@ -106,8 +120,7 @@ class FeatureSpec:
         raise ValueError(f"FeatureSpec.{name} must be a positive int, got {value!r}")
     if not (np.isfinite(self.noise) and self.noise >= 0):
       raise ValueError(f"FeatureSpec.noise must be finite and >= 0, got {self.noise!r}")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
-        or self.seed < 0:
+    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
       raise ValueError(f"FeatureSpec.seed must be an int >= 0, got {self.seed!r}")
 
 
@@ -123,8 +136,9 @@ def _int_column(t: Table, column: str, what: str = "an integer class id") -> np.
     try:
       out[i] = int(r[column].strip())
     except ValueError:
-      raise UserInputError(t.path, f"{column} is {r[column]!r}", line=t.lines[i], key=column,
-                           expected=what) from None
+      raise UserInputError(
+        t.path, f"{column} is {r[column]!r}", line=t.lines[i], key=column, expected=what
+      ) from None
   return out
 
 
@@ -144,14 +158,23 @@ def read_ek100_train(directory: str | os.PathLike) -> Ek100Train:
   seen: dict[str, int] = {}
   for i, nid in enumerate(ids):
     if nid in seen:
-      raise UserInputError(path, f"narration_id {nid!r} repeats line {t.lines[seen[nid]]}",
-                           line=t.lines[i], key="narration_id", expected="unique narration ids")
+      raise UserInputError(
+        path,
+        f"narration_id {nid!r} repeats line {t.lines[seen[nid]]}",
+        line=t.lines[i],
+        key="narration_id",
+        expected="unique narration ids",
+      )
     seen[nid] = i
   return Ek100Train(
-      narration_ids=ids, captions=tuple(r["narration"] for r in rows),
-      verbs=_int_column(t, "verb_class"),
-      nouns=tuple(parse_class_list(r["noun_classes"], f"{path}:{t.lines[i]}", "noun_classes",
-                                    non_empty=True) for i, r in enumerate(rows)))
+    narration_ids=ids,
+    captions=tuple(r["narration"] for r in rows),
+    verbs=_int_column(t, "verb_class"),
+    nouns=tuple(
+      parse_class_list(r["noun_classes"], f"{path}:{t.lines[i]}", "noun_classes", non_empty=True)
+      for i, r in enumerate(rows)
+    ),
+  )
 
 
 def read_frequencies(path: str | os.PathLike) -> dict[str, int]:
@@ -160,8 +183,9 @@ def read_frequencies(path: str | os.PathLike) -> dict[str, int]:
   counts = _int_column(t, "count", "an integer count >= 0")
   for i, c in enumerate(counts):
     if c < 0:
-      raise UserInputError(t.path, f"count is {c}", line=t.lines[i], key="count",
-                           expected="an integer count >= 0")
+      raise UserInputError(
+        t.path, f"count is {c}", line=t.lines[i], key="count", expected="an integer count >= 0"
+      )
   return {str(r["class_id"]).strip(): int(c) for r, c in zip(t.rows, counts, strict=True)}
 
 
@@ -174,9 +198,13 @@ def noun_cluster_table(train: Ek100Train, frequencies: str | os.PathLike) -> Clu
   """
   freq = read_frequencies(frequencies)
   return ClusterTable.from_frequencies(
-      train.main_nouns.tolist(), freq, fingerprint=train.fingerprint,
-      fingerprint_keys="column:narration_id", column="noun_classes",
-      frequency_table=os.path.basename(os.fspath(frequencies)))
+    train.main_nouns.tolist(),
+    freq,
+    fingerprint=train.fingerprint,
+    fingerprint_keys="column:narration_id",
+    column="noun_classes",
+    frequency_table=os.path.basename(os.fspath(frequencies)),
+  )
 
 
 def _num_classes(directory: pathlib.Path, name: str, used: np.ndarray) -> int:
@@ -200,8 +228,10 @@ class ClassFeatureMaps:
     self.verb_emb = rng.normal(size=(num_verbs, spec.latent_dim))
     self.noun_emb = rng.normal(size=(num_nouns, spec.latent_dim))
     scale = 1.0 / np.sqrt(spec.latent_dim)
-    self.maps = {"video": rng.normal(scale=scale, size=(spec.latent_dim, spec.video_dim)),
-                 "text": rng.normal(scale=scale, size=(spec.latent_dim, spec.text_dim))}
+    self.maps = {
+      "video": rng.normal(scale=scale, size=(spec.latent_dim, spec.video_dim)),
+      "text": rng.normal(scale=scale, size=(spec.latent_dim, spec.text_dim)),
+    }
 
   def latent(self, verbs, nouns: Sequence[Sequence[int]]) -> np.ndarray:
     """(n, latent_dim) float64 class-derived latents."""
@@ -211,12 +241,14 @@ class ClassFeatureMaps:
     lengths = np.array([len(s) for s in nouns])
     if verbs.size and (lengths.min() == 0):
       raise ValueError("every sample needs at least one noun class")
-    for name, ids, table in (("verb", verbs, self.verb_emb),
-                             ("noun", np.fromiter((c for s in nouns for c in s), np.int64),
-                              self.noun_emb)):
+    for name, ids, table in (
+      ("verb", verbs, self.verb_emb),
+      ("noun", np.fromiter((c for s in nouns for c in s), np.int64), self.noun_emb),
+    ):
       if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-        raise ValueError(f"{name} classes must lie in [0, {table.shape[0]}), got "
-                         f"[{ids.min()}, {ids.max()}]")
+        raise ValueError(
+          f"{name} classes must lie in [0, {table.shape[0]}), got [{ids.min()}, {ids.max()}]"
+        )
     flat = np.fromiter((c for s in nouns for c in s), np.int64, int(lengths.sum()))
     owner = np.repeat(np.arange(len(nouns)), lengths)
     noun_mean = np.zeros((len(nouns), self.spec.latent_dim))
@@ -235,9 +267,10 @@ class ClassFeatureMaps:
 
 class Ek100FeatureFiles(NamedTuple):
   """Where `build_ek100_features` wrote its artifacts."""
-  train: pathlib.Path      # features file for the trainer (`trainer_source:features`)
-  val: pathlib.Path        # validation videos and captions (`load_val_features`)
-  table: pathlib.Path      # the noun-class ClusterTable
+
+  train: pathlib.Path  # features file for the trainer (`trainer_source:features`)
+  val: pathlib.Path  # validation videos and captions (`load_val_features`)
+  table: pathlib.Path  # the noun-class ClusterTable
 
 
 def _split_rng(spec: FeatureSpec, split: str, modality: str) -> np.random.Generator:
@@ -249,9 +282,13 @@ def _save_npz_atomic(path: pathlib.Path, arrays: dict) -> None:
   atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def build_ek100_features(annotations: str | os.PathLike, out_dir: str | os.PathLike,
-                         spec: FeatureSpec = FeatureSpec(), *,
-                         frequencies: str | os.PathLike | None = None) -> Ek100FeatureFiles:
+def build_ek100_features(
+  annotations: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  spec: FeatureSpec = FeatureSpec(),
+  *,
+  frequencies: str | os.PathLike | None = None,
+) -> Ek100FeatureFiles:
   """Writes `train_features.npz`, `val_features.npz` and `ek100_nouns.npz` into `out_dir`.
 
   Args:
@@ -272,37 +309,58 @@ def build_ek100_features(annotations: str | os.PathLike, out_dir: str | os.PathL
   table = noun_cluster_table(train, frequencies or directory / NOUN_FREQ_CSV)
   all_verbs = np.concatenate([train.verbs, val.video_verbs])
   all_nouns = np.fromiter((c for s in train.nouns + val.video_nouns for c in s), np.int64)
-  maps = ClassFeatureMaps(spec, _num_classes(directory, VERB_CLASSES_CSV, all_verbs),
-                          _num_classes(directory, NOUN_CLASSES_CSV, all_nouns))
+  maps = ClassFeatureMaps(
+    spec,
+    _num_classes(directory, VERB_CLASSES_CSV, all_verbs),
+    _num_classes(directory, NOUN_CLASSES_CSV, all_nouns),
+  )
   out.mkdir(parents=True, exist_ok=True)
-  files = Ek100FeatureFiles(out / "train_features.npz", out / "val_features.npz",
-                            out / "ek100_nouns.npz")
-  provenance = json.dumps({"generator": "mmts_jax.projects.ek100_features.ek100_features",
-                           "spec": dataclasses.asdict(spec)}, sort_keys=True)
+  files = Ek100FeatureFiles(
+    out / "train_features.npz", out / "val_features.npz", out / "ek100_nouns.npz"
+  )
+  provenance = json.dumps(
+    {
+      "generator": "mmts_jax.projects.ek100_features.ek100_features",
+      "spec": dataclasses.asdict(spec),
+    },
+    sort_keys=True,
+  )
 
   save_features(
-      files.train,
-      image_features=maps.features("video", train.verbs, train.nouns,
-                                   rng=_split_rng(spec, "train", "video")),
-      text_features=maps.features("text", train.verbs, train.nouns,
-                                  rng=_split_rng(spec, "train", "text")),
-      index=np.arange(len(train), dtype=np.int64), label=train.main_nouns,
-      num_records=len(train), fingerprint=train.fingerprint)
-  _save_npz_atomic(files.val, {
-      "format": np.array(_VAL_FORMAT), "provenance": np.array(provenance),
-      "video_features": maps.features("video", val.video_verbs, val.video_nouns,
-                                      rng=_split_rng(spec, "val", "video")),
-      "text_features": maps.features("text", val.caption_verbs, val.caption_nouns,
-                                     rng=_split_rng(spec, "val", "text")),
+    files.train,
+    image_features=maps.features(
+      "video", train.verbs, train.nouns, rng=_split_rng(spec, "train", "video")
+    ),
+    text_features=maps.features(
+      "text", train.verbs, train.nouns, rng=_split_rng(spec, "train", "text")
+    ),
+    index=np.arange(len(train), dtype=np.int64),
+    label=train.main_nouns,
+    num_records=len(train),
+    fingerprint=train.fingerprint,
+  )
+  _save_npz_atomic(
+    files.val,
+    {
+      "format": np.array(_VAL_FORMAT),
+      "provenance": np.array(provenance),
+      "video_features": maps.features(
+        "video", val.video_verbs, val.video_nouns, rng=_split_rng(spec, "val", "video")
+      ),
+      "text_features": maps.features(
+        "text", val.caption_verbs, val.caption_nouns, rng=_split_rng(spec, "val", "text")
+      ),
       "video_ids": np.array(val.video_ids, dtype=str),
-      "caption_ids": np.array(val.caption_ids, dtype=str)})
+      "caption_ids": np.array(val.caption_ids, dtype=str),
+    },
+  )
   table.save(files.table)
   return files
 
 
-def load_val_features(path: str | os.PathLike,
-                      annotations: Ek100MirAnnotations | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def load_val_features(
+  path: str | os.PathLike, annotations: Ek100MirAnnotations | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """`(video_features (V, Dv), text_features (C, Dt))` of a `val_features.npz`.
 
   With `annotations`, checks that the rows follow its video and caption order (the relevancy's
@@ -312,19 +370,24 @@ def load_val_features(path: str | os.PathLike,
   expected = f"a {_VAL_FORMAT} .npz (`mmts finetune prepare`)"
   z = array_files.read_npz(path, expected=expected)
   if "format" not in z or str(z["format"]) != _VAL_FORMAT:
-    raise ValueError(f"{str(path)!r} is not a {_VAL_FORMAT} file (build it with "
-                     f"build_ek100_features / `mmts finetune prepare`)")
-  missing = [k for k in ("video_features", "text_features", "video_ids", "caption_ids")
-             if k not in z]
+    raise ValueError(
+      f"{str(path)!r} is not a {_VAL_FORMAT} file (build it with "
+      f"build_ek100_features / `mmts finetune prepare`)"
+    )
+  missing = [
+    k for k in ("video_features", "text_features", "video_ids", "caption_ids") if k not in z
+  ]
   if missing:
     raise UserInputError(path, f"has no array(s) {missing}", expected=expected)
   video, text = z["video_features"], z["text_features"]
   video_ids, caption_ids = z["video_ids"].tolist(), z["caption_ids"].tolist()
   array_files.check_matrix(video, path, "video_features")
   array_files.check_matrix(text, path, "text_features")
-  if annotations is not None and (tuple(video_ids) != annotations.video_ids
-                                  or tuple(caption_ids) != annotations.caption_ids):
-    raise ValueError(f"{str(path)!r} does not follow the order of the EK-100 annotations "
-                     f"({len(video_ids)} x {len(caption_ids)} vs {annotations.shape})")
+  if annotations is not None and (
+    tuple(video_ids) != annotations.video_ids or tuple(caption_ids) != annotations.caption_ids
+  ):
+    raise ValueError(
+      f"{str(path)!r} does not follow the order of the EK-100 annotations "
+      f"({len(video_ids)} x {len(caption_ids)} vs {annotations.shape})"
+    )
   return video, text
-

@@ -14,9 +14,10 @@ Example:
   >>> emb.shape, emb.dtype, calls  # 3 calls of one shape; the padded row is dropped
   ((5, 3), dtype('float32'), [(2, 2), (2, 2), (2, 2)])
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,8 +26,15 @@ __all__ = ["embed_array", "DEFAULT_CHUNK"]
 DEFAULT_CHUNK = 1024
 
 
-def embed_array(embed: Callable, variables, input_key: str, array: np.ndarray, output: str,
-                *, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+def embed_array(
+  embed: Callable,
+  variables,
+  input_key: str,
+  array: np.ndarray,
+  output: str,
+  *,
+  chunk: int = DEFAULT_CHUNK,
+) -> np.ndarray:
   """`embed(variables, {input_key: rows})[output]` over all rows of `array` -> (N, D) float32.
 
   Args:
@@ -39,17 +47,18 @@ def embed_array(embed: Callable, variables, input_key: str, array: np.ndarray, o
   """
   array = np.asarray(array)
   if array.ndim < 1 or array.shape[0] == 0:
-    raise ValueError(f"embed_array: {input_key!r} must be a non-empty (N, ...) array, got shape "
-                     f"{array.shape}")
+    raise ValueError(
+      f"embed_array: {input_key!r} must be a non-empty (N, ...) array, got shape {array.shape}"
+    )
   if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
     raise ValueError(f"embed_array: chunk must be a positive int, got {chunk!r}")
   n = array.shape[0]
   chunk = min(chunk, n)
   out = []
   for start in range(0, n, chunk):
-    rows = array[start:start + chunk]
-    if rows.shape[0] < chunk:   # same shape for every call: no recompilation for the tail
+    rows = array[start : start + chunk]
+    if rows.shape[0] < chunk:  # same shape for every call: no recompilation for the tail
       rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - rows.shape[0], axis=0)])
     emb = np.asarray(embed(variables, {input_key: rows})[output], np.float32)
-    out.append(emb[:min(chunk, n - start)])
+    out.append(emb[: min(chunk, n - start)])
   return np.concatenate(out)

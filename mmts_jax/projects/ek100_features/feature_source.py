@@ -21,6 +21,7 @@ Example:
   >>> next(src.iterate(0))["image_features"].shape, src.fingerprint[:9]
   ((4, 4), 'sha256:ab')
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,6 +35,7 @@ def in_memory(cfg, *, global_batch_size: int, seed: int):
   """`config.data` (`path`, optional `shuffle`) -> an `ArraySource` with the file's
   fingerprint."""
   from mmts_jax.data.sources import ArraySource
+
   path = cfg.get("path") if hasattr(cfg, "get") else getattr(cfg, "path", None)
   if not path:
     raise ValueError("config.data.path (a features .npz) is required")
@@ -43,9 +45,16 @@ def in_memory(cfg, *, global_batch_size: int, seed: int):
   if features.num_records is not None and features.num_records != n:
     # The trainer sizes the shift table by the number of examples: a subset of a dataset's
     # records cannot be served with indices into the full table here.
-    raise ValueError(f"{path} holds {n} of {features.num_records} records; use "
-                     f"mmts_jax.data.trainer_source:features for a subset")
+    raise ValueError(
+      f"{path} holds {n} of {features.num_records} records; use "
+      f"mmts_jax.data.trainer_source:features for a subset"
+    )
   if not np.array_equal(np.sort(arrays["index"]), np.arange(n)):
     raise ValueError(f"{path}: index must be a permutation of 0..{n - 1}")
-  return ArraySource(arrays, global_batch_size=global_batch_size, seed=seed,
-                     shuffle=bool(cfg.get("shuffle", True)), fingerprint=features.fingerprint)
+  return ArraySource(
+    arrays,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    shuffle=bool(cfg.get("shuffle", True)),
+    fingerprint=features.fingerprint,
+  )

@@ -10,6 +10,7 @@ For paired samples `(x_i, x~_i)`, `i = 1..n`, and weights `beta`:
 `dL/ds_ij = (beta_ij [i != j] - beta_ii [i == j]) / n`, so that
 `dL/dG1 = -G2 S(beta)^T` and `dL/dG2 = -G1 S(beta)` (docs/nonlinear_mmcl.md derives it).
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,8 +18,13 @@ import jax.numpy as jnp
 
 from mmts_jax.losses.nonlinear import nonlinear_mmcl_similarity
 
-__all__ = ["loss_weights", "infonce_weights", "linear_weights", "cross_covariance",
-           "centered_cross_covariance"]
+__all__ = [
+  "loss_weights",
+  "infonce_weights",
+  "linear_weights",
+  "cross_covariance",
+  "centered_cross_covariance",
+]
 
 
 def _signed(beta):
@@ -93,8 +99,10 @@ def cross_covariance(x, x_tilde, beta):
   """
   n = x.shape[0]
   if x_tilde.shape[0] != n or beta.shape != (n, n):
-    raise ValueError(f"cross_covariance: need x (n, d1), x_tilde (n, d2), beta (n, n); got "
-                     f"{tuple(x.shape)}, {tuple(x_tilde.shape)}, {tuple(beta.shape)}")
+    raise ValueError(
+      f"cross_covariance: need x (n, d1), x_tilde (n, d2), beta (n, n); got "
+      f"{tuple(x.shape)}, {tuple(x_tilde.shape)}, {tuple(beta.shape)}"
+    )
   return x.T @ (_signed(beta) @ x_tilde) / n
 
 
@@ -114,8 +122,10 @@ def centered_cross_covariance(x, x_tilde):
   """
   n = x.shape[0]
   if n < 2 or x_tilde.shape[0] != n:
-    raise ValueError(f"centered_cross_covariance: need n >= 2 pairs, got x {tuple(x.shape)} and "
-                     f"x_tilde {tuple(x_tilde.shape)}")
+    raise ValueError(
+      f"centered_cross_covariance: need n >= 2 pairs, got x {tuple(x.shape)} and "
+      f"x_tilde {tuple(x_tilde.shape)}"
+    )
   paired = x.T @ x_tilde / n
   sx, st = jnp.sum(x, axis=0), jnp.sum(x_tilde, axis=0)
   # sum_{i != j} x_i x~_j^T = (sum x)(sum x~)^T - sum_i x_i x~_i^T

@@ -11,10 +11,12 @@
      the contrastive cross-covariance S.
 
 Usage:
-  python mmts_jax/projects/nakada/experiments.py [--out mmts_jax/projects/nakada/results] [--seeds 0 1 2] [--quick]
+  python -m mmts_jax.projects.nakada.experiments [--out mmts_jax/projects/nakada/results] \
+      [--seeds 0 1 2] [--quick]
 
 Writes `nakada.json`, `nakada.png` and `tables.md` into --out (atomically).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +27,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,27 +37,57 @@ from mmts_jax.projects import nakada as lm
 from mmts_jax.projects.nakada import gaussian_sampler as synthetic
 
 # Setting A: noise spikes (std 1.5) stronger than the shared factors (std 1) in each modality.
-SETTING_A = dict(d=30, rank=3, noise_rank=3, signal=1.0, spike=1.5, noise=0.3, n=1000,
-                 mismatch=[0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9],
-                 clip=dict(temperature=1.0, rho=1.0, lr=0.3, steps=150, init_scale=0.1))
+SETTING_A: dict[str, Any] = dict(
+  d=30,
+  rank=3,
+  noise_rank=3,
+  signal=1.0,
+  spike=1.5,
+  noise=0.3,
+  n=1000,
+  mismatch=[0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9],
+  clip=dict(temperature=1.0, rho=1.0, lr=0.3, steps=150, init_scale=0.1),
+)
 # Setting B: a small paired set and a large pool; 8 shared factors make pairs identifiable.
-SETTING_B = dict(d=40, rank=8, noise_rank=8, signal=1.0, spike=1.0, noise=0.2,
-                 n_hidden=1000, n_extra=500, n_paired=[100, 200, 400, 800],
-                 mismatch=[0.0, 0.2, 0.4, 0.6], n_paired_for_mismatch=400,
-                 self_training=dict(rounds=3, threshold=0.95, method="mutual_nn", weight=1.0))
-SETTING_C = dict(d=30, rank=3, n=1000, rho=1.0, lr=0.05, chunks=12, steps_per_chunk=25)
+SETTING_B: dict[str, Any] = dict(
+  d=40,
+  rank=8,
+  noise_rank=8,
+  signal=1.0,
+  spike=1.0,
+  noise=0.2,
+  n_hidden=1000,
+  n_extra=500,
+  n_paired=[100, 200, 400, 800],
+  mismatch=[0.0, 0.2, 0.4, 0.6],
+  n_paired_for_mismatch=400,
+  self_training=dict(rounds=3, threshold=0.95, method="mutual_nn", weight=1.0),
+)
+SETTING_C: dict[str, Any] = dict(
+  d=30, rank=3, n=1000, rho=1.0, lr=0.05, chunks=12, steps_per_chunk=25
+)
 CLIP = dict(phi=jnp.log1p, psi=jnp.exp)
 LINEAR = dict(phi=lm.identity, psi=lm.identity)
 
 
 def _err(basis_estimate, truth):
-  return {"spectral": float(lm.sin_theta(basis_estimate, truth)),
-          "frobenius": float(lm.sin_theta(basis_estimate, truth, "frobenius"))}
+  return {
+    "spectral": float(lm.sin_theta(basis_estimate, truth)),
+    "frobenius": float(lm.sin_theta(basis_estimate, truth, "frobenius")),
+  }
 
 
 def _model(rng, s):
-  return synthetic.make_model(rng, s["d"], s["d"], s["rank"], noise_rank=s["noise_rank"],
-                              signal=s["signal"], spike=s["spike"], noise=s["noise"])
+  return synthetic.make_model(
+    rng,
+    s["d"],
+    s["d"],
+    s["rank"],
+    noise_rank=s["noise_rank"],
+    signal=s["signal"],
+    spike=s["spike"],
+    noise=s["noise"],
+  )
 
 
 def _unimodal(rng, x, rank):
@@ -74,23 +107,29 @@ def experiment_a(seed: int, s=SETTING_A):
   for eps in s["mismatch"]:
     xt_m, _ = synthetic.mismatch(rng, xt, eps)
     lin = lm.linear_minimiser(lm.centered_cross_covariance(x, xt_m), r, 1.0)
-    clip, trace = lm.gradient_descent(enc0, x, xt_m, c["temperature"], rho=c["rho"], lr=c["lr"],
-                                      steps=c["steps"], **CLIP)
-    rows.append({
-        "mismatch": eps, "unimodal_x": uni_x, "unimodal_x_tilde": uni_xt,
+    clip, trace = lm.gradient_descent(
+      enc0, x, xt_m, c["temperature"], rho=c["rho"], lr=c["lr"], steps=c["steps"], **CLIP
+    )
+    rows.append(
+      {
+        "mismatch": eps,
+        "unimodal_x": uni_x,
+        "unimodal_x_tilde": uni_xt,
         "multimodal_linear_x": _err(lm.row_space(lin.g1), model.u1),
         "multimodal_linear_x_tilde": _err(lm.row_space(lin.g2), model.u2),
         "multimodal_clip_x": _err(lm.row_space(clip.g1), model.u1),
         "multimodal_clip_x_tilde": _err(lm.row_space(clip.g2), model.u2),
         "clip_loss_first_last": [float(trace[0]), float(trace[-1])],
-    })
+      }
+    )
   return rows
 
 
 def _oracle(x, xt, xp, xtp, match, rank, weight):
   hid = np.nonzero(match >= 0)[0]
-  s_mat = (lm.centered_cross_covariance(x, xt)
-           + weight * lm.centered_cross_covariance(xp[hid], xtp[match[hid]]))
+  s_mat = lm.centered_cross_covariance(x, xt) + weight * lm.centered_cross_covariance(
+    xp[hid], xtp[match[hid]]
+  )
   return lm.linear_minimiser(s_mat, rank, 1.0)
 
 
@@ -98,17 +137,27 @@ def _b_point(model, x, xt, pool, s):
   xp, xtp, match = pool
   r, st = s["rank"], s["self_training"]
   paired = lm.linear_minimiser(lm.centered_cross_covariance(x, xt), r, 1.0)
-  enc, hist = lm.self_train_linear(x, xt, xp, xtp, rank=r, rho=1.0, weight=st["weight"],
-                                   rounds=st["rounds"], threshold=st["threshold"],
-                                   method=st["method"], match=match)
+  enc, hist = lm.self_train_linear(
+    x,
+    xt,
+    xp,
+    xtp,
+    rank=r,
+    rho=1.0,
+    weight=st["weight"],
+    rounds=st["rounds"],
+    threshold=st["threshold"],
+    method=st["method"],
+    match=match,
+  )
   oracle = _oracle(x, xt, xp, xtp, match, r, st["weight"])
   return {
-      "paired_only": _err(lm.row_space(paired.g1), model.u1),
-      "with_unpaired": _err(lm.row_space(enc.g1), model.u1),
-      "oracle_pairs": _err(lm.row_space(oracle.g1), model.u1),
-      "paired_only_x_tilde": _err(lm.row_space(paired.g2), model.u2),
-      "with_unpaired_x_tilde": _err(lm.row_space(enc.g2), model.u2),
-      "detection": hist,
+    "paired_only": _err(lm.row_space(paired.g1), model.u1),
+    "with_unpaired": _err(lm.row_space(enc.g1), model.u1),
+    "oracle_pairs": _err(lm.row_space(oracle.g1), model.u1),
+    "paired_only_x_tilde": _err(lm.row_space(paired.g2), model.u2),
+    "with_unpaired_x_tilde": _err(lm.row_space(enc.g2), model.u2),
+    "detection": hist,
   }
 
 
@@ -145,16 +194,19 @@ def experiment_c(seed: int, s=SETTING_C, a=SETTING_A):
   curve = []
   for k in range(s["chunks"] + 1):
     if k:
-      enc, _ = lm.gradient_descent(enc, x, xt, tau, rho=s["rho"], lr=s["lr"],
-                                   steps=s["steps_per_chunk"], **LINEAR)
+      enc, _ = lm.gradient_descent(
+        enc, x, xt, tau, rho=s["rho"], lr=s["lr"], steps=s["steps_per_chunk"], **LINEAR
+      )
     m = enc.g1.T @ enc.g2
-    curve.append({
+    curve.append(
+      {
         "step": k * s["steps_per_chunk"],
         "sin_theta_left": float(lm.sin_theta(lm.row_space(enc.g1), u[:, :r])),
         "sin_theta_right": float(lm.sin_theta(lm.row_space(enc.g2), vt[:r].T)),
         "rel_err_G1tG2": float(jnp.linalg.norm(m - target) / jnp.linalg.norm(target)),
         "loss_minus_min": float(lm.loss(enc, x, xt, tau, rho=s["rho"], **LINEAR)) - at_min,
-    })
+      }
+    )
   return {"singular_values": [float(v) for v in sv[: r + 2]], "curve": curve}
 
 
@@ -173,8 +225,14 @@ def summarise(results):
   summary = {"A": [], "B_by_n_paired": [], "B_by_mismatch": []}
   for i, eps in enumerate(SETTING_A["mismatch"]):
     row = {"mismatch": eps}
-    for key in ("unimodal_x", "unimodal_x_tilde", "multimodal_linear_x",
-                "multimodal_linear_x_tilde", "multimodal_clip_x", "multimodal_clip_x_tilde"):
+    for key in (
+      "unimodal_x",
+      "unimodal_x_tilde",
+      "multimodal_linear_x",
+      "multimodal_linear_x_tilde",
+      "multimodal_clip_x",
+      "multimodal_clip_x_tilde",
+    ):
       row[key] = _aggregate(a, lambda r, k=key, i=i: r[i][k]["spectral"])
     summary["A"].append(row)
   for part, axis in (("by_n_paired", "n_paired"), ("by_mismatch", "mismatch")):
@@ -184,9 +242,11 @@ def summarise(results):
         row[key] = _aggregate(b, lambda r, k=key, p=part, i=i: r[p][i][k]["spectral"])
       for key in ("precision", "recall", "detected"):
         row[f"first_round_{key}"] = _aggregate(
-            b, lambda r, k=key, p=part, i=i: r[p][i]["detection"][0][k])
+          b, lambda r, k=key, p=part, i=i: r[p][i]["detection"][0][k]
+        )
         row[f"last_round_{key}"] = _aggregate(
-            b, lambda r, k=key, p=part, i=i: r[p][i]["detection"][-1][k])
+          b, lambda r, k=key, p=part, i=i: r[p][i]["detection"][-1][k]
+        )
       summary[f"B_{part}"].append(row)
   return summary
 
@@ -196,36 +256,66 @@ def _fmt(ms):
 
 
 def tables(summary, results):
-  out = ["### A. sin Θ vs fraction of mismatched pairs (mean ± std over seeds)", "",
-         "| mismatch | unimodal x | unimodal x~ | MMCL linear x | MMCL linear x~ | MMCL CLIP x "
-         "| MMCL CLIP x~ |", "|---|---|---|---|---|---|---|"]
+  out = [
+    "### A. sin Θ vs fraction of mismatched pairs (mean ± std over seeds)",
+    "",
+    "| mismatch | unimodal x | unimodal x~ | MMCL linear x | MMCL linear x~ | MMCL CLIP x "
+    "| MMCL CLIP x~ |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in summary["A"]:
-    out.append(f"| {r['mismatch']:.1f} | " + " | ".join(_fmt(r[k]) for k in (
-        "unimodal_x", "unimodal_x_tilde", "multimodal_linear_x", "multimodal_linear_x_tilde",
-        "multimodal_clip_x", "multimodal_clip_x_tilde")) + " |")
-  for part, axis, title in (("B_by_n_paired", "n_paired", "number of true pairs"),
-                            ("B_by_mismatch", "mismatch", "mismatch fraction (400 pairs)")):
-    out += ["", f"### B. sin Θ (modality 1) with vs without unpaired data, vs {title}", "",
-            f"| {axis} | paired only | + unpaired (self-training) | + all hidden pairs (oracle) "
-            "| precision round 1 → 3 | recall round 1 → 3 | pseudo-pairs round 3 |",
-            "|---|---|---|---|---|---|---|"]
+    out.append(
+      f"| {r['mismatch']:.1f} | "
+      + " | ".join(
+        _fmt(r[k])
+        for k in (
+          "unimodal_x",
+          "unimodal_x_tilde",
+          "multimodal_linear_x",
+          "multimodal_linear_x_tilde",
+          "multimodal_clip_x",
+          "multimodal_clip_x_tilde",
+        )
+      )
+      + " |"
+    )
+  for part, axis, title in (
+    ("B_by_n_paired", "n_paired", "number of true pairs"),
+    ("B_by_mismatch", "mismatch", "mismatch fraction (400 pairs)"),
+  ):
+    out += [
+      "",
+      f"### B. sin Θ (modality 1) with vs without unpaired data, vs {title}",
+      "",
+      f"| {axis} | paired only | + unpaired (self-training) | + all hidden pairs (oracle) "
+      "| precision round 1 → 3 | recall round 1 → 3 | pseudo-pairs round 3 |",
+      "|---|---|---|---|---|---|---|",
+    ]
     for r in summary[part]:
       out.append(
-          f"| {r[axis]} | {_fmt(r['paired_only'])} | {_fmt(r['with_unpaired'])} | "
-          f"{_fmt(r['oracle_pairs'])} | {r['first_round_precision'][0]:.3f} → "
-          f"{r['last_round_precision'][0]:.3f} | {r['first_round_recall'][0]:.3f} → "
-          f"{r['last_round_recall'][0]:.3f} | {r['last_round_detected'][0]:.0f} |")
-  out += ["", "### C. Gradient descent on the linear loss (seed 0)", "",
-          "| step | sin Θ left | sin Θ right | ‖G1ᵀG2 − SVD_r(S)/ρ‖/‖·‖ | loss − min |",
-          "|---|---|---|---|---|"]
+        f"| {r[axis]} | {_fmt(r['paired_only'])} | {_fmt(r['with_unpaired'])} | "
+        f"{_fmt(r['oracle_pairs'])} | {r['first_round_precision'][0]:.3f} → "
+        f"{r['last_round_precision'][0]:.3f} | {r['first_round_recall'][0]:.3f} → "
+        f"{r['last_round_recall'][0]:.3f} | {r['last_round_detected'][0]:.0f} |"
+      )
+  out += [
+    "",
+    "### C. Gradient descent on the linear loss (seed 0)",
+    "",
+    "| step | sin Θ left | sin Θ right | ‖G1ᵀG2 − SVD_r(S)/ρ‖/‖·‖ | loss − min |",
+    "|---|---|---|---|---|",
+  ]
   for p in results["C"]["curve"][::3]:
-    out.append(f"| {p['step']} | {p['sin_theta_left']:.2e} | {p['sin_theta_right']:.2e} | "
-               f"{p['rel_err_G1tG2']:.2e} | {p['loss_minus_min']:.2e} |")
+    out.append(
+      f"| {p['step']} | {p['sin_theta_left']:.2e} | {p['sin_theta_right']:.2e} | "
+      f"{p['rel_err_G1tG2']:.2e} | {p['loss_minus_min']:.2e} |"
+    )
   return "\n".join(out) + "\n"
 
 
 def plot(summary, results, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -239,35 +329,50 @@ def plot(summary, results, path):
 
   ax = axes[0]
   xs = [r["mismatch"] for r in summary["A"]]
-  for key, label, style in (("unimodal_x", "unimodal, x", "--"),
-                            ("unimodal_x_tilde", "unimodal, x~", "--"),
-                            ("multimodal_linear_x", "MMCL linear, x", "-"),
-                            ("multimodal_linear_x_tilde", "MMCL linear, x~", "-"),
-                            ("multimodal_clip_x", "MMCL CLIP (GD), x", ":"),
-                            ("multimodal_clip_x_tilde", "MMCL CLIP (GD), x~", ":")):
+  for key, label, style in (
+    ("unimodal_x", "unimodal, x", "--"),
+    ("unimodal_x_tilde", "unimodal, x~", "--"),
+    ("multimodal_linear_x", "MMCL linear, x", "-"),
+    ("multimodal_linear_x_tilde", "MMCL linear, x~", "-"),
+    ("multimodal_clip_x", "MMCL CLIP (GD), x", ":"),
+    ("multimodal_clip_x_tilde", "MMCL CLIP (GD), x~", ":"),
+  ):
     line(ax, xs, [r[key] for r in summary["A"]], label, linestyle=style)
-  ax.set(xlabel="fraction of mismatched pairs", ylabel="||sin Θ|| (spectral)",
-         title="A. unimodal vs multimodal", ylim=(0, 1.05))
+  ax.set(
+    xlabel="fraction of mismatched pairs",
+    ylabel="||sin Θ|| (spectral)",
+    title="A. unimodal vs multimodal",
+    ylim=(0, 1.05),
+  )
   ax.legend(fontsize=7)
-  for ax, part, axis, xlabel in ((axes[1], "B_by_n_paired", "n_paired", "number of true pairs"),
-                                 (axes[2], "B_by_mismatch", "mismatch",
-                                  "fraction of mismatched pairs (400 pairs)")):
+  for ax, part, axis, xlabel in (
+    (axes[1], "B_by_n_paired", "n_paired", "number of true pairs"),
+    (axes[2], "B_by_mismatch", "mismatch", "fraction of mismatched pairs (400 pairs)"),
+  ):
     xs = [r[axis] for r in summary[part]]
-    for key, label, style in (("paired_only", "paired only", "-"),
-                              ("with_unpaired", "+ unpaired (detected pairs)", "-"),
-                              ("oracle_pairs", "+ hidden pairs (oracle)", ":")):
+    for key, label, style in (
+      ("paired_only", "paired only", "-"),
+      ("with_unpaired", "+ unpaired (detected pairs)", "-"),
+      ("oracle_pairs", "+ hidden pairs (oracle)", ":"),
+    ):
       line(ax, xs, [r[key] for r in summary[part]], label, linestyle=style)
-    ax.set(xlabel=xlabel, ylabel="||sin Θ||, modality 1", title="B. with vs without unpaired",
-           ylim=(0, None))
+    ax.set(
+      xlabel=xlabel,
+      ylabel="||sin Θ||, modality 1",
+      title="B. with vs without unpaired",
+      ylim=(0, None),
+    )
     if axis == "n_paired":
       ax.set_xscale("log")
     ax.legend(fontsize=7)
   ax = axes[3]
   curve = results["C"]["curve"]
   steps = [p["step"] for p in curve]
-  for key, label in (("sin_theta_left", "sin Θ(G1 rows, top-r left sing. vec. of S)"),
-                     ("sin_theta_right", "sin Θ(G2 rows, top-r right sing. vec.)"),
-                     ("rel_err_G1tG2", "‖G1ᵀG2 − SVD_r(S)/ρ‖ / ‖SVD_r(S)/ρ‖")):
+  for key, label in (
+    ("sin_theta_left", "sin Θ(G1 rows, top-r left sing. vec. of S)"),
+    ("sin_theta_right", "sin Θ(G2 rows, top-r right sing. vec.)"),
+    ("rel_err_G1tG2", "‖G1ᵀG2 − SVD_r(S)/ρ‖ / ‖SVD_r(S)/ρ‖"),
+  ):
     ax.semilogy(steps, np.maximum([p[key] for p in curve], 1e-16), marker="o", ms=3, label=label)
   ax.set(xlabel="gradient step", title="C. GD on the linear loss (seed 0)")
   ax.legend(fontsize=7)
@@ -289,7 +394,7 @@ def _atomic(path, write, binary=False):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--quick", action="store_true", help="one seed, fewer points (smoke run)")
@@ -303,7 +408,7 @@ def main(argv=None) -> int:
     SETTING_B["n_paired"] = [100, 400]
     SETTING_B["mismatch"] = [0.0, 0.4]
   t0 = time.time()
-  results = {"A": [], "B": []}
+  results: dict[str, Any] = {"A": [], "B": []}
   for seed in seeds:
     results["A"].append(experiment_a(seed))
     print(f"[A] seed {seed} done at {time.time() - t0:.0f}s", flush=True)
@@ -312,19 +417,27 @@ def main(argv=None) -> int:
   results["C"] = experiment_c(seeds[0])
   summary = summarise(results)
   record = {
-      "settings": {"A": SETTING_A, "B": SETTING_B, "C": SETTING_C}, "seeds": seeds,
-      "summary": summary, "per_seed": results,
-      "environment": {"jax": jax.__version__, "python": platform.python_version(),
-                      "backend": jax.default_backend(), "argv": sys.argv,
-                      "wall_seconds": round(time.time() - t0, 1)},
+    "settings": {"A": SETTING_A, "B": SETTING_B, "C": SETTING_C},
+    "seeds": seeds,
+    "summary": summary,
+    "per_seed": results,
+    "environment": {
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "backend": jax.default_backend(),
+      "argv": sys.argv,
+      "wall_seconds": round(time.time() - t0, 1),
+    },
   }
   _atomic(out / "nakada.json", lambda f: json.dump(record, f, indent=1))
   md = tables(summary, results)
   _atomic(out / "tables.md", lambda f: f.write(md))
   plot(summary, results, out / "nakada.png")
   print(md)
-  print(f"wrote {out / 'nakada.json'}, {out / 'nakada.png'}, {out / 'tables.md'} "
-        f"in {time.time() - t0:.0f}s")
+  print(
+    f"wrote {out / 'nakada.json'}, {out / 'nakada.png'}, {out / 'tables.md'} "
+    f"in {time.time() - t0:.0f}s"
+  )
   return 0
 
 

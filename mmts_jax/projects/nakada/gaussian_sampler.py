@@ -13,14 +13,21 @@ Data are drawn on the host with numpy (`rng`: a seed or a `np.random.Generator`)
 float32 arrays; sampling is not part of any compiled step, and numpy avoids compiling a random
 number generator for every shape.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["LinearGenerativeModel", "make_model", "sample_pairs", "mismatch",
-           "random_masking_views", "hidden_pair_pool"]
+__all__ = [
+  "LinearGenerativeModel",
+  "make_model",
+  "sample_pairs",
+  "mismatch",
+  "random_masking_views",
+  "hidden_pair_pool",
+]
 
 
 class LinearGenerativeModel(NamedTuple):
@@ -38,8 +45,9 @@ def _rng(rng) -> np.random.Generator:
     return rng
   if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
     return np.random.default_rng(int(rng))
-  raise TypeError(f"rng must be an int seed or a numpy Generator (host-side sampling), got "
-                  f"{type(rng).__name__}")
+  raise TypeError(
+    f"rng must be an int seed or a numpy Generator (host-side sampling), got {type(rng).__name__}"
+  )
 
 
 def _frame(rng, d, r, k):
@@ -47,16 +55,27 @@ def _frame(rng, d, r, k):
   return q[:, :r].astype(np.float32), q[:, r:].astype(np.float32)
 
 
-def make_model(rng, d1: int, d2: int, rank: int, *, noise_rank: int, signal: float = 1.0,
-               spike: float = 2.0, noise: float = 0.5) -> LinearGenerativeModel:
+def make_model(
+  rng,
+  d1: int,
+  d2: int,
+  rank: int,
+  *,
+  noise_rank: int,
+  signal: float = 1.0,
+  spike: float = 2.0,
+  noise: float = 0.5,
+) -> LinearGenerativeModel:
   """Random orthonormal factor and spike directions.
 
   Example:
     >>> model = make_model(0, 20, 15, 3, noise_rank=3)
   """
   if rank < 1 or noise_rank < 0 or rank + noise_rank > min(d1, d2):
-    raise ValueError(f"make_model: need 1 <= rank and rank + noise_rank <= min(d1, d2) = "
-                     f"{min(d1, d2)}, got rank={rank}, noise_rank={noise_rank}")
+    raise ValueError(
+      f"make_model: need 1 <= rank and rank + noise_rank <= min(d1, d2) = "
+      f"{min(d1, d2)}, got rank={rank}, noise_rank={noise_rank}"
+    )
   for name, v in (("signal", signal), ("spike", spike), ("noise", noise)):
     if v < 0:
       raise ValueError(f"make_model: {name} must be >= 0, got {v}")

@@ -11,19 +11,31 @@ where the last terms come from the regulariser `R = (rho/2) ||G1^T G2||_F^2`. Fo
 `beta` is constant, `L = -<G1^T G2, S> + R`, and the minimisers are `G1^T G2 = SVD_r(S) / rho`:
 the rows of `G1` (`G2`) span the top-r left (right) singular vectors of `S`.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from mmts_jax.projects.nakada.cross_covariance import cross_covariance, loss_weights
 from mmts_jax.losses.nonlinear import nonlinear_mmcl_similarity
+from mmts_jax.projects.nakada.cross_covariance import cross_covariance, loss_weights
 
-__all__ = ["LinearEncoders", "init_encoders", "embed", "similarities", "regulariser", "loss",
-           "closed_form_grad", "gradient_descent", "linear_minimiser", "unimodal_minimiser",
-           "identity"]
+__all__ = [
+  "LinearEncoders",
+  "init_encoders",
+  "embed",
+  "similarities",
+  "regulariser",
+  "loss",
+  "closed_form_grad",
+  "gradient_descent",
+  "linear_minimiser",
+  "unimodal_minimiser",
+  "identity",
+]
 
 
 def identity(u):
@@ -33,6 +45,7 @@ def identity(u):
 
 class LinearEncoders(NamedTuple):
   """`g1: (r, d1)` maps modality 1 to `R^r`, `g2: (r, d2)` modality 2."""
+
   g1: jax.Array
   g2: jax.Array
 
@@ -49,8 +62,10 @@ def init_encoders(key, d1: int, d2: int, rank: int, scale: float = 0.1, dtype=jn
   if rank < 1 or rank > min(d1, d2):
     raise ValueError(f"init_encoders: rank must be in [1, min(d1, d2) = {min(d1, d2)}], got {rank}")
   k1, k2 = jax.random.split(key)
-  return LinearEncoders(scale * jax.random.normal(k1, (rank, d1), dtype) / jnp.sqrt(d1),
-                        scale * jax.random.normal(k2, (rank, d2), dtype) / jnp.sqrt(d2))
+  return LinearEncoders(
+    scale * jax.random.normal(k1, (rank, d1), dtype) / jnp.sqrt(d1),
+    scale * jax.random.normal(k2, (rank, d2), dtype) / jnp.sqrt(d2),
+  )
 
 
 def embed(enc: LinearEncoders, x, x_tilde):
@@ -101,8 +116,19 @@ def closed_form_grad(enc: LinearEncoders, x, x_tilde, temperature, *, phi, psi, 
   return LinearEncoders(-enc.g2 @ s_mat.T + reg.g1, -enc.g1 @ s_mat + reg.g2)
 
 
-def gradient_descent(enc: LinearEncoders, x, x_tilde, temperature, *, phi, psi, rho, lr,
-                     steps: int, grad_fn: Callable | None = None):
+def gradient_descent(
+  enc: LinearEncoders,
+  x,
+  x_tilde,
+  temperature,
+  *,
+  phi,
+  psi,
+  rho,
+  lr,
+  steps: int,
+  grad_fn: Callable | None = None,
+):
   """`steps` steps of full-batch gradient descent with the closed-form gradient (jit, scan).
 
   Returns `(encoders, loss per step)`.

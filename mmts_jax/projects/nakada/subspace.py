@@ -5,6 +5,7 @@ angles are the singular values of `(I - Q_B Q_B^T) Q_A`; `sin_theta` returns the
 (spectral) or their root-mean-square (Frobenius / sqrt(r)). Both are 0 for equal spans and 1 for
 orthogonal ones, and do not depend on the bases chosen.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -47,8 +48,9 @@ def sin_theta(a, b, norm: str = "spectral"):
     0.0
   """
   if a.shape != b.shape:
-    raise ValueError(f"sin_theta: a and b must both be (d, r), got {tuple(a.shape)} and "
-                     f"{tuple(b.shape)}")
+    raise ValueError(
+      f"sin_theta: a and b must both be (d, r), got {tuple(a.shape)} and {tuple(b.shape)}"
+    )
   if norm not in ("spectral", "frobenius"):
     raise ValueError(f"sin_theta: norm must be 'spectral' or 'frobenius', got {norm!r}")
   qa, qb = orthonormal_basis(a), orthonormal_basis(b)
@@ -56,4 +58,4 @@ def sin_theta(a, b, norm: str = "spectral"):
   sv = jnp.clip(jnp.linalg.svd(resid, compute_uv=False), 0.0, 1.0)
   if norm == "spectral":
     return jnp.max(sv)
-  return jnp.sqrt(jnp.mean(sv ** 2))
+  return jnp.sqrt(jnp.mean(sv**2))

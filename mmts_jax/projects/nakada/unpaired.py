@@ -15,14 +15,19 @@ Because `S(beta)` is linear in the data set, the gradient of the combined loss i
 `-G2 (S_paired + w S_pseudo)^T + rho G2 G2^T G1` (and likewise for `G2`). Detection runs on the
 host (numpy/scipy): it is a discrete step between training rounds, not part of a jitted step.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from mmts_jax.projects.nakada.cross_covariance import centered_cross_covariance
-from mmts_jax.projects.nakada.linear_model import (LinearEncoders, embed, linear_minimiser,
-                                               regulariser)
 from mmts_jax.losses.nonlinear import nonlinear_mmcl
+from mmts_jax.projects.nakada.cross_covariance import centered_cross_covariance
+from mmts_jax.projects.nakada.linear_model import (
+  LinearEncoders,
+  embed,
+  linear_minimiser,
+  regulariser,
+)
 
 __all__ = ["detect_pairs", "pair_metrics", "combined_loss", "self_train_linear"]
 
@@ -62,6 +67,7 @@ def detect_pairs(e1, e2, *, threshold: float, method: str = "mutual_nn"):
     j = best_j[i]
   else:
     from scipy.optimize import linear_sum_assignment  # host-only dependency, imported lazily
+
     i, j = linear_sum_assignment(-cos)
   c = cos[i, j]
   keep = c >= threshold
@@ -80,13 +86,18 @@ def pair_metrics(i, j, match) -> dict:
   i, j = np.asarray(i), np.asarray(j)
   correct = int(np.sum(match[i] == j)) if i.size else 0
   hidden = int(np.sum(match >= 0))
-  return {"detected": int(i.size), "correct": correct, "hidden": hidden,
-          "precision": correct / i.size if i.size else 1.0,
-          "recall": correct / hidden if hidden else 1.0}
+  return {
+    "detected": int(i.size),
+    "correct": correct,
+    "hidden": hidden,
+    "precision": correct / i.size if i.size else 1.0,
+    "recall": correct / hidden if hidden else 1.0,
+  }
 
 
-def combined_loss(enc: LinearEncoders, paired, pseudo, temperature, *, phi, psi, rho,
-                  weight: float):
+def combined_loss(
+  enc: LinearEncoders, paired, pseudo, temperature, *, phi, psi, rho, weight: float
+):
   """`L(paired) + weight * L(pseudo) + (rho/2)||G1^T G2||_F^2` for linear encoders.
 
   `paired` and `pseudo` are `(x, x_tilde)` tuples; each set supplies its own negatives.
@@ -111,9 +122,20 @@ def combined_loss(enc: LinearEncoders, paired, pseudo, temperature, *, phi, psi,
   return value
 
 
-def self_train_linear(x, x_tilde, x_pool, x_tilde_pool, *, rank: int, rho: float = 1.0,
-                      weight: float = 1.0, rounds: int = 3, threshold: float = 0.9,
-                      method: str = "mutual_nn", match=None):
+def self_train_linear(
+  x,
+  x_tilde,
+  x_pool,
+  x_tilde_pool,
+  *,
+  rank: int,
+  rho: float = 1.0,
+  weight: float = 1.0,
+  rounds: int = 3,
+  threshold: float = 0.9,
+  method: str = "mutual_nn",
+  match=None,
+):
   r"""Steps 1-4 with the linear loss, each fit in closed form (`linear_minimiser`).
 
   Each set's linear loss is divided by its `n - 1`, so that its `S` is the size-independent
