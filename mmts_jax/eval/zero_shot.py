@@ -51,7 +51,8 @@ from mmts_jax import array_files
 from mmts_jax.projects.ek100_features.embedding import DEFAULT_CHUNK, embed_array
 
 __all__ = ["TABLE1_COLUMNS", "table1_metrics", "RetrievalTestSet", "ZeroShotEval",
-           "load_test_sets", "longtail_metrics", "eval_fn_from_config", "evaluate_checkpoint", "format_table1"]
+           "load_test_sets", "longtail_metrics", "eval_fn_from_config", "evaluate_checkpoint",
+           "format_table1"]
 
 TABLE1_COLUMNS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "RSUM")
 _KS = (1, 5, 10)
