@@ -163,7 +163,11 @@ def default_config() -> ml_collections.ConfigDict:
   # every_steps: how often `eval_fn` runs (0: only at total_steps). zero_shot: "[NAME=]PATH,..."
   # retrieval test sets that `mmts train` evaluates (mmts_jax.eval.zero_shot). at_start:
   # also evaluate before the first step (step 0: e.g. the converted checkpoint, zero-shot).
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot="", at_start=False))
+  # longtail: also the head / middle / tail report of the test sets whose .npz has per-image
+  # class ids ("cluster" or "label"), buckets by bucket_scheme ("share" | "terciles");
+  # mmts_jax.eval.longtail.
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot="", at_start=False,
+                                          longtail=False, bucket_scheme="share"))
   return c
 
 

@@ -44,6 +44,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -56,6 +57,7 @@ __all__ = [
   "RetrievalTestSet",
   "ZeroShotEval",
   "load_test_sets",
+  "longtail_metrics",
   "eval_fn_from_config",
   "evaluate_checkpoint",
   "format_table1",
@@ -126,6 +128,10 @@ class RetrievalTestSet:
   images: np.ndarray
   texts: np.ndarray
   text_to_image: np.ndarray
+  # Optional, for the long-tail report: (N,) class / cluster id of every image, and (C,) size
+  # (training frequency) of every id (default: the ids' counts in this test set).
+  clusters: np.ndarray | None = None
+  cluster_sizes: np.ndarray | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -139,15 +145,53 @@ class RetrievalTestSet:
     object.__setattr__(
       self, "text_to_image", _mapping(self.text_to_image, len(self.texts), len(self.images), None)
     )
+    if self.clusters is None:
+      if self.cluster_sizes is not None:
+        raise ValueError(f"test set {self.name!r}: cluster_sizes given without clusters")
+      return
+    ids = np.asarray(self.clusters)
+    if (
+      ids.shape != (len(self.images),) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0
+    ):
+      raise ValueError(
+        f"test set {self.name!r}: clusters must be ({len(self.images)},) "
+        f"non-negative ints (one class / cluster id per image), got {ids.dtype} "
+        f"{ids.shape}"
+      )
+    sizes = np.bincount(ids) if self.cluster_sizes is None else np.asarray(self.cluster_sizes)
+    if sizes.ndim != 1 or len(sizes) <= ids.max():
+      raise ValueError(
+        f"test set {self.name!r}: cluster_sizes must be a (C,) array with an "
+        f"entry for every id (max id {ids.max()}), got shape {sizes.shape}"
+      )
+    from mmts_jax.eval.longtail import cluster_buckets
+
+    cluster_buckets(sizes)  # validates the sizes now (finite, >= 0, a positive total)
+    object.__setattr__(self, "clusters", ids.astype(np.int32))
+    object.__setattr__(self, "cluster_sizes", sizes)
 
   @classmethod
   def from_arrays(
-    cls, name: str, images, texts, *, text_to_image=None, captions_per_image: int | None = None
+    cls,
+    name: str,
+    images,
+    texts,
+    *,
+    text_to_image=None,
+    captions_per_image: int | None = None,
+    clusters=None,
+    cluster_sizes=None,
   ) -> RetrievalTestSet:
-    """From model inputs and either `text_to_image` or `captions_per_image` (COCO layout)."""
+    """From model inputs and either `text_to_image` or `captions_per_image` (COCO layout);
+    optional per-image `clusters` (class ids) and their `cluster_sizes` (long-tail report)."""
     images, texts = np.asarray(images), np.asarray(texts)
     return cls(
-      name, images, texts, _mapping(text_to_image, len(texts), len(images), captions_per_image)
+      name,
+      images,
+      texts,
+      _mapping(text_to_image, len(texts), len(images), captions_per_image),
+      clusters,
+      cluster_sizes,
     )
 
   @classmethod
@@ -171,12 +215,19 @@ class RetrievalTestSet:
     mapping = z.get("text_to_image")
     if mapping is not None and captions_per_image is not None:
       raise ValueError(f"{str(path)!r} has text_to_image; do not also give captions_per_image")
+    if "cluster" in z and "label" in z:
+      raise ValueError(
+        f"{str(path)!r} has both 'cluster' and 'label' arrays; keep one (the "
+        f"per-image class / cluster id)"
+      )
     return cls.from_arrays(
       name or path.stem,
       z[image_key],
       z[text_key],
       text_to_image=mapping,
       captions_per_image=captions_per_image,
+      clusters=z.get("cluster", z.get("label")),
+      cluster_sizes=z.get("cluster_sizes"),
     )
 
   @classmethod
@@ -228,13 +279,23 @@ class RetrievalTestSet:
       text_key: self.texts,
       "text_to_image": self.text_to_image,
     }
+    if self.clusters is not None:
+      arrays.update(cluster=self.clusters, cluster_sizes=self.cluster_sizes)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 class ZeroShotEval:
   """The trainer's `eval_fn`: Table 1 metrics of every test set, keys `zs/<name>/<column>`.
 
-  `self.last` keeps the latest `{name: metrics}` and its step.
+  With `longtail=True`, every test set that carries per-image class / cluster ids
+  (`RetrievalTestSet.clusters`) also gets the head / middle / tail report of
+  `mmts_jax.eval.longtail.longtail_report` on the cosine similarities (images x captions):
+  instance R@K (a caption's positive is its own image), and mAP / nDCG with the relevancy
+  `[same class]` (a caption takes its image's id); buckets by `cluster_sizes` under
+  `bucket_scheme`. Logged as `zs/<name>/longtail/<bucket>/<metric>` (fractions in [0, 1]) and,
+  on process 0, printed as the `format_longtail` table each time the hook runs.
+
+  `self.last` keeps the latest `{"step", "results": {name: metrics}, "longtail": {name: report}}`.
   """
 
   def __init__(
@@ -245,31 +306,127 @@ class ZeroShotEval:
     text_key: str = "text",
     chunk: int = DEFAULT_CHUNK,
     block_size=None,
+    longtail: bool = False,
+    bucket_scheme: str = "share",
+    longtail_ks: Sequence[int] = _KS,
+    verbose: bool = True,
   ):
+    from mmts_jax.eval.longtail import SCHEMES
+
     test_sets = list(test_sets)
     if not test_sets or not all(isinstance(t, RetrievalTestSet) for t in test_sets):
       raise TypeError("ZeroShotEval needs a non-empty sequence of RetrievalTestSet")
     names = [t.name for t in test_sets]
     if len(set(names)) != len(names):
       raise ValueError(f"test set names must be unique, got {names}")
+    if bucket_scheme not in SCHEMES:
+      raise ValueError(f"bucket_scheme must be one of {SCHEMES}, got {bucket_scheme!r}")
+    longtail_ks = tuple(int(k) for k in longtail_ks)
+    labelled = [t for t in test_sets if t.clusters is not None]
+    if longtail:
+      # Checked here, before training starts, not at the first evaluation.
+      if not labelled:
+        raise ValueError(
+          f"longtail=True needs a test set with per-image class / cluster ids "
+          f"(a 'cluster' or 'label' array in its .npz); none of {names} has one"
+        )
+      for t in labelled:
+        n = min(len(t.images), len(t.texts))
+        if not longtail_ks or min(longtail_ks) < 1 or max(longtail_ks) > n:
+          raise ValueError(
+            f"test set {t.name!r}: longtail_ks must be in [1, {n}] (its "
+            f"images / captions), got {longtail_ks}"
+          )
     self.test_sets = test_sets
     self.image_key, self.text_key = image_key, text_key
     self.chunk, self.block_size = chunk, block_size
+    self.longtail, self.bucket_scheme, self.longtail_ks = bool(longtail), bucket_scheme, longtail_ks
+    self.verbose = verbose
     self.last: dict | None = None
+
+  def _embed(self, t: RetrievalTestSet, embed: Callable, variables):
+    image = embed_array(embed, variables, self.image_key, t.images, "image", chunk=self.chunk)
+    text = embed_array(embed, variables, self.text_key, t.texts, "text", chunk=self.chunk)
+    return image, text
 
   def evaluate(self, embed: Callable, variables) -> dict[str, dict[str, float]]:
     """{test set name: Table 1 metrics} of the model."""
-    results = {}
+    return self.evaluate_all(embed, variables)[0]
+
+  def evaluate_all(
+    self, embed: Callable, variables
+  ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """({name: Table 1 metrics}, {name: long-tail report}); the second is empty unless
+    `longtail` (and then holds only the test sets with class / cluster ids)."""
+    results, longtail = {}, {}
     for t in self.test_sets:
-      image = embed_array(embed, variables, self.image_key, t.images, "image", chunk=self.chunk)
-      text = embed_array(embed, variables, self.text_key, t.texts, "text", chunk=self.chunk)
+      image, text = self._embed(t, embed, variables)
       results[t.name] = table1_metrics(image, text, t.text_to_image, block_size=self.block_size)
-    return results
+      if self.longtail and t.clusters is not None:
+        longtail[t.name] = longtail_metrics(
+          image, text, t, ks=self.longtail_ks, scheme=self.bucket_scheme
+        )
+    return results, longtail
 
   def __call__(self, step: int, embed: Callable, variables) -> dict[str, float]:
-    results = self.evaluate(embed, variables)
-    self.last = {"step": int(step), "results": results}
-    return {f"zs/{name}/{col}": value for name, m in results.items() for col, value in m.items()}
+    results, longtail = self.evaluate_all(embed, variables)
+    self.last = {"step": int(step), "results": results, "longtail": longtail}
+    out = {f"zs/{name}/{col}": value for name, m in results.items() for col, value in m.items()}
+    out.update(
+      {
+        f"zs/{name}/longtail/{bucket}/{key}": value
+        for name, report in longtail.items()
+        for bucket, row in report.items()
+        for key, value in row.items()
+      }
+    )
+    if longtail and self.verbose and jax.process_index() == 0:
+      from mmts_jax.eval.longtail import format_longtail
+
+      for name, report in longtail.items():
+        print(
+          f"zero-shot long tail: {name}, step {int(step)} (buckets by {self.bucket_scheme} "
+          f"of cluster size)\n{format_longtail(report, self.longtail_ks)}",
+          flush=True,
+        )
+    return out
+
+
+def longtail_metrics(
+  image_emb, text_emb, test_set: RetrievalTestSet, *, ks: Sequence[int] = _KS, scheme: str = "share"
+) -> dict[str, dict[str, float]]:
+  """The long-tail report of one labelled test set from its (N, D) image and (M, D) caption
+  embeddings: `longtail_report` on the cosine similarities :math:`s_{ij} = \\hat u_i \\cdot
+  \\hat v_j` (float32), positives :math:`[\\text{text\\_to\\_image}_j = i]`, relevancy
+  `label_relevancy(clusters, clusters[text_to_image])` and buckets by `test_set.cluster_sizes`.
+
+  Example (two classes, class 0 three times as frequent; identity embeddings):
+    >>> t = RetrievalTestSet.from_arrays("toy", np.eye(4), np.eye(4), captions_per_image=1,
+    ...                                  clusters=np.array([0, 0, 0, 1]))
+    >>> rep = longtail_metrics(np.eye(4), np.eye(4), t, ks=(1,))
+    >>> sorted(rep), rep["tail"]["R@1"], rep["tail"]["num_queries"]
+    (['all', 'head', 'tail'], 1.0, 1)
+  """
+  from mmts_jax.eval.longtail import label_relevancy, longtail_report
+
+  if test_set.clusters is None:
+    raise ValueError(f"test set {test_set.name!r} has no class / cluster ids (clusters)")
+  image = np.asarray(image_emb, np.float32)
+  text = np.asarray(text_emb, np.float32)
+  image = image / np.maximum(np.linalg.norm(image, axis=1, keepdims=True), 1e-8)
+  text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-8)
+  mapping, ids = test_set.text_to_image, test_set.clusters
+  positives = mapping[None, :] == np.arange(len(image))[:, None]
+  return longtail_report(
+    image @ text.T,
+    label_relevancy(ids, ids[mapping]),
+    image_clusters=ids,
+    text_clusters=ids[mapping],
+    cluster_sizes=test_set.cluster_sizes,
+    positives=positives,
+    ks=ks,
+    scheme=scheme,
+  )
 
 
 def load_test_sets(
@@ -319,7 +476,8 @@ def eval_fn_from_config(config) -> ZeroShotEval | None:
 
   Converted datasets use `config.data.tokenizer`, `config.data.image_size` (224) and
   `config.data.text_len` (77); `config.eval.captions_per_image` applies to `.npz` files
-  without `text_to_image`.
+  without `text_to_image`. `config.eval.longtail` (with `config.eval.bucket_scheme`) adds the
+  head / middle / tail report of the test sets whose `.npz` has a `cluster` or `label` array.
 
   Example:
     >>> import os, tempfile
@@ -350,7 +508,13 @@ def eval_fn_from_config(config) -> ZeroShotEval | None:
     text_len=int(data.get("text_len", 77)),
     captions_per_image=config.eval.get("captions_per_image", None),
   )
-  return ZeroShotEval(test_sets, image_key=model.image_key, text_key=model.text_key)
+  return ZeroShotEval(
+    test_sets,
+    image_key=model.image_key,
+    text_key=model.text_key,
+    longtail=bool(config.eval.get("longtail", False)),
+    bucket_scheme=config.eval.get("bucket_scheme", "share"),
+  )
 
 
 def evaluate_checkpoint(
