@@ -203,3 +203,19 @@ def test_ek100_task_and_bucketed_mir():
   np.testing.assert_allclose(got["all/mAP"], want["mAP"].average, rtol=1e-6)
   np.testing.assert_allclose(got["all/nDCG"], want["nDCG"].average, rtol=1e-6)
   assert set(got) == {f"{b}/{m}" for b in ek100.BUCKETS for m in ("mAP", "nDCG")}
+
+
+@pytest.mark.parametrize("imbalance", [100, 10])
+def test_default_grids_have_nine_positive_trials_per_row(imbalance):
+  # The "same number of trials per tuned row" holds only if no trial is skipped for a
+  # temperature <= 0; that depends on the class sizes, so it is checked on the study's tasks.
+  task = make_task(GeneratorConfig(val_per_class=20, imbalance=imbalance))
+  grid = experiment.default_grid(period=60.0)
+  grid.update(experiment.level_matched_grid(0.45, period=60.0))
+  assert sorted(grid) == sorted(experiment.ROWS)
+  for row, trials in grid.items():
+    assert len(trials) == 9, row
+    for policy, coords in trials:
+      state = policy.init_state(len(task.train_label), experiment._table(task, policy))
+      assert state is not None, (row, coords)
+  assert max(t for t in experiment.TAUS) == 1.0

@@ -98,11 +98,13 @@ def select_r1(image: np.ndarray, text: np.ndarray, captions) -> float:
   return (i2t + t2i) / 2
 
 
-# Every row gets the same number of trials (9), spread so that the tuned fixed temperature of
-# the first run (0.14, the top of its grid) sits well inside: 0.05 .. 0.40. Two-parameter rows
-# are 3 x 3 grids of a centre (level) and a relative width / amplitude.
-TAUS = (0.05, 0.07, 0.10, 0.14, 0.18, 0.22, 0.27, 0.33, 0.40)
-CENTRES = (0.10, 0.20, 0.35)
+# Every row gets the same number of trials (9). The second run selected the top of its fixed grid
+# (0.40) and the widest / largest-centre shift trials, so this grid reaches ~2.5x further:
+# fixed 0.05 .. 1.0 (the low end thinned, 0.05 and 0.07 kept for the milder-tail knob), centres
+# 0.10 .. 0.70 (2x the 0.35 selected), relative widths / amplitudes up to ~1.5-2x. Two-parameter
+# rows are 3 x 3 grids of a centre (level) and a relative width / amplitude.
+TAUS = (0.05, 0.07, 0.10, 0.14, 0.20, 0.30, 0.45, 0.65, 1.00)
+CENTRES = (0.10, 0.35, 0.70)
 RHOS = (0.01, 0.03, 0.06, 0.10, 0.15, 0.25, 0.40, 0.60, 1.00)
 
 
@@ -116,22 +118,23 @@ def default_grid(period: float) -> dict[str, list]:
     "ts": [
       (P.TS(round(c * (1 - r), 4), round(c * (1 + r), 4), period), {"centre": c, "r": r})
       for c in CENTRES
-      for r in (0.2, 0.45, 0.7)
+      for r in (0.3, 0.6, 0.9)
     ],
     # ICS: shifts in [c (1 - w/2), c (1 + w/2)].
     "ics": [
       (P.ICS(round(c * (1 - w / 2), 4), round(c * (1 + w / 2), 4)), {"centre": c, "width": w})
       for c in CENTRES
-      for w in (0.4, 0.8, 1.2)
+      for w in (0.6, 1.2, 1.8)
     ],
-    # MM-TS: shifts in [0.6 c, 1.4 c] (the paper's CC3M 0.05-0.10 has w/c = 0.67), alpha a c.
+    # MM-TS: shifts in [0.6 c, 1.4 c] (the paper's CC3M 0.05-0.10 has w/c = 0.67), alpha a c;
+    # tau >= 0.6 c - a c / 2 stays positive for a < 1.2.
     "mmts": [
       (
         P.MMTS(round(0.6 * c, 4), round(1.4 * c, 4), alpha=round(a * c, 4), period=period),
         {"centre": c, "alpha/c": a},
       )
       for c in CENTRES
-      for a in (0.25, 0.5, 0.75)
+      for a in (0.4, 0.8, 1.15)
     ],
     # The temperatures start at CLIP's 0.07 and move at the paper's rate (eta 0.03, momentum
     # 0.9), gamma 0.8 as the paper; the KL radius rho sets their level.
@@ -145,7 +148,7 @@ def level_matched_grid(level: float, period: float) -> dict[str, list]:
   range is `[0.05, 0.05 + w level]` before re-centring, alpha `a level`."""
   ics = [
     (P.ICS(0.05, round(0.05 + w * level, 4), level=level), {"width": w})
-    for w in (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)
+    for w in (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.2)
   ]
   mmts = [
     (
@@ -154,8 +157,8 @@ def level_matched_grid(level: float, period: float) -> dict[str, list]:
       ),
       {"alpha/level": a, "width": w},
     )
-    for a in (0.2, 0.5, 0.8)
-    for w in (0.3, 0.7, 1.1)
+    for a in (0.2, 0.45, 0.7)
+    for w in (0.5, 1.0, 1.4)
   ]
   return {"ics_lm": ics, "mmts_lm": mmts}
 

@@ -1,7 +1,7 @@
 """`docs/study.md` from a study's raw per-trial, per-seed json lines.
 
-  python -m mmts_jax.study.report benchmarks/results/study/wide --out docs/study.md \
-      --notes benchmarks/results/study/wide/notes.md \
+  python -m mmts_jax.study.report benchmarks/results/study/wide2 --out docs/study.md \
+      --notes benchmarks/results/study/wide2/notes.md \
       --ek100 benchmarks/results/study/ek100_text/results.json
 
 Everything is recomputed from `trials.jsonl` (the selection on validation, the paired test
