@@ -166,8 +166,9 @@ def default_config() -> ml_collections.ConfigDict:
   # longtail: also the head / middle / tail report of the test sets whose .npz has per-image
   # class ids ("cluster" or "label"), buckets by bucket_scheme ("share" | "terciles");
   # mmts_jax.eval.longtail.
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0, zero_shot="", at_start=False,
-                                          longtail=False, bucket_scheme="share"))
+  c.eval = ml_collections.ConfigDict(
+    dict(every_steps=0, zero_shot="", at_start=False, longtail=False, bucket_scheme="share")
+  )
   return c
 
 
