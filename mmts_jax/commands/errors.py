@@ -143,17 +143,24 @@ def run(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] | None
   except KeyboardInterrupt:
     if debug_enabled():
       raise
-    print(f"{prog}: interrupted", file=sys.stderr)
+    _emit(f"{prog}: interrupted")
     return EXIT_INTERRUPTED
   except Exception as e:  # noqa: BLE001 (sorted by describe; bugs are re-raised)
     status = getattr(e, "exit_status", None)
     message = _one_line(e) if isinstance(status, int) else describe(e)
     if message is None or debug_enabled():
       raise
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    _emit(f"{prog}: error: {message}")
     return status if isinstance(status, int) else EXIT_BAD_INPUT
   finally:
     _debug = previous
+
+
+def _emit(line: str) -> None:
+  # One write with its newline: `print` writes the text and "\n" separately, and a background
+  # thread (orbax, absl) printing between the two would split the one-line message.
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
 
 
 def _first_existing(path: str) -> str:
