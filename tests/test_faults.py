@@ -294,12 +294,15 @@ def test_resume_on_another_device_count_continues_the_same_run(runs, name, devic
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(runs):
   ckpt_dir = runs["D"] / "checkpoints"
   assert "status: 2" in runs["stdout"]
-  lines = [line for line in runs["stderr"].splitlines() if line.startswith("mmts train:")]
-  assert lines == [
+  expected = (
     f"mmts train: error: checkpoint step 6 could not be written to "
     f"{ckpt_dir / '6'} (File too large); the previous checkpoint is usable: "
-    f"step 3 in {ckpt_dir}"
-  ]
+    f"step 3 in {ckpt_dir}\n"
+  )
+  # One message, written whole. orbax's background threads may print their own tracebacks
+  # around it (even ending without a newline just before it), so it is searched, not split out.
+  assert runs["stderr"].count("mmts train:") == 1, runs["stderr"]
+  assert runs["stderr"].count(expected) == 1, runs["stderr"]
   # The rerun resumes from that checkpoint, finishes, and leaves no temporaries behind.
   assert runs["rerun"] == 0
   assert f"resumed from step 3 ({ckpt_dir})" in runs["rerun_stdout"]
