@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmts_jax import atomic_io
 from mmts_jax.projects import nakada as lm
 from mmts_jax.projects.nakada import gaussian_sampler as synthetic
 
@@ -377,20 +376,8 @@ def plot(summary, results, path):
   ax.set(xlabel="gradient step", title="C. GD on the linear loss (seed 0)")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+  atomic_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
   plt.close(fig)
-
-
-def _atomic(path, write, binary=False):
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "wb" if binary else "w") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def main(argv=None) -> int:
@@ -429,9 +416,9 @@ def main(argv=None) -> int:
       "wall_seconds": round(time.time() - t0, 1),
     },
   }
-  _atomic(out / "nakada.json", lambda f: json.dump(record, f, indent=1))
+  atomic_io.atomic_write_text(out / "nakada.json", json.dumps(record, indent=1))
   md = tables(summary, results)
-  _atomic(out / "tables.md", lambda f: f.write(md))
+  atomic_io.atomic_write_text(out / "tables.md", md)
   plot(summary, results, out / "nakada.png")
   print(md)
   print(
