@@ -45,6 +45,7 @@ __all__ = [
   "normalize_on_device",
   "encode_jpeg",
   "shrink_shorter_side",
+  "source_side",
 ]
 
 # Decoding is bounded: an image declaring more pixels than this is refused before its pixels are
@@ -296,6 +297,24 @@ def normalize_on_device(
   scale = jnp.asarray(1.0 / (255.0 * std), dtype)
   shift = jnp.asarray(mean / std, dtype)
   return images.astype(dtype) * scale - shift
+
+
+def source_side(image_size: int, crop_scale_min: float = 0.9) -> int:
+  """The smallest shorter side that loses nothing a `image_size` random resized crop keeps.
+
+  A crop of area fraction `s` of a square side-`D` image has side `sqrt(s) D`; it must stay
+  >= `image_size` for the resize to only shrink: `D = ceil(image_size / sqrt(crop_scale_min))`.
+  The pipeline's JPEG draft target, and `mmts prepare --for-image-size`'s stored shorter side.
+
+  Example:
+    >>> source_side(224), source_side(224, 1.0), source_side(336, 0.5)
+    (237, 224, 476)
+  """
+  if not isinstance(image_size, int) or image_size < 1:
+    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+  if not 0 < crop_scale_min <= 1:
+    raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
+  return math.ceil(image_size / math.sqrt(crop_scale_min))
 
 
 def shrink_shorter_side(img: Image.Image, side: int) -> Image.Image:

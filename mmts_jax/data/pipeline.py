@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -78,7 +77,7 @@ class ImageTextTransform:
     self.decoder = decoder
     # A crop of area fraction s of a side-D image has side ~ sqrt(s) D; decoding JPEGs at the
     # scale where that is still >= image_size loses nothing the resize keeps.
-    self._draft = math.ceil(image_size / math.sqrt(crop_scale[0])) if train else image_size
+    self._draft = image_ops.source_side(image_size, crop_scale[0]) if train else image_size
 
   def __call__(
     self, record: Mapping[str, Any], rng: np.random.Generator | None = None
