@@ -130,9 +130,10 @@ def _decode_simplejpeg(data, draft: int | None) -> np.ndarray | None:
   if _simplejpeg is None or bytes(data[:3]) != b"\xff\xd8\xff":
     return None
   try:
-    h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    header = _simplejpeg.decode_jpeg_header(data)
   except ValueError:
     return None
+  h, w, colorspace = int(header[0]), int(header[1]), header[2]
   if colorspace not in ("YCbCr", "Gray", "RGB"):  # CMYK/YCCK: Pillow's conversion
     return None
   if w * h > MAX_IMAGE_PIXELS:
