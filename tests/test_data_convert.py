@@ -259,3 +259,33 @@ def test_tfds_source_reads_directly_through_the_pipeline(tfds_dir, tmp_path):
     assert batch["label"][k] == i % 3
     np.testing.assert_array_equal(batch["text"][k], tok(caption_of(i)))
   assert "tensorflow" not in sys.modules
+
+
+def test_prepare_for_image_size_stores_the_smallest_lossless_shorter_side(tmp_path, capsys):
+  """`--for-image-size 224` (crop area >= 0.9) stores shorter side ceil(224 / sqrt(0.9)) = 237:
+  large images shrink to it, smaller ones are kept byte for byte."""
+  from mmts_jax.data.sample_images import natural_jpeg
+
+  rng = np.random.default_rng(0)
+  (tmp_path / "im").mkdir()
+  sizes = [(640, 480), (300, 500), (200, 150)]
+  for k, (w, h) in enumerate(sizes):
+    (tmp_path / "im" / f"{k}.jpg").write_bytes(natural_jpeg(rng, w, h))
+  tsv = tmp_path / "p.tsv"
+  tsv.write_text("image\tcaption\n" + "".join(f"{k}.jpg\tc {k}\n" for k in range(3)))
+  out = tmp_path / "ds"
+  argv = ["table", str(tsv), "--images", str(tmp_path / "im"), "--out", str(out)]
+  assert prepare.main(argv + ["--for-image-size", "224", "--threads", "1"]) == 0
+  src = records.RecordSource(out)
+  got = [Image.open(io.BytesIO(src[k]["image"])).size for k in range(3)]
+  assert got == [(316, 237), (237, 395), (200, 150)]
+  assert src[2]["image"] == (tmp_path / "im" / "2.jpg").read_bytes()
+  assert src.manifest.source["shorter_side"] == 237
+  capsys.readouterr()
+  bad = argv + ["--overwrite", "--for-image-size", "224", "--shorter-side", "256"]
+  assert prepare.main(bad) == 2
+  assert "--shorter-side" in capsys.readouterr().err
+  assert (
+    prepare.main(argv + ["--overwrite", "--for-image-size", "224", "--crop-scale-min", "0"]) == 2
+  )
+  assert "crop_scale_min" in capsys.readouterr().err

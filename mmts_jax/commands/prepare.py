@@ -32,6 +32,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     help="shrink images whose shorter side is larger (re-encoded as JPEG q95)",
   )
   p.add_argument(
+    "--for-image-size",
+    type=int,
+    default=None,
+    help="store images pre-resized for training crops of this size: shorter side "
+    "ceil(N / sqrt(--crop-scale-min)), the smallest that loses nothing the crop keeps "
+    "(2-3x less host decode+resize work per example)",
+  )
+  p.add_argument(
+    "--crop-scale-min",
+    type=float,
+    default=0.9,
+    help="smallest area fraction of the training crops (with --for-image-size)",
+  )
+  p.add_argument(
     "--on-error",
     choices=("skip", "raise"),
     default="skip",
@@ -129,8 +143,20 @@ def main(argv: list[str] | None = None) -> int:
 def _convert(args) -> int:
   from mmts_jax.data import convert
 
+  shorter_side = args.shorter_side
+  if args.for_image_size is not None:
+    if shorter_side is not None:
+      raise UserInputError(
+        "--for-image-size", "given with --shorter-side", expected="one of the two"
+      )
+    from mmts_jax.data import image_ops
+
+    try:
+      shorter_side = image_ops.source_side(args.for_image_size, args.crop_scale_min)
+    except ValueError as e:
+      raise UserInputError("--for-image-size", str(e), expected="N >= 1, 0 < scale <= 1") from e
   common: dict[str, Any] = dict(
-    shorter_side=args.shorter_side,
+    shorter_side=shorter_side,
     on_error=args.on_error,
     threads=args.threads,
     records_per_shard=args.records_per_shard,

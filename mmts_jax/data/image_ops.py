@@ -7,6 +7,11 @@ the shorter side to `size` and takes the centre crop. Pixels are then normalised
 
 Every random choice comes from the `np.random.Generator` passed in, so the pipeline (which seeds
 one generator per example from the dataset seed and the example's position) is reproducible.
+
+JPEGs decode with simplejpeg when it is installed (the `fast` extra; libjpeg-turbo called
+straight into a numpy array, the same pixels as Pillow's libjpeg-turbo: tests check equality),
+else with Pillow; `decoder="pil"` forces Pillow. Either decodes at a reduced DCT scale 1/s
+(s in 8, 4, 2, 1: Pillow's `Image.draft` rule) when `draft` allows it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ import math
 import numpy as np
 from PIL import Image
 
+try:  # optional: `pip install mmts_jax[fast]`
+  import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+  _simplejpeg = None
+
 __all__ = [
   "MAX_IMAGE_PIXELS",
   "ImageTooLargeError",
@@ -24,7 +34,10 @@ __all__ = [
   "open_image",
   "CLIP_MEAN",
   "CLIP_STD",
+  "DECODERS",
   "decode_image",
+  "draft_scale",
+  "has_simplejpeg",
   "random_resized_crop_box",
   "random_resized_crop",
   "resize_center_crop",
@@ -32,6 +45,7 @@ __all__ = [
   "normalize_on_device",
   "encode_jpeg",
   "shrink_shorter_side",
+  "source_side",
 ]
 
 # Decoding is bounded: an image declaring more pixels than this is refused before its pixels are
@@ -86,15 +100,82 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
+DECODERS = ("auto", "pil", "simplejpeg")
+
+
+def has_simplejpeg() -> bool:
+  """Whether the optional simplejpeg decoder is importable (`decoder="auto"` then uses it)."""
+  return _simplejpeg is not None
+
+
+def draft_scale(width: int, height: int, target: int) -> int:
+  """The JPEG DCT scale denominator `s` Pillow's `Image.draft(mode, (target, target))` picks.
+
+  `s` is the largest of 8, 4, 2, 1 with `s <= min(width // target, height // target)`; the image
+  then decodes at `(ceil(width / s), ceil(height / s))`, both sides still >= `target`.
+
+  Example:
+    >>> draft_scale(640, 480, 224), draft_scale(640, 480, 250), draft_scale(4000, 3000, 224)
+    (2, 1, 8)
+  """
+  if target < 1:
+    raise ValueError(f"draft target must be >= 1 pixel, got {target}")
+  fit = min(width // target, height // target)
+  return next(s for s in (8, 4, 2, 1) if s <= max(fit, 1))
+
+
+def _decode_simplejpeg(data, draft: int | None) -> np.ndarray | None:
+  """JPEG bytes -> (H, W, 3) uint8 via simplejpeg, or None where Pillow should decode instead
+  (not a baseline/progressive YCbCr or grey JPEG, or a libjpeg warning: Pillow is laxer)."""
+  if _simplejpeg is None or bytes(data[:3]) != b"\xff\xd8\xff":
+    return None
+  try:
+    header = _simplejpeg.decode_jpeg_header(data)
+  except ValueError:
+    return None
+  h, w, colorspace = int(header[0]), int(header[1]), header[2]
+  if colorspace not in ("YCbCr", "Gray", "RGB"):  # CMYK/YCCK: Pillow's conversion
+    return None
+  if w * h > MAX_IMAGE_PIXELS:
+    raise ImageTooLargeError(
+      f"image of {w} x {h} pixels exceeds the decoding limit of "
+      f"{MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS)"
+    )
+  s = draft_scale(w, h, draft) if draft is not None else 1
+  try:
+    # libjpeg-turbo picks the largest reduction whose output is >= these: exactly 1/s.
+    return _simplejpeg.decode_jpeg(
+      data, colorspace="RGB", min_width=-(-w // s), min_height=-(-h // s)
+    )
+  except ValueError:
+    return None
+
+
 def decode_image(
-  data: bytes | np.ndarray | Image.Image, *, draft: int | None = None
+  data: bytes | np.ndarray | Image.Image, *, draft: int | None = None, decoder: str = "auto"
 ) -> Image.Image:
   """Encoded bytes (JPEG, PNG, ...), a uint8 array (H, W[, C]) or a PIL image -> RGB PIL image.
 
   `draft`: for JPEG, let libjpeg decode at a reduced scale whose both sides are still >= `draft`
-  (DCT scaling, much cheaper than decoding full size and resizing).
+  (DCT scaling, much cheaper than decoding full size and resizing; see `draft_scale`).
+  `decoder`: "auto" (simplejpeg for JPEG when installed, else Pillow), "pil" or "simplejpeg"
+  (which must be installed); both give the same pixels.
+
+  Example:
+    >>> buf = io.BytesIO(); Image.new("RGB", (640, 480), (9, 99, 199)).save(buf, format="JPEG")
+    >>> img = decode_image(buf.getvalue(), draft=224)
+    >>> img.mode, img.size, img.getpixel((5, 5)) == decode_image(buf.getvalue()).getpixel((5, 5))
+    ('RGB', (320, 240), True)
   """
+  if decoder not in DECODERS:
+    raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+  if decoder == "simplejpeg" and _simplejpeg is None:
+    raise ValueError("decoder='simplejpeg' needs the simplejpeg package (pip install simplejpeg)")
   if isinstance(data, (bytes, bytearray, memoryview)):
+    if decoder != "pil":
+      pixels = _decode_simplejpeg(data, draft)
+      if pixels is not None:
+        return Image.fromarray(pixels)
     img = open_image(data)  # refuses huge images before any pixel is decoded
     if draft is not None and img.format == "JPEG":
       img.draft("RGB", (draft, draft))
@@ -217,6 +298,24 @@ def normalize_on_device(
   scale = jnp.asarray(1.0 / (255.0 * std), dtype)
   shift = jnp.asarray(mean / std, dtype)
   return images.astype(dtype) * scale - shift
+
+
+def source_side(image_size: int, crop_scale_min: float = 0.9) -> int:
+  """The smallest shorter side that loses nothing a `image_size` random resized crop keeps.
+
+  A crop of area fraction `s` of a square side-`D` image has side `sqrt(s) D`; it must stay
+  >= `image_size` for the resize to only shrink: `D = ceil(image_size / sqrt(crop_scale_min))`.
+  The pipeline's JPEG draft target, and `mmts prepare --for-image-size`'s stored shorter side.
+
+  Example:
+    >>> source_side(224), source_side(224, 1.0), source_side(336, 0.5)
+    (237, 224, 476)
+  """
+  if not isinstance(image_size, int) or image_size < 1:
+    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+  if not 0 < crop_scale_min <= 1:
+    raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
+  return math.ceil(image_size / math.sqrt(crop_scale_min))
 
 
 def shrink_shorter_side(img: Image.Image, side: int) -> Image.Image:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,7 +44,8 @@ class ImageTextTransform:
   Train: random resized crop (`crop_scale`, aspect 3/4..4/3); eval: resize + centre crop.
   Optionally keeps `caption` (str) and `label` (int32); `mask` is passed through. With
   `uint8=True` the image stays uint8 (4x less to transfer, no float work on the host);
-  `mmts_jax.data.sources.to_device` normalises it on the device.
+  `mmts_jax.data.sources.to_device` normalises it on the device. `decoder` is
+  `image_ops.decode_image`'s ("auto": simplejpeg for JPEGs when installed; same pixels as "pil").
   Picklable, so grain worker processes can run it.
 
   Usage (tests/test_data_pipeline.py runs these on a small converted dataset):
@@ -63,7 +63,10 @@ class ImageTextTransform:
     keep_caption: bool = False,
     keep_label: bool = False,
     uint8: bool = False,
+    decoder: str = "auto",
   ):
+    if decoder not in image_ops.DECODERS:
+      raise ValueError(f"decoder must be one of {image_ops.DECODERS}, got {decoder!r}")
     if not isinstance(image_size, int) or image_size < 1:
       raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -71,14 +74,15 @@ class ImageTextTransform:
     self.tokenizer, self.image_size, self.train = tokenizer, image_size, train
     self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     self.keep_caption, self.keep_label, self.uint8 = keep_caption, keep_label, uint8
+    self.decoder = decoder
     # A crop of area fraction s of a side-D image has side ~ sqrt(s) D; decoding JPEGs at the
     # scale where that is still >= image_size loses nothing the resize keeps.
-    self._draft = math.ceil(image_size / math.sqrt(crop_scale[0])) if train else image_size
+    self._draft = image_ops.source_side(image_size, crop_scale[0]) if train else image_size
 
   def __call__(
     self, record: Mapping[str, Any], rng: np.random.Generator | None = None
   ) -> dict[str, Any]:
-    img = image_ops.decode_image(record["image"], draft=self._draft)
+    img = image_ops.decode_image(record["image"], draft=self._draft, decoder=self.decoder)
     if self.train:
       if rng is None:
         raise ValueError("a train transform needs a generator (use it through grain random_map)")
@@ -255,6 +259,7 @@ def image_text_pipeline(
   keep_caption: bool = False,
   keep_label: bool = False,
   uint8: bool = False,
+  decoder: str = "auto",
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Pipeline:
@@ -278,6 +283,7 @@ def image_text_pipeline(
     keep_caption=keep_caption,
     keep_label=keep_label,
     uint8=uint8,
+    decoder=decoder,
   )
   return make_pipeline(
     source,

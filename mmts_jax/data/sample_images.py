@@ -6,6 +6,9 @@ as a real JPEG or PNG with Pillow; its caption is `caption_of(i)`. Layouts writt
 
   * `write_image_folder`: `images/000123.jpg ...` + `pairs.tsv` (header `image<TAB>caption`);
   * `write_wds_shards`: webdataset tars `shard-00000.tar` with `000123.jpg` + `000123.txt`.
+
+`natural_jpeg` makes a textured JPEG that compresses like a photo, for decoder and resize tests
+and the input benchmarks (flat colours hide decoding and scaling differences).
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-__all__ = ["color_of", "caption_of", "make_image", "write_image_folder", "write_wds_shards"]
+__all__ = [
+  "color_of",
+  "caption_of",
+  "make_image",
+  "natural_jpeg",
+  "write_image_folder",
+  "write_wds_shards",
+]
 
 _WORDS = ("dog", "cat", "bird", "car", "tree", "boat", "cup", "house")
 
@@ -47,6 +57,32 @@ def make_image(
     img.save(buf, format="PNG")
   else:
     raise ValueError(f"fmt must be jpg or png, got {fmt!r}")
+  return buf.getvalue()
+
+
+def natural_jpeg(
+  rng: np.random.Generator, width: int, height: int, *, quality: int = 90, **save_kw
+) -> bytes:
+  """A `width x height` JPEG of smooth random content plus grain (~0.5-1.5 bits per pixel).
+
+  Bicubically upsampled noise at 1/16 resolution with N(0, 6) grain compresses like a photo,
+  unlike flat colours (too easy) or white noise (too hard). `save_kw` goes to `Image.save`
+  (e.g. `subsampling=0`, `progressive=True`).
+
+  Example:
+    >>> data = natural_jpeg(np.random.default_rng(0), 64, 48)
+    >>> Image.open(io.BytesIO(data)).size, 200 < len(data) < 64 * 48 * 3
+    ((64, 48), True)
+  """
+  if width < 1 or height < 1:
+    raise ValueError(f"width and height must be >= 1, got {width} x {height}")
+  small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+  img = np.asarray(
+    Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), np.int16
+  )
+  img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=quality, **save_kw)
   return buf.getvalue()
 
 

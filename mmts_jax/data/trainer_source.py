@@ -12,6 +12,7 @@ this process's numpy batches starting at global batch `start_batch`. The sources
   text_len      token ids per caption (77)
   image_size    crop side (224); crop_scale (0.9, 1.0) for the random resized crop
   uint8         ship uint8 images and normalise on device (False)
+  decoder       JPEG decoder: "auto" (simplejpeg when installed, else Pillow), "pil", "simplejpeg"
   num_threads   grain read threads (8); worker_count: grain worker processes (0)
   tfds_name, tfds_split, tfds_data_dir, caption_key, image_key   for `:tfds`
 """
@@ -82,6 +83,7 @@ def _image_text(cfg, source, fingerprint, *, global_batch_size: int, seed: int):
     image_size=int(_get(cfg, "image_size", 224)),
     crop_scale=tuple(_get(cfg, "crop_scale", (0.9, 1.0))),
     uint8=bool(_get(cfg, "uint8", False)),
+    decoder=str(_get(cfg, "decoder", "auto")),
     global_batch_size=global_batch_size,
     seed=seed,
     num_epochs=None,
