@@ -196,12 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mmts train: error: {e}", file=sys.stderr)
     return EXIT_BAD_CONFIG
   m = result.last_metrics
-  summary = f"step {result.step}/{config.total_steps} ({result.status})" + (
-    f"  loss {m['loss']:.4f}  tau mean {m['temperature_mean']:.4f}"
-    f"  {m['examples_per_sec']:.0f} examples/s"
-    if m
-    else ""
-  )
+  summary = f"step {result.step}/{config.total_steps} ({result.status})"
+  if m:
+    # A max-margin run's values are margins (logged as margin_*), every other loss's temperatures.
+    value = (
+      f"margin mean {m['margin_mean']:.4f}"
+      if "margin_mean" in m
+      else f"tau mean {m['temperature_mean']:.4f}"
+    )
+    summary += f"  loss {m['loss']:.4f}  {value}  {m['examples_per_sec']:.0f} examples/s"
   print(summary)
   print(f"metrics: {result.workdir / 'metrics.jsonl'}")
   print(f"checkpoints: {result.workdir / 'checkpoints'}")
