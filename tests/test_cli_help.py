@@ -1,28 +1,28 @@
 """Every option of every `mmts` command has a description and states its default in `--help`.
 
-(`mmts train`'s parser belongs to the trainer and is checked with it.)
+The commands are the ones `mmts --help` lists (`mmts_jax.cli.COMMANDS`): a new command is checked
+without being added here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import numpy as np
 import pytest
 
-from mmts_jax.commands import cluster, demo, finetune, prepare, synthetic
+from mmts_jax import cli
+from mmts_jax.commands import cluster
 from mmts_jax.commands import eval as eval_cmd
 from mmts_jax.commands.help_format import HelpFormatter
 
-PARSERS = {
-  "cluster": cluster.build_parser,
-  "eval": eval_cmd._parser,
-  "prepare": prepare._parser,
-  "finetune": finetune._parser,
-  "synthetic": synthetic._parser,
-  "demo": demo._parser,
-}
+
+def _parser_of(command: str) -> argparse.ArgumentParser:
+  module = importlib.import_module(cli.COMMANDS[command][0])
+  build = getattr(module, "build_parser", None) or module._parser
+  return build()
 
 
 def _all(parser: argparse.ArgumentParser, prog: str):
@@ -33,10 +33,10 @@ def _all(parser: argparse.ArgumentParser, prog: str):
         yield from _all(sub, f"{prog} {name}")
 
 
-@pytest.mark.parametrize("command", sorted(PARSERS))
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_option_has_a_description_and_a_default(command):
   checked = 0
-  for prog, parser in _all(PARSERS[command](), command):
+  for prog, parser in _all(_parser_of(command), command):
     assert parser.formatter_class is HelpFormatter, prog
     formatter = parser._get_formatter()
     for action in parser._actions:
@@ -50,7 +50,7 @@ def test_every_option_has_a_description_and_a_default(command):
       checked += 1
     help_text = parser.format_help()  # renders, with every %(default)s expanded
     assert "%(" not in help_text
-  assert checked >= 7
+  assert checked >= 3, (command, checked)
 
 
 def test_defaults_are_printed_as_values():

@@ -29,6 +29,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from mmts_jax.commands.help_format import HelpFormatter
 from mmts_jax.errors import UserInputError
 
 EXIT_BAD_CONFIG = 2
@@ -140,18 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="mmts train",
     description="Train a dual encoder with MM-TS from a config file.",
-    epilog="Override any config key with --config.KEY=VALUE (e.g. --config.optim.lr=1e-3). "
+    epilog="Override any config key with --config.KEY=VALUE (e.g. --config.optim.lr=1e-3).\n"
     "Rerun with the same --workdir to resume from the latest checkpoint.",
+    formatter_class=HelpFormatter,
   )
-  p.add_argument("--config", required=True, help="config file, path/to/config.py[:arg]")
+  p.add_argument(
+    "--config",
+    required=True,
+    help="config file, path/to/config.py[:ROW], ROW an ablation row (fixed, clip, ts, ics, mmts)",
+  )
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard")
   p.add_argument(
     "--stop-at-step",
     type=int,
     default=None,
-    help="stop with a checkpoint at this step, as a preemption would",
+    help="stop with a checkpoint at this step, as a preemption would (default: config.total_steps)",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="no progress bar (there is none when stderr is not a terminal)",
+  )
   p.add_argument(
     "--allow-config-change",
     action="store_true",
