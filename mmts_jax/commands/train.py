@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from mmts_jax.commands.help_format import HelpFormatter
@@ -51,7 +52,11 @@ def _flag_values(argv: list[str]):
     lock_config=True,
     sys_argv=argv,
   )
-  values(argv)
+  with warnings.catch_warnings():
+    # ml_collections loads the config file with `SourceFileLoader.load_module()`, deprecated
+    # since Python 3.10: one DeprecationWarning per parse, about its code, not the user's.
+    warnings.filterwarnings("ignore", r"the load_module\(\) method", DeprecationWarning)
+    values(argv)
   return values
 
 
