@@ -206,8 +206,8 @@ def video_subset(
     what = f"the first {videos} videos"
   else:
     raise ValueError(
-      f"videos (validation videos) must be a positive int or a sequence of video ids, "
-      f"got {videos!r}"
+      f"the validation videos (max_videos) must be a positive int or a sequence of video "
+      f"ids, got {videos!r}"
     )
   kept = set(annotations.video_ids[i] for i in keep_v)
   keep_c = np.array([j for j, cid in enumerate(annotations.caption_ids) if cid in kept], np.int64)
