@@ -5,6 +5,8 @@ docs/tpu.md rehearses with it.
 
   mmts train --config configs/records_tiny.py --workdir gs://BUCKET/runs/mini \\
       --config.data.path=gs://BUCKET/data/mini --config.mmts.cluster_table=gs://BUCKET/mini.npz
+
+ROW: fixed | clip | ts | ics | mmts (default)
 """
 
 import importlib.util

@@ -37,3 +37,11 @@ die() {
 need_value() {  # need_value FLAG VALUE: the flag must be followed by a value
   [[ -n "${2:-}" && "${2:0:2}" != "--" ]] || die "$1 needs a value"
 }
+
+project_python() {  # project_python LAUNCH_DIR: the repository's virtualenv interpreter, or die
+  local repo
+  repo="$(cd "$1/.." && pwd)"
+  [[ -x "$repo/.venv/bin/python" ]] \
+    || die "no virtualenv at $repo/.venv (run 'make install' there), or pass --python PATH to an interpreter that has mmts_jax installed"
+  printf '%s' "$repo/.venv/bin/python"
+}

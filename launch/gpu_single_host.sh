@@ -3,13 +3,15 @@
 # batch is split over them by the trainer's ("data",) mesh. No jax.distributed is needed.
 #
 #   launch/gpu_single_host.sh --config configs/X.py --workdir DIR [--gpus N|0,1,...]
-#       [--mem-fraction 0.9] [--python python3] [--dry-run] [-- EXTRA TRAIN ARGS]
+#       [--mem-fraction 0.9] [--python PATH] [--dry-run] [-- EXTRA TRAIN ARGS]
 #
 # --gpus N uses GPUs 0..N-1 (default: all that nvidia-smi lists); a comma list picks them.
+# --python defaults to the repository's .venv/bin/python (`make install`); without one, name an
+# interpreter that has mmts_jax installed.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-CONFIG="" WORKDIR="" GPUS="" MEM_FRACTION="0.9" PYTHON="python3"
+CONFIG="" WORKDIR="" GPUS="" MEM_FRACTION="0.9" PYTHON=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -26,6 +28,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$CONFIG" ]] || die "--config is required"
 [[ -n "$WORKDIR" ]] || die "--workdir is required"
+[[ -n "$PYTHON" ]] || PYTHON="$(project_python "$(dirname "${BASH_SOURCE[0]}")")"
 
 if [[ -z "$GPUS" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -201,6 +203,8 @@ def test_gpu_single_host_one_process_over_the_selected_gpus():
     "/tmp/w",
     "--gpus",
     "4",
+    "--python",
+    "python3",
     "--",
     "--flag",
     "v",
@@ -223,10 +227,11 @@ def test_gpu_single_host_one_process_over_the_selected_gpus():
     "--flag",
     "v",
   ]
-  cmds, _ = dry_run("gpu_single_host.sh", "--config", "c", "--workdir", "w", "--gpus", "2,5")
+  py = ("--python", "python3")
+  cmds, _ = dry_run("gpu_single_host.sh", "--config", "c", "--workdir", "w", "--gpus", "2,5", *py)
   assert "CUDA_VISIBLE_DEVICES=2,5" in cmds[0]
   _, out = dry_run(
-    "gpu_single_host.sh", "--config", "c", "--workdir", "w", "--gpus", "0", expect_rc=2
+    "gpu_single_host.sh", "--config", "c", "--workdir", "w", "--gpus", "0", *py, expect_rc=2
   )
   assert "--gpus must be >= 1" in out
 
@@ -242,6 +247,8 @@ def test_slurm_multinode_submission_and_job_commands():
     "configs/tiny.py",
     "--workdir",
     "/shared/run",
+    "--python",
+    "python3",
     "--",
     "--x",
     "y",
@@ -249,6 +256,7 @@ def test_slurm_multinode_submission_and_job_commands():
   submit, export, srun = cmds
   assert submit[0] == "sbatch"
   assert {"--nodes=3", "--ntasks-per-node=4", "--gpus-per-node=4"} <= set(submit)
+  assert submit[-9:-7] == ["--python", "python3"]
   assert submit[-7:] == [
     "--config",
     "configs/tiny.py",
@@ -296,3 +304,49 @@ def test_sbatch_header_requests_one_task_per_gpu():
   ]
   opts = dict(line.split(None, 1)[1].lstrip("-").split("=", 1) for line in header)
   assert opts["ntasks-per-node"] == opts["gpus-per-node"]
+
+
+def _launch_copy(tmp_path: pathlib.Path, with_venv: bool) -> pathlib.Path:
+  """A repository-shaped folder with the launch scripts and, optionally, `.venv/bin/python` (a
+  link to the interpreter running the tests, which has mmts_jax)."""
+  repo = tmp_path / "repo"
+  shutil.copytree(LAUNCH, repo / "launch")
+  if with_venv:
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").symlink_to(sys.executable)
+  return repo
+
+
+def _dry_run_in(repo: pathlib.Path, script: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    ["bash", str(repo / "launch" / script), "--dry-run", "--config", "c", "--workdir", "w", *args],
+    cwd=repo,
+    env=CLEAN_ENV,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+
+
+@pytest.mark.parametrize("script", ["gpu_single_host.sh", "slurm_multinode.sbatch"])
+def test_launch_defaults_to_the_repository_virtualenv(tmp_path, script):
+  repo = _launch_copy(tmp_path, with_venv=True)
+  proc = _dry_run_in(repo, script, "--gpus", "1") if "gpu" in script else _dry_run_in(repo, script)
+  assert proc.returncode == 0, proc.stderr
+  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  python = str(repo.resolve() / ".venv" / "bin" / "python")
+  train = commands[-1]
+  i = train.index(python)  # an absolute path: SLURM's other nodes and any cwd find it
+  assert train[i + 1 : i + 4] == ["-m", "mmts_jax.cli", "train"]
+  if script.startswith("slurm"):  # the job gets the same interpreter
+    assert commands[0][commands[0].index("--python") + 1] == python
+  assert "python3" not in train
+
+
+@pytest.mark.parametrize("script", ["gpu_single_host.sh", "slurm_multinode.sbatch"])
+def test_launch_without_a_virtualenv_or_python_says_what_to_do(tmp_path, script):
+  repo = _launch_copy(tmp_path, with_venv=False)
+  proc = _dry_run_in(repo, script, "--gpus", "1") if "gpu" in script else _dry_run_in(repo, script)
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert f"no virtualenv at {repo.resolve()}/.venv (run 'make install' there)" in proc.stderr
+  assert "pass --python PATH" in proc.stderr

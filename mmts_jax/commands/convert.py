@@ -20,12 +20,14 @@ import argparse
 import json
 import sys
 
+from mmts_jax.commands.help_format import HelpFormatter
+
 TARGETS = ("clip", "clip-tokenizer")
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-    prog="mmts convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog="mmts convert", description=__doc__, formatter_class=HelpFormatter
   )
   p.add_argument(
     "target",

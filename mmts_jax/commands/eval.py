@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 
 import numpy as np
 
@@ -227,6 +228,20 @@ def _retrieval(args) -> tuple[dict, str]:
 # ---- EK-100 MIR ----------------------------------------------------------------------------------
 
 
+def _val_videos(value: str) -> int | list[str]:
+  """`--val-videos`: a count, a file of video ids (one per line) or a comma-separated list."""
+  value = value.strip()
+  if value.isdigit():
+    return int(value)
+  if os.path.isfile(value):
+    text = read_bytes(value).decode("utf-8", errors="replace")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+      raise InputError(f"--val-videos {value}: the file holds no video id")
+    return ids
+  return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _ek100(args) -> tuple[dict, str]:
   from mmts_jax.eval import ek100_relevancy, mir_metrics, read_ek100_mir, video_subset
 
@@ -272,7 +287,10 @@ def _ek100(args) -> tuple[dict, str]:
       )
     rel = ek100_relevancy(ann)
     if args.val_videos is not None:
-      keep_v, keep_c = video_subset(ann, args.val_videos)
+      try:
+        keep_v, keep_c = video_subset(ann, _val_videos(args.val_videos))
+      except ValueError as e:
+        raise InputError(f"--val-videos {args.val_videos}: {e}") from None
       sim, rel = sim[np.ix_(keep_v, keep_c)], rel[np.ix_(keep_v, keep_c)]
   else:
     raise InputError(
@@ -418,9 +436,10 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--relevancy", help="(videos, captions) .npy instead of --annotations")
   e.add_argument(
     "--val-videos",
-    type=int,
-    metavar="N",
-    help="score the first N videos and their captions only (needs --annotations; default: all)",
+    metavar="N|IDS|FILE",
+    help="score some videos and their captions only (needs --annotations): the first N, a "
+    "comma-separated list of video ids (narration_id of EPIC_100_retrieval_test.csv), or a "
+    "text file of ids, one per line (default: all)",
   )
   e.add_argument("--threads", type=int, help="CPU threads (default: all usable)")
   e.add_argument("--no-normalize", action="store_true", help="dot product, not cosine")

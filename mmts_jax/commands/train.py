@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 
+from mmts_jax.commands.help_format import HelpFormatter
 from mmts_jax.errors import UserInputError
 
 EXIT_BAD_CONFIG = 2
@@ -50,7 +52,11 @@ def _flag_values(argv: list[str]):
     lock_config=True,
     sys_argv=argv,
   )
-  values(argv)
+  with warnings.catch_warnings():
+    # ml_collections loads the config file with `SourceFileLoader.load_module()`, deprecated
+    # since Python 3.10: one DeprecationWarning per parse, about its code, not the user's.
+    warnings.filterwarnings("ignore", r"the load_module\(\) method", DeprecationWarning)
+    values(argv)
   return values
 
 
@@ -140,18 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="mmts train",
     description="Train a dual encoder with MM-TS from a config file.",
-    epilog="Override any config key with --config.KEY=VALUE (e.g. --config.optim.lr=1e-3). "
+    epilog="Override any config key with --config.KEY=VALUE (e.g. --config.optim.lr=1e-3).\n"
     "Rerun with the same --workdir to resume from the latest checkpoint.",
+    formatter_class=HelpFormatter,
   )
-  p.add_argument("--config", required=True, help="config file, path/to/config.py[:arg]")
+  p.add_argument(
+    "--config",
+    required=True,
+    help="config file, path/to/config.py[:ROW], ROW an ablation row (fixed, clip, ts, ics, mmts)",
+  )
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard")
   p.add_argument(
     "--stop-at-step",
     type=int,
     default=None,
-    help="stop with a checkpoint at this step, as a preemption would",
+    help="stop with a checkpoint at this step, as a preemption would (default: config.total_steps)",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="no progress bar (there is none when stderr is not a terminal)",
+  )
   p.add_argument(
     "--allow-config-change",
     action="store_true",
@@ -196,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mmts train: error: {e}", file=sys.stderr)
     return EXIT_BAD_CONFIG
   m = result.last_metrics
-  summary = f"step {result.step}/{config.total_steps} ({result.status})" + (
-    f"  loss {m['loss']:.4f}  tau mean {m['temperature_mean']:.4f}"
-    f"  {m['examples_per_sec']:.0f} examples/s"
-    if m
-    else ""
-  )
+  summary = f"step {result.step}/{config.total_steps} ({result.status})"
+  if m:
+    # A max-margin run's values are margins (logged as margin_*), every other loss's temperatures.
+    value = (
+      f"margin mean {m['margin_mean']:.4f}"
+      if "margin_mean" in m
+      else f"tau mean {m['temperature_mean']:.4f}"
+    )
+    summary += f"  loss {m['loss']:.4f}  {value}  {m['examples_per_sec']:.0f} examples/s"
   print(summary)
   print(f"metrics: {result.workdir / 'metrics.jsonl'}")
   print(f"checkpoints: {result.workdir / 'checkpoints'}")

@@ -174,27 +174,60 @@ def read_ek100_mir(
 
 
 def video_subset(
-  annotations: Ek100MirAnnotations, max_videos: int
+  annotations: Ek100MirAnnotations, videos: int | Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-  """`(video rows, caption columns)` of a validation slice: the first `max_videos` videos and the
-  captions whose `narration_id` is one of them (the same relevancy definition, smaller).
+  """`(video rows, caption columns)` of a validation slice: some videos and the captions whose
+  `narration_id` is one of them (the same relevancy definition, smaller).
+
+  `videos` is a count (the first `videos` videos of the CSV) or the video ids (`narration_id`s
+  of `EPIC_100_retrieval_test.csv`) to keep; rows come in the CSV's order either way.
 
   Example:
     >>> ann = Ek100MirAnnotations(("a", "b"), np.array([0, 1]), ((0,), (1,)), ("b", "a"),
     ...                           ("x", "y"), np.array([1, 0]), ((1,), (0,)))
     >>> [k.tolist() for k in video_subset(ann, 1)]
     [[0], [1]]
+    >>> [k.tolist() for k in video_subset(ann, ["b"])]
+    [[1], [0]]
+    >>> video_subset(ann, ["b", "zz"])
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 unknown video id(s) (not a narration_id of the validation videos): 'zz'
   """
-  if (
-    isinstance(max_videos, bool) or not isinstance(max_videos, (int, np.integer)) or max_videos <= 0
-  ):
-    raise ValueError(f"max_videos (validation videos) must be a positive int, got {max_videos!r}")
-  keep_v = np.arange(min(int(max_videos), len(annotations.video_ids)))
+  if isinstance(videos, str):
+    raise ValueError(
+      f"videos must be a count or a sequence of video ids, got the string {videos!r}"
+    )
+  if isinstance(videos, Sequence) or isinstance(videos, np.ndarray):
+    keep_v = _video_rows(annotations, [str(v) for v in videos])
+    what = f"the {len(keep_v)} given videos"
+  elif isinstance(videos, (int, np.integer)) and not isinstance(videos, bool) and videos > 0:
+    keep_v = np.arange(min(int(videos), len(annotations.video_ids)))
+    what = f"the first {videos} videos"
+  else:
+    raise ValueError(
+      f"the validation videos (max_videos) must be a positive int or a sequence of video "
+      f"ids, got {videos!r}"
+    )
   kept = set(annotations.video_ids[i] for i in keep_v)
   keep_c = np.array([j for j, cid in enumerate(annotations.caption_ids) if cid in kept], np.int64)
   if keep_c.size == 0:
-    raise ValueError(f"no caption belongs to the first {max_videos} videos; take more videos")
+    raise ValueError(f"no caption belongs to {what}; take more videos")
   return keep_v, keep_c
+
+
+def _video_rows(annotations: Ek100MirAnnotations, ids: list[str]) -> np.ndarray:
+  """Rows of `ids` in the video CSV, in its order; a `ValueError` names unknown ids."""
+  if not ids:
+    raise ValueError("the list of video ids is empty")
+  row = {vid: i for i, vid in enumerate(annotations.video_ids)}
+  unknown = [v for v in dict.fromkeys(ids) if v not in row]
+  if unknown:
+    shown = ", ".join(repr(v) for v in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    raise ValueError(
+      f"{len(unknown)} unknown video id(s) (not a narration_id of the validation videos): {shown}"
+    )
+  return np.array(sorted({row[v] for v in ids}), np.int64)
 
 
 def _multi_hot(sets: Sequence[Sequence[int]], width: int) -> np.ndarray:

@@ -92,8 +92,12 @@ class MetricsLogger:
     skip_nonfinite: bool = False,
     skipped: int = 0,
     verbose: bool = True,
+    value_name: str = "temperature",
   ):
     self.writer, self.checkpointer = writer, checkpointer
+    # What the policy's values are: "temperature" (InfoNCE, sigmoid) or "margin" (max-margin);
+    # the step's `temperature_*` metrics are logged under this name.
+    self.value_name = value_name
     self.skip_nonfinite, self.skipped, self.verbose = bool(skip_nonfinite), int(skipped), verbose
     self.global_batch_size, self.num_devices = global_batch_size, num_devices
     self.cluster_shifts = cluster_shifts
@@ -145,7 +149,7 @@ class MetricsLogger:
     now = time.perf_counter()
     eps = max(s - self._step, 1) * self.global_batch_size / max(now - self._time, 1e-9)
     self._time, self._step = now, s
-    record = {k: float(v) for k, v in m.items() if k != "finite"}
+    record = {self._name(k): float(v) for k, v in m.items() if k != "finite"}
     record.update(
       examples_per_sec=eps,
       examples_per_sec_per_device=eps / self.num_devices,
@@ -155,10 +159,17 @@ class MetricsLogger:
     self.writer.write(s, record)
     if self.cluster_shifts is not None:
       self.writer.write_histogram(
-        s, "temperature/per_cluster", record["temperature_base"] + self.cluster_shifts
+        s,
+        f"{self.value_name}/per_cluster",
+        record[f"{self.value_name}_base"] + self.cluster_shifts,
       )
     self.last = {"step": s, **record}
     return record
+
+  def _name(self, key: str) -> str:
+    if key.startswith("temperature_") and self.value_name != "temperature":
+      return self.value_name + key[len("temperature") :]
+    return key
 
 
 def _workdir(path) -> epath.Path:
@@ -177,7 +188,8 @@ def train_and_evaluate(
 ) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Writes `workdir/metrics.jsonl` (one record per logged step: step, loss, temperature mean/min/max,
+  Writes `workdir/metrics.jsonl` (one record per logged step: step, loss, temperature mean/min/max
+  (`margin_*` for the max-margin loss),
   grad norm, learning rate, examples/s overall and per device), `workdir/config.json`,
   `workdir/checkpoints/<step>/` and TensorBoard events. Stops at `config.total_steps`, at
   `stop_at_step` (with a checkpoint, as a preemption would) or on SIGTERM (checkpoint, then
@@ -250,6 +262,7 @@ def train_and_evaluate(
       skip_nonfinite=bool(config.train.get("skip_nonfinite", True)),
       skipped=int(run.checkpoint_meta.get("nonfinite_skipped", 0)),
       verbose=primary,
+      value_name=run.policy.what,
     )
     state, status, done = _loop(
       run,
@@ -295,7 +308,11 @@ def _loop(
   if progress:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    # disable=None: no bar unless stderr is a terminal (a pipe or a log file gets none).
+    bar = tqdm(
+      total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=None
+    )
+  short = {"temperature": "tau", "margin": "margin"}.get(logger.value_name, logger.value_name)
   if eval_fn is not None and start == 0 and run.config.eval.get("at_start", False):
     # The "before" numbers: the initial (e.g. converted pretrained) parameters, logged as step 0.
     logger.writer.write(0, dict(eval_fn(0, embed, state.variables())))
@@ -317,7 +334,8 @@ def _loop(
         if extra is not None or done % log_every == 0 or done == end:
           record = logger.flush(extra)
           if bar is not None and record:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tau=f"{record['temperature_mean']:.4f}")
+            value = record[f"{logger.value_name}_mean"]
+            bar.set_postfix({"loss": f"{record['loss']:.4f}", short: f"{value:.4f}"})
         if bar is not None:
           bar.update(1)
         preempted = watcher.requested(done)
