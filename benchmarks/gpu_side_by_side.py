@@ -9,7 +9,11 @@ rate, our timed steps, OpenCLIP compiled per batch size (now a cache hit, timed 
 script), the encoder's alternating passes, the matmul rate again.
 
   python benchmarks/gpu_side_by_side.py --out DIR --peer peer_openclip_step.py \
-      --batches 256,512 [--encoder --captions CSV --reference NPZ] [--deadline-s 200]
+      --batches 256,512 [--variants base,fast --mmts base,fast --components fast \
+      --profile base,fast] [--encoder --captions CSV --reference NPZ] [--deadline-s 200]
+
+`--variants`, `--mmts`, `--components` and `--profile` go to `train_step_bench.py` (its
+components and profile run after its timing, before OpenCLIP's timed run).
 
 Writes DIR/side_by_side.json after every step (what finished survives a timeout).
 """
@@ -118,6 +122,10 @@ def main(argv=None) -> int:
   p.add_argument("--batches", default="256,512")
   p.add_argument("--model", default="vit_b16", help="train_step_bench model ('tiny': smoke test)")
   p.add_argument("--table-size", default="2900000")
+  p.add_argument("--variants", default="base", help="train_step_bench.py --variants")
+  p.add_argument("--mmts", default=None, help="train_step_bench.py --mmts")
+  p.add_argument("--components", default="", help="train_step_bench.py --components")
+  p.add_argument("--profile", default="", help="train_step_bench.py --profile")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--deadline-s", type=float, default=200)
@@ -157,8 +165,17 @@ def main(argv=None) -> int:
       args.model,
       "--table-size",
       args.table_size,
-      "--modes",
-      "fixed,mmts",
+      "--variants",
+      args.variants,
+      *(["--mmts", args.mmts] if args.mmts is not None else []),
+      "--components",
+      args.components,
+      "--profile",
+      args.profile,
+      "--deadline-s",
+      str(max(d.left() - 5, 1)),
+      "--compile-s",
+      str(max(d.left() - args.phase2_s - 10, 1)),
       "--steps",
       str(args.steps),
       "--rounds",
@@ -294,6 +311,7 @@ def _summary(r: dict):
       rows.append(
         {
           "side": f"mmts_jax {key}",
+          "variant": key.rsplit("_", 2)[0],
           "batch": v["batch"],
           "step_ms": v["step_ms_median"],
           "examples_per_s": v["examples_per_sec"],
@@ -315,12 +333,13 @@ def _summary(r: dict):
     row["fraction_of_bf16_matmul"] = (
       row["examples_per_s"] * r["flops_per_example"] / 1e12 / tflops if tflops else None
     )
-  ratios = {}
+  ratios = {}  # examples/s of ours over OpenCLIP compiled's, per variant (fixed temperature)
   for row in rows:
     if row["side"].startswith("open_clip"):
-      ours_row = [x for x in rows if x["side"] == f"mmts_jax fixed_b{row['batch']}"]
-      if ours_row:
-        ratios[f"b{row['batch']}"] = ours_row[0]["examples_per_s"] / row["examples_per_s"]
+      for x in rows:
+        if x["side"].startswith("mmts_jax") and x["side"].endswith(f"_fixed_b{row['batch']}"):
+          key = f"{x['variant']}_b{row['batch']}"
+          ratios[key] = x["examples_per_s"] / row["examples_per_s"]
   r["summary"] = {"bf16_tflops": tflops, "rows": rows, "mmts_jax_over_openclip": ratios}
 
 
