@@ -103,6 +103,22 @@ class Driver:
     return rec
 
 
+def _cpu_set(spec: str) -> set[int]:
+  """ "10-15,3" -> {3, 10, 11, 12, 13, 14, 15}; "" -> set().
+
+  Example:
+    >>> sorted(_cpu_set("10-12,3"))
+    [3, 10, 11, 12]
+  """
+  cpus = set()
+  for part in filter(None, spec.split(",")):
+    lo, _, hi = part.partition("-")
+    if not lo.isdigit() or (hi and not hi.isdigit()):
+      raise ValueError(f"--warm-cpus must look like 10-15,3, got {spec!r}")
+    cpus.update(range(int(lo), int(hi or lo) + 1))
+  return cpus
+
+
 def _wait(paths, procs, driver, limit):
   """Blocks until every file in `paths` exists or a process in `procs` exits early."""
   while time.monotonic() < limit:
@@ -134,6 +150,12 @@ def main(argv=None) -> int:
     type=float,
     default=85,
     help="seconds kept for the timed phase: the cache fillers stop before",
+  )
+  p.add_argument(
+    "--warm-cpus",
+    default="",
+    help="CPU ids (e.g. 10-15) the untimed OpenCLIP cache fillers are pinned to, leaving the "
+    "other cores to our compiles",
   )
   p.add_argument("--encoder", action="store_true")
   p.add_argument("--captions")
@@ -222,13 +244,15 @@ def main(argv=None) -> int:
     ready.append(sig / "enc_ready")
   # OpenCLIP once per batch size, in parallel: fills the TorchInductor cache; numbers discarded.
   # Killed at the phase-1 cap: a cache filler must never overlap the timed phase.
+  cpus = _cpu_set(args.warm_cpus)
   warm = {
     b: subprocess.Popen(
       [py, args.peer, str(b), "compile"],
       stdout=subprocess.PIPE,
       stderr=subprocess.DEVNULL,
       text=True,
-      env=env,
+      env=dict(env, TORCHINDUCTOR_COMPILE_THREADS=str(len(cpus))) if cpus else env,
+      preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     for b in batches
   }
