@@ -161,8 +161,10 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     sources.SOURCES[name] = lambda cfg, **kw: _FixedBatchSource(host_batch, sizes)
     c.data.name = name
     c.mesh.num_devices = 1
+    t0 = time.perf_counter()
     run = setup(c)
     state, step_fn = run.state, run.step_fn
+    _progress(f"setup of {variant} {mode} b{batch}: {time.perf_counter() - t0:.1f} s")
   else:
     run = first
     net = build_model(c.model, learnable_temperature=run.policy.learnable)
@@ -176,7 +178,9 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
       skip_nonfinite=True,
     )
   dev_batch = run.to_device(host_batch)
+  t0 = time.perf_counter()
   lowered = step_fn.lower(state, dev_batch)
+  _progress(f"lowering of {variant} {mode} b{batch}: {time.perf_counter() - t0:.1f} s")
   text = lowered.as_text()
   return {
     "setup": run,
