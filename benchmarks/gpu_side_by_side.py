@@ -9,7 +9,11 @@ rate, our timed steps, OpenCLIP compiled per batch size (now a cache hit, timed 
 script), the encoder's alternating passes, the matmul rate again.
 
   python benchmarks/gpu_side_by_side.py --out DIR --peer peer_openclip_step.py \
-      --batches 256,512 [--encoder --captions CSV --reference NPZ] [--deadline-s 200]
+      --batches 256,512 [--variants base,fast --mmts base,fast --components fast \
+      --profile base,fast] [--encoder --captions CSV --reference NPZ] [--deadline-s 200]
+
+`--variants`, `--mmts`, `--components` and `--profile` go to `train_step_bench.py` (its
+components and profile run after its timing, before OpenCLIP's timed run).
 
 Writes DIR/side_by_side.json after every step (what finished survives a timeout).
 """
@@ -99,6 +103,22 @@ class Driver:
     return rec
 
 
+def _cpu_set(spec: str) -> set[int]:
+  """ "10-15,3" -> {3, 10, 11, 12, 13, 14, 15}; "" -> set().
+
+  Example:
+    >>> sorted(_cpu_set("10-12,3"))
+    [3, 10, 11, 12]
+  """
+  cpus = set()
+  for part in filter(None, spec.split(",")):
+    lo, _, hi = part.partition("-")
+    if not lo.isdigit() or (hi and not hi.isdigit()):
+      raise ValueError(f"--warm-cpus must look like 10-15,3, got {spec!r}")
+    cpus.update(range(int(lo), int(hi or lo) + 1))
+  return cpus
+
+
 def _wait(paths, procs, driver, limit):
   """Blocks until every file in `paths` exists or a process in `procs` exits early."""
   while time.monotonic() < limit:
@@ -118,6 +138,10 @@ def main(argv=None) -> int:
   p.add_argument("--batches", default="256,512")
   p.add_argument("--model", default="vit_b16", help="train_step_bench model ('tiny': smoke test)")
   p.add_argument("--table-size", default="2900000")
+  p.add_argument("--variants", default="base", help="train_step_bench.py --variants")
+  p.add_argument("--mmts", default=None, help="train_step_bench.py --mmts")
+  p.add_argument("--components", default="", help="train_step_bench.py --components")
+  p.add_argument("--profile", default="", help="train_step_bench.py --profile")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--deadline-s", type=float, default=200)
@@ -126,6 +150,12 @@ def main(argv=None) -> int:
     type=float,
     default=85,
     help="seconds kept for the timed phase: the cache fillers stop before",
+  )
+  p.add_argument(
+    "--warm-cpus",
+    default="",
+    help="CPU ids (e.g. 10-15) the untimed OpenCLIP cache fillers are pinned to, leaving the "
+    "other cores to our compiles",
   )
   p.add_argument("--encoder", action="store_true")
   p.add_argument("--captions")
@@ -157,8 +187,17 @@ def main(argv=None) -> int:
       args.model,
       "--table-size",
       args.table_size,
-      "--modes",
-      "fixed,mmts",
+      "--variants",
+      args.variants,
+      *(["--mmts", args.mmts] if args.mmts is not None else []),
+      "--components",
+      args.components,
+      "--profile",
+      args.profile,
+      "--deadline-s",
+      str(max(d.left() - 5, 1)),
+      "--compile-s",
+      str(max(d.left() - args.phase2_s - 10, 1)),
       "--steps",
       str(args.steps),
       "--rounds",
@@ -205,13 +244,15 @@ def main(argv=None) -> int:
     ready.append(sig / "enc_ready")
   # OpenCLIP once per batch size, in parallel: fills the TorchInductor cache; numbers discarded.
   # Killed at the phase-1 cap: a cache filler must never overlap the timed phase.
+  cpus = _cpu_set(args.warm_cpus)
   warm = {
     b: subprocess.Popen(
       [py, args.peer, str(b), "compile"],
       stdout=subprocess.PIPE,
       stderr=subprocess.DEVNULL,
       text=True,
-      env=env,
+      env=dict(env, TORCHINDUCTOR_COMPILE_THREADS=str(len(cpus))) if cpus else env,
+      preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     for b in batches
   }
@@ -294,6 +335,7 @@ def _summary(r: dict):
       rows.append(
         {
           "side": f"mmts_jax {key}",
+          "variant": key.rsplit("_", 2)[0],
           "batch": v["batch"],
           "step_ms": v["step_ms_median"],
           "examples_per_s": v["examples_per_sec"],
@@ -315,12 +357,13 @@ def _summary(r: dict):
     row["fraction_of_bf16_matmul"] = (
       row["examples_per_s"] * r["flops_per_example"] / 1e12 / tflops if tflops else None
     )
-  ratios = {}
+  ratios = {}  # examples/s of ours over OpenCLIP compiled's, per variant (fixed temperature)
   for row in rows:
     if row["side"].startswith("open_clip"):
-      ours_row = [x for x in rows if x["side"] == f"mmts_jax fixed_b{row['batch']}"]
-      if ours_row:
-        ratios[f"b{row['batch']}"] = ours_row[0]["examples_per_s"] / row["examples_per_s"]
+      for x in rows:
+        if x["side"].startswith("mmts_jax") and x["side"].endswith(f"_fixed_b{row['batch']}"):
+          key = f"{x['variant']}_b{row['batch']}"
+          ratios[key] = x["examples_per_s"] / row["examples_per_s"]
   r["summary"] = {"bf16_tflops": tflops, "rows": rows, "mmts_jax_over_openclip": ratios}
 
 

@@ -17,6 +17,8 @@ pixels as `data.sources.to_device` delivers them); timing does not depend on its
 
 Both steps are compiled ahead of time in parallel threads; `grad_cache` runs its `--steps`
 steps as soon as it is compiled (while `plain` may still compile on the host), then `plain`.
+With `--ready-file` / `--go-file` both compile first, the file `--ready-file` is touched, and
+timing waits for `--go-file` to exist (a driver keeps other GPU work out of the timed part).
 `peak_gib_after` is the allocator's process-wide peak after that method's steps (so `plain`'s
 includes `grad_cache`'s); `xla_*_gib` is each executable's own buffer
 assignment (`compiled.memory_analysis()`), the per-method comparison.
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
   p.add_argument("--micro", type=int, default=512, help="micro-batch size")
   p.add_argument("--steps", type=int, default=1, help="timed steps per method")
   p.add_argument("--table-size", type=int, default=100_000, help="shift-table entries")
+  p.add_argument("--ready-file", help="touched once both steps are compiled")
+  p.add_argument("--go-file", help="timing starts once this file exists")
   args = p.parse_args(argv)
   spec, t_start = MODELS[args.model], time.perf_counter()
 
@@ -200,6 +204,14 @@ def main(argv=None) -> int:
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   name = f"grad_cache_bench_{args.model}.json"
+  if args.ready_file or args.go_file:
+    for method in METHODS:
+      futures[method].result()
+    if args.ready_file:
+      pathlib.Path(args.ready_file).touch()
+    progress("compiled; waiting for the go file")
+    while args.go_file and not os.path.exists(args.go_file):
+      time.sleep(0.2)
   for method in METHODS:
     fn, compile_s = futures[method].result()
     mem = fn.memory_analysis()

@@ -1,30 +1,45 @@
-"""Train-step time: fixed temperature vs MM-TS (schedule + per-sample shift gather), one device.
+"""Train-step time of the real trainer step, one device: speed variants side by side, fixed
+temperature vs MM-TS (schedule + per-sample shift gather), the step's parts, and a profile.
 
 Builds the real trainer state and the real jitted, donated step with `mmts_jax.train.setup`
-for a CLIP-style dual encoder (ViT-B/16 image tower, 12-layer
-width-512 text transformer, 512-d embeddings, bf16 compute, f32 parameters, AdamW) and times
-`--steps` steps per round, alternating the two configurations for `--rounds` rounds so that
-clock and thermal drift hit both alike. MM-TS gathers from a shift table of `--table-size`
-entries (CC3M-sized by default). Also times the per-sample temperature alone (Eq. 8: schedule
-+ gather) in a 1000-iteration on-device loop.
+for a CLIP-style dual encoder (`vit_b16`: ViT-B/16 image tower + CLIP's 12-layer width-512
+causal text transformer, 77 tokens, 512-d embeddings; `vit_l14`: ViT-L/14 + the width-768 text
+transformer, 768-d), bf16 compute, f32 parameters, AdamW with clipping, random inputs. Every run
+`VARIANT_MODE_bBATCH` is lowered on the main thread and compiled in parallel threads, then the
+runs are timed `--steps` steps per round for `--rounds` rounds in alternation (clock and thermal
+drift hit all alike). MM-TS gathers from a shift table of `--table-size` entries (CC3M-sized).
 
-  python benchmarks/train_step_bench.py --out benchmarks/results            # H100, < 3 min
-  python benchmarks/train_step_bench.py --out DIR --batch 256,512 --modes fixed,mmts
-  python benchmarks/train_step_bench.py --out /tmp/b --model tiny --batch 32  # CPU smoke test
+Variants (`VARIANTS`) change only how the same maths is computed (same parameters):
+  base     the code as it was: XLA attention in the text tower, conv patch embedding
+  fast     cuDNN attention in the text tower too (causal + trailing-padding lengths),
+           patch embedding as one matrix product
+  +qkv     fused q/k/v product; +dots: remat policy "dots"; +full: full remat;
+  +notriton  XLA's Triton GEMM fusions off (cuBLAS); +lhs: latency-hiding scheduler
 
-Several batch sizes compile side by side (threads) and time in alternation; the MM-TS mode runs
-at the first size only. Memory: `xla_step_gib` is XLA's analysis of one step's executable
-(arguments + outputs + temporaries - donated buffers), `peak_gib_process` the allocator's peak
-over the whole process (all runs' states resident). Writes OUT/train_step_bench_MODEL.json.
+  python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
+      --components fast --profile base,fast --deadline-s 300      # one H200
+  python benchmarks/train_step_bench.py --out /tmp/b --model tiny --batch 32 --variants base,fast \\
+      --components fast --profile fast --steps 2 --rounds 1      # CPU smoke test
+
+Memory: `xla_step_gib` is XLA's buffer assignment of one step's executable (arguments +
+outputs + temporaries - donated buffers: parameters, optimizer state, activations, the batch),
+the number comparable to PyTorch's `max_memory_allocated`; `peak_gib_process` is the allocator's
+peak over the whole process (every run's state resident). `flops` / `bytes_accessed`: XLA's cost
+analysis of the compiled step. Writes OUT/train_step_bench_MODEL.json after every stage (a run
+cut short by `--deadline-s` keeps what finished); its `profile` holds, per profiled variant,
+the device kernels of 3 steps (`jax.profiler`), grouped by category and ranked.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -39,45 +54,70 @@ import numpy as np  # noqa: E402
 
 from mmts_jax import train  # noqa: E402
 from mmts_jax.data import sources  # noqa: E402
-from mmts_jax.models import attention  # noqa: E402
+from mmts_jax.models import attention, build_model  # noqa: E402
 from mmts_jax.train import setup  # noqa: E402
+from mmts_jax.train.step import compile_train_step  # noqa: E402
+
+
+def _clip_text(width: int, heads: int) -> dict:
+  return dict(
+    name="transformer",
+    vocab_size=49408,
+    max_len=77,
+    width=width,
+    depth=12,
+    num_heads=heads,
+    mlp_dim=4 * width,
+    pool="eot",
+    causal=True,
+  )
+
 
 MODELS = {
   # ViT-B/16 at 224 px + CLIP's text transformer (77 tokens, BPE vocabulary).
   "vit_b16": dict(
-    image=dict(name="vit", variant="B/16"),
-    image_size=224,
-    text=dict(
-      name="transformer",
-      vocab_size=49408,
-      max_len=77,
-      width=512,
-      depth=12,
-      num_heads=8,
-      mlp_dim=2048,
-      pool="eot",
-      causal=True,
-    ),
-    embed_dim=512,
+    image=dict(name="vit", variant="B/16"), image_size=224, text=_clip_text(512, 8), embed_dim=512
+  ),
+  # ViT-L/14 at 224 px + CLIP ViT-L/14's text transformer.
+  "vit_l14": dict(
+    image=dict(name="vit", variant="L/14"), image_size=224, text=_clip_text(768, 12), embed_dim=768
   ),
   "tiny": dict(
     image=dict(name="vit", variant="mu/8"),
     image_size=32,
     text=dict(
-      name="transformer", vocab_size=100, max_len=8, width=32, depth=1, num_heads=2, mlp_dim=64
+      name="transformer", vocab_size=100, max_len=7, width=32, depth=1, num_heads=2, mlp_dim=64
     ),
     embed_dim=16,
   ),
 }
 
+# name -> (model options for both towers, image-only options, XLA compiler options).
+_FAST = dict(attention="auto")
+VARIANTS = {
+  "base": (dict(attention="xla"), dict(attention="auto", patch_embed="conv"), {}),
+  "fast": (_FAST, dict(patch_embed="dense"), {}),
+  "fast+qkv": ({**_FAST, "fused_qkv": True}, dict(patch_embed="dense"), {}),
+  "fast+dots": ({**_FAST, "remat": "dots"}, dict(patch_embed="dense"), {}),
+  "fast+full": ({**_FAST, "remat": "full"}, dict(patch_embed="dense"), {}),
+  "fast+qkv+dots": ({**_FAST, "fused_qkv": True, "remat": "dots"}, dict(patch_embed="dense"), {}),
+  "fast+notriton": (_FAST, dict(patch_embed="dense"), {"xla_gpu_enable_triton_gemm": False}),
+  "fast+lhs": (
+    _FAST,
+    dict(patch_embed="dense"),
+    {"xla_gpu_enable_latency_hiding_scheduler": True},
+  ),
+}
 
-def _config(model: str, mode: str, batch: int):
+
+def _config(model: str, variant: str, mode: str, batch: int):
   spec = MODELS[model]
+  towers, image_only, _ = VARIANTS[variant]
   c = train.default_config()
   c.total_steps, c.batch_size = 10_000, batch
   c.model.update(embed_dim=spec["embed_dim"], dtype="bfloat16")
-  c.model.image = spec["image"]
-  c.model.text = spec["text"]
+  c.model.image = {**spec["image"], **towers, **image_only}
+  c.model.text = {**spec["text"], **towers}
   c.temperature.update(mode=mode, value=0.07)
   c.mmts.update(alpha=0.04, sh_min=0.05, sh_max=0.10)
   c.optim.update(lr=1e-4, warmup_steps=100)
@@ -108,28 +148,49 @@ class _FixedBatchSource:
       yield self.batch
 
 
-def _build(model, batch, table_size, modes):
-  """The runs of `modes` from `mmts_jax.train.setup` (same seed, same parameters), not compiled."""
-  c, spec = _config(model, "mmts", batch)
-  sizes = np.clip(np.random.default_rng(1).zipf(1.5, size=table_size), 1, 10_000)
-  host_batch = _batch(spec, batch, table_size)
-  name = f"train_step_bench_{batch}"
-  sources.SOURCES[name] = lambda cfg, **kw: _FixedBatchSource(host_batch, sizes)
-  c.data.name = name
-  c.mesh.num_devices = 1
-  runs = {}
-  for mode in modes:
-    c.temperature.mode = mode
+def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=None):
+  """One run, lowered. `first` None: `mmts_jax.train.setup` builds it. Otherwise `first` is
+  the `setup` of another variant with this mode and batch: the model of `variant`'s config
+  (`build_model`, as `setup` calls it) replaces `apply_fn` in a copy of its state (the same
+  parameter tree and initial values: the variants only compute differently), and the step is
+  `compile_train_step` with `first`'s policy, loss and schedule: what `setup` would build for
+  this config, without initialising the parameters again."""
+  c, _ = _config(model, variant, mode, batch)
+  if first is None:
+    name = f"train_step_bench_{batch}"
+    sources.SOURCES[name] = lambda cfg, **kw: _FixedBatchSource(host_batch, sizes)
+    c.data.name = name
+    c.mesh.num_devices = 1
+    t0 = time.perf_counter()
     run = setup(c)
-    runs[mode] = {
-      "state": run.state,
-      "fn": run.step_fn,
-      "batch": run.to_device(host_batch),
-      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
-      "policy": run.policy,
-      "table": run.shift_table,
-    }
-  return runs
+    state, step_fn = run.state, run.step_fn
+    _progress(f"setup of {variant} {mode} b{batch}: {time.perf_counter() - t0:.1f} s")
+  else:
+    run = first
+    net = build_model(c.model, learnable_temperature=run.policy.learnable)
+    state = jax.tree.map(jnp.copy, run.state).replace(apply_fn=net.apply)
+    step_fn = compile_train_step(
+      run.shardings.replace(apply_fn=net.apply),
+      run.mesh,
+      policy=run.policy,
+      loss_fn=run.loss_fn,
+      lr_fn=run.lr_fn,
+      skip_nonfinite=True,
+    )
+  dev_batch = run.to_device(host_batch)
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, dev_batch)
+  _progress(f"lowering of {variant} {mode} b{batch}: {time.perf_counter() - t0:.1f} s")
+  text = lowered.as_text()
+  return {
+    "setup": run,
+    "state": state,
+    "batch": dev_batch,
+    "lowered": lowered,
+    "compiler_options": VARIANTS[variant][2],
+    "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+    "cudnn_attention_calls": len(re.findall(r"cudnn\$fmha", text)),
+  }
 
 
 def _progress(msg: str):
@@ -137,13 +198,29 @@ def _progress(msg: str):
   print(f"[train_step_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _compile(run):
-  """Lowers and compiles one run's step; XLA's memory analysis of the executable: arguments +
-  outputs + temporaries - donated (aliased) bytes, i.e. the device memory one step needs."""
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  if not cost:
+    return {}
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost}
+
+
+def _compile(key, run):
+  """Compiles one lowered step; XLA's memory analysis of the executable: arguments + outputs +
+  temporaries - donated (aliased) bytes, i.e. the device memory one step needs."""
   t0 = time.perf_counter()
-  run["step"] = run["fn"].lower(run["state"], run["batch"]).compile()
+  try:
+    opts = run["compiler_options"] or None
+    run["step"] = (
+      run["lowered"].compile(compiler_options=opts) if opts else run["lowered"].compile()
+    )
+  except Exception as e:  # noqa: BLE001 (an unknown XLA flag: that variant is reported, not fatal)
+    run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    _progress(f"{key} failed to compile: {run['error']}")
+    return
   run["compile_s"] = time.perf_counter() - t0
-  _progress(f"compiled in {run['compile_s']:.1f} s")
+  _progress(f"{key} compiled in {run['compile_s']:.1f} s")
   mem = run["step"].memory_analysis()
   if mem is not None:
     need = (
@@ -154,6 +231,10 @@ def _compile(run):
     )
     run["xla_step_gib"] = need / 2**30
     run["xla_temp_gib"] = mem.temp_size_in_bytes / 2**30
+  try:
+    run["cost"] = _cost(run["step"])
+  except Exception as e:  # noqa: BLE001 (cost analysis is optional information)
+    run["cost"] = {"error": str(e)[:200]}
 
 
 def _wait_for(path: str | None, ready: str | None):
@@ -196,9 +277,174 @@ def _temperature_only_us(policy, table, batch: int, iters: int = 1000) -> float:
   return (time.perf_counter() - t0) / iters * 1e6
 
 
+def _median_ms(fn, *args, reps: int = 10) -> float:
+  jax.block_until_ready(fn(*args))  # warm-up
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts) * 1e3
+
+
+def component_jobs(run) -> dict:
+  """The step's parts, each its own lowered executable with its arguments, on the run's state
+  and batch: image tower forward + backward (to a fixed cotangent of the embeddings), text tower
+  likewise, the temperature policy + loss forward + backward w.r.t. the embeddings, and the
+  optimizer update (clipping, AdamW, apply) from a gradient of the parameters' shapes. Their
+  sum leaves out what the whole step fuses across parts and the non-finite guard."""
+  s, state, batch = run["setup"], run["state"], run["batch"]
+  apply, params = state.apply_fn, state.params
+  b = batch["index"].shape[0]
+  key = jax.random.PRNGKey(5)
+  cot = jax.random.normal(key, (b, s.model.embed_dim), jnp.float32)
+
+  def tower(method):
+    def f(p, x):
+      z = apply({"params": p}, x, train=True, method=method)
+      return jnp.sum(z * cot)
+
+    return jax.jit(jax.grad(f))
+
+  z = jax.random.normal(key, (2, b, s.model.embed_dim), jnp.float32)
+  z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+  @jax.jit
+  def loss(zi, zt):
+    def f(zi, zt):
+      value, _, _ = s.policy.loss(
+        state.policy_state,
+        zi,
+        zt,
+        step=state.step,
+        index=batch["index"],
+        loss_fn=s.loss_fn,
+        model_temperature=None,
+      )
+      return value
+
+    return jax.grad(f, argnums=(0, 1))(zi, zt)
+
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+  @jax.jit
+  def update(params, opt_state, grads):
+    updates, opt_state = state.tx.update(grads, opt_state, params)
+    return jax.tree.map(jnp.add, params, updates), opt_state
+
+  # Arguments are read when timed: the timed steps donate (delete) the state they were given.
+  jobs = {
+    "image_tower_fwd_bwd_ms": (
+      tower("encode_image"),
+      lambda: (run["state"].params, batch["image"]),
+    ),
+    "text_tower_fwd_bwd_ms": (tower("encode_text"), lambda: (run["state"].params, batch["text"])),
+    "loss_fwd_bwd_ms": (loss, lambda: (z[0], z[1])),
+    "optimizer_update_ms": (
+      update,
+      lambda: (run["state"].params, run["state"].opt_state, grads),
+    ),
+  }
+  return {
+    name: {"lowered": fn.lower(*args()), "args": args, "compiler_options": {}}
+    for name, (fn, args) in jobs.items()
+  }
+
+
+def components(jobs) -> dict:
+  """Median ms of each compiled part of `component_jobs`, and their sum."""
+  out = {
+    name: _median_ms(job["step"], *job["args"]()) for name, job in jobs.items() if "step" in job
+  }
+  out["sum_of_parts_ms"] = sum(out.values())
+  return out
+
+
+_CATEGORIES = (
+  ("attention", re.compile(r"fmha|flash|cudnn|sdpa|attention", re.I)),
+  ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma|triton_gemm|matmul|_dot", re.I)),
+  ("conv", re.compile(r"conv|implicit", re.I)),
+  ("reduce/norm", re.compile(r"reduce|norm", re.I)),
+  ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+)
+
+
+def _category(name: str) -> str:
+  for cat, pattern in _CATEGORIES:
+    if pattern.search(name):
+      return cat
+  return "other fusion"
+
+
+def profile(run, name: str, steps: int = 3, top: int = 40) -> dict:
+  """Device kernels of `steps` steps (`jax.profiler` trace): per GPU line the total time, the
+  `top` kernels by total time and the time per category (matmul, attention, ...), in ms."""
+  from jax.profiler import ProfileData
+
+  _time(run, 1)
+  trace_dir = tempfile.mkdtemp(prefix=f"trace_{name}_")
+  jax.profiler.start_trace(trace_dir)
+  _time(run, steps)
+  jax.profiler.stop_trace()
+  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  summary = {"variant": name, "steps": steps, "lines": {}}
+  if not files:
+    summary["error"] = "no xplane.pb written"
+    return summary
+  data = ProfileData.from_file(files[-1])
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      total, count = collections.Counter(), collections.Counter()
+      for ev in line.events:
+        total[ev.name] += ev.duration_ns
+        count[ev.name] += 1
+      if not total:
+        continue
+      cats = collections.Counter()
+      for k, v in total.items():
+        cats[_category(k)] += v
+      summary["lines"][f"{plane.name} | {line.name}"] = {
+        "total_ms_per_step": sum(total.values()) / 1e6 / steps,
+        "events_per_step": sum(count.values()) / steps,
+        "by_category_ms_per_step": {k: v / 1e6 / steps for k, v in cats.most_common()},
+        "top": [
+          {"name": k[:160], "ms_per_step": v / 1e6 / steps, "calls_per_step": count[k] / steps}
+          for k, v in total.most_common(top)
+        ],
+      }
+  return summary
+
+
 def _peak_gib():
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
   return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _row(run, times, batch) -> dict:
+  med = statistics.median(times)
+  return {
+    "batch": batch,
+    "step_ms_median": med * 1e3,
+    "step_ms_min": min(times) * 1e3,
+    "step_ms_max": max(times) * 1e3,
+    "step_ms_all": [t * 1e3 for t in times],
+    "examples_per_sec": batch / med,
+    "compile_s": run.get("compile_s"),
+    "params": run["params"],
+    "xla_step_gib": run.get("xla_step_gib"),
+    "xla_temp_gib": run.get("xla_temp_gib"),
+    "cost": run.get("cost"),
+    "cudnn_attention_calls_in_hlo": run["cudnn_attention_calls"],
+  }
 
 
 def main(argv=None) -> int:
@@ -206,48 +452,53 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="directory for train_step_bench_MODEL.json")
   p.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
   p.add_argument("--batch", default="256", help="batch sizes, comma separated")
+  p.add_argument("--variants", default="base", help=f"comma separated, of {sorted(VARIANTS)}")
   p.add_argument(
-    "--modes",
-    default="fixed,mmts",
-    help="temperature modes at the first batch size (later sizes: the first mode)",
+    "--mmts",
+    default=None,
+    help="variants also run with MM-TS at the first batch size (default: the first variant)",
+  )
+  p.add_argument(
+    "--modes", default=None, help="old spelling: 'fixed,mmts' = --mmts FIRST, 'fixed' = none"
   )
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--table-size", type=int, default=2_900_000, help="shift-table entries (CC3M)")
+  p.add_argument("--components", default="", help="variant whose parts are timed")
+  p.add_argument("--profile", default="", help="variants profiled (comma separated)")
+  p.add_argument("--deadline-s", type=float, default=1e9, help="skips later stages past it")
+  p.add_argument(
+    "--compile-s", type=float, default=1e9, help="runs not compiled this long after start: dropped"
+  )
   p.add_argument("--ready-file", help="touched once everything is compiled")
   p.add_argument("--go-file", help="timing starts once this file exists")
   args = p.parse_args(argv)
+  t_start = time.monotonic()
+  left = lambda: args.deadline_s - (time.monotonic() - t_start)  # noqa: E731
   batches = [int(b) for b in args.batch.split(",")]
-  modes = args.modes.split(",")
-  if any(b <= 0 for b in batches) or not set(modes) <= {"fixed", "mmts"}:
+  variants = args.variants.split(",")
+  if args.modes is not None:
+    args.mmts = variants[0] if "mmts" in args.modes.split(",") else ""
+  mmts = [v for v in (variants[0] if args.mmts is None else args.mmts).split(",") if v]
+  unknown = set(variants + mmts) - set(VARIANTS)
+  if any(b <= 0 for b in batches) or unknown or not set(mmts) <= set(variants):
     p.error(
-      f"--batch must be positive integers and --modes fixed/mmts: {args.batch!r} {args.modes!r}"
+      f"--batch must be positive integers, --variants of {sorted(VARIANTS)} and --mmts a "
+      f"subset of them: {args.batch!r} {args.variants!r} {args.mmts!r}"
     )
-
-  runs = {}
-  for i, b in enumerate(batches):
-    for mode, run in _build(args.model, b, args.table_size, modes if i == 0 else modes[:1]).items():
-      runs[f"{mode}_b{b}"] = run
-      _progress(f"set up {mode}_b{b}")
-  # XLA compiles outside the GIL: the executables compile side by side.
-  threads = [threading.Thread(target=_compile, args=(run,)) for run in runs.values()]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  compile_peak = _peak_gib()
-  _wait_for(args.go_file, args.ready_file)
-  _progress("timing")
-  for run in runs.values():
-    _time(run, 3)  # warm-up (allocator, autotuning)
-  times = {key: [] for key in runs}
-  for _ in range(args.rounds):  # alternate, so that clock and thermal drift hit all alike
-    for key, run in runs.items():
-      times[key].append(_time(run, args.steps))
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"train_step_bench_{args.model}.json"
+  spec = MODELS[args.model]
+  sizes = np.clip(np.random.default_rng(1).zipf(1.5, size=args.table_size), 1, 10_000)
   result = {
     "bench": "train_step",
     "model": args.model,
     "batches": batches,
+    "variants": {
+      v: {"towers": VARIANTS[v][0], "image": VARIANTS[v][1], "xla": VARIANTS[v][2]}
+      for v in variants
+    },
     "dtype": "bfloat16",
     "steps_per_round": args.steps,
     "rounds": args.rounds,
@@ -256,45 +507,91 @@ def main(argv=None) -> int:
     "platform": jax.devices()[0].platform,
     "jax": jax.__version__,
     "python": platform.python_version(),
-    "attention": {
-      "vit": attention.implementation(jnp.bfloat16, 64, has_mask=False),
-      "text": attention.implementation(jnp.bfloat16, 64, has_mask=True),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "attention_picked": {
+      "vit": attention.implementation(jnp.bfloat16, spec["image"].get("head_dim", 64), False),
+      "text_base": attention.implementation(jnp.bfloat16, 64, has_mask=True),
+      "text_fast": attention.implementation(jnp.bfloat16, 64, has_mask=False),
     },
+    "skipped": [],
   }
-  for key, ts in times.items():
-    med, b = statistics.median(ts), int(key.rsplit("_b", 1)[1])
-    run = runs[key]
-    result[key] = {
-      "batch": b,
-      "step_ms_median": med * 1e3,
-      "step_ms_min": min(ts) * 1e3,
-      "step_ms_max": max(ts) * 1e3,
-      "examples_per_sec": b / med,
-      "compile_s": run["compile_s"],
-      "params": run["params"],
-      "xla_step_gib": run.get("xla_step_gib"),
-      "xla_temp_gib": run.get("xla_temp_gib"),
-    }
-  b0 = batches[0]
-  if {"fixed", "mmts"} <= set(modes):
-    fixed, mmts = result[f"fixed_b{b0}"]["step_ms_median"], result[f"mmts_b{b0}"]["step_ms_median"]
-    result["mmts_overhead_pct"] = (mmts - fixed) / fixed * 100
-    run = runs[f"mmts_b{b0}"]
-    t_us = _temperature_only_us(run["policy"], run["table"], b0)
-    result["temperature_only_us"] = t_us
-    result["temperature_only_pct_of_step"] = t_us / 1e3 / fixed * 100
-  # The allocator's peak over the whole process: every run's state stays resident.
-  result["peak_gib_process"] = _peak_gib()
-  result["peak_gib_after_compile"] = compile_peak
 
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / f"train_step_bench_{args.model}.json"
-  fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, path)
-  print(json.dumps(result, indent=2))
+  runs = {}
+  for i, b in enumerate(batches):
+    host_batch, first = _batch(spec, b, args.table_size), {}
+    for v in variants:
+      for mode in ("fixed", "mmts") if (i == 0 and v in mmts) else ("fixed",):
+        key = f"{v}_{mode}_b{b}"
+        runs[key] = _build(
+          args.model, v, mode, b, args.table_size, host_batch, sizes, first.get(mode)
+        )
+        first.setdefault(mode, runs[key]["setup"])
+        _progress(f"set up and lowered {key}")
+  comp_key = f"{args.components}_fixed_b{batches[0]}"
+  comp_jobs = component_jobs(runs[comp_key]) if comp_key in runs else {}
+  # XLA compiles outside the GIL: the executables compile side by side.
+  todo = {**runs, **{f"component {k}": j for k, j in comp_jobs.items()}}
+  threads = [threading.Thread(target=_compile, args=(k, r)) for k, r in todo.items()]
+  for t in threads:
+    t.start()
+  compile_end = t_start + min(args.compile_s, args.deadline_s - 60)
+  for t in threads:  # a compile still running past `compile_end` is left behind, unused
+    t.join(timeout=max(compile_end - time.monotonic(), 0.1))
+  for key in [k for k, r in runs.items() if "step" not in r]:
+    result["skipped"].append(f"{key}: {runs[key].get('error', 'not compiled by the deadline')}")
+    del runs[key]
+  result["peak_gib_after_compile"] = _peak_gib()
+  _write_json(path, result)
+  _wait_for(args.go_file, args.ready_file)
+  _progress("timing")
+  for run in runs.values():
+    _time(run, 3)  # warm-up (allocator, autotuning)
+  times = {key: [] for key in runs}
+  for r in range(args.rounds):  # alternate, so that clock and thermal drift hit all alike
+    if r and left() < 40:
+      result["skipped"].append(f"rounds after {r}: deadline")
+      break
+    for key, run in runs.items():
+      times[key].append(_time(run, args.steps))
+  for key, ts in times.items():
+    result[key] = _row(runs[key], ts, int(key.rsplit("_b", 1)[1]))
+  b0 = batches[0]
+  for v in mmts:
+    fixed, mm = result.get(f"{v}_fixed_b{b0}"), result.get(f"{v}_mmts_b{b0}")
+    if fixed and mm:
+      result[f"{v}_mmts_overhead_pct"] = (
+        (mm["step_ms_median"] - fixed["step_ms_median"]) / fixed["step_ms_median"] * 100
+      )
+  if mmts and f"{mmts[0]}_mmts_b{b0}" in runs:
+    run = runs[f"{mmts[0]}_mmts_b{b0}"]
+    t_us = _temperature_only_us(run["setup"].policy, run["setup"].shift_table, b0)
+    result["temperature_only_us"] = t_us
+    fixed = result.get(f"{mmts[0]}_fixed_b{b0}")
+    if fixed:
+      result["temperature_only_pct_of_step"] = t_us / 1e3 / fixed["step_ms_median"] * 100
+  result["peak_gib_process"] = _peak_gib()
+  _write_json(path, result)
+  _progress("timed")
+
+  if comp_jobs and left() > 30:
+    result["components"] = {"variant": args.components, "batch": b0, **components(comp_jobs)}
+    _write_json(path, result)
+    _progress("components timed")
+  elif args.components:
+    result["skipped"].append(f"components {args.components}: not run (deadline or not compiled)")
+  result["profile"] = {}
+  for v in [v for v in args.profile.split(",") if v]:
+    key = f"{v}_fixed_b{b0}"
+    if key not in runs or left() < 25:
+      result["skipped"].append(f"profile {v}: not run (deadline or not compiled)")
+      continue
+    try:
+      result["profile"][v] = profile(runs[key], v)
+    except Exception as e:  # noqa: BLE001 (the profile is optional information)
+      result["profile"][v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    _write_json(path, result)
+    _progress(f"profiled {v}")
+  print(json.dumps({k: v for k, v in result.items() if k != "profile"}))
   return 0
 
 

@@ -13,9 +13,11 @@ the same initial values.
 
 The attention kernel is chosen once per traced shape by `implementation` (below): cuDNN's fused
 flash attention for bf16/fp16 on a GPU when no dense mask is given (the ViT; odd lengths such
-as its 197 tokens are padded to even, `even_length_attention`), XLA's softmax attention
-otherwise (a dense mask, float32, CPU/TPU). Both compute the logits and the softmax
-in float32. Dropout on the attention weights (`dropout_rate > 0` while training) takes Flax's
+as its 197 tokens are padded to even, `even_length_attention`) or when the mask is also given
+in the form that kernel takes, `causal` and per-row `lengths` of trailing padding (the text
+tower); XLA's softmax attention otherwise (float32, CPU/TPU, a dense mask alone), and XLA
+always applies the dense `mask` when one is given. Both compute the logits and the softmax in
+float32. Dropout on the attention weights (`dropout_rate > 0` while training) takes Flax's
 explicit-weights path, which neither fused kernel offers.
 
 Example:
@@ -71,37 +73,67 @@ def implementation(
   return "cudnn" if fused else "xla"
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def attend(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  causal: bool = False,
+  lengths: jax.Array | None = None,
+  kernel: Literal["auto", "xla"] = "auto",
+) -> jax.Array:
   """`softmax(q k^T / sqrt(d) + M) v` for `(B, L, heads, d)` inputs, through the kernel that
-  `implementation` picks; falls back to XLA (with a log line) if cuDNN refuses the shape while
-  tracing.
+  `implementation` picks (`kernel="xla"` forces XLA); falls back to XLA (with a log line) if
+  cuDNN refuses the shape while tracing.
+
+  `causal` and `lengths` (int `(B,)`: row b's keys `j < lengths[b]` are real, the rest trailing
+  padding) state the mask in the fused kernel's form. With a dense `mask` as well they must
+  describe the same mask on the real positions: cuDNN then runs the structured form and XLA
+  the dense mask. The two differ only on the padded query rows, which no real position reads
+  (causal: a real query sees only earlier keys; otherwise padding keys are masked).
 
   Example:
     >>> q = jnp.ones((1, 3, 2, 4))
     >>> attend(q, q, q).shape
     (1, 3, 2, 4)
+    >>> attend(q, q, q, causal=True, lengths=jnp.array([2])).shape
+    (1, 3, 2, 4)
   """
+  if kernel not in ("auto", "xla"):
+    raise ValueError(f"attend: kernel must be 'auto' or 'xla', got {kernel!r}")
   if mask is not None and mask.dtype != jnp.bool_:
     mask = mask.astype(jnp.bool_)  # Flax's make_attention_mask gives float 0/1
-  impl = implementation(q.dtype, q.shape[-1], mask is not None)
-  if impl == "cudnn":
+  structured = causal or lengths is not None
+  impl = implementation(q.dtype, q.shape[-1], mask is not None and not structured)
+  if impl == "cudnn" and kernel == "auto":
     try:
-      return even_length_attention(q, k, v, "cudnn")
+      return even_length_attention(q, k, v, "cudnn", causal=causal, lengths=lengths)
     except (NotImplementedError, RuntimeError) as e:  # shape/version checks run at trace time
       logging.warning("cuDNN attention refused %s %s (%s); using XLA", q.shape, q.dtype, e)
+  if mask is None and structured:
+    return even_length_attention(q, k, v, "xla", causal=causal, lengths=lengths)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 def even_length_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, kernel: Literal["cudnn", "xla"] = "cudnn"
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  kernel: Literal["cudnn", "xla"] = "cudnn",
+  *,
+  causal: bool = False,
+  lengths: jax.Array | None = None,
 ) -> jax.Array:
-  """Unmasked self-attention `(B, L, heads, d)` computed at an even length.
+  """Self-attention `(B, L, heads, d)` computed at an even length, optionally causal and with
+  trailing padding (`lengths`, int `(B,)`: keys `j >= lengths[b]` of row b are hidden).
 
-  cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens). An odd L is
-  padded to L + 1 with a zero query row, sliced off the output, and a zero key that the
-  kernel's own padding mask (`query_seq_lengths = key_value_seq_lengths = L`, no bias tensor)
-  hides: every real query attends to exactly its L keys, so the result equals unpadded
-  attention.
+  cuDNN's fused backward refuses odd sequence lengths (ViT-B/16 has 197 tokens, CLIP's text
+  77). An odd L is padded to L + 1 with a zero query row, sliced off the output, and a zero
+  key that the kernel's own padding mask (`query_seq_lengths = key_value_seq_lengths = L`, or
+  `lengths`; no bias tensor) hides: every real query attends to exactly its keys, so the
+  result equals unpadded attention. `lengths` below 1 count as 1 (a row of padding alone still
+  attends to its first position, as the dense masks here let every position see itself).
 
   Example:
     >>> q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 8))
@@ -110,31 +142,62 @@ def even_length_attention(
     True
   """
   length = q.shape[1]
-  if length % 2 == 0:
-    return jax.nn.dot_product_attention(q, k, v, implementation=kernel)
-  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-  lengths = jnp.full((q.shape[0],), length, jnp.int32)
+  if length % 2 == 0 and lengths is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel)
+  if length % 2:
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  if lengths is None:
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 1, length)
   y = jax.nn.dot_product_attention(
-    q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=kernel
+    q,
+    k,
+    v,
+    is_causal=causal,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths,
+    implementation=kernel,
   )
   return y[:, :length]
+
+
+def _fused_projection(params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k, v of `DenseGeneral`s `query`, `key`, `value` (kernels `(width, heads, d)`) as one
+  product: `x [Wq Wk Wv] + [bq bk bv]`, the kernels stacked to `(width, 3, heads, d)` in
+  `dtype` (one larger matrix product reads `x` once instead of three times)."""
+  names = ("query", "key", "value")
+  kernel = jnp.stack([params[n]["kernel"] for n in names], axis=1).astype(dtype)
+  bias = jnp.stack([params[n]["bias"] for n in names], axis=0).astype(dtype)
+  qkv = jnp.einsum("...w,wthd->...thd", x.astype(dtype), kernel) + bias
+  return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
 
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention with Flax `MultiHeadDotProductAttention`'s parameters.
 
-  `mask` (bool) broadcasts to `(B, heads, L, L)`; True keeps a key.
+  `mask` (bool) broadcasts to `(B, heads, L, L)`; True keeps a key. `causal` / `lengths`: the
+  same mask in the fused kernel's form (`attend`). `fused_qkv`: q, k and v come from one
+  `(width, 3 heads d)` product of the three kernels stacked at run time (the parameters stay
+  three `DenseGeneral`s); `kernel`: `"auto"` or `"xla"` (`attend`).
   """
 
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  fused_qkv: bool = False
+  kernel: str = "auto"
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, mask: jax.Array | None = None, *, deterministic: bool = True
+    self,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    causal: bool = False,
+    lengths: jax.Array | None = None,
   ) -> jax.Array:
     width = x.shape[-1]
     if width % self.num_heads:
@@ -145,7 +208,11 @@ class SelfAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
       (self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    projections = [dense(name) for name in ("query", "key", "value")]
+    if self.fused_qkv and not self.is_initializing():
+      q, k, v = _fused_projection(self.variables["params"], x, self.dtype)
+    else:
+      q, k, v = (proj(x) for proj in projections)
     if self.dropout_rate > 0.0 and not deterministic:
       y = nn.dot_product_attention(
         q,
@@ -158,7 +225,7 @@ class SelfAttention(nn.Module):
         dtype=self.dtype,
       )
     else:
-      y = attend(q, k, v, mask)
+      y = attend(q, k, v, mask, causal=causal, lengths=lengths, kernel=self.kernel)
     return nn.DenseGeneral(
       width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out"
     )(y)

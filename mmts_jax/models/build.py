@@ -16,6 +16,7 @@ from mmts_jax.models.dual_encoder import DualEncoder
 from mmts_jax.models.feature_tower import FeatureTower
 from mmts_jax.models.resnet import ResNet
 from mmts_jax.models.text_transformer import TextTransformer
+from mmts_jax.models.transformer import remat_policy
 from mmts_jax.models.vit import ViT
 
 __all__ = ["build_model", "build_tower", "parse_dtype", "DTYPES"]
@@ -34,6 +35,22 @@ def parse_dtype(name) -> Any:
   if name not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
   return DTYPES[name]
+
+
+def _remat(cfg: Mapping[str, Any]) -> bool | str:
+  """`remat`: a bool or a policy name of `transformer.REMAT_POLICIES` (ValueError otherwise)."""
+  value = _get(cfg, "remat", False)
+  value = value if isinstance(value, str) else bool(value)
+  remat_policy(value)  # raises before any tracing
+  return value
+
+
+def _speed(cfg: Mapping[str, Any]) -> dict:
+  """The transformer towers' speed options (`mmts_jax.models.transformer`): same maths."""
+  attention = str(_get(cfg, "attention", "auto"))
+  if attention not in ("auto", "xla"):
+    raise ValueError(f"model.*.attention must be 'auto' or 'xla', got {attention!r}")
+  return dict(fused_qkv=bool(_get(cfg, "fused_qkv", False)), attention=attention)
 
 
 def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
@@ -60,7 +77,9 @@ def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
       _get(cfg, "variant", "B/16"),
       pool=_get(cfg, "pool", "cls"),
       dropout=float(_get(cfg, "dropout", 0.0)),
-      remat=bool(_get(cfg, "remat", False)),
+      remat=_remat(cfg),
+      patch_embed=str(_get(cfg, "patch_embed", "conv")),
+      **_speed(cfg),
       **common,
     )
     module = module.clone(**overrides) if overrides else module
@@ -80,7 +99,8 @@ def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
       causal=bool(_get(cfg, "causal", True)),
       pad_id=int(_get(cfg, "pad_id", 0)),
       dropout=float(_get(cfg, "dropout", 0.0)),
-      remat=bool(_get(cfg, "remat", False)),
+      remat=_remat(cfg),
+      **_speed(cfg),
       **common,
     )
   return module, _get(cfg, "input_key", side)

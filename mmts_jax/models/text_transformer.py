@@ -2,7 +2,9 @@
 `tokenizers` produce the ids on the host; this module only sees int32 arrays).
 
 `ids (B, L) -> token + position embeddings -> pre-LN encoder -> pooled (B, width)`.
-Padding (`ids == pad_id`) is masked out of attention. Pooling:
+Padding (`ids == pad_id`) is masked out of attention; it trails the real tokens (as tokenizers
+pad, and as `"eot"` pooling assumes), so the attention mask is also given to the fused
+attention kernel as per-row lengths plus `causal` (`mmts_jax.models.attention.attend`). Pooling:
   * `"eot"`: the last non-padding token (CLIP, with a causal mask),
   * `"cls"`: the first token (BERT-style WordPiece, `[CLS]`),
   * `"mean"`: the mean over non-padding tokens.
@@ -40,9 +42,11 @@ class TextTransformer(nn.Module):
   causal: bool = True
   pad_id: int = 0
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  fused_qkv: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, ids, *, train: bool = False):
@@ -82,8 +86,11 @@ class TextTransformer(nn.Module):
       self.remat,
       self.dtype,
       self.param_dtype,
+      fused_qkv=self.fused_qkv,
+      attention=self.attention,
+      causal=self.causal,
       name="encoder",
-    )(x, mask, train=train)
+    )(x, mask, train=train, lengths=jnp.sum(valid, axis=1))
     if self.pool == "cls":
       return x[:, 0]
     if self.pool == "eot":

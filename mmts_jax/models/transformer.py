@@ -4,6 +4,15 @@ Each block computes `x + MHA(LN(x))` then `x + MLP(LN(x))` (the CLIP / ViT order
 `dtype` (e.g. bfloat16) with float32 parameters. The attention is `attention.SelfAttention`
 (fused cuDNN flash attention for bf16 on a GPU; the parameter tree of Flax's
 `MultiHeadDotProductAttention`, so older checkpoints load unchanged).
+
+Speed options, none of which changes the parameters or (beyond float rounding) the maths:
+  * `remat`: False / "none" keeps every activation the backward pass needs; True / "full"
+    recomputes each block's forward in the backward pass (one extra forward, least memory);
+    "dots" keeps only the outputs of the matrix products without batch dimensions
+    (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) and recomputes the cheap
+    element-wise work (layer norms, GELU, residual sums) and the attention from them.
+  * `fused_qkv`: q, k, v from one product (`attention.SelfAttention`).
+  * `attention`: "auto" (cuDNN where `attention.implementation` allows) or "xla".
 """
 
 from __future__ import annotations
@@ -11,11 +20,28 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmts_jax.models.attention import SelfAttention
 
 Dtype = Any
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(remat: bool | str) -> str:
+  """`remat` as one of `REMAT_POLICIES` (True is "full", False "none").
+
+  Example:
+    >>> remat_policy(True), remat_policy(False), remat_policy("dots")
+    ('full', 'none', 'dots')
+  """
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be a bool or one of {REMAT_POLICIES}, got {remat!r}")
+  return remat
 
 
 class MlpBlock(nn.Module):
@@ -43,14 +69,23 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  fused_qkv: bool = False
+  attention: str = "auto"
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None, train: bool = False):
+  def __call__(self, x, mask=None, train: bool = False, lengths=None):
     # `train` may be positional: `nn.remat` marks it static by position.
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln1")(x)
-    y = SelfAttention(self.num_heads, self.dropout, self.dtype, self.param_dtype, name="attn")(
-      y, mask, deterministic=not train
-    )
+    y = SelfAttention(
+      self.num_heads,
+      self.dropout,
+      self.dtype,
+      self.param_dtype,
+      fused_qkv=self.fused_qkv,
+      kernel=self.attention,
+      name="attn",
+    )(y, mask, deterministic=not train, causal=self.causal, lengths=lengths)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(
@@ -60,23 +95,42 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """`depth` encoder blocks and a final LayerNorm. `mask` broadcasts to (B, heads, L, L)."""
+  """`depth` encoder blocks and a final LayerNorm. `mask` broadcasts to (B, heads, L, L);
+  `causal` / `lengths` give the same mask in the fused attention kernel's form (`attention`)."""
 
   depth: int
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  fused_qkv: bool = False
+  attention: str = "auto"
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None, *, train: bool = False):
-    # Rematerialisation trades one extra forward per block for activation memory (large batches).
-    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+  def __call__(self, x, mask=None, *, train: bool = False, lengths=None):
+    # Rematerialisation trades recomputation in the backward pass for activation memory.
+    policy = remat_policy(self.remat)
+    if policy == "none":
+      block = EncoderBlock
+    else:
+      saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+      block = nn.remat(
+        EncoderBlock, static_argnums=(3,), policy=saveable if policy == "dots" else None
+      )
     for i in range(self.depth):
       blk = block(
-        self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name=f"block_{i}"
+        self.num_heads,
+        self.mlp_dim,
+        self.dropout,
+        self.dtype,
+        self.param_dtype,
+        fused_qkv=self.fused_qkv,
+        attention=self.attention,
+        causal=self.causal,
+        name=f"block_{i}",
       )
-      x = blk(x, mask, train)
+      x = blk(x, mask, train, lengths)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)

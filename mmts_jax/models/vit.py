@@ -4,6 +4,12 @@
 `-> pooled (B, width)`.
 Pooling is the class token (`pool="cls"`, CLIP) or the mean over patches (`pool="gap"`).
 
+The patch embedding is a `p x p` convolution with stride `p` (`patch_embed="conv"`), or the
+same map as one matrix product over the flattened patches (`patch_embed="dense"`,
+`PatchEmbed`: the same `patch_embed/kernel (p, p, 3, width)` and `bias` parameters, so
+checkpoints are interchangeable). `remat`, `fused_qkv` and `attention` go to the encoder
+(`mmts_jax.models.transformer`).
+
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
   >>> vit = ViT.from_variant("mu/8")           # a 2-layer, width-32 test size
@@ -18,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmts_jax.models.transformer import Encoder
@@ -30,6 +37,44 @@ VIT_SIZES = {
   "B": (768, 12, 3072, 12),
   "L": (1024, 24, 4096, 16),
 }
+
+
+PATCH_EMBEDS = ("conv", "dense")
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping `p x p` patches, each flattened and multiplied by the kernel:
+
+    out[b, i, j] = sum_{u, v, c} image[b, i p + u, j p + v, c] kernel[u, v, c] + bias,
+
+  the stride-`p` `nn.Conv` with the same parameter names, shapes and initialisers (same key,
+  same values), computed as one `(B h w, p p 3) x (p p 3, width)` matrix product.
+
+  Example:
+    >>> x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    >>> conv = nn.Conv(4, (4, 4), strides=(4, 4), padding="VALID")
+    >>> params = conv.init(jax.random.PRNGKey(0), x)
+    >>> bool(jnp.allclose(PatchEmbed(4, 4).apply(params, x), conv.apply(params, x), atol=1e-5))
+    True
+  """
+
+  features: int
+  patch_size: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array) -> jax.Array:
+    p, (b, height, width, c) = self.patch_size, image.shape
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), self.param_dtype
+    )
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    h, w = height // p, width // p
+    patches = image.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, h, w, p * p * c).astype(self.dtype)
+    y = patches @ kernel.reshape(p * p * c, self.features).astype(self.dtype)
+    return y + bias.astype(self.dtype)
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
@@ -50,9 +95,12 @@ class ViT(nn.Module):
   patch_size: int = 16
   pool: str = "cls"
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  patch_embed: str = "conv"
+  fused_qkv: bool = False
+  attention: str = "auto"
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> ViT:
@@ -68,18 +116,24 @@ class ViT(nn.Module):
       raise ValueError(f"ViT: image must be (B, H, W, 3), got shape {tuple(image.shape)}")
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"ViT: pool must be 'cls' or 'gap', got {self.pool!r}")
+    if self.patch_embed not in PATCH_EMBEDS:
+      raise ValueError(f"ViT: patch_embed must be one of {PATCH_EMBEDS}, got {self.patch_embed!r}")
     p = self.patch_size
     if image.shape[1] % p or image.shape[2] % p:
       raise ValueError(f"ViT: image size {image.shape[1:3]} is not a multiple of patch {p}")
-    x = nn.Conv(
-      self.width,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="patch_embed",
-    )(image.astype(self.dtype))
+    if self.patch_embed == "dense":
+      embed = PatchEmbed(self.width, p, self.dtype, self.param_dtype, name="patch_embed")
+    else:
+      embed = nn.Conv(
+        self.width,
+        (p, p),
+        strides=(p, p),
+        padding="VALID",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="patch_embed",
+      )
+    x = embed(image.astype(self.dtype))
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if self.pool == "cls":
@@ -98,6 +152,8 @@ class ViT(nn.Module):
       self.remat,
       self.dtype,
       self.param_dtype,
+      fused_qkv=self.fused_qkv,
+      attention=self.attention,
       name="encoder",
     )(x, train=train)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)

@@ -1,0 +1,154 @@
+"""The transformer towers' speed options compute the same function with the same parameters:
+the patch embedding as one matrix product (`patch_embed="dense"`) vs the stride-p convolution,
+fused q/k/v vs three products, the "dots" and "full" remat policies vs none, and the fused
+attention kernel's mask form (causal + trailing-padding lengths) vs the dense mask.
+
+Every comparison is in float32 on the CPU. Outputs agree to 1e-5 absolute and gradients to
+5e-5 (the same products summed in another order); the structured mask is also checked against
+an independent float64 numpy attention."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mmts_jax.models import TextTransformer, ViT, attention, build_model
+from mmts_jax.models.transformer import remat_policy
+from mmts_jax.models.vit import PatchEmbed
+
+IMAGE = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float32)
+
+
+def _grads(model, params, x):
+  loss = lambda p: jnp.sum(jnp.sin(model.apply(p, x, train=True)))
+  return jax.jit(jax.grad(loss))(params)
+
+
+def test_patch_embed_has_the_conv_parameters_and_computes_the_conv():
+  conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID")
+  dense = PatchEmbed(8, 4)
+  p_conv = conv.init(jax.random.PRNGKey(0), IMAGE)
+  p_dense = dense.init(jax.random.PRNGKey(0), IMAGE)
+  chex.assert_trees_all_equal(p_conv, p_dense)  # same names, shapes and initial values
+  got = jax.jit(dense.apply)(p_conv, IMAGE)
+  assert got.shape == (2, 4, 4, 8)
+  chex.assert_trees_all_close(got, jax.jit(conv.apply)(p_conv, IMAGE), atol=1e-5, rtol=0)
+  # Patch (1, 2) of image 0 by hand: the kernel's (u, v, c) order is the flattening order.
+  k = np.asarray(p_conv["params"]["kernel"], np.float64)
+  patch = np.asarray(IMAGE[0, 4:8, 8:12, :], np.float64)
+  np.testing.assert_allclose(
+    np.asarray(got[0, 1, 2]), np.einsum("uvc,uvcf->f", patch, k), rtol=1e-5, atol=1e-5
+  )
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(patch_embed="dense"),
+    dict(fused_qkv=True),
+    dict(remat="dots"),
+    dict(remat="full"),
+    dict(patch_embed="dense", fused_qkv=True, remat="dots"),
+  ],
+)
+def test_vit_speed_options_keep_parameters_outputs_and_gradients(options):
+  plain, fast = ViT.from_variant("mu/8"), ViT.from_variant("mu/8", **options)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), IMAGE)
+  chex.assert_trees_all_equal(params, jax.jit(fast.init)(jax.random.PRNGKey(0), IMAGE))
+  chex.assert_trees_all_close(
+    jax.jit(fast.apply)(params, IMAGE), jax.jit(plain.apply)(params, IMAGE), atol=1e-5, rtol=0
+  )
+  chex.assert_trees_all_close(
+    _grads(fast, params, IMAGE), _grads(plain, params, IMAGE), atol=5e-5, rtol=0
+  )
+
+
+def _text(**kw):
+  return TextTransformer(vocab_size=50, max_len=7, width=16, depth=2, num_heads=2, mlp_dim=32, **kw)
+
+
+@pytest.mark.parametrize("causal,pool", [(True, "eot"), (False, "mean")])
+def test_text_speed_options_keep_outputs_and_gradients(causal, pool):
+  ids = jnp.array([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 0, 0, 0, 0], [0] * 7], jnp.int32)
+  plain = _text(causal=causal, pool=pool)
+  fast = _text(causal=causal, pool=pool, fused_qkv=True, remat="dots", attention="xla")
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), ids)
+  chex.assert_trees_all_close(
+    jax.jit(fast.apply)(params, ids), jax.jit(plain.apply)(params, ids), atol=1e-5, rtol=0
+  )
+  chex.assert_trees_all_close(_grads(fast, params, ids), _grads(plain, params, ids), atol=5e-5)
+
+
+def _numpy_masked_attention(q, k, v, keep):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(keep, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("length", [7, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_structured_mask_equals_the_dense_mask_on_real_rows(length, causal):
+  # The fused kernel's form (lengths + causal, odd lengths padded to even), run through XLA
+  # here, against the dense mask the text tower builds and a float64 reference.
+  q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 3, length, 2, 8), jnp.float32)
+  lengths = jnp.array([length, 4, 0])
+  valid = jnp.arange(length)[None] < lengths[:, None]
+  mask = nn.make_attention_mask(valid, valid)
+  if causal:
+    mask = nn.combine_masks(mask, nn.make_causal_mask(valid))
+  mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
+  dense = lambda q, k, v: attention.attend(q, k, v, mask)
+  structured = lambda q, k, v: attention.even_length_attention(
+    q, k, v, "xla", causal=causal, lengths=lengths
+  )
+  got, want = jax.jit(structured)(q, k, v), jax.jit(dense)(q, k, v)
+  assert bool(jnp.all(jnp.isfinite(got)))  # padded rows too: they feed later layers
+  ref = _numpy_masked_attention(q, k, v, np.asarray(mask))
+  # Row b's real queries (a row of padding alone: its first position, which pooling reads).
+  for b, n in enumerate([length, 4, 1]):
+    chex.assert_trees_all_close(got[b, :n], want[b, :n], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(got[b, :n]), ref[b, :n], rtol=1e-5, atol=1e-5)
+  real = (jnp.arange(length)[None, :] < jnp.array([[length], [4], [1]]))[..., None, None]
+  loss = lambda f: lambda *a: jnp.sum(jnp.where(real, jnp.cos(f(*a)), 0.0))
+  chex.assert_trees_all_close(
+    jax.jit(jax.grad(loss(structured), argnums=(0, 1, 2)))(q, k, v),
+    jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v),
+    atol=1e-5,
+    rtol=0,
+  )
+
+
+def test_kernel_choice_takes_the_structured_mask_on_a_gpu():
+  assert attention.implementation(jnp.bfloat16, 64, has_mask=False, backend="gpu") == "cudnn"
+  assert attention.implementation(jnp.bfloat16, 64, has_mask=True, backend="gpu") == "xla"
+  with pytest.raises(ValueError, match="kernel must be 'auto' or 'xla', got 'cudnn'"):
+    attention.attend(*jnp.ones((3, 1, 2, 1, 8)), kernel="cudnn")
+
+
+def test_bad_speed_options_are_value_errors_naming_them():
+  with pytest.raises(ValueError, match="got 'some'"):
+    remat_policy("some")
+  with pytest.raises(ValueError, match="patch_embed must be one of .* got 'pixels'"):
+    ViT.from_variant("mu/8", patch_embed="pixels").init(jax.random.PRNGKey(0), IMAGE)
+  cfg = ml_collections.ConfigDict(
+    {
+      "embed_dim": 8,
+      "image": {"name": "vit", "variant": "mu/8", "remat": "everything"},
+      "text": {"name": "features", "hidden_dims": (16,)},
+    }
+  )
+  with pytest.raises(ValueError, match="got 'everything'"):
+    build_model(cfg)
+  cfg.image.remat, cfg.image.attention = "dots", "flash"
+  with pytest.raises(ValueError, match="attention must be 'auto' or 'xla', got 'flash'"):
+    build_model(cfg)
+  cfg.image.attention = "xla"
+  model = build_model(cfg)
+  assert (model.image_tower.remat, model.image_tower.attention) == ("dots", "xla")
