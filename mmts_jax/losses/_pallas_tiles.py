@@ -13,6 +13,7 @@ CPU/TPU path); the tests run these kernels through the Pallas interpreter agains
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,72 @@ from jax import lax
 
 from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
-__all__ = ["nce_bwd_tile", "nce_fwd_tile", "set_fused_tiles", "use_fused_tiles"]
+__all__ = [
+  "TileConfig",
+  "nce_bwd_tile",
+  "nce_fwd_tile",
+  "set_fused_tiles",
+  "set_tile_config",
+  "tile_config",
+  "use_fused_tiles",
+]
 
-_SUB = SUB  # sub-tile edge: rows and columns per Triton program
-_SUB_K = 64  # embedding-dim chunk per step of the in-kernel matmul loop (128 bytes of bf16)
-_TRITON = {"num_warps": 8, "num_stages": 3}
+
+class TileConfig(NamedTuple):
+  """The shape of one fused-kernel program and its Triton settings.
+
+  A program computes `j` sub-tiles of `(bm, bn)` one after the other along the columns (the
+  row statistics stay on chip across them), each as a matmul over D in chunks of `bk`.
+  """
+
+  bm: int = 128
+  bn: int = 128
+  bk: int = 64
+  j: int = 1
+  num_warps: int = 8
+  num_stages: int = 3
+
+
+# Per (pass, embedding dtype): measured on one H200 (benchmarks/BENCHMARKS.md). Tiles whose
+# rows or columns the configured edges do not divide fall back to 128 / 64 (`_fit`).
+DEFAULT_CONFIG = TileConfig()
+CONFIGS: dict[tuple[str, str], TileConfig] = {}
+
+
+def tile_config(kind: str, dtype) -> TileConfig:
+  """The `TileConfig` of pass `kind` ("fwd" or "bwd") for embeddings of `dtype`."""
+  return CONFIGS.get((kind, jnp.dtype(dtype).name), DEFAULT_CONFIG)
+
+
+def set_tile_config(kind: str, dtype, cfg: TileConfig | None) -> None:
+  """Sets (or with None, resets) the `TileConfig` of one pass and dtype (benchmarks tune it)."""
+  if kind not in ("fwd", "bwd"):
+    raise ValueError(f"set_tile_config: kind must be 'fwd' or 'bwd', got {kind!r}")
+  key = (kind, jnp.dtype(dtype).name)
+  if cfg is None:
+    CONFIGS.pop(key, None)
+    return
+  for name in ("bm", "bn", "bk"):
+    v = getattr(cfg, name)
+    if v < 16 or v & (v - 1):
+      raise ValueError(f"set_tile_config: {name} must be a power of two >= 16, got {v}")
+  if cfg.j < 1:
+    raise ValueError(f"set_tile_config: j must be >= 1, got {cfg.j}")
+  CONFIGS[key] = cfg
+
+
+def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
+  """`cfg` with edges that divide the tile: the configured ones, else 128, else 64."""
+
+  def edge(want, n):
+    return next((e for e in (want, 128, 64) if n % e == 0), want)
+
+  bm, bn = edge(cfg.bm, rows), edge(cfg.bn, cols)
+  bk = next((e for e in (cfg.bk, 64, 32, 16) if d % e == 0), cfg.bk)
+  j = cfg.j
+  while j > 1 and (cols // bn) % j:
+    j //= 2
+  return cfg._replace(bm=bm, bn=bn, bk=bk, j=max(j, 1))
 
 
 # The faster InfoNCE tile kernel per (backend, embedding dtype), as measured side by side in one
@@ -39,9 +101,9 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
   return (
-    blocks.rows % _SUB == 0
-    and blocks.cols % _SUB == 0
-    and d % _SUB_K == 0
+    blocks.rows % SUB == 0
+    and blocks.cols % SUB == 0
+    and d % 16 == 0
     and jnp.dtype(dtype) in _KERNEL_DTYPES
   )
 
@@ -49,8 +111,8 @@ def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
 def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
   """Whether the InfoNCE tiles take the fused Pallas kernels.
 
-  By default where `FASTEST` measured them faster (GPUs, bf16 embeddings);
-  `set_fused_tiles` overrides this. The tiles must be whole sub-tiles and D a multiple of 64.
+  By default where `FASTEST` measured them faster (GPUs, bf16 embeddings); `set_fused_tiles`
+  overrides this. The tiles must be whole sub-tiles of `SUB` and D a multiple of 16.
   """
   mode = _FUSED[0]
   if mode is False:
@@ -87,41 +149,66 @@ def _pl():
   return pl, plgpu
 
 
-def _sub_matmul(x_ref, y_ref, tf32):
-  """`x @ y.T` of one (_SUB, D) x (_SUB, D) pair, accumulated over D in chunks of _SUB_K."""
+def _sub_matmul(cfg, tf32, x_ref, y_ref, cols):
+  """`x @ y[cols].T` of one (bm, D) x (bn, D) pair in float32, over D in chunks of `bk`."""
   pl, _ = _pl()
   d = x_ref.shape[-1]
 
   def body(k, acc):
-    sl = pl.ds(pl.multiple_of(k * _SUB_K, _SUB_K), _SUB_K)
+    sl = pl.ds(pl.multiple_of(k * cfg.bk, cfg.bk), cfg.bk)
     xk = x_ref[:, sl]
-    yk = y_ref[:, sl]
+    yk = y_ref[cols, sl]
     # DEFAULT lowers to Triton's tf32 dot for f32 operands, HIGHEST to ieee; bf16 is bf16.
     prec = lax.Precision.DEFAULT if tf32 and xk.dtype == jnp.float32 else lax.Precision.HIGHEST
     return acc + lax.dot_general(
       xk, yk, (((1,), (1,)), ((), ())), precision=(prec, prec), preferred_element_type=jnp.float32
     )
 
-  return lax.fori_loop(0, d // _SUB_K, body, jnp.zeros((_SUB, _SUB), jnp.float32))
+  return lax.fori_loop(0, d // cfg.bk, body, jnp.zeros((cfg.bm, cfg.bn), jnp.float32))
+
+
+def _over_columns(cfg, body, init):
+  """Runs `body(cols, carry) -> carry` over the program's `j` column sub-tiles."""
+  pl, _ = _pl()
+  if cfg.j == 1:
+    return body(pl.ds(0, cfg.bn), init)
+  return lax.fori_loop(
+    0, cfg.j, lambda jj, c: body(pl.ds(pl.multiple_of(jj * cfg.bn, cfg.bn), cfg.bn), c), init
+  )
+
+
+def _safe(m):
+  return jnp.where(m == -jnp.inf, 0.0, m)
 
 
 def _nce_stats_kernel(
-  tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, rm_ref, rl_ref, cm_ref, cl_ref
+  cfg, tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, rm_ref, rl_ref, cm_ref, cl_ref
 ):
-  s = _sub_matmul(x_ref, y_ref, tf32)
-  zr = s * ar_ref[...][:, None] + cb_ref[...][None, :]
-  zc = s * ac_ref[...][None, :] + rb_ref[...][:, None]
-  mr = jnp.max(zr, axis=1)
-  mr_safe = jnp.where(mr == -jnp.inf, 0.0, mr)
-  rm_ref[...] = mr
-  rl_ref[...] = jnp.sum(jnp.exp(zr - mr_safe[:, None]), axis=1)
-  mc = jnp.max(zc, axis=0)
-  mc_safe = jnp.where(mc == -jnp.inf, 0.0, mc)
-  cm_ref[...] = mc
-  cl_ref[...] = jnp.sum(jnp.exp(zc - mc_safe[None, :]), axis=0)
+  """Row logsumexp partials over the program's columns; column partials per sub-tile."""
+  ar = ar_ref[...]
+  rb = rb_ref[...]
+
+  def body(cols, carry):
+    m, acc = carry
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
+    zr = s * ar[:, None] + cb_ref[cols][None, :]
+    zc = s * ac_ref[cols][None, :] + rb[:, None]
+    mc = jnp.max(zc, axis=0)
+    cm_ref[cols] = mc
+    cl_ref[cols] = jnp.sum(jnp.exp(zc - _safe(mc)[None, :]), axis=0)
+    # Online row logsumexp (the row never leaves the chip between sub-tiles).
+    mn = jnp.maximum(m, jnp.max(zr, axis=1))
+    ms = _safe(mn)
+    return mn, acc * jnp.exp(m - ms) + jnp.sum(jnp.exp(zr - ms[:, None]), axis=1)
+
+  init = (jnp.full((cfg.bm,), -jnp.inf, jnp.float32), jnp.zeros((cfg.bm,), jnp.float32))
+  m, acc = _over_columns(cfg, body, init)
+  rm_ref[...] = m
+  rl_ref[...] = acc
 
 
 def _nce_ds_kernel(
+  cfg,
   tf32,
   need_sums,
   need_a,
@@ -138,21 +225,36 @@ def _nce_ds_kernel(
   ds_ref,
   *refs,
 ):
-  s = _sub_matmul(x_ref, y_ref, tf32)
-  pr = jnp.exp(s * ar_ref[...][:, None] + cb_ref[...][None, :] - lr_ref[...][:, None])
-  pc = jnp.exp(s * ac_ref[...][None, :] + rb_ref[...][:, None] - lc_ref[...][None, :])
-  ds = wr_ref[...][:, None] * pr + wc_ref[...][None, :] * pc
-  ds_ref[...] = ds.astype(ds_ref.dtype)
+  """dS of the program's sub-tiles; its float32 row / column sums and the 1/tau sums if asked."""
+  ar, rb, lr, wr = ar_ref[...], rb_ref[...], lr_ref[...], wr_ref[...]
   if need_sums:
-    # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
     dr_ref, dc_ref = refs[:2]
-    dr_ref[...] = jnp.sum(ds, axis=1)
-    dc_ref[...] = jnp.sum(ds, axis=0)
     refs = refs[2:]
   if need_a:
     sr_ref, sc_ref = refs
-    sr_ref[...] = jnp.sum(pr * s, axis=1)
-    sc_ref[...] = jnp.sum(pc * s, axis=0)
+
+  def body(cols, carry):
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
+    pr = jnp.exp(s * ar[:, None] + cb_ref[cols][None, :] - lr[:, None])
+    pc = jnp.exp(s * ac_ref[cols][None, :] + rb[:, None] - lc_ref[cols][None, :])
+    ds = wr[:, None] * pr + wc_ref[cols][None, :] * pc
+    ds_ref[:, cols] = ds.astype(ds_ref.dtype)
+    carry = list(carry)
+    if need_sums:
+      # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
+      dc_ref[cols] = jnp.sum(ds, axis=0)
+      carry[0] = carry[0] + jnp.sum(ds, axis=1)
+    if need_a:
+      sc_ref[cols] = jnp.sum(pc * s, axis=0)
+      carry[1] = carry[1] + jnp.sum(pr * s, axis=1)
+    return tuple(carry)
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  dr, sr = _over_columns(cfg, body, (zero, zero))
+  if need_sums:
+    dr_ref[...] = dr
+  if need_a:
+    sr_ref[...] = sr
 
 
 def _varying_like(x) -> dict:
@@ -171,37 +273,39 @@ def _varying_like(x) -> dict:
   return {}
 
 
-def _fused_call(kernel, br, bc, d, vec_in, out_shape, like):
-  """pallas_call over the (br/_SUB, bc/_SUB) grid of sub-tiles of one (br, bc) tile.
+def _fused_call(kernel, cfg, br, bc, d, vec_in, out_shape, like):
+  """pallas_call over the `(br / bm, bc / (bn j))` programs of one `(br, bc)` tile.
 
   Inputs: x (br, d), y (bc, d), then `vec_in` row (r) / column (c) vectors; outputs given as
-  (kind, dtype): "tile" (br, bc), "rowpart" (bc/_SUB, br), "colpart" (br/_SUB, bc).
+  (kind, dtype): "tile" (br, bc), "rowpart" (programs per row, br), "colpart" (br / bm, bc).
   """
   pl, plgpu = _pl()
-  gi, gj = br // _SUB, bc // _SUB
+  wc = cfg.bn * cfg.j  # columns per program
+  gi, gj = br // cfg.bm, bc // wc
   vec = {
-    "r": pl.BlockSpec((_SUB,), lambda i, j: (i,)),
-    "c": pl.BlockSpec((_SUB,), lambda i, j: (j,)),
+    "r": pl.BlockSpec((cfg.bm,), lambda i, j: (i,)),
+    "c": pl.BlockSpec((wc,), lambda i, j: (j,)),
   }
   in_specs = [
-    pl.BlockSpec((_SUB, d), lambda i, j: (i, 0)),
-    pl.BlockSpec((_SUB, d), lambda i, j: (j, 0)),
+    pl.BlockSpec((cfg.bm, d), lambda i, j: (i, 0)),
+    pl.BlockSpec((wc, d), lambda i, j: (j, 0)),
   ] + [vec[v] for v in vec_in]
   shapes = {
-    "tile": ((br, bc), pl.BlockSpec((_SUB, _SUB), lambda i, j: (i, j))),
-    "rowpart": ((gj, br), pl.BlockSpec((None, _SUB), lambda i, j: (j, i))),
-    "colpart": ((gi, bc), pl.BlockSpec((None, _SUB), lambda i, j: (i, j))),
+    "tile": ((br, bc), pl.BlockSpec((cfg.bm, wc), lambda i, j: (i, j))),
+    "rowpart": ((gj, br), pl.BlockSpec((None, cfg.bm), lambda i, j: (j, i))),
+    "colpart": ((gi, bc), pl.BlockSpec((None, wc), lambda i, j: (i, j))),
   }
   outs = [jax.ShapeDtypeStruct(shapes[k][0], dt, **_varying_like(like)) for k, dt in out_shape]
   specs = [shapes[k][1] for k, _ in out_shape]
   interpret = _FUSED[0] == "interpret"
+  params = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
   return pl.pallas_call(
     kernel,
     out_shape=outs,
     grid=(gi, gj),
     in_specs=in_specs,
     out_specs=specs,
-    compiler_params=None if interpret else plgpu.CompilerParams(**_TRITON),
+    compiler_params=None if interpret else plgpu.CompilerParams(**params),
     interpret=interpret,
   )
 
@@ -237,8 +341,10 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   br, d = xr.shape
   bc = yc.shape[0]
   f32 = jnp.float32
+  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
   call = _fused_call(
-    functools.partial(_nce_stats_kernel, _tf32(precision)),
+    functools.partial(_nce_stats_kernel, cfg, _tf32(precision)),
+    cfg,
     br,
     bc,
     d,
@@ -262,10 +368,12 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
+  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
   call = _fused_call(
-    functools.partial(_nce_ds_kernel, _tf32(precision), need_sums, need_a),
+    functools.partial(_nce_ds_kernel, cfg, _tf32(precision), need_sums, need_a),
+    cfg,
     br,
     bc,
     d,
