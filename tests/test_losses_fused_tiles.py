@@ -20,10 +20,17 @@ from mmts_jax.losses import dense
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# (bm, bn, bk, j, warps, stages): square, wide, tall with several sub-tiles per program.
+# (bm, bn, bk, j, warps, stages): wide and tall programs of several sub-tiles.
 CONFIGS = [
   pt.TileConfig(64, 128, 32, 2, 4, 3),
   pt.TileConfig(128, 64, 16, 2, 4, 4),
+]
+# (config, B, tile): one 256 x 256 tile with 56 padded rows and columns (the masked kernels), and
+# 2 x 2 whole tiles of 128 (the unmasked kernels, maxima from `scale * max(s)`).
+CASES = [
+  (CONFIGS[0], 200, 256),
+  (CONFIGS[1], 200, 256),
+  (pt.TileConfig(64, 64, 32, 2, 4, 3), 256, 128),
 ]
 
 
@@ -50,15 +57,16 @@ def _inputs(b, d, seed):
   return _unit(k1, (b, d)), _unit(k2, (b, d)), 0.005 + 0.1 * jax.random.uniform(k3, (b,))
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
-def test_program_shapes_give_the_dense_loss_and_gradients(interpreted, cfg):
-  # B = 200 in one 256 x 256 tile: 56 padded rows and columns, masked in the kernels.
-  x, y, t = _inputs(200, 32, seed=1)
+@pytest.mark.parametrize(
+  ("cfg", "b", "tile"), CASES, ids=["wide-ragged", "tall-ragged", "whole-tiles"]
+)
+def test_program_shapes_give_the_dense_loss_and_gradients(interpreted, cfg, b, tile):
+  x, y, t = _inputs(b, 32, seed=1)
   v0, g0 = _vg(dense.infonce_dense, x, y, t, precision=HIGHEST)
   pt.set_tile_config("fwd", jnp.float32, cfg)
   pt.set_tile_config("bwd", jnp.float32, cfg._replace(bm=cfg.bn, bn=cfg.bm))
-  assert pt.use_fused_tiles(pt.Blocks(256, 256), 32, jnp.float32)
-  v, g = _vg(losses.infonce_blockwise, x, y, t, block_size=256, precision=HIGHEST)
+  assert pt.use_fused_tiles(pt.Blocks(tile, tile), 32, jnp.float32)
+  v, g = _vg(losses.infonce_blockwise, x, y, t, block_size=tile, precision=HIGHEST)
   assert _rel(v, v0) <= 1e-5
   for got, want in zip(g, g0, strict=True):
     assert np.all(np.isfinite(got)) and _rel(got, want) <= 1e-4

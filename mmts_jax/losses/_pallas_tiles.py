@@ -181,25 +181,58 @@ def _safe(m):
   return jnp.where(m == -jnp.inf, 0.0, m)
 
 
-def _nce_stats_kernel(
-  cfg, tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, rm_ref, rl_ref, cm_ref, cl_ref
-):
-  """Row logsumexp partials over the program's columns; column partials per sub-tile."""
+# The kernels work in base 2: the scales arrive multiplied by log2(e), so each exponential is
+# one `ex2.approx` (the multi-function unit's single instruction; libdevice's `expf`, what
+# `jnp.exp` lowers to, adds a range reduction of several float32 operations per element).
+# Relative error about 2^-22: float32 rounding. False: libdevice `exp2f` (the A/B switch).
+FAST_EXP = [True]
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _exp2(x):
+  if _FUSED[0] == "interpret" or not FAST_EXP[0]:
+    return jnp.exp2(x)
+  _, plgpu = _pl()
+  (out,) = plgpu.elementwise_inline_asm(
+    "ex2.approx.ftz.f32 $0, $1;",
+    args=[x],
+    constraints="=f,f",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+  )
+  return out
+
+
+def _logits(s, scale, bias, axis):
+  """`s * scale (+ bias)` and its maximum along `axis`: axis 1, the rows (a scale per row, a
+  bias per column); axis 0, the columns. Without padding (`bias` None) the maximum is
+  `scale * max(s)`, as every scale is positive: one reduction of `s`, no scaled tile for it."""
+  sc = jnp.expand_dims(scale, axis)
+  if bias is None:
+    return s * sc, scale * jnp.max(s, axis=axis)
+  z = s * sc + jnp.expand_dims(bias, 1 - axis)
+  return z, jnp.max(z, axis=axis)
+
+
+def _nce_stats_kernel(cfg, tf32, masked, x_ref, y_ref, ar_ref, ac_ref, *refs):
+  """Base-2 row logsumexp partials over the program's columns (online, on chip) and column
+  partials per sub-tile. With `masked`, -inf biases of the padding follow the scales."""
+  rb_ref, cb_ref = refs[:2] if masked else (None, None)
+  rm_ref, rl_ref, cm_ref, cl_ref = refs[2:] if masked else refs
   ar = ar_ref[...]
-  rb = rb_ref[...]
+  rb = rb_ref[...] if masked else None
 
   def body(cols, carry):
     m, acc = carry
     s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
-    zr = s * ar[:, None] + cb_ref[cols][None, :]
-    zc = s * ac_ref[cols][None, :] + rb[:, None]
-    mc = jnp.max(zc, axis=0)
+    zr, mr = _logits(s, ar, cb_ref[cols] if masked else None, 1)
+    zc, mc = _logits(s, ac_ref[cols], rb, 0)
     cm_ref[cols] = mc
-    cl_ref[cols] = jnp.sum(jnp.exp(zc - _safe(mc)[None, :]), axis=0)
-    # Online row logsumexp (the row never leaves the chip between sub-tiles).
-    mn = jnp.maximum(m, jnp.max(zr, axis=1))
+    cl_ref[cols] = jnp.sum(_exp2(zc - _safe(mc)[None, :]), axis=0)
+    mn = jnp.maximum(m, mr)
     ms = _safe(mn)
-    return mn, acc * jnp.exp(m - ms) + jnp.sum(jnp.exp(zr - ms[:, None]), axis=1)
+    return mn, acc * _exp2(m - ms) + jnp.sum(_exp2(zr - ms[:, None]), axis=1)
 
   init = (jnp.full((cfg.bm,), -jnp.inf, jnp.float32), jnp.zeros((cfg.bm,), jnp.float32))
   m, acc = _over_columns(cfg, body, init)
@@ -207,47 +240,42 @@ def _nce_stats_kernel(
   rl_ref[...] = acc
 
 
-def _nce_ds_kernel(
-  cfg,
-  tf32,
-  need_sums,
-  need_a,
-  x_ref,
-  y_ref,
-  ar_ref,
-  ac_ref,
-  rb_ref,
-  cb_ref,
-  lr_ref,
-  lc_ref,
-  wr_ref,
-  wc_ref,
-  ds_ref,
-  *refs,
-):
-  """dS of the program's sub-tiles; its float32 row / column sums and the 1/tau sums if asked."""
-  ar, rb, lr, wr = ar_ref[...], rb_ref[...], lr_ref[...], wr_ref[...]
-  if need_sums:
-    dr_ref, dc_ref = refs[:2]
-    refs = refs[2:]
-  if need_a:
-    sr_ref, sc_ref = refs
+def _nce_ds_kernel(cfg, tf32, masked, need_sums, need_a, x_ref, y_ref, *refs):
+  """dS of the program's sub-tiles; its float32 row / column sums and the 1/tau sums if asked.
+
+  Vectors: scales (base 2), [padding biases], base-2 logsumexps, the cotangents times 1/tau.
+  """
+  ar_ref, ac_ref = refs[:2]
+  refs = refs[2:]
+  rb_ref, cb_ref = refs[:2] if masked else (None, None)
+  refs = refs[2:] if masked else refs
+  lr_ref, lc_ref, wr_ref, wc_ref, ds_ref = refs[:5]
+  refs = refs[5:]
+  dr_ref, dc_ref = refs[:2] if need_sums else (None, None)
+  sr_ref, sc_ref = refs[-2:] if need_a else (None, None)
+  ar, lr, wr = ar_ref[...], lr_ref[...], wr_ref[...]
+  rb = rb_ref[...] if masked else None
 
   def body(cols, carry):
     s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
-    pr = jnp.exp(s * ar[:, None] + cb_ref[cols][None, :] - lr[:, None])
-    pc = jnp.exp(s * ac_ref[cols][None, :] + rb[:, None] - lc_ref[cols][None, :])
+    zr = s * ar[:, None] - lr[:, None]
+    zc = s * ac_ref[cols][None, :] - lc_ref[cols][None, :]
+    if masked:
+      zr = zr + cb_ref[cols][None, :]
+      zc = zc + rb[:, None]
+    pr = _exp2(zr)
+    pc = _exp2(zc)
     ds = wr[:, None] * pr + wc_ref[cols][None, :] * pc
     ds_ref[:, cols] = ds.astype(ds_ref.dtype)
-    carry = list(carry)
+    dr, sr = carry
     if need_sums:
       # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
       dc_ref[cols] = jnp.sum(ds, axis=0)
-      carry[0] = carry[0] + jnp.sum(ds, axis=1)
+      dr = dr + jnp.sum(ds, axis=1)
     if need_a:
       sc_ref[cols] = jnp.sum(pc * s, axis=0)
-      carry[1] = carry[1] + jnp.sum(pr * s, axis=1)
-    return tuple(carry)
+      sr = sr + jnp.sum(pr * s, axis=1)
+    return dr, sr
 
   zero = jnp.zeros((cfg.bm,), jnp.float32)
   dr, sr = _over_columns(cfg, body, (zero, zero))
@@ -335,30 +363,34 @@ def _merge_lse(state, part):
 
 def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   """The fused form of `blockwise._nce_fwd_tile` (same arguments, same result)."""
-  del mask_rows, mask_cols  # the bias vectors mask every tile
   xr, ar, rid = r
   yc, ac, cid = c
   br, d = xr.shape
   bc = yc.shape[0]
   f32 = jnp.float32
+  masked = bool(mask_rows or mask_cols)
   cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
   call = _fused_call(
-    functools.partial(_nce_stats_kernel, cfg, _tf32(precision)),
+    functools.partial(_nce_stats_kernel, cfg, _tf32(precision), masked),
     cfg,
     br,
     bc,
     d,
-    "rcrc",
+    "rcrc" if masked else "rc",
     [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
     xr,
   )
-  rm, rl, cm, cl = call(xr, yc, ar.astype(f32), ac.astype(f32), _bias(rid, f32), _bias(cid, f32))
+  vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
+  if masked:
+    vecs += [_bias(rid, f32), _bias(cid, f32)]
+  rm, rl, cm, cl = call(xr, yc, *vecs)
+  # Base-2 maxima back to natural logs; the merges are in natural logs.
+  rm, cm = rm * _LN2, cm * _LN2
   return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
 
 
 def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   """The fused form of `blockwise._nce_bwd_tile` (same arguments, same result)."""
-  del mask_rows, mask_cols
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
@@ -368,31 +400,30 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
+  masked = bool(mask_rows or mask_cols)
   cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
   call = _fused_call(
-    functools.partial(_nce_ds_kernel, cfg, _tf32(precision), need_sums, need_a),
+    functools.partial(_nce_ds_kernel, cfg, _tf32(precision), masked, need_sums, need_a),
     cfg,
     br,
     bc,
     d,
-    "rcrcrcrc",
+    ("rcrc" if masked else "rc") + "rcrc",
     outs,
     xr,
   )
-  res = call(
-    xr,
-    yc,
-    ar.astype(f32),
-    ac.astype(f32),
-    _bias(rid, f32),
-    _bias(cid, f32),
-    lse_r.astype(f32),
-    lse_c.astype(f32),
+  vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
+  if masked:
+    vecs += [_bias(rid, f32), _bias(cid, f32)]
+  vecs += [
+    (lse_r * _LOG2E).astype(f32),
+    (lse_c * _LOG2E).astype(f32),
     (gr * ar).astype(f32),
     (gc * ac).astype(f32),
-  )
+  ]
+  res = call(xr, yc, *vecs)
   ds, res = res[0], res[1:]
   sums = None
   if need_sums:
