@@ -257,17 +257,19 @@ def plan(name, peers, configs=None):
   if name == "h200_tuned":  # issue 13: the tuned fused tiles (loss_tune.py) beside the peers
     if peers:
       p.append(_peer(peers, "gemm_torch", 0, 0))
-      for mode in ("jax_naive", "infcl", "torch_naive"):
-        p.append(_peer(peers, mode, 32768))
-    p.append(_ours("dense", 32768, "f32"))
     for b in (32768, 131072):
       rep = 5 if b < 131072 else 3
       for dtype in ("bf16", "f32"):
-        p.append(_ours("blockwise", b, dtype, rep=rep, tiles="fused", configs=configs))
-        p.append(_ours("blockwise", b, dtype, rep=rep, tiles="xla"))
-      for dtype in ("bf16", "f32"):
-        p.append(_ours("blockwise", b, dtype, loss="max_margin", rep=rep))
-    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1, tiles="fused", configs=configs))
+        p.append(_ours("blockwise", b, dtype, rep=rep, configs=configs))
+    for tiles in ("fused", "xla"):
+      p.append(_ours("blockwise", 32768, "bf16", loss="max_margin", tiles=tiles, configs=configs))
+    p.append(
+      _ours("blockwise", 131072, "bf16", loss="max_margin", rep=3, tiles="fused", configs=configs)
+    )
+    if peers:
+      for mode in ("jax_naive", "infcl", "torch_naive"):
+        p.append(_peer(peers, mode, 32768))
+    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1, configs=configs))
     return p
   if name == "h200_bf16":  # the cost of the centred bf16 backward, and the fused-tile shape
     if peers:

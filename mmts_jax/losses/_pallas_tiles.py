@@ -23,6 +23,8 @@ from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
 __all__ = [
   "TileConfig",
+  "mm_bwd_tile",
+  "mm_fwd_tile",
   "nce_bwd_tile",
   "nce_fwd_tile",
   "set_fused_tiles",
@@ -47,10 +49,18 @@ class TileConfig(NamedTuple):
   num_stages: int = 3
 
 
-# Per (pass, embedding dtype): measured on one H200 (benchmarks/BENCHMARKS.md). Tiles whose
-# rows or columns the configured edges do not divide fall back to 128 / 64 (`_fit`).
+# Per (pass, embedding dtype): the fastest of `benchmarks/loss_tune.py`'s variants on one H200,
+# B = 32,768, D = 512 (results/loss_tune_h200_run1.json; bf16 fwd 4.14 ms vs 5.05 ms for the
+# previous 128/128/64/1/8/3, bwd 7.66 vs 8.72 ms). Tiles whose rows or columns the configured
+# edges do not divide fall back to 128 / 64 (`_fit`).
 DEFAULT_CONFIG = TileConfig()
-CONFIGS: dict[tuple[str, str], TileConfig] = {}
+_TUNED: dict[tuple[str, str], TileConfig] = {
+  ("fwd", "bfloat16"): TileConfig(128, 128, 64, 2, 4, 3),
+  ("bwd", "bfloat16"): TileConfig(128, 128, 32, 1, 4, 4),
+  ("fwd", "float32"): TileConfig(128, 128, 32, 1, 4, 4),
+  ("bwd", "float32"): TileConfig(128, 128, 32, 1, 4, 4),
+}
+CONFIGS: dict[tuple[str, str], TileConfig] = dict(_TUNED)
 
 
 def tile_config(kind: str, dtype) -> TileConfig:
@@ -59,12 +69,14 @@ def tile_config(kind: str, dtype) -> TileConfig:
 
 
 def set_tile_config(kind: str, dtype, cfg: TileConfig | None) -> None:
-  """Sets (or with None, resets) the `TileConfig` of one pass and dtype (benchmarks tune it)."""
+  """Sets (or with None, resets to the tuned default) the `TileConfig` of one pass and dtype."""
   if kind not in ("fwd", "bwd"):
     raise ValueError(f"set_tile_config: kind must be 'fwd' or 'bwd', got {kind!r}")
   key = (kind, jnp.dtype(dtype).name)
   if cfg is None:
     CONFIGS.pop(key, None)
+    if key in _TUNED:
+      CONFIGS[key] = _TUNED[key]
     return
   for name in ("bm", "bn", "bk"):
     v = getattr(cfg, name)
@@ -89,14 +101,18 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
   return cfg._replace(bm=bm, bn=bn, bk=bk, j=max(j, 1))
 
 
-# The faster InfoNCE tile kernel per (backend, embedding dtype), as measured side by side in one
-# run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md). One H200, B = 32,768
-# (results/loss_h200_side_by_side.json): f32 XLA 23.1 ms vs fused 28.5 ms (Triton's tf32 dot
-# is slower than cuBLAS's), bf16 fused 15.3 ms vs XLA 17.3 ms; one H100, B = 131,072
-# (results/loss_h100.json): f32 XLA 398 vs fused 448 ms, bf16 fused 221 vs XLA 268 ms.
-# Backends and dtypes not listed (CPU, TPU, float64) have no fused kernel: XLA tiles.
-FASTEST = {("gpu", "float32"): "xla", ("gpu", "bfloat16"): "fused"}
+# The faster tile kernel per (backend, embedding dtype, loss) and pass, as measured side by side
+# in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md). One H200, B = 32,768
+# (results/loss_tune_h200_run1.json): bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA
+# 17.1 ms; f32 InfoNCE XLA 23.4 ms vs fused 24.0 ms at best (Triton's tf32 dot is slower than
+# cuBLAS's). Entries not listed (CPU, TPU, float64, max-margin) run the XLA tiles.
+FASTEST = {
+  ("gpu", "bfloat16", "infonce"): {"fwd": "fused", "bwd": "fused"},
+  ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
+}
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+LOSSES = ("infonce", "max_margin")
+PASSES = ("fwd", "bwd")
 
 
 def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
@@ -108,38 +124,45 @@ def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
   )
 
 
-def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
-  """Whether the InfoNCE tiles take the fused Pallas kernels.
+def use_fused_tiles(blocks: Blocks, d: int, dtype, loss: str = "infonce", kind: str = "fwd"):
+  """Whether pass `kind` ("fwd" / "bwd") of `loss` takes the fused Pallas kernels.
 
-  By default where `FASTEST` measured them faster (GPUs, bf16 embeddings); `set_fused_tiles`
-  overrides this. The tiles must be whole sub-tiles of `SUB` and D a multiple of 16.
+  By default where `FASTEST` measured them faster; `set_fused_tiles` overrides this. The tiles
+  must be whole sub-tiles of `SUB` and D a multiple of 16.
   """
-  mode = _FUSED[0]
+  mode, passes = _FUSED
   if mode is False:
     return False
   if mode is None:
-    on = FASTEST.get((jax.default_backend(), jnp.dtype(dtype).name)) == "fused"
+    key = (jax.default_backend(), jnp.dtype(dtype).name, loss)
+    on = FASTEST.get(key, {}).get(kind) == "fused"
   else:
-    on = mode == "interpret" or jax.default_backend() == "gpu"
+    on = (mode == "interpret" or jax.default_backend() == "gpu") and kind in passes
   return on and _fused_ok(blocks, d, dtype)
 
 
-# None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16), "interpret" (the Pallas
-# interpreter on any backend: slow, checks the kernels' maths on CPU).
-_FUSED: list[bool | str | None] = [None]
+# (mode, passes). mode: None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16, the
+# `passes` listed), "interpret" (the Pallas interpreter on any backend: slow, checks the
+# kernels' maths on CPU).
+_FUSED: list = [None, PASSES]
 
 
-def set_fused_tiles(mode) -> None:
-  """Chooses the InfoNCE tile kernel.
+def set_fused_tiles(mode, passes=PASSES) -> None:
+  """Chooses the tile kernel of the blockwise InfoNCE and max-margin losses.
 
-  `None` (default: the measured `FASTEST`), `False` (XLA tiles everywhere), "always" (fused on
-  GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
+  `mode`: `None` (default: the measured `FASTEST`), `False` (XLA tiles everywhere), "always"
+  (fused on GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
+  `passes`: with "always" / "interpret", the passes ("fwd", "bwd") that take the fused
+  kernels; the others take the XLA tiles.
   """
   if mode not in (None, False, "always", "interpret"):
     raise ValueError(
       f"set_fused_tiles: mode must be None, False, 'always' or 'interpret', got {mode!r}"
     )
-  _FUSED[0] = mode
+  bad = [p for p in passes if p not in PASSES]
+  if bad:
+    raise ValueError(f"set_fused_tiles: passes must be among {PASSES}, got {tuple(passes)!r}")
+  _FUSED[:] = [mode, tuple(passes)]
 
 
 def _pl():
@@ -434,3 +457,147 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)
   return (dx + ddx, dar), (dy + ddy, dac)
+
+
+# ---------------------------------------------------------------------------------------------
+# Max-margin: the same programs with the hinge in place of the exponentials.
+
+
+def _hinge_keep(rid, cid):
+  """Off-diagonal pairs of real samples (ids < 0 are padding)."""
+  return (rid[:, None] != cid[None, :]) & (rid[:, None] >= 0) & (cid[None, :] >= 0)
+
+
+def _mm_stats_kernel(
+  cfg, tf32, x_ref, y_ref, rr_ref, qc_ref, ro_ref, co_ref, ri_ref, ci_ref, *refs
+):
+  """Row hinge sums and counts over the program's columns; column ones per sub-tile."""
+  rs_ref, rn_ref, cs_ref, cn_ref = refs
+  rr, ro, rid = rr_ref[...], ro_ref[...], ri_ref[...]
+
+  def body(cols, carry):
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols) * rr[:, None] * qc_ref[cols][None, :]
+    keep = _hinge_keep(rid, ci_ref[cols])
+    hr = jnp.where(keep, jnp.maximum(ro[:, None] + s, 0.0), 0.0)
+    hc = jnp.where(keep, jnp.maximum(co_ref[cols][None, :] + s, 0.0), 0.0)
+    cs_ref[cols] = jnp.sum(hc, axis=0)
+    cn_ref[cols] = jnp.sum(jnp.where(hc > 0, 1.0, 0.0), axis=0)
+    rsum, rcnt = carry
+    return rsum + jnp.sum(hr, axis=1), rcnt + jnp.sum(jnp.where(hr > 0, 1.0, 0.0), axis=1)
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  rsum, rcnt = _over_columns(cfg, body, (zero, zero))
+  rs_ref[...] = rsum
+  rn_ref[...] = rcnt
+
+
+def _mm_ds_kernel(
+  cfg, tf32, need_sums, x_ref, y_ref, rr_ref, qc_ref, ro_ref, co_ref, ri_ref, ci_ref, *refs
+):
+  """`dS r q^T` of the program's sub-tiles (what the gradient products take), its float32 row /
+  column sums if asked, and the row / column sums of `dS * s` (the scales' gradients)."""
+  gr_ref, gc_ref, ds_ref = refs[:3]
+  refs = refs[3:]
+  dr_ref, dc_ref = refs[:2] if need_sums else (None, None)
+  sr_ref, sc_ref = refs[-2:]
+  rr, ro, rid, gr = rr_ref[...], ro_ref[...], ri_ref[...], gr_ref[...]
+
+  def body(cols, carry):
+    qc = qc_ref[cols]
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols) * rr[:, None] * qc[None, :]
+    keep = _hinge_keep(rid, ci_ref[cols])
+    ds = jnp.where(keep & (ro[:, None] + s > 0), gr[:, None], 0.0) + jnp.where(
+      keep & (co_ref[cols][None, :] + s > 0), gc_ref[cols][None, :], 0.0
+    )
+    dss = ds * s
+    dsw = ds * rr[:, None] * qc[None, :]
+    ds_ref[:, cols] = dsw.astype(ds_ref.dtype)
+    dr, sr = carry
+    if need_sums:
+      dc_ref[cols] = jnp.sum(dsw, axis=0)
+      dr = dr + jnp.sum(dsw, axis=1)
+    sc_ref[cols] = jnp.sum(dss, axis=0)
+    return dr, sr + jnp.sum(dss, axis=1)
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  dr, sr = _over_columns(cfg, body, (zero, zero))
+  if need_sums:
+    dr_ref[...] = dr
+  sr_ref[...] = sr
+
+
+def mm_fwd_tile(precision, r, c, rs, cs):
+  """The fused form of `blockwise._mm_fwd_tile` (same arguments, same result)."""
+  xr, rr, ro, rid = r
+  yc, qc, co, cid = c
+  br, d = xr.shape
+  bc = yc.shape[0]
+  f32 = jnp.float32
+  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
+  call = _fused_call(
+    functools.partial(_mm_stats_kernel, cfg, _tf32(precision)),
+    cfg,
+    br,
+    bc,
+    d,
+    "rcrcrc",
+    [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
+    xr,
+  )
+  rsum, rcnt, csum, ccnt = call(
+    xr, yc, rr.astype(f32), qc.astype(f32), ro.astype(f32), co.astype(f32), rid, cid
+  )
+  (rs0, rn0), (cs0, cn0) = rs, cs
+  dt = rs0.dtype
+  return (
+    (rs0 + jnp.sum(rsum, axis=0).astype(dt), rn0 + jnp.sum(rcnt, axis=0).astype(dt)),
+    (cs0 + jnp.sum(csum, axis=0).astype(dt), cn0 + jnp.sum(ccnt, axis=0).astype(dt)),
+  )
+
+
+def mm_bwd_tile(precision, r, c, rs, cs):
+  """The fused form of `blockwise._mm_bwd_tile` (same arguments, same result)."""
+  xr, rr, ro, rid, gr = r
+  yc, qc, co, cid, gc = c
+  (dx, dr), (dy, dq) = rs, cs
+  br, d = xr.shape
+  bc = yc.shape[0]
+  f32 = jnp.float32
+  op = jnp.result_type(xr, yc)
+  need_sums = jnp.finfo(op).bits < 32
+  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
+  parts = [("rowpart", f32), ("colpart", f32)]
+  outs = [("tile", op)] + (parts if need_sums else []) + parts
+  call = _fused_call(
+    functools.partial(_mm_ds_kernel, cfg, _tf32(precision), need_sums),
+    cfg,
+    br,
+    bc,
+    d,
+    "rcrcrcrc",
+    outs,
+    xr,
+  )
+  res = call(
+    xr,
+    yc,
+    rr.astype(f32),
+    qc.astype(f32),
+    ro.astype(f32),
+    co.astype(f32),
+    rid,
+    cid,
+    gr.astype(f32),
+    gc.astype(f32),
+  )
+  dsw, res = res[0], res[1:]
+  sums = None
+  if need_sums:
+    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
+    res = res[2:]
+  ddx, ddy = grad_matmuls(dsw, xr, yc, precision, sums)
+  dt = dr.dtype
+  return (
+    (dx + ddx, dr + jnp.sum(res[0], axis=0).astype(dt)),
+    (dy + ddy, dq + jnp.sum(res[1], axis=0).astype(dt)),
+  )
