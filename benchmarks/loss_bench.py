@@ -448,6 +448,7 @@ def main(argv=None):
   for item in plan(args.plan, args.peers, args.tile_configs):
     if args.deadline is not None and time.time() - t0 > args.deadline:
       results.append({"cmd": " ".join(item["cmd"][2:]), "error": "not run: past --deadline"})
+      write_json(args.out, {"meta": meta, "results": results})
       continue
     r = _run(item, args.timeout)
     results.append(r)

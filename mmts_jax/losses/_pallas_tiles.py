@@ -102,13 +102,15 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 
 
 # The faster tile kernel per (backend, embedding dtype, loss) and pass, as measured side by side
-# in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md). One H200, B = 32,768
-# (results/loss_tune_h200_run1.json): bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA
-# 17.1 ms; f32 InfoNCE XLA 23.4 ms vs fused 24.0 ms at best (Triton's tf32 dot is slower than
-# cuBLAS's). Entries not listed (CPU, TPU, float64, max-margin) run the XLA tiles.
+# in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md), one H200, B = 32,768:
+# bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms, f32 InfoNCE XLA 23.4 ms vs fused
+# 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's; results/loss_tune_h200_run1.json);
+# bf16 max-margin fused 16.3 ms vs XLA 17.8 ms (results/loss_h200_tuned.json). Entries not
+# listed (CPU, TPU, float64, f32 max-margin) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "fused", "bwd": "fused"},
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
+  ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
 }
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 LOSSES = ("infonce", "max_margin")
