@@ -140,3 +140,8 @@ def test_fused_bf16_max_margin_matches_the_float32_path(interpreted):
   v, g = _vg(losses.max_margin_blockwise, xb, yb, m, block_size=256)
   assert float(v0) > 1e-4 and _rel(v, v0) <= 1e-3
   assert _rel(g[0], g0[0]) <= 1e-2 and _rel(g[1], g0[1]) <= 1e-2
+
+
+def test_bad_fused_tile_passes_are_refused():
+  with pytest.raises(ValueError, match="passes must be among"):
+    pt.set_fused_tiles("always", passes=("forward",))

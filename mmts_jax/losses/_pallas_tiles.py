@@ -64,12 +64,28 @@ CONFIGS: dict[tuple[str, str], TileConfig] = dict(_TUNED)
 
 
 def tile_config(kind: str, dtype) -> TileConfig:
-  """The `TileConfig` of pass `kind` ("fwd" or "bwd") for embeddings of `dtype`."""
+  """The `TileConfig` of pass `kind` ("fwd" or "bwd") for embeddings of `dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tile_config("bwd", jnp.bfloat16)
+    TileConfig(bm=128, bn=128, bk=32, j=1, num_warps=4, num_stages=4)
+  """
   return CONFIGS.get((kind, jnp.dtype(dtype).name), DEFAULT_CONFIG)
 
 
 def set_tile_config(kind: str, dtype, cfg: TileConfig | None) -> None:
-  """Sets (or with None, resets to the tuned default) the `TileConfig` of one pass and dtype."""
+  """Sets (or with None, resets to the tuned default) the `TileConfig` of one pass and dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> set_tile_config("fwd", jnp.float32, TileConfig(bm=64, j=2))
+    >>> tile_config("fwd", jnp.float32).bm
+    64
+    >>> set_tile_config("fwd", jnp.float32, None)
+    >>> tile_config("fwd", jnp.float32).bm
+    128
+  """
   if kind not in ("fwd", "bwd"):
     raise ValueError(f"set_tile_config: kind must be 'fwd' or 'bwd', got {kind!r}")
   key = (kind, jnp.dtype(dtype).name)
@@ -126,11 +142,24 @@ def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
   )
 
 
-def use_fused_tiles(blocks: Blocks, d: int, dtype, loss: str = "infonce", kind: str = "fwd"):
+def use_fused_tiles(
+  blocks: Blocks, d: int, dtype, loss: str = "infonce", kind: str = "fwd"
+) -> bool:
   """Whether pass `kind` ("fwd" / "bwd") of `loss` takes the fused Pallas kernels.
 
   By default where `FASTEST` measured them faster; `set_fused_tiles` overrides this. The tiles
   must be whole sub-tiles of `SUB` and D a multiple of 16.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> use_fused_tiles(Blocks(256, 256), 64, jnp.bfloat16, "max_margin", "bwd")  # on CPU
+    False
+    >>> set_fused_tiles("interpret", passes=("bwd",))
+    >>> use_fused_tiles(Blocks(256, 256), 64, jnp.bfloat16, "max_margin", "bwd")
+    True
+    >>> use_fused_tiles(Blocks(256, 256), 64, jnp.bfloat16, "max_margin", "fwd")
+    False
+    >>> set_fused_tiles(None)
   """
   mode, passes = _FUSED
   if mode is False:
