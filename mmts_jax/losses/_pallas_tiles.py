@@ -13,7 +13,7 @@ CPU/TPU path); the tests run these kernels through the Pallas interpreter agains
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +231,10 @@ def _over_columns(cfg, body, init):
   )
 
 
+# Refs a kernel variant does not take (no padding, no dS sums, no 1/tau sums): never read.
+_ABSENT: tuple[Any, Any] = (None, None)
+
+
 def _safe(m):
   return jnp.where(m == -jnp.inf, 0.0, m)
 
@@ -272,7 +276,7 @@ def _logits(s, scale, bias, axis):
 def _nce_stats_kernel(cfg, tf32, masked, x_ref, y_ref, ar_ref, ac_ref, *refs):
   """Base-2 row logsumexp partials over the program's columns (online, on chip) and column
   partials per sub-tile. With `masked`, -inf biases of the padding follow the scales."""
-  rb_ref, cb_ref = refs[:2] if masked else (None, None)
+  rb_ref, cb_ref = refs[:2] if masked else _ABSENT
   rm_ref, rl_ref, cm_ref, cl_ref = refs[2:] if masked else refs
   ar = ar_ref[...]
   rb = rb_ref[...] if masked else None
@@ -301,14 +305,13 @@ def _nce_ds_kernel(cfg, tf32, masked, need_sums, need_a, x_ref, y_ref, *refs):
   """
   ar_ref, ac_ref = refs[:2]
   refs = refs[2:]
-  rb_ref, cb_ref = refs[:2] if masked else (None, None)
+  rb_ref, cb_ref = refs[:2] if masked else _ABSENT
   refs = refs[2:] if masked else refs
   lr_ref, lc_ref, wr_ref, wc_ref, ds_ref = refs[:5]
   refs = refs[5:]
-  dr_ref, dc_ref = refs[:2] if need_sums else (None, None)
-  sr_ref, sc_ref = refs[-2:] if need_a else (None, None)
+  dr_ref, dc_ref = refs[:2] if need_sums else _ABSENT
+  sr_ref, sc_ref = refs[-2:] if need_a else _ABSENT
   ar, lr, wr = ar_ref[...], lr_ref[...], wr_ref[...]
-  rb = rb_ref[...] if masked else None
 
   def body(cols, carry):
     s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
@@ -316,7 +319,7 @@ def _nce_ds_kernel(cfg, tf32, masked, need_sums, need_a, x_ref, y_ref, *refs):
     zc = s * ac_ref[cols][None, :] - lc_ref[cols][None, :]
     if masked:
       zr = zr + cb_ref[cols][None, :]
-      zc = zc + rb[:, None]
+      zc = zc + rb_ref[...][:, None]
     pr = _exp2(zr)
     pc = _exp2(zc)
     ds = wr[:, None] * pr + wc_ref[cols][None, :] * pc
@@ -529,7 +532,7 @@ def _mm_ds_kernel(
   column sums if asked, and the row / column sums of `dS * s` (the scales' gradients)."""
   gr_ref, gc_ref, ds_ref = refs[:3]
   refs = refs[3:]
-  dr_ref, dc_ref = refs[:2] if need_sums else (None, None)
+  dr_ref, dc_ref = refs[:2] if need_sums else _ABSENT
   sr_ref, sc_ref = refs[-2:]
   rr, ro, rid, gr = rr_ref[...], ro_ref[...], ri_ref[...], gr_ref[...]
 
