@@ -98,9 +98,22 @@ def run_one(args) -> dict:
     _traversal.CENTRE_LOW_PRECISION = False
     res["centre"] = False
   if args.triton:
-    _pallas_tiles._SUB, _pallas_tiles._SUB_K, warps, stages = args.triton
-    _pallas_tiles._TRITON.update(num_warps=warps, num_stages=stages)
+    sub, sub_k, warps, stages = args.triton
+    cfg = _pallas_tiles.TileConfig(sub, sub, sub_k, 1, warps, stages)
+    for kind in ("fwd", "bwd"):
+      for dt in ("float32", "bfloat16"):
+        _pallas_tiles.set_tile_config(kind, dt, cfg)
     res["triton"] = args.triton
+  if args.tile_configs:
+    # {"dtype/kind": [bm, bn, bk, j, warps, stages]}, the "best" entry of loss_tune.py's json.
+    with open(args.tile_configs) as f:
+      best = json.load(f).get("best", {})
+    for key, cfg in best.items():
+      dt, kind = key.split("/")
+      _pallas_tiles.set_tile_config(kind, dt, _pallas_tiles.TileConfig(*cfg[:6]))
+      if len(cfg) > 6:  # tuned with libdevice's exp2f (the fast exponential failed there)
+        _pallas_tiles.FAST_EXP[0] = False
+    res["tile_configs"] = best
   try:
     img, txt, tau = _inputs(args.B, args.D, args.dtype)
     block = tuple(args.block) if args.block else None
@@ -152,6 +165,7 @@ def _ours(
   tiles="auto",
   triton=None,
   centre=True,
+  configs=None,
 ):
   cmd = [
     sys.executable,
@@ -178,6 +192,8 @@ def _ours(
     cmd += ["--triton"] + [str(v) for v in triton]
   if not centre:
     cmd += ["--no-centre"]
+  if configs:
+    cmd += ["--tile-configs", configs]
   return {"cmd": cmd, "env": env or {}}
 
 
@@ -185,7 +201,7 @@ def _peer(peers, mode, b, d=512):
   return {"cmd": [sys.executable, peers, mode, str(b), str(d)], "env": {}, "peer": True}
 
 
-def plan(name, peers):
+def plan(name, peers, configs=None):
   sizes = [8192, 32768, 65536, 131072, 262144, 524288, 1048576]
   p = []
   if name == "explore":
@@ -237,6 +253,23 @@ def plan(name, peers):
     p.append(_ours("blockwise", 32768, "f32", tiles="fused"))
     p.append(_ours("blockwise", 32768, "bf16", tiles="xla"))
     p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    return p
+  if name == "h200_tuned":  # issue 13: the tuned fused tiles (loss_tune.py) beside the peers
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+    for b in (32768, 131072):
+      rep = 5 if b < 131072 else 3
+      for dtype in ("bf16", "f32"):
+        p.append(_ours("blockwise", b, dtype, rep=rep, configs=configs))
+    for tiles in ("fused", "xla"):
+      p.append(_ours("blockwise", 32768, "bf16", loss="max_margin", tiles=tiles, configs=configs))
+    p.append(
+      _ours("blockwise", 131072, "bf16", loss="max_margin", rep=3, tiles="fused", configs=configs)
+    )
+    if peers:
+      for mode in ("jax_naive", "infcl", "torch_naive"):
+        p.append(_peer(peers, mode, 32768))
+    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1, configs=configs))
     return p
   if name == "h200_bf16":  # the cost of the centred bf16 backward, and the fused-tile shape
     if peers:
@@ -355,7 +388,13 @@ def main(argv=None):
     nargs=4,
     default=None,
     metavar=("SUB", "SUB_K", "WARPS", "STAGES"),
-    help="fused-tile parameters",
+    help="fused-tile parameters (square sub-tiles, both passes and dtypes)",
+  )
+  one.add_argument(
+    "--tile-configs",
+    default=None,
+    help="json with a 'best' entry {'dtype/kind': [bm, bn, bk, j, warps, stages]} "
+    "(loss_tune.py's output): the fused tiles' configurations",
   )
   one.add_argument(
     "--no-centre",
@@ -368,9 +407,22 @@ def main(argv=None):
   sw.add_argument(
     "--plan",
     required=True,
-    choices=["explore", "explore2", "h100", "h200", "h200_bf16", "max_margin", "ring"],
+    choices=[
+      "explore",
+      "explore2",
+      "h100",
+      "h200",
+      "h200_tuned",
+      "h200_bf16",
+      "max_margin",
+      "ring",
+    ],
   )
   sw.add_argument("--peers", default=None, help="path of peer_loss_bench.py (optional)")
+  sw.add_argument("--tile-configs", default=None, help="loss_tune.py's json (h200_tuned)")
+  sw.add_argument(
+    "--deadline", type=float, default=None, help="seconds: no new measurement after this"
+  )
   sw.add_argument("--out", required=True)
   sw.add_argument("--timeout", type=int, default=240)
   tb = sub.add_parser("table", help="markdown table of saved results")
@@ -392,7 +444,12 @@ def main(argv=None):
     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "command": " ".join(sys.argv),
   }
-  for item in plan(args.plan, args.peers):
+  t0 = time.time()
+  for item in plan(args.plan, args.peers, args.tile_configs):
+    if args.deadline is not None and time.time() - t0 > args.deadline:
+      results.append({"cmd": " ".join(item["cmd"][2:]), "error": "not run: past --deadline"})
+      write_json(args.out, {"meta": meta, "results": results})
+      continue
     r = _run(item, args.timeout)
     results.append(r)
     print(json.dumps(r), flush=True)

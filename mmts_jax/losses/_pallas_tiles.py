@@ -13,6 +13,7 @@ CPU/TPU path); the tests run these kernels through the Pallas interpreter agains
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,64 +21,179 @@ from jax import lax
 
 from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
-__all__ = ["nce_bwd_tile", "nce_fwd_tile", "set_fused_tiles", "use_fused_tiles"]
+__all__ = [
+  "TileConfig",
+  "mm_bwd_tile",
+  "mm_fwd_tile",
+  "nce_bwd_tile",
+  "nce_fwd_tile",
+  "set_fused_tiles",
+  "set_tile_config",
+  "tile_config",
+  "use_fused_tiles",
+]
 
-_SUB = SUB  # sub-tile edge: rows and columns per Triton program
-_SUB_K = 64  # embedding-dim chunk per step of the in-kernel matmul loop (128 bytes of bf16)
-_TRITON = {"num_warps": 8, "num_stages": 3}
+
+class TileConfig(NamedTuple):
+  """The shape of one fused-kernel program and its Triton settings.
+
+  A program computes `j` sub-tiles of `(bm, bn)` one after the other along the columns (the
+  row statistics stay on chip across them), each as a matmul over D in chunks of `bk`.
+  """
+
+  bm: int = 128
+  bn: int = 128
+  bk: int = 64
+  j: int = 1
+  num_warps: int = 8
+  num_stages: int = 3
 
 
-# The faster InfoNCE tile kernel per (backend, embedding dtype), as measured side by side in one
-# run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md). One H200, B = 32,768
-# (results/loss_h200_side_by_side.json): f32 XLA 23.1 ms vs fused 28.5 ms (Triton's tf32 dot
-# is slower than cuBLAS's), bf16 fused 15.3 ms vs XLA 17.3 ms; one H100, B = 131,072
-# (results/loss_h100.json): f32 XLA 398 vs fused 448 ms, bf16 fused 221 vs XLA 268 ms.
-# Backends and dtypes not listed (CPU, TPU, float64) have no fused kernel: XLA tiles.
-FASTEST = {("gpu", "float32"): "xla", ("gpu", "bfloat16"): "fused"}
+# Per (pass, embedding dtype): the fastest of `benchmarks/loss_tune.py`'s variants on one H200,
+# B = 32,768, D = 512 (results/loss_tune_h200_run1.json; bf16 fwd 4.14 ms vs 5.05 ms for the
+# previous 128/128/64/1/8/3, bwd 7.66 vs 8.72 ms). Tiles whose rows or columns the configured
+# edges do not divide fall back to 128 / 64 (`_fit`).
+DEFAULT_CONFIG = TileConfig()
+_TUNED: dict[tuple[str, str], TileConfig] = {
+  ("fwd", "bfloat16"): TileConfig(128, 128, 64, 2, 4, 3),
+  ("bwd", "bfloat16"): TileConfig(128, 128, 32, 1, 4, 4),
+  ("fwd", "float32"): TileConfig(128, 128, 32, 1, 4, 4),
+  ("bwd", "float32"): TileConfig(128, 128, 32, 1, 4, 4),
+}
+CONFIGS: dict[tuple[str, str], TileConfig] = dict(_TUNED)
+
+
+def tile_config(kind: str, dtype) -> TileConfig:
+  """The `TileConfig` of pass `kind` ("fwd" or "bwd") for embeddings of `dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tile_config("bwd", jnp.bfloat16)
+    TileConfig(bm=128, bn=128, bk=32, j=1, num_warps=4, num_stages=4)
+  """
+  return CONFIGS.get((kind, jnp.dtype(dtype).name), DEFAULT_CONFIG)
+
+
+def set_tile_config(kind: str, dtype, cfg: TileConfig | None) -> None:
+  """Sets (or with None, resets to the tuned default) the `TileConfig` of one pass and dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> set_tile_config("fwd", jnp.float32, TileConfig(bm=64, j=2))
+    >>> tile_config("fwd", jnp.float32).bm
+    64
+    >>> set_tile_config("fwd", jnp.float32, None)
+    >>> tile_config("fwd", jnp.float32).bm
+    128
+  """
+  if kind not in ("fwd", "bwd"):
+    raise ValueError(f"set_tile_config: kind must be 'fwd' or 'bwd', got {kind!r}")
+  key = (kind, jnp.dtype(dtype).name)
+  if cfg is None:
+    CONFIGS.pop(key, None)
+    if key in _TUNED:
+      CONFIGS[key] = _TUNED[key]
+    return
+  for name in ("bm", "bn", "bk"):
+    v = getattr(cfg, name)
+    if v < 16 or v & (v - 1):
+      raise ValueError(f"set_tile_config: {name} must be a power of two >= 16, got {v}")
+  if cfg.j < 1:
+    raise ValueError(f"set_tile_config: j must be >= 1, got {cfg.j}")
+  CONFIGS[key] = cfg
+
+
+def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
+  """`cfg` with edges that divide the tile: the configured ones, else 128, else 64."""
+
+  def edge(want, n):
+    return next((e for e in (want, 128, 64) if n % e == 0), want)
+
+  bm, bn = edge(cfg.bm, rows), edge(cfg.bn, cols)
+  bk = next((e for e in (cfg.bk, 64, 32, 16) if d % e == 0), cfg.bk)
+  j = cfg.j
+  while j > 1 and (cols // bn) % j:
+    j //= 2
+  return cfg._replace(bm=bm, bn=bn, bk=bk, j=max(j, 1))
+
+
+# The faster tile kernel per (backend, embedding dtype, loss) and pass, as measured side by side
+# in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md), one H200, B = 32,768:
+# bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms, f32 InfoNCE XLA 23.4 ms vs fused
+# 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's; results/loss_tune_h200_run1.json);
+# bf16 max-margin fused 16.3 ms vs XLA 17.8 ms (results/loss_h200_tuned.json). Entries not
+# listed (CPU, TPU, float64, f32 max-margin) run the XLA tiles.
+FASTEST = {
+  ("gpu", "bfloat16", "infonce"): {"fwd": "fused", "bwd": "fused"},
+  ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
+  ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
+}
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+LOSSES = ("infonce", "max_margin")
+PASSES = ("fwd", "bwd")
 
 
 def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
   return (
-    blocks.rows % _SUB == 0
-    and blocks.cols % _SUB == 0
-    and d % _SUB_K == 0
+    blocks.rows % SUB == 0
+    and blocks.cols % SUB == 0
+    and d % 16 == 0
     and jnp.dtype(dtype) in _KERNEL_DTYPES
   )
 
 
-def use_fused_tiles(blocks: Blocks, d: int, dtype) -> bool:
-  """Whether the InfoNCE tiles take the fused Pallas kernels.
+def use_fused_tiles(
+  blocks: Blocks, d: int, dtype, loss: str = "infonce", kind: str = "fwd"
+) -> bool:
+  """Whether pass `kind` ("fwd" / "bwd") of `loss` takes the fused Pallas kernels.
 
-  By default where `FASTEST` measured them faster (GPUs, bf16 embeddings);
-  `set_fused_tiles` overrides this. The tiles must be whole sub-tiles and D a multiple of 64.
+  By default where `FASTEST` measured them faster; `set_fused_tiles` overrides this. The tiles
+  must be whole sub-tiles of `SUB` and D a multiple of 16.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> use_fused_tiles(Blocks(256, 256), 64, jnp.bfloat16, "max_margin", "bwd")  # on CPU
+    False
+    >>> set_fused_tiles("interpret", passes=("bwd",))
+    >>> use_fused_tiles(Blocks(256, 256), 64, jnp.bfloat16, "max_margin", "bwd")
+    True
+    >>> use_fused_tiles(Blocks(256, 256), 64, jnp.bfloat16, "max_margin", "fwd")
+    False
+    >>> set_fused_tiles(None)
   """
-  mode = _FUSED[0]
+  mode, passes = _FUSED
   if mode is False:
     return False
   if mode is None:
-    on = FASTEST.get((jax.default_backend(), jnp.dtype(dtype).name)) == "fused"
+    key = (jax.default_backend(), jnp.dtype(dtype).name, loss)
+    on = FASTEST.get(key, {}).get(kind) == "fused"
   else:
-    on = mode == "interpret" or jax.default_backend() == "gpu"
+    on = (mode == "interpret" or jax.default_backend() == "gpu") and kind in passes
   return on and _fused_ok(blocks, d, dtype)
 
 
-# None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16), "interpret" (the Pallas
-# interpreter on any backend: slow, checks the kernels' maths on CPU).
-_FUSED: list[bool | str | None] = [None]
+# (mode, passes). mode: None (auto: `FASTEST`), False (never), "always" (GPU, f32 and bf16, the
+# `passes` listed), "interpret" (the Pallas interpreter on any backend: slow, checks the
+# kernels' maths on CPU).
+_FUSED: list = [None, PASSES]
 
 
-def set_fused_tiles(mode) -> None:
-  """Chooses the InfoNCE tile kernel.
+def set_fused_tiles(mode, passes=PASSES) -> None:
+  """Chooses the tile kernel of the blockwise InfoNCE and max-margin losses.
 
-  `None` (default: the measured `FASTEST`), `False` (XLA tiles everywhere), "always" (fused on
-  GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
+  `mode`: `None` (default: the measured `FASTEST`), `False` (XLA tiles everywhere), "always"
+  (fused on GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
+  `passes`: with "always" / "interpret", the passes ("fwd", "bwd") that take the fused
+  kernels; the others take the XLA tiles.
   """
   if mode not in (None, False, "always", "interpret"):
     raise ValueError(
       f"set_fused_tiles: mode must be None, False, 'always' or 'interpret', got {mode!r}"
     )
-  _FUSED[0] = mode
+  bad = [p for p in passes if p not in PASSES]
+  if bad:
+    raise ValueError(f"set_fused_tiles: passes must be among {PASSES}, got {tuple(passes)!r}")
+  _FUSED[:] = [mode, tuple(passes)]
 
 
 def _pl():
@@ -87,72 +203,143 @@ def _pl():
   return pl, plgpu
 
 
-def _sub_matmul(x_ref, y_ref, tf32):
-  """`x @ y.T` of one (_SUB, D) x (_SUB, D) pair, accumulated over D in chunks of _SUB_K."""
+def _sub_matmul(cfg, tf32, x_ref, y_ref, cols):
+  """`x @ y[cols].T` of one (bm, D) x (bn, D) pair in float32, over D in chunks of `bk`."""
   pl, _ = _pl()
   d = x_ref.shape[-1]
 
   def body(k, acc):
-    sl = pl.ds(pl.multiple_of(k * _SUB_K, _SUB_K), _SUB_K)
+    sl = pl.ds(pl.multiple_of(k * cfg.bk, cfg.bk), cfg.bk)
     xk = x_ref[:, sl]
-    yk = y_ref[:, sl]
+    yk = y_ref[cols, sl]
     # DEFAULT lowers to Triton's tf32 dot for f32 operands, HIGHEST to ieee; bf16 is bf16.
     prec = lax.Precision.DEFAULT if tf32 and xk.dtype == jnp.float32 else lax.Precision.HIGHEST
     return acc + lax.dot_general(
       xk, yk, (((1,), (1,)), ((), ())), precision=(prec, prec), preferred_element_type=jnp.float32
     )
 
-  return lax.fori_loop(0, d // _SUB_K, body, jnp.zeros((_SUB, _SUB), jnp.float32))
+  return lax.fori_loop(0, d // cfg.bk, body, jnp.zeros((cfg.bm, cfg.bn), jnp.float32))
 
 
-def _nce_stats_kernel(
-  tf32, x_ref, y_ref, ar_ref, ac_ref, rb_ref, cb_ref, rm_ref, rl_ref, cm_ref, cl_ref
-):
-  s = _sub_matmul(x_ref, y_ref, tf32)
-  zr = s * ar_ref[...][:, None] + cb_ref[...][None, :]
-  zc = s * ac_ref[...][None, :] + rb_ref[...][:, None]
-  mr = jnp.max(zr, axis=1)
-  mr_safe = jnp.where(mr == -jnp.inf, 0.0, mr)
-  rm_ref[...] = mr
-  rl_ref[...] = jnp.sum(jnp.exp(zr - mr_safe[:, None]), axis=1)
-  mc = jnp.max(zc, axis=0)
-  mc_safe = jnp.where(mc == -jnp.inf, 0.0, mc)
-  cm_ref[...] = mc
-  cl_ref[...] = jnp.sum(jnp.exp(zc - mc_safe[None, :]), axis=0)
+def _over_columns(cfg, body, init):
+  """Runs `body(cols, carry) -> carry` over the program's `j` column sub-tiles."""
+  pl, _ = _pl()
+  if cfg.j == 1:
+    return body(pl.ds(0, cfg.bn), init)
+  return lax.fori_loop(
+    0, cfg.j, lambda jj, c: body(pl.ds(pl.multiple_of(jj * cfg.bn, cfg.bn), cfg.bn), c), init
+  )
 
 
-def _nce_ds_kernel(
-  tf32,
-  need_sums,
-  need_a,
-  x_ref,
-  y_ref,
-  ar_ref,
-  ac_ref,
-  rb_ref,
-  cb_ref,
-  lr_ref,
-  lc_ref,
-  wr_ref,
-  wc_ref,
-  ds_ref,
-  *refs,
-):
-  s = _sub_matmul(x_ref, y_ref, tf32)
-  pr = jnp.exp(s * ar_ref[...][:, None] + cb_ref[...][None, :] - lr_ref[...][:, None])
-  pc = jnp.exp(s * ac_ref[...][None, :] + rb_ref[...][:, None] - lc_ref[...][None, :])
-  ds = wr_ref[...][:, None] * pr + wc_ref[...][None, :] * pc
-  ds_ref[...] = ds.astype(ds_ref.dtype)
+# Refs a kernel variant does not take (no padding, no dS sums, no 1/tau sums): never read.
+_ABSENT: tuple[Any, Any] = (None, None)
+
+
+def _safe(m):
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+# The kernels work in base 2: the scales arrive multiplied by log2(e), so each exponential is
+# one `ex2.approx` (the multi-function unit's single instruction; libdevice's `expf`, what
+# `jnp.exp` lowers to, adds a range reduction of several float32 operations per element).
+# Relative error about 2^-22: float32 rounding. False: libdevice `exp2f` (the A/B switch).
+FAST_EXP = [True]
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _exp2(x):
+  if _FUSED[0] == "interpret" or not FAST_EXP[0]:
+    return jnp.exp2(x)
+  _, plgpu = _pl()
+  (out,) = plgpu.elementwise_inline_asm(
+    "ex2.approx.ftz.f32 $0, $1;",
+    args=[x],
+    constraints="=f,f",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+  )
+  return out
+
+
+def _logits(s, scale, bias, axis):
+  """`s * scale (+ bias)` and its maximum along `axis`: axis 1, the rows (a scale per row, a
+  bias per column); axis 0, the columns. Without padding (`bias` None) the maximum is
+  `scale * max(s)`, as every scale is positive: one reduction of `s`, no scaled tile for it."""
+  sc = jnp.expand_dims(scale, axis)
+  if bias is None:
+    return s * sc, scale * jnp.max(s, axis=axis)
+  z = s * sc + jnp.expand_dims(bias, 1 - axis)
+  return z, jnp.max(z, axis=axis)
+
+
+def _nce_stats_kernel(cfg, tf32, masked, x_ref, y_ref, ar_ref, ac_ref, *refs):
+  """Base-2 row logsumexp partials over the program's columns (online, on chip) and column
+  partials per sub-tile. With `masked`, -inf biases of the padding follow the scales."""
+  rb_ref, cb_ref = refs[:2] if masked else _ABSENT
+  rm_ref, rl_ref, cm_ref, cl_ref = refs[2:] if masked else refs
+  ar = ar_ref[...]
+  rb = rb_ref[...] if masked else None
+
+  def body(cols, carry):
+    m, acc = carry
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
+    zr, mr = _logits(s, ar, cb_ref[cols] if masked else None, 1)
+    zc, mc = _logits(s, ac_ref[cols], rb, 0)
+    cm_ref[cols] = mc
+    cl_ref[cols] = jnp.sum(_exp2(zc - _safe(mc)[None, :]), axis=0)
+    mn = jnp.maximum(m, mr)
+    ms = _safe(mn)
+    return mn, acc * _exp2(m - ms) + jnp.sum(_exp2(zr - ms[:, None]), axis=1)
+
+  init = (jnp.full((cfg.bm,), -jnp.inf, jnp.float32), jnp.zeros((cfg.bm,), jnp.float32))
+  m, acc = _over_columns(cfg, body, init)
+  rm_ref[...] = m
+  rl_ref[...] = acc
+
+
+def _nce_ds_kernel(cfg, tf32, masked, need_sums, need_a, x_ref, y_ref, *refs):
+  """dS of the program's sub-tiles; its float32 row / column sums and the 1/tau sums if asked.
+
+  Vectors: scales (base 2), [padding biases], base-2 logsumexps, the cotangents times 1/tau.
+  """
+  ar_ref, ac_ref = refs[:2]
+  refs = refs[2:]
+  rb_ref, cb_ref = refs[:2] if masked else _ABSENT
+  refs = refs[2:] if masked else refs
+  lr_ref, lc_ref, wr_ref, wc_ref, ds_ref = refs[:5]
+  refs = refs[5:]
+  dr_ref, dc_ref = refs[:2] if need_sums else _ABSENT
+  sr_ref, sc_ref = refs[-2:] if need_a else _ABSENT
+  ar, lr, wr = ar_ref[...], lr_ref[...], wr_ref[...]
+
+  def body(cols, carry):
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
+    zr = s * ar[:, None] - lr[:, None]
+    zc = s * ac_ref[cols][None, :] - lc_ref[cols][None, :]
+    if masked:
+      zr = zr + cb_ref[cols][None, :]
+      zc = zc + rb_ref[...][:, None]
+    pr = _exp2(zr)
+    pc = _exp2(zc)
+    ds = wr[:, None] * pr + wc_ref[cols][None, :] * pc
+    ds_ref[:, cols] = ds.astype(ds_ref.dtype)
+    dr, sr = carry
+    if need_sums:
+      # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
+      dc_ref[cols] = jnp.sum(ds, axis=0)
+      dr = dr + jnp.sum(ds, axis=1)
+    if need_a:
+      sc_ref[cols] = jnp.sum(pc * s, axis=0)
+      sr = sr + jnp.sum(pr * s, axis=1)
+    return dr, sr
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  dr, sr = _over_columns(cfg, body, (zero, zero))
   if need_sums:
-    # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
-    dr_ref, dc_ref = refs[:2]
-    dr_ref[...] = jnp.sum(ds, axis=1)
-    dc_ref[...] = jnp.sum(ds, axis=0)
-    refs = refs[2:]
+    dr_ref[...] = dr
   if need_a:
-    sr_ref, sc_ref = refs
-    sr_ref[...] = jnp.sum(pr * s, axis=1)
-    sc_ref[...] = jnp.sum(pc * s, axis=0)
+    sr_ref[...] = sr
 
 
 def _varying_like(x) -> dict:
@@ -171,37 +358,39 @@ def _varying_like(x) -> dict:
   return {}
 
 
-def _fused_call(kernel, br, bc, d, vec_in, out_shape, like):
-  """pallas_call over the (br/_SUB, bc/_SUB) grid of sub-tiles of one (br, bc) tile.
+def _fused_call(kernel, cfg, br, bc, d, vec_in, out_shape, like):
+  """pallas_call over the `(br / bm, bc / (bn j))` programs of one `(br, bc)` tile.
 
   Inputs: x (br, d), y (bc, d), then `vec_in` row (r) / column (c) vectors; outputs given as
-  (kind, dtype): "tile" (br, bc), "rowpart" (bc/_SUB, br), "colpart" (br/_SUB, bc).
+  (kind, dtype): "tile" (br, bc), "rowpart" (programs per row, br), "colpart" (br / bm, bc).
   """
   pl, plgpu = _pl()
-  gi, gj = br // _SUB, bc // _SUB
+  wc = cfg.bn * cfg.j  # columns per program
+  gi, gj = br // cfg.bm, bc // wc
   vec = {
-    "r": pl.BlockSpec((_SUB,), lambda i, j: (i,)),
-    "c": pl.BlockSpec((_SUB,), lambda i, j: (j,)),
+    "r": pl.BlockSpec((cfg.bm,), lambda i, j: (i,)),
+    "c": pl.BlockSpec((wc,), lambda i, j: (j,)),
   }
   in_specs = [
-    pl.BlockSpec((_SUB, d), lambda i, j: (i, 0)),
-    pl.BlockSpec((_SUB, d), lambda i, j: (j, 0)),
+    pl.BlockSpec((cfg.bm, d), lambda i, j: (i, 0)),
+    pl.BlockSpec((wc, d), lambda i, j: (j, 0)),
   ] + [vec[v] for v in vec_in]
   shapes = {
-    "tile": ((br, bc), pl.BlockSpec((_SUB, _SUB), lambda i, j: (i, j))),
-    "rowpart": ((gj, br), pl.BlockSpec((None, _SUB), lambda i, j: (j, i))),
-    "colpart": ((gi, bc), pl.BlockSpec((None, _SUB), lambda i, j: (i, j))),
+    "tile": ((br, bc), pl.BlockSpec((cfg.bm, wc), lambda i, j: (i, j))),
+    "rowpart": ((gj, br), pl.BlockSpec((None, cfg.bm), lambda i, j: (j, i))),
+    "colpart": ((gi, bc), pl.BlockSpec((None, wc), lambda i, j: (i, j))),
   }
   outs = [jax.ShapeDtypeStruct(shapes[k][0], dt, **_varying_like(like)) for k, dt in out_shape]
   specs = [shapes[k][1] for k, _ in out_shape]
   interpret = _FUSED[0] == "interpret"
+  params = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
   return pl.pallas_call(
     kernel,
     out_shape=outs,
     grid=(gi, gj),
     in_specs=in_specs,
     out_specs=specs,
-    compiler_params=None if interpret else plgpu.CompilerParams(**_TRITON),
+    compiler_params=None if interpret else plgpu.CompilerParams(**params),
     interpret=interpret,
   )
 
@@ -231,28 +420,34 @@ def _merge_lse(state, part):
 
 def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   """The fused form of `blockwise._nce_fwd_tile` (same arguments, same result)."""
-  del mask_rows, mask_cols  # the bias vectors mask every tile
   xr, ar, rid = r
   yc, ac, cid = c
   br, d = xr.shape
   bc = yc.shape[0]
   f32 = jnp.float32
+  masked = bool(mask_rows or mask_cols)
+  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
   call = _fused_call(
-    functools.partial(_nce_stats_kernel, _tf32(precision)),
+    functools.partial(_nce_stats_kernel, cfg, _tf32(precision), masked),
+    cfg,
     br,
     bc,
     d,
-    "rcrc",
+    "rcrc" if masked else "rc",
     [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
     xr,
   )
-  rm, rl, cm, cl = call(xr, yc, ar.astype(f32), ac.astype(f32), _bias(rid, f32), _bias(cid, f32))
+  vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
+  if masked:
+    vecs += [_bias(rid, f32), _bias(cid, f32)]
+  rm, rl, cm, cl = call(xr, yc, *vecs)
+  # Base-2 maxima back to natural logs; the merges are in natural logs.
+  rm, cm = rm * _LN2, cm * _LN2
   return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
 
 
 def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   """The fused form of `blockwise._nce_bwd_tile` (same arguments, same result)."""
-  del mask_rows, mask_cols
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
@@ -262,29 +457,30 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
+  masked = bool(mask_rows or mask_cols)
+  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
   call = _fused_call(
-    functools.partial(_nce_ds_kernel, _tf32(precision), need_sums, need_a),
+    functools.partial(_nce_ds_kernel, cfg, _tf32(precision), masked, need_sums, need_a),
+    cfg,
     br,
     bc,
     d,
-    "rcrcrcrc",
+    ("rcrc" if masked else "rc") + "rcrc",
     outs,
     xr,
   )
-  res = call(
-    xr,
-    yc,
-    ar.astype(f32),
-    ac.astype(f32),
-    _bias(rid, f32),
-    _bias(cid, f32),
-    lse_r.astype(f32),
-    lse_c.astype(f32),
+  vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
+  if masked:
+    vecs += [_bias(rid, f32), _bias(cid, f32)]
+  vecs += [
+    (lse_r * _LOG2E).astype(f32),
+    (lse_c * _LOG2E).astype(f32),
     (gr * ar).astype(f32),
     (gc * ac).astype(f32),
-  )
+  ]
+  res = call(xr, yc, *vecs)
   ds, res = res[0], res[1:]
   sums = None
   if need_sums:
@@ -295,3 +491,147 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)
   return (dx + ddx, dar), (dy + ddy, dac)
+
+
+# ---------------------------------------------------------------------------------------------
+# Max-margin: the same programs with the hinge in place of the exponentials.
+
+
+def _hinge_keep(rid, cid):
+  """Off-diagonal pairs of real samples (ids < 0 are padding)."""
+  return (rid[:, None] != cid[None, :]) & (rid[:, None] >= 0) & (cid[None, :] >= 0)
+
+
+def _mm_stats_kernel(
+  cfg, tf32, x_ref, y_ref, rr_ref, qc_ref, ro_ref, co_ref, ri_ref, ci_ref, *refs
+):
+  """Row hinge sums and counts over the program's columns; column ones per sub-tile."""
+  rs_ref, rn_ref, cs_ref, cn_ref = refs
+  rr, ro, rid = rr_ref[...], ro_ref[...], ri_ref[...]
+
+  def body(cols, carry):
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols) * rr[:, None] * qc_ref[cols][None, :]
+    keep = _hinge_keep(rid, ci_ref[cols])
+    hr = jnp.where(keep, jnp.maximum(ro[:, None] + s, 0.0), 0.0)
+    hc = jnp.where(keep, jnp.maximum(co_ref[cols][None, :] + s, 0.0), 0.0)
+    cs_ref[cols] = jnp.sum(hc, axis=0)
+    cn_ref[cols] = jnp.sum(jnp.where(hc > 0, 1.0, 0.0), axis=0)
+    rsum, rcnt = carry
+    return rsum + jnp.sum(hr, axis=1), rcnt + jnp.sum(jnp.where(hr > 0, 1.0, 0.0), axis=1)
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  rsum, rcnt = _over_columns(cfg, body, (zero, zero))
+  rs_ref[...] = rsum
+  rn_ref[...] = rcnt
+
+
+def _mm_ds_kernel(
+  cfg, tf32, need_sums, x_ref, y_ref, rr_ref, qc_ref, ro_ref, co_ref, ri_ref, ci_ref, *refs
+):
+  """`dS r q^T` of the program's sub-tiles (what the gradient products take), its float32 row /
+  column sums if asked, and the row / column sums of `dS * s` (the scales' gradients)."""
+  gr_ref, gc_ref, ds_ref = refs[:3]
+  refs = refs[3:]
+  dr_ref, dc_ref = refs[:2] if need_sums else _ABSENT
+  sr_ref, sc_ref = refs[-2:]
+  rr, ro, rid, gr = rr_ref[...], ro_ref[...], ri_ref[...], gr_ref[...]
+
+  def body(cols, carry):
+    qc = qc_ref[cols]
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols) * rr[:, None] * qc[None, :]
+    keep = _hinge_keep(rid, ci_ref[cols])
+    ds = jnp.where(keep & (ro[:, None] + s > 0), gr[:, None], 0.0) + jnp.where(
+      keep & (co_ref[cols][None, :] + s > 0), gc_ref[cols][None, :], 0.0
+    )
+    dss = ds * s
+    dsw = ds * rr[:, None] * qc[None, :]
+    ds_ref[:, cols] = dsw.astype(ds_ref.dtype)
+    dr, sr = carry
+    if need_sums:
+      dc_ref[cols] = jnp.sum(dsw, axis=0)
+      dr = dr + jnp.sum(dsw, axis=1)
+    sc_ref[cols] = jnp.sum(dss, axis=0)
+    return dr, sr + jnp.sum(dss, axis=1)
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  dr, sr = _over_columns(cfg, body, (zero, zero))
+  if need_sums:
+    dr_ref[...] = dr
+  sr_ref[...] = sr
+
+
+def mm_fwd_tile(precision, r, c, rs, cs):
+  """The fused form of `blockwise._mm_fwd_tile` (same arguments, same result)."""
+  xr, rr, ro, rid = r
+  yc, qc, co, cid = c
+  br, d = xr.shape
+  bc = yc.shape[0]
+  f32 = jnp.float32
+  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
+  call = _fused_call(
+    functools.partial(_mm_stats_kernel, cfg, _tf32(precision)),
+    cfg,
+    br,
+    bc,
+    d,
+    "rcrcrc",
+    [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
+    xr,
+  )
+  rsum, rcnt, csum, ccnt = call(
+    xr, yc, rr.astype(f32), qc.astype(f32), ro.astype(f32), co.astype(f32), rid, cid
+  )
+  (rs0, rn0), (cs0, cn0) = rs, cs
+  dt = rs0.dtype
+  return (
+    (rs0 + jnp.sum(rsum, axis=0).astype(dt), rn0 + jnp.sum(rcnt, axis=0).astype(dt)),
+    (cs0 + jnp.sum(csum, axis=0).astype(dt), cn0 + jnp.sum(ccnt, axis=0).astype(dt)),
+  )
+
+
+def mm_bwd_tile(precision, r, c, rs, cs):
+  """The fused form of `blockwise._mm_bwd_tile` (same arguments, same result)."""
+  xr, rr, ro, rid, gr = r
+  yc, qc, co, cid, gc = c
+  (dx, dr), (dy, dq) = rs, cs
+  br, d = xr.shape
+  bc = yc.shape[0]
+  f32 = jnp.float32
+  op = jnp.result_type(xr, yc)
+  need_sums = jnp.finfo(op).bits < 32
+  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
+  parts = [("rowpart", f32), ("colpart", f32)]
+  outs = [("tile", op)] + (parts if need_sums else []) + parts
+  call = _fused_call(
+    functools.partial(_mm_ds_kernel, cfg, _tf32(precision), need_sums),
+    cfg,
+    br,
+    bc,
+    d,
+    "rcrcrcrc",
+    outs,
+    xr,
+  )
+  res = call(
+    xr,
+    yc,
+    rr.astype(f32),
+    qc.astype(f32),
+    ro.astype(f32),
+    co.astype(f32),
+    rid,
+    cid,
+    gr.astype(f32),
+    gc.astype(f32),
+  )
+  dsw, res = res[0], res[1:]
+  sums = None
+  if need_sums:
+    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
+    res = res[2:]
+  ddx, ddy = grad_matmuls(dsw, xr, yc, precision, sums)
+  dt = dr.dtype
+  return (
+    (dx + ddx, dr + jnp.sum(res[0], axis=0).astype(dt)),
+    (dy + ddy, dq + jnp.sum(res[1], axis=0).astype(dt)),
+  )

@@ -50,7 +50,7 @@ from mmts_jax.losses._traversal import (
   traverse,
   varying,
 )
-from mmts_jax.normalize import compute_dtype, cosine_normalize
+from mmts_jax.normalize import COSINE_EPS, compute_dtype, cosine_normalize
 
 __all__ = [
   "DEFAULT_BLOCK",
@@ -132,7 +132,7 @@ def _nce_forward(x, y, a, blocks, precision, axis_name):
   col0 = varying(
     (_full((nc, blocks.cols), -jnp.inf, dt), _full((nc, blocks.cols), 0, dt)), axis_name
   )
-  fused = use_fused_tiles(blocks, x.shape[1], x.dtype)
+  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "infonce", "fwd")
   fwd = _pallas_tiles.nce_fwd_tile if fused else _nce_fwd_tile
   tile = functools.partial(fwd, precision, mask_rows, mask_cols)
   (mr, lr), (mc, lc) = traverse(tile, rows, cols, col0, row0, axis_name)
@@ -192,7 +192,8 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   col0 = varying(
     (jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), a.dtype)), axis_name
   )
-  bwd = _pallas_tiles.nce_bwd_tile if use_fused_tiles(blocks, d, x.dtype) else _nce_bwd_tile
+  fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd")
+  bwd = _pallas_tiles.nce_bwd_tile if fused else _nce_bwd_tile
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
@@ -244,16 +245,25 @@ def infonce_blockwise(image, text, temperature, *, block_size=None, precision=No
 
 # ---------------------------------------------------------------------------------------------
 # Max-margin tiles: per-anchor hinge sums and the number of active hinges.
+#
+# The cosine similarity is taken as `s_ij = <x_i, y_j> r_i q_j` with `r = 1 / max(||x||, eps)`
+# (and `q` for `y`): the tile product runs on the embeddings as given, so bf16 embeddings feed
+# the bf16 matrix units exactly (no rounding of normalised vectors to bf16, which moves every
+# similarity by ~1e-3, as much as a small margin), with float32 accumulation and scales.
 
 
 def _hinge_masks(rid, cid):
   return (rid[:, None] != cid[None, :]) & (rid[:, None] >= 0) & (cid[None, :] >= 0)
 
 
+def _cosines(xr, yc, r, q, precision):
+  return matmul(xr, yc, precision) * r[:, None] * q[None, :]
+
+
 def _mm_fwd_tile(precision, r, c, rs, cs):
-  xr, ro, rid = r
-  yc, co, cid = c
-  s = matmul(xr, yc, precision)
+  xr, rr, ro, rid = r
+  yc, qc, co, cid = c
+  s = _cosines(xr, yc, rr, qc, precision)
   keep = _hinge_masks(rid, cid)
   # relu, as the dense reference: zero gradient exactly at the hinge.
   hr = jnp.where(keep, jax.nn.relu(ro[:, None] + s), 0.0)
@@ -267,67 +277,100 @@ def _mm_fwd_tile(precision, r, c, rs, cs):
 
 
 def _mm_bwd_tile(precision, r, c, rs, cs):
-  xr, ro, rid, gr = r
-  yc, co, cid, gc = c
-  s = matmul(xr, yc, precision)
+  xr, rr, ro, rid, gr = r
+  yc, qc, co, cid, gc = c
+  (dx, dr), (dy, dq) = rs, cs
+  s = _cosines(xr, yc, rr, qc, precision)
   keep = _hinge_masks(rid, cid)
   ds = jnp.where(keep & (ro[:, None] + s > 0), gr[:, None], 0.0) + jnp.where(
     keep & (co[None, :] + s > 0), gc[None, :], 0.0
   )
-  ddx, ddy = grad_matmuls(ds, xr, yc, precision)
-  return rs + ddx, cs + ddy
+  # d/dx_i of s_ij = r_i q_j y_j; d/dr_i = sum_j dS_ij s_ij / r_i (divided after the sweep).
+  ddx, ddy = grad_matmuls(ds * rr[:, None] * qc[None, :], xr, yc, precision)
+  dss = ds * s
+  return (dx + ddx, dr + jnp.sum(dss, axis=1)), (dy + ddy, dq + jnp.sum(dss, axis=0))
 
 
-def _mm_layout(x, y, ro, co, blocks, axis_name):
+def _mm_layout(x, y, r, q, ro, co, blocks, axis_name):
   b = x.shape[0]
   ids = global_ids(b, axis_name)
-  rows = (split(x, blocks.rows), split(ro, blocks.rows), split(ids, blocks.rows, -1))
-  cols = (split(y, blocks.cols), split(co, blocks.cols), split(ids, blocks.cols, -1))
+  rows = (
+    split(x, blocks.rows),
+    split(r, blocks.rows, 1),
+    split(ro, blocks.rows),
+    split(ids, blocks.rows, -1),
+  )
+  cols = (
+    split(y, blocks.cols),
+    split(q, blocks.cols, 1),
+    split(co, blocks.cols),
+    split(ids, blocks.cols, -1),
+  )
   return rows, cols
 
 
-def _mm_forward(x, y, ro, co, blocks, precision, axis_name):
-  rows, cols = _mm_layout(x, y, ro, co, blocks, axis_name)
+def _mm_forward(x, y, r, q, ro, co, blocks, precision, axis_name):
+  rows, cols = _mm_layout(x, y, r, q, ro, co, blocks, axis_name)
   dt = ro.dtype
   nr, nc = rows[0].shape[0], cols[0].shape[0]
   zr = jnp.zeros((nr, blocks.rows), dt)
   zc = jnp.zeros((nc, blocks.cols), dt)
   row0 = varying((zr, zr), axis_name)
   col0 = varying((zc, zc), axis_name)
-  tile = functools.partial(_mm_fwd_tile, precision)
+  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "max_margin", "fwd")
+  tile = functools.partial(_pallas_tiles.mm_fwd_tile if fused else _mm_fwd_tile, precision)
   (rsum, rcnt), (csum, ccnt) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
   return (merge(rsum, b), merge(csum, b)), (merge(rcnt, b), merge(ccnt, b))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def hinge_sums(x, y, ro, co, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def hinge_sums(x, y, r, q, ro, co, op, blocks, precision, axis_name) -> tuple[jax.Array, jax.Array]:
   """Per-anchor hinge sums `(sum_{j!=i} relu(ro_i + s_ij), sum_{i!=j} relu(co_j + s_ij))`.
 
-  `ro_i = m_i - s_ii` for the image anchors (rows), `co_j = m_j - s_jj` for the text anchors.
+  `s_ij = <x_i, y_j> r_i q_j`, the products taken in dtype `op` (exact: `x`, `y` are the
+  embeddings upcast from `op`), accumulated and scaled in `x`'s dtype. `ro_i = m_i - s_ii` for
+  the image anchors (rows), `co_j = m_j - s_jj` for the text anchors. The cotangents of `x` and
+  `y` come back in `x`'s dtype, so the normalisation's own gradient adds to them unrounded.
   """
-  return _mm_forward(x, y, ro, co, blocks, precision, axis_name)[0]
+  xo, yo = x.astype(op), y.astype(op)
+  return _mm_forward(xo, yo, r, q, ro, co, blocks, precision, axis_name)[0]
 
 
-def _hinge_sums_fwd(x, y, ro, co, blocks, precision, axis_name):
-  sums, counts = _mm_forward(x, y, ro, co, blocks, precision, axis_name)
-  return sums, (x, y, ro, co, counts)
+def _hinge_sums_fwd(x, y, r, q, ro, co, op, blocks, precision, axis_name):
+  xo, yo = x.astype(op), y.astype(op)
+  sums, counts = _mm_forward(xo, yo, r, q, ro, co, blocks, precision, axis_name)
+  return sums, (xo, yo, r, q, ro, co, counts)
 
 
-def _hinge_sums_bwd(blocks, precision, axis_name, res, g):
-  x, y, ro, co, (rcnt, ccnt) = res
+def _hinge_sums_bwd(op, blocks, precision, axis_name, res, g):
+  del op
+  x, y, r, q, ro, co, (rcnt, ccnt) = res
   gr, gc = g
-  rows, cols = _mm_layout(x, y, ro, co, blocks, axis_name)
+  rows, cols = _mm_layout(x, y, r, q, ro, co, blocks, axis_name)
   rows = rows + (split(gr, blocks.rows),)
   cols = cols + (split(gc, blocks.cols),)
-  acc = compute_dtype(x, y)
+  acc = compute_dtype(x, y, r)
   d = x.shape[1]
-  row0 = varying(jnp.zeros(rows[0].shape[:2] + (d,), acc), axis_name)
-  col0 = varying(jnp.zeros(cols[0].shape[:2] + (d,), acc), axis_name)
-  tile = functools.partial(_mm_bwd_tile, precision)
-  dx, dy = traverse(tile, rows, cols, col0, row0, axis_name)
+  nr, nc = rows[0].shape[0], cols[0].shape[0]
+  row0 = varying(
+    (jnp.zeros((nr, blocks.rows, d), acc), jnp.zeros((nr, blocks.rows), acc)), axis_name
+  )
+  col0 = varying(
+    (jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), acc)), axis_name
+  )
+  fused = use_fused_tiles(blocks, d, x.dtype, "max_margin", "bwd")
+  tile = functools.partial(_pallas_tiles.mm_bwd_tile if fused else _mm_bwd_tile, precision)
+  (dx, dr), (dy, dq) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
-  return (merge(dx, b).astype(x.dtype), merge(dy, b).astype(y.dtype), gr * rcnt, gc * ccnt)
+  return (
+    merge(dx, b),
+    merge(dy, b),
+    merge(dr, b) / r,
+    merge(dq, b) / q,
+    gr * rcnt,
+    gc * ccnt,
+  )
 
 
 hinge_sums.defvjp(_hinge_sums_fwd, _hinge_sums_bwd)
@@ -335,13 +378,16 @@ hinge_sums.defvjp(_hinge_sums_fwd, _hinge_sums_bwd)
 
 def max_margin_partial_sum(image, text, margin, blocks, precision, axis_name):
   """Sum of the local anchors' hinge terms, both directions (divide by 2B(B-1) for the loss)."""
-  x = cosine_normalize(image)
-  y = cosine_normalize(text)
+  op = jnp.result_type(image, text)
+  dt = compute_dtype(image, text)
+  x, y = image.astype(dt), text.astype(dt)
+  r = 1.0 / jnp.maximum(jnp.linalg.norm(x, axis=1), COSINE_EPS)
+  q = 1.0 / jnp.maximum(jnp.linalg.norm(y, axis=1), COSINE_EPS)
   b = x.shape[0]
-  m = jnp.broadcast_to(jnp.asarray(margin, x.dtype), (b,))
-  offset = m - jnp.sum(x * y, axis=1)
+  m = jnp.broadcast_to(jnp.asarray(margin, dt), (b,))
+  offset = m - jnp.sum(cosine_normalize(x) * cosine_normalize(y), axis=1)
   # pyright loses the return type through functools.partial(jax.custom_vjp, ...).
-  rsum, csum = hinge_sums(x, y, offset, offset, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
+  rsum, csum = hinge_sums(x, y, r, q, offset, offset, op, blocks, precision, axis_name)  # pyright: ignore[reportGeneralTypeIssues]
   return _checks.nan_unless_valid(jnp.sum(rsum) + jnp.sum(csum), positive=(m,), axis_name=axis_name)
 
 
