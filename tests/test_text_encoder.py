@@ -162,9 +162,22 @@ def test_bucket_lengths_bound_padding_and_shapes():
   lengths = np.arange(1, 513)
   buckets = np.array([bucket_length(int(n), 512) for n in lengths])
   assert np.all(buckets >= lengths) and buckets.max() == 512
-  assert np.unique(buckets).size <= 20
-  assert np.all((buckets - lengths)[lengths >= 8] / lengths[lengths >= 8] < 1.0)
+  # Short captions (the EK-100 case) are not padded at all.
+  np.testing.assert_array_equal(buckets[:16], lengths[:16])
+  # Padding below 1/8 of the length; 16 exact shapes, then 8 per octave (17-32, ..., 257-512).
+  assert np.all((buckets - lengths) / lengths < 1 / 8)
+  assert np.unique(buckets).size == 16 + 8 * 5
   chex.assert_trees_all_equal(bucket_length(300, 256), 256)
+  with pytest.raises(ValueError, match="got 0"):
+    bucket_length(0, 256)
+
+
+def test_padding_to_buckets_leaves_embeddings_unchanged(encoder, ref):
+  # The same sentences alone (exact length) and batched with a longer one (padded).
+  sentences = [str(s) for s in ref["sentences"]][:4]
+  alone = np.concatenate([encoder.encode([s]) for s in sentences])
+  together = encoder.encode(sentences, batch_size=4)
+  chex.assert_trees_all_close(together, alone, atol=2e-6)
 
 
 def test_empty_input_gives_empty_array(encoder):
