@@ -180,6 +180,7 @@ class _Built:
   lr_fn: Callable
   loss_fn: Callable
   jitted: dict  # (shardings' leaves, treedef) -> (jitted create, compiled step)
+  create: Callable = None  # `state.create` bound to `model` and `tx`: one object, one trace
 
 
 # What `setup` built, by the configuration it was built from: equal configurations in one
@@ -219,7 +220,9 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
       mesh=mesh,
       axis_name=mesh_lib.DATA_AXIS,
     )
-    _BUILT[key] = _Built(model, tx, lr_fn, loss_fn, {})
+    _BUILT[key] = _Built(
+      model, tx, lr_fn, loss_fn, {}, functools.partial(state_lib.create, model, tx)
+    )
   return _BUILT[key]
 
 
@@ -356,14 +359,16 @@ def setup(
     )
 
   policy_state = policy.init_state(source.num_examples, table)
-  create = functools.partial(state_lib.create, model, tx)
+  create = built.create
   args: dict[str, Any] = dict(
     rng=jax.random.PRNGKey(int(config.seed)),
     sample_batch=_sample_batch(sample_batch),
     policy_state=policy_state,
   )
+  # Shapes through `jax.jit(create)`: the jitted create below (same function, same arguments)
+  # reuses this trace instead of tracing the model's init a second time (about 1.5 s for ViT-B).
   shardings = state_shardings(
-    jax.eval_shape(lambda: create(**args)), mesh, config.mesh.param_sharding, policy
+    jax.jit(create).eval_shape(**args), mesh, config.mesh.param_sharding, policy
   )
   step_kw = {}
   micro = int(config.train.get("micro_batch_size", 0) or 0)
