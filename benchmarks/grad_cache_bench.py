@@ -99,7 +99,12 @@ def part_fns(run, micro: int):
   def loss(image, text, index, policy_state, step):
     def f(image, text):
       value, _, _ = run.policy.loss(
-        policy_state, image, text, step=step, index=index, loss_fn=run.loss_fn,
+        policy_state,
+        image,
+        text,
+        step=step,
+        index=index,
+        loss_fn=run.loss_fn,
         model_temperature=None,
       )
       return value
@@ -131,7 +136,9 @@ def part_fns(run, micro: int):
     "update": (
       jax.jit(update),
       lambda st, bt: (
-        st.params, st.opt_state, jax.tree.map(lambda p: jnp.full_like(p, 1e-3), st.params)
+        st.params,
+        st.opt_state,
+        jax.tree.map(lambda p: jnp.full_like(p, 1e-3), st.params),
       ),
     ),
   }

@@ -4,10 +4,16 @@ temperature vs MM-TS (schedule + per-sample shift gather), the step's parts, and
 Builds the real trainer state and the real jitted, donated step with `mmts_jax.train.setup`
 for a CLIP-style dual encoder (`vit_b16`: ViT-B/16 image tower + CLIP's 12-layer width-512
 causal text transformer, 77 tokens, 512-d embeddings; `vit_l14`: ViT-L/14 + the width-768 text
-transformer, 768-d), bf16 compute, f32 parameters, AdamW with clipping, random inputs. Every run
-`VARIANT_MODE_bBATCH` is lowered on the main thread and compiled in parallel threads, then the
-runs are timed `--steps` steps per round for `--rounds` rounds in alternation (clock and thermal
-drift hit all alike). MM-TS gathers from a shift table of `--table-size` entries (CC3M-sized).
+transformer, 768-d), bf16 compute, f32 parameters, AdamW with clipping, random inputs. `setup`
+runs once per batch size (one parameter initialisation); every other run `VARIANT_MODE_bBATCH`
+at that batch is derived from it (`_build(first=...)`: a copy of the same parameters and
+optimizer state, the model of its variant, the policy, shift table and policy state of its mode).
+Every run is lowered on the main thread and compiled in parallel threads; each compile finished
+by `--deadline-s` minus `--timing-s` is kept. The runs are then timed `--steps` steps per round
+for `--rounds` rounds in alternation (clock and thermal drift hit all alike); a round that would
+end past the deadline is not started. MM-TS gathers from a shift table of `--table-size` entries
+(CC3M-sized). Every stage is logged on stderr with the seconds since the start and kept in the
+json's `timeline`.
 
 Variants (`VARIANTS`) change only how the same maths is computed (same parameters):
   base     the code as it was: XLA attention in the text tower, conv patch embedding
@@ -19,7 +25,7 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
   python benchmarks/train_step_bench.py --out /tmp/b --model tiny --batch 32 --variants base,fast \\
-      --components fast --profile fast --steps 2 --rounds 1      # CPU smoke test
+      --mmts fast --steps 2 --rounds 1      # CPU smoke test
 
 Memory: `xla_step_gib` is XLA's buffer assignment of one step's executable (arguments +
 outputs + temporaries - donated buffers: parameters, optimizer state, activations, the batch),
@@ -213,8 +219,10 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     run = setup(c)
     jax.block_until_ready(run.state)
     state, step_fn = run.state, run.step_fn
-    _progress(f"setup of {variant} {mode} b{batch} (parameters initialised): "
-              f"{time.perf_counter() - t0:.1f} s")
+    _progress(
+      f"setup of {variant} {mode} b{batch} (parameters initialised): "
+      f"{time.perf_counter() - t0:.1f} s"
+    )
   else:
     t0 = time.perf_counter()
     c.data.name = first.config.data.name
@@ -230,8 +238,10 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
       lr_fn=run.lr_fn,
       skip_nonfinite=True,
     )
-    _progress(f"derived {variant} {mode} b{batch} from the first run's state (no new "
-              f"initialisation): {time.perf_counter() - t0:.1f} s")
+    _progress(
+      f"derived {variant} {mode} b{batch} from the first run's state (no new "
+      f"initialisation): {time.perf_counter() - t0:.1f} s"
+    )
   dev_batch = run.to_device(host_batch)
   t0 = time.perf_counter()
   lowered = step_fn.lower(state, dev_batch)
@@ -257,8 +267,9 @@ def _progress(msg: str):
   `TIMELINE`: where a slow run spends its time."""
   t = time.monotonic() - _T0
   TIMELINE.append((round(t, 1), msg))
-  print(f"[train_step_bench {time.strftime('%H:%M:%S')} {t:6.1f} s] {msg}", file=sys.stderr,
-        flush=True)
+  print(
+    f"[train_step_bench {time.strftime('%H:%M:%S')} {t:6.1f} s] {msg}", file=sys.stderr, flush=True
+  )
 
 
 def _cost(compiled) -> dict:

@@ -31,8 +31,9 @@ def bench():
   module.MODELS["test"] = dict(
     image=dict(name="vit", variant="mu/8"),
     image_size=8,
-    text=dict(name="transformer", vocab_size=50, max_len=5, width=16, depth=1, num_heads=2,
-              mlp_dim=32),
+    text=dict(
+      name="transformer", vocab_size=50, max_len=5, width=16, depth=1, num_heads=2, mlp_dim=32
+    ),
     embed_dim=8,
   )
   return module
