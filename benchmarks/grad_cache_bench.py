@@ -177,10 +177,15 @@ def _config(spec, batch, micro, method):
 
 
 def _device_batch(run, spec, batch):
+  return jax.block_until_ready(_device_batch_fn(run, spec, batch)())
+
+
+def _device_batch_fn(run, spec, batch):
+  """The jitted function that makes the random device batch (float32 pixels)."""
   s, key = spec["image_size"], jax.random.PRNGKey(0)
   k1, k2 = jax.random.split(key)
   sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec("data"))
-  make = jax.jit(
+  return jax.jit(
     lambda: {
       "image": jax.random.normal(k1, (batch, s, s, 3), np.float32),
       "text_features": jax.random.normal(k2, (batch, spec["text_dim"]), np.float32),
@@ -188,7 +193,6 @@ def _device_batch(run, spec, batch):
     },
     out_shardings=sharding,
   )
-  return jax.block_until_ready(make())
 
 
 def _gib(n) -> float:
@@ -226,6 +230,11 @@ def main(argv=None) -> int:
     help=f"comma separated, of {METHODS} (big: one pass over the whole batch; small batches)",
   )
   p.add_argument("--parts", action="store_true", help="time the step's parts first")
+  p.add_argument(
+    "--memory-only",
+    action="store_true",
+    help="compile the steps for an abstract batch and record XLA's buffer assignment; run nothing",
+  )
   p.add_argument("--reps", type=int, default=3, help="timed repetitions of each part")
   p.add_argument("--table-size", type=int, default=100_000, help="shift-table entries")
   p.add_argument("--deadline-s", type=float, default=1e9, help="no step is started past it")
@@ -258,6 +267,21 @@ def main(argv=None) -> int:
     "big": compile_train_step(run.shardings, run.mesh, **deps),
   }
   states = {m: jax.tree.map(jnp.copy, run.state) for m in methods}
+  if args.memory_only:  # shapes only: XLA's buffer assignment of each step, nothing executed
+    out = {"bench": "grad_cache_memory", "model": args.model, "global_batch": args.batch}
+    out.update(micro_batch=args.micro, platform=jax.devices()[0].platform, jax=jax.__version__)
+    abstract = jax.eval_shape(lambda: _device_batch_fn(run, spec, args.batch)())
+    for method in methods:
+      mem = steps[method].lower(states[method], abstract).compile().memory_analysis()
+      out[method] = {
+        "xla_temp_gib": _gib(mem.temp_size_in_bytes),
+        "xla_argument_gib": _gib(mem.argument_size_in_bytes),
+        "xla_output_gib": _gib(mem.output_size_in_bytes),
+        "xla_alias_gib": _gib(mem.alias_size_in_bytes),
+      }
+      progress(f"{method}: {json.dumps(out[method])}")
+    _write(pathlib.Path(args.out), f"grad_cache_memory_{args.model}.json", out)
+    return 0
   batch = _device_batch(run, spec, args.batch)
   progress("state and batch on the device")
 
