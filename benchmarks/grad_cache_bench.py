@@ -315,9 +315,7 @@ def main(argv=None) -> int:
     progress(f"{method} compiled")
     return compiled, time.perf_counter() - t0
 
-  # The steps compile in parallel threads while the parts (small executables) are timed.
-  pool = concurrent.futures.ThreadPoolExecutor(len(methods))
-  futures = {m: pool.submit(compile_one, m) for m in methods}
+  # The parts (small executables) first, alone: timed while nothing compiles beside them.
   if args.parts:
     parts = {}
     for part, (fn, make_args) in part_fns(run, args.micro).items():
@@ -331,6 +329,9 @@ def main(argv=None) -> int:
     parts["expected_plain_step_s"] = n * parts["fwd_bwd_micro_s"] + parts["update_s"]
     result["parts"] = parts
     _write(pathlib.Path(args.out), name, result)
+  # The steps compile in parallel threads.
+  pool = concurrent.futures.ThreadPoolExecutor(len(methods))
+  futures = {m: pool.submit(compile_one, m) for m in methods}
   if args.ready_file or args.go_file:
     for method in methods:
       futures[method].result()
