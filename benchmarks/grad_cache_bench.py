@@ -23,9 +23,18 @@ timing waits for `--go-file` to exist (a driver keeps other GPU work out of the 
 includes `grad_cache`'s); `xla_*_gib` is each executable's own buffer
 assignment (`compiled.memory_analysis()`), the per-method comparison.
 
-  XLA_FLAGS=--xla_gpu_autotune_level=0 \
-  python benchmarks/grad_cache_bench.py --out benchmarks/results       # one H200, ~90 s
-  python benchmarks/grad_cache_bench.py --out /tmp/b --model tiny --batch 64 --micro 16  # CPU
+`--parts` first times, alone, the pieces a GradCache step is made of (`part_fns`: one
+micro-batch's forward, its forward + backward, the policy + loss over the global batch, the
+optimizer update) and records the step they predict (`expected_grad_cache_step_s`); a step far
+slower than that points at the step's structure rather than the towers. `--methods big` adds
+the one-pass `train_step` over the whole batch (small batches only). `--memory-only` compiles
+the steps for an abstract batch and writes XLA's buffer assignment, running nothing (a CPU can
+check the memory of the 32,768 step). No step is started past `--deadline-s`.
+
+  python benchmarks/grad_cache_bench.py --out DIR --parts --steps 2 --deadline-s 200  # one H200
+  python benchmarks/grad_cache_bench.py --out /tmp/b --model tiny --batch 256 --micro 32 \
+      --methods grad_cache,plain,big --parts --steps 5 --reps 10                       # CPU
+  python benchmarks/grad_cache_bench.py --out /tmp/b --memory-only          # CPU, 32,768 / 512
 
 Writes OUT/grad_cache_bench_MODEL.json (after each method, so a cut-short run keeps the first).
 """
