@@ -51,6 +51,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -227,7 +228,7 @@ def _median_s(fn, args, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   p.add_argument("--out", required=True, help="directory for grad_cache_bench_MODEL.json")
   p.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
   p.add_argument("--batch", type=int, default=32_768, help="global batch")
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
   # dependencies and run on copies of the same state.
   run = train.setup(_config(spec, args.batch, args.micro, "grad_cache"))
   progress("setup done")
-  deps = dict(policy=run.policy, loss_fn=run.loss_fn, lr_fn=run.lr_fn)
+  deps: dict[str, Any] = dict(policy=run.policy, loss_fn=run.loss_fn, lr_fn=run.lr_fn)
   plain = functools.partial(
     grad_cache.micro_batch_step, micro_batch_size=args.micro, accumulation="plain", mesh=run.mesh
   )

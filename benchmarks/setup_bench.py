@@ -58,7 +58,7 @@ def state_hash(state) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   p.add_argument("--out", required=True, help="json path")
   p.add_argument("--model", choices=sorted(tsb.MODELS), default="vit_b16")
   p.add_argument("--variant", choices=sorted(tsb.VARIANTS), default="fast")

@@ -523,7 +523,7 @@ def _row(run, times, batch) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   p.add_argument("--out", required=True, help="directory for train_step_bench_MODEL.json")
   p.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
   p.add_argument("--batch", default="256", help="batch sizes, comma separated")

@@ -24,6 +24,7 @@ BATCH, TABLE = 8, 64
 @pytest.fixture(scope="module")
 def bench():
   spec = importlib.util.spec_from_file_location("train_step_bench", _PATH)
+  assert spec is not None and spec.loader is not None
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module
   spec.loader.exec_module(module)
