@@ -15,21 +15,23 @@ small so that the image tower, the expensive one, dominates), 512-d embeddings, 
 f32 parameters, AdamW + clipping. The batch is random data generated on the device (float32
 pixels as `data.sources.to_device` delivers them); timing does not depend on its values.
 
-Both steps are compiled ahead of time in parallel threads; `grad_cache` runs its `--steps`
-steps as soon as it is compiled (while `plain` may still compile on the host), then `plain`.
+The steps (and the parts) are compiled ahead of time in parallel threads; `grad_cache` runs its
+`--steps` steps as soon as it is compiled (while `plain` may still compile on the host), then
+`plain`.
 With `--ready-file` / `--go-file` both compile first, the file `--ready-file` is touched, and
 timing waits for `--go-file` to exist (a driver keeps other GPU work out of the timed part).
 `peak_gib_after` is the allocator's process-wide peak after that method's steps (so `plain`'s
 includes `grad_cache`'s); `xla_*_gib` is each executable's own buffer
 assignment (`compiled.memory_analysis()`), the per-method comparison.
 
-`--parts` first times, alone, the pieces a GradCache step is made of (`part_fns`: one
-micro-batch's forward, its forward + backward, the policy + loss over the global batch, the
-optimizer update) and records the step they predict (`expected_grad_cache_step_s`); a step far
-slower than that points at the step's structure rather than the towers. `--methods big` adds
-the one-pass `train_step` over the whole batch (small batches only). `--memory-only` compiles
-the steps for an abstract batch and writes XLA's buffer assignment, running nothing (a CPU can
-check the memory of the 32,768 step). No step is started past `--deadline-s`.
+`--parts` times, once everything is compiled and before the steps, the pieces a GradCache step
+is made of (`part_fns`: one micro-batch's forward, its forward + backward, the policy + loss
+over the global batch, the optimizer update) and records the step they predict
+(`expected_grad_cache_step_s`); a step far slower than that points at the step's structure
+rather than the towers. `--methods big` adds the one-pass `train_step` over the whole batch
+(small batches only). `--memory-only` compiles the steps for an abstract batch and writes XLA's
+buffer assignment, running nothing (a CPU can check the memory of the 32,768 step). No step is
+started past `--deadline-s`.
 
   python benchmarks/grad_cache_bench.py --out DIR --parts --steps 2 --deadline-s 200  # one H200
   python benchmarks/grad_cache_bench.py --out /tmp/b --model tiny --batch 256 --micro 32 \
@@ -325,11 +327,26 @@ def main(argv=None) -> int:
     progress(f"{method} compiled")
     return compiled, time.perf_counter() - t0
 
-  # The parts (small executables) first, alone: timed while nothing compiles beside them.
+  def compile_part(part, fn, part_args):
+    compiled = fn.lower(*part_args).compile()
+    progress(f"part {part} compiled")
+    return compiled
+
+  # Everything compiles in parallel threads: the steps and the parts (small executables).
+  pool = concurrent.futures.ThreadPoolExecutor(len(methods) + 4)
+  futures = {m: pool.submit(compile_one, m) for m in methods}
+  part_jobs = {}
   if args.parts:
-    parts = {}
     for part, (fn, make_args) in part_fns(run, args.micro).items():
-      parts[part + "_s"] = _median_s(fn, make_args(run.state, batch), args.reps)
+      part_args = make_args(run.state, batch)
+      part_jobs[part] = (pool.submit(compile_part, part, fn, part_args), part_args)
+    # The parts are timed once every executable is compiled (nothing compiles beside them),
+    # before any step: they are on record even if no step finishes.
+    for future in [*futures.values(), *(job[0] for job in part_jobs.values())]:
+      future.result()
+    parts = {}
+    for part, (future, part_args) in part_jobs.items():
+      parts[part + "_s"] = _median_s(future.result(), part_args, args.reps)
       progress(f"part {part}: {parts[part + '_s']:.4f} s")
     parts["expected_grad_cache_step_s"] = (
       n * (parts["fwd_micro_s"] + parts["fwd_bwd_micro_s"])
@@ -339,9 +356,6 @@ def main(argv=None) -> int:
     parts["expected_plain_step_s"] = n * parts["fwd_bwd_micro_s"] + parts["update_s"]
     result["parts"] = parts
     _write(pathlib.Path(args.out), name, result)
-  # The steps compile in parallel threads.
-  pool = concurrent.futures.ThreadPoolExecutor(len(methods))
-  futures = {m: pool.submit(compile_one, m) for m in methods}
   if args.ready_file or args.go_file:
     for method in methods:
       futures[method].result()
