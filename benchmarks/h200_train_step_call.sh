@@ -46,6 +46,10 @@ el "matmul after: $(cat "$OUT/matmul_after.json")"
 # past the deadline; stopped at 500 s of command time in all.
 GC_S=$(left 500)
 el "gradcache: ${GC_S} s left"
+if [ "$GC_S" -lt 90 ]; then el "gradcache skipped: too little time left"; exit 0; fi
 timeout "$GC_S" python3 benchmarks/grad_cache_bench.py --out "$OUT/gc" --parts --steps 2 \
     --deadline-s $(( GC_S - 15 )) > "$OUT/gc_stdout.txt" 2> "$OUT/gc.log"
-el "gradcache rc=$?: $(grep -o '"expected_grad_cache_step_s": [^,]*' "$OUT/gc/grad_cache_bench_vit_b16.json" 2>/dev/null) $(grep -E '^(grad_cache|plain) ' "$OUT/gc_stdout.txt" | cut -c1-200)"
+RC=$?
+el "gradcache rc=$RC: $(grep -o '"expected_grad_cache_step_s": [^,]*' \
+    "$OUT/gc/grad_cache_bench_vit_b16.json" 2>/dev/null) $(grep -E '^(grad_cache|plain) ' \
+    "$OUT/gc_stdout.txt" | cut -c1-200)"
