@@ -4,10 +4,16 @@ temperature vs MM-TS (schedule + per-sample shift gather), the step's parts, and
 Builds the real trainer state and the real jitted, donated step with `mmts_jax.train.setup`
 for a CLIP-style dual encoder (`vit_b16`: ViT-B/16 image tower + CLIP's 12-layer width-512
 causal text transformer, 77 tokens, 512-d embeddings; `vit_l14`: ViT-L/14 + the width-768 text
-transformer, 768-d), bf16 compute, f32 parameters, AdamW with clipping, random inputs. Every run
-`VARIANT_MODE_bBATCH` is lowered on the main thread and compiled in parallel threads, then the
-runs are timed `--steps` steps per round for `--rounds` rounds in alternation (clock and thermal
-drift hit all alike). MM-TS gathers from a shift table of `--table-size` entries (CC3M-sized).
+transformer, 768-d), bf16 compute, f32 parameters, AdamW with clipping, random inputs. `setup`
+runs once per batch size (one parameter initialisation); every other run `VARIANT_MODE_bBATCH`
+at that batch is derived from it (`_build(first=...)`: a copy of the same parameters and
+optimizer state, the model of its variant, the policy, shift table and policy state of its mode).
+Every run is lowered on the main thread and compiled in parallel threads; each compile finished
+by `--deadline-s` minus `--timing-s` is kept. The runs are then timed `--steps` steps per round
+for `--rounds` rounds in alternation (clock and thermal drift hit all alike); a round that would
+end past the deadline is not started. MM-TS gathers from a shift table of `--table-size` entries
+(CC3M-sized). Every stage is logged on stderr with the seconds since the start and kept in the
+json's `timeline`.
 
 Variants (`VARIANTS`) change only how the same maths is computed (same parameters):
   base     the code as it was: XLA attention in the text tower, conv patch embedding
@@ -19,7 +25,7 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
   python benchmarks/train_step_bench.py --out /tmp/b --model tiny --batch 32 --variants base,fast \\
-      --components fast --profile fast --steps 2 --rounds 1      # CPU smoke test
+      --mmts fast --steps 2 --rounds 1      # CPU smoke test
 
 Memory: `xla_step_gib` is XLA's buffer assignment of one step's executable (arguments +
 outputs + temporaries - donated buffers: parameters, optimizer state, activations, the batch),
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -52,10 +59,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmts_jax import train  # noqa: E402
+from mmts_jax import temperature, train  # noqa: E402
 from mmts_jax.data import sources  # noqa: E402
 from mmts_jax.models import attention, build_model  # noqa: E402
 from mmts_jax.train import setup  # noqa: E402
+from mmts_jax.train.setup import state_shardings  # noqa: E402
 from mmts_jax.train.step import compile_train_step  # noqa: E402
 
 
@@ -148,27 +156,80 @@ class _FixedBatchSource:
       yield self.batch
 
 
+def _derive(first, c):
+  """The `Setup` of config `c` (same model structure, batch and data as `first`) without
+  initialising parameters again: `first`'s state with the policy, shift table and policy state
+  that `setup` builds for `c`'s temperature mode (`temperature.from_config`,
+  `setup.resolve_shift_table`, `Policy.init_state`, `setup.state_shardings`), the same
+  parameters, optimizer state, loss and schedule (the loss and optimizer settings of the
+  variants and modes here are equal)."""
+  policy = temperature.from_config(
+    c.temperature,
+    c.mmts,
+    total_steps=int(c.total_steps),
+    loss=c.loss.name,
+    isogclr=c.get("isogclr"),
+  )
+  if policy.learnable != first.policy.learnable:
+    raise ValueError(
+      f"mode {policy.name!r} has a learnable temperature and {first.policy.name!r} not: "
+      f"their parameter trees differ, build it with its own setup"
+    )
+  if policy.name == first.policy.name:
+    return first
+  table = train.resolve_shift_table(c, first.source, policy)
+  policy_state = policy.init_state(first.source.num_examples, table)
+  shardings = state_shardings(
+    jax.eval_shape(lambda: first.state.replace(policy_state=policy_state)),
+    first.mesh,
+    c.mesh.param_sharding,
+    policy,
+  )
+  state = jax.tree.map(jnp.copy, first.state).replace(
+    policy_state=jax.device_put(policy_state, shardings.policy_state)
+  )
+  return dataclasses.replace(
+    first,
+    config=c,
+    policy=policy,
+    state=state,
+    shardings=shardings,
+    shift_table=table,
+    shift_table_id=train.table_fingerprint(table),
+    step_fn=None,
+    _first=None,
+  )
+
+
 def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=None):
   """One run, lowered. `first` None: `mmts_jax.train.setup` builds it. Otherwise `first` is
-  the `setup` of another variant with this mode and batch: the model of `variant`'s config
-  (`build_model`, as `setup` calls it) replaces `apply_fn` in a copy of its state (the same
-  parameter tree and initial values: the variants only compute differently), and the step is
-  `compile_train_step` with `first`'s policy, loss and schedule: what `setup` would build for
-  this config, without initialising the parameters again."""
+  the `setup` of another run at this batch (another variant and/or mode): its parameters and
+  optimizer state are copied (the variants only compute differently, the modes differ only in
+  the temperature policy), `_derive` gives the policy and policy state of `mode`, the model of
+  `variant`'s config (`build_model`, as `setup` calls it) replaces `apply_fn`, and the step is
+  `compile_train_step` with that policy and `first`'s loss and schedule: what `setup` would
+  build for this config, without initialising the parameters again."""
   c, _ = _config(model, variant, mode, batch)
+  c.mesh.num_devices = 1
   if first is None:
     name = f"train_step_bench_{batch}"
     sources.SOURCES[name] = lambda cfg, **kw: _FixedBatchSource(host_batch, sizes)
     c.data.name = name
-    c.mesh.num_devices = 1
     t0 = time.perf_counter()
     run = setup(c)
+    jax.block_until_ready(run.state)
     state, step_fn = run.state, run.step_fn
-    _progress(f"setup of {variant} {mode} b{batch}: {time.perf_counter() - t0:.1f} s")
+    _progress(
+      f"setup of {variant} {mode} b{batch} (parameters initialised): "
+      f"{time.perf_counter() - t0:.1f} s"
+    )
   else:
-    run = first
+    t0 = time.perf_counter()
+    c.data.name = first.config.data.name
+    run = _derive(first, c)
     net = build_model(c.model, learnable_temperature=run.policy.learnable)
-    state = jax.tree.map(jnp.copy, run.state).replace(apply_fn=net.apply)
+    state = run.state if run is not first else jax.tree.map(jnp.copy, first.state)
+    state = state.replace(apply_fn=net.apply)
     step_fn = compile_train_step(
       run.shardings.replace(apply_fn=net.apply),
       run.mesh,
@@ -176,6 +237,10 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
       loss_fn=run.loss_fn,
       lr_fn=run.lr_fn,
       skip_nonfinite=True,
+    )
+    _progress(
+      f"derived {variant} {mode} b{batch} from the first run's state (no new "
+      f"initialisation): {time.perf_counter() - t0:.1f} s"
     )
   dev_batch = run.to_device(host_batch)
   t0 = time.perf_counter()
@@ -193,9 +258,18 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
   }
 
 
+_T0 = time.monotonic()
+TIMELINE: list[tuple[float, str]] = []  # (seconds since start, event): the json's "timeline"
+
+
 def _progress(msg: str):
-  """A timestamped line on stderr: where a slow run spends its time."""
-  print(f"[train_step_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+  """A timestamped line on stderr (clock time and seconds since the start), also kept in
+  `TIMELINE`: where a slow run spends its time."""
+  t = time.monotonic() - _T0
+  TIMELINE.append((round(t, 1), msg))
+  print(
+    f"[train_step_bench {time.strftime('%H:%M:%S')} {t:6.1f} s] {msg}", file=sys.stderr, flush=True
+  )
 
 
 def _cost(compiled) -> dict:
@@ -423,6 +497,7 @@ def _peak_gib():
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
+  obj["timeline"] = [{"s": t, "event": e} for t, e in TIMELINE]
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=2)
@@ -448,7 +523,7 @@ def _row(run, times, batch) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   p.add_argument("--out", required=True, help="directory for train_step_bench_MODEL.json")
   p.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
   p.add_argument("--batch", default="256", help="batch sizes, comma separated")
@@ -468,12 +543,24 @@ def main(argv=None) -> int:
   p.add_argument("--profile", default="", help="variants profiled (comma separated)")
   p.add_argument("--deadline-s", type=float, default=1e9, help="skips later stages past it")
   p.add_argument(
-    "--compile-s", type=float, default=1e9, help="runs not compiled this long after start: dropped"
+    "--timing-s",
+    type=float,
+    default=45.0,
+    help="seconds kept for warm-up and timing: runs not compiled by --deadline-s minus this "
+    "are dropped",
+  )
+  p.add_argument(
+    "--compile-s",
+    type=float,
+    default=1e9,
+    help="optional earlier cut: runs not compiled this long after the start are dropped",
   )
   p.add_argument("--ready-file", help="touched once everything is compiled")
   p.add_argument("--go-file", help="timing starts once this file exists")
   args = p.parse_args(argv)
-  t_start = time.monotonic()
+  global _T0
+  _T0 = t_start = time.monotonic()
+  TIMELINE.clear()
   left = lambda: args.deadline_s - (time.monotonic() - t_start)  # noqa: E731
   batches = [int(b) for b in args.batch.split(",")]
   variants = args.variants.split(",")
@@ -518,41 +605,54 @@ def main(argv=None) -> int:
 
   runs = {}
   for i, b in enumerate(batches):
-    host_batch, first = _batch(spec, b, args.table_size), {}
+    # One `setup` (one parameter initialisation) per batch size; every other run at that batch
+    # is derived from it (`_build(first=...)`).
+    host_batch, first = _batch(spec, b, args.table_size), None
     for v in variants:
       for mode in ("fixed", "mmts") if (i == 0 and v in mmts) else ("fixed",):
         key = f"{v}_{mode}_b{b}"
-        runs[key] = _build(
-          args.model, v, mode, b, args.table_size, host_batch, sizes, first.get(mode)
-        )
-        first.setdefault(mode, runs[key]["setup"])
+        runs[key] = _build(args.model, v, mode, b, args.table_size, host_batch, sizes, first)
+        first = first or runs[key]["setup"]
         _progress(f"set up and lowered {key}")
   comp_key = f"{args.components}_fixed_b{batches[0]}"
   comp_jobs = component_jobs(runs[comp_key]) if comp_key in runs else {}
   # XLA compiles outside the GIL: the executables compile side by side.
   todo = {**runs, **{f"component {k}": j for k, j in comp_jobs.items()}}
-  threads = [threading.Thread(target=_compile, args=(k, r)) for k, r in todo.items()]
+  # Daemon threads: a compile still running at the cut does not hold the process at exit.
+  threads = [threading.Thread(target=_compile, args=(k, r), daemon=True) for k, r in todo.items()]
+  _progress(f"compiling {len(threads)} executables in parallel threads")
   for t in threads:
     t.start()
-  compile_end = t_start + min(args.compile_s, args.deadline_s - 60)
+  # The cut: the deadline minus the time the timing needs (`--timing-s`), or `--compile-s`
+  # after the start if that is earlier. Every compile finished by then is kept.
+  compile_end = t_start + min(args.compile_s, args.deadline_s - args.timing_s)
+  result["compile_cut_s"] = compile_end - t_start
   for t in threads:  # a compile still running past `compile_end` is left behind, unused
     t.join(timeout=max(compile_end - time.monotonic(), 0.1))
+  _progress(f"compile cut at {time.monotonic() - t_start:.1f} s")
   for key in [k for k, r in runs.items() if "step" not in r]:
-    result["skipped"].append(f"{key}: {runs[key].get('error', 'not compiled by the deadline')}")
+    why = runs[key].get("error", f"not compiled by the cut ({result['compile_cut_s']:.0f} s)")
+    result["skipped"].append(f"{key}: {why}")
+    _progress(f"dropped {key}: {why}")
     del runs[key]
   result["peak_gib_after_compile"] = _peak_gib()
   _write_json(path, result)
   _wait_for(args.go_file, args.ready_file)
-  _progress("timing")
+  _progress("timing (go)")
   for run in runs.values():
     _time(run, 3)  # warm-up (allocator, autotuning)
+  _progress("warmed up")
   times = {key: [] for key in runs}
+  round_s = 0.0
   for r in range(args.rounds):  # alternate, so that clock and thermal drift hit all alike
-    if r and left() < 40:
+    if r and left() < round_s + 5:  # another round would end past the deadline
       result["skipped"].append(f"rounds after {r}: deadline")
       break
+    t0 = time.monotonic()
     for key, run in runs.items():
       times[key].append(_time(run, args.steps))
+    round_s = time.monotonic() - t0
+    _progress(f"round {r + 1}/{args.rounds} timed in {round_s:.1f} s")
   for key, ts in times.items():
     result[key] = _row(runs[key], ts, int(key.rsplit("_b", 1)[1]))
   b0 = batches[0]

@@ -126,3 +126,18 @@ def test_split_and_merge_are_inverse_and_spread_rows():
   assert parts.shape == (3, 4, 2)
   np.testing.assert_array_equal(parts[1, :, 0], x[1::3, 0])
   np.testing.assert_array_equal(grad_cache.merge_micro(parts), x)
+
+
+def test_the_micro_batches_are_read_in_place_without_a_transposed_copy():
+  # The step reads micro-batch k from a reshaped view of the batch (`_strided` + `_take`): the
+  # same rows as `split_micro`, and no (n, B / n, ...) transposed copy of an input is written.
+  x = np.arange(48, dtype=np.float32).reshape(12, 2, 2)
+  view = grad_cache._strided({"x": jnp.asarray(x)}, 3, None)
+  for k in range(3):
+    np.testing.assert_array_equal(grad_cache._take(view, k)["x"], x[k::3])
+  run, state, batch = _run()
+  for accumulation in grad_cache.ACCUMULATIONS:
+    _, micro = _steps(run, accumulation=accumulation)
+    text = micro.lower(state, batch).as_text()
+    # The (32, 12) features viewed as (8, 4, 12), never transposed to (4, 8, 12).
+    assert "tensor<8x4x12xf32>" in text and "tensor<4x8x12xf32>" not in text

@@ -173,19 +173,37 @@ def _sample_batch(local: Mapping[str, np.ndarray]) -> dict:
   return out
 
 
+def _copy(tree):
+  return jax.tree.map(lambda x: x.copy(), tree)
+
+
+@dataclasses.dataclass
+class _Model:
+  model: Any
+  tx: Any
+  lr_fn: Callable
+  create: Callable  # `state.create` bound to `model` and `tx`: one object, one trace
+  jitted: dict  # (parameter shardings' leaves, treedef) -> jitted create
+
+
 @dataclasses.dataclass
 class _Built:
   model: Any
   tx: Any
   lr_fn: Callable
   loss_fn: Callable
-  jitted: dict  # (shardings' leaves, treedef) -> (jitted create, compiled step)
+  jitted: dict  # (shardings' leaves, treedef) -> compiled step
+  init: _Model  # shared by the configurations that differ only in the temperature policy
 
 
 # What `setup` built, by the configuration it was built from: equal configurations in one
 # process (a sweep, a resumed run, the test suite) share one model, optimizer, loss function and
 # bound step, hence one compilation (jit caches by function identity, and these are closures).
+# The model, optimizer and the compiled parameter initialisation depend on the policy only
+# through `learnable` and the initial temperature (`_MODELS`): a fixed-temperature run and an
+# MM-TS run of one model share them (one initialisation compile, the same initial values).
 _BUILT: dict[tuple, _Built] = {}
+_MODELS: dict[tuple, _Model] = {}
 
 
 def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
@@ -196,14 +214,16 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
     total_steps=int(config.total_steps),
     train={k: v for k, v in config.train.to_dict().items() if k != "skip_nonfinite"},
   )
-  key = (json.dumps(parts, sort_keys=True, default=str), policy, mesh)
-  if key not in _BUILT:
+  text = json.dumps(parts, sort_keys=True, default=str)
+  init_temperature = getattr(policy, "value", 0.07)
+  model_key = (text, bool(policy.learnable), float(init_temperature), mesh)
+  if model_key not in _MODELS:
     # The sigmoid loss's logit bias `b` is a model parameter (SigLIP: init -10), which the
     # step passes to the loss (`step.model_loss_fn`).
     model = build_model(
       config.model,
       learnable_temperature=policy.learnable,
-      init_temperature=getattr(policy, "value", 0.07),
+      init_temperature=init_temperature,
       learnable_bias=config.loss.name == "sigmoid",
       init_bias=float(config.loss.get("bias_init", -10.0)),
     )
@@ -212,6 +232,11 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
       int(config.total_steps),
       max_log_inv_temperature=(math.log(1.0 / model.min_temperature) if policy.learnable else None),
     )
+    create = functools.partial(state_lib.create, model, tx)
+    _MODELS[model_key] = _Model(model, tx, lr_fn, create, {})
+  init = _MODELS[model_key]
+  key = (text, policy, mesh)
+  if key not in _BUILT:
     loss_fn = losses.get(
       config.loss.name,
       impl=config.loss.get("impl", "auto"),
@@ -219,7 +244,7 @@ def _build(config, policy: temperature_lib.Policy, mesh) -> _Built:
       mesh=mesh,
       axis_name=mesh_lib.DATA_AXIS,
     )
-    _BUILT[key] = _Built(model, tx, lr_fn, loss_fn, {})
+    _BUILT[key] = _Built(init.model, init.tx, init.lr_fn, loss_fn, {}, init)
   return _BUILT[key]
 
 
@@ -356,15 +381,18 @@ def setup(
     )
 
   policy_state = policy.init_state(source.num_examples, table)
-  create = functools.partial(state_lib.create, model, tx)
+  # The parameters and optimizer state come from one jitted `create` (out_shardings: created
+  # in place on the devices), which does not see the policy state: it compiles once per model,
+  # optimizer, sample shapes and shardings, whatever the temperature mode or table size; the
+  # policy state is put on the devices beside it (the same values).
+  init = built.init
   args: dict[str, Any] = dict(
-    rng=jax.random.PRNGKey(int(config.seed)),
-    sample_batch=_sample_batch(sample_batch),
-    policy_state=policy_state,
+    rng=jax.random.PRNGKey(int(config.seed)), sample_batch=_sample_batch(sample_batch)
   )
-  shardings = state_shardings(
-    jax.eval_shape(lambda: create(**args)), mesh, config.mesh.param_sharding, policy
-  )
+  # Shapes through `jax.jit(init.create)`: the jitted create below (same function, same
+  # arguments) reuses this trace instead of tracing the model's init a second time.
+  shapes = jax.jit(init.create).eval_shape(**args).replace(policy_state=policy_state)
+  shardings = state_shardings(shapes, mesh, config.mesh.param_sharding, policy)
   step_kw = {}
   micro = int(config.train.get("micro_batch_size", 0) or 0)
   if micro:
@@ -375,20 +403,26 @@ def setup(
         grad_cache.micro_batch_step, micro_batch_size=micro, accumulation=acc, mesh=mesh
       )
     )
+  init_shardings = shardings.replace(policy_state={})
+  init_key = tuple(jax.tree.flatten(init_shardings))
+  init_key = (tuple(init_key[0]), init_key[1])
+  if init_key not in init.jitted:
+    init.jitted[init_key] = jax.jit(init.create, out_shardings=init_shardings)
   leaves, treedef = jax.tree.flatten(shardings)
-  jitted = built.jitted.get((tuple(leaves), treedef))
-  if jitted is None:
-    jitted = built.jitted[(tuple(leaves), treedef)] = (
-      jax.jit(create, out_shardings=shardings),
-      # The compiled step never applies a non-finite update; `config.train.skip_nonfinite`
-      # only decides whether the loop then goes on or stops (`train.loop`), so both settings
-      # share one compilation and a stopped run's in-memory state is the last good one.
-      compile_train_step(
-        shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn, skip_nonfinite=True, **step_kw
-      ),
+  step_fn = built.jitted.get((tuple(leaves), treedef))
+  if step_fn is None:
+    # The compiled step never applies a non-finite update; `config.train.skip_nonfinite`
+    # only decides whether the loop then goes on or stops (`train.loop`), so both settings
+    # share one compilation and a stopped run's in-memory state is the last good one.
+    step_fn = built.jitted[(tuple(leaves), treedef)] = compile_train_step(
+      shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn, skip_nonfinite=True, **step_kw
     )
-  create_fn, step_fn = jitted
-  state = create_fn(**args)
+  state = init.jitted[init_key](**args)
+  # A jitted copy with out_shardings, as the policy state reached the devices inside `create`
+  # before (multi-process meshes included); it compiles in milliseconds.
+  state = state.replace(
+    policy_state=jax.jit(_copy, out_shardings=shardings.policy_state)(dict(policy_state or {}))
+  )
   run = Setup(
     config=config,
     mesh=mesh,
