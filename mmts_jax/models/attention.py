@@ -81,7 +81,7 @@ def attend(
   *,
   causal: bool = False,
   lengths: jax.Array | None = None,
-  kernel: Literal["auto", "xla"] = "auto",
+  kernel: str = "auto",  # "auto" | "xla", checked below (a module field passes a str)
 ) -> jax.Array:
   """`softmax(q k^T / sqrt(d) + M) v` for `(B, L, heads, d)` inputs, through the kernel that
   `implementation` picks (`kernel="xla"` forces XLA); falls back to XLA (with a log line) if
