@@ -8,7 +8,8 @@
 # peer_openclip_step.py (copied from ../shared/peers/). Writes under $OUT: driver.log (the stage
 # timeline), jax.log + train_step_bench_vit_b16.json (ours: fast / base / fast + MM-TS, one
 # setup, the MM-TS run derived from it), openclip_b256.json (OpenCLIP compiled, timed alone),
-# matmul_after.json, gc.log + gc/grad_cache_bench_vit_b16.json (GradCache vs plain at 32,768).
+# matmul_after.json, gc.log + gc/grad_cache_bench_vit_b16.json + gc/stdout.txt (GradCache vs plain
+# at 32,768): 8 files, the device tool's limit on what comes back.
 W=${WHEELS:-wheels/final}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -30,13 +31,13 @@ el start
 # step compiled by deadline - timing-s (225 s) is kept and timed.
 taskset -c 0-9 timeout 280 python3 benchmarks/train_step_bench.py --out "$OUT" \
     --variants fast,base --mmts fast --steps 10 --rounds 5 --deadline-s 270 --timing-s 45 \
-    --ready-file /tmp/ready --go-file /tmp/go 2> "$OUT/jax.log" > "$OUT/jax_stdout.json"
-el "ours rc=$?: $(grep -o '"fast_mmts_overhead_pct": [^,]*' "$OUT/jax_stdout.json")"
+    --ready-file /tmp/ready --go-file /tmp/go 2> "$OUT/jax.log" > /tmp/jax_stdout.json
+el "ours rc=$?: $(grep -o '"fast_mmts_overhead_pct": [^,]*' /tmp/jax_stdout.json)"
 touch /tmp/ready /tmp/go
 wait
 el "openclip warm: $(head -c 300 /tmp/oc_warm.json)"
 timeout 60 python3 "$W"/peer_openclip_step.py 256 compile > "$OUT/openclip_b256.json" \
-    2> "$OUT/openclip.err"
+    2> /tmp/openclip.err
 el "openclip timed rc=$?: $(cat "$OUT/openclip_b256.json")"
 timeout 30 python3 benchmarks/matmul_rate.py > "$OUT/matmul_after.json" 2>&1
 el "matmul after: $(cat "$OUT/matmul_after.json")"
@@ -48,8 +49,9 @@ GC_S=$(left 500)
 el "gradcache: ${GC_S} s left"
 if [ "$GC_S" -lt 90 ]; then el "gradcache skipped: too little time left"; exit 0; fi
 timeout "$GC_S" python3 benchmarks/grad_cache_bench.py --out "$OUT/gc" --parts --steps 2 \
-    --deadline-s $(( GC_S - 15 )) > "$OUT/gc_stdout.txt" 2> "$OUT/gc.log"
+    --deadline-s $(( GC_S - 15 )) > /tmp/gc_stdout.txt 2> "$OUT/gc.log"
 RC=$?
 el "gradcache rc=$RC: $(grep -o '"expected_grad_cache_step_s": [^,]*' \
     "$OUT/gc/grad_cache_bench_vit_b16.json" 2>/dev/null) $(grep -E '^(grad_cache|plain) ' \
-    "$OUT/gc_stdout.txt" | cut -c1-200)"
+    /tmp/gc_stdout.txt | cut -c1-200)"
+cp /tmp/gc_stdout.txt "$OUT/gc/stdout.txt" 2>/dev/null
