@@ -46,9 +46,7 @@ def square_source(img: Image.Image, side: int) -> np.ndarray:
   return np.asarray(img.resize((side, side), Image.Resampling.BILINEAR), np.uint8)
 
 
-def box_in_square(
-  box: tuple[int, int, int, int], width: int, height: int, side: int
-) -> np.ndarray:
+def box_in_square(box: tuple[int, int, int, int], width: int, height: int, side: int) -> np.ndarray:
   """A (left, top, right, bottom) box of a `width x height` image, in its `side`-square's
   coordinates: x scaled by `side / width`, y by `side / height`; float32 (4,).
 
