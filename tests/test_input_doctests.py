@@ -16,6 +16,7 @@ MODULES = [
   "mmts_jax.commands.errors",
   "mmts_jax.commands.help_format",
   "mmts_jax.data.image_ops",
+  "mmts_jax.data.device_crop",
   "mmts_jax.eval.relevancy",
 ]
 

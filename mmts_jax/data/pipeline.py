@@ -25,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from mmts_jax.data import device_crop as device_crop_lib
 from mmts_jax.data import image_ops, sources
 
 __all__ = [
@@ -46,6 +47,10 @@ class ImageTextTransform:
   `uint8=True` the image stays uint8 (4x less to transfer, no float work on the host);
   `mmts_jax.data.sources.to_device` normalises it on the device. `decoder` is
   `image_ops.decode_image`'s ("auto": simplejpeg for JPEGs when installed; same pixels as "pil").
+  `device_crop=True` (train, with `uint8=True`) moves the crop's resampling to the device: `image`
+  is the decoded image stretched to a uint8 `source_side x source_side` square, `crop_box` (4,)
+  float32 the same random box in that square, `crop_size` the int32 output side; `to_device`
+  crops (bicubic) and normalises there (see `mmts_jax.data.device_crop`).
   Picklable, so grain worker processes can run it.
 
   Usage (tests/test_data_pipeline.py runs these on a small converted dataset):
@@ -64,6 +69,7 @@ class ImageTextTransform:
     keep_label: bool = False,
     uint8: bool = False,
     decoder: str = "auto",
+    device_crop: bool = False,
   ):
     if decoder not in image_ops.DECODERS:
       raise ValueError(f"decoder must be one of {image_ops.DECODERS}, got {decoder!r}")
@@ -71,6 +77,12 @@ class ImageTextTransform:
       raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
       raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+    if device_crop and not (train and uint8):
+      raise ValueError(
+        f"device_crop=True needs train=True and uint8=True (the device crops raw pixels), got "
+        f"train={train}, uint8={uint8}"
+      )
+    self.device_crop = bool(device_crop)
     self.tokenizer, self.image_size, self.train = tokenizer, image_size, train
     self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     self.keep_caption, self.keep_label, self.uint8 = keep_caption, keep_label, uint8
@@ -86,11 +98,28 @@ class ImageTextTransform:
     if self.train:
       if rng is None:
         raise ValueError("a train transform needs a generator (use it through grain random_map)")
+      if self.device_crop:
+        return self._finish(record, self._device_crop_fields(img, rng))
       img = image_ops.random_resized_crop(img, self.image_size, rng, scale=self.crop_scale)
     else:
       img = image_ops.resize_center_crop(img, self.image_size)
     pixels = np.asarray(img, np.uint8) if self.uint8 else image_ops.normalize(img)
-    out = {"image": pixels, "index": np.int32(record["index"])}
+    return self._finish(record, {"image": pixels})
+
+  def _device_crop_fields(self, img, rng: np.random.Generator) -> dict[str, Any]:
+    # The same generator draws the same box as the host path's random_resized_crop.
+    box = image_ops.random_resized_crop_box(img.width, img.height, rng, scale=self.crop_scale)
+    # The square's side is the draft target; a box covers at least crop_scale[0] of each axis,
+    # so it keeps >= crop_scale[0] * side pixels per axis (213 of 237 at 224 px, 0.9).
+    side = self._draft
+    return {
+      "image": device_crop_lib.square_source(img, side),
+      "crop_box": device_crop_lib.box_in_square(box, img.width, img.height, side),
+      "crop_size": np.int32(self.image_size),
+    }
+
+  def _finish(self, record: Mapping[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    out = {**fields, "index": np.int32(record["index"])}
     if self.tokenizer is not None:
       if "caption" not in record:
         raise KeyError(f"record {record.get('index')} has no caption to tokenise")
@@ -260,6 +289,7 @@ def image_text_pipeline(
   keep_label: bool = False,
   uint8: bool = False,
   decoder: str = "auto",
+  device_crop: bool = False,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Pipeline:
@@ -284,6 +314,7 @@ def image_text_pipeline(
     keep_label=keep_label,
     uint8=uint8,
     decoder=decoder,
+    device_crop=device_crop,
   )
   return make_pipeline(
     source,

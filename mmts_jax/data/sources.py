@@ -336,7 +336,8 @@ def to_device(local: Mapping[str, np.ndarray], target) -> dict[str, Any]:
   `target` is a mesh (rows split over its data axis, as the trainer does) or a
   `jax.sharding.Sharding` (or a mapping field -> sharding). Non-numeric fields (captions) stay on
   the host and are dropped; raw uint8 pixels (see `is_raw_pixels`) are shipped as uint8 and
-  normalised on the device.
+  normalised on the device. A batch with `crop_box` (the pipeline's `device_crop=True`) is
+  cropped to `crop_size` on the device first (`device_crop.crop_on_device`, bicubic).
 
   Example:
     >>> from mmts_jax import mesh as mesh_lib
@@ -354,16 +355,35 @@ def to_device(local: Mapping[str, np.ndarray], target) -> dict[str, Any]:
     sharding, n_proc = mesh_lib.batch_sharding(target), jax.process_count()
   else:
     sharding, n_proc = target, None
+  crop_size = _crop_size(local)
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
-    if not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
+    if k == "crop_size" or not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
       continue
     s = sharding[k] if isinstance(sharding, Mapping) else sharding
     shape = None if n_proc is None else (v.shape[0] * n_proc,) + v.shape[1:]
     x = jax.make_array_from_process_local_data(s, v, shape)
-    out[k] = _normalize(x) if is_raw_pixels(v) else x
+    out[k] = _normalize(x) if is_raw_pixels(v) and crop_size is None else x
+  if crop_size is not None:  # the pipeline's device_crop: crop, then normalise, on the device
+    from mmts_jax.data import device_crop
+
+    crops = device_crop.crop_on_device(out["image"], out.pop("crop_box"), crop_size)
+    out["image"] = _normalize(crops)
   return out
+
+
+def _crop_size(local: Mapping[str, np.ndarray]) -> int | None:
+  """The device crop's output side from a batch with `crop_box` (None without one)."""
+  if "crop_box" not in local:
+    return None
+  sizes = np.unique(np.asarray(local.get("crop_size", ())))
+  if sizes.size != 1 or not is_raw_pixels(local.get("image")):
+    raise ValueError(
+      f"a batch with crop_box needs uint8 (B, S, S, 3) image and one crop_size, got crop_size "
+      f"{sizes.tolist()} and image {getattr(local.get('image'), 'dtype', None)}"
+    )
+  return int(sizes[0])
 
 
 def prefetch_to_device(

@@ -13,6 +13,7 @@ this process's numpy batches starting at global batch `start_batch`. The sources
   image_size    crop side (224); crop_scale (0.9, 1.0) for the random resized crop
   uint8         ship uint8 images and normalise on device (False)
   decoder       JPEG decoder: "auto" (simplejpeg when installed, else Pillow), "pil", "simplejpeg"
+  device_crop   resample the random resized crop on the device, bicubic (False; needs uint8)
   num_threads   grain read threads (8); worker_count: grain worker processes (0)
   tfds_name, tfds_split, tfds_data_dir, caption_key, image_key   for `:tfds`
 """
@@ -84,6 +85,7 @@ def _image_text(cfg, source, fingerprint, *, global_batch_size: int, seed: int):
     crop_scale=tuple(_get(cfg, "crop_scale", (0.9, 1.0))),
     uint8=bool(_get(cfg, "uint8", False)),
     decoder=str(_get(cfg, "decoder", "auto")),
+    device_crop=bool(_get(cfg, "device_crop", False)),
     global_batch_size=global_batch_size,
     seed=seed,
     num_epochs=None,

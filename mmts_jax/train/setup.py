@@ -165,11 +165,18 @@ def state_shardings(
 
 def _sample_batch(local: Mapping[str, np.ndarray]) -> dict:
   """A 2-example batch with the per-example shapes: enough to initialise the model. Raw uint8
-  pixels are initialised as the float32 the model will see after `to_device`."""
+  pixels are initialised as the float32 the model will see after `to_device`; a device-crop
+  batch (`crop_box`, `crop_size`) as its `crop_size x crop_size` crops."""
   out = {}
   for k, v in local.items():
+    if k in ("crop_box", "crop_size"):  # consumed by to_device's crop, never seen by the model
+      continue
     dtype = np.float32 if sources.is_raw_pixels(v) else np.asarray(v).dtype
-    out[k] = np.zeros((2,) + np.shape(v)[1:], dtype)
+    shape = np.shape(v)[1:]
+    if k == "image" and "crop_box" in local:
+      size = int(np.asarray(local["crop_size"]).reshape(-1)[0])
+      shape = (size, size) + shape[2:]
+    out[k] = np.zeros((2,) + shape, dtype)
   return out
 
 
