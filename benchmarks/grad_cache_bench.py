@@ -51,7 +51,6 @@ import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -61,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmts_jax import train
+from mmts_jax import atomic_io, train
 from mmts_jax.data import sources
 from mmts_jax.train import grad_cache
 from mmts_jax.train.step import compile_train_step
@@ -212,11 +211,7 @@ def _gib(n) -> float:
 
 
 def _write(out: pathlib.Path, name: str, result: dict) -> None:
-  out.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, out / name)
+  atomic_io.atomic_write_json(out / name, result)
 
 
 def _median_s(fn, args, reps: int) -> float:

@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from mmts_jax import atomic_io  # noqa: E402
 from mmts_jax.data import device_crop, image_ops, pipeline  # noqa: E402
 from mmts_jax.data.sample_images import natural_jpeg  # noqa: E402
 
@@ -287,12 +288,7 @@ def main(argv=None) -> int:
     },
     "cores_for_3200_median": {k: TARGET / chains[k]["median"] for k in PATHS},
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, out)
+  atomic_io.atomic_write_json(args.out, result, indent=1)
   print(json.dumps(result, indent=1))
   return 0
 

@@ -59,7 +59,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmts_jax import temperature, train  # noqa: E402
+from mmts_jax import atomic_io, temperature, train  # noqa: E402
 from mmts_jax.data import sources  # noqa: E402
 from mmts_jax.models import attention, build_model  # noqa: E402
 from mmts_jax.train import setup  # noqa: E402
@@ -498,10 +498,7 @@ def _peak_gib():
 
 def _write_json(path: pathlib.Path, obj) -> None:
   obj["timeline"] = [{"s": t, "event": e} for t, e in TIMELINE]
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  atomic_io.atomic_write_json(path, obj)
 
 
 def _row(run, times, batch) -> dict:
