@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mmts_jax import train
+from mmts_jax.train.step import compile_train_step
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_step_bench.py"
 BATCH, TABLE = 8, 64
@@ -81,3 +82,32 @@ def test_derive_refuses_a_mode_with_another_parameter_tree(bench):
   first = _first(bench)
   with pytest.raises(ValueError, match="learnable"):
     bench._derive(first, _config(bench, first, "learnable"))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "mmts"])
+def test_derived_run_at_another_batch_size_equals_its_own_setup(bench, mode):
+  # The bench runs one `setup` per process: a run at another batch size is derived as well.
+  first = _first(bench)
+  c = _config(bench, first, mode)
+  c.batch_size = 2 * BATCH
+  derived = bench._derive(first, c)
+  assert derived is not first and derived.global_batch_size == 2 * BATCH
+  host = bench._batch(bench.MODELS["test"], 2 * BATCH, TABLE)
+  sizes = np.random.default_rng(1).integers(1, 50, size=TABLE)
+  c.data.name = "train_step_bench_test_2x"
+  train.SOURCES[c.data.name] = lambda cfg, **kw: bench._FixedBatchSource(host, sizes)
+  ref = train.setup(c)
+  assert derived.policy == ref.policy and derived.shift_table_id == ref.shift_table_id
+  chex.assert_trees_all_equal(derived.state.checkpoint_tree(), ref.state.checkpoint_tree())
+  # The derived run's step takes the bigger batch and gives the reference's update.
+  step = compile_train_step(
+    derived.shardings.replace(apply_fn=derived.state.apply_fn),
+    derived.mesh,
+    policy=derived.policy,
+    loss_fn=derived.loss_fn,
+    lr_fn=derived.lr_fn,
+    skip_nonfinite=True,
+  )
+  got, _ = step(derived.state, derived.to_device(host))
+  want, _ = ref.step_fn(ref.state, ref.to_device(host))
+  chex.assert_trees_all_close(got.params, want.params, rtol=1e-6, atol=1e-7)
