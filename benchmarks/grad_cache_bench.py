@@ -9,7 +9,8 @@ parameters, input batch and MM-TS temperatures; only `config.train.accumulation`
 * `plain`: each micro-batch's own loss (negatives only within it), gradients averaged
   (2 passes per example): NOT the big-batch update, the usual baseline.
 
-Model (`vit_b16`): the project's ViT-B/16 image tower at 224 px (86M parameters) and a
+Model (`vit_b16`): the project's ViT-B/16 image tower at 224 px (86M parameters; cuDNN
+attention, dense patch embedding, fused q/k/v) and a
 one-hidden-layer MLP text tower over precomputed 512-d text features (the text side is kept
 small so that the image tower, the expensive one, dominates), 512-d embeddings, bf16 compute,
 f32 parameters, AdamW + clipping. The batch is random data generated on the device (float32
@@ -67,7 +68,9 @@ from mmts_jax.train.step import compile_train_step
 
 MODELS = {
   "vit_b16": dict(
-    image=dict(name="vit", variant="B/16"),
+    # The fastest ViT-B/16 options of train_step_bench.py on the H200 (variant fast+qkv:
+    # cuDNN attention, patch embedding as one product, fused q/k/v).
+    image=dict(name="vit", variant="B/16", attention="auto", patch_embed="dense", fused_qkv=True),
     image_size=224,
     text_dim=512,
     text=dict(name="features", hidden_dims=(1024,)),
