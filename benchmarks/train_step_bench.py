@@ -20,6 +20,7 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   fast     cuDNN attention in the text tower too (causal + trailing-padding lengths),
            patch embedding as one matrix product
   +qkv     fused q/k/v product; +dots: remat policy "dots"; +full: full remat;
+  +even    odd token counts (197, 77) padded once per tower, not in every block (`even_length`);
   +notriton  XLA's Triton GEMM fusions off (cuBLAS); +lhs: latency-hiding scheduler
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
@@ -42,6 +43,7 @@ import argparse
 import collections
 import dataclasses
 import glob
+import gzip
 import json
 import os
 import pathlib
@@ -109,6 +111,7 @@ VARIANTS = {
   "fast+dots": ({**_FAST, "remat": "dots"}, dict(patch_embed="dense"), {}),
   "fast+full": ({**_FAST, "remat": "full"}, dict(patch_embed="dense"), {}),
   "fast+qkv+dots": ({**_FAST, "fused_qkv": True, "remat": "dots"}, dict(patch_embed="dense"), {}),
+  "fast+qkv+even": ({**_FAST, "fused_qkv": True, "even_length": True}, dict(patch_embed="dense"), {}),
   "fast+notriton": (_FAST, dict(patch_embed="dense"), {"xla_gpu_enable_triton_gemm": False}),
   "fast+lhs": (
     _FAST,
@@ -545,6 +548,12 @@ def main(argv=None) -> int:
   p.add_argument("--table-size", type=int, default=2_900_000, help="shift-table entries (CC3M)")
   p.add_argument("--components", default="", help="variant whose parts are timed")
   p.add_argument("--profile", default="", help="variants profiled (comma separated)")
+  p.add_argument(
+    "--hlo",
+    default="",
+    help="variants whose optimised HLO (the compiled step's text) is written, gzipped, to "
+    "OUT/hlo_VARIANT.txt.gz, + as _ (the profile's kernel names are its fusion names)",
+  )
   p.add_argument("--deadline-s", type=float, default=1e9, help="skips later stages past it")
   p.add_argument(
     "--timing-s",
@@ -647,6 +656,11 @@ def main(argv=None) -> int:
     result["skipped"].append(f"{key}: {why}")
     _progress(f"dropped {key}: {why}")
     del runs[key]
+  for v in [v for v in args.hlo.split(",") if v]:
+    key = f"{v}_fixed_b{batches[0]}"
+    if key in runs:
+      with gzip.open(out / f"hlo_{v.replace('+', '_')}.txt.gz", "wt") as f:
+        f.write(runs[key]["step"].as_text())
   result["peak_gib_after_compile"] = _peak_gib()
   _write_json(path, result)
   _wait_for(args.go_file, args.ready_file)

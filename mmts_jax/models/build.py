@@ -50,7 +50,11 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
   attention = str(_get(cfg, "attention", "auto"))
   if attention not in ("auto", "xla"):
     raise ValueError(f"model.*.attention must be 'auto' or 'xla', got {attention!r}")
-  return dict(fused_qkv=bool(_get(cfg, "fused_qkv", False)), attention=attention)
+  return dict(
+    fused_qkv=bool(_get(cfg, "fused_qkv", False)),
+    attention=attention,
+    even_length=bool(_get(cfg, "even_length", False)),
+  )
 
 
 def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:

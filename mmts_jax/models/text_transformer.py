@@ -47,6 +47,7 @@ class TextTransformer(nn.Module):
   param_dtype: Any = jnp.float32
   fused_qkv: bool = False
   attention: str = "auto"
+  even_length: bool = False
 
   @nn.compact
   def __call__(self, ids, *, train: bool = False):
@@ -88,6 +89,7 @@ class TextTransformer(nn.Module):
       self.param_dtype,
       fused_qkv=self.fused_qkv,
       attention=self.attention,
+      even_length=self.even_length,
       causal=self.causal,
       name="encoder",
     )(x, mask, train=train, lengths=jnp.sum(valid, axis=1))

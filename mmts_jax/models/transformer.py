@@ -13,6 +13,11 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     element-wise work (layer norms, GELU, residual sums) and the attention from them.
   * `fused_qkv`: q, k, v from one product (`attention.SelfAttention`).
   * `attention`: "auto" (cuDNN where `attention.implementation` allows) or "xla".
+  * `even_length`: an odd sequence (ViT-B/16's 197 tokens, CLIP's 77) gets one zero token
+    appended once, before the first block, and hidden from every query as a padding key
+    (`lengths`); the output is sliced back. cuDNN's fused backward needs an even length, and
+    `attention.even_length_attention` otherwise pads q, k and v in every block (3 pads and
+    their slices per layer); here the whole stack carries the extra row instead.
 """
 
 from __future__ import annotations
@@ -108,9 +113,13 @@ class Encoder(nn.Module):
   fused_qkv: bool = False
   attention: str = "auto"
   causal: bool = False
+  even_length: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False, lengths=None):
+    length = x.shape[1]
+    if self.even_length and length % 2:
+      x, mask, lengths = pad_to_even(x, mask, lengths)
     # Rematerialisation trades recomputation in the backward pass for activation memory.
     policy = remat_policy(self.remat)
     if policy == "none":
@@ -133,4 +142,26 @@ class Encoder(nn.Module):
         name=f"block_{i}",
       )
       x = blk(x, mask, train, lengths)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
+    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
+    return x[:, :length]
+
+
+def pad_to_even(x: jax.Array, mask: jax.Array | None, lengths: jax.Array | None):
+  """`x (B, L, C)` with L odd -> `(B, L + 1, C)` with a zero row appended, the dense `mask`
+  (broadcasting to `(B, heads, L, L)`) padded so that no query sees the new key (the new query
+  sees only itself: no row is empty), and `lengths` (int `(B,)`, default all L) unchanged, so
+  the fused kernel hides the new key from every real query too.
+
+  Example:
+    >>> x, mask, lengths = pad_to_even(jnp.ones((2, 3, 4)), None, None)
+    >>> x.shape, mask, lengths.tolist()
+    ((2, 4, 4), None, [3, 3])
+  """
+  b, length = x.shape[0], x.shape[1]
+  x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+  if lengths is None:
+    lengths = jnp.full((b,), length, jnp.int32)
+  if mask is not None:
+    mask = jnp.pad(mask.astype(jnp.bool_), [(0, 0)] * (mask.ndim - 2) + [(0, 1), (0, 1)])
+    mask = mask.at[..., length, length].set(True)
+  return x, mask, lengths

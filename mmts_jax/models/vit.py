@@ -7,7 +7,7 @@ Pooling is the class token (`pool="cls"`, CLIP) or the mean over patches (`pool=
 The patch embedding is a `p x p` convolution with stride `p` (`patch_embed="conv"`), or the
 same map as one matrix product over the flattened patches (`patch_embed="dense"`,
 `PatchEmbed`: the same `patch_embed/kernel (p, p, 3, width)` and `bias` parameters, so
-checkpoints are interchangeable). `remat`, `fused_qkv` and `attention` go to the encoder
+checkpoints are interchangeable). `remat`, `fused_qkv`, `attention` and `even_length` go to the encoder
 (`mmts_jax.models.transformer`).
 
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
@@ -101,6 +101,7 @@ class ViT(nn.Module):
   patch_embed: str = "conv"
   fused_qkv: bool = False
   attention: str = "auto"
+  even_length: bool = False
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> ViT:
@@ -154,6 +155,7 @@ class ViT(nn.Module):
       self.param_dtype,
       fused_qkv=self.fused_qkv,
       attention=self.attention,
+      even_length=self.even_length,
       name="encoder",
     )(x, train=train)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
