@@ -69,6 +69,7 @@ sys.path.insert(0, str(_HERE))
 import input_gpu_bench as igb  # noqa: E402  (numpy only at import: the OpenCLIP child loads it)
 
 T0 = time.perf_counter()
+WALL_T0 = time.time()  # the same instant on the wall clock, for the children's log lines
 TIMELINE: list[dict] = []
 SYNC_EVERY = 10  # steps between host syncs, both sides (the trainer's loop syncs at log_every)
 PREFETCH = 2  # device batches in flight: `Setup.device_batches`' default, what `train.loop` uses
@@ -86,6 +87,12 @@ def _log(msg: str) -> None:
   t = time.perf_counter() - T0
   TIMELINE.append({"s": round(t, 1), "event": msg})
   print(f"[e2e_train_bench {t:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _clog(args, msg: str) -> None:
+  """A child's log line, in seconds since the parent started (`--t0`: its `time.time()`)."""
+  t = time.time() - args.t0 if args.t0 else time.perf_counter() - T0
+  print(f"[e2e_train_bench {t:6.1f} s] openclip {args.child}: {msg}", file=sys.stderr, flush=True)
 
 
 def _left(args) -> float:
@@ -118,11 +125,16 @@ def write_data(root: str, num_images: int) -> dict:
   urls = igb._write_tars(f"{root}/wds", jpegs)
   records = f"{root}/records"
   write_records(records, ({"image": d, "caption": f"photo {i}"} for i, d in enumerate(jpegs)))
-  return {"urls": urls, "records": records, "mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs]))}
+  return {
+    "urls": urls,
+    "records": records,
+    "mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])),
+  }
 
 
-def timed_window(step, next_batch, sync, *, batch: int, seconds: float, warmup_s: float,
-                 warmup_steps: int) -> dict:
+def timed_window(
+  step, next_batch, sync, *, batch: int, seconds: float, warmup_s: float, warmup_steps: int
+) -> dict:
   """Warm up (`warmup_steps` steps and `warmup_s` seconds), then run `step(next_batch())` for
   `seconds` (at least 3 steps), syncing every `SYNC_EVERY` steps and at the end.
 
@@ -220,8 +232,8 @@ class RecordsSource:
 def run_ours(args, data: dict, result: dict, out: str, wait_gpu) -> None:
   """Our side: setup + compile, `wait_gpu()`, then the fixed and from-files windows."""
   import jax
-
   import train_step_bench as tsb
+
   from mmts_jax import train
   from mmts_jax.data import image_ops, sources
 
@@ -231,9 +243,7 @@ def run_ours(args, data: dict, result: dict, out: str, wait_gpu) -> None:
   text = spec["text"]
   tokens = fixed_tokens(args.batch, text["max_len"], text["vocab_size"])
   sizes = np.clip(np.random.default_rng(1).zipf(1.5, size=args.num_images), 1, 10_000)
-  src = RecordsSource(
-    data["records"], args.batch, args.workers, spec["image_size"], tokens, sizes
-  )
+  src = RecordsSource(data["records"], args.batch, args.workers, spec["image_size"], tokens, sizes)
   sources.SOURCES["e2e_train_bench"] = lambda cfg, **kw: src
   c.data.name = "e2e_train_bench"
   side.update(
@@ -304,9 +314,8 @@ def openclip_child(args) -> int:
   if args.cpus:
     lo, hi = (int(x) for x in args.cpus.split("-"))
     os.sched_setaffinity(0, range(lo, hi + 1))
-  import torch
-
   import open_clip
+  import torch
   from open_clip.loss import ClipLoss
 
   # As `input_gpu_bench._openclip_loader` sets it in the timed child: the warm-up child compiles
@@ -377,7 +386,7 @@ def openclip_child(args) -> int:
     step(fixed)
   sync()
   res["build_s"], res["warm_s"] = t_w - t, time.perf_counter() - t_w
-  print(f"[openclip {args.child}] 3 warm-up steps in {res['warm_s']:.1f} s", file=sys.stderr)
+  _clog(args, f"built in {res['build_s']:.1f} s, 3 warm-up steps in {res['warm_s']:.1f} s")
   _child_write(out, res)
   if args.child == "timed":
     deadline = time.perf_counter() + args.child_deadline_s
@@ -386,6 +395,7 @@ def openclip_child(args) -> int:
       need = args.warmup_s + args.seconds + 5
       if deadline - time.perf_counter() < need:
         res["skipped"].append(f"openclip {wname}: deadline")
+        _clog(args, f"{wname}: skipped (deadline)")
         continue
       res[wname] = timed_window(
         step,
@@ -396,7 +406,7 @@ def openclip_child(args) -> int:
         warmup_s=args.warmup_s,
         warmup_steps=max(args.warmup_steps, 2 * args.workers + 2 if wname == "from_files" else 0),
       )
-      print(f"[openclip] {wname}: {res[wname]['examples_per_s']:.0f} examples/s", file=sys.stderr)
+      _clog(args, f"{wname}: {res[wname]['examples_per_s']:.0f} examples/s")
       _child_write(out, res)
     res["steps_run"] = sum(res[w]["steps"] + res[w]["warmup_steps"] for w, _ in windows if w in res)
     if dev == "cuda":
@@ -423,7 +433,7 @@ def _child_cmd(args, mode: str, out: str, urls: list[str], cpus: str, deadline_s
     "--batch", str(args.batch), "--workers", str(args.workers),
     "--seconds", str(args.seconds), "--warmup-s", str(args.warmup_s),
     "--warmup-steps", str(args.warmup_steps), "--urls", ",".join(urls),
-    "--child-deadline-s", str(deadline_s),
+    "--child-deadline-s", str(deadline_s), "--t0", repr(WALL_T0),
   ]  # fmt: skip
   if cpus:
     cmd += ["--cpus", cpus]
@@ -432,13 +442,13 @@ def _child_cmd(args, mode: str, out: str, urls: list[str], cpus: str, deadline_s
   return cmd
 
 
-def _start(cmd: list, log: str) -> subprocess.Popen:
+def _start(cmd: list) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [str(_HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))  # fmt: skip
   # Its own process session: on a timeout the child and its DataLoader workers are ended as one
   # group (`_stop`), and nothing else.
-  return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
-                          start_new_session=True)  # fmt: skip
+  # stderr is ours: its lines land in the same log, on the same clock.
+  return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -455,18 +465,11 @@ def _read_child(path: str) -> dict:
     return {}
 
 
-def _tail(path: str, n: int = 600) -> str:
-  try:
-    return pathlib.Path(path).read_text()[-n:]
-  except OSError:
-    return ""
-
-
 # ---------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
-  global T0
+  global T0, WALL_T0
   p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   p.add_argument("--out", required=True, help="the result json")
   p.add_argument("--num-images", type=int, default=20_000)
@@ -490,16 +493,21 @@ def main(argv=None) -> int:
   p.add_argument("--child-deadline-s", type=float, default=1e9, help=argparse.SUPPRESS)
   p.add_argument("--urls", default="", help=argparse.SUPPRESS)
   p.add_argument("--cpus", default="", help=argparse.SUPPRESS)
+  p.add_argument("--t0", type=float, default=0.0, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     return openclip_child(args)
-  T0 = time.perf_counter()
+  T0, WALL_T0 = time.perf_counter(), time.time()
   TIMELINE.clear()
   # Ours and OpenCLIP's children share the GPU (never both timed): JAX takes memory as needed.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   sides = [s for s in args.sides.split(",") if s]
-  if args.batch <= 0 or args.workers <= 0 or args.num_images < args.batch or not sides or (
-    set(sides) - {"ours", "openclip"}
+  if (
+    args.batch <= 0
+    or args.workers <= 0
+    or args.num_images < args.batch
+    or not sides
+    or (set(sides) - {"ours", "openclip"})
   ):
     p.error(
       f"--batch and --workers must be positive, --num-images >= --batch, --sides of ours,openclip:"
@@ -536,9 +544,7 @@ def main(argv=None) -> int:
     cpus = args.warm_cpus if args.warm_cpus is not None else (f"{n - 6}-{n - 1}" if n >= 12 else "")
     if "openclip" in sides and args.compile:
       # Untimed: fills TorchInductor's cache while ours initialises and compiles.
-      warm = _start(
-        _child_cmd(args, "warm", f"{tmp}/warm.json", data["urls"], cpus, 1e9), f"{tmp}/warm.log"
-      )
+      warm = _start(_child_cmd(args, "warm", f"{tmp}/warm.json", data["urls"], cpus, 1e9))
       _log(f"openclip: warm-up child started (pid {warm.pid}, cores {cpus or 'all'})")
 
     waited = []
@@ -554,7 +560,7 @@ def main(argv=None) -> int:
         result["skipped"].append("openclip warm-up: killed at the deadline")
         _stop(warm)
       oc = result.setdefault("openclip", {})
-      oc["warmup_child"] = _read_child(f"{tmp}/warm.json") or {"log": _tail(f"{tmp}/warm.log")}
+      oc["warmup_child"] = _read_child(f"{tmp}/warm.json") or {"rc": warm.returncode}
       _log(f"openclip: warm-up child done (rc {warm.returncode})")
 
     if "ours" in sides:
@@ -570,10 +576,7 @@ def main(argv=None) -> int:
       if left < 60:
         result["skipped"].append(f"openclip: {left:.0f} s left")
       else:
-        proc = _start(
-          _child_cmd(args, "timed", f"{tmp}/timed.json", data["urls"], "", left - 5),
-          f"{tmp}/timed.log",
-        )
+        proc = _start(_child_cmd(args, "timed", f"{tmp}/timed.json", data["urls"], "", left - 5))
         _log(f"openclip: timed child started (pid {proc.pid})")
         try:
           proc.wait(timeout=left)
@@ -582,9 +585,7 @@ def main(argv=None) -> int:
           _stop(proc)
         oc = result.setdefault("openclip", {})
         oc.update(_read_child(f"{tmp}/timed.json"))
-        oc["rc"] = proc.returncode
-        if proc.returncode:
-          oc["log_tail"] = _tail(f"{tmp}/timed.log")
+        oc["rc"] = proc.returncode  # on failure its traceback is in the log (stderr)
         summarize(oc)
         _log(f"openclip: timed child done (rc {proc.returncode}): "
              f"{oc.get('from_files_examples_per_s', 0):.0f} examples/s from files")  # fmt: skip
