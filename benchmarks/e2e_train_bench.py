@@ -33,16 +33,20 @@ its fixed batch, then its loader. The two sides never share the GPU while timed.
 would end past `--deadline-s` are skipped; the json (`mmts_jax.atomic_io`, rewritten after every
 stage) keeps what finished; every stage is logged on stderr with the seconds since the start.
 
-GPU call (one H200, Python 3.12; wheels/final/whl carried, see BENCHMARKS.md):
+GPU call (one H200, Python 3.12), carrying the ignored folder wheels/final, whose whl/ holds
+(`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`, BENCHMARKS.md):
+ml_collections-1.1.0, open_clip_torch-3.3.0, ftfy-6.3.1, wcwidth-0.9.4, webdataset-1.0.2
+(webdataset-1.0.2-py3-none-any.whl), braceexpand-0.1.7, grain-0.2.18, array_record-0.8.6,
+simplejpeg-1.9.0, portpicker-1.6.0, importlib_resources-7.1.0:
 
   python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/final/whl/*.whl
-  PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false python3 \\
-      benchmarks/e2e_train_bench.py --out $OUT/e2e_train_h200.json
+  PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 580 python3 \\
+      benchmarks/e2e_train_bench.py --out $OUT/e2e_train_h200.json 2> $OUT/e2e_train_h200.log
 
-CPU smoke (tiny model, a handful of images, no compile on the OpenCLIP side):
+CPU smoke (tiny models, a handful of images; PY: a Python with torch, open_clip, webdataset):
 
   python benchmarks/e2e_train_bench.py --out /tmp/e2e.json --model tiny --openclip-model tiny \\
-      --batch 8 --num-images 64 --workers 1 --seconds 1 --warmup-s 0 --no-compile
+      --batch 8 --num-images 64 --workers 2 --seconds 2 --warmup-s 0.5 --openclip-python PY
 """
 
 from __future__ import annotations
@@ -108,7 +112,13 @@ def _write(path: str, result: dict) -> None:
 
 
 def fixed_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
-  """The (batch, length) int32 token ids both sides train on: random ids in [1, vocab)."""
+  """The (batch, length) int32 token ids both sides train on: random ids in [1, vocab).
+
+  Example:
+    >>> t = fixed_tokens(2, 77, 49408)
+    >>> t.shape, t.dtype.name, bool((t >= 1).all() and (t < 49408).all())
+    ((2, 77), 'int32', True)
+  """
   return np.random.default_rng(seed).integers(1, vocab, size=(batch, length)).astype(np.int32)
 
 
@@ -175,7 +185,16 @@ def timed_window(
 
 
 def summarize(side: dict) -> dict:
-  """The per-side summary fields from its `fixed_batch` and `from_files` windows."""
+  """The per-side summary fields from its `fixed_batch` and `from_files` windows:
+  ratio = from-files / fixed examples/s; input CPU per example = from-files minus fixed-batch
+  CPU-seconds per example (the training loop's own host work is in both and cancels).
+
+  Example:
+    >>> s = summarize({"fixed_batch": {"examples_per_s": 2000.0, "cpu_s_per_example": 0.0005},
+    ...                "from_files": {"examples_per_s": 1500.0, "cpu_s_per_example": 0.0055}})
+    >>> s["ratio"], round(s["input_cpu_s_per_example"], 6), round(s["input_examples_per_cpu_s"])
+    (0.75, 0.005, 200)
+  """
   fixed, files = side.get("fixed_batch"), side.get("from_files")
   if fixed:
     side["fixed_batch_examples_per_s"] = fixed["examples_per_s"]
