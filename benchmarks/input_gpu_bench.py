@@ -131,7 +131,7 @@ def _measure(it, batch: int, workers: int, seconds: float) -> dict:
   }
 
 
-def _openclip_loader(urls: list[str], batch: int, workers: int):
+def _openclip_loader(urls: list[str], batch: int, workers: int, image_size: int = 224):
   import torch
   import webdataset as wds
   from torchvision import transforms as T
@@ -139,7 +139,9 @@ def _openclip_loader(urls: list[str], batch: int, workers: int):
   mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
   preprocess = T.Compose(
     [
-      T.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+      T.RandomResizedCrop(
+        image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC
+      ),
       lambda im: im.convert("RGB"),
       T.ToTensor(),
       T.Normalize(mean, std),
@@ -165,13 +167,15 @@ def _openclip_loader(urls: list[str], batch: int, workers: int):
   )
 
 
-def _ours_loader(data_dir: str, batch: int, workers: int, mode: str, old: bool = False):
+def _ours_loader(
+  data_dir: str, batch: int, workers: int, mode: str, old: bool = False, image_size: int = 224
+):
   from mmts_jax.data import pipeline
 
   pipe = pipeline.image_text_pipeline(
     data_dir,
     None,
-    image_size=224,
+    image_size=image_size,
     global_batch_size=batch,
     seed=0,
     num_epochs=None,
