@@ -1,0 +1,34 @@
+#!/bin/bash
+# One device call on one H200 (about 6 minutes of command time): our ViT-L/14 train step at
+# batch 256 (variant fast+qkv+even, fixed temperature and MM-TS) beside OpenCLIP ViT-L-14
+# compiled at 256 (`benchmarks/openclip_step_peer.py`; warm-up on cores 10-15 while ours
+# compiles, then timed alone). Run from the repository root, carrying wheels/final:
+#
+#   bash benchmarks/h200/step_vit_l14.sh
+#
+# Writes under $OUT: driver.log, jax.log, train_step_bench_vit_l14.json, openclip_l14_b256.json.
+W=${WHEELS:-wheels/final}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/ml_collections*.whl \
+    "$W"/whl/open_clip_torch*.whl "$W"/whl/ftfy*.whl "$W"/whl/wcwidth*.whl
+export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+rm -f /tmp/ready /tmp/go /tmp/oc_done
+el start
+( taskset -c 10-15 timeout 240 python3 benchmarks/openclip_step_peer.py ViT-L-14 256 compile \
+    > /tmp/oc_warm.json 2> /tmp/oc_warm.err; touch /tmp/oc_done ) &
+( while [ ! -f /tmp/ready ]; do sleep 1; done; while [ ! -f /tmp/oc_done ]; do sleep 1; done
+  el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+taskset -c 0-9 timeout 330 python3 benchmarks/train_step_bench.py --out "$OUT" --model vit_l14 \
+    --batch 256 --variants fast+qkv+even --mmts fast+qkv+even --steps 5 --rounds 3 \
+    --deadline-s 320 --timing-s 50 --ready-file /tmp/ready --go-file /tmp/go \
+    2> "$OUT/jax.log" > /tmp/jax_stdout.json
+el "ours rc=$?: $(grep -o '"fast+qkv+even_mmts_overhead_pct": [^,]*' /tmp/jax_stdout.json)"
+touch /tmp/ready /tmp/go
+wait
+el "openclip warm: $(head -c 300 /tmp/oc_warm.json) $(tail -c 300 /tmp/oc_warm.err)"
+timeout 90 python3 benchmarks/openclip_step_peer.py ViT-L-14 256 compile \
+    > "$OUT/openclip_l14_b256.json" 2> /tmp/openclip.err
+el "openclip timed rc=$?: $(head -c 400 "$OUT/openclip_l14_b256.json") $(tail -c 300 /tmp/openclip.err)"

@@ -1,0 +1,39 @@
+#!/bin/bash
+# One device call on one H200 (about 5 minutes of command time): our ViT-B/16 train step at
+# batch 256, fast+qkv (run 5's fastest) vs fast+qkv+even (odd token counts padded once per
+# tower), MM-TS on the latter, its profile and optimised HLO, beside OpenCLIP ViT-B-16 compiled
+# at 256 (warm-up on cores 10-15 while ours compiles, then timed alone) and the matmul rate.
+# Run from the repository root, carrying wheels/final (see step_vit_b16.sh):
+#
+#   bash benchmarks/h200/step_vit_b16_even.sh
+#
+# Writes under $OUT: driver.log, jax.log, train_step_bench_vit_b16.json,
+# hlo_fast_qkv_even.txt.gz, openclip_b256.json, matmul_after.json.
+W=${WHEELS:-wheels/final}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/ml_collections*.whl \
+    "$W"/whl/open_clip_torch*.whl "$W"/whl/ftfy*.whl "$W"/whl/wcwidth*.whl
+export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
+rm -f /tmp/ready /tmp/go /tmp/oc_done
+el start
+( taskset -c 10-15 timeout 200 python3 "$W"/peer_openclip_step.py 256 compile \
+    > /tmp/oc_warm.json 2> /tmp/oc_warm.err; touch /tmp/oc_done ) &
+( while [ ! -f /tmp/ready ]; do sleep 1; done; while [ ! -f /tmp/oc_done ]; do sleep 1; done
+  el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+taskset -c 0-9 timeout 300 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \
+    --variants fast+qkv,fast+qkv+even --mmts fast+qkv+even --profile fast+qkv+even \
+    --hlo fast+qkv+even --steps 10 --rounds 5 --deadline-s 290 --timing-s 60 \
+    --ready-file /tmp/ready --go-file /tmp/go 2> "$OUT/jax.log" > /tmp/jax_stdout.json
+el "ours rc=$?: $(grep -o '"fast+qkv+even_mmts_overhead_pct": [^,]*' /tmp/jax_stdout.json)"
+touch /tmp/ready /tmp/go
+wait
+el "openclip warm b256: $(head -c 300 /tmp/oc_warm.json)"
+timeout 60 python3 "$W"/peer_openclip_step.py 256 compile > "$OUT/openclip_b256.json" \
+    2> /tmp/openclip.err
+el "openclip timed b256 rc=$?: $(cat "$OUT/openclip_b256.json")"
+timeout 30 python3 benchmarks/matmul_rate.py > "$OUT/matmul_after.json" 2>&1
+el "matmul after: $(cat "$OUT/matmul_after.json")"
