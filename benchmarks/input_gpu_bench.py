@@ -139,9 +139,7 @@ def _openclip_loader(urls: list[str], batch: int, workers: int, image_size: int 
   mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
   preprocess = T.Compose(
     [
-      T.RandomResizedCrop(
-        image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC
-      ),
+      T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
       lambda im: im.convert("RGB"),
       T.ToTensor(),
       T.Normalize(mean, std),

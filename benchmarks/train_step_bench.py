@@ -111,7 +111,11 @@ VARIANTS = {
   "fast+dots": ({**_FAST, "remat": "dots"}, dict(patch_embed="dense"), {}),
   "fast+full": ({**_FAST, "remat": "full"}, dict(patch_embed="dense"), {}),
   "fast+qkv+dots": ({**_FAST, "fused_qkv": True, "remat": "dots"}, dict(patch_embed="dense"), {}),
-  "fast+qkv+even": ({**_FAST, "fused_qkv": True, "even_length": True}, dict(patch_embed="dense"), {}),
+  "fast+qkv+even": (
+    {**_FAST, "fused_qkv": True, "even_length": True},
+    dict(patch_embed="dense"),
+    {},
+  ),
   "fast+notriton": (_FAST, dict(patch_embed="dense"), {"xla_gpu_enable_triton_gemm": False}),
   "fast+lhs": (
     _FAST,

@@ -6,8 +6,8 @@ attention kernel's mask form (causal + trailing-padding lengths) vs the dense ma
 
 Every comparison is in float32 on the CPU. Outputs agree to 1e-5 absolute and gradients to
 5e-5 absolute + 1e-5 relative (the same products summed in another order; the class token's
-gradient reaches 80 here, where one float32 ulp is 8e-6); the structured mask is also checked against
-an independent float64 numpy attention."""
+gradient reaches 80 here, where one float32 ulp is 8e-6); the structured mask is also checked
+against an independent float64 numpy attention."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ Pooling is the class token (`pool="cls"`, CLIP) or the mean over patches (`pool=
 The patch embedding is a `p x p` convolution with stride `p` (`patch_embed="conv"`), or the
 same map as one matrix product over the flattened patches (`patch_embed="dense"`,
 `PatchEmbed`: the same `patch_embed/kernel (p, p, 3, width)` and `bias` parameters, so
-checkpoints are interchangeable). `remat`, `fused_qkv`, `attention` and `even_length` go to the encoder
-(`mmts_jax.models.transformer`).
+checkpoints are interchangeable). `remat`, `fused_qkv`, `attention` and `even_length` go to the
+encoder (`mmts_jax.models.transformer`).
 
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
