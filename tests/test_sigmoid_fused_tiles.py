@@ -186,6 +186,30 @@ def test_the_ring_runs_the_fused_tiles_on_the_8_device_mesh(interpreted):
   _assert_close(got, reference(x, y, t, c), 1e-5, 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fused_sigmoid_kernels_lower_to_triton_for_cuda(dtype):
+  # No GPU here: lowering for CUDA from the CPU still runs Pallas's Triton lowering of every
+  # primitive in the kernels (softplus, the logistic, the masks), so one it cannot lower fails.
+  b, d = 256, 64
+  x = jnp.ones((b, d), dtype)
+  v, ids = jnp.ones((b,)), jnp.arange(b, dtype=jnp.int32)
+  acc = (jnp.zeros((b, d)), v, v)
+
+  def fwd(x):
+    return pt.sig_fwd_tile(None, (x, v, v, ids), (x, v, v, ids), v, v)
+
+  def bwd(x):
+    return pt.sig_bwd_tile(None, (x, v, v, ids, v), (x, v, v, ids, v), acc, acc)
+
+  try:
+    pt.set_fused_tiles("always")
+    for fn in (fwd, bwd):
+      text = jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+      assert text.count("__gpu$xla.gpu.triton") == 1
+  finally:
+    pt.set_fused_tiles(None)
+
+
 def test_sigmoid_dispatch_follows_the_fused_tile_rule():
   blocks = pt.Blocks(256, 256)
   # Auto: no GPU timing of the fused sigmoid tiles, so the XLA tiles everywhere (CPU here).
