@@ -13,9 +13,15 @@ itself) and prints one JSON line; `sweep` runs a plan, writes all lines to one j
   # the ring on all local GPUs against one of them, global B=262,144
   python benchmarks/loss_bench.py sweep --plan ring --out benchmarks/results/loss_ring.json
   # the side-by-side run of benchmarks/BENCHMARKS.md on one H200 (three losses, both dtypes,
-  # both tile kernels at B=32,768, the peers and the card's matmul rates)
+  # both tile kernels at B=32,768, the fused sigmoid tiles, the peers and the matmul rates)
   python benchmarks/loss_bench.py sweep --plan h200 --peers ../shared/peers/peer_loss_bench.py \
       --out benchmarks/results/loss_h200_side_by_side.json
+  # the sigmoid loss: fused tiles beside XLA tiles, B = 32,768 and 131,072, both dtypes
+  python benchmarks/loss_bench.py sweep --plan sigmoid --peers ../shared/peers/peer_loss_bench.py \
+      --out benchmarks/results/loss_h200_sigmoid.json
+  # a CPU smoke test of the fused tiles through the Pallas interpreter
+  python benchmarks/loss_bench.py one --loss sigmoid --B 256 --block 128 128 --tiles interpret \
+      --warm 0 --rep 1
   # the table again from saved results
   python benchmarks/loss_bench.py table benchmarks/results/loss_h100.json
 
@@ -91,7 +97,8 @@ def run_one(args) -> dict:
     "tiles": args.tiles,
   }
   if args.tiles != "auto":
-    _pallas_tiles.set_fused_tiles({"xla": False, "fused": "always"}[args.tiles])
+    modes = {"xla": False, "fused": "always", "interpret": "interpret"}
+    _pallas_tiles.set_fused_tiles(modes[args.tiles])
   if args.no_centre:
     from mmts_jax.losses import _traversal
 
@@ -201,6 +208,19 @@ def _peer(peers, mode, b, d=512):
   return {"cmd": [sys.executable, peers, mode, str(b), str(d)], "env": {}, "peer": True}
 
 
+def rep_of(b):
+  """Timed calls per row: fewer at the largest batches."""
+  return 5 if b < 131072 else 3
+
+
+def _sigmoid_fused_rows():
+  """The fused sigmoid tiles at B = 32,768 (both dtypes) and 131,072 (bf16)."""
+  return [
+    _ours("blockwise", b, dtype, loss="sigmoid", tiles="fused", rep=rep_of(b))
+    for b, dtype in ((32768, "f32"), (32768, "bf16"), (131072, "bf16"))
+  ]
+
+
 def plan(name, peers, configs=None):
   sizes = [8192, 32768, 65536, 131072, 262144, 524288, 1048576]
   p = []
@@ -252,7 +272,18 @@ def plan(name, peers, configs=None):
     # The other tile kernel of each dtype, where the dispatch chooses between them.
     p.append(_ours("blockwise", 32768, "f32", tiles="fused"))
     p.append(_ours("blockwise", 32768, "bf16", tiles="xla"))
+    # The sigmoid loss's fused tiles beside its XLA tiles (the rows above: the dispatch runs
+    # the XLA tiles until the fused ones are measured faster).
+    p += _sigmoid_fused_rows()
     p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    return p
+  if name == "sigmoid":  # the sigmoid loss: fused tiles beside XLA tiles, alone (a short call)
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+    for b in (32768, 131072):
+      for dtype in ("bf16", "f32"):
+        for tiles in ("xla", "fused"):
+          p.append(_ours("blockwise", b, dtype, loss="sigmoid", tiles=tiles, rep=rep_of(b)))
     return p
   if name == "h200_tuned":  # issue 13: the tuned fused tiles (loss_tune.py) beside the peers
     if peers:
@@ -379,8 +410,10 @@ def main(argv=None):
   one.add_argument(
     "--tiles",
     default="auto",
-    choices=["auto", "xla", "fused"],
-    help="xla: the XLA tiles; fused: the Pallas tiles (auto: fused for bf16 on GPU)",
+    choices=["auto", "xla", "fused", "interpret"],
+    help="xla: the XLA tiles; fused: the Pallas tiles (auto: where `_pallas_tiles.FASTEST` "
+    "measured them faster); interpret: the Pallas tiles through the interpreter (CPU smoke "
+    "test, tiny --B)",
   )
   one.add_argument(
     "--triton",
@@ -416,6 +449,7 @@ def main(argv=None):
       "h200_bf16",
       "max_margin",
       "ring",
+      "sigmoid",
     ],
   )
   sw.add_argument("--peers", default=None, help="path of peer_loss_bench.py (optional)")

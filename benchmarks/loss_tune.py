@@ -9,6 +9,11 @@ kill keeps what ran) whose "best" entry holds the fastest forward and backward c
 dtype; `loss_bench.py one --tile-configs FILE` reads it.
 
   python benchmarks/loss_tune.py --out /tmp/tune.json --deadline 120
+  # only the GPU check of the default fused tiles of each loss (InfoNCE, max-margin, sigmoid)
+  python benchmarks/loss_tune.py --out /tmp/check.json --check-only infonce,max_margin,sigmoid
+  # the same check on CPU through the Pallas interpreter, small batches (a smoke test)
+  python benchmarks/loss_tune.py --out /tmp/check.json --check-only sigmoid --interpret \
+      --check-sizes 200,256 --check-block 128
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ VARIANTS = {
 
 
 CHECK_SIZES = (2000, 2048)  # check_all: a ragged batch and whole tiles of 1024
+CHECK_LOSSES = ("infonce", "max_margin", "sigmoid")
 _MODE = "always"  # how the fused tiles run: "always" (GPU) or "interpret" (smoke test on CPU)
 
 
@@ -99,47 +105,71 @@ def check(pt, dtype, cfg):
   return out
 
 
-def check_all(pt, names=("infonce", "max_margin")):
-  """GPU check of the fused kernels with their default configurations, both losses and dtypes,
-  against the float32 dense loss at HIGHEST on the same rounded inputs: B = 2000 (a ragged
-  last tile row and column: the masked kernels) and 2048 (whole tiles), tiles of 1024,
-  temperatures / margins 0.005 to 0.105, embeddings of norms 0.5 to 2 for max-margin."""
+def _check_inputs(loss, b, d=512):
+  """The check's inputs of `loss` at batch `b`: embeddings (float32), temperatures or margins
+  0.005 to 0.105 and, for the sigmoid loss, per-anchor biases around SigLIP's -10."""
   import jax
   import jax.numpy as jnp
 
-  from mmts_jax.losses import blockwise, dense
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(b), 4)
+  x = jax.random.normal(k1, (b, d))
+  y = jax.random.normal(k2, (b, d))
+  t = 0.005 + 0.1 * jax.random.uniform(k3, (b,))
+  if loss == "max_margin":
+    x = x * (0.5 + 1.5 * jax.random.uniform(k4, (b, 1))) / jnp.sqrt(float(d))
+    return x, y / jnp.sqrt(float(d)), t, ()
+  x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  y = y / jnp.linalg.norm(y, axis=1, keepdims=True)
+  extra = (-10.0 + 4.0 * jax.random.normal(k4, (b,)),) if loss == "sigmoid" else ()
+  return x, y, t, extra
+
+
+def _check_fns(loss, block):
+  """`(blockwise, dense)` of `loss` as `f(x, y, t, *extra)` (the sigmoid loss's bias is its
+  one extra argument); the dense one at HIGHEST precision."""
+  import jax
+
+  from mmts_jax.losses import blockwise, blockwise_sigmoid, dense
 
   hi = jax.lax.Precision.HIGHEST
+  tiled, ref = {
+    "infonce": (blockwise.infonce_blockwise, dense.infonce_dense),
+    "max_margin": (blockwise.max_margin_blockwise, dense.max_margin_dense),
+    "sigmoid": (blockwise_sigmoid.sigmoid_blockwise, dense.sigmoid_dense),
+  }[loss]
+
+  def kw(extra):
+    return {"bias": extra[0]} if extra else {}
+
+  return (
+    lambda x, y, t, *e: tiled(x, y, t, block_size=block, **kw(e)),
+    lambda x, y, t, *e: ref(x, y, t, precision=hi, **kw(e)),
+  )
+
+
+def check_all(pt, names=CHECK_LOSSES, sizes=CHECK_SIZES, block=1024):
+  """GPU check of the fused kernels with their default configurations, each loss and dtype,
+  against the float32 dense loss at HIGHEST on the same rounded inputs: B = 2000 (a ragged
+  last tile row and column: the masked kernels) and 2048 (whole tiles), tiles of 1024,
+  temperatures / margins 0.005 to 0.105, embeddings of norms 0.5 to 2 for max-margin, per-anchor
+  biases around -10 for the sigmoid loss (its gradient checked too: the last `grad` entry)."""
+  import jax
+  import jax.numpy as jnp
+
   out = []
-  for b in CHECK_SIZES:
-    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(b), 4)
-    x = jax.random.normal(k1, (b, 512))
-    y = jax.random.normal(k2, (b, 512))
-    t = 0.005 + 0.1 * jax.random.uniform(k3, (b,))
-    for loss, fused, ref_fn in (
-      ("infonce", blockwise.infonce_blockwise, dense.infonce_dense),
-      ("max_margin", blockwise.max_margin_blockwise, dense.max_margin_dense),
-    ):
-      if loss not in names:
-        continue
-      if loss == "infonce":
-        xs = x / jnp.linalg.norm(x, axis=1, keepdims=True)
-        ys = y / jnp.linalg.norm(y, axis=1, keepdims=True)
-      else:
-        xs = x * (0.5 + 1.5 * jax.random.uniform(k4, (b, 1))) / jnp.sqrt(512.0)
-        ys = y / jnp.sqrt(512.0)
+  for b in sizes:
+    for loss in names:
+      x, y, t, extra = _check_inputs(loss, b)
+      fused, ref_fn = _check_fns(loss, block)
+      argnums = tuple(range(3 + len(extra)))
       for dtype in (jnp.bfloat16, jnp.float32):
-        xd, yd = xs.astype(dtype), ys.astype(dtype)
-        ref = jax.jit(jax.value_and_grad(ref_fn, argnums=(0, 1, 2)), static_argnums=3)
-        v0, g0 = ref(xd.astype(jnp.float32), yd.astype(jnp.float32), t, hi)
-        fn = jax.jit(
-          jax.value_and_grad(
-            lambda x, y, t, f=fused: f(x, y, t, block_size=1024), argnums=(0, 1, 2)
-          )
-        )
+        xd, yd = x.astype(dtype), y.astype(dtype)
+        ref = jax.jit(jax.value_and_grad(ref_fn, argnums=argnums))
+        v0, g0 = ref(xd.astype(jnp.float32), yd.astype(jnp.float32), t, *extra)
+        fn = jax.jit(jax.value_and_grad(fused, argnums=argnums))
         row = {"check": loss, "B": b, "dtype": jnp.dtype(dtype).name}
         try:
-          v, g = fn(xd, yd, t)
+          v, g = fn(xd, yd, t, *extra)
           row["loss_rel"] = _rel(v, v0)
           row.update(
             {f"grad{i}_rel": _rel(a, c) for i, (a, c) in enumerate(zip(g, g0, strict=True))}
@@ -235,16 +265,28 @@ def main(argv=None):
   ap.add_argument(
     "--check-only",
     nargs="?",
-    const="infonce,max_margin",
+    const=",".join(CHECK_LOSSES),
     default=None,
-    help="only the GPU check of the default kernels, of these losses (comma-separated)",
+    help="only the GPU check of the default kernels, of these losses (comma-separated, among "
+    f"{', '.join(CHECK_LOSSES)}; all of them without a value)",
   )
+  ap.add_argument(
+    "--check-sizes",
+    default=",".join(map(str, CHECK_SIZES)),
+    help="batch sizes of --check-only (comma-separated; a small one with --interpret on CPU)",
+  )
+  ap.add_argument("--check-block", type=int, default=1024, help="tile edge of --check-only")
   ap.add_argument(
     "--interpret",
     action="store_true",
     help="CPU smoke test: the Pallas interpreter, no cuBLAS shapes (use a small --B)",
   )
   args = ap.parse_args(argv)
+  names = tuple(args.check_only.split(",")) if args.check_only else ()
+  bad = [n for n in names if n not in CHECK_LOSSES]
+  if bad:
+    ap.error(f"--check-only: unknown loss {bad[0]!r}; choose among {', '.join(CHECK_LOSSES)}")
+  sizes = tuple(int(v) for v in args.check_sizes.split(","))
   t_start = time.time()
 
   import jax
@@ -265,7 +307,8 @@ def main(argv=None):
     write_json(args.out, res)
 
   if args.check_only:
-    res["checks"] = check_all(pt, args.check_only.split(","))
+    res.update(tiles=_MODE, check_sizes=list(sizes), check_block=args.check_block)
+    res["checks"] = check_all(pt, names, sizes, args.check_block)
     save()
     return 0
   try:

@@ -28,21 +28,24 @@ def _sigmoid(x):
 def reference(x, y, tau, bias):
   """float64 value and gradients `(L, dL/dx, dL/dy, dL/dbias, dL/dtau)`, written out by hand.
 
-  `bias` is a scalar; the derivative formulas are those of the docstring of `losses.sigmoid`.
+  `bias` is a scalar (its gradient a scalar) or a `(B,)` per-anchor bias (a `(B,)` gradient);
+  the derivative formulas are those of the docstring of `losses.sigmoid`.
   """
   x, y, tau = (np.asarray(v, np.float64) for v in (x, y, tau))
   b = x.shape[0]
   tau = np.broadcast_to(tau, (b,))
+  c = np.broadcast_to(np.asarray(bias, np.float64), (b,))
   s = x @ y.T
   z = 2.0 * np.eye(b) - 1.0
-  ur = z * (s / tau[:, None] + bias)  # image anchor i, pair (i, j)
-  uc = z * (s / tau[None, :] + bias)  # text anchor j, pair (i, j)
+  ur = z * (s / tau[:, None] + c[:, None])  # image anchor i, pair (i, j)
+  uc = z * (s / tau[None, :] + c[None, :])  # text anchor j, pair (i, j)
   loss = (_softplus(-ur).sum() + _softplus(-uc).sum()) / (2 * b)
-  pr = -z * _sigmoid(-ur) / (2 * b)  # dL / d(s_ij / tau_i + b)
+  pr = -z * _sigmoid(-ur) / (2 * b)  # dL / d(s_ij / tau_i + b_i)
   pc = -z * _sigmoid(-uc) / (2 * b)
   ds = pr / tau[:, None] + pc / tau[None, :]
   dtau = -((pr * s).sum(1) + (pc * s).sum(0)) / tau**2
-  return loss, ds @ y, ds.T @ x, pr.sum() + pc.sum(), dtau
+  dc = pr.sum(1) + pc.sum(0)
+  return loss, ds @ y, ds.T @ x, dc.sum() if np.ndim(bias) == 0 else dc, dtau
 
 
 def _check(got, want, tol_v, tol_g):

@@ -9,7 +9,8 @@ Layout (each module imports only those below it; no module imports this package)
 * `dispatch`: `route` (the one place that picks dense / blockwise / gather / ring), `get` (a loss
   from a config's name and impl) and `make_sharded_loss` (a loss over a mesh);
 * `dense`, `blockwise`, `blockwise_sigmoid`, `gathered`, `ring`: the forms; `_traversal` the
-  tile loops they share, `_pallas_tiles` the fused GPU kernels;
+  tile loops they share, `_pallas_tiles` the fused GPU kernels, `_sigmoid_pairs` the sigmoid
+  loss's per-pair terms (shared by its XLA and fused tiles);
 * `checked`: `checkify` checks of traced values for library users;
 * `sharding`, `_checks`: mesh helpers and input checks. `cosine_normalize` lives in
   `mmts_jax.normalize` (the models use it too) and is re-exported here.

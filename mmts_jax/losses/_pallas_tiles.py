@@ -1,11 +1,22 @@
-"""Fused GPU tiles for the blockwise InfoNCE (Pallas on Triton).
+r"""Fused GPU tiles for the blockwise InfoNCE, max-margin and sigmoid losses (Pallas on Triton).
 
 The XLA tiles in `mmts_jax.losses.blockwise` write each `(rows, cols)` similarity tile to device
 memory and read it back once per reduction; on a GPU that traffic costs as much as the matmul.
 These kernels compute the tile in sub-tiles of `(SUB, SUB)` on chip and write only what is needed:
 per-sub-tile logsumexp partials (forward) or `dS` (backward). They are the same maths as the XLA
-tiles `blockwise._nce_fwd_tile` / `blockwise._nce_bwd_tile`, which stay the reference (and the
-CPU/TPU path); the tests run these kernels through the Pallas interpreter against them.
+tiles `blockwise._nce_fwd_tile` / `blockwise._nce_bwd_tile` (and `_mm_*_tile`,
+`blockwise_sigmoid._fwd_tile` / `_bwd_tile`), which stay the reference (and the CPU/TPU path);
+the tests run these kernels through the Pallas interpreter against the dense losses. The sigmoid
+kernels evaluate the per-pair terms with the very functions of `_sigmoid_pairs` the XLA tiles
+use: per sub-tile `S = X_r Y_c^T` (float32 accumulation),
+
+.. math::
+  \text{fwd: } \sum_j \mathrm{softplus}(-u^r_{ij}),\ \sum_i \mathrm{softplus}(-u^c_{ij});
+  \qquad \text{bwd: } dS_{ij} = \tfrac{g^r_i}{\tau_i} p^r_{ij} + \tfrac{g^c_j}{\tau_j} p^c_{ij},
+  \ \sum p\,s,\ \sum p \text{ per anchor},
+
+`u = z (s / tau + b)`, `p = -z sigma(-u)`, `z = +-1` on / off the diagonal; the gradient
+products `dS Y_c`, `dS^T X_r` then run on cuBLAS (`grad_matmuls`), as for InfoNCE.
 
 `set_fused_tiles` chooses when they run; `use_fused_tiles` is the decision the blockwise loss asks.
 """
@@ -19,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
 from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
 __all__ = [
@@ -29,6 +41,8 @@ __all__ = [
   "nce_fwd_tile",
   "set_fused_tiles",
   "set_tile_config",
+  "sig_bwd_tile",
+  "sig_fwd_tile",
   "tile_config",
   "use_fused_tiles",
 ]
@@ -122,14 +136,15 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms, f32 InfoNCE XLA 23.4 ms vs fused
 # 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's; results/loss_tune_h200_run1.json);
 # bf16 max-margin fused 16.3 ms vs XLA 17.8 ms (results/loss_h200_tuned.json). Entries not
-# listed (CPU, TPU, float64, f32 max-margin) run the XLA tiles.
+# listed (CPU, TPU, float64, f32 max-margin, the sigmoid loss: its fused tiles have no GPU
+# timing yet) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "fused", "bwd": "fused"},
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
   ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
 }
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-LOSSES = ("infonce", "max_margin")
+LOSSES = ("infonce", "max_margin", "sigmoid")
 PASSES = ("fwd", "bwd")
 
 
@@ -179,7 +194,7 @@ _FUSED: list = [None, PASSES]
 
 
 def set_fused_tiles(mode, passes=PASSES) -> None:
-  """Chooses the tile kernel of the blockwise InfoNCE and max-margin losses.
+  """Chooses the tile kernel of the blockwise InfoNCE, max-margin and sigmoid losses.
 
   `mode`: `None` (default: the measured `FASTEST`), `False` (XLA tiles everywhere), "always"
   (fused on GPUs for f32 and bf16) or "interpret" (the Pallas interpreter, any backend).
@@ -635,3 +650,125 @@ def mm_bwd_tile(precision, r, c, rs, cs):
     (dx + ddx, dr + jnp.sum(res[0], axis=0).astype(dt)),
     (dy + ddy, dq + jnp.sum(res[1], axis=0).astype(dt)),
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid (SigLIP): the same programs with the per-pair terms of `_sigmoid_pairs` (the
+# expressions the XLA tiles of `blockwise_sigmoid` use). No normaliser across pairs: the forward
+# program adds its sub-tiles' terms to per-anchor sums,
+#   rows: sum_j softplus(-u^r_ij),  columns: sum_i softplus(-u^c_ij),
+# and the backward program writes dS = w^r_i p^r_ij + w^c_j p^c_ij with the per-anchor sums of
+# p s and p (the gradients of 1/tau and of the bias), p = -z sigma(-u). The exponentials are
+# libdevice's (softplus, sigmoid), not the base-2 `ex2.approx` of the InfoNCE kernels: the terms
+# of far negatives are ~e^-10 and want log1p's accuracy.
+
+
+def _sig_stats_kernel(
+  cfg, tf32, x_ref, y_ref, ar_ref, ac_ref, cr_ref, cc_ref, ri_ref, ci_ref, rs_ref, cs_ref
+):
+  """Row sums of the terms over the program's columns; column sums per sub-tile."""
+  ar, cr, rid = ar_ref[...], cr_ref[...], ri_ref[...]
+
+  def body(cols, rsum):
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
+    lr, lc = pair_losses(s, rid, ci_ref[cols], ar, cr, ac_ref[cols], cc_ref[cols])
+    cs_ref[cols] = jnp.sum(lc, axis=0)
+    return rsum + jnp.sum(lr, axis=1)
+
+  rs_ref[...] = _over_columns(cfg, body, jnp.zeros((cfg.bm,), jnp.float32))
+
+
+def _sig_ds_kernel(
+  cfg, tf32, need_sums, x_ref, y_ref, ar_ref, ac_ref, cr_ref, cc_ref, ri_ref, ci_ref, *refs
+):
+  """dS of the program's sub-tiles, its float32 row / column sums if asked, and the row /
+  column sums of `p s` and `p`. Vectors: 1/tau, biases, indices, then `w = g / tau`."""
+  wr_ref, wc_ref, ds_ref = refs[:3]
+  refs = refs[3:]
+  dr_ref, dc_ref = refs[:2] if need_sums else _ABSENT
+  sr_ref, sc_ref, qr_ref, qc_ref = refs[-4:]
+  ar, cr, rid, wr = ar_ref[...], cr_ref[...], ri_ref[...], wr_ref[...]
+
+  def body(cols, carry):
+    s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
+    pr, pc = pair_slopes(s, rid, ci_ref[cols], ar, cr, ac_ref[cols], cc_ref[cols])
+    ds = pair_cotangent(pr, pc, wr, wc_ref[cols])
+    ds_ref[:, cols] = ds.astype(ds_ref.dtype)
+    dr, sr, qr = carry
+    if need_sums:
+      # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
+      dc_ref[cols] = jnp.sum(ds, axis=0)
+      dr = dr + jnp.sum(ds, axis=1)
+    sc_ref[cols] = jnp.sum(pc * s, axis=0)
+    qc_ref[cols] = jnp.sum(pc, axis=0)
+    return dr, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)
+
+  zero = jnp.zeros((cfg.bm,), jnp.float32)
+  dr, sr, qr = _over_columns(cfg, body, (zero, zero, zero))
+  if need_sums:
+    dr_ref[...] = dr
+  sr_ref[...] = sr
+  qr_ref[...] = qr
+
+
+def _sig_vectors(ar, ac, cr, cc):
+  f32 = jnp.float32
+  return ar.astype(f32), ac.astype(f32), cr.astype(f32), cc.astype(f32)
+
+
+def sig_fwd_tile(precision, r, c, rs, cs):
+  """The fused form of `blockwise_sigmoid._fwd_tile` (same arguments, same result)."""
+  xr, ar, cr, rid = r
+  yc, ac, cc, cid = c
+  br, d = xr.shape
+  bc = yc.shape[0]
+  f32 = jnp.float32
+  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
+  call = _fused_call(
+    functools.partial(_sig_stats_kernel, cfg, _tf32(precision)),
+    cfg,
+    br,
+    bc,
+    d,
+    "rcrcrc",
+    [("rowpart", f32), ("colpart", f32)],
+    xr,
+  )
+  rsum, csum = call(xr, yc, *_sig_vectors(ar, ac, cr, cc), rid, cid)
+  return rs + jnp.sum(rsum, axis=0).astype(rs.dtype), cs + jnp.sum(csum, axis=0).astype(cs.dtype)
+
+
+def sig_bwd_tile(precision, r, c, rs, cs):
+  """The fused form of `blockwise_sigmoid._bwd_tile` (same arguments, same result)."""
+  xr, ar, cr, rid, gr = r
+  yc, ac, cc, cid, gc = c
+  dx, sr, qr = rs
+  dy, sc, qc = cs
+  br, d = xr.shape
+  bc = yc.shape[0]
+  f32 = jnp.float32
+  op = jnp.result_type(xr, yc)
+  need_sums = jnp.finfo(op).bits < 32
+  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
+  parts = [("rowpart", f32), ("colpart", f32)]
+  outs = [("tile", op)] + (parts if need_sums else []) + parts + parts
+  call = _fused_call(
+    functools.partial(_sig_ds_kernel, cfg, _tf32(precision), need_sums),
+    cfg,
+    br,
+    bc,
+    d,
+    "rcrcrcrc",
+    outs,
+    xr,
+  )
+  vecs = _sig_vectors(ar, ac, cr, cc)
+  res = call(xr, yc, *vecs, rid, cid, (gr * ar).astype(f32), (gc * ac).astype(f32))
+  ds, res = res[0], res[1:]
+  sums = None
+  if need_sums:
+    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
+    res = res[2:]
+  ddx, ddy = grad_matmuls(ds, xr, yc, precision, sums)
+  dsr, dsc, dqr, dqc = (jnp.sum(p, axis=0).astype(sr.dtype) for p in res)
+  return (dx + ddx, sr + dsr, qr + dqr), (dy + ddy, sc + dsc, qc + dqc)

@@ -18,6 +18,14 @@ sums. The backward (`jax.custom_vjp`) recomputes each tile once and forms
 then `dX += dS Y_c`, `dY_c += dS^T X_r`; the temperature and bias gradients are the per-anchor
 sums of `p s` and `p`. Memory `O(B*D + rows*cols)`; any `B` (the last tile is masked). The same
 tiles run over the ring (`mmts_jax.losses.ring.sigmoid_ring`).
+
+The per-pair expressions live in `mmts_jax.losses._sigmoid_pairs`, shared by the two tile kernels:
+the XLA tiles here (the portable path and the reference of the other) and the fused Pallas tiles
+of `mmts_jax.losses._pallas_tiles` (`sig_fwd_tile`, `sig_bwd_tile`), which keep each similarity
+sub-tile on chip. Which one runs is `_pallas_tiles.use_fused_tiles(..., "sigmoid", pass)`, the
+rule of the InfoNCE and max-margin tiles (`set_fused_tiles` overrides it; by default only where
+`_pallas_tiles.FASTEST` measured the fused tiles faster, which for the sigmoid loss is nowhere
+yet: it has no GPU timing).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mmts_jax.losses import _checks
+from mmts_jax.losses import _checks, _pallas_tiles
+from mmts_jax.losses._pallas_tiles import use_fused_tiles
+from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
 from mmts_jax.losses._traversal import (
   global_ids,
   grad_matmuls,
@@ -43,23 +53,11 @@ from mmts_jax.normalize import compute_dtype
 __all__ = ["sigmoid_blockwise", "sigmoid_partial_sum"]
 
 
-def _pair_terms(s, rid, cid, ar, cr, ac, cc):
-  """`(u^r, u^c, valid)` of one tile: the signed logits of both anchors of every pair."""
-  z = jnp.where(rid[:, None] == cid[None, :], 1.0, -1.0).astype(s.dtype)
-  valid = (rid[:, None] >= 0) & (cid[None, :] >= 0)
-  ur = z * (s * ar[:, None] + cr[:, None])
-  uc = z * (s * ac[None, :] + cc[None, :])
-  return z, ur, uc, valid
-
-
 def _fwd_tile(precision, r, c, rs, cs):
   xr, ar, cr, rid = r
   yc, ac, cc, cid = c
   s = matmul(xr, yc, precision)
-  _, ur, uc, valid = _pair_terms(s, rid, cid, ar, cr, ac, cc)
-  # softplus(-u) = log(1 + e^{-u}) = -log sigmoid(u), stable for any sign of u.
-  lr = jnp.where(valid, jax.nn.softplus(-ur), 0.0)
-  lc = jnp.where(valid, jax.nn.softplus(-uc), 0.0)
+  lr, lc = pair_losses(s, rid, cid, ar, cr, ac, cc)
   return rs + jnp.sum(lr, axis=1), cs + jnp.sum(lc, axis=0)
 
 
@@ -69,12 +67,8 @@ def _bwd_tile(precision, r, c, rs, cs):
   dx, sr, qr = rs
   dy, sc, qc = cs
   s = matmul(xr, yc, precision)
-  z, ur, uc, valid = _pair_terms(s, rid, cid, ar, cr, ac, cc)
-  # d softplus(-u) / d(s a + c) = -z sigmoid(-u).
-  pr = jnp.where(valid, -z * jax.nn.sigmoid(-ur), 0.0)
-  pc = jnp.where(valid, -z * jax.nn.sigmoid(-uc), 0.0)
-  ds = (gr * ar)[:, None] * pr + (gc * ac)[None, :] * pc
-  ddx, ddy = grad_matmuls(ds, xr, yc, precision)
+  pr, pc = pair_slopes(s, rid, cid, ar, cr, ac, cc)
+  ddx, ddy = grad_matmuls(pair_cotangent(pr, pc, gr * ar, gc * ac), xr, yc, precision)
   return (
     (dx + ddx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
     (dy + ddy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)),
@@ -107,7 +101,8 @@ def sigmoid_sums(x, y, a, c, blocks, precision, axis_name) -> tuple[jax.Array, j
   rows, cols = _layout(x, y, a, c, blocks, axis_name)
   zr = varying(jnp.zeros(rows[1].shape, a.dtype), axis_name)
   zc = varying(jnp.zeros(cols[1].shape, a.dtype), axis_name)
-  tile = functools.partial(_fwd_tile, precision)
+  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "sigmoid", "fwd")
+  tile = functools.partial(_pallas_tiles.sig_fwd_tile if fused else _fwd_tile, precision)
   rsum, csum = traverse(tile, rows, cols, zc, zr, axis_name)
   b = x.shape[0]
   return merge(rsum, b), merge(csum, b)
@@ -135,7 +130,8 @@ def _sums_bwd(blocks, precision, axis_name, res, g):
 
   row0 = varying(zeros(rows[1]), axis_name)
   col0 = varying(zeros(cols[1]), axis_name)
-  tile = functools.partial(_bwd_tile, precision)
+  fused = use_fused_tiles(blocks, d, x.dtype, "sigmoid", "bwd")
+  tile = functools.partial(_pallas_tiles.sig_bwd_tile if fused else _bwd_tile, precision)
   (dx, sr, qr), (dy, sc, qc) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
   da = gr * merge(sr, b) + gc * merge(sc, b)
