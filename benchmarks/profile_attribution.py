@@ -22,7 +22,7 @@ the top 40 are reported per profile category as the tail (their names are not in
 Example (the parsing, on two HLO lines):
   >>> hlo = parse_hlo('''
   ...   %p = bf16[4,8]{1,0} parameter(0)
-  ...   %f.1 = (f32[4]{0}, bf16[4,8]{1,0}) fusion(%p), kind=kInput, calls=%c, metadata={op_name="jit(f)/ln1/mul"}
+  ...   %f.1 = (f32[4]{0}, bf16[4,8]{1,0}) fusion(%p), calls=%c, metadata={op_name="jit(f)/ln1/mul"}
   ... ''')
   >>> hlo["f.1"]["bytes_out"], hlo["f.1"]["op_name"]
   (80, 'jit(f)/ln1/mul')
@@ -44,8 +44,23 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mmts_jax import atomic_io  # noqa: E402
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 
@@ -79,6 +94,17 @@ def _split_shape(rest: str) -> tuple[str, str]:
   return head, tail
 
 
+def _closing_paren(args: str) -> int:
+  """Index of the `)` that closes an operand list `args` (its `(` already consumed)."""
+  depth = 1
+  for i, ch in enumerate(args):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      return i
+  return len(args)
+
+
 def parse_hlo(text: str) -> dict[str, dict]:
   """Every instruction of an HLO module's text: name -> shape, opcode, operand names, result
   bytes, `op_name`, `deduplicated_name`, called computation and (for a computation's own
@@ -96,15 +122,14 @@ def parse_hlo(text: str) -> dict[str, dict]:
     name, rest = m.groups()
     shape, rest = _split_shape(rest)
     opcode, _, args = rest.partition("(")
-    depth, end = 1, 0
-    for end, ch in enumerate(args):
-      depth += ch == "("
-      depth -= ch == ")"
-      if depth == 0:
-        break
+    end = _closing_paren(args)
     operands = re.findall(r"%([\w.\-]+)", args[:end])
     attrs = args[end:]
-    get = lambda key: (re.search(key + r'="([^"]*)"', attrs) or [None, None])[1]  # noqa: E731
+
+    def get(key: str, attrs: str = attrs) -> str | None:
+      m = re.search(key + r'="([^"]*)"', attrs)
+      return m[1] if m else None
+
     calls = re.search(r"calls=%([\w.\-]+)", attrs)
     out[name] = {
       "shape": shape,
@@ -138,8 +163,9 @@ def source_op(hlo: dict, name: str) -> str:
   if h["op_name"]:
     return h["op_name"]
   inner = collections.Counter(
-    i["op_name"] for i in hlo.values() if h["calls"] and i["computation"] == h["calls"]
-    and i["op_name"]
+    i["op_name"]
+    for i in hlo.values()
+    if h["calls"] and i["computation"] == h["calls"] and i["op_name"]
   )
   return inner.most_common(1)[0][0] if inner else ""
 
@@ -173,16 +199,26 @@ CAUSES = (
   ("gemm (cuBLAS)", lambda k, op, ops: bool(re.search(r"nvjet|gemm|cublas|cutlass|xmma", k))),
   ("attention: cuDNN flash fwd/bwd", lambda k, op, ops: "sdpa" in k or "fmha" in k),
   ("attention: cuDNN bwd helpers (dO.O, dq f32->bf16)", lambda k, op, ops: "cudnn" in k),
-  ("layer norm fwd/bwd in f32 (residual stream in an (L,C,B) layout, transposes)",
-   lambda k, op, ops: bool(re.search(r"/ln(1|2|_pre|_final)/", op))),
-  ("GELU fwd (tanh saved) and GELU bwd + fc1 bias grad",
-   lambda k, op, ops: "/mlp/" in op and ("tanh" in ops or "fc1" in op or op.endswith("mlp/mul"))),
-  ("q/k/v split + bias, dq/dk/dv concat + bias grad (fused qkv)",
-   lambda k, op, ops: "/attn/" in op and "/out/" not in op),
-  ("bias grads of out/fc2 + residual adds",
-   lambda k, op, ops: bool(re.search(r"/(out|fc2)/|/add(_any)?$", op))),
-  ("optimizer (AdamW, clipping, casts)",
-   lambda k, op, ops: bool(re.search(r"optax|adam|clip|global_norm|tree_", op, re.I))),
+  (
+    "layer norm fwd/bwd in f32 (residual stream in an (L,C,B) layout, transposes)",
+    lambda k, op, ops: bool(re.search(r"/ln(1|2|_pre|_final)/", op)),
+  ),
+  (
+    "GELU fwd (tanh saved) and GELU bwd + fc1 bias grad",
+    lambda k, op, ops: "/mlp/" in op and ("tanh" in ops or "fc1" in op or op.endswith("mlp/mul")),
+  ),
+  (
+    "q/k/v split + bias, dq/dk/dv concat + bias grad (fused qkv)",
+    lambda k, op, ops: "/attn/" in op and "/out/" not in op,
+  ),
+  (
+    "bias grads of out/fc2 + residual adds",
+    lambda k, op, ops: bool(re.search(r"/(out|fc2)/|/add(_any)?$", op)),
+  ),
+  (
+    "optimizer (AdamW, clipping, casts)",
+    lambda k, op, ops: bool(re.search(r"optax|adam|clip|global_norm|tree_", op, re.I)),
+  ),
 )
 
 
@@ -216,13 +252,20 @@ def attribute(profile_line: dict, hlo: dict, hbm_tb_s: float) -> dict:
     name, ms, calls = k["name"], k["ms_per_step"], k["calls_per_step"]
     top_by_cat[_category(name)] += ms
     instr = instruction_of(hlo, name)
-    row = {"kernel": name, "ms_per_step": round(ms, 4), "calls_per_step": calls,
-           "category": _category(name)}
+    row = {
+      "kernel": name,
+      "ms_per_step": round(ms, 4),
+      "calls_per_step": calls,
+      "category": _category(name),
+    }
     if instr:
       h = hlo[instr]
       dedup = h["deduplicated_name"] or instr
-      group = [n for n, i in hlo.items() if (i["deduplicated_name"] or n) == dedup
-               and i["computation"] == h["computation"]]
+      group = [
+        n
+        for n, i in hlo.items()
+        if (i["deduplicated_name"] or n) == dedup and i["computation"] == h["computation"]
+      ]
       ops = body_opcodes(hlo, h["calls"])
       per_call = operand_bytes(hlo, instr) + h["bytes_out"]
       gb_s = per_call * calls / (ms * 1e-3) / 1e9
@@ -237,10 +280,14 @@ def attribute(profile_line: dict, hlo: dict, hbm_tb_s: float) -> dict:
         **{k2: v for k2, v in where(op).items() if k2 != "block"},
         towers_passes=dict(places),
         result_shape=re.sub(r"\{[0-9,]*\}", "", h["shape"]),
-        operand_shapes=[re.sub(r"\{[0-9,]*\}", "", hlo[o]["shape"]) for o in h["operands"]
-                        if o in hlo],
-        fused_ops={o: c for o, c in ops.most_common()
-                   if o not in ("parameter", "constant", "bitcast", "broadcast", "tuple")},
+        operand_shapes=[
+          re.sub(r"\{[0-9,]*\}", "", hlo[o]["shape"]) for o in h["operands"] if o in hlo
+        ],
+        fused_ops={
+          o: c
+          for o, c in ops.most_common()
+          if o not in ("parameter", "constant", "bitcast", "broadcast", "tuple")
+        },
         mb_per_call=round(per_call / 1e6, 1),
         gb_s=round(gb_s, 0),
         pct_of_hbm=round(100 * gb_s / (hbm_tb_s * 1e3), 1),
@@ -315,11 +362,16 @@ def main(argv=None) -> int:
     hlo = parse_hlo(f.read())
   line_name, line = max(prof["lines"].items(), key=lambda kv: kv[1]["total_ms_per_step"])
   result = {
-    "source": {"bench_json": str(run / f"train_step_bench_{args.model}.json"),
-               "hlo": str(hlo_path), "variant": args.variant, "line": line_name,
-               "steps_profiled": prof["steps"]},
+    "source": {
+      "bench_json": str(run / f"train_step_bench_{args.model}.json"),
+      "hlo": str(hlo_path),
+      "variant": args.variant,
+      "line": line_name,
+      "steps_profiled": prof["steps"],
+    },
     "step_ms_median": bench.get(f"{args.variant}_fixed_b{bench['batches'][0]}", {}).get(
-      "step_ms_median"),
+      "step_ms_median"
+    ),
     "hbm_tb_s": args.hbm_tb_s,
     **attribute(line, hlo, args.hbm_tb_s),
     "hlo_fusions_by_cause": hlo_totals(hlo),
