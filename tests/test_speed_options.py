@@ -2,9 +2,10 @@
 the patch embedding as one matrix product (`patch_embed="dense"`) vs the stride-p convolution,
 fused q/k/v vs three products, the "dots" and "full" remat policies vs none, one padding
 token carried through the stack (`even_length`) vs none, the fused attention kernel's mask form
-(causal + trailing-padding lengths) vs the dense mask, and the layer norm and GELU with
-hand-written backward passes (`lean_layer_norm`, `lean_gelu`) vs Flax's with XLA's automatic
-ones (also checked against float64 numpy central differences).
+(causal + trailing-padding lengths) vs the dense mask, and the layer norm, the GELU and the
+fused q/k/v product with hand-written backward passes (`lean_layer_norm`, `lean_gelu`,
+`split_qkv_backward`) vs Flax's and XLA's automatic ones (the first two also against float64
+numpy central differences).
 
 Every comparison is in float32 on the CPU. Outputs agree to 1e-5 absolute and gradients to
 5e-5 absolute + 1e-5 relative (the same products summed in another order; the class token's
@@ -64,6 +65,7 @@ def test_patch_embed_has_the_conv_parameters_and_computes_the_conv():
     dict(patch_embed="dense", fused_qkv=True, even_length=True, remat="full"),
     dict(lean_layer_norm=True),
     dict(lean_gelu=True),
+    dict(fused_qkv=True, split_qkv_backward=True),
     dict(
       patch_embed="dense", fused_qkv=True, even_length=True, lean_layer_norm=True, lean_gelu=True
     ),
@@ -92,7 +94,13 @@ def _text(**kw):
     dict(fused_qkv=True, remat="dots", attention="xla"),
     dict(even_length=True),  # 7 tokens padded to 8 (the dense mask and the lengths)
     dict(even_length=True, fused_qkv=True, remat="dots", attention="xla"),
-    dict(even_length=True, fused_qkv=True, lean_layer_norm=True, lean_gelu=True),
+    dict(
+      even_length=True,
+      fused_qkv=True,
+      split_qkv_backward=True,
+      lean_layer_norm=True,
+      lean_gelu=True,
+    ),
   ],
 )
 def test_text_speed_options_keep_outputs_and_gradients(causal, pool, options):

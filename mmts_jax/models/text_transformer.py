@@ -50,6 +50,7 @@ class TextTransformer(nn.Module):
   even_length: bool = False
   lean_layer_norm: bool = False
   lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(self, ids, *, train: bool = False):
@@ -95,6 +96,7 @@ class TextTransformer(nn.Module):
       causal=self.causal,
       lean_layer_norm=self.lean_layer_norm,
       lean_gelu=self.lean_gelu,
+      split_qkv_backward=self.split_qkv_backward,
       name="encoder",
     )(x, mask, train=train, lengths=jnp.sum(valid, axis=1))
     if self.pool == "cls":

@@ -18,6 +18,8 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     (`lengths`); the output is sliced back. cuDNN's fused backward needs an even length, and
     `attention.even_length_attention` otherwise pads q, k and v in every block (3 pads and
     their slices per layer); here the whole stack carries the extra row instead.
+  * `split_qkv_backward` (with `fused_qkv`): the fused q/k/v product's backward pass per q,
+    k and v (`attention.qkv_projection`), without XLA's join of dq, dk, dv into one tensor.
   * `lean_layer_norm`: every layer norm (`lean_layer_norm.LeanLayerNorm`) with a hand-written
     backward that keeps x in its own dtype and two float32 numbers per row, instead of XLA's
     automatic backward (which keeps `x - mean` in float32); same parameters and formula.
@@ -88,6 +90,7 @@ class EncoderBlock(nn.Module):
   causal: bool = False
   lean_layer_norm: bool = False
   lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, lengths=None):
@@ -101,6 +104,7 @@ class EncoderBlock(nn.Module):
       self.param_dtype,
       fused_qkv=self.fused_qkv,
       kernel=self.attention,
+      split_qkv_backward=self.split_qkv_backward,
       name="attn",
     )(y, mask, deterministic=not train, causal=self.causal, lengths=lengths)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -128,6 +132,7 @@ class Encoder(nn.Module):
   even_length: bool = False
   lean_layer_norm: bool = False
   lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False, lengths=None):
@@ -155,6 +160,7 @@ class Encoder(nn.Module):
         causal=self.causal,
         lean_layer_norm=self.lean_layer_norm,
         lean_gelu=self.lean_gelu,
+        split_qkv_backward=self.split_qkv_backward,
         name=f"block_{i}",
       )
       x = blk(x, mask, train, lengths)
