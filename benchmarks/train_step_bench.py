@@ -22,6 +22,9 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   +qkv     fused q/k/v product; +dots: remat policy "dots"; +full: full remat;
   +even    odd token counts (197, 77) padded once per tower, not in every block (`even_length`);
   +notriton  XLA's Triton GEMM fusions off (cuBLAS); +lhs: latency-hiding scheduler
+  +ln      layer norms with a hand-written backward (`lean_layer_norm`); +gelu: GELU whose
+           backward recomputes tanh (`lean_gelu`); +lean: both; +split: the fused q/k/v
+           product's backward per q, k, v (`split_qkv_backward`)
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
@@ -104,6 +107,8 @@ MODELS = {
 
 # name -> (model options for both towers, image-only options, XLA compiler options).
 _FAST = dict(attention="auto")
+_EVEN = {**_FAST, "fused_qkv": True, "even_length": True}
+_LEAN = {"lean_layer_norm": True, "lean_gelu": True}
 VARIANTS = {
   "base": (dict(attention="xla"), dict(attention="auto", patch_embed="conv"), {}),
   "fast": (_FAST, dict(patch_embed="dense"), {}),
@@ -111,8 +116,12 @@ VARIANTS = {
   "fast+dots": ({**_FAST, "remat": "dots"}, dict(patch_embed="dense"), {}),
   "fast+full": ({**_FAST, "remat": "full"}, dict(patch_embed="dense"), {}),
   "fast+qkv+dots": ({**_FAST, "fused_qkv": True, "remat": "dots"}, dict(patch_embed="dense"), {}),
-  "fast+qkv+even": (
-    {**_FAST, "fused_qkv": True, "even_length": True},
+  "fast+qkv+even": (_EVEN, dict(patch_embed="dense"), {}),
+  "fast+qkv+even+ln": ({**_EVEN, "lean_layer_norm": True}, dict(patch_embed="dense"), {}),
+  "fast+qkv+even+gelu": ({**_EVEN, "lean_gelu": True}, dict(patch_embed="dense"), {}),
+  "fast+qkv+even+lean": ({**_EVEN, **_LEAN}, dict(patch_embed="dense"), {}),
+  "fast+qkv+even+lean+split": (
+    {**_EVEN, **_LEAN, "split_qkv_backward": True},
     dict(patch_embed="dense"),
     {},
   ),

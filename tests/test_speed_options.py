@@ -1,8 +1,11 @@
 """The transformer towers' speed options compute the same function with the same parameters:
 the patch embedding as one matrix product (`patch_embed="dense"`) vs the stride-p convolution,
 fused q/k/v vs three products, the "dots" and "full" remat policies vs none, one padding
-token carried through the stack (`even_length`) vs none, and the fused
-attention kernel's mask form (causal + trailing-padding lengths) vs the dense mask.
+token carried through the stack (`even_length`) vs none, the fused attention kernel's mask form
+(causal + trailing-padding lengths) vs the dense mask, and the layer norm, the GELU and the
+fused q/k/v product with hand-written backward passes (`lean_layer_norm`, `lean_gelu`,
+`split_qkv_backward`) vs Flax's and XLA's automatic ones (the first two also against float64
+numpy central differences).
 
 Every comparison is in float32 on the CPU. Outputs agree to 1e-5 absolute and gradients to
 5e-5 absolute + 1e-5 relative (the same products summed in another order; the class token's
@@ -20,6 +23,8 @@ import numpy as np
 import pytest
 
 from mmts_jax.models import TextTransformer, ViT, attention, build_model
+from mmts_jax.models.lean_gelu import gelu
+from mmts_jax.models.lean_layer_norm import layer_norm
 from mmts_jax.models.transformer import remat_policy
 from mmts_jax.models.vit import PatchEmbed
 
@@ -58,6 +63,12 @@ def test_patch_embed_has_the_conv_parameters_and_computes_the_conv():
     dict(patch_embed="dense", fused_qkv=True, remat="dots"),
     dict(even_length=True),  # 2 x 2 patches + the class token: 5 tokens, padded to 6
     dict(patch_embed="dense", fused_qkv=True, even_length=True, remat="full"),
+    dict(lean_layer_norm=True),
+    dict(lean_gelu=True),
+    dict(fused_qkv=True, split_qkv_backward=True),
+    dict(
+      patch_embed="dense", fused_qkv=True, even_length=True, lean_layer_norm=True, lean_gelu=True
+    ),
   ],
 )
 def test_vit_speed_options_keep_parameters_outputs_and_gradients(options):
@@ -83,6 +94,13 @@ def _text(**kw):
     dict(fused_qkv=True, remat="dots", attention="xla"),
     dict(even_length=True),  # 7 tokens padded to 8 (the dense mask and the lengths)
     dict(even_length=True, fused_qkv=True, remat="dots", attention="xla"),
+    dict(
+      even_length=True,
+      fused_qkv=True,
+      split_qkv_backward=True,
+      lean_layer_norm=True,
+      lean_gelu=True,
+    ),
   ],
 )
 def test_text_speed_options_keep_outputs_and_gradients(causal, pool, options):
@@ -94,6 +112,60 @@ def test_text_speed_options_keep_outputs_and_gradients(causal, pool, options):
     jax.jit(fast.apply)(params, ids), jax.jit(plain.apply)(params, ids), atol=1e-5, rtol=0
   )
   chex.assert_trees_all_close(_grads(fast, params, ids), _grads(plain, params, ids), atol=5e-5)
+
+
+def _numpy_layer_norm(x, scale, bias, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * scale + bias
+
+
+def _numpy_gelu(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _central_differences(f, args, cot, h=1e-6):
+  """d <cot, f(args)> / d args[i] in float64 by central differences, for every argument."""
+  grads = []
+  for i, a in enumerate(args):
+    g = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+      up, down = [b.copy() for b in args], [b.copy() for b in args]
+      up[i][idx] += h
+      down[i][idx] -= h
+      g[idx] = (np.sum(cot * f(*up)) - np.sum(cot * f(*down))) / (2 * h)
+    grads.append(g)
+  return grads
+
+
+def test_lean_layer_norm_and_gelu_gradients_match_float64_central_differences():
+  rng = np.random.default_rng(3)
+  x, cot = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 3, 5))
+  scale, bias = rng.normal(size=5), rng.normal(size=5)
+  f32 = lambda *a: [jnp.asarray(v, jnp.float32) for v in a]
+  loss = lambda x, s, b: jnp.sum(
+    jnp.asarray(cot, jnp.float32) * layer_norm(x, s, b, 1e-6, jnp.float32)
+  )
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*f32(x, scale, bias))
+  want = _central_differences(_numpy_layer_norm, [x, scale, bias], cot)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(layer_norm(*f32(x, scale, bias), 1e-6, jnp.float32)),
+    _numpy_layer_norm(x, scale, bias),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  (want_gelu,) = _central_differences(_numpy_gelu, [x], cot)
+  got_gelu = jax.grad(lambda v: jnp.sum(jnp.asarray(cot, jnp.float32) * gelu(v)))(*f32(x))
+  np.testing.assert_allclose(np.asarray(got_gelu), want_gelu, rtol=1e-4, atol=1e-4)
+  # bfloat16 activations, float32 parameters: each gradient in its input's dtype.
+  xb = jnp.asarray(x, jnp.bfloat16)
+  dx, ds, db = jax.grad(
+    lambda x, s, b: jnp.sum(layer_norm(x, s, b, 1e-6, jnp.bfloat16).astype(jnp.float32)),
+    argnums=(0, 1, 2),
+  )(xb, *f32(scale, bias))
+  assert (dx.dtype, ds.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+  assert jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32)))(xb).dtype == jnp.bfloat16
 
 
 def _numpy_masked_attention(q, k, v, keep):
@@ -162,5 +234,7 @@ def test_bad_speed_options_are_value_errors_naming_them():
   with pytest.raises(ValueError, match="attention must be 'auto' or 'xla', got 'flash'"):
     build_model(cfg)
   cfg.image.attention = "xla"
+  cfg.image.lean_layer_norm, cfg.image.lean_gelu = True, True
   model = build_model(cfg)
   assert (model.image_tower.remat, model.image_tower.attention) == ("dots", "xla")
+  assert model.image_tower.lean_layer_norm and model.image_tower.lean_gelu

@@ -162,15 +162,63 @@ def even_length_attention(
   return y[:, :length]
 
 
-def _fused_projection(params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _fused_projection(
+  params, x: jax.Array, dtype, split_backward: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q, k, v of `DenseGeneral`s `query`, `key`, `value` (kernels `(width, heads, d)`) as one
   product: `x [Wq Wk Wv] + [bq bk bv]`, the kernels stacked to `(width, 3, heads, d)` in
-  `dtype` (one larger matrix product reads `x` once instead of three times)."""
+  `dtype` (one larger matrix product reads `x` once instead of three times).
+  `split_backward`: the backward pass through `qkv_projection`'s hand-written rule."""
   names = ("query", "key", "value")
   kernel = jnp.stack([params[n]["kernel"] for n in names], axis=1).astype(dtype)
   bias = jnp.stack([params[n]["bias"] for n in names], axis=0).astype(dtype)
+  if split_backward:
+    return qkv_projection(x.astype(dtype), kernel, bias)
   qkv = jnp.einsum("...w,wthd->...thd", x.astype(dtype), kernel) + bias
   return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+
+def _qkv(x, kernel, bias):
+  qkv = jnp.einsum("...w,wthd->...thd", x, kernel) + bias
+  return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+
+@jax.custom_vjp
+def qkv_projection(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(q, k, v) = x kernel[:, t] + bias[t]` for t = 0, 1, 2 from one product (`kernel`
+  `(width, 3, heads, d)`, `bias` `(3, heads, d)`), with the backward pass written per t:
+
+      dx = sum_t dq_t kernel[:, t]^T,  dkernel[:, t] = x^T dq_t,  dbias[t] = sum_rows dq_t.
+
+  XLA's automatic backward first joins dq, dk and dv into one `(..., 3, heads, d)` tensor
+  (a copy of all three, with the bias gradient fused into it) for one product with the
+  stacked kernel; here each of the three feeds its own products, so the join is never written.
+
+  Example:
+    >>> x = jnp.ones((2, 4))
+    >>> q, k, v = qkv_projection(x, jnp.ones((4, 3, 2, 1)), jnp.zeros((3, 2, 1)))
+    >>> q.shape, float(v[0, 0, 0])
+    ((2, 2, 1), 4.0)
+  """
+  return _qkv(x, kernel, bias)
+
+
+def _qkv_fwd(x, kernel, bias):
+  return _qkv(x, kernel, bias), (x, kernel)
+
+
+def _qkv_bwd(residuals, grads):
+  x, kernel = residuals
+  rows = tuple(range(x.ndim - 1))
+  dx = sum(jnp.einsum("...hd,whd->...w", g, kernel[:, t]) for t, g in enumerate(grads))
+  dkernel = jnp.stack([jnp.einsum("...w,...hd->whd", x, g) for g in grads], axis=1)
+  dbias = jnp.stack([jnp.sum(g, axis=rows) for g in grads], axis=0)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
+
+
+qkv_projection.defvjp(_qkv_fwd, _qkv_bwd)
 
 
 class SelfAttention(nn.Module):
@@ -179,7 +227,8 @@ class SelfAttention(nn.Module):
   `mask` (bool) broadcasts to `(B, heads, L, L)`; True keeps a key. `causal` / `lengths`: the
   same mask in the fused kernel's form (`attend`). `fused_qkv`: q, k and v come from one
   `(width, 3 heads d)` product of the three kernels stacked at run time (the parameters stay
-  three `DenseGeneral`s); `kernel`: `"auto"` or `"xla"` (`attend`).
+  three `DenseGeneral`s); `split_qkv_backward` (with `fused_qkv`): that product's backward
+  pass per q, k, v (`qkv_projection`); `kernel`: `"auto"` or `"xla"` (`attend`).
   """
 
   num_heads: int
@@ -188,6 +237,7 @@ class SelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   fused_qkv: bool = False
   kernel: str = "auto"
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(
@@ -210,7 +260,9 @@ class SelfAttention(nn.Module):
     )
     projections = [dense(name) for name in ("query", "key", "value")]
     if self.fused_qkv and not self.is_initializing():
-      q, k, v = _fused_projection(self.variables["params"], x, self.dtype)
+      q, k, v = _fused_projection(
+        self.variables["params"], x, self.dtype, split_backward=self.split_qkv_backward
+      )
     else:
       q, k, v = (proj(x) for proj in projections)
     if self.dropout_rate > 0.0 and not deterministic:

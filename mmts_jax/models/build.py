@@ -54,6 +54,9 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     fused_qkv=bool(_get(cfg, "fused_qkv", False)),
     attention=attention,
     even_length=bool(_get(cfg, "even_length", False)),
+    lean_layer_norm=bool(_get(cfg, "lean_layer_norm", False)),
+    lean_gelu=bool(_get(cfg, "lean_gelu", False)),
+    split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
   )
 
 

@@ -48,6 +48,9 @@ class TextTransformer(nn.Module):
   fused_qkv: bool = False
   attention: str = "auto"
   even_length: bool = False
+  lean_layer_norm: bool = False
+  lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(self, ids, *, train: bool = False):
@@ -91,6 +94,9 @@ class TextTransformer(nn.Module):
       attention=self.attention,
       even_length=self.even_length,
       causal=self.causal,
+      lean_layer_norm=self.lean_layer_norm,
+      lean_gelu=self.lean_gelu,
+      split_qkv_backward=self.split_qkv_backward,
       name="encoder",
     )(x, mask, train=train, lengths=jnp.sum(valid, axis=1))
     if self.pool == "cls":

@@ -18,6 +18,14 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     (`lengths`); the output is sliced back. cuDNN's fused backward needs an even length, and
     `attention.even_length_attention` otherwise pads q, k and v in every block (3 pads and
     their slices per layer); here the whole stack carries the extra row instead.
+  * `split_qkv_backward` (with `fused_qkv`): the fused q/k/v product's backward pass per q,
+    k and v (`attention.qkv_projection`), without XLA's join of dq, dk, dv into one tensor.
+  * `lean_layer_norm`: every layer norm (`lean_layer_norm.LeanLayerNorm`) with a hand-written
+    backward that keeps x in its own dtype and two float32 numbers per row, instead of XLA's
+    automatic backward (which keeps `x - mean` in float32); same parameters and formula.
+  * `lean_gelu`: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that recomputes
+    tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor per layer
+    less written, held and read); same formula.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.models import lean_gelu
 from mmts_jax.models.attention import SelfAttention
+from mmts_jax.models.lean_layer_norm import make_layer_norm
 
 Dtype = Any
 
@@ -56,12 +66,13 @@ class MlpBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lean_gelu: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-    x = nn.gelu(x)
+    x = lean_gelu.gelu(x) if self.lean_gelu else nn.gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
@@ -77,11 +88,15 @@ class EncoderBlock(nn.Module):
   fused_qkv: bool = False
   attention: str = "auto"
   causal: bool = False
+  lean_layer_norm: bool = False
+  lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, lengths=None):
     # `train` may be positional: `nn.remat` marks it static by position.
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln1")(x)
+    norm = lambda name: make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, name)
+    y = norm("ln1")(x)
     y = SelfAttention(
       self.num_heads,
       self.dropout,
@@ -89,13 +104,14 @@ class EncoderBlock(nn.Module):
       self.param_dtype,
       fused_qkv=self.fused_qkv,
       kernel=self.attention,
+      split_qkv_backward=self.split_qkv_backward,
       name="attn",
     )(y, mask, deterministic=not train, causal=self.causal, lengths=lengths)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln2")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(
-      y, train=train
-    )
+    y = norm("ln2")(x)
+    y = MlpBlock(
+      self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.lean_gelu, name="mlp"
+    )(y, train=train)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -114,6 +130,9 @@ class Encoder(nn.Module):
   attention: str = "auto"
   causal: bool = False
   even_length: bool = False
+  lean_layer_norm: bool = False
+  lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False, lengths=None):
@@ -139,10 +158,13 @@ class Encoder(nn.Module):
         fused_qkv=self.fused_qkv,
         attention=self.attention,
         causal=self.causal,
+        lean_layer_norm=self.lean_layer_norm,
+        lean_gelu=self.lean_gelu,
+        split_qkv_backward=self.split_qkv_backward,
         name=f"block_{i}",
       )
       x = blk(x, mask, train, lengths)
-    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
+    x = make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, "ln_final")(x)
     return x[:, :length]
 
 

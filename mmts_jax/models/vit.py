@@ -7,7 +7,8 @@ Pooling is the class token (`pool="cls"`, CLIP) or the mean over patches (`pool=
 The patch embedding is a `p x p` convolution with stride `p` (`patch_embed="conv"`), or the
 same map as one matrix product over the flattened patches (`patch_embed="dense"`,
 `PatchEmbed`: the same `patch_embed/kernel (p, p, 3, width)` and `bias` parameters, so
-checkpoints are interchangeable). `remat`, `fused_qkv`, `attention` and `even_length` go to the
+checkpoints are interchangeable). `remat`, `fused_qkv`, `attention`, `even_length`,
+`split_qkv_backward`, `lean_layer_norm` (also used for `ln_pre`) and `lean_gelu` go to the
 encoder (`mmts_jax.models.transformer`).
 
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
@@ -27,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.models.lean_layer_norm import make_layer_norm
 from mmts_jax.models.transformer import Encoder
 
 # name -> (width, depth, mlp_dim, heads). "mu" is a test size; the rest are the ViT paper's.
@@ -102,6 +104,9 @@ class ViT(nn.Module):
   fused_qkv: bool = False
   attention: str = "auto"
   even_length: bool = False
+  lean_layer_norm: bool = False
+  lean_gelu: bool = False
+  split_qkv_backward: bool = False
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> ViT:
@@ -144,7 +149,7 @@ class ViT(nn.Module):
       "pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], c), self.param_dtype
     )
     x = x + pos.astype(x.dtype)
-    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_pre")(x)
+    x = make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, "ln_pre")(x)
     x = Encoder(
       self.depth,
       self.num_heads,
@@ -156,6 +161,9 @@ class ViT(nn.Module):
       fused_qkv=self.fused_qkv,
       attention=self.attention,
       even_length=self.even_length,
+      lean_layer_norm=self.lean_layer_norm,
+      lean_gelu=self.lean_gelu,
+      split_qkv_backward=self.split_qkv_backward,
       name="encoder",
     )(x, train=train)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
