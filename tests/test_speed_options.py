@@ -53,6 +53,14 @@ def test_patch_embed_has_the_conv_parameters_and_computes_the_conv():
   )
 
 
+@pytest.fixture(scope="module")
+def plain_vit():
+  """The plain ViT's parameters, output and gradients, computed once for every option."""
+  plain = ViT.from_variant("mu/8")
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), IMAGE)
+  return params, jax.jit(plain.apply)(params, IMAGE), _grads(plain, params, IMAGE)
+
+
 @pytest.mark.parametrize(
   "options",
   [
@@ -71,16 +79,12 @@ def test_patch_embed_has_the_conv_parameters_and_computes_the_conv():
     ),
   ],
 )
-def test_vit_speed_options_keep_parameters_outputs_and_gradients(options):
-  plain, fast = ViT.from_variant("mu/8"), ViT.from_variant("mu/8", **options)
-  params = jax.jit(plain.init)(jax.random.PRNGKey(0), IMAGE)
+def test_vit_speed_options_keep_parameters_outputs_and_gradients(options, plain_vit):
+  params, plain_out, plain_grads = plain_vit
+  fast = ViT.from_variant("mu/8", **options)
   chex.assert_trees_all_equal(params, jax.jit(fast.init)(jax.random.PRNGKey(0), IMAGE))
-  chex.assert_trees_all_close(
-    jax.jit(fast.apply)(params, IMAGE), jax.jit(plain.apply)(params, IMAGE), atol=1e-5, rtol=0
-  )
-  chex.assert_trees_all_close(
-    _grads(fast, params, IMAGE), _grads(plain, params, IMAGE), atol=5e-5, rtol=1e-5
-  )
+  chex.assert_trees_all_close(jax.jit(fast.apply)(params, IMAGE), plain_out, atol=1e-5, rtol=0)
+  chex.assert_trees_all_close(_grads(fast, params, IMAGE), plain_grads, atol=5e-5, rtol=1e-5)
 
 
 def _text(**kw):

@@ -212,7 +212,8 @@ def _qkv_fwd(x, kernel, bias):
 def _qkv_bwd(residuals, grads):
   x, kernel = residuals
   rows = tuple(range(x.ndim - 1))
-  dx = sum(jnp.einsum("...hd,whd->...w", g, kernel[:, t]) for t, g in enumerate(grads))
+  dq, dk, dv = (jnp.einsum("...hd,whd->...w", g, kernel[:, t]) for t, g in enumerate(grads))
+  dx = dq + dk + dv
   dkernel = jnp.stack([jnp.einsum("...w,...hd->whd", x, g) for g in grads], axis=1)
   dbias = jnp.stack([jnp.sum(g, axis=rows) for g in grads], axis=0)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
