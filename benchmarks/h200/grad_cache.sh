@@ -1,19 +1,15 @@
 #!/bin/bash
 # One device call on one H200 (about 9 minutes of command time): GradCache vs plain gradient
 # accumulation, ViT-B/16 at a global batch of 32,768 in micro-batches of 512 (issue 15), with
-# the step's parts timed first. Run from the repository root carrying wheels/final (the ml_collections wheel):
+# the step's parts timed first. Run from the repository root, carrying wheels/final (for its
+# ml_collections wheel):
 #
 #   bash benchmarks/h200/grad_cache.sh
 #
 # Writes under $OUT: driver.log, gc.log (the bench's stage log), grad_cache_bench_vit_b16.json,
 # stdout.txt, matmul_after.json.
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-W=${WHEELS:-wheels/final}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/ml_collections*.whl
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+source "$(dirname "$0")/common.sh"
+install_wheels ml_collections
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv >> "$OUT/driver.log"
 el start
 timeout 540 python3 benchmarks/grad_cache_bench.py --out "$OUT" --parts --steps 3 \

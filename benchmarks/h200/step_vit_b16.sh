@@ -1,32 +1,22 @@
 #!/bin/bash
-# One device call on one H200 (about 9 minutes of command time): our ViT-B/16 train step at
-# batch 256 (variants fast, fast+qkv, fast+notriton, fast+dots, and fast with MM-TS) and 512
+# One device call on one H200 (run 5, about 6 minutes of command time): our ViT-B/16 train step
+# at batch 256 (variants fast, fast+qkv, fast+notriton, fast+dots, and fast with MM-TS) and 512
 # (fast), beside OpenCLIP ViT-B-16 compiled at 256 and 512, and the card's bf16 matmul rate.
 # Run from the repository root, carrying the ignored folder wheels/final:
 #
 #   bash benchmarks/h200/step_vit_b16.sh
 #
-# wheels/final/ holds whl/{ml_collections,open_clip_torch,ftfy,wcwidth}*.whl (pip download
-# --no-deps --python-version 3.12 --only-binary=:all:) and peer_openclip_step.py (copied from
-# ../shared/peers/). OpenCLIP's untimed warm-ups (they fill TorchInductor's cache) run on cores
-# 10-15 while ours is set up and compiled on cores 0-9; ours is timed once both are done, then
-# each OpenCLIP batch is timed alone (cache hit), so no timed section shares the GPU.
-# Writes under $OUT: driver.log (the stage timeline), jax.log, train_step_bench_vit_b16.json,
-# openclip_b256.json, openclip_b512.json, matmul_after.json.
-W=${WHEELS:-wheels/final}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+# wheels/final/ holds whl/ (the wheels listed in BENCHMARKS.md, "End to end from files") and
+# peer_openclip_step.py (copied from ../shared/peers/). OpenCLIP's warm-ups run on cores 10-15
+# while ours is set up and compiled on cores 0-9 (common.sh); ours is timed once both are done,
+# then each OpenCLIP batch is timed alone (cache hit). Writes under $OUT: driver.log, jax.log,
+# train_step_bench_vit_b16.json, openclip_b256.json, openclip_b512.json, matmul_after.json.
+source "$(dirname "$0")/common.sh"
+install_wheels ml_collections open_clip_torch ftfy wcwidth
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
-rm -f /tmp/ready /tmp/go /tmp/oc_done
 el start
-( for b in 256 512; do taskset -c 10-15 timeout 200 python3 "$W"/peer_openclip_step.py $b compile \
-    > /tmp/oc_warm_$b.json 2> /tmp/oc_warm_$b.err; done; touch /tmp/oc_done ) &
-( while [ ! -f /tmp/ready ]; do sleep 1; done; while [ ! -f /tmp/oc_done ]; do sleep 1; done
-  el "go (ours compiled, OpenCLIP warm-ups done)"; touch /tmp/go ) &
+warm_peer_then_go "for b in 256 512; do timeout 200 python3 $W/peer_openclip_step.py \$b compile \
+    > /tmp/oc_warm_\$b.json 2> /tmp/oc_warm_\$b.err; done"
 taskset -c 0-9 timeout 465 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256,512 \
     --variants fast,fast+qkv,fast+notriton,fast+dots --later-variants fast --mmts fast \
     --profile fast --steps 10 --rounds 5 --deadline-s 450 --timing-s 90 \

@@ -1,29 +1,20 @@
 #!/bin/bash
-# One device call on one H200 (about 5 minutes of command time): our ViT-B/16 train step at
-# batch 256, fast+qkv (run 5's fastest) vs fast+qkv+even (odd token counts padded once per
-# tower), MM-TS on the latter, its profile and optimised HLO, beside OpenCLIP ViT-B-16 compiled
-# at 256 (warm-up on cores 10-15 while ours compiles, then timed alone) and the matmul rate.
-# Run from the repository root, carrying wheels/final (see step_vit_b16.sh):
+# One device call on one H200 (run 6, about 3.5 minutes of command time): our ViT-B/16 train
+# step at batch 256, fast+qkv (run 5's fastest) vs fast+qkv+even (odd token counts padded once
+# per tower), MM-TS on the latter, its profile and optimised HLO, beside OpenCLIP ViT-B-16
+# compiled at 256 and the matmul rate. Run from the repository root, carrying wheels/final
+# (see step_vit_b16.sh):
 #
 #   bash benchmarks/h200/step_vit_b16_even.sh
 #
 # Writes under $OUT: driver.log, jax.log, train_step_bench_vit_b16.json,
 # hlo_fast_qkv_even.txt.gz, openclip_b256.json, matmul_after.json.
-W=${WHEELS:-wheels/final}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/ml_collections*.whl \
-    "$W"/whl/open_clip_torch*.whl "$W"/whl/ftfy*.whl "$W"/whl/wcwidth*.whl
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+source "$(dirname "$0")/common.sh"
+install_wheels ml_collections open_clip_torch ftfy wcwidth
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
-rm -f /tmp/ready /tmp/go /tmp/oc_done
 el start
-( taskset -c 10-15 timeout 200 python3 "$W"/peer_openclip_step.py 256 compile \
-    > /tmp/oc_warm.json 2> /tmp/oc_warm.err; touch /tmp/oc_done ) &
-( while [ ! -f /tmp/ready ]; do sleep 1; done; while [ ! -f /tmp/oc_done ]; do sleep 1; done
-  el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
+    > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
 taskset -c 0-9 timeout 300 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \
     --variants fast+qkv,fast+qkv+even --mmts fast+qkv+even --profile fast+qkv+even \
     --hlo fast+qkv+even --steps 10 --rounds 5 --deadline-s 290 --timing-s 60 \

@@ -14,22 +14,13 @@
 # Writes under $OUT: driver.log, jax.log, train_step_bench_vit_b16.json,
 # hlo_fast_qkv_even_lean_split.txt.gz, attribution_lean_split.json(+.txt), openclip_b256.json,
 # matmul_after.json.
-W=${WHEELS:-wheels/final}
-OUT=${OUT:-/tmp/out}
 MAIN=fast+qkv+even+lean+split
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/ml_collections*.whl \
-    "$W"/whl/open_clip_torch*.whl "$W"/whl/ftfy*.whl "$W"/whl/wcwidth*.whl
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+source "$(dirname "$0")/common.sh"
+install_wheels ml_collections open_clip_torch ftfy wcwidth
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
-rm -f /tmp/ready /tmp/go /tmp/oc_done
 el start
-( taskset -c 10-15 timeout 200 python3 "$W"/peer_openclip_step.py 256 compile \
-    > /tmp/oc_warm.json 2> /tmp/oc_warm.err; touch /tmp/oc_done ) &
-( while [ ! -f /tmp/ready ]; do sleep 1; done; while [ ! -f /tmp/oc_done ]; do sleep 1; done
-  el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
+    > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
 # Six executables compile side by side (run 6: three in 55 s); the cut is at 300 - 60 s.
 taskset -c 0-9 timeout 310 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \
     --variants fast+qkv+even,fast+qkv+even+ln,fast+qkv+even+gelu,fast+qkv+even+lean,$MAIN \

@@ -1,26 +1,17 @@
 #!/bin/bash
-# One device call on one H200 (about 6 minutes of command time): our ViT-L/14 train step at
+# One device call on one H200 (about 4 minutes of command time): our ViT-L/14 train step at
 # batch 256 (variant fast+qkv+even, fixed temperature and MM-TS) beside OpenCLIP ViT-L-14
-# compiled at 256 (`benchmarks/openclip_step_peer.py`; warm-up on cores 10-15 while ours
-# compiles, then timed alone). Run from the repository root, carrying wheels/final:
+# compiled at 256 (`benchmarks/openclip_step_peer.py`). Run from the repository root, carrying
+# wheels/final:
 #
 #   bash benchmarks/h200/step_vit_l14.sh
 #
 # Writes under $OUT: driver.log, jax.log, train_step_bench_vit_l14.json, openclip_l14_b256.json.
-W=${WHEELS:-wheels/final}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$W"/whl/ml_collections*.whl \
-    "$W"/whl/open_clip_torch*.whl "$W"/whl/ftfy*.whl "$W"/whl/wcwidth*.whl
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
-rm -f /tmp/ready /tmp/go /tmp/oc_done
+source "$(dirname "$0")/common.sh"
+install_wheels ml_collections open_clip_torch ftfy wcwidth
 el start
-( taskset -c 10-15 timeout 240 python3 benchmarks/openclip_step_peer.py ViT-L-14 256 compile \
-    > /tmp/oc_warm.json 2> /tmp/oc_warm.err; touch /tmp/oc_done ) &
-( while [ ! -f /tmp/ready ]; do sleep 1; done; while [ ! -f /tmp/oc_done ]; do sleep 1; done
-  el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+warm_peer_then_go "timeout 240 python3 benchmarks/openclip_step_peer.py ViT-L-14 256 compile \
+    > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
 taskset -c 0-9 timeout 330 python3 benchmarks/train_step_bench.py --out "$OUT" --model vit_l14 \
     --batch 256 --variants fast+qkv+even --mmts fast+qkv+even --steps 5 --rounds 3 \
     --deadline-s 320 --timing-s 50 --ready-file /tmp/ready --go-file /tmp/go \

@@ -1,0 +1,29 @@
+# Sourced by the one-call GPU scripts of this folder (not run alone), from the repository root.
+# Sets W (the carried wheels folder, default wheels/final) and OUT (default /tmp/out), and
+# defines:
+#   el MSG                 a line "[seconds since start] MSG" on stdout and in $OUT/driver.log
+#   install_wheels NAME..  pip-installs $W/whl/NAME*.whl into /tmp/site, puts it on PYTHONPATH
+#   warm_peer_then_go CMD  runs the shell command CMD (OpenCLIP's untimed warm-ups: they fill
+#                          TorchInductor's cache) on cores 10-15 in the background and touches
+#                          /tmp/go once CMD has ended and /tmp/ready exists (ours compiled), so
+#                          that no timed section shares the GPU; `wait` waits for both.
+W=${WHEELS:-wheels/final}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+
+el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/driver.log"; }
+
+install_wheels() {
+  local files=() name
+  for name in "$@"; do files+=("$W"/whl/"$name"*.whl); done
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "${files[@]}"
+  export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+}
+
+warm_peer_then_go() {
+  rm -f /tmp/ready /tmp/go /tmp/oc_done
+  ( taskset -c 10-15 bash -c "$1"; touch /tmp/oc_done ) &
+  ( while [ ! -f /tmp/ready ] || [ ! -f /tmp/oc_done ]; do sleep 1; done
+    el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+}
