@@ -7,6 +7,8 @@
 #                          TorchInductor's cache) on cores 10-15 in the background and touches
 #                          /tmp/go once CMD has ended and /tmp/ready exists (ours compiled), so
 #                          that no timed section shares the GPU; `wait` waits for both.
+#   peer_alone FILE CMD..  runs CMD (OpenCLIP timed alone, cache hit) into $OUT/FILE, logs it
+#   matmul_after           the card's bf16 matmul rate into $OUT/matmul_after.json
 W=${WHEELS:-wheels/final}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -26,4 +28,16 @@ warm_peer_then_go() {
   ( taskset -c 10-15 bash -c "$1"; touch /tmp/oc_done ) &
   ( while [ ! -f /tmp/ready ] || [ ! -f /tmp/oc_done ]; do sleep 1; done
     el "go (ours compiled, OpenCLIP warm-up done)"; touch /tmp/go ) &
+}
+
+peer_alone() {
+  local file=$1
+  shift
+  timeout 90 "$@" > "$OUT/$file" 2> /tmp/peer_alone.err
+  el "openclip timed ($file) rc=$?: $(head -c 400 "$OUT/$file") $(tail -c 200 /tmp/peer_alone.err)"
+}
+
+matmul_after() {
+  timeout 30 python3 benchmarks/matmul_rate.py > "$OUT/matmul_after.json" 2>&1
+  el "matmul after: $(cat "$OUT/matmul_after.json")"
 }
