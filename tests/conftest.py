@@ -24,6 +24,22 @@ def shared_dir() -> pathlib.Path:
   return SHARED
 
 
+@pytest.fixture
+def interpreted():
+  """The fused Pallas loss tiles through the Pallas interpreter (any backend) for one test, then
+  the default dispatch and tile configurations again."""
+  import jax.numpy as jnp
+
+  from mmts_jax.losses import _pallas_tiles as pt
+
+  pt.set_fused_tiles("interpret")
+  yield
+  pt.set_fused_tiles(None)
+  for kind in ("fwd", "bwd"):
+    for dt in (jnp.float32, jnp.bfloat16):
+      pt.set_tile_config(kind, dt, None)
+
+
 # ----------------------------------------------------------------------------- GCS emulator
 
 # Environment that points every GCS client the project uses at the emulator:

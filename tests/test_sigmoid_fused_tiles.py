@@ -26,16 +26,6 @@ from mmts_jax.losses import blockwise_sigmoid
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@pytest.fixture
-def interpreted():
-  pt.set_fused_tiles("interpret")
-  yield
-  pt.set_fused_tiles(None)
-  for kind in ("fwd", "bwd"):
-    for dt in (jnp.float32, jnp.bfloat16):
-      pt.set_tile_config(kind, dt, None)
-
-
 def _inputs(b, d, seed, tau_max=0.105):
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
   # Temperatures from 0.005 (logits up to +-200) and biases around SigLIP's -10.

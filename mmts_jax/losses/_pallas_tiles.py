@@ -136,8 +136,8 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms, f32 InfoNCE XLA 23.4 ms vs fused
 # 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's; results/loss_tune_h200_run1.json);
 # bf16 max-margin fused 16.3 ms vs XLA 17.8 ms (results/loss_h200_tuned.json). Entries not
-# listed (CPU, TPU, float64, f32 max-margin, the sigmoid loss: its fused tiles have no GPU
-# timing yet) run the XLA tiles.
+# listed (CPU, TPU, float64, f32 max-margin, the sigmoid loss: its fused tiles are 3.3-4.5x
+# slower than its XLA tiles, results/loss_sigmoid_h200/) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "fused", "bwd": "fused"},
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
@@ -414,6 +414,28 @@ def _tf32(precision) -> bool:
   return precision in (None, lax.Precision.DEFAULT, "default", "fastest")
 
 
+def _program(kernel, kind, precision, xr, yc, vec_in, out_shape, *static):
+  """The `pallas_call` of `kernel` over the tile of rows `xr` and columns `yc`: the `kind`
+  ("fwd" / "bwd") `TileConfig` of `xr`'s dtype fitted to the tile, then `kernel(cfg, tf32,
+  *static, *refs)` (`_fused_call` for `vec_in` and `out_shape`)."""
+  (br, d), bc = xr.shape, yc.shape[0]
+  cfg = _fit(tile_config(kind, xr.dtype), br, bc, d)
+  bound = functools.partial(kernel, cfg, _tf32(precision), *static)
+  return _fused_call(bound, cfg, br, bc, d, vec_in, out_shape, xr)
+
+
+def _grad_products(res, need_sums, xr, yc, precision):
+  """`(dS Y_c, dS^T X_r, rest)` from a backward program's outputs `res` = dS, then (if
+  `need_sums`) its float32 row and column sums for the centred bf16 products, then `rest`."""
+  ds, res = res[0], res[1:]
+  sums = None
+  if need_sums:
+    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
+    res = res[2:]
+  ddx, ddy = grad_matmuls(ds, xr, yc, precision, sums)
+  return ddx, ddy, res
+
+
 def _bias(ids, dtype):
   """0 for real samples, -inf for padding: added to the logits it masks the padding."""
   return jnp.where(ids >= 0, 0.0, -jnp.inf).astype(dtype)
@@ -437,20 +459,17 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   """The fused form of `blockwise._nce_fwd_tile` (same arguments, same result)."""
   xr, ar, rid = r
   yc, ac, cid = c
-  br, d = xr.shape
-  bc = yc.shape[0]
   f32 = jnp.float32
   masked = bool(mask_rows or mask_cols)
-  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
-  call = _fused_call(
-    functools.partial(_nce_stats_kernel, cfg, _tf32(precision), masked),
-    cfg,
-    br,
-    bc,
-    d,
+  call = _program(
+    _nce_stats_kernel,
+    "fwd",
+    precision,
+    xr,
+    yc,
     "rcrc" if masked else "rc",
     [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
-    xr,
+    masked,
   )
   vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
   if masked:
@@ -467,25 +486,14 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
   dy, dac = cs
-  br, d = xr.shape
-  bc = yc.shape[0]
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
   masked = bool(mask_rows or mask_cols)
-  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
-  call = _fused_call(
-    functools.partial(_nce_ds_kernel, cfg, _tf32(precision), masked, need_sums, need_a),
-    cfg,
-    br,
-    bc,
-    d,
-    ("rcrc" if masked else "rc") + "rcrc",
-    outs,
-    xr,
-  )
+  vec_in = ("rcrc" if masked else "rc") + "rcrc"
+  call = _program(_nce_ds_kernel, "bwd", precision, xr, yc, vec_in, outs, masked, need_sums, need_a)
   vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
   if masked:
     vecs += [_bias(rid, f32), _bias(cid, f32)]
@@ -495,13 +503,7 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
     (gr * ar).astype(f32),
     (gc * ac).astype(f32),
   ]
-  res = call(xr, yc, *vecs)
-  ds, res = res[0], res[1:]
-  sums = None
-  if need_sums:
-    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
-    res = res[2:]
-  ddx, ddy = grad_matmuls(ds, xr, yc, precision, sums)
+  ddx, ddy, res = _grad_products(call(xr, yc, *vecs), need_sums, xr, yc, precision)
   if need_a:
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)
@@ -579,19 +581,15 @@ def mm_fwd_tile(precision, r, c, rs, cs):
   """The fused form of `blockwise._mm_fwd_tile` (same arguments, same result)."""
   xr, rr, ro, rid = r
   yc, qc, co, cid = c
-  br, d = xr.shape
-  bc = yc.shape[0]
   f32 = jnp.float32
-  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
-  call = _fused_call(
-    functools.partial(_mm_stats_kernel, cfg, _tf32(precision)),
-    cfg,
-    br,
-    bc,
-    d,
+  call = _program(
+    _mm_stats_kernel,
+    "fwd",
+    precision,
+    xr,
+    yc,
     "rcrcrc",
     [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
-    xr,
   )
   rsum, rcnt, csum, ccnt = call(
     xr, yc, rr.astype(f32), qc.astype(f32), ro.astype(f32), co.astype(f32), rid, cid
@@ -609,24 +607,12 @@ def mm_bwd_tile(precision, r, c, rs, cs):
   xr, rr, ro, rid, gr = r
   yc, qc, co, cid, gc = c
   (dx, dr), (dy, dq) = rs, cs
-  br, d = xr.shape
-  bc = yc.shape[0]
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
-  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + parts
-  call = _fused_call(
-    functools.partial(_mm_ds_kernel, cfg, _tf32(precision), need_sums),
-    cfg,
-    br,
-    bc,
-    d,
-    "rcrcrcrc",
-    outs,
-    xr,
-  )
+  call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
   res = call(
     xr,
     yc,
@@ -639,12 +625,7 @@ def mm_bwd_tile(precision, r, c, rs, cs):
     gr.astype(f32),
     gc.astype(f32),
   )
-  dsw, res = res[0], res[1:]
-  sums = None
-  if need_sums:
-    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
-    res = res[2:]
-  ddx, ddy = grad_matmuls(dsw, xr, yc, precision, sums)
+  ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
   dt = dr.dtype
   return (
     (dx + ddx, dr + jnp.sum(res[0], axis=0).astype(dt)),
@@ -720,19 +701,9 @@ def sig_fwd_tile(precision, r, c, rs, cs):
   """The fused form of `blockwise_sigmoid._fwd_tile` (same arguments, same result)."""
   xr, ar, cr, rid = r
   yc, ac, cc, cid = c
-  br, d = xr.shape
-  bc = yc.shape[0]
   f32 = jnp.float32
-  cfg = _fit(tile_config("fwd", xr.dtype), br, bc, d)
-  call = _fused_call(
-    functools.partial(_sig_stats_kernel, cfg, _tf32(precision)),
-    cfg,
-    br,
-    bc,
-    d,
-    "rcrcrc",
-    [("rowpart", f32), ("colpart", f32)],
-    xr,
+  call = _program(
+    _sig_stats_kernel, "fwd", precision, xr, yc, "rcrcrc", [("rowpart", f32), ("colpart", f32)]
   )
   rsum, csum = call(xr, yc, *_sig_vectors(ar, ac, cr, cc), rid, cid)
   return rs + jnp.sum(rsum, axis=0).astype(rs.dtype), cs + jnp.sum(csum, axis=0).astype(cs.dtype)
@@ -744,31 +715,14 @@ def sig_bwd_tile(precision, r, c, rs, cs):
   yc, ac, cc, cid, gc = c
   dx, sr, qr = rs
   dy, sc, qc = cs
-  br, d = xr.shape
-  bc = yc.shape[0]
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
-  cfg = _fit(tile_config("bwd", xr.dtype), br, bc, d)
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + parts + parts
-  call = _fused_call(
-    functools.partial(_sig_ds_kernel, cfg, _tf32(precision), need_sums),
-    cfg,
-    br,
-    bc,
-    d,
-    "rcrcrcrc",
-    outs,
-    xr,
-  )
+  call = _program(_sig_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
   vecs = _sig_vectors(ar, ac, cr, cc)
   res = call(xr, yc, *vecs, rid, cid, (gr * ar).astype(f32), (gc * ac).astype(f32))
-  ds, res = res[0], res[1:]
-  sums = None
-  if need_sums:
-    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
-    res = res[2:]
-  ddx, ddy = grad_matmuls(ds, xr, yc, precision, sums)
+  ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
   dsr, dsc, dqr, dqc = (jnp.sum(p, axis=0).astype(sr.dtype) for p in res)
   return (dx + ddx, sr + dsr, qr + dqr), (dy + ddy, sc + dsc, qc + dqc)

@@ -172,10 +172,8 @@ def _fused_projection(
   names = ("query", "key", "value")
   kernel = jnp.stack([params[n]["kernel"] for n in names], axis=1).astype(dtype)
   bias = jnp.stack([params[n]["bias"] for n in names], axis=0).astype(dtype)
-  if split_backward:
-    return qkv_projection(x.astype(dtype), kernel, bias)
-  qkv = jnp.einsum("...w,wthd->...thd", x.astype(dtype), kernel) + bias
-  return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+  project = qkv_projection if split_backward else _qkv
+  return project(x.astype(dtype), kernel, bias)
 
 
 def _qkv(x, kernel, bias):

@@ -57,15 +57,19 @@ def layer_norm(
     >>> [round(float(v), 4) for v in y[0]]
     [-1.0, 1.0]
   """
+  return _normalize(x, scale, bias, epsilon, dtype)[0]
+
+
+def _normalize(x, scale, bias, epsilon, dtype):
+  """`(y, mu, r)`: the forward and the two row statistics the backward keeps."""
   mu, r = _stats(x, epsilon)
   y = (x.astype(jnp.float32) - mu) * r * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(dtype)
+  return y.astype(dtype), mu, r
 
 
 def _fwd(x, scale, bias, epsilon, dtype):
-  mu, r = _stats(x, epsilon)
-  y = (x.astype(jnp.float32) - mu) * r * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(dtype), (x, mu, r, scale, bias)
+  y, mu, r = _normalize(x, scale, bias, epsilon, dtype)
+  return y, (x, mu, r, scale, bias)
 
 
 def _bwd(epsilon, dtype, residuals, g):
