@@ -185,6 +185,22 @@ def timed_window(
   }
 
 
+def window(name: str, step, next_batch, sync, args) -> dict:
+  """`timed_window` with the command line's settings, for either side; the loader's window
+  ("from_files") warms up for at least 2 x workers + 2 steps, so its prefetch buffers are
+  drained before the timing starts."""
+  drain = 2 * args.workers + 2 if name == "from_files" else 0
+  return timed_window(
+    step,
+    next_batch,
+    sync,
+    batch=args.batch,
+    seconds=args.seconds,
+    warmup_s=args.warmup_s,
+    warmup_steps=max(args.warmup_steps, drain),
+  )
+
+
 def summarize(side: dict) -> dict:
   """The per-side summary fields from its `fixed_batch` and `from_files` windows:
   ratio = from-files / fixed examples/s; input CPU per example = from-files minus fixed-batch
@@ -306,15 +322,7 @@ def run_ours(args, data: dict, result: dict, out: str, wait_gpu) -> None:
         result["skipped"].append(f"ours {name}: {_left(args):.0f} s left, needs {need:.0f}")
         _log(f"ours {name}: skipped (deadline)")
         continue
-      side[name] = timed_window(
-        step,
-        next_batch,
-        sync,
-        batch=args.batch,
-        seconds=args.seconds,
-        warmup_s=args.warmup_s,
-        warmup_steps=max(args.warmup_steps, 2 * args.workers + 2 if name == "from_files" else 0),
-      )
+      side[name] = window(name, step, next_batch, sync, args)
       _log(f"ours {name}: {side[name]['examples_per_s']:.0f} examples/s")
       summarize(side)
       _write(out, result)
@@ -418,15 +426,7 @@ def openclip_child(args) -> int:
         res["skipped"].append(f"openclip {wname}: deadline")
         _clog(args, f"{wname}: skipped (deadline)")
         continue
-      res[wname] = timed_window(
-        step,
-        next_batch,
-        sync,
-        batch=args.batch,
-        seconds=args.seconds,
-        warmup_s=args.warmup_s,
-        warmup_steps=max(args.warmup_steps, 2 * args.workers + 2 if wname == "from_files" else 0),
-      )
+      res[wname] = window(wname, step, next_batch, sync, args)
       _clog(args, f"{wname}: {res[wname]['examples_per_s']:.0f} examples/s")
       _child_write(out, res)
     res["steps_run"] = sum(res[w]["steps"] + res[w]["warmup_steps"] for w, _ in windows if w in res)
