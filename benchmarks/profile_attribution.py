@@ -229,17 +229,25 @@ def cause_of(kernel: str, op_name: str, ops: collections.Counter) -> str:
   return "other"
 
 
-def _category(kernel: str) -> str:
-  """The bench's category of a kernel name (`train_step_bench._category`, same patterns)."""
-  pats = (
-    ("attention", r"fmha|flash|cudnn|sdpa|attention"),
-    ("gemm", r"gemm|xmma|nvjet|cutlass|cublas|wgmma|triton_gemm|matmul|_dot"),
-    ("conv", r"conv|implicit"),
-    ("reduce/norm", r"reduce|norm"),
-    ("copy/transpose", r"copy|transpose|memcpy|memset"),
-  )
-  for cat, pat in pats:
-    if re.search(pat, kernel, re.I):
+# The kernel categories of `train_step_bench.py`'s profile summary (it imports these).
+CATEGORIES = (
+  ("attention", re.compile(r"fmha|flash|cudnn|sdpa|attention", re.I)),
+  ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma|triton_gemm|matmul|_dot", re.I)),
+  ("conv", re.compile(r"conv|implicit", re.I)),
+  ("reduce/norm", re.compile(r"reduce|norm", re.I)),
+  ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+)
+
+
+def category(kernel: str) -> str:
+  """The category of a GPU kernel's name (the first of `CATEGORIES` whose pattern it matches).
+
+  Example:
+    >>> category("nvjet_sm90_tst_128x128"), category("input_add_reduce_fusion_28")
+    ('gemm', 'reduce/norm')
+  """
+  for cat, pattern in CATEGORIES:
+    if pattern.search(kernel):
       return cat
   return "other fusion"
 
@@ -250,13 +258,13 @@ def attribute(profile_line: dict, hlo: dict, hbm_tb_s: float) -> dict:
   top_by_cat = collections.Counter()
   for k in profile_line["top"]:
     name, ms, calls = k["name"], k["ms_per_step"], k["calls_per_step"]
-    top_by_cat[_category(name)] += ms
+    top_by_cat[category(name)] += ms
     instr = instruction_of(hlo, name)
     row = {
       "kernel": name,
       "ms_per_step": round(ms, 4),
       "calls_per_step": calls,
-      "category": _category(name),
+      "category": category(name),
     }
     if instr:
       h = hlo[instr]

@@ -59,10 +59,12 @@ import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from profile_attribution import category  # noqa: E402
 
 from mmts_jax import atomic_io, temperature, train  # noqa: E402
 from mmts_jax.data import sources  # noqa: E402
@@ -452,22 +454,6 @@ def components(jobs) -> dict:
   return out
 
 
-_CATEGORIES = (
-  ("attention", re.compile(r"fmha|flash|cudnn|sdpa|attention", re.I)),
-  ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma|triton_gemm|matmul|_dot", re.I)),
-  ("conv", re.compile(r"conv|implicit", re.I)),
-  ("reduce/norm", re.compile(r"reduce|norm", re.I)),
-  ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
-)
-
-
-def _category(name: str) -> str:
-  for cat, pattern in _CATEGORIES:
-    if pattern.search(name):
-      return cat
-  return "other fusion"
-
-
 def profile(run, name: str, steps: int = 3, top: int = 40) -> dict:
   """Device kernels of `steps` steps (`jax.profiler` trace): per GPU line the total time, the
   `top` kernels by total time and the time per category (matmul, attention, ...), in ms."""
@@ -496,7 +482,7 @@ def profile(run, name: str, steps: int = 3, top: int = 40) -> dict:
         continue
       cats = collections.Counter()
       for k, v in total.items():
-        cats[_category(k)] += v
+        cats[category(k)] += v
       summary["lines"][f"{plane.name} | {line.name}"] = {
         "total_ms_per_step": sum(total.values()) / 1e6 / steps,
         "events_per_step": sum(count.values()) / steps,
