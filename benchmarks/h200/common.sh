@@ -2,6 +2,8 @@
 # Sets W (the carried wheels folder, default wheels/final) and OUT (default /tmp/out), and
 # defines:
 #   el MSG                 a line "[seconds since start] MSG" on stdout and in $OUT/driver.log
+#   begin NAME..           install_wheels NAME.., the GPU's name, driver, clock and memory into
+#                          $OUT/driver.log, then "start": the first lines of every call
 #   install_wheels NAME..  pip-installs $W/whl/NAME*.whl into /tmp/site, puts it on PYTHONPATH
 #   warm_peer_then_go CMD  runs the shell command CMD (OpenCLIP's untimed warm-ups: they fill
 #                          TorchInductor's cache) on cores 10-15 in the background and touches
@@ -21,6 +23,13 @@ install_wheels() {
   for name in "$@"; do files+=("$W"/whl/"$name"*.whl); done
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "${files[@]}"
   export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+}
+
+begin() {
+  install_wheels "$@"
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
+      >> "$OUT/driver.log"
+  el start
 }
 
 warm_peer_then_go() {

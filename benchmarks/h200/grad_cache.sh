@@ -9,9 +9,7 @@
 # Writes under $OUT: driver.log, gc.log (the bench's stage log), grad_cache_bench_vit_b16.json,
 # stdout.txt, matmul_after.json.
 source "$(dirname "$0")/common.sh"
-install_wheels ml_collections
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv >> "$OUT/driver.log"
-el start
+begin ml_collections
 timeout 540 python3 benchmarks/grad_cache_bench.py --out "$OUT" --parts --steps 3 \
     --deadline-s 520 > "$OUT/stdout.txt" 2> "$OUT/gc.log"
 el "gradcache rc=$?: $(grep -E '^(grad_cache|plain) ' "$OUT/stdout.txt" | cut -c1-200)"

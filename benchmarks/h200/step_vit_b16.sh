@@ -12,9 +12,7 @@
 # then each OpenCLIP batch is timed alone (cache hit). Writes under $OUT: driver.log, jax.log,
 # train_step_bench_vit_b16.json, openclip_b256.json, openclip_b512.json, matmul_after.json.
 source "$(dirname "$0")/common.sh"
-install_wheels ml_collections open_clip_torch ftfy wcwidth
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
-el start
+begin ml_collections open_clip_torch ftfy wcwidth
 warm_peer_then_go "for b in 256 512; do timeout 200 python3 $W/peer_openclip_step.py \$b compile \
     > /tmp/oc_warm_\$b.json 2> /tmp/oc_warm_\$b.err; done"
 taskset -c 0-9 timeout 465 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256,512 \

@@ -10,9 +10,7 @@
 # Writes under $OUT: driver.log, jax.log, train_step_bench_vit_b16.json,
 # hlo_fast_qkv_even.txt.gz, openclip_b256.json, matmul_after.json.
 source "$(dirname "$0")/common.sh"
-install_wheels ml_collections open_clip_torch ftfy wcwidth
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
-el start
+begin ml_collections open_clip_torch ftfy wcwidth
 warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
     > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
 taskset -c 0-9 timeout 300 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \

@@ -16,9 +16,7 @@
 # matmul_after.json.
 MAIN=fast+qkv+even+lean+split
 source "$(dirname "$0")/common.sh"
-install_wheels ml_collections open_clip_torch ftfy wcwidth
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$OUT/driver.log"
-el start
+begin ml_collections open_clip_torch ftfy wcwidth
 warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
     > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
 # Six executables compile side by side (run 6: three in 55 s); the cut is at 300 - 60 s.

@@ -8,8 +8,7 @@
 #
 # Writes under $OUT: driver.log, jax.log, train_step_bench_vit_l14.json, openclip_l14_b256.json.
 source "$(dirname "$0")/common.sh"
-install_wheels ml_collections open_clip_torch ftfy wcwidth
-el start
+begin ml_collections open_clip_torch ftfy wcwidth
 warm_peer_then_go "timeout 240 python3 benchmarks/openclip_step_peer.py ViT-L-14 256 compile \
     > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
 taskset -c 0-9 timeout 330 python3 benchmarks/train_step_bench.py --out "$OUT" --model vit_l14 \
