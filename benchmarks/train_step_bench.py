@@ -111,6 +111,7 @@ MODELS = {
 _FAST = dict(attention="auto")
 _EVEN = {**_FAST, "fused_qkv": True, "even_length": True}
 _LEAN = {"lean_layer_norm": True, "lean_gelu": True}
+_DENSE = dict(patch_embed="dense")
 VARIANTS = {
   "base": (dict(attention="xla"), dict(attention="auto", patch_embed="conv"), {}),
   "fast": (_FAST, dict(patch_embed="dense"), {}),
@@ -126,6 +127,26 @@ VARIANTS = {
     {**_EVEN, **_LEAN, "split_qkv_backward": True},
     dict(patch_embed="dense"),
     {},
+  ),
+  # Session 5 candidates (run 7's attribution: layer norms and residual sums on an (L, C, B)
+  # stream, the forward GELU, the text tower's cuDNN attention at 78 tokens).
+  "fast+qkv+even+lean+flat": ({**_EVEN, **_LEAN, "flat_residual": True}, _DENSE, {}),
+  "fast+qkv+even+gelu+cudnnln": (
+    {**_EVEN, "lean_gelu": True},
+    _DENSE,
+    {"xla_gpu_enable_cudnn_layer_norm": True},
+  ),
+  "fast+qkv+even+lean+textxla": (
+    {**_EVEN, **_LEAN, "attention": "xla"},
+    dict(patch_embed="dense", attention="auto"),
+    {},
+  ),
+  "fast+qkv+even+lean+lt": ({**_EVEN, **_LEAN}, _DENSE, {"xla_gpu_enable_cublaslt": True}),
+  "fast+qkv+even+lean+tgany": ({**_EVEN, **_LEAN}, _DENSE, {"xla_gpu_triton_gemm_any": True}),
+  "fast+qkv+even+lean+flat+textxla+lt": (
+    {**_EVEN, **_LEAN, "flat_residual": True, "attention": "xla"},
+    dict(patch_embed="dense", attention="auto"),
+    {"xla_gpu_enable_cublaslt": True},
   ),
   "fast+notriton": (_FAST, dict(patch_embed="dense"), {"xla_gpu_enable_triton_gemm": False}),
   "fast+lhs": (

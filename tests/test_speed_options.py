@@ -74,9 +74,11 @@ def plain_vit():
     dict(lean_layer_norm=True),
     dict(lean_gelu=True),
     dict(fused_qkv=True, split_qkv_backward=True),
+    dict(flat_residual=True),
     dict(
       patch_embed="dense", fused_qkv=True, even_length=True, lean_layer_norm=True, lean_gelu=True
     ),
+    dict(patch_embed="dense", fused_qkv=True, even_length=True, flat_residual=True, remat="dots"),
   ],
 )
 def test_vit_speed_options_keep_parameters_outputs_and_gradients(options, plain_vit):
@@ -105,6 +107,7 @@ def _text(**kw):
       lean_layer_norm=True,
       lean_gelu=True,
     ),
+    dict(even_length=True, flat_residual=True, lean_layer_norm=True),
   ],
 )
 def test_text_speed_options_keep_outputs_and_gradients(causal, pool, options):

@@ -57,6 +57,7 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     lean_layer_norm=bool(_get(cfg, "lean_layer_norm", False)),
     lean_gelu=bool(_get(cfg, "lean_gelu", False)),
     split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
+    flat_residual=bool(_get(cfg, "flat_residual", False)),
   )
 
 

@@ -51,6 +51,7 @@ class TextTransformer(nn.Module):
   lean_layer_norm: bool = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
+  flat_residual: bool = False
 
   @nn.compact
   def __call__(self, ids, *, train: bool = False):
@@ -97,6 +98,7 @@ class TextTransformer(nn.Module):
       lean_layer_norm=self.lean_layer_norm,
       lean_gelu=self.lean_gelu,
       split_qkv_backward=self.split_qkv_backward,
+      flat_residual=self.flat_residual,
       name="encoder",
     )(x, mask, train=train, lengths=jnp.sum(valid, axis=1))
     if self.pool == "cls":

@@ -26,6 +26,11 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
   * `lean_gelu`: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that recomputes
     tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor per layer
     less written, held and read); same formula.
+  * `flat_residual`: each block keeps the residual stream as a 2-D (B L, C) matrix (the layer
+    norms, the residual sums and the MLP on it; only the attention sees (B, L, ...)). On the
+    H200 (jax 0.11.2) XLA otherwise stores the (B, L, C) stream of the ViT physically as
+    (L, C, B) and transposes it in every residual sum and layer norm
+    (`benchmarks/profile_attribution.py`); a 2-D stream leaves it fewer layouts to pick.
 """
 
 from __future__ import annotations
@@ -91,11 +96,15 @@ class EncoderBlock(nn.Module):
   lean_layer_norm: bool = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
+  flat_residual: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, lengths=None):
     # `train` may be positional: `nn.remat` marks it static by position.
     norm = lambda name: make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, name)
+    shape = x.shape
+    if self.flat_residual:
+      x = x.reshape(-1, shape[-1])
     y = norm("ln1")(x)
     y = SelfAttention(
       self.num_heads,
@@ -106,13 +115,13 @@ class EncoderBlock(nn.Module):
       kernel=self.attention,
       split_qkv_backward=self.split_qkv_backward,
       name="attn",
-    )(y, mask, deterministic=not train, causal=self.causal, lengths=lengths)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    )(y.reshape(shape), mask, deterministic=not train, causal=self.causal, lengths=lengths)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y.reshape(x.shape))
     y = norm("ln2")(x)
     y = MlpBlock(
       self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.lean_gelu, name="mlp"
     )(y, train=train)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return (x + nn.Dropout(self.dropout, deterministic=not train)(y)).reshape(shape)
 
 
 class Encoder(nn.Module):
@@ -133,6 +142,7 @@ class Encoder(nn.Module):
   lean_layer_norm: bool = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
+  flat_residual: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False, lengths=None):
@@ -161,6 +171,7 @@ class Encoder(nn.Module):
         lean_layer_norm=self.lean_layer_norm,
         lean_gelu=self.lean_gelu,
         split_qkv_backward=self.split_qkv_backward,
+        flat_residual=self.flat_residual,
         name=f"block_{i}",
       )
       x = blk(x, mask, train, lengths)

@@ -8,7 +8,7 @@ The patch embedding is a `p x p` convolution with stride `p` (`patch_embed="conv
 same map as one matrix product over the flattened patches (`patch_embed="dense"`,
 `PatchEmbed`: the same `patch_embed/kernel (p, p, 3, width)` and `bias` parameters, so
 checkpoints are interchangeable). `remat`, `fused_qkv`, `attention`, `even_length`,
-`split_qkv_backward`, `lean_layer_norm` (also used for `ln_pre`) and `lean_gelu` go to the
+`split_qkv_backward`, `flat_residual`, `lean_layer_norm` (also used for `ln_pre`) and `lean_gelu` go to the
 encoder (`mmts_jax.models.transformer`).
 
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
@@ -107,6 +107,7 @@ class ViT(nn.Module):
   lean_layer_norm: bool = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
+  flat_residual: bool = False
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> ViT:
@@ -164,6 +165,7 @@ class ViT(nn.Module):
       lean_layer_norm=self.lean_layer_norm,
       lean_gelu=self.lean_gelu,
       split_qkv_backward=self.split_qkv_backward,
+      flat_residual=self.flat_residual,
       name="encoder",
     )(x, train=train)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
