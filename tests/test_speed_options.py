@@ -108,6 +108,7 @@ def _text(**kw):
       lean_gelu=True,
     ),
     dict(even_length=True, flat_residual=True, lean_layer_norm=True),
+    dict(even_length=True, causal_only_lengths=True, fused_qkv=True),
   ],
 )
 def test_text_speed_options_keep_outputs_and_gradients(causal, pool, options):
@@ -184,9 +185,10 @@ def _numpy_masked_attention(q, k, v, keep):
 
 
 @pytest.mark.parametrize("length", [7, 8])
-@pytest.mark.parametrize("causal", [True, False])
-def test_structured_mask_equals_the_dense_mask_on_real_rows(length, causal):
-  # The fused kernel's form (lengths + causal, odd lengths padded to even), run through XLA
+@pytest.mark.parametrize("causal,drop_lengths", [(True, False), (False, False), (True, True)])
+def test_structured_mask_equals_the_dense_mask_on_real_rows(length, causal, drop_lengths):
+  # The fused kernel's form (lengths + causal, odd lengths padded to even; with
+  # `drop_lengths` the causal mask alone, as `causal_only_lengths` gives it), run through XLA
   # here, against the dense mask the text tower builds and a float64 reference.
   q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 3, length, 2, 8), jnp.float32)
   lengths = jnp.array([length, 4, 0])
@@ -197,7 +199,7 @@ def test_structured_mask_equals_the_dense_mask_on_real_rows(length, causal):
   mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
   dense = lambda q, k, v: attention.attend(q, k, v, mask)
   structured = lambda q, k, v: attention.even_length_attention(
-    q, k, v, "xla", causal=causal, lengths=lengths
+    q, k, v, "xla", causal=causal, lengths=None if drop_lengths else lengths
   )
   got, want = jax.jit(structured)(q, k, v), jax.jit(dense)(q, k, v)
   assert bool(jnp.all(jnp.isfinite(got)))  # padded rows too: they feed later layers

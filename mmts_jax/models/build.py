@@ -108,6 +108,7 @@ def build_tower(cfg: Mapping[str, Any], side: str, dtype) -> tuple[Any, str]:
       pad_id=int(_get(cfg, "pad_id", 0)),
       dropout=float(_get(cfg, "dropout", 0.0)),
       remat=_remat(cfg),
+      causal_only_lengths=bool(_get(cfg, "causal_only_lengths", False)),
       **_speed(cfg),
       **common,
     )

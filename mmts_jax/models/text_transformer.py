@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmts_jax.models.transformer import Encoder
@@ -52,6 +53,17 @@ class TextTransformer(nn.Module):
   lean_gelu: bool = False
   split_qkv_backward: bool = False
   flat_residual: bool = False
+  causal_only_lengths: bool = False
+
+  def _kernel_lengths(self, valid: jax.Array) -> jax.Array | None:
+    """Per-row real lengths for the fused attention kernel, or None where the causal mask
+    alone hides the trailing padding (`causal_only_lengths`): a real token sees only earlier
+    tokens, all real, so the kernel needs no key-padding mask (CLIP's text tower uses the causal
+    mask alone). The dense `mask` (the XLA path) is unchanged; padded rows, which no pooling
+    reads, may differ between the two."""
+    if self.causal and self.causal_only_lengths:
+      return None
+    return jnp.sum(valid, axis=1)
 
   @nn.compact
   def __call__(self, ids, *, train: bool = False):
@@ -100,7 +112,7 @@ class TextTransformer(nn.Module):
       split_qkv_backward=self.split_qkv_backward,
       flat_residual=self.flat_residual,
       name="encoder",
-    )(x, mask, train=train, lengths=jnp.sum(valid, axis=1))
+    )(x, mask, train=train, lengths=self._kernel_lengths(valid))
     if self.pool == "cls":
       return x[:, 0]
     if self.pool == "eot":

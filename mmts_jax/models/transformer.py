@@ -148,7 +148,10 @@ class Encoder(nn.Module):
   def __call__(self, x, mask=None, *, train: bool = False, lengths=None):
     length = x.shape[1]
     if self.even_length and length % 2:
-      x, mask, lengths = pad_to_even(x, mask, lengths)
+      x, mask, padded_lengths = pad_to_even(x, mask, lengths)
+      # A causal stack without lengths needs none: the appended last token is later than
+      # every real one, so the causal mask already hides it.
+      lengths = None if self.causal and lengths is None else padded_lengths
     # Rematerialisation trades recomputation in the backward pass for activation memory.
     policy = remat_policy(self.remat)
     if policy == "none":

@@ -8,8 +8,8 @@ The patch embedding is a `p x p` convolution with stride `p` (`patch_embed="conv
 same map as one matrix product over the flattened patches (`patch_embed="dense"`,
 `PatchEmbed`: the same `patch_embed/kernel (p, p, 3, width)` and `bias` parameters, so
 checkpoints are interchangeable). `remat`, `fused_qkv`, `attention`, `even_length`,
-`split_qkv_backward`, `flat_residual`, `lean_layer_norm` (also used for `ln_pre`) and `lean_gelu` go to the
-encoder (`mmts_jax.models.transformer`).
+`split_qkv_backward`, `flat_residual`, `lean_layer_norm` (also used for `ln_pre`) and
+`lean_gelu` go to the encoder (`mmts_jax.models.transformer`).
 
 Example (`jax.eval_shape` traces the model without compiling it: the shapes, in milliseconds):
   >>> import jax, jax.numpy as jnp
