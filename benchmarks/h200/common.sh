@@ -11,6 +11,10 @@
 #                          that no timed section shares the GPU; `wait` waits for both.
 #   peer_alone FILE CMD..  runs CMD (OpenCLIP timed alone, cache hit) into $OUT/FILE, logs it
 #   matmul_after           the card's bf16 matmul rate into $OUT/matmul_after.json
+#   warm_openclip B..      warm_peer_then_go with OpenCLIP ViT-B-16 compiled at each batch B
+#   openclip_after_ours B..  once ours has ended: lets the warm-ups finish, times OpenCLIP
+#                          alone at each batch B into $OUT/openclip_bB.json, then matmul_after
+#   ours_medians           the step medians of ours (train_step_bench's stdout json), one line
 W=${WHEELS:-wheels/final}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -49,4 +53,29 @@ peer_alone() {
 matmul_after() {
   timeout 30 python3 benchmarks/matmul_rate.py > "$OUT/matmul_after.json" 2>&1
   el "matmul after: $(cat "$OUT/matmul_after.json")"
+}
+
+warm_openclip() {
+  local b cmd=""
+  for b in "$@"; do
+    cmd+="timeout 200 python3 $W/peer_openclip_step.py $b compile > /tmp/oc_warm_$b.json \
+        2> /tmp/oc_warm_$b.err; "
+  done
+  warm_peer_then_go "$cmd"
+}
+
+openclip_after_ours() {
+  local b
+  touch /tmp/ready /tmp/go
+  wait
+  for b in "$@"; do
+    el "openclip warm b$b: $(head -c 300 /tmp/oc_warm_$b.json) $(tail -c 300 /tmp/oc_warm_$b.err)"
+    peer_alone "openclip_b$b.json" python3 "$W"/peer_openclip_step.py "$b" compile
+  done
+  matmul_after
+}
+
+ours_medians() {
+  grep -o '"[^"]*_b[0-9]*": {"batch": [0-9]*, "step_ms_median": [0-9.]*' /tmp/jax_stdout.json \
+      | tr '\n' ' '
 }

@@ -13,17 +13,10 @@
 # train_step_bench_vit_b16.json, openclip_b256.json, openclip_b512.json, matmul_after.json.
 source "$(dirname "$0")/common.sh"
 begin ml_collections open_clip_torch ftfy wcwidth
-warm_peer_then_go "for b in 256 512; do timeout 200 python3 $W/peer_openclip_step.py \$b compile \
-    > /tmp/oc_warm_\$b.json 2> /tmp/oc_warm_\$b.err; done"
+warm_openclip 256 512
 taskset -c 0-9 timeout 465 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256,512 \
     --variants fast,fast+qkv,fast+notriton,fast+dots --later-variants fast --mmts fast \
     --profile fast --steps 10 --rounds 5 --deadline-s 450 --timing-s 90 \
     --ready-file /tmp/ready --go-file /tmp/go 2> "$OUT/jax.log" > /tmp/jax_stdout.json
 el "ours rc=$?: $(grep -o '"fast_mmts_overhead_pct": [^,]*' /tmp/jax_stdout.json)"
-touch /tmp/ready /tmp/go
-wait
-for b in 256 512; do
-  el "openclip warm b$b: $(head -c 300 /tmp/oc_warm_$b.json) $(tail -c 300 /tmp/oc_warm_$b.err)"
-  peer_alone openclip_b$b.json python3 "$W"/peer_openclip_step.py $b compile
-done
-matmul_after
+openclip_after_ours 256 512

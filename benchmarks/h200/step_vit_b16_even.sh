@@ -11,15 +11,10 @@
 # hlo_fast_qkv_even.txt.gz, openclip_b256.json, matmul_after.json.
 source "$(dirname "$0")/common.sh"
 begin ml_collections open_clip_torch ftfy wcwidth
-warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
-    > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
+warm_openclip 256
 taskset -c 0-9 timeout 300 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \
     --variants fast+qkv,fast+qkv+even --mmts fast+qkv+even --profile fast+qkv+even \
     --hlo fast+qkv+even --steps 10 --rounds 5 --deadline-s 290 --timing-s 60 \
     --ready-file /tmp/ready --go-file /tmp/go 2> "$OUT/jax.log" > /tmp/jax_stdout.json
 el "ours rc=$?: $(grep -o '"fast+qkv+even_mmts_overhead_pct": [^,]*' /tmp/jax_stdout.json)"
-touch /tmp/ready /tmp/go
-wait
-el "openclip warm b256: $(head -c 300 /tmp/oc_warm.json)"
-peer_alone openclip_b256.json python3 "$W"/peer_openclip_step.py 256 compile
-matmul_after
+openclip_after_ours 256

@@ -17,20 +17,15 @@
 MAIN=fast+qkv+even+lean+split
 source "$(dirname "$0")/common.sh"
 begin ml_collections open_clip_torch ftfy wcwidth
-warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
-    > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
+warm_openclip 256
 # Six executables compile side by side (run 6: three in 55 s); the cut is at 300 - 60 s.
 taskset -c 0-9 timeout 310 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \
     --variants fast+qkv+even,fast+qkv+even+ln,fast+qkv+even+gelu,fast+qkv+even+lean,$MAIN \
     --mmts $MAIN --profile $MAIN,fast+qkv+even --hlo $MAIN --steps 10 --rounds 5 \
     --deadline-s 300 --timing-s 60 --ready-file /tmp/ready --go-file /tmp/go \
     2> "$OUT/jax.log" > /tmp/jax_stdout.json
-el "ours rc=$?: $(grep -o '"[^"]*_fixed_b256": {"batch": 256, "step_ms_median": [0-9.]*' /tmp/jax_stdout.json | tr '\n' ' ')"
-touch /tmp/ready /tmp/go
-wait
-el "openclip warm b256: $(head -c 300 /tmp/oc_warm.json)"
-peer_alone openclip_b256.json python3 "$W"/peer_openclip_step.py 256 compile
-matmul_after
+el "ours rc=$?: $(ours_medians)"
+openclip_after_ours 256
 timeout 40 python3 benchmarks/profile_attribution.py "$OUT" --variant $MAIN \
     --out "$OUT/attribution_lean_split.json" > "$OUT/attribution_lean_split.txt" 2>&1
 el "attribution rc=$?"

@@ -19,20 +19,15 @@ L=fast+qkv+even+lean
 ALL=$L+flat+textxla+lt
 source "$(dirname "$0")/common.sh"
 begin ml_collections open_clip_torch ftfy wcwidth
-warm_peer_then_go "timeout 200 python3 $W/peer_openclip_step.py 256 compile \
-    > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
+warm_openclip 256
 # Eight executables compile side by side (run 7: six in 95 s); the cut is at 330 - 60 s.
 taskset -c 0-9 timeout 345 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256 \
     --variants $L,$L+flat,fast+qkv+even+gelu+cudnnln,$L+textxla,$L+lt,$L+tgany,$ALL \
     --mmts $ALL --profile $ALL,$L+flat --hlo $L+flat,$ALL --steps 10 --rounds 5 \
     --deadline-s 330 --timing-s 60 --ready-file /tmp/ready --go-file /tmp/go \
     2> "$OUT/jax.log" > /tmp/jax_stdout.json
-el "ours rc=$?: $(grep -o '"[^"]*_fixed_b256": {"batch": 256, "step_ms_median": [0-9.]*' /tmp/jax_stdout.json | tr '\n' ' ')"
-touch /tmp/ready /tmp/go
-wait
-el "openclip warm b256: $(head -c 300 /tmp/oc_warm.json)"
-peer_alone openclip_b256.json python3 "$W"/peer_openclip_step.py 256 compile
-matmul_after
+el "ours rc=$?: $(ours_medians)"
+openclip_after_ours 256
 # The attribution's table goes to stdout (the call's output tail), its json under $OUT.
 timeout 40 python3 benchmarks/profile_attribution.py "$OUT" --variant $ALL \
     --out "$OUT/attribution_all.json" 2>&1 | head -45

@@ -15,21 +15,14 @@
 F=fast+qkv+even+lean+flat
 source "$(dirname "$0")/common.sh"
 begin ml_collections open_clip_torch ftfy wcwidth
-warm_peer_then_go "for b in 256 512; do timeout 200 python3 $W/peer_openclip_step.py \$b compile \
-    > /tmp/oc_warm_\$b.json 2> /tmp/oc_warm_\$b.err; done"
+warm_openclip 256 512
 taskset -c 0-9 timeout 470 python3 benchmarks/train_step_bench.py --out "$OUT" --batch 256,512 \
     --variants $F,$F+causal,fast+even+lean+flat,$F+split --later-variants $F,$F+causal \
     --mmts $F+causal --profile $F+causal --hlo $F+causal --steps 10 --rounds 5 \
     --deadline-s 455 --timing-s 90 --ready-file /tmp/ready --go-file /tmp/go \
     2> "$OUT/jax.log" > /tmp/jax_stdout.json
-el "ours rc=$?: $(grep -o '"[^"]*_fixed_b[0-9]*": {"batch": [0-9]*, "step_ms_median": [0-9.]*' /tmp/jax_stdout.json | tr '\n' ' ')"
-touch /tmp/ready /tmp/go
-wait
-for b in 256 512; do
-  el "openclip warm b$b: $(head -c 300 /tmp/oc_warm_$b.json) $(tail -c 300 /tmp/oc_warm_$b.err)"
-  peer_alone openclip_b$b.json python3 "$W"/peer_openclip_step.py $b compile
-done
-matmul_after
+el "ours rc=$?: $(ours_medians)"
+openclip_after_ours 256 512
 timeout 40 python3 benchmarks/profile_attribution.py "$OUT" --variant $F+causal \
     --out "$OUT/attribution_causal.json" 2>&1 | tail -18
 el "attribution rc=$?"
