@@ -322,6 +322,9 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     "compiler_options": VARIANTS[variant][2],
     "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
     "cudnn_attention_calls": len(re.findall(r"cudnn\$fmha", text)),
+    # Every Pallas (Triton) kernel of the step: the fused loss tiles, and with +pln the layer
+    # norms (a forward and a backward per norm), so the variants' difference shows the norms.
+    "pallas_triton_calls": text.count("__gpu$xla.gpu.triton"),
   }
 
 
@@ -567,6 +570,7 @@ def _row(run, times, batch) -> dict:
     "xla_temp_gib": run.get("xla_temp_gib"),
     "cost": run.get("cost"),
     "cudnn_attention_calls_in_hlo": run["cudnn_attention_calls"],
+    "pallas_triton_calls_in_hlo": run["pallas_triton_calls"],
   }
 
 
