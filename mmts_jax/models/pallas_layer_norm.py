@@ -27,9 +27,14 @@ untuned first guesses: the kernels are not timed on a GPU yet, no speed claim is
 `set_pallas_layer_norm` chooses where they run; `use_pallas_layer_norm` is the decision
 `lean_layer_norm` asks. By default on GPUs only (float32 / bfloat16, C <= `MAX_FEATURES`); on
 CPU / TPU the XLA form of `lean_layer_norm` runs instead, unless the Pallas interpreter is
-asked for ("interpret": slow, checks the kernels' maths anywhere). The `pallas_call` is not
-partitioned by GSPMD: under a multi-device `jit` with a sharded batch, call it inside
-`shard_map` (one device's rows), as the fused loss tiles are.
+asked for ("interpret": slow, checks the kernels' maths anywhere).
+
+Limits: GSPMD has no partitioning rule for the Pallas custom call, so under the trainer's
+multi-device `jit` with a sharded batch XLA would have to replicate its operands (not checked
+on GPUs): for now an option for one device, or for code that calls it inside `shard_map`. The
+kernels read and write row-major `(N, C)` matrices: a `(B, L, C)` stream that XLA lays out
+otherwise (the ViT's `(L, C, B)`, `transformer.flat_residual`) is copied around each call,
+hence the train-step variant pairs them with `flat_residual`.
 
 Example (the interpreter on CPU, 5 rows: one forward program of 16 rows, 11 of them masked):
   >>> from mmts_jax.models.lean_layer_norm import layer_norm
