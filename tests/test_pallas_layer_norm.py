@@ -127,7 +127,9 @@ def test_pallas_choice_falls_back_to_xla_where_the_kernels_do_not_run():
   try:
     pln.set_pallas_layer_norm("interpret")
     assert _value_and_grads(x, scale, bias, w, jnp.float32, "xla")[2] == 0
-    # float16, or rows of more than MAX_FEATURES: the XLA form even under the interpreter.
+    # One row as a 1-D vector, float16, or rows of more than MAX_FEATURES: the XLA form even
+    # under the interpreter.
+    assert _value_and_grads(x[0, 0], scale, bias, w[0, 0], jnp.float32, "pallas")[2] == 0
     x16 = x.astype(jnp.float16)
     assert _value_and_grads(x16, scale, bias, w, jnp.float16, "pallas")[2] == 0
     xl, sl, bl, wl = _inputs((2, pln.MAX_FEATURES + 8), jnp.float32, seed=2)

@@ -80,7 +80,9 @@ def _pallas(x: jax.Array, kernel: str) -> bool:
   """Whether this call takes the Pallas kernels (ValueError for an unknown `kernel`)."""
   if kernel not in KERNELS:
     raise ValueError(f"layer_norm: kernel must be one of {KERNELS}, got {kernel!r}")
-  if kernel == "xla" or x.size == 0:  # an empty input has no row for a program
+  # A 1-D input keeps the XLA form: `_bwd` tells the Pallas residuals by their (N,) mu, which
+  # a single row's (1,) mu would not differ from. An empty input has no row for a program.
+  if kernel == "xla" or x.ndim < 2 or x.size == 0:
     return False
   return pallas_layer_norm.use_pallas_layer_norm(x.shape[-1], x.dtype)
 
