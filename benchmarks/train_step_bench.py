@@ -25,6 +25,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   +ln      layer norms with a hand-written backward (`lean_layer_norm`); +gelu: GELU whose
            backward recomputes tanh (`lean_gelu`); +lean: both; +split: the fused q/k/v
            product's backward per q, k, v (`split_qkv_backward`)
+  +pln     the lean layer norms in the fused Pallas kernels (`lean_layer_norm="pallas"`; the
+           XLA form off GPUs)
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
@@ -163,6 +165,12 @@ VARIANTS = {
   ),
   "fast+qkv+even+lean+flat+split": (
     {**_EVEN, **_LEAN, "flat_residual": True, "split_qkv_backward": True},
+    _DENSE,
+    {},
+  ),
+  # Session 5, round 3: the layer norms (~7.7 ms per step in run 8/9's profiles) in Pallas.
+  "fast+qkv+even+lean+flat+pln": (
+    {**_EVEN, **_LEAN, "lean_layer_norm": "pallas", "flat_residual": True},
     _DENSE,
     {},
   ),
@@ -314,6 +322,9 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     "compiler_options": VARIANTS[variant][2],
     "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
     "cudnn_attention_calls": len(re.findall(r"cudnn\$fmha", text)),
+    # Every Pallas (Triton) kernel of the step: the fused loss tiles, and with +pln the layer
+    # norms (a forward and a backward per norm), so the variants' difference shows the norms.
+    "pallas_triton_calls": text.count("__gpu$xla.gpu.triton"),
   }
 
 
@@ -559,6 +570,7 @@ def _row(run, times, batch) -> dict:
     "xla_temp_gib": run.get("xla_temp_gib"),
     "cost": run.get("cost"),
     "cudnn_attention_calls_in_hlo": run["cudnn_attention_calls"],
+    "pallas_triton_calls_in_hlo": run["pallas_triton_calls"],
   }
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from mmts_jax.models.dual_encoder import DualEncoder
 from mmts_jax.models.feature_tower import FeatureTower
+from mmts_jax.models.lean_layer_norm import check_lean
 from mmts_jax.models.resnet import ResNet
 from mmts_jax.models.text_transformer import TextTransformer
 from mmts_jax.models.transformer import remat_policy
@@ -45,6 +46,12 @@ def _remat(cfg: Mapping[str, Any]) -> bool | str:
   return value
 
 
+def _lean(cfg: Mapping[str, Any]) -> bool | str:
+  """`lean_layer_norm`: a bool or "pallas" (`lean_layer_norm.make_layer_norm`)."""
+  value = _get(cfg, "lean_layer_norm", False)
+  return check_lean(value if isinstance(value, str) else bool(value))
+
+
 def _speed(cfg: Mapping[str, Any]) -> dict:
   """The transformer towers' speed options (`mmts_jax.models.transformer`): same maths."""
   attention = str(_get(cfg, "attention", "auto"))
@@ -54,7 +61,7 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     fused_qkv=bool(_get(cfg, "fused_qkv", False)),
     attention=attention,
     even_length=bool(_get(cfg, "even_length", False)),
-    lean_layer_norm=bool(_get(cfg, "lean_layer_norm", False)),
+    lean_layer_norm=_lean(cfg),
     lean_gelu=bool(_get(cfg, "lean_gelu", False)),
     split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
     flat_residual=bool(_get(cfg, "flat_residual", False)),

@@ -17,6 +17,11 @@ a dozen kernels per layer with the residual stream transposed to (L, C, B)
 (`benchmarks/profile_attribution.py`). Here the backward keeps x in its own dtype, mu and r, and
 recomputes xhat, so XLA sees one row-wise formula per direction.
 
+`kernel="pallas"` computes the same two directions with the fused Pallas kernels of
+`pallas_layer_norm` (the input seen as `(N, C)` rows; mu and r kept as `(N,)`) where
+`pallas_layer_norm.use_pallas_layer_norm` allows (GPUs, float32 / bfloat16, C <= 1024), and with
+the XLA form above elsewhere. Not timed on a GPU yet.
+
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
   >>> x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
@@ -35,7 +40,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.models import pallas_layer_norm
+
 Dtype = Any
+KERNELS = ("xla", "pallas")
 
 
 def _stats(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
@@ -46,35 +54,66 @@ def _stats(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
   return mu, jax.lax.rsqrt(var + epsilon)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def layer_norm(
-  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  epsilon: float,
+  dtype: Dtype,
+  kernel: str = "xla",
 ) -> jax.Array:
   """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis, in `dtype`.
+
+  `kernel`: "xla" (the formula as jnp operations) or "pallas" (`pallas_layer_norm`'s fused
+  kernels where they run, else "xla"); same maths.
 
   Example:
     >>> y = layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), 1e-6, jnp.float32)
     >>> [round(float(v), 4) for v in y[0]]
     [-1.0, 1.0]
   """
-  return _normalize(x, scale, bias, epsilon, dtype)[0]
+  return _normalize(x, scale, bias, epsilon, dtype, kernel)[0]
 
 
-def _normalize(x, scale, bias, epsilon, dtype):
-  """`(y, mu, r)`: the forward and the two row statistics the backward keeps."""
+def _pallas(x: jax.Array, kernel: str) -> bool:
+  """Whether this call takes the Pallas kernels (ValueError for an unknown `kernel`)."""
+  if kernel not in KERNELS:
+    raise ValueError(f"layer_norm: kernel must be one of {KERNELS}, got {kernel!r}")
+  # A 1-D input keeps the XLA form: `_bwd` tells the Pallas residuals by their (N,) mu, which
+  # a single row's (1,) mu would not differ from. An empty input has no row for a program.
+  if kernel == "xla" or x.ndim < 2 or x.size == 0:
+    return False
+  return pallas_layer_norm.use_pallas_layer_norm(x.shape[-1], x.dtype)
+
+
+def _normalize(x, scale, bias, epsilon, dtype, kernel):
+  """`(y, mu, r)`: the forward and the two row statistics the backward keeps. The Pallas
+  form keeps them as `(N,)` for the `(N, C)` rows of x, the XLA form as x's shape with C -> 1."""
+  if _pallas(x, kernel):
+    y, mu, r = pallas_layer_norm.layer_norm_fwd(
+      x.reshape(-1, x.shape[-1]), scale, bias, epsilon, dtype
+    )
+    return y.reshape(x.shape), mu, r
   mu, r = _stats(x, epsilon)
   y = (x.astype(jnp.float32) - mu) * r * scale.astype(jnp.float32) + bias.astype(jnp.float32)
   return y.astype(dtype), mu, r
 
 
-def _fwd(x, scale, bias, epsilon, dtype):
-  y, mu, r = _normalize(x, scale, bias, epsilon, dtype)
+def _fwd(x, scale, bias, epsilon, dtype, kernel):
+  y, mu, r = _normalize(x, scale, bias, epsilon, dtype, kernel)
   return y, (x, mu, r, scale, bias)
 
 
-def _bwd(epsilon, dtype, residuals, g):
-  del epsilon, dtype
+def _bwd(epsilon, dtype, kernel, residuals, g):
+  del epsilon, dtype, kernel
   x, mu, r, scale, bias = residuals
+  if mu.ndim < x.ndim:  # the forward took the Pallas kernels: (N,) statistics
+    c = x.shape[-1]
+    dx, dscale, dbias = pallas_layer_norm.layer_norm_bwd(
+      x.reshape(-1, c), mu, r, scale, g.reshape(-1, c)
+    )
+    return dx.reshape(x.shape), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
   g = g.astype(jnp.float32)
   xhat = (x.astype(jnp.float32) - mu) * r
   rows = tuple(range(x.ndim - 1))
@@ -92,21 +131,46 @@ layer_norm.defvjp(_fwd, _bwd)
 
 class LeanLayerNorm(nn.Module):
   """`nn.LayerNorm` over the last axis (parameters `scale`, `bias` of shape (C,), ones and
-  zeros, epsilon 1e-6: Flax's defaults) through `layer_norm`'s hand-written backward."""
+  zeros, epsilon 1e-6: Flax's defaults) through `layer_norm`'s hand-written backward, with
+  `kernel` "xla" or "pallas" (`layer_norm`)."""
 
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    return layer_norm(x, scale, bias, self.epsilon, self.dtype)
+    return layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
 
 
-def make_layer_norm(lean: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
-  """`LeanLayerNorm` if `lean`, else Flax's `nn.LayerNorm` (same parameters either way)."""
-  cls = LeanLayerNorm if lean else nn.LayerNorm
-  return cls(dtype=dtype, param_dtype=param_dtype, name=name)
+LEAN_CHOICES = (False, True, "pallas")
+
+
+def check_lean(lean: bool | str) -> bool | str:
+  """`lean` if it is one of `LEAN_CHOICES`, else ValueError naming it.
+
+  Example:
+    >>> check_lean("pallas")
+    'pallas'
+  """
+  if not (isinstance(lean, bool) or lean == "pallas"):
+    raise ValueError(f"lean_layer_norm must be one of {LEAN_CHOICES}, got {lean!r}")
+  return lean
+
+
+def make_layer_norm(lean: bool | str, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
+  """Flax's `nn.LayerNorm` if `lean` is False, `LeanLayerNorm` if True, `LeanLayerNorm` with
+  the Pallas kernels if "pallas" (same parameters every way).
+
+  Example:
+    >>> make_layer_norm("pallas", jnp.float32, jnp.float32, "ln").kernel
+    'pallas'
+  """
+  if check_lean(lean) is False:
+    return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+  kernel = "pallas" if lean == "pallas" else "xla"
+  return LeanLayerNorm(dtype=dtype, param_dtype=param_dtype, kernel=kernel, name=name)

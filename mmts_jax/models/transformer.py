@@ -23,6 +23,8 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
   * `lean_layer_norm`: every layer norm (`lean_layer_norm.LeanLayerNorm`) with a hand-written
     backward that keeps x in its own dtype and two float32 numbers per row, instead of XLA's
     automatic backward (which keeps `x - mean` in float32); same parameters and formula.
+    "pallas": the same with both directions in the fused Pallas kernels of
+    `pallas_layer_norm` on GPUs (the XLA form elsewhere); not timed on a GPU yet.
   * `lean_gelu`: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that recomputes
     tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor per layer
     less written, held and read); same formula.
@@ -93,7 +95,7 @@ class EncoderBlock(nn.Module):
   fused_qkv: bool = False
   attention: str = "auto"
   causal: bool = False
-  lean_layer_norm: bool = False
+  lean_layer_norm: bool | str = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
   flat_residual: bool = False
@@ -139,7 +141,7 @@ class Encoder(nn.Module):
   attention: str = "auto"
   causal: bool = False
   even_length: bool = False
-  lean_layer_norm: bool = False
+  lean_layer_norm: bool | str = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
   flat_residual: bool = False

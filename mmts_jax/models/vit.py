@@ -104,7 +104,7 @@ class ViT(nn.Module):
   fused_qkv: bool = False
   attention: str = "auto"
   even_length: bool = False
-  lean_layer_norm: bool = False
+  lean_layer_norm: bool | str = False
   lean_gelu: bool = False
   split_qkv_backward: bool = False
   flat_residual: bool = False

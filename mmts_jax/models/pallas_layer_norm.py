@@ -1,0 +1,300 @@
+r"""Fused layer norm of a 2-D `(N, C)` matrix in two Pallas (Triton) kernels: the GPU form of
+`lean_layer_norm.layer_norm` (`kernel="pallas"`), same maths, same residuals.
+
+Forward, one program per block of `rows_fwd` rows (all C features of a row on chip), for a row
+x (float32 statistics, Flax's fast variance):
+
+.. math::
+  \mu = \tfrac1C \textstyle\sum_c x_c,\quad
+  r = \big(\max(\tfrac1C \textstyle\sum_c x_c^2 - \mu^2,\ 0) + \epsilon\big)^{-1/2},\quad
+  y = (x - \mu)\, r\, s + b,
+
+writing y (in `dtype`), mu and r (float32, one per row). Backward, with g = dL/dy, `xhat =
+(x - mu) r` recomputed from x and `gh = g s`:
+
+.. math::
+  dx = r\,\big(gh - \overline{gh} - \hat x\,\overline{gh\,\hat x}\big),\quad
+  ds = \textstyle\sum_N g\,\hat x,\quad db = \textstyle\sum_N g,
+
+one program per `rows_bwd * steps` rows (`steps` blocks of `rows_bwd` in a loop, `programs_bwd`
+programs at most), each writing dx of its rows and its own float32 partial sums of ds and db
+(one row of a `(programs, C)` matrix, no atomics); `jnp.sum` over the programs finishes them.
+
+The feature axis is padded on chip to the next power of two (Triton's block sizes) and the
+padding masked, as are the rows past N (any N). The block sizes (`LayerNormConfig`) are
+untuned first guesses: the kernels are not timed on a GPU yet, no speed claim is made.
+
+`set_pallas_layer_norm` chooses where they run; `use_pallas_layer_norm` is the decision
+`lean_layer_norm` asks. By default on GPUs only (float32 / bfloat16, C <= `MAX_FEATURES`); on
+CPU / TPU the XLA form of `lean_layer_norm` runs instead, unless the Pallas interpreter is
+asked for ("interpret": slow, checks the kernels' maths anywhere).
+
+Limits: GSPMD has no partitioning rule for the Pallas custom call, so under the trainer's
+multi-device `jit` with a sharded batch XLA would have to replicate its operands (not checked
+on GPUs): for now an option for one device, or for code that calls it inside `shard_map`. The
+kernels read and write row-major `(N, C)` matrices: a `(B, L, C)` stream that XLA lays out
+otherwise (the ViT's `(L, C, B)`, `transformer.flat_residual`) is copied around each call,
+hence the train-step variant pairs them with `flat_residual`.
+
+Example (the interpreter on CPU, 5 rows: one forward program of 16 rows, 11 of them masked):
+  >>> from mmts_jax.models.lean_layer_norm import layer_norm
+  >>> x = jax.random.normal(jax.random.PRNGKey(0), (5, 24))
+  >>> s, b = jnp.full((24,), 2.0), jnp.ones(24)
+  >>> set_pallas_layer_norm("interpret")
+  >>> y = layer_norm(x, s, b, 1e-6, jnp.float32, "pallas")
+  >>> set_pallas_layer_norm(None)
+  >>> bool(jnp.allclose(y, layer_norm(x, s, b, 1e-6, jnp.float32, "xla"), atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+  "LayerNormConfig",
+  "MAX_FEATURES",
+  "layer_norm_bwd",
+  "layer_norm_fwd",
+  "layer_norm_config",
+  "set_layer_norm_config",
+  "set_pallas_layer_norm",
+  "use_pallas_layer_norm",
+]
+
+MAX_FEATURES = 1024  # ViT-L's width; a row of more would not fit in registers at these blocks
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+MODES = (None, False, "interpret")
+
+
+class LayerNormConfig(NamedTuple):
+  """Rows per forward program; rows per backward block and the most backward programs (each
+  loops over `ceil(N / rows_bwd / programs_bwd)` blocks); Triton warps per program.
+
+  First guesses, not timed: at C = 1024 and 8 warps (256 threads) a float32 block of 16 rows
+  is 64 registers per thread; the forward holds about two such blocks, the backward about five
+  (x, g, xhat, g s, dx), hence half the rows there.
+  """
+
+  rows_fwd: int = 16
+  rows_bwd: int = 8
+  programs_bwd: int = 528  # 4 per streaming multiprocessor of an H100 / H200 (132)
+  num_warps: int = 8
+
+
+_CONFIG = [LayerNormConfig()]
+# None: the kernels on GPUs, XLA elsewhere; False: XLA everywhere; "interpret": the Pallas
+# interpreter on any backend.
+_MODE: list = [None]
+
+
+def set_pallas_layer_norm(mode) -> None:
+  """Chooses where `lean_layer_norm`'s `kernel="pallas"` runs the Pallas kernels.
+
+  `mode`: `None` (default: GPUs; the XLA form elsewhere), `False` (the XLA form everywhere) or
+  "interpret" (the Pallas interpreter on any backend).
+
+  Example:
+    >>> set_pallas_layer_norm("interpret")
+    >>> use_pallas_layer_norm(768, jnp.bfloat16)
+    True
+    >>> set_pallas_layer_norm(None)
+  """
+  if mode not in MODES:
+    raise ValueError(
+      f"set_pallas_layer_norm: mode must be None, False or 'interpret', got {mode!r}"
+    )
+  _MODE[0] = mode
+
+
+def use_pallas_layer_norm(features: int, dtype) -> bool:
+  """Whether a layer norm of rows of `features` in `dtype` takes the Pallas kernels.
+
+  Example:
+    >>> use_pallas_layer_norm(768, jnp.bfloat16)  # on CPU, by default
+    False
+  """
+  mode = _MODE[0]
+  if mode is False:
+    return False
+  on = mode == "interpret" or jax.default_backend() == "gpu"
+  return on and 0 < features <= MAX_FEATURES and jnp.dtype(dtype) in _DTYPES
+
+
+def layer_norm_config() -> LayerNormConfig:
+  """The block sizes the kernels use now.
+
+  Example:
+    >>> layer_norm_config().rows_fwd
+    16
+  """
+  return _CONFIG[0]
+
+
+def set_layer_norm_config(cfg: LayerNormConfig | None) -> None:
+  """Sets (None: resets) the block sizes; rows and warps must be powers of two.
+
+  Example:
+    >>> set_layer_norm_config(LayerNormConfig(rows_fwd=32))
+    >>> layer_norm_config().rows_fwd
+    32
+    >>> set_layer_norm_config(None)
+  """
+  if cfg is None:
+    _CONFIG[0] = LayerNormConfig()
+    return
+  for name in ("rows_fwd", "rows_bwd", "num_warps"):
+    v = getattr(cfg, name)
+    if v < 1 or v & (v - 1):
+      raise ValueError(f"set_layer_norm_config: {name} must be a power of two, got {v}")
+  if cfg.programs_bwd < 1:
+    raise ValueError(f"set_layer_norm_config: programs_bwd must be >= 1, got {cfg.programs_bwd}")
+  _CONFIG[0] = cfg
+
+
+def _pl():
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  return pl, plgpu
+
+
+def _block(start, rows: int, n: int, c: int):
+  """The `(rows, next_pow2(C))` block of rows from `start`: its index, its row and full masks."""
+  pl, _ = _pl()
+  cp = pl.next_power_of_2(c)
+  live = start + jnp.arange(rows) < n
+  mask = live[:, None] & (jnp.arange(cp) < c)[None, :]
+  return (pl.ds(start, rows), pl.ds(0, cp)), pl.ds(start, rows), live, mask
+
+
+def _features(c: int):
+  """The padded feature index and its mask (scale, bias, the partial sums)."""
+  pl, _ = _pl()
+  cp = pl.next_power_of_2(c)
+  return pl.ds(0, cp), jnp.arange(cp) < c
+
+
+def _fwd_kernel(rows, n, c, eps, x_ref, s_ref, b_ref, y_ref, mu_ref, r_ref):
+  pl, plgpu = _pl()
+  idx, row_idx, live, mask = _block(pl.program_id(0) * rows, rows, n, c)
+  cols, cmask = _features(c)
+  x = plgpu.load(x_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+  s = plgpu.load(s_ref.at[cols], mask=cmask, other=0).astype(jnp.float32)
+  b = plgpu.load(b_ref.at[cols], mask=cmask, other=0).astype(jnp.float32)
+  # The padding is 0, so the sums over the padded block are the sums over the C features.
+  mu = jnp.sum(x, axis=1) / c
+  var = jnp.maximum(jnp.sum(x * x, axis=1) / c - mu * mu, 0.0)
+  r = jax.lax.rsqrt(var + eps)
+  y = (x - mu[:, None]) * r[:, None] * s[None, :] + b[None, :]
+  plgpu.store(y_ref.at[idx], y.astype(y_ref.dtype), mask=mask)
+  plgpu.store(mu_ref.at[row_idx], mu, mask=live)
+  plgpu.store(r_ref.at[row_idx], r, mask=live)
+
+
+def _bwd_kernel(rows, steps, n, c, x_ref, mu_ref, r_ref, s_ref, g_ref, dx_ref, ds_ref, db_ref):
+  pl, plgpu = _pl()
+  p = pl.program_id(0)
+  cols, cmask = _features(c)
+  s = plgpu.load(s_ref.at[cols], mask=cmask, other=0).astype(jnp.float32)
+
+  def body(k, acc):
+    idx, row_idx, live, mask = _block((p * steps + k) * rows, rows, n, c)
+    x = plgpu.load(x_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+    g = plgpu.load(g_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+    # Masked rows read mu = r = 0: their xhat and g are 0 and add nothing to the sums.
+    mu = plgpu.load(mu_ref.at[row_idx], mask=live, other=0)
+    r = plgpu.load(r_ref.at[row_idx], mask=live, other=0)
+    xhat = (x - mu[:, None]) * r[:, None]
+    gh = g * s[None, :]
+    mean_gh = jnp.sum(gh, axis=1) / c
+    mean_ghx = jnp.sum(gh * xhat, axis=1) / c
+    dx = r[:, None] * (gh - mean_gh[:, None] - xhat * mean_ghx[:, None])
+    plgpu.store(dx_ref.at[idx], dx.astype(dx_ref.dtype), mask=mask)
+    ds, db = acc
+    return ds + jnp.sum(g * xhat, axis=0), db + jnp.sum(g, axis=0)
+
+  zero = jnp.zeros((pl.next_power_of_2(c),), jnp.float32)
+  ds, db = jax.lax.fori_loop(0, steps, body, (zero, zero))
+  plgpu.store(ds_ref.at[p, cols], ds, mask=cmask)
+  plgpu.store(db_ref.at[p, cols], db, mask=cmask)
+
+
+def _call(kernel, grid, out_shape, like):
+  from mmts_jax.losses._pallas_tiles import _varying_like
+
+  pl, plgpu = _pl()
+  interpret = _MODE[0] == "interpret"
+  outs = [jax.ShapeDtypeStruct(shape, dt, **_varying_like(like)) for shape, dt in out_shape]
+  params = None if interpret else plgpu.CompilerParams(num_warps=_CONFIG[0].num_warps)
+  return pl.pallas_call(
+    kernel, out_shape=outs, grid=(grid,), compiler_params=params, interpret=interpret
+  )
+
+
+def _check(x: jax.Array, scale: jax.Array, name: str) -> tuple[int, int]:
+  if x.ndim != 2 or scale.shape != (x.shape[1],):
+    raise ValueError(
+      f"{name}: x must be (N, C) and scale / bias (C,), got {x.shape} and {scale.shape}"
+    )
+  return x.shape
+
+
+def layer_norm_fwd(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(y, mu, r)` of the rows of `x (N, C)`: y in `dtype`, mu and r float32 `(N,)`.
+
+  Example:
+    >>> set_pallas_layer_norm("interpret")
+    >>> y, mu, r = layer_norm_fwd(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), 0.0,
+    ...                           jnp.float32)
+    >>> y.tolist(), mu.tolist(), r.tolist()
+    ([[-1.0, 1.0]], [2.0], [1.0])
+    >>> set_pallas_layer_norm(None)
+  """
+  n, c = _check(x, scale, "layer_norm_fwd")
+  rows = _CONFIG[0].rows_fwd
+  f32 = jnp.float32
+  kernel = lambda *refs: _fwd_kernel(rows, n, c, float(epsilon), *refs)
+  out = [((n, c), dtype), ((n,), f32), ((n,), f32)]
+  return tuple(_call(kernel, _cdiv(n, rows), out, x)(x, scale, bias))
+
+
+def layer_norm_bwd(
+  x: jax.Array, mu: jax.Array, r: jax.Array, scale: jax.Array, g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(dx, dscale, dbias)` from the forward's residuals and `g = dL/dy (N, C)`: dx in x's
+  dtype, dscale and dbias float32 `(C,)`.
+
+  Example:
+    >>> set_pallas_layer_norm("interpret")
+    >>> x = jnp.array([[1.0, 3.0], [0.0, 4.0]])
+    >>> dx, ds, db = layer_norm_bwd(x, jnp.array([2.0, 2.0]), jnp.array([1.0, 0.5]),
+    ...                             jnp.ones(2), jnp.array([[1.0, 0.0], [0.0, 1.0]]))
+    >>> dx.tolist(), ds.tolist(), db.tolist()
+    ([[0.0, 0.0], [0.0, 0.0]], [-1.0, 1.0], [1.0, 1.0])
+    >>> set_pallas_layer_norm(None)
+  """
+  n, c = _check(x, scale, "layer_norm_bwd")
+  if g.shape != x.shape or mu.shape != (n,) or r.shape != (n,):
+    raise ValueError(
+      f"layer_norm_bwd: g must be {x.shape} and mu, r ({n},), got {g.shape}, {mu.shape}, {r.shape}"
+    )
+  cfg = _CONFIG[0]
+  blocks = _cdiv(n, cfg.rows_bwd)
+  programs = min(blocks, cfg.programs_bwd)
+  steps = _cdiv(blocks, programs)
+  programs = _cdiv(blocks, steps)  # no program without a block
+  kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, *refs)
+  f32 = jnp.float32
+  out = [((n, c), x.dtype), ((programs, c), f32), ((programs, c), f32)]
+  dx, ds, db = _call(kernel, programs, out, x)(x, mu, r, scale, g)
+  return dx, jnp.sum(ds, axis=0), jnp.sum(db, axis=0)
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
