@@ -16,7 +16,7 @@ from mmts_jax.models.dual_encoder import DualEncoder
 from mmts_jax.models.feature_tower import FeatureTower
 from mmts_jax.models.resnet import ResNet
 from mmts_jax.models.text_transformer import TextTransformer
-from mmts_jax.models.transformer import remat_policy
+from mmts_jax.models.transformer import gelu_option, remat_policy
 from mmts_jax.models.vit import ViT
 
 __all__ = ["build_model", "build_tower", "parse_dtype", "DTYPES"]
@@ -45,6 +45,12 @@ def _remat(cfg: Mapping[str, Any]) -> bool | str:
   return value
 
 
+def _gelu(cfg: Mapping[str, Any]) -> bool | str:
+  """`lean_gelu`: a bool or "pallas" (`transformer.GELUS`; ValueError otherwise)."""
+  value = _get(cfg, "lean_gelu", False)
+  return gelu_option(value if isinstance(value, str) else bool(value))
+
+
 def _speed(cfg: Mapping[str, Any]) -> dict:
   """The transformer towers' speed options (`mmts_jax.models.transformer`): same maths."""
   attention = str(_get(cfg, "attention", "auto"))
@@ -55,7 +61,7 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     attention=attention,
     even_length=bool(_get(cfg, "even_length", False)),
     lean_layer_norm=bool(_get(cfg, "lean_layer_norm", False)),
-    lean_gelu=bool(_get(cfg, "lean_gelu", False)),
+    lean_gelu=_gelu(cfg),
     split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
     flat_residual=bool(_get(cfg, "flat_residual", False)),
   )
