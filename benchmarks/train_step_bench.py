@@ -132,6 +132,13 @@ VARIANTS = {
   # Session 5 candidates (run 7's attribution: layer norms and residual sums on an (L, C, B)
   # stream, the forward GELU, the text tower's cuDNN attention at 78 tokens).
   "fast+qkv+even+lean+flat": ({**_EVEN, **_LEAN, "flat_residual": True}, _DENSE, {}),
+  # +pgelu: fc1's bias add and the tanh GELU in one Pallas kernel per pass, the backward
+  # writing the bias gradient too (`lean_gelu="pallas"`, `pallas_gelu.bias_gelu`; XLA off GPUs).
+  "fast+qkv+even+lean+flat+pgelu": (
+    {**_EVEN, **_LEAN, "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+  ),
   "fast+qkv+even+gelu+cudnnln": (
     {**_EVEN, "lean_gelu": True},
     _DENSE,
