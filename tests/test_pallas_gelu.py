@@ -224,4 +224,5 @@ def test_vit_with_pallas_gelu_keeps_outputs_and_gradients(interpret):
 def test_text_transformer_with_pallas_gelu_keeps_outputs_and_gradients(interpret):
   ids = jnp.array([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 0, 0, 0, 0], [0] * 7], jnp.int32)
   plain = TextTransformer(vocab_size=50, max_len=7, width=16, depth=1, num_heads=2, mlp_dim=48)
-  _same_tower(plain, plain.clone(lean_gelu="pallas"), ids)
+  # With the 2-D residual stream (flat_residual: same parameters): h arrives as (B L, F).
+  _same_tower(plain, plain.clone(lean_gelu="pallas", flat_residual=True), ids)
