@@ -26,7 +26,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
            backward recomputes tanh (`lean_gelu`); +lean: both; +split: the fused q/k/v
            product's backward per q, k, v (`split_qkv_backward`)
   +pln     the lean layer norms in the fused Pallas kernels (`lean_layer_norm="pallas"`; the
-           XLA form off GPUs)
+           XLA form off GPUs); +pgelu: fc1's bias add and GELU in one Pallas kernel per pass
+           (`lean_gelu="pallas"`); +pln+pgelu: both
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
@@ -134,6 +135,13 @@ VARIANTS = {
   # Session 5 candidates (run 7's attribution: layer norms and residual sums on an (L, C, B)
   # stream, the forward GELU, the text tower's cuDNN attention at 78 tokens).
   "fast+qkv+even+lean+flat": ({**_EVEN, **_LEAN, "flat_residual": True}, _DENSE, {}),
+  # +pgelu: fc1's bias add and the tanh GELU in one Pallas kernel per pass, the backward
+  # writing the bias gradient too (`lean_gelu="pallas"`, `pallas_gelu.bias_gelu`; XLA off GPUs).
+  "fast+qkv+even+lean+flat+pgelu": (
+    {**_EVEN, **_LEAN, "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+  ),
   "fast+qkv+even+gelu+cudnnln": (
     {**_EVEN, "lean_gelu": True},
     _DENSE,
@@ -171,6 +179,11 @@ VARIANTS = {
   # Session 5, round 3: the layer norms (~7.7 ms per step in run 8/9's profiles) in Pallas.
   "fast+qkv+even+lean+flat+pln": (
     {**_EVEN, **_LEAN, "lean_layer_norm": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+  ),
+  "fast+qkv+even+lean+flat+pln+pgelu": (
+    {**_EVEN, "lean_layer_norm": "pallas", "lean_gelu": "pallas", "flat_residual": True},
     _DENSE,
     {},
   ),

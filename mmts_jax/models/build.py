@@ -17,7 +17,7 @@ from mmts_jax.models.feature_tower import FeatureTower
 from mmts_jax.models.lean_layer_norm import check_lean
 from mmts_jax.models.resnet import ResNet
 from mmts_jax.models.text_transformer import TextTransformer
-from mmts_jax.models.transformer import remat_policy
+from mmts_jax.models.transformer import gelu_option, remat_policy
 from mmts_jax.models.vit import ViT
 
 __all__ = ["build_model", "build_tower", "parse_dtype", "DTYPES"]
@@ -52,6 +52,12 @@ def _lean(cfg: Mapping[str, Any]) -> bool | str:
   return check_lean(value if isinstance(value, str) else bool(value))
 
 
+def _gelu(cfg: Mapping[str, Any]) -> bool | str:
+  """`lean_gelu`: a bool or "pallas" (`transformer.GELUS`; ValueError otherwise)."""
+  value = _get(cfg, "lean_gelu", False)
+  return gelu_option(value if isinstance(value, str) else bool(value))
+
+
 def _speed(cfg: Mapping[str, Any]) -> dict:
   """The transformer towers' speed options (`mmts_jax.models.transformer`): same maths."""
   attention = str(_get(cfg, "attention", "auto"))
@@ -62,7 +68,7 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     attention=attention,
     even_length=bool(_get(cfg, "even_length", False)),
     lean_layer_norm=_lean(cfg),
-    lean_gelu=bool(_get(cfg, "lean_gelu", False)),
+    lean_gelu=_gelu(cfg),
     split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
     flat_residual=bool(_get(cfg, "flat_residual", False)),
   )

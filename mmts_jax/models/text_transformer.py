@@ -50,7 +50,7 @@ class TextTransformer(nn.Module):
   attention: str = "auto"
   even_length: bool = False
   lean_layer_norm: bool | str = False
-  lean_gelu: bool = False
+  lean_gelu: bool | str = False
   split_qkv_backward: bool = False
   flat_residual: bool = False
   causal_only_lengths: bool = False

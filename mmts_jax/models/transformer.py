@@ -25,9 +25,11 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     automatic backward (which keeps `x - mean` in float32); same parameters and formula.
     "pallas": the same with both directions in the fused Pallas kernels of
     `pallas_layer_norm` on GPUs (the XLA form elsewhere); not timed on a GPU yet.
-  * `lean_gelu`: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that recomputes
-    tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor per layer
-    less written, held and read); same formula.
+  * `lean_gelu`: True: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that
+    recomputes tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor
+    per layer less written, held and read); same formula. "pallas": as True, and fc1's bias
+    add joins the GELU in one Pallas kernel per pass (`pallas_gelu.bias_gelu`, `BiasGeluFc1`),
+    whose backward also writes fc1's bias gradient (XLA off GPUs; not timed on a GPU yet).
   * `flat_residual`: each block keeps the residual stream as a 2-D (B L, C) matrix (the layer
     norms, the residual sums and the MLP on it; only the attention sees (B, L, ...)). On the
     H200 (jax 0.11.2) XLA otherwise stores the (B, L, C) stream of the ViT physically as
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 from mmts_jax.models import lean_gelu
 from mmts_jax.models.attention import SelfAttention
 from mmts_jax.models.lean_layer_norm import make_layer_norm
+from mmts_jax.models.pallas_gelu import bias_gelu
 
 Dtype = Any
 
@@ -66,20 +69,69 @@ def remat_policy(remat: bool | str) -> str:
   return remat
 
 
+GELUS = (False, True, "pallas")
+
+
+def gelu_option(value: bool | str) -> bool | str:
+  """`lean_gelu` checked: False (Flax's GELU), True (`lean_gelu.gelu`) or "pallas"
+  (`BiasGeluFc1`).
+
+  Example:
+    >>> gelu_option("pallas"), gelu_option(True)
+    ('pallas', True)
+  """
+  if isinstance(value, str) and value == "pallas":
+    return value
+  if isinstance(value, bool):
+    return value
+  raise ValueError(f"lean_gelu must be False, True or 'pallas', got {value!r}")
+
+
+class BiasGeluFc1(nn.Module):
+  """`gelu(x @ kernel + bias)` with `nn.Dense`'s parameters (`kernel` (C, F), lecun normal;
+  `bias` (F,), zeros; same names, shapes and initial values), the product in `dtype` without
+  the bias, then `pallas_gelu.bias_gelu`: the bias add and the GELU in one kernel per pass.
+
+  Example:
+    >>> x = jnp.ones((2, 3, 4))
+    >>> params = nn.Dense(8).init(jax.random.PRNGKey(0), x)
+    >>> want = nn.gelu(nn.Dense(8).apply(params, x))
+    >>> bool(jnp.allclose(BiasGeluFc1(8).apply(params, x), want, atol=1e-6))
+    True
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[-1], self.features)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    h = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return bias_gelu(h, bias)
+
+
 class MlpBlock(nn.Module):
-  """`Dense(mlp_dim) -> GELU -> Dense(width)`."""
+  """`Dense(mlp_dim) -> GELU -> Dense(width)`; `lean_gelu` chooses the GELU (`GELUS`)."""
 
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  lean_gelu: bool = False
+  lean_gelu: bool | str = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-    x = lean_gelu.gelu(x) if self.lean_gelu else nn.gelu(x)
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")
+    if gelu_option(self.lean_gelu) == "pallas":
+      x = BiasGeluFc1(self.mlp_dim, **dense)(x)
+    else:
+      x = nn.Dense(self.mlp_dim, **dense)(x)
+      x = lean_gelu.gelu(x) if self.lean_gelu else nn.gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
@@ -96,7 +148,7 @@ class EncoderBlock(nn.Module):
   attention: str = "auto"
   causal: bool = False
   lean_layer_norm: bool | str = False
-  lean_gelu: bool = False
+  lean_gelu: bool | str = False
   split_qkv_backward: bool = False
   flat_residual: bool = False
 
@@ -142,7 +194,7 @@ class Encoder(nn.Module):
   causal: bool = False
   even_length: bool = False
   lean_layer_norm: bool | str = False
-  lean_gelu: bool = False
+  lean_gelu: bool | str = False
   split_qkv_backward: bool = False
   flat_residual: bool = False
 

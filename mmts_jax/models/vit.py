@@ -105,7 +105,7 @@ class ViT(nn.Module):
   attention: str = "auto"
   even_length: bool = False
   lean_layer_norm: bool | str = False
-  lean_gelu: bool = False
+  lean_gelu: bool | str = False
   split_qkv_backward: bool = False
   flat_residual: bool = False
 
