@@ -240,7 +240,7 @@ def _check(x: jax.Array, scale: jax.Array, name: str) -> tuple[int, int]:
     raise ValueError(
       f"{name}: x must be (N, C) and scale / bias (C,), got {x.shape} and {scale.shape}"
     )
-  return x.shape
+  return x.shape[0], x.shape[1]
 
 
 def layer_norm_fwd(

@@ -44,6 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from mmts_jax.models import lean_gelu
 from mmts_jax.models.attention import SelfAttention
@@ -109,7 +110,7 @@ class BiasGeluFc1(nn.Module):
     shape = (x.shape[-1], self.features)
     kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
     h = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     return bias_gelu(h, bias)
 
