@@ -27,7 +27,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
            product's backward per q, k, v (`split_qkv_backward`)
   +pln     the lean layer norms in the fused Pallas kernels (`lean_layer_norm="pallas"`; the
            XLA form off GPUs); +pgelu: fc1's bias add and GELU in one Pallas kernel per pass
-           (`lean_gelu="pallas"`); +pln+pgelu: both
+           (`lean_gelu="pallas"`); +pln+pgelu: both; fast+qkv+even+pln+flat+lt: the plain
+           GELU with cuBLASLt on (epilogue fusion of fc1's bias and GELU left to XLA)
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
@@ -186,6 +187,13 @@ VARIANTS = {
     {**_EVEN, "lean_layer_norm": "pallas", "lean_gelu": "pallas", "flat_residual": True},
     _DENSE,
     {},
+  ),
+  # Session 6: the plain GELU (no custom backward) with cuBLASLt on, so that XLA may put
+  # fc1's bias and GELU into the product's epilogue, beside the Pallas layer norms.
+  "fast+qkv+even+pln+flat+lt": (
+    {**_EVEN, "lean_layer_norm": "pallas", "flat_residual": True},
+    _DENSE,
+    {"xla_gpu_enable_cublaslt": True},
   ),
   "fast+notriton": (_FAST, dict(patch_embed="dense"), {"xla_gpu_enable_triton_gemm": False}),
   "fast+lhs": (

@@ -19,8 +19,10 @@ the backward reads g, h and b, writes dh and, per program, the float32 sum of it
 costs no second read of dh. That is the traffic XLA's fusions already have on issue 17's H200
 profile (the forward fusion adds the bias inside the GELU; the backward one reduces db inside
 the GELU's backward), at 53% and 59% of the memory bandwidth; what the kernels may change is
-how near the bandwidth that traffic runs. They are not timed on a GPU yet: no speed-up is
-claimed.
+how near the bandwidth that traffic runs. On an H200 (bfloat16, `benchmarks/
+pallas_kernels_bench.py`) forward + backward take 0.501 ms at (50688, 3072) against 0.741 ms for
+XLA's form alone (3.1 against 2.1 TB/s), the forward alone the same (0.26 ms); six block
+shapes stay within 0.49-0.62 ms, the default among the fastest.
 
 `_xla_forward` / `_xla_backward` are the same maths in plain `jax.numpy` (the reference, and the
 path on CPUs and TPUs, and on GPUs with the kernels switched off); both sides share `_gelu` and
