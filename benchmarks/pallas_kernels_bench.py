@@ -128,6 +128,37 @@ def _errors(outs, ref, names) -> dict:
   return {n: _rel(o, r) for n, o, r in zip(names, outs, ref, strict=True)}
 
 
+def _measure(make_fns, inputs, ref, names, moved_bytes, reps) -> dict:
+  """One side: errors against `ref` and times of `make_fns()`'s forward (on `inputs[:-1]`, all
+  but g) and forward+backward; `moved_bytes` = (forward, backward) bytes per call."""
+  fwd, both = make_fns()
+  t_f, t_b = _time(fwd, inputs[:-1], reps), _time(both, inputs, reps)
+  return {
+    "rel_err": _errors(both(*inputs), ref, names),
+    "fwd_ms": t_f,
+    "fwd_bwd_ms": t_b,
+    "fwd_gbps": moved_bytes[0] / t_f / 1e6,
+    "fwd_bwd_gbps": sum(moved_bytes) / t_b / 1e6,
+  }
+
+
+def _sweep(configs, set_config, make_fns, inputs, ref, names, reps) -> list:
+  """`_measure` of the Pallas side under each block config (`set_config(cfg)`), reset after."""
+  out = []
+  for cfg in configs:
+    try:
+      set_config(cfg)
+      r = _measure(make_fns, inputs, ref, names, (0, 0), reps)
+      err = max(r["rel_err"].values())
+      out.append(
+        {"config": cfg, "fwd_ms": r["fwd_ms"], "fwd_bwd_ms": r["fwd_bwd_ms"], "max_rel_err": err}
+      )
+    except Exception as e:  # a block that does not compile is a result of the sweep
+      out.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+  set_config(None)
+  return out
+
+
 def _layer_norm_case(n, c, reps, sweep, interpret) -> dict:
   import jax
   import jax.numpy as jnp
@@ -139,32 +170,14 @@ def _layer_norm_case(n, c, reps, sweep, interpret) -> dict:
   s = 1.0 + 0.1 * jax.random.normal(k[1], (c,))
   b = 0.1 * jax.random.normal(k[2], (c,))
   g = jax.random.normal(k[3], (n, c)).astype(jnp.bfloat16)
-  ref = _ln_reference(x, s, b, g)
-  names = ("y", "dx", "dscale", "dbias")
-  bytes_fwd, bytes_bwd = 4 * n * c, 6 * n * c
-  out: dict = {"rows": n, "features": c}
+  inputs, ref = (x, s, b, g), _ln_reference(x, s, b, g)
+  names, moved = ("y", "dx", "dscale", "dbias"), (4 * n * c, 6 * n * c)
   pln.set_pallas_layer_norm("interpret" if interpret else None)
-  for label, kernel in (("xla", "xla"), ("pallas", "pallas")):
-    fwd, both = _ln_fns(kernel)
-    t_f, t_b = _time(fwd, (x, s, b), reps), _time(both, (x, s, b, g), reps)
-    out[label] = {
-      "rel_err": _errors(both(x, s, b, g), ref, names),
-      "fwd_ms": t_f,
-      "fwd_bwd_ms": t_b,
-      "fwd_gbps": bytes_fwd / t_f / 1e6,
-      "fwd_bwd_gbps": (bytes_fwd + bytes_bwd) / t_b / 1e6,
-    }
-  out["sweep"] = []
-  for cfg in sweep:
-    pln.set_layer_norm_config(pln.LayerNormConfig(*cfg))
-    fwd, both = _ln_fns("pallas")
-    try:
-      t_f, t_b = _time(fwd, (x, s, b), reps), _time(both, (x, s, b, g), reps)
-      err = max(_errors(both(x, s, b, g), ref, names).values())
-      out["sweep"].append({"config": cfg, "fwd_ms": t_f, "fwd_bwd_ms": t_b, "max_rel_err": err})
-    except Exception as e:  # a block that does not compile is a result of the sweep
-      out["sweep"].append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-  pln.set_layer_norm_config(None)
+  out: dict = {"rows": n, "features": c}
+  for kernel in ("xla", "pallas"):
+    out[kernel] = _measure(lambda k=kernel: _ln_fns(k), inputs, ref, names, moved, reps)
+  set_config = lambda cfg: pln.set_layer_norm_config(cfg and pln.LayerNormConfig(*cfg))
+  out["sweep"] = _sweep(sweep, set_config, lambda: _ln_fns("pallas"), inputs, ref, names, reps)
   pln.set_pallas_layer_norm(None)
   return out
 
@@ -179,33 +192,14 @@ def _gelu_case(n, f, reps, sweep, interpret) -> dict:
   h = (2.0 * jax.random.normal(k[0], (n, f))).astype(jnp.bfloat16)
   b = 0.2 * jax.random.normal(k[1], (f,))
   g = jax.random.normal(k[2], (n, f)).astype(jnp.bfloat16)
-  ref = _gelu_reference(h, b, g)
-  names = ("y", "dh", "dbias")
-  bytes_fwd, bytes_bwd = 4 * n * f, 6 * n * f
+  inputs, ref = (h, b, g), _gelu_reference(h, b, g)
+  names, moved = ("y", "dh", "dbias"), (4 * n * f, 6 * n * f)
   out: dict = {"rows": n, "features": f}
   for label, mode in (("xla", False), ("pallas", "interpret" if interpret else None)):
     pg.set_pallas_gelu(mode)
-    fwd, both = _gelu_fns()
-    t_f, t_b = _time(fwd, (h, b), reps), _time(both, (h, b, g), reps)
-    out[label] = {
-      "rel_err": _errors(both(h, b, g), ref, names),
-      "fwd_ms": t_f,
-      "fwd_bwd_ms": t_b,
-      "fwd_gbps": bytes_fwd / t_f / 1e6,
-      "fwd_bwd_gbps": (bytes_fwd + bytes_bwd) / t_b / 1e6,
-    }
-  pg.set_pallas_gelu("interpret" if interpret else None)
-  out["sweep"] = []
-  for cfg in sweep:
-    pg.set_gelu_config(pg.GeluConfig(*cfg))
-    fwd, both = _gelu_fns()
-    try:
-      t_f, t_b = _time(fwd, (h, b), reps), _time(both, (h, b, g), reps)
-      err = max(_errors(both(h, b, g), ref, names).values())
-      out["sweep"].append({"config": cfg, "fwd_ms": t_f, "fwd_bwd_ms": t_b, "max_rel_err": err})
-    except Exception as e:
-      out["sweep"].append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-  pg.set_gelu_config(None)
+    out[label] = _measure(_gelu_fns, inputs, ref, names, moved, reps)
+  set_config = lambda cfg: pg.set_gelu_config(cfg and pg.GeluConfig(*cfg))
+  out["sweep"] = _sweep(sweep, set_config, _gelu_fns, inputs, ref, names, reps)
   pg.set_pallas_gelu(None)
   return out
 
