@@ -57,6 +57,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.models.row_partitioning import FEATURES, ROW, ROWS, SUM, row_partitioned
+
 __all__ = [
   "LayerNormConfig",
   "MAX_FEATURES",
@@ -228,13 +230,12 @@ def _bwd_kernel(rows, steps, n, c, x_ref, mu_ref, r_ref, s_ref, g_ref, dx_ref, d
   plgpu.store(db_ref.at[p, cols], db, mask=cmask)
 
 
-def _call(kernel, grid, out_shape, like):
+def _call(kernel, grid, out_shape, like, interpret: bool, cfg: LayerNormConfig):
   from mmts_jax.losses._pallas_tiles import _varying_like
 
   pl, plgpu = _pl()
-  interpret = _MODE[0] == "interpret"
   outs = [jax.ShapeDtypeStruct(shape, dt, **_varying_like(like)) for shape, dt in out_shape]
-  params = None if interpret else plgpu.CompilerParams(num_warps=_CONFIG[0].num_warps)
+  params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps)
   return pl.pallas_call(
     kernel, out_shape=outs, grid=(grid,), compiler_params=params, interpret=interpret
   )
@@ -261,12 +262,24 @@ def layer_norm_fwd(
     ([[-1.0, 1.0]], [2.0], [1.0])
     >>> set_pallas_layer_norm(None)
   """
-  n, c = _check(x, scale, "layer_norm_fwd")
-  rows = _CONFIG[0].rows_fwd
+  _check(x, scale, "layer_norm_fwd")
+  return _fwd_rows(float(epsilon), jnp.dtype(dtype), *_settings(), x, scale, bias)
+
+
+def _settings() -> tuple[bool, LayerNormConfig]:
+  """The mode and blocks now, passed on as static arguments: the partitioned calls are built
+  when the program compiles, and must see the settings of the trace."""
+  return _MODE[0] == "interpret", _CONFIG[0]
+
+
+def _fwd_local(epsilon, dtype, interpret, cfg, x, scale, bias):
+  """The forward kernel on the rows it is given (all of them, or one device's)."""
+  n, c = x.shape
+  rows = cfg.rows_fwd
   f32 = jnp.float32
-  kernel = lambda *refs: _fwd_kernel(rows, n, c, float(epsilon), *refs)
+  kernel = lambda *refs: _fwd_kernel(rows, n, c, epsilon, *refs)
   out = [((n, c), dtype), ((n,), f32), ((n,), f32)]
-  return tuple(_call(kernel, _cdiv(n, rows), out, x)(x, scale, bias))
+  return tuple(_call(kernel, _cdiv(n, rows), out, x, interpret, cfg)(x, scale, bias))
 
 
 def layer_norm_bwd(
@@ -289,7 +302,12 @@ def layer_norm_bwd(
     raise ValueError(
       f"layer_norm_bwd: g must be {x.shape} and mu, r ({n},), got {g.shape}, {mu.shape}, {r.shape}"
     )
-  cfg = _CONFIG[0]
+  return _bwd_rows(*_settings(), x, mu, r, scale, g)
+
+
+def _bwd_local(interpret, cfg, x, mu, r, scale, g):
+  """The backward kernel on the rows it is given: dx and the sums of ds, db over those rows."""
+  n, c = x.shape
   blocks = _cdiv(n, cfg.rows_bwd)
   programs = min(blocks, cfg.programs_bwd)
   steps = _cdiv(blocks, programs)
@@ -297,8 +315,13 @@ def layer_norm_bwd(
   kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, *refs)
   f32 = jnp.float32
   out = [((n, c), x.dtype), ((programs, c), f32), ((programs, c), f32)]
-  dx, ds, db = _call(kernel, programs, out, x)(x, mu, r, scale, g)
+  dx, ds, db = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g)
   return dx, jnp.sum(ds, axis=0), jnp.sum(db, axis=0)
+
+
+# Rows sharded as x's, features replicated; ds and db all-reduced over the row axes.
+_fwd_rows = row_partitioned(_fwd_local, (ROWS, FEATURES, FEATURES), (ROWS, ROW, ROW), 4)
+_bwd_rows = row_partitioned(_bwd_local, (ROWS, ROW, ROW, FEATURES, ROWS), (ROWS, SUM, SUM), 2)
 
 
 def _cdiv(a: int, b: int) -> int:
