@@ -30,9 +30,14 @@ path on CPUs and TPUs, and on GPUs with the kernels switched off); both sides sh
 h, XLA otherwise), False (XLA everywhere), "interpret" (the kernels through the Pallas
 interpreter on any backend: slow, for tests on the CPU). The choice is read at trace time.
 
-Limit: GSPMD has no partitioning rule for a Pallas call, so under a multi-device `jit` with h
-sharded XLA would have to replicate its operands (not checked on GPUs): for now an option for
-one device per program, or for code that calls it inside `shard_map`.
+Sharding: both kernels are `row_partitioning.row_partitioned` calls, so under a multi-device
+`jit` the rows of h stay split over whichever mesh axes they are sharded on and F is replicated
+(a sharded F is gathered first); db is each device's sum, all-reduced over the rows' axes. Rows
+that do not split evenly are replicated for the call. Checked on the 8-device simulated CPU mesh
+through the interpreter (values, gradients, and no all-gather in the compiled HLO:
+tests/test_pallas_sharding.py); not run on GPUs: the Triton lowering of the per-device body is
+checked from the CPU (lowered for CUDA inside a `shard_map`), the partitioned program was not
+compiled for a GPU.
 
 Example:
   >>> import jax, jax.numpy as jnp

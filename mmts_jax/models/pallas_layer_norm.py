@@ -32,12 +32,19 @@ train step the layer norms fuse with their neighbours differently (BENCHMARKS.md
 CPU / TPU the XLA form of `lean_layer_norm` runs instead, unless the Pallas interpreter is
 asked for ("interpret": slow, checks the kernels' maths anywhere).
 
-Limits: GSPMD has no partitioning rule for the Pallas custom call, so under the trainer's
-multi-device `jit` with a sharded batch XLA would have to replicate its operands (not checked
-on GPUs): for now an option for one device, or for code that calls it inside `shard_map`. The
-kernels read and write row-major `(N, C)` matrices: a `(B, L, C)` stream that XLA lays out
-otherwise (the ViT's `(L, C, B)`, `transformer.flat_residual`) is copied around each call,
-hence the train-step variant pairs them with `flat_residual`.
+Sharding: both kernels are `row_partitioning.row_partitioned` calls, so under the trainer's
+multi-device `jit` the rows stay split over whichever mesh axes they are sharded on (each device
+runs the kernels on its own rows) and the features are replicated (a sharded feature axis is
+gathered first); dscale and dbias are each device's sums, all-reduced over the rows' axes. Rows
+that do not split evenly are replicated for the call. Checked on the 8-device simulated CPU mesh
+through the interpreter (values, gradients, and no all-gather in the compiled HLO:
+tests/test_pallas_sharding.py); not run on GPUs: the Triton lowering of the per-device body is
+checked from the CPU (lowered for CUDA inside a `shard_map`), the partitioned program was not
+compiled for a GPU.
+
+Limits: the kernels read and write row-major `(N, C)` matrices: a `(B, L, C)` stream that XLA
+lays out otherwise (the ViT's `(L, C, B)`, `transformer.flat_residual`) is copied around each
+call, hence the train-step variant pairs them with `flat_residual`.
 
 Example (the interpreter on CPU, 5 rows: two forward programs of 4 rows, 3 rows masked):
   >>> from mmts_jax.models.lean_layer_norm import layer_norm

@@ -46,7 +46,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["FEATURES", "ROW", "ROWS", "SUM", "row_axes", "row_partitioned"]
+__all__ = ["FEATURES", "ROW", "ROWS", "SUM", "row_axes", "row_partitioned", "shard_body"]
 
 ROWS = "rows"  # (N, C): rows keep their sharding, features replicated
 ROW = "row"  # (N,): one number per row, sharded as the rows
@@ -92,6 +92,31 @@ def _check_kinds(operands: Sequence[str], results: Sequence[str]) -> None:
     raise ValueError(f"row_partitioned: results must be ROWS, ROW or SUM, got {results}")
 
 
+def shard_body(fn: Callable, static: Sequence, results: Sequence[str], axes: tuple[str, ...]):
+  """What each device runs: `fn(*static, *its arrays)`, the `SUM` results all-reduced over
+  the row axes `axes` (none: `fn` as it is). Named mesh axes must be in scope (`shard_map`, or
+  the partitioner's own trace).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    >>> body = shard_body(lambda x: (x, jnp.sum(x, axis=0)), (), (ROWS, SUM), ("data",))
+    >>> run = jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P()))
+    >>> run(jnp.ones((4, 3)))[1].tolist()
+    [4.0, 4.0, 4.0]
+  """
+
+  def body(*arrays):
+    outs = fn(*static, *arrays)
+    # Each device summed its own rows; the psum adds the other devices' rows (none of them
+    # padding: `row_axes` replicates rows that do not split evenly).
+    return tuple(
+      jax.lax.psum(o, axes) if k == SUM and axes else o for o, k in zip(outs, results, strict=True)
+    )
+
+  return body
+
+
 def row_partitioned(
   fn: Callable, operands: Sequence[str], results: Sequence[str], num_static: int = 0
 ) -> Callable:
@@ -122,19 +147,9 @@ def row_partitioned(
   def partition(*args):
     static, (mesh, arg_shapes, _) = args[:num_static], args[num_static:]
     axes = axes_of(mesh, arg_shapes)
-
-    def lower(*arrays):
-      outs = fn(*static, *arrays)
-      # Each device summed its own rows; the psum adds the other devices' rows (none are
-      # padding: uneven rows were replicated above).
-      return tuple(
-        jax.lax.psum(o, axes) if k == SUM and axes else o
-        for o, k in zip(outs, results, strict=True)
-      )
-
     return (
       mesh,
-      lower,
+      shard_body(fn, static, results, axes),
       _shardings(mesh, results, axes),
       _shardings(mesh, operands, axes),
     )
