@@ -279,3 +279,13 @@ def test_per_device_bodies_lower_to_triton_for_cuda(kernel):
   text = jax.jit(mapped).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
   assert text.count("all_reduce") == results.count(rp.SUM)
+
+
+def test_row_partitioned_names_bad_kinds():
+  body = lambda x: (x,)
+  with pytest.raises(ValueError, match=r"first operand must be ROWS, got \('row',\)"):
+    rp.row_partitioned(body, (rp.ROW,), (rp.ROWS,))
+  with pytest.raises(ValueError, match=r"operands must be ROWS, ROW or FEATURES, got .*'sum'"):
+    rp.row_partitioned(body, (rp.ROWS, rp.SUM), (rp.ROWS,))
+  with pytest.raises(ValueError, match=r"results must be ROWS, ROW or SUM, got .*'features'"):
+    rp.row_partitioned(body, (rp.ROWS,), (rp.FEATURES,))
