@@ -5,10 +5,12 @@ Each case jits y and the vjp (dx, dscale, dbias / dh, db) with the rows (and the
 sharded over a 1-D mesh of 8, over both axes of a (4, 2) mesh, or over one of its axes; the
 values are compared with an independent float64 numpy reference, and the compiled HLO is read:
 no all-gather, all-to-all or collective-permute (the (N, C) activations stay where they are),
-and the only all-reduces are of (C,) / (F,) vectors (the per-feature sums). A control shows the
-same check fails for the bare Pallas call (without the rule XLA gathers the rows). Rows that do
-not split evenly fall back to replicated rows, still correct. A ViT and a text transformer with
-both kernels, the batch sharded over 8 devices, give the single-device loss and gradients.
+and the only all-reduces are of (C,) / (F,) vectors (the per-feature sums); with the features
+sharded too, the only all-gathers are of the features (each device keeps its rows). A control
+shows the same check fails for the bare Pallas call (without the rule XLA gathers the rows).
+Rows that do not split evenly fall back to replicated rows, still correct. A ViT and a text
+transformer with both kernels, the batch sharded over 8 devices, give the single-device loss
+and gradients; the per-device kernels with their all-reduce lower to Triton for CUDA.
 
 Tolerances (float32): outputs and dx / dh within 1e-5 of their largest entry; the per-feature
 sums within 1e-5 of theirs (float32 sums of up to 64 rows, psum of 8 partials); towers as
@@ -157,6 +159,8 @@ def test_layer_norm_keeps_rows_sharded(interpret, shape, names, spec):
     assert got[0].sharding.spec[0] == spec[0] and got[1].sharding.spec[0] == spec[0]
     assert got[2].sharding.is_fully_replicated and got[3].sharding.is_fully_replicated
     _assert_only_feature_sums(found, 48)
+  else:  # only the features are gathered: each device keeps its 16 rows
+    assert set(found["all-gather"]) == {"f32[16,48]"}, found
 
 
 @pytest.mark.parametrize(("shape", "names", "spec"), MESHES, ids=MESH_IDS)
@@ -171,6 +175,8 @@ def test_bias_gelu_keeps_rows_sharded(interpret, shape, names, spec):
   if spec[1] is None:
     assert got[0].sharding.spec[0] == spec[0] and got[2].sharding.is_fully_replicated
     _assert_only_feature_sums(found, 40)
+  else:
+    assert set(found["all-gather"]) == {"f32[16,40]"}, found
 
 
 def test_the_bare_pallas_call_gathers_the_rows(interpret):
