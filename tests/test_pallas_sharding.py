@@ -8,7 +8,8 @@ no all-gather, all-to-all or collective-permute (the (N, C) activations stay whe
 and the only all-reduces are of (C,) / (F,) vectors (the per-feature sums); with the features
 sharded too, the only all-gathers are of the features (each device keeps its rows). A control
 shows the same check fails for the bare Pallas call (without the rule XLA gathers the rows).
-Rows that do not split evenly fall back to replicated rows, still correct. A ViT and a text
+Rows that do not split evenly fall back to replicated rows, still correct. The GSPMD partitioner
+(Shardy's predecessor, still selectable) gets the same partition. A ViT and a text
 transformer with both kernels, the batch sharded over 8 devices, give the single-device loss
 and gradients; the per-device kernels with their all-reduce lower to Triton for CUDA.
 
@@ -295,3 +296,22 @@ def test_row_partitioned_names_bad_kinds():
     rp.row_partitioned(body, (rp.ROWS, rp.SUM), (rp.ROWS,))
   with pytest.raises(ValueError, match=r"results must be ROWS, ROW or SUM, got .*'features'"):
     rp.row_partitioned(body, (rp.ROWS,), (rp.FEATURES,))
+
+
+def test_the_gspmd_partitioner_takes_the_same_rule(interpret):
+  # Shardy is the default; the older GSPMD partitioner reads `infer_sharding_from_operands`
+  # instead of the sharding rule, and must end in the same partition (rows kept, sums reduced).
+  x, s, b, g = _inputs(64, 48, seed=5)
+  shardy = jax.config.jax_use_shardy_partitioner
+  jax.config.update("jax_use_shardy_partitioner", False)
+  try:
+    mesh = _mesh((8,), ("data",))
+    ln, ln_found, _ = _run(_sharded(_layer_norm_vjp, mesh, P("data", None), LN_KINDS), x, s, b, g)
+    kinds = ("rows", "features", "rows")
+    gelu, gelu_found, _ = _run(_sharded(_gelu_vjp, mesh, P("data", None), kinds), x, b, g)
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", shardy)
+  _assert_close(ln, _layer_norm_numpy(x, s, b, g))
+  _assert_close(gelu, _gelu_numpy(x, b, g))
+  _assert_only_feature_sums(ln_found, 48)
+  _assert_only_feature_sums(gelu_found, 48)
