@@ -30,9 +30,14 @@ path on CPUs and TPUs, and on GPUs with the kernels switched off); both sides sh
 h, XLA otherwise), False (XLA everywhere), "interpret" (the kernels through the Pallas
 interpreter on any backend: slow, for tests on the CPU). The choice is read at trace time.
 
-Limit: GSPMD has no partitioning rule for a Pallas call, so under a multi-device `jit` with h
-sharded XLA would have to replicate its operands (not checked on GPUs): for now an option for
-one device per program, or for code that calls it inside `shard_map`.
+Sharding: both kernels are `row_partitioning.row_partitioned` calls, so under a multi-device
+`jit` the rows of h stay split over whichever mesh axes they are sharded on and F is replicated
+(a sharded F is gathered first); db is each device's sum, all-reduced over the rows' axes. Rows
+that do not split evenly are replicated for the call. Checked on the 8-device simulated CPU mesh
+through the interpreter (values, gradients, and no all-gather in the compiled HLO:
+tests/test_pallas_sharding.py); not run on GPUs: the Triton lowering of the per-device body is
+checked from the CPU (lowered for CUDA inside a `shard_map`), the partitioned program was not
+compiled for a GPU.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -57,6 +62,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mmts_jax.models.row_partitioning import FEATURES, ROWS, SUM, row_partitioned
 
 __all__ = [
   "GeluConfig",
@@ -265,12 +272,14 @@ def _bwd_kernel(cfg, n, f, g_ref, h_ref, b_ref, dh_ref, db_ref):
   _store(db_ref, db, col_ok)
 
 
-def _call(kernel, h, n_in: int, outs):
+def _call(kernel, h, n_in: int, outs, interpret: bool | None = None, cfg: GeluConfig | None = None):
   """`pallas_call` of `kernel(cfg, N, F, *refs)` over h's `(N, F)` grid: `n_in` (N, F) inputs
-  then the bias; outputs `(kind, dtype)`, kind "nf" (N, F) or "parts" (programs along N, F)."""
+  then the bias; outputs `(kind, dtype)`, kind "nf" (N, F) or "parts" (programs along N, F).
+  `interpret` and `cfg` default to the module's settings now."""
   pl, plgpu = _pl()
   n, f = h.shape
-  cfg = _fit(gelu_config(), n, f)
+  interpret = _MODE[0] == "interpret" if interpret is None else interpret
+  cfg = _fit(gelu_config() if cfg is None else cfg, n, f)
   rows = cfg.bm * cfg.steps
   grid = (pl.cdiv(n, rows), pl.cdiv(f, cfg.bn))
   block = pl.BlockSpec((rows, cfg.bn), lambda i, j: (i, j))
@@ -278,7 +287,6 @@ def _call(kernel, h, n_in: int, outs):
     "nf": ((n, f), block),
     "parts": ((grid[0], f), pl.BlockSpec((None, cfg.bn), lambda i, j: (i, j))),
   }
-  interpret = _MODE[0] == "interpret"
   params = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   return pl.pallas_call(
     lambda *refs: kernel(cfg, n, f, *refs),
@@ -291,14 +299,36 @@ def _call(kernel, h, n_in: int, outs):
   )
 
 
+def _fwd_local(interpret, cfg, h, b):
+  """The forward kernel on the rows it is given (all of them, or one device's)."""
+  return tuple(_call(_fwd_kernel, h, 1, [("nf", h.dtype)], interpret, cfg)(h, b))
+
+
+def _bwd_local(interpret, cfg, g, h, b):
+  """The backward kernel on the rows it is given: dh and the sum of dh over those rows."""
+  outs = [("nf", h.dtype), ("parts", jnp.float32)]
+  dh, parts = _call(_bwd_kernel, h, 2, outs, interpret, cfg)(g, h, b)
+  return dh, jnp.sum(parts, axis=0)
+
+
+# Rows sharded as h's, features replicated; db all-reduced over the row axes.
+_fwd_rows = row_partitioned(_fwd_local, (ROWS, FEATURES), (ROWS,), 2)
+_bwd_rows = row_partitioned(_bwd_local, (ROWS, ROWS, FEATURES), (ROWS, SUM), 2)
+
+
+def _settings() -> tuple[bool, GeluConfig]:
+  """The mode and blocks now, passed on as static arguments: the partitioned calls are built
+  when the program compiles, and must see the settings of the trace."""
+  return _MODE[0] == "interpret", gelu_config()
+
+
 def _pallas_forward(h, b):
-  (y,) = _call(_fwd_kernel, h, 1, [("nf", h.dtype)])(h, b)
+  (y,) = _fwd_rows(*_settings(), h, b)
   return y
 
 
 def _pallas_backward(g, h, b):
-  dh, parts = _call(_bwd_kernel, h, 2, [("nf", h.dtype), ("parts", jnp.float32)])(g, h, b)
-  return dh, jnp.sum(parts, axis=0)
+  return _bwd_rows(*_settings(), g, h, b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,12 +32,19 @@ train step the layer norms fuse with their neighbours differently (BENCHMARKS.md
 CPU / TPU the XLA form of `lean_layer_norm` runs instead, unless the Pallas interpreter is
 asked for ("interpret": slow, checks the kernels' maths anywhere).
 
-Limits: GSPMD has no partitioning rule for the Pallas custom call, so under the trainer's
-multi-device `jit` with a sharded batch XLA would have to replicate its operands (not checked
-on GPUs): for now an option for one device, or for code that calls it inside `shard_map`. The
-kernels read and write row-major `(N, C)` matrices: a `(B, L, C)` stream that XLA lays out
-otherwise (the ViT's `(L, C, B)`, `transformer.flat_residual`) is copied around each call,
-hence the train-step variant pairs them with `flat_residual`.
+Sharding: both kernels are `row_partitioning.row_partitioned` calls, so under the trainer's
+multi-device `jit` the rows stay split over whichever mesh axes they are sharded on (each device
+runs the kernels on its own rows) and the features are replicated (a sharded feature axis is
+gathered first); dscale and dbias are each device's sums, all-reduced over the rows' axes. Rows
+that do not split evenly are replicated for the call. Checked on the 8-device simulated CPU mesh
+through the interpreter (values, gradients, and no all-gather in the compiled HLO:
+tests/test_pallas_sharding.py); not run on GPUs: the Triton lowering of the per-device body is
+checked from the CPU (lowered for CUDA inside a `shard_map`), the partitioned program was not
+compiled for a GPU.
+
+Limits: the kernels read and write row-major `(N, C)` matrices: a `(B, L, C)` stream that XLA
+lays out otherwise (the ViT's `(L, C, B)`, `transformer.flat_residual`) is copied around each
+call, hence the train-step variant pairs them with `flat_residual`.
 
 Example (the interpreter on CPU, 5 rows: two forward programs of 4 rows, 3 rows masked):
   >>> from mmts_jax.models.lean_layer_norm import layer_norm
@@ -56,6 +63,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from mmts_jax.models.row_partitioning import FEATURES, ROW, ROWS, SUM, row_partitioned
 
 __all__ = [
   "LayerNormConfig",
@@ -228,13 +237,12 @@ def _bwd_kernel(rows, steps, n, c, x_ref, mu_ref, r_ref, s_ref, g_ref, dx_ref, d
   plgpu.store(db_ref.at[p, cols], db, mask=cmask)
 
 
-def _call(kernel, grid, out_shape, like):
+def _call(kernel, grid, out_shape, like, interpret: bool, cfg: LayerNormConfig):
   from mmts_jax.losses._pallas_tiles import _varying_like
 
   pl, plgpu = _pl()
-  interpret = _MODE[0] == "interpret"
   outs = [jax.ShapeDtypeStruct(shape, dt, **_varying_like(like)) for shape, dt in out_shape]
-  params = None if interpret else plgpu.CompilerParams(num_warps=_CONFIG[0].num_warps)
+  params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps)
   return pl.pallas_call(
     kernel, out_shape=outs, grid=(grid,), compiler_params=params, interpret=interpret
   )
@@ -261,12 +269,24 @@ def layer_norm_fwd(
     ([[-1.0, 1.0]], [2.0], [1.0])
     >>> set_pallas_layer_norm(None)
   """
-  n, c = _check(x, scale, "layer_norm_fwd")
-  rows = _CONFIG[0].rows_fwd
+  _check(x, scale, "layer_norm_fwd")
+  return _fwd_rows(float(epsilon), jnp.dtype(dtype), *_settings(), x, scale, bias)
+
+
+def _settings() -> tuple[bool, LayerNormConfig]:
+  """The mode and blocks now, passed on as static arguments: the partitioned calls are built
+  when the program compiles, and must see the settings of the trace."""
+  return _MODE[0] == "interpret", _CONFIG[0]
+
+
+def _fwd_local(epsilon, dtype, interpret, cfg, x, scale, bias):
+  """The forward kernel on the rows it is given (all of them, or one device's)."""
+  n, c = x.shape
+  rows = cfg.rows_fwd
   f32 = jnp.float32
-  kernel = lambda *refs: _fwd_kernel(rows, n, c, float(epsilon), *refs)
+  kernel = lambda *refs: _fwd_kernel(rows, n, c, epsilon, *refs)
   out = [((n, c), dtype), ((n,), f32), ((n,), f32)]
-  return tuple(_call(kernel, _cdiv(n, rows), out, x)(x, scale, bias))
+  return tuple(_call(kernel, _cdiv(n, rows), out, x, interpret, cfg)(x, scale, bias))
 
 
 def layer_norm_bwd(
@@ -289,7 +309,12 @@ def layer_norm_bwd(
     raise ValueError(
       f"layer_norm_bwd: g must be {x.shape} and mu, r ({n},), got {g.shape}, {mu.shape}, {r.shape}"
     )
-  cfg = _CONFIG[0]
+  return _bwd_rows(*_settings(), x, mu, r, scale, g)
+
+
+def _bwd_local(interpret, cfg, x, mu, r, scale, g):
+  """The backward kernel on the rows it is given: dx and the sums of ds, db over those rows."""
+  n, c = x.shape
   blocks = _cdiv(n, cfg.rows_bwd)
   programs = min(blocks, cfg.programs_bwd)
   steps = _cdiv(blocks, programs)
@@ -297,8 +322,13 @@ def layer_norm_bwd(
   kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, *refs)
   f32 = jnp.float32
   out = [((n, c), x.dtype), ((programs, c), f32), ((programs, c), f32)]
-  dx, ds, db = _call(kernel, programs, out, x)(x, mu, r, scale, g)
+  dx, ds, db = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g)
   return dx, jnp.sum(ds, axis=0), jnp.sum(db, axis=0)
+
+
+# Rows sharded as x's, features replicated; ds and db all-reduced over the row axes.
+_fwd_rows = row_partitioned(_fwd_local, (ROWS, FEATURES, FEATURES), (ROWS, ROW, ROW), 4)
+_bwd_rows = row_partitioned(_bwd_local, (ROWS, ROW, ROW, FEATURES, ROWS), (ROWS, SUM, SUM), 2)
 
 
 def _cdiv(a: int, b: int) -> int:
