@@ -57,7 +57,8 @@ def _case(name, make, inputs, specs, ref, names, mesh, reps) -> dict:
     f"{name}: xla {out['xla']['fwd_bwd_ms']:.3f} ms, pallas {out['pallas']['fwd_bwd_ms']:.3f}"
     f" ms; pallas all-gathers {out['pallas']['collectives']['all-gather']}, all-reduces "
     f"{out['pallas']['collectives']['all-reduce']}; max rel err xla "
-    f"{max(out['xla']['rel_err'].values()):.2e} pallas {max(out['pallas']['rel_err'].values()):.2e}",
+    f"{max(out['xla']['rel_err'].values()):.2e} "
+    f"pallas {max(out['pallas']['rel_err'].values()):.2e}",
     flush=True,
   )
   return out
