@@ -47,7 +47,7 @@ def _remat(cfg: Mapping[str, Any]) -> bool | str:
 
 
 def _lean(cfg: Mapping[str, Any]) -> bool | str:
-  """`lean_layer_norm`: a bool or "pallas" (`lean_layer_norm.make_layer_norm`)."""
+  """`lean_layer_norm`: a bool, "pallas" or "pallas_res" (`lean_layer_norm.LEAN_CHOICES`)."""
   value = _get(cfg, "lean_layer_norm", False)
   return check_lean(value if isinstance(value, str) else bool(value))
 
