@@ -19,6 +19,9 @@ writing y (in `dtype`), mu and r (float32, one per row). Backward, with g = dL/d
 one program per `rows_bwd * steps` rows (`steps` blocks of `rows_bwd` in a loop, `programs_bwd`
 programs at most), each writing dx of its rows and its own float32 partial sums of ds and db
 (one row of a `(programs, C)` matrix, no atomics); `jnp.sum` over the programs finishes them.
+With `layer_norm_bwd(..., residual=g_x)` the kernel reads one more `(N, C)` operand and writes
+:math:`g_x + dx` instead (`residual_layer_norm`: a pre-LN block's skip-connection cotangent,
+added in float32 before the one rounding to x's dtype; not timed on a GPU yet).
 
 The feature axis is padded on chip to the next power of two (Triton's block sizes) and the
 padding masked, as are the rows past N (any N). Timed on an H200 (bfloat16, forward +
