@@ -15,6 +15,7 @@
 #   openclip_after_ours B..  once ours has ended: lets the warm-ups finish, times OpenCLIP
 #                          alone at each batch B into $OUT/openclip_bB.json, then matmul_after
 #   ours_medians           the step medians of ours (train_step_bench's stdout json), one line
+#   attribute VARIANT NAME  profile_attribution of VARIANT's profile into $OUT/attribution_NAME.json
 W=${WHEELS:-wheels/final}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -78,4 +79,10 @@ openclip_after_ours() {
 ours_medians() {
   grep -o '"[^"]*_b[0-9]*": {"batch": [0-9]*, "step_ms_median": [0-9.]*' /tmp/jax_stdout.json \
       | tr '\n' ' '
+}
+
+attribute() {
+  timeout 40 python3 benchmarks/profile_attribution.py "$OUT" --variant "$1" \
+      --out "$OUT/attribution_$2.json" 2>&1 | tail -18
+  el "attribution rc=$?"
 }

@@ -20,6 +20,4 @@ taskset -c 0-9 timeout 470 python3 benchmarks/train_step_bench.py --out "$OUT" -
     --ready-file /tmp/ready --go-file /tmp/go 2> "$OUT/jax.log" > /tmp/jax_stdout.json
 el "ours rc=$?: $(ours_medians)"
 openclip_after_ours 256
-timeout 40 python3 benchmarks/profile_attribution.py "$OUT" --variant $F+pln+pgelu \
-    --out "$OUT/attribution_pallas.json" 2>&1 | tail -18
-el "attribution rc=$?"
+attribute $F+pln+pgelu pallas
