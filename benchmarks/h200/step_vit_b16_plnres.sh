@@ -22,6 +22,4 @@ taskset -c 0-9 timeout 470 python3 benchmarks/train_step_bench.py --out "$OUT" -
     > /tmp/jax_stdout.json
 el "ours rc=$?: $(ours_medians)"
 openclip_after_ours 256
-timeout 40 python3 benchmarks/profile_attribution.py "$OUT" --variant $F+plnres+pgelu \
-    --out "$OUT/attribution_plnres.json" 2>&1 | tail -18
-el "attribution rc=$?"
+attribute $F+plnres+pgelu plnres
