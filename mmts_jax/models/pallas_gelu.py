@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmts_jax.losses._pallas_tiles import check_powers_of_two
 from mmts_jax.models.row_partitioning import FEATURES, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -166,10 +167,7 @@ def set_gelu_config(cfg: GeluConfig | None) -> None:
   if cfg is None:
     _CONFIG[0] = _DEFAULT
     return
-  for name in ("bm", "bn"):
-    v = getattr(cfg, name)
-    if v < 16 or v & (v - 1):
-      raise ValueError(f"set_gelu_config: {name} must be a power of two >= 16, got {v}")
+  check_powers_of_two("set_gelu_config", cfg, ("bm", "bn"), at_least=16)
   if cfg.steps < 1:
     raise ValueError(f"set_gelu_config: steps must be >= 1, got {cfg.steps}")
   _CONFIG[0] = cfg
