@@ -19,7 +19,6 @@ statistics and bias partials left out) by the time. Writes DIR/pallas_kernels_be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -27,6 +26,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mmts_jax import atomic_io  # noqa: E402
 
 SHAPES = {
   "vit_b16": (50688, 768, 3072),
@@ -76,7 +77,6 @@ def _rel(a, ref) -> float:
 
 def _ln_fns(kernel: str):
   import jax
-  import jax.numpy as jnp
 
   from mmts_jax.models.lean_layer_norm import layer_norm
 
@@ -86,7 +86,6 @@ def _ln_fns(kernel: str):
     y, vjp = jax.vjp(f, x, s, b)
     return (y, *vjp(g))
 
-  del jnp
   return jax.jit(f), jax.jit(both)
 
 
@@ -271,10 +270,7 @@ def main(argv=None) -> int:
     if args.torch:
       case["torch"] = _torch_case(n, c, f, args.reps)
     result["cases"][name] = case
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-      json.dump(result, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_io.atomic_write_json(path, result, indent=1)
     for op in ("layer_norm", "bias_gelu"):
       o = case[op]
       print(

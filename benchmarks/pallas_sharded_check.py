@@ -15,7 +15,6 @@ median of `--reps` batches of 10 calls. Writes DIR/pallas_sharded_check.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import re
@@ -25,6 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from pallas_kernels_bench import _errors, _gelu_reference, _ln_reference, _time  # noqa: E402
+
+from mmts_jax import atomic_io  # noqa: E402
 
 
 def _collectives(compiled_text: str) -> dict:
@@ -98,10 +99,9 @@ def main(argv=None) -> int:
   h = (2.0 * jax.random.normal(k[4], (n, f))).astype(jnp.bfloat16)
   hb, gh = 0.2 * jax.random.normal(k[5], (f,)), jax.random.normal(k[6], (n, f)).astype(jnp.bfloat16)
 
-  def ln(side):
-    pln.set_pallas_layer_norm(mode)
-    kernel = side
+  pln.set_pallas_layer_norm(mode)  # the "xla" side asks for kernel="xla" itself
 
+  def ln(kernel):
     def both(x, s, b, g):
       y, vjp = jax.vjp(lambda x, s, b: layer_norm(x, s, b, 1e-6, x.dtype, kernel), x, s, b)
       return (y, *vjp(g))
@@ -145,10 +145,7 @@ def main(argv=None) -> int:
   pln.set_pallas_layer_norm(None)
   pg.set_pallas_gelu(None)
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "pallas_sharded_check.json")
-  with open(path + ".tmp", "w") as fh:
-    json.dump(result, fh, indent=1)
-  os.replace(path + ".tmp", path)
+  atomic_io.atomic_write_json(os.path.join(args.out, "pallas_sharded_check.json"), result, indent=1)
   return 0
 
 

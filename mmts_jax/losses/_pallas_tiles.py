@@ -108,13 +108,27 @@ def set_tile_config(kind: str, dtype, cfg: TileConfig | None) -> None:
     if key in _TUNED:
       CONFIGS[key] = _TUNED[key]
     return
-  for name in ("bm", "bn", "bk"):
-    v = getattr(cfg, name)
-    if v < 16 or v & (v - 1):
-      raise ValueError(f"set_tile_config: {name} must be a power of two >= 16, got {v}")
+  check_powers_of_two("set_tile_config", cfg, ("bm", "bn", "bk"), at_least=16)
   if cfg.j < 1:
     raise ValueError(f"set_tile_config: j must be >= 1, got {cfg.j}")
   CONFIGS[key] = cfg
+
+
+def check_powers_of_two(who: str, cfg, names: tuple[str, ...], at_least: int = 1) -> None:
+  """ValueError naming the first of `cfg`'s fields `names` that is not a power of two (>=
+  `at_least`): Triton's block shapes (and warps) must be powers of two.
+
+  Example:
+    >>> check_powers_of_two("set_x", TileConfig(bm=48), ("bm",), at_least=16)
+    Traceback (most recent call last):
+    ...
+    ValueError: set_x: bm must be a power of two >= 16, got 48
+  """
+  bound = f" >= {at_least}" if at_least > 1 else ""
+  for name in names:
+    v = getattr(cfg, name)
+    if v < at_least or v < 1 or v & (v - 1):
+      raise ValueError(f"{who}: {name} must be a power of two{bound}, got {v}")
 
 
 def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:

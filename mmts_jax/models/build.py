@@ -46,16 +46,11 @@ def _remat(cfg: Mapping[str, Any]) -> bool | str:
   return value
 
 
-def _lean(cfg: Mapping[str, Any]) -> bool | str:
-  """`lean_layer_norm`: a bool, "pallas" or "pallas_res" (`lean_layer_norm.LEAN_CHOICES`)."""
-  value = _get(cfg, "lean_layer_norm", False)
-  return check_lean(value if isinstance(value, str) else bool(value))
-
-
-def _gelu(cfg: Mapping[str, Any]) -> bool | str:
-  """`lean_gelu`: a bool or "pallas" (`transformer.GELUS`; ValueError otherwise)."""
-  value = _get(cfg, "lean_gelu", False)
-  return gelu_option(value if isinstance(value, str) else bool(value))
+def _bool_or_name(cfg: Mapping[str, Any], key: str, check) -> bool | str:
+  """`cfg[key]` (default False) as a bool, or a name `check` accepts (ValueError otherwise):
+  `lean_layer_norm` (`lean_layer_norm.check_lean`) and `lean_gelu` (`transformer.gelu_option`)."""
+  value = _get(cfg, key, False)
+  return check(value if isinstance(value, str) else bool(value))
 
 
 def _speed(cfg: Mapping[str, Any]) -> dict:
@@ -67,8 +62,8 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     fused_qkv=bool(_get(cfg, "fused_qkv", False)),
     attention=attention,
     even_length=bool(_get(cfg, "even_length", False)),
-    lean_layer_norm=_lean(cfg),
-    lean_gelu=_gelu(cfg),
+    lean_layer_norm=_bool_or_name(cfg, "lean_layer_norm", check_lean),
+    lean_gelu=_bool_or_name(cfg, "lean_gelu", gelu_option),
     split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
     flat_residual=bool(_get(cfg, "flat_residual", False)),
   )

@@ -67,6 +67,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mmts_jax.losses._pallas_tiles import check_powers_of_two
 from mmts_jax.models.row_partitioning import FEATURES, ROW, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -163,10 +164,7 @@ def set_layer_norm_config(cfg: LayerNormConfig | None) -> None:
   if cfg is None:
     _CONFIG[0] = LayerNormConfig()
     return
-  for name in ("rows_fwd", "rows_bwd", "num_warps"):
-    v = getattr(cfg, name)
-    if v < 1 or v & (v - 1):
-      raise ValueError(f"set_layer_norm_config: {name} must be a power of two, got {v}")
+  check_powers_of_two("set_layer_norm_config", cfg, ("rows_fwd", "rows_bwd", "num_warps"))
   if cfg.programs_bwd < 1:
     raise ValueError(f"set_layer_norm_config: programs_bwd must be >= 1, got {cfg.programs_bwd}")
   _CONFIG[0] = cfg
