@@ -29,6 +29,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
            XLA form off GPUs); +pgelu: fc1's bias add and GELU in one Pallas kernel per pass
            (`lean_gelu="pallas"`); +pln+pgelu: both; fast+qkv+even+pln+flat+lt: the plain
            GELU with cuBLASLt on (epilogue fusion of fc1's bias and GELU left to XLA)
+  +plnres  as +pln, and each block's two layer norms add the skip connection's cotangent to dx
+           in their backward kernel, not in a separate add (`lean_layer_norm="pallas_res"`)
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
@@ -185,6 +187,13 @@ VARIANTS = {
   ),
   "fast+qkv+even+lean+flat+pln+pgelu": (
     {**_EVEN, "lean_layer_norm": "pallas", "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+  ),
+  # Issue 17: the backward's residual adds (dx of each block's layer norms + the skip
+  # connection's cotangent) inside the Pallas layer norm's backward kernel.
+  "fast+qkv+even+lean+flat+plnres+pgelu": (
+    {**_EVEN, "lean_layer_norm": "pallas_res", "lean_gelu": "pallas", "flat_residual": True},
     _DENSE,
     {},
   ),

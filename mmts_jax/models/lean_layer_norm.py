@@ -100,18 +100,43 @@ def _normalize(x, scale, bias, epsilon, dtype, kernel):
   return y.astype(dtype), mu, r
 
 
-def _fwd(x, scale, bias, epsilon, dtype, kernel):
+def forward(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype, kernel: str
+) -> tuple[jax.Array, tuple]:
+  """`(y, residuals)`: `layer_norm`'s value and what `backward` needs (x, mu, r, scale, bias),
+  for custom derivatives built on this layer norm (`residual_layer_norm`).
+
+  Example:
+    >>> y, res = forward(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), 0.0, jnp.float32,
+    ...                  "xla")
+    >>> y.tolist(), len(res)
+    ([[-1.0, 1.0]], 5)
+  """
   y, mu, r = _normalize(x, scale, bias, epsilon, dtype, kernel)
   return y, (x, mu, r, scale, bias)
 
 
-def _bwd(epsilon, dtype, kernel, residuals, g):
-  del epsilon, dtype, kernel
+def backward(
+  residuals: tuple, g: jax.Array, g_x: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(dx, dscale, dbias)` of the layer norm for the cotangent `g = dL/dy`, in the form its
+  `forward` took (the Pallas kernel or jnp). `g_x` (x's shape): a cotangent reaching x by
+  another path, added to dx in float32 before dx is cast to x's dtype (in the Pallas kernel
+  itself: `pallas_layer_norm.layer_norm_bwd`'s `residual`).
+
+  Example:
+    >>> _, res = forward(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), 0.0, jnp.float32,
+    ...                  "xla")
+    >>> dx, ds, db = backward(res, jnp.array([[1.0, 1.0]]), g_x=jnp.array([[5.0, 6.0]]))
+    >>> dx.tolist(), ds.tolist(), db.tolist()
+    ([[5.0, 6.0]], [-1.0, 1.0], [1.0, 1.0])
+  """
   x, mu, r, scale, bias = residuals
   if mu.ndim < x.ndim:  # the forward took the Pallas kernels: (N,) statistics
     c = x.shape[-1]
+    rows = lambda a: a.reshape(-1, c)
     dx, dscale, dbias = pallas_layer_norm.layer_norm_bwd(
-      x.reshape(-1, c), mu, r, scale, g.reshape(-1, c)
+      rows(x), mu, r, scale, rows(g), None if g_x is None else rows(g_x)
     )
     return dx.reshape(x.shape), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
   g = g.astype(jnp.float32)
@@ -123,7 +148,18 @@ def _bwd(epsilon, dtype, kernel, residuals, g):
   dx = r * (
     gh - jnp.mean(gh, axis=-1, keepdims=True) - xhat * jnp.mean(gh * xhat, axis=-1, keepdims=True)
   )
+  if g_x is not None:
+    dx = dx + g_x.astype(jnp.float32)
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+def _fwd(x, scale, bias, epsilon, dtype, kernel):
+  return forward(x, scale, bias, epsilon, dtype, kernel)
+
+
+def _bwd(epsilon, dtype, kernel, residuals, g):
+  del epsilon, dtype, kernel
+  return backward(residuals, g)
 
 
 layer_norm.defvjp(_fwd, _bwd)
@@ -147,24 +183,27 @@ class LeanLayerNorm(nn.Module):
     return layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
 
 
-LEAN_CHOICES = (False, True, "pallas")
+# "pallas_res": "pallas", and each pre-LN block's two layer norms fold the skip connection's
+# cotangent into their backward kernel (`transformer.EncoderBlock`, `residual_layer_norm`).
+LEAN_CHOICES = (False, True, "pallas", "pallas_res")
 
 
 def check_lean(lean: bool | str) -> bool | str:
   """`lean` if it is one of `LEAN_CHOICES`, else ValueError naming it.
 
   Example:
-    >>> check_lean("pallas")
-    'pallas'
+    >>> check_lean("pallas_res")
+    'pallas_res'
   """
-  if not (isinstance(lean, bool) or lean == "pallas"):
+  if not (isinstance(lean, bool) or lean in ("pallas", "pallas_res")):
     raise ValueError(f"lean_layer_norm must be one of {LEAN_CHOICES}, got {lean!r}")
   return lean
 
 
 def make_layer_norm(lean: bool | str, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
   """Flax's `nn.LayerNorm` if `lean` is False, `LeanLayerNorm` if True, `LeanLayerNorm` with
-  the Pallas kernels if "pallas" (same parameters every way).
+  the Pallas kernels if "pallas" or "pallas_res" (a layer norm outside a residual block: ViT's
+  `ln_pre`, the final one), same parameters every way.
 
   Example:
     >>> make_layer_norm("pallas", jnp.float32, jnp.float32, "ln").kernel
@@ -172,5 +211,5 @@ def make_layer_norm(lean: bool | str, dtype: Dtype, param_dtype: Dtype, name: st
   """
   if check_lean(lean) is False:
     return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name)
-  kernel = "pallas" if lean == "pallas" else "xla"
+  kernel = "pallas" if lean in ("pallas", "pallas_res") else "xla"
   return LeanLayerNorm(dtype=dtype, param_dtype=param_dtype, kernel=kernel, name=name)

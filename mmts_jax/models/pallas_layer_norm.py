@@ -19,6 +19,9 @@ writing y (in `dtype`), mu and r (float32, one per row). Backward, with g = dL/d
 one program per `rows_bwd * steps` rows (`steps` blocks of `rows_bwd` in a loop, `programs_bwd`
 programs at most), each writing dx of its rows and its own float32 partial sums of ds and db
 (one row of a `(programs, C)` matrix, no atomics); `jnp.sum` over the programs finishes them.
+With `layer_norm_bwd(..., residual=g_x)` the kernel reads one more `(N, C)` operand and writes
+:math:`g_x + dx` instead (`residual_layer_norm`: a pre-LN block's skip-connection cotangent,
+added in float32 before the one rounding to x's dtype; not timed on a GPU yet).
 
 The feature axis is padded on chip to the next power of two (Triton's block sizes) and the
 padding masked, as are the rows past N (any N). Timed on an H200 (bfloat16, forward +
@@ -207,7 +210,10 @@ def _fwd_kernel(rows, n, c, eps, x_ref, s_ref, b_ref, y_ref, mu_ref, r_ref):
   plgpu.store(r_ref.at[row_idx], r, mask=live)
 
 
-def _bwd_kernel(rows, steps, n, c, x_ref, mu_ref, r_ref, s_ref, g_ref, dx_ref, ds_ref, db_ref):
+def _bwd_kernel(rows, steps, n, c, residual, x_ref, mu_ref, r_ref, s_ref, g_ref, *refs):
+  # With `residual`, one more operand before the outputs: the cotangent that reaches x by the
+  # skip connection, added to dx in registers (one more load, no extra pass over dx).
+  gx_ref, (dx_ref, ds_ref, db_ref) = (refs[0], refs[1:]) if residual else (None, refs)
   pl, plgpu = _pl()
   p = pl.program_id(0)
   cols, cmask = _features(c)
@@ -225,6 +231,8 @@ def _bwd_kernel(rows, steps, n, c, x_ref, mu_ref, r_ref, s_ref, g_ref, dx_ref, d
     mean_gh = jnp.sum(gh, axis=1) / c
     mean_ghx = jnp.sum(gh * xhat, axis=1) / c
     dx = r[:, None] * (gh - mean_gh[:, None] - xhat * mean_ghx[:, None])
+    if gx_ref is not None:
+      dx = dx + plgpu.load(gx_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
     plgpu.store(dx_ref.at[idx], dx.astype(dx_ref.dtype), mask=mask)
     ds, db = acc
     return ds + jnp.sum(g * xhat, axis=0), db + jnp.sum(g, axis=0)
@@ -288,10 +296,20 @@ def _fwd_local(epsilon, dtype, interpret, cfg, x, scale, bias):
 
 
 def layer_norm_bwd(
-  x: jax.Array, mu: jax.Array, r: jax.Array, scale: jax.Array, g: jax.Array
+  x: jax.Array,
+  mu: jax.Array,
+  r: jax.Array,
+  scale: jax.Array,
+  g: jax.Array,
+  residual: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(dx, dscale, dbias)` from the forward's residuals and `g = dL/dy (N, C)`: dx in x's
   dtype, dscale and dbias float32 `(C,)`.
+
+  `residual` (optional, `(N, C)`, any float dtype): a cotangent that reaches x by another path
+  (a pre-LN block's skip connection), added to dx inside the same kernel before dx is written,
+  in float32: `dx = residual + r (gh - mean(gh) - xhat mean(gh xhat))`, one rounding to x's
+  dtype (`residual_layer_norm`). Not timed on a GPU yet.
 
   Example:
     >>> set_pallas_layer_norm("interpret")
@@ -300,6 +318,10 @@ def layer_norm_bwd(
     ...                             jnp.ones(2), jnp.array([[1.0, 0.0], [0.0, 1.0]]))
     >>> dx.tolist(), ds.tolist(), db.tolist()
     ([[0.0, 0.0], [0.0, 0.0]], [-1.0, 1.0], [1.0, 1.0])
+    >>> dx, _, _ = layer_norm_bwd(x, jnp.array([2.0, 2.0]), jnp.array([1.0, 0.5]),
+    ...                           jnp.ones(2), jnp.array([[1.0, 0.0], [0.0, 1.0]]), residual=x)
+    >>> dx.tolist()
+    [[1.0, 3.0], [0.0, 4.0]]
     >>> set_pallas_layer_norm(None)
   """
   n, c = _check(x, scale, "layer_norm_bwd")
@@ -307,26 +329,35 @@ def layer_norm_bwd(
     raise ValueError(
       f"layer_norm_bwd: g must be {x.shape} and mu, r ({n},), got {g.shape}, {mu.shape}, {r.shape}"
     )
-  return _bwd_rows(*_settings(), x, mu, r, scale, g)
+  if residual is None:
+    return _bwd_rows(*_settings(), x, mu, r, scale, g)
+  if residual.shape != x.shape:
+    raise ValueError(f"layer_norm_bwd: residual must be {x.shape}, got {residual.shape}")
+  return _bwd_res_rows(*_settings(), x, mu, r, scale, g, residual)
 
 
-def _bwd_local(interpret, cfg, x, mu, r, scale, g):
-  """The backward kernel on the rows it is given: dx and the sums of ds, db over those rows."""
+def _bwd_local(interpret, cfg, x, mu, r, scale, g, *residual):
+  """The backward kernel on the rows it is given: dx (plus `residual`, if given: at most one)
+  and the sums of ds, db over those rows."""
   n, c = x.shape
   blocks = _cdiv(n, cfg.rows_bwd)
   programs = min(blocks, cfg.programs_bwd)
   steps = _cdiv(blocks, programs)
   programs = _cdiv(blocks, steps)  # no program without a block
-  kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, *refs)
+  kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, bool(residual), *refs)
   f32 = jnp.float32
   out = [((n, c), x.dtype), ((programs, c), f32), ((programs, c), f32)]
-  dx, ds, db = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g)
+  dx, ds, db = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g, *residual)
   return dx, jnp.sum(ds, axis=0), jnp.sum(db, axis=0)
 
 
 # Rows sharded as x's, features replicated; ds and db all-reduced over the row axes.
 _fwd_rows = row_partitioned(_fwd_local, (ROWS, FEATURES, FEATURES), (ROWS, ROW, ROW), 4)
 _bwd_rows = row_partitioned(_bwd_local, (ROWS, ROW, ROW, FEATURES, ROWS), (ROWS, SUM, SUM), 2)
+# The same with the skip connection's cotangent: rows, sharded as x's.
+_bwd_res_rows = row_partitioned(
+  _bwd_local, (ROWS, ROW, ROW, FEATURES, ROWS, ROWS), (ROWS, SUM, SUM), 2
+)
 
 
 def _cdiv(a: int, b: int) -> int:

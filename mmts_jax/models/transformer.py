@@ -26,6 +26,9 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     "pallas": the same with both directions in the fused Pallas kernels of
     `pallas_layer_norm` on GPUs (the XLA form elsewhere); with "pallas" `lean_gelu`, 83.4
     vs 86.3 ms per ViT-B/16 step on one H200 (BENCHMARKS.md, run 12).
+    "pallas_res": as "pallas", and each block's two layer norms (`ResidualLayerNorm`) add the
+    skip connection's cotangent to their dx inside the backward kernel, instead of a separate
+    add per layer norm in the backward pass (`residual_layer_norm`); not timed on a GPU yet.
   * `lean_gelu`: True: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that
     recomputes tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor
     per layer less written, held and read); same formula. "pallas": as True, and fc1's bias
@@ -52,6 +55,7 @@ from mmts_jax.models import lean_gelu
 from mmts_jax.models.attention import SelfAttention
 from mmts_jax.models.lean_layer_norm import make_layer_norm
 from mmts_jax.models.pallas_gelu import bias_gelu
+from mmts_jax.models.residual_layer_norm import ResidualLayerNorm
 
 Dtype = Any
 
@@ -155,14 +159,22 @@ class EncoderBlock(nn.Module):
   split_qkv_backward: bool = False
   flat_residual: bool = False
 
+  def _norm(self, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(x, LN(x))`, x the stream the block adds its branch to. With "pallas_res" both come
+    from `ResidualLayerNorm`, whose backward kernel adds the skip connection's cotangent to
+    the layer norm's dx (no separate add); the same parameters either way."""
+    if self.lean_layer_norm == "pallas_res":
+      dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      return ResidualLayerNorm(**dt, kernel="pallas", name=name)(x)
+    return x, make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, name)(x)
+
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, lengths=None):
     # `train` may be positional: `nn.remat` marks it static by position.
-    norm = lambda name: make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, name)
     shape = x.shape
     if self.flat_residual:
       x = x.reshape(-1, shape[-1])
-    y = norm("ln1")(x)
+    x, y = self._norm("ln1", x)
     y = SelfAttention(
       self.num_heads,
       self.dropout,
@@ -174,7 +186,7 @@ class EncoderBlock(nn.Module):
       name="attn",
     )(y.reshape(shape), mask, deterministic=not train, causal=self.causal, lengths=lengths)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y.reshape(x.shape))
-    y = norm("ln2")(x)
+    x, y = self._norm("ln2", x)
     y = MlpBlock(
       self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.lean_gelu, name="mlp"
     )(y, train=train)

@@ -1,0 +1,106 @@
+r"""The layer norm of a pre-LN block's residual stream, whose backward pass also adds the
+cotangent that reaches the stream through the skip connection: one kernel instead of the
+layer norm's backward followed by an add.
+
+A pre-LN block uses its stream x twice, `x + attn(LN(x))`: once through the layer norm and once
+through the skip connection, so dL/dx is the sum of two cotangents. With `residual_layer_norm`,
+which returns the pair `(x, y = LN(x))` and whose x output carries the skip connection, the
+sum is part of the layer norm's own backward. For rows x of C features (float32 statistics as
+in `lean_layer_norm`), a cotangent :math:`g_x` of the x output and :math:`g_y` of y:
+
+.. math::
+  \hat x = (x - \mu)\, r,\quad gh = g_y\, s,\quad
+  dx = g_x + r\,\big(gh - \overline{gh} - \hat x\,\overline{gh\,\hat x}\big),\quad
+  ds = \textstyle\sum_N g_y\,\hat x,\quad db = \textstyle\sum_N g_y,
+
+dx summed in float32 and rounded once to x's dtype. With `kernel="pallas"` (where
+`pallas_layer_norm.use_pallas_layer_norm` allows) dx is written by the Pallas backward kernel
+with :math:`g_x` as one more operand (`pallas_layer_norm.layer_norm_bwd(..., residual=)`);
+otherwise the same maths in jnp. Without it, XLA runs a separate add per layer norm in the
+backward pass (read two `(N, C)` tensors, write one; on the H200 profile of issue 17 about
+1.3-1.6 ms of a ViT-B/16 step at batch 256). Not timed on a GPU yet.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 3.0]])
+  >>> f = lambda x: residual_layer_norm(x, jnp.ones(2), jnp.zeros(2), 0.0, jnp.float32, "xla")
+  >>> (same, y), vjp = jax.vjp(f, x)
+  >>> bool((same == x).all()), y.tolist()
+  (True, [[-1.0, 1.0]])
+  >>> vjp((jnp.array([[5.0, 6.0]]), jnp.array([[1.0, 1.0]])))[0].tolist()  # g_x + LN'(g_y)
+  [[5.0, 6.0]]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmts_jax.models import lean_layer_norm
+
+Dtype = Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def residual_layer_norm(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  epsilon: float,
+  dtype: Dtype,
+  kernel: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
+  """`(x, LN(x))`: x unchanged and `lean_layer_norm.layer_norm(x, ...)`; the backward returns
+  `g_x + LN_bwd(g_y)` as dx (module docstring). `kernel`: "xla" or "pallas" as `layer_norm`.
+
+  Example:
+    >>> x, y = residual_layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), 1e-6,
+    ...                            jnp.float32)
+    >>> x.tolist(), [round(float(v), 4) for v in y[0]]
+    ([[1.0, 3.0]], [-1.0, 1.0])
+  """
+  return x, lean_layer_norm.layer_norm(x, scale, bias, epsilon, dtype, kernel)
+
+
+def _fwd(x, scale, bias, epsilon, dtype, kernel):
+  y, residuals = lean_layer_norm.forward(x, scale, bias, epsilon, dtype, kernel)
+  return (x, y), residuals
+
+
+def _bwd(epsilon, dtype, kernel, residuals, cotangents):
+  del epsilon, dtype, kernel
+  g_x, g_y = cotangents
+  return lean_layer_norm.backward(residuals, g_y, g_x=g_x)
+
+
+residual_layer_norm.defvjp(_fwd, _bwd)
+
+
+class ResidualLayerNorm(nn.Module):
+  """`LeanLayerNorm`'s parameters (`scale` ones, `bias` zeros, both (C,); epsilon 1e-6) and
+  layer norm, called as `x, y = ResidualLayerNorm()(x)` (`residual_layer_norm`): the x output is
+  the one a pre-LN block adds its branch to.
+
+  Example:
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    >>> params = lean_layer_norm.LeanLayerNorm().init(jax.random.PRNGKey(1), x)
+    >>> same, y = ResidualLayerNorm().apply(params, x)
+    >>> bool(jnp.allclose(y, lean_layer_norm.LeanLayerNorm().apply(params, x)))
+    True
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    return residual_layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
