@@ -73,9 +73,10 @@ import numpy as np  # noqa: E402
 from profile_attribution import category  # noqa: E402
 
 from mmts_jax import atomic_io, temperature, train  # noqa: E402
+from mmts_jax import mesh as mesh_lib  # noqa: E402
 from mmts_jax.data import sources  # noqa: E402
 from mmts_jax.models import attention, build_model  # noqa: E402
-from mmts_jax.train import setup  # noqa: E402
+from mmts_jax.train import optim, setup  # noqa: E402
 from mmts_jax.train.setup import state_shardings  # noqa: E402
 from mmts_jax.train.step import compile_train_step  # noqa: E402
 
@@ -114,7 +115,7 @@ MODELS = {
 }
 
 # name -> (model options for both towers, image-only options, XLA compiler options[, text-only
-# options]).
+# options[, `config.optim` options]]).
 _FAST = dict(attention="auto")
 _EVEN = {**_FAST, "fused_qkv": True, "even_length": True}
 _LEAN = {"lean_layer_norm": True, "lean_gelu": True}
@@ -204,6 +205,15 @@ VARIANTS = {
     _DENSE,
     {"xla_gpu_enable_cublaslt": True},
   ),
+  # Issue 17: clipping and Adam's moments on one flat vector (`optim.flatten`): the run-16
+  # HLO has ~800 optimizer kernels (a norm reduction and an update per parameter).
+  "fast+qkv+even+lean+flat+plnres+pgelu+fopt": (
+    {**_EVEN, "lean_layer_norm": "pallas_res", "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+    {},
+    {"flatten": True},
+  ),
   "fast+notriton": (_FAST, dict(patch_embed="dense"), {"xla_gpu_enable_triton_gemm": False}),
   "fast+lhs": (
     _FAST,
@@ -213,17 +223,24 @@ VARIANTS = {
 }
 
 
+def _parts(variant: str) -> tuple[dict, dict, dict, dict, dict]:
+  """`VARIANTS[variant]` with its optional text-only and optimizer options filled in."""
+  towers, image_only, xla, *rest = VARIANTS[variant]
+  rest = rest + [{}] * (2 - len(rest))
+  return towers, image_only, xla, rest[0], rest[1]
+
+
 def _config(model: str, variant: str, mode: str, batch: int):
   spec = MODELS[model]
-  towers, image_only, _, *text_only = VARIANTS[variant]
+  towers, image_only, _, text_only, optim = _parts(variant)
   c = train.default_config()
   c.total_steps, c.batch_size = 10_000, batch
   c.model.update(embed_dim=spec["embed_dim"], dtype="bfloat16")
   c.model.image = {**spec["image"], **towers, **image_only}
-  c.model.text = {**spec["text"], **towers, **(text_only[0] if text_only else {})}
+  c.model.text = {**spec["text"], **towers, **text_only}
   c.temperature.update(mode=mode, value=0.07)
   c.mmts.update(alpha=0.04, sh_min=0.05, sh_max=0.10)
-  c.optim.update(lr=1e-4, warmup_steps=100)
+  c.optim.update(lr=1e-4, warmup_steps=100, **optim)
   return c, spec
 
 
@@ -327,13 +344,24 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     net = build_model(c.model, learnable_temperature=run.policy.learnable)
     state = run.state if run is not first else jax.tree.map(jnp.copy, first.state)
     state = state.replace(apply_fn=net.apply)
+    shardings = run.shardings.replace(apply_fn=net.apply)
+    if c.optim.to_dict() != first.config.optim.to_dict():
+      # Another optimizer layout (+fopt): its own optimizer state for the same parameters,
+      # as `setup` would initialise it.
+      tx, _ = optim.make_optimizer(c.optim, int(c.total_steps))
+      state = state.replace(tx=tx, opt_state=jax.jit(tx.init)(state.params))
+      shardings = shardings.replace(
+        tx=tx,
+        opt_state=mesh_lib.tree_shardings(state.opt_state, run.mesh, c.mesh.param_sharding),
+      )
     step_fn = compile_train_step(
-      run.shardings.replace(apply_fn=net.apply),
+      shardings,
       run.mesh,
       policy=run.policy,
       loss_fn=run.loss_fn,
       lr_fn=run.lr_fn,
       skip_nonfinite=True,
+      flat_grad_norm=bool(c.optim.flatten),
     )
     _progress(
       f"derived {variant} {mode} b{batch} from the first run's state (no new "
@@ -683,13 +711,7 @@ def main(argv=None) -> int:
     "model": args.model,
     "batches": batches,
     "variants": {
-      v: {
-        "towers": VARIANTS[v][0],
-        "image": VARIANTS[v][1],
-        "xla": VARIANTS[v][2],
-        "text": VARIANTS[v][3] if len(VARIANTS[v]) > 3 else {},
-      }
-      for v in variants
+      v: dict(zip(("towers", "image", "xla", "text", "optim"), _parts(v))) for v in variants
     },
     "dtype": "bfloat16",
     "steps_per_round": args.steps,

@@ -145,6 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
       b2=0.98,
       eps=1e-6,
       grad_clip_norm=1.0,
+      # flatten: clipping and Adam's moments on one flat vector (a few kernels per step
+      # instead of several per parameter; same values, a different optimizer-state layout).
+      flatten=False,
     )
   )
   c.mesh = ml_collections.ConfigDict(dict(num_devices=0, param_sharding="replicated"))

@@ -172,6 +172,7 @@ def micro_batch_step(
   lr_fn: Callable | None = None,
   skip_nonfinite: bool = True,
   mesh=None,
+  flat_grad_norm: bool = False,
 ) -> tuple[TrainState, dict]:
   """`train_step` over `B / micro_batch_size` micro-batches (see the module docstring).
 
@@ -199,6 +200,7 @@ def micro_batch_step(
       loss_fn=loss_fn,
       lr_fn=lr_fn,
       skip_nonfinite=skip_nonfinite,
+      flat_grad_norm=flat_grad_norm,
     )
 
   # 1. Embeddings of every micro-batch; no gradient is taken through this scan.
@@ -262,6 +264,7 @@ def micro_batch_step(
     lr_fn=lr_fn,
     skip_nonfinite=skip_nonfinite,
     bias=scalars.get("bias"),
+    flat_grad_norm=flat_grad_norm,
   )
 
 
@@ -272,7 +275,7 @@ def _scalar_outputs(state, mb, rng) -> tuple[str, ...]:
   return tuple(k for k in ("temperature", "bias") if k in out)
 
 
-def _plain(state, view, rngs, n, *, policy, loss_fn, lr_fn, skip_nonfinite):
+def _plain(state, view, rngs, n, *, policy, loss_fn, lr_fn, skip_nonfinite, flat_grad_norm):
   """Plain gradient accumulation: each micro-batch's own loss (its negatives only), the
   gradients and losses averaged, the policy state and BatchNorm statistics threaded in order."""
 
@@ -314,4 +317,5 @@ def _plain(state, view, rngs, n, *, policy, loss_fn, lr_fn, skip_nonfinite):
     policy=policy,
     lr_fn=lr_fn,
     skip_nonfinite=skip_nonfinite,
+    flat_grad_norm=flat_grad_norm,
   )

@@ -422,7 +422,14 @@ def setup(
     # only decides whether the loop then goes on or stops (`train.loop`), so both settings
     # share one compilation and a stopped run's in-memory state is the last good one.
     step_fn = built.jitted[(tuple(leaves), treedef)] = compile_train_step(
-      shardings, mesh, policy=policy, loss_fn=loss_fn, lr_fn=lr_fn, skip_nonfinite=True, **step_kw
+      shardings,
+      mesh,
+      policy=policy,
+      loss_fn=loss_fn,
+      lr_fn=lr_fn,
+      skip_nonfinite=True,
+      flat_grad_norm=bool(config.optim.get("flatten", False)),
+      **step_kw,
     )
   state = init.jitted[init_key](**args)
   # A jitted copy with out_shardings, as the policy state reached the devices inside `create`

@@ -80,7 +80,12 @@ def _forward(state: TrainState, params, batch, train: bool, rng=None):
   return state.apply_fn(variables, batch, train=train, **kw), state.batch_stats
 
 
-def _global_norm(tree):
+def _global_norm(tree, *, flat: bool = False):
+  """The global L2 norm of `tree`; `flat`: of its leaves concatenated, as `optax.flatten`
+  concatenates them (`optim.flatten`), so that XLA computes that vector and its norm once for
+  the clipping and the logged `grad_norm`, instead of one reduction per parameter as well."""
+  if flat:
+    tree = jnp.concatenate([jnp.reshape(x, [-1]) for x in jax.tree.leaves(tree)])
   tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
   return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
 
@@ -126,6 +131,7 @@ def train_step(
   loss_fn: LossFn,
   lr_fn: Callable | None = None,
   skip_nonfinite: bool = True,
+  flat_grad_norm: bool = False,
 ) -> tuple[TrainState, dict]:
   """One optimisation step; pure. `batch` needs the model's inputs and `index`.
 
@@ -136,6 +142,8 @@ def train_step(
     lr_fn: the learning-rate schedule, only logged (as `lr`).
     skip_nonfinite: if the loss or the gradient is not finite, return the state unchanged
       (`metrics["finite"]` is False), so no checkpoint ever holds a poisoned state.
+    flat_grad_norm: compute the logged gradient norm over the concatenated gradient (set with
+      `optim.flatten`, whose clipping uses the same vector; same value).
   """
   rng = jax.random.fold_in(state.rng, state.step)
 
@@ -166,6 +174,7 @@ def train_step(
     lr_fn=lr_fn,
     skip_nonfinite=skip_nonfinite,
     bias=bias,
+    flat_grad_norm=flat_grad_norm,
   )
 
 
@@ -181,11 +190,13 @@ def apply_gradients(
   lr_fn: Callable | None = None,
   skip_nonfinite: bool = True,
   bias: jax.Array | None = None,
+  flat_grad_norm: bool = False,
 ) -> tuple[TrainState, dict]:
   """The second half of a step, shared by `train_step` and `mmts_jax.train.grad_cache`:
   the optimizer update from `grads`, the non-finite guard and the step's metrics (`bias`: the
-  sigmoid loss's bias the forward pass used, logged when given)."""
-  grad_norm = _global_norm(grads)
+  sigmoid loss's bias the forward pass used, logged when given; `flat_grad_norm` as in
+  `train_step`)."""
+  grad_norm = _global_norm(grads, flat=flat_grad_norm)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new = state.replace(
     step=state.step + 1,
