@@ -43,8 +43,9 @@ LN_SWEEP = [  # (rows_fwd, rows_bwd, programs_bwd, num_warps); the first was the
   (16, 8, 264, 8),
   (16, 4, 1056, 4),
 ]
-GELU_SWEEP = [  # (bm, bn, steps, num_warps); the first is the default
+GELU_SWEEP = [  # (bm, bn, steps, num_warps[, num_stages, fast_math]); the first is the default
   (16, 256, 8, 8),
+  (16, 256, 8, 8, 2, False),  # the default blocks with libdevice exp2 and IEEE division
   (32, 256, 4, 8),
   (16, 512, 8, 8),
   (32, 128, 8, 4),

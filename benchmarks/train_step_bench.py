@@ -31,6 +31,9 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
            GELU with cuBLASLt on (epilogue fusion of fc1's bias and GELU left to XLA)
   +plnres  as +pln, and each block's two layer norms add the skip connection's cotangent to dx
            in their backward kernel, not in a separate add (`lean_layer_norm="pallas_res"`)
+  +fopt    clipping and Adam's moments on one flat vector (`optim.flatten`)
+  X+exactgelu  any variant X with the Pallas GELU kernels' exact maths (`GeluConfig.fast_math`
+           False: libdevice exp2 and IEEE division instead of ex2.approx and rcp.approx)
 
   python benchmarks/train_step_bench.py --out DIR --variants base,fast --mmts base,fast \\
       --components fast --profile base,fast --deadline-s 300      # one H200
@@ -75,7 +78,7 @@ from profile_attribution import category  # noqa: E402
 from mmts_jax import atomic_io, temperature, train  # noqa: E402
 from mmts_jax import mesh as mesh_lib  # noqa: E402
 from mmts_jax.data import sources  # noqa: E402
-from mmts_jax.models import attention, build_model  # noqa: E402
+from mmts_jax.models import attention, build_model, pallas_gelu  # noqa: E402
 from mmts_jax.train import optim, setup  # noqa: E402
 from mmts_jax.train.setup import state_shardings  # noqa: E402
 from mmts_jax.train.step import compile_train_step  # noqa: E402
@@ -223,9 +226,19 @@ VARIANTS = {
 }
 
 
+# A suffix on any variant: the same model with the Pallas GELU kernels' exact maths (libdevice
+# exp2 and IEEE division instead of ex2.approx / rcp.approx, `GeluConfig.fast_math=False`), set
+# while that variant is traced (the kernels read their settings at trace time).
+EXACT_GELU = "+exactgelu"
+
+
+def _base(variant: str) -> str:
+  return variant.removesuffix(EXACT_GELU)
+
+
 def _parts(variant: str) -> tuple[dict, dict, dict, dict, dict]:
   """`VARIANTS[variant]` with its optional text-only and optimizer options filled in."""
-  towers, image_only, xla, *rest = VARIANTS[variant]
+  towers, image_only, xla, *rest = VARIANTS[_base(variant)]
   rest = rest + [{}] * (2 - len(rest))
   return towers, image_only, xla, rest[0], rest[1]
 
@@ -369,7 +382,12 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     )
   dev_batch = run.to_device(host_batch)
   t0 = time.perf_counter()
-  lowered = step_fn.lower(state, dev_batch)
+  if variant.endswith(EXACT_GELU):
+    pallas_gelu.set_gelu_config(pallas_gelu.gelu_config()._replace(fast_math=False))
+  try:
+    lowered = step_fn.lower(state, dev_batch)
+  finally:
+    pallas_gelu.set_gelu_config(None)
   _progress(f"lowering of {variant} {mode} b{batch}: {time.perf_counter() - t0:.1f} s")
   text = lowered.as_text()
   return {
@@ -377,7 +395,7 @@ def _build(model, variant, mode, batch, table_size, host_batch, sizes, first=Non
     "state": state,
     "batch": dev_batch,
     "lowered": lowered,
-    "compiler_options": VARIANTS[variant][2],
+    "compiler_options": _parts(variant)[2],
     "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
     "cudnn_attention_calls": len(re.findall(r"cudnn\$fmha", text)),
     # Every Pallas (Triton) kernel of the step: the fused loss tiles, and with +pln the layer
@@ -689,7 +707,7 @@ def main(argv=None) -> int:
     args.mmts = variants[0] if "mmts" in args.modes.split(",") else ""
   mmts = [v for v in (variants[0] if args.mmts is None else args.mmts).split(",") if v]
   later = variants if args.later_variants is None else args.later_variants.split(",")
-  unknown = set(variants + mmts) - set(VARIANTS)
+  unknown = {_base(v) for v in variants + mmts} - set(VARIANTS)
   if (
     any(b <= 0 for b in batches)
     or unknown
@@ -711,7 +729,8 @@ def main(argv=None) -> int:
     "model": args.model,
     "batches": batches,
     "variants": {
-      v: dict(zip(("towers", "image", "xla", "text", "optim"), _parts(v))) for v in variants
+      v: dict(zip(("towers", "image", "xla", "text", "optim"), _parts(v), strict=True))
+      for v in variants
     },
     "dtype": "bfloat16",
     "steps_per_round": args.steps,

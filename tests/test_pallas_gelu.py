@@ -12,6 +12,8 @@ rows, so it is held to 1e-5 of its largest entry for both dtypes. Towers (float3
 
 from __future__ import annotations
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -146,6 +148,42 @@ def test_kernels_lower_to_triton_for_cuda(dtype, n, f):
   for fn in (fwd, bwd):
     text = jax.jit(fn).trace(h).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
+    # The GPU kernels' sigmoid: one ex2.approx and one rcp.approx (fast_math, the default).
+    assert text.count("ex2.approx.ftz.f32") == text.count("rcp.approx.ftz.f32") == 1
+
+
+def test_exact_math_switch_lowers_without_the_approximate_instructions():
+  h, b = jnp.ones((512, 1024), jnp.bfloat16), jnp.zeros((1024,))
+  pg.set_gelu_config(pg.GeluConfig(fast_math=False))
+  try:
+    text = (
+      jax.jit(lambda h: pg._pallas_backward(h, h, b))
+      .trace(h)
+      .lower(lowering_platforms=("cuda",))
+      .as_text()
+    )
+  finally:
+    pg.set_gelu_config(None)
+  assert "approx" not in text and text.count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("x", [-60.0, -12.0, -3.0, -1e-3, 0.0, 1e-3, 0.7, 3.0, 12.0, 60.0])
+def test_sigmoid_form_equals_the_tanh_gelu_in_float64(x):
+  # The kernels' identity gelu(x) = x sigmoid(2u) and its slope, with the exact exp2 (the form
+  # the interpreter runs; the GPU replaces exp2 and 1/x by ex2.approx and rcp.approx), against
+  # the tanh form in float64, including the saturated tails where 2^z overflows to inf.
+  x32 = jnp.float32(x)
+  s = float(pg._sigmoid_2u(x32, False))
+  u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+  t = math.tanh(u)
+  gelu = 0.5 * x * (1 + t)
+  slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * math.sqrt(2 / math.pi) * (
+    1 + 3 * 0.044715 * x * x
+  )
+  got_slope = s + 2 * math.sqrt(2 / math.pi) * x * s * (1 - s) * (1 + 3 * 0.044715 * x * x)
+  assert math.isfinite(s)
+  assert abs(x * s - gelu) <= 1e-6 * max(1.0, abs(gelu))
+  assert abs(got_slope - slope) <= 1e-6 * max(1.0, abs(slope))
 
 
 def test_bad_inputs_are_value_errors_naming_them():

@@ -277,18 +277,26 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def _exp2(x):
-  if _FUSED[0] == "interpret" or not FAST_EXP[0]:
-    return jnp.exp2(x)
+def ptx_unary(instruction: str, x: jax.Array) -> jax.Array:
+  """One PTX instruction `instruction $0, $1` elementwise on float32 `x`, inside a Pallas
+  Triton kernel: the multi-function unit's `ex2.approx.ftz.f32` (2^x, relative error about
+  2^-22) or `rcp.approx.ftz.f32` (1/x, about 2^-23), one instruction each where libdevice's
+  `exp2f` and IEEE division take several float32 operations per element."""
   _, plgpu = _pl()
   (out,) = plgpu.elementwise_inline_asm(
-    "ex2.approx.ftz.f32 $0, $1;",
+    f"{instruction} $0, $1;",
     args=[x],
     constraints="=f,f",
     pack=1,
     result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
   )
   return out
+
+
+def _exp2(x):
+  if _FUSED[0] == "interpret" or not FAST_EXP[0]:
+    return jnp.exp2(x)
+  return ptx_unary("ex2.approx.ftz.f32", x)
 
 
 def _logits(s, scale, bias, axis):

@@ -10,6 +10,15 @@ For `h (N, F)` (the first product of the MLP without its bias) and the bias `b (
     + \tfrac12\,x\,(1 - t^2)\,\sqrt{2/\pi}\,(1 + 3 \cdot 0.044715\,x^2),
   \qquad dh = g \frac{dy}{dx},\qquad db = \sum_{\text{rows}} dh .
 
+The kernels evaluate the same function through `(1 + tanh u) / 2 = sigmoid(2u)`:
+
+.. math::
+  s = \frac{1}{1 + 2^{-2u \log_2 e}},\qquad y = x\,s,\qquad
+  \frac{dy}{dx} = s + 2\sqrt{2/\pi}\,x\,s\,(1 - s)\,(1 + 3 \cdot 0.044715\,x^2),
+
+which on a GPU is one `ex2.approx` and one `rcp.approx` per element (`GeluConfig.fast_math`)
+instead of libdevice's tanh; the XLA path below keeps `jnp.tanh`.
+
 `bias_gelu(h, b)` computes y in h's dtype with the arithmetic in float32. Its backward pass
 keeps only h and b (not t, not x: x and t are recomputed from h in float32, as in
 `lean_gelu.gelu`) and returns dh in h's dtype and db in b's dtype. On a GPU each pass is one
@@ -63,7 +72,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmts_jax.losses._pallas_tiles import check_powers_of_two
+from mmts_jax.losses._pallas_tiles import check_powers_of_two, ptx_unary
 from mmts_jax.models.row_partitioning import FEATURES, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -77,6 +86,7 @@ __all__ = [
 
 _C = math.sqrt(2.0 / math.pi)
 _A = 0.044715
+_K = 2.0 * _C / math.log(2.0)  # 2u log2(e) = _K (x + _A x^3)
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -140,6 +150,10 @@ class GeluConfig(NamedTuple):
   steps: int = 8
   num_warps: int = 8
   num_stages: int = 2
+  # The kernels' GELU as x * sigmoid(2u) (module docstring): True, 2^x and 1/x as one
+  # multi-function-unit instruction each (`ex2.approx`, `rcp.approx`) on GPUs; False, libdevice
+  # exp2 and an IEEE division (the A/B switch). The interpreter always takes the exact form.
+  fast_math: bool = True
 
 
 _DEFAULT = GeluConfig()
@@ -240,30 +254,50 @@ def _sub_block(cfg, k):
   return pl.ds(pl.multiple_of(k * cfg.bm, cfg.bm), cfg.bm)
 
 
-def _fwd_kernel(cfg, n, f, h_ref, b_ref, y_ref):
-  """`y = gelu(h + b)` of the program's `steps` sub-blocks, in float32."""
+def _sigmoid_2u(x, fast: bool):
+  """`sigmoid(2u) = (1 + tanh u) / 2` of float32 `x`, as `1 / (1 + 2^(-2u log2 e))`; `fast`:
+  with `ex2.approx` and `rcp.approx` (absolute error of a few 1e-7, below float32's rounding of
+  the GELU's other terms). Saturates cleanly: 2^(+inf) = inf gives 0, 2^(-inf) = 0 gives 1."""
+  z = -_K * (x + _A * x * x * x)
+  if fast:
+    return ptx_unary("rcp.approx.ftz.f32", 1.0 + ptx_unary("ex2.approx.ftz.f32", z))
+  return 1.0 / (1.0 + jnp.exp2(z))
+
+
+def _kernel_math(cfg, interpret: bool):
+  """The kernels' sigmoid: fast on GPUs when `cfg.fast_math`, exact in the interpreter."""
+  fast = cfg.fast_math and not interpret
+  return lambda x: _sigmoid_2u(x, fast)
+
+
+def _fwd_kernel(cfg, sig, n, f, h_ref, b_ref, y_ref):
+  """`y = x sigmoid(2u)` (= gelu(x), x = h + b) of the program's `steps` sub-blocks, in
+  float32."""
   col_ok, row_ok = _edges(cfg, n, f)
   b = _load(b_ref, col_ok).astype(jnp.float32)
 
   def body(k, carry):
     rows, mask = _sub_block(cfg, k), row_ok(k)
     x = _load(h_ref.at[rows, :], mask).astype(jnp.float32) + b[None, :]
-    _store(y_ref.at[rows, :], _gelu(x).astype(y_ref.dtype), mask)
+    _store(y_ref.at[rows, :], (x * sig(x)).astype(y_ref.dtype), mask)
     return carry
 
   lax.fori_loop(0, cfg.steps, body, 0)
 
 
-def _bwd_kernel(cfg, n, f, g_ref, h_ref, b_ref, dh_ref, db_ref):
+def _bwd_kernel(cfg, sig, n, f, g_ref, h_ref, b_ref, dh_ref, db_ref):
   """`dh = g gelu'(h + b)` of the program's sub-blocks and the float32 sum of its rows. Rows
-  and columns past the edges load g = h = 0, so they add 0 to the sum."""
+  and columns past the edges load g = h = 0, so they add 0 to the sum. With s = sigmoid(2u),
+  gelu' = s + 2 sqrt(2/pi) x s (1 - s) (1 + 3 * 0.044715 x^2) (module docstring)."""
   col_ok, row_ok = _edges(cfg, n, f)
   b = _load(b_ref, col_ok).astype(jnp.float32)
 
   def body(k, acc):
     rows, mask = _sub_block(cfg, k), row_ok(k)
     x = _load(h_ref.at[rows, :], mask).astype(jnp.float32) + b[None, :]
-    dx = _load(g_ref.at[rows, :], mask).astype(jnp.float32) * _slope(x)
+    s = sig(x)
+    slope = s + (2.0 * _C) * x * s * (1.0 - s) * (1.0 + (3.0 * _A) * x * x)
+    dx = _load(g_ref.at[rows, :], mask).astype(jnp.float32) * slope
     _store(dh_ref.at[rows, :], dx.astype(dh_ref.dtype), mask)
     return acc + jnp.sum(dx, axis=0)
 
@@ -272,9 +306,9 @@ def _bwd_kernel(cfg, n, f, g_ref, h_ref, b_ref, dh_ref, db_ref):
 
 
 def _call(kernel, h, n_in: int, outs, interpret: bool | None = None, cfg: GeluConfig | None = None):
-  """`pallas_call` of `kernel(cfg, N, F, *refs)` over h's `(N, F)` grid: `n_in` (N, F) inputs
-  then the bias; outputs `(kind, dtype)`, kind "nf" (N, F) or "parts" (programs along N, F).
-  `interpret` and `cfg` default to the module's settings now."""
+  """`pallas_call` of `kernel(cfg, sigmoid, N, F, *refs)` over h's `(N, F)` grid: `n_in`
+  (N, F) inputs then the bias; outputs `(kind, dtype)`, kind "nf" (N, F) or "parts" (programs
+  along N, F). `interpret` and `cfg` default to the module's settings now."""
   pl, plgpu = _pl()
   n, f = h.shape
   interpret = _MODE[0] == "interpret" if interpret is None else interpret
@@ -288,7 +322,7 @@ def _call(kernel, h, n_in: int, outs, interpret: bool | None = None, cfg: GeluCo
   }
   params = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   return pl.pallas_call(
-    lambda *refs: kernel(cfg, n, f, *refs),
+    lambda *refs: kernel(cfg, _kernel_math(cfg, interpret), n, f, *refs),
     out_shape=[jax.ShapeDtypeStruct(specs[k][0], dt) for k, dt in outs],
     grid=grid,
     in_specs=[block] * n_in + [pl.BlockSpec((cfg.bn,), lambda i, j: (j,))],
