@@ -32,6 +32,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   +plnres  as +pln, and each block's two layer norms add the skip connection's cotangent to dx
            in their backward kernel, not in a separate add (`lean_layer_norm="pallas_res"`)
   +fopt    clipping and Adam's moments on one flat vector (`optim.flatten`)
+  +padd    as +plnres, and each layer norm after a branch adds the branch and its bias in its
+           forward kernel and returns the bias gradient (`lean_layer_norm="pallas_add"`)
   X+exactgelu  any variant X with the Pallas GELU kernels' exact maths (`GeluConfig.fast_math`
            False: libdevice exp2 and IEEE division instead of ex2.approx and rcp.approx)
 
@@ -212,6 +214,21 @@ VARIANTS = {
   # HLO has ~800 optimizer kernels (a norm reduction and an update per parameter).
   "fast+qkv+even+lean+flat+plnres+pgelu+fopt": (
     {**_EVEN, "lean_layer_norm": "pallas_res", "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+    {},
+    {"flatten": True},
+  ),
+  # Issue 17: each layer norm after a branch also adds the branch and its bias in its forward
+  # kernel and returns the bias gradient from its backward kernel (`lean_layer_norm=
+  # "pallas_add"`): no separate residual add, no separate bias reduction.
+  "fast+qkv+even+lean+flat+padd+pgelu": (
+    {**_EVEN, "lean_layer_norm": "pallas_add", "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+  ),
+  "fast+qkv+even+lean+flat+padd+pgelu+fopt": (
+    {**_EVEN, "lean_layer_norm": "pallas_add", "lean_gelu": "pallas", "flat_residual": True},
     _DENSE,
     {},
     {},

@@ -237,6 +237,9 @@ class SelfAttention(nn.Module):
   fused_qkv: bool = False
   kernel: str = "auto"
   split_qkv_backward: bool = False
+  # Return `(y Wo, bo)`: the output projection without its bias, and the bias, for a caller
+  # that adds both to its residual stream in one kernel (`residual_layer_norm.add_layer_norm`).
+  defer_out_bias: bool = False
 
   @nn.compact
   def __call__(
@@ -277,6 +280,13 @@ class SelfAttention(nn.Module):
       )
     else:
       y = attend(q, k, v, mask, causal=causal, lengths=lengths, kernel=self.kernel)
-    return nn.DenseGeneral(
+    out = nn.DenseGeneral(
       width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out"
-    )(y)
+    )
+    if not self.defer_out_bias:
+      return out(y)
+    if self.is_initializing():  # creates `out`'s parameters; the values do not matter here
+      return out(y), jnp.zeros((width,), self.param_dtype)
+    p = self.variables["params"]["out"]
+    z = jnp.einsum("...hd,hdw->...w", y.astype(self.dtype), p["kernel"].astype(self.dtype))
+    return z, p["bias"]

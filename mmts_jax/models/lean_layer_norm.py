@@ -76,7 +76,7 @@ def layer_norm(
   return _normalize(x, scale, bias, epsilon, dtype, kernel)[0]
 
 
-def _pallas(x: jax.Array, kernel: str) -> bool:
+def takes_pallas(x: jax.Array, kernel: str) -> bool:
   """Whether this call takes the Pallas kernels (ValueError for an unknown `kernel`)."""
   if kernel not in KERNELS:
     raise ValueError(f"layer_norm: kernel must be one of {KERNELS}, got {kernel!r}")
@@ -90,7 +90,7 @@ def _pallas(x: jax.Array, kernel: str) -> bool:
 def _normalize(x, scale, bias, epsilon, dtype, kernel):
   """`(y, mu, r)`: the forward and the two row statistics the backward keeps. The Pallas
   form keeps them as `(N,)` for the `(N, C)` rows of x, the XLA form as x's shape with C -> 1."""
-  if _pallas(x, kernel):
+  if takes_pallas(x, kernel):
     y, mu, r = pallas_layer_norm.layer_norm_fwd(
       x.reshape(-1, x.shape[-1]), scale, bias, epsilon, dtype
     )
@@ -185,7 +185,11 @@ class LeanLayerNorm(nn.Module):
 
 # "pallas_res": "pallas", and each pre-LN block's two layer norms fold the skip connection's
 # cotangent into their backward kernel (`transformer.EncoderBlock`, `residual_layer_norm`).
-LEAN_CHOICES = (False, True, "pallas", "pallas_res")
+# "pallas_add": "pallas_res", and each of them also adds the branch before it and that branch's
+# bias (the attention's output projection, fc2) in its forward kernel and returns the bias's
+# gradient from its backward kernel (`residual_layer_norm.add_layer_norm`).
+LEAN_CHOICES = (False, True, "pallas", "pallas_res", "pallas_add")
+_PALLAS = ("pallas", "pallas_res", "pallas_add")
 
 
 def check_lean(lean: bool | str) -> bool | str:
@@ -195,15 +199,15 @@ def check_lean(lean: bool | str) -> bool | str:
     >>> check_lean("pallas_res")
     'pallas_res'
   """
-  if not (isinstance(lean, bool) or lean in ("pallas", "pallas_res")):
+  if not (isinstance(lean, bool) or lean in _PALLAS):
     raise ValueError(f"lean_layer_norm must be one of {LEAN_CHOICES}, got {lean!r}")
   return lean
 
 
 def make_layer_norm(lean: bool | str, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
   """Flax's `nn.LayerNorm` if `lean` is False, `LeanLayerNorm` if True, `LeanLayerNorm` with
-  the Pallas kernels if "pallas" or "pallas_res" (a layer norm outside a residual block: ViT's
-  `ln_pre`, the final one), same parameters every way.
+  the Pallas kernels if "pallas", "pallas_res" or "pallas_add" (a layer norm outside a residual
+  block: ViT's `ln_pre`, the final one), same parameters every way.
 
   Example:
     >>> make_layer_norm("pallas", jnp.float32, jnp.float32, "ln").kernel
@@ -211,5 +215,5 @@ def make_layer_norm(lean: bool | str, dtype: Dtype, param_dtype: Dtype, name: st
   """
   if check_lean(lean) is False:
     return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name)
-  kernel = "pallas" if lean in ("pallas", "pallas_res") else "xla"
+  kernel = "pallas" if lean in _PALLAS else "xla"
   return LeanLayerNorm(dtype=dtype, param_dtype=param_dtype, kernel=kernel, name=name)

@@ -193,11 +193,25 @@ def _features(c: int):
   return pl.ds(0, cp), jnp.arange(cp) < c
 
 
-def _fwd_kernel(rows, n, c, eps, x_ref, s_ref, b_ref, y_ref, mu_ref, r_ref):
+def _fwd_kernel(rows, n, c, eps, add, x_ref, *refs):
+  # With `add`, two more operands after x, the branch z (N, C) and its bias a (C,), and one
+  # more result first: the stream h = x + z + a (float32 sum, rounded once to x's dtype), whose
+  # rounded value the statistics are taken of (the backward reloads it as x).
+  if add:
+    z_ref, a_ref, s_ref, b_ref, h_ref, y_ref, mu_ref, r_ref = refs
+  else:
+    s_ref, b_ref, y_ref, mu_ref, r_ref = refs
   pl, plgpu = _pl()
   idx, row_idx, live, mask = _block(pl.program_id(0) * rows, rows, n, c)
   cols, cmask = _features(c)
   x = plgpu.load(x_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+  if add:
+    z = plgpu.load(z_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+    a = plgpu.load(a_ref.at[cols], mask=cmask, other=0).astype(jnp.float32)
+    h = (x + z + a[None, :]).astype(h_ref.dtype)
+    plgpu.store(h_ref.at[idx], h, mask=mask)
+    # Padded rows and features hold a, not 0: zero them for the sums below.
+    x = jnp.where(mask, h.astype(jnp.float32), 0.0)
   s = plgpu.load(s_ref.at[cols], mask=cmask, other=0).astype(jnp.float32)
   b = plgpu.load(b_ref.at[cols], mask=cmask, other=0).astype(jnp.float32)
   # The padding is 0, so the sums over the padded block are the sums over the C features.
@@ -210,10 +224,13 @@ def _fwd_kernel(rows, n, c, eps, x_ref, s_ref, b_ref, y_ref, mu_ref, r_ref):
   plgpu.store(r_ref.at[row_idx], r, mask=live)
 
 
-def _bwd_kernel(rows, steps, n, c, residual, x_ref, mu_ref, r_ref, s_ref, g_ref, *refs):
+def _bwd_kernel(rows, steps, n, c, residual, colsum, x_ref, mu_ref, r_ref, s_ref, g_ref, *refs):
   # With `residual`, one more operand before the outputs: the cotangent that reaches x by the
-  # skip connection, added to dx in registers (one more load, no extra pass over dx).
-  gx_ref, (dx_ref, ds_ref, db_ref) = (refs[0], refs[1:]) if residual else (None, refs)
+  # skip connection, added to dx in registers (one more load, no extra pass over dx). With
+  # `colsum`, one more result last: the program's float32 sums of dx over its rows (the
+  # gradient of the bias `add_layer_norm` added to the stream).
+  gx_ref, refs = (refs[0], refs[1:]) if residual else (None, refs)
+  dx_ref, ds_ref, db_ref, *dsum_ref = refs
   pl, plgpu = _pl()
   p = pl.program_id(0)
   cols, cmask = _features(c)
@@ -234,13 +251,17 @@ def _bwd_kernel(rows, steps, n, c, residual, x_ref, mu_ref, r_ref, s_ref, g_ref,
     if gx_ref is not None:
       dx = dx + plgpu.load(gx_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
     plgpu.store(dx_ref.at[idx], dx.astype(dx_ref.dtype), mask=mask)
-    ds, db = acc
-    return ds + jnp.sum(g * xhat, axis=0), db + jnp.sum(g, axis=0)
+    ds, db, dsum = acc
+    # Masked rows load zeros everywhere, so their dx is 0 and adds nothing to dsum.
+    dsum = dsum + jnp.sum(dx, axis=0) if colsum else dsum
+    return ds + jnp.sum(g * xhat, axis=0), db + jnp.sum(g, axis=0), dsum
 
   zero = jnp.zeros((pl.next_power_of_2(c),), jnp.float32)
-  ds, db = jax.lax.fori_loop(0, steps, body, (zero, zero))
+  ds, db, dsum = jax.lax.fori_loop(0, steps, body, (zero, zero, zero))
   plgpu.store(ds_ref.at[p, cols], ds, mask=cmask)
   plgpu.store(db_ref.at[p, cols], db, mask=cmask)
+  if colsum:
+    plgpu.store(dsum_ref[0].at[p, cols], dsum, mask=cmask)
 
 
 def _call(kernel, grid, out_shape, like, interpret: bool, cfg: LayerNormConfig):
@@ -285,14 +306,47 @@ def _settings() -> tuple[bool, LayerNormConfig]:
   return _MODE[0] == "interpret", _CONFIG[0]
 
 
-def _fwd_local(epsilon, dtype, interpret, cfg, x, scale, bias):
-  """The forward kernel on the rows it is given (all of them, or one device's)."""
+def _fwd_local(epsilon, dtype, interpret, cfg, x, *args):
+  """The forward kernel on the rows it is given (all of them, or one device's): `args` are
+  `(scale, bias)`, or `(z, a, scale, bias)` for `add_layer_norm_fwd` (h is then the first
+  result)."""
   n, c = x.shape
   rows = cfg.rows_fwd
   f32 = jnp.float32
-  kernel = lambda *refs: _fwd_kernel(rows, n, c, epsilon, *refs)
-  out = [((n, c), dtype), ((n,), f32), ((n,), f32)]
-  return tuple(_call(kernel, _cdiv(n, rows), out, x, interpret, cfg)(x, scale, bias))
+  add = len(args) == 4
+  kernel = lambda *refs: _fwd_kernel(rows, n, c, epsilon, add, *refs)
+  out = [((n, c), x.dtype)] * add + [((n, c), dtype), ((n,), f32), ((n,), f32)]
+  return tuple(_call(kernel, _cdiv(n, rows), out, x, interpret, cfg)(x, *args))
+
+
+def add_layer_norm_fwd(
+  x: jax.Array,
+  z: jax.Array,
+  a: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  epsilon: float,
+  dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`(h, y, mu, r)`: the stream `h = x + z + a` (a block's skip input x, its branch z and
+  the branch's bias a `(C,)`; summed in float32, rounded once to x's dtype) and `layer_norm_fwd`
+  of h, from one kernel that reads x and z and writes h and y (no separate add).
+
+  Example:
+    >>> set_pallas_layer_norm("interpret")
+    >>> h, y, mu, r = add_layer_norm_fwd(jnp.array([[1.0, 1.0]]), jnp.array([[0.0, 2.0]]),
+    ...                                  jnp.array([0.0, 0.0]), jnp.ones(2), jnp.zeros(2), 0.0,
+    ...                                  jnp.float32)
+    >>> h.tolist(), y.tolist(), mu.tolist()
+    ([[1.0, 3.0]], [[-1.0, 1.0]], [2.0])
+    >>> set_pallas_layer_norm(None)
+  """
+  _check(x, scale, "add_layer_norm_fwd")
+  if z.shape != x.shape or a.shape != scale.shape:
+    raise ValueError(
+      f"add_layer_norm_fwd: z must be {x.shape} and a {scale.shape}, got {z.shape}, {a.shape}"
+    )
+  return _fwd_add_rows(float(epsilon), jnp.dtype(dtype), *_settings(), x, z, a, scale, bias)
 
 
 def layer_norm_bwd(
@@ -302,9 +356,12 @@ def layer_norm_bwd(
   scale: jax.Array,
   g: jax.Array,
   residual: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+  column_sum: bool = False,
+) -> tuple[jax.Array, ...]:
   """`(dx, dscale, dbias)` from the forward's residuals and `g = dL/dy (N, C)`: dx in x's
-  dtype, dscale and dbias float32 `(C,)`.
+  dtype, dscale and dbias float32 `(C,)`. `column_sum` (with `residual`): a fourth result, the
+  float32 sum of dx over the rows (before dx's rounding), from the same kernel: the gradient
+  of the bias `add_layer_norm_fwd` added to the stream.
 
   `residual` (optional, `(N, C)`, any float dtype): a cotangent that reaches x by another path
   (a pre-LN block's skip connection), added to dx inside the same kernel before dx is written,
@@ -330,25 +387,38 @@ def layer_norm_bwd(
       f"layer_norm_bwd: g must be {x.shape} and mu, r ({n},), got {g.shape}, {mu.shape}, {r.shape}"
     )
   if residual is None:
+    if column_sum:
+      raise ValueError("layer_norm_bwd: column_sum needs residual")
     return _bwd_rows(*_settings(), x, mu, r, scale, g)
   if residual.shape != x.shape:
     raise ValueError(f"layer_norm_bwd: residual must be {x.shape}, got {residual.shape}")
+  if column_sum:
+    return _bwd_sum_rows(*_settings(), x, mu, r, scale, g, residual)
   return _bwd_res_rows(*_settings(), x, mu, r, scale, g, residual)
 
 
 def _bwd_local(interpret, cfg, x, mu, r, scale, g, *residual):
   """The backward kernel on the rows it is given: dx (plus `residual`, if given: at most one)
   and the sums of ds, db over those rows."""
+  return _bwd_impl(interpret, cfg, False, x, mu, r, scale, g, *residual)
+
+
+def _bwd_sum_local(interpret, cfg, x, mu, r, scale, g, residual):
+  """As `_bwd_local` with the residual, and the sum of dx over the rows as a fourth result."""
+  return _bwd_impl(interpret, cfg, True, x, mu, r, scale, g, residual)
+
+
+def _bwd_impl(interpret, cfg, colsum, x, mu, r, scale, g, *residual):
   n, c = x.shape
   blocks = _cdiv(n, cfg.rows_bwd)
   programs = min(blocks, cfg.programs_bwd)
   steps = _cdiv(blocks, programs)
   programs = _cdiv(blocks, steps)  # no program without a block
-  kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, bool(residual), *refs)
+  kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, bool(residual), colsum, *refs)
   f32 = jnp.float32
-  out = [((n, c), x.dtype), ((programs, c), f32), ((programs, c), f32)]
-  dx, ds, db = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g, *residual)
-  return dx, jnp.sum(ds, axis=0), jnp.sum(db, axis=0)
+  out = [((n, c), x.dtype)] + [((programs, c), f32)] * (3 if colsum else 2)
+  dx, *parts = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g, *residual)
+  return (dx, *(jnp.sum(p, axis=0) for p in parts))
 
 
 # Rows sharded as x's, features replicated; ds and db all-reduced over the row axes.
@@ -357,6 +427,14 @@ _bwd_rows = row_partitioned(_bwd_local, (ROWS, ROW, ROW, FEATURES, ROWS), (ROWS,
 # The same with the skip connection's cotangent: rows, sharded as x's.
 _bwd_res_rows = row_partitioned(
   _bwd_local, (ROWS, ROW, ROW, FEATURES, ROWS, ROWS), (ROWS, SUM, SUM), 2
+)
+# `add_layer_norm`: the branch z sharded as x, its bias a replicated, h one more rows result;
+# the backward's column sum of dx (the bias's gradient) all-reduced as ds, db.
+_fwd_add_rows = row_partitioned(
+  _fwd_local, (ROWS, ROWS, FEATURES, FEATURES, FEATURES), (ROWS, ROWS, ROW, ROW), 4
+)
+_bwd_sum_rows = row_partitioned(
+  _bwd_sum_local, (ROWS, ROW, ROW, FEATURES, ROWS, ROWS), (ROWS, SUM, SUM, SUM), 2
 )
 
 

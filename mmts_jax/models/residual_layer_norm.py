@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmts_jax.models import lean_layer_norm
+from mmts_jax.models import lean_layer_norm, pallas_layer_norm
 
 Dtype = Any
 
@@ -99,8 +99,95 @@ class ResidualLayerNorm(nn.Module):
   kernel: str = "xla"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x: jax.Array, z: jax.Array | None = None, a: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """`(x, LN(x))`; with a branch z and its bias a, `add_layer_norm`'s `(h, LN(h))` for
+    `h = x + z + a`."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    if z is not None:
+      return add_layer_norm(x, z, a, scale, bias, self.epsilon, self.dtype, self.kernel)
     return residual_layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
+
+
+def add_layer_norm(
+  x: jax.Array,
+  z: jax.Array,
+  a: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  epsilon: float,
+  dtype: Dtype,
+  kernel: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
+  r"""`(h, LN(h))` for the stream `h = x + z + a`: a pre-LN block's skip input x, the branch
+  z before its bias, and that bias a `(C,)` (summed in float32, rounded once to x's dtype).
+  The backward is `residual_layer_norm`'s with one more result, the bias gradient:
+
+  .. math::
+    dh = g_h + \mathrm{LN\_bwd}(g_y),\qquad dx = dz = dh,\qquad da = \textstyle\sum_N dh,
+
+  With `kernel="pallas"` (where the Pallas layer norm runs) the forward is one kernel reading
+  x and z and writing h and LN(h) (`pallas_layer_norm.add_layer_norm_fwd`: no separate add
+  of the branch and its bias), and `da` comes from the backward kernel's own column sums
+  (`layer_norm_bwd(..., column_sum=True)`: no separate reduction of dh); otherwise the same
+  maths in jnp, da then summed from the rounded dh.
+
+  Example:
+    >>> x, z, a = jnp.array([[1.0, 1.0]]), jnp.array([[0.0, 1.0]]), jnp.array([0.0, 1.0])
+    >>> f = lambda x, z, a: add_layer_norm(x, z, a, jnp.ones(2), jnp.zeros(2), 0.0, jnp.float32)
+    >>> (h, y), vjp = jax.vjp(f, x, z, a)
+    >>> h.tolist(), y.tolist()
+    ([[1.0, 3.0]], [[-1.0, 1.0]])
+    >>> [t.tolist() for t in vjp((jnp.array([[5.0, 6.0]]), jnp.zeros((1, 2))))]  # dx, dz, da
+    [[[5.0, 6.0]], [[5.0, 6.0]], [5.0, 6.0]]
+  """
+  return _add_layer_norm(
+    x, z, a, scale, bias, epsilon, dtype, kernel, jnp.dtype(z.dtype), jnp.dtype(a.dtype)
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _add_layer_norm(x, z, a, scale, bias, epsilon, dtype, kernel, z_dtype, a_dtype):
+  return _add_fwd(x, z, a, scale, bias, epsilon, dtype, kernel, z_dtype, a_dtype)[0]
+
+
+def _add_fwd(x, z, a, scale, bias, epsilon, dtype, kernel, z_dtype, a_dtype):
+  del z_dtype, a_dtype
+  if z.shape != x.shape or a.shape != (x.shape[-1],):
+    raise ValueError(
+      f"add_layer_norm: z must be {x.shape} and a ({x.shape[-1]},), got {z.shape}, {a.shape}"
+    )
+  if lean_layer_norm.takes_pallas(x, kernel):
+    c = x.shape[-1]
+    h, y, mu, r = pallas_layer_norm.add_layer_norm_fwd(
+      x.reshape(-1, c), z.reshape(-1, c), a, scale, bias, epsilon, dtype
+    )
+    h, y = h.reshape(x.shape), y.reshape(x.shape)
+    return (h, y), (h, mu, r, scale, bias)
+  f32 = jnp.float32
+  h = (x.astype(f32) + z.astype(f32) + a.astype(f32)).astype(x.dtype)
+  y, residuals = lean_layer_norm.forward(h, scale, bias, epsilon, dtype, "xla")
+  return (h, y), residuals
+
+
+def _add_bwd(epsilon, dtype, kernel, z_dtype, a_dtype, residuals, cotangents):
+  del epsilon, dtype, kernel
+  g_h, g_y = cotangents
+  h, mu, r, scale, bias = residuals
+  if mu.ndim < h.ndim:  # the forward took the Pallas kernel: (N,) statistics
+    c = h.shape[-1]
+    rows = lambda t: t.reshape(-1, c)
+    dh, ds, db, da = pallas_layer_norm.layer_norm_bwd(
+      rows(h), mu, r, scale, rows(g_y), rows(g_h), column_sum=True
+    )
+    dh, ds, db = dh.reshape(h.shape), ds.astype(scale.dtype), db.astype(bias.dtype)
+  else:
+    dh, ds, db = lean_layer_norm.backward(residuals, g_y, g_x=g_h)
+    da = jnp.sum(dh.astype(jnp.float32), axis=tuple(range(h.ndim - 1)))
+  return dh, dh.astype(z_dtype), da.astype(a_dtype), ds, db
+
+
+_add_layer_norm.defvjp(_add_fwd, _add_bwd)

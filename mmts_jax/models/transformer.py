@@ -28,7 +28,14 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     vs 86.3 ms per ViT-B/16 step on one H200 (BENCHMARKS.md, run 12).
     "pallas_res": as "pallas", and each block's two layer norms (`ResidualLayerNorm`) add the
     skip connection's cotangent to their dx inside the backward kernel, instead of a separate
-    add per layer norm in the backward pass (`residual_layer_norm`); not timed on a GPU yet.
+    add per layer norm in the backward pass (`residual_layer_norm`); 83.75 vs 84.69 ms with
+    "pallas" on one H200 (run 16, inside the rounds' ranges).
+    "pallas_add": as "pallas_res", and each layer norm after a branch (the block's second, the
+    next block's first, the final one) also adds that branch and its bias (the attention's
+    output projection, fc2) to the stream in its forward kernel, and returns the bias's
+    gradient from its backward kernel (`residual_layer_norm.add_layer_norm`): no separate
+    residual add in the forward pass and no separate bias reduction in the backward pass. The
+    stream between blocks is then a triple `(x, z, a)` (x + z + a not yet formed).
   * `lean_gelu`: True: the MLP's tanh GELU (`lean_gelu.gelu`) with a backward that
     recomputes tanh from the GELU's input instead of keeping it (one (B, L, mlp_dim) tensor
     per layer less written, held and read); same formula. "pallas": as True, and fc1's bias
@@ -129,6 +136,8 @@ class MlpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   lean_gelu: bool | str = False
+  # Return `(x W2, b2)`: fc2 without its bias, and the bias (as `SelfAttention.defer_out_bias`).
+  defer_fc2_bias: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -140,7 +149,13 @@ class MlpBlock(nn.Module):
       x = nn.Dense(self.mlp_dim, **dense)(x)
       x = lean_gelu.gelu(x) if self.lean_gelu else nn.gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+    fc2 = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")
+    if not self.defer_fc2_bias:
+      return fc2(x)
+    if self.is_initializing():  # creates fc2's parameters; the values do not matter here
+      return fc2(x), jnp.zeros((width,), self.param_dtype)
+    p = self.variables["params"]["fc2"]
+    return jnp.dot(x.astype(self.dtype), p["kernel"].astype(self.dtype)), p["bias"]
 
 
 class EncoderBlock(nn.Module):
@@ -159,22 +174,47 @@ class EncoderBlock(nn.Module):
   split_qkv_backward: bool = False
   flat_residual: bool = False
 
-  def _norm(self, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def _norm(self, name: str, x: jax.Array, branch=None) -> tuple[jax.Array, jax.Array]:
     """`(x, LN(x))`, x the stream the block adds its branch to. With "pallas_res" both come
     from `ResidualLayerNorm`, whose backward kernel adds the skip connection's cotangent to
-    the layer norm's dx (no separate add); the same parameters either way."""
-    if self.lean_layer_norm == "pallas_res":
+    the layer norm's dx (no separate add); the same parameters either way. `branch` ("pallas_add"
+    only): `(z, a)`, a branch before its bias and the bias, added to x first in the same
+    kernel (`residual_layer_norm.add_layer_norm`), which returns the stream x + z + a."""
+    if self.lean_layer_norm in ("pallas_res", "pallas_add"):
       dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-      return ResidualLayerNorm(**dt, kernel="pallas", name=name)(x)
+      return ResidualLayerNorm(**dt, kernel="pallas", name=name)(x, *(branch or ()))
     return x, make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, name)(x)
+
+  def _branch(self, out, rows_shape, train: bool):
+    """A branch's output as `_norm`'s `(z, a)` in "pallas_add" (a dropout that is on makes
+    the branch `dropout(z + a)` with a zero bias: same values, the add then outside the
+    kernel), else as the value to add to the stream."""
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    if not self.deferred_bias:
+      return drop(out.reshape(rows_shape))
+    z, a = out
+    z = z.reshape(rows_shape)
+    if self.dropout > 0.0 and train:
+      return drop(z + a.astype(z.dtype)), jnp.zeros_like(a)
+    return z, a
+
+  @property
+  def deferred_bias(self) -> bool:
+    return self.lean_layer_norm == "pallas_add"
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, lengths=None):
-    # `train` may be positional: `nn.remat` marks it static by position.
+    # `train` may be positional: `nn.remat` marks it static by position. With "pallas_add"
+    # the stream between blocks is a triple `(x, z, a)`, the previous block's MLP branch not
+    # yet added (`x + z + a`, done by this block's first layer norm), and so is the result.
+    pending = None
+    if isinstance(x, tuple):
+      x, *pending = x
     shape = x.shape
     if self.flat_residual:
       x = x.reshape(-1, shape[-1])
-    x, y = self._norm("ln1", x)
+      pending = pending and [pending[0].reshape(x.shape), pending[1]]
+    x, y = self._norm("ln1", x, pending)
     y = SelfAttention(
       self.num_heads,
       self.dropout,
@@ -183,14 +223,26 @@ class EncoderBlock(nn.Module):
       fused_qkv=self.fused_qkv,
       kernel=self.attention,
       split_qkv_backward=self.split_qkv_backward,
+      defer_out_bias=self.deferred_bias,
       name="attn",
     )(y.reshape(shape), mask, deterministic=not train, causal=self.causal, lengths=lengths)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y.reshape(x.shape))
-    x, y = self._norm("ln2", x)
+    if self.deferred_bias:
+      x, y = self._norm("ln2", x, self._branch(y, x.shape, train))
+    else:
+      x, y = self._norm("ln2", x + self._branch(y, x.shape, train))
     y = MlpBlock(
-      self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.lean_gelu, name="mlp"
+      self.mlp_dim,
+      self.dropout,
+      self.dtype,
+      self.param_dtype,
+      self.lean_gelu,
+      defer_fc2_bias=self.deferred_bias,
+      name="mlp",
     )(y, train=train)
-    return (x + nn.Dropout(self.dropout, deterministic=not train)(y)).reshape(shape)
+    if self.deferred_bias:
+      z, a = self._branch(y, x.shape, train)
+      return x.reshape(shape), z.reshape(shape), a
+    return (x + self._branch(y, x.shape, train)).reshape(shape)
 
 
 class Encoder(nn.Module):
@@ -247,7 +299,11 @@ class Encoder(nn.Module):
         name=f"block_{i}",
       )
       x = blk(x, mask, train, lengths)
-    x = make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, "ln_final")(x)
+    if isinstance(x, tuple):  # "pallas_add": the last MLP branch is added by the final norm
+      dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      _, x = ResidualLayerNorm(**dt, kernel="pallas", name="ln_final")(*x)
+    else:
+      x = make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, "ln_final")(x)
     return x[:, :length]
 
 
