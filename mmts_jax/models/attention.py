@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from mmts_jax.models.pallas_qkv import split_qkv
+
 Dtype = Any
 
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -168,12 +170,18 @@ def _fused_projection(
   """q, k, v of `DenseGeneral`s `query`, `key`, `value` (kernels `(width, heads, d)`) as one
   product: `x [Wq Wk Wv] + [bq bk bv]`, the kernels stacked to `(width, 3, heads, d)` in
   `dtype` (one larger matrix product reads `x` once instead of three times).
-  `split_backward`: the backward pass through `qkv_projection`'s hand-written rule."""
+  `split_backward`: True, the backward pass through `qkv_projection`'s hand-written rule;
+  "pallas", XLA's product backward with the join of dq, dk, dv and the bias gradient in one
+  Pallas kernel (`pallas_qkv.split_qkv`)."""
   names = ("query", "key", "value")
   kernel = jnp.stack([params[n]["kernel"] for n in names], axis=1).astype(dtype)
-  bias = jnp.stack([params[n]["bias"] for n in names], axis=0).astype(dtype)
+  bias = jnp.stack([params[n]["bias"] for n in names], axis=0)
+  if split_backward == "pallas":
+    # The product without its bias; the split, the bias and the backward's join of dq, dk, dv
+    # (with the float32 bias gradient) in `pallas_qkv.split_qkv`.
+    return split_qkv(jnp.einsum("...w,wthd->...thd", x.astype(dtype), kernel), bias)
   project = qkv_projection if split_backward else _qkv
-  return project(x.astype(dtype), kernel, bias)
+  return project(x.astype(dtype), kernel, bias.astype(dtype))
 
 
 def _qkv(x, kernel, bias):
@@ -236,7 +244,7 @@ class SelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   fused_qkv: bool = False
   kernel: str = "auto"
-  split_qkv_backward: bool = False
+  split_qkv_backward: bool | str = False
   # Return `(y Wo, bo)`: the output projection without its bias, and the bias, for a caller
   # that adds both to its residual stream in one kernel (`residual_layer_norm.add_layer_norm`).
   defer_out_bias: bool = False

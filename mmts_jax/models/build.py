@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from mmts_jax.models.dual_encoder import DualEncoder
 from mmts_jax.models.feature_tower import FeatureTower
 from mmts_jax.models.lean_layer_norm import check_lean
+from mmts_jax.models.pallas_qkv import check_split_backward
 from mmts_jax.models.resnet import ResNet
 from mmts_jax.models.text_transformer import TextTransformer
 from mmts_jax.models.transformer import gelu_option, remat_policy
@@ -48,7 +49,8 @@ def _remat(cfg: Mapping[str, Any]) -> bool | str:
 
 def _bool_or_name(cfg: Mapping[str, Any], key: str, check) -> bool | str:
   """`cfg[key]` (default False) as a bool, or a name `check` accepts (ValueError otherwise):
-  `lean_layer_norm` (`lean_layer_norm.check_lean`) and `lean_gelu` (`transformer.gelu_option`)."""
+  `lean_layer_norm` (`lean_layer_norm.check_lean`), `lean_gelu` (`transformer.gelu_option`) and
+  `split_qkv_backward` (`pallas_qkv.check_split_backward`)."""
   value = _get(cfg, key, False)
   return check(value if isinstance(value, str) else bool(value))
 
@@ -64,7 +66,7 @@ def _speed(cfg: Mapping[str, Any]) -> dict:
     even_length=bool(_get(cfg, "even_length", False)),
     lean_layer_norm=_bool_or_name(cfg, "lean_layer_norm", check_lean),
     lean_gelu=_bool_or_name(cfg, "lean_gelu", gelu_option),
-    split_qkv_backward=bool(_get(cfg, "split_qkv_backward", False)),
+    split_qkv_backward=_bool_or_name(cfg, "split_qkv_backward", check_split_backward),
     flat_residual=bool(_get(cfg, "flat_residual", False)),
   )
 

@@ -73,6 +73,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmts_jax.losses._pallas_tiles import check_powers_of_two, ptx_unary
+from mmts_jax.models._row_blocks import edges as _edges
+from mmts_jax.models._row_blocks import load as _load
+from mmts_jax.models._row_blocks import pl_modules as _pl
+from mmts_jax.models._row_blocks import store as _store
+from mmts_jax.models._row_blocks import sub_block as _sub_block
 from mmts_jax.models.row_partitioning import FEATURES, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -202,56 +207,6 @@ def _fit(cfg: GeluConfig, n: int, f: int) -> GeluConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Kernels.
-
-
-def _pl():
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plgpu
-
-  return pl, plgpu
-
-
-def _load(ref, mask):
-  """The block of `ref`; with `mask`, zeros where it is False (rows or columns past the edge)."""
-  if mask is None:
-    return ref[...]
-  _, plgpu = _pl()
-  return plgpu.load(ref, mask=mask, other=0)
-
-
-def _store(ref, value, mask):
-  if mask is None:
-    ref[...] = value
-  else:
-    _, plgpu = _pl()
-    plgpu.store(ref, value, mask=mask)
-
-
-def _edges(cfg, n, f):
-  """Masks of the program's valid columns `(bn,)` and, per sub-block k, `(bm, bn)`, or None
-  where the blocks divide N (F) and nothing needs masking. The program ids are read here,
-  outside the loop over sub-blocks (the interpreter substitutes them only at the kernel's top
-  level)."""
-  pl, _ = _pl()
-  i, j = pl.program_id(0), pl.program_id(1)
-  col_ok = None
-  if f % cfg.bn:
-    col_ok = j * cfg.bn + jnp.arange(cfg.bn) < f
-  ragged_rows = n % (cfg.bm * cfg.steps) != 0
-
-  def rows(k):
-    if not ragged_rows:
-      return None if col_ok is None else jnp.broadcast_to(col_ok[None, :], (cfg.bm, cfg.bn))
-    ok = ((i * cfg.steps + k) * cfg.bm + jnp.arange(cfg.bm) < n)[:, None]
-    ok = ok if col_ok is None else ok & col_ok[None, :]
-    return jnp.broadcast_to(ok, (cfg.bm, cfg.bn))
-
-  return col_ok, rows
-
-
-def _sub_block(cfg, k):
-  pl, _ = _pl()
-  return pl.ds(pl.multiple_of(k * cfg.bm, cfg.bm), cfg.bm)
 
 
 def _sigmoid_2u(x, fast: bool):

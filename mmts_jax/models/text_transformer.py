@@ -51,7 +51,7 @@ class TextTransformer(nn.Module):
   even_length: bool = False
   lean_layer_norm: bool | str = False
   lean_gelu: bool | str = False
-  split_qkv_backward: bool = False
+  split_qkv_backward: bool | str = False
   flat_residual: bool = False
   causal_only_lengths: bool = False
 

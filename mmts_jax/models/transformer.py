@@ -18,8 +18,9 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     (`lengths`); the output is sliced back. cuDNN's fused backward needs an even length, and
     `attention.even_length_attention` otherwise pads q, k and v in every block (3 pads and
     their slices per layer); here the whole stack carries the extra row instead.
-  * `split_qkv_backward` (with `fused_qkv`): the fused q/k/v product's backward pass per q,
-    k and v (`attention.qkv_projection`), without XLA's join of dq, dk, dv into one tensor.
+  * `split_qkv_backward` (with `fused_qkv`): True, the fused q/k/v product's backward pass per
+    q, k and v (`attention.qkv_projection`), without XLA's join of dq, dk, dv into one tensor;
+    "pallas", the join and the bias gradient in one Pallas kernel (`pallas_qkv.split_qkv`).
   * `lean_layer_norm`: every layer norm (`lean_layer_norm.LeanLayerNorm`) with a hand-written
     backward that keeps x in its own dtype and two float32 numbers per row, instead of XLA's
     automatic backward (which keeps `x - mean` in float32); same parameters and formula.
@@ -171,7 +172,7 @@ class EncoderBlock(nn.Module):
   causal: bool = False
   lean_layer_norm: bool | str = False
   lean_gelu: bool | str = False
-  split_qkv_backward: bool = False
+  split_qkv_backward: bool | str = False
   flat_residual: bool = False
 
   def _norm(self, name: str, x: jax.Array, branch=None) -> tuple[jax.Array, jax.Array]:
@@ -262,7 +263,7 @@ class Encoder(nn.Module):
   even_length: bool = False
   lean_layer_norm: bool | str = False
   lean_gelu: bool | str = False
-  split_qkv_backward: bool = False
+  split_qkv_backward: bool | str = False
   flat_residual: bool = False
 
   @nn.compact

@@ -106,7 +106,7 @@ class ViT(nn.Module):
   even_length: bool = False
   lean_layer_norm: bool | str = False
   lean_gelu: bool | str = False
-  split_qkv_backward: bool = False
+  split_qkv_backward: bool | str = False
   flat_residual: bool = False
 
   @classmethod
