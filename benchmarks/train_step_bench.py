@@ -34,6 +34,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
   +fopt    clipping and Adam's moments on one flat vector (`optim.flatten`)
   +padd    as +plnres, and each layer norm after a branch adds the branch and its bias in its
            forward kernel and returns the bias gradient (`lean_layer_norm="pallas_add"`)
+  +pqkv    the fused q/k/v product's backward join and bias gradient in one Pallas kernel
+           (`split_qkv_backward="pallas"`)
   X+exactgelu  any variant X with the Pallas GELU kernels' exact maths (`GeluConfig.fast_math`
            False: libdevice exp2 and IEEE division instead of ex2.approx and rcp.approx)
 
@@ -229,6 +231,22 @@ VARIANTS = {
   ),
   "fast+qkv+even+lean+flat+padd+pgelu+fopt": (
     {**_EVEN, "lean_layer_norm": "pallas_add", "lean_gelu": "pallas", "flat_residual": True},
+    _DENSE,
+    {},
+    {},
+    {"flatten": True},
+  ),
+  # Issue 17: the fused q/k/v product's backward join of dq, dk, dv and its bias gradient in
+  # one Pallas kernel (`split_qkv_backward="pallas"`; XLA's fusion ran at ~54% of the memory
+  # bandwidth, 2.2 ms per step in run 19).
+  "fast+qkv+even+lean+flat+plnres+pgelu+fopt+pqkv": (
+    {
+      **_EVEN,
+      "lean_layer_norm": "pallas_res",
+      "lean_gelu": "pallas",
+      "flat_residual": True,
+      "split_qkv_backward": "pallas",
+    },
     _DENSE,
     {},
     {},
