@@ -18,10 +18,12 @@ writing y (in `dtype`), mu and r (float32, one per row). Backward, with g = dL/d
 
 one program per `rows_bwd * steps` rows (`steps` blocks of `rows_bwd` in a loop, `programs_bwd`
 programs at most), each writing dx of its rows and its own float32 partial sums of ds and db
-(one row of a `(programs, C)` matrix, no atomics); `jnp.sum` over the programs finishes them.
-With `layer_norm_bwd(..., residual=g_x)` the kernel reads one more `(N, C)` operand and writes
-:math:`g_x + dx` instead (`residual_layer_norm`: a pre-LN block's skip-connection cotangent,
-added in float32 before the one rounding to x's dtype; not timed on a GPU yet).
+(its row of a `(programs, 2, C)` matrix, no atomics); one `jnp.sum` over the programs finishes
+both. With `layer_norm_bwd(..., residual=g_x)` the kernel reads one more `(N, C)` operand and
+writes :math:`g_x + dx` instead (`residual_layer_norm`: a pre-LN block's skip-connection
+cotangent, added in float32 before the one rounding to x's dtype; 83.75 vs 84.69 ms per
+ViT-B/16 step on one H200, BENCHMARKS.md run 16); with `column_sum=True` as well, a third
+partial sum, of dx (`add_layer_norm`'s bias gradient).
 
 The feature axis is padded on chip to the next power of two (Triton's block sizes) and the
 padding masked, as are the rows past N (any N). Timed on an H200 (bfloat16, forward +
@@ -229,8 +231,9 @@ def _bwd_kernel(rows, steps, n, c, residual, colsum, x_ref, mu_ref, r_ref, s_ref
   # skip connection, added to dx in registers (one more load, no extra pass over dx). With
   # `colsum`, one more result last: the program's float32 sums of dx over its rows (the
   # gradient of the bias `add_layer_norm` added to the stream).
-  gx_ref, refs = (refs[0], refs[1:]) if residual else (None, refs)
-  dx_ref, ds_ref, db_ref, *dsum_ref = refs
+  # The partial sums share one `(programs, 2 or 3, C)` output, so that one reduction over the
+  # programs finishes all of them (separate outputs became one small kernel each on the H200).
+  gx_ref, (dx_ref, parts_ref) = (refs[0], refs[1:]) if residual else (None, refs)
   pl, plgpu = _pl()
   p = pl.program_id(0)
   cols, cmask = _features(c)
@@ -258,10 +261,8 @@ def _bwd_kernel(rows, steps, n, c, residual, colsum, x_ref, mu_ref, r_ref, s_ref
 
   zero = jnp.zeros((pl.next_power_of_2(c),), jnp.float32)
   ds, db, dsum = jax.lax.fori_loop(0, steps, body, (zero, zero, zero))
-  plgpu.store(ds_ref.at[p, cols], ds, mask=cmask)
-  plgpu.store(db_ref.at[p, cols], db, mask=cmask)
-  if colsum:
-    plgpu.store(dsum_ref[0].at[p, cols], dsum, mask=cmask)
+  for k, total in enumerate((ds, db, dsum) if colsum else (ds, db)):
+    plgpu.store(parts_ref.at[p, jnp.int32(k), cols], total, mask=cmask)
 
 
 def _call(kernel, grid, out_shape, like, interpret: bool, cfg: LayerNormConfig):
@@ -366,7 +367,7 @@ def layer_norm_bwd(
   `residual` (optional, `(N, C)`, any float dtype): a cotangent that reaches x by another path
   (a pre-LN block's skip connection), added to dx inside the same kernel before dx is written,
   in float32: `dx = residual + r (gh - mean(gh) - xhat mean(gh xhat))`, one rounding to x's
-  dtype (`residual_layer_norm`). Not timed on a GPU yet.
+  dtype (`residual_layer_norm`; BENCHMARKS.md run 16).
 
   Example:
     >>> set_pallas_layer_norm("interpret")
@@ -416,9 +417,9 @@ def _bwd_impl(interpret, cfg, colsum, x, mu, r, scale, g, *residual):
   programs = _cdiv(blocks, steps)  # no program without a block
   kernel = lambda *refs: _bwd_kernel(cfg.rows_bwd, steps, n, c, bool(residual), colsum, *refs)
   f32 = jnp.float32
-  out = [((n, c), x.dtype)] + [((programs, c), f32)] * (3 if colsum else 2)
-  dx, *parts = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g, *residual)
-  return (dx, *(jnp.sum(p, axis=0) for p in parts))
+  out = [((n, c), x.dtype), ((programs, 3 if colsum else 2, c), f32)]
+  dx, parts = _call(kernel, programs, out, x, interpret, cfg)(x, mu, r, scale, g, *residual)
+  return (dx, *jnp.sum(parts, axis=0))
 
 
 # Rows sharded as x's, features replicated; ds and db all-reduced over the row axes.

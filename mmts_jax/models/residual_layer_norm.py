@@ -18,7 +18,7 @@ dx summed in float32 and rounded once to x's dtype. With `kernel="pallas"` (wher
 with :math:`g_x` as one more operand (`pallas_layer_norm.layer_norm_bwd(..., residual=)`);
 otherwise the same maths in jnp. Without it, XLA runs a separate add per layer norm in the
 backward pass (read two `(N, C)` tensors, write one; on the H200 profile of issue 17 about
-1.3-1.6 ms of a ViT-B/16 step at batch 256). Not timed on a GPU yet.
+1.3-1.6 ms of a ViT-B/16 step at batch 256). On one H200: 83.75 vs 84.69 ms per step (run 16).
 
 Example:
   >>> import jax, jax.numpy as jnp
