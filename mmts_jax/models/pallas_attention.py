@@ -410,7 +410,10 @@ def _batch_partitioned(fn, ranks_in: tuple[int, ...], ranks_out: tuple[int, ...]
   def factors(rank):
     return " ".join(["b"] + [f"{letters[i]}{rank}" for i in range(rank - 1)])
 
-  others = sorted({f"{letters[i]}{r}" for r in ranks_in + ranks_out for i in range(r - 1)})
+  # Factors other than the batch, in their order of appearance (Shardy wants them sorted so).
+  others = tuple(
+    dict.fromkeys(f"{letters[i]}{r}" for r in ranks_in + ranks_out for i in range(r - 1))
+  )
 
   def shardings(mesh, ranks, axes):
     return tuple(NamedSharding(mesh, P(axes or None, *([None] * (r - 1)))) for r in ranks)
@@ -433,7 +436,7 @@ def _batch_partitioned(fn, ranks_in: tuple[int, ...], ranks_out: tuple[int, ...]
   rule = ", ".join(factors(r) for r in ranks_in) + " -> " + ", ".join(factors(r) for r in ranks_out)
   wrapped.def_partition(
     partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-    need_replication_factors=tuple(others),
+    need_replication_factors=others,
   )  # fmt: skip
   return wrapped
 
