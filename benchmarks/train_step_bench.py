@@ -36,6 +36,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
            forward kernel and returns the bias gradient (`lean_layer_norm="pallas_add"`)
   +pqkv    the fused q/k/v product's backward join and bias gradient in one Pallas kernel
            (`split_qkv_backward="pallas"`)
+  +pattn   attention in `pallas_attention`'s fused short-sequence Pallas kernels in both towers
+           (`attention="pallas"`; cuDNN elsewhere); +pattni: in the image tower only
   X+exactgelu  any variant X with the Pallas GELU kernels' exact maths (`GeluConfig.fast_math`
            False: libdevice exp2 and IEEE division instead of ex2.approx and rcp.approx)
 
@@ -217,6 +219,29 @@ VARIANTS = {
   "fast+qkv+even+lean+flat+plnres+pgelu+fopt": (
     {**_EVEN, "lean_layer_norm": "pallas_res", "lean_gelu": "pallas", "flat_residual": True},
     _DENSE,
+    {},
+    {},
+    {"flatten": True},
+  ),
+  # Issue 17: attention in `pallas_attention`'s kernels (whole key rows on chip, no online
+  # softmax, no separate dO.O / dq-conversion kernels) in both towers (+pattn) or the image
+  # tower only (+pattni, text on cuDNN).
+  "fast+qkv+even+lean+flat+plnres+pgelu+fopt+pattn": (
+    {
+      **_EVEN,
+      "lean_layer_norm": "pallas_res",
+      "lean_gelu": "pallas",
+      "flat_residual": True,
+      "attention": "pallas",
+    },
+    _DENSE,
+    {},
+    {},
+    {"flatten": True},
+  ),
+  "fast+qkv+even+lean+flat+plnres+pgelu+fopt+pattni": (
+    {**_EVEN, "lean_layer_norm": "pallas_res", "lean_gelu": "pallas", "flat_residual": True},
+    {**_DENSE, "attention": "pallas"},
     {},
     {},
     {"flatten": True},

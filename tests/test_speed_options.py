@@ -221,7 +221,7 @@ def test_structured_mask_equals_the_dense_mask_on_real_rows(length, causal, drop
 def test_kernel_choice_takes_the_structured_mask_on_a_gpu():
   assert attention.implementation(jnp.bfloat16, 64, has_mask=False, backend="gpu") == "cudnn"
   assert attention.implementation(jnp.bfloat16, 64, has_mask=True, backend="gpu") == "xla"
-  with pytest.raises(ValueError, match="kernel must be 'auto' or 'xla', got 'cudnn'"):
+  with pytest.raises(ValueError, match="kernel must be 'auto', 'xla' or 'pallas', got 'cudnn'"):
     attention.attend(*jnp.ones((3, 1, 2, 1, 8)), kernel="cudnn")
 
 
@@ -240,7 +240,7 @@ def test_bad_speed_options_are_value_errors_naming_them():
   with pytest.raises(ValueError, match="got 'everything'"):
     build_model(cfg)
   cfg.image.remat, cfg.image.attention = "dots", "flash"
-  with pytest.raises(ValueError, match="attention must be 'auto' or 'xla', got 'flash'"):
+  with pytest.raises(ValueError, match="attention must be 'auto', 'xla' or 'pallas', got 'flash'"):
     build_model(cfg)
   cfg.image.attention = "xla"
   cfg.image.lean_layer_norm, cfg.image.lean_gelu = True, True

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from mmts_jax.models.pallas_attention import pallas_attention, supported, use_pallas_attention
 from mmts_jax.models.pallas_qkv import split_qkv
 
 Dtype = Any
@@ -83,11 +84,14 @@ def attend(
   *,
   causal: bool = False,
   lengths: jax.Array | None = None,
-  kernel: str = "auto",  # "auto" | "xla", checked below (a module field passes a str)
+  kernel: str = "auto",  # "auto" | "xla" | "pallas", checked below (a module field passes a str)
 ) -> jax.Array:
   """`softmax(q k^T / sqrt(d) + M) v` for `(B, L, heads, d)` inputs, through the kernel that
   `implementation` picks (`kernel="xla"` forces XLA); falls back to XLA (with a log line) if
-  cuDNN refuses the shape while tracing.
+  cuDNN refuses the shape while tracing. `kernel="pallas"`: the fused short-sequence kernels
+  of `pallas_attention` where they apply (on GPUs or under `set_pallas_attention
+  ("interpret")`, float32 / bfloat16, L <= 256, d a power of two, no dense mask alone),
+  else as `"auto"`.
 
   `causal` and `lengths` (int `(B,)`: row b's keys `j < lengths[b]` are real, the rest trailing
   padding) state the mask in the fused kernel's form. With a dense `mask` as well they must
@@ -102,11 +106,15 @@ def attend(
     >>> attend(q, q, q, causal=True, lengths=jnp.array([2])).shape
     (1, 3, 2, 4)
   """
-  if kernel not in ("auto", "xla"):
-    raise ValueError(f"attend: kernel must be 'auto' or 'xla', got {kernel!r}")
+  if kernel not in ("auto", "xla", "pallas"):
+    raise ValueError(f"attend: kernel must be 'auto', 'xla' or 'pallas', got {kernel!r}")
   if mask is not None and mask.dtype != jnp.bool_:
     mask = mask.astype(jnp.bool_)  # Flax's make_attention_mask gives float 0/1
   structured = causal or lengths is not None
+  if kernel == "pallas":
+    if pallas_applies(q, k, v, mask is not None and not structured):
+      return pallas_attention(q, k, v, causal=causal, lengths=lengths)
+    kernel = "auto"
   impl = implementation(q.dtype, q.shape[-1], mask is not None and not structured)
   if impl == "cudnn" and kernel == "auto":
     try:
@@ -116,6 +124,25 @@ def attend(
   if mask is None and structured:
     return even_length_attention(q, k, v, "xla", causal=causal, lengths=lengths)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def pallas_applies(q: jax.Array, k: jax.Array, v: jax.Array, dense_mask_only: bool) -> bool:
+  """Whether `attend(..., kernel="pallas")` takes `pallas_attention`: the kernels are on
+  (`use_pallas_attention`: GPUs, or the interpreter), q, k, v share a supported shape and
+  dtype, and the mask, if any, is also given as `causal` / `lengths`.
+
+  Example:
+    >>> q = jnp.ones((1, 3, 2, 16))
+    >>> pallas_applies(q, q, q, False)  # on the CPU, the kernels are off
+    False
+  """
+  return (
+    not dense_mask_only
+    and q.shape == k.shape == v.shape
+    and q.dtype == k.dtype == v.dtype
+    and use_pallas_attention(q.dtype)
+    and supported(q.shape, q.dtype)
+  )
 
 
 def even_length_attention(
@@ -235,7 +262,7 @@ class SelfAttention(nn.Module):
   same mask in the fused kernel's form (`attend`). `fused_qkv`: q, k and v come from one
   `(width, 3 heads d)` product of the three kernels stacked at run time (the parameters stay
   three `DenseGeneral`s); `split_qkv_backward` (with `fused_qkv`): that product's backward
-  pass per q, k, v (`qkv_projection`); `kernel`: `"auto"` or `"xla"` (`attend`).
+  pass per q, k, v (`qkv_projection`); `kernel`: `"auto"`, `"xla"` or `"pallas"` (`attend`).
   """
 
   num_heads: int

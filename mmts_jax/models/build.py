@@ -58,8 +58,8 @@ def _bool_or_name(cfg: Mapping[str, Any], key: str, check) -> bool | str:
 def _speed(cfg: Mapping[str, Any]) -> dict:
   """The transformer towers' speed options (`mmts_jax.models.transformer`): same maths."""
   attention = str(_get(cfg, "attention", "auto"))
-  if attention not in ("auto", "xla"):
-    raise ValueError(f"model.*.attention must be 'auto' or 'xla', got {attention!r}")
+  if attention not in ("auto", "xla", "pallas"):
+    raise ValueError(f"model.*.attention must be 'auto', 'xla' or 'pallas', got {attention!r}")
   return dict(
     fused_qkv=bool(_get(cfg, "fused_qkv", False)),
     attention=attention,

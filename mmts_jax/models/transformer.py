@@ -12,7 +12,8 @@ Speed options, none of which changes the parameters or (beyond float rounding) t
     (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) and recomputes the cheap
     element-wise work (layer norms, GELU, residual sums) and the attention from them.
   * `fused_qkv`: q, k, v from one product (`attention.SelfAttention`).
-  * `attention`: "auto" (cuDNN where `attention.implementation` allows) or "xla".
+  * `attention`: "auto" (cuDNN where `attention.implementation` allows), "xla", or "pallas"
+    (`pallas_attention`'s fused short-sequence kernels where they apply, else "auto").
   * `even_length`: an odd sequence (ViT-B/16's 197 tokens, CLIP's 77) gets one zero token
     appended once, before the first block, and hidden from every query as a padding key
     (`lengths`); the output is sliced back. cuDNN's fused backward needs an even length, and
