@@ -239,6 +239,21 @@ VARIANTS = {
     {},
     {"flatten": True},
   ),
+  # Both candidates of session 7 together (the q/k/v join kernel and the attention kernels).
+  "fast+qkv+even+lean+flat+plnres+pgelu+fopt+pqkv+pattn": (
+    {
+      **_EVEN,
+      "lean_layer_norm": "pallas_res",
+      "lean_gelu": "pallas",
+      "flat_residual": True,
+      "attention": "pallas",
+      "split_qkv_backward": "pallas",
+    },
+    _DENSE,
+    {},
+    {},
+    {"flatten": True},
+  ),
   "fast+qkv+even+lean+flat+plnres+pgelu+fopt+pattni": (
     {**_EVEN, "lean_layer_norm": "pallas_res", "lean_gelu": "pallas", "flat_residual": True},
     {**_DENSE, "attention": "pallas"},
