@@ -17,13 +17,12 @@ reference sums the unrounded dh of bfloat16 statistics. Models as `test_residual
 
 from __future__ import annotations
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_collectives import collectives
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -217,16 +216,6 @@ def test_no_separate_residual_add_or_bias_reduction(interpret):
   assert counts["pallas_add"] == {"add": 0, "row_sum": 0}, counts
 
 
-def _collectives(compiled_text):
-  found = {}
-  pattern = r"= (\(?[^=]*?\)?) (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)"
-  for line in compiled_text.splitlines():
-    m = re.search(pattern + r"(?:-start)?\(", line)
-    if m:
-      found.setdefault(m.group(2), []).extend(re.findall(r"\w+\[[\d,]*\]", m.group(1)))
-  return found
-
-
 def test_rows_stay_sharded_over_8_devices(interpret):
   pln.set_layer_norm_config(pln.LayerNormConfig(rows_fwd=4, rows_bwd=2, programs_bwd=2))
   x, z, a, s, b, w_y, w_h = _inputs((64, 48), jnp.float32, seed=3)
@@ -238,7 +227,7 @@ def test_rows_stay_sharded_over_8_devices(interpret):
   compiled = fn.lower(x, z, a, s, b, w_y, w_h).compile()
   got = compiled(x, z, a, s, b, w_y, w_h)
   _assert_close(got, reference(x, z, a, s, b, w_y, w_h, jnp.float32), (1e-5,) * 7)
-  found = _collectives(compiled.as_text())
+  found = collectives(compiled.as_text())
   # No (N, C) tensor moves: only the all-reduces of da, dscale, dbias.
   assert set(found) == {"all-reduce"} and set(found["all-reduce"]) == {"f32[48]"}, found
   assert got[0].sharding.spec[0] == "data" and got[2].sharding.spec[0] == "data"

@@ -13,13 +13,12 @@ relative).
 
 from __future__ import annotations
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_collectives import collectives
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -134,16 +133,6 @@ def test_text_tower_with_the_pallas_join_matches_xla(interpret):
   )
 
 
-def _collectives(text):
-  found = {}
-  pattern = r"= (\(?[^=]*?\)?) (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)"
-  for line in text.splitlines():
-    m = re.search(pattern + r"(?:-start)?\(", line)
-    if m:
-      found.setdefault(m.group(2), []).extend(re.findall(r"\w+\[[\d,]*\]", m.group(1)))
-  return found
-
-
 def test_rows_stay_sharded_over_8_devices(interpret):
   pq.set_qkv_config(pq.QkvConfig(bm=16, steps=1))
   h, b, gs = _inputs((64,), 2, 16, jnp.float32, seed=3)
@@ -153,7 +142,7 @@ def test_rows_stay_sharded_over_8_devices(interpret):
   compiled = fn.lower(h, b, gs).compile()
   got = compiled(h, b, gs)
   chex.assert_trees_all_close(got, jax.jit(_vjp)(h, b, gs), atol=1e-5, rtol=0)
-  found = _collectives(compiled.as_text())
+  found = collectives(compiled.as_text())
   # No (N, F) tensor moves: only the all-reduce of the (3 F,) bias gradient.
   assert set(found) == {"all-reduce"} and set(found["all-reduce"]) == {"f32[96]"}, found
   assert got[1][0].sharding.spec[0] == "data", "dh keeps the rows' sharding"

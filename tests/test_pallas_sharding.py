@@ -20,13 +20,12 @@ test_speed_options (loss and outputs 1e-5 absolute, gradients 5e-5 absolute + 1e
 
 from __future__ import annotations
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_collectives import collectives
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -114,24 +113,13 @@ def _sharded(fn, mesh, spec, kinds):
   return jax.jit(fn, in_shardings=tuple(shard[k] for k in kinds))
 
 
-def _collectives(compiled_text):
-  """{op: [result shapes]} of the collectives in compiled HLO text (async forms included)."""
-  found = {}
-  pattern = r"= (\(?[^=]*?\)?) (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)"
-  for line in compiled_text.splitlines():
-    m = re.search(pattern + r"(?:-start)?\(", line)
-    if m:
-      found.setdefault(m.group(2), []).extend(re.findall(r"\w+\[[\d,]*\]", m.group(1)))
-  return found
-
-
 def _run(fn, *args, options=None):
   """`fn(*args)` through one ahead-of-time compile; also the compiled HLO's collectives and
   the number of partitioned calls (`row_partitioned`) in the lowered program."""
   lowered = fn.lower(*args)
   calls = lowered.as_text().count("CustomSPMDPartitioning")
   compiled = lowered.compile(compiler_options=options)
-  return compiled(*args), _collectives(compiled.as_text()), calls
+  return compiled(*args), collectives(compiled.as_text()), calls
 
 
 def _assert_only_feature_sums(found, c):
@@ -188,7 +176,7 @@ def test_the_bare_pallas_call_gathers_the_rows(interpret):
     EPS, jnp.dtype(jnp.float32), True, pln.LayerNormConfig(), x, s, b
   )
   fn = _sharded(bare, _mesh((8,), ("data",)), P("data", None), ("rows", "features", "features"))
-  found = _collectives(fn.lower(x, s, b).compile().as_text())
+  found = collectives(fn.lower(x, s, b).compile().as_text())
   assert "all-gather" in found, found
 
 

@@ -17,13 +17,12 @@ relative).
 
 from __future__ import annotations
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_collectives import collectives
 from jax.extend import core as jcore
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -237,17 +236,6 @@ def _mesh(shape, names):
   return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
 
 
-def _collectives(compiled_text):
-  """{op: [result shapes]} of the collectives in compiled HLO text (async forms included)."""
-  found = {}
-  pattern = r"= (\(?[^=]*?\)?) (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)"
-  for line in compiled_text.splitlines():
-    m = re.search(pattern + r"(?:-start)?\(", line)
-    if m:
-      found.setdefault(m.group(2), []).extend(re.findall(r"\w+\[[\d,]*\]", m.group(1)))
-  return found
-
-
 def _vjp(x, s, b, g_y, g_x):
   outs, vjp = jax.vjp(
     lambda x, s, b: residual_layer_norm(x, s, b, EPS, jnp.float32, "pallas"), x, s, b
@@ -270,7 +258,7 @@ def test_rows_stay_sharded_over_8_devices(interpret, shape, names, spec):
   compiled = fn.lower(x, s, b, g_y, g_x).compile()
   got = compiled(x, s, b, g_y, g_x)
   _assert_close(got, reference(x, s, b, g_y, g_x), (1e-5,) * 4)
-  found = _collectives(compiled.as_text())
+  found = collectives(compiled.as_text())
   # No (N, C) activation moves: the only collectives are the all-reduces of dscale, dbias.
   assert set(found) == {"all-reduce"} and set(found["all-reduce"]) == {"f32[48]"}, found
   assert got[1].sharding.spec[0] == spec[0], "dx keeps the rows' sharding"
@@ -285,7 +273,7 @@ def test_vit_sharded_over_8_devices_matches_one_device(interpret, vit_params):
   shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P("data")))
   compiled = jax.jit(f, in_shardings=shardings).lower(params, image)
   compiled = compiled.compile(compiler_options=FAST_COMPILE)
-  assert "all-gather" not in _collectives(compiled.as_text()), "the batch was gathered"
+  assert "all-gather" not in collectives(compiled.as_text()), "the batch was gathered"
   loss, grads = compiled(params, image)
   want_loss, want_grads = jax.jit(f).lower(params, image).compile(FAST_COMPILE)(params, image)
   chex.assert_trees_all_close(loss, want_loss, atol=1e-5, rtol=0)

@@ -192,7 +192,7 @@ def even_length_attention(
 
 
 def _fused_projection(
-  params, x: jax.Array, dtype, split_backward: bool = False
+  params, x: jax.Array, dtype, split_backward: bool | str = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q, k, v of `DenseGeneral`s `query`, `key`, `value` (kernels `(width, heads, d)`) as one
   product: `x [Wq Wk Wv] + [bq bk bv]`, the kernels stacked to `(width, 3, heads, d)` in
@@ -285,7 +285,7 @@ class SelfAttention(nn.Module):
     deterministic: bool = True,
     causal: bool = False,
     lengths: jax.Array | None = None,
-  ) -> jax.Array:
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(

@@ -70,6 +70,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmts_jax.losses._pallas_tiles import check_powers_of_two, ptx_unary
 from mmts_jax.models._row_blocks import pl_modules as _pl
+from mmts_jax.models.kernel_switch import KernelSwitch
 from mmts_jax.models.row_partitioning import row_axes, shard_body
 
 __all__ = [
@@ -90,8 +91,7 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 # ---------------------------------------------------------------------------------------------
 # Switch and block shapes.
 
-MODES = (None, False, "interpret")
-_MODE: list = [None]
+_SWITCH = KernelSwitch("set_pallas_attention", _KERNEL_DTYPES)
 
 
 def set_pallas_attention(mode) -> None:
@@ -104,9 +104,7 @@ def set_pallas_attention(mode) -> None:
     >>> set_pallas_attention(None); use_pallas_attention(jnp.float32)  # on the CPU
     False
   """
-  if mode not in MODES:
-    raise ValueError(f"set_pallas_attention: mode must be None, False or 'interpret', got {mode!r}")
-  _MODE[0] = mode
+  _SWITCH.set(mode)
 
 
 def use_pallas_attention(dtype) -> bool:
@@ -116,10 +114,7 @@ def use_pallas_attention(dtype) -> bool:
     >>> use_pallas_attention(jnp.float16)
     False
   """
-  mode = _MODE[0]
-  if mode is False or jnp.dtype(dtype) not in _KERNEL_DTYPES:
-    return False
-  return mode == "interpret" or jax.default_backend() == "gpu"
+  return _SWITCH.on(dtype)
 
 
 def supported(shape: tuple[int, ...], dtype) -> bool:
@@ -511,4 +506,4 @@ def pallas_attention(
         f"pallas_attention: lengths must be int ({bsz},), got {lengths.dtype} {lengths.shape}"
       )
     n = jnp.clip(lengths.astype(jnp.int32), 1, length)
-  return _attention(q, k, v, n, bool(causal), _MODE[0] == "interpret", attention_config())
+  return _attention(q, k, v, n, bool(causal), _SWITCH.interpret, attention_config())

@@ -78,6 +78,7 @@ from mmts_jax.models._row_blocks import load as _load
 from mmts_jax.models._row_blocks import pl_modules as _pl
 from mmts_jax.models._row_blocks import store as _store
 from mmts_jax.models._row_blocks import sub_block as _sub_block
+from mmts_jax.models.kernel_switch import KernelSwitch
 from mmts_jax.models.row_partitioning import FEATURES, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -108,9 +109,7 @@ def _slope(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Switch and block shapes.
 
-MODES = (None, False, "interpret")
-_MODE: list = [None]
-_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+_SWITCH = KernelSwitch("set_pallas_gelu", (jnp.bfloat16, jnp.float32))
 
 
 def set_pallas_gelu(mode) -> None:
@@ -123,9 +122,7 @@ def set_pallas_gelu(mode) -> None:
     >>> set_pallas_gelu(None); use_pallas_gelu(jnp.float32)  # on the CPU
     False
   """
-  if mode not in MODES:
-    raise ValueError(f"set_pallas_gelu: mode must be None, False or 'interpret', got {mode!r}")
-  _MODE[0] = mode
+  _SWITCH.set(mode)
 
 
 def use_pallas_gelu(dtype) -> bool:
@@ -135,10 +132,7 @@ def use_pallas_gelu(dtype) -> bool:
     >>> use_pallas_gelu(jnp.float64)
     False
   """
-  mode = _MODE[0]
-  if mode is False or jnp.dtype(dtype) not in _KERNEL_DTYPES:
-    return False
-  return mode == "interpret" or jax.default_backend() == "gpu"
+  return _SWITCH.on(dtype)
 
 
 class GeluConfig(NamedTuple):
@@ -266,7 +260,7 @@ def _call(kernel, h, n_in: int, outs, interpret: bool | None = None, cfg: GeluCo
   along N, F). `interpret` and `cfg` default to the module's settings now."""
   pl, plgpu = _pl()
   n, f = h.shape
-  interpret = _MODE[0] == "interpret" if interpret is None else interpret
+  interpret = _SWITCH.interpret if interpret is None else interpret
   cfg = _fit(gelu_config() if cfg is None else cfg, n, f)
   rows = cfg.bm * cfg.steps
   grid = (pl.cdiv(n, rows), pl.cdiv(f, cfg.bn))
@@ -307,7 +301,7 @@ _bwd_rows = row_partitioned(_bwd_local, (ROWS, ROWS, FEATURES), (ROWS, SUM), 2)
 def _settings() -> tuple[bool, GeluConfig]:
   """The mode and blocks now, passed on as static arguments: the partitioned calls are built
   when the program compiles, and must see the settings of the trace."""
-  return _MODE[0] == "interpret", gelu_config()
+  return _SWITCH.interpret, gelu_config()
 
 
 def _pallas_forward(h, b):

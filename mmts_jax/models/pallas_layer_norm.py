@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 
 from mmts_jax.losses._pallas_tiles import check_powers_of_two
+from mmts_jax.models.kernel_switch import KernelSwitch
 from mmts_jax.models.row_partitioning import FEATURES, ROW, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -84,8 +85,6 @@ __all__ = [
 ]
 
 MAX_FEATURES = 1024  # ViT-L's width; a row of more would not fit in registers at these blocks
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-MODES = (None, False, "interpret")
 
 
 class LayerNormConfig(NamedTuple):
@@ -108,7 +107,7 @@ class LayerNormConfig(NamedTuple):
 _CONFIG = [LayerNormConfig()]
 # None: the kernels on GPUs, XLA elsewhere; False: XLA everywhere; "interpret": the Pallas
 # interpreter on any backend.
-_MODE: list = [None]
+_SWITCH = KernelSwitch("set_pallas_layer_norm", (jnp.float32, jnp.bfloat16))
 
 
 def set_pallas_layer_norm(mode) -> None:
@@ -123,11 +122,7 @@ def set_pallas_layer_norm(mode) -> None:
     True
     >>> set_pallas_layer_norm(None)
   """
-  if mode not in MODES:
-    raise ValueError(
-      f"set_pallas_layer_norm: mode must be None, False or 'interpret', got {mode!r}"
-    )
-  _MODE[0] = mode
+  _SWITCH.set(mode)
 
 
 def use_pallas_layer_norm(features: int, dtype) -> bool:
@@ -137,11 +132,7 @@ def use_pallas_layer_norm(features: int, dtype) -> bool:
     >>> use_pallas_layer_norm(768, jnp.bfloat16)  # on CPU, by default
     False
   """
-  mode = _MODE[0]
-  if mode is False:
-    return False
-  on = mode == "interpret" or jax.default_backend() == "gpu"
-  return on and 0 < features <= MAX_FEATURES and jnp.dtype(dtype) in _DTYPES
+  return _SWITCH.on(dtype) and 0 < features <= MAX_FEATURES
 
 
 def layer_norm_config() -> LayerNormConfig:
@@ -304,7 +295,7 @@ def layer_norm_fwd(
 def _settings() -> tuple[bool, LayerNormConfig]:
   """The mode and blocks now, passed on as static arguments: the partitioned calls are built
   when the program compiles, and must see the settings of the trace."""
-  return _MODE[0] == "interpret", _CONFIG[0]
+  return _SWITCH.interpret, _CONFIG[0]
 
 
 def _fwd_local(epsilon, dtype, interpret, cfg, x, *args):

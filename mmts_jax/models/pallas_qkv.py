@@ -47,6 +47,7 @@ from jax import lax
 
 from mmts_jax.losses._pallas_tiles import check_powers_of_two
 from mmts_jax.models._row_blocks import edges, load, pl_modules, store, sub_block
+from mmts_jax.models.kernel_switch import KernelSwitch
 from mmts_jax.models.row_partitioning import FEATURES, ROWS, SUM, row_partitioned
 
 __all__ = [
@@ -58,9 +59,7 @@ __all__ = [
   "split_qkv",
 ]
 
-MODES = (None, False, "interpret")
-_MODE: list = [None]
-_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+_SWITCH = KernelSwitch("set_pallas_qkv", (jnp.bfloat16, jnp.float32))
 del FEATURES  # the join has no (F,) operand
 
 
@@ -83,9 +82,7 @@ _CONFIG: list = [_DEFAULT]
 def set_pallas_qkv(mode) -> None:
   """Chooses the backward's path: None (the kernel on GPUs, the default), False (XLA
   everywhere) or "interpret" (the kernel through the Pallas interpreter, any backend)."""
-  if mode not in MODES:
-    raise ValueError(f"set_pallas_qkv: mode must be None, False or 'interpret', got {mode!r}")
-  _MODE[0] = mode
+  _SWITCH.set(mode)
 
 
 def qkv_config() -> QkvConfig:
@@ -131,12 +128,9 @@ def _width(cfg: QkvConfig, f: int) -> int | None:
 
 
 def _use_kernel(g: jax.Array) -> bool:
-  mode = _MODE[0]
-  if mode is False or g.size == 0 or jnp.dtype(g.dtype) not in _KERNEL_DTYPES:
+  if g.size == 0 or _width(_CONFIG[0], g.shape[-1] * g.shape[-2]) is None:
     return False
-  if _width(_CONFIG[0], g.shape[-1] * g.shape[-2]) is None:
-    return False
-  return mode == "interpret" or jax.default_backend() == "gpu"
+  return _SWITCH.on(g.dtype)
 
 
 def _join_kernel(cfg, n, f, dq_ref, dk_ref, dv_ref, dh_ref, db_ref):
@@ -193,9 +187,9 @@ def _join_local(interpret, cfg, dq, dk, dv):
 _join_rows = row_partitioned(_join_local, (ROWS, ROWS, ROWS), (ROWS, SUM), 2)
 
 
-def _split(h, b):
+def _split(h, b) -> tuple[jax.Array, jax.Array, jax.Array]:
   b = b.astype(h.dtype)
-  return tuple(h[..., t, :, :] + b[t] for t in range(3))
+  return h[..., 0, :, :] + b[0], h[..., 1, :, :] + b[1], h[..., 2, :, :] + b[2]
 
 
 @jax.custom_vjp
@@ -224,7 +218,7 @@ def _bwd(residuals, grads):
   lead, (heads, d) = dq.shape[:-2], dq.shape[-2:]
   if _use_kernel(dq):
     rows = lambda g: g.reshape(-1, heads * d)
-    dh, db = _join_rows(_MODE[0] == "interpret", _CONFIG[0], rows(dq), rows(dk), rows(dv))
+    dh, db = _join_rows(_SWITCH.interpret, _CONFIG[0], rows(dq), rows(dk), rows(dv))
     dh = dh.reshape(*lead, 3, heads, d)
   else:
     dh = jnp.stack([dq, dk, dv], axis=-3)

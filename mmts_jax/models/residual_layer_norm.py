@@ -108,6 +108,8 @@ class ResidualLayerNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     if z is not None:
+      if a is None:
+        raise ValueError("ResidualLayerNorm: a branch z needs its bias a")
       return add_layer_norm(x, z, a, scale, bias, self.epsilon, self.dtype, self.kernel)
     return residual_layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
 

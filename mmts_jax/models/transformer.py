@@ -187,16 +187,17 @@ class EncoderBlock(nn.Module):
       return ResidualLayerNorm(**dt, kernel="pallas", name=name)(x, *(branch or ()))
     return x, make_layer_norm(self.lean_layer_norm, self.dtype, self.param_dtype, name)(x)
 
-  def _branch(self, out, rows_shape, train: bool):
-    """A branch's output as `_norm`'s `(z, a)` in "pallas_add" (a dropout that is on makes
-    the branch `dropout(z + a)` with a zero bias: same values, the add then outside the
-    kernel), else as the value to add to the stream."""
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    if not self.deferred_bias:
-      return drop(out.reshape(rows_shape))
+  def _branch(self, out, rows_shape, train: bool) -> jax.Array:
+    """A branch's output as the value the block adds to its stream (after dropout)."""
+    return nn.Dropout(self.dropout, deterministic=not train)(out.reshape(rows_shape))
+
+  def _deferred(self, out, rows_shape, train: bool) -> tuple[jax.Array, jax.Array]:
+    """A "pallas_add" branch's `(z, a)` (before its bias, and the bias) as `_norm` takes it; a
+    dropout that is on makes it `(dropout(z + a), 0)`: same values, the bias added outside."""
     z, a = out
     z = z.reshape(rows_shape)
     if self.dropout > 0.0 and train:
+      drop = nn.Dropout(self.dropout, deterministic=False)
       return drop(z + a.astype(z.dtype)), jnp.zeros_like(a)
     return z, a
 
@@ -229,7 +230,7 @@ class EncoderBlock(nn.Module):
       name="attn",
     )(y.reshape(shape), mask, deterministic=not train, causal=self.causal, lengths=lengths)
     if self.deferred_bias:
-      x, y = self._norm("ln2", x, self._branch(y, x.shape, train))
+      x, y = self._norm("ln2", x, self._deferred(y, x.shape, train))
     else:
       x, y = self._norm("ln2", x + self._branch(y, x.shape, train))
     y = MlpBlock(
@@ -242,7 +243,7 @@ class EncoderBlock(nn.Module):
       name="mlp",
     )(y, train=train)
     if self.deferred_bias:
-      z, a = self._branch(y, x.shape, train)
+      z, a = self._deferred(y, x.shape, train)
       return x.reshape(shape), z.reshape(shape), a
     return (x + self._branch(y, x.shape, train)).reshape(shape)
 
