@@ -25,6 +25,7 @@ import pytest
 from hlo_collectives import collectives
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from model_grads import out_and_grads
 
 from mmts_jax.models import TextTransformer, ViT
 from mmts_jax.models import pallas_layer_norm as pln
@@ -32,7 +33,6 @@ from mmts_jax.models.lean_layer_norm import check_lean
 from mmts_jax.models.residual_layer_norm import add_layer_norm
 
 EPS = 1e-6
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 IMAGE = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3), jnp.float32)
 
 
@@ -116,16 +116,6 @@ def _init(model, x):
   return jax.jit(model.clone(lean_layer_norm=True).init)(jax.random.PRNGKey(0), x)
 
 
-def _out_and_grads(model, params, x, rngs=None):
-  def f(p):
-    out = model.apply(p, x, train=True, rngs=rngs)
-    return jnp.sum(jnp.sin(out)), out
-
-  vg = jax.value_and_grad(f, has_aux=True)
-  (_, out), grads = jax.jit(vg).lower(params).compile(compiler_options=FAST_COMPILE)(params)
-  return out, grads
-
-
 def _same_as_lean(make, x, rngs=None):
   """`make(lean)` with "pallas_add" against `lean=True` (the XLA layer norm, the bias inside
   each Dense): same parameter tree, outputs and gradients."""
@@ -133,8 +123,8 @@ def _same_as_lean(make, x, rngs=None):
   params = _init(plain, x)
   shapes = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
   chex.assert_trees_all_equal_shapes_and_dtypes(shapes(fast), shapes(plain), params)
-  out, grads = _out_and_grads(fast, params, x, rngs)
-  plain_out, plain_grads = _out_and_grads(plain, params, x, rngs)
+  out, grads = out_and_grads(fast, params, x, rngs)
+  plain_out, plain_grads = out_and_grads(plain, params, x, rngs)
   chex.assert_trees_all_close(out, plain_out, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(grads, plain_grads, atol=5e-5, rtol=1e-5)
   # The biases the kernels differentiate really are trained: nonzero gradients.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_grads import out_and_grads
 
 from mmts_jax.models import TextTransformer, ViT, build_tower
 from mmts_jax.models import pallas_layer_norm as pln
@@ -170,26 +171,13 @@ def test_pallas_layer_norm_lowers_to_triton_for_cuda(dtype):
 
 
 IMAGE = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float32)
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _out_and_grads(model, params, x):
-  """The model's output and the gradients of `sum(sin(output))`, in one compiled step."""
-
-  def f(p):
-    out = model.apply(p, x, train=True)
-    return jnp.sum(jnp.sin(out)), out
-
-  vg = jax.value_and_grad(f, has_aux=True)
-  (_, out), grads = jax.jit(vg).lower(params).compile(compiler_options=FAST_COMPILE)(params)
-  return out, grads
 
 
 @pytest.fixture(scope="module")
 def plain_vit():
   plain = ViT.from_variant("mu/8")
   params = jax.jit(plain.init)(jax.random.PRNGKey(0), IMAGE)
-  return params, _out_and_grads(plain, params, IMAGE)
+  return params, out_and_grads(plain, params, IMAGE)
 
 
 @pytest.mark.parametrize("flat", [False, True], ids=["3d", "flat"])
@@ -199,7 +187,7 @@ def test_vit_with_the_pallas_layer_norm_keeps_outputs_and_gradients(interpret, p
   # 2 blocks x 2 norms + ln_pre + ln_final, each a forward and a backward kernel.
   grad = jax.grad(lambda p: jnp.sum(fast.apply(p, IMAGE, train=True)))
   assert str(jax.make_jaxpr(grad)(params)).count("pallas_call") == 12
-  out, grads = _out_and_grads(fast, params, IMAGE)
+  out, grads = out_and_grads(fast, params, IMAGE)
   chex.assert_trees_all_close(out, plain_out, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(grads, plain_grads, atol=5e-5, rtol=1e-5)
 
@@ -210,8 +198,8 @@ def test_text_tower_with_the_pallas_layer_norm_keeps_outputs_and_gradients(inter
   plain = TextTransformer(**kw)
   fast = TextTransformer(**kw, lean_layer_norm="pallas", flat_residual=True, even_length=True)
   params = jax.jit(plain.init)(jax.random.PRNGKey(0), ids)
-  out, grads = _out_and_grads(fast, params, ids)
-  plain_out, plain_grads = _out_and_grads(plain, params, ids)
+  out, grads = out_and_grads(fast, params, ids)
+  plain_out, plain_grads = out_and_grads(plain, params, ids)
   chex.assert_trees_all_close(out, plain_out, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(grads, plain_grads, atol=5e-5, rtol=1e-5)
 

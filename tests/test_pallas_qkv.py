@@ -21,11 +21,11 @@ import pytest
 from hlo_collectives import collectives
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from model_grads import out_and_grads
 
 from mmts_jax.models import TextTransformer, ViT, build_tower
 from mmts_jax.models import pallas_qkv as pq
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 IMAGE = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3), jnp.float32)
 
 
@@ -94,16 +94,6 @@ def test_a_width_no_block_divides_takes_the_xla_form(interpret):
   np.testing.assert_allclose(np.asarray(db, np.float64), want_db, atol=1e-5, rtol=0)
 
 
-def _out_and_grads(model, params, x):
-  def f(p):
-    out = model.apply(p, x, train=True)
-    return jnp.sum(jnp.sin(out)), out
-
-  vg = jax.value_and_grad(f, has_aux=True)
-  (_, out), grads = jax.jit(vg).lower(params).compile(compiler_options=FAST_COMPILE)(params)
-  return out, grads
-
-
 def _same_as_xla_backward(make, x):
   fast, plain = make("pallas"), make(False)
   params = jax.jit(plain.init)(jax.random.PRNGKey(0), x)
@@ -111,8 +101,8 @@ def _same_as_xla_backward(make, x):
     jax.make_jaxpr(jax.grad(lambda p: jnp.sum(m.apply(p, x, train=True))))(params)
   ).count("pallas_call")
   assert calls(fast) == 2 and calls(plain) == 0  # one join per block (2 blocks)
-  out, grads = _out_and_grads(fast, params, x)
-  want_out, want_grads = _out_and_grads(plain, params, x)
+  out, grads = out_and_grads(fast, params, x)
+  want_out, want_grads = out_and_grads(plain, params, x)
   chex.assert_trees_all_close(out, want_out, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(grads, want_grads, atol=5e-5, rtol=1e-5)
 

@@ -26,6 +26,7 @@ from hlo_collectives import collectives
 from jax.extend import core as jcore
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from model_grads import FAST_COMPILE, out_and_grads
 
 from mmts_jax.models import TextTransformer, ViT, build_tower
 from mmts_jax.models import pallas_layer_norm as pln
@@ -35,7 +36,6 @@ from mmts_jax.models.residual_layer_norm import residual_layer_norm
 from mmts_jax.models.transformer import EncoderBlock
 
 EPS = 1e-6
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture
@@ -176,18 +176,6 @@ def test_the_backward_has_no_separate_add_of_the_skip_cotangent(interpret, flat)
   assert calls == {"pallas": 12, "pallas_res": 12}  # 6 layer norms, forward + backward
 
 
-def _out_and_grads(model, params, x):
-  """The model's output and the gradients of `sum(sin(output))`, in one compiled step."""
-
-  def f(p):
-    out = model.apply(p, x, train=True)
-    return jnp.sum(jnp.sin(out)), out
-
-  vg = jax.value_and_grad(f, has_aux=True)
-  (_, out), grads = jax.jit(vg).lower(params).compile(compiler_options=FAST_COMPILE)(params)
-  return out, grads
-
-
 def _init(model, x):
   """Parameters through the XLA layer norm (`lean_layer_norm=True`, the same tree: the
   interpreted kernels are slow to compile)."""
@@ -201,8 +189,8 @@ def _same_as_pallas(make, x, params=None):
   params = _init(plain, x) if params is None else params
   shapes = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
   chex.assert_trees_all_equal_shapes_and_dtypes(shapes(fast), shapes(plain), params)
-  out, grads = _out_and_grads(fast, params, x)
-  plain_out, plain_grads = _out_and_grads(plain, params, x)
+  out, grads = out_and_grads(fast, params, x)
+  plain_out, plain_grads = out_and_grads(plain, params, x)
   chex.assert_trees_all_close(out, plain_out, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(grads, plain_grads, atol=5e-5, rtol=1e-5)
 
