@@ -10,7 +10,6 @@ import re
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -19,20 +18,9 @@ from mmts_jax.train import optim
 
 
 def _optim_cfg(**kw):
-  c = ml_collections.ConfigDict(
-    dict(
-      lr=1e-2,
-      warmup_steps=2,
-      end_lr_factor=0.1,
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.98,
-      eps=1e-6,
-      grad_clip_norm=1.0,
-      flatten=False,
-    )
-  )
-  c.update(**kw)
+  """The default `config.optim` (clipping on, weight decay, warmup + cosine) with `kw`."""
+  c = train.default_config().optim
+  c.update(lr=1e-2, warmup_steps=2, end_lr_factor=0.1, **kw)
   return c
 
 
