@@ -38,7 +38,8 @@ Variants (`VARIANTS`) change only how the same maths is computed (same parameter
            (`split_qkv_backward="pallas"`)
   +pattn   attention in `pallas_attention`'s fused short-sequence Pallas kernels in both towers
            (`attention="pallas"`; cuDNN elsewhere); +pattni: in the image tower only; +pattnt: in
-           the text tower only
+           the text tower only; +cb1, +cbconc, +nocb (after +pqkv+pattnt only): XLA's command
+           buffers (CUDA graphs) from one kernel up, with concurrent commands, or off
   X+exactgelu  any variant X with the Pallas GELU kernels' exact maths (`GeluConfig.fast_math`
            False: libdevice exp2 and IEEE division instead of ex2.approx and rcp.approx)
 
@@ -317,6 +318,20 @@ VARIANTS = {
   ),
 }
 
+
+# Run 22's fastest (+pqkv+pattnt: 80.45 ms, 3.8 ms of it with no kernel running in 1,415
+# kernels per step) under XLA's command-buffer (CUDA graph) settings: graphs from 1 kernel up
+# (default 5), independent commands of a graph run concurrently (default: in the scheduled
+# order), no command buffers at all (the control).
+_RUN22_BEST = "fast+qkv+even+lean+flat+plnres+pgelu+fopt+pqkv+pattnt"
+_COMMAND_BUFFER_FLAGS = {
+  "+cb1": {"xla_gpu_graph_min_graph_size": 1},
+  "+cbconc": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+  "+nocb": {"xla_gpu_enable_command_buffer": ""},
+}
+for _suffix, _flags in _COMMAND_BUFFER_FLAGS.items():
+  _towers, _image, _xla, _text, _optim = VARIANTS[_RUN22_BEST]
+  VARIANTS[_RUN22_BEST + _suffix] = (_towers, _image, {**_xla, **_flags}, _text, _optim)
 
 # A suffix on any variant: the same model with the Pallas GELU kernels' exact maths (libdevice
 # exp2 and IEEE division instead of ex2.approx / rcp.approx, `GeluConfig.fast_math=False`), set
