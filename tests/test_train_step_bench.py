@@ -110,3 +110,26 @@ def test_derived_run_at_another_batch_size_equals_its_own_setup(bench):
   got, _ = step(derived.state, derived.to_device(host))
   want, _ = ref.step_fn(ref.state, ref.to_device(host))
   chex.assert_trees_all_close(got.params, want.params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("thread_alive", [False, True])
+def test_exit_keeps_the_code_and_output_with_a_compile_thread_alive(tmp_path, thread_alive):
+  """`_exit` ends the process with main's code and flushed output, also while a (daemon) thread
+  is still running, the state in which run 24's bench crashed at interpreter teardown."""
+  import subprocess
+
+  script = tmp_path / "exit_check.py"
+  script.write_text(
+    "import importlib.util, sys, threading, time\n"
+    f"spec = importlib.util.spec_from_file_location('tsb', {str(_PATH)!r})\n"
+    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+    f"if {thread_alive}:\n"
+    "  threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    "print('result line', end='')\n"
+    "m._exit(3)\n"
+  )
+  done = subprocess.run(
+    [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+  )
+  assert done.returncode == 3, done.stderr[-2000:]
+  assert done.stdout == "result line"
