@@ -278,12 +278,50 @@ def test_per_device_bodies_lower_to_triton_for_cuda(kernel):
 
 def test_row_partitioned_names_bad_kinds():
   body = lambda x: (x,)
-  with pytest.raises(ValueError, match=r"first operand must be ROWS, got \('row',\)"):
+  with pytest.raises(
+    ValueError, match=r"first operand must be ROWS or batch\(rank\), got \('row',\)"
+  ):
     rp.row_partitioned(body, (rp.ROW,), (rp.ROWS,))
-  with pytest.raises(ValueError, match=r"operands must be ROWS, ROW or FEATURES, got .*'sum'"):
+  with pytest.raises(
+    ValueError, match=r"operands must be ROWS, ROW, FEATURES or batch\(rank\), got .*'sum'"
+  ):
     rp.row_partitioned(body, (rp.ROWS, rp.SUM), (rp.ROWS,))
-  with pytest.raises(ValueError, match=r"results must be ROWS, ROW or SUM, got .*'features'"):
+  with pytest.raises(
+    ValueError, match=r"results must be ROWS, ROW, SUM or batch\(rank\), got .*'features'"
+  ):
     rp.row_partitioned(body, (rp.ROWS,), (rp.FEATURES,))
+  with pytest.raises(ValueError, match=r"first operand .* got \('batch1',\)"):  # rank 1 is ROW
+    rp.row_partitioned(body, ("batch1",), (rp.ROWS,))
+  with pytest.raises(ValueError, match="rank must be >= 2"):
+    rp.batch(1)
+
+
+def test_batch_kinds_keep_the_leading_axis_sharded_and_the_rest_replicated():
+  """`batch(rank)` arrays (attention's (B, L, H, D) and (B, H, L)) beside a per-row operand,
+  on the 8-device simulated mesh: values as one device, outputs sharded over the batch, and
+  no all-gather in the compiled program (the batch stays split)."""
+
+  def fn(scale, x, lse, n):
+    return x * scale + n[:, None, None, None], jnp.swapaxes(lse, 1, 2).sum(-1) + n[:, None]
+
+  f = rp.row_partitioned(
+    fn, (rp.batch(4), rp.batch(3), rp.ROW), (rp.batch(4), rp.batch(2)), num_static=1
+  )
+  mesh = _mesh((8,), ("data",))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 5, 3, 4)).astype(np.float32)
+  lse = rng.normal(size=(16, 3, 5)).astype(np.float32)
+  n = np.arange(16, dtype=np.float32)
+  batch_sharded = lambda r: NamedSharding(mesh, P("data", *([None] * (r - 1))))
+  run = jax.jit(
+    lambda x, lse, n: f(2.0, x, lse, n),
+    in_shardings=(batch_sharded(4), batch_sharded(3), batch_sharded(1)),
+  )
+  y, z = run(x, lse, n)
+  want_y, want_z = fn(2.0, x, lse, n)
+  chex.assert_trees_all_close((np.asarray(y), np.asarray(z)), (want_y, want_z), rtol=1e-6)
+  assert y.sharding.spec[0] == "data" and z.sharding.spec[0] == "data"
+  assert collectives(run.lower(x, lse, n).compile().as_text() or "") == {}
 
 
 def test_the_gspmd_partitioner_takes_the_same_rule(interpret):

@@ -38,7 +38,8 @@ the default), False (`use_pallas_attention` says no: callers take XLA), "interpr
 kernels through the Pallas interpreter, any backend: slow, for tests on the CPU). The choice
 is read at trace time.
 
-Sharding: both passes are `custom_partitioning` calls whose batch axis keeps its sharding
+Sharding: both passes are `row_partitioning.row_partitioned` calls (`batch(rank)` arrays)
+whose batch axis keeps its sharding
 (over any mesh axes, if B splits evenly over them; else replicated) with L, H and D
 replicated, so under a multi-device `jit` each device runs the kernels on its own rows.
 Checked through the interpreter on the 8-device simulated CPU mesh
@@ -69,14 +70,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from mmts_jax.losses._pallas_tiles import check_powers_of_two, ptx_unary
 from mmts_jax.models._row_blocks import pl_modules as _pl
 from mmts_jax.models.kernel_switch import KernelSwitch
-from mmts_jax.models.row_partitioning import row_axes, shard_body
+from mmts_jax.models.row_partitioning import ROW, batch, row_partitioned
 
 __all__ = [
   "MAX_LENGTH",
@@ -401,48 +399,13 @@ def _bwd_local(causal, interpret, cfg, q, k, v, o, do, lse, n):
 # Batch partitioning: the batch axis keeps its sharding, everything else is replicated.
 
 
-def _batch_partitioned(fn, ranks_in: tuple[int, ...], ranks_out: tuple[int, ...], num_static):
-  """`fn(*static, *arrays) -> tuple` as a `custom_partitioning` call whose arrays (of ranks
-  `ranks_in` / `ranks_out`) all lead with the batch axis, which stays sharded as the first
-  operand's (`row_partitioning.row_axes`); the other axes are replicated."""
-  letters = "lhdx"
-
-  def factors(rank):
-    return " ".join(["b"] + [f"{letters[i]}{rank}" for i in range(rank - 1)])
-
-  # Factors other than the batch, in their order of appearance (Shardy wants them sorted so).
-  others = tuple(
-    dict.fromkeys(f"{letters[i]}{r}" for r in ranks_in + ranks_out for i in range(r - 1))
-  )
-
-  def shardings(mesh, ranks, axes):
-    return tuple(NamedSharding(mesh, P(axes or None, *([None] * (r - 1)))) for r in ranks)
-
-  def axes_of(mesh, arg_shapes):
-    x = arg_shapes[0]
-    return row_axes(mesh, x.sharding, x.shape[0])
-
-  def infer(*args):
-    mesh, arg_shapes, _ = args[num_static:]
-    return shardings(mesh, ranks_out, axes_of(mesh, arg_shapes))
-
-  def partition(*args):
-    static, (mesh, arg_shapes, _) = args[:num_static], args[num_static:]
-    axes = axes_of(mesh, arg_shapes)
-    body = shard_body(fn, static, ("rows",) * len(ranks_out), axes)
-    return mesh, body, shardings(mesh, ranks_out, axes), shardings(mesh, ranks_in, axes)
-
-  wrapped = custom_partitioning(fn, static_argnums=tuple(range(num_static)))
-  rule = ", ".join(factors(r) for r in ranks_in) + " -> " + ", ".join(factors(r) for r in ranks_out)
-  wrapped.def_partition(
-    partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-    need_replication_factors=others,
-  )  # fmt: skip
-  return wrapped
-
-
-_fwd_batch = _batch_partitioned(_fwd_local, (4, 4, 4, 1), (4, 3), 3)
-_bwd_batch = _batch_partitioned(_bwd_local, (4, 4, 4, 4, 4, 3, 1), (4, 4, 4), 3)
+# Every array leads with the batch axis, which keeps the first operand's sharding
+# (`row_partitioning`); L, H and D stay replicated. Operands: q, k, v (, o, dO), (lse,) n.
+_QKV, _LSE = batch(4), batch(3)
+_fwd_batch = row_partitioned(_fwd_local, (_QKV, _QKV, _QKV, ROW), (_QKV, _LSE), num_static=3)
+_bwd_batch = row_partitioned(
+  _bwd_local, (_QKV,) * 5 + (_LSE, ROW), (_QKV, _QKV, _QKV), num_static=3
+)
 
 
 # ---------------------------------------------------------------------------------------------

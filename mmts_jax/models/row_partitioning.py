@@ -1,5 +1,6 @@
 r"""A partitioning rule for row-wise kernels: `custom_partitioning` of a function whose operands
-and results are rows `(N, C)`, one number per row `(N,)`, or per-feature vectors `(C,)`.
+and results are rows `(N, C)`, one number per row `(N,)`, per-feature vectors `(C,)`, or
+arrays of any rank that lead with the rows (`batch(rank)`: e.g. attention's `(B, L, H, D)`).
 
 A Pallas call is opaque to XLA's partitioner (GSPMD or Shardy): under a multi-device `jit` with
 the rows sharded it would gather every operand on every device. `row_partitioned(fn, ...)`
@@ -46,13 +47,52 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["FEATURES", "ROW", "ROWS", "SUM", "row_axes", "row_partitioned", "shard_body"]
+__all__ = [
+  "FEATURES",
+  "ROW",
+  "ROWS",
+  "SUM",
+  "batch",
+  "row_axes",
+  "row_partitioned",
+  "shard_body",
+]
 
 ROWS = "rows"  # (N, C): rows keep their sharding, features replicated
 ROW = "row"  # (N,): one number per row, sharded as the rows
 FEATURES = "features"  # (C,) operand: replicated
 SUM = "sum"  # (C,) result: a sum over this device's rows, all-reduced over the row axes
 _FACTORS = {ROWS: "n c", ROW: "n", FEATURES: "c", SUM: "c"}
+_BATCH = "batch"
+
+
+def batch(rank: int) -> str:
+  """The kind of a rank-`rank` array (rank >= 2) whose leading axis is the rows, sharded as
+  the rows, and whose other axes are replicated. Arrays of one rank share their factors, so
+  they must share their shape past the rows (attention's q, k, v, o: `(B, L, H, D)`).
+
+  Example:
+    >>> batch(4)
+    'batch4'
+  """
+  if int(rank) < 2:
+    raise ValueError(f"row_partitioning.batch: rank must be >= 2 (ROW is rank 1), got {rank}")
+  return f"{_BATCH}{int(rank)}"
+
+
+def _rank(kind: str) -> int | None:
+  """The rank of a `batch` kind, None for the others (and for a malformed one)."""
+  tail = kind[len(_BATCH) :]
+  return int(tail) if kind.startswith(_BATCH) and tail.isdigit() and int(tail) >= 2 else None
+
+
+def _factors(kind: str) -> str:
+  """The kind's factors in the Shardy rule: the rows "n", a batch kind's other axes one factor
+  per (rank, axis), so that arrays of one rank share them and arrays of two ranks do not."""
+  rank = _rank(kind)
+  if rank is None:
+    return _FACTORS[kind]
+  return " ".join(["n"] + [f"a{rank}_{i}" for i in range(1, rank)])
 
 
 def row_axes(mesh: Mesh, sharding, n: int) -> tuple[str, ...]:
@@ -80,16 +120,31 @@ def row_axes(mesh: Mesh, sharding, n: int) -> tuple[str, ...]:
 def _shardings(mesh: Mesh, kinds: Sequence[str], axes: tuple[str, ...]) -> tuple:
   rows = axes if axes else None
   spec = {ROWS: P(rows, None), ROW: P(rows), FEATURES: P(None), SUM: P(None)}
-  return tuple(NamedSharding(mesh, spec[k]) for k in kinds)
+
+  def one(kind):
+    rank = _rank(kind)
+    return spec[kind] if rank is None else P(rows, *([None] * (rank - 1)))
+
+  return tuple(NamedSharding(mesh, one(k)) for k in kinds)
+
+
+def _is_rows(kind: str) -> bool:
+  return kind == ROWS or _rank(kind) is not None
 
 
 def _check_kinds(operands: Sequence[str], results: Sequence[str]) -> None:
-  if not operands or operands[0] != ROWS:
-    raise ValueError(f"row_partitioned: the first operand must be ROWS, got {tuple(operands)}")
-  if any(k not in (ROWS, ROW, FEATURES) for k in operands):
-    raise ValueError(f"row_partitioned: operands must be ROWS, ROW or FEATURES, got {operands}")
-  if not results or any(k not in (ROWS, ROW, SUM) for k in results):
-    raise ValueError(f"row_partitioned: results must be ROWS, ROW or SUM, got {results}")
+  if not operands or not _is_rows(operands[0]):
+    raise ValueError(
+      f"row_partitioned: the first operand must be ROWS or batch(rank), got {tuple(operands)}"
+    )
+  if any(not _is_rows(k) and k not in (ROW, FEATURES) for k in operands):
+    raise ValueError(
+      f"row_partitioned: operands must be ROWS, ROW, FEATURES or batch(rank), got {operands}"
+    )
+  if not results or any(not _is_rows(k) and k not in (ROW, SUM) for k in results):
+    raise ValueError(
+      f"row_partitioned: results must be ROWS, ROW, SUM or batch(rank), got {results}"
+    )
 
 
 def shard_body(fn: Callable, static: Sequence, results: Sequence[str], axes: tuple[str, ...]):
@@ -155,11 +210,14 @@ def row_partitioned(
     )
 
   wrapped = custom_partitioning(fn, static_argnums=tuple(range(num_static)))
-  rule = ", ".join(_FACTORS[k] for k in operands) + " -> " + ", ".join(_FACTORS[k] for k in results)
+  rule = ", ".join(map(_factors, operands)) + " -> " + ", ".join(map(_factors, results))
+  # Every factor but the rows' is replicated, in the order of first appearance (as Shardy
+  # wants them).
+  others = tuple(dict.fromkeys(f for k in (*operands, *results) for f in _factors(k).split()))
   wrapped.def_partition(
     partition,
     infer_sharding_from_operands=infer,
     sharding_rule=rule,
-    need_replication_factors=("c",),
+    need_replication_factors=tuple(f for f in others if f != "n"),
   )
   return wrapped
