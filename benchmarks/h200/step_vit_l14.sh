@@ -26,8 +26,9 @@ source "$(dirname "$0")/common.sh"
 begin ml_collections open_clip_torch ftfy wcwidth
 warm_peer_then_go "timeout 240 python3 benchmarks/openclip_step_peer.py ViT-L-14 $B compile \
     > /tmp/oc_warm.json 2> /tmp/oc_warm.err"
-taskset -c 0-9 timeout $((D + 10)) python3 benchmarks/train_step_bench.py --out "$OUT" \
-    --model vit_l14 --batch $B --variants $V --mmts "$M" --steps 5 --rounds 3 \
+# JAX_LOG_COMPILES: jax.log gets each compilation's time (the setup took 130 s in run 24).
+JAX_LOG_COMPILES=1 taskset -c 0-9 timeout $((D + 10)) python3 benchmarks/train_step_bench.py \
+    --out "$OUT" --model vit_l14 --batch $B --variants $V --mmts "$M" --steps 5 --rounds 3 \
     --deadline-s "$D" --timing-s 30 --ready-file /tmp/ready --go-file /tmp/go \
     2> "$OUT/jax.log" > /tmp/jax_stdout.json
 el "ours rc=$?: $(ours_medians) $(grep -o '"[^"]*_mmts_overhead_pct": [^,]*' /tmp/jax_stdout.json)"
