@@ -12,9 +12,12 @@
 #   F=fast+qkv+even+lean+flat; VARIANT=$F+pln+pgelu,$F MMTS=$F+pln+pgelu \
 #       bash benchmarks/h200/step_vit_l14.sh                                  # run 13
 #   VARIANT=fast+qkv+even+lean+flat+plnres+pgelu+fopt+pqkv+pattnt MMTS= \
-#       bash benchmarks/h200/step_vit_l14.sh                 # prepared for session 9
-#   (the same with BATCH=512: the largest batch issue 17 asks for; ours took 60.25 GiB and
-#   OpenCLIP 62.19 GiB at 256 of the card's ~139)
+#       bash benchmarks/h200/step_vit_l14.sh                 # run 25 (batch 256)
+#   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 BATCH=512 VARIANT=<run 25's> MMTS= \
+#       bash benchmarks/h200/step_vit_l14.sh                 # run 27 (batch 512)
+#   Batch 512 needs 114.9 GiB (OpenCLIP 117.25): over the 75% of the card that JAX takes by
+#   default, hence the memory fraction (run 26, without it, ran out of memory at the first
+#   step). 1,024 was not tried: twice the activations of 512 exceed the card on either side.
 #
 # Writes under $OUT: driver.log, jax.log, train_step_bench_vit_l14.json,
 # openclip_l14_b$BATCH.json.
