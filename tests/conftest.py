@@ -1,18 +1,13 @@
-"""Test-session setup: an 8-device simulated CPU mesh for the sharded paths.
-
-XLA reads the flag once, when the backend starts, so it is set here before any test imports jax.
-"""
+"""Test-session fixtures. The environment (the 8-device simulated CPU mesh, XLA's flags, offline
+Hugging Face) is set by the repository root's conftest.py, which pytest loads first for every
+path under the root, before any test imports jax."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -22,6 +17,29 @@ def shared_dir() -> pathlib.Path:
   if not SHARED.is_dir():
     raise FileNotFoundError(f"../shared not found at {SHARED}; the reference data is required")
   return SHARED
+
+
+@pytest.fixture
+def default_codegen(request) -> bool:
+  """True where this process compiles with XLA's default CPU code generation. Elsewhere (the
+  suite's XLA_FLAGS lower the optimisation level, conftest.py) it runs this test again in a
+  child pytest with only the device-count flag, asserts that it passed, and returns False: the
+  test then returns, its assertions having run in the child."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if not any(f.startswith("--xla_backend_optimization_level") for f in flags):
+    return True
+  device_flags = [f for f in flags if f.startswith("--xla_force_host_platform_device_count")]
+  child = subprocess.run(
+    # -v cancels the -q of pyproject's addopts: the summary line then says "1 passed".
+    [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", request.node.nodeid],
+    env=dict(os.environ, XLA_FLAGS=" ".join(device_flags)),
+    cwd=request.config.rootpath,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert child.returncode == 0 and " 1 passed" in child.stdout, child.stdout[-4000:]
+  return False
 
 
 @pytest.fixture

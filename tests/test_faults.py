@@ -41,6 +41,10 @@ from mmts_jax.checkpointing import Checkpointer, CheckpointRestoreError
 from mmts_jax.data import sources
 from mmts_jax.metrics_log import read_metrics
 
+# One worker runs the whole module (`make test` uses --dist loadgroup), so the module-scoped
+# training runs below are computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("faults")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "faults_worker.py")
 LOSS_RTOL = 1e-5
@@ -50,7 +54,15 @@ STATE_TOL = dict(rtol=1e-4, atol=1e-5)
 def _env(devices: int, cache: pathlib.Path) -> dict:
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    # This session's XLA flags (conftest.py) with the worker's own device count.
+    XLA_FLAGS=" ".join(
+      [f"--xla_force_host_platform_device_count={devices}"]
+      + [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+      ]
+    ),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=str(ROOT),
     # Programs compiled by one subprocess are reused by the next (a second launch).
