@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(PY) -m mmts_jax.study.demo $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 # Read-only checks (nothing is rewritten): `ruff format` and `ruff check --fix` are for you to run.
 lint: $(STAMP)

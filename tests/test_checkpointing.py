@@ -20,10 +20,6 @@ from mmts_jax.checkpointing import Checkpointer
 from mmts_jax.commands.train import load_config
 from mmts_jax.metrics_log import read_metrics
 
-# One worker runs the whole module (`make test` uses --dist loadgroup), so the module-scoped
-# training runs below are computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("checkpointing")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 # One long schedule for every in-process run of the test session, so they share one compiled

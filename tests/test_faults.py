@@ -41,10 +41,6 @@ from mmts_jax.checkpointing import Checkpointer, CheckpointRestoreError
 from mmts_jax.data import sources
 from mmts_jax.metrics_log import read_metrics
 
-# One worker runs the whole module (`make test` uses --dist loadgroup), so the module-scoped
-# training runs below are computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("faults")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "faults_worker.py")
 LOSS_RTOL = 1e-5

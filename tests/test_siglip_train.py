@@ -23,10 +23,6 @@ from mmts_jax.metrics_log import read_metrics
 from mmts_jax.models import build_model
 from mmts_jax.train.step import make_embed_fn
 
-# One worker runs the whole module (`make test` uses --dist loadgroup), so the module-scoped
-# training runs below are computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("siglip_train")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIGLIP = str(ROOT / "configs" / "siglip_tiny.py")
 STEPS = 6
