@@ -100,9 +100,10 @@ def test_kernels_match_the_float64_reference(interpret, cfg, n, f, dtype, tol):
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_xla_path_matches_the_float64_reference(dtype, tol, default_codegen):
-  if not default_codegen:  # ran in a child process with XLA's default flags
-    return
+def test_xla_path_matches_the_float64_reference(dtype, tol, request):
+  # float32's 1e-5 is XLA's default code generation's; bfloat16's 1e-2 holds at any level.
+  if dtype == jnp.float32 and not request.getfixturevalue("default_codegen"):
+    return  # ran in a child process with XLA's default flags
   # The default on the CPU: XLA, no Pallas call; leading axes flattened to rows.
   h, b, g = _inputs((3, 33, 24), dtype, seed=5)
   got, calls = _run(h, b, g)
