@@ -96,7 +96,10 @@ def run_one(args) -> dict:
     "devices": 1,
     "tiles": args.tiles,
   }
-  if args.tiles != "auto":
+  if args.tiles == "fused-triton":  # the fused tiles, Triton's for every pass
+    _pallas_tiles.set_fused_tiles("always")
+    _pallas_tiles.set_tile_kernel("triton")
+  elif args.tiles != "auto":
     modes = {"xla": False, "fused": "always", "interpret": "interpret"}
     _pallas_tiles.set_fused_tiles(modes[args.tiles])
   if args.no_centre:
@@ -302,6 +305,21 @@ def plan(name, peers, configs=None):
         p.append(_peer(peers, mode, 32768))
     p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1, configs=configs))
     return p
+  if name == "h200_mosaic":  # issue 13: the Mosaic GPU forward tiles beside every peer, B to 1M
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+    for b in (32768, 131072):
+      for dtype in ("bf16", "f32"):
+        p.append(_ours("blockwise", b, dtype, rep=rep_of(b)))
+    p.append(_ours("blockwise", 131072, "bf16", rep=3, tiles="fused-triton"))
+    for b in (32768, 131072):
+      p.append(_ours("blockwise", b, "bf16", loss="max_margin", rep=rep_of(b)))
+    if peers:
+      for mode in ("jax_naive", "infcl", "torch_naive"):
+        p.append(_peer(peers, mode, 32768))
+      p.append(_peer(peers, "infcl", 131072))
+    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    return p
   if name == "h200_bf16":  # the cost of the centred bf16 backward, and the fused-tile shape
     if peers:
       p.append(_peer(peers, "gemm_torch", 0, 0))
@@ -410,10 +428,11 @@ def main(argv=None):
   one.add_argument(
     "--tiles",
     default="auto",
-    choices=["auto", "xla", "fused", "interpret"],
+    choices=["auto", "xla", "fused", "fused-triton", "interpret"],
     help="xla: the XLA tiles; fused: the Pallas tiles (auto: where `_pallas_tiles.FASTEST` "
-    "measured them faster); interpret: the Pallas tiles through the interpreter (CPU smoke "
-    "test, tiny --B)",
+    "measured them faster); fused-triton: the Pallas tiles, Triton's kernels for every pass "
+    "(no Mosaic GPU); interpret: the Pallas tiles through the interpreter (CPU smoke test, "
+    "tiny --B)",
   )
   one.add_argument(
     "--triton",
@@ -446,6 +465,7 @@ def main(argv=None):
       "h100",
       "h200",
       "h200_tuned",
+      "h200_mosaic",
       "h200_bf16",
       "max_margin",
       "ring",

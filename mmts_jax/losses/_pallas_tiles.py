@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmts_jax.losses import _mosaic_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
 from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
 
@@ -41,6 +42,7 @@ __all__ = [
   "nce_fwd_tile",
   "set_fused_tiles",
   "set_tile_config",
+  "set_tile_kernel",
   "sig_bwd_tile",
   "sig_fwd_tile",
   "tile_config",
@@ -153,7 +155,7 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # listed (CPU, TPU, float64, f32 max-margin, the sigmoid loss: its fused tiles are 3.3-4.5x
 # slower than its XLA tiles, results/loss_sigmoid_h200/) run the XLA tiles.
 FASTEST = {
-  ("gpu", "bfloat16", "infonce"): {"fwd": "fused", "bwd": "fused"},
+  ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "fused"},
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
   ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
 }
@@ -195,7 +197,7 @@ def use_fused_tiles(
     return False
   if mode is None:
     key = (jax.default_backend(), jnp.dtype(dtype).name, loss)
-    on = FASTEST.get(key, {}).get(kind) == "fused"
+    on = FASTEST.get(key, {}).get(kind) in ("fused", "mosaic")
   else:
     on = (mode == "interpret" or jax.default_backend() == "gpu") and kind in passes
   return on and _fused_ok(blocks, d, dtype)
@@ -223,6 +225,42 @@ def set_fused_tiles(mode, passes=PASSES) -> None:
   if bad:
     raise ValueError(f"set_fused_tiles: passes must be among {PASSES}, got {tuple(passes)!r}")
   _FUSED[:] = [mode, tuple(passes)]
+
+
+# Which fused kernel an InfoNCE pass takes where it takes one: None (the measured `FASTEST`:
+# "mosaic" there means the warp-specialised Mosaic GPU kernels of `_mosaic_tiles` on Hopper,
+# "fused" the Triton ones), "triton" or "mosaic" (forced; the latter through the Mosaic GPU
+# interpreter under `set_fused_tiles("interpret")`).
+_KERNEL: list = [None]
+
+
+def set_tile_kernel(kernel) -> None:
+  """Chooses the fused InfoNCE kernel: None (measured default), "triton" or "mosaic".
+
+  Mosaic GPU kernels need a Hopper GPU (or the interpreter) and unpadded bfloat16 tiles whose
+  edges their configuration divides; other tiles keep the Triton kernels.
+  """
+  if kernel not in (None, "triton", "mosaic"):
+    raise ValueError(f"set_tile_kernel: kernel must be None, 'triton' or 'mosaic', got {kernel!r}")
+  _KERNEL[0] = kernel
+
+
+def _hopper() -> bool:
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def _mosaic_for(kind: str, xr, yc) -> tuple[bool, bool]:
+  """(whether this unpadded InfoNCE tile pass takes the Mosaic GPU kernel, interpreted)."""
+  interpret = _FUSED[0] == "interpret"
+  if _KERNEL[0] == "triton":
+    return False, interpret
+  if _KERNEL[0] is None:
+    key = (jax.default_backend(), jnp.dtype(xr.dtype).name, "infonce")
+    if FASTEST.get(key, {}).get(kind) != "mosaic":
+      return False, interpret
+  fits = _mosaic_tiles.supported(xr.shape[0], yc.shape[0], xr.shape[1], xr.dtype, kind)
+  return fits and (interpret or _hopper()), interpret
 
 
 def _pl():
@@ -483,6 +521,12 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   yc, ac, cid = c
   f32 = jnp.float32
   masked = bool(mask_rows or mask_cols)
+  mosaic, interpret = _mosaic_for("fwd", xr, yc)
+  if mosaic and not masked:
+    vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
+    rm, rl, cm, cl = _mosaic_tiles.nce_stats(xr, yc, *vecs, interpret=interpret, like=xr)
+    rm, cm = rm * _LN2, cm * _LN2
+    return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
   call = _program(
     _nce_stats_kernel,
     "fwd",
@@ -515,17 +559,25 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
   vec_in = ("rcrc" if masked else "rc") + "rcrc"
-  call = _program(_nce_ds_kernel, "bwd", precision, xr, yc, vec_in, outs, masked, need_sums, need_a)
-  vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
-  if masked:
-    vecs += [_bias(rid, f32), _bias(cid, f32)]
-  vecs += [
+  scales = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
+  rest = [
     (lse_r * _LOG2E).astype(f32),
     (lse_c * _LOG2E).astype(f32),
     (gr * ar).astype(f32),
     (gc * ac).astype(f32),
   ]
-  ddx, ddy, res = _grad_products(call(xr, yc, *vecs), need_sums, xr, yc, precision)
+  mosaic, interpret = _mosaic_for("bwd", xr, yc)
+  if mosaic and not masked:
+    out = _mosaic_tiles.nce_ds(
+      xr, yc, *scales, *rest, need_sums=need_sums, need_a=need_a, interpret=interpret, like=xr
+    )
+  else:
+    call = _program(
+      _nce_ds_kernel, "bwd", precision, xr, yc, vec_in, outs, masked, need_sums, need_a
+    )
+    biases = [_bias(rid, f32), _bias(cid, f32)] if masked else []
+    out = call(xr, yc, *scales, *biases, *rest)
+  ddx, ddy, res = _grad_products(out, need_sums, xr, yc, precision)
   if need_a:
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)

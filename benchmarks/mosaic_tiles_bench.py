@@ -1,0 +1,276 @@
+"""The Mosaic GPU InfoNCE tile kernels against the Triton ones, side by side in one process.
+
+  python benchmarks/mosaic_tiles_bench.py --out mosaic_tiles.json [--sizes 32768,131072]
+
+1. Check, on the GPU: the kernels' outputs against float64 (one 2,048 x 2,048 tile, D = 512,
+   per-anchor temperatures 0.005-0.105) and the blockwise bf16 loss on them against the float32
+   dense loss at B = 2,048 (tiles of 1,024): values and gradients, relative to the largest entry.
+2. Time the blockwise bf16 InfoNCE (D = 512, default tiles), forward only and forward+backward,
+   with each kernel ("triton", "mosaic", and the XLA tiles), compiled once each and called in
+   alternating rounds; medians per kernel. The card's bf16 matmul rate (XLA, 8,192^3) is measured
+   in the same process for the fraction of the roofline (8 B^2 D FLOP per forward+backward).
+Rows are written to `--out` as they finish; `--deadline` stops starting new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Mosaic configurations timed (name: fwd, bwd as MosaicConfig fields tile_m, tile_n, tile_k,
+# stages, wgs, ctas_per_sm, release). "auto" is the default dispatch (`_pallas_tiles.FASTEST`).
+VARIANTS = {
+  "mosaic_2wg": ((128, 128, 64, 4, 2, 1, 0), (128, 128, 64, 3, 2, 1, 0)),
+  "mosaic_2wg_r1": ((128, 128, 64, 4, 2, 1, 1), (128, 128, 64, 3, 2, 1, 1)),
+}
+
+
+def use_variant(name):
+  """Sets the Mosaic configurations of variant `name` (None: the defaults)."""
+  from mmts_jax.losses import _mosaic_tiles as mt
+
+  for kind, cfg in zip(("fwd", "bwd"), VARIANTS.get(name) or (None, None), strict=True):
+    mt.set_config(kind, mt.MosaicConfig(*cfg) if cfg else None)
+
+
+def _rel(a, b) -> float:
+  import numpy as np
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def check_kernels(variant) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mmts_jax.losses import _mosaic_tiles as mt
+
+  n, d = 2048, 512
+  k = jax.random.split(jax.random.PRNGKey(0), 6)
+
+  def unit(key):
+    v = jax.random.normal(key, (n, d))
+    return (v / jnp.linalg.norm(v, axis=1, keepdims=True)).astype(jnp.bfloat16)
+
+  x, y = unit(k[0]), unit(k[1])
+  use_variant(variant)
+  log2e = 1.4426950408889634
+  tr = 0.005 + 0.1 * jax.random.uniform(k[2], (n,))
+  tc = 0.005 + 0.1 * jax.random.uniform(k[3], (n,))
+  ar, ac = (log2e / tr).astype(jnp.float32), (log2e / tc).astype(jnp.float32)
+  rm, rl, cm, cl = (np.asarray(v, np.float64) for v in mt.nce_stats(x, y, ar, ac))
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  a_r, a_c = np.asarray(ar, np.float64), np.asarray(ac, np.float64)
+
+  def lse2(z, axis):
+    m = z.max(axis, keepdims=True)
+    return (m + np.log2(np.exp2(z - m).sum(axis, keepdims=True))).squeeze(axis)
+
+  def merge(m, l_):
+    top = m.max(0)
+    return top + np.log2((l_ * np.exp2(m - top)).sum(0))
+
+  lr, lc = lse2(s * a_r[:, None], 1), lse2(s * a_c[None, :], 0)
+  out = {
+    "stats_row_lse2_abs": float(np.abs(merge(rm, rl) - lr).max()),
+    "stats_col_lse2_abs": float(np.abs(merge(cm, cl) - lc).max()),
+  }
+  wr = np.asarray(jax.random.normal(k[4], (n,)), np.float64) * a_r
+  wc = np.asarray(jax.random.normal(k[5], (n,)), np.float64) * a_c
+  vecs = [jnp.asarray(v, jnp.float32) for v in (ar, ac, lr, lc, wr, wc)]
+  res = mt.nce_ds(x, y, *vecs, need_sums=True, need_a=True)
+  pr = np.exp2(s * a_r[:, None] - lr[:, None])
+  pc = np.exp2(s * a_c[None, :] - lc[None, :])
+  ds = wr[:, None] * pr + wc[None, :] * pc
+  out["ds_rel"] = _rel(res[0], ds)
+  wants = [ds.sum(1), ds.sum(0), (pr * s).sum(1), (pc * s).sum(0)]
+  out["ds_sums_rel"] = [
+    _rel(np.asarray(p, np.float64).sum(0), w) for p, w in zip(res[1:], wants, strict=True)
+  ]
+  use_variant(None)
+  return out
+
+
+def check_loss() -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from mmts_jax import losses
+  from mmts_jax.losses import _pallas_tiles as pt
+  from mmts_jax.losses import dense
+
+  b, d = 2048, 512
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+
+  def unit(key):
+    v = jax.random.normal(key, (b, d))
+    return (v / jnp.linalg.norm(v, axis=1, keepdims=True)).astype(jnp.bfloat16)
+
+  x, y = unit(k1), unit(k2)
+  t = 0.005 + 0.1 * jax.random.uniform(k3, (b,))
+  pt.set_tile_kernel("mosaic")
+  use_variant(next(iter(VARIANTS)))
+  try:
+    f = jax.jit(
+      jax.value_and_grad(
+        lambda x, y, t: losses.infonce(x, y, t, impl="blockwise", block_size=1024),
+        argnums=(0, 1, 2),
+      )
+    )
+    v, g = f(x, y, t)
+  finally:
+    pt.set_tile_kernel(None)
+    use_variant(None)
+  hi = jax.lax.Precision.HIGHEST
+  f0 = jax.jit(
+    jax.value_and_grad(lambda x, y, t: dense.infonce_dense(x, y, t, precision=hi), (0, 1, 2))
+  )
+  v0, g0 = f0(x.astype(jnp.float32), y.astype(jnp.float32), t)
+  return {
+    "loss_rel": abs(float(v) - float(v0)) / abs(float(v0)),
+    "grad_rel": [_rel(a.astype(jnp.float32), b_) for a, b_ in zip(g, g0, strict=True)],
+    "finite": bool(all(jnp.all(jnp.isfinite(a.astype(jnp.float32))) for a in g)),
+  }
+
+
+def matmul_tflops() -> float:
+  import jax
+  import jax.numpy as jnp
+
+  n = 8192
+  a = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  ts = []
+  for _ in range(10):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    ts.append(time.perf_counter() - t)
+  return 2 * n**3 / sorted(ts)[len(ts) // 2] / 1e12
+
+
+def compiled(kernel: str, b: int):
+  import jax
+  from loss_bench import _inputs
+
+  from mmts_jax import losses
+  from mmts_jax.losses import _pallas_tiles as pt
+
+  x, y, tau = _inputs(b, 512, "bf16")
+  if kernel == "xla":
+    pt.set_fused_tiles(False)
+  elif kernel == "auto":
+    pass
+  elif kernel == "triton":
+    pt.set_tile_kernel("triton")
+  else:
+    pt.set_tile_kernel("mosaic")
+    use_variant(kernel)
+  try:
+    loss = lambda x, y: losses.infonce(x, y, tau, impl="blockwise")  # noqa: E731
+    fwd = jax.jit(loss).lower(x, y).compile()
+    both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, y).compile()
+  finally:
+    pt.set_fused_tiles(None)
+    pt.set_tile_kernel(None)
+    use_variant(None)
+  return x, y, fwd, both
+
+
+def time_sizes(sizes, rounds, rep, deadline, t0, write) -> list:
+  import jax
+
+  rows = []
+  for b in sizes:
+    fns = {}
+    for kernel in ("triton", *VARIANTS, "auto", "xla"):
+      if time.perf_counter() - t0 > deadline:
+        break
+      try:
+        fns[kernel] = compiled(kernel, b)
+        x, y, fwd, both = fns[kernel]
+        fwd_v = float(jax.block_until_ready(fwd(x, y)))
+        both_v = jax.block_until_ready(both(x, y))
+        rows.append(
+          {"B": b, "kernel": kernel, "loss_value": fwd_v, "fwdbwd_loss": float(both_v[0])}
+        )
+      except Exception as e:  # a kernel that fails to compile is a result too
+        rows.append({"B": b, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+        fns.pop(kernel, None)
+      write(rows)
+    times = {k: {"fwd": [], "fwd_bwd": []} for k in fns}
+    for _ in range(rounds):
+      if time.perf_counter() - t0 > deadline:
+        break
+      for kernel, (x, y, fwd, both) in fns.items():
+        for name, fn in (("fwd", fwd), ("fwd_bwd", both)):
+          for _ in range(rep):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(x, y))
+            times[kernel][name].append((time.perf_counter() - t) * 1e3)
+    for row in rows:
+      if row["B"] == b and row["kernel"] in times:
+        for name, ts in times[row["kernel"]].items():
+          if ts:
+            ts = sorted(ts)
+            row[f"{name}_ms"] = round(ts[len(ts) // 2], 3)
+            row[f"{name}_ms_all"] = [round(v, 3) for v in ts]
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", -1)
+    rows.append({"B": b, "process_peak_gib_so_far": round(peak / 2**30, 3)})
+    write(rows)
+    fns.clear()
+  return rows
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--sizes", default="32768,131072")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--rep", type=int, default=3)
+  ap.add_argument("--deadline", type=float, default=400.0)
+  args = ap.parse_args(argv)
+  import jax
+
+  t0 = time.perf_counter()
+  result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
+
+  def write(rows=None):
+    if rows is not None:
+      result["rows"] = rows
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(tmp, args.out)
+
+  checks = [(f"check_kernels_{v}", lambda v=v: check_kernels(v)) for v in VARIANTS]
+  for name, fn in [*checks, ("check_loss", check_loss)]:
+    try:
+      result[name] = fn()
+    except Exception:
+      result[name] = {"error": traceback.format_exc()[-3000:]}
+    print(name, json.dumps(result[name])[:1500], flush=True)
+    write()
+  result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
+  sizes = [int(s) for s in args.sizes.split(",")]
+  time_sizes(sizes, args.rounds, args.rep, args.deadline, t0, write)
+  rate = result["matmul_bf16_tflops"] * 1e12
+  for row in result.get("rows", []):
+    if "fwd_bwd_ms" in row:
+      row["roofline"] = round(8 * row["B"] ** 2 * 512 / (row["fwd_bwd_ms"] / 1e3) / rate, 3)
+  write()
+  for row in result.get("rows", []):
+    print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,149 @@
+"""The warp-specialised Mosaic GPU InfoNCE kernels (`mmts_jax.losses._mosaic_tiles`) through
+Pallas's GPU interpreter on CPU (TMA copies, barriers, wgmma and the persistent walk simulated),
+against float64 references, and their lowering to Mosaic GPU for CUDA from the CPU.
+
+Tolerances: the kernels' base-2 logsumexp partials merged, 1e-5 absolute against float64 on the
+same bf16 inputs (float32 accumulation over D = 128); dS 1e-5 relative to its largest entry (it
+is stored in bf16: 2^-8 relative per entry, so it is compared in float32 after the fact: 4e-3);
+the blockwise loss with these kernels against the float32 dense loss on the same bf16 inputs:
+loss 1e-3, gradients 1e-2 relative (issue 13's bounds).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_losses_blockwise import FAST_COMPILE, _rel, _unit
+
+from mmts_jax import losses
+from mmts_jax.losses import _mosaic_tiles as mt
+from mmts_jax.losses import _pallas_tiles as pt
+from mmts_jax.losses import dense
+
+LOG2E = 1.4426950408889634
+
+
+def _tile_inputs(br, bc, d, seed):
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x, y = _unit(k[0], (br, d)).astype(jnp.bfloat16), _unit(k[1], (bc, d)).astype(jnp.bfloat16)
+  # Temperatures 0.005 to 0.105: base-2 logits up to 290.
+  tr = 0.005 + 0.1 * jax.random.uniform(k[2], (br,))
+  tc = 0.005 + 0.1 * jax.random.uniform(k[3], (bc,))
+  return x, y, (LOG2E / tr).astype(jnp.float32), (LOG2E / tc).astype(jnp.float32)
+
+
+def _lse2(z, axis):
+  m = z.max(axis, keepdims=True)
+  return (m + np.log2(np.exp2(z - m).sum(axis, keepdims=True))).squeeze(axis)
+
+
+@pytest.fixture(params=[1, 2], ids=["one-warpgroup", "two-warpgroups"])
+def wgs(request):
+  """Compute warpgroups per CTA: two take turns for their column reductions (barriers)."""
+  for kind in ("fwd", "bwd"):
+    mt.set_config(kind, mt.config(kind)._replace(wgs=request.param))
+  yield request.param
+  for kind in ("fwd", "bwd"):
+    mt.set_config(kind, None)
+
+
+def _merge2(m, s):
+  top = m.max(0)
+  return top + np.log2((s * np.exp2(m - top)).sum(0))
+
+
+def test_stats_kernel_partials_merge_to_the_float64_logsumexps(wgs):
+  x, y, ar, ac = _tile_inputs(512, 384, 128, seed=0)
+  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
+  # (columns / tile_n, rows) row partials, (rows / tile_m, columns) column partials.
+  assert rm.shape == rl.shape == (3, 512) and cm.shape == cl.shape == (4, 384)
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
+  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
+  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("need_sums", "need_a"), [(True, True), (False, False)])
+def test_ds_kernel_matches_float64(wgs, need_sums, need_a):
+  x, y, ar, ac = _tile_inputs(256, 256, 128, seed=1)
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  a_r, a_c = np.asarray(ar, np.float64), np.asarray(ac, np.float64)
+  lr, lc = _lse2(s * a_r[:, None], 1), _lse2(s * a_c[None, :], 0)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  wr = np.asarray(jax.random.normal(k1, (256,)), np.float64) * a_r
+  wc = np.asarray(jax.random.normal(k2, (256,)), np.float64) * a_c
+  vecs = [jnp.asarray(v, jnp.float32) for v in (ar, ac, lr, lc, wr, wc)]
+  out = mt.nce_ds(x, y, *vecs, need_sums=need_sums, need_a=need_a, interpret=True)
+  assert len(out) == 1 + 2 * (need_sums + need_a)
+  pr = np.exp2(s * a_r[:, None] - lr[:, None])
+  pc = np.exp2(s * a_c[None, :] - lc[None, :])
+  ds = wr[:, None] * pr + wc[None, :] * pc
+  assert out[0].dtype == jnp.bfloat16 and out[0].shape == (256, 256)
+  scale = np.abs(ds).max()
+  np.testing.assert_allclose(np.asarray(out[0], np.float64), ds, atol=4e-3 * scale, rtol=0)
+  parts = [np.asarray(p, np.float64) for p in out[1:]]
+  wants = []
+  if need_sums:
+    wants += [ds.sum(1), ds.sum(0)]
+  if need_a:
+    wants += [(pr * s).sum(1), (pc * s).sum(0)]
+  for got, want in zip(parts, wants, strict=True):
+    np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
+def _vg(fn, *args, **kw):
+  f = jax.jit(jax.value_and_grad(lambda x, y, t: fn(x, y, t, **kw), argnums=(0, 1, 2)))
+  return f.lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def test_blockwise_loss_on_the_mosaic_kernels_matches_the_dense_loss(interpreted):
+  # The default configurations: two compute warpgroups per CTA, taking turns.
+  assert mt.config("fwd").wgs == mt.config("bwd").wgs == 2
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
+  b, d = 256, 64  # two column tiles of 128: the partials merge across tiles
+  xb = _unit(k1, (b, d)).astype(jnp.bfloat16)
+  yb = _unit(k2, (b, d)).astype(jnp.bfloat16)
+  t = 0.005 + 0.1 * jax.random.uniform(k3, (b,))
+  pt.set_tile_kernel("mosaic")
+  try:
+    assert pt._mosaic_for("fwd", xb, yb) == (True, True)
+    v, g = _vg(losses.infonce_blockwise, xb, yb, t, block_size=(256, 128))
+  finally:
+    pt.set_tile_kernel(None)
+  v0, g0 = _vg(dense.infonce_dense, xb.astype(jnp.float32), yb.astype(jnp.float32), t)
+  assert _rel(v, v0) <= 1e-3
+  for got, want in zip(g, g0, strict=True):
+    assert np.all(np.isfinite(np.asarray(got, np.float32))) and _rel(got, want) <= 1e-2
+
+
+def test_padded_or_float32_tiles_keep_the_triton_kernels(interpreted):
+  x = jnp.zeros((256, 64), jnp.bfloat16)
+  pt.set_tile_kernel("mosaic")
+  try:
+    assert pt._mosaic_for("fwd", x, x)[0]
+    assert not pt._mosaic_for("fwd", x[:192], x)[0]  # rows: whole sub-tiles of 128
+    assert not pt._mosaic_for("bwd", x.astype(jnp.float32), x)[0]
+  finally:
+    pt.set_tile_kernel(None)
+  assert not pt._mosaic_for("fwd", x, x)[0]  # on CPU the measured default never picks them
+
+
+def test_bad_tile_kernels_are_refused():
+  with pytest.raises(ValueError, match="kernel must be None, 'triton' or 'mosaic'"):
+    pt.set_tile_kernel("wgmma")
+
+
+def test_the_kernels_lower_to_mosaic_gpu_for_cuda():
+  # The Pallas-to-Mosaic-GPU lowering (layouts, reductions, TMA and wgmma shapes) runs on the
+  # CPU; compiling to PTX needs a GPU (benchmarks/mosaic_tiles_bench.py checks that on one).
+  xs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((1024,), jnp.float32)
+  fwd = jax.jit(lambda x, y, a, b: mt.nce_stats(x, y, a, b))
+  text = fwd.trace(xs, xs, v, v).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  bwd = jax.jit(lambda *a: mt.nce_ds(*a, need_sums=True, need_a=True))
+  text = bwd.trace(xs, xs, *([v] * 6)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
