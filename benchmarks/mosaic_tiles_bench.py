@@ -230,6 +230,95 @@ def time_sizes(sizes, rounds, rep, deadline, t0, write) -> list:
   return rows
 
 
+def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
+  """The loss's pieces on (n, n) bf16 tiles, each jitted alone and run over `tiles` tiles in one
+  executable (`lax.map`, so launch and host overheads are amortised): the Triton and the Mosaic
+  dS programs (with the float32 dS sums the centred products take), the centred bf16 gradient
+  products on that dS (`grad_matmuls`), the same two products uncentred, and the forward
+  programs; medians of `rep` calls divided by `tiles`, ms per tile."""
+  import jax
+  import jax.numpy as jnp
+
+  from mmts_jax.losses import _mosaic_tiles as mt
+  from mmts_jax.losses import _pallas_tiles as pt
+  from mmts_jax.losses._traversal import _grad_dots, grad_matmuls
+
+  k = jax.random.split(jax.random.PRNGKey(2), 2)
+
+  def unit(key):
+    v = jax.random.normal(key, (n, d))
+    return (v / jnp.linalg.norm(v, axis=1, keepdims=True)).astype(jnp.bfloat16)
+
+  x, y = unit(k[0]), unit(k[1])
+  xs = jnp.broadcast_to(x, (tiles, n, d)) + jnp.zeros((tiles, 1, 1), x.dtype)
+  a = jnp.full((n,), 1.4426950408889634 / 0.05, jnp.float32)
+  lse = jnp.full((n,), 30.0, jnp.float32)
+  w = jnp.full((n,), 1e-4, jnp.float32)
+  f32 = jnp.float32
+
+  def triton_ds(x, y):
+    parts = [("rowpart", f32), ("colpart", f32)]
+    call = pt._program(
+      pt._nce_ds_kernel,
+      "bwd",
+      None,
+      x,
+      y,
+      "rcrcrc",
+      [("tile", x.dtype), *parts],
+      False,
+      True,
+      False,
+    )
+    return call(x, y, a, a, lse, lse, w, w)
+
+  def mosaic_ds(x, y):
+    return mt.nce_ds(x, y, a, a, lse, lse, w, w, need_sums=True, need_a=False)
+
+  def triton_fwd(x, y):
+    parts = [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)]
+    return pt._program(pt._nce_stats_kernel, "fwd", None, x, y, "rc", parts, False)(x, y, a, a)
+
+  def mosaic_fwd(x, y):
+    return mt.nce_stats(x, y, a, a)
+
+  ds = jax.block_until_ready(jax.jit(mosaic_ds)(x, y))
+  sums = (jnp.sum(ds[1], axis=0), jnp.sum(ds[2], axis=0))
+  dss = jnp.broadcast_to(ds[0], (tiles, n, n)) + jnp.zeros((tiles, 1, 1), ds[0].dtype)
+
+  def over_tiles(fn, stacked):
+    """`fn(stacked[t], *rest)` for every tile t in one executable; a scalar out."""
+
+    def run(stack, *rest):
+      outs = jax.lax.map(lambda v: fn(v, *rest), stack)
+      return sum(jnp.sum(o[:, :1].astype(f32)) for o in jax.tree.leaves(outs))
+
+    return jax.jit(run), stacked
+
+  fns = {
+    "triton_ds": (*over_tiles(triton_ds, xs), (y,)),
+    "mosaic_ds": (*over_tiles(mosaic_ds, xs), (y,)),
+    "grad_matmuls_centred": (
+      *over_tiles(lambda s, x, y, sums: grad_matmuls(s, x, y, None, sums), dss),
+      (x, y, sums),
+    ),
+    "grad_dots_plain": (*over_tiles(lambda s, x, y: _grad_dots(s, x, y, None, f32), dss), (x, y)),
+    "triton_fwd": (*over_tiles(triton_fwd, xs), (y,)),
+    "mosaic_fwd": (*over_tiles(mosaic_fwd, xs), (y,)),
+  }
+  out = {"n": n, "d": d, "rep": rep, "tiles": tiles}
+  for name, (fn, stacked, rest) in fns.items():
+    jax.block_until_ready(fn(stacked, *rest))
+    ts = []
+    for _ in range(rep):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(stacked, *rest))
+      ts.append((time.perf_counter() - t) * 1e3 / tiles)
+    ts.sort()
+    out[name + "_ms_per_tile"] = round(ts[len(ts) // 2], 4)
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
@@ -237,6 +326,7 @@ def main(argv=None) -> int:
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--rep", type=int, default=3)
   ap.add_argument("--deadline", type=float, default=400.0)
+  ap.add_argument("--parts", action="store_true", help="only time the tile programs alone")
   args = ap.parse_args(argv)
   import jax
 
@@ -252,6 +342,12 @@ def main(argv=None) -> int:
     os.replace(tmp, args.out)
 
   checks = [(f"check_kernels_{v}", lambda v=v: check_kernels(v)) for v in VARIANTS]
+  if args.parts:
+    result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
+    result["parts"] = time_parts()
+    write()
+    print(json.dumps(result["parts"]), flush=True)
+    return 0
   for name, fn in [*checks, ("check_loss", check_loss)]:
     try:
       result[name] = fn()
