@@ -149,11 +149,15 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 
 # The faster tile kernel per (backend, embedding dtype, loss) and pass, as measured side by side
 # in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md), one H200, B = 32,768:
-# bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms, f32 InfoNCE XLA 23.4 ms vs fused
-# 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's; results/loss_tune_h200_run1.json);
-# bf16 max-margin fused 16.3 ms vs XLA 17.8 ms (results/loss_h200_tuned.json). Entries not
-# listed (CPU, TPU, float64, f32 max-margin, the sigmoid loss: its fused tiles are 3.3-4.5x
-# slower than its XLA tiles, results/loss_sigmoid_h200/) run the XLA tiles.
+# bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms; of the fused kernels, the Mosaic
+# GPU forward ("mosaic", `_mosaic_tiles`) beats Triton's at B = 131,072 (52.6 vs 60.4 ms; fwd +
+# bwd 178.7 vs 188.1 ms, results/mosaic_tiles_h200/run4), its dS kernel does not (fwd + bwd
+# 183.2 ms with both passes on Mosaic), so the backward stays Triton's; f32 InfoNCE XLA
+# 23.4 ms vs fused 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's;
+# results/loss_tune_h200_run1.json); bf16 max-margin fused 16.3 ms vs XLA 17.8 ms
+# (results/loss_h200_tuned.json). Entries not listed (CPU, TPU, float64, f32 max-margin, the
+# sigmoid loss: its fused tiles are 3.3-4.5x slower than its XLA tiles,
+# results/loss_sigmoid_h200/) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "fused"},
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
