@@ -202,7 +202,9 @@ def test_fused_sigmoid_kernels_lower_to_triton_for_cuda(dtype):
 
 def test_sigmoid_dispatch_follows_the_fused_tile_rule():
   blocks = pt.Blocks(256, 256)
-  # Auto: no GPU timing of the fused sigmoid tiles, so the XLA tiles everywhere (CPU here).
+  # Auto: the fused tiles where they were measured faster (bf16 on GPUs), XLA's on this CPU.
+  assert pt.FASTEST[("gpu", "bfloat16", "sigmoid")] == {"fwd": "fused", "bwd": "fused"}
+  assert ("gpu", "float32", "sigmoid") not in pt.FASTEST
   assert not pt.use_fused_tiles(blocks, 64, jnp.bfloat16, "sigmoid", "fwd")
   try:
     pt.set_fused_tiles("interpret", passes=("bwd",))
@@ -210,5 +212,33 @@ def test_sigmoid_dispatch_follows_the_fused_tile_rule():
     assert not pt.use_fused_tiles(blocks, 64, jnp.bfloat16, "sigmoid", "fwd")
     assert not pt.use_fused_tiles(blocks, 64, jnp.float64, "sigmoid", "bwd")
     assert not pt.use_fused_tiles(pt.Blocks(100, 256), 64, jnp.float32, "sigmoid", "bwd")
+  finally:
+    pt.set_fused_tiles(None)
+
+
+def test_fast_softplus_and_sigmoid_match_float64():
+  # The fused kernels' formulas (`softplus_fast`, `sigmoid_fast`), with the interpreter's exact
+  # exp2 / log2 / division in place of the ex2 / lg2 / rcp instructions, against float64 over
+  # every logit whose result is a normal float32 (x from -80 to 60, both sides of the series /
+  # lg2 switch of log1p at t = 1/8, x = -2.079): relative error within |x| 2^-23 + 2^-21 (the
+  # rounding of |x| log2 e dominates at large |x|).
+  x = np.concatenate([np.linspace(-80, 60, 14001), [-2.0794, -2.08, -8.3]]).astype(np.float32)
+  x64 = x.astype(np.float64)
+  try:
+    pt.set_fused_tiles("interpret")
+    sp = np.asarray(pt.softplus_fast(jnp.asarray(x)), np.float64)
+    sg = np.asarray(pt.sigmoid_fast(jnp.asarray(x)), np.float64)
+  finally:
+    pt.set_fused_tiles(None)
+  bound = np.abs(x64) * 2.0**-23 + 2.0**-21
+  for got, want in ((sp, np.logaddexp(0.0, x64)), (sg, 1.0 / (1.0 + np.exp(-x64)))):
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_less(np.abs(got - want) / want, bound)
+  # Past float32's range the terms are 0 (softplus) and 0 / 1 (sigmoid), never nan.
+  try:
+    pt.set_fused_tiles("interpret")
+    far = jnp.array([-200.0, 200.0])
+    assert pt.softplus_fast(far).tolist() == [0.0, 200.0]
+    assert pt.sigmoid_fast(far).tolist() == [0.0, 1.0]
   finally:
     pt.set_fused_tiles(None)

@@ -155,11 +155,13 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # 183.2 ms with both passes on Mosaic), so the backward stays Triton's; f32 InfoNCE XLA
 # 23.4 ms vs fused 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's;
 # results/loss_tune_h200_run1.json); bf16 max-margin fused 16.3 ms vs XLA 17.8 ms
-# (results/loss_h200_tuned.json). Entries not listed (CPU, TPU, float64, f32 max-margin, the
-# sigmoid loss: its fused tiles are 3.3-4.5x slower than its XLA tiles,
-# results/loss_sigmoid_h200/) run the XLA tiles.
+# (results/loss_h200_tuned.json); bf16 sigmoid fused (fast math, 64 x 64 programs) 16.17 vs XLA
+# 18.75 ms, 247.2 vs 277.1 ms at B = 131,072 (results/sigmoid_tiles_h200/; f32 stays on XLA's
+# 23.5 ms against 30.5 at best). Entries not listed (CPU, TPU, float64, f32 max-margin, f32
+# sigmoid) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "fused"},
+  ("gpu", "bfloat16", "sigmoid"): {"fwd": "fused", "bwd": "fused"},
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
   ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
 }
@@ -341,6 +343,67 @@ def _exp2(x):
   return ptx_unary("ex2.approx.ftz.f32", x)
 
 
+def _log2(x):
+  if _FUSED[0] == "interpret":
+    return jnp.log2(x)
+  return ptx_unary("lg2.approx.ftz.f32", x)
+
+
+def _rcp(x):
+  if _FUSED[0] == "interpret":
+    return 1.0 / x
+  return ptx_unary("rcp.approx.ftz.f32", x)
+
+
+# The sigmoid kernels' `softplus` and `sigmoid` in the multi-function unit's instructions (True)
+# or JAX's (`jax.nn.softplus`: a log1p and an exp through libdevice; False, the A/B switch).
+FAST_SIGMOID = [True]
+_SERIES = 0.125  # below it log1p(t) is its series; above, ln 2 lg2(1 + t) loses < 2^-21
+
+
+def _log1p_small(t):
+  """log1p(t) for 0 <= t < 1/8 as its series to t^8 (Horner; truncation below t^8 / 9, 7e-9
+  relative at t = 1/8): `lg2(1 + t)` would round `1 + t` and lose the small terms' digits."""
+  acc = jnp.full_like(t, -1.0 / 8)
+  for k in range(7, 0, -1):
+    acc = (1.0 if k == 1 else (-1.0) ** (k + 1) / k) + t * acc
+  return t * acc
+
+
+def softplus_fast(x):
+  r"""`softplus(x) = max(x, 0) + log1p(2^{-|x| log2 e})` with one `ex2` and one `lg2`: the
+  log1p as `ln 2 lg2(1 + t)` for `t >= 1/8` and as its series below (where `1 + t` would round
+  away the digits of the small terms: those of far negatives are ~e^-10 and smaller). Relative
+  error within `|x| 2^-23 + 2^-21` with exact exp2 / log2 (the rounding of `|x| log2 e`
+  dominates for large |x|; `tests/test_sigmoid_fused_tiles.py`); the GPU's ex2 / lg2 add about
+  2^-22 each.
+
+  Example (the interpreter's exact exp2 / log2 stand in for the instructions off the GPU):
+    >>> import jax, jax.numpy as jnp
+    >>> set_fused_tiles("interpret")
+    >>> x = jnp.array([-30.0, -8.3, -2.0, 0.0, 3.0])
+    >>> close = jnp.allclose(softplus_fast(x), jax.nn.softplus(x), rtol=5e-6, atol=0)
+    >>> set_fused_tiles(None)
+    >>> bool(close)
+    True
+  """
+  t = _exp2(-jnp.abs(x) * _LOG2E)
+  log1p = jnp.where(t < _SERIES, _log1p_small(t), _LN2 * _log2(1.0 + t))
+  return jnp.maximum(x, 0.0) + log1p
+
+
+def sigmoid_fast(x):
+  """`1 / (1 + 2^{-x log2 e})`: one `ex2` and one `rcp` (0 and 1 at the extremes: 2^{+large}
+  is inf, whose reciprocal is 0)."""
+  return _rcp(1.0 + _exp2(-x * _LOG2E))
+
+
+def _sig_fns() -> dict:
+  if FAST_SIGMOID[0]:
+    return {"softplus": softplus_fast, "sigmoid": sigmoid_fast}
+  return {"softplus": jax.nn.softplus, "sigmoid": jax.nn.sigmoid}
+
+
 def _logits(s, scale, bias, axis):
   """`s * scale (+ bias)` and its maximum along `axis`: axis 1, the rows (a scale per row, a
   bias per column); axis 0, the columns. Without padding (`bias` None) the maximum is
@@ -478,12 +541,22 @@ def _tf32(precision) -> bool:
   return precision in (None, lax.Precision.DEFAULT, "default", "fastest")
 
 
-def _program(kernel, kind, precision, xr, yc, vec_in, out_shape, *static):
+# Program shapes of the sigmoid kernels where they differ from `CONFIGS` (per pass and dtype):
+# 64 x 64 programs of 4 warps (results/sigmoid_tiles_h200/: bf16 fwd + bwd 16.17 ms at
+# B = 32,768 vs 39.25 ms in the InfoNCE-tuned 128 x 128 shape; its per-pair terms keep more
+# values live per thread than InfoNCE's).
+_SIGMOID_TUNED = {("fwd", "bfloat16"): TileConfig(64, 64, 64, 1, 4, 3)}
+_SIGMOID_TUNED[("bwd", "bfloat16")] = _SIGMOID_TUNED[("fwd", "bfloat16")]
+SIGMOID_CONFIGS: dict[tuple[str, str], TileConfig] = dict(_SIGMOID_TUNED)
+
+
+def _program(kernel, kind, precision, xr, yc, vec_in, out_shape, *static, table=None):
   """The `pallas_call` of `kernel` over the tile of rows `xr` and columns `yc`: the `kind`
-  ("fwd" / "bwd") `TileConfig` of `xr`'s dtype fitted to the tile, then `kernel(cfg, tf32,
-  *static, *refs)` (`_fused_call` for `vec_in` and `out_shape`)."""
+  ("fwd" / "bwd") `TileConfig` of `xr`'s dtype (from `table` first, if given) fitted to the
+  tile, then `kernel(cfg, tf32, *static, *refs)` (`_fused_call` for `vec_in` and `out_shape`)."""
   (br, d), bc = xr.shape, yc.shape[0]
-  cfg = _fit(tile_config(kind, xr.dtype), br, bc, d)
+  cfg = (table or {}).get((kind, jnp.dtype(xr.dtype).name)) or tile_config(kind, xr.dtype)
+  cfg = _fit(cfg, br, bc, d)
   bound = functools.partial(kernel, cfg, _tf32(precision), *static)
   return _fused_call(bound, cfg, br, bc, d, vec_in, out_shape, xr)
 
@@ -717,9 +790,10 @@ def mm_bwd_tile(precision, r, c, rs, cs):
 # program adds its sub-tiles' terms to per-anchor sums,
 #   rows: sum_j softplus(-u^r_ij),  columns: sum_i softplus(-u^c_ij),
 # and the backward program writes dS = w^r_i p^r_ij + w^c_j p^c_ij with the per-anchor sums of
-# p s and p (the gradients of 1/tau and of the bias), p = -z sigma(-u). The exponentials are
-# libdevice's (softplus, sigmoid), not the base-2 `ex2.approx` of the InfoNCE kernels: the terms
-# of far negatives are ~e^-10 and want log1p's accuracy.
+# p s and p (the gradients of 1/tau and of the bias), p = -z sigma(-u). `softplus_fast` and
+# `sigmoid_fast` evaluate them in the multi-function unit's ex2 / lg2 / rcp (the terms of far
+# negatives, ~e^-10 and smaller, keep log1p's accuracy through its small-argument branch);
+# `FAST_SIGMOID[0] = False` switches to JAX's libdevice functions.
 
 
 def _sig_stats_kernel(
@@ -730,7 +804,8 @@ def _sig_stats_kernel(
 
   def body(cols, rsum):
     s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
-    lr, lc = pair_losses(s, rid, ci_ref[cols], ar, cr, ac_ref[cols], cc_ref[cols])
+    fn = _sig_fns()["softplus"]
+    lr, lc = pair_losses(s, rid, ci_ref[cols], ar, cr, ac_ref[cols], cc_ref[cols], softplus=fn)
     cs_ref[cols] = jnp.sum(lc, axis=0)
     return rsum + jnp.sum(lr, axis=1)
 
@@ -750,7 +825,8 @@ def _sig_ds_kernel(
 
   def body(cols, carry):
     s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols)
-    pr, pc = pair_slopes(s, rid, ci_ref[cols], ar, cr, ac_ref[cols], cc_ref[cols])
+    fn = _sig_fns()["sigmoid"]
+    pr, pc = pair_slopes(s, rid, ci_ref[cols], ar, cr, ac_ref[cols], cc_ref[cols], sigmoid=fn)
     ds = pair_cotangent(pr, pc, wr, wc_ref[cols])
     ds_ref[:, cols] = ds.astype(ds_ref.dtype)
     dr, sr, qr = carry
@@ -781,7 +857,14 @@ def sig_fwd_tile(precision, r, c, rs, cs):
   yc, ac, cc, cid = c
   f32 = jnp.float32
   call = _program(
-    _sig_stats_kernel, "fwd", precision, xr, yc, "rcrcrc", [("rowpart", f32), ("colpart", f32)]
+    _sig_stats_kernel,
+    "fwd",
+    precision,
+    xr,
+    yc,
+    "rcrcrc",
+    [("rowpart", f32), ("colpart", f32)],
+    table=SIGMOID_CONFIGS,
   )
   rsum, csum = call(xr, yc, *_sig_vectors(ar, ac, cr, cc), rid, cid)
   return rs + jnp.sum(rsum, axis=0).astype(rs.dtype), cs + jnp.sum(csum, axis=0).astype(cs.dtype)
@@ -798,7 +881,9 @@ def sig_bwd_tile(precision, r, c, rs, cs):
   need_sums = jnp.finfo(op).bits < 32
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + parts + parts
-  call = _program(_sig_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
+  call = _program(
+    _sig_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums, table=SIGMOID_CONFIGS
+  )
   vecs = _sig_vectors(ar, ac, cr, cc)
   res = call(xr, yc, *vecs, rid, cid, (gr * ar).astype(f32), (gc * ac).astype(f32))
   ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
