@@ -365,6 +365,17 @@ def _run(item, timeout):
   return res
 
 
+def add_round_args(ap, deadline: float) -> None:
+  """The arguments of the one-process side-by-side benches (`mosaic_tiles_bench.py`,
+  `sigmoid_tiles_bench.py`): output json, batch sizes, alternating rounds, calls per round,
+  and the deadline after which no new row starts."""
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--sizes", default="32768,131072")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--rep", type=int, default=3)
+  ap.add_argument("--deadline", type=float, default=deadline)
+
+
 def write_json(path, obj):
   """Atomic write: a temp file in the same directory, then `os.replace`."""
   d = os.path.dirname(os.path.abspath(path))

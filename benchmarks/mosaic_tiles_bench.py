@@ -22,6 +22,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loss_bench import add_round_args, write_json  # noqa: E402
 
 # Mosaic configurations timed (name: fwd, bwd as MosaicConfig fields tile_m, tile_n, tile_k,
 # stages, wgs, ctas_per_sm, release). "auto" is the default dispatch (`_pallas_tiles.FASTEST`).
@@ -321,11 +322,7 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--sizes", default="32768,131072")
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--rep", type=int, default=3)
-  ap.add_argument("--deadline", type=float, default=400.0)
+  add_round_args(ap, deadline=400.0)
   ap.add_argument("--parts", action="store_true", help="only time the tile programs alone")
   args = ap.parse_args(argv)
   import jax
@@ -336,10 +333,7 @@ def main(argv=None) -> int:
   def write(rows=None):
     if rows is not None:
       result["rows"] = rows
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
 
   checks = [(f"check_kernels_{v}", lambda v=v: check_kernels(v)) for v in VARIANTS]
   if args.parts:

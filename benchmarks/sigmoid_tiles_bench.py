@@ -21,6 +21,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loss_bench import add_round_args, write_json  # noqa: E402
 
 # name: (fast math, TileConfig fields of both passes; None: `_pallas_tiles.SIGMOID_CONFIGS`'s
 # defaults, "infonce": the InfoNCE-tuned `CONFIGS`). "auto" (the dispatch's own choice) and
@@ -73,11 +74,7 @@ def compiled(pt, name, b, dtype):
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--sizes", default="32768,131072")
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--rep", type=int, default=3)
-  ap.add_argument("--deadline", type=float, default=300.0)
+  add_round_args(ap, deadline=300.0)
   args = ap.parse_args(argv)
   import jax
   import loss_tune
@@ -88,10 +85,7 @@ def main(argv=None) -> int:
   result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
 
   def write():
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
 
   try:
     pt.set_fused_tiles("always")
