@@ -131,9 +131,23 @@ def test_padded_or_float32_tiles_keep_the_triton_kernels(interpreted):
   assert not pt._mosaic_for("fwd", x, x)[0]  # on CPU the measured default never picks them
 
 
-def test_bad_tile_kernels_are_refused():
+def test_bad_tile_kernels_and_configs_are_refused():
   with pytest.raises(ValueError, match="kernel must be None, 'triton' or 'mosaic'"):
     pt.set_tile_kernel("wgmma")
+  bad = [
+    (mt.MosaicConfig(wgs=3), "wgs must be 1 or 2, got 3"),
+    (mt.MosaicConfig(tile_m=96), "tile_m must be a multiple of 64 .* got 96 x 128"),
+    (mt.MosaicConfig(tile_n=512), "got 128 x 512"),
+    (mt.MosaicConfig(tile_k=32), "tile_k must be a multiple of 64, got 32"),
+    (mt.MosaicConfig(stages=2, release=2), "release 2, stages 2"),
+    (mt.MosaicConfig(ctas_per_sm=0), "ctas_per_sm must be >= 1, got 0"),
+  ]
+  for cfg, message in bad:
+    with pytest.raises(ValueError, match=message):
+      mt.set_config("fwd", cfg)
+  with pytest.raises(ValueError, match="kind must be 'fwd' or 'bwd'"):
+    mt.set_config("both", None)
+  assert mt.config("fwd") == mt.MosaicConfig()  # nothing refused was kept
 
 
 def test_the_kernels_lower_to_mosaic_gpu_for_cuda():

@@ -70,8 +70,24 @@ def set_config(kind: str, cfg: MosaicConfig | None) -> None:
   """Sets (None: resets) the `MosaicConfig` of pass `kind` ("fwd" or "bwd")."""
   if kind not in _DEFAULTS:
     raise ValueError(f"set_config: kind must be 'fwd' or 'bwd', got {kind!r}")
-  if cfg is not None and cfg.wgs not in (1, 2):
-    raise ValueError(f"set_config: wgs must be 1 or 2, got {cfg.wgs}")
+  if cfg is not None:
+    # wgmma's shapes: 64-row warpgroup tiles, columns in 8s up to 256; bf16 chunks of D fill
+    # whole 128-byte swizzles; the pipeline keeps `release` stages besides the one in use.
+    if cfg.wgs not in (1, 2):
+      raise ValueError(f"set_config: wgs must be 1 or 2, got {cfg.wgs}")
+    if cfg.tile_m % 64 or not 0 < cfg.tile_n <= 256 or cfg.tile_n % 8:
+      raise ValueError(
+        f"set_config: tile_m must be a multiple of 64 and tile_n of 8 up to 256, got "
+        f"{cfg.tile_m} x {cfg.tile_n}"
+      )
+    if cfg.tile_k <= 0 or cfg.tile_k % 64:
+      raise ValueError(f"set_config: tile_k must be a multiple of 64, got {cfg.tile_k}")
+    if not 0 <= cfg.release < cfg.stages:
+      raise ValueError(
+        f"set_config: need 0 <= release < stages, got release {cfg.release}, stages {cfg.stages}"
+      )
+    if cfg.ctas_per_sm < 1:
+      raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
   CONFIGS[kind] = _DEFAULTS[kind] if cfg is None else cfg
 
 
