@@ -25,10 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import add_round_args, write_json  # noqa: E402
 
 # Mosaic configurations timed (name: fwd, bwd as MosaicConfig fields tile_m, tile_n, tile_k,
-# stages, wgs, ctas_per_sm, release). "auto" is the default dispatch (`_pallas_tiles.FASTEST`).
+# stages, wgs, ctas_per_sm, release[, lag]). "auto" is the default dispatch
+# (`_pallas_tiles.FASTEST`).
 VARIANTS = {
   "mosaic_2wg": ((128, 128, 64, 4, 2, 1, 0), (128, 128, 64, 3, 2, 1, 0)),
-  "mosaic_2wg_r1": ((128, 128, 64, 4, 2, 1, 1), (128, 128, 64, 3, 2, 1, 1)),
+  "mosaic_2wg_lag": ((128, 128, 64, 4, 2, 1, 0, True), (128, 128, 64, 3, 2, 1, 0, True)),
 }
 
 

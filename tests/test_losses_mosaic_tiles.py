@@ -39,12 +39,17 @@ def _lse2(z, axis):
   return (m + np.log2(np.exp2(z - m).sum(axis, keepdims=True))).squeeze(axis)
 
 
-@pytest.fixture(params=[1, 2], ids=["one-warpgroup", "two-warpgroups"])
+@pytest.fixture(
+  params=[(1, False), (2, False), (2, True)],
+  ids=["one-warpgroup", "two-warpgroups", "two-warpgroups-lagged"],
+)
 def wgs(request):
-  """Compute warpgroups per CTA: two take turns for their column reductions (barriers)."""
+  """Compute warpgroups per CTA: two take turns for their column reductions (barriers), and
+  with `lag` the second starts a ring of stages behind the first (another barrier)."""
+  n, lag = request.param
   for kind in ("fwd", "bwd"):
-    mt.set_config(kind, mt.config(kind)._replace(wgs=request.param))
-  yield request.param
+    mt.set_config(kind, mt.config(kind)._replace(wgs=n, lag=lag))
+  yield n
   for kind in ("fwd", "bwd"):
     mt.set_config(kind, None)
 

@@ -38,7 +38,10 @@ class MosaicConfig(NamedTuple):
   """`tile_m` rows per compute warpgroup (`wgs` of them per CTA, sharing the column operand),
   `tile_n` columns, `tile_k` of D per pipeline step, `stages` shared-memory stages in flight,
   `ctas_per_sm` persistent CTAs per SM, `release`: wgmma groups left in flight before a stage is
-  handed back to the copy warpgroup (0: each step waits for its products).
+  handed back to the copy warpgroup (0: each step waits for its products). `lag`: warpgroup 1
+  starts its first sub-tile once warpgroup 0 has used every stage of the ring, and the shared
+  stages keep it that far behind, so one's epilogue falls on the other's products (a ping-pong
+  of FlashAttention-3's kind, here through the shared pipeline).
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the column maxima and sums), so two compute warpgroups take turns for them
@@ -52,6 +55,7 @@ class MosaicConfig(NamedTuple):
   wgs: int = 2
   ctas_per_sm: int = 1
   release: int = 0
+  lag: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -228,10 +232,13 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
     allocs=pipeline(ignore, ignore).get_allocations(x_g, y_g),
     scratch=scratch,
     turn=plgpu.Barrier(num_arrivals=1, num_barriers=2) if cfg.wgs == 2 else None,
+    go=plgpu.Barrier(num_arrivals=1) if cfg.wgs == 2 and cfg.lag else None,
     collective_axes="wg",
   )
-  def _scope(allocs, scratch, turn):
+  def _scope(allocs, scratch, turn, go):
     wg = lax.axis_index("wg")
+    # The last step warpgroup 0 can take alone: the ring's stages are full until 1 reads them.
+    lead = min(cfg.stages, k_iters) - 1
 
     @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
     def _tiles(info):
@@ -255,10 +262,23 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
           run(acc)
           epilogue(acc[...], tile, scratch)
 
-      def mma(_, x_s, y_s, acc):
+      def mma(idx, x_s, y_s, acc):
+        (k,) = idx
+        if go is not None:
+
+          @pl.when(tile.first & (wg == 1) & (k == 0))
+          def _late():
+            plgpu.barrier_wait(go)
+
         y_op = y_s if y_transposed else plgpu.transpose_ref(y_s, (1, 0))
         plgpu.wgmma(acc, x_s.at[pl.ds(wg * tm, tm)], y_op)
         plgpu.wgmma_wait(cfg.release)
+        if go is not None:
+
+          @pl.when(tile.first & (wg == 0) & (k == lead))
+          def _start_the_other():
+            plgpu.barrier_arrive(go)
+
         return acc
 
       pipeline(mma, context)(
