@@ -155,9 +155,9 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # 183.2 ms with both passes on Mosaic), so the backward stays Triton's; f32 InfoNCE XLA
 # 23.4 ms vs fused 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's;
 # results/loss_tune_h200_run1.json); bf16 max-margin fused 16.3 ms vs XLA 17.8 ms
-# (results/loss_h200_tuned.json); bf16 sigmoid fused (fast math, 64 x 64 programs) 16.17 vs XLA
-# 18.75 ms, 247.2 vs 277.1 ms at B = 131,072 (results/sigmoid_tiles_h200/; f32 stays on XLA's
-# 23.5 ms against 30.5 at best). Entries not listed (CPU, TPU, float64, f32 max-margin, f32
+# (results/loss_h200_tuned.json); bf16 sigmoid fused (fast math, 64 x 64 programs) 17.02 vs XLA
+# 18.81 ms, 258.3 vs 280.0 ms at B = 131,072 (results/sigmoid_tiles_h200/ run 2; f32 stays on
+# XLA's 23.8 ms against 31.5 at best). Entries not listed (CPU, TPU, float64, f32 max-margin, f32
 # sigmoid) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "fused"},
@@ -542,8 +542,8 @@ def _tf32(precision) -> bool:
 
 
 # Program shapes of the sigmoid kernels where they differ from `CONFIGS` (per pass and dtype):
-# 64 x 64 programs of 4 warps (results/sigmoid_tiles_h200/: bf16 fwd + bwd 16.17 ms at
-# B = 32,768 vs 39.25 ms in the InfoNCE-tuned 128 x 128 shape; its per-pair terms keep more
+# 64 x 64 programs of 4 warps (results/sigmoid_tiles_h200/ run 2: bf16 fwd + bwd 16.93 ms at
+# B = 32,768 vs 43.29 ms in the InfoNCE-tuned 128 x 128 shapes; its per-pair terms keep more
 # values live per thread than InfoNCE's).
 _SIGMOID_TUNED = {("fwd", "bfloat16"): TileConfig(64, 64, 64, 1, 4, 3)}
 _SIGMOID_TUNED[("bwd", "bfloat16")] = _SIGMOID_TUNED[("fwd", "bfloat16")]
