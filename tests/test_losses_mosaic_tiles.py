@@ -5,8 +5,8 @@ against float64 references, and their lowering to Mosaic GPU for CUDA from the C
 Tolerances: the kernels' base-2 logsumexp partials merged, 1e-5 absolute against float64 on the
 same bf16 inputs (float32 accumulation over D = 128); dS within 4e-3 of its largest entry (it is
 stored in bf16, 2^-8 relative per entry), its float32 row / column sums within 1e-5 of the
-largest sum; the blockwise loss with these kernels against the float32 dense loss on the same bf16 inputs:
-loss 1e-3, gradients 1e-2 relative (issue 13's bounds).
+largest sum; the blockwise loss with these kernels against the float32 dense loss on the same
+bf16 inputs: loss 1e-3, gradients 1e-2 relative (issue 13's bounds).
 """
 
 from __future__ import annotations
@@ -166,3 +166,38 @@ def test_the_kernels_lower_to_mosaic_gpu_for_cuda():
   bwd = jax.jit(lambda *a: mt.nce_ds(*a, need_sums=True, need_a=True))
   text = bwd.trace(xs, xs, *([v] * 6)).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
+  # The ring runs the tile passes inside `shard_map` with its varying-axes types checked: the
+  # kernels' outputs must declare them (`like=`). Lowered for CUDA from the CPU, with the
+  # dispatch told it is on a Hopper GPU: forced, every tile pass is a Mosaic GPU kernel.
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
+  xs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  ts = jax.ShapeDtypeStruct((1024,), jnp.float32)
+  ring = jax.shard_map(
+    lambda x, y, t: losses.infonce(x, y, t, axis_name="batch", sharded="ring", block_size=512),
+    mesh=mesh,
+    in_specs=(P("batch"),) * 3,
+    out_specs=P(),
+    check_vma=True,
+  )
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(pt, "_hopper", lambda: True)
+
+  def lowered(kernel):
+    pt.set_tile_kernel(kernel)
+    try:
+      f = jax.jit(jax.value_and_grad(ring, argnums=(0, 1)))
+      return f.trace(xs, xs, ts).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+      pt.set_tile_kernel(None)
+
+  text = lowered("mosaic")
+  assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+  # The measured default: the Mosaic forward and the Triton backward in one program.
+  text = lowered(None)
+  assert "mosaic_gpu" in text and "xla.gpu.triton" in text
