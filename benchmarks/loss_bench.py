@@ -365,6 +365,26 @@ def _run(item, timeout):
   return res
 
 
+def alternating_ms(calls, rounds, rep, stop=lambda: False) -> dict:
+  """Times every blocking `calls[name]()` in `rounds` alternating rounds of `rep` calls each
+  (`stop()` ends them early): `{name: (median ms, all ms sorted)}` for the names that ran."""
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    if stop():
+      break
+    for name, fn in calls.items():
+      for _ in range(rep):
+        t = time.perf_counter()
+        fn()
+        times[name].append((time.perf_counter() - t) * 1e3)
+  out = {}
+  for name, ts in times.items():
+    if ts:
+      ts = sorted(ts)
+      out[name] = (round(ts[len(ts) // 2], 3), [round(v, 3) for v in ts])
+  return out
+
+
 def add_round_args(ap, deadline: float) -> None:
   """The arguments of the one-process side-by-side benches (`mosaic_tiles_bench.py`,
   `sigmoid_tiles_bench.py`): output json, batch sizes, alternating rounds, calls per round,

@@ -15,6 +15,7 @@ Rows are written to `--out` as they finish; `--deadline` stops starting new ones
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,8 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss_bench import add_round_args, write_json  # noqa: E402
+from loss_bench import add_round_args, alternating_ms, write_json  # noqa: E402
+from loss_tune import _rel  # noqa: E402
 
 # Mosaic configurations timed (name: fwd, bwd as MosaicConfig fields tile_m, tile_n, tile_k,
 # stages, wgs, ctas_per_sm, release[, lag]). "auto" is the default dispatch
@@ -39,13 +41,6 @@ def use_variant(name):
 
   for kind, cfg in zip(("fwd", "bwd"), VARIANTS.get(name) or (None, None), strict=True):
     mt.set_config(kind, mt.MosaicConfig(*cfg) if cfg else None)
-
-
-def _rel(a, b) -> float:
-  import numpy as np
-
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
 def check_kernels(variant) -> dict:
@@ -208,23 +203,16 @@ def time_sizes(sizes, rounds, rep, deadline, t0, write) -> list:
         rows.append({"B": b, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:400]}"})
         fns.pop(kernel, None)
       write(rows)
-    times = {k: {"fwd": [], "fwd_bwd": []} for k in fns}
-    for _ in range(rounds):
-      if time.perf_counter() - t0 > deadline:
-        break
-      for kernel, (x, y, fwd, both) in fns.items():
-        for name, fn in (("fwd", fwd), ("fwd_bwd", both)):
-          for _ in range(rep):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(x, y))
-            times[kernel][name].append((time.perf_counter() - t) * 1e3)
+    calls = {
+      (kernel, name): functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), fn, x, y)
+      for kernel, (x, y, fwd, both) in fns.items()
+      for name, fn in (("fwd", fwd), ("fwd_bwd", both))
+    }
+    times = alternating_ms(calls, rounds, rep, stop=lambda: time.perf_counter() - t0 > deadline)
     for row in rows:
-      if row["B"] == b and row["kernel"] in times:
-        for name, ts in times[row["kernel"]].items():
-          if ts:
-            ts = sorted(ts)
-            row[f"{name}_ms"] = round(ts[len(ts) // 2], 3)
-            row[f"{name}_ms_all"] = [round(v, 3) for v in ts]
+      for name in ("fwd", "fwd_bwd"):
+        if row["B"] == b and (row["kernel"], name) in times:
+          row[f"{name}_ms"], row[f"{name}_ms_all"] = times[(row["kernel"], name)]
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", -1)
     rows.append({"B": b, "process_peak_gib_so_far": round(peak / 2**30, 3)})
     write(rows)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss_bench import add_round_args, write_json  # noqa: E402
+from loss_bench import add_round_args, alternating_ms, write_json  # noqa: E402
 
 # name: (fast math, TileConfig fields of both passes; None: `_pallas_tiles.SIGMOID_CONFIGS`'s
 # defaults, "infonce": the InfoNCE-tuned `CONFIGS`). "auto" (the dispatch's own choice) and
@@ -114,18 +115,14 @@ def main(argv=None) -> int:
           {"B": b, "dtype": dtype, "kernel": name, "error": f"{type(e).__name__}: {e}"[:400]}
         )
       write()
-    times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-      for name, (x, y, fn) in fns.items():
-        for _ in range(args.rep):
-          t = time.perf_counter()
-          jax.block_until_ready(fn(x, y))
-          times[name].append((time.perf_counter() - t) * 1e3)
+    calls = {
+      name: functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), fn, x, y)
+      for name, (x, y, fn) in fns.items()
+    }
+    times = alternating_ms(calls, args.rounds, args.rep)
     for row in rows:
-      if row["B"] == b and row["dtype"] == dtype and times.get(row["kernel"]):
-        ts = sorted(times[row["kernel"]])
-        row["fwd_bwd_ms"] = round(ts[len(ts) // 2], 3)
-        row["fwd_bwd_ms_all"] = [round(v, 3) for v in ts]
+      if row["B"] == b and row["dtype"] == dtype and row["kernel"] in times:
+        row["fwd_bwd_ms"], row["fwd_bwd_ms_all"] = times[row["kernel"]]
     write()
     fns.clear()
   for row in rows:
