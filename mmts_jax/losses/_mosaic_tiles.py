@@ -135,6 +135,15 @@ def _struct(shape, dtype, like):
   return jax.ShapeDtypeStruct(shape, dtype, **(_varying_like(like) if like is not None else {}))
 
 
+def _swizzled(cols: int, dtype):
+  """Shared-memory transforms of a buffer with `cols` minor elements of `dtype`: 8-row tiles as
+  wide as the largest swizzle those bytes allow, swizzled (what TMA and wgmma read)."""
+  _, plgpu = _plgpu()
+  item = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(cols * item * 8)
+  return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
+
+
 def _bcast(v, shape, dim):
   return lax.broadcast_in_dim(v, shape, [dim])
 
@@ -198,11 +207,8 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
   bc = y_g.shape[1] if y_transposed else y_g.shape[0]
   tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
   m_iters, n_iters, k_iters = br // (cfg.wgs * tm), bc // tn, d // tk
-  item = jnp.dtype(x_g.dtype).itemsize
-  swizzle = plgpu.find_swizzle(tk * item * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
-  swizzle_n = plgpu.find_swizzle(tn * item * 8)
-  y_transforms = (plgpu.TilingTransform((8, swizzle_n // item)), plgpu.SwizzleTransform(swizzle_n))
+  transforms = _swizzled(tk, x_g.dtype)
+  y_transforms = _swizzled(tn, x_g.dtype)
 
   rel = {"delay_release": cfg.release} if cfg.release else {}
   x_kw = {"transforms": transforms, **rel}
@@ -389,13 +395,9 @@ def nce_ds(
   op = x.dtype
   rowpart = _struct((bc // tn, br), f32, like)
   colpart = _struct((br // tm, bc), f32, like)
-  out = [_struct((br, bc), op, like)]
-  out += [rowpart, colpart] * (int(need_sums) + int(need_a))
+  nvec = int(need_sums) + int(need_a)  # vectors per side: dS sums, p s sums
+  out = [_struct((br, bc), op, like)] + [rowpart, colpart] * nvec
   layout = plgpu.Layout.WGMMA
-  item = jnp.dtype(op).itemsize
-  swizzle = plgpu.find_swizzle(tn * item * 8)
-  ds_transforms = (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
-  nvec = int(need_sums) + int(need_a)
 
   def body(x_g, y_g, ar_g, ac_g, lr_g, lc_g, wr_g, wc_g, ds_g, *part_g):
     def epilogue(s, tile, scratch):
@@ -432,7 +434,7 @@ def nce_ds(
         plgpu.copy_smem_to_gmem(csm.at[wg, k], part_g[2 * k + 1].at[part, cols])
 
     scratch = (
-      plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=ds_transforms),
+      plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
     )
