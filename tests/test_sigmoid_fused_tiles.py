@@ -159,7 +159,7 @@ def test_the_ring_runs_the_fused_tiles_on_the_8_device_mesh(interpreted):
   x, y, t, c = _inputs(1024, 16, seed=9)
   # check_vma=False: jax 0.10's Pallas interpreter drops the varying-axes type of a kernel's
   # loop carry inside shard_map (for every fused kernel, InfoNCE's too); the compiled GPU kernels
-  # declare it (`_pallas_tiles._varying_like`).
+  # declare it (`_traversal.varying_like`).
   fn = jax.shard_map(
     lambda x, y, t, c: losses.sigmoid(
       x, y, t, bias=c, axis_name="batch", sharded="ring", block_size=128, precision=HIGHEST

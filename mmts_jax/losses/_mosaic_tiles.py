@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmts_jax.losses._traversal import varying_like
+
 __all__ = ["MosaicConfig", "config", "nce_ds", "nce_stats", "set_config", "supported"]
 
 
@@ -130,9 +132,7 @@ def _load(ref, layout, interpret):
 
 
 def _struct(shape, dtype, like):
-  from mmts_jax.losses._pallas_tiles import _varying_like
-
-  return jax.ShapeDtypeStruct(shape, dtype, **(_varying_like(like) if like is not None else {}))
+  return jax.ShapeDtypeStruct(shape, dtype, **(varying_like(like) if like is not None else {}))
 
 
 def _swizzled(cols: int, dtype):

@@ -32,7 +32,7 @@ from jax import lax
 
 from mmts_jax.losses import _mosaic_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
-from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls
+from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls, varying_like
 
 __all__ = [
   "TileConfig",
@@ -484,22 +484,6 @@ def _nce_ds_kernel(cfg, tf32, masked, need_sums, need_a, x_ref, y_ref, *refs):
     sr_ref[...] = sr
 
 
-def _varying_like(x) -> dict:
-  """ShapeDtypeStruct kwargs that make a pallas_call output vary over the axes `x` varies over.
-
-  Inside `shard_map(check_vma=True)` the outputs must say so; the keyword has changed across jax
-  versions, so it is looked up.
-  """
-  import inspect
-
-  aval = jax.typeof(x) if hasattr(jax, "typeof") else None
-  params = inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
-  for attr, kw in (("mat", "manual_axis_type"), ("vma", "vma")):
-    if aval is not None and kw in params and getattr(aval, attr, None) is not None:
-      return {kw: getattr(aval, attr)}
-  return {}
-
-
 def _fused_call(kernel, cfg, br, bc, d, vec_in, out_shape, like):
   """pallas_call over the `(br / bm, bc / (bn j))` programs of one `(br, bc)` tile.
 
@@ -522,7 +506,7 @@ def _fused_call(kernel, cfg, br, bc, d, vec_in, out_shape, like):
     "rowpart": ((gj, br), pl.BlockSpec((None, cfg.bm), lambda i, j: (j, i))),
     "colpart": ((gi, bc), pl.BlockSpec((None, wc), lambda i, j: (i, j))),
   }
-  outs = [jax.ShapeDtypeStruct(shapes[k][0], dt, **_varying_like(like)) for k, dt in out_shape]
+  outs = [jax.ShapeDtypeStruct(shapes[k][0], dt, **varying_like(like)) for k, dt in out_shape]
   specs = [shapes[k][1] for k, _ in out_shape]
   interpret = _FUSED[0] == "interpret"
   params = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -29,6 +29,7 @@ __all__ = [
   "ring_traverse",
   "sweep",
   "traverse",
+  "varying_like",
 ]
 
 # Default tile, (rows, cols). Large enough that each tile's matmul keeps a GPU's matrix units busy,
@@ -117,6 +118,23 @@ def varying(tree, axis_name):
       return x  # pmap, or already varying
 
   return jax.tree.map(cast, tree)
+
+
+def varying_like(x) -> dict:
+  """ShapeDtypeStruct kwargs that make a kernel output (Pallas Triton or Mosaic GPU) vary over
+  the axes `x` varies over.
+
+  Inside `shard_map(check_vma=True)` the outputs must say so; the keyword has changed across jax
+  versions, so it is looked up.
+  """
+  import inspect
+
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else None
+  params = inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
+  for attr, kw in (("mat", "manual_axis_type"), ("vma", "vma")):
+    if aval is not None and kw in params and getattr(aval, attr, None) is not None:
+      return {kw: getattr(aval, attr)}
+  return {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,10 +257,10 @@ def _bwd_kernel(rows, steps, n, c, residual, colsum, x_ref, mu_ref, r_ref, s_ref
 
 
 def _call(kernel, grid, out_shape, like, interpret: bool, cfg: LayerNormConfig):
-  from mmts_jax.losses._pallas_tiles import _varying_like
+  from mmts_jax.losses._traversal import varying_like
 
   pl, plgpu = _pl()
-  outs = [jax.ShapeDtypeStruct(shape, dt, **_varying_like(like)) for shape, dt in out_shape]
+  outs = [jax.ShapeDtypeStruct(shape, dt, **varying_like(like)) for shape, dt in out_shape]
   params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps)
   return pl.pallas_call(
     kernel, out_shape=outs, grid=(grid,), compiler_params=params, interpret=interpret
