@@ -1,14 +1,18 @@
-"""The Mosaic GPU InfoNCE tile kernels against the Triton ones, side by side in one process.
+"""The Mosaic GPU tile kernels against the Triton and XLA ones, side by side in one process.
 
   python benchmarks/mosaic_tiles_bench.py --out mosaic_tiles.json [--sizes 32768,131072]
+      [--cases infonce:bf16,max_margin:bf16,infonce:f32,max_margin:f32]
 
 1. Check, on the GPU: the kernels' outputs against float64 (one 2,048 x 2,048 tile, D = 512,
    per-anchor temperatures 0.005-0.105) and the blockwise bf16 loss on them against the float32
    dense loss at B = 2,048 (tiles of 1,024): values and gradients, relative to the largest entry.
-2. Time the blockwise bf16 InfoNCE (D = 512, default tiles), forward only and forward+backward,
-   with each kernel ("triton", "mosaic", and the XLA tiles), compiled once each and called in
-   alternating rounds; medians per kernel. The card's bf16 matmul rate (XLA, 8,192^3) is measured
-   in the same process for the fraction of the roofline (8 B^2 D FLOP per forward+backward).
+   With max-margin among the cases, its kernels too; per case the blockwise loss on the Mosaic
+   kernels against the dense loss.
+2. Time the blockwise loss of each case (D = 512, default tiles), forward only and
+   forward+backward, with each kernel of `KERNELS`, compiled once each and called in
+   alternating rounds; medians per kernel. The card's matmul rates (XLA, 8,192^3; bf16, and f32
+   at the default precision, tf32) are measured in the same process for the fraction of the
+   roofline (8 B^2 D FLOP per forward+backward).
 Rows are written to `--out` as they finish; `--deadline` stops starting new ones.
 """
 
@@ -96,7 +100,53 @@ def check_kernels(variant) -> dict:
   return out
 
 
-def check_loss() -> dict:
+def check_mm_kernels() -> dict:
+  """The max-margin kernels on one 2,048 x 2,048 bf16 tile against float64: hinge sums and
+  counts, dS r q^T and its sums, relative to the largest entry."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mmts_jax.losses import _mosaic_tiles as mt
+
+  n, d = 2048, 512
+  k = jax.random.split(jax.random.PRNGKey(4), 6)
+  x = jax.random.normal(k[0], (n, d)).astype(jnp.bfloat16)
+  y = jax.random.normal(k[1], (n, d)).astype(jnp.bfloat16)
+  xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  rr, qc = 1 / np.linalg.norm(xs, axis=1), 1 / np.linalg.norm(ys, axis=1)
+  ro = np.asarray(jax.random.uniform(k[2], (n,)), np.float64) * 0.2 - 0.05
+  co = np.asarray(jax.random.uniform(k[3], (n,)), np.float64) * 0.2 - 0.05
+  rid = np.arange(n, dtype=np.int32)
+  cid = (rid + 1024) % n  # the diagonal runs through two of the four 1,024-blocks
+  gr, gc = (np.asarray(jax.random.normal(k_, (n,)), np.float64) for k_ in k[4:6])
+  f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+  ids = jnp.asarray(rid), jnp.asarray(cid)
+  s = xs @ ys.T * rr[:, None] * qc[None, :]
+  keep = rid[:, None] != cid[None, :]
+  hr = np.where(keep, np.maximum(ro[:, None] + s, 0), 0)
+  hc = np.where(keep, np.maximum(co[None, :] + s, 0), 0)
+  got = [
+    np.asarray(v, np.float64).sum(0) for v in mt.mm_stats(x, y, f(rr), f(qc), f(ro), f(co), *ids)
+  ]
+  wants = [hr.sum(1), (hr > 0).sum(1), hc.sum(0), (hc > 0).sum(0)]
+  out = {"stats_rel": [_rel(g, w) for g, w in zip(got, wants, strict=True)]}
+  res = mt.mm_ds(x, y, f(rr), f(qc), f(ro), f(co), *ids, f(gr), f(gc), need_sums=True)
+  ds = np.where(keep & (ro[:, None] + s > 0), gr[:, None], 0)
+  ds = ds + np.where(keep & (co[None, :] + s > 0), gc[None, :], 0)
+  dsw, dss = ds * rr[:, None] * qc[None, :], ds * s
+  out["ds_rel"] = _rel(res[0], dsw)
+  wants = [dsw.sum(1), dsw.sum(0), dss.sum(1), dss.sum(0)]
+  out["ds_sums_rel"] = [
+    _rel(np.asarray(p, np.float64).sum(0), w) for p, w in zip(res[1:], wants, strict=True)
+  ]
+  return out
+
+
+def check_loss(loss="infonce", dtype="bf16") -> dict:
+  """The blockwise loss on the Mosaic kernels (both passes) at B = 2,048 (tiles of 1,024)
+  against the float32 dense loss: at HIGHEST precision, and (float32 inputs) at the default,
+  tf32 like the kernels."""
   import jax
   import jax.numpy as jnp
 
@@ -106,44 +156,48 @@ def check_loss() -> dict:
 
   b, d = 2048, 512
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+  dt = {"bf16": jnp.bfloat16, "f32": jnp.float32}[dtype]
 
   def unit(key):
     v = jax.random.normal(key, (b, d))
-    return (v / jnp.linalg.norm(v, axis=1, keepdims=True)).astype(jnp.bfloat16)
+    return (v / jnp.linalg.norm(v, axis=1, keepdims=True)).astype(dt)
 
   x, y = unit(k1), unit(k2)
   t = 0.005 + 0.1 * jax.random.uniform(k3, (b,))
+  ours = {"infonce": losses.infonce, "max_margin": losses.max_margin}[loss]
+  ref = {"infonce": dense.infonce_dense, "max_margin": dense.max_margin_dense}[loss]
+  pt.set_fused_tiles("always")
   pt.set_tile_kernel("mosaic")
-  use_variant(next(iter(VARIANTS)))
+  if dtype == "bf16" and loss == "infonce":
+    use_variant(next(iter(VARIANTS)))
   try:
+    assert pt._mosaic_for("bwd", x[:1024], y[:1024], loss)[0], "the Mosaic kernels do not apply"
     f = jax.jit(
       jax.value_and_grad(
-        lambda x, y, t: losses.infonce(x, y, t, impl="blockwise", block_size=1024),
-        argnums=(0, 1, 2),
+        lambda x, y, t: ours(x, y, t, impl="blockwise", block_size=1024), argnums=(0, 1, 2)
       )
     )
     v, g = f(x, y, t)
   finally:
+    pt.set_fused_tiles(None)
     pt.set_tile_kernel(None)
     use_variant(None)
-  hi = jax.lax.Precision.HIGHEST
-  f0 = jax.jit(
-    jax.value_and_grad(lambda x, y, t: dense.infonce_dense(x, y, t, precision=hi), (0, 1, 2))
-  )
-  v0, g0 = f0(x.astype(jnp.float32), y.astype(jnp.float32), t)
-  return {
-    "loss_rel": abs(float(v) - float(v0)) / abs(float(v0)),
-    "grad_rel": [_rel(a.astype(jnp.float32), b_) for a, b_ in zip(g, g0, strict=True)],
-    "finite": bool(all(jnp.all(jnp.isfinite(a.astype(jnp.float32))) for a in g)),
-  }
+  out = {"finite": bool(all(jnp.all(jnp.isfinite(a.astype(jnp.float32))) for a in g))}
+  for name, prec in (("highest", jax.lax.Precision.HIGHEST), ("default", None)):
+    f0 = jax.jit(jax.value_and_grad(functools.partial(ref, precision=prec), (0, 1, 2)))
+    v0, g0 = f0(x.astype(jnp.float32), y.astype(jnp.float32), t)
+    out[f"loss_rel_{name}"] = abs(float(v) - float(v0)) / abs(float(v0))
+    out[f"grad_rel_{name}"] = [_rel(a.astype(jnp.float32), b_) for a, b_ in zip(g, g0, strict=True)]
+  return out
 
 
-def matmul_tflops() -> float:
+def matmul_tflops(dtype="bf16") -> float:
+  """The card's matmul rate (XLA, 8,192^3) for bf16, or f32 at the default precision (tf32)."""
   import jax
   import jax.numpy as jnp
 
   n = 8192
-  a = jnp.ones((n, n), jnp.bfloat16)
+  a = jnp.ones((n, n), {"bf16": jnp.bfloat16, "f32": jnp.float32}[dtype])
   f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))
   ts = []
@@ -154,27 +208,40 @@ def matmul_tflops() -> float:
   return 2 * n**3 / sorted(ts)[len(ts) // 2] / 1e12
 
 
-def compiled(kernel: str, b: int):
+# The kernels timed per (loss, dtype): "triton" / "mosaic" forced in both passes, "mosaic_fwd"
+# Mosaic forward and XLA backward, "xla" the XLA tiles, "auto" the default dispatch, and the
+# Mosaic configurations of `VARIANTS` (bf16 InfoNCE).
+KERNELS = {
+  ("infonce", "bf16"): ("triton", *VARIANTS, "auto", "xla"),
+  ("max_margin", "bf16"): ("triton", "mosaic", "auto", "xla"),
+  ("infonce", "f32"): ("xla", "mosaic_fwd", "mosaic", "auto"),
+  ("max_margin", "f32"): ("xla", "mosaic_fwd", "mosaic", "auto"),
+}
+
+
+def compiled(kernel: str, b: int, loss: str = "infonce", dtype: str = "bf16"):
   import jax
   from loss_bench import _inputs
 
   from mmts_jax import losses
   from mmts_jax.losses import _pallas_tiles as pt
 
-  x, y, tau = _inputs(b, 512, "bf16")
+  x, y, tau = _inputs(b, 512, dtype)
   if kernel == "xla":
     pt.set_fused_tiles(False)
-  elif kernel == "auto":
-    pass
   elif kernel == "triton":
+    pt.set_fused_tiles("always")
     pt.set_tile_kernel("triton")
-  else:
+  elif kernel != "auto":
+    pt.set_fused_tiles("always", passes=("fwd",) if kernel == "mosaic_fwd" else pt.PASSES)
     pt.set_tile_kernel("mosaic")
     use_variant(kernel)
+  fn = {"infonce": losses.infonce, "max_margin": losses.max_margin}[loss]
   try:
-    loss = lambda x, y: losses.infonce(x, y, tau, impl="blockwise")  # noqa: E731
-    fwd = jax.jit(loss).lower(x, y).compile()
-    both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, y).compile()
+    # tau doubles as the margins (0.05-0.1) of max-margin, as in loss_bench.py.
+    f = lambda x, y: fn(x, y, tau, impl="blockwise")  # noqa: E731
+    fwd = jax.jit(f).lower(x, y).compile()
+    both = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(x, y).compile()
   finally:
     pt.set_fused_tiles(None)
     pt.set_tile_kernel(None)
@@ -182,41 +249,44 @@ def compiled(kernel: str, b: int):
   return x, y, fwd, both
 
 
-def time_sizes(sizes, rounds, rep, deadline, t0, write) -> list:
+def time_sizes(sizes, cases, rounds, rep, deadline, t0, write) -> list:
   import jax
 
   rows = []
   for b in sizes:
-    fns = {}
-    for kernel in ("triton", *VARIANTS, "auto", "xla"):
-      if time.perf_counter() - t0 > deadline:
-        break
-      try:
-        fns[kernel] = compiled(kernel, b)
-        x, y, fwd, both = fns[kernel]
-        fwd_v = float(jax.block_until_ready(fwd(x, y)))
-        both_v = jax.block_until_ready(both(x, y))
-        rows.append(
-          {"B": b, "kernel": kernel, "loss_value": fwd_v, "fwdbwd_loss": float(both_v[0])}
-        )
-      except Exception as e:  # a kernel that fails to compile is a result too
-        rows.append({"B": b, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:400]}"})
-        fns.pop(kernel, None)
+    for loss, dtype in cases:
+      fns = {}
+      case = {"B": b, "loss": loss, "dtype": dtype}
+      for kernel in KERNELS[(loss, dtype)]:
+        if time.perf_counter() - t0 > deadline:
+          break
+        try:
+          fns[kernel] = compiled(kernel, b, loss, dtype)
+          x, y, fwd, both = fns[kernel]
+          fwd_v = float(jax.block_until_ready(fwd(x, y)))
+          both_v = jax.block_until_ready(both(x, y))
+          rows.append(
+            {**case, "kernel": kernel, "loss_value": fwd_v, "fwdbwd_loss": float(both_v[0])}
+          )
+        except Exception as e:  # a kernel that fails to compile is a result too
+          rows.append({**case, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+          fns.pop(kernel, None)
+        write(rows)
+      calls = {
+        (kernel, name): functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), fn, x, y)
+        for kernel, (x, y, fwd, both) in fns.items()
+        for name, fn in (("fwd", fwd), ("fwd_bwd", both))
+      }
+      times = alternating_ms(calls, rounds, rep, stop=lambda: time.perf_counter() - t0 > deadline)
+      for row in rows:
+        for name in ("fwd", "fwd_bwd"):
+          same = all(row.get(k) == v for k, v in case.items())
+          if same and (row.get("kernel"), name) in times:
+            row[f"{name}_ms"], row[f"{name}_ms_all"] = times[(row["kernel"], name)]
+      peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", -1)
+      rows.append({**case, "process_peak_gib_so_far": round(peak / 2**30, 3)})
       write(rows)
-    calls = {
-      (kernel, name): functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), fn, x, y)
-      for kernel, (x, y, fwd, both) in fns.items()
-      for name, fn in (("fwd", fwd), ("fwd_bwd", both))
-    }
-    times = alternating_ms(calls, rounds, rep, stop=lambda: time.perf_counter() - t0 > deadline)
-    for row in rows:
-      for name in ("fwd", "fwd_bwd"):
-        if row["B"] == b and (row["kernel"], name) in times:
-          row[f"{name}_ms"], row[f"{name}_ms_all"] = times[(row["kernel"], name)]
-    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", -1)
-    rows.append({"B": b, "process_peak_gib_so_far": round(peak / 2**30, 3)})
-    write(rows)
-    fns.clear()
+      fns.clear()
   return rows
 
 
@@ -313,6 +383,11 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_round_args(ap, deadline=400.0)
   ap.add_argument("--parts", action="store_true", help="only time the tile programs alone")
+  ap.add_argument(
+    "--cases",
+    default="infonce:bf16",
+    help="loss:dtype pairs, comma-separated, among " + ", ".join(":".join(k) for k in KERNELS),
+  )
   args = ap.parse_args(argv)
   import jax
 
@@ -324,6 +399,7 @@ def main(argv=None) -> int:
       result["rows"] = rows
     write_json(args.out, result)
 
+  cases = [tuple(c.split(":")) for c in args.cases.split(",")]
   checks = [(f"check_kernels_{v}", lambda v=v: check_kernels(v)) for v in VARIANTS]
   if args.parts:
     result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
@@ -331,19 +407,24 @@ def main(argv=None) -> int:
     write()
     print(json.dumps(result["parts"]), flush=True)
     return 0
-  for name, fn in [*checks, ("check_loss", check_loss)]:
+  if ("max_margin", "bf16") in cases:
+    checks.append(("check_mm_kernels", check_mm_kernels))
+  checks += [(f"check_loss_{l}_{d}", functools.partial(check_loss, l, d)) for l, d in cases]  # noqa: E741
+  for name, fn in checks:
     try:
       result[name] = fn()
     except Exception:
       result[name] = {"error": traceback.format_exc()[-3000:]}
     print(name, json.dumps(result[name])[:1500], flush=True)
     write()
-  result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
+  rates = {dt: round(matmul_tflops(dt), 1) for dt in sorted({d for _, d in cases})}
+  for dt, rate in rates.items():
+    result[f"matmul_{dt}_tflops"] = rate
   sizes = [int(s) for s in args.sizes.split(",")]
-  time_sizes(sizes, args.rounds, args.rep, args.deadline, t0, write)
-  rate = result["matmul_bf16_tflops"] * 1e12
+  time_sizes(sizes, cases, args.rounds, args.rep, args.deadline, t0, write)
   for row in result.get("rows", []):
     if "fwd_bwd_ms" in row:
+      rate = rates[row["dtype"]] * 1e12
       row["roofline"] = round(8 * row["B"] ** 2 * 512 / (row["fwd_bwd_ms"] / 1e3) / rate, 3)
   write()
   for row in result.get("rows", []):

@@ -33,7 +33,16 @@ from jax import lax
 
 from mmts_jax.losses._traversal import varying_like
 
-__all__ = ["MosaicConfig", "config", "nce_ds", "nce_stats", "set_config", "supported"]
+__all__ = [
+  "MosaicConfig",
+  "config",
+  "mm_ds",
+  "mm_stats",
+  "nce_ds",
+  "nce_stats",
+  "set_config",
+  "supported",
+]
 
 
 class MosaicConfig(NamedTuple):
@@ -62,23 +71,47 @@ class MosaicConfig(NamedTuple):
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
 # of 128 x 128, 4 stages forward, 3 backward (its dS staging takes 64 KiB of shared memory).
-# One warpgroup per CTA, two CTAs per SM: 26% slower forward at B = 131,072.
-_DEFAULTS = {"fwd": MosaicConfig(), "bwd": MosaicConfig(stages=3)}
+# One warpgroup per CTA, two CTAs per SM: 26% slower forward at B = 131,072. float32 embeddings
+# (tf32 wgmma) take chunks of 32 features, the same 128 bytes per row as bfloat16's 64; their
+# backward stages float32 dS, so its sub-tiles are 64 columns wide to fit shared memory.
+_DEFAULTS = {
+  ("fwd", "bfloat16"): MosaicConfig(),
+  ("bwd", "bfloat16"): MosaicConfig(stages=3),
+  ("fwd", "float32"): MosaicConfig(tile_k=32),
+  ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3),
+}
 CONFIGS = dict(_DEFAULTS)
+DTYPES = ("bfloat16", "float32")
 
 
-def config(kind: str) -> MosaicConfig:
-  """The `MosaicConfig` of pass `kind` ("fwd" or "bwd")."""
-  return CONFIGS[kind]
+def _key(kind: str, dtype) -> tuple[str, str]:
+  name = jnp.dtype(dtype).name
+  if kind not in ("fwd", "bwd"):
+    raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {name}")
+  return kind, name
 
 
-def set_config(kind: str, cfg: MosaicConfig | None) -> None:
-  """Sets (None: resets) the `MosaicConfig` of pass `kind` ("fwd" or "bwd")."""
-  if kind not in _DEFAULTS:
-    raise ValueError(f"set_config: kind must be 'fwd' or 'bwd', got {kind!r}")
+def config(kind: str, dtype=jnp.bfloat16) -> MosaicConfig:
+  """The `MosaicConfig` of pass `kind` ("fwd" or "bwd") for embeddings of `dtype`.
+
+  Example:
+    >>> config("fwd", jnp.float32).tile_k
+    32
+  """
+  return CONFIGS[_key(kind, dtype)]
+
+
+def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
+  """Sets (None: resets) the `MosaicConfig` of pass `kind` ("fwd" or "bwd") and `dtype`."""
+  try:
+    key = _key(kind, dtype)
+  except ValueError as e:
+    raise ValueError(f"set_config: {e}") from None
   if cfg is not None:
-    # wgmma's shapes: 64-row warpgroup tiles, columns in 8s up to 256; bf16 chunks of D fill
-    # whole 128-byte swizzles; the pipeline keeps `release` stages besides the one in use.
+    # wgmma's shapes: 64-row warpgroup tiles, columns in 8s up to 256; chunks of D fill whole
+    # 128-byte swizzles; the pipeline keeps `release` stages besides the one in use.
     if cfg.wgs not in (1, 2):
       raise ValueError(f"set_config: wgs must be 1 or 2, got {cfg.wgs}")
     if cfg.tile_m % 64 or not 0 < cfg.tile_n <= 256 or cfg.tile_n % 8:
@@ -86,26 +119,26 @@ def set_config(kind: str, cfg: MosaicConfig | None) -> None:
         f"set_config: tile_m must be a multiple of 64 and tile_n of 8 up to 256, got "
         f"{cfg.tile_m} x {cfg.tile_n}"
       )
-    if cfg.tile_k <= 0 or cfg.tile_k % 64:
-      raise ValueError(f"set_config: tile_k must be a multiple of 64, got {cfg.tile_k}")
+    chunk = 128 // jnp.dtype(dtype).itemsize
+    if cfg.tile_k <= 0 or cfg.tile_k % chunk:
+      raise ValueError(
+        f"set_config: tile_k must be a multiple of {chunk} for {key[1]}, got {cfg.tile_k}"
+      )
     if not 0 <= cfg.release < cfg.stages:
       raise ValueError(
         f"set_config: need 0 <= release < stages, got release {cfg.release}, stages {cfg.stages}"
       )
     if cfg.ctas_per_sm < 1:
       raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
-  CONFIGS[kind] = _DEFAULTS[kind] if cfg is None else cfg
+  CONFIGS[key] = _DEFAULTS[key] if cfg is None else cfg
 
 
 def supported(rows: int, cols: int, d: int, dtype, kind: str = "fwd") -> bool:
   """Whether a `(rows, cols)` tile over `d` features of `dtype` fits pass `kind`'s kernel."""
-  cfg = config(kind)
-  return (
-    jnp.dtype(dtype) == jnp.bfloat16
-    and rows % (cfg.wgs * cfg.tile_m) == 0
-    and cols % cfg.tile_n == 0
-    and d % cfg.tile_k == 0
-  )
+  if jnp.dtype(dtype).name not in DTYPES:
+    return False
+  cfg = config(kind, dtype)
+  return rows % (cfg.wgs * cfg.tile_m) == 0 and cols % cfg.tile_n == 0 and d % cfg.tile_k == 0
 
 
 def _num_sms() -> int:
@@ -320,53 +353,111 @@ def _interpret_params():
   return InterpretGPUParams()
 
 
+class _Terms(NamedTuple):
+  """What one sub-tile's epilogue produces (closures over its registers): `ds` the tile to
+  write, or None; `rows()` / `cols()` the per-row / per-column vectors to write (each a list;
+  called where the two warpgroups take turns, so the work inside them is staggered)."""
+
+  ds: Any
+  rows: Any
+  cols: Any
+
+
+def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like):
+  """One kernel over an unpadded tile: per warpgroup sub-tile `S` (float32),
+  `terms(s, r, c) -> _Terms` with the sub-tile's slices of the row vectors `rvecs` and column
+  vectors `cvecs` in registers. Returns `[dS]` (if `with_ds`, `x`'s dtype) + `nvec` row partials
+  `(cols / tile_n, rows)` + `nvec` column partials `(rows / tile_m, cols)`."""
+  pl, plgpu = _plgpu()
+  cfg = config(kind, x.dtype)
+  (br, _), bc = x.shape, y.shape[0]
+  tm, tn = cfg.tile_m, cfg.tile_n
+  f32, op = jnp.float32, x.dtype
+  out = [_struct((br, bc), op, like)] if with_ds else []
+  out += [_struct((bc // tn, br), f32, like)] * nvec + [_struct((br // tm, bc), f32, like)] * nvec
+  layout = plgpu.Layout.WGMMA
+  nr = len(rvecs)
+
+  def body(x_g, y_g, *refs):
+    r_g, c_g = refs[:nr], refs[nr : nr + len(cvecs)]
+    out_g = refs[nr + len(cvecs) :]
+    ds_g = out_g[0] if with_ds else None
+    parts = out_g[1:] if with_ds else out_g
+    row_g, col_g = parts[:nvec], parts[nvec:]
+
+    def epilogue(s, tile, scratch):
+      ds_smem, rsm, csm = scratch
+      wg = tile.wg
+      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
+      r = [_load(v.at[rows], layout.reduce(1), interpret) for v in r_g]
+      c = [_load(v.at[cols], layout.reduce(0), interpret) for v in c_g]
+      t = terms(s, r, c)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
+      if with_ds:
+        ds_smem[wg] = t.ds.astype(op)
+
+      def row_part():
+        for k, v in enumerate(t.rows()):
+          rsm[wg, k] = v
+
+      def col_part():
+        for k, v in enumerate(t.cols()):
+          csm[wg, k] = v
+
+      _rows_and_columns(tile, row_part, col_part)
+      plgpu.commit_smem()
+      if with_ds:
+        plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
+      part = tile.m_idx * cfg.wgs + wg
+      for k in range(nvec):
+        plgpu.copy_smem_to_gmem(rsm.at[wg, k], row_g[k].at[tile.n_idx, rows])
+        plgpu.copy_smem_to_gmem(csm.at[wg, k], col_g[k].at[part, cols])
+
+    scratch = (
+      plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)) if with_ds else None,
+      plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
+      plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
+    )
+    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
+
+  return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
+
+
+def _interleave(out, with_ds: bool, nvec: int):
+  """`[dS] + rows + cols` -> `[dS] + [row_0, col_0, row_1, col_1, ...]`."""
+  head, parts = (out[:1], out[1:]) if with_ds else ([], out)
+  return head + [p for k in range(nvec) for p in (parts[k], parts[nvec + k])]
+
+
+def _row(v, shape):
+  return _bcast(v, shape, 0)
+
+
+def _col(v, shape):
+  return _bcast(v, shape, 1)
+
+
 def nce_stats(x, y, ar, ac, *, interpret: bool = False, like=None):
   """Base-2 logsumexp partials of one unpadded tile: `(rm, rl)` of shape `(cols / tile_n,
   rows)` (per column sub-tile, each row's maximum and sum) and `(cm, cl)` of shape
   `(rows / tile_m, cols)`. `ar`, `ac`: the base-2 scales `log2(e) / tau` of rows and columns.
   `like`: an array whose device-variance (inside `shard_map`) the outputs take."""
-  pl, plgpu = _plgpu()
-  cfg = config("fwd")
-  (br, _), bc = x.shape, y.shape[0]
-  tm, tn = cfg.tile_m, cfg.tile_n
-  f32 = jnp.float32
-  rowpart = _struct((bc // tn, br), f32, like)
-  colpart = _struct((br // tm, bc), f32, like)
-  out = [rowpart, rowpart, colpart, colpart]
-  layout = plgpu.Layout.WGMMA
 
-  def body(x_g, y_g, ar_g, ac_g, rm_g, rl_g, cm_g, cl_g):
-    def epilogue(s, tile, scratch):
-      rsm, csm = scratch
-      wg = tile.wg
-      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
+  def terms(s, r, c):
+    # Every scale is positive, so the scaled maximum is the scale times the maximum of S.
+    ((a_r,), (a_c,)), shape = (r, c), s.shape
 
-      # Every scale is positive, so the scaled maximum is the scale times the maximum of S.
-      def row_stats():
-        a_r = _load(ar_g.at[rows], layout.reduce(1), interpret)
-        mr = a_r * jnp.max(s, axis=1)
-        rsm[wg, 0] = mr
-        rsm[wg, 1] = jnp.sum(jnp.exp2(s * _bcast(a_r, s.shape, 0) - _bcast(mr, s.shape, 0)), 1)
+    def rows():
+      mr = a_r * jnp.max(s, axis=1)
+      return [mr, jnp.sum(jnp.exp2(s * _row(a_r, shape) - _row(mr, shape)), 1)]
 
-      def col_stats():
-        a_c = _load(ac_g.at[cols], layout.reduce(0), interpret)
-        mc = a_c * jnp.max(s, axis=0)
-        csm[wg, 0] = mc
-        csm[wg, 1] = jnp.sum(jnp.exp2(s * _bcast(a_c, s.shape, 1) - _bcast(mc, s.shape, 1)), 0)
+    def cols():
+      mc = a_c * jnp.max(s, axis=0)
+      return [mc, jnp.sum(jnp.exp2(s * _col(a_c, shape) - _col(mc, shape)), 0)]
 
-      _rows_and_columns(tile, row_stats, col_stats)
-      plgpu.commit_smem()
-      part = tile.m_idx * cfg.wgs + wg
-      for k, target in enumerate((rm_g, rl_g)):
-        plgpu.copy_smem_to_gmem(rsm.at[wg, k], target.at[tile.n_idx, rows])
-      for k, target in enumerate((cm_g, cl_g)):
-        plgpu.copy_smem_to_gmem(csm.at[wg, k], target.at[part, cols])
+    return _Terms(None, rows, cols)
 
-    scratch = (plgpu.SMEM((cfg.wgs, 2, tm), f32), plgpu.SMEM((cfg.wgs, 2, tn), f32))
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
-
-  return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, ar, ac)
+  return _pass("fwd", x, y, [ar], [ac], terms, 2, False, interpret, like)
 
 
 def nce_ds(
@@ -387,57 +478,93 @@ def nce_ds(
   """`dS` of one unpadded tile in `x`'s dtype, then if `need_sums` its float32 row partials
   `(cols / tile_n, rows)` and column partials `(rows / tile_m, cols)`, then if `need_a` those of
   `p s` (the temperature gradients). Vectors: base-2 scales, base-2 logsumexps, `g a`."""
-  pl, plgpu = _plgpu()
-  cfg = config("bwd")
-  (br, _), bc = x.shape, y.shape[0]
-  tm, tn = cfg.tile_m, cfg.tile_n
-  f32 = jnp.float32
-  op = x.dtype
-  rowpart = _struct((bc // tn, br), f32, like)
-  colpart = _struct((br // tm, bc), f32, like)
-  nvec = int(need_sums) + int(need_a)  # vectors per side: dS sums, p s sums
-  out = [_struct((br, bc), op, like)] + [rowpart, colpart] * nvec
-  layout = plgpu.Layout.WGMMA
 
-  def body(x_g, y_g, ar_g, ac_g, lr_g, lc_g, wr_g, wc_g, ds_g, *part_g):
-    def epilogue(s, tile, scratch):
-      ds_smem, rsm, csm = scratch
-      wg = tile.wg
-      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      row_vec = functools.partial(_load, layout=layout.reduce(1), interpret=interpret)
-      col_vec = functools.partial(_load, layout=layout.reduce(0), interpret=interpret)
-      a_r, l_r, w_r = row_vec(ar_g.at[rows]), row_vec(lr_g.at[rows]), row_vec(wr_g.at[rows])
-      a_c, l_c, w_c = col_vec(ac_g.at[cols]), col_vec(lc_g.at[cols]), col_vec(wc_g.at[cols])
-      shape = s.shape
-      pr = jnp.exp2(s * _bcast(a_r, shape, 0) - _bcast(l_r, shape, 0))
-      pc = jnp.exp2(s * _bcast(a_c, shape, 1) - _bcast(l_c, shape, 1))
-      ds = _bcast(w_r, shape, 0) * pr + _bcast(w_c, shape, 1) * pc
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
-      ds_smem[wg] = ds.astype(op)
-      # Staging rows of the vectors: k = 0 the dS sums, then the p s sums.
-      kinds = ([ds] if need_sums else []) + ([None] if need_a else [])
+  def terms(s, r, c):
+    (a_r, l_r, w_r), (a_c, l_c, w_c), shape = r, c, s.shape
+    pr = jnp.exp2(s * _row(a_r, shape) - _row(l_r, shape))
+    pc = jnp.exp2(s * _col(a_c, shape) - _col(l_c, shape))
+    ds = _row(w_r, shape) * pr + _col(w_c, shape) * pc
 
-      def row_sums():
-        for k, v in enumerate(kinds):
-          rsm[wg, k] = jnp.sum(pr * s if v is None else v, axis=1)
+    def rows():
+      return [jnp.sum(ds, 1)] * need_sums + [jnp.sum(pr * s, 1)] * need_a
 
-      def col_sums():
-        for k, v in enumerate(kinds):
-          csm[wg, k] = jnp.sum(pc * s if v is None else v, axis=0)
+    def cols():
+      return [jnp.sum(ds, 0)] * need_sums + [jnp.sum(pc * s, 0)] * need_a
 
-      _rows_and_columns(tile, row_sums, col_sums)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
-      part = tile.m_idx * cfg.wgs + wg
-      for k in range(len(kinds)):
-        plgpu.copy_smem_to_gmem(rsm.at[wg, k], part_g[2 * k].at[tile.n_idx, rows])
-        plgpu.copy_smem_to_gmem(csm.at[wg, k], part_g[2 * k + 1].at[part, cols])
+    return _Terms(ds, rows, cols)
 
-    scratch = (
-      plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)),
-      plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
-      plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
+  nvec = int(need_sums) + int(need_a)
+  out = _pass("bwd", x, y, [ar, lr, wr], [ac, lc, wc], terms, nvec, True, interpret, like)
+  return _interleave(out, True, nvec)
+
+
+def _cosines_and_keep(s, r, c):
+  """`s r q^T` and the off-diagonal mask (row id != column id) of a max-margin sub-tile."""
+  (rr, _, rid, *_), (qc, _, cid, *_), shape = r, c, s.shape
+  return s * _row(rr, shape) * _col(qc, shape), _row(rid, shape) != _col(cid, shape)
+
+
+def mm_stats(x, y, rr, qc, ro, co, rid, cid, *, interpret: bool = False, like=None):
+  """Max-margin hinge partials of one unpadded tile: row sums and counts of
+  `relu(ro_i + s_ij r_i q_j)` over `j != i`, `(cols / tile_n, rows)` each, then the column
+  sums and counts of `relu(co_j + s_ij r_i q_j)`, `(rows / tile_m, cols)` each. `rid`, `cid`:
+  the samples' global ids (int32), equal on the diagonal."""
+
+  def terms(s, r, c):
+    sc, keep = _cosines_and_keep(s, r, c)
+    zero = jnp.zeros_like(sc)
+
+    def hinge_sum_count(offset, axis):
+      h = jnp.where(keep, jnp.maximum(offset + sc, 0.0), zero)
+      return [jnp.sum(h, axis), jnp.sum(jnp.where(h > 0, 1.0, zero), axis)]
+
+    return _Terms(
+      None,
+      lambda: hinge_sum_count(_row(r[1], sc.shape), 1),
+      lambda: hinge_sum_count(_col(c[1], sc.shape), 0),
     )
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
 
-  return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, ar, ac, lr, lc, wr, wc)
+  return _pass("fwd", x, y, [rr, ro, rid], [qc, co, cid], terms, 2, False, interpret, like)
+
+
+def mm_ds(
+  x,
+  y,
+  rr,
+  qc,
+  ro,
+  co,
+  rid,
+  cid,
+  gr,
+  gc,
+  *,
+  need_sums: bool,
+  interpret: bool = False,
+  like=None,
+):
+  """The max-margin backward of one unpadded tile: `dS r q^T` in `x`'s dtype (what the
+  gradient products take), then if `need_sums` its float32 row / column partials, then those of
+  `dS s r q^T` (the gradients of the scales `r`, `q`). `gr`, `gc`: the hinge sums' cotangents."""
+
+  def terms(s, r, c):
+    sc, keep = _cosines_and_keep(s, r, c)
+    shape, zero = sc.shape, jnp.zeros_like(sc)
+    (rr_, ro_, _, gr_), (qc_, co_, _, gc_) = r, c
+    ds = jnp.where(keep & (_row(ro_, shape) + sc > 0), _row(gr_, shape), zero) + jnp.where(
+      keep & (_col(co_, shape) + sc > 0), _col(gc_, shape), zero
+    )
+    dss = ds * sc
+    dsw = ds * _row(rr_, shape) * _col(qc_, shape)
+
+    def rows():
+      return [jnp.sum(dsw, 1)] * need_sums + [jnp.sum(dss, 1)]
+
+    def cols():
+      return [jnp.sum(dsw, 0)] * need_sums + [jnp.sum(dss, 0)]
+
+    return _Terms(dsw, rows, cols)
+
+  nvec = int(need_sums) + 1
+  out = _pass("bwd", x, y, [rr, ro, rid, gr], [qc, co, cid, gc], terms, nvec, True, interpret, like)
+  return _interleave(out, True, nvec)

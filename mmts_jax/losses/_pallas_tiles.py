@@ -165,6 +165,9 @@ FASTEST = {
   ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
   ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
 }
+# Where `FASTEST` says "mosaic" and the Mosaic GPU kernels do not apply to a tile: bfloat16
+# takes the Triton kernels ("fused"), float32 the XLA tiles (Triton's tf32 products are slower).
+MOSAIC_FALLBACK = {"bfloat16": "fused", "float32": "xla"}
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 LOSSES = ("infonce", "max_margin", "sigmoid")
 PASSES = ("fwd", "bwd")
@@ -180,12 +183,21 @@ def _fused_ok(blocks: Blocks, d: int, dtype) -> bool:
 
 
 def use_fused_tiles(
-  blocks: Blocks, d: int, dtype, loss: str = "infonce", kind: str = "fwd"
+  blocks: Blocks,
+  d: int,
+  dtype,
+  loss: str = "infonce",
+  kind: str = "fwd",
+  *,
+  padded: bool = False,
+  precision=None,
 ) -> bool:
   """Whether pass `kind` ("fwd" / "bwd") of `loss` takes the fused Pallas kernels.
 
   By default where `FASTEST` measured them faster; `set_fused_tiles` overrides this. The tiles
-  must be whole sub-tiles of `SUB` and D a multiple of 16.
+  must be whole sub-tiles of `SUB` and D a multiple of 16. Where `FASTEST` names the Mosaic GPU
+  kernels but they do not apply (`padded` tiles, shapes they do not take, f32 at a `precision`
+  above tf32, a GPU other than Hopper), `MOSAIC_FALLBACK` says which tiles run instead.
 
   Example:
     >>> import jax.numpy as jnp
@@ -202,8 +214,13 @@ def use_fused_tiles(
   if mode is False:
     return False
   if mode is None:
-    key = (jax.default_backend(), jnp.dtype(dtype).name, loss)
-    on = FASTEST.get(key, {}).get(kind) in ("fused", "mosaic")
+    name = jnp.dtype(dtype).name
+    choice = FASTEST.get((jax.default_backend(), name, loss), {}).get(kind)
+    if choice == "mosaic" and MOSAIC_FALLBACK.get(name) == "xla":
+      fits = _mosaic_tiles.supported(blocks.rows, blocks.cols, d, dtype, kind)
+      on = fits and not padded and _mosaic_precision_ok(dtype, precision) and _hopper()
+    else:
+      on = choice in ("fused", "mosaic")
   else:
     on = (mode == "interpret" or jax.default_backend() == "gpu") and kind in passes
   return on and _fused_ok(blocks, d, dtype)
@@ -256,16 +273,22 @@ def _hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
-def _mosaic_for(kind: str, xr, yc) -> tuple[bool, bool]:
-  """(whether this unpadded InfoNCE tile pass takes the Mosaic GPU kernel, interpreted)."""
+def _mosaic_precision_ok(dtype, precision) -> bool:
+  """float32 tiles run on tf32 wgmma: only where `precision` allows tf32 (JAX's default)."""
+  return jnp.dtype(dtype) != jnp.float32 or _tf32(precision)
+
+
+def _mosaic_for(kind: str, xr, yc, loss: str = "infonce", precision=None) -> tuple[bool, bool]:
+  """(whether this unpadded tile pass of `loss` takes the Mosaic GPU kernel, interpreted)."""
   interpret = _FUSED[0] == "interpret"
   if _KERNEL[0] == "triton":
     return False, interpret
   if _KERNEL[0] is None:
-    key = (jax.default_backend(), jnp.dtype(xr.dtype).name, "infonce")
+    key = (jax.default_backend(), jnp.dtype(xr.dtype).name, loss)
     if FASTEST.get(key, {}).get(kind) != "mosaic":
       return False, interpret
   fits = _mosaic_tiles.supported(xr.shape[0], yc.shape[0], xr.shape[1], xr.dtype, kind)
+  fits = fits and _mosaic_precision_ok(xr.dtype, precision)
   return fits and (interpret or _hopper()), interpret
 
 
@@ -582,7 +605,7 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   yc, ac, cid = c
   f32 = jnp.float32
   masked = bool(mask_rows or mask_cols)
-  mosaic, interpret = _mosaic_for("fwd", xr, yc)
+  mosaic, interpret = _mosaic_for("fwd", xr, yc, "infonce", precision)
   if mosaic and not masked:
     vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
     rm, rl, cm, cl = _mosaic_tiles.nce_stats(xr, yc, *vecs, interpret=interpret, like=xr)
@@ -627,7 +650,7 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
     (gr * ar).astype(f32),
     (gc * ac).astype(f32),
   ]
-  mosaic, interpret = _mosaic_for("bwd", xr, yc)
+  mosaic, interpret = _mosaic_for("bwd", xr, yc, "infonce", precision)
   if mosaic and not masked:
     out = _mosaic_tiles.nce_ds(
       xr, yc, *scales, *rest, need_sums=need_sums, need_a=need_a, interpret=interpret, like=xr
@@ -712,23 +735,30 @@ def _mm_ds_kernel(
   sr_ref[...] = sr
 
 
-def mm_fwd_tile(precision, r, c, rs, cs):
-  """The fused form of `blockwise._mm_fwd_tile` (same arguments, same result)."""
+def mm_fwd_tile(precision, padded, r, c, rs, cs):
+  """The fused form of `blockwise._mm_fwd_tile` (its arguments after `padded`: whether the
+  loss's tiles hold padding; same result)."""
   xr, rr, ro, rid = r
   yc, qc, co, cid = c
   f32 = jnp.float32
-  call = _program(
-    _mm_stats_kernel,
-    "fwd",
-    precision,
-    xr,
-    yc,
-    "rcrcrc",
-    [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
-  )
-  rsum, rcnt, csum, ccnt = call(
-    xr, yc, rr.astype(f32), qc.astype(f32), ro.astype(f32), co.astype(f32), rid, cid
-  )
+  vecs = (rr.astype(f32), qc.astype(f32), ro.astype(f32), co.astype(f32), rid, cid)
+  mosaic, interpret = _mosaic_for("fwd", xr, yc, "max_margin", precision)
+  if mosaic and not padded:
+    rr_, qc_, ro_, co_ = vecs[:4]
+    rsum, rcnt, csum, ccnt = _mosaic_tiles.mm_stats(
+      xr, yc, rr_, qc_, ro_, co_, rid, cid, interpret=interpret, like=xr
+    )
+  else:
+    call = _program(
+      _mm_stats_kernel,
+      "fwd",
+      precision,
+      xr,
+      yc,
+      "rcrcrc",
+      [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
+    )
+    rsum, rcnt, csum, ccnt = call(xr, yc, *vecs)
   (rs0, rn0), (cs0, cn0) = rs, cs
   dt = rs0.dtype
   return (
@@ -737,29 +767,38 @@ def mm_fwd_tile(precision, r, c, rs, cs):
   )
 
 
-def mm_bwd_tile(precision, r, c, rs, cs):
-  """The fused form of `blockwise._mm_bwd_tile` (same arguments, same result)."""
+def mm_bwd_tile(precision, padded, r, c, rs, cs):
+  """The fused form of `blockwise._mm_bwd_tile` (its arguments after `padded`, as for
+  `mm_fwd_tile`; same result)."""
   xr, rr, ro, rid, gr = r
   yc, qc, co, cid, gc = c
   (dx, dr), (dy, dq) = rs, cs
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
-  parts = [("rowpart", f32), ("colpart", f32)]
-  outs = [("tile", op)] + (parts if need_sums else []) + parts
-  call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
-  res = call(
-    xr,
-    yc,
-    rr.astype(f32),
-    qc.astype(f32),
-    ro.astype(f32),
-    co.astype(f32),
-    rid,
-    cid,
-    gr.astype(f32),
-    gc.astype(f32),
-  )
+  rr_, qc_, ro_, co_, gr_, gc_ = (v.astype(f32) for v in (rr, qc, ro, co, gr, gc))
+  mosaic, interpret = _mosaic_for("bwd", xr, yc, "max_margin", precision)
+  if mosaic and not padded:
+    res = _mosaic_tiles.mm_ds(
+      xr,
+      yc,
+      rr_,
+      qc_,
+      ro_,
+      co_,
+      rid,
+      cid,
+      gr_,
+      gc_,
+      need_sums=need_sums,
+      interpret=interpret,
+      like=xr,
+    )
+  else:
+    parts = [("rowpart", f32), ("colpart", f32)]
+    outs = [("tile", op)] + (parts if need_sums else []) + parts
+    call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
+    res = call(xr, yc, rr_, qc_, ro_, co_, rid, cid, gr_, gc_)
   ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
   dt = dr.dtype
   return (

@@ -110,6 +110,11 @@ def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   return (dx + ddx, dar), (dy + ddy, dac)
 
 
+def _padded(b: int, blocks) -> bool:
+  """Whether the `(rows, cols)` tiles of `b` samples end in padding."""
+  return b % blocks.rows != 0 or b % blocks.cols != 0
+
+
 def _full(shape, value, dtype):
   return jnp.full(shape, value, dtype)
 
@@ -132,7 +137,8 @@ def _nce_forward(x, y, a, blocks, precision, axis_name):
   col0 = varying(
     (_full((nc, blocks.cols), -jnp.inf, dt), _full((nc, blocks.cols), 0, dt)), axis_name
   )
-  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "infonce", "fwd")
+  kw = {"padded": mask_rows or mask_cols, "precision": precision}
+  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "infonce", "fwd", **kw)
   fwd = _pallas_tiles.nce_fwd_tile if fused else _nce_fwd_tile
   tile = functools.partial(fwd, precision, mask_rows, mask_cols)
   (mr, lr), (mc, lc) = traverse(tile, rows, cols, col0, row0, axis_name)
@@ -192,7 +198,8 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   col0 = varying(
     (jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), a.dtype)), axis_name
   )
-  fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd")
+  kw = {"padded": mask_rows or mask_cols, "precision": precision}
+  fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd", **kw)
   bwd = _pallas_tiles.nce_bwd_tile if fused else _nce_bwd_tile
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
@@ -317,8 +324,12 @@ def _mm_forward(x, y, r, q, ro, co, blocks, precision, axis_name):
   zc = jnp.zeros((nc, blocks.cols), dt)
   row0 = varying((zr, zr), axis_name)
   col0 = varying((zc, zc), axis_name)
-  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "max_margin", "fwd")
-  tile = functools.partial(_pallas_tiles.mm_fwd_tile if fused else _mm_fwd_tile, precision)
+  padded = _padded(x.shape[0], blocks)
+  kw = {"padded": padded, "precision": precision}
+  if use_fused_tiles(blocks, x.shape[1], x.dtype, "max_margin", "fwd", **kw):
+    tile = functools.partial(_pallas_tiles.mm_fwd_tile, precision, padded)
+  else:
+    tile = functools.partial(_mm_fwd_tile, precision)
   (rsum, rcnt), (csum, ccnt) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
   return (merge(rsum, b), merge(csum, b)), (merge(rcnt, b), merge(ccnt, b))
@@ -359,8 +370,12 @@ def _hinge_sums_bwd(op, blocks, precision, axis_name, res, g):
   col0 = varying(
     (jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), acc)), axis_name
   )
-  fused = use_fused_tiles(blocks, d, x.dtype, "max_margin", "bwd")
-  tile = functools.partial(_pallas_tiles.mm_bwd_tile if fused else _mm_bwd_tile, precision)
+  padded = _padded(x.shape[0], blocks)
+  kw = {"padded": padded, "precision": precision}
+  if use_fused_tiles(blocks, d, x.dtype, "max_margin", "bwd", **kw):
+    tile = functools.partial(_pallas_tiles.mm_bwd_tile, precision, padded)
+  else:
+    tile = functools.partial(_mm_bwd_tile, precision)
   (dx, dr), (dy, dq) = traverse(tile, rows, cols, col0, row0, axis_name)
   b = x.shape[0]
   return (
