@@ -295,7 +295,8 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
   executable (`lax.map`, so launch and host overheads are amortised): the Triton and the Mosaic
   dS programs (with the float32 dS sums the centred products take), the centred bf16 gradient
   products on that dS (`grad_matmuls`), the same two products uncentred, and the forward
-  programs; medians of `rep` calls divided by `tiles`, ms per tile."""
+  programs, and the max-margin forward and dS programs (Triton and Mosaic); medians of `rep` calls
+  divided by `tiles`, ms per tile."""
   import jax
   import jax.numpy as jnp
 
@@ -342,6 +343,30 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
   def mosaic_fwd(x, y):
     return mt.nce_stats(x, y, a, a)
 
+  # Max-margin: unit rows (r = q = 1), offsets 0.1 - 0.3, every id distinct from the others'
+  # but the diagonal's, cotangents 1e-4.
+  one = jnp.ones((n,), f32)
+  off = jnp.linspace(-0.3, 0.1, n, dtype=f32)
+  ids = jnp.arange(n, dtype=jnp.int32)
+  mm_vecs = (one, one, off, off, ids, ids)
+
+  def triton_mm_fwd(x, y):
+    parts = [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)]
+    call = pt._program(pt._mm_stats_kernel, "fwd", None, x, y, "rcrcrc", parts)
+    return call(x, y, *mm_vecs)
+
+  def mosaic_mm_fwd(x, y):
+    return mt.mm_stats(x, y, *mm_vecs)
+
+  def triton_mm_ds(x, y):
+    parts = [("rowpart", f32), ("colpart", f32)]
+    outs = [("tile", x.dtype), *parts, *parts]
+    call = pt._program(pt._mm_ds_kernel, "bwd", None, x, y, "rcrcrcrc", outs, True)
+    return call(x, y, *mm_vecs, w, w)
+
+  def mosaic_mm_ds(x, y):
+    return mt.mm_ds(x, y, *mm_vecs, w, w, need_sums=True)
+
   ds = jax.block_until_ready(jax.jit(mosaic_ds)(x, y))
   sums = (jnp.sum(ds[1], axis=0), jnp.sum(ds[2], axis=0))
   dss = jnp.broadcast_to(ds[0], (tiles, n, n)) + jnp.zeros((tiles, 1, 1), ds[0].dtype)
@@ -365,6 +390,10 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
     "grad_dots_plain": (*over_tiles(lambda s, x, y: _grad_dots(s, x, y, None, f32), dss), (x, y)),
     "triton_fwd": (*over_tiles(triton_fwd, xs), (y,)),
     "mosaic_fwd": (*over_tiles(mosaic_fwd, xs), (y,)),
+    "triton_mm_fwd": (*over_tiles(triton_mm_fwd, xs), (y,)),
+    "mosaic_mm_fwd": (*over_tiles(mosaic_mm_fwd, xs), (y,)),
+    "triton_mm_ds": (*over_tiles(triton_mm_ds, xs), (y,)),
+    "mosaic_mm_ds": (*over_tiles(mosaic_mm_ds, xs), (y,)),
   }
   out = {"n": n, "d": d, "rep": rep, "tiles": tiles}
   for name, (fn, stacked, rest) in fns.items():
