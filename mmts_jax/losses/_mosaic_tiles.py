@@ -67,6 +67,7 @@ class MosaicConfig(NamedTuple):
   ctas_per_sm: int = 1
   release: int = 0
   lag: bool = False
+  preload: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -230,7 +231,9 @@ def _rows_and_columns(tile: _Tile, rows, columns) -> None:
     plgpu.barrier_arrive(turn.at[1])
 
 
-def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False):
+def _tiled_kernel(
+  cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False, prologue=None
+):
   """The shared skeleton: the persistent walk over sub-tiles, the TMA/wgmma pipeline over D,
   then `epilogue(s, tile, scratch)` per warpgroup with its float32 `(tile_m, tile_n)`
   similarities `s` and its `_Tile`. `y_transposed`: `y_g` holds `Y^T` (the interpreter's
@@ -298,8 +301,11 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
       def context(run):
         @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
         def _acc(acc):
+          # With `preload`, the sub-tile's vectors are read before its products are issued, so
+          # their latency falls under the matmul instead of the epilogue.
+          pre = prologue(tile) if cfg.preload and prologue is not None else None
           run(acc)
-          epilogue(acc[...], tile, scratch)
+          epilogue(acc[...], tile, scratch, pre)
 
       def mma(idx, x_s, y_s, acc):
         (k,) = idx
@@ -385,12 +391,16 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
     parts = out_g[1:] if with_ds else out_g
     row_g, col_g = parts[:nvec], parts[nvec:]
 
-    def epilogue(s, tile, scratch):
+    def vectors(tile):
+      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
+      r = [_load(v.at[rows], layout.reduce(1), interpret) for v in r_g]
+      return r, [_load(v.at[cols], layout.reduce(0), interpret) for v in c_g]
+
+    def epilogue(s, tile, scratch, pre):
       ds_smem, rsm, csm = scratch
       wg = tile.wg
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      r = [_load(v.at[rows], layout.reduce(1), interpret) for v in r_g]
-      c = [_load(v.at[cols], layout.reduce(0), interpret) for v in c_g]
+      r, c = pre if pre is not None else vectors(tile)
       t = terms(s, r, c)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
       if with_ds:
@@ -418,7 +428,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
     )
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
+    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret, prologue=vectors)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
