@@ -371,9 +371,11 @@ class _Terms(NamedTuple):
 
 def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like):
   """One kernel over an unpadded tile: per warpgroup sub-tile `S` (float32),
-  `terms(s, r, c) -> _Terms` with the sub-tile's slices of the row vectors `rvecs` and column
-  vectors `cvecs` in registers. Returns `[dS]` (if `with_ds`, `x`'s dtype) + `nvec` row partials
-  `(cols / tile_n, rows)` + `nvec` column partials `(rows / tile_m, cols)`."""
+  `terms(s, r, c) -> _Terms`, where `r[k]()` / `c[k]()` read the sub-tile's slice of row vector
+  `rvecs[k]` / column vector `cvecs[k]` into registers: read where it is used, a vector stays
+  out of the registers the rest of the epilogue needs (the 128 x 128 float32 sub-tile takes 128
+  per thread; a column vector 32 more). Returns `[dS]` (if `with_ds`, `x`'s dtype) + `nvec` row
+  partials `(cols / tile_n, rows)` + `nvec` column partials `(rows / tile_m, cols)`."""
   pl, plgpu = _plgpu()
   cfg = config(kind, x.dtype)
   (br, _), bc = x.shape, y.shape[0]
@@ -391,16 +393,24 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
     parts = out_g[1:] if with_ds else out_g
     row_g, col_g = parts[:nvec], parts[nvec:]
 
-    def vectors(tile):
+    def loaders(tile):
+      """Per vector, a function reading the sub-tile's slice of it into registers."""
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      r = [_load(v.at[rows], layout.reduce(1), interpret) for v in r_g]
-      return r, [_load(v.at[cols], layout.reduce(0), interpret) for v in c_g]
+      r = [functools.partial(_load, v.at[rows], layout.reduce(1), interpret) for v in r_g]
+      return r, [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
+
+    def preloaded(tile):
+      r, c = loaders(tile)
+      return [f() for f in r], [f() for f in c]
 
     def epilogue(s, tile, scratch, pre):
       ds_smem, rsm, csm = scratch
       wg = tile.wg
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      r, c = pre if pre is not None else vectors(tile)
+      if pre is None:
+        r, c = loaders(tile)
+      else:
+        r, c = ([lambda v=v: v for v in vs] for vs in pre)
       t = terms(s, r, c)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
       if with_ds:
@@ -428,7 +438,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
     )
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret, prologue=vectors)
+    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret, prologue=preloaded)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
@@ -455,13 +465,15 @@ def nce_stats(x, y, ar, ac, *, interpret: bool = False, like=None):
 
   def terms(s, r, c):
     # Every scale is positive, so the scaled maximum is the scale times the maximum of S.
-    ((a_r,), (a_c,)), shape = (r, c), s.shape
+    shape = s.shape
 
     def rows():
+      a_r = r[0]()
       mr = a_r * jnp.max(s, axis=1)
       return [mr, jnp.sum(jnp.exp2(s * _row(a_r, shape) - _row(mr, shape)), 1)]
 
     def cols():
+      a_c = c[0]()
       mc = a_c * jnp.max(s, axis=0)
       return [mc, jnp.sum(jnp.exp2(s * _col(a_c, shape) - _col(mc, shape)), 0)]
 
@@ -490,7 +502,7 @@ def nce_ds(
   `p s` (the temperature gradients). Vectors: base-2 scales, base-2 logsumexps, `g a`."""
 
   def terms(s, r, c):
-    (a_r, l_r, w_r), (a_c, l_c, w_c), shape = r, c, s.shape
+    (a_r, l_r, w_r), (a_c, l_c, w_c), shape = (f() for f in r), (f() for f in c), s.shape
     pr = jnp.exp2(s * _row(a_r, shape) - _row(l_r, shape))
     pc = jnp.exp2(s * _col(a_c, shape) - _col(l_c, shape))
     ds = _row(w_r, shape) * pr + _col(w_c, shape) * pc
@@ -508,10 +520,15 @@ def nce_ds(
   return _interleave(out, True, nvec)
 
 
-def _cosines_and_keep(s, r, c):
-  """`s r q^T` and the off-diagonal mask (row id != column id) of a max-margin sub-tile."""
-  (rr, _, rid, *_), (qc, _, cid, *_), shape = r, c, s.shape
-  return s * _row(rr, shape) * _col(qc, shape), _row(rid, shape) != _col(cid, shape)
+def _cosines(s, r, c):
+  """`s r q^T`, the cosines of a max-margin sub-tile (`r[0]`, `c[0]`: the inverse norms)."""
+  return s * _row(r[0](), s.shape) * _col(c[0](), s.shape)
+
+
+def _off_diagonal(r, c, shape):
+  """Where the row id (`r[2]`) differs from the column id (`c[2]`): recomputed at each use, so
+  no boolean tile stays live in registers."""
+  return _row(r[2](), shape) != _col(c[2](), shape)
 
 
 def mm_stats(x, y, rr, qc, ro, co, rid, cid, *, interpret: bool = False, like=None):
@@ -521,17 +538,17 @@ def mm_stats(x, y, rr, qc, ro, co, rid, cid, *, interpret: bool = False, like=No
   the samples' global ids (int32), equal on the diagonal."""
 
   def terms(s, r, c):
-    sc, keep = _cosines_and_keep(s, r, c)
+    sc = _cosines(s, r, c)
     zero = jnp.zeros_like(sc)
 
     def hinge_sum_count(offset, axis):
-      h = jnp.where(keep, jnp.maximum(offset + sc, 0.0), zero)
+      h = jnp.where(_off_diagonal(r, c, sc.shape), jnp.maximum(offset + sc, 0.0), zero)
       return [jnp.sum(h, axis), jnp.sum(jnp.where(h > 0, 1.0, zero), axis)]
 
     return _Terms(
       None,
-      lambda: hinge_sum_count(_row(r[1], sc.shape), 1),
-      lambda: hinge_sum_count(_col(c[1], sc.shape), 0),
+      lambda: hinge_sum_count(_row(r[1](), sc.shape), 1),
+      lambda: hinge_sum_count(_col(c[1](), sc.shape), 0),
     )
 
   return _pass("fwd", x, y, [rr, ro, rid], [qc, co, cid], terms, 2, False, interpret, like)
@@ -558,20 +575,22 @@ def mm_ds(
   `dS s r q^T` (the gradients of the scales `r`, `q`). `gr`, `gc`: the hinge sums' cotangents."""
 
   def terms(s, r, c):
-    sc, keep = _cosines_and_keep(s, r, c)
+    sc = _cosines(s, r, c)
     shape, zero = sc.shape, jnp.zeros_like(sc)
-    (rr_, ro_, _, gr_), (qc_, co_, _, gc_) = r, c
-    ds = jnp.where(keep & (_row(ro_, shape) + sc > 0), _row(gr_, shape), zero) + jnp.where(
-      keep & (_col(co_, shape) + sc > 0), _col(gc_, shape), zero
+    ds = jnp.where(
+      _off_diagonal(r, c, shape) & (_row(r[1](), shape) + sc > 0), _row(r[3](), shape), zero
     )
-    dss = ds * sc
-    dsw = ds * _row(rr_, shape) * _col(qc_, shape)
+    ds = ds + jnp.where(
+      _off_diagonal(r, c, shape) & (_col(c[1](), shape) + sc > 0), _col(c[3](), shape), zero
+    )
+    # dS s r q^T = (dS r q^T) S: the scales' gradient terms from the tile that is written.
+    dsw = ds * _row(r[0](), shape) * _col(c[0](), shape)
 
     def rows():
-      return [jnp.sum(dsw, 1)] * need_sums + [jnp.sum(dss, 1)]
+      return [jnp.sum(dsw, 1)] * need_sums + [jnp.sum(dsw * s, 1)]
 
     def cols():
-      return [jnp.sum(dsw, 0)] * need_sums + [jnp.sum(dss, 0)]
+      return [jnp.sum(dsw, 0)] * need_sums + [jnp.sum(dsw * s, 0)]
 
     return _Terms(dsw, rows, cols)
 
