@@ -67,7 +67,6 @@ class MosaicConfig(NamedTuple):
   ctas_per_sm: int = 1
   release: int = 0
   lag: bool = False
-  preload: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -231,9 +230,7 @@ def _rows_and_columns(tile: _Tile, rows, columns) -> None:
     plgpu.barrier_arrive(turn.at[1])
 
 
-def _tiled_kernel(
-  cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False, prologue=None
-):
+def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False):
   """The shared skeleton: the persistent walk over sub-tiles, the TMA/wgmma pipeline over D,
   then `epilogue(s, tile, scratch)` per warpgroup with its float32 `(tile_m, tile_n)`
   similarities `s` and its `_Tile`. `y_transposed`: `y_g` holds `Y^T` (the interpreter's
@@ -301,11 +298,8 @@ def _tiled_kernel(
       def context(run):
         @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
         def _acc(acc):
-          # With `preload`, the sub-tile's vectors are read before its products are issued, so
-          # their latency falls under the matmul instead of the epilogue.
-          pre = prologue(tile) if cfg.preload and prologue is not None else None
           run(acc)
-          epilogue(acc[...], tile, scratch, pre)
+          epilogue(acc[...], tile, scratch)
 
       def mma(idx, x_s, y_s, acc):
         (k,) = idx
@@ -372,9 +366,12 @@ class _Terms(NamedTuple):
 def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like):
   """One kernel over an unpadded tile: per warpgroup sub-tile `S` (float32),
   `terms(s, r, c) -> _Terms`, where `r[k]()` / `c[k]()` read the sub-tile's slice of row vector
-  `rvecs[k]` / column vector `cvecs[k]` into registers: read where it is used, a vector stays
+  `rvecs[k]` / column vector `cvecs[k]` into registers. Read where it is used, a vector stays
   out of the registers the rest of the epilogue needs (the 128 x 128 float32 sub-tile takes 128
-  per thread; a column vector 32 more). Returns `[dS]` (if `with_ds`, `x`'s dtype) + `nvec` row
+  per thread, a column vector 32 more): the InfoNCE forward took 65.7 ms at B = 131,072 with its
+  vectors read up front, 53.8 ms with each read in its own reduction
+  (results/mosaic_tiles_h200/ runs 7 and 8); reading them before the products were issued was
+  slower still (65.1 ms). Returns `[dS]` (if `with_ds`, `x`'s dtype) + `nvec` row
   partials `(cols / tile_n, rows)` + `nvec` column partials `(rows / tile_m, cols)`."""
   pl, plgpu = _plgpu()
   cfg = config(kind, x.dtype)
@@ -399,18 +396,11 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       r = [functools.partial(_load, v.at[rows], layout.reduce(1), interpret) for v in r_g]
       return r, [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
 
-    def preloaded(tile):
-      r, c = loaders(tile)
-      return [f() for f in r], [f() for f in c]
-
-    def epilogue(s, tile, scratch, pre):
+    def epilogue(s, tile, scratch):
       ds_smem, rsm, csm = scratch
       wg = tile.wg
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      if pre is None:
-        r, c = loaders(tile)
-      else:
-        r, c = ([lambda v=v: v for v in vs] for vs in pre)
+      r, c = loaders(tile)
       t = terms(s, r, c)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
       if with_ds:
@@ -438,7 +428,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
     )
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret, prologue=preloaded)
+    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
@@ -575,22 +565,23 @@ def mm_ds(
   `dS s r q^T` (the gradients of the scales `r`, `q`). `gr`, `gc`: the hinge sums' cotangents."""
 
   def terms(s, r, c):
-    sc = _cosines(s, r, c)
-    shape, zero = sc.shape, jnp.zeros_like(sc)
-    ds = jnp.where(
-      _off_diagonal(r, c, shape) & (_row(r[1](), shape) + sc > 0), _row(r[3](), shape), zero
+    # Every vector read up front and the mask computed once: reading them at each use (as the
+    # forward does) made this kernel 25% slower (results/mosaic_tiles_h200/ runs 7 and 8).
+    (rr, ro, rid, gr), (qc, co, cid, gc) = (f() for f in r), (f() for f in c)
+    shape = s.shape
+    sc = s * _row(rr, shape) * _col(qc, shape)
+    keep, zero = _row(rid, shape) != _col(cid, shape), jnp.zeros_like(sc)
+    ds = jnp.where(keep & (_row(ro, shape) + sc > 0), _row(gr, shape), zero) + jnp.where(
+      keep & (_col(co, shape) + sc > 0), _col(gc, shape), zero
     )
-    ds = ds + jnp.where(
-      _off_diagonal(r, c, shape) & (_col(c[1](), shape) + sc > 0), _col(c[3](), shape), zero
-    )
-    # dS s r q^T = (dS r q^T) S: the scales' gradient terms from the tile that is written.
-    dsw = ds * _row(r[0](), shape) * _col(c[0](), shape)
+    dss = ds * sc
+    dsw = ds * _row(rr, shape) * _col(qc, shape)
 
     def rows():
-      return [jnp.sum(dsw, 1)] * need_sums + [jnp.sum(dsw * s, 1)]
+      return [jnp.sum(dsw, 1)] * need_sums + [jnp.sum(dss, 1)]
 
     def cols():
-      return [jnp.sum(dsw, 0)] * need_sums + [jnp.sum(dsw * s, 0)]
+      return [jnp.sum(dsw, 0)] * need_sums + [jnp.sum(dss, 0)]
 
     return _Terms(dsw, rows, cols)
 

@@ -148,22 +148,29 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 
 
 # The faster tile kernel per (backend, embedding dtype, loss) and pass, as measured side by side
-# in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md), one H200, B = 32,768:
-# bf16 InfoNCE fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms; of the fused kernels, the Mosaic
-# GPU forward ("mosaic", `_mosaic_tiles`) beats Triton's at B = 131,072 (52.6 vs 60.4 ms; fwd +
-# bwd 178.7 vs 188.1 ms, results/mosaic_tiles_h200/run4), its dS kernel does not (fwd + bwd
-# 183.2 ms with both passes on Mosaic), so the backward stays Triton's; f32 InfoNCE XLA
-# 23.4 ms vs fused 24.0 ms at best (Triton's tf32 dot is slower than cuBLAS's;
-# results/loss_tune_h200_run1.json); bf16 max-margin fused 16.3 ms vs XLA 17.8 ms
-# (results/loss_h200_tuned.json); bf16 sigmoid fused (fast math, 64 x 64 programs) 17.02 vs XLA
-# 18.81 ms, 258.3 vs 280.0 ms at B = 131,072 (results/sigmoid_tiles_h200/ run 2; f32 stays on
-# XLA's 23.8 ms against 31.5 at best). Entries not listed (CPU, TPU, float64, f32 max-margin, f32
-# sigmoid) run the XLA tiles.
+# in one run (fwd + bwd, D = 512, benchmarks/BENCHMARKS.md), one H200, B = 32,768 and 131,072:
+# - bf16 InfoNCE: fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms at 32,768; of the fused
+#   kernels, the Mosaic GPU forward ("mosaic", `_mosaic_tiles`) beats Triton's at 131,072
+#   (53.8 vs 60.9 ms; fwd + bwd 181.1 vs 189.8 ms, results/mosaic_tiles_h200/ run 8), its dS
+#   kernel does not (185.1 ms with both passes on Mosaic), so the backward stays Triton's.
+# - f32 InfoNCE: the Mosaic forward on tf32 wgmma 76.7 vs XLA 139.3 ms at 131,072, fwd + bwd
+#   311.3 vs 379.5 ms; at 32,768 20.0 vs 23.2 ms (run 8). Mosaic's backward ties XLA's (311.3 vs
+#   316.6 ms with the XLA backward), which stays. Triton's tf32 products are slower than
+#   cuBLAS's (fused 24.0 vs XLA 23.4 ms at 32,768, results/loss_tune_h200_run1.json).
+# - bf16 max-margin: Mosaic forward 69.7 vs Triton 81.6 ms at 131,072 (run 8); Triton's
+#   backward (248.4 ms fwd + bwd on Triton) beats Mosaic's (250.7 on Mosaic, run 7), and the
+#   XLA tiles (303.5).
+# - f32 max-margin: Mosaic in both passes 327.5 vs XLA 429.9 ms at 131,072, 21.5 vs 27.6 ms at
+#   32,768 (run 7).
+# - bf16 sigmoid: fused (fast math, 64 x 64 programs) 17.02 vs XLA 18.81 ms, 258.3 vs 280.0 ms
+#   at 131,072 (results/sigmoid_tiles_h200/ run 2); f32 stays on XLA's 23.8 ms against 31.5.
+# Entries not listed (CPU, TPU, float64, f32 sigmoid) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "fused"},
+  ("gpu", "float32", "infonce"): {"fwd": "mosaic", "bwd": "xla"},
+  ("gpu", "bfloat16", "max_margin"): {"fwd": "mosaic", "bwd": "fused"},
+  ("gpu", "float32", "max_margin"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "bfloat16", "sigmoid"): {"fwd": "fused", "bwd": "fused"},
-  ("gpu", "float32", "infonce"): {"fwd": "xla", "bwd": "xla"},
-  ("gpu", "bfloat16", "max_margin"): {"fwd": "fused", "bwd": "fused"},
 }
 # Where `FASTEST` says "mosaic" and the Mosaic GPU kernels do not apply to a tile: bfloat16
 # takes the Triton kernels ("fused"), float32 the XLA tiles (Triton's tf32 products are slower).
