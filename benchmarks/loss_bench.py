@@ -320,6 +320,19 @@ def plan(name, peers, configs=None):
       p.append(_peer(peers, "infcl", 131072))
     p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
     return p
+  if name == "h200_mosaic_f32":  # issue 13, session 11: Mosaic for f32 and max-margin, + peers
+    if peers:
+      p.append(_peer(peers, "gemm_torch", 0, 0))
+    for b in (32768, 131072):
+      for loss in ("infonce", "max_margin"):
+        for dtype in ("bf16", "f32"):
+          p.append(_ours("blockwise", b, dtype, loss=loss, rep=rep_of(b)))
+    if peers:
+      for mode in ("jax_naive", "infcl", "torch_naive"):
+        p.append(_peer(peers, mode, 32768))
+      p.append(_peer(peers, "infcl", 131072))
+    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    return p
   if name == "h200_bf16":  # the cost of the centred bf16 backward, and the fused-tile shape
     if peers:
       p.append(_peer(peers, "gemm_torch", 0, 0))
@@ -497,6 +510,7 @@ def main(argv=None):
       "h200",
       "h200_tuned",
       "h200_mosaic",
+      "h200_mosaic_f32",
       "h200_bf16",
       "max_margin",
       "ring",
