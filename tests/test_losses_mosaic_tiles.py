@@ -48,10 +48,12 @@ def wgs(request):
   with `lag` the second starts a ring of stages behind the first (another barrier)."""
   n, lag = request.param
   for kind in ("fwd", "bwd"):
-    mt.set_config(kind, mt.config(kind)._replace(wgs=n, lag=lag))
+    for dt in (jnp.bfloat16, jnp.float32):
+      mt.set_config(kind, mt.config(kind, dt)._replace(wgs=n, lag=lag), dt)
   yield n
   for kind in ("fwd", "bwd"):
-    mt.set_config(kind, None)
+    for dt in (jnp.bfloat16, jnp.float32):
+      mt.set_config(kind, None, dt)
 
 
 def _merge2(m, s):
@@ -99,6 +101,81 @@ def test_ds_kernel_matches_float64(wgs, need_sums, need_a):
     np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
 
+def test_float32_kernels_on_tf32_chunks_match_float64(wgs):
+  # float32 embeddings take D in chunks of 32 (128 bytes, as bf16's 64) and a 64-column
+  # backward sub-tile. The interpreter multiplies in float32 (the GPU in tf32, whose error
+  # benchmarks/mosaic_tiles_bench.py measures): logsumexps of logits up to 290 within 5e-5.
+  x, y, ar, ac = _tile_inputs(256, 256, 96, seed=4)  # D = 96: three chunks
+  noise = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+  x = x.astype(jnp.float32) + 1e-3 * noise  # below bf16's resolution
+  y = y.astype(jnp.float32)
+  assert mt.config("fwd", jnp.float32).tile_k == mt.config("bwd", jnp.float32).tile_k == 32
+  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
+  assert cm.shape == (256 // mt.config("fwd", jnp.float32).tile_m, 256)
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  a_r, a_c = np.asarray(ar, np.float64), np.asarray(ac, np.float64)
+  lr, lc = _lse2(s * a_r[:, None], 1), _lse2(s * a_c[None, :], 0)
+  np.testing.assert_allclose(_merge2(rm, rl), lr, atol=5e-5, rtol=0)
+  np.testing.assert_allclose(_merge2(cm, cl), lc, atol=5e-5, rtol=0)
+  wr = np.linspace(-1, 1, 256) * a_r
+  wc = np.linspace(1, -1, 256) * a_c
+  vecs = [jnp.asarray(v, jnp.float32) for v in (ar, ac, lr, lc, wr, wc)]
+  ds, sr, sc = mt.nce_ds(x, y, *vecs, need_sums=False, need_a=True, interpret=True)
+  assert ds.dtype == jnp.float32 and sr.shape == (256 // 64, 256)  # 64-column sub-tiles
+  pr = np.exp2(s * a_r[:, None] - lr[:, None])
+  pc = np.exp2(s * a_c[None, :] - lc[None, :])
+  want = wr[:, None] * pr + wc[None, :] * pc
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(ds, np.float64), want, atol=1e-5 * scale, rtol=0)
+  for got, w in ((sr, (pr * s).sum(1)), (sc, (pc * s).sum(0))):
+    np.testing.assert_allclose(np.asarray(got, np.float64).sum(0), w, atol=1e-5 * np.abs(w).max())
+
+
+def _hinge_inputs(n, d, seed):
+  """A max-margin tile: raw bf16 rows, their inverse norms, offsets m - s_ii from -0.05 to
+  0.15 (so some hinges are active), row ids offset by 128 from the column ids (the diagonal
+  crosses the tile off its centre)."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x = jax.random.normal(k[0], (n, d)).astype(jnp.bfloat16)
+  y = jax.random.normal(k[1], (n, d)).astype(jnp.bfloat16)
+  xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  rr, qc = 1 / np.linalg.norm(xs, axis=1), 1 / np.linalg.norm(ys, axis=1)
+  ro = np.asarray(jax.random.uniform(k[2], (n,)), np.float64) * 0.2 - 0.05
+  co = np.asarray(jax.random.uniform(k[3], (n,)), np.float64) * 0.2 - 0.05
+  rid, cid = np.arange(n, dtype=np.int32) + 128, np.arange(n, dtype=np.int32)
+  s = xs @ ys.T * rr[:, None] * qc[None, :]
+  return (x, y), (rr, qc, ro, co), (rid, cid), s
+
+
+def test_max_margin_kernels_match_float64(wgs):
+  (x, y), vecs, (rid, cid), s = _hinge_inputs(256, 128, seed=6)
+  rr, qc, ro, co = vecs
+  f32 = [jnp.asarray(v, jnp.float32) for v in vecs]
+  ids = jnp.asarray(rid), jnp.asarray(cid)
+  keep = rid[:, None] != cid[None, :]
+  hr = np.where(keep, np.maximum(ro[:, None] + s, 0), 0)
+  hc = np.where(keep, np.maximum(co[None, :] + s, 0), 0)
+  out = [np.asarray(o, np.float64) for o in mt.mm_stats(x, y, *f32, *ids, interpret=True)]
+  assert [o.shape for o in out] == [(2, 256), (2, 256), (256 // 128, 256), (256 // 128, 256)]
+  for got, want in ((out[0], hr.sum(1)), (out[2], hc.sum(0))):
+    np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+  # Which hinges are active: no entry of these inputs lies within float32 error of its hinge.
+  np.testing.assert_array_equal(out[1].sum(0), (hr > 0).sum(1))
+  np.testing.assert_array_equal(out[3].sum(0), (hc > 0).sum(0))
+  gr, gc = np.linspace(-1, 1, 256), np.linspace(0.5, -0.5, 256)
+  res = mt.mm_ds(x, y, *f32, *ids, *map(jnp.asarray, (gr, gc)), need_sums=True, interpret=True)
+  ds = np.where(keep & (ro[:, None] + s > 0), gr[:, None], 0)
+  ds = ds + np.where(keep & (co[None, :] + s > 0), gc[None, :], 0)
+  dsw = ds * rr[:, None] * qc[None, :]
+  assert res[0].dtype == jnp.bfloat16
+  scale = np.abs(dsw).max()
+  np.testing.assert_allclose(np.asarray(res[0], np.float64), dsw, atol=4e-3 * scale, rtol=0)
+  wants = [dsw.sum(1), dsw.sum(0), (ds * s).sum(1), (ds * s).sum(0)]
+  for got, want in zip(res[1:], wants, strict=True):
+    got = np.asarray(got, np.float64).sum(0)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
 def _vg(fn, *args, **kw):
   f = jax.jit(jax.value_and_grad(lambda x, y, t: fn(x, y, t, **kw), argnums=(0, 1, 2)))
   return f.lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
@@ -124,16 +201,66 @@ def test_blockwise_loss_on_the_mosaic_kernels_matches_the_dense_loss(interpreted
     assert np.all(np.isfinite(np.asarray(got, np.float32))) and _rel(got, want) <= 1e-2
 
 
-def test_padded_or_float32_tiles_keep_the_triton_kernels(interpreted):
+@pytest.mark.parametrize(
+  ("loss", "dtype"),
+  [("max_margin", jnp.bfloat16), ("infonce", jnp.float32), ("max_margin", jnp.float32)],
+)
+def test_blockwise_losses_on_the_mosaic_kernels_match_the_dense_losses(interpreted, loss, dtype):
+  # Both passes forced onto the Mosaic kernels; B = 256 in tiles of (256, 128). float32 runs
+  # the interpreter's float32 products: 1e-5 / 1e-4 against the float32 dense loss.
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+  b, d = 256, 64
+  xb, yb = _unit(k1, (b, d)).astype(dtype), _unit(k2, (b, d)).astype(dtype)
+  t = 0.005 + 0.1 * jax.random.uniform(k3, (b,))  # temperatures, or margins
+  ours = {"infonce": losses.infonce_blockwise, "max_margin": losses.max_margin_blockwise}[loss]
+  ref = {"infonce": dense.infonce_dense, "max_margin": dense.max_margin_dense}[loss]
+  pt.set_tile_kernel("mosaic")
+  try:
+    assert pt._mosaic_for("bwd", xb, yb, loss) == (True, True)
+    v, g = _vg(ours, xb, yb, t, block_size=(256, 128))
+  finally:
+    pt.set_tile_kernel(None)
+  v0, g0 = _vg(ref, xb.astype(jnp.float32), yb.astype(jnp.float32), t)
+  tol = (1e-3, 1e-2) if dtype == jnp.bfloat16 else (1e-5, 1e-4)
+  assert _rel(v, v0) <= tol[0]
+  for got, want in zip(g, g0, strict=True):
+    assert np.all(np.isfinite(np.asarray(got, np.float32))) and _rel(got, want) <= tol[1]
+
+
+def test_padded_or_full_precision_tiles_keep_the_other_kernels(interpreted):
   x = jnp.zeros((256, 64), jnp.bfloat16)
   pt.set_tile_kernel("mosaic")
   try:
     assert pt._mosaic_for("fwd", x, x)[0]
     assert not pt._mosaic_for("fwd", x[:192], x)[0]  # rows: whole sub-tiles of 128
-    assert not pt._mosaic_for("bwd", x.astype(jnp.float32), x)[0]
+    f = x.astype(jnp.float32)
+    assert pt._mosaic_for("bwd", f, f)[0]  # float32 on tf32 wgmma: JAX's default precision
+    assert not pt._mosaic_for("bwd", f, f, "infonce", jax.lax.Precision.HIGHEST)[0]
+    assert not pt._mosaic_for("fwd", x.astype(jnp.float16), x)[0]
   finally:
     pt.set_tile_kernel(None)
   assert not pt._mosaic_for("fwd", x, x)[0]  # on CPU the measured default never picks them
+
+
+def test_the_measured_dispatch_falls_back_per_dtype(monkeypatch):
+  # On a Hopper GPU (as the dispatch is told): where FASTEST names the Mosaic kernels but they
+  # do not apply, bf16 takes the Triton tiles and float32 the XLA tiles.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  hopper = [True]
+  monkeypatch.setattr(pt, "_hopper", lambda: hopper[0])
+  blocks, f32, bf16 = pt.Blocks(8192, 8192), jnp.float32, jnp.bfloat16
+
+  def fused(dtype, loss, kind, **kw):
+    return pt.use_fused_tiles(blocks, 512, dtype, loss, kind, **kw)
+
+  assert fused(f32, "infonce", "fwd") and not fused(f32, "infonce", "bwd")
+  assert fused(f32, "max_margin", "fwd") and fused(f32, "max_margin", "bwd")
+  assert not fused(f32, "infonce", "fwd", padded=True)
+  assert not fused(f32, "max_margin", "bwd", precision=jax.lax.Precision.HIGHEST)
+  assert fused(bf16, "max_margin", "fwd", padded=True)  # the Triton kernel takes padding
+  assert not pt.use_fused_tiles(pt.Blocks(8192, 8192 - 64), 512, f32, "infonce", "fwd")
+  hopper[0] = False
+  assert not fused(f32, "infonce", "fwd") and fused(bf16, "infonce", "fwd")
 
 
 def test_bad_tile_kernels_and_configs_are_refused():
@@ -143,7 +270,7 @@ def test_bad_tile_kernels_and_configs_are_refused():
     (mt.MosaicConfig(wgs=3), "wgs must be 1 or 2, got 3"),
     (mt.MosaicConfig(tile_m=96), "tile_m must be a multiple of 64 .* got 96 x 128"),
     (mt.MosaicConfig(tile_n=512), "got 128 x 512"),
-    (mt.MosaicConfig(tile_k=32), "tile_k must be a multiple of 64, got 32"),
+    (mt.MosaicConfig(tile_k=32), "tile_k must be a multiple of 64 for bfloat16, got 32"),
     (mt.MosaicConfig(stages=2, release=2), "release 2, stages 2"),
     (mt.MosaicConfig(ctas_per_sm=0), "ctas_per_sm must be >= 1, got 0"),
   ]
@@ -152,7 +279,12 @@ def test_bad_tile_kernels_and_configs_are_refused():
       mt.set_config("fwd", cfg)
   with pytest.raises(ValueError, match="kind must be 'fwd' or 'bwd'"):
     mt.set_config("both", None)
+  with pytest.raises(ValueError, match="tile_k must be a multiple of 32 for float32, got 16"):
+    mt.set_config("fwd", mt.MosaicConfig(tile_k=16), jnp.float32)
+  with pytest.raises(ValueError, match="dtype must be one of .* got float16"):
+    mt.set_config("fwd", None, jnp.float16)
   assert mt.config("fwd") == mt.MosaicConfig()  # nothing refused was kept
+  assert mt.config("fwd", jnp.float32) == mt.MosaicConfig(tile_k=32)
 
 
 def test_the_kernels_lower_to_mosaic_gpu_for_cuda():
@@ -165,6 +297,17 @@ def test_the_kernels_lower_to_mosaic_gpu_for_cuda():
   assert "mosaic_gpu" in text
   bwd = jax.jit(lambda *a: mt.nce_ds(*a, need_sums=True, need_a=True))
   text = bwd.trace(xs, xs, *([v] * 6)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  ids = jax.ShapeDtypeStruct((1024,), jnp.int32)
+  mm = jax.jit(lambda x, y, *a: mt.mm_stats(x, y, *a))
+  text = mm.trace(xs, xs, v, v, v, v, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  mm = jax.jit(lambda x, y, *a: mt.mm_ds(x, y, *a, need_sums=True))
+  text = mm.trace(xs, xs, v, v, v, v, ids, ids, v, v).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  xf = jax.ShapeDtypeStruct((1024, 512), jnp.float32)
+  f32 = jax.jit(lambda *a: mt.nce_ds(*a, need_sums=False, need_a=True))
+  text = f32.trace(xf, xf, *([v] * 6)).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
@@ -200,4 +343,15 @@ def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
   assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
   # The measured default: the Mosaic forward and the Triton backward in one program.
   text = lowered(None)
+  assert "mosaic_gpu" in text and "xla.gpu.triton" in text
+  # Max-margin in the ring, by the measured default: the same split.
+  hinge = jax.shard_map(
+    lambda x, y, m: losses.max_margin(x, y, m, axis_name="batch", sharded="ring", block_size=512),
+    mesh=mesh,
+    in_specs=(P("batch"),) * 3,
+    out_specs=P(),
+    check_vma=True,
+  )
+  f = jax.jit(jax.value_and_grad(hinge, argnums=(0, 1)))
+  text = f.trace(xs, xs, ts).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "xla.gpu.triton" in text
