@@ -1,25 +1,38 @@
-r"""InfoNCE tile kernels for Hopper in Pallas Mosaic GPU: wgmma from shared memory fed by TMA.
+r"""Tile kernels for Hopper in Pallas Mosaic GPU: wgmma from shared memory fed by TMA.
 
 The Triton kernels of `_pallas_tiles` compute each `(128, 128)` similarity sub-tile with Triton's
-own matmul (operands re-read for each sub-tile, the exponentials not overlapped with loads).
-These kernels are warp-specialised: one warpgroup only issues TMA copies of `D`-chunks of the
-row and column embeddings into a ring of shared-memory stages, two compute warpgroups each run
-`wgmma` on `(tile_m, tile_n)` of the tile (float32 accumulators in registers) and then its
-epilogue, while the copy warpgroup already fills the stages of the next tile. The CTAs are
-persistent: one per SM, each walking its share of the tile's sub-tiles.
+own matmul (operands re-read for each sub-tile, the epilogue not overlapped with loads). These
+kernels are warp-specialised: one warpgroup only issues TMA copies of `D`-chunks of the row and
+column embeddings into a ring of shared-memory stages, two compute warpgroups each run `wgmma`
+on `(tile_m, tile_n)` of the tile (float32 accumulators in registers) and then its epilogue,
+while the copy warpgroup already fills the stages of the next tile. The CTAs are persistent: one
+per SM, each walking its share of the tile's sub-tiles. bfloat16 embeddings multiply in bf16,
+float32 ones in tf32 (JAX's default precision on GPUs; `_pallas_tiles` sends float32 at a higher
+`precision` to the XLA tiles).
 
-The maths are those of `_pallas_tiles._nce_stats_kernel` / `_nce_ds_kernel` (base-2 scales
-`a = log2(e) / tau`), per sub-tile `S = X_r Y_c^T`:
+One kernel body (`_pass`) serves every pass; each pass gives the epilogue of one sub-tile
+`S = X_r Y_c^T`. InfoNCE, as `_pallas_tiles._nce_stats_kernel` / `_nce_ds_kernel` (base-2
+scales `a = log2(e) / tau`):
 
 .. math::
   \text{fwd: } m^r_i = a_i \max_j S_{ij},\ l^r_i = \sum_j 2^{a_i S_{ij} - m^r_i}
   \ \text{(and the same per column)};\qquad
-  \text{bwd: } dS_{ij} = w^r_i 2^{a_i S_{ij} - L^r_i} + w^c_j 2^{a_j S_{ij} - L^c_j},
+  \text{bwd: } dS_{ij} = w^r_i 2^{a_i S_{ij} - L^r_i} + w^c_j 2^{a_j S_{ij} - L^c_j}.
 
-written as per-sub-tile partials that `_pallas_tiles` merges; the gradient products `dS Y`,
-`dS^T X` stay on cuBLAS. Only unpadded bfloat16 tiles whose edges the configuration divides take
-these kernels (`supported`); everything else keeps the Triton or XLA tiles. On CPU they run
-through Pallas's GPU interpreter (`interpret=True`), which the tests use.
+Max-margin, as `_pallas_tiles._mm_stats_kernel` / `_mm_ds_kernel`, on cosines
+`c_ij = S_ij r_i q_j` off the diagonal (row id != column id):
+
+.. math::
+  \text{fwd: } \sum_j [o^r_i + c_{ij}]_+,\ \#\{j: o^r_i + c_{ij} > 0\}
+  \ \text{(and per column)};\qquad
+  \text{bwd: } dS_{ij} = g^r_i [o^r_i + c_{ij} > 0] + g^c_j [o^c_j + c_{ij} > 0],
+
+written as `dS r q^T` with the sums of `dS c` (the scales' gradients). The kernels write
+per-sub-tile partials that `_pallas_tiles` merges; the gradient products `dS Y`, `dS^T X` stay
+on cuBLAS. Only unpadded tiles whose edges the configuration divides take these kernels
+(`supported`); everything else keeps the Triton or XLA tiles. On CPU they run through Pallas's
+GPU interpreter (`interpret=True`, which needs more than one host device, as the tests' XLA
+flags give), which the tests use.
 """
 
 from __future__ import annotations
@@ -416,7 +429,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
 
       _rows_and_columns(tile, row_part, col_part)
       plgpu.commit_smem()
-      if with_ds:
+      if ds_g is not None:
         plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
       part = tile.m_idx * cfg.wgs + wg
       for k in range(nvec):
