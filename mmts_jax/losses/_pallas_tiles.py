@@ -153,15 +153,16 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 #   kernels, the Mosaic GPU forward ("mosaic", `_mosaic_tiles`) beats Triton's at 131,072
 #   (53.8 vs 60.9 ms; fwd + bwd 181.1 vs 189.8 ms, results/mosaic_tiles_h200/ run 8), its dS
 #   kernel does not (185.1 ms with both passes on Mosaic), so the backward stays Triton's.
-# - f32 InfoNCE: the Mosaic forward on tf32 wgmma 76.7 vs XLA 139.3 ms at 131,072, fwd + bwd
-#   311.3 vs 379.5 ms; at 32,768 20.0 vs 23.2 ms (run 8). Mosaic's backward ties XLA's (311.3 vs
-#   316.6 ms with the XLA backward), which stays. Triton's tf32 products are slower than
-#   cuBLAS's (fused 24.0 vs XLA 23.4 ms at 32,768, results/loss_tune_h200_run1.json).
-# - bf16 max-margin: Mosaic forward 69.7 vs Triton 81.6 ms at 131,072 (run 8); Triton's
-#   backward (248.4 ms fwd + bwd on Triton) beats Mosaic's (250.7 on Mosaic, run 7), and the
-#   XLA tiles (303.5).
-# - f32 max-margin: Mosaic in both passes 327.5 vs XLA 429.9 ms at 131,072, 21.5 vs 27.6 ms at
-#   32,768 (run 7).
+# - f32 InfoNCE: the Mosaic forward on tf32 wgmma 77.2 vs XLA 139.3 ms at 131,072, fwd + bwd
+#   316.6 vs 379.5 ms; at 32,768 19.7 vs 23.2 ms (run 8). With Mosaic's backward too: 311.3 ms
+#   (round ranges 302.5-313.3 vs 314.1-321.6) in run 8, 310.7 vs 313.1 ms with overlapping
+#   ranges in run 6: the XLA backward stays. Triton's tf32 products are slower than cuBLAS's
+#   (fused 24.0 vs XLA 23.4 ms at 32,768, results/loss_tune_h200_run1.json).
+# - bf16 max-margin: Mosaic forward, Triton backward 239.2 ms at 131,072 vs 252.6 on Triton,
+#   243.9 on Mosaic, 305.8 on XLA (run 9, round ranges apart); at 32,768 15.6 vs 16.3 ms,
+#   inside the noise (15.5-17.1 vs 16.2-18.5).
+# - f32 max-margin: Mosaic in both passes 323.6 vs XLA 436.5 ms at 131,072, 20.8 vs 27.4 ms at
+#   32,768 (run 9; Mosaic forward with the XLA backward 380.9 / 24.4 ms).
 # - bf16 sigmoid: fused (fast math, 64 x 64 programs) 17.02 vs XLA 18.81 ms, 258.3 vs 280.0 ms
 #   at 131,072 (results/sigmoid_tiles_h200/ run 2); f32 stays on XLA's 23.8 ms against 31.5.
 # Entries not listed (CPU, TPU, float64, f32 sigmoid) run the XLA tiles.
