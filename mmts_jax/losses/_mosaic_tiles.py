@@ -383,9 +383,10 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
   out of the registers the rest of the epilogue needs (the 128 x 128 float32 sub-tile takes 128
   per thread, a column vector 32 more): the InfoNCE forward took 65.7 ms at B = 131,072 with its
   vectors read up front, 53.8 ms with each read in its own reduction
-  (results/mosaic_tiles_h200/ runs 7 and 8); reading them before the products were issued was
-  slower still (65.1 ms). Returns `[dS]` (if `with_ds`, `x`'s dtype) + `nvec` row
-  partials `(cols / tile_n, rows)` + `nvec` column partials `(rows / tile_m, cols)`."""
+  (results/mosaic_tiles_h200/ runs 7 and 8; registers are our reading, not profiled); reading
+  them before the products were issued was as slow (65.1 ms). Returns `[dS]` (if `with_ds`,
+  `x`'s dtype) + `nvec` row partials `(cols / tile_n, rows)` + `nvec` column partials
+  `(rows / tile_m, cols)`."""
   pl, plgpu = _plgpu()
   cfg = config(kind, x.dtype)
   (br, _), bc = x.shape, y.shape[0]
