@@ -207,6 +207,17 @@ def _ours(
   return {"cmd": cmd, "env": env or {}}
 
 
+def _peers_and_1m(peers) -> list:
+  """The rows that close the h200_mosaic plans: the peers at 32,768 (Inf-CL also at 131,072),
+  then ours in bf16 at 1,048,576."""
+  p = []
+  if peers:
+    for mode in ("jax_naive", "infcl", "torch_naive"):
+      p.append(_peer(peers, mode, 32768))
+    p.append(_peer(peers, "infcl", 131072))
+  return p + [_ours("blockwise", 1048576, "bf16", warm=0, rep=1)]
+
+
 def _peer(peers, mode, b, d=512):
   return {"cmd": [sys.executable, peers, mode, str(b), str(d)], "env": {}, "peer": True}
 
@@ -314,11 +325,7 @@ def plan(name, peers, configs=None):
     p.append(_ours("blockwise", 131072, "bf16", rep=3, tiles="fused-triton"))
     for b in (32768, 131072):
       p.append(_ours("blockwise", b, "bf16", loss="max_margin", rep=rep_of(b)))
-    if peers:
-      for mode in ("jax_naive", "infcl", "torch_naive"):
-        p.append(_peer(peers, mode, 32768))
-      p.append(_peer(peers, "infcl", 131072))
-    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    p += _peers_and_1m(peers)
     return p
   if name == "h200_mosaic_f32":  # issue 13, session 11: Mosaic for f32 and max-margin, + peers
     if peers:
@@ -327,11 +334,7 @@ def plan(name, peers, configs=None):
       for loss in ("infonce", "max_margin"):
         for dtype in ("bf16", "f32"):
           p.append(_ours("blockwise", b, dtype, loss=loss, rep=rep_of(b)))
-    if peers:
-      for mode in ("jax_naive", "infcl", "torch_naive"):
-        p.append(_peer(peers, mode, 32768))
-      p.append(_peer(peers, "infcl", 131072))
-    p.append(_ours("blockwise", 1048576, "bf16", warm=0, rep=1))
+    p += _peers_and_1m(peers)
     return p
   if name == "h200_bf16":  # the cost of the centred bf16 backward, and the fused-tile shape
     if peers:

@@ -103,40 +103,28 @@ def check_kernels(variant) -> dict:
 def check_mm_kernels() -> dict:
   """The max-margin kernels on one 2,048 x 2,048 bf16 tile against float64: hinge sums and
   counts, dS r q^T and its sums, relative to the largest entry."""
-  import jax
   import jax.numpy as jnp
   import numpy as np
 
   from mmts_jax.losses import _mosaic_tiles as mt
+  from mmts_jax.losses._reference64 import hinge_inputs, hinge_tile
 
-  n, d = 2048, 512
-  k = jax.random.split(jax.random.PRNGKey(4), 6)
-  x = jax.random.normal(k[0], (n, d)).astype(jnp.bfloat16)
-  y = jax.random.normal(k[1], (n, d)).astype(jnp.bfloat16)
-  xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  rr, qc = 1 / np.linalg.norm(xs, axis=1), 1 / np.linalg.norm(ys, axis=1)
-  ro = np.asarray(jax.random.uniform(k[2], (n,)), np.float64) * 0.2 - 0.05
-  co = np.asarray(jax.random.uniform(k[3], (n,)), np.float64) * 0.2 - 0.05
-  rid = np.arange(n, dtype=np.int32)
-  cid = (rid + 1024) % n  # the diagonal runs through two of the four 1,024-blocks
-  gr, gc = (np.asarray(jax.random.normal(k_, (n,)), np.float64) for k_ in k[4:6])
+  n = 2048
+  # The diagonal runs through two of the four 1,024-blocks.
+  (x, y), (rr, qc, ro, co), (rid, cid) = hinge_inputs(n, 512, seed=4, id_shift=1024)
+  gr, gc = np.linspace(-1, 1, n), np.linspace(0.5, -0.5, n)
   f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
   ids = jnp.asarray(rid), jnp.asarray(cid)
-  s = xs @ ys.T * rr[:, None] * qc[None, :]
-  keep = rid[:, None] != cid[None, :]
-  hr = np.where(keep, np.maximum(ro[:, None] + s, 0), 0)
-  hc = np.where(keep, np.maximum(co[None, :] + s, 0), 0)
+  t = hinge_tile(x, y, rr, qc, ro, co, rid, cid, gr, gc)
+  assert t.dsw is not None and t.dss is not None
   got = [
     np.asarray(v, np.float64).sum(0) for v in mt.mm_stats(x, y, f(rr), f(qc), f(ro), f(co), *ids)
   ]
-  wants = [hr.sum(1), (hr > 0).sum(1), hc.sum(0), (hc > 0).sum(0)]
+  wants = [t.hr.sum(1), (t.hr > 0).sum(1), t.hc.sum(0), (t.hc > 0).sum(0)]
   out = {"stats_rel": [_rel(g, w) for g, w in zip(got, wants, strict=True)]}
   res = mt.mm_ds(x, y, f(rr), f(qc), f(ro), f(co), *ids, f(gr), f(gc), need_sums=True)
-  ds = np.where(keep & (ro[:, None] + s > 0), gr[:, None], 0)
-  ds = ds + np.where(keep & (co[None, :] + s > 0), gc[None, :], 0)
-  dsw, dss = ds * rr[:, None] * qc[None, :], ds * s
-  out["ds_rel"] = _rel(res[0], dsw)
-  wants = [dsw.sum(1), dsw.sum(0), dss.sum(1), dss.sum(0)]
+  out["ds_rel"] = _rel(res[0], t.dsw)
+  wants = [t.dsw.sum(1), t.dsw.sum(0), t.dss.sum(1), t.dss.sum(0)]
   out["ds_sums_rel"] = [
     _rel(np.asarray(p, np.float64).sum(0), w) for p, w in zip(res[1:], wants, strict=True)
   ]

@@ -21,6 +21,7 @@ from mmts_jax import losses
 from mmts_jax.losses import _mosaic_tiles as mt
 from mmts_jax.losses import _pallas_tiles as pt
 from mmts_jax.losses import dense
+from mmts_jax.losses._reference64 import hinge_inputs, hinge_tile
 
 LOG2E = 1.4426950408889634
 
@@ -131,46 +132,25 @@ def test_float32_kernels_on_tf32_chunks_match_float64(wgs):
     np.testing.assert_allclose(np.asarray(got, np.float64).sum(0), w, atol=1e-5 * np.abs(w).max())
 
 
-def _hinge_inputs(n, d, seed):
-  """A max-margin tile: raw bf16 rows, their inverse norms, offsets m - s_ii from -0.05 to
-  0.15 (so some hinges are active), row ids offset by 128 from the column ids (the diagonal
-  crosses the tile off its centre)."""
-  k = jax.random.split(jax.random.PRNGKey(seed), 4)
-  x = jax.random.normal(k[0], (n, d)).astype(jnp.bfloat16)
-  y = jax.random.normal(k[1], (n, d)).astype(jnp.bfloat16)
-  xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  rr, qc = 1 / np.linalg.norm(xs, axis=1), 1 / np.linalg.norm(ys, axis=1)
-  ro = np.asarray(jax.random.uniform(k[2], (n,)), np.float64) * 0.2 - 0.05
-  co = np.asarray(jax.random.uniform(k[3], (n,)), np.float64) * 0.2 - 0.05
-  rid, cid = np.arange(n, dtype=np.int32) + 128, np.arange(n, dtype=np.int32)
-  s = xs @ ys.T * rr[:, None] * qc[None, :]
-  return (x, y), (rr, qc, ro, co), (rid, cid), s
-
-
 def test_max_margin_kernels_match_float64(wgs):
-  (x, y), vecs, (rid, cid), s = _hinge_inputs(256, 128, seed=6)
-  rr, qc, ro, co = vecs
+  (x, y), vecs, (rid, cid) = hinge_inputs(256, 128, seed=6, id_shift=128)
   f32 = [jnp.asarray(v, jnp.float32) for v in vecs]
   ids = jnp.asarray(rid), jnp.asarray(cid)
-  keep = rid[:, None] != cid[None, :]
-  hr = np.where(keep, np.maximum(ro[:, None] + s, 0), 0)
-  hc = np.where(keep, np.maximum(co[None, :] + s, 0), 0)
+  gr, gc = np.linspace(-1, 1, 256), np.linspace(0.5, -0.5, 256)
+  t = hinge_tile(x, y, *vecs, rid, cid, gr, gc)
+  assert t.dsw is not None and t.dss is not None
   out = [np.asarray(o, np.float64) for o in mt.mm_stats(x, y, *f32, *ids, interpret=True)]
   assert [o.shape for o in out] == [(2, 256), (2, 256), (256 // 128, 256), (256 // 128, 256)]
-  for got, want in ((out[0], hr.sum(1)), (out[2], hc.sum(0))):
+  for got, want in ((out[0], t.hr.sum(1)), (out[2], t.hc.sum(0))):
     np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
   # Which hinges are active: no entry of these inputs lies within float32 error of its hinge.
-  np.testing.assert_array_equal(out[1].sum(0), (hr > 0).sum(1))
-  np.testing.assert_array_equal(out[3].sum(0), (hc > 0).sum(0))
-  gr, gc = np.linspace(-1, 1, 256), np.linspace(0.5, -0.5, 256)
+  np.testing.assert_array_equal(out[1].sum(0), (t.hr > 0).sum(1))
+  np.testing.assert_array_equal(out[3].sum(0), (t.hc > 0).sum(0))
   res = mt.mm_ds(x, y, *f32, *ids, *map(jnp.asarray, (gr, gc)), need_sums=True, interpret=True)
-  ds = np.where(keep & (ro[:, None] + s > 0), gr[:, None], 0)
-  ds = ds + np.where(keep & (co[None, :] + s > 0), gc[None, :], 0)
-  dsw = ds * rr[:, None] * qc[None, :]
   assert res[0].dtype == jnp.bfloat16
-  scale = np.abs(dsw).max()
-  np.testing.assert_allclose(np.asarray(res[0], np.float64), dsw, atol=4e-3 * scale, rtol=0)
-  wants = [dsw.sum(1), dsw.sum(0), (ds * s).sum(1), (ds * s).sum(0)]
+  scale = np.abs(t.dsw).max()
+  np.testing.assert_allclose(np.asarray(res[0], np.float64), t.dsw, atol=4e-3 * scale, rtol=0)
+  wants = [t.dsw.sum(1), t.dsw.sum(0), t.dss.sum(1), t.dss.sum(0)]
   for got, want in zip(res[1:], wants, strict=True):
     got = np.asarray(got, np.float64).sum(0)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
