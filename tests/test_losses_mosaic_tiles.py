@@ -237,6 +237,8 @@ def test_the_measured_dispatch_falls_back_per_dtype(monkeypatch):
   assert fused(f32, "max_margin", "fwd") and fused(f32, "max_margin", "bwd")
   assert not fused(f32, "infonce", "fwd", padded=True)
   assert not fused(f32, "max_margin", "bwd", precision=jax.lax.Precision.HIGHEST)
+  with jax.default_matmul_precision("highest"):  # JAX's own default raised: no tf32
+    assert not fused(f32, "infonce", "fwd") and fused(bf16, "infonce", "fwd")
   assert fused(bf16, "max_margin", "fwd", padded=True)  # the Triton kernel takes padding
   assert not pt.use_fused_tiles(pt.Blocks(8192, 8192 - 64), 512, f32, "infonce", "fwd")
   hopper[0] = False

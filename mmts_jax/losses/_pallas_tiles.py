@@ -205,7 +205,8 @@ def use_fused_tiles(
   By default where `FASTEST` measured them faster; `set_fused_tiles` overrides this. The tiles
   must be whole sub-tiles of `SUB` and D a multiple of 16. Where `FASTEST` names the Mosaic GPU
   kernels but they do not apply (`padded` tiles, shapes they do not take, f32 at a `precision`
-  above tf32, a GPU other than Hopper), `MOSAIC_FALLBACK` says which tiles run instead.
+  or `jax.default_matmul_precision` above tf32, a GPU other than Hopper), `MOSAIC_FALLBACK` says
+  which tiles run instead.
 
   Example:
     >>> import jax.numpy as jnp
@@ -281,9 +282,28 @@ def _hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
+# Values of `jax_default_matmul_precision` (the global setting and its context manager) under
+# which XLA itself multiplies float32 in tf32 or less.
+_TF32_DEFAULTS = (None, "default", "fastest", "bfloat16", "tensorfloat32")
+
+
 def _mosaic_precision_ok(dtype, precision) -> bool:
-  """float32 tiles run on tf32 wgmma: only where `precision` allows tf32 (JAX's default)."""
-  return jnp.dtype(dtype) != jnp.float32 or _tf32(precision)
+  """float32 tiles run on tf32 wgmma: only where `precision`, or without one JAX's default
+  matmul precision (`jax.default_matmul_precision`), allows tf32.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> _mosaic_precision_ok(jnp.float32, None), _mosaic_precision_ok(jnp.float32, "highest")
+    (True, False)
+    >>> with jax.default_matmul_precision("highest"):
+    ...   _mosaic_precision_ok(jnp.float32, None)
+    False
+  """
+  if jnp.dtype(dtype) != jnp.float32:
+    return True
+  if precision is None:
+    return getattr(jax.config, "jax_default_matmul_precision", None) in _TF32_DEFAULTS
+  return _tf32(precision)
 
 
 def _mosaic_for(kind: str, xr, yc, loss: str = "infonce", precision=None) -> tuple[bool, bool]:
@@ -752,10 +772,7 @@ def mm_fwd_tile(precision, padded, r, c, rs, cs):
   vecs = (rr.astype(f32), qc.astype(f32), ro.astype(f32), co.astype(f32), rid, cid)
   mosaic, interpret = _mosaic_for("fwd", xr, yc, "max_margin", precision)
   if mosaic and not padded:
-    rr_, qc_, ro_, co_ = vecs[:4]
-    rsum, rcnt, csum, ccnt = _mosaic_tiles.mm_stats(
-      xr, yc, rr_, qc_, ro_, co_, rid, cid, interpret=interpret, like=xr
-    )
+    rsum, rcnt, csum, ccnt = _mosaic_tiles.mm_stats(xr, yc, *vecs, interpret=interpret, like=xr)
   else:
     call = _program(
       _mm_stats_kernel,
@@ -785,28 +802,15 @@ def mm_bwd_tile(precision, padded, r, c, rs, cs):
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
   rr_, qc_, ro_, co_, gr_, gc_ = (v.astype(f32) for v in (rr, qc, ro, co, gr, gc))
+  vecs = (rr_, qc_, ro_, co_, rid, cid, gr_, gc_)
   mosaic, interpret = _mosaic_for("bwd", xr, yc, "max_margin", precision)
   if mosaic and not padded:
-    res = _mosaic_tiles.mm_ds(
-      xr,
-      yc,
-      rr_,
-      qc_,
-      ro_,
-      co_,
-      rid,
-      cid,
-      gr_,
-      gc_,
-      need_sums=need_sums,
-      interpret=interpret,
-      like=xr,
-    )
+    res = _mosaic_tiles.mm_ds(xr, yc, *vecs, need_sums=need_sums, interpret=interpret, like=xr)
   else:
     parts = [("rowpart", f32), ("colpart", f32)]
     outs = [("tile", op)] + (parts if need_sums else []) + parts
     call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
-    res = call(xr, yc, rr_, qc_, ro_, co_, rid, cid, gr_, gc_)
+    res = call(xr, yc, *vecs)
   ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
   dt = dr.dtype
   return (
