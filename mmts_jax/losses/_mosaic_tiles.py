@@ -27,7 +27,7 @@ Max-margin, as `_pallas_tiles._mm_stats_kernel` / `_mm_ds_kernel`, on cosines
   \ \text{(and per column)};\qquad
   \text{bwd: } dS_{ij} = g^r_i [o^r_i + c_{ij} > 0] + g^c_j [o^c_j + c_{ij} > 0],
 
-written as `dS r q^T` with the sums of `dS c` (the scales' gradients). The kernels write
+written as `dS r q^T` (the scales' gradients follow from the products). The kernels write
 per-sub-tile partials that `_pallas_tiles` merges; the gradient products `dS Y`, `dS^T X` stay
 on cuBLAS. Only unpadded tiles whose edges the configuration divides take these kernels
 (`supported`); everything else keeps the Triton or XLA tiles. On CPU they run through Pallas's
@@ -575,8 +575,9 @@ def mm_ds(
   like=None,
 ):
   """The max-margin backward of one unpadded tile: `dS r q^T` in `x`'s dtype (what the
-  gradient products take), then if `need_sums` its float32 row / column partials, then those of
-  `dS s r q^T` (the gradients of the scales `r`, `q`). `gr`, `gc`: the hinge sums' cotangents."""
+  gradient products take), then if `need_sums` its float32 row / column partials. `gr`, `gc`:
+  the hinge sums' cotangents. (The scales' gradients `sum_j dS_ij s_ij = <x_i, dx_i>` come from
+  the products, after the sweep.)"""
 
   def terms(s, r, c):
     # Every vector read up front and the mask computed once: reading them at each use (as the
@@ -588,17 +589,16 @@ def mm_ds(
     ds = jnp.where(keep & (_row(ro, shape) + sc > 0), _row(gr, shape), zero) + jnp.where(
       keep & (_col(co, shape) + sc > 0), _col(gc, shape), zero
     )
-    dss = ds * sc
     dsw = ds * _row(rr, shape) * _col(qc, shape)
 
     def rows():
-      return [jnp.sum(dsw, 1)] * need_sums + [jnp.sum(dss, 1)]
+      return [jnp.sum(dsw, 1)] * need_sums
 
     def cols():
-      return [jnp.sum(dsw, 0)] * need_sums + [jnp.sum(dss, 0)]
+      return [jnp.sum(dsw, 0)] * need_sums
 
     return _Terms(dsw, rows, cols)
 
-  nvec = int(need_sums) + 1
+  nvec = int(need_sums)
   out = _pass("bwd", x, y, [rr, ro, rid, gr], [qc, co, cid, gc], terms, nvec, True, interpret, like)
   return _interleave(out, True, nvec)

@@ -731,36 +731,29 @@ def _mm_stats_kernel(
 def _mm_ds_kernel(
   cfg, tf32, need_sums, x_ref, y_ref, rr_ref, qc_ref, ro_ref, co_ref, ri_ref, ci_ref, *refs
 ):
-  """`dS r q^T` of the program's sub-tiles (what the gradient products take), its float32 row /
-  column sums if asked, and the row / column sums of `dS * s` (the scales' gradients)."""
+  """`dS r q^T` of the program's sub-tiles (what the gradient products take) and its float32
+  row / column sums if asked."""
   gr_ref, gc_ref, ds_ref = refs[:3]
-  refs = refs[3:]
-  dr_ref, dc_ref = refs[:2] if need_sums else _ABSENT
-  sr_ref, sc_ref = refs[-2:]
+  dr_ref, dc_ref = refs[3:] if need_sums else _ABSENT
   rr, ro, rid, gr = rr_ref[...], ro_ref[...], ri_ref[...], gr_ref[...]
 
-  def body(cols, carry):
+  def body(cols, dr):
     qc = qc_ref[cols]
     s = _sub_matmul(cfg, tf32, x_ref, y_ref, cols) * rr[:, None] * qc[None, :]
     keep = _hinge_keep(rid, ci_ref[cols])
     ds = jnp.where(keep & (ro[:, None] + s > 0), gr[:, None], 0.0) + jnp.where(
       keep & (co_ref[cols][None, :] + s > 0), gc_ref[cols][None, :], 0.0
     )
-    dss = ds * s
     dsw = ds * rr[:, None] * qc[None, :]
     ds_ref[:, cols] = dsw.astype(ds_ref.dtype)
-    dr, sr = carry
     if need_sums:
       dc_ref[cols] = jnp.sum(dsw, axis=0)
       dr = dr + jnp.sum(dsw, axis=1)
-    sc_ref[cols] = jnp.sum(dss, axis=0)
-    return dr, sr + jnp.sum(dss, axis=1)
+    return dr
 
-  zero = jnp.zeros((cfg.bm,), jnp.float32)
-  dr, sr = _over_columns(cfg, body, (zero, zero))
+  dr = _over_columns(cfg, body, jnp.zeros((cfg.bm,), jnp.float32))
   if need_sums:
     dr_ref[...] = dr
-  sr_ref[...] = sr
 
 
 def mm_fwd_tile(precision, padded, r, c, rs, cs):
@@ -797,7 +790,6 @@ def mm_bwd_tile(precision, padded, r, c, rs, cs):
   `mm_fwd_tile`; same result)."""
   xr, rr, ro, rid, gr = r
   yc, qc, co, cid, gc = c
-  (dx, dr), (dy, dq) = rs, cs
   f32 = jnp.float32
   op = jnp.result_type(xr, yc)
   need_sums = jnp.finfo(op).bits < 32
@@ -808,15 +800,11 @@ def mm_bwd_tile(precision, padded, r, c, rs, cs):
     res = _mosaic_tiles.mm_ds(xr, yc, *vecs, need_sums=need_sums, interpret=interpret, like=xr)
   else:
     parts = [("rowpart", f32), ("colpart", f32)]
-    outs = [("tile", op)] + (parts if need_sums else []) + parts
+    outs = [("tile", op)] + (parts if need_sums else [])
     call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
     res = call(xr, yc, *vecs)
-  ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
-  dt = dr.dtype
-  return (
-    (dx + ddx, dr + jnp.sum(res[0], axis=0).astype(dt)),
-    (dy + ddy, dq + jnp.sum(res[1], axis=0).astype(dt)),
-  )
+  ddx, ddy, _ = _grad_products(res, need_sums, xr, yc, precision)
+  return rs + ddx, cs + ddy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,14 +17,12 @@ __all__ = ["Hinge", "hinge_inputs", "hinge_tile"]
 
 class Hinge(NamedTuple):
   """A max-margin tile in float64: cosines `s`, the row / column hinge tiles (zero on the
-  diagonal), and with cotangents the tile `dS r q^T` the kernels write and `dS s` (whose sums
-  are the scales' gradients)."""
+  diagonal), and with cotangents the tile `dS r q^T` the kernels write."""
 
   s: np.ndarray
   hr: np.ndarray
   hc: np.ndarray
   dsw: np.ndarray | None
-  dss: np.ndarray | None
 
 
 def hinge_inputs(n: int, d: int, seed: int, id_shift: int):
@@ -51,7 +49,7 @@ def hinge_inputs(n: int, d: int, seed: int, id_shift: int):
 def hinge_tile(x, y, rr, qc, ro, co, rid, cid, gr=None, gc=None) -> Hinge:
   """`s_ij = <x_i, y_j> r_i q_j`, `hr = [ro_i + s_ij]_+`, `hc = [co_j + s_ij]_+` where
   `rid_i != cid_j`; with `gr`, `gc`: `dS = gr_i [ro_i + s_ij > 0] + gc_j [co_j + s_ij > 0]` (off
-  the diagonal), `dsw = dS r_i q_j`, `dss = dS s_ij`.
+  the diagonal), `dsw = dS r_i q_j`.
 
   Example:
     >>> import numpy as np
@@ -67,7 +65,7 @@ def hinge_tile(x, y, rr, qc, ro, co, rid, cid, gr=None, gc=None) -> Hinge:
   hr = np.where(keep, np.maximum(ro[:, None] + s, 0), 0)
   hc = np.where(keep, np.maximum(co[None, :] + s, 0), 0)
   if gr is None or gc is None:
-    return Hinge(s, hr, hc, None, None)
+    return Hinge(s, hr, hc, None)
   ds = np.where(keep & (ro[:, None] + s > 0), f(gr)[:, None], 0)
   ds = ds + np.where(keep & (co[None, :] + s > 0), f(gc)[None, :], 0)
-  return Hinge(s, hr, hc, ds * rr[:, None] * qc[None, :], ds * s)
+  return Hinge(s, hr, hc, ds * rr[:, None] * qc[None, :])
