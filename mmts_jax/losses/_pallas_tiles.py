@@ -227,8 +227,8 @@ def use_fused_tiles(
     name = jnp.dtype(dtype).name
     choice = FASTEST.get((jax.default_backend(), name, loss), {}).get(kind)
     if choice == "mosaic" and MOSAIC_FALLBACK.get(name) == "xla":
-      fits = _mosaic_tiles.supported(blocks.rows, blocks.cols, d, dtype, kind)
-      on = fits and not padded and _mosaic_precision_ok(dtype, precision) and _hopper()
+      fits = _mosaic_fits(blocks.rows, blocks.cols, d, dtype, kind, precision)
+      on = fits and not padded and _hopper()
     else:
       on = choice in ("fused", "mosaic")
   else:
@@ -307,6 +307,13 @@ def _mosaic_precision_ok(dtype, precision) -> bool:
   return _tf32(precision)
 
 
+def _mosaic_fits(rows: int, cols: int, d: int, dtype, kind: str, precision) -> bool:
+  """Whether a `(rows, cols)` tile of `d` features fits pass `kind`'s Mosaic GPU kernel at
+  `precision`: the one rule `use_fused_tiles` and the tile passes (`_mosaic_for`) share."""
+  supported = _mosaic_tiles.supported(rows, cols, d, dtype, kind)
+  return supported and _mosaic_precision_ok(dtype, precision)
+
+
 def _mosaic_for(kind: str, xr, yc, loss: str = "infonce", precision=None) -> tuple[bool, bool]:
   """(whether this unpadded tile pass of `loss` takes the Mosaic GPU kernel, interpreted)."""
   interpret = _FUSED[0] == "interpret"
@@ -316,8 +323,7 @@ def _mosaic_for(kind: str, xr, yc, loss: str = "infonce", precision=None) -> tup
     key = (jax.default_backend(), jnp.dtype(xr.dtype).name, loss)
     if FASTEST.get(key, {}).get(kind) != "mosaic":
       return False, interpret
-  fits = _mosaic_tiles.supported(xr.shape[0], yc.shape[0], xr.shape[1], xr.dtype, kind)
-  fits = fits and _mosaic_precision_ok(xr.dtype, precision)
+  fits = _mosaic_fits(xr.shape[0], yc.shape[0], xr.shape[1], xr.dtype, kind, precision)
   return fits and (interpret or _hopper()), interpret
 
 
