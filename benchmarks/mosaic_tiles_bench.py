@@ -278,19 +278,16 @@ def time_sizes(sizes, cases, rounds, rep, deadline, t0, write) -> list:
   return rows
 
 
-def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
-  """The loss's pieces on (n, n) bf16 tiles, each jitted alone and run over `tiles` tiles in one
-  executable (`lax.map`, so launch and host overheads are amortised): the Triton and the Mosaic
-  dS programs (with the float32 dS sums the centred products take), the centred bf16 gradient
-  products on that dS (`grad_matmuls`), the same two products uncentred, and the forward
-  programs, and the max-margin forward and dS programs (Triton and Mosaic); medians of `rep` calls
-  divided by `tiles`, ms per tile."""
+def tile_programs(n=8192, d=512):
+  """The loss's tile programs on one `(n, n)` bf16 tile: `(programs, x, y, ds)`, where
+  `programs[name](x, y)` runs one (the Triton and Mosaic forward and dS programs of both losses;
+  the dS ones with the float32 dS sums the centred products take) and `ds` is the Mosaic dS
+  program's output, what the gradient products take."""
   import jax
   import jax.numpy as jnp
 
   from mmts_jax.losses import _mosaic_tiles as mt
   from mmts_jax.losses import _pallas_tiles as pt
-  from mmts_jax.losses._traversal import _grad_dots, grad_matmuls
 
   k = jax.random.split(jax.random.PRNGKey(2), 2)
 
@@ -299,7 +296,6 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
     return (v / jnp.linalg.norm(v, axis=1, keepdims=True)).astype(jnp.bfloat16)
 
   x, y = unit(k[0]), unit(k[1])
-  xs = jnp.broadcast_to(x, (tiles, n, d)) + jnp.zeros((tiles, 1, 1), x.dtype)
   a = jnp.full((n,), 1.4426950408889634 / 0.05, jnp.float32)
   lse = jnp.full((n,), 30.0, jnp.float32)
   w = jnp.full((n,), 1e-4, jnp.float32)
@@ -354,7 +350,33 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
   def mosaic_mm_ds(x, y):
     return mt.mm_ds(x, y, *mm_vecs, w, w, need_sums=True)
 
-  ds = jax.block_until_ready(jax.jit(mosaic_ds)(x, y))
+  programs = {
+    "triton_ds": triton_ds,
+    "mosaic_ds": mosaic_ds,
+    "triton_fwd": triton_fwd,
+    "mosaic_fwd": mosaic_fwd,
+    "triton_mm_fwd": triton_mm_fwd,
+    "mosaic_mm_fwd": mosaic_mm_fwd,
+    "triton_mm_ds": triton_mm_ds,
+    "mosaic_mm_ds": mosaic_mm_ds,
+  }
+  return programs, x, y, jax.block_until_ready(jax.jit(mosaic_ds)(x, y))
+
+
+def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
+  """The loss's pieces on (n, n) bf16 tiles, each jitted alone and run over `tiles` tiles in one
+  executable (`lax.map`, so launch and host overheads are amortised): the programs of
+  `tile_programs`, and the centred bf16 gradient products on the dS program's output
+  (`grad_matmuls`) and the same two products uncentred; medians of `rep` calls divided by
+  `tiles`, ms per tile."""
+  import jax
+  import jax.numpy as jnp
+
+  from mmts_jax.losses._traversal import _grad_dots, grad_matmuls
+
+  programs, x, y, ds = tile_programs(n, d)
+  f32 = jnp.float32
+  xs = jnp.broadcast_to(x, (tiles, n, d)) + jnp.zeros((tiles, 1, 1), x.dtype)
   sums = (jnp.sum(ds[1], axis=0), jnp.sum(ds[2], axis=0))
   dss = jnp.broadcast_to(ds[0], (tiles, n, n)) + jnp.zeros((tiles, 1, 1), ds[0].dtype)
 
@@ -367,21 +389,15 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
 
     return jax.jit(run), stacked
 
-  fns = {
-    "triton_ds": (*over_tiles(triton_ds, xs), (y,)),
-    "mosaic_ds": (*over_tiles(mosaic_ds, xs), (y,)),
-    "grad_matmuls_centred": (
-      *over_tiles(lambda s, x, y, sums: grad_matmuls(s, x, y, None, sums), dss),
-      (x, y, sums),
-    ),
-    "grad_dots_plain": (*over_tiles(lambda s, x, y: _grad_dots(s, x, y, None, f32), dss), (x, y)),
-    "triton_fwd": (*over_tiles(triton_fwd, xs), (y,)),
-    "mosaic_fwd": (*over_tiles(mosaic_fwd, xs), (y,)),
-    "triton_mm_fwd": (*over_tiles(triton_mm_fwd, xs), (y,)),
-    "mosaic_mm_fwd": (*over_tiles(mosaic_mm_fwd, xs), (y,)),
-    "triton_mm_ds": (*over_tiles(triton_mm_ds, xs), (y,)),
-    "mosaic_mm_ds": (*over_tiles(mosaic_mm_ds, xs), (y,)),
-  }
+  fns = {name: (*over_tiles(fn, xs), (y,)) for name, fn in programs.items()}
+  fns["grad_matmuls_centred"] = (
+    *over_tiles(lambda s, x, y, sums: grad_matmuls(s, x, y, None, sums), dss),
+    (x, y, sums),
+  )
+  fns["grad_dots_plain"] = (
+    *over_tiles(lambda s, x, y: _grad_dots(s, x, y, None, f32), dss),
+    (x, y),
+  )
   out = {"n": n, "d": d, "rep": rep, "tiles": tiles}
   for name, (fn, stacked, rest) in fns.items():
     jax.block_until_ready(fn(stacked, *rest))

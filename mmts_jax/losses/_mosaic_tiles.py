@@ -37,6 +37,7 @@ flags give), which the tests use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -53,6 +54,7 @@ __all__ = [
   "mm_stats",
   "nce_ds",
   "nce_stats",
+  "profiling",
   "set_config",
   "supported",
 ]
@@ -225,7 +227,8 @@ def _rows_and_columns(tile: _Tile, rows, columns) -> None:
   def _first():
     @pl.when(jnp.logical_not(tile.first))
     def _wait():
-      plgpu.barrier_wait(turn.at[1])  # warpgroup 1 is done with the last sub-tile's columns
+      with jax.named_scope("wait"):
+        plgpu.barrier_wait(turn.at[1])  # warpgroup 1 is done with the last sub-tile's columns
 
     columns()
     plgpu.barrier_arrive(turn.at[0])
@@ -238,7 +241,8 @@ def _rows_and_columns(tile: _Tile, rows, columns) -> None:
   @pl.when(tile.wg == 1)
   def _second():
     rows()
-    plgpu.barrier_wait(turn.at[0])
+    with jax.named_scope("wait"):
+      plgpu.barrier_wait(turn.at[0])
     columns()
     plgpu.barrier_arrive(turn.at[1])
 
@@ -311,8 +315,12 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
       def context(run):
         @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
         def _acc(acc):
-          run(acc)
-          epilogue(acc[...], tile, scratch)
+          # Named scopes are regions of Mosaic GPU's on-device profiler (`profiling`); without
+          # it they cost nothing.
+          with jax.named_scope("mma"):
+            run(acc)
+          with jax.named_scope("epilogue"):
+            epilogue(acc[...], tile, scratch)
 
       def mma(idx, x_s, y_s, acc):
         (k,) = idx
@@ -343,6 +351,24 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+# Set by `profiling`: Mosaic GPU's on-device profiler's settings for the kernels built inside it.
+_PROFILE: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def profiling(directory: str, space: int = 512):
+  """Kernels built inside record, per warpgroup, when each named region of the kernel body
+  ("mma", "epilogue", "rows", "cols", "wait") begins and ends (up to `space` events each), and
+  write the traces (Chrome trace JSON) to `directory` when they run. For benchmarks: the
+  recording costs a few cycles per event, and its buffer takes shared memory (12 bytes per event
+  of `space`: the forward's four stages leave room for 512, not 1,024)."""
+  _PROFILE.update(profile_space=space, profile_dir=directory)
+  try:
+    yield
+  finally:
+    _PROFILE.clear()
+
+
 def _launch(body, outs, interpret, cfg: MosaicConfig):
   _, plgpu = _plgpu()
   return plgpu.kernel(
@@ -354,7 +380,7 @@ def _launch(body, outs, interpret, cfg: MosaicConfig):
     num_threads=cfg.wgs + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(
-      lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True
+      lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True, **_PROFILE
     ),
     interpret=_interpret_params() if interpret else None,
   )
@@ -421,12 +447,14 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
         ds_smem[wg] = t.ds.astype(op)
 
       def row_part():
-        for k, v in enumerate(t.rows()):
-          rsm[wg, k] = v
+        with jax.named_scope("rows"):
+          for k, v in enumerate(t.rows()):
+            rsm[wg, k] = v
 
       def col_part():
-        for k, v in enumerate(t.cols()):
-          csm[wg, k] = v
+        with jax.named_scope("cols"):
+          for k, v in enumerate(t.cols()):
+            csm[wg, k] = v
 
       _rows_and_columns(tile, row_part, col_part)
       plgpu.commit_smem()

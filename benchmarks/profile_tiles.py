@@ -1,0 +1,160 @@
+"""Where the time of one tile program goes: hardware counters (Nsight Compute) or the Mosaic
+kernels' own on-device traces.
+
+  ncu --profile-from-start off --clock-control none --set full -o tiles \\
+      python benchmarks/profile_tiles.py ncu [--programs mosaic_fwd,triton_ds]
+  python benchmarks/profile_tiles.py trace --dir traces --out trace_summary.json
+
+`ncu`: compiles and warms up each program of `mosaic_tiles_bench.tile_programs` on one
+8,192^2 bf16 tile (D = 512), and the plain XLA product `X Y^T` of the same shapes, then runs each
+once between `cuProfilerStart` and `cuProfilerStop`, so only those launches are profiled.
+
+`trace`: runs the Mosaic programs once each under `_mosaic_tiles.profiling`, which records per
+warpgroup when each named region ("mma": the products over D, "epilogue", and inside it "rows",
+"cols", "wait") begins and ends, and summarises each kernel's trace: per CTA, the fraction of its
+time in which at least one compute warpgroup is in "mma" (an upper bound on the tensor cores'
+busy time: "mma" includes waiting for the copies), in which both are, and the mean length of
+each region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loss_bench import write_json  # noqa: E402
+from mosaic_tiles_bench import tile_programs  # noqa: E402
+
+
+def _intervals(events):
+  """Chrome-trace begin/end events of one warpgroup -> {name: [(begin, end), ...]}."""
+  out, stack = {}, []
+  for e in events:
+    if e["ph"] == "B":
+      stack.append((e["name"], e["ts"]))
+    else:
+      name, begin = stack.pop()
+      out.setdefault(name, []).append((begin, e["ts"]))
+  return out
+
+
+def _union(spans):
+  total, end = 0.0, float("-inf")
+  for b, e in sorted(spans):
+    if e > end:
+      total += e - max(b, end)
+      end = e
+  return total
+
+
+def _both(a, b):
+  """Length of the time covered by a span of `a` and a span of `b` at once."""
+  total = 0.0
+  for b0, e0 in a:
+    for b1, e1 in b:
+      total += max(0.0, min(e0, e1) - max(b0, b1))
+  return total
+
+
+def summarise(trace: dict, compute_wgs: int = 2, wgs_per_cta: int = 3) -> dict:
+  """Per-CTA fractions of time with a compute warpgroup in "mma", averaged over the CTAs, and
+  each region's mean length (microseconds) and count per warpgroup."""
+  by_tid = {}
+  for e in trace["traceEvents"]:
+    by_tid.setdefault(e["tid"], []).append(e)
+  ctas = {}
+  for tid, events in by_tid.items():
+    cta, wg = divmod(tid - 1, wgs_per_cta)
+    ctas.setdefault(cta, {})[wg] = _intervals(sorted(events, key=lambda e: e["ts"]))
+  any_mma, both_mma, lengths = [], [], {}
+  for wgs in ctas.values():
+    compute = [wgs.get(w, {}) for w in range(compute_wgs)]
+    spans = [s for c in compute for v in c.values() for s in v]
+    if not spans:
+      continue
+    wall = max(e for _, e in spans) - min(b for b, _ in spans)
+    mma = [c.get("mma", []) for c in compute]
+    any_mma.append(_union([s for m in mma for s in m]) / wall)
+    if compute_wgs == 2:
+      both_mma.append(_both(mma[0], mma[1]) / wall)
+    for w, c in enumerate(compute):
+      for name, v in c.items():
+        lengths.setdefault(f"wg{w}/{name}", []).extend(e - b for b, e in v)
+  mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
+  return {
+    "ctas": len(any_mma),
+    "fraction_any_wg_in_mma": mean(any_mma),
+    "fraction_both_wgs_in_mma": mean(both_mma),
+    "region_mean_us": {k: mean(v) for k, v in sorted(lengths.items())},
+    "region_count": {k: len(v) for k, v in sorted(lengths.items())},
+  }
+
+
+def run_ncu(names):
+  import jax
+  import jax.numpy as jnp
+
+  programs, x, y, _ = tile_programs()
+  programs["xla_product"] = lambda x, y: jnp.dot(x, y.T, preferred_element_type=jnp.float32).astype(
+    x.dtype
+  )
+  fns = {name: jax.jit(programs[name]) for name in names}
+  for fn in fns.values():
+    jax.block_until_ready(fn(x, y))
+  cuda = ctypes.CDLL("libcuda.so.1")
+  cuda.cuProfilerStart()
+  for name, fn in fns.items():
+    jax.block_until_ready(fn(x, y))
+    print("profiled", name, flush=True)
+  cuda.cuProfilerStop()
+
+
+def run_trace(directory, names, out):
+  import jax
+
+  from mmts_jax.losses import _mosaic_tiles as mt
+
+  programs, x, y, _ = tile_programs()
+  result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
+  os.makedirs(directory, exist_ok=True)
+  for name in names:
+    before = set(glob.glob(os.path.join(directory, "*.json")))
+    with mt.profiling(directory):
+      # A new function, so no trace cached outside the profiler is reused.
+      fn = jax.jit(lambda x, y, f=programs[name]: f(x, y))
+      jax.block_until_ready(fn(x, y))
+    time.sleep(0.5)
+    new = sorted(set(glob.glob(os.path.join(directory, "*.json"))) - before)
+    try:
+      with open(new[-1]) as f:
+        result[name] = summarise(json.load(f))
+    except Exception as e:  # a trace that did not come is a result too
+      result[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "files": new}
+    print(name, json.dumps(result[name]), flush=True)
+    write_json(out, result)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("mode", choices=("ncu", "trace"))
+  ap.add_argument("--programs", default=None, help="comma-separated names (default: all)")
+  ap.add_argument("--dir", default="traces")
+  ap.add_argument("--out", default="trace_summary.json")
+  args = ap.parse_args(argv)
+  if args.mode == "ncu":
+    names = (args.programs or "mosaic_fwd,triton_fwd,triton_ds,mosaic_ds,xla_product").split(",")
+    run_ncu(names)
+  else:
+    names = (args.programs or "mosaic_fwd,mosaic_ds,mosaic_mm_fwd,mosaic_mm_ds").split(",")
+    run_trace(args.dir, names, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
