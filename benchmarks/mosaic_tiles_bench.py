@@ -30,12 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import add_round_args, alternating_ms, write_json  # noqa: E402
 from loss_tune import _rel  # noqa: E402
 
-# Mosaic configurations timed (name: fwd, bwd as MosaicConfig fields tile_m, tile_n, tile_k,
-# stages, wgs, ctas_per_sm, release[, lag]; run 5 timed `lag`, runs 7-8 an option, since removed,
-# that read the vectors before the products). "auto" is the default dispatch
-# (`_pallas_tiles.FASTEST`).
+# Mosaic configurations timed, as `MosaicConfig` fields replaced in the defaults per pass (both
+# dtypes). Earlier runs timed others (results/mosaic_tiles_h200/ran.txt): run 5 `lag`, runs 7-8
+# an option, since removed, that read the vectors before the products.
 VARIANTS = {
-  "mosaic_2wg": ((128, 128, 64, 4, 2, 1, 0), (128, 128, 64, 3, 2, 1, 0)),
+  "mosaic_2wg": {},
+  "rs6k": {"fwd": {"reduction_scratch": 6144}, "bwd": {"reduction_scratch": 6144}},
+  "rs16k": {"fwd": {"reduction_scratch": 16384}, "bwd": {"reduction_scratch": 16384}},
 }
 
 
@@ -43,8 +44,12 @@ def use_variant(name):
   """Sets the Mosaic configurations of variant `name` (None: the defaults)."""
   from mmts_jax.losses import _mosaic_tiles as mt
 
-  for kind, cfg in zip(("fwd", "bwd"), VARIANTS.get(name) or (None, None), strict=True):
-    mt.set_config(kind, mt.MosaicConfig(*cfg) if cfg else None)
+  for kind in ("fwd", "bwd"):
+    for dtype in mt.DTYPES:
+      mt.set_config(kind, None, dtype)
+      fields = (VARIANTS.get(name) or {}).get(kind)
+      if fields:
+        mt.set_config(kind, mt.config(kind, dtype)._replace(**fields), dtype)
 
 
 def check_kernels(variant) -> dict:
@@ -197,13 +202,13 @@ def matmul_tflops(dtype="bf16") -> float:
 
 
 # The kernels timed per (loss, dtype): "triton" / "mosaic" forced in both passes, "mosaic_fwd"
-# Mosaic forward and XLA backward, "xla" the XLA tiles, "auto" the default dispatch, and the
-# Mosaic configurations of `VARIANTS` (bf16 InfoNCE).
+# Mosaic forward and XLA backward, "xla" the XLA tiles, "auto" the default dispatch; a suffix
+# ":<variant>" runs it with the Mosaic configurations of `VARIANTS[variant]`.
 KERNELS = {
-  ("infonce", "bf16"): ("triton", *VARIANTS, "auto", "xla"),
-  ("max_margin", "bf16"): ("triton", "mosaic", "auto", "xla"),
-  ("infonce", "f32"): ("xla", "mosaic_fwd", "mosaic", "auto"),
-  ("max_margin", "f32"): ("xla", "mosaic_fwd", "mosaic", "auto"),
+  ("infonce", "bf16"): ("mosaic", "mosaic:rs16k", "auto", "auto:rs6k", "auto:rs16k"),
+  ("max_margin", "bf16"): ("mosaic", "mosaic:rs16k", "auto", "auto:rs16k"),
+  ("infonce", "f32"): ("mosaic", "auto", "auto:rs16k"),
+  ("max_margin", "f32"): ("mosaic", "auto", "auto:rs16k"),
 }
 
 
@@ -215,6 +220,8 @@ def compiled(kernel: str, b: int, loss: str = "infonce", dtype: str = "bf16"):
   from mmts_jax.losses import _pallas_tiles as pt
 
   x, y, tau = _inputs(b, 512, dtype)
+  kernel, _, variant = kernel.partition(":")
+  use_variant(variant or None)
   if kernel == "xla":
     pt.set_fused_tiles(False)
   elif kernel == "triton":
@@ -223,7 +230,6 @@ def compiled(kernel: str, b: int, loss: str = "infonce", dtype: str = "bf16"):
   elif kernel != "auto":
     pt.set_fused_tiles("always", passes=("fwd",) if kernel == "mosaic_fwd" else pt.PASSES)
     pt.set_tile_kernel("mosaic")
-    use_variant(kernel)
   fn = {"infonce": losses.infonce, "max_margin": losses.max_margin}[loss]
   try:
     # tau doubles as the margins (0.05-0.1) of max-margin, as in loss_bench.py.

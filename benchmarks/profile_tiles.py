@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import write_json  # noqa: E402
-from mosaic_tiles_bench import tile_programs  # noqa: E402
+from mosaic_tiles_bench import VARIANTS, tile_programs, use_variant  # noqa: E402
 
 
 def _intervals(events):
@@ -115,7 +115,7 @@ def run_ncu(names):
   cuda.cuProfilerStop()
 
 
-def run_trace(directory, names, out):
+def run_trace(directory, names, variants, out):
   import jax
 
   from mmts_jax.losses import _mosaic_tiles as mt
@@ -123,21 +123,28 @@ def run_trace(directory, names, out):
   programs, x, y, _ = tile_programs()
   result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
   os.makedirs(directory, exist_ok=True)
-  for name in names:
+  for variant, name in ((v, n) for v in variants for n in names):
+    use_variant(variant or None)
+    key = f"{name}:{variant}" if variant else name
     before = set(glob.glob(os.path.join(directory, "*.json")))
-    with mt.profiling(directory):
-      # A new function, so no trace cached outside the profiler is reused.
-      fn = jax.jit(lambda x, y, f=programs[name]: f(x, y))
-      jax.block_until_ready(fn(x, y))
+    try:
+      with mt.profiling(directory):
+        # A new function, so no trace cached outside the profiler is reused.
+        fn = jax.jit(lambda x, y, f=programs[name]: f(x, y))
+        jax.block_until_ready(fn(x, y))
+    except Exception as e:
+      result[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
+      continue
     time.sleep(0.5)
     new = sorted(set(glob.glob(os.path.join(directory, "*.json"))) - before)
     try:
       with open(new[-1]) as f:
-        result[name] = summarise(json.load(f))
+        result[key] = summarise(json.load(f))
     except Exception as e:  # a trace that did not come is a result too
-      result[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "files": new}
-    print(name, json.dumps(result[name]), flush=True)
+      result[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "files": new}
+    print(key, json.dumps(result[key]), flush=True)
     write_json(out, result)
+  use_variant(None)
 
 
 def main(argv=None) -> int:
@@ -145,6 +152,11 @@ def main(argv=None) -> int:
   ap.add_argument("mode", choices=("ncu", "trace"))
   ap.add_argument("--programs", default=None, help="comma-separated names (default: all)")
   ap.add_argument("--dir", default="traces")
+  ap.add_argument(
+    "--variants",
+    default="",
+    help="trace: comma-separated, among '' (defaults), " + ", ".join(VARIANTS),
+  )
   ap.add_argument("--out", default="trace_summary.json")
   args = ap.parse_args(argv)
   if args.mode == "ncu":
@@ -152,7 +164,7 @@ def main(argv=None) -> int:
     run_ncu(names)
   else:
     names = (args.programs or "mosaic_fwd,mosaic_ds,mosaic_mm_fwd,mosaic_mm_ds").split(",")
-    run_trace(args.dir, names, args.out)
+    run_trace(args.dir, names, args.variants.split(","), args.out)
   return 0
 
 

@@ -67,7 +67,9 @@ class MosaicConfig(NamedTuple):
   handed back to the copy warpgroup (0: each step waits for its products). `lag`: warpgroup 1
   starts its first sub-tile once warpgroup 0 has used every stage of the ring, and the shared
   stages keep it that far behind, so one's epilogue falls on the other's products (a ping-pong
-  of FlashAttention-3's kind, here through the shared pipeline).
+  of FlashAttention-3's kind, here through the shared pipeline). `reduction_scratch`: bytes of
+  shared memory for cross-warp reductions (Pallas's `reduction_scratch_bytes`; each batch of
+  reduced registers that fits in it costs two warpgroup barriers).
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the column maxima and sums), so two compute warpgroups take turns for them
@@ -82,6 +84,7 @@ class MosaicConfig(NamedTuple):
   ctas_per_sm: int = 1
   release: int = 0
   lag: bool = False
+  reduction_scratch: int = 2048
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -380,7 +383,10 @@ def _launch(body, outs, interpret, cfg: MosaicConfig):
     num_threads=cfg.wgs + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(
-      lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True, **_PROFILE
+      lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+      approx_math=True,
+      reduction_scratch_bytes=cfg.reduction_scratch,
+      **_PROFILE,
     ),
     interpret=_interpret_params() if interpret else None,
   )
