@@ -257,6 +257,7 @@ def test_bad_tile_kernels_and_configs_are_refused():
     (mt.MosaicConfig(tile_k=32), "tile_k must be a multiple of 64 for bfloat16, got 32"),
     (mt.MosaicConfig(stages=2, release=2), "release 2, stages 2"),
     (mt.MosaicConfig(ctas_per_sm=0), "ctas_per_sm must be >= 1, got 0"),
+    (mt.MosaicConfig(reduction_scratch=1000), "reduction_scratch must be .* 1024 bytes, got 1000"),
   ]
   for cfg, message in bad:
     with pytest.raises(ValueError, match=message):
@@ -267,8 +268,9 @@ def test_bad_tile_kernels_and_configs_are_refused():
     mt.set_config("fwd", mt.MosaicConfig(tile_k=16), jnp.float32)
   with pytest.raises(ValueError, match="dtype must be one of .* got float16"):
     mt.set_config("fwd", None, jnp.float16)
-  assert mt.config("fwd") == mt.MosaicConfig()  # nothing refused was kept
-  assert mt.config("fwd", jnp.float32) == mt.MosaicConfig(tile_k=32)
+  # Nothing refused was kept.
+  assert mt.config("fwd") == mt.MosaicConfig(reduction_scratch=16384)
+  assert mt.config("fwd", jnp.float32) == mt.MosaicConfig(tile_k=32, reduction_scratch=16384)
 
 
 def test_the_kernels_lower_to_mosaic_gpu_for_cuda():

@@ -92,10 +92,16 @@ class MosaicConfig(NamedTuple):
 # One warpgroup per CTA, two CTAs per SM: 26% slower forward at B = 131,072. float32 embeddings
 # (tf32 wgmma) take chunks of 32 features, the same 128 bytes per row as bfloat16's 64; their
 # backward stages float32 dS, so its sub-tiles are 64 columns wide to fit shared memory.
+# The forward's column reductions get 16 KiB of scratch (run 10): Mosaic GPU reduces two
+# registers per 2 KiB across warps, with two warpgroup barriers per batch; with 16 KiB the
+# max-margin forward took 58.6 ms instead of 69.0 at B = 131,072 (InfoNCE 53.2 vs 53.7, inside
+# the noise). The backward keeps 2 KiB: with 16 KiB the max-margin dS kernel's output was wrong
+# on the GPU (0.14 of its largest entry off, run 10's check), which the interpreter does not show.
+_FWD_SCRATCH = 16384
 _DEFAULTS = {
-  ("fwd", "bfloat16"): MosaicConfig(),
+  ("fwd", "bfloat16"): MosaicConfig(reduction_scratch=_FWD_SCRATCH),
   ("bwd", "bfloat16"): MosaicConfig(stages=3),
-  ("fwd", "float32"): MosaicConfig(tile_k=32),
+  ("fwd", "float32"): MosaicConfig(tile_k=32, reduction_scratch=_FWD_SCRATCH),
   ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3),
 }
 CONFIGS = dict(_DEFAULTS)
@@ -148,6 +154,12 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
       )
     if cfg.ctas_per_sm < 1:
       raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
+    # One batch of a cross-warp reduction: 4 warps x 32 lanes x 2 float32s.
+    if cfg.reduction_scratch < 1024 or cfg.reduction_scratch % 1024:
+      raise ValueError(
+        f"set_config: reduction_scratch must be a positive multiple of 1024 bytes, got "
+        f"{cfg.reduction_scratch}"
+      )
   CONFIGS[key] = _DEFAULTS[key] if cfg is None else cfg
 
 
