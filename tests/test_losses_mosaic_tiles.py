@@ -146,6 +146,7 @@ def test_max_margin_kernels_match_float64(wgs):
   for got, want in ((out[0], t.hr.sum(1)), (out[2], t.hc.sum(0))):
     np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
   # Which hinges are active: no entry of these inputs lies within float32 error of its hinge.
+  assert not t.tie.any()
   np.testing.assert_array_equal(out[1].sum(0), (t.hr > 0).sum(1))
   np.testing.assert_array_equal(out[3].sum(0), (t.hc > 0).sum(0))
   res = mt.mm_ds(x, y, *f32, *ids, *map(jnp.asarray, (gr, gc)), need_sums=True, interpret=True)

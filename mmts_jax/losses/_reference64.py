@@ -17,12 +17,16 @@ __all__ = ["Hinge", "hinge_inputs", "hinge_tile"]
 
 class Hinge(NamedTuple):
   """A max-margin tile in float64: cosines `s`, the row / column hinge tiles (zero on the
-  diagonal), and with cotangents the tile `dS r q^T` the kernels write."""
+  diagonal), with cotangents the tile `dS r q^T` the kernels write, and `tie`: the entries off
+  the diagonal whose hinge argument `ro_i + s_ij` or `co_j + s_ij` lies within `tie_eps` of 0,
+  where a kernel's float32 cosine may fall on either side (on the GPU, run 10's check met one
+  such entry at 2e-8 from its hinge in a 2,048^2 tile: benchmarks/results/mosaic_tiles_h200/)."""
 
   s: np.ndarray
   hr: np.ndarray
   hc: np.ndarray
   dsw: np.ndarray | None
+  tie: np.ndarray
 
 
 def hinge_inputs(n: int, d: int, seed: int, id_shift: int):
@@ -46,7 +50,7 @@ def hinge_inputs(n: int, d: int, seed: int, id_shift: int):
   return (x, y), (rr, qc, ro, co), (rid, (rid + id_shift) % n)
 
 
-def hinge_tile(x, y, rr, qc, ro, co, rid, cid, gr=None, gc=None) -> Hinge:
+def hinge_tile(x, y, rr, qc, ro, co, rid, cid, gr=None, gc=None, tie_eps=1e-6) -> Hinge:
   """`s_ij = <x_i, y_j> r_i q_j`, `hr = [ro_i + s_ij]_+`, `hc = [co_j + s_ij]_+` where
   `rid_i != cid_j`; with `gr`, `gc`: `dS = gr_i [ro_i + s_ij > 0] + gc_j [co_j + s_ij > 0]` (off
   the diagonal), `dsw = dS r_i q_j`.
@@ -64,8 +68,10 @@ def hinge_tile(x, y, rr, qc, ro, co, rid, cid, gr=None, gc=None) -> Hinge:
   keep = np.asarray(rid)[:, None] != np.asarray(cid)[None, :]
   hr = np.where(keep, np.maximum(ro[:, None] + s, 0), 0)
   hc = np.where(keep, np.maximum(co[None, :] + s, 0), 0)
+  near = np.minimum(np.abs(ro[:, None] + s), np.abs(co[None, :] + s)) < tie_eps
+  tie = keep & near
   if gr is None or gc is None:
-    return Hinge(s, hr, hc, None)
+    return Hinge(s, hr, hc, None, tie)
   ds = np.where(keep & (ro[:, None] + s > 0), f(gr)[:, None], 0)
   ds = ds + np.where(keep & (co[None, :] + s > 0), f(gc)[None, :], 0)
-  return Hinge(s, hr, hc, ds * rr[:, None] * qc[None, :])
+  return Hinge(s, hr, hc, ds * rr[:, None] * qc[None, :], tie)
