@@ -160,10 +160,11 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 #   (fused 24.0 vs XLA 23.4 ms at 32,768, results/loss_tune_h200_run1.json).
 # - bf16 max-margin: Mosaic forward, Triton backward 239.2 ms at 131,072 vs 252.6 on Triton,
 #   243.9 on Mosaic, 305.8 on XLA (run 9, round ranges apart); at 32,768 15.6 vs 16.3 ms,
-#   inside the noise (15.5-17.1 vs 16.2-18.5).
+#   inside the noise (15.5-17.1 vs 16.2-18.5). With the backward that no longer reduces `dS c`
+#   per tile (every kind alike): 209.4 vs 218.2 ms on Mosaic in both passes (run 10).
 # - f32 max-margin: Mosaic in both passes 323.6 vs XLA 436.5 ms at 131,072, 20.8 vs 27.4 ms at
-#   32,768 (run 9; Mosaic forward with the XLA backward 380.9 / 24.4 ms). The max-margin rows
-#   were timed before its backward stopped reducing `dS c` per tile (every kind alike).
+#   32,768 (run 9; Mosaic forward with the XLA backward 380.9 / 24.4 ms), timed before that
+#   change; since it, 313.3 ms in both passes on Mosaic (run 11, the XLA backward not re-timed).
 # - bf16 sigmoid: fused (fast math, 64 x 64 programs) 17.02 vs XLA 18.81 ms, 258.3 vs 280.0 ms
 #   at 131,072 (results/sigmoid_tiles_h200/ run 2); f32 stays on XLA's 23.8 ms against 31.5.
 # Entries not listed (CPU, TPU, float64, f32 sigmoid) run the XLA tiles.
