@@ -342,3 +342,56 @@ def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
   f = jax.jit(jax.value_and_grad(hinge, argnums=(0, 1)))
   text = f.trace(xs, xs, ts).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "xla.gpu.triton" in text
+
+
+def test_profiling_records_the_kernels_built_inside_it(tmp_path):
+  # `profiling` gives the kernels built inside it Mosaic GPU's on-device profiler; outside it
+  # they are built as before. (Lowering a profiled kernel for CUDA needs a GPU backend for the
+  # trace's callback, so this reads the kernel's parameters in the jaxpr. A new function each
+  # time: JAX caches a trace per function, not per configuration.)
+  xs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((1024,), jnp.float32)
+
+  def params():
+    jaxpr = jax.make_jaxpr(lambda x, y, a, b: mt.nce_stats(x, y, a, b))(xs, xs, v, v)
+    return str(jaxpr)
+
+  assert "profile_space=0" in params()
+  with mt.profiling(str(tmp_path), space=64):
+    text = params()
+  assert "profile_space=64" in text and f"profile_dir='{tmp_path}'" in text
+  assert "profile_space=0" in params() and mt._PROFILE == {}
+
+
+def test_the_trace_summary_measures_overlap_of_the_products():
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  from profile_tiles import summarise
+
+  events = []
+
+  def region(tid, name, begin, end):
+    events.append({"name": name, "ph": "B", "ts": begin, "tid": tid, "pid": 1})
+    events.append({"name": name, "ph": "E", "ts": end, "tid": tid, "pid": 1})
+
+  # One CTA: warpgroup 0 (tid 1) in its products over [0, 4], warpgroup 1 (tid 2) over [2, 6],
+  # the memory warpgroup (tid 3) records nothing; the CTA spans [0, 10].
+  region(1, "mma", 0.0, 4.0)
+  region(1, "epilogue", 4.0, 8.0)
+  region(1, "cols", 4.5, 7.0)
+  region(2, "mma", 2.0, 6.0)
+  region(2, "epilogue", 6.0, 10.0)
+  got = summarise({"traceEvents": events})
+  assert got["ctas"] == 1
+  assert got["fraction_any_wg_in_mma"] == pytest.approx(0.6)  # [0, 6] of [0, 10]
+  assert got["fraction_both_wgs_in_mma"] == pytest.approx(0.2)  # [2, 4]
+  assert got["region_mean_us"]["wg0/cols"] == pytest.approx(2.5)
+  assert got["region_count"] == {
+    "wg0/cols": 1,
+    "wg0/epilogue": 1,
+    "wg0/mma": 1,
+    "wg1/epilogue": 1,
+    "wg1/mma": 1,
+  }

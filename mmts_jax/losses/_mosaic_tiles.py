@@ -128,7 +128,9 @@ def config(kind: str, dtype=jnp.bfloat16) -> MosaicConfig:
 
 
 def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
-  """Sets (None: resets) the `MosaicConfig` of pass `kind` ("fwd" or "bwd") and `dtype`."""
+  """Sets (None: resets) the `MosaicConfig` of pass `kind` ("fwd" or "bwd") and `dtype`. It
+  applies to kernels traced afterwards: a function JAX has already traced keeps the kernels it
+  was traced with (jit caches per function and arguments, not per configuration)."""
   try:
     key = _key(kind, dtype)
   except ValueError as e:
