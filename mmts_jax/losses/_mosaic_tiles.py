@@ -373,12 +373,13 @@ _PROFILE: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def profiling(directory: str, space: int = 512):
+def profiling(directory: str, space: int = 256):
   """Kernels built inside record, per warpgroup, when each named region of the kernel body
   ("mma", "epilogue", "rows", "cols", "wait") begins and ends (up to `space` events each), and
   write the traces (Chrome trace JSON) to `directory` when they run. For benchmarks: the
-  recording costs a few cycles per event, and its buffer takes shared memory (12 bytes per event
-  of `space`: the forward's four stages leave room for 512, not 1,024)."""
+  recording costs a few cycles per event, and its buffer takes 48 bytes of shared memory per
+  unit of `space` (lowered for CUDA: the default forward has room for 256, not 512; a CTA
+  walking 16 sub-tiles records about 160 events)."""
   _PROFILE.update(profile_space=space, profile_dir=directory)
   try:
     yield
