@@ -1,11 +1,13 @@
 """Where the time of one tile program goes: hardware counters (Nsight Compute) or the Mosaic
 kernels' own on-device traces.
 
-  ncu --profile-from-start off --clock-control none --set full -o tiles \\
-      python benchmarks/profile_tiles.py ncu [--programs mosaic_fwd,triton_ds]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --profile-from-start off --clock-control none \\
+      --set full -o tiles python benchmarks/profile_tiles.py ncu [--programs mosaic_fwd,triton_ds]
   python benchmarks/profile_tiles.py trace --dir traces --out trace_summary.json
 
-`ncu`: compiles and warms up each program of `mosaic_tiles_bench.tile_programs` on one
+`ncu` (without the preallocation flag, JAX holds most of the GPU's memory and ncu saves and
+restores it for every replay pass: session 12's call ran out of time that way): compiles and
+warms up each program of `mosaic_tiles_bench.tile_programs` on one
 8,192^2 bf16 tile (D = 512), and the plain XLA product `X Y^T` of the same shapes, then runs each
 once between `cuProfilerStart` and `cuProfilerStop`, so only those launches are profiled.
 
