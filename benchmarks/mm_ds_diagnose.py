@@ -67,10 +67,15 @@ def run(tag, n, id_shift, need_sums=True, cfg=None, signed=True):
   print(tag, json.dumps(out[tag]), flush=True)
 
 
-run("n2048_shift1024", 2048, 1024)
-run("n2048_unsigned", 2048, 1024, signed=False)
-run("n2048_nosums", 2048, 1024, need_sums=False)
-run("n256_shift0", 256, 0)
-run("n2048_wgs1", 2048, 1024, cfg=mt.MosaicConfig(stages=3, wgs=1))
-run("n4096_shift1024", 4096, 1024)
-json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), "diag_mm.json"), "w"), indent=1)
+def main():
+  run("n2048_shift1024", 2048, 1024)
+  run("n2048_unsigned", 2048, 1024, signed=False)
+  run("n2048_nosums", 2048, 1024, need_sums=False)
+  run("n256_shift0", 256, 0)
+  run("n2048_wgs1", 2048, 1024, cfg=mt.MosaicConfig(stages=3, wgs=1))
+  run("n4096_shift1024", 4096, 1024)
+  json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), "diag_mm.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -308,13 +308,17 @@ def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
   mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
   xs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
   ts = jax.ShapeDtypeStruct((1024,), jnp.float32)
-  ring = jax.shard_map(
-    lambda x, y, t: losses.infonce(x, y, t, axis_name="batch", sharded="ring", block_size=512),
-    mesh=mesh,
-    in_specs=(P("batch"),) * 3,
-    out_specs=P(),
-    check_vma=True,
-  )
+
+  def sharded(loss):
+    return jax.shard_map(
+      lambda x, y, t: loss(x, y, t, axis_name="batch", sharded="ring", block_size=512),
+      mesh=mesh,
+      in_specs=(P("batch"),) * 3,
+      out_specs=P(),
+      check_vma=True,
+    )
+
+  ring = sharded(losses.infonce)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(pt, "_hopper", lambda: True)
 
@@ -332,14 +336,7 @@ def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
   text = lowered(None)
   assert "mosaic_gpu" in text and "xla.gpu.triton" in text
   # Max-margin in the ring, by the measured default: the same split.
-  hinge = jax.shard_map(
-    lambda x, y, m: losses.max_margin(x, y, m, axis_name="batch", sharded="ring", block_size=512),
-    mesh=mesh,
-    in_specs=(P("batch"),) * 3,
-    out_specs=P(),
-    check_vma=True,
-  )
-  f = jax.jit(jax.value_and_grad(hinge, argnums=(0, 1)))
+  f = jax.jit(jax.value_and_grad(sharded(losses.max_margin), argnums=(0, 1)))
   text = f.trace(xs, xs, ts).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "xla.gpu.triton" in text
 
