@@ -36,16 +36,22 @@ from loss_tune import _rel  # noqa: E402
 # Run 10 timed "rs6k" and "rs16k" (6 and 16 KiB of reduction scratch in both passes); the
 # forward's default is now 16 KiB, "rs2k" is the forward before, "rs16k_bwd" gives the backward
 # 16 KiB too (checked in run 11; nce_ds with the temperature sums does not fit with it).
-# Not yet timed: forward sub-tiles of 256 x 64 per warpgroup ("tall_fwd": a quarter of the
-# column reductions' shuffles and cross-warp traffic per entry, twice the rows'; two stages fit
-# shared memory), and one warpgroup per CTA with two CTAs per SM ("2cta_fwd": the hardware
-# interleaves one CTA's epilogue with the other's products).
+# First timed in session 13: forward sub-tiles of 256 x 64 per warpgroup ("tall_fwd": a quarter
+# of the column reductions' shuffles and cross-warp traffic per entry, twice the rows'; two
+# stages fit shared memory), one warpgroup per CTA with two CTAs per SM ("2cta_fwd": the
+# hardware interleaves one CTA's epilogue with the other's products), and the columns reduced
+# on transposed 64-column slices through shared memory ("tcols_fwd", `col_chunk`; three stages
+# fit beside the slices; alone and with two one-warpgroup CTAs per SM, "2cta_tcols").
 VARIANTS = {
   "mosaic_2wg": {},
   "rs2k": {"fwd": {"reduction_scratch": 2048}},
   "rs16k_bwd": {"bwd": {"reduction_scratch": 16384}},
   "tall_fwd": {"fwd": {"tile_m": 256, "tile_n": 64, "stages": 2}},
   "2cta_fwd": {"fwd": {"wgs": 1, "ctas_per_sm": 2, "stages": 2}},
+  "tcols_fwd": {"fwd": {"col_chunk": 64, "stages": 3, "reduction_scratch": 2048}},
+  "2cta_tcols": {
+    "fwd": {"wgs": 1, "ctas_per_sm": 2, "stages": 2, "col_chunk": 64, "reduction_scratch": 2048}
+  },
 }
 
 
@@ -237,11 +243,12 @@ def matmul_tflops(dtype="bf16") -> float:
 # The kernels timed per (loss, dtype): "triton" / "mosaic" forced in both passes, "mosaic_fwd"
 # Mosaic forward and XLA backward, "xla" the XLA tiles, "auto" the default dispatch; a suffix
 # ":<variant>" runs it with the Mosaic configurations of `VARIANTS[variant]`.
+_FWD_SHAPES = ("auto", "auto:tcols_fwd", "auto:2cta_tcols", "auto:tall_fwd", "auto:2cta_fwd")
 KERNELS = {
-  ("infonce", "bf16"): ("auto:rs2k", "auto", "auto:tall_fwd", "auto:2cta_fwd"),
-  ("max_margin", "bf16"): ("auto:rs2k", "auto", "auto:tall_fwd", "auto:2cta_fwd"),
-  ("infonce", "f32"): ("auto:rs2k", "auto"),
-  ("max_margin", "f32"): ("auto:rs2k", "auto"),
+  ("infonce", "bf16"): _FWD_SHAPES,
+  ("max_margin", "bf16"): _FWD_SHAPES,
+  ("infonce", "f32"): ("auto", "auto:tcols_fwd"),
+  ("max_margin", "f32"): ("auto", "auto:tcols_fwd"),
 }
 
 

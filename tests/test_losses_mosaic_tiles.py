@@ -159,6 +159,44 @@ def test_max_margin_kernels_match_float64(wgs):
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
 
+@pytest.fixture
+def transposed_columns(request):
+  """The forward with its columns reduced on transposed 64-column slices (`col_chunk`), for
+  `request.param`'s dtype; the defaults restored afterwards."""
+  dt = request.param
+  mt.set_config("fwd", mt.config("fwd", dt)._replace(col_chunk=64, stages=3), dt)
+  yield dt
+  mt.set_config("fwd", None, dt)
+
+
+@pytest.mark.parametrize("transposed_columns", [jnp.bfloat16, jnp.float32], indirect=True)
+def test_forward_with_transposed_columns_matches_float64(transposed_columns):
+  # The bounds above: logsumexps 1e-5 (bf16, D = 128) / 5e-5 (float32, D = 96), here also
+  # 5e-7 relative (four float32 ulps: these inputs' base-2 logsumexps reach 77); hinge sums 1e-5
+  # of the largest, counts exact. 384 columns: three sub-tiles of two slices each.
+  dt = transposed_columns
+  d, tol = (128, 1e-5) if dt == jnp.bfloat16 else (96, 5e-5)
+  x, y, ar, ac = _tile_inputs(256, 384, d, seed=8)
+  x, y = x.astype(dt), y.astype(dt)
+  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
+  assert cm.shape == (256 // 128, 384)
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  a_r, a_c = np.asarray(ar, np.float64), np.asarray(ac, np.float64)
+  np.testing.assert_allclose(_merge2(rm, rl), _lse2(s * a_r[:, None], 1), atol=tol, rtol=5e-7)
+  np.testing.assert_allclose(_merge2(cm, cl), _lse2(s * a_c[None, :], 0), atol=tol, rtol=5e-7)
+  (x, y), vecs, (rid, cid) = hinge_inputs(256, 128, seed=6, id_shift=128)
+  x, y = jnp.asarray(x, dt), jnp.asarray(y, dt)
+  t = hinge_tile(x, y, *vecs, rid, cid, np.zeros(256), np.zeros(256))
+  assert not t.tie.any()
+  f32 = [jnp.asarray(v, jnp.float32) for v in vecs]
+  out = mt.mm_stats(x, y, *f32, jnp.asarray(rid), jnp.asarray(cid), interpret=True)
+  out = [np.asarray(o, np.float64).sum(0) for o in out]
+  for got, want in ((out[0], t.hr.sum(1)), (out[2], t.hc.sum(0))):
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+  np.testing.assert_array_equal(out[1], (t.hr > 0).sum(1))
+  np.testing.assert_array_equal(out[3], (t.hc > 0).sum(0))
+
+
 def _vg(fn, *args, **kw):
   f = jax.jit(jax.value_and_grad(lambda x, y, t: fn(x, y, t, **kw), argnums=(0, 1, 2)))
   return f.lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
@@ -259,10 +297,14 @@ def test_bad_tile_kernels_and_configs_are_refused():
     (mt.MosaicConfig(stages=2, release=2), "release 2, stages 2"),
     (mt.MosaicConfig(ctas_per_sm=0), "ctas_per_sm must be >= 1, got 0"),
     (mt.MosaicConfig(reduction_scratch=1000), "reduction_scratch must be .* 1024 bytes, got 1000"),
+    (mt.MosaicConfig(col_chunk=32), "col_chunk must be 0, or .* dividing tile_n 128, got 32"),
+    (mt.MosaicConfig(tile_n=64, col_chunk=128), "dividing tile_n 64, got 128"),
   ]
   for cfg, message in bad:
     with pytest.raises(ValueError, match=message):
       mt.set_config("fwd", cfg)
+  with pytest.raises(ValueError, match="got 64 for 'bwd'"):
+    mt.set_config("bwd", mt.MosaicConfig(col_chunk=64))
   with pytest.raises(ValueError, match="kind must be 'fwd' or 'bwd'"):
     mt.set_config("both", None)
   with pytest.raises(ValueError, match="tile_k must be a multiple of 32 for float32, got 16"):

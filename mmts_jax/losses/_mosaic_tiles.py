@@ -69,7 +69,11 @@ class MosaicConfig(NamedTuple):
   stages keep it that far behind, so one's epilogue falls on the other's products (a ping-pong
   of FlashAttention-3's kind, here through the shared pipeline). `reduction_scratch`: bytes of
   shared memory for cross-warp reductions (Pallas's `reduction_scratch_bytes`; each batch of
-  reduced registers that fits in it costs two warpgroup barriers).
+  reduced registers that fits in it costs two warpgroup barriers). `col_chunk` (forward only):
+  0 reduces the columns in the products' register layout, where a column spans the four warps
+  of a warpgroup (shuffles, then shared memory and barriers); `c > 0` stores the sub-tile `c`
+  columns at a time in shared memory and reads it back transposed, so each column lies inside
+  one warp and its statistics are the rows' code on `S^T`.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the column maxima and sums), so two compute warpgroups take turns for them
@@ -85,6 +89,7 @@ class MosaicConfig(NamedTuple):
   release: int = 0
   lag: bool = False
   reduction_scratch: int = 2048
+  col_chunk: int = 0
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -156,6 +161,12 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
       )
     if cfg.ctas_per_sm < 1:
       raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
+    # The transposed read takes whole 64-row wgmma tiles of S^T.
+    if cfg.col_chunk and (kind != "fwd" or cfg.col_chunk % 64 or cfg.tile_n % cfg.col_chunk):
+      raise ValueError(
+        f"set_config: col_chunk must be 0, or (forward only) a multiple of 64 dividing tile_n "
+        f"{cfg.tile_n}, got {cfg.col_chunk} for {kind!r}"
+      )
     # One batch of a cross-warp reduction: 4 warps x 32 lanes x 2 float32s.
     if cfg.reduction_scratch < 1024 or cfg.reduction_scratch % 1024:
       raise ValueError(
@@ -194,6 +205,16 @@ def _load(ref, layout, interpret):
   if interpret:
     return ref[...]
   return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def _load_transposed(ref, interpret):
+  """The transpose of a `(rows, cols)` float32 SMEM `ref` in registers, in the transposed wgmma
+  layout (where each row of the result, a column of `ref`, lies inside one warp)."""
+  _, plgpu = _plgpu()
+  if interpret:
+    return ref[...].T
+  t = plgpu.transpose_ref(ref, (1, 0))
+  return plgpu.load(t, (), layout=plgpu.Layout.WGMMA_TRANSPOSED, optimized=False)
 
 
 def _struct(shape, dtype, like):
@@ -304,7 +325,10 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
     pl.run_scoped,
     allocs=pipeline(ignore, ignore).get_allocations(x_g, y_g),
     scratch=scratch,
-    turn=plgpu.Barrier(num_arrivals=1, num_barriers=2) if cfg.wgs == 2 else None,
+    # Two warpgroups share the cross-warp reduction scratch: their column parts take turns.
+    turn=plgpu.Barrier(num_arrivals=1, num_barriers=2)
+    if cfg.wgs == 2 and not cfg.col_chunk
+    else None,
     go=plgpu.Barrier(num_arrivals=1) if cfg.wgs == 2 and cfg.lag else None,
     collective_axes="wg",
   )
@@ -423,7 +447,7 @@ class _Terms(NamedTuple):
   cols: Any
 
 
-def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like):
+def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like, lines=None):
   """One kernel over an unpadded tile: per warpgroup sub-tile `S` (float32),
   `terms(s, r, c) -> _Terms`, where `r[k]()` / `c[k]()` read the sub-tile's slice of row vector
   `rvecs[k]` / column vector `cvecs[k]` into registers. Read where it is used, a vector stays
@@ -433,7 +457,12 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
   (results/mosaic_tiles_h200/ runs 7 and 8; registers are our reading, not profiled); reading
   them before the products were issued was as slow (65.1 ms). Returns `[dS]` (if `with_ds`,
   `x`'s dtype) + `nvec` row partials `(cols / tile_n, rows)` + `nvec` column partials
-  `(rows / tile_m, cols)`."""
+  `(rows / tile_m, cols)`.
+
+  `lines` (forward passes, for `MosaicConfig.col_chunk`): `lines(v, own, other, axis)`, the
+  `nvec` statistics along `axis` of `v` (`S`, or a slice of `S^T`), where `own[k]()` reads
+  vector `k` of the lines reduced (one entry per index of the other axis) and `other[k]()` that
+  of the entries along `axis`. It then serves both parts in place of `terms`."""
   pl, plgpu = _plgpu()
   cfg = config(kind, x.dtype)
   (br, _), bc = x.shape, y.shape[0]
@@ -443,6 +472,9 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
   out += [_struct((bc // tn, br), f32, like)] * nvec + [_struct((br // tm, bc), f32, like)] * nvec
   layout = plgpu.Layout.WGMMA
   nr = len(rvecs)
+  chunk = cfg.col_chunk
+  if chunk and (lines is None or with_ds):
+    raise ValueError(f"col_chunk serves the forward passes only, not this {kind!r} pass")
 
   def body(x_g, y_g, *refs):
     r_g, c_g = refs[:nr], refs[nr : nr + len(cvecs)]
@@ -457,12 +489,24 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       r = [functools.partial(_load, v.at[rows], layout.reduce(1), interpret) for v in r_g]
       return r, [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
 
+    def transposed_loaders(tile, c0):
+      """For `lines` on `S[:, c0 : c0 + chunk]^T`: readers of its columns' vectors (its own)
+      and of the rows' (the other axis), in the transposed layout."""
+      t = plgpu.Layout.WGMMA_TRANSPOSED
+      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0 + c0, chunk)
+      own = [functools.partial(_load, v.at[cols], t.reduce(1), interpret) for v in c_g]
+      return own, [functools.partial(_load, v.at[rows], t.reduce(0), interpret) for v in r_g]
+
     def epilogue(s, tile, scratch):
-      ds_smem, rsm, csm = scratch
+      ds_smem, rsm, csm, tsm = scratch
       wg = tile.wg
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
       r, c = loaders(tile)
-      t = terms(s, r, c)
+      if chunk:
+        assert lines is not None and not with_ds
+        t = _Terms(None, functools.partial(lines, s, r, c, 1), None)
+      else:
+        t = terms(s, r, c)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
       if with_ds:
         ds_smem[wg] = t.ds.astype(op)
@@ -474,8 +518,18 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
 
       def col_part():
         with jax.named_scope("cols"):
-          for k, v in enumerate(t.cols()):
-            csm[wg, k] = v
+          if not chunk:
+            for k, v in enumerate(t.cols()):
+              csm[wg, k] = v
+            return
+          # Each slice of columns through shared memory and back transposed: a column's
+          # entries then lie in one warp, and `lines` reduces them as the rows' code does.
+          assert lines is not None
+          for c0 in range(0, tn, chunk):
+            tsm[wg] = s[:, c0 : c0 + chunk]
+            own, other = transposed_loaders(tile, c0)
+            for k, v in enumerate(lines(_load_transposed(tsm.at[wg], interpret), own, other, 1)):
+              csm[wg, k, pl.ds(c0, chunk)] = v
 
       _rows_and_columns(tile, row_part, col_part)
       plgpu.commit_smem()
@@ -490,6 +544,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)) if with_ds else None,
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
+      plgpu.SMEM((cfg.wgs, tm, chunk), f32, transforms=_swizzled(chunk, f32)) if chunk else None,
     )
     _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
 
@@ -516,23 +571,16 @@ def nce_stats(x, y, ar, ac, *, interpret: bool = False, like=None):
   `(rows / tile_m, cols)`. `ar`, `ac`: the base-2 scales `log2(e) / tau` of rows and columns.
   `like`: an array whose device-variance (inside `shard_map`) the outputs take."""
 
-  def terms(s, r, c):
+  def lines(v, own, other, axis):
     # Every scale is positive, so the scaled maximum is the scale times the maximum of S.
-    shape = s.shape
+    a, d = own[0](), 1 - axis
+    m = a * jnp.max(v, axis=axis)
+    return [m, jnp.sum(jnp.exp2(v * _bcast(a, v.shape, d) - _bcast(m, v.shape, d)), axis)]
 
-    def rows():
-      a_r = r[0]()
-      mr = a_r * jnp.max(s, axis=1)
-      return [mr, jnp.sum(jnp.exp2(s * _row(a_r, shape) - _row(mr, shape)), 1)]
+  def terms(s, r, c):
+    return _Terms(None, lambda: lines(s, r, c, 1), lambda: lines(s, c, r, 0))
 
-    def cols():
-      a_c = c[0]()
-      mc = a_c * jnp.max(s, axis=0)
-      return [mc, jnp.sum(jnp.exp2(s * _col(a_c, shape) - _col(mc, shape)), 0)]
-
-    return _Terms(None, rows, cols)
-
-  return _pass("fwd", x, y, [ar], [ac], terms, 2, False, interpret, like)
+  return _pass("fwd", x, y, [ar], [ac], terms, 2, False, interpret, like, lines)
 
 
 def nce_ds(
@@ -578,10 +626,14 @@ def _cosines(s, r, c):
   return s * _row(r[0](), s.shape) * _col(c[0](), s.shape)
 
 
-def _off_diagonal(r, c, shape):
-  """Where the row id (`r[2]`) differs from the column id (`c[2]`): recomputed at each use, so
-  no boolean tile stays live in registers."""
-  return _row(r[2](), shape) != _col(c[2](), shape)
+def _hinge_sum_count(sc, own, other, axis):
+  """Sums and counts along `axis` of `relu(o + c)` over the cosines `sc` off the diagonal:
+  `own[1]()` the lines' offsets `o`; `own[2]()`, `other[2]()` the ids (equal on the diagonal),
+  read here, so no boolean tile stays live in registers."""
+  d, zero = 1 - axis, jnp.zeros_like(sc)
+  keep = _bcast(own[2](), sc.shape, d) != _bcast(other[2](), sc.shape, axis)
+  h = jnp.where(keep, jnp.maximum(_bcast(own[1](), sc.shape, d) + sc, 0.0), zero)
+  return [jnp.sum(h, axis), jnp.sum(jnp.where(h > 0, 1.0, zero), axis)]
 
 
 def mm_stats(x, y, rr, qc, ro, co, rid, cid, *, interpret: bool = False, like=None):
@@ -590,21 +642,20 @@ def mm_stats(x, y, rr, qc, ro, co, rid, cid, *, interpret: bool = False, like=No
   sums and counts of `relu(co_j + s_ij r_i q_j)`, `(rows / tile_m, cols)` each. `rid`, `cid`:
   the samples' global ids (int32), equal on the diagonal."""
 
+  def lines(v, own, other, axis):
+    # `v` is S or a slice of S^T: the cosines scale its lines by their own inverse norms.
+    sc = v * _bcast(own[0](), v.shape, 1 - axis) * _bcast(other[0](), v.shape, axis)
+    return _hinge_sum_count(sc, own, other, axis)
+
   def terms(s, r, c):
-    sc = _cosines(s, r, c)
-    zero = jnp.zeros_like(sc)
-
-    def hinge_sum_count(offset, axis):
-      h = jnp.where(_off_diagonal(r, c, sc.shape), jnp.maximum(offset + sc, 0.0), zero)
-      return [jnp.sum(h, axis), jnp.sum(jnp.where(h > 0, 1.0, zero), axis)]
-
+    sc = _cosines(s, r, c)  # once for both parts, in place of S
     return _Terms(
       None,
-      lambda: hinge_sum_count(_row(r[1](), sc.shape), 1),
-      lambda: hinge_sum_count(_col(c[1](), sc.shape), 0),
+      lambda: _hinge_sum_count(sc, r, c, 1),
+      lambda: _hinge_sum_count(sc, c, r, 0),
     )
 
-  return _pass("fwd", x, y, [rr, ro, rid], [qc, co, cid], terms, 2, False, interpret, like)
+  return _pass("fwd", x, y, [rr, ro, rid], [qc, co, cid], terms, 2, False, interpret, like, lines)
 
 
 def mm_ds(
