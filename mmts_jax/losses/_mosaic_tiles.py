@@ -214,7 +214,7 @@ def _load_transposed(ref, interpret):
   if interpret:
     return ref[...].T
   t = plgpu.transpose_ref(ref, (1, 0))
-  return plgpu.load(t, (), layout=plgpu.Layout.WGMMA_TRANSPOSED, optimized=False)
+  return plgpu.load(t, (), layout=plgpu.Layout.WGMMA_TRANSPOSED, optimized=True)
 
 
 def _struct(shape, dtype, like):
