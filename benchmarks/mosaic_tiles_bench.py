@@ -32,29 +32,17 @@ from loss_tune import _rel  # noqa: E402
 
 # Mosaic configurations timed, as `MosaicConfig` fields replaced in the defaults per pass (both
 # dtypes). Earlier runs timed others (results/mosaic_tiles_h200/ran.txt): run 5 `lag`, runs 7-8
-# an option, since removed, that read the vectors before the products.
-# Run 10 timed "rs6k" and "rs16k" (6 and 16 KiB of reduction scratch in both passes); the
-# forward's default is now 16 KiB, "rs2k" is the forward before, "rs16k_bwd" gives the backward
-# 16 KiB too (checked in run 11; nce_ds with the temperature sums does not fit with it).
-# First timed in session 13: forward sub-tiles of 256 x 64 per warpgroup ("tall_fwd": a quarter
-# of the column reductions' shuffles and cross-warp traffic per entry, twice the rows'; two
-# stages fit shared memory), one warpgroup per CTA with two CTAs per SM ("2cta_fwd": the
-# hardware interleaves one CTA's epilogue with the other's products), and the columns reduced
-# on transposed 64-column slices through shared memory ("tcols_fwd", `col_chunk`; three stages
-# fit beside the slices; alone and with two one-warpgroup CTAs per SM, "2cta_tcols").
+# an option, since removed, that read the vectors before the products, run 10 6 and 16 KiB of
+# reduction scratch in both passes (16 KiB in the forward became the default, then run 11
+# checked it in the backward: nce_ds with the temperature sums does not fit). Run 12 timed, in
+# bf16 at B = 131,072, forward sub-tiles of 256 x 64 per warpgroup (as fast as 128 x 128) and
+# one warpgroup per CTA with two CTAs per SM (slower, with or without transposed columns), run
+# 13 the forward with transposed columns ("col_chunk", now the default) against the cross-warp
+# one ("cross_warp_fwd") and staggered by `lag` ("lag_fwd"; no faster).
 VARIANTS = {
   "mosaic_2wg": {},
-  "rs2k": {"fwd": {"reduction_scratch": 2048}},
-  "rs16k_bwd": {"bwd": {"reduction_scratch": 16384}},
-  "tall_fwd": {"fwd": {"tile_m": 256, "tile_n": 64, "stages": 2}},
-  "2cta_fwd": {"fwd": {"wgs": 1, "ctas_per_sm": 2, "stages": 2}},
-  "tcols_fwd": {"fwd": {"col_chunk": 64, "stages": 3, "reduction_scratch": 2048}},
-  "2cta_tcols": {
-    "fwd": {"wgs": 1, "ctas_per_sm": 2, "stages": 2, "col_chunk": 64, "reduction_scratch": 2048}
-  },
-  # Without turns (no shared reduction scratch) the two warpgroups' epilogues coincide: `lag`
-  # staggers them by a ring of stages.
-  "tcols_lag": {"fwd": {"col_chunk": 64, "stages": 3, "reduction_scratch": 2048, "lag": True}},
+  "cross_warp_fwd": {"fwd": {"col_chunk": 0, "stages": 4, "reduction_scratch": 16384}},
+  "lag_fwd": {"fwd": {"lag": True}},
 }
 
 
@@ -246,8 +234,7 @@ def matmul_tflops(dtype="bf16") -> float:
 # The kernels timed per (loss, dtype): "triton" / "mosaic" forced in both passes, "mosaic_fwd"
 # Mosaic forward and XLA backward, "xla" the XLA tiles, "auto" the default dispatch; a suffix
 # ":<variant>" runs it with the Mosaic configurations of `VARIANTS[variant]`.
-# Run 12 timed "auto", "tcols_fwd", "2cta_tcols", "tall_fwd" and "2cta_fwd" in bf16.
-_FWD_SHAPES = ("auto", "auto:tcols_fwd", "auto:tcols_lag")
+_FWD_SHAPES = ("auto", "auto:cross_warp_fwd")
 KERNELS = {
   ("infonce", "bf16"): _FWD_SHAPES,
   ("max_margin", "bf16"): _FWD_SHAPES,

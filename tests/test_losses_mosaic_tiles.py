@@ -47,8 +47,9 @@ def _lse2(z, axis):
   ids=["one-warpgroup", "two-warpgroups", "two-warpgroups-lagged"],
 )
 def wgs(request):
-  """Compute warpgroups per CTA: two take turns for their column reductions (barriers), and
-  with `lag` the second starts a ring of stages behind the first (another barrier)."""
+  """Compute warpgroups per CTA: two take turns for the backward's column reductions
+  (barriers; the forward's columns go through transposed slices by default), and with `lag`
+  the second starts a ring of stages behind the first (another barrier)."""
   n, lag = request.param
   for kind in ("fwd", "bwd"):
     for dt in (jnp.bfloat16, jnp.float32):
@@ -160,21 +161,22 @@ def test_max_margin_kernels_match_float64(wgs):
 
 
 @pytest.fixture
-def transposed_columns(request):
-  """The forward with its columns reduced on transposed 64-column slices (`col_chunk`), for
-  `request.param`'s dtype; the defaults restored afterwards."""
+def cross_warp_columns(request):
+  """The forward with its columns reduced across warps in the products' layout (`col_chunk`
+  0, as before session 13), for `request.param`'s dtype; the defaults restored afterwards."""
   dt = request.param
-  mt.set_config("fwd", mt.config("fwd", dt)._replace(col_chunk=64, stages=3), dt)
+  old = mt.config("fwd", dt)
+  mt.set_config("fwd", old._replace(col_chunk=0, stages=4, reduction_scratch=16384), dt)
   yield dt
   mt.set_config("fwd", None, dt)
 
 
-@pytest.mark.parametrize("transposed_columns", [jnp.bfloat16, jnp.float32], indirect=True)
-def test_forward_with_transposed_columns_matches_float64(transposed_columns):
+@pytest.mark.parametrize("cross_warp_columns", [jnp.bfloat16, jnp.float32], indirect=True)
+def test_forward_with_cross_warp_columns_matches_float64(cross_warp_columns):
   # The bounds above: logsumexps 1e-5 (bf16, D = 128) / 5e-5 (float32, D = 96), here also
   # 5e-7 relative (four float32 ulps: these inputs' base-2 logsumexps reach 77); hinge sums 1e-5
-  # of the largest, counts exact. 384 columns: three sub-tiles of two slices each.
-  dt = transposed_columns
+  # of the largest, counts exact. 384 columns: three sub-tiles.
+  dt = cross_warp_columns
   d, tol = (128, 1e-5) if dt == jnp.bfloat16 else (96, 5e-5)
   x, y, ar, ac = _tile_inputs(256, 384, d, seed=8)
   x, y = x.astype(dt), y.astype(dt)
@@ -203,7 +205,7 @@ def _vg(fn, *args, **kw):
 
 
 def test_blockwise_loss_on_the_mosaic_kernels_matches_the_dense_loss(interpreted):
-  # The default configurations: two compute warpgroups per CTA, taking turns.
+  # The default configurations: two compute warpgroups per CTA (the backward's taking turns).
   assert mt.config("fwd").wgs == mt.config("bwd").wgs == 2
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
   b, d = 256, 64  # two column tiles of 128: the partials merge across tiles
@@ -312,8 +314,8 @@ def test_bad_tile_kernels_and_configs_are_refused():
   with pytest.raises(ValueError, match="dtype must be one of .* got float16"):
     mt.set_config("fwd", None, jnp.float16)
   # Nothing refused was kept.
-  assert mt.config("fwd") == mt.MosaicConfig(reduction_scratch=16384)
-  assert mt.config("fwd", jnp.float32) == mt.MosaicConfig(tile_k=32, reduction_scratch=16384)
+  assert mt.config("fwd") == mt.MosaicConfig(stages=3, col_chunk=64)
+  assert mt.config("fwd", jnp.float32) == mt.MosaicConfig(tile_k=32, stages=3, col_chunk=64)
 
 
 def test_the_kernels_lower_to_mosaic_gpu_for_cuda():

@@ -76,8 +76,8 @@ class MosaicConfig(NamedTuple):
   one warp and its statistics are the rows' code on `S^T`.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
-  reductions (the column maxima and sums), so two compute warpgroups take turns for them
-  (`_rows_and_columns`).
+  reductions (the backward's column sums, and the forward's column maxima and sums with
+  `col_chunk` 0), so two compute warpgroups take turns for them (`_rows_and_columns`).
   """
 
   tile_m: int = 128
@@ -97,16 +97,16 @@ class MosaicConfig(NamedTuple):
 # One warpgroup per CTA, two CTAs per SM: 26% slower forward at B = 131,072. float32 embeddings
 # (tf32 wgmma) take chunks of 32 features, the same 128 bytes per row as bfloat16's 64; their
 # backward stages float32 dS, so its sub-tiles are 64 columns wide to fit shared memory.
-# The forward's column reductions get 16 KiB of scratch: Mosaic GPU reduces two registers per
-# 2 KiB across warps, with two warpgroup barriers per batch. With 16 KiB the max-margin forward
-# took 58.6 ms instead of 69.0 at B = 131,072 in bf16 (run 10) and 80.7 instead of 90.0 in f32
-# (run 11); InfoNCE's did not change beyond the noise (53.2 vs 53.7, 75.7 vs 75.8). The backward
-# keeps Pallas's 2 KiB: 16 KiB in both passes was no faster end to end for InfoNCE bf16 (run 10).
-_FWD_SCRATCH = 16384
+# The forward reduces its columns on transposed 64-column slices (`col_chunk`), three stages
+# beside them: at B = 131,072 (run 13, one call, medians) the bf16 InfoNCE forward took 43.8 ms
+# instead of 52.1 with the cross-warp column reductions (16 KiB of scratch, four stages),
+# max-margin 47.7 instead of 58.5; in float32 68.7 vs 75.7 and 72.2 vs 80.3. Staggering the two
+# warpgroups (`lag`) then gained nothing (44.1, 48.8). The backward keeps Pallas's 2 KiB of
+# scratch: 16 KiB in both passes was no faster end to end for InfoNCE bf16 (run 10).
 _DEFAULTS = {
-  ("fwd", "bfloat16"): MosaicConfig(reduction_scratch=_FWD_SCRATCH),
+  ("fwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
   ("bwd", "bfloat16"): MosaicConfig(stages=3),
-  ("fwd", "float32"): MosaicConfig(tile_k=32, reduction_scratch=_FWD_SCRATCH),
+  ("fwd", "float32"): MosaicConfig(tile_k=32, stages=3, col_chunk=64),
   ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3),
 }
 CONFIGS = dict(_DEFAULTS)
@@ -325,7 +325,8 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
     pl.run_scoped,
     allocs=pipeline(ignore, ignore).get_allocations(x_g, y_g),
     scratch=scratch,
-    # Two warpgroups share the cross-warp reduction scratch: their column parts take turns.
+    # Two warpgroups share the cross-warp reduction scratch: their column parts take turns
+    # (transposed columns need no cross-warp reductions).
     turn=plgpu.Barrier(num_arrivals=1, num_barriers=2)
     if cfg.wgs == 2 and not cfg.col_chunk
     else None,
