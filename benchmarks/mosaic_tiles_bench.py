@@ -39,10 +39,15 @@ from loss_tune import _rel  # noqa: E402
 # one warpgroup per CTA with two CTAs per SM (slower, with or without transposed columns), run
 # 13 the forward with transposed columns ("col_chunk", now the default) against the cross-warp
 # one ("cross_warp_fwd") and staggered by `lag` ("lag_fwd"; no faster).
+# Then the backward's column sums through transposed slices too (its default since run 14;
+# "cross_warp_bwd" is the backward before, "cross_warp" both passes before session 13).
+_CROSS_WARP_FWD = {"col_chunk": 0, "stages": 4, "reduction_scratch": 16384}
 VARIANTS = {
   "mosaic_2wg": {},
-  "cross_warp_fwd": {"fwd": {"col_chunk": 0, "stages": 4, "reduction_scratch": 16384}},
+  "cross_warp_fwd": {"fwd": _CROSS_WARP_FWD},
   "lag_fwd": {"fwd": {"lag": True}},
+  "cross_warp_bwd": {"bwd": {"col_chunk": 0}},
+  "cross_warp": {"fwd": _CROSS_WARP_FWD, "bwd": {"col_chunk": 0}},
 }
 
 
@@ -234,7 +239,7 @@ def matmul_tflops(dtype="bf16") -> float:
 # The kernels timed per (loss, dtype): "triton" / "mosaic" forced in both passes, "mosaic_fwd"
 # Mosaic forward and XLA backward, "xla" the XLA tiles, "auto" the default dispatch; a suffix
 # ":<variant>" runs it with the Mosaic configurations of `VARIANTS[variant]`.
-_FWD_SHAPES = ("auto", "auto:cross_warp_fwd")
+_FWD_SHAPES = ("auto", "auto:cross_warp_bwd", "auto:cross_warp")
 KERNELS = {
   ("infonce", "bf16"): _FWD_SHAPES,
   ("max_margin", "bf16"): _FWD_SHAPES,

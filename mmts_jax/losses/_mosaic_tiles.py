@@ -69,11 +69,12 @@ class MosaicConfig(NamedTuple):
   stages keep it that far behind, so one's epilogue falls on the other's products (a ping-pong
   of FlashAttention-3's kind, here through the shared pipeline). `reduction_scratch`: bytes of
   shared memory for cross-warp reductions (Pallas's `reduction_scratch_bytes`; each batch of
-  reduced registers that fits in it costs two warpgroup barriers). `col_chunk` (forward only):
-  0 reduces the columns in the products' register layout, where a column spans the four warps
-  of a warpgroup (shuffles, then shared memory and barriers); `c > 0` stores the sub-tile `c`
-  columns at a time in shared memory and reads it back transposed, so each column lies inside
-  one warp and its statistics are the rows' code on `S^T`.
+  reduced registers that fits in it costs two warpgroup barriers). `col_chunk`: 0 reduces the
+  columns in the products' register layout, where a column spans the four warps of a warpgroup
+  (shuffles, then shared memory and barriers); `c > 0` stores the sub-tile (the backward: each
+  tile it sums per column, dS first) `c` columns at a time in shared memory and reads it back
+  transposed, so each column lies inside one warp and is reduced as the rows are. The backward's
+  slices share the memory of its dS staging, which is written after them.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -105,9 +106,9 @@ class MosaicConfig(NamedTuple):
 # scratch: 16 KiB in both passes was no faster end to end for InfoNCE bf16 (run 10).
 _DEFAULTS = {
   ("fwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
-  ("bwd", "bfloat16"): MosaicConfig(stages=3),
+  ("bwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
   ("fwd", "float32"): MosaicConfig(tile_k=32, stages=3, col_chunk=64),
-  ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3),
+  ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3, col_chunk=64),
 }
 CONFIGS = dict(_DEFAULTS)
 DTYPES = ("bfloat16", "float32")
@@ -162,10 +163,10 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
     if cfg.ctas_per_sm < 1:
       raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
     # The transposed read takes whole 64-row wgmma tiles of S^T.
-    if cfg.col_chunk and (kind != "fwd" or cfg.col_chunk % 64 or cfg.tile_n % cfg.col_chunk):
+    if cfg.col_chunk and (cfg.col_chunk % 64 or cfg.tile_n % cfg.col_chunk):
       raise ValueError(
-        f"set_config: col_chunk must be 0, or (forward only) a multiple of 64 dividing tile_n "
-        f"{cfg.tile_n}, got {cfg.col_chunk} for {kind!r}"
+        f"set_config: col_chunk must be 0, or a multiple of 64 dividing tile_n {cfg.tile_n}, "
+        f"got {cfg.col_chunk}"
       )
     # One batch of a cross-warp reduction: 4 warps x 32 lanes x 2 float32s.
     if cfg.reduction_scratch < 1024 or cfg.reduction_scratch % 1024:
@@ -446,6 +447,7 @@ class _Terms(NamedTuple):
   ds: Any
   rows: Any
   cols: Any
+  col_tiles: Any = None  # the backward's, for `col_chunk`: the float32 tiles `cols` sums
 
 
 def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like, lines=None):
@@ -474,8 +476,8 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
   layout = plgpu.Layout.WGMMA
   nr = len(rvecs)
   chunk = cfg.col_chunk
-  if chunk and (lines is None or with_ds):
-    raise ValueError(f"col_chunk serves the forward passes only, not this {kind!r} pass")
+  if chunk and lines is None and not with_ds:
+    raise ValueError(f"col_chunk needs the statistics' lines in this {kind!r} pass")
 
   def body(x_g, y_g, *refs):
     r_g, c_g = refs[:nr], refs[nr : nr + len(cvecs)]
@@ -503,14 +505,29 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       wg = tile.wg
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
       r, c = loaders(tile)
-      if chunk:
-        assert lines is not None and not with_ds
+      if chunk and not with_ds:
+        assert lines is not None
         t = _Terms(None, functools.partial(lines, s, r, c, 1), None)
       else:
         t = terms(s, r, c)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
-      if with_ds:
+      if with_ds and not chunk:
         ds_smem[wg] = t.ds.astype(op)
+
+      def transposed_columns(c0, tiles):
+        """The column outputs of `S[:, c0 : c0 + chunk]` (the backward: the column sums of
+        `tiles`), each slice through shared memory and back transposed: a column's entries
+        then lie in one warp."""
+        if not with_ds:
+          assert lines is not None
+          tsm[wg] = s[:, c0 : c0 + chunk]
+          own, other = transposed_loaders(tile, c0)
+          return lines(_load_transposed(tsm.at[wg], interpret), own, other, 1)
+        sums = []
+        for q in tiles:
+          tsm[wg] = q[:, c0 : c0 + chunk]
+          sums.append(jnp.sum(_load_transposed(tsm.at[wg], interpret), axis=1))
+        return sums
 
       def row_part():
         with jax.named_scope("rows"):
@@ -523,16 +540,14 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
             for k, v in enumerate(t.cols()):
               csm[wg, k] = v
             return
-          # Each slice of columns through shared memory and back transposed: a column's
-          # entries then lie in one warp, and `lines` reduces them as the rows' code does.
-          assert lines is not None
+          tiles = t.col_tiles() if with_ds else None
           for c0 in range(0, tn, chunk):
-            tsm[wg] = s[:, c0 : c0 + chunk]
-            own, other = transposed_loaders(tile, c0)
-            for k, v in enumerate(lines(_load_transposed(tsm.at[wg], interpret), own, other, 1)):
+            for k, v in enumerate(transposed_columns(c0, tiles)):
               csm[wg, k, pl.ds(c0, chunk)] = v
 
       _rows_and_columns(tile, row_part, col_part)
+      if with_ds and chunk:  # its staging held the slices
+        ds_smem[wg] = t.ds.astype(op)
       plgpu.commit_smem()
       if ds_g is not None:
         plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
@@ -541,13 +556,27 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
         plgpu.copy_smem_to_gmem(rsm.at[wg, k], row_g[k].at[tile.n_idx, rows])
         plgpu.copy_smem_to_gmem(csm.at[wg, k], col_g[k].at[part, cols])
 
-    scratch = (
-      plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)) if with_ds else None,
+    staging = plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)) if with_ds else None
+    slices = plgpu.SMEM((cfg.wgs, tm, chunk), f32, transforms=_swizzled(chunk, f32))
+    vectors = (
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tm), f32),
       plgpu.SMEM((cfg.wgs, max(nvec, 1), tn), f32),
-      plgpu.SMEM((cfg.wgs, tm, chunk), f32, transforms=_swizzled(chunk, f32)) if chunk else None,
     )
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, y_transposed=interpret)
+    # The backward's slices share its dS staging's memory (written after them); Pallas's
+    # interpreter has no aliased refs, and no shared-memory limit: two buffers there.
+    union = with_ds and chunk and not interpret
+    if union:
+      scratch = (plgpu.RefUnion(staging, slices), *vectors)
+    else:
+      scratch = (staging, *vectors, slices if chunk else None)
+
+    def epilogue_of(s, tile, scratch):
+      if union:
+        (staging, slices), *vectors = scratch
+        scratch = (staging, *vectors, slices)
+      epilogue(s, tile, scratch)
+
+    _tiled_kernel(cfg, x_g, y_g, epilogue_of, scratch, y_transposed=interpret)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
@@ -612,10 +641,10 @@ def nce_ds(
     def rows():
       return [jnp.sum(ds, 1)] * need_sums + [jnp.sum(pr * s, 1)] * need_a
 
-    def cols():
-      return [jnp.sum(ds, 0)] * need_sums + [jnp.sum(pc * s, 0)] * need_a
+    def col_tiles():
+      return [ds] * need_sums + [pc * s] * need_a
 
-    return _Terms(ds, rows, cols)
+    return _Terms(ds, rows, lambda: [jnp.sum(q, 0) for q in col_tiles()], col_tiles)
 
   nvec = int(need_sums) + int(need_a)
   out = _pass("bwd", x, y, [ar, lr, wr], [ac, lc, wc], terms, nvec, True, interpret, like)
@@ -695,10 +724,10 @@ def mm_ds(
     def rows():
       return [jnp.sum(dsw, 1)] * need_sums
 
-    def cols():
-      return [jnp.sum(dsw, 0)] * need_sums
+    def col_tiles():
+      return [dsw] * need_sums
 
-    return _Terms(dsw, rows, cols)
+    return _Terms(dsw, rows, lambda: [jnp.sum(q, 0) for q in col_tiles()], col_tiles)
 
   nvec = int(need_sums)
   out = _pass("bwd", x, y, [rr, ro, rid, gr], [qc, co, cid, gc], terms, nvec, True, interpret, like)
