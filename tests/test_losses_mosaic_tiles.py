@@ -320,6 +320,19 @@ def test_bad_tile_kernels_and_configs_are_refused():
   assert mt.config("bwd") == mt.MosaicConfig(stages=3, col_chunk=64)
 
 
+def test_a_backward_whose_slices_would_not_fill_its_ds_staging_is_refused():
+  # 64 x 256 bf16 sub-tiles stage 32 KiB of dS per warpgroup, 64-column float32 slices 16 KiB:
+  # aliased, one warpgroup's slices would overlap the other's staging.
+  mt.set_config("bwd", mt.config("bwd")._replace(tile_m=64, tile_n=256))
+  try:
+    x = jnp.zeros((256, 128), jnp.bfloat16)
+    v = jnp.zeros((256,), jnp.float32)
+    with pytest.raises(ValueError, match="256 columns of bfloat16 take col_chunk 128, got 64"):
+      mt.nce_ds(x, x, v, v, v, v, v, v, need_sums=True, need_a=False, interpret=True)
+  finally:
+    mt.set_config("bwd", None)
+
+
 def test_the_kernels_lower_to_mosaic_gpu_for_cuda():
   # The Pallas-to-Mosaic-GPU lowering (layouts, reductions, TMA and wgmma shapes) runs on the
   # CPU; compiling to PTX needs a GPU (benchmarks/mosaic_tiles_bench.py checks that on one).

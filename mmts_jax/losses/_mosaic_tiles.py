@@ -478,6 +478,15 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
   chunk = cfg.col_chunk
   if chunk and lines is None and not with_ds:
     raise ValueError(f"col_chunk needs the statistics' lines in this {kind!r} pass")
+  if chunk and with_ds and chunk * 4 != tn * jnp.dtype(op).itemsize:
+    # Each warpgroup's float32 slices alias its own dS staging only if the two are the same
+    # size; otherwise one warpgroup's slices overlap the other's staging (a race the
+    # interpreter, which does not alias, cannot show: the GPU check of 64 x 256 backward
+    # sub-tiles with 64-column slices gave NaN, results/mosaic_tiles_h200/ run 15).
+    raise ValueError(
+      f"the backward's col_chunk must fill its dS staging: {tn} columns of {jnp.dtype(op).name} "
+      f"take col_chunk {tn * jnp.dtype(op).itemsize // 4}, got {chunk}"
+    )
 
   def body(x_g, y_g, *refs):
     r_g, c_g = refs[:nr], refs[nr : nr + len(cvecs)]
