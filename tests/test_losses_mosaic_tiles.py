@@ -451,3 +451,26 @@ def test_the_trace_summary_measures_overlap_of_the_products():
     "wg1/epilogue": 1,
     "wg1/mma": 1,
   }
+
+
+def test_the_benchmarks_kernels_name_known_kernels_and_valid_variants():
+  # A typo here costs a GPU call: every timed kernel is a known one, every variant exists and
+  # passes `set_config`'s checks in both dtypes, and the defaults come back afterwards.
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import mosaic_tiles_bench as bench
+
+  defaults = {(k, dt): mt.config(k, dt) for k in ("fwd", "bwd") for dt in mt.DTYPES}
+  for names in bench.KERNELS.values():
+    for name in names:
+      kernel, _, variant = name.partition(":")
+      assert kernel in ("auto", "xla", "triton", "mosaic", "mosaic_fwd"), name
+      assert not variant or variant in bench.VARIANTS, name
+  try:
+    for variant in bench.VARIANTS:
+      bench.use_variant(variant)
+  finally:
+    bench.use_variant(None)
+  assert {(k, dt): mt.config(k, dt) for k, dt in defaults} == defaults
