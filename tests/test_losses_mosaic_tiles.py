@@ -79,6 +79,10 @@ def test_stats_kernel_partials_merge_to_the_float64_logsumexps(wgs):
 
 @pytest.mark.parametrize(("need_sums", "need_a"), [(True, True), (False, False)])
 def test_ds_kernel_matches_float64(wgs, need_sums, need_a):
+  _check_nce_ds(need_sums, need_a)
+
+
+def _check_nce_ds(need_sums, need_a):
   x, y, ar, ac = _tile_inputs(256, 256, 128, seed=1)
   s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
   a_r, a_c = np.asarray(ar, np.float64), np.asarray(ac, np.float64)
@@ -162,17 +166,20 @@ def test_max_margin_kernels_match_float64(wgs):
 
 @pytest.fixture
 def cross_warp_columns(request):
-  """The forward with its columns reduced across warps in the products' layout (`col_chunk`
-  0, as before session 13), for `request.param`'s dtype; the defaults restored afterwards."""
+  """Both passes with their columns reduced across warps in the products' layout (`col_chunk`
+  0, as before session 13; two warpgroups take turns), for `request.param`'s dtype; the
+  defaults restored afterwards."""
   dt = request.param
   old = mt.config("fwd", dt)
   mt.set_config("fwd", old._replace(col_chunk=0, stages=4, reduction_scratch=16384), dt)
+  mt.set_config("bwd", mt.config("bwd", dt)._replace(col_chunk=0), dt)
   yield dt
   mt.set_config("fwd", None, dt)
+  mt.set_config("bwd", None, dt)
 
 
 @pytest.mark.parametrize("cross_warp_columns", [jnp.bfloat16, jnp.float32], indirect=True)
-def test_forward_with_cross_warp_columns_matches_float64(cross_warp_columns):
+def test_kernels_with_cross_warp_columns_match_float64(cross_warp_columns):
   # The bounds above: logsumexps 1e-5 (bf16, D = 128) / 5e-5 (float32, D = 96), here also
   # 5e-7 relative (four float32 ulps: these inputs' base-2 logsumexps reach 77); hinge sums 1e-5
   # of the largest, counts exact. 384 columns: three sub-tiles.
@@ -197,6 +204,8 @@ def test_forward_with_cross_warp_columns_matches_float64(cross_warp_columns):
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
   np.testing.assert_array_equal(out[1], (t.hr > 0).sum(1))
   np.testing.assert_array_equal(out[3], (t.hc > 0).sum(0))
+  if dt == jnp.bfloat16:  # the backward's cross-warp column sums, with bf16 dS
+    _check_nce_ds(need_sums=True, need_a=True)
 
 
 def _vg(fn, *args, **kw):
