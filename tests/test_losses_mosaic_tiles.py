@@ -42,6 +42,16 @@ def _lse2(z, axis):
   return (m + np.log2(np.exp2(z - m).sum(axis, keepdims=True))).squeeze(axis)
 
 
+def _with_wgs(n, lag):
+  for kind in ("fwd", "bwd"):
+    for dt in (jnp.bfloat16, jnp.float32):
+      mt.set_config(kind, mt.config(kind, dt)._replace(wgs=n, lag=lag), dt)
+  yield n
+  for kind in ("fwd", "bwd"):
+    for dt in (jnp.bfloat16, jnp.float32):
+      mt.set_config(kind, None, dt)
+
+
 @pytest.fixture(
   params=[(1, False), (2, False), (2, True)],
   ids=["one-warpgroup", "two-warpgroups", "two-warpgroups-lagged"],
@@ -50,14 +60,14 @@ def wgs(request):
   """Compute warpgroups per CTA: two take turns for the backward's column reductions
   (barriers; the forward's columns go through transposed slices by default), and with `lag`
   the second starts a ring of stages behind the first (another barrier)."""
-  n, lag = request.param
-  for kind in ("fwd", "bwd"):
-    for dt in (jnp.bfloat16, jnp.float32):
-      mt.set_config(kind, mt.config(kind, dt)._replace(wgs=n, lag=lag), dt)
-  yield n
-  for kind in ("fwd", "bwd"):
-    for dt in (jnp.bfloat16, jnp.float32):
-      mt.set_config(kind, None, dt)
+  yield from _with_wgs(*request.param)
+
+
+@pytest.fixture(params=[(1, False), (2, False)], ids=["one-warpgroup", "two-warpgroups"])
+def wgs_unlagged(request):
+  """`wgs` without `lag`, which only delays the second warpgroup's start: the stats and dS
+  tests cover it, for the suite's time."""
+  yield from _with_wgs(*request.param)
 
 
 def _merge2(m, s):
@@ -109,7 +119,7 @@ def _check_nce_ds(need_sums, need_a):
     np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
 
-def test_float32_kernels_on_tf32_chunks_match_float64(wgs):
+def test_float32_kernels_on_tf32_chunks_match_float64(wgs_unlagged):
   # float32 embeddings take D in chunks of 32 (128 bytes, as bf16's 64) and a 64-column
   # backward sub-tile. The interpreter multiplies in float32 (the GPU in tf32, whose error
   # benchmarks/mosaic_tiles_bench.py measures): logsumexps of logits up to 290 within 5e-5.
@@ -139,7 +149,7 @@ def test_float32_kernels_on_tf32_chunks_match_float64(wgs):
     np.testing.assert_allclose(np.asarray(got, np.float64).sum(0), w, atol=1e-5 * np.abs(w).max())
 
 
-def test_max_margin_kernels_match_float64(wgs):
+def test_max_margin_kernels_match_float64(wgs_unlagged):
   (x, y), vecs, (rid, cid) = hinge_inputs(256, 128, seed=6, id_shift=128)
   f32 = [jnp.asarray(v, jnp.float32) for v in vecs]
   ids = jnp.asarray(rid), jnp.asarray(cid)
