@@ -442,12 +442,14 @@ def _interpret_params():
 class _Terms(NamedTuple):
   """What one sub-tile's epilogue produces (closures over its registers): `ds` the tile to
   write, or None; `rows()` / `cols()` the per-row / per-column vectors to write (each a list;
-  called where the two warpgroups take turns, so the work inside them is staggered)."""
+  called where the two warpgroups take turns, so the work inside them is staggered). The
+  backward gives `col_tiles()` instead of `cols`: the float32 tiles whose column sums it
+  writes, summed in registers or on transposed slices (`MosaicConfig.col_chunk`)."""
 
   ds: Any
   rows: Any
   cols: Any
-  col_tiles: Any = None  # the backward's, for `col_chunk`: the float32 tiles `cols` sums
+  col_tiles: Any = None
 
 
 def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, like, lines=None):
@@ -510,7 +512,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       return own, [functools.partial(_load, v.at[rows], t.reduce(0), interpret) for v in r_g]
 
     def epilogue(s, tile, scratch):
-      ds_smem, rsm, csm, tsm = scratch
+      (ds_smem, tsm), rsm, csm = scratch
       wg = tile.wg
       rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
       r, c = loaders(tile)
@@ -546,7 +548,8 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       def col_part():
         with jax.named_scope("cols"):
           if not chunk:
-            for k, v in enumerate(t.cols()):
+            cols = t.cols() if t.col_tiles is None else [jnp.sum(q, 0) for q in t.col_tiles()]
+            for k, v in enumerate(cols):
               csm[wg, k] = v
             return
           tiles = t.col_tiles() if with_ds else None
@@ -573,19 +576,11 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
     )
     # The backward's slices share its dS staging's memory (written after them); Pallas's
     # interpreter has no aliased refs, and no shared-memory limit: two buffers there.
-    union = with_ds and chunk and not interpret
-    if union:
-      scratch = (plgpu.RefUnion(staging, slices), *vectors)
+    if with_ds and chunk and not interpret:
+      buffers = plgpu.RefUnion(staging, slices)
     else:
-      scratch = (staging, *vectors, slices if chunk else None)
-
-    def epilogue_of(s, tile, scratch):
-      if union:
-        (staging, slices), *vectors = scratch
-        scratch = (staging, *vectors, slices)
-      epilogue(s, tile, scratch)
-
-    _tiled_kernel(cfg, x_g, y_g, epilogue_of, scratch, y_transposed=interpret)
+      buffers = (staging, slices if chunk else None)
+    _tiled_kernel(cfg, x_g, y_g, epilogue, (buffers, *vectors), y_transposed=interpret)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
@@ -653,7 +648,7 @@ def nce_ds(
     def col_tiles():
       return [ds] * need_sums + [pc * s] * need_a
 
-    return _Terms(ds, rows, lambda: [jnp.sum(q, 0) for q in col_tiles()], col_tiles)
+    return _Terms(ds, rows, None, col_tiles)
 
   nvec = int(need_sums) + int(need_a)
   out = _pass("bwd", x, y, [ar, lr, wr], [ac, lc, wc], terms, nvec, True, interpret, like)
@@ -736,7 +731,7 @@ def mm_ds(
     def col_tiles():
       return [dsw] * need_sums
 
-    return _Terms(dsw, rows, lambda: [jnp.sum(q, 0) for q in col_tiles()], col_tiles)
+    return _Terms(dsw, rows, None, col_tiles)
 
   nvec = int(need_sums)
   out = _pass("bwd", x, y, [rr, ro, rid, gr], [qc, co, cid, gc], terms, nvec, True, interpret, like)
