@@ -4,6 +4,8 @@ kernels' own on-device traces.
   XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --profile-from-start off --clock-control none \\
       --set full -o tiles python benchmarks/profile_tiles.py ncu [--programs mosaic_fwd,triton_ds]
   python benchmarks/profile_tiles.py trace --dir traces --out trace_summary.json
+  python benchmarks/profile_tiles.py ptxas --variants ,sliced_ds --out ptxas.json
+  python benchmarks/profile_tiles.py loss --cases infonce:bf16 --kernels auto,mosaic --out loss.json
 
 `ncu` (without the preallocation flag, JAX holds most of the GPU's memory and ncu saves and
 restores it for every replay pass: session 12's call ran out of time that way): compiles and
@@ -17,21 +19,52 @@ warpgroup when each named region ("mma": the products over D, "epilogue", and in
 time in which at least one compute warpgroup is in "mma" (an upper bound on the tensor cores'
 busy time: "mma" includes waiting for the copies), in which both are, and the mean length of
 each region.
+
+`ptxas`: compiles each Mosaic program per variant with `MOSAIC_GPU_DUMP_PTXAS` set and keeps
+ptxas's report of it: registers per thread, and the bytes of registers spilled to local memory
+(`parse_ptxas`). Spills are what ncu's "Local Memory Spilling Requests" count at run time.
+
+`loss`: the device kernels (`jax.profiler`) of one forward+backward of the blockwise loss at
+`--size`, per case and per kernel choice of `mosaic_tiles_bench.compiled`: each kernel's time
+per call, so the loss's time splits into the tile programs, the gradient products and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import glob
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import write_json  # noqa: E402
-from mosaic_tiles_bench import VARIANTS, tile_programs, use_variant  # noqa: E402
+from mosaic_tiles_bench import VARIANTS, compiled, tile_programs, use_variant  # noqa: E402
+
+_USED = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(text: str) -> dict:
+  """ptxas's verbose report -> the most registers and spilled bytes of any function in it.
+
+  Example:
+    >>> parse_ptxas('''ptxas info    : Used 168 registers, used 1 barriers
+    ... ptxas info    : 0 bytes stack frame, 24 bytes spill stores, 40 bytes spill loads''')
+    {'registers': 168, 'spill_store_bytes': 24, 'spill_load_bytes': 40}
+  """
+  used = [int(m) for m in _USED.findall(text)]
+  spills = [(int(a), int(b)) for a, b in _SPILL.findall(text)]
+  return {
+    "registers": max(used) if used else None,
+    "spill_store_bytes": max((a for a, _ in spills), default=None),
+    "spill_load_bytes": max((b for _, b in spills), default=None),
+  }
 
 
 def _intervals(events):
@@ -149,24 +182,121 @@ def run_trace(directory, names, variants, out):
   use_variant(None)
 
 
+class _CapturedOutput:
+  """Everything written to file descriptors 1 and 2 inside (ptxas's report comes from C++)."""
+
+  def __enter__(self):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    self.file = tempfile.TemporaryFile(mode="w+b")
+    self.saved = [os.dup(1), os.dup(2)]
+    for fd in (1, 2):
+      os.dup2(self.file.fileno(), fd)
+    return self
+
+  def __exit__(self, *exc):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, saved in zip((1, 2), self.saved, strict=True):
+      os.dup2(saved, fd)
+      os.close(saved)
+    self.file.seek(0)
+    self.text = self.file.read().decode(errors="replace")
+    self.file.close()
+
+
+def run_ptxas(names, variants, out):
+  import jax
+
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+  programs, x, y, _ = tile_programs()
+  result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
+  for variant, name in ((v, n) for v in variants for n in names):
+    use_variant(variant or None)
+    key = f"{name}:{variant}" if variant else name
+    try:
+      with _CapturedOutput() as cap:
+        fn = jax.jit(lambda x, y, f=programs[name]: f(x, y))
+        jax.block_until_ready(fn(x, y))
+      result[key] = {**parse_ptxas(cap.text), "report": cap.text[-1500:]}
+    except Exception as e:
+      result[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
+    print(key, json.dumps({k: v for k, v in result[key].items() if k != "report"}), flush=True)
+    write_json(out, result)
+  use_variant(None)
+
+
+def run_loss(size, cases, kernels, out, calls=2):
+  import jax
+  from jax.profiler import ProfileData
+
+  result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
+  for loss, dtype in cases:
+    for kernel in kernels:
+      key = f"{loss}:{dtype}:{kernel}"
+      try:
+        x, y, _, both = compiled(kernel, size, loss, dtype)
+        jax.block_until_ready(both(x, y))
+        trace_dir = tempfile.mkdtemp(prefix="loss_trace_")
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(calls):
+          jax.block_until_ready(both(x, y))
+        jax.profiler.stop_trace()
+        files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+        total, count, lines = collections.Counter(), collections.Counter(), []
+        for plane in ProfileData.from_file(files[-1]).planes:
+          if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+              lines.append(line.name)
+              if "stream" not in line.name.lower():
+                continue  # the per-stream lines hold the kernels; others repeat them
+              for ev in line.events:
+                total[ev.name] += ev.duration_ns
+                count[ev.name] += 1
+        result[key] = {
+          "lines": lines,
+          "kernel_ms_per_call": round(sum(total.values()) / 1e6 / calls, 3),
+          "kernels": [
+            {
+              "name": k[:120],
+              "ms_per_call": round(v / 1e6 / calls, 3),
+              "launches": count[k] // calls,
+            }
+            for k, v in total.most_common(25)
+          ],
+        }
+      except Exception as e:
+        result[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
+      print(key, json.dumps(result[key])[:2000], flush=True)
+      write_json(out, result)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("mode", choices=("ncu", "trace"))
+  ap.add_argument("mode", choices=("ncu", "trace", "ptxas", "loss"))
   ap.add_argument("--programs", default=None, help="comma-separated names (default: all)")
   ap.add_argument("--dir", default="traces")
   ap.add_argument(
     "--variants",
     default="",
-    help="trace: comma-separated, among '' (defaults), " + ", ".join(VARIANTS),
+    help="trace, ptxas: comma-separated, among '' (defaults), " + ", ".join(VARIANTS),
   )
+  ap.add_argument("--size", type=int, default=131072, help="loss: B")
+  ap.add_argument("--cases", default="infonce:bf16", help="loss: loss:dtype pairs")
+  ap.add_argument("--kernels", default="auto,mosaic", help="loss: kernel choices")
   ap.add_argument("--out", default="trace_summary.json")
   args = ap.parse_args(argv)
   if args.mode == "ncu":
     names = (args.programs or "mosaic_fwd,triton_fwd,triton_ds,mosaic_ds,xla_product").split(",")
     run_ncu(names)
+  elif args.mode == "loss":
+    cases = [tuple(c.split(":")) for c in args.cases.split(",")]
+    run_loss(args.size, cases, args.kernels.split(","), args.out)
   else:
     names = (args.programs or "mosaic_fwd,mosaic_ds,mosaic_mm_fwd,mosaic_mm_ds").split(",")
-    run_trace(args.dir, names, args.variants.split(","), args.out)
+    run = run_trace if args.mode == "trace" else run_ptxas
+    kw = {"directory": args.dir} if args.mode == "trace" else {}
+    run(names=names, variants=args.variants.split(","), out=args.out, **kw)
   return 0
 
 

@@ -74,7 +74,11 @@ class MosaicConfig(NamedTuple):
   (shuffles, then shared memory and barriers); `c > 0` stores the sub-tile (the backward: each
   tile it sums per column, dS first) `c` columns at a time in shared memory and reads it back
   transposed, so each column lies inside one warp and is reduced as the rows are. The backward's
-  slices share the memory of its dS staging, which is written after them.
+  slices share the memory of its dS staging, which is written after them. `sliced_ds` (a
+  backward with `col_chunk`): its epilogue computes dS one `col_chunk` slice at a time, reading
+  that slice's column vectors then, and holds each finished slice in `x`'s dtype until the
+  staging is free, so neither the whole float32 dS nor whole-tile column vectors (32 registers
+  per thread each for 128 columns) are live at once.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -91,6 +95,7 @@ class MosaicConfig(NamedTuple):
   lag: bool = False
   reduction_scratch: int = 2048
   col_chunk: int = 0
+  sliced_ds: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -168,6 +173,8 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
         f"set_config: col_chunk must be 0, or a multiple of 64 dividing tile_n {cfg.tile_n}, "
         f"got {cfg.col_chunk}"
       )
+    if cfg.sliced_ds and not cfg.col_chunk:
+      raise ValueError("set_config: sliced_ds works on col_chunk slices; it needs col_chunk > 0")
     # One batch of a cross-warp reduction: 4 warps x 32 lanes x 2 float32s.
     if cfg.reduction_scratch < 1024 or cfg.reduction_scratch % 1024:
       raise ValueError(
@@ -511,10 +518,53 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       own = [functools.partial(_load, v.at[cols], t.reduce(1), interpret) for v in c_g]
       return own, [functools.partial(_load, v.at[rows], t.reduce(0), interpret) for v in r_g]
 
-    def epilogue(s, tile, scratch):
+    def slice_loaders(tile, c0):
+      """Readers of the column vectors' slice for columns `c0 : c0 + chunk` of the sub-tile."""
+      cols = pl.ds(tile.col0 + c0, chunk)
+      return [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
+
+    def write_out(tile, scratch):
+      """The sub-tile's dS (staged) and vectors (in `rsm`, `csm`) to global memory."""
+      (ds_smem, _), rsm, csm = scratch
+      wg, rows, cols = tile.wg, pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
+      plgpu.commit_smem()
+      if ds_g is not None:
+        plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
+      part = tile.m_idx * cfg.wgs + wg
+      for k in range(nvec):
+        plgpu.copy_smem_to_gmem(rsm.at[wg, k], row_g[k].at[tile.n_idx, rows])
+        plgpu.copy_smem_to_gmem(csm.at[wg, k], col_g[k].at[part, cols])
+
+    def sliced_epilogue(s, tile, scratch):
+      """The backward with `sliced_ds`: `terms` per slice of `chunk` columns. Each slice's
+      column sums go through the shared slices (the staging's memory), so its dS waits in
+      registers, in `op`, until every slice is done."""
       (ds_smem, tsm), rsm, csm = scratch
       wg = tile.wg
-      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
+      r, _ = loaders(tile)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
+      row_sums, kept = [], []
+      for c0 in range(0, tn, chunk):
+        t = terms(s[:, c0 : c0 + chunk], r, slice_loaders(tile, c0))
+        with jax.named_scope("rows"):
+          sums = t.rows()
+          row_sums = [a + b for a, b in zip(row_sums, sums, strict=True)] if row_sums else sums
+        with jax.named_scope("cols"):
+          for k, q in enumerate(t.col_tiles()):
+            tsm[wg] = q
+            csm[wg, k, pl.ds(c0, chunk)] = jnp.sum(_load_transposed(tsm.at[wg], interpret), 1)
+        kept.append(t.ds.astype(op))
+      for k, v in enumerate(row_sums):
+        rsm[wg, k] = v
+      for c0, v in zip(range(0, tn, chunk), kept, strict=True):
+        ds_smem[wg, :, pl.ds(c0, chunk)] = v
+      write_out(tile, scratch)
+
+    def epilogue(s, tile, scratch):
+      if with_ds and cfg.sliced_ds:
+        return sliced_epilogue(s, tile, scratch)
+      (ds_smem, tsm), rsm, csm = scratch
+      wg = tile.wg
       r, c = loaders(tile)
       if chunk and not with_ds:
         assert lines is not None
@@ -560,13 +610,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       _rows_and_columns(tile, row_part, col_part)
       if with_ds and chunk:  # its staging held the slices
         ds_smem[wg] = t.ds.astype(op)
-      plgpu.commit_smem()
-      if ds_g is not None:
-        plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
-      part = tile.m_idx * cfg.wgs + wg
-      for k in range(nvec):
-        plgpu.copy_smem_to_gmem(rsm.at[wg, k], row_g[k].at[tile.n_idx, rows])
-        plgpu.copy_smem_to_gmem(csm.at[wg, k], col_g[k].at[part, cols])
+      write_out(tile, scratch)
 
     staging = plgpu.SMEM((cfg.wgs, tm, tn), op, transforms=_swizzled(tn, op)) if with_ds else None
     slices = plgpu.SMEM((cfg.wgs, tm, chunk), f32, transforms=_swizzled(chunk, f32))
