@@ -46,14 +46,15 @@ VARIANTS = {
   "mosaic_2wg": {},
   "cross_warp_fwd": {"fwd": _CROSS_WARP_FWD},
   "lag_fwd": {"fwd": {"lag": True}},
-  "cross_warp_bwd": {"bwd": {"col_chunk": 0}},
-  "cross_warp": {"fwd": _CROSS_WARP_FWD, "bwd": {"col_chunk": 0}},
+  "cross_warp_bwd": {"bwd": {"col_chunk": 0, "sliced_ds": False}},
+  "cross_warp": {"fwd": _CROSS_WARP_FWD, "bwd": {"col_chunk": 0, "sliced_ds": False}},
   # Forward sub-tiles of 64 x 256 per warpgroup: one m64n256 wgmma per step of 16 features reads
   # 10 KiB of shared memory where two m64n128 read 12 KiB (run 15: slower, 48.3 vs 44.3 ms).
   "wide_fwd": {"fwd": {"tile_m": 64, "tile_n": 256}},
-  # The backward's epilogue one 64-column slice at a time (`MosaicConfig.sliced_ds`): ncu counted
-  # 2.3 million local-memory (spill) requests in the default bf16 dS program (ncu5_h200.csv).
-  "sliced_ds": {"bwd": {"sliced_ds": True}},
+  # The backward's epilogue on whole sub-tiles (before `MosaicConfig.sliced_ds`, the bf16
+  # default since run 17): ncu counted 2.3 million local-memory (spill) requests in that bf16
+  # dS program (ncu5_h200.csv).
+  "whole_ds": {"bwd": {"sliced_ds": False}},
 }
 
 
@@ -248,10 +249,11 @@ def matmul_tflops(dtype="bf16") -> float:
 # Run 14 timed "auto", "cross_warp_bwd" and "cross_warp" in both dtypes, run 15 "wide_fwd" and
 # 64 x 256 sub-tiles in the backward as well (wrong: its slices did not fill the dS staging they
 # alias, which `_pass` now refuses), run 16 both passes on the Mosaic kernels ("mosaic") against
-# the dispatch ("auto": Triton's dS in bf16, XLA's tiles for the InfoNCE f32 backward).
+# the dispatch ("auto": then Triton's dS in bf16, XLA's tiles for the InfoNCE f32 backward), run
+# 17 the bf16 backward on 64-column slices, since then the default and the dispatch's backward.
 KERNELS = {
-  ("infonce", "bf16"): ("auto", "mosaic", "mosaic:sliced_ds"),
-  ("max_margin", "bf16"): ("auto", "mosaic", "mosaic:sliced_ds"),
+  ("infonce", "bf16"): ("auto", "auto:whole_ds"),
+  ("max_margin", "bf16"): ("auto", "auto:whole_ds"),
   ("infonce", "f32"): ("auto", "mosaic"),
   ("max_margin", "f32"): ("auto", "auto:cross_warp_bwd"),
 }

@@ -4,7 +4,7 @@ kernels' own on-device traces.
   XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --profile-from-start off --clock-control none \\
       --set full -o tiles python benchmarks/profile_tiles.py ncu [--programs mosaic_fwd,triton_ds]
   python benchmarks/profile_tiles.py trace --dir traces --out trace_summary.json
-  python benchmarks/profile_tiles.py ptxas --variants ,sliced_ds --out ptxas.json
+  python benchmarks/profile_tiles.py ptxas --variants ,whole_ds --out ptxas.json
   python benchmarks/profile_tiles.py loss --cases infonce:bf16 --kernels auto,mosaic --out loss.json
 
 `ncu` (without the preallocation flag, JAX holds most of the GPU's memory and ncu saves and

@@ -150,6 +150,10 @@ def test_float32_kernels_on_tf32_chunks_match_float64(wgs_unlagged):
 
 
 def test_max_margin_kernels_match_float64(wgs_unlagged):
+  _check_mm_kernels()
+
+
+def _check_mm_kernels():
   (x, y), vecs, (rid, cid) = hinge_inputs(256, 128, seed=6, id_shift=128)
   f32 = [jnp.asarray(v, jnp.float32) for v in vecs]
   ids = jnp.asarray(rid), jnp.asarray(cid)
@@ -175,6 +179,22 @@ def test_max_margin_kernels_match_float64(wgs_unlagged):
 
 
 @pytest.fixture
+def whole_tile_backward():
+  """The bf16 backward's epilogue on whole sub-tiles (`sliced_ds` off, as before run 17)."""
+  mt.set_config("bwd", mt.config("bwd")._replace(sliced_ds=False))
+  yield
+  mt.set_config("bwd", None)
+
+
+def test_the_whole_tile_backward_matches_float64(whole_tile_backward):
+  # The default backward computes dS 64 columns at a time (`sliced_ds`), these sub-tiles two
+  # slices wide; here the same kernels on the whole 128-column sub-tile, to the same bounds.
+  assert not mt.config("bwd").sliced_ds
+  _check_nce_ds(need_sums=True, need_a=True)
+  _check_mm_kernels()
+
+
+@pytest.fixture
 def cross_warp_columns(request):
   """Both passes with their columns reduced across warps in the products' layout (`col_chunk`
   0, as before session 13; two warpgroups take turns), for `request.param`'s dtype; the
@@ -182,7 +202,7 @@ def cross_warp_columns(request):
   dt = request.param
   old = mt.config("fwd", dt)
   mt.set_config("fwd", old._replace(col_chunk=0, stages=4, reduction_scratch=16384), dt)
-  mt.set_config("bwd", mt.config("bwd", dt)._replace(col_chunk=0), dt)
+  mt.set_config("bwd", mt.config("bwd", dt)._replace(col_chunk=0, sliced_ds=False), dt)
   yield dt
   mt.set_config("fwd", None, dt)
   mt.set_config("bwd", None, dt)
@@ -323,6 +343,7 @@ def test_bad_tile_kernels_and_configs_are_refused():
       "col_chunk must be 0, or a multiple of 64 dividing tile_n 128, got 32",
     ),
     (mt.MosaicConfig(tile_n=64, col_chunk=128), "dividing tile_n 64, got 128"),
+    (mt.MosaicConfig(sliced_ds=True), "sliced_ds works on col_chunk slices; it needs col_chunk"),
   ]
   for cfg, message in bad:
     with pytest.raises(ValueError, match=message):
@@ -336,7 +357,7 @@ def test_bad_tile_kernels_and_configs_are_refused():
   # Nothing refused was kept.
   assert mt.config("fwd") == mt.MosaicConfig(stages=3, col_chunk=64)
   assert mt.config("fwd", jnp.float32) == mt.MosaicConfig(tile_k=32, stages=3, col_chunk=64)
-  assert mt.config("bwd") == mt.MosaicConfig(stages=3, col_chunk=64)
+  assert mt.config("bwd") == mt.MosaicConfig(stages=3, col_chunk=64, sliced_ds=True)
 
 
 def test_a_backward_whose_slices_would_not_fill_its_ds_staging_is_refused():
@@ -410,13 +431,15 @@ def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
 
   text = lowered("mosaic")
   assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
-  # The measured default: the Mosaic forward and the Triton backward in one program.
+  text = lowered("triton")
+  assert "xla.gpu.triton" in text and "mosaic_gpu" not in text
+  # The measured default (bf16): both passes on the Mosaic kernels.
   text = lowered(None)
-  assert "mosaic_gpu" in text and "xla.gpu.triton" in text
-  # Max-margin in the ring, by the measured default: the same split.
+  assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+  # Max-margin in the ring, by the measured default: the same.
   f = jax.jit(jax.value_and_grad(sharded(losses.max_margin), argnums=(0, 1)))
   text = f.trace(xs, xs, ts).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text and "xla.gpu.triton" in text
+  assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
 
 
 def test_profiling_records_the_kernels_built_inside_it(tmp_path):
@@ -436,6 +459,31 @@ def test_profiling_records_the_kernels_built_inside_it(tmp_path):
     text = params()
   assert "profile_space=64" in text and f"profile_dir='{tmp_path}'" in text
   assert "profile_space=0" in params() and mt._PROFILE == {}
+
+
+def test_ptxas_reports_are_read_for_registers_and_spills():
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  from profile_tiles import parse_ptxas
+
+  # Two functions: the largest count of each kind is kept.
+  report = """ptxas info    : Compiling entry function 'a' for 'sm_90a'
+ptxas info    : Used 168 registers, used 16 barriers, 288 bytes cumulative stack size
+ptxas info    : 0 bytes stack frame, 296 bytes spill stores, 320 bytes spill loads
+ptxas info    : Used 40 registers
+ptxas info    : 8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"""
+  assert parse_ptxas(report) == {
+    "registers": 168,
+    "spill_store_bytes": 296,
+    "spill_load_bytes": 320,
+  }
+  assert parse_ptxas("no report") == {
+    "registers": None,
+    "spill_store_bytes": None,
+    "spill_load_bytes": None,
+  }
 
 
 def test_the_trace_summary_measures_overlap_of_the_products():

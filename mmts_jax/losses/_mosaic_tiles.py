@@ -109,9 +109,14 @@ class MosaicConfig(NamedTuple):
 # max-margin 47.7 instead of 58.5; in float32 68.7 vs 75.7 and 72.2 vs 80.3. Staggering the two
 # warpgroups (`lag`) then gained nothing (44.1, 48.8). The backward keeps Pallas's 2 KiB of
 # scratch: 16 KiB in both passes was no faster end to end for InfoNCE bf16 (run 10).
+# The bf16 backward works on 64-column slices (`sliced_ds`): ptxas spilled 296 bytes per thread
+# of the InfoNCE dS program on whole sub-tiles and 48 on slices, max-margin's 940 and 148
+# (ptxas1_h200.json); at B = 131,072 with both passes on Mosaic, fwd+bwd 167.5 ms instead of
+# 171.6 (InfoNCE), 170.0 instead of 219.8 (max-margin; run 17, medians). float32's backward
+# sub-tile is one slice wide already.
 _DEFAULTS = {
   ("fwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
-  ("bwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
+  ("bwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64, sliced_ds=True),
   ("fwd", "float32"): MosaicConfig(tile_k=32, stages=3, col_chunk=64),
   ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3, col_chunk=64),
 }

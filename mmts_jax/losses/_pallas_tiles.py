@@ -165,13 +165,17 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # - f32 max-margin: Mosaic in both passes 323.6 vs XLA 436.5 ms at 131,072, 20.8 vs 27.4 ms at
 #   32,768 (run 9; Mosaic forward with the XLA backward 380.9 / 24.4 ms), timed before that
 #   change; since it, 313.3 ms in both passes on Mosaic (run 11, the XLA backward not re-timed).
+# - bf16, both losses, since the Mosaic dS programs work on 64-column slices (`MosaicConfig.
+#   sliced_ds`): Mosaic in both passes 167.5 vs 172.7 ms with Triton's dS (InfoNCE), 170.0 vs
+#   195.1 ms (max-margin) at 131,072 (run 17, one call, medians; run 16, before the slices:
+#   169.8 vs 169.9 and 218.4 vs 189.3).
 # - bf16 sigmoid: fused (fast math, 64 x 64 programs) 17.02 vs XLA 18.81 ms, 258.3 vs 280.0 ms
 #   at 131,072 (results/sigmoid_tiles_h200/ run 2); f32 stays on XLA's 23.8 ms against 31.5.
 # Entries not listed (CPU, TPU, float64, f32 sigmoid) run the XLA tiles.
 FASTEST = {
-  ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "fused"},
+  ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "float32", "infonce"): {"fwd": "mosaic", "bwd": "xla"},
-  ("gpu", "bfloat16", "max_margin"): {"fwd": "mosaic", "bwd": "fused"},
+  ("gpu", "bfloat16", "max_margin"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "float32", "max_margin"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "bfloat16", "sigmoid"): {"fwd": "fused", "bwd": "fused"},
 }
