@@ -55,13 +55,19 @@ VARIANTS = {
   # default since run 17): ncu counted 2.3 million local-memory (spill) requests in that bf16
   # dS program (ncu5_h200.csv).
   "whole_ds": {"bwd": {"sliced_ds": False}},
+  # Not a Mosaic configuration: the blockwise sweep's column state threaded through the inner
+  # scan as xs / ys (`_traversal.COLUMN_STATE`, "carry" by default since session 14).
+  "scan_state": {"column_state": "scan"},
 }
 
 
 def use_variant(name):
-  """Sets the Mosaic configurations of variant `name` (None: the defaults)."""
+  """Sets the Mosaic configurations of variant `name`, and where it names one the sweep's column
+  state (None: the defaults)."""
   from mmts_jax.losses import _mosaic_tiles as mt
+  from mmts_jax.losses import _traversal
 
+  _traversal.COLUMN_STATE = (VARIANTS.get(name) or {}).get("column_state", "carry")
   for kind in ("fwd", "bwd"):
     for dtype in mt.DTYPES:
       mt.set_config(kind, None, dtype)
@@ -250,11 +256,13 @@ def matmul_tflops(dtype="bf16") -> float:
 # 64 x 256 sub-tiles in the backward as well (wrong: its slices did not fill the dS staging they
 # alias, which `_pass` now refuses), run 16 both passes on the Mosaic kernels ("mosaic") against
 # the dispatch ("auto": then Triton's dS in bf16, XLA's tiles for the InfoNCE f32 backward), run
-# 17 the bf16 backward on 64-column slices, since then the default and the dispatch's backward.
+# 17 the bf16 backward on 64-column slices, since then the default and the dispatch's backward,
+# run 18 the slices against whole-tile dS ("auto:whole_ds"). Next: the sweep's column state in
+# the inner carry (the default) against the inner scan's ys ("scan_state").
 KERNELS = {
-  ("infonce", "bf16"): ("auto", "auto:whole_ds"),
-  ("max_margin", "bf16"): ("auto", "auto:whole_ds"),
-  ("infonce", "f32"): ("auto", "mosaic"),
+  ("infonce", "bf16"): ("auto", "auto:scan_state"),
+  ("max_margin", "bf16"): ("auto", "auto:scan_state"),
+  ("infonce", "f32"): ("auto", "auto:scan_state"),
   ("max_margin", "f32"): ("auto", "auto:cross_warp_bwd"),
 }
 

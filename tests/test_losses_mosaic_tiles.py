@@ -535,9 +535,13 @@ def test_the_benchmarks_kernels_name_known_kernels_and_valid_variants():
       kernel, _, variant = name.partition(":")
       assert kernel in ("auto", "xla", "triton", "mosaic", "mosaic_fwd"), name
       assert not variant or variant in bench.VARIANTS, name
+  from mmts_jax.losses import _traversal
+
   try:
     for variant in bench.VARIANTS:
       bench.use_variant(variant)
+      assert _traversal.COLUMN_STATE == ("scan" if variant == "scan_state" else "carry")
   finally:
     bench.use_variant(None)
   assert {(k, dt): mt.config(k, dt) for k, dt in defaults} == defaults
+  assert _traversal.COLUMN_STATE == "carry"
