@@ -540,8 +540,8 @@ def test_the_benchmarks_kernels_name_known_kernels_and_valid_variants():
   try:
     for variant in bench.VARIANTS:
       bench.use_variant(variant)
-      assert _traversal.COLUMN_STATE == ("scan" if variant == "scan_state" else "carry")
+      assert _traversal.COLUMN_STATE == ("carry" if variant == "carry_state" else "scan")
   finally:
     bench.use_variant(None)
   assert {(k, dt): mt.config(k, dt) for k, dt in defaults} == defaults
-  assert _traversal.COLUMN_STATE == "carry"
+  assert _traversal.COLUMN_STATE == "scan"

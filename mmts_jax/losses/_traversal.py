@@ -199,9 +199,13 @@ def grad_matmuls(ds, xr, yc, precision, sums=None):
 
 
 # Where `sweep` keeps the column state (read at trace time; the benchmarks set it to compare):
-# "carry", the whole state in the inner loop's carry, each column block's slice updated in place;
-# "scan", threaded through the inner scan as xs / ys, so each row block writes a fresh copy.
-COLUMN_STATE = "carry"
+# "scan", threaded through the inner scan as xs / ys, so each row block writes a fresh copy;
+# "carry", the whole state in the inner loop's carry, each column block's slice updated in place.
+# On one H200 at B = 131,072 "carry" removed the copies (3.5 ms of kernels) but added a slice
+# copy per tile (2.4 ms), and the loss's time did not change beyond the noise: bf16 InfoNCE
+# 166.3 (164.5-167.1) vs 166.9 (164.9-168.0) ms, max-margin 172.0 vs 172.8, f32 306.9 vs 307.8,
+# overlapping ranges (benchmarks/results/mosaic_tiles_h200/ run 19, loss_profile2_h200.json).
+COLUMN_STATE = "scan"
 
 
 def sweep(tile: Callable, rows, cols, row_state, col_state):
@@ -209,10 +213,9 @@ def sweep(tile: Callable, rows, cols, row_state, col_state):
 
   `rows`/`row_state` are pytrees of `(nR, Br, ...)` arrays, `cols`/`col_state` of `(nC, Bc, ...)`.
   `tile(r, c, rs, cs) -> (rs, cs)` sees one block of each. The row state stays in the inner
-  loop's carry, and so (`COLUMN_STATE`) does the column state, whose block the tile updates in
-  place: as the inner scan's ys it would be a new buffer per row block, zeroed and copied back
-  (on one H200 at B = 131,072 that was 3.5 ms of a 163 ms bf16 InfoNCE forward+backward,
-  benchmarks/results/mosaic_tiles_h200/loss_profile1_h200.json).
+  loop's carry; the column state is threaded through as the inner scan's xs/ys, so no
+  dynamic-update-slice of a large buffer is needed (`COLUMN_STATE` "carry" keeps it in the
+  carry instead, updated in place).
   """
   if COLUMN_STATE not in ("carry", "scan"):
     raise ValueError(f"COLUMN_STATE must be 'carry' or 'scan', got {COLUMN_STATE!r}")
