@@ -535,6 +535,10 @@ def test_the_benchmarks_kernels_name_known_kernels_and_valid_variants():
       kernel, _, variant = name.partition(":")
       assert kernel in ("auto", "xla", "triton", "mosaic", "mosaic_fwd"), name
       assert not variant or variant in bench.VARIANTS, name
+  # The float64 checks run the defaults and the variants timed for the cases asked, no others.
+  assert bench.timed_variants([("infonce", "bf16")]) == ["mosaic_2wg"] + sorted(
+    {k.partition(":")[2] for k in bench.KERNELS[("infonce", "bf16")]} - {""}
+  )
   from mmts_jax.losses import _traversal
 
   try:
