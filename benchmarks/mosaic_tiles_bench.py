@@ -56,10 +56,6 @@ VARIANTS = {
   # default since run 17): ncu counted 2.3 million local-memory (spill) requests in that bf16
   # dS program (ncu5_h200.csv).
   "whole_ds": {"bwd": {"sliced_ds": False}},
-  # Not a Mosaic configuration: the blockwise sweep's column state in the inner loop's carry,
-  # updated in place (`_traversal.COLUMN_STATE`; the default threads it through the inner scan).
-  # Run 19: inside the noise.
-  "carry_state": {"column_state": "carry"},
   # One wgmma group left in flight before a stage goes back to the copy warpgroup (run 4, with
   # the epilogue of then: no faster).
   "release1": {"fwd": {"release": 1}, "bwd": {"release": 1}},
@@ -67,12 +63,9 @@ VARIANTS = {
 
 
 def use_variant(name):
-  """Sets the Mosaic configurations of variant `name`, and where it names one the sweep's column
-  state (None: the defaults)."""
+  """Sets the Mosaic configurations of variant `name` (None: the defaults)."""
   from mmts_jax.losses import _mosaic_tiles as mt
-  from mmts_jax.losses import _traversal
 
-  _traversal.COLUMN_STATE = (VARIANTS.get(name) or {}).get("column_state", "scan")
   for kind in ("fwd", "bwd"):
     for dtype in mt.DTYPES:
       mt.set_config(kind, None, dtype)
@@ -263,7 +256,8 @@ def matmul_tflops(dtype="bf16") -> float:
 # the dispatch ("auto": then Triton's dS in bf16, XLA's tiles for the InfoNCE f32 backward), run
 # 17 the bf16 backward on 64-column slices, since then the default and the dispatch's backward,
 # run 18 the slices against whole-tile dS ("auto:whole_ds"), run 19 the sweep's column state in
-# the inner carry against the inner scan's ys (then "scan_state"; inside the noise).
+# the inner loop's carry against the inner scan's ys (commit 29ddb95's "scan_state"; inside the
+# noise, and the carry form was removed), run 20 nothing (its checks took the deadline).
 KERNELS = {
   ("infonce", "bf16"): ("auto", "auto:release1"),
   ("max_margin", "bf16"): ("auto", "auto:release1"),

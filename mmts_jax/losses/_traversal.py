@@ -198,57 +198,23 @@ def grad_matmuls(ds, xr, yc, precision, sums=None):
 # Traversal: every row block meets every column block once.
 
 
-# Where `sweep` keeps the column state (read at trace time; the benchmarks set it to compare):
-# "scan", threaded through the inner scan as xs / ys, so each row block writes a fresh copy;
-# "carry", the whole state in the inner loop's carry, each column block's slice updated in place.
-# On one H200 at B = 131,072 "carry" removed the copies (3.5 ms of kernels) but added a slice
-# copy per tile (2.4 ms), and the loss's time did not change beyond the noise: bf16 InfoNCE
-# 166.3 (164.5-167.1) vs 166.9 (164.9-168.0) ms, max-margin 172.0 vs 172.8, f32 306.9 vs 307.8,
-# overlapping ranges (benchmarks/results/mosaic_tiles_h200/ run 19, loss_profile2_h200.json).
-COLUMN_STATE = "scan"
-
-
 def sweep(tile: Callable, rows, cols, row_state, col_state):
   """Runs `tile` over all (row block, column block) pairs.
 
   `rows`/`row_state` are pytrees of `(nR, Br, ...)` arrays, `cols`/`col_state` of `(nC, Bc, ...)`.
   `tile(r, c, rs, cs) -> (rs, cs)` sees one block of each. The row state stays in the inner
   loop's carry; the column state is threaded through as the inner scan's xs/ys, so no
-  dynamic-update-slice of a large buffer is needed (`COLUMN_STATE` "carry" keeps it in the
-  carry instead, updated in place).
+  dynamic-update-slice of a large buffer is needed.
   """
-  if COLUMN_STATE not in ("carry", "scan"):
-    raise ValueError(f"COLUMN_STATE must be 'carry' or 'scan', got {COLUMN_STATE!r}")
-
-  if COLUMN_STATE == "scan":
-
-    def outer_scan(cs_all, r_xs):
-      r, rs = r_xs
-
-      def inner(rs, c_xs):
-        c, cs = c_xs
-        return tile(r, c, rs, cs)
-
-      rs, cs_all = lax.scan(inner, rs, (cols, cs_all))
-      return cs_all, rs
-
-    col_state, row_state = lax.scan(outer_scan, col_state, (rows, row_state))
-    return row_state, col_state
-
-  n_cols = jax.tree.leaves(cols)[0].shape[0]
 
   def outer(cs_all, r_xs):
     r, rs = r_xs
 
-    def inner(carry, c_xs):
-      rs, cs_all = carry
-      c, j = c_xs
-      cs = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False), cs_all)
-      rs, cs = tile(r, c, rs, cs)
-      cs_all = jax.tree.map(lambda a, v: lax.dynamic_update_index_in_dim(a, v, j, 0), cs_all, cs)
-      return (rs, cs_all), None
+    def inner(rs, c_xs):
+      c, cs = c_xs
+      return tile(r, c, rs, cs)
 
-    (rs, cs_all), _ = lax.scan(inner, (rs, cs_all), (cols, jnp.arange(n_cols)))
+    rs, cs_all = lax.scan(inner, rs, (cols, cs_all))
     return cs_all, rs
 
   col_state, row_state = lax.scan(outer, col_state, (rows, row_state))
