@@ -252,6 +252,30 @@ def category(kernel: str) -> str:
   return "other fusion"
 
 
+def device_kernel_times(trace_dir: str) -> dict[str, tuple[collections.Counter, ...]] | None:
+  """Per line of the device planes of the newest `jax.profiler` trace under `trace_dir`: the
+  total nanoseconds and the count of each event name, `{"plane | line": (total, count)}`; None
+  if no trace was written."""
+  import glob
+
+  from jax.profiler import ProfileData
+
+  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  if not files:
+    return None
+  lines = {}
+  for plane in ProfileData.from_file(files[-1]).planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      total, count = collections.Counter(), collections.Counter()
+      for ev in line.events:
+        total[ev.name] += ev.duration_ns
+        count[ev.name] += 1
+      lines[f"{plane.name} | {line.name}"] = (total, count)
+  return lines
+
+
 def attribute(profile_line: dict, hlo: dict, hbm_tb_s: float) -> dict:
   """Rows for the profiled kernels, totals per cause and the tail per category."""
   rows, by_cause = [], collections.Counter()

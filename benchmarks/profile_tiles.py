@@ -45,6 +45,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import write_json  # noqa: E402
 from mosaic_tiles_bench import VARIANTS, compiled, tile_programs, use_variant  # noqa: E402
+from profile_attribution import device_kernel_times  # noqa: E402
 
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -228,7 +229,6 @@ def run_ptxas(names, variants, out):
 
 def run_loss(size, cases, kernels, out, calls=2):
   import jax
-  from jax.profiler import ProfileData
 
   result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
   for loss, dtype in cases:
@@ -242,17 +242,14 @@ def run_loss(size, cases, kernels, out, calls=2):
         for _ in range(calls):
           jax.block_until_ready(both(x, y))
         jax.profiler.stop_trace()
-        files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
         total, count, lines = collections.Counter(), collections.Counter(), []
-        for plane in ProfileData.from_file(files[-1]).planes:
-          if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-              lines.append(line.name)
-              if "stream" not in line.name.lower():
-                continue  # the per-stream lines hold the kernels; others repeat them
-              for ev in line.events:
-                total[ev.name] += ev.duration_ns
-                count[ev.name] += 1
+        for name, (t, c) in (device_kernel_times(trace_dir) or {}).items():
+          if not name.startswith("/device:GPU"):
+            continue
+          lines.append(name.partition(" | ")[2])
+          if "stream" in lines[-1].lower():  # the per-stream lines hold the kernels
+            total.update(t)
+            count.update(c)
         result[key] = {
           "lines": lines,
           "kernel_ms_per_call": round(sum(total.values()) / 1e6 / calls, 3),

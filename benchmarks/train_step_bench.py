@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
 import gzip
 import json
 import os
@@ -81,7 +80,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from profile_attribution import category  # noqa: E402
+from profile_attribution import category, device_kernel_times  # noqa: E402
 
 from mmts_jax import atomic_io, temperature, train  # noqa: E402
 from mmts_jax import mesh as mesh_lib  # noqa: E402
@@ -684,41 +683,31 @@ def components(jobs) -> dict:
 def profile(run, name: str, steps: int = 3, top: int = 40) -> dict:
   """Device kernels of `steps` steps (`jax.profiler` trace): per GPU line the total time, the
   `top` kernels by total time and the time per category (matmul, attention, ...), in ms."""
-  from jax.profiler import ProfileData
-
   _time(run, 1)
   trace_dir = tempfile.mkdtemp(prefix=f"trace_{name}_")
   jax.profiler.start_trace(trace_dir)
   _time(run, steps)
   jax.profiler.stop_trace()
-  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
   summary = {"variant": name, "steps": steps, "lines": {}}
-  if not files:
+  lines = device_kernel_times(trace_dir)
+  if lines is None:
     summary["error"] = "no xplane.pb written"
     return summary
-  data = ProfileData.from_file(files[-1])
-  for plane in data.planes:
-    if not plane.name.startswith("/device:"):
+  for line_name, (total, count) in lines.items():
+    if not total:
       continue
-    for line in plane.lines:
-      total, count = collections.Counter(), collections.Counter()
-      for ev in line.events:
-        total[ev.name] += ev.duration_ns
-        count[ev.name] += 1
-      if not total:
-        continue
-      cats = collections.Counter()
-      for k, v in total.items():
-        cats[category(k)] += v
-      summary["lines"][f"{plane.name} | {line.name}"] = {
-        "total_ms_per_step": sum(total.values()) / 1e6 / steps,
-        "events_per_step": sum(count.values()) / steps,
-        "by_category_ms_per_step": {k: v / 1e6 / steps for k, v in cats.most_common()},
-        "top": [
-          {"name": k[:160], "ms_per_step": v / 1e6 / steps, "calls_per_step": count[k] / steps}
-          for k, v in total.most_common(top)
-        ],
-      }
+    cats = collections.Counter()
+    for k, v in total.items():
+      cats[category(k)] += v
+    summary["lines"][line_name] = {
+      "total_ms_per_step": sum(total.values()) / 1e6 / steps,
+      "events_per_step": sum(count.values()) / steps,
+      "by_category_ms_per_step": {k: v / 1e6 / steps for k, v in cats.most_common()},
+      "top": [
+        {"name": k[:160], "ms_per_step": v / 1e6 / steps, "calls_per_step": count[k] / steps}
+        for k, v in total.most_common(top)
+      ],
+    }
   return summary
 
 

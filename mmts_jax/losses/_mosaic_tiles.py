@@ -528,6 +528,12 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       cols = pl.ds(tile.col0 + c0, chunk)
       return [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
 
+    def transposed_sum(q, tsm, wg):
+      """Column sums of the `(tm, chunk)` float32 tile `q`, through the warpgroup's slice of
+      shared memory and back transposed, so each column is summed inside one warp."""
+      tsm[wg] = q
+      return jnp.sum(_load_transposed(tsm.at[wg], interpret), axis=1)
+
     def write_out(tile, scratch):
       """The sub-tile's dS (staged) and vectors (in `rsm`, `csm`) to global memory."""
       (ds_smem, _), rsm, csm = scratch
@@ -556,8 +562,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
           row_sums = [a + b for a, b in zip(row_sums, sums, strict=True)] if row_sums else sums
         with jax.named_scope("cols"):
           for k, q in enumerate(t.col_tiles()):
-            tsm[wg] = q
-            csm[wg, k, pl.ds(c0, chunk)] = jnp.sum(_load_transposed(tsm.at[wg], interpret), 1)
+            csm[wg, k, pl.ds(c0, chunk)] = transposed_sum(q, tsm, wg)
         kept.append(t.ds.astype(op))
       for k, v in enumerate(row_sums):
         rsm[wg, k] = v
@@ -589,11 +594,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
           tsm[wg] = s[:, c0 : c0 + chunk]
           own, other = transposed_loaders(tile, c0)
           return lines(_load_transposed(tsm.at[wg], interpret), own, other, 1)
-        sums = []
-        for q in tiles:
-          tsm[wg] = q[:, c0 : c0 + chunk]
-          sums.append(jnp.sum(_load_transposed(tsm.at[wg], interpret), axis=1))
-        return sums
+        return [transposed_sum(q[:, c0 : c0 + chunk], tsm, wg) for q in tiles]
 
       def row_part():
         with jax.named_scope("rows"):
