@@ -230,7 +230,7 @@ def matmul_shapes():
   import jax
   import jax.numpy as jnp
 
-  from mmts_jax.losses._traversal import grad_matmuls
+  from mmts_jax.losses._traversal import Centre, grad_products
 
   out = {}
   k = jax.random.PRNGKey(1)
@@ -241,14 +241,14 @@ def matmul_shapes():
     f_g = jax.jit(lambda s, a: jnp.matmul(s, a, preferred_element_type=jnp.float32))
     sq = jax.random.normal(k, (8192, 8192)).astype(dt)
     f_q = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    sums = (jnp.ones((8192,)), jnp.ones((8192,))) if name == "bf16" else None
+    centre = Centre(jnp.ones((512,)), jnp.ones((512,))) if name == "bf16" else None
     # The backward tile's two gradient products as the fused path runs them (centred for bf16).
-    f_gm = jax.jit(lambda ds, x, y, sums=sums: grad_matmuls(ds, x, y, None, sums))
+    f_gm = jax.jit(lambda ds, x, y, centre=centre: grad_products(ds, x, y, None, centre))
     for tag, f, args, flop in (
       ("S_8192x8192x512", f_s, (a, a), 2 * 8192 * 8192 * 512),
       ("dSY_8192x512x8192", f_g, (s, a), 2 * 8192 * 8192 * 512),
       ("square_8192", f_q, (sq, sq), 2 * 8192**3),
-      ("grad_matmuls_8192", f_gm, (s, a, a), 4 * 8192 * 8192 * 512),
+      ("grad_products_8192", f_gm, (s, a, a), 4 * 8192 * 8192 * 512),
     ):
       jax.block_until_ready(f(*args))
       t = _timeit(lambda f=f, args=args: jax.block_until_ready(f(*args)), 2, 10)

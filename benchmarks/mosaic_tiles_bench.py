@@ -434,17 +434,17 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
   """The loss's pieces on (n, n) bf16 tiles, each jitted alone and run over `tiles` tiles in one
   executable (`lax.map`, so launch and host overheads are amortised): the programs of
   `tile_programs`, and the centred bf16 gradient products on the dS program's output
-  (`grad_matmuls`) and the same two products uncentred; medians of `rep` calls divided by
-  `tiles`, ms per tile."""
+  (`grad_products`, the tile's means as the centre) and the same two products uncentred;
+  medians of `rep` calls divided by `tiles`, ms per tile."""
   import jax
   import jax.numpy as jnp
 
-  from mmts_jax.losses._traversal import _grad_dots, grad_matmuls
+  from mmts_jax.losses._traversal import Centre, _grad_dots, grad_products
 
   programs, x, y, ds = tile_programs(n, d)
   f32 = jnp.float32
   xs = jnp.broadcast_to(x, (tiles, n, d)) + jnp.zeros((tiles, 1, 1), x.dtype)
-  sums = (jnp.sum(ds[1], axis=0), jnp.sum(ds[2], axis=0))
+  centre = Centre(jnp.mean(x.astype(f32), axis=0), jnp.mean(y.astype(f32), axis=0))
   dss = jnp.broadcast_to(ds[0], (tiles, n, n)) + jnp.zeros((tiles, 1, 1), ds[0].dtype)
 
   def over_tiles(fn, stacked):
@@ -457,9 +457,9 @@ def time_parts(n=8192, d=512, rep=10, tiles=16) -> dict:
     return jax.jit(run), stacked
 
   fns = {name: (*over_tiles(fn, xs), (y,)) for name, fn in programs.items()}
-  fns["grad_matmuls_centred"] = (
-    *over_tiles(lambda s, x, y, sums: grad_matmuls(s, x, y, None, sums), dss),
-    (x, y, sums),
+  fns["grad_products_centred"] = (
+    *over_tiles(lambda s, x, y, centre: grad_products(s, x, y, None, centre), dss),
+    (x, y, centre),
   )
   fns["grad_dots_plain"] = (
     *over_tiles(lambda s, x, y: _grad_dots(s, x, y, None, f32), dss),

@@ -42,12 +42,15 @@ def _value_and_grad(name, impl, mesh=None):
   return compiled(jax.value_and_grad(fn, argnums=(0, 1)))
 
 
-@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "ring"])
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_inputs_match_the_float32_path(name, impl):
+  # On the ring the centred products subtract the mean of every device's embeddings (one
+  # vector for the whole batch, `_traversal.gradient_centre`), added back once after the sweep.
   x, y = _close_pairs(40, 32, seed=1)
   xb, yb = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
-  f = _value_and_grad(name, impl)
+  mesh = Mesh(np.array(jax.devices()), ("batch",)) if impl == "ring" else None
+  f = _value_and_grad(name, impl, mesh)
   for tau in (0.07, 0.005):
     t = jnp.full((40,), tau, jnp.float32)
     v, (gx, gy) = f(xb, yb, t)

@@ -16,7 +16,7 @@ use: per sub-tile `S = X_r Y_c^T` (float32 accumulation),
   \ \sum p\,s,\ \sum p \text{ per anchor},
 
 `u = z (s / tau + b)`, `p = -z sigma(-u)`, `z = +-1` on / off the diagonal; the gradient
-products `dS Y_c`, `dS^T X_r` then run on cuBLAS (`grad_matmuls`), as for InfoNCE.
+products `dS Y_c`, `dS^T X_r` then run on cuBLAS (`grad_update`), as for InfoNCE.
 
 `set_fused_tiles` chooses when they run; `use_fused_tiles` is the decision the blockwise loss asks.
 """
@@ -32,7 +32,7 @@ from jax import lax
 
 from mmts_jax.losses import _mosaic_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
-from mmts_jax.losses._traversal import SUB, Blocks, grad_matmuls, varying_like
+from mmts_jax.losses._traversal import SUB, Blocks, grad_update, varying_like
 
 __all__ = [
   "TileConfig",
@@ -531,7 +531,7 @@ def _nce_ds_kernel(cfg, tf32, masked, need_sums, need_a, x_ref, y_ref, *refs):
     ds_ref[:, cols] = ds.astype(ds_ref.dtype)
     dr, sr = carry
     if need_sums:
-      # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
+      # float32 row / column sums of dS for the centred bf16 gradient products (_traversal.Centre).
       dc_ref[cols] = jnp.sum(ds, axis=0)
       dr = dr + jnp.sum(ds, axis=1)
     if need_a:
@@ -608,16 +608,17 @@ def _program(kernel, kind, precision, xr, yc, vec_in, out_shape, *static, table=
   return _fused_call(bound, cfg, br, bc, d, vec_in, out_shape, xr)
 
 
-def _grad_products(res, need_sums, xr, yc, precision):
-  """`(dS Y_c, dS^T X_r, rest)` from a backward program's outputs `res` = dS, then (if
-  `need_sums`) its float32 row and column sums for the centred bf16 products, then `rest`."""
+def _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre):
+  """`(dx, dy, rest)`: the gradient states `dx`, `dy` updated (`grad_update`) from a backward
+  program's outputs `res` = dS, then (if `need_sums`) its float32 row and column sums for the
+  centred bf16 products, then `rest`."""
   ds, res = res[0], res[1:]
   sums = None
   if need_sums:
     sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
     res = res[2:]
-  ddx, ddy = grad_matmuls(ds, xr, yc, precision, sums)
-  return ddx, ddy, res
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, sums)
+  return dx, dy, res
 
 
 def _bias(ids, dtype):
@@ -670,7 +671,7 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
 
 
-def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
+def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None):
   """The fused form of `blockwise._nce_bwd_tile` (same arguments, same result)."""
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
@@ -701,11 +702,11 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
     )
     biases = [_bias(rid, f32), _bias(cid, f32)] if masked else []
     out = call(xr, yc, *scales, *biases, *rest)
-  ddx, ddy, res = _grad_products(out, need_sums, xr, yc, precision)
+  dx, dy, res = _grad_update(dx, dy, out, need_sums, xr, yc, precision, centre)
   if need_a:
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)
-  return (dx + ddx, dar), (dy + ddy, dac)
+  return (dx, dar), (dy, dac)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,7 +798,7 @@ def mm_fwd_tile(precision, padded, r, c, rs, cs):
   )
 
 
-def mm_bwd_tile(precision, padded, r, c, rs, cs):
+def mm_bwd_tile(precision, padded, r, c, rs, cs, *, centre=None):
   """The fused form of `blockwise._mm_bwd_tile` (its arguments after `padded`, as for
   `mm_fwd_tile`; same result)."""
   xr, rr, ro, rid, gr = r
@@ -815,8 +816,8 @@ def mm_bwd_tile(precision, padded, r, c, rs, cs):
     outs = [("tile", op)] + (parts if need_sums else [])
     call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
     res = call(xr, yc, *vecs)
-  ddx, ddy, _ = _grad_products(res, need_sums, xr, yc, precision)
-  return rs + ddx, cs + ddy
+  dx, dy, _ = _grad_update(rs, cs, res, need_sums, xr, yc, precision, centre)
+  return dx, dy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -866,7 +867,7 @@ def _sig_ds_kernel(
     ds_ref[:, cols] = ds.astype(ds_ref.dtype)
     dr, sr, qr = carry
     if need_sums:
-      # float32 row / column sums of dS for the centred bf16 gradient matmuls (grad_matmuls).
+      # float32 row / column sums of dS for the centred bf16 gradient products (_traversal.Centre).
       dc_ref[cols] = jnp.sum(ds, axis=0)
       dr = dr + jnp.sum(ds, axis=1)
     sc_ref[cols] = jnp.sum(pc * s, axis=0)
@@ -905,7 +906,7 @@ def sig_fwd_tile(precision, r, c, rs, cs):
   return rs + jnp.sum(rsum, axis=0).astype(rs.dtype), cs + jnp.sum(csum, axis=0).astype(cs.dtype)
 
 
-def sig_bwd_tile(precision, r, c, rs, cs):
+def sig_bwd_tile(precision, r, c, rs, cs, *, centre=None):
   """The fused form of `blockwise_sigmoid._bwd_tile` (same arguments, same result)."""
   xr, ar, cr, rid, gr = r
   yc, ac, cc, cid, gc = c
@@ -921,6 +922,6 @@ def sig_bwd_tile(precision, r, c, rs, cs):
   )
   vecs = _sig_vectors(ar, ac, cr, cc)
   res = call(xr, yc, *vecs, rid, cid, (gr * ar).astype(f32), (gc * ac).astype(f32))
-  ddx, ddy, res = _grad_products(res, need_sums, xr, yc, precision)
+  dx, dy, res = _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre)
   dsr, dsc, dqr, dqc = (jnp.sum(p, axis=0).astype(sr.dtype) for p in res)
-  return (dx + ddx, sr + dsr, qr + dqr), (dy + ddy, sc + dsc, qc + dqc)
+  return (dx, sr + dsr, qr + dqr), (dy, sc + dsc, qc + dqc)

@@ -148,6 +148,46 @@ def matmul(a, b, precision):
   )
 
 
+# Centre the low-precision gradient products (see `Centre`). Read at trace time; the benchmark
+# turns it off to measure what it costs.
+CENTRE_LOW_PRECISION = True
+
+
+class Centre(NamedTuple):
+  r"""The means that low-precision gradient products subtract from their operands.
+
+  Rounding `dS` to bf16 alone loses the gradient when the embeddings share a large common
+  component (near-duplicates, late training): `dX_i = sum_j dS_ij y_j` cancels that component
+  almost exactly, and a 2^-8 relative error per `dS_ij` does not. So with a low-precision `dS`
+  the operands are centred, exactly, for any fixed vector `ybar`:
+
+  .. math::
+    dS\,Y = dS\,(Y - \mathbf{1}\bar y^\top) + (dS\,\mathbf{1})\,\bar y^\top,
+
+  the bf16 product sees only the small residuals `Y - ybar`, and the row sums `dS 1` (column
+  sums for `dS^T X`) are accumulated in float32 beside the products. `ybar` is one vector for
+  the whole batch (every device's columns, on a ring), so the rank-one terms are added once
+  after the sweep (`grad_finish`) rather than in every tile, and no tile reduces its block.
+  """
+
+  x: jax.Array  # (D,) float32 mean of the row embeddings
+  y: jax.Array  # (D,) float32 mean of the column embeddings
+
+
+def gradient_centre(x, y, axis_name=None) -> Centre | None:
+  """The `Centre` of the gradient products over `x`, `y` (the local shards; with `axis_name`
+  the means are over every device's), or None where the products are not centred: operands of
+  32 bits or more, or `CENTRE_LOW_PRECISION` off."""
+  op = jnp.result_type(x, y)
+  if not CENTRE_LOW_PRECISION or jnp.finfo(op).bits >= 32:
+    return None
+  out = compute_dtype(x, y)
+  means = (jnp.mean(x.astype(out), axis=0), jnp.mean(y.astype(out), axis=0))
+  if axis_name is not None:
+    means = lax.pmean(means, axis_name)
+  return Centre(*means)
+
+
 def _grad_dots(ds, xr, yc, precision, out):
   dx = lax.dot_general(
     ds, yc, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=out
@@ -158,40 +198,45 @@ def _grad_dots(ds, xr, yc, precision, out):
   return dx, dy
 
 
-# Centre the low-precision gradient matmuls (see grad_matmuls). Read at trace time; the benchmark
-# turns it off to measure what it costs.
-CENTRE_LOW_PRECISION = True
-
-
-def grad_matmuls(ds, xr, yc, precision, sums=None):
-  r"""`(dS @ Y_c, dS^T @ X_r)`; bf16 embeddings get a bf16 `dS` so both run on the fast units.
-
-  Rounding `dS` to bf16 alone loses the gradient when the embeddings share a large common
-  component (near-duplicates, late training): `dX_i = sum_j dS_ij y_j` cancels that component
-  almost exactly, and a 2^-8 relative error per `dS_ij` does not. So with a low-precision `dS`
-  the operands are centred per tile, exactly:
-
-  .. math::
-    dS\,Y = dS\,(Y - \mathbf{1}\bar y^\top) + (dS\,\mathbf{1})\,\bar y^\top,
-
-  the bf16 matmul sees only the small residuals `Y - ybar` and the row sums `dS 1` (and column
-  sums for `dS^T X`) stay float32. `sums`: those `(row, column)` sums when the caller has them
-  (the fused kernels), else they are computed from `ds`.
-  """
+def grad_products(ds, xr, yc, precision, centre: Centre | None):
+  """`(dS (Y_c - ybar), dS^T (X_r - xbar))` (`centre`'s means; without one, uncentred) with
+  `dS` in the operands' dtype, so low-precision embeddings run both on the fast units."""
   op = jnp.result_type(xr, yc)
   out = compute_dtype(xr, yc)
-  if not CENTRE_LOW_PRECISION:
-    return _grad_dots(ds.astype(op), xr, yc, precision, out)
-  if jnp.finfo(op).bits >= jnp.finfo(ds.dtype).bits and sums is None:
-    return _grad_dots(ds, xr, yc, precision, out)
+  if centre is not None:
+    xr = (xr.astype(out) - centre.x).astype(op)
+    yc = (yc.astype(out) - centre.y).astype(op)
+  return _grad_dots(ds.astype(op), xr, yc, precision, out)
+
+
+def grad_zeros(shape, d: int, dtype, centre: Centre | None):
+  """The zero gradient state of `shape` (`(blocks, block)`) samples of `d` features: the
+  gradient, and with a `centre` its float32 sums of dS beside it."""
+  grad = jnp.zeros(tuple(shape) + (d,), dtype)
+  return grad if centre is None else (grad, jnp.zeros(shape, centre.x.dtype))
+
+
+def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None):
+  """Adds one tile's `dS Y_c` to the row state `dx` and `dS^T X_r` to the column state `dy`
+  (states from `grad_zeros`). `sums`: dS's float32 `(row, column)` sums when the caller has
+  them (the fused kernels), else taken from `ds` when `centre` needs them."""
+  ddx, ddy = grad_products(ds, xr, yc, precision, centre)
+  if centre is None:
+    return dx + ddx, dy + ddy
   if sums is None:
+    out = compute_dtype(xr, yc)
     sums = (jnp.sum(ds, axis=1, dtype=out), jnp.sum(ds, axis=0, dtype=out))
-  x_mean = jnp.mean(xr.astype(out), axis=0)
-  y_mean = jnp.mean(yc.astype(out), axis=0)
-  xc = (xr.astype(out) - x_mean).astype(op)
-  yc_ = (yc.astype(out) - y_mean).astype(op)
-  dx, dy = _grad_dots(ds.astype(op), xc, yc_, precision, out)
-  return dx + sums[0][:, None] * y_mean, dy + sums[1][:, None] * x_mean
+  (gx, sx), (gy, sy) = dx, dy
+  return (gx + ddx, sx + sums[0]), (gy + ddy, sy + sums[1])
+
+
+def grad_finish(dx, dy, centre: Centre | None):
+  """The gradients from the swept states: the rank-one terms `(dS 1) ybar^T`, `(dS^T 1) xbar^T`
+  added once (`Centre`)."""
+  if centre is None:
+    return dx, dy
+  (gx, sx), (gy, sy) = dx, dy
+  return gx + sx[..., None] * centre.y, gy + sy[..., None] * centre.x
 
 
 # ---------------------------------------------------------------------------------------------

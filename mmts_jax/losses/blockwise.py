@@ -42,7 +42,10 @@ from mmts_jax.losses._traversal import (
   DEFAULT_BLOCK,
   Blocks,
   global_ids,
-  grad_matmuls,
+  grad_finish,
+  grad_update,
+  grad_zeros,
+  gradient_centre,
   matmul,
   merge,
   resolve_blocks,
@@ -89,7 +92,7 @@ def _nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   return _lse_update(rs, zr, 1), _lse_update(cs, zc, 0)
 
 
-def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
+def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None):
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
@@ -102,12 +105,12 @@ def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs):
   if mask_rows:
     pc = jnp.where(rid[:, None] >= 0, pc, 0.0)
   ds = (gr * ar)[:, None] * pr + (gc * ac)[None, :] * pc
-  ddx, ddy = grad_matmuls(ds, xr, yc, precision)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre)
   if need_a:
     # d lse_i / d(1/tau_i) = sum_j p_ij s_ij.
     dar = dar + jnp.sum(pr * s, axis=1)
     dac = dac + jnp.sum(pc * s, axis=0)
-  return (dx + ddx, dar), (dy + ddy, dac)
+  return (dx, dar), (dy, dac)
 
 
 def _padded(b: int, blocks) -> bool:
@@ -191,18 +194,22 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   cols = cols + (split(lse_c, blocks.cols), split(gc, blocks.cols))
   acc = compute_dtype(x, y)
   d = x.shape[1]
+  centre = gradient_centre(x, y, axis_name)
   nr, nc = rows[0].shape[0], cols[0].shape[0]
   row0 = varying(
-    (jnp.zeros((nr, blocks.rows, d), acc), jnp.zeros((nr, blocks.rows), a.dtype)), axis_name
+    (grad_zeros((nr, blocks.rows), d, acc, centre), jnp.zeros((nr, blocks.rows), a.dtype)),
+    axis_name,
   )
   col0 = varying(
-    (jnp.zeros((nc, blocks.cols, d), acc), jnp.zeros((nc, blocks.cols), a.dtype)), axis_name
+    (grad_zeros((nc, blocks.cols), d, acc, centre), jnp.zeros((nc, blocks.cols), a.dtype)),
+    axis_name,
   )
   kw = {"padded": mask_rows or mask_cols, "precision": precision}
   fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd", **kw)
   bwd = _pallas_tiles.nce_bwd_tile if fused else _nce_bwd_tile
-  tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a)
+  tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a, centre=centre)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
+  dx, dy = grad_finish(dx, dy, centre)
   b = x.shape[0]
   w = (gp * a)[:, None]
   dx = (merge(dx, b) + w * y.astype(acc)).astype(x.dtype)
@@ -283,7 +290,7 @@ def _mm_fwd_tile(precision, r, c, rs, cs):
   )
 
 
-def _mm_bwd_tile(precision, r, c, rs, cs):
+def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None):
   xr, rr, ro, rid, gr = r
   yc, qc, co, cid, gc = c
   s = _cosines(xr, yc, rr, qc, precision)
@@ -292,8 +299,7 @@ def _mm_bwd_tile(precision, r, c, rs, cs):
     keep & (co[None, :] + s > 0), gc[None, :], 0.0
   )
   # d/dx_i of s_ij = r_i q_j y_j. The scales' gradients come after the sweep (_hinge_sums_bwd).
-  ddx, ddy = grad_matmuls(ds * rr[:, None] * qc[None, :], xr, yc, precision)
-  return rs + ddx, cs + ddy
+  return grad_update(rs, cs, ds * rr[:, None] * qc[None, :], xr, yc, precision, centre)
 
 
 def _mm_layout(x, y, r, q, ro, co, blocks, axis_name):
@@ -361,16 +367,17 @@ def _hinge_sums_bwd(op, blocks, precision, axis_name, res, g):
   cols = cols + (split(gc, blocks.cols),)
   acc = compute_dtype(x, y, r)
   d = x.shape[1]
+  centre = gradient_centre(x, y, axis_name)
   nr, nc = rows[0].shape[0], cols[0].shape[0]
-  row0 = varying(jnp.zeros((nr, blocks.rows, d), acc), axis_name)
-  col0 = varying(jnp.zeros((nc, blocks.cols, d), acc), axis_name)
+  row0 = varying(grad_zeros((nr, blocks.rows), d, acc, centre), axis_name)
+  col0 = varying(grad_zeros((nc, blocks.cols), d, acc, centre), axis_name)
   padded = _padded(x.shape[0], blocks)
   kw = {"padded": padded, "precision": precision}
   if use_fused_tiles(blocks, d, x.dtype, "max_margin", "bwd", **kw):
-    tile = functools.partial(_pallas_tiles.mm_bwd_tile, precision, padded)
+    tile = functools.partial(_pallas_tiles.mm_bwd_tile, precision, padded, centre=centre)
   else:
-    tile = functools.partial(_mm_bwd_tile, precision)
-  dx, dy = traverse(tile, rows, cols, col0, row0, axis_name)
+    tile = functools.partial(_mm_bwd_tile, precision, centre=centre)
+  dx, dy = grad_finish(*traverse(tile, rows, cols, col0, row0, axis_name), centre)
   b = x.shape[0]
   dx, dy = merge(dx, b), merge(dy, b)
   # d/dr_i = sum_j dS_ij s_ij / r_i, and sum_j dS_ij s_ij = sum_j (dS r q^T)_ij <x_i, y_j>

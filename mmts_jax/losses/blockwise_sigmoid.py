@@ -40,7 +40,10 @@ from mmts_jax.losses._pallas_tiles import use_fused_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
 from mmts_jax.losses._traversal import (
   global_ids,
-  grad_matmuls,
+  grad_finish,
+  grad_update,
+  grad_zeros,
+  gradient_centre,
   matmul,
   merge,
   resolve_blocks,
@@ -61,17 +64,18 @@ def _fwd_tile(precision, r, c, rs, cs):
   return rs + jnp.sum(lr, axis=1), cs + jnp.sum(lc, axis=0)
 
 
-def _bwd_tile(precision, r, c, rs, cs):
+def _bwd_tile(precision, r, c, rs, cs, *, centre=None):
   xr, ar, cr, rid, gr = r
   yc, ac, cc, cid, gc = c
   dx, sr, qr = rs
   dy, sc, qc = cs
   s = matmul(xr, yc, precision)
   pr, pc = pair_slopes(s, rid, cid, ar, cr, ac, cc)
-  ddx, ddy = grad_matmuls(pair_cotangent(pr, pc, gr * ar, gc * ac), xr, yc, precision)
+  ds = pair_cotangent(pr, pc, gr * ar, gc * ac)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre)
   return (
-    (dx + ddx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
-    (dy + ddy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)),
+    (dx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
+    (dy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)),
   )
 
 
@@ -120,10 +124,11 @@ def _sums_bwd(blocks, precision, axis_name, res, g):
   cols = cols + (split(gc, blocks.cols),)
   acc = compute_dtype(x, y)
   d = x.shape[1]
+  centre = gradient_centre(x, y, axis_name)
 
   def zeros(blk):
     return (
-      jnp.zeros(blk.shape + (d,), acc),
+      grad_zeros(blk.shape, d, acc, centre),
       jnp.zeros(blk.shape, a.dtype),
       jnp.zeros(blk.shape, a.dtype),
     )
@@ -131,8 +136,10 @@ def _sums_bwd(blocks, precision, axis_name, res, g):
   row0 = varying(zeros(rows[1]), axis_name)
   col0 = varying(zeros(cols[1]), axis_name)
   fused = use_fused_tiles(blocks, d, x.dtype, "sigmoid", "bwd")
-  tile = functools.partial(_pallas_tiles.sig_bwd_tile if fused else _bwd_tile, precision)
+  bwd = _pallas_tiles.sig_bwd_tile if fused else _bwd_tile
+  tile = functools.partial(bwd, precision, centre=centre)
   (dx, sr, qr), (dy, sc, qc) = traverse(tile, rows, cols, col0, row0, axis_name)
+  dx, dy = grad_finish(dx, dy, centre)
   b = x.shape[0]
   da = gr * merge(sr, b) + gc * merge(sc, b)
   dc = gr * merge(qr, b) + gc * merge(qc, b)
