@@ -57,8 +57,19 @@ VARIANTS = {
   # dS program (ncu5_h200.csv).
   "whole_ds": {"bwd": {"sliced_ds": False}},
   # One wgmma group left in flight before a stage goes back to the copy warpgroup (run 4, with
-  # the epilogue of then: no faster).
+  # the epilogue of then: no faster; run 21, with today's: no faster either).
   "release1": {"fwd": {"release": 1}, "bwd": {"release": 1}},
+  # The float32 backward on 64 x 128 sub-tiles per warpgroup in place of 128 x 64: one m64n128
+  # tf32 wgmma reads 6 KiB of shared memory per 64K multiply-adds where two m64n64 read 8, and
+  # the CTA's TMA loads 0.0625 bytes per multiply-add instead of 0.078; its float32 dS staging
+  # (64 KiB for two warpgroups) is as large as before. float32 only: bf16's slices would not
+  # fill its staging (`_pass` refuses them).
+  "f32_bwd_64x128": {"bwd": {"tile_m": 64, "tile_n": 128, "col_chunk": 128}},
+  "f32_bwd_64x128_s4": {"bwd": {"tile_m": 64, "tile_n": 128, "col_chunk": 128, "stages": 4}},
+  # The float32 forward on 64 x 128 sub-tiles per warpgroup: a CTA's stage is 32 KiB instead of
+  # 48, so four or five stages fit beside the slices (three now).
+  "f32_fwd_64_s4": {"fwd": {"tile_m": 64, "stages": 4}},
+  "f32_fwd_64_s5": {"fwd": {"tile_m": 64, "stages": 5}},
 }
 
 
@@ -182,10 +193,10 @@ def _check_mm_kernels() -> dict:
   return out
 
 
-def check_loss(loss="infonce", dtype="bf16") -> dict:
-  """The blockwise loss on the Mosaic kernels (both passes) at B = 2,048 (tiles of 1,024)
-  against the float32 dense loss: at HIGHEST precision, and (float32 inputs) at the default,
-  tf32 like the kernels."""
+def check_loss(loss="infonce", dtype="bf16", variant=None) -> dict:
+  """The blockwise loss on the Mosaic kernels (both passes; `variant`'s configurations) at
+  B = 2,048 (tiles of 1,024) against the float32 dense loss: at HIGHEST precision, and (float32
+  inputs) at the default, tf32 like the kernels."""
   import jax
   import jax.numpy as jnp
 
@@ -207,8 +218,7 @@ def check_loss(loss="infonce", dtype="bf16") -> dict:
   ref = {"infonce": dense.infonce_dense, "max_margin": dense.max_margin_dense}[loss]
   pt.set_fused_tiles("always")
   pt.set_tile_kernel("mosaic")
-  if dtype == "bf16" and loss == "infonce":
-    use_variant(next(iter(VARIANTS)))
+  use_variant(variant)
   try:
     assert pt._mosaic_for("bwd", x[:1024], y[:1024], loss)[0], "the Mosaic kernels do not apply"
     f = jax.jit(
@@ -257,19 +267,22 @@ def matmul_tflops(dtype="bf16") -> float:
 # 17 the bf16 backward on 64-column slices, since then the default and the dispatch's backward,
 # run 18 the slices against whole-tile dS ("auto:whole_ds"), run 19 the sweep's column state in
 # the inner loop's carry against the inner scan's ys (commit 29ddb95's "scan_state"; inside the
-# noise, and the carry form was removed), run 20 nothing (its checks took the deadline).
+# noise, and the carry form was removed), run 20 nothing (its checks took the deadline), run 21
+# "release1" (no faster), run 22 the float32 backward on 64 x 128 sub-tiles (faster, with four
+# stages; since then the default, and InfoNCE's f32 backward runs on Mosaic), run 23 the float32
+# forward on 64 x 128 sub-tiles with four or five stages.
 KERNELS = {
   ("infonce", "bf16"): ("auto", "auto:release1"),
   ("max_margin", "bf16"): ("auto", "auto:release1"),
-  ("infonce", "f32"): ("auto", "auto:release1"),
-  ("max_margin", "f32"): ("auto", "auto:cross_warp_bwd"),
+  ("infonce", "f32"): ("auto", "auto:f32_fwd_64_s4", "auto:f32_fwd_64_s5"),
+  ("max_margin", "f32"): ("auto", "auto:f32_fwd_64_s4", "auto:f32_fwd_64_s5"),
 }
 
 
-def timed_variants(cases) -> list[str]:
-  """The defaults ("mosaic_2wg") and every variant `KERNELS` times for `cases`: the ones whose
-  kernels the float64 checks run (all nine took run 20's whole deadline)."""
-  named = {k.partition(":")[2] for case in cases for k in KERNELS[case]}
+def timed_variants(cases, dtype: str = "bf16") -> list[str]:
+  """The defaults ("mosaic_2wg") and every variant `KERNELS` times for the `cases` of `dtype`:
+  the ones whose kernels the checks run (all nine took run 20's whole deadline)."""
+  named = {k.partition(":")[2] for case in cases if case[1] == dtype for k in KERNELS[case]}
   return ["mosaic_2wg"] + sorted(v for v in named if v and v != "mosaic_2wg")
 
 
@@ -499,7 +512,7 @@ def main(argv=None) -> int:
     write_json(args.out, result)
 
   cases = [tuple(c.split(":")) for c in args.cases.split(",")]
-  checked = timed_variants(cases)
+  checked = timed_variants(cases) if any(dt == "bf16" for _, dt in cases) else []
   checks = [(f"check_kernels_{v}", lambda v=v: check_kernels(v)) for v in checked]
   if args.parts:
     result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
@@ -509,7 +522,11 @@ def main(argv=None) -> int:
     return 0
   if any(loss == "max_margin" for loss, _ in cases):
     checks += [(f"check_mm_kernels_{v}", lambda v=v: check_mm_kernels(v)) for v in checked]
-  checks += [(f"check_loss_{l}_{d}", functools.partial(check_loss, l, d)) for l, d in cases]  # noqa: E741
+  for loss, dt in cases:
+    # bf16's kernels are checked against float64 above; float32's through the loss, per variant.
+    for v in timed_variants([(loss, dt)], "f32") if dt == "f32" else ["mosaic_2wg"]:
+      name = f"check_loss_{loss}_{dt}" + ("" if v == "mosaic_2wg" else f"_{v}")
+      checks.append((name, functools.partial(check_loss, loss, dt, v)))
   for name, fn in checks:
     try:
       result[name] = fn()

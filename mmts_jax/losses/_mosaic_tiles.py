@@ -102,7 +102,7 @@ class MosaicConfig(NamedTuple):
 # of 128 x 128, 4 stages forward, 3 backward (its dS staging takes 64 KiB of shared memory).
 # One warpgroup per CTA, two CTAs per SM: 26% slower forward at B = 131,072. float32 embeddings
 # (tf32 wgmma) take chunks of 32 features, the same 128 bytes per row as bfloat16's 64; their
-# backward stages float32 dS, so its sub-tiles are 64 columns wide to fit shared memory.
+# backward stages float32 dS (see the end of this note for its sub-tiles).
 # The forward reduces its columns on transposed 64-column slices (`col_chunk`), three stages
 # beside them: at B = 131,072 (run 13, one call, medians) the bf16 InfoNCE forward took 43.8 ms
 # instead of 52.1 with the cross-warp column reductions (16 KiB of scratch, four stages),
@@ -112,13 +112,18 @@ class MosaicConfig(NamedTuple):
 # The bf16 backward works on 64-column slices (`sliced_ds`): ptxas spilled 296 bytes per thread
 # of the InfoNCE dS program on whole sub-tiles and 48 on slices, max-margin's 940 and 148
 # (ptxas1_h200.json); at B = 131,072 with both passes on Mosaic, fwd+bwd 167.5 ms instead of
-# 171.6 (InfoNCE), 170.0 instead of 219.8 (max-margin; run 17, medians). float32's backward
-# sub-tile is one slice wide already.
+# 171.6 (InfoNCE), 170.0 instead of 219.8 (max-margin; run 17, medians). The float32 backward
+# has one slice per sub-tile (no `sliced_ds`), and takes 64 x 128 sub-tiles per
+# warpgroup (its float32 dS staging, 64 KiB for two, leaves room for four stages of 32 KiB): one
+# m64n128 tf32 wgmma reads 6 KiB of shared memory per 64K multiply-adds where the 128 x 64
+# sub-tiles' two m64n64 read 8. At B = 131,072 (run 22, one call, medians and ranges) InfoNCE
+# took 287.0 (282.0-290.7) ms instead of 299.2 (294.0-301.8) on 128 x 64 sub-tiles, max-margin
+# 282.4 (279.5-286.2) instead of 292.7 (286.3-295.9); with three stages 293.9 and 289.9.
 _DEFAULTS = {
   ("fwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
   ("bwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64, sliced_ds=True),
   ("fwd", "float32"): MosaicConfig(tile_k=32, stages=3, col_chunk=64),
-  ("bwd", "float32"): MosaicConfig(tile_n=64, tile_k=32, stages=3, col_chunk=64),
+  ("bwd", "float32"): MosaicConfig(tile_m=64, tile_n=128, tile_k=32, stages=4, col_chunk=128),
 }
 CONFIGS = dict(_DEFAULTS)
 DTYPES = ("bfloat16", "float32")

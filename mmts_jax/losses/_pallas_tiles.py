@@ -169,12 +169,15 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 #   sliced_ds`): Mosaic in both passes 167.5 vs 172.7 ms with Triton's dS (InfoNCE), 170.0 vs
 #   195.1 ms (max-margin) at 131,072 (run 17, one call, medians; run 16, before the slices:
 #   169.8 vs 169.9 and 218.4 vs 189.3).
+# - f32 InfoNCE, since the float32 backward takes 64 x 128 sub-tiles and four stages
+#   (`_mosaic_tiles._DEFAULTS`): Mosaic in both passes 287.0 (282.0-290.7) vs 306.8
+#   (297.2-314.3) ms with the XLA backward at 131,072 (run 22, one call, medians and ranges).
 # - bf16 sigmoid: fused (fast math, 64 x 64 programs) 17.02 vs XLA 18.81 ms, 258.3 vs 280.0 ms
 #   at 131,072 (results/sigmoid_tiles_h200/ run 2); f32 stays on XLA's 23.8 ms against 31.5.
 # Entries not listed (CPU, TPU, float64, f32 sigmoid) run the XLA tiles.
 FASTEST = {
   ("gpu", "bfloat16", "infonce"): {"fwd": "mosaic", "bwd": "mosaic"},
-  ("gpu", "float32", "infonce"): {"fwd": "mosaic", "bwd": "xla"},
+  ("gpu", "float32", "infonce"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "bfloat16", "max_margin"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "float32", "max_margin"): {"fwd": "mosaic", "bwd": "mosaic"},
   ("gpu", "bfloat16", "sigmoid"): {"fwd": "fused", "bwd": "fused"},
