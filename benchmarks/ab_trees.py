@@ -23,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -63,7 +64,7 @@ def summary(lines: list[dict]) -> dict:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   ap.add_argument("--tree", action="append", required=True, help="name=path (two or more)")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--timeout", type=int, default=240, help="seconds per process")
@@ -72,7 +73,7 @@ def main(argv=None):
   ap.add_argument("one_args", nargs=argparse.REMAINDER, help="-- then loss_bench.py one's args")
   args = ap.parse_args(argv)
   trees = parse_trees(args.tree)
-  one = [a for a in args.one_args if a != "--"]
+  one = args.one_args[1:] if args.one_args[:1] == ["--"] else args.one_args
   start, lines = time.time(), []
   res = {"argv": sys.argv, "trees": trees, "one": one, "lines": lines}
   for rnd in range(args.rounds):
@@ -81,6 +82,7 @@ def main(argv=None):
         break
       env = dict(os.environ, PYTHONPATH=os.pathsep.join([path, os.environ.get("PYTHONPATH", "")]))
       cmd = [sys.executable, str(HERE / "loss_bench.py"), "one", *one]
+      r: dict[str, Any]
       try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         last = (p.stdout.strip().splitlines() or ["{}"])[-1]
