@@ -443,6 +443,13 @@ def test_the_ring_lowers_with_the_mosaic_kernels_for_cuda(monkeypatch):
   f = jax.jit(jax.value_and_grad(sharded(losses.max_margin), argnums=(0, 1)))
   text = f.trace(xs, xs, ts).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+  # float32 InfoNCE by the measured default: both passes on Mosaic too (since session 15), so
+  # four kernel call sites (each pass: the ring's hops and its last step), where a forward-only
+  # dispatch has two.
+  xf = jax.ShapeDtypeStruct((1024, 512), jnp.float32)
+  text = jax.jit(jax.value_and_grad(ring, argnums=(0, 1))).trace(xf, xf, ts)
+  text = text.lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 4, text.count("custom_call @mosaic_gpu")
 
 
 def test_profiling_records_the_kernels_built_inside_it(tmp_path):
