@@ -152,12 +152,14 @@ def _fit(cfg: TileConfig, rows: int, cols: int, d: int) -> TileConfig:
 # - bf16 InfoNCE: fused 11.9 ms (tuned `CONFIGS`) vs XLA 17.1 ms at 32,768; of the fused
 #   kernels, the Mosaic GPU forward ("mosaic", `_mosaic_tiles`) beats Triton's at 131,072
 #   (53.8 vs 60.9 ms; fwd + bwd 181.1 vs 189.8 ms, results/mosaic_tiles_h200/ run 8), its dS
-#   kernel does not (185.1 ms with both passes on Mosaic), so the backward stays Triton's.
+#   kernel did not then (185.1 ms with both passes on Mosaic): the backward stayed Triton's
+#   until session 14 (below).
 # - f32 InfoNCE: the Mosaic forward on tf32 wgmma 77.2 vs XLA 139.3 ms at 131,072, fwd + bwd
 #   316.6 vs 379.5 ms; at 32,768 19.7 vs 23.2 ms (run 8). With Mosaic's backward too: 311.3 ms
 #   (round ranges 302.5-313.3 vs 314.1-321.6) in run 8, 310.7 vs 313.1 ms with overlapping
-#   ranges in run 6: the XLA backward stays. Triton's tf32 products are slower than cuBLAS's
-#   (fused 24.0 vs XLA 23.4 ms at 32,768, results/loss_tune_h200_run1.json).
+#   ranges in run 6: the XLA backward stayed, until session 15 (below). Triton's tf32 products
+#   are slower than cuBLAS's (fused 24.0 vs XLA 23.4 ms at 32,768,
+#   results/loss_tune_h200_run1.json).
 # - bf16 max-margin: Mosaic forward, Triton backward 239.2 ms at 131,072 vs 252.6 on Triton,
 #   243.9 on Mosaic, 305.8 on XLA (run 9, round ranges apart); at 32,768 15.6 vs 16.3 ms,
 #   inside the noise (15.5-17.1 vs 16.2-18.5). With the backward that no longer reduces `dS c`
