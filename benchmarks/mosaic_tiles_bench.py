@@ -57,7 +57,7 @@ VARIANTS = {
   # dS program (ncu5_h200.csv).
   "whole_ds": {"bwd": {"sliced_ds": False}},
   # One wgmma group left in flight before a stage goes back to the copy warpgroup (run 4, with
-  # the epilogue of then: no faster; run 21, with today's: no faster either).
+  # the epilogue of then: no faster; run 21, with today's: no faster either, inside the noise).
   "release1": {"fwd": {"release": 1}, "bwd": {"release": 1}},
   # The float32 backward on 64 x 128 sub-tiles per warpgroup in place of 128 x 64: one m64n128
   # tf32 wgmma reads 6 KiB of shared memory per 64K multiply-adds where two m64n64 read 8, and
@@ -273,10 +273,10 @@ def matmul_tflops(dtype="bf16") -> float:
 # run 18 the slices against whole-tile dS ("auto:whole_ds"), run 19 the sweep's column state in
 # the inner loop's carry against the inner scan's ys (commit 29ddb95's "scan_state"; inside the
 # noise, and the carry form was removed), run 20 nothing (its checks took the deadline), run 21
-# "release1" (no faster), run 22 the float32 backward on 64 x 128 sub-tiles (faster, with four
+# "release1" (no faster, inside the noise), run 22 the float32 backward on 64 x 128 sub-tiles (faster, with four
 # stages; since then the default, and InfoNCE's f32 backward runs on Mosaic), run 23 the float32
-# forward on 64 x 128 sub-tiles with four or five stages (slower), run 24 the bf16 backward on
-# 64 x 256 sub-tiles.
+# forward on 64 x 128 sub-tiles with four or five stages (no faster, inside the noise), run 24
+# the bf16 backward on 64 x 256 sub-tiles (max-margin slower, ranges apart).
 KERNELS = {
   ("infonce", "bf16"): ("auto", "auto:bf16_bwd_64x256"),
   ("max_margin", "bf16"): ("auto", "auto:bf16_bwd_64x256"),

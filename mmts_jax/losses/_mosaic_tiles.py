@@ -118,7 +118,8 @@ class MosaicConfig(NamedTuple):
 # m64n128 tf32 wgmma reads 6 KiB of shared memory per 64K multiply-adds where the 128 x 64
 # sub-tiles' two m64n64 read 8. At B = 131,072 (run 22, one call, medians and ranges) InfoNCE
 # took 287.0 (282.0-290.7) ms instead of 299.2 (294.0-301.8) on 128 x 64 sub-tiles, max-margin
-# 282.4 (279.5-286.2) instead of 292.7 (286.3-295.9); with three stages 293.9 and 289.9.
+# 282.4 (279.5-286.2) instead of 292.7 (286.3-295.9); with three stages 293.9 and 289.9, ranges
+# overlapping the 128 x 64 sub-tiles'.
 _DEFAULTS = {
   ("fwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64),
   ("bwd", "bfloat16"): MosaicConfig(stages=3, col_chunk=64, sliced_ds=True),
