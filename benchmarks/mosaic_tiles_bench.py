@@ -273,10 +273,11 @@ def matmul_tflops(dtype="bf16") -> float:
 # run 18 the slices against whole-tile dS ("auto:whole_ds"), run 19 the sweep's column state in
 # the inner loop's carry against the inner scan's ys (commit 29ddb95's "scan_state"; inside the
 # noise, and the carry form was removed), run 20 nothing (its checks took the deadline), run 21
-# "release1" (no faster, inside the noise), run 22 the float32 backward on 64 x 128 sub-tiles (faster, with four
-# stages; since then the default, and InfoNCE's f32 backward runs on Mosaic), run 23 the float32
-# forward on 64 x 128 sub-tiles with four or five stages (no faster, inside the noise), run 24
-# the bf16 backward on 64 x 256 sub-tiles (max-margin slower, ranges apart).
+# "release1" (no faster, inside the noise), run 22 the float32 backward on 64 x 128 sub-tiles
+# (faster, with four stages; since then the default, and InfoNCE's f32 backward runs on
+# Mosaic), run 23 the float32 forward on 64 x 128 sub-tiles with four or five stages (no
+# faster, inside the noise), run 24 the bf16 backward on 64 x 256 sub-tiles (max-margin slower,
+# ranges apart).
 KERNELS = {
   ("infonce", "bf16"): ("auto", "auto:bf16_bwd_64x256"),
   ("max_margin", "bf16"): ("auto", "auto:bf16_bwd_64x256"),
