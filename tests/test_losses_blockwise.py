@@ -247,10 +247,39 @@ def test_fused_gpu_tiles_compute_the_same_maths():
     blockwise.set_fused_tiles("yes")
 
 
+def _scan_lengths(jaxpr) -> set:
+  """The lengths of every `scan` in a traced function, nested ones included."""
+  found = set()
+
+  def walk(j):
+    for eq in j.eqns:
+      if eq.primitive.name == "scan":
+        found.add(eq.params["length"])
+      for v in eq.params.values():
+        for sub in v if isinstance(v, (list, tuple)) else [v]:
+          inner = getattr(sub, "jaxpr", None)
+          if inner is not None:
+            walk(getattr(inner, "jaxpr", inner))
+
+  walk(jaxpr.jaxpr)
+  return found
+
+
 def test_default_tile_is_clipped_to_the_batch_in_whole_sub_tiles():
   assert blockwise.resolve_blocks(None, 5000, 5000) == (5120, 5120)
   assert blockwise.resolve_blocks(None, 100, 100) == (100, 100)
+  # Taller tiles only from LARGE_BATCH rows per device up (the memory they cost below it).
+  assert blockwise.resolve_blocks(None, 131071, 131071) == (8192, 8192)
+  assert blockwise.resolve_blocks(None, 131072, 131072) == (16384, 8192)
   assert blockwise.resolve_blocks((8192, 300), 1000, 1000) == (1024, 300)
+  # Traced (not run) at B = 131,072: InfoNCE sweeps 8 row blocks of 16,384, the sigmoid, which
+  # keeps the square tile, 16 of 8,192.
+  x = jax.ShapeDtypeStruct((131072, 8), jnp.float32)
+  t = jax.ShapeDtypeStruct((131072,), jnp.float32)
+  nce = jax.make_jaxpr(lambda x, t: losses.infonce(x, x, t, impl="blockwise"))(x, t)
+  sig = jax.make_jaxpr(lambda x, t: losses.sigmoid(x, x, t, bias=-10.0, impl="blockwise"))(x, t)
+  assert _scan_lengths(nce) == {8, 16}  # rows outer, columns (8,192) inner
+  assert _scan_lengths(sig) == {16}
   # B = 200 in one 256 x 256 tile with 56 masked rows and columns.
   x, y, t = _inputs(200, 8, seed=10)
   got = compiled(lambda x, y, t: losses.infonce(x, y, t, impl="blockwise"))(x, y, t)

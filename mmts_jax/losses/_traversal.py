@@ -10,6 +10,7 @@ losses import it and not each other.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -35,6 +36,13 @@ __all__ = [
 # Default tile, (rows, cols). Large enough that each tile's matmul keeps a GPU's matrix units busy,
 # small enough that a few f32 tiles stay well under a GiB (see benchmarks/BENCHMARKS.md).
 DEFAULT_BLOCK = (8192, 8192)
+# From LARGE_BATCH rows up (per device), twice the rows: half the row blocks, so half the kernel
+# launches and column-state updates. On one H200 (benchmarks/results/loss_h200_session16/),
+# bf16 InfoNCE at B = 131,072 took 150.4 / 153.1 ms instead of 157.6 / 157.5, at 1.36 GiB
+# instead of 1.10; at B = 32,768 9.56 ms instead of 10.20 but 0.60 GiB instead of 0.44 (f32:
+# 1.00 instead of 0.72), so smaller batches keep the square tile.
+LARGE_BATCH = 131072
+LARGE_BATCH_BLOCK = (16384, 8192)
 # The fused kernels' sub-tile edge (rows and columns per Triton program): tiles are clipped to the
 # batch in whole sub-tiles so a ragged batch still takes the fused path, masked.
 SUB = 128
@@ -45,15 +53,21 @@ class Blocks(NamedTuple):
   cols: int
 
 
-def resolve_blocks(block_size, rows: int, cols: int, fn: str = "blockwise") -> Blocks:
-  """`block_size` (None, an int for square tiles, or `(rows, cols)`) clipped to the batch.
+def resolve_blocks(
+  block_size, rows: int, cols: int, fn: str = "blockwise", default: tuple[int, int] | None = None
+) -> Blocks:
+  """`block_size` (None for the default, an int for square tiles, or `(rows, cols)`) clipped to
+  the batch. The default is `default` if given, else `DEFAULT_BLOCK`, or `LARGE_BATCH_BLOCK`
+  from `LARGE_BATCH` rows up.
 
   Example:
     >>> resolve_blocks(None, 5000, 5000)
     Blocks(rows=5120, cols=5120)
+    >>> resolve_blocks(None, 131072, 131072)
+    Blocks(rows=16384, cols=8192)
   """
   if block_size is None:
-    block_size = DEFAULT_BLOCK
+    block_size = default or (LARGE_BATCH_BLOCK if rows >= LARGE_BATCH else DEFAULT_BLOCK)
   if isinstance(block_size, (tuple, list)):
     if len(block_size) != 2:
       raise ValueError(f"{fn}: block_size must be an int or (rows, cols), got {block_size!r}")
@@ -198,14 +212,29 @@ def _grad_dots(ds, xr, yc, precision, out):
   return dx, dy
 
 
-def grad_products(ds, xr, yc, precision, centre: Centre | None):
+def _centred(v, mean):
+  """`v - mean` rounded back to `v`'s dtype."""
+  return (v.astype(mean.dtype) - mean).astype(v.dtype)
+
+
+def centred_rows(centre: Centre | None):
+  """The sweep's `prepare_rows` for a backward with this `centre` (None without one): each row
+  block's embeddings (the first entry of its row data) centred once per row block, outside the
+  loop over column blocks, and handed to every tile as `xr_c` (`grad_update`)."""
+  if centre is None:
+    return None
+  return lambda r: {"xr_c": _centred(r[0], centre.x)}
+
+
+def grad_products(ds, xr, yc, precision, centre: Centre | None, xr_c=None):
   """`(dS (Y_c - ybar), dS^T (X_r - xbar))` (`centre`'s means; without one, uncentred) with
-  `dS` in the operands' dtype, so low-precision embeddings run both on the fast units."""
+  `dS` in the operands' dtype, so low-precision embeddings run both on the fast units. `xr_c`:
+  `X_r - xbar` when the caller has it (`centred_rows`)."""
   op = jnp.result_type(xr, yc)
   out = compute_dtype(xr, yc)
   if centre is not None:
-    xr = (xr.astype(out) - centre.x).astype(op)
-    yc = (yc.astype(out) - centre.y).astype(op)
+    xr = _centred(xr, centre.x) if xr_c is None else xr_c
+    yc = _centred(yc, centre.y)
   return _grad_dots(ds.astype(op), xr, yc, precision, out)
 
 
@@ -216,11 +245,16 @@ def grad_zeros(shape, d: int, dtype, centre: Centre | None):
   return grad if centre is None else (grad, jnp.zeros(shape, centre.x.dtype))
 
 
-def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None):
+def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None, xr_c=None):
   """Adds one tile's `dS Y_c` to the row state `dx` and `dS^T X_r` to the column state `dy`
   (states from `grad_zeros`). `sums`: dS's float32 `(row, column)` sums when the caller has
-  them (the fused kernels), else taken from `ds` when `centre` needs them."""
-  ddx, ddy = grad_products(ds, xr, yc, precision, centre)
+  them (the fused kernels), else taken from `ds` when `centre` needs them. `xr_c`: the row
+  block centred (`centred_rows`), else it is centred here."""
+  ddx, ddy = grad_products(ds, xr, yc, precision, centre, xr_c)
+  # The column state is a slice of the sweep's carry: folded into the product (cuBLAS adds into
+  # its output), the slice would first be copied out and the result copied back; kept apart,
+  # the sum is one in-place dynamic-update-slice fusion.
+  ddy = lax.optimization_barrier(ddy)
   if centre is None:
     return dx + ddx, dy + ddy
   if sums is None:
@@ -235,35 +269,84 @@ def grad_finish(dx, dy, centre: Centre | None):
   added once (`Centre`)."""
   if centre is None:
     return dx, dy
-  (gx, sx), (gy, sy) = dx, dy
-  return gx + sx[..., None] * centre.y, gy + sy[..., None] * centre.x
+  return finish_grad(dx, centre.y), finish_grad(dy, centre.x)
+
+
+def finish_grad(state, mean):
+  """One side's gradient from its swept state (`grad_finish`): with centring (`state` a pair),
+  the rank-one term `(dS 1) mean^T` added; without, the state itself. Works on any block of it,
+  so a sweep can finish each row block as it is done (`sweep`'s `finish_rows`)."""
+  if mean is None or not isinstance(state, tuple):
+    return state
+  g, sums = state
+  return g + sums[..., None] * mean
 
 
 # ---------------------------------------------------------------------------------------------
 # Traversal: every row block meets every column block once.
 
 
-def sweep(tile: Callable, rows, cols, row_state, col_state):
+def sweep(
+  tile: Callable,
+  rows,
+  cols,
+  row_state,
+  col_state,
+  prepare_rows=None,
+  finish_rows=None,
+  axis_name=None,
+):
   """Runs `tile` over all (row block, column block) pairs.
 
   `rows`/`row_state` are pytrees of `(nR, Br, ...)` arrays, `cols`/`col_state` of `(nC, Bc, ...)`.
-  `tile(r, c, rs, cs) -> (rs, cs)` sees one block of each. The row state stays in the inner
-  loop's carry; the column state is threaded through as the inner scan's xs/ys, so no
-  dynamic-update-slice of a large buffer is needed.
+  `tile(r, c, rs, cs) -> (rs, cs)` sees one block of each. `prepare_rows(r) -> dict`, if given,
+  runs once per row block, outside the loop over column blocks, and its entries reach every
+  tile of that row block as keyword arguments (XLA does not hoist such work out of the inner
+  loop itself: the profiles showed it once per tile). `finish_rows(rs, i) -> out`, if given,
+  turns row block `i`'s state into what the caller keeps of it once all its columns are done
+  (the gradient in the embeddings' dtype, say), and the sweep returns the stacked `out` in
+  place of the row state: the whole float32 row state then never exists at once (it is read a
+  block at a time from `row_state`, which, when it is zeros, XLA need not build). `axis_name`:
+  the mesh axes the sweep runs inside (`shard_map`), which the stacked `out` varies over.
+
+  Both states stay whole in the loops' carries, and each block of them is read and written back
+  in place (a dynamic-update-slice of the carry). Threaded through a scan as xs / ys instead, a
+  state is two buffers, the one read and the one written (for the backward's float32 gradient
+  states, 256 MiB each at B = 131,072, D = 512), and the inner scan's ys a fresh buffer per row
+  block, zero-filled and copied back into the outer loop's carry.
   """
+  n_rows = jax.tree.leaves(rows)[0].shape[0]
+  n_cols = jax.tree.leaves(cols)[0].shape[0]
 
-  def outer(cs_all, r_xs):
-    r, rs = r_xs
+  def block(tree, i):
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
-    def inner(rs, c_xs):
-      c, cs = c_xs
-      return tile(r, c, rs, cs)
+  def put(tree, v, i):
+    return jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, i, 0), tree, v)
 
-    rs, cs_all = lax.scan(inner, rs, (cols, cs_all))
-    return cs_all, rs
+  def outer(states, r_xs):
+    out_all, cs_all = states
+    r, i = r_xs
+    kw = {} if prepare_rows is None else prepare_rows(r)
+    rs = block(out_all if finish_rows is None else row_state, i)
 
-  col_state, row_state = lax.scan(outer, col_state, (rows, row_state))
-  return row_state, col_state
+    def inner(carry, c_xs):
+      rs, cs_all = carry
+      c, j = c_xs
+      rs, cs = tile(r, c, rs, block(cs_all, j), **kw)
+      return (rs, put(cs_all, cs, j)), None
+
+    (rs, cs_all), _ = lax.scan(inner, (rs, cs_all), (cols, jnp.arange(n_cols)))
+    return (put(out_all, rs if finish_rows is None else finish_rows(rs, i), i), cs_all), None
+
+  if finish_rows is None:
+    out = row_state  # updated in place
+  else:
+    one = jax.eval_shape(finish_rows, block(row_state, 0), jnp.int32(0))
+    out = jax.tree.map(lambda a: jnp.zeros((n_rows,) + a.shape, a.dtype), one)
+    out = varying(out, axis_name)
+  (out, col_state), _ = lax.scan(outer, (out, col_state), (rows, jnp.arange(n_rows)))
+  return out, col_state
 
 
 def _shift(tree, axis_name, n):
@@ -271,16 +354,18 @@ def _shift(tree, axis_name, n):
   return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
 
-def ring_traverse(step, fixed, moving, carry, axis_name):
-  """Visits every device's column blocks: `n` calls of `step(fixed, moving, carry)`.
+def ring_traverse(step, fixed, moving, carry, axis_name, last_step=None):
+  """Visits every device's column blocks: `n` calls of `step(fixed, moving, carry)`, the last
+  one of `last_step` if given.
 
   `fixed` (the visiting blocks and their read-only data) is forwarded to the next device before
   `step` runs, so the send overlaps it; `moving` (per-column state) is forwarded after `step`
   has updated it. After `n` hops `moving` is back on its own device; `carry` never moves.
   """
   n = axis_size(axis_name)
+  last_step = last_step or step
   if n == 1:
-    return step(fixed, moving, carry)
+    return last_step(fixed, moving, carry)
 
   def hop(state, _):
     fixed, moving, carry = state
@@ -289,21 +374,24 @@ def ring_traverse(step, fixed, moving, carry, axis_name):
     return (upcoming, _shift(moving, axis_name, n), carry), None
 
   (fixed, moving, carry), _ = lax.scan(hop, (fixed, moving, carry), None, length=n - 1)
-  carry, moving = step(fixed, moving, carry)  # the last block needs no onward send
+  carry, moving = last_step(fixed, moving, carry)  # the last block needs no onward send
   return carry, _shift(moving, axis_name, n)
 
 
-def traverse(tile, rows, fixed, moving, carry, axis_name):
+def traverse(tile, rows, fixed, moving, carry, axis_name, prepare_rows=None, finish_rows=None):
   """All local rows meet all columns: the local ones, or, with `axis_name`, every device's.
 
   `fixed` are the column blocks and their read-only data, `moving` the per-column state that
   accumulates over rows (and, sharded, travels home with its block); `carry` the row state.
-  Returns `(row state, column state)`.
+  `prepare_rows`, `finish_rows`: as `sweep`'s (on a ring the rows are finished in the last
+  hop, after they have met every device's columns). Returns `(row state, or what
+  `finish_rows` made of it, column state)`.
   """
 
-  def step(fixed, moving, carry):
-    return sweep(tile, rows, fixed, carry, moving)
+  def step(fixed, moving, carry, finish=None):
+    return sweep(tile, rows, fixed, carry, moving, prepare_rows, finish, axis_name)
 
+  last = functools.partial(step, finish=finish_rows)
   if axis_name is None:
-    return step(fixed, moving, carry)
-  return ring_traverse(step, fixed, moving, carry, axis_name)
+    return last(fixed, moving, carry)
+  return ring_traverse(step, fixed, moving, carry, axis_name, last)

@@ -38,7 +38,8 @@ def infonce(
       `O(B*D + tile)`); "auto" (default) is dense up to `dispatch.AUTO_DENSE_MAX` samples unless a
       `block_size` is given, blockwise otherwise.
     block_size: blockwise tile: an int (square) or `(rows, cols)`; None picks
-      `DEFAULT_BLOCK` clipped to B. Any B works, not only multiples of the tile.
+      `DEFAULT_BLOCK` (`LARGE_BATCH_BLOCK` from `LARGE_BATCH` rows per device up) clipped to B.
+      Any B works, not only multiples of the tile.
     sharded: with `axis_name`: "ring" passes blocks of the other modality round the devices
       (`ppermute`, no global logits or gathered batch on any device), "gather" all-gathers the
       batch (fine for small batches), "auto" gathers up to `dispatch.AUTO_GATHER_MAX` global

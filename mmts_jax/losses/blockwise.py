@@ -41,6 +41,8 @@ from mmts_jax.losses._pallas_tiles import set_fused_tiles, use_fused_tiles
 from mmts_jax.losses._traversal import (
   DEFAULT_BLOCK,
   Blocks,
+  centred_rows,
+  finish_grad,
   global_ids,
   grad_finish,
   grad_update,
@@ -92,7 +94,7 @@ def _nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   return _lse_update(rs, zr, 1), _lse_update(cs, zc, 0)
 
 
-def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None):
+def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None, xr_c=None):
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
@@ -105,7 +107,7 @@ def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, cent
   if mask_rows:
     pc = jnp.where(rid[:, None] >= 0, pc, 0.0)
   ds = (gr * ar)[:, None] * pr + (gc * ac)[None, :] * pc
-  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_c=xr_c)
   if need_a:
     # d lse_i / d(1/tau_i) = sum_j p_ij s_ij.
     dar = dar + jnp.sum(pr * s, axis=1)
@@ -208,12 +210,22 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd", **kw)
   bwd = _pallas_tiles.nce_bwd_tile if fused else _nce_bwd_tile
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a, centre=centre)
-  (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name)
-  dx, dy = grad_finish(dx, dy, centre)
   b = x.shape[0]
-  w = (gp * a)[:, None]
-  dx = (merge(dx, b) + w * y.astype(acc)).astype(x.dtype)
-  dy = (merge(dy, b) + w * x.astype(acc)).astype(y.dtype)
+  w = gp * a
+  ys, ws = split(y, blocks.rows), split(w, blocks.rows)
+
+  def finish(rs, i):
+    # Row block i's gradient, whole: the rank-one term and the positive pairs' term added and
+    # cast to x's dtype as soon as its sweep is done (no float32 row state for every block).
+    g, dar = rs
+    y_i, w_i = ys[i].astype(acc), ws[i][:, None]
+    return (finish_grad(g, None if centre is None else centre.y) + w_i * y_i).astype(x.dtype), dar
+
+  prep = centred_rows(centre)
+  (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name, prep, finish)
+  dx = merge(dx, b)
+  dy = merge(finish_grad(dy, None if centre is None else centre.x), b)
+  dy = (dy + w[:, None] * x.astype(acc)).astype(y.dtype)
   da = gr * merge(sr, b) + gc * merge(sc, b) + gp * pos if need_a else None
   return dx, dy, da
 
@@ -243,7 +255,8 @@ def infonce_blockwise(image, text, temperature, *, block_size=None, precision=No
   Args:
     image, text: `(B, D)` embeddings, used as given; bf16 accepted (f32 accumulation).
     temperature: scalar or `(B,)` per-anchor temperatures, > 0.
-    block_size: None (`DEFAULT_BLOCK`), an int (square tiles) or `(rows, cols)`; any `B` works.
+    block_size: None (the default tile, `resolve_blocks`), an int (square tiles) or
+      `(rows, cols)`; any `B` works.
     precision: matmul precision.
 
   Example:
@@ -290,7 +303,7 @@ def _mm_fwd_tile(precision, r, c, rs, cs):
   )
 
 
-def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None):
+def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
   xr, rr, ro, rid, gr = r
   yc, qc, co, cid, gc = c
   s = _cosines(xr, yc, rr, qc, precision)
@@ -299,7 +312,8 @@ def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None):
     keep & (co[None, :] + s > 0), gc[None, :], 0.0
   )
   # d/dx_i of s_ij = r_i q_j y_j. The scales' gradients come after the sweep (_hinge_sums_bwd).
-  return grad_update(rs, cs, ds * rr[:, None] * qc[None, :], xr, yc, precision, centre)
+  dsw = ds * rr[:, None] * qc[None, :]
+  return grad_update(rs, cs, dsw, xr, yc, precision, centre, xr_c=xr_c)
 
 
 def _mm_layout(x, y, r, q, ro, co, blocks, axis_name):
@@ -377,7 +391,8 @@ def _hinge_sums_bwd(op, blocks, precision, axis_name, res, g):
     tile = functools.partial(_pallas_tiles.mm_bwd_tile, precision, padded, centre=centre)
   else:
     tile = functools.partial(_mm_bwd_tile, precision, centre=centre)
-  dx, dy = grad_finish(*traverse(tile, rows, cols, col0, row0, axis_name), centre)
+  prep = centred_rows(centre)
+  dx, dy = grad_finish(*traverse(tile, rows, cols, col0, row0, axis_name, prep), centre)
   b = x.shape[0]
   dx, dy = merge(dx, b), merge(dy, b)
   # d/dr_i = sum_j dS_ij s_ij / r_i, and sum_j dS_ij s_ij = sum_j (dS r q^T)_ij <x_i, y_j>

@@ -39,6 +39,8 @@ from mmts_jax.losses import _checks, _pallas_tiles
 from mmts_jax.losses._pallas_tiles import use_fused_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
 from mmts_jax.losses._traversal import (
+  DEFAULT_BLOCK,
+  centred_rows,
   global_ids,
   grad_finish,
   grad_update,
@@ -55,6 +57,11 @@ from mmts_jax.normalize import compute_dtype
 
 __all__ = ["sigmoid_blockwise", "sigmoid_partial_sum"]
 
+# The sigmoid keeps the square default tile at every batch: the taller one from
+# `_traversal.LARGE_BATCH` rows up was measured for InfoNCE and max-margin (session 16), and the
+# sigmoid's own timings (benchmarks/BENCHMARKS.md) are on this one.
+SIGMOID_BLOCK = DEFAULT_BLOCK
+
 
 def _fwd_tile(precision, r, c, rs, cs):
   xr, ar, cr, rid = r
@@ -64,7 +71,7 @@ def _fwd_tile(precision, r, c, rs, cs):
   return rs + jnp.sum(lr, axis=1), cs + jnp.sum(lc, axis=0)
 
 
-def _bwd_tile(precision, r, c, rs, cs, *, centre=None):
+def _bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
   xr, ar, cr, rid, gr = r
   yc, ac, cc, cid, gc = c
   dx, sr, qr = rs
@@ -72,7 +79,7 @@ def _bwd_tile(precision, r, c, rs, cs, *, centre=None):
   s = matmul(xr, yc, precision)
   pr, pc = pair_slopes(s, rid, cid, ar, cr, ac, cc)
   ds = pair_cotangent(pr, pc, gr * ar, gc * ac)
-  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_c=xr_c)
   return (
     (dx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
     (dy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)),
@@ -138,7 +145,8 @@ def _sums_bwd(blocks, precision, axis_name, res, g):
   fused = use_fused_tiles(blocks, d, x.dtype, "sigmoid", "bwd")
   bwd = _pallas_tiles.sig_bwd_tile if fused else _bwd_tile
   tile = functools.partial(bwd, precision, centre=centre)
-  (dx, sr, qr), (dy, sc, qc) = traverse(tile, rows, cols, col0, row0, axis_name)
+  prep = centred_rows(centre)
+  (dx, sr, qr), (dy, sc, qc) = traverse(tile, rows, cols, col0, row0, axis_name, prep)
   dx, dy = grad_finish(dx, dy, centre)
   b = x.shape[0]
   da = gr * merge(sr, b) + gc * merge(sc, b)
@@ -184,5 +192,5 @@ def sigmoid_blockwise(image, text, temperature, *, bias, block_size=None, precis
     0.0201
   """
   b = image.shape[0]
-  blocks = resolve_blocks(block_size, b, b, "sigmoid")
+  blocks = resolve_blocks(block_size, b, b, "sigmoid", default=SIGMOID_BLOCK)
   return sigmoid_partial_sum(image, text, temperature, bias, blocks, precision, None) / (2 * b)

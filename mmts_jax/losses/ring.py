@@ -72,7 +72,7 @@ def sigmoid_ring(image, text, temperature, axis_name, *, bias, block_size=None, 
   sums of the columns travel with them and come home on the last hop.
   """
   b = image.shape[0]
-  blocks = resolve_blocks(block_size, b, b, "sigmoid")
+  blocks = resolve_blocks(block_size, b, b, "sigmoid", default=blockwise_sigmoid.SIGMOID_BLOCK)
   n = axis_size(axis_name)
   part = blockwise_sigmoid.sigmoid_partial_sum(
     image, text, temperature, bias, blocks, precision, axis_name
