@@ -87,6 +87,11 @@ VARIANTS = {
   "bf16_fwd_64_s5_lag": {"fwd": {"tile_m": 64, "stages": 5, "lag": True}},
   "bf16_bwd_64_s4": {"bwd": {"tile_m": 64, "stages": 4}},
   "bf16_bwd_64_s5_lag": {"bwd": {"tile_m": 64, "stages": 5, "lag": True}},
+  # The vectors copied to shared memory by TMA as each sub-tile's products start
+  # (`MosaicConfig.stage_vectors`), in both passes, or only the backward's (whose dS program
+  # reads six vectors where the forward's reads two).
+  "staged": {"fwd": {"stage_vectors": True}, "bwd": {"stage_vectors": True}},
+  "staged_bwd": {"bwd": {"stage_vectors": True}},
 }
 
 
@@ -289,19 +294,17 @@ def matmul_tflops(dtype="bf16") -> float:
 # (faster, with four stages; since then the default, and InfoNCE's f32 backward runs on
 # Mosaic), run 23 the float32 forward on 64 x 128 sub-tiles with four or five stages (no
 # faster, inside the noise), run 24 the bf16 backward on 64 x 256 sub-tiles (max-margin slower,
-# ranges apart). Next (queued in session 16, not yet run): the bf16 64-row sub-tiles with five
-# stages, with and without `lag`.
+# ranges apart), run 25 the bf16 64-row sub-tiles with five stages, with and without `lag`
+# (slower or no faster, one call), run 26 the bf16 backward's column sums of dS from a wgmma of
+# the staged dS (branch exp/mma-col-sums; no faster, max-margin slower), run 27 two-CTA
+# clusters sharing the rows (branch exp/cluster-multicast; no faster), run 28 the vectors
+# staged in shared memory ("staged", "staged_bwd"; each inside the noise or nearly, the
+# max-margin forward 5% faster, ranges touching), run 29 "staged" again, six rounds.
 KERNELS = {
-  ("infonce", "bf16"): (
-    "auto",
-    "auto:bf16_fwd_64_s5",
-    "auto:bf16_fwd_64_s5_lag",
-    "auto:bf16_bwd_64_s4",
-    "auto:bf16_bwd_64_s5_lag",
-  ),
-  ("max_margin", "bf16"): ("auto", "auto:bf16_fwd_64_s5_lag", "auto:bf16_bwd_64_s5_lag"),
-  ("infonce", "f32"): ("auto", "auto:f32_fwd_64_s4", "auto:f32_fwd_64_s5"),
-  ("max_margin", "f32"): ("auto", "auto:f32_fwd_64_s4", "auto:f32_fwd_64_s5"),
+  ("infonce", "bf16"): ("auto", "auto:staged"),
+  ("max_margin", "bf16"): ("auto", "auto:staged"),
+  ("infonce", "f32"): ("auto", "auto:staged"),
+  ("max_margin", "f32"): ("auto", "auto:staged"),
 }
 
 

@@ -197,6 +197,34 @@ def test_the_whole_tile_backward_matches_float64(whole_tile_backward):
 
 
 @pytest.fixture
+def staged_vectors():
+  """Both passes in both dtypes with the vectors copied to shared memory before the products
+  (`stage_vectors`: TMA copies and a barrier per warpgroup, which the interpreter simulates)."""
+  for kind in ("fwd", "bwd"):
+    for dt in (jnp.bfloat16, jnp.float32):
+      mt.set_config(kind, mt.config(kind, dt)._replace(stage_vectors=True), dt)
+  yield
+  for kind in ("fwd", "bwd"):
+    for dt in (jnp.bfloat16, jnp.float32):
+      mt.set_config(kind, None, dt)
+
+
+def test_kernels_reading_staged_vectors_match_float64(staged_vectors):
+  # The bounds of the tests above, on the same inputs; then the four programs lower for CUDA.
+  assert mt.config("fwd").stage_vectors and mt.config("bwd", jnp.float32).stage_vectors
+  x, y, ar, ac = _tile_inputs(512, 384, 128, seed=0)
+  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
+  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
+  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+  _check_nce_ds(need_sums=True, need_a=True)
+  _check_mm_kernels()
+  test_the_kernels_lower_to_mosaic_gpu_for_cuda()
+
+
+@pytest.fixture
 def cross_warp_columns(request):
   """Both passes with their columns reduced across warps in the products' layout (`col_chunk`
   0, as before session 13; two warpgroups take turns), for `request.param`'s dtype; the

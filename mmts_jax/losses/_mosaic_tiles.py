@@ -78,7 +78,11 @@ class MosaicConfig(NamedTuple):
   backward with `col_chunk`): its epilogue computes dS one `col_chunk` slice at a time, reading
   that slice's column vectors then, and holds each finished slice in `x`'s dtype until the
   staging is free, so neither the whole float32 dS nor whole-tile column vectors (32 registers
-  per thread each for 128 columns) are live at once.
+  per thread each for 128 columns) are live at once. `stage_vectors`: as a warpgroup's products
+  start, TMA copies its sub-tile's slices of the row and column vectors (temperatures,
+  logsumexps, weights, ...) into shared memory, and the epilogue reads them there instead of
+  from global memory, whose latency it would otherwise wait for (once for the rows, once per
+  slice of columns).
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -96,6 +100,7 @@ class MosaicConfig(NamedTuple):
   reduction_scratch: int = 2048
   col_chunk: int = 0
   sliced_ds: bool = False
+  stage_vectors: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -304,11 +309,14 @@ def _rows_and_columns(tile: _Tile, rows, columns) -> None:
     plgpu.barrier_arrive(turn.at[1])
 
 
-def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False):
+def _tiled_kernel(
+  cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False, prologue=None
+):
   """The shared skeleton: the persistent walk over sub-tiles, the TMA/wgmma pipeline over D,
   then `epilogue(s, tile, scratch)` per warpgroup with its float32 `(tile_m, tile_n)`
-  similarities `s` and its `_Tile`. `y_transposed`: `y_g` holds `Y^T` (the interpreter's
-  wgmma cannot read a transposed shared-memory operand)."""
+  similarities `s` and its `_Tile`; `prologue(tile, scratch)`, if given, runs before the
+  products. `y_transposed`: `y_g` holds `Y^T` (the interpreter's wgmma cannot read a
+  transposed shared-memory operand)."""
   pl, plgpu = _plgpu()
   br, d = x_g.shape
   bc = y_g.shape[1] if y_transposed else y_g.shape[0]
@@ -374,6 +382,9 @@ def _tiled_kernel(cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=F
       )
 
       def context(run):
+        if prologue is not None:
+          prologue(tile, scratch)
+
         @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
         def _acc(acc):
           # Named scopes are regions of Mosaic GPU's on-device profiler (`profiling`); without
@@ -508,6 +519,8 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       f"take col_chunk {tn * jnp.dtype(op).itemsize // 4}, got {chunk}"
     )
 
+  stage = cfg.stage_vectors
+
   def body(x_g, y_g, *refs):
     r_g, c_g = refs[:nr], refs[nr : nr + len(cvecs)]
     out_g = refs[nr + len(cvecs) :]
@@ -515,24 +528,49 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
     parts = out_g[1:] if with_ds else out_g
     row_g, col_g = parts[:nvec], parts[nvec:]
 
-    def loaders(tile):
-      """Per vector, a function reading the sub-tile's slice of it into registers."""
-      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
-      r = [functools.partial(_load, v.at[rows], layout.reduce(1), interpret) for v in r_g]
-      return r, [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
+    def sources(tile, scratch):
+      """The sub-tile's row and column vectors, as refs of `tm` / `tn` entries: its slices of
+      the global vectors, or with `stage_vectors` the warpgroup's copies in shared memory."""
+      if not stage:
+        rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
+        return [v.at[rows] for v in r_g], [v.at[cols] for v in c_g]
+      rsv, csv, _ = scratch[-1]
+      return [v.at[tile.wg] for v in rsv], [v.at[tile.wg] for v in csv]
 
-    def transposed_loaders(tile, c0):
+    def stage_vectors(tile, scratch):
+      """Before the products: the sub-tile's vector slices to the warpgroup's shared memory."""
+      rsv, csv, bar = scratch[-1]
+      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
+      plgpu.commit_smem()  # the last epilogue's threads are done reading the copies
+      for g, v in zip(r_g, rsv, strict=True):
+        plgpu.copy_gmem_to_smem(g.at[rows], v.at[tile.wg], bar.at[tile.wg])
+      for g, v in zip(c_g, csv, strict=True):
+        plgpu.copy_gmem_to_smem(g.at[cols], v.at[tile.wg], bar.at[tile.wg])
+
+    def vectors_ready(tile, scratch):
+      if stage:
+        plgpu.barrier_wait(scratch[-1][2].at[tile.wg])
+
+    def loaders(tile, scratch):
+      """Per vector, a function reading the sub-tile's slice of it into registers."""
+      rs, cs = sources(tile, scratch)
+      r = [functools.partial(_load, v, layout.reduce(1), interpret) for v in rs]
+      return r, [functools.partial(_load, v, layout.reduce(0), interpret) for v in cs]
+
+    def transposed_loaders(tile, c0, scratch):
       """For `lines` on `S[:, c0 : c0 + chunk]^T`: readers of its columns' vectors (its own)
       and of the rows' (the other axis), in the transposed layout."""
       t = plgpu.Layout.WGMMA_TRANSPOSED
-      rows, cols = pl.ds(tile.row0, tm), pl.ds(tile.col0 + c0, chunk)
-      own = [functools.partial(_load, v.at[cols], t.reduce(1), interpret) for v in c_g]
-      return own, [functools.partial(_load, v.at[rows], t.reduce(0), interpret) for v in r_g]
+      rs, cs = sources(tile, scratch)
+      own = [functools.partial(_load, v.at[pl.ds(c0, chunk)], t.reduce(1), interpret) for v in cs]
+      return own, [functools.partial(_load, v, t.reduce(0), interpret) for v in rs]
 
-    def slice_loaders(tile, c0):
+    def slice_loaders(tile, c0, scratch):
       """Readers of the column vectors' slice for columns `c0 : c0 + chunk` of the sub-tile."""
-      cols = pl.ds(tile.col0 + c0, chunk)
-      return [functools.partial(_load, v.at[cols], layout.reduce(0), interpret) for v in c_g]
+      _, cs = sources(tile, scratch)
+      return [
+        functools.partial(_load, v.at[pl.ds(c0, chunk)], layout.reduce(0), interpret) for v in cs
+      ]
 
     def transposed_sum(q, tsm, wg):
       """Column sums of the `(tm, chunk)` float32 tile `q`, through the warpgroup's slice of
@@ -542,7 +580,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
 
     def write_out(tile, scratch):
       """The sub-tile's dS (staged) and vectors (in `rsm`, `csm`) to global memory."""
-      (ds_smem, _), rsm, csm = scratch
+      (ds_smem, _), rsm, csm = scratch[:3]
       wg, rows, cols = tile.wg, pl.ds(tile.row0, tm), pl.ds(tile.col0, tn)
       plgpu.commit_smem()
       if ds_g is not None:
@@ -556,13 +594,14 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       """The backward with `sliced_ds`: `terms` per slice of `chunk` columns. Each slice's
       column sums go through the shared slices (the staging's memory), so its dS waits in
       registers, in `op`, until every slice is done."""
-      (ds_smem, tsm), rsm, csm = scratch
+      (ds_smem, tsm), rsm, csm = scratch[:3]
       wg = tile.wg
-      r, _ = loaders(tile)
+      vectors_ready(tile, scratch)
+      r, _ = loaders(tile, scratch)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last sub-tile's stores read smem
       row_sums, kept = [], []
       for c0 in range(0, tn, chunk):
-        t = terms(s[:, c0 : c0 + chunk], r, slice_loaders(tile, c0))
+        t = terms(s[:, c0 : c0 + chunk], r, slice_loaders(tile, c0, scratch))
         with jax.named_scope("rows"):
           sums = t.rows()
           row_sums = [a + b for a, b in zip(row_sums, sums, strict=True)] if row_sums else sums
@@ -579,9 +618,10 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
     def epilogue(s, tile, scratch):
       if with_ds and cfg.sliced_ds:
         return sliced_epilogue(s, tile, scratch)
-      (ds_smem, tsm), rsm, csm = scratch
+      (ds_smem, tsm), rsm, csm = scratch[:3]
       wg = tile.wg
-      r, c = loaders(tile)
+      vectors_ready(tile, scratch)
+      r, c = loaders(tile, scratch)
       if chunk and not with_ds:
         assert lines is not None
         t = _Terms(None, functools.partial(lines, s, r, c, 1), None)
@@ -598,7 +638,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
         if not with_ds:
           assert lines is not None
           tsm[wg] = s[:, c0 : c0 + chunk]
-          own, other = transposed_loaders(tile, c0)
+          own, other = transposed_loaders(tile, c0, scratch)
           return lines(_load_transposed(tsm.at[wg], interpret), own, other, 1)
         return [transposed_sum(q[:, c0 : c0 + chunk], tsm, wg) for q in tiles]
 
@@ -636,7 +676,14 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       buffers = plgpu.RefUnion(staging, slices)
     else:
       buffers = (staging, slices if chunk else None)
-    _tiled_kernel(cfg, x_g, y_g, epilogue, (buffers, *vectors), y_transposed=interpret)
+    scratch = (buffers, *vectors)
+    if stage:  # per vector and warpgroup its sub-tile's slice, and a barrier per warpgroup
+      rsv = [plgpu.SMEM((cfg.wgs, tm), v.dtype) for v in rvecs]
+      csv = [plgpu.SMEM((cfg.wgs, tn), v.dtype) for v in cvecs]
+      bar = plgpu.Barrier(num_arrivals=len(rvecs) + len(cvecs), num_barriers=cfg.wgs)
+      scratch = (*scratch, (rsv, csv, bar))
+    prologue = stage_vectors if stage else None
+    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, interpret, prologue)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
