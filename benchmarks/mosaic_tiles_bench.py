@@ -92,6 +92,10 @@ VARIANTS = {
   # reads six vectors where the forward's reads two).
   "staged": {"fwd": {"stage_vectors": True}, "bwd": {"stage_vectors": True}},
   "staged_bwd": {"bwd": {"stage_vectors": True}},
+  # Each compute warpgroup on every other sub-tile with a ring of its own
+  # (`MosaicConfig.pingpong`; two stages each: 128 KiB of rings beside the epilogue's 64).
+  "pingpong": {"fwd": {"pingpong": True, "stages": 2}, "bwd": {"pingpong": True, "stages": 2}},
+  "pingpong_fwd": {"fwd": {"pingpong": True, "stages": 2}},
 }
 
 
@@ -299,10 +303,11 @@ def matmul_tflops(dtype="bf16") -> float:
 # the staged dS (branch exp/mma-col-sums; no faster, max-margin slower), run 27 two-CTA
 # clusters sharing the rows (branch exp/cluster-multicast; no faster), run 28 the vectors
 # staged in shared memory ("staged", "staged_bwd"; each inside the noise or nearly, the
-# max-margin forward 5% faster, ranges touching), run 29 "staged" again, six rounds.
+# max-margin forward 5% faster, ranges touching), run 29 "staged" again, six rounds (the same),
+# run 30 the ping-pong walk ("pingpong", "pingpong_fwd").
 KERNELS = {
-  ("infonce", "bf16"): ("auto", "auto:staged"),
-  ("max_margin", "bf16"): ("auto", "auto:staged"),
+  ("infonce", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_fwd"),
+  ("max_margin", "bf16"): ("auto", "auto:pingpong"),
   ("infonce", "f32"): ("auto", "auto:staged"),
   ("max_margin", "f32"): ("auto", "auto:staged"),
 }

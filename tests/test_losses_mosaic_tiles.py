@@ -197,20 +197,26 @@ def test_the_whole_tile_backward_matches_float64(whole_tile_backward):
 
 
 @pytest.fixture
-def staged_vectors():
-  """Both passes in both dtypes with the vectors copied to shared memory before the products
-  (`stage_vectors`: TMA copies and a barrier per warpgroup, which the interpreter simulates)."""
+def pingpong_walk():
+  """Both passes in both dtypes on the ping-pong walk (`pingpong`: a ring of two stages per
+  compute warpgroup, every other sub-tile each, the copy warpgroup's own barriers), reading
+  their vectors from shared memory (`stage_vectors`: TMA copies and a barrier per warpgroup
+  before the products; the interpreter simulates both)."""
   for kind in ("fwd", "bwd"):
     for dt in (jnp.bfloat16, jnp.float32):
-      mt.set_config(kind, mt.config(kind, dt)._replace(stage_vectors=True), dt)
+      fields = {"pingpong": True, "stages": 2, "stage_vectors": True}
+      mt.set_config(kind, mt.config(kind, dt)._replace(**fields), dt)
   yield
   for kind in ("fwd", "bwd"):
     for dt in (jnp.bfloat16, jnp.float32):
       mt.set_config(kind, None, dt)
 
 
-def test_kernels_reading_staged_vectors_match_float64(staged_vectors):
-  # The bounds of the tests above, on the same inputs; then the four programs lower for CUDA.
+def test_kernels_on_the_pingpong_walk_match_float64(pingpong_walk):
+  # The bounds above. 512 x 384 on the interpreter's two CTAs: six sub-tiles each, three per
+  # warpgroup, so each stage of both rings is reused and its barriers pass several phases
+  # (the interpreter checks that every phase is waited for). Then the programs lower for CUDA.
+  assert mt.config("fwd").pingpong and mt.config("bwd", jnp.float32).pingpong
   assert mt.config("fwd").stage_vectors and mt.config("bwd", jnp.float32).stage_vectors
   x, y, ar, ac = _tile_inputs(512, 384, 128, seed=0)
   rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
@@ -222,6 +228,10 @@ def test_kernels_reading_staged_vectors_match_float64(staged_vectors):
   _check_nce_ds(need_sums=True, need_a=True)
   _check_mm_kernels()
   test_the_kernels_lower_to_mosaic_gpu_for_cuda()
+  with pytest.raises(ValueError, match="pingpong takes neither lag nor"):
+    mt.set_config("fwd", mt.config("fwd")._replace(col_chunk=0))
+  with pytest.raises(ValueError, match="pingpong takes neither lag nor"):
+    mt.set_config("bwd", mt.config("bwd")._replace(lag=True))
 
 
 @pytest.fixture

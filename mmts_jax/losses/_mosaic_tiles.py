@@ -82,7 +82,10 @@ class MosaicConfig(NamedTuple):
   start, TMA copies its sub-tile's slices of the row and column vectors (temperatures,
   logsumexps, weights, ...) into shared memory, and the epilogue reads them there instead of
   from global memory, whose latency it would otherwise wait for (once for the rows, once per
-  slice of columns).
+  slice of columns). `pingpong`: each compute warpgroup takes every other sub-tile of the CTA's
+  share with a ring of `stages` stages of its own (`_pingpong_kernel`), so one's epilogue can
+  run while the other's products do (FlashAttention-3's ping-pong); the copy warpgroup fills
+  the two rings in the order the sub-tiles are taken.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -101,6 +104,7 @@ class MosaicConfig(NamedTuple):
   col_chunk: int = 0
   sliced_ds: bool = False
   stage_vectors: bool = False
+  pingpong: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -183,6 +187,12 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
       )
     if cfg.ctas_per_sm < 1:
       raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
+    # Ping-ponging warpgroups would share Pallas's cross-warp reduction scratch at any time.
+    if cfg.pingpong and (cfg.lag or (cfg.wgs == 2 and not cfg.col_chunk)):
+      raise ValueError(
+        f"set_config: pingpong takes neither lag nor, with two warpgroups, col_chunk 0; got "
+        f"lag={cfg.lag}, col_chunk={cfg.col_chunk}"
+      )
     # The transposed read takes whole 64-row wgmma tiles of S^T.
     if cfg.col_chunk and (cfg.col_chunk % 64 or cfg.tile_n % cfg.col_chunk):
       raise ValueError(
@@ -423,6 +433,128 @@ def _tiled_kernel(
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _pingpong_kernel(
+  cfg: MosaicConfig, x_g, y_g, epilogue, scratch, y_transposed=False, prologue=None
+):
+  """`_tiled_kernel`'s contract on another walk: the CTA's share of `(tile_m, tile_n)`
+  sub-tiles is dealt to its compute warpgroups in turn (local sub-tile t to warpgroup
+  t % wgs), each with its own ring of `stages` shared-memory stages holding that sub-tile's
+  rows and columns, `tile_k` features at a time. The copy warpgroup fills the rings in the
+  order of the sub-tiles, waiting only for the ring it fills: while one warpgroup is in its
+  epilogue, the next one's products run from its own ring."""
+  pl, plgpu = _plgpu()
+  br, d = x_g.shape
+  bc = y_g.shape[1] if y_transposed else y_g.shape[0]
+  tm, tn, tk, wgs, depth = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.wgs, cfg.stages
+  m_iters, n_iters, k_iters = br // tm, bc // tn, d // tk
+  dtype = x_g.dtype
+  y_block = (tk, tn) if y_transposed else (tn, tk)
+  y_transforms = _swizzled(tn if y_transposed else tk, dtype)
+
+  @functools.partial(
+    pl.run_scoped,
+    xs=plgpu.SMEM((wgs, depth, tm, tk), dtype, transforms=_swizzled(tk, dtype)),
+    ys=plgpu.SMEM((wgs, depth, *y_block), dtype, transforms=y_transforms),
+    # Per warpgroup and stage: filled (two copies) and released (by its warpgroup).
+    full=plgpu.Barrier(num_arrivals=2, num_barriers=wgs * depth),
+    free=plgpu.Barrier(num_arrivals=1, num_barriers=wgs * depth),
+    scratch=scratch,
+    collective_axes="wg",
+  )
+  def _scope(xs, ys, full, free, scratch):
+    wg = lax.axis_index("wg")
+
+    def sub_tile(info):
+      """The local sub-tile's indices, its warpgroup, and the running count of that
+      warpgroup's pipeline steps before it (which picks the stages and barrier phases)."""
+      (lin,) = info.index
+      m_idx, n_idx = lin // n_iters, lin % n_iters
+      t = info.local_index
+      return m_idx, n_idx, t % wgs, (t // wgs) * k_iters
+
+    @pl.when(wg == wgs)
+    def _copies():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _fill(info):
+        m_idx, n_idx, owner, step0 = sub_tile(info)
+        for k in range(k_iters):
+          step = step0 + k
+          slot = lax.rem(step, depth)
+          b = owner * depth + slot
+
+          @pl.when(step >= depth)
+          def _wait(b=b):  # the stage's last contents are consumed
+            plgpu.barrier_wait(free.at[b])
+
+          x_src = x_g.at[pl.ds(m_idx * tm, tm), pl.ds(k * tk, tk)]
+          if y_transposed:
+            y_src = y_g.at[pl.ds(k * tk, tk), pl.ds(n_idx * tn, tn)]
+          else:
+            y_src = y_g.at[pl.ds(n_idx * tn, tn), pl.ds(k * tk, tk)]
+          plgpu.copy_gmem_to_smem(x_src, xs.at[owner, slot], full.at[b])
+          plgpu.copy_gmem_to_smem(y_src, ys.at[owner, slot], full.at[b])
+
+        @pl.when(info.local_index == info.num_local_steps - 1)
+        def _drain():  # every phase of a barrier is waited for: each used stage's last release
+          n = info.num_local_steps
+          for w in range(wgs):
+            steps = (n + wgs - 1 - w) // wgs * k_iters
+            for slot in range(depth):
+
+              @pl.when(steps > slot)
+              def _last(b=w * depth + slot):
+                plgpu.barrier_wait(free.at[b])
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(_compute_registers(40, wgs), action="increase")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tiles(info):
+        m_idx, n_idx, owner, step0 = sub_tile(info)
+
+        @pl.when(owner == wg)
+        def _own():
+          t = info.local_index
+          tile = _Tile(
+            row0=m_idx * tm,
+            col0=n_idx * tn,
+            m_idx=m_idx,
+            n_idx=n_idx,
+            wg=wg,
+            first=t < wgs,
+            last=t >= info.num_local_steps - wgs,
+            turn=None,
+          )
+          if prologue is not None:
+            prologue(tile, scratch)
+
+          @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
+          def _acc(acc):
+            with jax.named_scope("mma"):
+              for k in range(k_iters):
+                slot = lax.rem(step0 + k, depth)
+                b = wg * depth + slot
+                plgpu.barrier_wait(full.at[b])
+                y_s = ys.at[wg, slot]
+                y_op = y_s if y_transposed else plgpu.transpose_ref(y_s, (1, 0))
+                plgpu.wgmma(acc, xs.at[wg, slot], y_op)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(free.at[b])
+            with jax.named_scope("epilogue"):
+              epilogue(acc[...], tile, scratch)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _compute_registers(reserved: int, wgs: int) -> int:
+  """Registers per thread of each compute warpgroup when the copy warpgroup keeps `reserved`:
+  the register file's 512 per thread of one warpgroup shared out, at most 255, in 8s."""
+  return int(min(256, (512 - reserved) / wgs) // 8 * 8)
+
+
 # Set by `profiling`: Mosaic GPU's on-device profiler's settings for the kernels built inside it.
 _PROFILE: dict[str, Any] = {}
 
@@ -585,7 +717,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       plgpu.commit_smem()
       if ds_g is not None:
         plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
-      part = tile.m_idx * cfg.wgs + wg
+      part = tile.row0 // tm  # the row sub-tile's index
       for k in range(nvec):
         plgpu.copy_smem_to_gmem(rsm.at[wg, k], row_g[k].at[tile.n_idx, rows])
         plgpu.copy_smem_to_gmem(csm.at[wg, k], col_g[k].at[part, cols])
@@ -683,7 +815,8 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       bar = plgpu.Barrier(num_arrivals=len(rvecs) + len(cvecs), num_barriers=cfg.wgs)
       scratch = (*scratch, (rsv, csv, bar))
     prologue = stage_vectors if stage else None
-    _tiled_kernel(cfg, x_g, y_g, epilogue, scratch, interpret, prologue)
+    walk = _pingpong_kernel if cfg.pingpong else _tiled_kernel
+    walk(cfg, x_g, y_g, epilogue, scratch, interpret, prologue)
 
   return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
