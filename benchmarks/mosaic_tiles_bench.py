@@ -101,6 +101,15 @@ VARIANTS = {
   # measured). Checked once in the interpreter in session 17 (nce_stats, 512 x 384, D = 128,
   # against float64 within the tests' 1e-5); not timed yet.
   "pingpong_n64_fwd": {"fwd": {"pingpong": True, "stages": 3, "tile_n": 64}},
+  # The ping-pong walk with one group of products in flight (`release` 1: each stage goes back
+  # a step late, so the tensor cores are not left waiting between steps), both passes, and the
+  # same on the 128 x 64 forward. Checked once in the interpreter in session 17 (the suite's
+  # ping-pong test runs `release` 1; nce_stats on 128 x 64, three stages, against float64).
+  "pingpong_r1": {
+    "fwd": {"pingpong": True, "stages": 2, "release": 1},
+    "bwd": {"pingpong": True, "stages": 2, "release": 1},
+  },
+  "pingpong_n64_fwd_r1": {"fwd": {"pingpong": True, "stages": 3, "tile_n": 64, "release": 1}},
 }
 
 
@@ -310,10 +319,18 @@ def matmul_tflops(dtype="bf16") -> float:
 # staged in shared memory ("staged", "staged_bwd"; each inside the noise or nearly, the
 # max-margin forward 5% faster, ranges touching), run 29 "staged" again, six rounds (the same),
 # run 30 the ping-pong walk ("pingpong", "pingpong_fwd"; inside the noise). Next (queued in
-# session 17, not yet run): "pingpong" again and "pingpong_n64_fwd".
+# session 17, not yet run): "pingpong" again, "pingpong_r1", "pingpong_n64_fwd" and
+# "pingpong_n64_fwd_r1"; then `profile_tiles.py trace --programs mosaic_fwd,mosaic_ds
+# --variants ,pingpong_r1` for the fraction of time a warpgroup is in its products.
 KERNELS = {
-  ("infonce", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_n64_fwd"),
-  ("max_margin", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_n64_fwd"),
+  ("infonce", "bf16"): (
+    "auto",
+    "auto:pingpong",
+    "auto:pingpong_r1",
+    "auto:pingpong_n64_fwd",
+    "auto:pingpong_n64_fwd_r1",
+  ),
+  ("max_margin", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_r1", "auto:pingpong_n64_fwd"),
   ("infonce", "f32"): ("auto", "auto:staged"),
   ("max_margin", "f32"): ("auto", "auto:staged"),
 }

@@ -199,12 +199,13 @@ def test_the_whole_tile_backward_matches_float64(whole_tile_backward):
 @pytest.fixture
 def pingpong_walk():
   """Both passes in both dtypes on the ping-pong walk (`pingpong`: a ring of two stages per
-  compute warpgroup, every other sub-tile each, the copy warpgroup's own barriers), reading
+  compute warpgroup, every other sub-tile each, the copy warpgroup's own barriers; one group of
+  products left in flight, `release`, so each stage goes back a step late), reading
   their vectors from shared memory (`stage_vectors`: TMA copies and a barrier per warpgroup
   before the products; the interpreter simulates both)."""
   for kind in ("fwd", "bwd"):
     for dt in (jnp.bfloat16, jnp.float32):
-      fields = {"pingpong": True, "stages": 2, "stage_vectors": True}
+      fields = {"pingpong": True, "stages": 2, "release": 1, "stage_vectors": True}
       mt.set_config(kind, mt.config(kind, dt)._replace(**fields), dt)
   yield
   for kind in ("fwd", "bwd"):

@@ -85,7 +85,7 @@ class MosaicConfig(NamedTuple):
   slice of columns). `pingpong`: each compute warpgroup takes every other sub-tile of the CTA's
   share with a ring of `stages` stages of its own (`_pingpong_kernel`), so one's epilogue can
   run while the other's products do (FlashAttention-3's ping-pong); the copy warpgroup fills
-  the two rings in the order the sub-tiles are taken.
+  the two rings in the order the sub-tiles are taken (`release` applies there too).
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -531,18 +531,25 @@ def _pingpong_kernel(
           if prologue is not None:
             prologue(tile, scratch)
 
+          def release(k):  # step k's products are done: its stage goes back to the copies
+            plgpu.barrier_arrive(free.at[wg * depth + lax.rem(step0 + k, depth)])
+
           @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
           def _acc(acc):
             with jax.named_scope("mma"):
+              # `release` groups of products stay in flight, their stages held until done.
               for k in range(k_iters):
                 slot = lax.rem(step0 + k, depth)
-                b = wg * depth + slot
-                plgpu.barrier_wait(full.at[b])
+                plgpu.barrier_wait(full.at[wg * depth + slot])
                 y_s = ys.at[wg, slot]
                 y_op = y_s if y_transposed else plgpu.transpose_ref(y_s, (1, 0))
                 plgpu.wgmma(acc, xs.at[wg, slot], y_op)
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(free.at[b])
+                plgpu.wgmma_wait(cfg.release)
+                if k >= cfg.release:
+                  release(k - cfg.release)
+              plgpu.wgmma_wait(0)
+              for k in range(max(k_iters - cfg.release, 0), k_iters):
+                release(k)
             with jax.named_scope("epilogue"):
               epilogue(acc[...], tile, scratch)
 
