@@ -273,7 +273,6 @@ class _Tile(NamedTuple):
 
   row0: jax.Array  # first row of the sub-tile in the tile
   col0: jax.Array  # first column
-  m_idx: jax.Array  # CTA row block
   n_idx: jax.Array  # column sub-tile
   wg: jax.Array  # compute warpgroup
   first: jax.Array  # the CTA's first sub-tile
@@ -383,7 +382,6 @@ def _tiled_kernel(
       tile = _Tile(
         row0=m_idx * (cfg.wgs * tm) + wg * tm,
         col0=n_idx * tn,
-        m_idx=m_idx,
         n_idx=n_idx,
         wg=wg,
         first=info.local_index == 0,
@@ -521,7 +519,6 @@ def _pingpong_kernel(
           tile = _Tile(
             row0=m_idx * tm,
             col0=n_idx * tn,
-            m_idx=m_idx,
             n_idx=n_idx,
             wg=wg,
             first=t < wgs,
