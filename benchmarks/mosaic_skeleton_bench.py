@@ -42,6 +42,15 @@ SKELETONS = {
   "m64_s5": {"tile_m": 64, "stages": 5},
   "n256_m64": {"tile_m": 64, "tile_n": 256},
   "one_wg_2cta": {"wgs": 1, "ctas_per_sm": 2, "stages": 2},
+  # One compute warpgroup per SM, so its products never share the tensor cores: how fast one
+  # warpgroup's 128 x 128 products run alone, the rate the ping-pong walk needs from each.
+  "one_wg_s4": {"wgs": 1, "stages": 4},
+  "one_wg_s6": {"wgs": 1, "stages": 6},
+  # The ping-pong walk (each warpgroup its own ring, rows and columns unshared: 64 FLOP per
+  # byte read where the shared ring has 85); with a light epilogue both warpgroups are mostly
+  # in their products at once, so this asks whether the walk can feed them.
+  "pingpong": {"pingpong": True, "stages": 2},
+  "pingpong_s3": {"pingpong": True, "stages": 3},
 }
 # results/loss_h200_session17/skeleton2.json also has "cluster2" ({"cluster": 2}) and
 # "cluster2_s4" ({"cluster": 2, "stages": 4}): two-CTA clusters multicasting the rows, an option
@@ -113,7 +122,14 @@ def compiled(fn, variant, x, y):
 
   if variant is not None:
     fields = {"col_chunk": 0, **SKELETONS[variant]}
-    mt.set_config("fwd", mt.config("fwd", jnp.bfloat16)._replace(**fields), jnp.bfloat16)
+    cfg = mt.config("fwd", jnp.bfloat16)._replace(**fields)
+    if cfg.pingpong:
+      # `set_config` refuses the ping-pong walk with col_chunk 0 because the loss's epilogues
+      # would then share Pallas's cross-warp reduction scratch; the light epilogue reduces
+      # only along rows, inside each warp, so it takes none.
+      mt.CONFIGS[("fwd", "bfloat16")] = cfg
+    else:
+      mt.set_config("fwd", cfg, jnp.bfloat16)
   try:
     return jax.jit(fn).lower(x, y).compile()
   finally:

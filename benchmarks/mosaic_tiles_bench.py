@@ -110,6 +110,23 @@ VARIANTS = {
     "bwd": {"pingpong": True, "stages": 2, "release": 1},
   },
   "pingpong_n64_fwd_r1": {"fwd": {"pingpong": True, "stages": 3, "tile_n": 64, "release": 1}},
+  # The ping-pong walk with columns reduced across warps in the products' layout (`col_chunk`
+  # 0; the two warpgroups' column parts take turns). Session 18's skeleton runs (skeleton3)
+  # put one warpgroup's products alone at the rate of two (2.015 ms against 1.985 for 32,768^2)
+  # and the ping-pong skeleton at 2.083, so the walk can feed its products; what the loss's
+  # epilogue adds beside them is its transposes, 128 KiB of shared-memory traffic per
+  # sub-tile, beside the 512 KiB of TMA writes and wgmma reads the other warpgroup's
+  # products make. Reduced in place, the forward needs no slices: 64 KiB more for the rings.
+  "pingpong_c0_fwd": {
+    "fwd": {"pingpong": True, "stages": 2, "col_chunk": 0, "reduction_scratch": 16384}
+  },
+  "pingpong_c0_s3_fwd": {
+    "fwd": {"pingpong": True, "stages": 3, "col_chunk": 0, "reduction_scratch": 16384}
+  },
+  "pingpong_c0": {
+    "fwd": {"pingpong": True, "stages": 3, "col_chunk": 0, "reduction_scratch": 16384},
+    "bwd": {"pingpong": True, "stages": 2, "col_chunk": 0, "sliced_ds": False},
+  },
 }
 
 
@@ -322,15 +339,18 @@ def matmul_tflops(dtype="bf16") -> float:
 # session 17, not yet run): "pingpong" again, "pingpong_r1", "pingpong_n64_fwd" and
 # "pingpong_n64_fwd_r1"; then `profile_tiles.py trace --programs mosaic_fwd,mosaic_ds
 # --variants ,pingpong_r1` for the fraction of time a warpgroup is in its products.
+# Run 31 (session 18): "pingpong", "pingpong_r1", "pingpong_n64_fwd", "pingpong_n64_fwd_r1"
+# (no faster; the 128 x 64 forward slower, ranges apart). Next: the ping-pong walk with its
+# columns reduced in place ("pingpong_c0_fwd", "pingpong_c0_s3_fwd", "pingpong_c0").
 KERNELS = {
   ("infonce", "bf16"): (
     "auto",
     "auto:pingpong",
-    "auto:pingpong_r1",
-    "auto:pingpong_n64_fwd",
-    "auto:pingpong_n64_fwd_r1",
+    "auto:pingpong_c0_fwd",
+    "auto:pingpong_c0_s3_fwd",
+    "auto:pingpong_c0",
   ),
-  ("max_margin", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_r1", "auto:pingpong_n64_fwd"),
+  ("max_margin", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_c0_s3_fwd", "auto:pingpong_c0"),
   ("infonce", "f32"): ("auto", "auto:staged"),
   ("max_margin", "f32"): ("auto", "auto:staged"),
 }

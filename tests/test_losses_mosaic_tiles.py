@@ -235,10 +235,32 @@ def test_kernels_on_the_pingpong_walk_match_float64(pingpong_walk):
   assert "mosaic_gpu" in fwd.trace(xs, xs, v, v).lower(lowering_platforms=("cuda",)).as_text()
   bwd = jax.jit(lambda *a: mt.nce_ds(*a, need_sums=False, need_a=True))
   assert "mosaic_gpu" in bwd.trace(xf, xf, *([v] * 6)).lower(lowering_platforms=("cuda",)).as_text()
-  with pytest.raises(ValueError, match="pingpong takes neither lag nor"):
-    mt.set_config("fwd", mt.config("fwd")._replace(col_chunk=0))
-  with pytest.raises(ValueError, match="pingpong takes neither lag nor"):
+  with pytest.raises(ValueError, match="pingpong staggers the warpgroups itself"):
     mt.set_config("bwd", mt.config("bwd")._replace(lag=True))
+
+
+@pytest.fixture
+def pingpong_cross_warp_columns():
+  """The bf16 forward on the ping-pong walk with its columns reduced across warps (`col_chunk`
+  0), so the two warpgroups' column parts take turns on Pallas's reduction scratch."""
+  fields = {"pingpong": True, "stages": 2, "col_chunk": 0, "reduction_scratch": 16384}
+  mt.set_config("fwd", mt.config("fwd")._replace(**fields))
+  yield
+  mt.set_config("fwd", None)
+
+
+def test_pingpong_turns_match_float64_for_odd_and_even_shares(pingpong_cross_warp_columns):
+  # 384 x 384 is nine 128 x 128 sub-tiles on the interpreter's two CTAs: five on one (warpgroup
+  # 0 takes the last), four on the other (warpgroup 1 does), so both of the walk's final waits
+  # on the turns run; the interpreter fails a kernel that leaves a phase unwaited.
+  assert mt.config("fwd").pingpong and mt.config("fwd").col_chunk == 0
+  x, y, ar, ac = _tile_inputs(384, 384, 128, seed=4)
+  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
+  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
+  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
 
 
 @pytest.fixture

@@ -85,7 +85,9 @@ class MosaicConfig(NamedTuple):
   slice of columns). `pingpong`: each compute warpgroup takes every other sub-tile of the CTA's
   share with a ring of `stages` stages of its own (`_pingpong_kernel`), so one's epilogue can
   run while the other's products do (FlashAttention-3's ping-pong); the copy warpgroup fills
-  the two rings in the order the sub-tiles are taken (`release` applies there too).
+  the two rings in the order the sub-tiles are taken (`release` applies there too; with
+  `col_chunk` 0 the two warpgroups' column parts take turns on the reduction scratch, in the
+  order the walk deals the sub-tiles).
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -187,12 +189,9 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
       )
     if cfg.ctas_per_sm < 1:
       raise ValueError(f"set_config: ctas_per_sm must be >= 1, got {cfg.ctas_per_sm}")
-    # Ping-ponging warpgroups would share Pallas's cross-warp reduction scratch at any time.
-    if cfg.pingpong and (cfg.lag or (cfg.wgs == 2 and not cfg.col_chunk)):
-      raise ValueError(
-        f"set_config: pingpong takes neither lag nor, with two warpgroups, col_chunk 0; got "
-        f"lag={cfg.lag}, col_chunk={cfg.col_chunk}"
-      )
+    # The ping-pong walk staggers its warpgroups itself, one sub-tile apart.
+    if cfg.pingpong and cfg.lag:
+      raise ValueError("set_config: pingpong staggers the warpgroups itself; it takes no lag")
     # The transposed read takes whole 64-row wgmma tiles of S^T.
     if cfg.col_chunk and (cfg.col_chunk % 64 or cfg.tile_n % cfg.col_chunk):
       raise ValueError(
@@ -456,10 +455,13 @@ def _pingpong_kernel(
     # Per warpgroup and stage: filled (two copies) and released (by its warpgroup).
     full=plgpu.Barrier(num_arrivals=2, num_barriers=wgs * depth),
     free=plgpu.Barrier(num_arrivals=1, num_barriers=wgs * depth),
+    # Columns reduced across warps (`col_chunk` 0) share Pallas's reduction scratch: the two
+    # warpgroups' column parts take turns (`_rows_and_columns`), in the walk's order anyway.
+    turn=plgpu.Barrier(num_arrivals=1, num_barriers=2) if wgs == 2 and not cfg.col_chunk else None,
     scratch=scratch,
     collective_axes="wg",
   )
-  def _scope(xs, ys, full, free, scratch):
+  def _scope(xs, ys, full, free, turn, scratch):
     wg = lax.axis_index("wg")
 
     def sub_tile(info):
@@ -522,8 +524,8 @@ def _pingpong_kernel(
             n_idx=n_idx,
             wg=wg,
             first=t < wgs,
-            last=t >= info.num_local_steps - wgs,
-            turn=None,
+            last=jnp.bool_(False),  # the turns' last waits are `_drain_turns`, below
+            turn=turn,
           )
           if prologue is not None:
             prologue(tile, scratch)
@@ -549,6 +551,23 @@ def _pingpong_kernel(
                 release(k)
             with jax.named_scope("epilogue"):
               epilogue(acc[...], tile, scratch)
+
+        if turn is not None:
+          n = info.num_local_steps
+
+          @pl.when(info.local_index == n - 1)
+          def _drain_turns():
+            # Column parts alternate 0, 1, 0, ...; each warpgroup waits before its own for the
+            # other's last (warpgroup 0 not before its first). So one arrival is left: 1's last
+            # when the CTA's sub-tiles are even in number, 0's when odd. Every phase of a
+            # barrier is waited for.
+            @pl.when((wg == 0) & (n % 2 == 0))
+            def _even():
+              plgpu.barrier_wait(turn.at[1])
+
+            @pl.when((wg == 1) & (n % 2 == 1))
+            def _odd():
+              plgpu.barrier_wait(turn.at[0])
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
