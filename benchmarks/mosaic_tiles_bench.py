@@ -123,6 +123,15 @@ VARIANTS = {
   "pingpong_c0_s3_fwd": {
     "fwd": {"pingpong": True, "stages": 3, "col_chunk": 0, "reduction_scratch": 16384}
   },
+  # The ping-pong walk with its vectors staged by TMA (`stage_vectors`). Session 18's traces
+  # (trace9.json) put a warpgroup's products alone at 5.9-6.4 us per sub-tile on this walk
+  # with `release` 0 (7.9-8.4 with `release` 1, trace7.json) and its epilogue at 8.4-8.6:
+  # the epilogue, one warp per scheduler, now sets the pace, and each of its vector reads
+  # waits for global memory.
+  "pingpong_staged": {
+    "fwd": {"pingpong": True, "stages": 2, "stage_vectors": True},
+    "bwd": {"pingpong": True, "stages": 2, "stage_vectors": True},
+  },
   "pingpong_c0": {
     "fwd": {"pingpong": True, "stages": 3, "col_chunk": 0, "reduction_scratch": 16384},
     "bwd": {"pingpong": True, "stages": 2, "col_chunk": 0, "sliced_ds": False},
@@ -340,17 +349,16 @@ def matmul_tflops(dtype="bf16") -> float:
 # "pingpong_n64_fwd_r1"; then `profile_tiles.py trace --programs mosaic_fwd,mosaic_ds
 # --variants ,pingpong_r1` for the fraction of time a warpgroup is in its products.
 # Run 31 (session 18): "pingpong", "pingpong_r1", "pingpong_n64_fwd", "pingpong_n64_fwd_r1"
-# (no faster; the 128 x 64 forward slower, ranges apart). Next: the ping-pong walk with its
-# columns reduced in place ("pingpong_c0_fwd", "pingpong_c0_s3_fwd", "pingpong_c0").
+# (no faster; the 128 x 64 forward slower, ranges apart); run 32 the ping-pong walk with its
+# columns reduced in place ("pingpong_c0_fwd", "pingpong_c0_s3_fwd", "pingpong_c0"; slower,
+# ranges apart); run 33 "pingpong_staged".
 KERNELS = {
   ("infonce", "bf16"): (
     "auto",
     "auto:pingpong",
-    "auto:pingpong_c0_fwd",
-    "auto:pingpong_c0_s3_fwd",
-    "auto:pingpong_c0",
+    "auto:pingpong_staged",
   ),
-  ("max_margin", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_c0_s3_fwd", "auto:pingpong_c0"),
+  ("max_margin", "bf16"): ("auto", "auto:pingpong", "auto:pingpong_staged"),
   ("infonce", "f32"): ("auto", "auto:staged"),
   ("max_margin", "f32"): ("auto", "auto:staged"),
 }
