@@ -271,6 +271,7 @@ class _Tile(NamedTuple):
   """Where one warpgroup's sub-tile lies, and what its epilogue needs to take turns."""
 
   row0: jax.Array  # first row of the sub-tile in the tile
+  part: jax.Array  # row0 // tile_m, the row of the column partials it writes
   col0: jax.Array  # first column
   n_idx: jax.Array  # column sub-tile
   wg: jax.Array  # compute warpgroup
@@ -380,6 +381,11 @@ def _tiled_kernel(
       m_idx, n_idx = lin // n_iters, lin % n_iters
       tile = _Tile(
         row0=m_idx * (cfg.wgs * tm) + wg * tm,
+        # As a product, not `row0 // tm`: with the quotient (session 17's 6907c2a to 9502e3a)
+        # the bf16 max-margin forward took 53.8-54.0 ms at B = 131,072 (medians of runs 30-33),
+        # against 46.2-47.5 before (runs 25-29) and 47.7 with this again (run 34), InfoNCE's
+        # 41.6-43.2 throughout (results/loss_h200_session17/, results/loss_h200_session18/).
+        part=m_idx * cfg.wgs + wg,
         col0=n_idx * tn,
         n_idx=n_idx,
         wg=wg,
@@ -520,6 +526,7 @@ def _pingpong_kernel(
           t = info.local_index
           tile = _Tile(
             row0=m_idx * tm,
+            part=m_idx,
             col0=n_idx * tn,
             n_idx=n_idx,
             wg=wg,
@@ -740,7 +747,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       plgpu.commit_smem()
       if ds_g is not None:
         plgpu.copy_smem_to_gmem(ds_smem.at[wg], ds_g.at[rows, cols])
-      part = tile.row0 // tm  # the row sub-tile's index
+      part = tile.part
       for k in range(nvec):
         plgpu.copy_smem_to_gmem(rsm.at[wg, k], row_g[k].at[tile.n_idx, rows])
         plgpu.copy_smem_to_gmem(csm.at[wg, k], col_g[k].at[part, cols])
