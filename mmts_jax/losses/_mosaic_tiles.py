@@ -384,7 +384,7 @@ def _tiled_kernel(
         # As a product, not `row0 // tm`: with the quotient (session 17's 6907c2a to 9502e3a)
         # the bf16 max-margin forward took 53.8-54.0 ms at B = 131,072 (medians of runs 30-33),
         # against 46.2-47.5 before (runs 25-29) and 47.7 with this again (run 34), InfoNCE's
-        # 41.6-43.2 throughout (results/loss_h200_session17/, results/loss_h200_session18/).
+        # 41.6-43.3 throughout (results/loss_h200_session17/, results/loss_h200_session18/).
         part=m_idx * cfg.wgs + wg,
         col0=n_idx * tn,
         n_idx=n_idx,
