@@ -240,6 +240,44 @@ def test_kernels_on_the_pingpong_walk_match_float64(pingpong_walk):
 
 
 @pytest.fixture
+def pingpong_three_warpgroups():
+  """Both bf16 passes on the ping-pong walk with three compute warpgroups of 64-row sub-tiles
+  (the interpreter runs each CTA's four warpgroups as threads: two CTAs take the suite's eight
+  simulated devices)."""
+  for kind in ("fwd", "bwd"):
+    fields = {"pingpong": True, "wgs": 3, "tile_m": 64, "stages": 2}
+    mt.set_config(kind, mt.config(kind)._replace(**fields))
+  yield
+  for kind in ("fwd", "bwd"):
+    mt.set_config(kind, None)
+
+
+def test_three_pingpong_warpgroups_match_float64(pingpong_three_warpgroups):
+  # The bounds above. 384 x 384 is eighteen 64 x 128 sub-tiles, nine per CTA, three per
+  # warpgroup, so each warpgroup's ring is reused; the dS check's 256 x 256 deals a CTA's four
+  # sub-tiles 2, 1, 1. The max-margin kernels ran once on this walk in the interpreter (384 x
+  # 384, within these bounds) and are left to the GPU's checks for the suite's time.
+  assert mt.config("fwd").wgs == 3 and mt.config("bwd").pingpong
+  x, y, ar, ac = _tile_inputs(384, 384, 128, seed=5)
+  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
+  assert rm.shape == (3, 384) and cm.shape == (6, 384)
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
+  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
+  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+  _check_nce_ds(need_sums=True, need_a=True)
+  # 1,000 rows: 64-row sub-tiles do not divide them; the walk takes 1,024 (no CTA tile of 192).
+  assert not mt.supported(1000, 1024, 512, jnp.bfloat16) and mt.supported(
+    1024, 1024, 512, jnp.bfloat16
+  )
+  with pytest.raises(ValueError, match=r"wgs must be 1 or 2 \(3 with pingpong\), got 3"):
+    mt.set_config("fwd", mt.config("fwd")._replace(pingpong=False))
+  with pytest.raises(ValueError, match="three warpgroups reduce their columns on transposed"):
+    mt.set_config("fwd", mt.config("fwd")._replace(col_chunk=0))
+
+
+@pytest.fixture
 def pingpong_cross_warp_columns():
   """The bf16 forward on the ping-pong walk with its columns reduced across warps (`col_chunk`
   0), so the two warpgroups' column parts take turns on Pallas's reduction scratch."""

@@ -87,7 +87,8 @@ class MosaicConfig(NamedTuple):
   run while the other's products do (FlashAttention-3's ping-pong); the copy warpgroup fills
   the two rings in the order the sub-tiles are taken (`release` applies there too; with
   `col_chunk` 0 the two warpgroups' column parts take turns on the reduction scratch, in the
-  order the walk deals the sub-tiles).
+  order the walk deals the sub-tiles). Only this walk takes `wgs` 3 (with `col_chunk` > 0):
+  each warpgroup's epilogue then has two others' products to hide behind.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -171,8 +172,13 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
   if cfg is not None:
     # wgmma's shapes: 64-row warpgroup tiles, columns in 8s up to 256; chunks of D fill whole
     # 128-byte swizzles; the pipeline keeps `release` stages besides the one in use.
-    if cfg.wgs not in (1, 2):
-      raise ValueError(f"set_config: wgs must be 1 or 2, got {cfg.wgs}")
+    # Three compute warpgroups: on the ping-pong walk only, where each has its own ring and
+    # sub-tiles (the shared pipeline's turns and `lag` are written for two).
+    if cfg.wgs not in ((1, 2, 3) if cfg.pingpong else (1, 2)):
+      raise ValueError(
+        f"set_config: wgs must be 1 or 2 (3 with pingpong), got {cfg.wgs} "
+        f"(pingpong={cfg.pingpong})"
+      )
     if cfg.tile_m % 64 or not 0 < cfg.tile_n <= 256 or cfg.tile_n % 8:
       raise ValueError(
         f"set_config: tile_m must be a multiple of 64 and tile_n of 8 up to 256, got "
@@ -192,6 +198,11 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
     # The ping-pong walk staggers its warpgroups itself, one sub-tile apart.
     if cfg.pingpong and cfg.lag:
       raise ValueError("set_config: pingpong staggers the warpgroups itself; it takes no lag")
+    if cfg.wgs == 3 and not cfg.col_chunk:
+      raise ValueError(
+        "set_config: three warpgroups reduce their columns on transposed slices; they need "
+        "col_chunk > 0 (the turns on the reduction scratch are written for two)"
+      )
     # The transposed read takes whole 64-row wgmma tiles of S^T.
     if cfg.col_chunk and (cfg.col_chunk % 64 or cfg.tile_n % cfg.col_chunk):
       raise ValueError(
@@ -214,7 +225,9 @@ def supported(rows: int, cols: int, d: int, dtype, kind: str = "fwd") -> bool:
   if jnp.dtype(dtype).name not in DTYPES:
     return False
   cfg = config(kind, dtype)
-  return rows % (cfg.wgs * cfg.tile_m) == 0 and cols % cfg.tile_n == 0 and d % cfg.tile_k == 0
+  # The shared pipeline's CTA tile is `wgs` sub-tiles tall; the ping-pong walk deals single ones.
+  rows_per_tile = cfg.tile_m * (1 if cfg.pingpong else cfg.wgs)
+  return rows % rows_per_tile == 0 and cols % cfg.tile_n == 0 and d % cfg.tile_k == 0
 
 
 def _num_sms() -> int:
