@@ -173,9 +173,11 @@ def run_trace(directory, names, variants, out):
       continue
     time.sleep(0.5)
     new = sorted(set(glob.glob(os.path.join(directory, "*.json"))) - before)
+    # The copy warpgroup comes after the compute ones (both walks).
+    wgs = mt.config("bwd" if "_ds" in name else "fwd").wgs
     try:
       with open(new[-1]) as f:
-        result[key] = summarise(json.load(f))
+        result[key] = summarise(json.load(f), compute_wgs=wgs, wgs_per_cta=wgs + 1)
     except Exception as e:  # a trace that did not come is a result too
       result[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "files": new}
     print(key, json.dumps(result[key]), flush=True)

@@ -633,6 +633,12 @@ def test_the_trace_summary_measures_overlap_of_the_products():
     "wg1/epilogue": 1,
     "wg1/mma": 1,
   }
+  # Three compute warpgroups (tids 1-3, the copy warpgroup 4): the third's products over [6, 9]
+  # join the union; "both" is defined for two only.
+  region(3, "mma", 6.0, 9.0)
+  got = summarise({"traceEvents": events}, compute_wgs=3, wgs_per_cta=4)
+  assert got["ctas"] == 1 and got["fraction_any_wg_in_mma"] == pytest.approx(0.9)
+  assert got["fraction_both_wgs_in_mma"] is None and got["region_count"]["wg2/mma"] == 1
 
 
 def test_the_benchmarks_kernels_name_known_kernels_and_valid_variants():
