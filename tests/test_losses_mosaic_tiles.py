@@ -75,16 +75,23 @@ def _merge2(m, s):
   return top + np.log2((s * np.exp2(m - top)).sum(0))
 
 
-def test_stats_kernel_partials_merge_to_the_float64_logsumexps(wgs):
-  x, y, ar, ac = _tile_inputs(512, 384, 128, seed=0)
+def _check_nce_stats(br, bc, seed):
+  """`nce_stats` on a `(br, bc)` tile (D = 128) in the interpreter: its partials merge to the
+  float64 logsumexps within 1e-5. Returns the shapes of the row and column partials."""
+  x, y, ar, ac = _tile_inputs(br, bc, 128, seed=seed)
   rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
-  # (columns / tile_n, rows) row partials, (rows / tile_m, columns) column partials.
-  assert rm.shape == rl.shape == (3, 512) and cm.shape == cl.shape == (4, 384)
+  assert rm.shape == rl.shape and cm.shape == cl.shape
   s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
   want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
   want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
   np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
   np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+  return rm.shape, cm.shape
+
+
+def test_stats_kernel_partials_merge_to_the_float64_logsumexps(wgs):
+  # (columns / tile_n, rows) row partials, (rows / tile_m, columns) column partials.
+  assert _check_nce_stats(512, 384, seed=0) == ((3, 512), (4, 384))
 
 
 @pytest.mark.parametrize(("need_sums", "need_a"), [(True, True), (False, False)])
@@ -220,13 +227,7 @@ def test_kernels_on_the_pingpong_walk_match_float64(pingpong_walk):
   # backward (float32) program lower for CUDA.
   assert mt.config("fwd").pingpong and mt.config("bwd", jnp.float32).pingpong
   assert mt.config("fwd").stage_vectors and mt.config("bwd", jnp.float32).stage_vectors
-  x, y, ar, ac = _tile_inputs(512, 384, 128, seed=0)
-  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
-  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
-  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
-  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
-  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+  _check_nce_stats(512, 384, seed=0)
   _check_nce_ds(need_sums=True, need_a=True)  # (max-margin's epilogues ride the same walk)
   xs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
   xf = jax.ShapeDtypeStruct((1024, 512), jnp.float32)
@@ -258,14 +259,7 @@ def test_three_pingpong_warpgroups_match_float64(pingpong_three_warpgroups):
   # sub-tiles 2, 1, 1. The max-margin kernels ran once on this walk in the interpreter (384 x
   # 384, within these bounds) and are left to the GPU's checks for the suite's time.
   assert mt.config("fwd").wgs == 3 and mt.config("bwd").pingpong
-  x, y, ar, ac = _tile_inputs(384, 384, 128, seed=5)
-  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
-  assert rm.shape == (3, 384) and cm.shape == (6, 384)
-  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
-  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
-  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
-  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+  assert _check_nce_stats(384, 384, seed=5) == ((3, 384), (6, 384))
   _check_nce_ds(need_sums=True, need_a=True)
   # 1,000 rows: 64-row sub-tiles do not divide them; the walk takes 1,024 (no CTA tile of 192).
   assert not mt.supported(1000, 1024, 512, jnp.bfloat16) and mt.supported(
@@ -292,13 +286,7 @@ def test_pingpong_turns_match_float64_for_odd_and_even_shares(pingpong_cross_war
   # 0 takes the last), four on the other (warpgroup 1 does), so both of the walk's final waits
   # on the turns run; the interpreter fails a kernel that leaves a phase unwaited.
   assert mt.config("fwd").pingpong and mt.config("fwd").col_chunk == 0
-  x, y, ar, ac = _tile_inputs(384, 384, 128, seed=4)
-  rm, rl, cm, cl = map(np.asarray, mt.nce_stats(x, y, ar, ac, interpret=True))
-  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
-  want_r = _lse2(s * np.asarray(ar, np.float64)[:, None], 1)
-  want_c = _lse2(s * np.asarray(ac, np.float64)[None, :], 0)
-  np.testing.assert_allclose(_merge2(rm, rl), want_r, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(_merge2(cm, cl), want_c, atol=1e-5, rtol=0)
+  _check_nce_stats(384, 384, seed=4)
 
 
 @pytest.fixture
