@@ -427,7 +427,7 @@ def test_bad_tile_kernels_and_configs_are_refused():
   with pytest.raises(ValueError, match="kernel must be None, 'triton' or 'mosaic'"):
     pt.set_tile_kernel("wgmma")
   bad = [
-    (mt.MosaicConfig(wgs=3), "wgs must be 1 or 2, got 3"),
+    (mt.MosaicConfig(wgs=4, pingpong=True), r"wgs must be 1 or 2 \(3 with pingpong\), got 4"),
     (mt.MosaicConfig(tile_m=96), "tile_m must be a multiple of 64 .* got 96 x 128"),
     (mt.MosaicConfig(tile_n=512), "got 128 x 512"),
     (mt.MosaicConfig(tile_k=32), "tile_k must be a multiple of 64 for bfloat16, got 32"),
