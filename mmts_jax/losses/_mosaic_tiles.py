@@ -176,8 +176,7 @@ def set_config(kind: str, cfg: MosaicConfig | None, dtype=jnp.bfloat16) -> None:
     # sub-tiles (the shared pipeline's turns and `lag` are written for two).
     if cfg.wgs not in ((1, 2, 3) if cfg.pingpong else (1, 2)):
       raise ValueError(
-        f"set_config: wgs must be 1 or 2 (3 with pingpong), got {cfg.wgs} "
-        f"(pingpong={cfg.pingpong})"
+        f"set_config: wgs must be 1 or 2 (3 with pingpong), got {cfg.wgs} (pingpong={cfg.pingpong})"
       )
     if cfg.tile_m % 64 or not 0 < cfg.tile_n <= 256 or cfg.tile_n % 8:
       raise ValueError(
