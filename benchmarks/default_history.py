@@ -26,6 +26,18 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MEASURES = ("fwd_ms", "fwd_bwd_ms")
 
 
+def default_rows(rows) -> list[dict]:
+  """The rows of one tile-bench result that time the defaults. Rows without a loss or dtype
+  (the first runs, InfoNCE bf16 only, and other benches) are left out rather than guessed."""
+  return [
+    r
+    for r in rows or []
+    if isinstance(r, dict)
+    and r.get("kernel") == "auto"
+    and {"loss", "dtype", "B", "fwd_ms_all"} <= r.keys()
+  ]
+
+
 def load_runs(root: str = RESULTS) -> list[tuple[int, str, list[dict]]]:
   """`(number, path, default rows)` of every tile-bench run under `root`, by run number."""
   runs = []
@@ -35,16 +47,7 @@ def load_runs(root: str = RESULTS) -> list[tuple[int, str, list[dict]]]:
       continue
     with open(path) as f:
       data = json.load(f)
-    rows = data.get("rows") if isinstance(data, dict) else None
-    # Rows without a loss or dtype (the first runs, InfoNCE bf16 only, and other benches) are
-    # left out rather than guessed.
-    rows = [
-      r
-      for r in rows or []
-      if isinstance(r, dict)
-      and r.get("kernel") == "auto"
-      and {"loss", "dtype", "B", "fwd_ms_all"} <= r.keys()
-    ]
+    rows = default_rows(data.get("rows") if isinstance(data, dict) else None)
     if rows:
       runs.append((int(m.group(1)), os.path.relpath(path, root), rows))
   numbers = [n for n, _, _ in runs]
@@ -87,6 +90,15 @@ def history(runs, window: int = 3) -> list[dict]:
         )
         seen.setdefault(key, []).append(list(calls))
   return out
+
+
+def compare(rows, root: str = RESULTS, window: int = 3) -> list[dict]:
+  """`history`'s entries for a new run's `rows` (not yet under `root`), against the last
+  `window` runs there: `mosaic_tiles_bench.py` prints the ones that moved."""
+  runs = load_runs(root)
+  number = (runs[-1][0] if runs else 0) + 1
+  entries = history([*runs, (number, "this run", default_rows(rows))], window)
+  return [e for e in entries if e["run"] == number]
 
 
 def main(argv=None) -> int:

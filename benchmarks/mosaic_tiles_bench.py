@@ -649,9 +649,20 @@ def main(argv=None) -> int:
     if "fwd_bwd_ms" in row:
       rate = rates[row["dtype"]] * 1e12
       row["roofline"] = round(8 * row["B"] ** 2 * 512 / (row["fwd_bwd_ms"] / 1e3) / rate, 3)
+  # The defaults against the committed runs (`default_history.py`): a change to their code path
+  # shows in this run's output, not sessions later.
+  try:
+    from default_history import compare
+
+    result["default_vs_history"] = compare(result.get("rows", []))
+  except Exception:
+    result["default_vs_history"] = {"error": traceback.format_exc()[-2000:]}
   write()
   for row in result.get("rows", []):
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
+  for e in result["default_vs_history"] if isinstance(result["default_vs_history"], list) else []:
+    if e["shift"]:
+      print("default moved against the last runs:", json.dumps(e), flush=True)
   return 0
 
 

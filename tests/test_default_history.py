@@ -71,3 +71,34 @@ def test_refuses_a_bad_window_and_duplicate_run_numbers(tmp_path):
   _run(tmp_path / "b", 5, [2.0])
   with pytest.raises(ValueError, match="two result files share a run number"):
     default_history.load_runs(str(tmp_path))
+
+
+def test_a_new_runs_defaults_are_compared_with_the_last_committed_runs(tmp_path):
+  # What mosaic_tiles_bench.py stores under "default_vs_history" at the end of a run.
+  _run(tmp_path / "a", 7, [10.0, 10.5, 11.0])
+  _run(tmp_path / "a", 8, [10.2, 10.4, 11.5])
+  new = [
+    {
+      "loss": "infonce",
+      "dtype": "bf16",
+      "B": 1024,
+      "kernel": "auto",
+      "fwd_ms": 12.5,
+      "fwd_ms_all": [12.2, 12.5, 13.0],
+    },
+    {
+      "loss": "infonce",
+      "dtype": "bf16",
+      "B": 1024,
+      "kernel": "auto:x",
+      "fwd_ms": 1.0,
+      "fwd_ms_all": [1.0],
+    },
+  ]
+  (got,) = default_history.compare(new, str(tmp_path), window=2)
+  assert (got["run"], got["file"], got["shift"]) == (9, "this run", "up")
+  new[0]["fwd_ms"] = 10.9
+  assert default_history.compare(new, str(tmp_path))[0]["shift"] is None
+  assert default_history.compare(new, str(tmp_path / "none")) == [
+    dict(got, run=1, median=10.9, shift=None)
+  ]
