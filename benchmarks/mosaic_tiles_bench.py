@@ -113,10 +113,10 @@ VARIANTS = {
   # The ping-pong walk with columns reduced across warps in the products' layout (`col_chunk`
   # 0; the two warpgroups' column parts take turns). Session 18's skeleton runs (skeleton3)
   # put one warpgroup's products alone at the rate of two (2.015 ms against 1.985 for 32,768^2)
-  # and the ping-pong skeleton at 2.083, so the walk can feed its products; what the loss's
-  # epilogue adds beside them is its transposes, 128 KiB of shared-memory traffic per
-  # sub-tile, beside the 512 KiB of TMA writes and wgmma reads the other warpgroup's
-  # products make. Reduced in place, the forward needs no slices: 64 KiB more for the rings.
+  # and the ping-pong skeleton at 2.083, so the walk can feed its products. The guess that made
+  # these: the transposes' 128 KiB of shared-memory traffic per sub-tile slowed the other
+  # warpgroup's products. Reduced in place, the forward needs no slices (64 KiB more for the
+  # rings). Run 32: slower; trace9 then put the slow products on `release` 1, not the transposes.
   "pingpong_c0_fwd": {
     "fwd": {"pingpong": True, "stages": 2, "col_chunk": 0, "reduction_scratch": 16384}
   },
