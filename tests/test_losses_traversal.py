@@ -134,3 +134,41 @@ def test_no_centre_for_float32_or_when_switched_off(monkeypatch):
   assert (
     _traversal.gradient_centre(x.astype(jax.numpy.bfloat16), x.astype(jax.numpy.bfloat16)) is None
   )
+
+
+def test_k_major_float32_products_match_float64_and_the_blockwise_gradients(monkeypatch):
+  # The transposed (K-major) operands of the float32 gradient products change their layout,
+  # not their values: both products against float64, and the blockwise InfoNCE's gradients
+  # with the switch on against those with it off (CPU: "auto" would leave it off).
+  from mmts_jax.losses import blockwise
+
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  ds = jax.random.normal(k[0], (96, 64))
+  x, y = jax.random.normal(k[1], (96, 32)), jax.random.normal(k[2], (64, 32))
+  ds64, x64, y64 = (np.asarray(a, np.float64) for a in (ds, x, y))
+  monkeypatch.setattr(_traversal, "K_MAJOR_F32", True)
+  assert _traversal._k_major(jnp.float32) and not _traversal._k_major(jnp.bfloat16)
+  hi = jax.lax.Precision.HIGHEST
+  dx, dy = jax.jit(lambda *a: _traversal.grad_products(*a, hi, None))(ds, x, y)
+  chex.assert_shape((dx, dy), [(96, 32), (64, 32)])
+  # float32 products of 64 / 96 terms of O(1) against float64.
+  np.testing.assert_allclose(np.asarray(dx), ds64 @ y64, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dy), ds64.T @ x64, rtol=1e-5, atol=1e-4)
+
+  def grads():
+    img = jax.random.normal(k[1], (200, 32))
+    txt = jax.random.normal(k[2], (200, 32))
+    img, txt = (v / jnp.linalg.norm(v, axis=1, keepdims=True) for v in (img, txt))
+    tau = jnp.linspace(0.03, 0.1, 200)
+
+    def loss(i, t, tau):
+      return blockwise.infonce_blockwise(i, t, tau, block_size=64, precision=hi)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(img, txt, tau)
+
+  on = grads()
+  monkeypatch.setattr(_traversal, "K_MAJOR_F32", False)
+  off = grads()
+  # The same sums in another layout: float32 rounding apart at most.
+  for a, b in zip(on, off, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -613,7 +613,7 @@ def _program(kernel, kind, precision, xr, yc, vec_in, out_shape, *static, table=
   return _fused_call(bound, cfg, br, bc, d, vec_in, out_shape, xr)
 
 
-def _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_c):
+def _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_op):
   """`(dx, dy, rest)`: the gradient states `dx`, `dy` updated (`grad_update`) from a backward
   program's outputs `res` = dS, then (if `need_sums`) its float32 row and column sums for the
   centred bf16 products, then `rest`."""
@@ -622,7 +622,7 @@ def _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_c):
   if need_sums:
     sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
     res = res[2:]
-  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, sums, xr_c)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, sums, xr_op)
   return dx, dy, res
 
 
@@ -676,7 +676,7 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
 
 
-def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None, xr_c=None):
+def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None, xr_op=None):
   """The fused form of `blockwise._nce_bwd_tile` (same arguments, same result)."""
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
@@ -707,7 +707,7 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centr
     )
     biases = [_bias(rid, f32), _bias(cid, f32)] if masked else []
     out = call(xr, yc, *scales, *biases, *rest)
-  dx, dy, res = _grad_update(dx, dy, out, need_sums, xr, yc, precision, centre, xr_c)
+  dx, dy, res = _grad_update(dx, dy, out, need_sums, xr, yc, precision, centre, xr_op)
   if need_a:
     dar = dar + jnp.sum(res[0], axis=0)
     dac = dac + jnp.sum(res[1], axis=0)
@@ -803,7 +803,7 @@ def mm_fwd_tile(precision, padded, r, c, rs, cs):
   )
 
 
-def mm_bwd_tile(precision, padded, r, c, rs, cs, *, centre=None, xr_c=None):
+def mm_bwd_tile(precision, padded, r, c, rs, cs, *, centre=None, xr_op=None):
   """The fused form of `blockwise._mm_bwd_tile` (its arguments after `padded`, as for
   `mm_fwd_tile`; same result)."""
   xr, rr, ro, rid, gr = r
@@ -821,7 +821,7 @@ def mm_bwd_tile(precision, padded, r, c, rs, cs, *, centre=None, xr_c=None):
     outs = [("tile", op)] + (parts if need_sums else [])
     call = _program(_mm_ds_kernel, "bwd", precision, xr, yc, "rcrcrcrc", outs, need_sums)
     res = call(xr, yc, *vecs)
-  dx, dy, _ = _grad_update(rs, cs, res, need_sums, xr, yc, precision, centre, xr_c)
+  dx, dy, _ = _grad_update(rs, cs, res, need_sums, xr, yc, precision, centre, xr_op)
   return dx, dy
 
 
@@ -911,7 +911,7 @@ def sig_fwd_tile(precision, r, c, rs, cs):
   return rs + jnp.sum(rsum, axis=0).astype(rs.dtype), cs + jnp.sum(csum, axis=0).astype(cs.dtype)
 
 
-def sig_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
+def sig_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_op=None):
   """The fused form of `blockwise_sigmoid._bwd_tile` (same arguments, same result)."""
   xr, ar, cr, rid, gr = r
   yc, ac, cc, cid, gc = c
@@ -927,6 +927,6 @@ def sig_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
   )
   vecs = _sig_vectors(ar, ac, cr, cc)
   res = call(xr, yc, *vecs, rid, cid, (gr * ar).astype(f32), (gc * ac).astype(f32))
-  dx, dy, res = _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_c)
+  dx, dy, res = _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_op)
   dsr, dsc, dqr, dqc = (jnp.sum(p, axis=0).astype(sr.dtype) for p in res)
   return (dx, sr + dsr, qr + dqr), (dy, sc + dsc, qc + dqc)

@@ -202,14 +202,39 @@ def gradient_centre(x, y, axis_name=None) -> Centre | None:
   return Centre(*means)
 
 
-def _grad_dots(ds, xr, yc, precision, out):
-  dx = lax.dot_general(
-    ds, yc, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=out
-  )
-  dy = lax.dot_general(
-    ds, xr, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=out
-  )
-  return dx, dy
+# float32 gradient products on GPUs take the embeddings' blocks transposed, `(D, rows)`: the
+# contraction runs over their rows, which row-major blocks hold MN-major, and Hopper's tf32
+# `wgmma` reads K-major operands only. "auto": on GPUs; True / False: everywhere / nowhere (the
+# tests and benchmarks). Read at trace time.
+K_MAJOR_F32: bool | str = "auto"
+
+
+def _k_major(dtype) -> bool:
+  if jnp.dtype(dtype) != jnp.float32:
+    return False
+  if K_MAJOR_F32 == "auto":
+    return jax.default_backend() == "gpu"
+  return bool(K_MAJOR_F32)
+
+
+def _grad_dots(ds, xr, yc, precision, out, xr_t=None):
+  """`(dS Y_c, dS^T X_r)`; K-major for float32 where `_k_major` says so, with `xr_t` the row
+  block already transposed when the caller has it."""
+
+  def dot(a, b, dims):
+    return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=out)
+
+  if not _k_major(ds.dtype):
+    return dot(ds, yc, ((1,), (0,))), dot(ds, xr, ((0,), (0,)))
+  yct = _transposed(yc)
+  xrt = _transposed(xr) if xr_t is None else xr_t
+  return dot(ds, yct, ((1,), (1,))), dot(ds, xrt, ((0,), (1,)))
+
+
+def _transposed(v):
+  """`v.T` as a copy XLA keeps: without the barrier it folds the transpose back into the
+  product's dimension numbers, and the operand is MN-major again."""
+  return lax.optimization_barrier(v.T)
 
 
 def _centred(v, mean):
@@ -217,25 +242,29 @@ def _centred(v, mean):
   return (v.astype(mean.dtype) - mean).astype(v.dtype)
 
 
-def centred_rows(centre: Centre | None):
-  """The sweep's `prepare_rows` for a backward with this `centre` (None without one): each row
-  block's embeddings (the first entry of its row data) centred once per row block, outside the
-  loop over column blocks, and handed to every tile as `xr_c` (`grad_update`)."""
-  if centre is None:
-    return None
-  return lambda r: {"xr_c": _centred(r[0], centre.x)}
+def product_rows(centre: Centre | None, dtype):
+  """The sweep's `prepare_rows` for a backward's gradient products over embeddings of `dtype`:
+  each row block's embeddings (the first entry of its row data) as the products take them,
+  made once per row block, outside the loop over column blocks, and handed to every tile as
+  `xr_op` (`grad_update`): centred with a `centre`, transposed where float32 products take
+  K-major operands (`K_MAJOR_F32`); None when neither."""
+  if centre is not None:
+    return lambda r: {"xr_op": _centred(r[0], centre.x)}
+  if _k_major(dtype):
+    return lambda r: {"xr_op": _transposed(r[0])}
+  return None
 
 
-def grad_products(ds, xr, yc, precision, centre: Centre | None, xr_c=None):
+def grad_products(ds, xr, yc, precision, centre: Centre | None, xr_op=None):
   """`(dS (Y_c - ybar), dS^T (X_r - xbar))` (`centre`'s means; without one, uncentred) with
-  `dS` in the operands' dtype, so low-precision embeddings run both on the fast units. `xr_c`:
-  `X_r - xbar` when the caller has it (`centred_rows`)."""
+  `dS` in the operands' dtype, so low-precision embeddings run both on the fast units. `xr_op`:
+  the row block as `product_rows` made it, when the caller has it."""
   op = jnp.result_type(xr, yc)
   out = compute_dtype(xr, yc)
-  if centre is not None:
-    xr = _centred(xr, centre.x) if xr_c is None else xr_c
-    yc = _centred(yc, centre.y)
-  return _grad_dots(ds.astype(op), xr, yc, precision, out)
+  if centre is None:
+    return _grad_dots(ds.astype(op), xr, yc, precision, out, xr_t=xr_op)
+  xr = _centred(xr, centre.x) if xr_op is None else xr_op
+  return _grad_dots(ds.astype(op), xr, _centred(yc, centre.y), precision, out)
 
 
 def grad_zeros(shape, d: int, dtype, centre: Centre | None):
@@ -245,12 +274,12 @@ def grad_zeros(shape, d: int, dtype, centre: Centre | None):
   return grad if centre is None else (grad, jnp.zeros(shape, centre.x.dtype))
 
 
-def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None, xr_c=None):
+def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None, xr_op=None):
   """Adds one tile's `dS Y_c` to the row state `dx` and `dS^T X_r` to the column state `dy`
   (states from `grad_zeros`). `sums`: dS's float32 `(row, column)` sums when the caller has
-  them (the fused kernels), else taken from `ds` when `centre` needs them. `xr_c`: the row
-  block centred (`centred_rows`), else it is centred here."""
-  ddx, ddy = grad_products(ds, xr, yc, precision, centre, xr_c)
+  them (the fused kernels), else taken from `ds` when `centre` needs them. `xr_op`: the row
+  block as `product_rows` made it, else it is prepared here."""
+  ddx, ddy = grad_products(ds, xr, yc, precision, centre, xr_op)
   # The column state is a slice of the sweep's carry: folded into the product (cuBLAS adds into
   # its output), the slice would first be copied out and the result copied back; kept apart,
   # the sum is one in-place dynamic-update-slice fusion.

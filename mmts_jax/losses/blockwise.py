@@ -41,7 +41,6 @@ from mmts_jax.losses._pallas_tiles import set_fused_tiles, use_fused_tiles
 from mmts_jax.losses._traversal import (
   DEFAULT_BLOCK,
   Blocks,
-  centred_rows,
   finish_grad,
   global_ids,
   grad_finish,
@@ -50,6 +49,7 @@ from mmts_jax.losses._traversal import (
   gradient_centre,
   matmul,
   merge,
+  product_rows,
   resolve_blocks,
   split,
   traverse,
@@ -94,7 +94,9 @@ def _nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
   return _lse_update(rs, zr, 1), _lse_update(cs, zc, 0)
 
 
-def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None, xr_c=None):
+def _nce_bwd_tile(
+  precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None, xr_op=None
+):
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
@@ -107,7 +109,7 @@ def _nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, cent
   if mask_rows:
     pc = jnp.where(rid[:, None] >= 0, pc, 0.0)
   ds = (gr * ar)[:, None] * pr + (gc * ac)[None, :] * pc
-  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_c=xr_c)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_op=xr_op)
   if need_a:
     # d lse_i / d(1/tau_i) = sum_j p_ij s_ij.
     dar = dar + jnp.sum(pr * s, axis=1)
@@ -221,7 +223,7 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
     y_i, w_i = ys[i].astype(acc), ws[i][:, None]
     return (finish_grad(g, None if centre is None else centre.y) + w_i * y_i).astype(x.dtype), dar
 
-  prep = centred_rows(centre)
+  prep = product_rows(centre, x.dtype)
   (dx, sr), (dy, sc) = traverse(tile, rows, cols, col0, row0, axis_name, prep, finish)
   dx = merge(dx, b)
   dy = merge(finish_grad(dy, None if centre is None else centre.x), b)
@@ -303,7 +305,7 @@ def _mm_fwd_tile(precision, r, c, rs, cs):
   )
 
 
-def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
+def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_op=None):
   xr, rr, ro, rid, gr = r
   yc, qc, co, cid, gc = c
   s = _cosines(xr, yc, rr, qc, precision)
@@ -313,7 +315,7 @@ def _mm_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
   )
   # d/dx_i of s_ij = r_i q_j y_j. The scales' gradients come after the sweep (_hinge_sums_bwd).
   dsw = ds * rr[:, None] * qc[None, :]
-  return grad_update(rs, cs, dsw, xr, yc, precision, centre, xr_c=xr_c)
+  return grad_update(rs, cs, dsw, xr, yc, precision, centre, xr_op=xr_op)
 
 
 def _mm_layout(x, y, r, q, ro, co, blocks, axis_name):
@@ -391,7 +393,7 @@ def _hinge_sums_bwd(op, blocks, precision, axis_name, res, g):
     tile = functools.partial(_pallas_tiles.mm_bwd_tile, precision, padded, centre=centre)
   else:
     tile = functools.partial(_mm_bwd_tile, precision, centre=centre)
-  prep = centred_rows(centre)
+  prep = product_rows(centre, x.dtype)
   dx, dy = grad_finish(*traverse(tile, rows, cols, col0, row0, axis_name, prep), centre)
   b = x.shape[0]
   dx, dy = merge(dx, b), merge(dy, b)

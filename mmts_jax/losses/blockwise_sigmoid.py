@@ -40,7 +40,6 @@ from mmts_jax.losses._pallas_tiles import use_fused_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
 from mmts_jax.losses._traversal import (
   DEFAULT_BLOCK,
-  centred_rows,
   global_ids,
   grad_finish,
   grad_update,
@@ -48,6 +47,7 @@ from mmts_jax.losses._traversal import (
   gradient_centre,
   matmul,
   merge,
+  product_rows,
   resolve_blocks,
   split,
   traverse,
@@ -71,7 +71,7 @@ def _fwd_tile(precision, r, c, rs, cs):
   return rs + jnp.sum(lr, axis=1), cs + jnp.sum(lc, axis=0)
 
 
-def _bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
+def _bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_op=None):
   xr, ar, cr, rid, gr = r
   yc, ac, cc, cid, gc = c
   dx, sr, qr = rs
@@ -79,7 +79,7 @@ def _bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_c=None):
   s = matmul(xr, yc, precision)
   pr, pc = pair_slopes(s, rid, cid, ar, cr, ac, cc)
   ds = pair_cotangent(pr, pc, gr * ar, gc * ac)
-  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_c=xr_c)
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_op=xr_op)
   return (
     (dx, sr + jnp.sum(pr * s, axis=1), qr + jnp.sum(pr, axis=1)),
     (dy, sc + jnp.sum(pc * s, axis=0), qc + jnp.sum(pc, axis=0)),
@@ -145,7 +145,7 @@ def _sums_bwd(blocks, precision, axis_name, res, g):
   fused = use_fused_tiles(blocks, d, x.dtype, "sigmoid", "bwd")
   bwd = _pallas_tiles.sig_bwd_tile if fused else _bwd_tile
   tile = functools.partial(bwd, precision, centre=centre)
-  prep = centred_rows(centre)
+  prep = product_rows(centre, x.dtype)
   (dx, sr, qr), (dy, sc, qc) = traverse(tile, rows, cols, col0, row0, axis_name, prep)
   dx, dy = grad_finish(dx, dy, centre)
   b = x.shape[0]
