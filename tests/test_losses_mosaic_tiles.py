@@ -206,38 +206,6 @@ def test_the_whole_tile_backward_matches_float64(whole_tile_backward):
 
 
 @pytest.fixture
-def tree_reductions():
-  """Both passes in both dtypes reducing their rows as balanced trees (`tree_reduce`)."""
-  for kind in ("fwd", "bwd"):
-    for dt in (jnp.bfloat16, jnp.float32):
-      mt.set_config(kind, mt.config(kind, dt)._replace(tree_reduce=True), dt)
-  yield
-  for kind in ("fwd", "bwd"):
-    for dt in (jnp.bfloat16, jnp.float32):
-      mt.set_config(kind, None, dt)
-
-
-def test_tree_reductions_match_float64_and_change_the_kernels(tree_reductions):
-  # The same bounds as the default kernels' tests (the trees reorder the sums, not what they
-  # sum), both losses and dtypes; then the lowered forward differs from the default's, so the
-  # option reaches the kernels.
-  _check_nce_stats(512, 384, seed=2)
-  _check_nce_ds(need_sums=True, need_a=True)
-  _check_mm_kernels()
-  test_float32_kernels_on_tf32_chunks_match_float64(None)  # its fixture only sets configs
-  xs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
-  v = jax.ShapeDtypeStruct((1024,), jnp.float32)
-
-  def lowered():
-    fwd = jax.jit(lambda x, y, a, b: mt.nce_stats(x, y, a, b))
-    return fwd.trace(xs, xs, v, v).lower(lowering_platforms=("cuda",)).as_text()
-
-  tree = lowered()
-  mt.set_config("fwd", None)
-  assert "mosaic_gpu" in tree and tree != lowered()
-
-
-@pytest.fixture
 def pingpong_walk():
   """Both passes in both dtypes on the ping-pong walk (`pingpong`: a ring of two stages per
   compute warpgroup, every other sub-tile each, the copy warpgroup's own barriers; one group of

@@ -88,11 +88,7 @@ class MosaicConfig(NamedTuple):
   the two rings in the order the sub-tiles are taken (`release` applies there too; with
   `col_chunk` 0 the two warpgroups' column parts take turns on the reduction scratch, in the
   order the walk deals the sub-tiles). Only this walk takes `wgs` 3 (with `col_chunk` > 0):
-  each warpgroup's epilogue then has two others' products to hide behind. `tree_reduce`: each
-  reduction along a sub-tile's rows (and along the transposed slices' rows) first halves the
-  row, combining the halves elementwise, while they stay whole 8-column groups of the wgmma
-  layout, then reduces the rest: balanced trees of independent instructions in place of one
-  dependent chain per row (`_reduce_rows`).
+  each warpgroup's epilogue then has two others' products to hide behind.
 
   Pallas Mosaic GPU gives every warpgroup the same shared-memory scratch for cross-warp
   reductions (the backward's column sums, and the forward's column maxima and sums with
@@ -112,7 +108,6 @@ class MosaicConfig(NamedTuple):
   sliced_ds: bool = False
   stage_vectors: bool = False
   pingpong: bool = False
-  tree_reduce: bool = False
 
 
 # Measured on one H200 (benchmarks/results/mosaic_tiles_h200/, run 3): two compute warpgroups
@@ -282,41 +277,6 @@ def _swizzled(cols: int, dtype):
 
 def _bcast(v, shape, dim):
   return lax.broadcast_in_dim(v, shape, [dim])
-
-
-# `MosaicConfig.tree_reduce` of the kernel being traced (`_pass` sets it around its tracing).
-_TREE = [False]
-
-
-@contextlib.contextmanager
-def _tree_reductions(on: bool):
-  _TREE.append(on)
-  try:
-    yield
-  finally:
-    _TREE.pop()
-
-
-def _reduce_rows(v, combine, reduce, axis: int):
-  """`reduce(v, axis)`; along axis 1 with `tree_reduce`, `v` is first halved along it while the
-  halves stay whole 8-column groups of the wgmma layout, the halves combined elementwise
-  (`combine`). A thread's entries of a row then meet in a balanced tree rather than one chain:
-  ncu's stall samples of the bf16 forward's epilogue (session 19) put 23% of its time on
-  `FMNMX` (the row maxima), mostly waiting for the instruction before."""
-  if _TREE[-1] and axis == 1:
-    n = v.shape[1]
-    while n % 16 == 0:
-      n //= 2
-      v = combine(v[:, :n], v[:, n:])
-  return reduce(v, axis=axis)
-
-
-def _max(v, axis: int):
-  return _reduce_rows(v, jnp.maximum, jnp.max, axis)
-
-
-def _sum(v, axis: int):
-  return _reduce_rows(v, jnp.add, jnp.sum, axis)
 
 
 class _Tile(NamedTuple):
@@ -790,7 +750,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
       """Column sums of the `(tm, chunk)` float32 tile `q`, through the warpgroup's slice of
       shared memory and back transposed, so each column is summed inside one warp."""
       tsm[wg] = q
-      return _sum(_load_transposed(tsm.at[wg], interpret), 1)
+      return jnp.sum(_load_transposed(tsm.at[wg], interpret), axis=1)
 
     def write_out(tile, scratch):
       """The sub-tile's dS (staged) and vectors (in `rsm`, `csm`) to global memory."""
@@ -900,8 +860,7 @@ def _pass(kind, x, y, rvecs, cvecs, terms, nvec: int, with_ds: bool, interpret, 
     walk = _pingpong_kernel if cfg.pingpong else _tiled_kernel
     walk(cfg, x_g, y_g, epilogue, scratch, interpret, prologue)
 
-  with _tree_reductions(cfg.tree_reduce):
-    return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
+  return _launch(body, out, interpret, cfg)(x, y.T if interpret else y, *rvecs, *cvecs)
 
 
 def _interleave(out, with_ds: bool, nvec: int):
@@ -927,8 +886,8 @@ def nce_stats(x, y, ar, ac, *, interpret: bool = False, like=None):
   def lines(v, own, other, axis):
     # Every scale is positive, so the scaled maximum is the scale times the maximum of S.
     a, d = own[0](), 1 - axis
-    m = a * _max(v, axis)
-    return [m, _sum(jnp.exp2(v * _bcast(a, v.shape, d) - _bcast(m, v.shape, d)), axis)]
+    m = a * jnp.max(v, axis=axis)
+    return [m, jnp.sum(jnp.exp2(v * _bcast(a, v.shape, d) - _bcast(m, v.shape, d)), axis)]
 
   def terms(s, r, c):
     return _Terms(None, lambda: lines(s, r, c, 1), lambda: lines(s, c, r, 0))
@@ -962,7 +921,7 @@ def nce_ds(
     ds = _row(w_r, shape) * pr + _col(w_c, shape) * pc
 
     def rows():
-      return [_sum(ds, 1)] * need_sums + [_sum(pr * s, 1)] * need_a
+      return [jnp.sum(ds, 1)] * need_sums + [jnp.sum(pr * s, 1)] * need_a
 
     def col_tiles():
       return [ds] * need_sums + [pc * s] * need_a
@@ -986,7 +945,7 @@ def _hinge_sum_count(sc, own, other, axis):
   d, zero = 1 - axis, jnp.zeros_like(sc)
   keep = _bcast(own[2](), sc.shape, d) != _bcast(other[2](), sc.shape, axis)
   h = jnp.where(keep, jnp.maximum(_bcast(own[1](), sc.shape, d) + sc, 0.0), zero)
-  return [_sum(h, axis), _sum(jnp.where(h > 0, 1.0, zero), axis)]
+  return [jnp.sum(h, axis), jnp.sum(jnp.where(h > 0, 1.0, zero), axis)]
 
 
 def mm_stats(x, y, rr, qc, ro, co, rid, cid, *, interpret: bool = False, like=None):
@@ -1045,7 +1004,7 @@ def mm_ds(
     dsw = ds * _row(rr, shape) * _col(qc, shape)
 
     def rows():
-      return [_sum(dsw, 1)] * need_sums
+      return [jnp.sum(dsw, 1)] * need_sums
 
     def col_tiles():
       return [dsw] * need_sums
