@@ -93,15 +93,19 @@ def regions(rows: list[dict]) -> dict[str, tuple[int, int]]:
 def summarise(rows: list[dict], top: int = 10) -> dict:
   stalls = [k for k in rows[0] if k.startswith("stall_") and "Not Issued" not in k]
   total = sum(_num(r, SAMPLES) for r in rows) or 1.0
-  by_stall = collections.Counter({s: sum(_num(r, s) for r in rows) for s in stalls})
-  by_op = collections.Counter()
+  by_stall = {s: sum(_num(r, s) for r in rows) for s in stalls}
+  by_op: dict[str, float] = collections.defaultdict(float)
   for r in rows:
     by_op[opcode(r.get("Source", ""))] += _num(r, SAMPLES)
+
+  def shares(counts: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+
   return {
     "samples": sum(_num(r, SAMPLES) for r in rows),
     "instructions": len(rows),
-    "stall_shares": {k[6:]: round(v / total, 3) for k, v in by_stall.most_common(top)},
-    "opcode_shares": {k: round(v / total, 3) for k, v in by_op.most_common(top)},
+    "stall_shares": {k[6:]: round(v / total, 3) for k, v in shares(by_stall)},
+    "opcode_shares": {k: round(v / total, 3) for k, v in shares(by_op)},
     "shared_wavefronts": sum(_num(r, "L1 Wavefronts Shared") for r in rows),
     "shared_wavefronts_ideal": sum(_num(r, "L1 Wavefronts Shared Ideal") for r in rows),
   }
