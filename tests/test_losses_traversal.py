@@ -172,3 +172,17 @@ def test_k_major_float32_products_match_float64_and_the_blockwise_gradients(monk
   # The same sums in another layout: float32 rounding apart at most.
   for a, b in zip(on, off, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_k_major_auto_is_hopper_only(monkeypatch):
+  # "auto" takes the transposed operands where they were measured (compute capability 9.x),
+  # for float32 only; the CPU here, an Ampere GPU and bf16 keep the plain layout.
+  class Dev:
+    def __init__(self, platform, cc):
+      self.platform, self.compute_capability = platform, cc
+
+  assert _traversal.K_MAJOR_F32 == "auto" and not _traversal._k_major(jnp.float32)
+  for platform, cc, want in (("gpu", "9.0", True), ("gpu", "8.0", False), ("tpu", "", False)):
+    monkeypatch.setattr(jax, "devices", lambda platform=platform, cc=cc: [Dev(platform, cc)])
+    assert _traversal._k_major(jnp.float32) is want, (platform, cc)
+    assert not _traversal._k_major(jnp.bfloat16)

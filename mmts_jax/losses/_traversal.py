@@ -202,10 +202,12 @@ def gradient_centre(x, y, axis_name=None) -> Centre | None:
   return Centre(*means)
 
 
-# float32 gradient products on GPUs take the embeddings' blocks transposed, `(D, rows)`: the
-# contraction runs over their rows, which row-major blocks hold MN-major, and Hopper's tf32
-# `wgmma` reads K-major operands only. "auto": on GPUs; True / False: everywhere / nowhere (the
-# tests and benchmarks). Read at trace time.
+# float32 gradient products on Hopper GPUs take the embeddings' blocks transposed, `(D, rows)`:
+# the contraction runs over their rows, which row-major blocks hold MN-major, and Hopper's tf32
+# `wgmma` reads K-major operands only. On one H200 (benchmarks/results/loss_h200_session19/)
+# f32 InfoNCE at B = 131,072 took 259.5-260.1 ms instead of 285.0-285.5. "auto": on compute
+# capability 9.x, where it was measured; True / False: everywhere / nowhere (the tests and
+# benchmarks). Read at trace time.
 K_MAJOR_F32: bool | str = "auto"
 
 
@@ -213,7 +215,8 @@ def _k_major(dtype) -> bool:
   if jnp.dtype(dtype) != jnp.float32:
     return False
   if K_MAJOR_F32 == "auto":
-    return jax.default_backend() == "gpu"
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
   return bool(K_MAJOR_F32)
 
 
