@@ -211,13 +211,16 @@ def gradient_centre(x, y, axis_name=None) -> Centre | None:
 K_MAJOR_F32: bool | str = "auto"
 
 
+def hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
 def _k_major(dtype) -> bool:
   if jnp.dtype(dtype) != jnp.float32:
     return False
-  if K_MAJOR_F32 == "auto":
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
-  return bool(K_MAJOR_F32)
+  return hopper() if K_MAJOR_F32 == "auto" else bool(K_MAJOR_F32)
 
 
 def _grad_dots(ds, xr, yc, precision, out, xr_t=None):
