@@ -26,7 +26,11 @@ ptxas's report of it: registers per thread, and the bytes of registers spilled t
 
 `loss`: the device kernels (`jax.profiler`) of one forward+backward of the blockwise loss at
 `--size`, per case and per kernel choice of `mosaic_tiles_bench.compiled`: each kernel's time
-per call, so the loss's time splits into the tile programs, the gradient products and the rest.
+per call, so the loss's time splits into the tile programs, the gradient products and the rest;
+and the stream's timeline (`gaps`): the span from the first kernel's start to the last one's end,
+the idle time between consecutive kernels in it, binned by length, and the longest gaps with the
+kernels on either side. `--hlo DIR` also writes each case's optimized HLO (gzipped) there, so the
+small kernels can be traced back to the operations XLA fused into them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import collections
 import ctypes
 import glob
+import gzip
 import json
 import os
 import re
@@ -229,7 +234,153 @@ def run_ptxas(names, variants, out):
   use_variant(None)
 
 
-def run_loss(size, cases, kernels, out, calls=2):
+# Gap bins of `gaps`, in microseconds (upper edges; the last bin is open).
+GAP_BINS_US = (1, 2, 5, 20, 100)
+
+
+def gaps(events, calls: int, top: int = 8) -> dict:
+  """The idle time of one stream between `calls` back-to-back calls' kernels.
+
+  `events`: `(start_ns, end_ns, name)` of every kernel on the stream. Returns the span (first
+  start to last end) and the busy and idle time per call, the gaps per call binned by length
+  (`GAP_BINS_US`), and the `top` longest gaps with the kernels before and after. Overlapping
+  kernels (none on one stream) count once.
+
+  Example:
+    >>> g = gaps([(0, 10_000, "a"), (13_000, 20_000, "b")], calls=1)
+    >>> g["idle_ms_per_call"], g["count_per_call"]["<=5us"]
+    (0.003, 1.0)
+  """
+  if calls < 1:
+    raise ValueError(f"gaps: calls must be >= 1, got {calls}")
+  ev = sorted(events)
+  if not ev:
+    return {"kernels_per_call": 0}
+  labels = [f"<={b}us" for b in GAP_BINS_US] + [f">{GAP_BINS_US[-1]}us"]
+  binned = dict.fromkeys(labels, 0.0)
+  time_in = dict.fromkeys(labels, 0.0)
+  longest, end, prev, busy = [], ev[0][1], ev[0][2], ev[0][1] - ev[0][0]
+  for start, stop, name in ev[1:]:
+    gap = start - end
+    if gap > 0:
+      us = gap / 1e3
+      label = next(
+        (lb for lb, b in zip(labels[:-1], GAP_BINS_US, strict=True) if us <= b), labels[-1]
+      )
+      binned[label] += 1
+      time_in[label] += gap
+      longest.append((gap, prev, name))
+    busy += max(0, stop - max(start, end))
+    if stop > end:
+      end, prev = stop, name
+  span = end - ev[0][0]
+  longest.sort(key=lambda t: -t[0])
+  return {
+    "kernels_per_call": round(len(ev) / calls, 1),
+    "span_ms_per_call": round(span / 1e6 / calls, 3),
+    "busy_ms_per_call": round(busy / 1e6 / calls, 3),
+    "idle_ms_per_call": round((span - busy) / 1e6 / calls, 3),
+    "count_per_call": {k: round(v / calls, 1) for k, v in binned.items()},
+    "idle_ms_per_call_by_bin": {k: round(v / 1e6 / calls, 3) for k, v in time_in.items()},
+    "longest": [
+      {"us": round(g / 1e3, 1), "after": a[:80], "before": b[:80]} for g, a, b in longest[:top]
+    ],
+  }
+
+
+def stream_events(trace_dir: str) -> dict[str, list]:
+  """`{"plane | line": [(start_ns, end_ns, name), ...]}` of the GPU stream lines of the newest
+  `jax.profiler` trace under `trace_dir`."""
+  from jax.profiler import ProfileData
+
+  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  out = {}
+  for plane in ProfileData.from_file(files[-1]).planes if files else ():
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "stream" in line.name.lower():
+        out[f"{plane.name} | {line.name}"] = [(e.start_ns, e.end_ns, e.name) for e in line.events]
+  return out
+
+
+def host_events(trace_dir: str, min_us: float = 20.0) -> list:
+  """`(start_ns, end_ns, name)` of the host planes' events of at least `min_us`."""
+  from jax.profiler import ProfileData
+
+  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  out = []
+  for plane in ProfileData.from_file(files[-1]).planes if files else ():
+    if plane.name.startswith("/host:"):
+      for line in plane.lines:
+        out += [
+          (e.start_ns, e.end_ns, e.name) for e in line.events if e.duration_ns >= min_us * 1e3
+        ]
+  return out
+
+
+def split_calls(annotations, kernels, host, top: int = 12) -> list:
+  """Per timed call (`annotations`: its `(start_ns, end_ns, name)` on the host): its wall time,
+  when its first kernel started after the call did (`dispatch_us`), how long after its last
+  kernel ended the call returned (`tail_us`), the GPU span between, and the longest host events
+  inside the call's dispatch (before its first kernel) and those that end in its tail.
+
+  Example:
+    >>> c = split_calls([(0, 100_000, "t0")], [(30_000, 90_000, "k")], [(1_000, 25_000, "launch")])
+    >>> c[0]["dispatch_us"], c[0]["gpu_span_us"], c[0]["tail_us"], c[0]["dispatch_host"][0]["name"]
+    (30.0, 60.0, 10.0, 'launch')
+  """
+  out = []
+  for a0, a1, name in sorted(annotations):
+    ks = [k for k in kernels if a0 <= k[0] and k[1] <= a1]
+    if not ks:
+      out.append({"call": name, "wall_us": round((a1 - a0) / 1e3, 1), "kernels": 0})
+      continue
+    k0, k1 = min(k[0] for k in ks), max(k[1] for k in ks)
+    inside = sorted(
+      (h for h in host if a0 <= h[0] < k0 and h[2] != name), key=lambda h: h[0] - h[1]
+    )
+    after = sorted(
+      (h for h in host if k1 <= h[1] <= a1 and h[2] != name), key=lambda h: h[0] - h[1]
+    )
+    out.append(
+      {
+        "call": name,
+        "wall_us": round((a1 - a0) / 1e3, 1),
+        "kernels": len(ks),
+        "dispatch_us": round((k0 - a0) / 1e3, 1),
+        "gpu_span_us": round((k1 - k0) / 1e3, 1),
+        "tail_us": round((a1 - k1) / 1e3, 1),
+        "dispatch_host": [
+          {
+            "name": h[2][:80],
+            "at_us": round((h[0] - a0) / 1e3, 1),
+            "us": round((h[1] - h[0]) / 1e3, 1),
+          }
+          for h in inside[:top]
+        ],
+        "tail_host": [
+          {
+            "name": h[2][:80],
+            "at_us": round((h[0] - a0) / 1e3, 1),
+            "us": round((h[1] - h[0]) / 1e3, 1),
+          }
+          for h in after[:top]
+        ],
+      }
+    )
+  return out
+
+
+def call_spans(trace_dir: str) -> list:
+  """`split_calls` of the `timed_call_*` annotations of the trace under `trace_dir`."""
+  host = host_events(trace_dir)
+  ann = [h for h in host if h[2].startswith("timed_call_")]
+  kernels = [k for v in stream_events(trace_dir).values() for k in v]
+  return split_calls(ann, kernels, host)
+
+
+def run_loss(size, cases, kernels, out, calls=2, hlo_dir=None):
   import jax
 
   result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv}
@@ -238,11 +389,18 @@ def run_loss(size, cases, kernels, out, calls=2):
       key = f"{loss}:{dtype}:{kernel}"
       try:
         x, y, _, both = compiled(kernel, size, loss, dtype)
+        if hlo_dir:
+          os.makedirs(hlo_dir, exist_ok=True)
+          with gzip.open(
+            os.path.join(hlo_dir, f"{key.replace(':', '_')}_{size}.hlo.gz"), "wt"
+          ) as f:
+            f.write(both.as_text())
         jax.block_until_ready(both(x, y))
         trace_dir = tempfile.mkdtemp(prefix="loss_trace_")
         jax.profiler.start_trace(trace_dir)
-        for _ in range(calls):
-          jax.block_until_ready(both(x, y))
+        for i in range(calls):
+          with jax.profiler.TraceAnnotation(f"timed_call_{i}"):
+            jax.block_until_ready(both(x, y))
         jax.profiler.stop_trace()
         total, count, lines = collections.Counter(), collections.Counter(), []
         for name, (t, c) in (device_kernel_times(trace_dir) or {}).items():
@@ -263,6 +421,8 @@ def run_loss(size, cases, kernels, out, calls=2):
             }
             for k, v in total.most_common(25)
           ],
+          "gaps": {k: gaps(v, calls) for k, v in stream_events(trace_dir).items()},
+          "calls": call_spans(trace_dir),
         }
       except Exception as e:
         result[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
@@ -283,6 +443,7 @@ def main(argv=None) -> int:
   ap.add_argument("--size", type=int, default=131072, help="loss: B")
   ap.add_argument("--cases", default="infonce:bf16", help="loss: loss:dtype pairs")
   ap.add_argument("--kernels", default="auto,mosaic", help="loss: kernel choices")
+  ap.add_argument("--hlo", default=None, help="loss: folder for each case's optimized HLO")
   ap.add_argument("--out", default="trace_summary.json")
   args = ap.parse_args(argv)
   if args.mode == "ncu":
@@ -290,7 +451,7 @@ def main(argv=None) -> int:
     run_ncu(names)
   elif args.mode == "loss":
     cases = [tuple(c.split(":")) for c in args.cases.split(",")]
-    run_loss(args.size, cases, args.kernels.split(","), args.out)
+    run_loss(args.size, cases, args.kernels.split(","), args.out, hlo_dir=args.hlo)
   else:
     names = (args.programs or "mosaic_fwd,mosaic_ds,mosaic_mm_fwd,mosaic_mm_ds").split(",")
     run = run_trace if args.mode == "trace" else run_ptxas

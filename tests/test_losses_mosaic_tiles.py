@@ -591,6 +591,43 @@ ptxas info    : 8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads""
   }
 
 
+def test_stream_gaps_bin_idle_time_between_kernels_per_call():
+  import sys
+  from pathlib import Path
+
+  import pytest
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  from profile_tiles import gaps
+
+  # Two calls: kernels of 10 us with gaps of 1.5 us, 30 us and 0 (back to back), one overlap.
+  ev = [
+    (0, 10_000, "a"),
+    (11_500, 21_500, "b"),
+    (51_500, 61_500, "a"),
+    (61_500, 71_500, "b"),
+    (70_000, 75_000, "c"),  # overlaps b by 1.5 us: busy counts it once
+  ]
+  g = gaps(list(reversed(ev)), calls=2)  # the order of the events does not matter
+  assert g["kernels_per_call"] == 2.5
+  assert g["span_ms_per_call"] == pytest.approx(75e-3 / 2, abs=1e-3)
+  busy = 10 + 10 + 10 + 10 + 3.5
+  assert g["busy_ms_per_call"] == pytest.approx(busy / 2 / 1e3, abs=1e-3)
+  assert g["idle_ms_per_call"] == pytest.approx((75 - busy) / 2 / 1e3, abs=1e-3)
+  assert g["count_per_call"] == {
+    "<=1us": 0,
+    "<=2us": 0.5,
+    "<=5us": 0,
+    "<=20us": 0,
+    "<=100us": 0.5,
+    ">100us": 0,
+  }
+  assert g["longest"][0] == {"us": 30.0, "after": "b", "before": "a"}
+  assert gaps([], calls=1) == {"kernels_per_call": 0}
+  with pytest.raises(ValueError, match="calls must be >= 1, got 0"):
+    gaps(ev, calls=0)
+
+
 def test_the_trace_summary_measures_overlap_of_the_products():
   import sys
   from pathlib import Path
