@@ -32,7 +32,14 @@ from jax import lax
 
 from mmts_jax.losses import _mosaic_tiles
 from mmts_jax.losses._sigmoid_pairs import pair_cotangent, pair_losses, pair_slopes
-from mmts_jax.losses._traversal import SUB, Blocks, grad_update, hopper, varying_like
+from mmts_jax.losses._traversal import (
+  SUB,
+  Blocks,
+  grad_update,
+  hopper,
+  summed_into,
+  varying_like,
+)
 
 __all__ = [
   "TileConfig",
@@ -40,6 +47,7 @@ __all__ = [
   "mm_fwd_tile",
   "nce_bwd_tile",
   "nce_fwd_tile",
+  "nce_vectors",
   "set_fused_tiles",
   "set_tile_config",
   "set_tile_kernel",
@@ -617,11 +625,10 @@ def _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_op):
   program's outputs `res` = dS, then (if `need_sums`) its float32 row and column sums for the
   centred bf16 products, then `rest`."""
   ds, res = res[0], res[1:]
-  sums = None
+  parts = None
   if need_sums:
-    sums = (jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0))
-    res = res[2:]
-  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, sums, xr_op)
+    parts, res = res[:2], res[2:]
+  dx, dy = grad_update(dx, dy, ds, xr, yc, precision, centre, xr_op=xr_op, sum_parts=parts)
   return dx, dy, res
 
 
@@ -630,32 +637,64 @@ def _bias(ids, dtype):
   return jnp.where(ids >= 0, 0.0, -jnp.inf).astype(dtype)
 
 
-def _merge_parts(m, s, axis):
-  """Combines logsumexp partials `(m, s)` along `axis`."""
-  mt = jnp.max(m, axis=axis)
-  mt_safe = jnp.where(jnp.isneginf(mt), 0.0, mt)
-  return mt, jnp.sum(s * jnp.exp(m - jnp.expand_dims(mt_safe, axis)), axis=axis)
+def _lse_combine(p, q):
+  """Two logsumexp pairs `(m, l)` (`sum = l e^m`) as one."""
+  (m1, l1), (m2, l2) = p, q
+  m = jnp.maximum(m1, m2)
+  ms = jnp.where(jnp.isneginf(m), 0.0, m)  # both empty (-inf): l stays 0, no inf - inf
+  return m, l1 * jnp.exp(m1 - ms) + l2 * jnp.exp(m2 - ms)
 
 
-def _merge_lse(state, part):
-  (m, s), (pm, pl_) = state, part
-  mn = jnp.maximum(m, pm)
-  ms = jnp.where(jnp.isneginf(mn), 0.0, mn)
-  return mn, s * jnp.exp(m - ms) + pl_ * jnp.exp(pm - ms)
+def _merge_lse(state, m, s):
+  """The logsumexp state `(m, l)` of `n` anchors merged with a program's partials `(m, s)`, each
+  `(parts, n)`: one variadic reduction over the state and the parts together, so one kernel per
+  side of the tile (a maximum, then a sum, then the merge with the state were three).
+
+  Example:
+    >>> parts = jnp.array([[1.0], [-jnp.inf]]), jnp.ones((2, 1))
+    >>> m, s = _merge_lse((jnp.zeros(1), jnp.ones(1)), *parts)
+    >>> round(float(m[0] + jnp.log(s[0])), 6)  # log(e^0 + e^1 + 0)
+    1.313262
+  """
+  sm, sl = state
+  dt = jnp.result_type(sm, m)
+  mm = jnp.concatenate([sm[None].astype(dt), m.astype(dt)], 0)
+  ll = jnp.concatenate([sl[None].astype(dt), s.astype(dt)], 0)
+  init = (jnp.array(-jnp.inf, dt), jnp.array(0, dt))
+  m_new, s_new = lax.reduce((mm, ll), init, _lse_combine, (0,))
+  return m_new.astype(sm.dtype), s_new.astype(sl.dtype)
+
+
+def nce_vectors(a, lse=None, g=None) -> tuple:
+  """InfoNCE's per-sample vectors in the form the fused tiles take them, float32: the base-2
+  scales `a log2(e)`, and for the backward `lse log2(e)` and `g a`. The sweep makes them once for
+  the whole batch and splits them into blocks like the others: made per tile, each was a kernel
+  launch of its own in every tile (five per backward tile in the H200 profiles).
+
+  Example:
+    >>> [float(v[0]) for v in nce_vectors(jnp.array([2.0]), jnp.array([1.0]), jnp.array([3.0]))]
+    [2.885390043258667, 1.4426950216293335, 6.0]
+  """
+  f32 = jnp.float32
+  out = ((a * _LOG2E).astype(f32),)
+  if lse is not None:
+    out += ((lse * _LOG2E).astype(f32), (g * a).astype(f32))
+  return out
 
 
 def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
-  """The fused form of `blockwise._nce_fwd_tile` (same arguments, same result)."""
+  """The fused form of `blockwise._nce_fwd_tile` (same arguments and result, except that the
+  scales `ar`, `ac` come as `nce_vectors` makes them: `a log2(e)` in float32)."""
   xr, ar, rid = r
   yc, ac, cid = c
   f32 = jnp.float32
   masked = bool(mask_rows or mask_cols)
   mosaic, interpret = _mosaic_for("fwd", xr, yc, "infonce", precision)
+  vecs = [ar, ac]
   if mosaic and not masked:
-    vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
     rm, rl, cm, cl = _mosaic_tiles.nce_stats(xr, yc, *vecs, interpret=interpret, like=xr)
     rm, cm = rm * _LN2, cm * _LN2
-    return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
+    return _merge_lse(rs, rm, rl), _merge_lse(cs, cm, cl)
   call = _program(
     _nce_stats_kernel,
     "fwd",
@@ -666,17 +705,17 @@ def nce_fwd_tile(precision, mask_rows, mask_cols, r, c, rs, cs):
     [("rowpart", f32), ("rowpart", f32), ("colpart", f32), ("colpart", f32)],
     masked,
   )
-  vecs = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
   if masked:
     vecs += [_bias(rid, f32), _bias(cid, f32)]
   rm, rl, cm, cl = call(xr, yc, *vecs)
   # Base-2 maxima back to natural logs; the merges are in natural logs.
   rm, cm = rm * _LN2, cm * _LN2
-  return _merge_lse(rs, _merge_parts(rm, rl, 0)), _merge_lse(cs, _merge_parts(cm, cl, 0))
+  return _merge_lse(rs, rm, rl), _merge_lse(cs, cm, cl)
 
 
 def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centre=None, xr_op=None):
-  """The fused form of `blockwise._nce_bwd_tile` (same arguments, same result)."""
+  """The fused form of `blockwise._nce_bwd_tile` (same arguments and result, except that the
+  vectors come as `nce_vectors` makes them: `a log2(e)`, `lse log2(e)` and `g a`)."""
   xr, ar, rid, lse_r, gr = r
   yc, ac, cid, lse_c, gc = c
   dx, dar = rs
@@ -688,13 +727,8 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centr
   parts = [("rowpart", f32), ("colpart", f32)]
   outs = [("tile", op)] + (parts if need_sums else []) + (parts if need_a else [])
   vec_in = ("rcrc" if masked else "rc") + "rcrc"
-  scales = [(ar * _LOG2E).astype(f32), (ac * _LOG2E).astype(f32)]
-  rest = [
-    (lse_r * _LOG2E).astype(f32),
-    (lse_c * _LOG2E).astype(f32),
-    (gr * ar).astype(f32),
-    (gc * ac).astype(f32),
-  ]
+  scales = [ar, ac]
+  rest = [lse_r, lse_c, gr, gc]
   mosaic, interpret = _mosaic_for("bwd", xr, yc, "infonce", precision)
   if mosaic and not masked:
     out = _mosaic_tiles.nce_ds(
@@ -708,8 +742,7 @@ def nce_bwd_tile(precision, mask_rows, mask_cols, need_a, r, c, rs, cs, *, centr
     out = call(xr, yc, *scales, *biases, *rest)
   dx, dy, res = _grad_update(dx, dy, out, need_sums, xr, yc, precision, centre, xr_op)
   if need_a:
-    dar = dar + jnp.sum(res[0], axis=0)
-    dac = dac + jnp.sum(res[1], axis=0)
+    dar, dac = summed_into(dar, res[0]), summed_into(dac, res[1])
   return (dx, dar), (dy, dac)
 
 
@@ -795,10 +828,9 @@ def mm_fwd_tile(precision, padded, r, c, rs, cs):
     )
     rsum, rcnt, csum, ccnt = call(xr, yc, *vecs)
   (rs0, rn0), (cs0, cn0) = rs, cs
-  dt = rs0.dtype
   return (
-    (rs0 + jnp.sum(rsum, axis=0).astype(dt), rn0 + jnp.sum(rcnt, axis=0).astype(dt)),
-    (cs0 + jnp.sum(csum, axis=0).astype(dt), cn0 + jnp.sum(ccnt, axis=0).astype(dt)),
+    (summed_into(rs0, rsum), summed_into(rn0, rcnt)),
+    (summed_into(cs0, csum), summed_into(cn0, ccnt)),
   )
 
 
@@ -907,7 +939,7 @@ def sig_fwd_tile(precision, r, c, rs, cs):
     table=SIGMOID_CONFIGS,
   )
   rsum, csum = call(xr, yc, *_sig_vectors(ar, ac, cr, cc), rid, cid)
-  return rs + jnp.sum(rsum, axis=0).astype(rs.dtype), cs + jnp.sum(csum, axis=0).astype(cs.dtype)
+  return summed_into(rs, rsum), summed_into(cs, csum)
 
 
 def sig_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_op=None):
@@ -927,5 +959,6 @@ def sig_bwd_tile(precision, r, c, rs, cs, *, centre=None, xr_op=None):
   vecs = _sig_vectors(ar, ac, cr, cc)
   res = call(xr, yc, *vecs, rid, cid, (gr * ar).astype(f32), (gc * ac).astype(f32))
   dx, dy, res = _grad_update(dx, dy, res, need_sums, xr, yc, precision, centre, xr_op)
-  dsr, dsc, dqr, dqc = (jnp.sum(p, axis=0).astype(sr.dtype) for p in res)
-  return (dx, sr + dsr, qr + dqr), (dy, sc + dsc, qc + dqc)
+  dsr, dsc, dqr, dqc = res
+  sr, sc, qr, qc = (summed_into(v, p) for v, p in ((sr, dsr), (sc, dsc), (qr, dqr), (qc, dqc)))
+  return (dx, sr, qr), (dy, sc, qc)

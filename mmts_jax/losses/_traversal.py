@@ -280,10 +280,25 @@ def grad_zeros(shape, d: int, dtype, centre: Centre | None):
   return grad if centre is None else (grad, jnp.zeros(shape, centre.x.dtype))
 
 
-def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None, xr_op=None):
+def summed_into(state, parts):
+  """`state + parts.sum(0)` as one reduction over the state and the `(parts, n)` partial sums
+  together: a fused program's partials then cost one kernel per tile, not a sum and an add.
+
+  Example:
+    >>> summed_into(jnp.array([1.0, 2.0]), jnp.ones((3, 2)))
+    Array([4., 5.], dtype=float32)
+  """
+  both = jnp.concatenate([state[None], parts.astype(state.dtype)], 0)
+  return jnp.sum(both, axis=0)
+
+
+def grad_update(
+  dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None, xr_op=None, sum_parts=None
+):
   """Adds one tile's `dS Y_c` to the row state `dx` and `dS^T X_r` to the column state `dy`
   (states from `grad_zeros`). `sums`: dS's float32 `(row, column)` sums when the caller has
-  them (the fused kernels), else taken from `ds` when `centre` needs them. `xr_op`: the row
+  them, else taken from `ds` when `centre` needs them; `sum_parts`: instead, the `(parts, n)`
+  partial sums a fused program wrote, reduced into the states (`summed_into`). `xr_op`: the row
   block as `product_rows` made it, else it is prepared here."""
   ddx, ddy = grad_products(ds, xr, yc, precision, centre, xr_op)
   # The column state is a slice of the sweep's carry: folded into the product (cuBLAS adds into
@@ -292,10 +307,12 @@ def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None,
   ddy = lax.optimization_barrier(ddy)
   if centre is None:
     return dx + ddx, dy + ddy
+  (gx, sx), (gy, sy) = dx, dy
+  if sum_parts is not None:
+    return (gx + ddx, summed_into(sx, sum_parts[0])), (gy + ddy, summed_into(sy, sum_parts[1]))
   if sums is None:
     out = compute_dtype(xr, yc)
     sums = (jnp.sum(ds, axis=1, dtype=out), jnp.sum(ds, axis=0, dtype=out))
-  (gx, sx), (gy, sy) = dx, dy
   return (gx + ddx, sx + sums[0]), (gy + ddy, sy + sums[1])
 
 

@@ -135,7 +135,11 @@ def _nce_layout(x, y, a, blocks, axis_name):
 
 
 def _nce_forward(x, y, a, blocks, precision, axis_name):
-  rows, cols, mask_rows, mask_cols = _nce_layout(x, y, a, blocks, axis_name)
+  kw = {"padded": _padded(x.shape[0], blocks), "precision": precision}
+  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "infonce", "fwd", **kw)
+  # The fused tiles take their scales in base 2, made here once (`nce_vectors`).
+  a_tile = _pallas_tiles.nce_vectors(a)[0] if fused else a
+  rows, cols, mask_rows, mask_cols = _nce_layout(x, y, a_tile, blocks, axis_name)
   dt = a.dtype
   nr, nc = rows[0].shape[0], cols[0].shape[0]
   row0 = varying(
@@ -144,8 +148,6 @@ def _nce_forward(x, y, a, blocks, precision, axis_name):
   col0 = varying(
     (_full((nc, blocks.cols), -jnp.inf, dt), _full((nc, blocks.cols), 0, dt)), axis_name
   )
-  kw = {"padded": mask_rows or mask_cols, "precision": precision}
-  fused = use_fused_tiles(blocks, x.shape[1], x.dtype, "infonce", "fwd", **kw)
   fwd = _pallas_tiles.nce_fwd_tile if fused else _nce_fwd_tile
   tile = functools.partial(fwd, precision, mask_rows, mask_cols)
   (mr, lr), (mc, lc) = traverse(tile, rows, cols, col0, row0, axis_name)
@@ -193,11 +195,16 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
   x, y, a, (lse_r, lse_c), pos, need_a = res
   gr, gc, gp = _cotangent(g[0], lse_r), _cotangent(g[1], lse_c), _cotangent(g[2], pos)
   need_a = bool(need_a)
-  rows, cols, mask_rows, mask_cols = _nce_layout(x, y, a, blocks, axis_name)
-  rows = rows + (split(lse_r, blocks.rows), split(gr, blocks.rows))
-  cols = cols + (split(lse_c, blocks.cols), split(gc, blocks.cols))
-  acc = compute_dtype(x, y)
   d = x.shape[1]
+  kw = {"padded": _padded(x.shape[0], blocks), "precision": precision}
+  fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd", **kw)
+  # The fused tiles take their vectors scaled, made here once (`nce_vectors`).
+  vr = _pallas_tiles.nce_vectors(a, lse_r, gr) if fused else (a, lse_r, gr)
+  vc = _pallas_tiles.nce_vectors(a, lse_c, gc) if fused else (a, lse_c, gc)
+  rows, cols, mask_rows, mask_cols = _nce_layout(x, y, vr[0], blocks, axis_name)
+  rows = rows + (split(vr[1], blocks.rows), split(vr[2], blocks.rows))
+  cols = cols + (split(vc[1], blocks.cols), split(vc[2], blocks.cols))
+  acc = compute_dtype(x, y)
   centre = gradient_centre(x, y, axis_name)
   nr, nc = rows[0].shape[0], cols[0].shape[0]
   row0 = varying(
@@ -208,8 +215,6 @@ def _infonce_lse_bwd(blocks, precision, axis_name, res, g):
     (grad_zeros((nc, blocks.cols), d, acc, centre), jnp.zeros((nc, blocks.cols), a.dtype)),
     axis_name,
   )
-  kw = {"padded": mask_rows or mask_cols, "precision": precision}
-  fused = use_fused_tiles(blocks, d, x.dtype, "infonce", "bwd", **kw)
   bwd = _pallas_tiles.nce_bwd_tile if fused else _nce_bwd_tile
   tile = functools.partial(bwd, precision, mask_rows, mask_cols, need_a, centre=centre)
   b = x.shape[0]
