@@ -394,7 +394,7 @@ def run_loss(size, cases, kernels, out, calls=2, hlo_dir=None):
           with gzip.open(
             os.path.join(hlo_dir, f"{key.replace(':', '_')}_{size}.hlo.gz"), "wt"
           ) as f:
-            f.write(both.as_text())
+            f.write(both.as_text() or "")
         jax.block_until_ready(both(x, y))
         trace_dir = tempfile.mkdtemp(prefix="loss_trace_")
         jax.profiler.start_trace(trace_dir)
