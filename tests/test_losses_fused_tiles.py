@@ -135,3 +135,46 @@ def test_fused_bf16_max_margin_matches_the_float32_path(interpreted):
 def test_bad_fused_tile_passes_are_refused():
   with pytest.raises(ValueError, match="passes must be among"):
     pt.set_fused_tiles("always", passes=("forward",))
+
+
+def _tile_loop_bodies(jaxpr, found):
+  """The bodies of the scans that call a Pallas program: the sweeps' loops over tiles."""
+  from jax.extend import core
+
+  for e in jaxpr.eqns:
+    if e.primitive.name == "scan":
+      body = e.params["jaxpr"].jaxpr
+      if any(x.primitive.name == "pallas_call" for x in body.eqns):
+        found.append(body)
+    if e.primitive.name == "pallas_call":
+      continue
+    for v in e.params.values():
+      if isinstance(v, (core.ClosedJaxpr, core.Jaxpr)):
+        _tile_loop_bodies(v.jaxpr if isinstance(v, core.ClosedJaxpr) else v, found)
+  return found
+
+
+def test_fused_infonce_tiles_do_no_per_sample_vector_work_in_the_loop(interpreted):
+  # Each op on a per-sample vector inside the loop over tiles is a kernel launch per tile on a
+  # GPU (session 20's profiles: seven multiplies and six reductions and merges per tile). The
+  # vectors come scaled from outside (`nce_vectors`) and each side's partials merge into its
+  # state in one reduction (`_merge_lse`, `summed_into`).
+  import collections
+
+  b, tile = 256, 128
+  x, y, t = _inputs(b, 32, seed=3)
+  f = lambda x, y, t: losses.infonce_blockwise(x, y, t, block_size=tile)  # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, y, t).jaxpr
+  bodies = _tile_loop_bodies(jaxpr, [])
+  assert len(bodies) == 2  # the forward's and the backward's inner loops
+  for body in bodies:
+    ops = collections.Counter(
+      e.primitive.name
+      for e in body.eqns
+      if any(getattr(v.aval, "shape", None) == (tile,) for v in e.outvars)
+    )
+    elementwise = {k: n for k, n in ops.items() if k in ("mul", "add", "sub", "exp", "max")}
+    assert elementwise == {}, ops
+    assert ops["reduce_max"] == 0, ops
+  fwd_ops = collections.Counter(e.primitive.name for e in bodies[0].eqns)
+  assert fwd_ops["reduce"] == 2 and fwd_ops["reduce_sum"] == 0, fwd_ops  # one per side
