@@ -50,7 +50,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import write_json  # noqa: E402
 from mosaic_tiles_bench import VARIANTS, compiled, tile_programs, use_variant  # noqa: E402
-from profile_attribution import device_kernel_times  # noqa: E402
 
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -288,14 +287,18 @@ def gaps(events, calls: int, top: int = 8) -> dict:
   }
 
 
-def stream_events(trace_dir: str) -> dict[str, list]:
-  """`{"plane | line": [(start_ns, end_ns, name), ...]}` of the GPU stream lines of the newest
-  `jax.profiler` trace under `trace_dir`."""
+def _trace_planes(trace_dir: str) -> list:
+  """The planes of the newest `jax.profiler` trace under `trace_dir` (none if it wrote none)."""
   from jax.profiler import ProfileData
 
   files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  return list(ProfileData.from_file(files[-1]).planes) if files else []
+
+
+def stream_events(planes) -> dict[str, list]:
+  """`{"plane | line": [(start_ns, end_ns, name), ...]}` of the GPU stream lines of `planes`."""
   out = {}
-  for plane in ProfileData.from_file(files[-1]).planes if files else ():
+  for plane in planes:
     if not plane.name.startswith("/device:GPU"):
       continue
     for line in plane.lines:
@@ -304,13 +307,10 @@ def stream_events(trace_dir: str) -> dict[str, list]:
   return out
 
 
-def host_events(trace_dir: str, min_us: float = 20.0) -> list:
+def host_events(planes, min_us: float = 20.0) -> list:
   """`(start_ns, end_ns, name)` of the host planes' events of at least `min_us`."""
-  from jax.profiler import ProfileData
-
-  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
   out = []
-  for plane in ProfileData.from_file(files[-1]).planes if files else ():
+  for plane in planes:
     if plane.name.startswith("/host:"):
       for line in plane.lines:
         out += [
@@ -351,33 +351,26 @@ def split_calls(annotations, kernels, host, top: int = 12) -> list:
         "dispatch_us": round((k0 - a0) / 1e3, 1),
         "gpu_span_us": round((k1 - k0) / 1e3, 1),
         "tail_us": round((a1 - k1) / 1e3, 1),
-        "dispatch_host": [
-          {
-            "name": h[2][:80],
-            "at_us": round((h[0] - a0) / 1e3, 1),
-            "us": round((h[1] - h[0]) / 1e3, 1),
-          }
-          for h in inside[:top]
-        ],
-        "tail_host": [
-          {
-            "name": h[2][:80],
-            "at_us": round((h[0] - a0) / 1e3, 1),
-            "us": round((h[1] - h[0]) / 1e3, 1),
-          }
-          for h in after[:top]
-        ],
+        "dispatch_host": _host_rows(inside[:top], a0),
+        "tail_host": _host_rows(after[:top], a0),
       }
     )
   return out
 
 
-def call_spans(trace_dir: str) -> list:
-  """`split_calls` of the `timed_call_*` annotations of the trace under `trace_dir`."""
-  host = host_events(trace_dir)
+def _host_rows(events, a0) -> list:
+  return [
+    {"name": h[2][:80], "at_us": round((h[0] - a0) / 1e3, 1), "us": round((h[1] - h[0]) / 1e3, 1)}
+    for h in events
+  ]
+
+
+def call_spans(planes, streams) -> list:
+  """`split_calls` of the `timed_call_*` annotations in `planes` (`streams`: their
+  `stream_events`)."""
+  host = host_events(planes)
   ann = [h for h in host if h[2].startswith("timed_call_")]
-  kernels = [k for v in stream_events(trace_dir).values() for k in v]
-  return split_calls(ann, kernels, host)
+  return split_calls(ann, [k for v in streams.values() for k in v], host)
 
 
 def run_loss(size, cases, kernels, out, calls=2, hlo_dir=None):
@@ -402,14 +395,13 @@ def run_loss(size, cases, kernels, out, calls=2, hlo_dir=None):
           with jax.profiler.TraceAnnotation(f"timed_call_{i}"):
             jax.block_until_ready(both(x, y))
         jax.profiler.stop_trace()
-        total, count, lines = collections.Counter(), collections.Counter(), []
-        for name, (t, c) in (device_kernel_times(trace_dir) or {}).items():
-          if not name.startswith("/device:GPU"):
-            continue
-          lines.append(name.partition(" | ")[2])
-          if "stream" in lines[-1].lower():  # the per-stream lines hold the kernels
-            total.update(t)
-            count.update(c)
+        planes = _trace_planes(trace_dir)
+        streams = stream_events(planes)
+        total, count = collections.Counter(), collections.Counter()
+        lines = [name.partition(" | ")[2] for name in streams]  # the lines that hold the kernels
+        for start, end, kernel in (k for v in streams.values() for k in v):
+          total[kernel] += end - start
+          count[kernel] += 1
         result[key] = {
           "lines": lines,
           "kernel_ms_per_call": round(sum(total.values()) / 1e6 / calls, 3),
@@ -421,8 +413,8 @@ def run_loss(size, cases, kernels, out, calls=2, hlo_dir=None):
             }
             for k, v in total.most_common(25)
           ],
-          "gaps": {k: gaps(v, calls) for k, v in stream_events(trace_dir).items()},
-          "calls": call_spans(trace_dir),
+          "gaps": {k: gaps(v, calls) for k, v in streams.items()},
+          "calls": call_spans(planes, streams),
         }
       except Exception as e:
         result[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}

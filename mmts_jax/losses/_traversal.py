@@ -292,14 +292,12 @@ def summed_into(state, parts):
   return jnp.sum(both, axis=0)
 
 
-def grad_update(
-  dx, dy, ds, xr, yc, precision, centre: Centre | None, sums=None, xr_op=None, sum_parts=None
-):
+def grad_update(dx, dy, ds, xr, yc, precision, centre: Centre | None, xr_op=None, sum_parts=None):
   """Adds one tile's `dS Y_c` to the row state `dx` and `dS^T X_r` to the column state `dy`
-  (states from `grad_zeros`). `sums`: dS's float32 `(row, column)` sums when the caller has
-  them, else taken from `ds` when `centre` needs them; `sum_parts`: instead, the `(parts, n)`
-  partial sums a fused program wrote, reduced into the states (`summed_into`). `xr_op`: the row
-  block as `product_rows` made it, else it is prepared here."""
+  (states from `grad_zeros`). With a `centre`, dS's float32 row and column sums go into the
+  states too: `sum_parts`, the `(parts, n)` partial sums a fused program wrote, reduced into
+  them (`summed_into`), else taken from `ds`. `xr_op`: the row block as `product_rows` made it,
+  else it is prepared here."""
   ddx, ddy = grad_products(ds, xr, yc, precision, centre, xr_op)
   # The column state is a slice of the sweep's carry: folded into the product (cuBLAS adds into
   # its output), the slice would first be copied out and the result copied back; kept apart,
@@ -310,9 +308,8 @@ def grad_update(
   (gx, sx), (gy, sy) = dx, dy
   if sum_parts is not None:
     return (gx + ddx, summed_into(sx, sum_parts[0])), (gy + ddy, summed_into(sy, sum_parts[1]))
-  if sums is None:
-    out = compute_dtype(xr, yc)
-    sums = (jnp.sum(ds, axis=1, dtype=out), jnp.sum(ds, axis=0, dtype=out))
+  out = compute_dtype(xr, yc)
+  sums = (jnp.sum(ds, axis=1, dtype=out), jnp.sum(ds, axis=0, dtype=out))
   return (gx + ddx, sx + sums[0]), (gy + ddy, sy + sums[1])
 
 
