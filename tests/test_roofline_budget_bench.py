@@ -1,4 +1,4 @@
-"""benchmarks/roofline_budget.py on session 20's committed H200 profiles: every kernel is
+"""benchmarks/roofline_budget.py on sessions 20 and 21's committed H200 profiles: every kernel is
 counted in exactly one part, the parts add up to the call, and the budgets follow from them
 (the programs' rate now and needed are the same FLOP over different times)."""
 
@@ -11,21 +11,32 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RUN = ROOT / "benchmarks" / "results" / "loss_h200_session20"
+RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import roofline_budget as rb  # noqa: E402
 
-PROFILES = [RUN / "loss_profile12_32k.json", RUN / "loss_profile13_131k.json"]
+# Per run: its folder, its two profiles (B = 32,768 and 131,072) and its sweep with the peers.
+RUNS = {
+  "session20": ("loss_profile12_32k.json", "loss_profile13_131k.json", "loss_h200_session20.json"),
+  "session21": ("loss_profile16_32k.json", "loss_profile17_131k.json", "loss_h200_session21.json"),
+}
 
 
 def _load(path):
   return json.loads(path.read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def run(request):
+  folder = RESULTS / f"loss_h200_{request.param}"
+  *profiles, sweep = (folder / name for name in RUNS[request.param])
+  return profiles, rb.analyse([_load(p) for p in profiles], _load(sweep))
+
+
 @pytest.fixture(scope="module")
-def rows():
-  return rb.analyse([_load(p) for p in PROFILES], _load(RUN / "loss_h200_session20.json"))
+def rows(run):
+  return run[1]
 
 
 def test_every_profiled_case_gets_a_row_with_both_targets(rows):
@@ -36,9 +47,10 @@ def test_every_profiled_case_gets_a_row_with_both_targets(rows):
     assert r["budgets"]["issue"]["target_ms"] == rb.ISSUE_TARGETS_MS[(r["B"], r["dtype"])]
 
 
-def test_the_parts_cover_the_profiled_kernels_and_the_call(rows):
+def test_the_parts_cover_the_profiled_kernels_and_the_call(run):
+  profiles, rows = run
   by_case = {}
-  for prof in map(_load, PROFILES):
+  for prof in map(_load, profiles):
     b = int(prof["argv"][prof["argv"].index("--size") + 1])
     for key, case in prof.items():
       if isinstance(case, dict) and "kernels" in case:
