@@ -44,6 +44,8 @@ ISSUE_TARGETS_MS = {
   (1048576, "bf16"): 8700.0,
 }
 _PRODUCT_MARKERS = ("nvjet", "xmma", "gemm", "cutlass")
+# The feature width every `profile_tiles.py loss` case runs at (`mosaic_tiles_bench.compiled`).
+D = 512
 
 
 def kernel_part(name: str) -> str:
@@ -133,17 +135,17 @@ def analyse(profiles: list[dict[str, Any]], sweep: dict[str, Any]) -> list[dict[
         continue
       loss, dtype = key.split(":")[:2]
       parts = case_parts(case)
-      row = {"B": b, "D": 512, "loss": loss, "dtype": dtype, "parts_ms": parts}
+      row = {"B": b, "D": D, "loss": loss, "dtype": dtype, "parts_ms": parts}
       row["call_ms"] = round(sum(parts.values()), 3)
       row["sweep_ms"] = measured.get((b, dtype, loss))
-      ideal = 8 * b * b * 512 / (rate[dtype] * 1e12) * 1e3
+      ideal = 8 * b * b * D / (rate[dtype] * 1e12) * 1e3
       row["fraction_of_rate"] = round(ideal / row["call_ms"], 3)
       row["products_rate"] = round(ideal / 2 / parts["products"], 3)
       targets = {"run_70pct": ideal / 0.7}
       if (b, dtype) in ISSUE_TARGETS_MS:
         targets["issue"] = ISSUE_TARGETS_MS[(b, dtype)]
       row["budgets"] = {
-        name: {k: round(v, 3) for k, v in budget(parts, b, 512, rate[dtype], t).items()}
+        name: {k: round(v, 3) for k, v in budget(parts, b, D, rate[dtype], t).items()}
         for name, t in targets.items()
       }
       rows.append(row)
